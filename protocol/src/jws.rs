@@ -1,0 +1,318 @@
+//! JWS compact serialization (RFC 7515 §7.1): signing, and verification that refuses every
+//! token it should.
+//!
+//! The order of checks is deliberate: size first (before decoding anything), then the shape and
+//! strict base64url of all three segments, then the header rules, key resolution and the
+//! signature, and only then is the payload parsed as JSON — unauthenticated payload bytes never
+//! reach the JSON parser or the claim types. Claims are then checked for time validity and
+//! deserialized into the token type's struct.
+//!
+//! Header rules: `alg` ∈ {EdDSA, ES256} and consistent with the key; `kid` names exactly one
+//! trusted key; `typ` equals the expected token type exactly; `crit`, `b64`, and embedded or
+//! remote key parameters (`jwk`, `jku`, `x5u`, `x5c`) are refused. Other header parameters
+//! (e.g. `cty`) are ignored, as RFC 7515 §4 permits.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::claims::TokenClaims;
+use crate::jwk::{Algorithm, Jwks, PrivateJwk, PublicKey, VerifyingMaterial};
+use crate::{b64, json::parse_strict, VerifyError};
+
+/// Default cap on a whole compact token, checked before any decoding.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Cap on the decoded protected header; real headers are under 200 bytes.
+pub const MAX_HEADER_BYTES: usize = 4 * 1024;
+/// Default tolerance for clock skew between issuer and verifier.
+pub const DEFAULT_CLOCK_SKEW_S: u64 = 60;
+
+/// Header parameters that are refused outright (see the module doc).
+const FORBIDDEN_HEADERS: [&str; 6] = ["crit", "b64", "jwk", "jku", "x5u", "x5c"];
+
+/// Tunables of verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyOptions {
+    /// Largest accepted token, in bytes of compact serialization.
+    pub max_token_bytes: usize,
+    /// Seconds of clock skew tolerated for `exp`, `nbf` and `iat`.
+    pub clock_skew_s: u64,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions { max_token_bytes: DEFAULT_MAX_TOKEN_BYTES, clock_skew_s: DEFAULT_CLOCK_SKEW_S }
+    }
+}
+
+/// The protected header of a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Algorithm the token was signed with.
+    pub alg: Algorithm,
+    /// Key that verified it.
+    pub kid: String,
+    /// Token type.
+    pub typ: String,
+}
+
+/// A token that passed every check, with its typed claims.
+#[derive(Debug, Clone)]
+pub struct Verified<C> {
+    /// The protected header.
+    pub header: Header,
+    /// The claims, typed and validated.
+    pub claims: C,
+}
+
+/// Signs `claims` as a compact JWS whose `typ` is the claims' token type. The header is
+/// `{"alg","kid","typ"}` and nothing else.
+pub fn sign<C: TokenClaims + Serialize>(claims: &C, key: &PrivateJwk) -> Result<String, VerifyError> {
+    let payload = serde_json::to_vec(claims)
+        .map_err(|e| VerifyError::Malformed(format!("claims do not serialize: {e}")))?;
+    Ok(sign_payload(&payload, C::TOKEN_TYPE.typ(), key))
+}
+
+/// Signs raw payload bytes under a header with the given `typ`. The caller is responsible
+/// for the payload being the claims it means; [`sign`] is the typed entry point.
+pub fn sign_payload(payload: &[u8], typ: &str, key: &PrivateJwk) -> String {
+    let mut header = Map::new();
+    header.insert("alg".into(), Value::String(key.algorithm().as_str().into()));
+    header.insert("kid".into(), Value::String(key.kid().into()));
+    header.insert("typ".into(), Value::String(typ.into()));
+    let header = Value::Object(header).to_string();
+    let mut token = b64::encode(header.as_bytes());
+    token.push('.');
+    token.push_str(&b64::encode(payload));
+    let signature = key.sign_raw(token.as_bytes());
+    token.push('.');
+    token.push_str(&b64::encode(&signature));
+    token
+}
+
+/// Verifies a compact JWS against `jwks` as a token of type `C` at time `now` (Unix seconds).
+pub fn verify<C: TokenClaims>(
+    token: &[u8],
+    jwks: &Jwks,
+    options: &VerifyOptions,
+    now: i64,
+) -> Result<Verified<C>, VerifyError> {
+    let (header, payload) = verify_envelope(token, jwks, options, C::TOKEN_TYPE.typ())?;
+    let claims = decode_claims::<C>(&payload, options, now)?;
+    Ok(Verified { header, claims })
+}
+
+/// Everything up to and including the signature: returns the header and the authenticated
+/// payload bytes.
+fn verify_envelope(
+    token: &[u8],
+    jwks: &Jwks,
+    options: &VerifyOptions,
+    expected_typ: &'static str,
+) -> Result<(Header, Vec<u8>), VerifyError> {
+    if token.len() > options.max_token_bytes {
+        return Err(VerifyError::TooLarge {
+            part: "token",
+            size: token.len(),
+            limit: options.max_token_bytes,
+        });
+    }
+    let mut segments = token.split(|&b| b == b'.');
+    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+        (segments.next(), segments.next(), segments.next(), segments.next())
+    else {
+        let count = token.split(|&b| b == b'.').count();
+        return Err(VerifyError::Malformed(format!(
+            "a compact JWS has 3 dot-separated segments, this has {count}"
+        )));
+    };
+    let segment = |name: &str, text: &[u8]| {
+        b64::decode(text)
+            .map_err(|e| VerifyError::Malformed(format!("{name} segment is not strict base64url: {e}")))
+    };
+    if header_b64.len() / 4 * 3 > MAX_HEADER_BYTES {
+        return Err(VerifyError::TooLarge {
+            part: "header",
+            size: header_b64.len() / 4 * 3,
+            limit: MAX_HEADER_BYTES,
+        });
+    }
+    let header_bytes = segment("header", header_b64)?;
+    let payload = segment("payload", payload_b64)?;
+    let signature = segment("signature", signature_b64)?;
+
+    let header = parse_header(&header_bytes, expected_typ)?;
+    let key = resolve_key(jwks, &header)?;
+    let signing_input_len = header_b64.len() + 1 + payload_b64.len();
+    verify_signature(key, &token[..signing_input_len], &signature)?;
+    Ok((header, payload))
+}
+
+fn parse_header(bytes: &[u8], expected_typ: &'static str) -> Result<Header, VerifyError> {
+    let value = parse_strict(bytes).map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(VerifyError::Malformed("header is not a JSON object".into()));
+    };
+    if let Some(name) = FORBIDDEN_HEADERS.iter().find(|n| fields.contains_key(**n)) {
+        return Err(VerifyError::ForbiddenHeader((*name).to_owned()));
+    }
+    let text = |name: &'static str| -> Result<&str, VerifyError> {
+        match fields.get(name) {
+            None => Err(VerifyError::MissingHeader(name)),
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(VerifyError::Malformed(format!("header parameter {name:?} is not a string"))),
+        }
+    };
+    let alg_name = text("alg")?;
+    let alg = Algorithm::from_jose(alg_name)
+        .ok_or_else(|| VerifyError::UnsupportedAlgorithm(truncate(alg_name)))?;
+    let typ = text("typ")?;
+    if typ != expected_typ {
+        return Err(VerifyError::WrongType { expected: expected_typ, found: truncate(typ) });
+    }
+    let kid = text("kid")?;
+    Ok(Header { alg, kid: kid.to_owned(), typ: typ.to_owned() })
+}
+
+fn resolve_key<'a>(jwks: &'a Jwks, header: &Header) -> Result<&'a PublicKey, VerifyError> {
+    let mut matching = jwks.keys().iter().filter(|k| k.kid() == header.kid);
+    let key = matching.next().ok_or_else(|| VerifyError::UnknownKey(truncate(&header.kid)))?;
+    if matching.next().is_some() {
+        return Err(VerifyError::AmbiguousKey(truncate(&header.kid)));
+    }
+    if key.algorithm() != header.alg {
+        return Err(VerifyError::KeyAlgorithmMismatch {
+            kid: truncate(&header.kid),
+            key: key.material.type_name(),
+            alg: header.alg.as_str().to_owned(),
+        });
+    }
+    Ok(key)
+}
+
+/// The signature layer alone: is `signature` valid for `signing_input` under `key`, with the
+/// key's algorithm? Ed25519 uses `verify_strict` (rejects non-canonical `S` and small-order
+/// `A`/`R`); ES256 requires exactly 64 bytes `r‖s` (a DER signature is refused).
+pub fn verify_signature(key: &PublicKey, signing_input: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
+    match &key.material {
+        VerifyingMaterial::Ed25519(k) => {
+            let bytes: &[u8; 64] = signature
+                .try_into()
+                .map_err(|_| VerifyError::BadSignature("an Ed25519 signature is exactly 64 bytes"))?;
+            let sig = ed25519_dalek::Signature::from_bytes(bytes);
+            k.verify_strict(signing_input, &sig)
+                .map_err(|_| VerifyError::BadSignature("Ed25519 verification failed"))
+        }
+        VerifyingMaterial::P256(k) => {
+            use p256::ecdsa::signature::Verifier as _;
+            if signature.len() != 64 {
+                return Err(VerifyError::BadSignature("an ES256 signature is exactly 64 bytes r||s"));
+            }
+            let sig = p256::ecdsa::Signature::from_slice(signature)
+                .map_err(|_| VerifyError::BadSignature("ES256 r or s out of range"))?;
+            k.verify(signing_input, &sig).map_err(|_| VerifyError::BadSignature("ES256 verification failed"))
+        }
+    }
+}
+
+/// Registered time claims, read before the typed claims so their errors are precise.
+struct TimeClaims {
+    exp: i64,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+}
+
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, VerifyError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            VerifyError::invalid(name, "must be an integer number of seconds since the epoch")
+        }),
+        Some(_) => Err(VerifyError::invalid(name, "must be a number (seconds since the epoch)")),
+    }
+}
+
+fn time_claims(claims: &Map<String, Value>) -> Result<TimeClaims, VerifyError> {
+    Ok(TimeClaims {
+        exp: numeric_date(claims, "exp")?.ok_or_else(|| VerifyError::MissingClaim("exp".into()))?,
+        nbf: numeric_date(claims, "nbf")?,
+        iat: numeric_date(claims, "iat")?,
+    })
+}
+
+fn check_times(t: &TimeClaims, now: i64, skew_s: u64) -> Result<(), VerifyError> {
+    let skew = i64::try_from(skew_s).unwrap_or(i64::MAX);
+    if now.saturating_sub(skew) >= t.exp {
+        return Err(VerifyError::Expired { exp: t.exp, now, skew_s });
+    }
+    if let Some(nbf) = t.nbf {
+        if now.saturating_add(skew) < nbf {
+            return Err(VerifyError::NotYetValid { nbf, now, skew_s });
+        }
+    }
+    if let Some(iat) = t.iat {
+        if now.saturating_add(skew) < iat {
+            return Err(VerifyError::IssuedInFuture { iat, now, skew_s });
+        }
+    }
+    Ok(())
+}
+
+fn decode_claims<C: TokenClaims>(
+    payload: &[u8],
+    options: &VerifyOptions,
+    now: i64,
+) -> Result<C, VerifyError> {
+    let value = parse_strict(payload).map_err(|e| VerifyError::Malformed(format!("payload: {e}")))?;
+    let Value::Object(fields) = &value else {
+        return Err(VerifyError::Malformed("payload is not a JSON object".into()));
+    };
+    let times = time_claims(fields)?;
+    check_times(&times, now, options.clock_skew_s)?;
+    if let Some(missing) = C::REQUIRED_CLAIMS.iter().find(|name| !fields.contains_key(**name)) {
+        return Err(VerifyError::MissingClaim((*missing).to_owned()));
+    }
+    let claims: C = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        VerifyError::InvalidClaim { claim: path, reason: e.into_inner().to_string() }
+    })?;
+    claims.validate()?;
+    Ok(claims)
+}
+
+fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_rules_honour_skew() {
+        let t = |exp, nbf, iat| TimeClaims { exp, nbf, iat };
+        assert!(check_times(&t(1000, None, None), 1059, 60).is_ok());
+        assert_eq!(check_times(&t(1000, None, None), 1060, 60).unwrap_err().kind(), "Expired");
+        assert!(check_times(&t(5000, Some(1060), None), 1000, 60).is_ok());
+        assert_eq!(check_times(&t(5000, Some(1061), None), 1000, 60).unwrap_err().kind(), "NotYetValid");
+        assert!(check_times(&t(5000, None, Some(1060)), 1000, 60).is_ok());
+        assert_eq!(check_times(&t(5000, None, Some(1061)), 1000, 60).unwrap_err().kind(), "IssuedInFuture");
+        assert_eq!(check_times(&t(i64::MIN, None, None), i64::MIN, u64::MAX).unwrap_err().kind(), "Expired");
+        assert!(check_times(&t(i64::MAX, Some(0), Some(0)), i64::MAX - 1, u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        let s = "é".repeat(100);
+        let t = truncate(&s);
+        assert!(t.len() <= 64 + '…'.len_utf8());
+        assert!(t.ends_with('…'));
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for kycd end-to-end tests.
