@@ -1,1 +1,5 @@
-pub fn placeholder() {}
+//! The kycd host agent and the `kycctl` operator CLI.
+//!
+//! Modules own one concern each; the binaries in `src/bin/` only parse arguments and call in.
+
+pub mod tokens;

@@ -16,8 +16,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::claims::TokenClaims;
+use crate::json::{parse_strict, scan_object, ScannedObject};
 use crate::jwk::{Algorithm, Jwks, PrivateJwk, PublicKey, VerifyingMaterial};
-use crate::{b64, json::parse_strict, VerifyError};
+use crate::{b64, VerifyError};
 
 /// Default cap on a whole compact token, checked before any decoding.
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 64 * 1024;
@@ -129,12 +130,11 @@ fn verify_envelope(
         b64::decode(text)
             .map_err(|e| VerifyError::Malformed(format!("{name} segment is not strict base64url: {e}")))
     };
-    if header_b64.len() / 4 * 3 > MAX_HEADER_BYTES {
-        return Err(VerifyError::TooLarge {
-            part: "header",
-            size: header_b64.len() / 4 * 3,
-            limit: MAX_HEADER_BYTES,
-        });
+    // Exact decoded length of unpadded base64url (a remainder of 1 is invalid and is refused
+    // by the decoder below).
+    let header_len = header_b64.len() * 3 / 4;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(VerifyError::TooLarge { part: "header", size: header_len, limit: MAX_HEADER_BYTES });
     }
     let header_bytes = segment("header", header_b64)?;
     let payload = segment("payload", payload_b64)?;
@@ -192,6 +192,10 @@ fn resolve_key<'a>(jwks: &'a Jwks, header: &Header) -> Result<&'a PublicKey, Ver
 /// The signature layer alone: is `signature` valid for `signing_input` under `key`, with the
 /// key's algorithm? Ed25519 uses `verify_strict` (rejects non-canonical `S` and small-order
 /// `A`/`R`); ES256 requires exactly 64 bytes `r‖s` (a DER signature is refused).
+///
+/// ES256 accepts both `s` and `n − s`: RFC 7518 does not require low-S and other
+/// implementations (PyJWT/OpenSSL) emit either. So an ES256 token's bytes, and its
+/// [`crate::token_digest`], are not unique for given claims; identity is the `jti`.
 pub fn verify_signature(key: &PublicKey, signing_input: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
     match &key.material {
         VerifyingMaterial::Ed25519(k) => {
@@ -221,7 +225,9 @@ struct TimeClaims {
     iat: Option<i64>,
 }
 
-fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, VerifyError> {
+const TIME_CLAIMS: [&str; 3] = ["exp", "nbf", "iat"];
+
+fn numeric_date(claims: &ScannedObject, name: &str) -> Result<Option<i64>, VerifyError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
@@ -231,7 +237,7 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, 
     }
 }
 
-fn time_claims(claims: &Map<String, Value>) -> Result<TimeClaims, VerifyError> {
+fn time_claims(claims: &ScannedObject) -> Result<TimeClaims, VerifyError> {
     Ok(TimeClaims {
         exp: numeric_date(claims, "exp")?.ok_or_else(|| VerifyError::MissingClaim("exp".into()))?,
         nbf: numeric_date(claims, "nbf")?,
@@ -257,26 +263,39 @@ fn check_times(t: &TimeClaims, now: i64, skew_s: u64) -> Result<(), VerifyError>
     Ok(())
 }
 
+/// Payload → typed claims. One strict scan (duplicates, depth, UTF-8, top-level members and
+/// time claims), then serde straight from the bytes into `C`; no intermediate JSON tree.
 fn decode_claims<C: TokenClaims>(
     payload: &[u8],
     options: &VerifyOptions,
     now: i64,
 ) -> Result<C, VerifyError> {
-    let value = parse_strict(payload).map_err(|e| VerifyError::Malformed(format!("payload: {e}")))?;
-    let Value::Object(fields) = &value else {
-        return Err(VerifyError::Malformed("payload is not a JSON object".into()));
-    };
-    let times = time_claims(fields)?;
-    check_times(&times, now, options.clock_skew_s)?;
-    if let Some(missing) = C::REQUIRED_CLAIMS.iter().find(|name| !fields.contains_key(**name)) {
+    let scanned =
+        scan_object(payload, &TIME_CLAIMS).map_err(|e| VerifyError::Malformed(format!("payload: {e}")))?;
+    check_times(&time_claims(&scanned)?, now, options.clock_skew_s)?;
+    if let Some(missing) = C::REQUIRED_CLAIMS.iter().find(|name| !scanned.has(name)) {
         return Err(VerifyError::MissingClaim((*missing).to_owned()));
     }
-    let claims: C = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        VerifyError::InvalidClaim { claim: path, reason: e.into_inner().to_string() }
-    })?;
+    // Path tracking costs as much as the parse itself, so it runs only to explain a failure.
+    let claims: C = match serde_json::from_slice(payload) {
+        Ok(claims) => claims,
+        Err(plain) => return Err(explain_claim_error::<C>(payload, plain)),
+    };
     claims.validate()?;
     Ok(claims)
+}
+
+/// Re-parses a payload that failed to deserialize, tracking the path to the failing claim.
+fn explain_claim_error<C: TokenClaims>(payload: &[u8], plain: serde_json::Error) -> VerifyError {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    match serde_path_to_error::deserialize::<_, C>(&mut de) {
+        Err(e) => {
+            let claim = e.path().to_string();
+            VerifyError::InvalidClaim { claim, reason: e.into_inner().to_string() }
+        }
+        // Unreachable in practice (same input, same deserializer); fail closed regardless.
+        Ok(_) => VerifyError::InvalidClaim { claim: ".".into(), reason: plain.to_string() },
+    }
 }
 
 fn truncate(s: &str) -> String {

@@ -1,0 +1,192 @@
+//! `kycctl`: the operator's command-line tool for kycd.
+//!
+//! Exit codes (stable; scripts depend on them):
+//!   0  success (for `verify`: the token is valid)
+//!   1  a verdict of "no": the token is invalid (`verify`), or the claims would not verify
+//!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr
+//!   2  usage error, unreadable file, unusable key or key set
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kycd::tokens::{self, SignOutcome, Typ};
+use kycd_protocol::{Algorithm, VerifyOptions};
+
+/// Operator CLI for the kycd host agent: keys and signed tokens.
+#[derive(Debug, Parser)]
+#[command(name = "kycctl", version, about, long_about = None, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (verify: token valid)
+  1  token invalid (verify) or claims would not verify (sign); reason on stderr as
+     'error: <Kind>: <detail>'
+  2  usage error, I/O error, unusable key or key set";
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a signing key pair: DIR/KID.private.jwk (mode 0600) and DIR/KID.jwks.
+    ///
+    /// The private JWK is what `kycctl sign --key` takes; the JWKS is what agents trust
+    /// (append its key to /etc/kycd/trust/issuers.jwks or policy.jwks). Existing files are
+    /// never overwritten.
+    Keygen {
+        /// Signature algorithm.
+        #[arg(long, value_enum)]
+        alg: KeyAlg,
+        /// Key id; also the file name stem ([A-Za-z0-9._-], at most 64 characters).
+        #[arg(long)]
+        kid: String,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign a claims JSON object as a compact JWS, printed on stdout.
+    ///
+    /// Fills `iat` with the current time if absent. The token is verified with the same key
+    /// before it is printed; claims that kycd would reject (missing `exp`, unknown country
+    /// code, unknown enum value, expired, …) are refused with exit code 1 and nothing on
+    /// stdout.
+    Sign {
+        /// Private JWK (from `kycctl keygen`).
+        #[arg(long, value_name = "PRIVATE_JWK")]
+        key: PathBuf,
+        /// Token type: sets the `typ` header and the claim rules checked.
+        #[arg(long, value_enum)]
+        typ: TokenTyp,
+        /// Check validity as of this Unix time instead of now (e.g. for a future `nbf`).
+        #[arg(long, value_name = "UNIX_TIME")]
+        valid_at: Option<i64>,
+        /// Claims JSON file (`-` for stdin).
+        #[arg(value_name = "CLAIMS.json")]
+        claims: PathBuf,
+    },
+    /// Verify a compact JWS against a JWKS and print its claims as JSON.
+    ///
+    /// Applies every rule the agent applies: algorithm allow-list, kid resolution, typ,
+    /// forbidden headers, size cap, strict base64url and JSON, signature, time claims and the
+    /// claim schema. One trailing newline in the file is ignored.
+    Verify {
+        /// Trusted public keys.
+        #[arg(long, value_name = "JWKS")]
+        jwks: PathBuf,
+        /// Expected token type.
+        #[arg(long, value_enum)]
+        typ: TokenTyp,
+        /// Verify as of this Unix time instead of now (forensics: "was it valid then?").
+        #[arg(long, value_name = "UNIX_TIME")]
+        at: Option<i64>,
+        /// Clock skew tolerated for exp/nbf/iat, seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = kycd_protocol::DEFAULT_CLOCK_SKEW_S)]
+        skew: u64,
+        /// Largest token accepted, bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = kycd_protocol::DEFAULT_MAX_TOKEN_BYTES)]
+        max_bytes: usize,
+        /// Token file (`-` for stdin).
+        #[arg(value_name = "TOKEN_FILE")]
+        token: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeyAlg {
+    /// EdDSA with Ed25519 (RFC 8037).
+    Ed25519,
+    /// ECDSA P-256 with SHA-256 (RFC 7518).
+    Es256,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TokenTyp {
+    /// Tenant identity attestation (kyc-attestation+jwt).
+    Attestation,
+    /// Jurisdiction policy (kyc-policy+jwt).
+    Policy,
+    /// Host statement (kyc-host-statement+jwt).
+    HostStatement,
+}
+
+impl From<TokenTyp> for Typ {
+    fn from(t: TokenTyp) -> Self {
+        match t {
+            TokenTyp::Attestation => Typ::Attestation,
+            TokenTyp::Policy => Typ::Policy,
+            TokenTyp::HostStatement => Typ::HostStatement,
+        }
+    }
+}
+
+const EXIT_INVALID: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { alg, kid, out } => {
+            let alg = match alg {
+                KeyAlg::Ed25519 => Algorithm::EdDSA,
+                KeyAlg::Es256 => Algorithm::ES256,
+            };
+            match tokens::keygen(alg, &kid, &out) {
+                Ok(files) => {
+                    println!("{}", files.private_jwk.display());
+                    println!("{}", files.jwks.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+        Command::Sign { key, typ, valid_at, claims } => {
+            let key = match tokens::load_private_key(&key) {
+                Ok(k) => k,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            let now = tokens::unix_now();
+            match tokens::sign_claims(&key, typ.into(), &claims, now, valid_at.unwrap_or(now)) {
+                Ok(SignOutcome::Token(token)) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Ok(SignOutcome::Refused(e)) => fail(
+                    EXIT_INVALID,
+                    format_args!("{}: {e} (claims would not verify; nothing signed)", e.kind()),
+                ),
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+        Command::Verify { jwks, typ, at, skew, max_bytes, token } => {
+            let jwks = match tokens::load_jwks(&jwks) {
+                Ok(j) => j,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            let bytes = match tokens::read_bounded(&token, max_bytes.saturating_add(2)) {
+                Ok(b) => tokens::strip_one_newline(b),
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            let options = VerifyOptions { max_token_bytes: max_bytes, clock_skew_s: skew };
+            match tokens::verify_token(
+                &bytes,
+                &jwks,
+                typ.into(),
+                &options,
+                at.unwrap_or_else(tokens::unix_now),
+            ) {
+                Ok(claims) => {
+                    println!("{}", serde_json::to_string_pretty(&claims).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_INVALID, format_args!("{}: {e}", e.kind())),
+            }
+        }
+    }
+}
