@@ -11,13 +11,7 @@ use kycd_protocol::{
 };
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Manifest {
-    now: i64,
-    skew_s: u64,
-    cases: Vec<Case>,
-}
+type Manifest = kycd_tests::Manifest<Case>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,12 +29,11 @@ struct Case {
 }
 
 fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join("interop")
+    kycd_tests::corpus_dir("interop")
 }
 
 fn manifest() -> Manifest {
-    let bytes = fs::read(interop_dir().join("manifest.json")).unwrap();
-    serde_json::from_slice(&bytes).unwrap()
+    kycd_tests::read_manifest(&interop_dir())
 }
 
 fn load_jwks(case: &Case) -> Jwks {

@@ -3,18 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kycd_protocol::{verify, AttestationClaims, Jwks, PolicyClaims, PrivateJwk, VerifyOptions};
 use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Manifest {
-    now: i64,
-    skew_s: u64,
-    cases: Vec<Case>,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,14 +19,14 @@ struct Case {
     why: String,
 }
 
+type Manifest = kycd_tests::Manifest<Case>;
+
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join("jws")
+    kycd_tests::corpus_dir("jws")
 }
 
 fn manifest() -> Manifest {
-    let path = corpus_dir().join("manifest.json");
-    let bytes = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    kycd_tests::read_manifest(&corpus_dir())
 }
 
 /// The outcome of one case: `ok`, the `VerifyError` kind, or the `KeyError` kind of a JWKS that
