@@ -2,4 +2,11 @@
 //!
 //! Modules own one concern each; the binaries in `src/bin/` only parse arguments and call in.
 
+pub mod audit;
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod decision;
+pub mod policy;
 pub mod tokens;
+pub mod workload;

@@ -1,19 +1,21 @@
 //! `kycctl`: the operator's command-line tool for kycd.
 //!
 //! Exit codes (stable; scripts depend on them):
-//!   0  success (for `verify`: the token is valid)
+//!   0  success (for `verify`: the token is valid; for `audit verify`: the chain is intact)
 //!   1  a verdict of "no": the token is invalid (`verify`), or the claims would not verify
-//!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr
-//!   2  usage error, unreadable file, unusable key or key set
+//!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr. For
+//!      `audit verify`: the chain is broken; `audit log BROKEN at <file>:<line> …` on stdout
+//!   2  usage error, unreadable file or directory, unusable key or key set
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kycd::audit::{self, VerifyReport};
 use kycd::tokens::{self, SignOutcome, Typ};
 use kycd_protocol::{Algorithm, VerifyOptions};
 
-/// Operator CLI for the kycd host agent: keys and signed tokens.
+/// Operator CLI for the kycd host agent: keys, signed tokens and the audit log.
 #[derive(Debug, Parser)]
 #[command(name = "kycctl", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
@@ -23,9 +25,10 @@ struct Cli {
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (verify: token valid)
+  0  success (verify: token valid; audit verify: chain intact)
   1  token invalid (verify) or claims would not verify (sign); reason on stderr as
      'error: <Kind>: <detail>'
+     audit verify: chain broken; 'audit log BROKEN at <file>:<line> ...' on stdout
   2  usage error, I/O error, unusable key or key set";
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +94,30 @@ enum Command {
         #[arg(value_name = "TOKEN_FILE")]
         token: PathBuf,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain and print the first broken record.
+    ///
+    /// Checks every record in every segment: strict JSON in canonical form, seq up by one
+    /// across files, each prev the SHA-256 of the record before, no torn lines. Exit 0 if
+    /// intact, 1 if broken (where and why on stdout), 2 if the log cannot be read. The last
+    /// hash printed is what to keep off the host: the chain alone cannot show that records
+    /// were cut from its end.
+    Verify {
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+        /// Audit log directory.
+        #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -127,6 +154,35 @@ const EXIT_USAGE: u8 = 2;
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(code)
+}
+
+fn audit_verify(dir: &std::path::Path, json: bool) -> ExitCode {
+    let report = match audit::verify_dir(dir) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        match &report {
+            VerifyReport::Intact { records, files, last_hash, anchored_at_seq, .. } => {
+                print!("audit log intact: {records} records in {files} files, last hash {last_hash}");
+                match anchored_at_seq {
+                    Some(seq) => println!(" (older records pruned; chain anchored at seq {seq})"),
+                    None => println!(),
+                }
+            }
+            VerifyReport::Broken { file, line_number, seq, reason } => {
+                let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+                println!("audit log BROKEN at {}:{line_number}{seq}: {reason}", file.display());
+            }
+        }
+    }
+    if report.is_intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    }
 }
 
 fn main() -> ExitCode {
@@ -188,5 +244,6 @@ fn main() -> ExitCode {
                 Err(e) => fail(EXIT_INVALID, format_args!("{}: {e}", e.kind())),
             }
         }
+        Command::Audit { command: AuditCommand::Verify { json, dir } } => audit_verify(&dir, json),
     }
 }

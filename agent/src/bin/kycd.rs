@@ -1,16 +1,155 @@
-//! `kycd`: the host agent. Its daemon (`kycd run`) arrives with the agent-core work; for now
-//! the binary carries the version and help so packaging and scripts can rely on its name.
+//! `kycd`: the host agent. Parses arguments, loads the configuration, sets up logging and
+//! signals, and hands over to `kycd::daemon::run`.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kycd::config::{self, Config, LogFormat, Mode, Overrides};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 /// kycd host agent: enforces verified-identity attestations against a signed jurisdiction
-/// policy on a GPU host, and reports training-scale usage.
+/// policy on a GPU host, and records every decision in a hash-chained audit log.
 #[derive(Debug, Parser)]
-#[command(name = "kycd", version, about)]
-struct Cli {}
+#[command(
+    name = "kycd",
+    version,
+    about,
+    after_help = "Exit codes: 0 clean stop or valid configuration; 1 runtime failure; 2 invalid configuration or usage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("kycd: the daemon is not built yet; see `kycctl --help` for key and token tooling");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (foreground; systemd runs it as a service). SIGTERM/SIGINT stop it,
+    /// SIGHUP reloads trust anchors, the policy and attestations.
+    Run(ConfigArgs),
+    /// Validate the configuration and print the effective result (all layers applied).
+    CheckConfig(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Main configuration file; conf.d/*.toml beside it is applied on top.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Override `mode`.
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Override `state_dir`.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Override `log.format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Decide and record, enforce nothing.
+    Audit,
+    /// Decide, record and enforce.
+    Enforce,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, config::ConfigError> {
+        let overrides = Overrides {
+            mode: self.mode.map(|m| match m {
+                ModeArg::Audit => Mode::Audit,
+                ModeArg::Enforce => Mode::Enforce,
+            }),
+            state_dir: self.state_dir.clone(),
+            log_format: self.log_format.map(|f| match f {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            }),
+        };
+        Ok(config::load(&self.config, &overrides)?.config)
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter: tracing_subscriber::filter::Targets =
+        config.log.level.parse().map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", config.log.level))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match config.log.format {
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()?
+        }
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()?
+        }
+    }
+    Ok(())
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); stop.cancel(); break }
+                    _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); stop.cancel(); break }
+                    _ = sighup.recv() => { let _ = reload_tx.try_send(()); }
+                }
+            }
+        });
+        kycd::daemon::run(config, Box::new(kycd::daemon::RecordOnly), reload_rx, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig(args) => match args.load() {
+            Ok(config) => {
+                print!("{}", config.to_effective_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run(args) => {
+            let config = match args.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

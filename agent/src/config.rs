@@ -1,0 +1,541 @@
+//! The agent's configuration: one typed struct, built from layers.
+//!
+//! Layers, later ones winning key by key: built-in defaults → the main file
+//! (`/etc/kycd/kycd.toml` unless `--config`) → `conf.d/*.toml` beside it, in lexical order →
+//! command-line flags. Each file is checked on its own first, so an unknown key or a wrong type
+//! is reported with *that* file's name, line and column; then the files are merged as TOML
+//! tables and the result is checked for consistency. Every path is configurable so tests run
+//! in temporary directories; paths left unset are derived from `state_dir`.
+//!
+//! Nothing here reads the environment: the daemon and tests build a [`Config`] explicitly.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default location of the main configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kycd/kycd.toml";
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML, or has an unknown key or a wrongly typed value. The message
+    /// names the line, column and key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// The merged configuration is inconsistent.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `workloads.roots`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Whether decisions are only recorded or also enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Record what would happen (audit log, reports); enforce nothing.
+    #[default]
+    Audit,
+    /// Record, then enforce.
+    Enforce,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// The whole agent configuration. See `packaging/kycd.toml` for every key, documented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `audit` or `enforce`.
+    pub mode: Mode,
+    /// This host's id; absent: `/etc/machine-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    /// Where the agent keeps its state (attestations, policy version, audit log, spool).
+    pub state_dir: PathBuf,
+    /// Seconds of clock skew tolerated when checking token times.
+    pub clock_skew_s: u64,
+    /// Logging.
+    pub log: LogConfig,
+    /// Trust anchors.
+    pub trust: TrustConfig,
+    /// The jurisdiction policy.
+    pub policy: PolicyConfig,
+    /// Where attestations come from.
+    pub attestations: AttestationConfig,
+    /// Workload discovery.
+    pub workloads: WorkloadConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `kycd=debug,info`.
+    pub level: String,
+}
+
+/// `[trust]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustConfig {
+    /// JWKS of the KYC service keys that sign attestations.
+    pub issuers: PathBuf,
+    /// JWKS of the policy authority keys that sign the policy.
+    pub policy: PathBuf,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The signed policy file.
+    pub file: PathBuf,
+}
+
+/// `[attestations]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// Drop directory watched for `*.jws`; absent: `<state_dir>/attestations`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_dir: Option<PathBuf>,
+    /// The host attestation written by cloud-init.
+    pub host_attestation: PathBuf,
+    /// cloud-init's instance data, for checking a host attestation's `host_id`.
+    pub cloud_init_instance_data: PathBuf,
+    /// Largest attestation accepted, bytes.
+    pub max_bytes: usize,
+}
+
+/// `[workloads]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// The cgroup v2 mount; absent: found in `/proc/self/mountinfo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Cgroups under these (relative to the cgroup root) are workloads.
+    pub roots: Vec<String>,
+    /// Seconds between rescans of the cgroup tree (inotify catches most changes sooner).
+    pub rescan_interval_s: u64,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Audit log directory; absent: `<state_dir>/audit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Rotate a segment when it would exceed this size.
+    pub max_file_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Audit,
+            host_id: None,
+            state_dir: PathBuf::from("/var/lib/kycd"),
+            clock_skew_s: kycd_protocol::DEFAULT_CLOCK_SKEW_S,
+            log: LogConfig::default(),
+            trust: TrustConfig::default(),
+            policy: PolicyConfig::default(),
+            attestations: AttestationConfig::default(),
+            workloads: WorkloadConfig::default(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            issuers: PathBuf::from("/etc/kycd/trust/issuers.jwks"),
+            policy: PathBuf::from("/etc/kycd/trust/policy.jwks"),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { file: PathBuf::from("/etc/kycd/policy.jws") }
+    }
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            drop_dir: None,
+            host_attestation: PathBuf::from("/etc/kycd/attestations/host.jws"),
+            cloud_init_instance_data: PathBuf::from("/run/cloud-init/instance-data.json"),
+            max_bytes: kycd_protocol::DEFAULT_MAX_TOKEN_BYTES,
+        }
+    }
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        WorkloadConfig {
+            cgroup_root: None,
+            roots: vec!["machine.slice".into(), "kubepods.slice".into(), "slurmstepd.scope".into()],
+            rescan_interval_s: 5,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { dir: None, max_file_bytes: 64 << 20 }
+    }
+}
+
+/// Command-line overrides: the last layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--mode`.
+    pub mode: Option<Mode>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// A loaded configuration and the files it came from, in order.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// Files read, in layer order.
+    pub sources: Vec<PathBuf>,
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let io = |source| ConfigError::Io { path: path.to_owned(), source };
+    let mut text = String::new();
+    fs::File::open(path).map_err(io)?.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(io)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Parse { path: path.to_owned(), message: "larger than 1 MiB".into() });
+    }
+    Ok(text)
+}
+
+/// Parses one layer: checked against the schema on its own (so errors carry this file's
+/// line numbers), and returned as a table for merging.
+fn parse_layer(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = read_file(path)?;
+    let parse_err = |e: toml::de::Error| ConfigError::Parse { path: path.to_owned(), message: e.to_string() };
+    toml::from_str::<Config>(&text).map_err(parse_err)?;
+    toml::from_str::<toml::Table>(&text).map_err(parse_err)
+}
+
+/// Recursively overlays `top` on `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// The `conf.d` directory that belongs to a main config file.
+pub fn conf_d_dir(main: &Path) -> PathBuf {
+    main.parent().unwrap_or(Path::new("/")).join("conf.d")
+}
+
+/// Loads the layered configuration rooted at `main` and applies `overrides`.
+pub fn load(main: &Path, overrides: &Overrides) -> Result<Loaded, ConfigError> {
+    let mut sources = vec![main.to_owned()];
+    let mut merged = parse_layer(main)?;
+    let conf_d = conf_d_dir(main);
+    match fs::read_dir(&conf_d) {
+        Ok(entries) => {
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            for file in files {
+                merge(&mut merged, parse_layer(&file)?);
+                sources.push(file);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ConfigError::Io { path: conf_d, source }),
+    }
+    let mut config: Config = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path: main.to_owned(), message: e.to_string() })?;
+    if let Some(mode) = overrides.mode {
+        config.mode = mode;
+    }
+    if let Some(dir) = &overrides.state_dir {
+        config.state_dir = dir.clone();
+    }
+    if let Some(format) = overrides.log_format {
+        config.log.format = format;
+    }
+    config.validate()?;
+    Ok(Loaded { config, sources })
+}
+
+impl Config {
+    /// Consistency checks on the merged configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
+        let absolute: [(&'static str, Option<&Path>); 8] = [
+            ("state_dir", Some(&self.state_dir)),
+            ("trust.issuers", Some(&self.trust.issuers)),
+            ("trust.policy", Some(&self.trust.policy)),
+            ("policy.file", Some(&self.policy.file)),
+            ("attestations.drop_dir", self.attestations.drop_dir.as_deref()),
+            ("attestations.host_attestation", Some(&self.attestations.host_attestation)),
+            ("workloads.cgroup_root", self.workloads.cgroup_root.as_deref()),
+            ("audit.dir", self.audit.dir.as_deref()),
+        ];
+        for (key, path) in absolute {
+            if path.is_some_and(|p| !p.is_absolute()) {
+                return invalid(key, "must be an absolute path");
+            }
+        }
+        if self.clock_skew_s > 3600 {
+            return invalid("clock_skew_s", "must be at most 3600 (one hour)");
+        }
+        if self.attestations.max_bytes < 1024 || self.attestations.max_bytes > 1 << 20 {
+            return invalid("attestations.max_bytes", "must be between 1024 and 1048576");
+        }
+        for root in &self.workloads.roots {
+            if root.is_empty() || root.starts_with('/') || root.split('/').any(|c| c.is_empty() || c == "..")
+            {
+                return invalid(
+                    "workloads.roots",
+                    "entries are relative cgroup paths like \"machine.slice\"",
+                );
+            }
+        }
+        if self.workloads.rescan_interval_s == 0 {
+            return invalid("workloads.rescan_interval_s", "must be at least 1");
+        }
+        if self.audit.max_file_bytes < 4096 {
+            return invalid("audit.max_file_bytes", "must be at least 4096");
+        }
+        if let Some(id) = &self.host_id {
+            if id.is_empty() || id.len() > 256 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return invalid("host_id", "must be 1-256 characters without whitespace");
+            }
+        }
+        if self.log.level.trim().is_empty() {
+            return invalid("log.level", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The drop directory for attestations.
+    pub fn drop_dir(&self) -> PathBuf {
+        self.attestations.drop_dir.clone().unwrap_or_else(|| self.state_dir.join("attestations"))
+    }
+
+    /// The audit log directory.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit.dir.clone().unwrap_or_else(|| self.state_dir.join("audit"))
+    }
+
+    /// The effective configuration as TOML, derived paths filled in (for `check-config`).
+    pub fn to_effective_toml(&self) -> String {
+        let mut effective = self.clone();
+        effective.attestations.drop_dir = Some(self.drop_dir());
+        effective.audit.dir = Some(self.audit_dir());
+        toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(dir.path(), "kycd.toml", "");
+        let loaded = load(&main, &Overrides::default()).unwrap();
+        assert_eq!(loaded.config, Config::default());
+        assert_eq!(loaded.config.drop_dir(), Path::new("/var/lib/kycd/attestations"));
+        assert_eq!(loaded.config.audit_dir(), Path::new("/var/lib/kycd/audit"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(
+            dir.path(),
+            "kycd.toml",
+            "mode = \"enforce\"\nstate_dir = \"/srv/kycd\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+        );
+        write(dir.path(), "conf.d/20-later.toml", "[log]\nlevel = \"warn\"\n");
+        write(
+            dir.path(),
+            "conf.d/10-first.toml",
+            "[log]\nlevel = \"trace\"\n[workloads]\nroots = [\"a.slice\"]\n",
+        );
+        write(dir.path(), "conf.d/ignored.txt", "this is not toml");
+        let loaded = load(&main, &Overrides { mode: Some(Mode::Audit), ..Default::default() }).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.mode, Mode::Audit, "flags win");
+        assert_eq!(c.state_dir, Path::new("/srv/kycd"));
+        assert_eq!(c.log.format, LogFormat::Json, "untouched keys of a merged table survive");
+        assert_eq!(c.log.level, "warn", "conf.d files apply in lexical order");
+        assert_eq!(c.workloads.roots, ["a.slice"]);
+        assert_eq!(c.audit_dir(), Path::new("/srv/kycd/audit"), "derived paths follow state_dir");
+        assert_eq!(loaded.sources.len(), 3);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_file_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(dir.path(), "kycd.toml", "mode = \"audit\"\n");
+        write(
+            dir.path(),
+            "conf.d/50-typo.toml",
+            "# comment\n[trust]\nissuers = \"/x\"\nissuer_file = \"/y\"\n",
+        );
+        let err = load(&main, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("50-typo.toml"), "{err}");
+        assert!(err.contains("issuer_file"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+
+        let main = write(dir.path(), "other/kycd.toml", "\n\nmodee = \"audit\"\n");
+        let err = load(&main, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("modee") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, needle) in [
+            ("mode = \"enforcing\"", "enforcing"),
+            ("clock_skew_s = \"60\"", "clock_skew_s"),
+            ("clock_skew_s = 7200", "clock_skew_s"),
+            ("state_dir = \"relative/path\"", "state_dir"),
+            ("[workloads]\nroots = [\"/abs\"]", "workloads.roots"),
+            ("[workloads]\nroots = [\"a/../b\"]", "workloads.roots"),
+            ("[attestations]\nmax_bytes = 10", "attestations.max_bytes"),
+            ("host_id = \"has space\"", "host_id"),
+            ("[log]\nformat = \"xml\"", "xml"),
+            ("not toml at all [", "TOML"),
+        ] {
+            let main = write(dir.path(), "kycd.toml", text);
+            let err = load(&main, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let missing = dir.path().join("missing.toml");
+        assert!(matches!(load(&missing, &Overrides::default()), Err(ConfigError::Io { .. })));
+    }
+
+    #[test]
+    fn effective_toml_round_trips() {
+        let c = Config { host_id: Some("node-1".into()), ..Config::default() };
+        let text = c.to_effective_toml();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.drop_dir(), c.drop_dir());
+        assert_eq!(back.host_id.as_deref(), Some("node-1"));
+        assert_eq!(back.mode, c.mode);
+    }
+
+    /// `packaging/kycd.toml` is the documented example: it must load, set every key the
+    /// schema has (so the documentation is complete), and equal the defaults.
+    #[test]
+    fn packaged_example_is_valid_complete_and_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kycd.toml");
+        let loaded = load(&example, &Overrides::default()).unwrap();
+        let mut expected = Config::default();
+        expected.attestations.drop_dir = Some(expected.drop_dir());
+        expected.audit.dir = Some(expected.audit_dir());
+        expected.workloads.cgroup_root = loaded.config.workloads.cgroup_root.clone();
+        expected.host_id = loaded.config.host_id.clone();
+        assert_eq!(loaded.config, expected);
+
+        fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in table {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v {
+                    toml::Value::Table(t) => keys(&path, t, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let text = fs::read_to_string(&example).unwrap();
+        // Optional keys appear commented out (`# key = …`); uncomment them to list them.
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(l))
+            .fold(String::new(), |mut acc, l| {
+                acc.push_str(l);
+                acc.push('\n');
+                acc
+            });
+        let mut documented = Vec::new();
+        keys("", &toml::from_str(&uncommented).unwrap(), &mut documented);
+        let mut all = Vec::new();
+        let full = Config {
+            host_id: Some("x".into()),
+            workloads: WorkloadConfig { cgroup_root: Some("/x".into()), ..WorkloadConfig::default() },
+            ..expected
+        };
+        keys("", &toml::Table::try_from(&full).unwrap(), &mut all);
+        for key in &all {
+            assert!(documented.contains(key), "packaging/kycd.toml does not document {key}");
+        }
+    }
+}

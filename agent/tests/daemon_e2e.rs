@@ -1,0 +1,354 @@
+//! End-to-end: the real `kycd run` binary against temporary directories (and, as root, real
+//! cgroup v2 directories), observed through its audit log — the record operators rely on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
+use serde_json::{json, Value};
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A temporary installation: keys, trust files, config, state; and the running daemon.
+struct Host {
+    dir: tempfile::TempDir,
+    issuer: PrivateJwk,
+    authority: PrivateJwk,
+    child: Option<Child>,
+    extra_config: String,
+}
+
+impl Host {
+    fn new(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = PrivateJwk::generate(Algorithm::EdDSA, "kyc-1").unwrap();
+        let authority = PrivateJwk::generate(Algorithm::ES256, "authority-1").unwrap();
+        let host = Host { dir, issuer, authority, child: None, extra_config: extra_config.to_owned() };
+        fs::create_dir_all(host.path("etc/trust")).unwrap();
+        fs::create_dir_all(host.path("cgroup")).unwrap();
+        for (name, key) in [("issuers", &host.issuer), ("policy", &host.authority)] {
+            let jwks = Jwks::from_keys([key.public_key()]).unwrap().to_json().to_string();
+            fs::write(host.path(&format!("etc/trust/{name}.jwks")), jwks).unwrap();
+        }
+        host.write_config();
+        host
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let config = format!(
+            "host_id = \"node-1\"\nstate_dir = \"{d}/state\"\nclock_skew_s = 0\n{extra}\n\
+             [trust]\nissuers = \"{d}/etc/trust/issuers.jwks\"\npolicy = \"{d}/etc/trust/policy.jwks\"\n\
+             [policy]\nfile = \"{d}/etc/policy.jws\"\n\
+             [attestations]\nhost_attestation = \"{d}/etc/host.jws\"\n\
+             cloud_init_instance_data = \"{d}/etc/instance-data.json\"\n",
+            extra = self.extra_config
+        );
+        let config = if config.contains("[workloads]") {
+            config
+        } else {
+            format!("{config}[workloads]\ncgroup_root = \"{d}/cgroup\"\nrescan_interval_s = 1\n")
+        };
+        fs::write(self.path("etc/kycd.toml"), config).unwrap();
+    }
+
+    fn start(&mut self) {
+        let log = fs::File::create(self.path("kycd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kycd"))
+            .args(["run", "--config"])
+            .arg(self.path("etc/kycd.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_for("agent start", |r| r["event"]["type"] == "agent_started" && self.started_count() > 0);
+    }
+
+    fn started_count(&self) -> usize {
+        self.records().iter().filter(|r| r["event"]["type"] == "agent_started").count()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM, as systemd would.
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "kycd exited with {status}: {}", self.log());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            panic!("kycd did not stop on SIGTERM");
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.path("kycd.log")).unwrap_or_default()
+    }
+
+    fn records(&self) -> Vec<Value> {
+        let dir = self.path("state/audit");
+        let Ok(entries) = fs::read_dir(&dir) else { return Vec::new() };
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
+            })
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits until some audit record satisfies `pred`; returns it.
+    fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(r) = self.records().into_iter().rev().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The latest decision recorded for `workload`.
+    fn latest_decision(&self, workload: &str) -> Option<Value> {
+        self.records()
+            .into_iter()
+            .rev()
+            .find(|r| r["event"]["type"] == "decision" && r["event"]["workload"] == workload)
+    }
+
+    fn wait_for_verdict(&self, workload: &str, verdict: &str) -> Value {
+        self.wait_for(&format!("{workload} → {verdict}"), |_| {
+            self.latest_decision(workload).is_some_and(|d| d["event"]["decision"]["verdict"] == verdict)
+        });
+        self.latest_decision(workload).unwrap()
+    }
+
+    fn write_policy(&self, version: u64, prohibited: &[&str]) {
+        let measures: Vec<Value> = prohibited
+            .iter()
+            .map(|c| {
+                json!({"id": format!("m-{}", c.to_lowercase()), "match": {"countries": [c]},
+                       "roles": ["customer", "beneficial_owner", "reseller", "payment_source"],
+                       "action": "prohibit", "citation": "EO 13984 sec. 2"})
+            })
+            .collect();
+        let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+            "iss": "authority", "iat": now() - 10, "exp": now() + 86_400, "version": version,
+            "measures": measures, "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                           "early_warning_fraction": 0.01}
+        }))
+        .unwrap();
+        let token = kycd_protocol::sign(&claims, &self.authority).unwrap();
+        atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
+    }
+
+    fn attestation(&self, vm: &str, country: &str, exp: i64) -> String {
+        let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
+            "iss": "kyc", "sub": format!("tenant-{vm}"), "jti": format!("att-{vm}-{exp}"),
+            "iat": now() - 5, "exp": exp, "kyc": {"status": "verified"},
+            "subject": {"kind": "organization", "legal_name": "Secret Legal Name AG", "countries": [country]},
+            "binding": {"kind": "libvirt_domain", "id": vm, "host_id": "node-1"},
+            "foreign_person": true
+        }))
+        .unwrap();
+        kycd_protocol::sign(&claims, &self.issuer).unwrap()
+    }
+
+    fn drop_file(&self, name: &str, contents: &[u8]) {
+        atomic_write(&self.path(&format!("state/attestations/{name}")), contents);
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes as delivery tools should: a hidden temp file in the same directory, then rename.
+fn atomic_write(path: &Path, contents: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_str().unwrap()));
+    fs::write(&tmp, contents).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn reasons(decision: &Value) -> Vec<String> {
+    decision["event"]["decision"]["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
+    let mut host = Host::new("");
+    host.write_policy(1, &["KP"]);
+    host.start();
+    host.wait_for("policy v1", |r| r["event"]["type"] == "policy_applied" && r["event"]["version"] == 1);
+
+    // Drop two attestations, plus garbage, a truncated token and an oversized file beside them.
+    let de = host.attestation("vm-de", "DE", now() + 3600);
+    host.drop_file("vm-de.jws", de.as_bytes());
+    host.drop_file("vm-kp.jws", host.attestation("vm-kp", "KP", now() + 3600).as_bytes());
+    host.drop_file("garbage.jws", b"\x00\xffnot a token at all");
+    host.drop_file("truncated.jws", &de.as_bytes()[..de.len() / 2]);
+    host.drop_file("huge.jws", &vec![b'A'; 70_000]);
+    host.drop_file(".partial.jws", b"ignored: hidden temp file");
+
+    let allowed = host.wait_for_verdict("libvirt_domain:vm-de", "allow");
+    assert_eq!(allowed["event"]["decision"]["policy_version"], 1);
+    assert_eq!(allowed["event"]["decision"]["tenant"], "tenant-vm-de");
+    assert_eq!(reasons(&allowed), ["allowed"]);
+    let denied = host.wait_for_verdict("libvirt_domain:vm-kp", "deny");
+    let reason = &denied["event"]["decision"]["reasons"][0];
+    assert_eq!(
+        (reason["code"].as_str(), reason["measure_id"].as_str()),
+        (Some("measure_prohibit"), Some("m-kp"))
+    );
+    assert_eq!(reason["citation"], "EO 13984 sec. 2");
+    for (file, kind) in
+        [("garbage.jws", "Malformed"), ("truncated.jws", "Malformed"), ("huge.jws", "TooLarge")]
+    {
+        host.wait_for(file, |r| {
+            r["event"]["type"] == "attestation_rejected"
+                && r["event"]["kind"] == kind
+                && r["event"]["source"].as_str().unwrap().ends_with(file)
+        });
+    }
+    assert!(!host.records().iter().any(|r| r.to_string().contains(".partial.jws")), "temp files are ignored");
+    assert!(
+        !fs::read_to_string(host.path("kycd.log")).unwrap().contains("Secret Legal Name"),
+        "names not logged"
+    );
+
+    // A new policy version prohibiting DE flips vm-de.
+    host.write_policy(2, &["KP", "DE"]);
+    let flipped = host.wait_for_verdict("libvirt_domain:vm-de", "deny");
+    assert_eq!(flipped["event"]["decision"]["policy_version"], 2);
+    assert_eq!(flipped["event"]["decision"]["reasons"][0]["measure_id"], "m-de");
+
+    // Rolling back to version 1 is refused; vm-de stays denied.
+    host.write_policy(1, &["KP"]);
+    host.wait_for("rollback refused", |r| {
+        r["event"]["type"] == "policy_rejected" && r["event"]["kind"] == "Rollback"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(host.latest_decision("libvirt_domain:vm-de").unwrap()["event"]["decision"]["verdict"], "deny");
+
+    // Withdrawal: deleting the file makes the workload unverified (policy: deny).
+    fs::remove_file(host.path("state/attestations/vm-kp.jws")).unwrap();
+    host.wait_for("withdrawal", |r| r["event"]["type"] == "attestation_withdrawn");
+
+    // Restart: the anti-rollback mark survives (v1 on disk is refused again), attestations
+    // in the state directory need no re-delivery.
+    host.stop();
+    let before = host.records().len();
+    host.start();
+    host.wait_for("rollback refused after restart", |r| {
+        r["event"]["type"] == "policy_rejected" && r["event"]["kind"] == "Rollback"
+    });
+    host.wait_for("vm-de decided after restart", |r| {
+        r["seq"].as_u64().unwrap() as usize >= before && r["event"]["workload"] == "libvirt_domain:vm-de"
+    });
+    host.stop();
+
+    // The chain is intact, and a one-byte change anywhere is detected.
+    let kycctl = env!("CARGO_BIN_EXE_kycctl");
+    let audit_dir = host.path("state/audit");
+    let ok = Command::new(kycctl).args(["audit", "verify"]).arg(&audit_dir).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let segment = fs::read_dir(&audit_dir).unwrap().flatten().map(|e| e.path()).min().unwrap();
+    let mut bytes = fs::read(&segment).unwrap();
+    let i = bytes.iter().position(|&b| b == b'a').unwrap();
+    bytes[i] = b'b';
+    fs::write(&segment, bytes).unwrap();
+    let broken = Command::new(kycctl).args(["audit", "verify"]).arg(&audit_dir).output().unwrap();
+    assert_eq!(broken.status.code(), Some(1), "{}", String::from_utf8_lossy(&broken.stdout));
+}
+
+#[test]
+fn attestation_expiry_flips_the_verdict_at_the_deadline() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    let exp = now() + 3;
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "FR", exp).as_bytes());
+    let allowed = host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    assert_eq!(allowed["event"]["decision"]["next_review_at"], exp);
+    let denied = host.wait_for_verdict("libvirt_domain:vm-a", "deny");
+    assert_eq!(reasons(&denied), ["attestation_expired", "unverified_deny"]);
+    // Re-decided at the deadline, not on a later poll (1 s of slack for scheduling).
+    let at = denied["ts"].as_i64().unwrap();
+    assert!(at >= exp && at <= exp + 1, "decided at {at}, deadline {exp}");
+    host.stop();
+}
+
+#[test]
+fn real_cgroup_v2_workloads_are_discovered_and_vanish() {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+        eprintln!("SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: no cgroup2 mount");
+        return;
+    };
+    let root_name = format!("kycd-e2e-{}", std::process::id());
+    let root = mount.join(&root_name);
+    if let Err(e) = fs::create_dir(&root) {
+        eprintln!(
+            "SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: cannot create {}: {e}",
+            root.display()
+        );
+        return;
+    }
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Ok(entries) = fs::read_dir(&self.0) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(root.clone());
+    let vm = root.join("machine-qemu\\x2d7\\x2dgpu\\x2dvm.scope");
+    fs::create_dir(&vm).unwrap();
+
+    // No cgroup_root: the agent finds the cgroup2 mount in /proc/self/mountinfo itself.
+    let mut host = Host::new(&format!("[workloads]\nroots = [\"{root_name}\"]\nrescan_interval_s = 1\n"));
+    host.write_policy(1, &[]);
+    host.start();
+    let d = host.wait_for_verdict("libvirt_domain:gpu-vm", "deny");
+    assert_eq!(reasons(&d), ["no_attestation", "unverified_deny"]);
+    host.drop_file("gpu-vm.jws", host.attestation("gpu-vm", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:gpu-vm", "allow");
+    fs::remove_dir(&vm).unwrap();
+    let pod = root.join("pod-a.slice");
+    fs::create_dir(&pod).unwrap();
+    host.wait_for_verdict(&format!("cgroup:/{root_name}/pod-a.slice"), "deny");
+    host.stop();
+}
