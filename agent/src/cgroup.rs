@@ -115,6 +115,20 @@ pub fn discover(mount: &Path, roots: &[String]) -> Vec<Discovered> {
     found
 }
 
+/// The `<uuid>` of a libvirt domain, from its status XML (`/run/libvirt/qemu/NAME.xml`).
+/// Only the first `<uuid>` element is read; libvirt writes the domain's own UUID first.
+pub fn libvirt_domain_uuid(status_dir: &Path, name: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let file = std::fs::File::open(status_dir.join(format!("{name}.xml"))).ok()?;
+    file.take(1 << 20).read_to_string(&mut text).ok()?;
+    let start = text.find("<uuid>")? + "<uuid>".len();
+    let end = start + text[start..].find("</uuid>")?;
+    let uuid = text[start..end].trim().to_ascii_lowercase();
+    let valid = uuid.len() == 36 && uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    valid.then_some(uuid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +157,24 @@ mod tests {
             "cgroup:/kubepods.slice/kubepods-pod1234.slice"
         );
         assert_eq!(classify("user.slice", "user-x.slice").to_string(), "cgroup:/user.slice/user-x.slice");
+    }
+
+    #[test]
+    fn reads_the_domain_uuid_from_libvirt_status_xml() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("gpu-vm.xml"),
+            "<domstatus state='running'>\n  <domain type='kvm' id='3'>\n    <name>gpu-vm</name>\n    \
+             <uuid>6F1C2A9E-3A51-4C1E-9D3B-2B7F0E5E8A10</uuid>\n  </domain>\n</domstatus>\n",
+        )
+        .unwrap();
+        assert_eq!(
+            libvirt_domain_uuid(dir.path(), "gpu-vm").as_deref(),
+            Some("6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10")
+        );
+        assert_eq!(libvirt_domain_uuid(dir.path(), "absent"), None);
+        std::fs::write(dir.path().join("bad.xml"), "<uuid>not-a-uuid</uuid>").unwrap();
+        assert_eq!(libvirt_domain_uuid(dir.path(), "bad"), None);
     }
 
     #[test]

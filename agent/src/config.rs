@@ -153,6 +153,9 @@ pub struct WorkloadConfig {
     pub roots: Vec<String>,
     /// Seconds between rescans of the cgroup tree (inotify catches most changes sooner).
     pub rescan_interval_s: u64,
+    /// libvirt's status directory (`NAME.xml` per running domain), read to map domain
+    /// UUIDs in attestation bindings to the domain names in cgroup scope names.
+    pub libvirt_status_dir: PathBuf,
 }
 
 /// `[audit]`.
@@ -221,6 +224,7 @@ impl Default for WorkloadConfig {
             cgroup_root: None,
             roots: vec!["machine.slice".into(), "kubepods.slice".into(), "slurmstepd.scope".into()],
             rescan_interval_s: 5,
+            libvirt_status_dir: PathBuf::from("/run/libvirt/qemu"),
         }
     }
 }
@@ -328,7 +332,7 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 8] = [
+        let absolute: [(&'static str, Option<&Path>); 9] = [
             ("state_dir", Some(&self.state_dir)),
             ("trust.issuers", Some(&self.trust.issuers)),
             ("trust.policy", Some(&self.trust.policy)),
@@ -336,6 +340,7 @@ impl Config {
             ("attestations.drop_dir", self.attestations.drop_dir.as_deref()),
             ("attestations.host_attestation", Some(&self.attestations.host_attestation)),
             ("workloads.cgroup_root", self.workloads.cgroup_root.as_deref()),
+            ("workloads.libvirt_status_dir", Some(&self.workloads.libvirt_status_dir)),
             ("audit.dir", self.audit.dir.as_deref()),
         ];
         for (key, path) in absolute {

@@ -29,8 +29,24 @@ use crate::audit::{AuditLog, AuditOptions};
 use crate::config::{Config, Mode};
 use crate::decision::{decide, Decision, DecisionInput};
 use crate::policy::{AppliedPolicy, Offer, PolicyGuard};
-use crate::workload::WorkloadId;
+use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
+
+/// File in the state directory holding when each workload was first seen.
+const FIRST_SEEN_FILE: &str = "first_seen.json";
+
+/// Loads persisted first-seen times. A missing or unreadable file starts empty: the
+/// consequence is a grace period restarting, which the audit log shows.
+fn load_first_seen(state_dir: &Path) -> BTreeMap<String, i64> {
+    let path = state_dir.join(FIRST_SEEN_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            error!(path = %path.display(), error = %e, "corrupt first-seen file; grace periods restart");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
 
 /// Capacity of the event channel. The watcher never blocks on it: when it is full, a flag
 /// asks the loop for a full rescan instead, so no change is lost.
@@ -129,6 +145,12 @@ pub struct Agent {
     /// file is not re-recorded on every rescan.
     rejected: BTreeMap<PathBuf, String>,
     workloads: BTreeMap<WorkloadId, WorkloadState>,
+    /// When each known workload was first seen, persisted in `<state_dir>/first_seen.json`
+    /// so restarting the agent does not restart grace periods.
+    first_seen: BTreeMap<String, i64>,
+    first_seen_dirty: bool,
+    /// libvirt domain UUID (lower case) → domain name, for domains seen in the cgroup tree.
+    libvirt_uuids: BTreeMap<String, String>,
     decisions: BTreeMap<WorkloadId, Decision>,
     audit: AuditLog,
     enforcer: Box<dyn Enforcer>,
@@ -225,6 +247,7 @@ impl Agent {
         if cgroup_mount.is_none() {
             warn!("no cgroup2 mount found: only the host workload and attested workloads are known");
         }
+        let config_state_dir = config.state_dir.clone();
         let mut agent = Agent {
             config,
             host_id,
@@ -236,6 +259,9 @@ impl Agent {
             attestations: BTreeMap::new(),
             rejected: BTreeMap::new(),
             workloads: BTreeMap::new(),
+            first_seen: load_first_seen(&config_state_dir),
+            first_seen_dirty: false,
+            libvirt_uuids: BTreeMap::new(),
             decisions: BTreeMap::new(),
             audit,
             enforcer,
@@ -435,12 +461,21 @@ impl Agent {
     /// Re-reads the cgroup tree.
     fn rescan_workloads(&mut self) {
         let Some(mount) = &self.cgroup_mount else {
-            self.workloads
-                .entry(WorkloadId::host())
-                .or_insert(WorkloadState { first_seen: now(), cgroup: None });
+            if !self.workloads.contains_key(&WorkloadId::host()) {
+                let first_seen = self.first_seen_of(&WorkloadId::host());
+                self.workloads.insert(WorkloadId::host(), WorkloadState { first_seen, cgroup: None });
+            }
             return;
         };
         let found = cgroup::discover(mount, &self.config.workloads.roots);
+        self.libvirt_uuids = found
+            .iter()
+            .filter(|d| d.id.kind == WorkloadKind::LibvirtDomain)
+            .filter_map(|d| {
+                let uuid = cgroup::libvirt_domain_uuid(&self.config.workloads.libvirt_status_dir, &d.id.id)?;
+                Some((uuid, d.id.id.clone()))
+            })
+            .collect();
         let mut ids: BTreeSet<&WorkloadId> = found.iter().map(|d| &d.id).collect();
         // Attested workloads stay known while absent from the tree (a VM between admission
         // and start): dropping them would restart their grace period on every rescan.
@@ -449,22 +484,41 @@ impl Agent {
             self.workloads.keys().filter(|id| !ids.contains(id)).cloned().collect();
         for id in vanished {
             self.workloads.remove(&id);
+            self.first_seen.remove(&id.to_string());
+            self.first_seen_dirty = true;
             info!(workload = %id, "workload vanished");
         }
         for d in found {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.workloads.entry(d.id) {
-                info!(workload = %slot.key(), "workload discovered");
-                slot.insert(WorkloadState { first_seen: now(), cgroup: d.cgroup });
+            if !self.workloads.contains_key(&d.id) {
+                let first_seen = self.first_seen_of(&d.id);
+                info!(workload = %d.id, first_seen, "workload discovered");
+                self.workloads.insert(d.id, WorkloadState { first_seen, cgroup: d.cgroup });
             }
         }
     }
 
-    /// The attestation in force for `workload`: the most recently issued one bound to it.
-    fn attestation_for(&self, workload: &WorkloadId) -> Option<&Attested> {
-        self.attestations
-            .values()
-            .filter(|a| a.workload == *workload)
-            .max_by(|a, b| (a.claims.iat, &a.claims.jti).cmp(&(b.claims.iat, &b.claims.jti)))
+    /// The attestation in force for each workload: the most recently issued one bound to
+    /// it (ties broken by `jti`, so the choice is deterministic). Built once per evaluation.
+    fn attestations_in_force(&self) -> BTreeMap<WorkloadId, &Attested> {
+        let mut best: BTreeMap<WorkloadId, &Attested> = BTreeMap::new();
+        for a in self.attestations.values() {
+            let slot = best.entry(self.resolve(&a.workload)).or_insert(a);
+            if (a.claims.iat, &a.claims.jti) > (slot.claims.iat, &slot.claims.jti) {
+                *slot = a;
+            }
+        }
+        best
+    }
+
+    /// The workload a binding names on this host: a libvirt domain bound by UUID is the
+    /// domain of that name in the cgroup tree, once it is running.
+    fn resolve(&self, id: &WorkloadId) -> WorkloadId {
+        if id.kind == WorkloadKind::LibvirtDomain {
+            if let Some(name) = self.libvirt_uuids.get(&id.id.to_ascii_lowercase()) {
+                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.clone() };
+            }
+        }
+        id.clone()
     }
 
     /// Re-decides every workload (present or attested), records changed decisions, then
@@ -472,22 +526,38 @@ impl Agent {
     pub fn evaluate(&mut self) -> Option<i64> {
         let now = now();
         let mut ids: BTreeSet<WorkloadId> = self.workloads.keys().cloned().collect();
-        ids.extend(self.attestations.values().map(|a| a.workload.clone()));
+        let resolved: Vec<WorkloadId> =
+            self.attestations.values().map(|a| self.resolve(&a.workload)).collect();
+        ids.extend(resolved);
         for id in &ids {
             if !self.workloads.contains_key(id) {
                 // Attested before it exists (e.g. a VM about to start): decided now, so
                 // admission can answer; first seen now.
-                self.workloads.insert(id.clone(), WorkloadState { first_seen: now, cgroup: None });
+                let first_seen = self.first_seen_of(id);
+                self.workloads.insert(id.clone(), WorkloadState { first_seen, cgroup: None });
             }
         }
+        self.persist_first_seen();
         let mut changed = Vec::new();
+        let in_force = self.attestations_in_force();
         for id in &ids {
             let state = &self.workloads[id];
-            let attested = self.attestation_for(id);
+            let attested = in_force.get(id).copied();
+            // A binding by libvirt UUID was resolved to the domain's name above; the engine
+            // checks bindings against the workload, so it sees the binding as resolved.
+            let claims = attested.map(|a| {
+                if a.workload == *id {
+                    std::borrow::Cow::Borrowed(&a.claims)
+                } else {
+                    let mut resolved = a.claims.clone();
+                    resolved.binding.id = id.id.clone();
+                    std::borrow::Cow::Owned(resolved)
+                }
+            });
             let decision = decide(&DecisionInput {
                 workload: id,
                 first_seen: state.first_seen,
-                attestation: attested.map(|a| &a.claims),
+                attestation: claims.as_deref(),
                 policy: self.policy.as_ref().map(|p| &p.claims),
                 now,
                 clock_skew_s: self.config.clock_skew_s,
@@ -529,6 +599,26 @@ impl Agent {
             }
         }
         self.decisions.values().filter_map(|d| d.next_review_at).min()
+    }
+
+    /// When `id` was first seen: persisted if known, else now (and remembered).
+    fn first_seen_of(&mut self, id: &WorkloadId) -> i64 {
+        *self.first_seen.entry(id.to_string()).or_insert_with(|| {
+            self.first_seen_dirty = true;
+            now()
+        })
+    }
+
+    fn persist_first_seen(&mut self) {
+        if !self.first_seen_dirty {
+            return;
+        }
+        let path = self.config.state_dir.join(FIRST_SEEN_FILE);
+        let body = serde_json::to_vec(&self.first_seen).unwrap_or_default();
+        match crate::fsutil::write_atomic(&path, &body) {
+            Ok(()) => self.first_seen_dirty = false,
+            Err(e) => error!(error = %e, path = %path.display(), "cannot persist first-seen times; retrying"),
+        }
     }
 
     fn handle(&mut self, event: Event) {

@@ -12,7 +12,6 @@
 //! decision engine treats as deny) until an operator repairs or removes the file.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use kycd_protocol::{verify, Jwks, PolicyClaims, VerifyError, VerifyOptions};
@@ -181,14 +180,8 @@ impl PolicyGuard {
 
     fn persist(&self, state: &PolicyState) -> Result<(), PolicyError> {
         let io = |source| PolicyError::Io { path: self.path.clone(), source };
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(dir).map_err(io)?;
-        let mut tmp = tempfile::Builder::new().prefix(".policy.state.").tempfile_in(dir).map_err(io)?;
         let body = serde_json::to_vec(state).map_err(|e| io(std::io::Error::other(e)))?;
-        tmp.write_all(&body).map_err(io)?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(&self.path).map_err(|e| io(e.error))?;
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+        crate::fsutil::write_atomic(&self.path, &body).map_err(io)
     }
 }
 

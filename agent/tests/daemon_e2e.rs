@@ -141,6 +141,10 @@ impl Host {
     }
 
     fn write_policy(&self, version: u64, prohibited: &[&str]) {
+        self.write_policy_with(version, prohibited, json!({"action": "deny"}));
+    }
+
+    fn write_policy_with(&self, version: u64, prohibited: &[&str], unverified: Value) {
         let measures: Vec<Value> = prohibited
             .iter()
             .map(|c| {
@@ -151,7 +155,7 @@ impl Host {
             .collect();
         let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
             "iss": "authority", "iat": now() - 10, "exp": now() + 86_400, "version": version,
-            "measures": measures, "unverified": {"action": "deny"},
+            "measures": measures, "unverified": unverified,
             "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
                            "early_warning_fraction": 0.01}
         }))
@@ -350,5 +354,133 @@ fn real_cgroup_v2_workloads_are_discovered_and_vanish() {
     let pod = root.join("pod-a.slice");
     fs::create_dir(&pod).unwrap();
     host.wait_for_verdict(&format!("cgroup:/{root_name}/pod-a.slice"), "deny");
+    host.stop();
+}
+
+#[test]
+fn a_broken_trust_file_on_reload_keeps_the_previous_keys() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    // The trust file is replaced by garbage and the agent is told to reload.
+    fs::write(host.path("etc/trust/issuers.jwks"), b"{\"keys\": [ not json").unwrap();
+    let pid = host.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host.log().contains("keeping the previous set") {
+        assert!(Instant::now() < deadline, "no reload error logged:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // The previous issuer keys still verify new attestations.
+    host.drop_file("vm-b.jws", host.attestation("vm-b", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-b", "allow");
+    assert_eq!(host.latest_decision("libvirt_domain:vm-a").unwrap()["event"]["decision"]["verdict"], "allow");
+    host.stop();
+}
+
+#[test]
+fn host_attestation_is_checked_against_cloud_init_instance_id() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    fs::write(host.path("etc/instance-data.json"), br#"{"v1": {"instance_id": "i-0abc"}}"#).unwrap();
+    let issuer = PrivateJwk::from_json(host.issuer.to_json().as_bytes()).unwrap();
+    let host_token = |host_id: &str, jti: &str| {
+        let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
+            "iss": "kyc", "sub": "tenant-bm", "jti": jti, "iat": now() - 5, "exp": now() + 3600,
+            "kyc": {"status": "verified"},
+            "subject": {"kind": "individual", "legal_name": "X", "countries": ["US"]},
+            "binding": {"kind": "host", "id": "bare-metal", "host_id": host_id},
+            "foreign_person": false
+        }))
+        .unwrap();
+        kycd_protocol::sign(&claims, &issuer).unwrap()
+    };
+    // Delivered for another instance: rejected, the host stays unverified.
+    atomic_write(&host.path("etc/host.jws"), host_token("i-other", "h-1").as_bytes());
+    host.start();
+    host.wait_for("wrong host", |r| {
+        r["event"]["type"] == "attestation_rejected" && r["event"]["kind"] == "WrongHost"
+    });
+    assert_eq!(reasons(&host.wait_for_verdict("host:host", "deny")), ["no_attestation", "unverified_deny"]);
+    // cloud-init delivers the right one: the host is verified.
+    atomic_write(&host.path("etc/host.jws"), host_token("i-0abc", "h-2").as_bytes());
+    let allowed = host.wait_for_verdict("host:host", "allow");
+    assert_eq!(allowed["event"]["decision"]["attestation_jti"], "h-2");
+    host.stop();
+}
+
+#[test]
+fn check_config_prints_the_effective_config_and_names_bad_keys() {
+    let host = Host::new("");
+    let out = Command::new(env!("CARGO_BIN_EXE_kycd"))
+        .args(["check-config", "--config"])
+        .arg(host.path("etc/kycd.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let effective: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(effective["host_id"].as_str(), Some("node-1"));
+    assert!(effective["audit"]["dir"].as_str().unwrap().ends_with("state/audit"), "derived paths are shown");
+
+    fs::create_dir_all(host.path("etc/conf.d")).unwrap();
+    fs::write(host.path("etc/conf.d/10-typo.toml"), "[policy]\nfiel = \"/x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kycd"))
+        .args(["check-config", "--config"])
+        .arg(host.path("etc/kycd.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("10-typo.toml") && err.contains("fiel") && err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn restarting_the_agent_does_not_restart_a_grace_period() {
+    let mut host = Host::new("");
+    host.write_policy_with(1, &[], json!({"action": "grace", "grace_s": 3600}));
+    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d1\\x2dvm\\x2dg.scope")).unwrap();
+    host.start();
+    let first = host.wait_for_verdict("libvirt_domain:vm-g", "allow");
+    assert_eq!(reasons(&first), ["no_attestation", "grace_running"]);
+    let deadline = first["event"]["decision"]["next_review_at"].as_i64().unwrap();
+    host.stop();
+    std::thread::sleep(Duration::from_millis(1100)); // a restart later in wall-clock seconds
+    let before = host.records().len() as u64;
+    host.start();
+    host.wait_for("decision after restart", |r| {
+        r["seq"].as_u64().unwrap() >= before && r["event"]["workload"] == "libvirt_domain:vm-g"
+    });
+    let again = host.latest_decision("libvirt_domain:vm-g").unwrap();
+    assert_eq!(again["event"]["decision"]["next_review_at"].as_i64().unwrap(), deadline, "grace end moved");
+    host.stop();
+}
+
+#[test]
+fn a_libvirt_domain_bound_by_uuid_maps_to_its_running_scope() {
+    let uuid = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+    let mut host = Host::new("");
+    let d = host.dir.path().display().to_string();
+    host.extra_config = format!(
+        "[workloads]\ncgroup_root = \"{d}/cgroup\"\nrescan_interval_s = 1\nlibvirt_status_dir = \"{d}/libvirt\"\n"
+    );
+    host.write_config();
+    host.write_policy(1, &[]);
+    fs::create_dir_all(host.path("libvirt")).unwrap();
+    fs::write(
+        host.path("libvirt/train-42.xml"),
+        format!(
+            "<domstatus><domain type='kvm'><name>train-42</name><uuid>{uuid}</uuid></domain></domstatus>"
+        ),
+    )
+    .unwrap();
+    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d9\\x2dtrain\\x2d42.scope")).unwrap();
+    host.start();
+    host.wait_for_verdict("libvirt_domain:train-42", "deny");
+    // The attestation names the domain by UUID; the decision lands on the running scope.
+    host.drop_file("train.jws", host.attestation(uuid, "DE", now() + 3600).as_bytes());
+    let allowed = host.wait_for_verdict("libvirt_domain:train-42", "allow");
+    assert_eq!(allowed["event"]["decision"]["tenant"], format!("tenant-{uuid}"));
     host.stop();
 }
