@@ -5,7 +5,7 @@
 //! and `sign` refuses to emit a token that kycd itself would not accept.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use kycd_protocol::{
@@ -134,22 +134,15 @@ fn check_kid_as_file_name(kid: &str) -> Result<(), ToolError> {
     }
 }
 
-/// Writes `contents` to `path` atomically (temp file in the same directory, fsync, link into
-/// place without clobbering, fsync the directory). The temp file is created 0600, so a
-/// secret is never readable by others, even briefly.
+/// Writes a new file durably, never replacing an existing one (see [`crate::fsutil`]).
 fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), ToolError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".kycctl-").tempfile_in(dir).map_err(io_err(dir))?;
-    tmp.write_all(contents).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist_noclobber(path).map_err(|e| {
-        if e.error.kind() == io::ErrorKind::AlreadyExists {
+    crate::fsutil::write_durably(path, contents, crate::fsutil::Existing::Keep).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
             ToolError::Exists(path.to_owned())
         } else {
-            ToolError::Io { path: path.to_owned(), source: e.error }
+            ToolError::Io { path: path.to_owned(), source: e }
         }
-    })?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    })
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ToolError> {
