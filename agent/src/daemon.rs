@@ -32,6 +32,9 @@ use crate::policy::{AppliedPolicy, Offer, PolicyGuard};
 use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
 
+/// Shortest sleep of the main loop; see [`run`].
+const RETRY_FLOOR: Duration = Duration::from_millis(250);
+
 /// File in the state directory holding when each workload was first seen.
 const FIRST_SEEN_FILE: &str = "first_seen.json";
 
@@ -487,6 +490,7 @@ impl Agent {
             self.first_seen.remove(&id.to_string());
             self.first_seen_dirty = true;
             info!(workload = %id, "workload vanished");
+            self.record(json!({"type": "workload_vanished", "workload": id.to_string()}));
         }
         for d in found {
             if !self.workloads.contains_key(&d.id) {
@@ -708,8 +712,12 @@ pub async fn run(
     let mut tick = tokio::time::interval(rescan_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A deadline already due means the last evaluation could not record its decisions
+        // (e.g. a failing disk): retry at RETRY_FLOOR rather than spin.
         let sleep_for = next_review
-            .map(|t| Duration::from_secs(u64::try_from(t.saturating_sub(now())).unwrap_or(0)))
+            .map(|t| {
+                Duration::from_secs(u64::try_from(t.saturating_sub(now())).unwrap_or(0)).max(RETRY_FLOOR)
+            })
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             () = shutdown.cancelled() => break,
