@@ -17,7 +17,7 @@ use kycd_protocol::{Algorithm, VerifyOptions};
 
 /// Operator CLI for the kycd host agent: keys, signed tokens and the audit log.
 #[derive(Debug, Parser)]
-#[command(name = "kycctl", version, about, long_about = None, after_help = EXIT_CODES)]
+#[command(name = "kycctl", version, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

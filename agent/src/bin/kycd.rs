@@ -9,13 +9,12 @@ use kycd::config::{self, Config, LogFormat, Mode, Overrides};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// kycd host agent: enforces verified-identity attestations against a signed jurisdiction
+/// kycd host agent: checks tenants' verified-identity attestations against a signed jurisdiction
 /// policy on a GPU host, and records every decision in a hash-chained audit log.
 #[derive(Debug, Parser)]
 #[command(
     name = "kycd",
     version,
-    about,
     after_help = "Exit codes: 0 clean stop or valid configuration; 1 runtime failure; 2 invalid configuration or usage."
 )]
 struct Cli {
