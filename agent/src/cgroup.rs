@@ -55,25 +55,33 @@ fn unescape_mountinfo(s: &str) -> String {
     out
 }
 
-/// systemd unit-name escaping: `\x2d` and friends.
+/// systemd unit-name escaping: `\x2d` and friends. Escapes are bytes (a multi-byte UTF-8
+/// character is several `\xNN`), so bytes are collected and decoded once at the end.
 fn unescape_systemd(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+    let mut out: Vec<u8> = Vec::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find("\\x") {
-        out.push_str(&rest[..i]);
+        out.extend_from_slice(&rest.as_bytes()[..i]);
         match rest.get(i + 2..i + 4).and_then(|h| u8::from_str_radix(h, 16).ok()) {
             Some(b) => {
-                out.push(char::from(b));
+                out.push(b);
                 rest = &rest[i + 4..];
             }
             None => {
-                out.push_str("\\x");
+                out.extend_from_slice(b"\\x");
                 rest = &rest[i + 2..];
             }
         }
     }
-    out.push_str(rest);
-    out
+    out.extend_from_slice(rest.as_bytes());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The domain number `N` of libvirt's `machine-qemu-N-NAME.scope`.
+fn libvirt_scope_number(child: &str) -> Option<u32> {
+    let unescaped = unescape_systemd(child);
+    let rest = unescaped.strip_prefix("machine-qemu-")?.strip_suffix(".scope")?;
+    rest.split_once('-')?.0.parse().ok()
 }
 
 /// The workload a child cgroup `child` of root `root` stands for.
@@ -95,38 +103,146 @@ pub fn classify(root: &str, child: &str) -> WorkloadId {
     WorkloadId { kind: WorkloadKind::Cgroup, id: format!("/{root}/{child}") }
 }
 
+/// What one scan of the cgroup tree found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Discovery {
+    /// Workloads, sorted by id, plus the host.
+    pub found: Vec<Discovered>,
+    /// Roots that exist but could not be read: their workloads are unknown this time, not
+    /// gone (treating an unreadable tree as empty would forget them).
+    pub unreadable_roots: Vec<PathBuf>,
+}
+
 /// Lists workloads under `roots` of the cgroup tree at `mount`, plus the host. Roots that do
 /// not exist on this host are skipped (a GPU node may run no VMs).
-pub fn discover(mount: &Path, roots: &[String]) -> Vec<Discovered> {
-    let mut found =
-        vec![Discovered { id: WorkloadId { kind: WorkloadKind::Host, id: "host".into() }, cgroup: None }];
+///
+/// libvirt scope names are lossy (libvirt drops characters and truncates long names), so a
+/// scope `machine-qemu-N-…` is named after the running domain whose status XML says
+/// `id='N'` when there is one. Two cgroups that would still get the same id are both named
+/// by their cgroup path instead: neither can then borrow the other's attestation.
+pub fn discover(mount: &Path, roots: &[String], domains: &[LibvirtDomain]) -> Discovery {
+    let mut discovery = Discovery {
+        found: vec![Discovered {
+            id: WorkloadId { kind: WorkloadKind::Host, id: "host".into() },
+            cgroup: None,
+        }],
+        unreadable_roots: Vec::new(),
+    };
+    let mut found = Vec::new();
     for root in roots {
-        let Ok(entries) = std::fs::read_dir(mount.join(root)) else { continue };
+        let dir = mount.join(root);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                discovery.unreadable_roots.push(dir);
+                continue;
+            }
+        };
         for entry in entries.flatten() {
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             let Some(child) = entry.file_name().to_str().map(str::to_owned) else { continue };
-            found.push(Discovered { id: classify(root, &child), cgroup: Some(entry.path()) });
+            let mut id = classify(root, &child);
+            if id.kind == WorkloadKind::LibvirtDomain {
+                let number = libvirt_scope_number(&child);
+                if let Some(d) = domains.iter().find(|d| d.id.is_some() && d.id == number) {
+                    id.id = d.name.clone();
+                }
+            }
+            found.push((Discovered { id, cgroup: Some(entry.path()) }, root.clone(), child));
         }
     }
-    found.sort_by(|a, b| a.id.cmp(&b.id));
-    found.dedup_by(|a, b| a.id == b.id);
-    found
+    found.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    let mut i = 0;
+    while i < found.len() {
+        let mut j = i + 1;
+        while j < found.len() && found[j].0.id == found[i].0.id {
+            j += 1;
+        }
+        if j - i > 1 {
+            for (d, root, child) in &mut found[i..j] {
+                d.id = WorkloadId { kind: WorkloadKind::Cgroup, id: format!("/{root}/{child}") };
+            }
+        }
+        i = j;
+    }
+    discovery.found.extend(found.into_iter().map(|(d, _, _)| d));
+    discovery.found.sort_by(|a, b| a.id.cmp(&b.id));
+    discovery
 }
 
-/// The `<uuid>` of a libvirt domain, from its status XML (`/run/libvirt/qemu/NAME.xml`).
-/// Only the first `<uuid>` element is read; libvirt writes the domain's own UUID first.
-pub fn libvirt_domain_uuid(status_dir: &Path, name: &str) -> Option<String> {
+/// A libvirt domain from its status XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtDomain {
+    /// The running domain's number (the `N` of its scope `machine-qemu-N-…`).
+    pub id: Option<u32>,
+    /// The domain name.
+    pub name: String,
+    /// The domain UUID, lower case.
+    pub uuid: Option<String>,
+}
+
+/// At most this many status files are read per scan (a host runs far fewer domains).
+const MAX_LIBVIRT_STATUS_FILES: usize = 4096;
+
+/// The running domains described by libvirt's status directory (`/run/libvirt/qemu/*.xml`).
+/// Files that cannot be read or parsed are skipped; a missing directory means no domains.
+pub fn libvirt_domains(status_dir: &Path) -> Vec<LibvirtDomain> {
     use std::io::Read as _;
-    let mut text = String::new();
-    let file = std::fs::File::open(status_dir.join(format!("{name}.xml"))).ok()?;
-    file.take(1 << 20).read_to_string(&mut text).ok()?;
-    let start = text.find("<uuid>")? + "<uuid>".len();
-    let end = start + text[start..].find("</uuid>")?;
-    let uuid = text[start..end].trim().to_ascii_lowercase();
-    let valid = uuid.len() == 36 && uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-    valid.then_some(uuid)
+    let Ok(entries) = std::fs::read_dir(status_dir) else { return Vec::new() };
+    let mut domains = Vec::new();
+    for entry in entries.flatten().take(MAX_LIBVIRT_STATUS_FILES) {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("xml") {
+            continue;
+        }
+        let mut text = String::new();
+        let Ok(file) = std::fs::File::open(&path) else { continue };
+        if file.take(1 << 20).read_to_string(&mut text).is_err() {
+            continue;
+        }
+        if let Some(d) = parse_libvirt_status(&text) {
+            domains.push(d);
+        }
+    }
+    domains.sort_by(|a, b| a.name.cmp(&b.name));
+    domains
+}
+
+/// The domain's id, name and UUID from a status (or domain) XML document. Only the first
+/// `<domain …>` element counts; libvirt writes the domain's own fields before any nested
+/// element that could carry a `<name>` or `<uuid>` of its own.
+fn parse_libvirt_status(text: &str) -> Option<LibvirtDomain> {
+    let start = text.find("<domain ")?;
+    let tag_end = start + text[start..].find('>')?;
+    let tag = &text[start..tag_end];
+    let id = ["id='", "id=\""].iter().find_map(|p| {
+        let at = tag.find(p)? + p.len();
+        tag[at..].split(['\'', '"']).next()?.parse().ok()
+    });
+    let body = &text[tag_end..];
+    let element = |name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let at = body.find(&open)? + open.len();
+        let end = at + body[at..].find(&format!("</{name}>"))?;
+        Some(unescape_xml(body[at..end].trim()))
+    };
+    let name = element("name").filter(|n| !n.is_empty())?;
+    let uuid = element("uuid")
+        .map(|u| u.to_ascii_lowercase())
+        .filter(|u| u.len() == 36 && u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+    Some(LibvirtDomain { id, name, uuid })
+}
+
+/// The five predefined XML entities (libvirt escapes names with them).
+fn unescape_xml(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 #[cfg(test)]
@@ -160,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_domain_uuid_from_libvirt_status_xml() {
+    fn reads_domains_from_libvirt_status_xml() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("gpu-vm.xml"),
@@ -168,13 +284,59 @@ mod tests {
              <uuid>6F1C2A9E-3A51-4C1E-9D3B-2B7F0E5E8A10</uuid>\n  </domain>\n</domstatus>\n",
         )
         .unwrap();
+        std::fs::write(
+            dir.path().join("bad.xml"),
+            "<domain id='x'><name>b&amp;d</name><uuid>no</uuid></domain>",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("junk.xml"), "not xml").unwrap();
+        std::fs::write(dir.path().join("gpu-vm.txt"), "<domain id='9'><name>other</name></domain>").unwrap();
+        let domains = libvirt_domains(dir.path());
         assert_eq!(
-            libvirt_domain_uuid(dir.path(), "gpu-vm").as_deref(),
-            Some("6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10")
+            domains,
+            [
+                LibvirtDomain { id: None, name: "b&d".into(), uuid: None },
+                LibvirtDomain {
+                    id: Some(3),
+                    name: "gpu-vm".into(),
+                    uuid: Some("6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10".into())
+                },
+            ]
         );
-        assert_eq!(libvirt_domain_uuid(dir.path(), "absent"), None);
-        std::fs::write(dir.path().join("bad.xml"), "<uuid>not-a-uuid</uuid>").unwrap();
-        assert_eq!(libvirt_domain_uuid(dir.path(), "bad"), None);
+        assert!(libvirt_domains(&dir.path().join("absent")).is_empty());
+    }
+
+    #[test]
+    fn unescapes_multibyte_utf8_in_unit_names() {
+        assert_eq!(unescape_systemd("vm\\xc3\\xa9t\\xc3\\xa9"), "vmété");
+        assert_eq!(unescape_systemd("a\\xzz"), "a\\xzz");
+        assert_eq!(libvirt_scope_number("machine-qemu\\x2d12\\x2dvm.scope"), Some(12));
+        assert_eq!(libvirt_scope_number("machine-qemu\\x2dx\\x2dvm.scope"), None);
+    }
+
+    #[test]
+    fn names_libvirt_scopes_after_the_running_domain_and_splits_collisions() {
+        let dir = tempfile::tempdir().unwrap();
+        // libvirt truncates long names in scope names: the status XML has the real one.
+        std::fs::create_dir_all(dir.path().join("machine.slice/machine-qemu\\x2d4\\x2dlong\\x2dna.scope"))
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("machine.slice/machine-qemu\\x2d5\\x2dtwin.scope")).unwrap();
+        std::fs::create_dir_all(dir.path().join("machine.slice/machine-qemu\\x2d6\\x2dtwin.scope")).unwrap();
+        let domains = [LibvirtDomain { id: Some(4), name: "long-name-of-vm".into(), uuid: None }];
+        let ids: Vec<String> = discover(dir.path(), &["machine.slice".into()], &domains)
+            .found
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "cgroup:/machine.slice/machine-qemu\\x2d5\\x2dtwin.scope",
+                "cgroup:/machine.slice/machine-qemu\\x2d6\\x2dtwin.scope",
+                "libvirt_domain:long-name-of-vm",
+                "host:host"
+            ]
+        );
     }
 
     #[test]
@@ -184,7 +346,12 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("kubepods.slice/pod-a.slice")).unwrap();
         std::fs::write(dir.path().join("kubepods.slice/cgroup.procs"), "").unwrap();
         let roots = vec!["machine.slice".into(), "kubepods.slice".into(), "absent.slice".into()];
-        let ids: Vec<String> = discover(dir.path(), &roots).into_iter().map(|d| d.id.to_string()).collect();
+        let discovery = discover(dir.path(), &roots, &[]);
+        let ids: Vec<String> = discovery.found.into_iter().map(|d| d.id.to_string()).collect();
         assert_eq!(ids, ["cgroup:/kubepods.slice/pod-a.slice", "libvirt_domain:vm1", "host:host"]);
+        assert!(discovery.unreadable_roots.is_empty(), "a missing root is not unreadable");
+        std::fs::write(dir.path().join("file.slice"), "").unwrap();
+        let discovery = discover(dir.path(), &["file.slice".into()], &[]);
+        assert_eq!(discovery.unreadable_roots, [dir.path().join("file.slice")]);
     }
 }

@@ -156,6 +156,10 @@ pub struct WorkloadConfig {
     /// libvirt's status directory (`NAME.xml` per running domain), read to map domain
     /// UUIDs in attestation bindings to the domain names in cgroup scope names.
     pub libvirt_status_dir: PathBuf,
+    /// How long a vanished workload's first-seen time is kept. A workload that comes back
+    /// within this time (a VM restarted) continues its grace period instead of starting a
+    /// new one.
+    pub forget_after_s: u64,
 }
 
 /// `[audit]`.
@@ -225,6 +229,7 @@ impl Default for WorkloadConfig {
             roots: vec!["machine.slice".into(), "kubepods.slice".into(), "slurmstepd.scope".into()],
             rescan_interval_s: 5,
             libvirt_status_dir: PathBuf::from("/run/libvirt/qemu"),
+            forget_after_s: 30 * 24 * 3600,
         }
     }
 }

@@ -12,6 +12,17 @@
 //! Deadlines (attestation expiry, end of a grace period, a measure taking effect) are tracked
 //! as the earliest `next_review_at` of all decisions, and the loop sleeps exactly until then:
 //! a verdict flips at its deadline, not on the next polling tick.
+//!
+//! The periodic tick (`workloads.rescan_interval_s`) is the safety net under inotify: it
+//! rescans the cgroup tree, re-reads the drop directory (unchanged files cost a hash, not a
+//! verification), retries input that failed for a transient reason (a policy not valid yet,
+//! cloud-init data not written yet) and re-adds watches on directories that appeared late.
+//!
+//! When the audit log cannot be written, decisions are not enforced (nothing acts that the
+//! log does not show) — but a host must not keep running on stale allows while its disk is
+//! broken, so after [`LOCKDOWN_AFTER`] consecutive failed evaluations every workload is
+//! denied (`audit_unavailable`) until recording works again. That lockdown is the one
+//! enforcement the audit log cannot show; the journal does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,15 +30,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kycd_protocol::{verify, AttestationClaims, Jwks, VerifyError, VerifyOptions};
+use kycd_protocol::{verify, AttestationClaims, Jwks, PolicyClaims, Verdict, VerifyError, VerifyOptions};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::audit::{AuditLog, AuditOptions};
+use crate::cgroup::LibvirtDomain;
 use crate::config::{Config, Mode};
-use crate::decision::{decide, Decision, DecisionInput};
+use crate::decision::{decide, Decision, DecisionInput, Reason, ReasonCode};
 use crate::policy::{AppliedPolicy, Offer, PolicyGuard};
 use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
@@ -38,16 +50,40 @@ const RETRY_FLOOR: Duration = Duration::from_millis(250);
 /// File in the state directory holding when each workload was first seen.
 const FIRST_SEEN_FILE: &str = "first_seen.json";
 
-/// Loads persisted first-seen times. A missing or unreadable file starts empty: the
-/// consequence is a grace period restarting, which the audit log shows.
-fn load_first_seen(state_dir: &Path) -> BTreeMap<String, i64> {
+/// Consecutive evaluations whose decisions could not be recorded before every workload is
+/// denied (see the module docs). At the retry floor this is about a second.
+pub const LOCKDOWN_AFTER: u32 = 4;
+
+/// When a workload was first seen and, if it is gone, when it vanished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Seen {
+    first: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vanished_at: Option<i64>,
+}
+
+/// The first-seen file: the current form, or the bare `id → time` map of earlier releases.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SeenFile {
+    Current(BTreeMap<String, Seen>),
+    Legacy(BTreeMap<String, i64>),
+}
+
+/// Loads persisted first-seen times. A missing file starts empty (first start); a corrupt
+/// one is an error, which the caller turns into "seen long ago" (grace already over).
+fn load_first_seen(state_dir: &Path) -> Result<BTreeMap<String, Seen>, String> {
     let path = state_dir.join(FIRST_SEEN_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            error!(path = %path.display(), error = %e, "corrupt first-seen file; grace periods restart");
-            BTreeMap::new()
-        }),
-        Err(_) => BTreeMap::new(),
+        Ok(bytes) => match serde_json::from_slice::<SeenFile>(&bytes) {
+            Ok(SeenFile::Current(map)) => Ok(map),
+            Ok(SeenFile::Legacy(map)) => {
+                Ok(map.into_iter().map(|(k, first)| (k, Seen { first, vanished_at: None })).collect())
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -109,6 +145,32 @@ impl Enforcer for RecordOnly {
     }
 }
 
+/// A file that failed intake, by the digest of its content. Permanent failures (bad
+/// signature, malformed, expired) are not retried until the content or the trust anchors
+/// change; transient ones (not valid yet, a missing cloud-init file) are retried on every
+/// tick, silently unless the outcome changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rejection {
+    digest: String,
+    kind: &'static str,
+}
+
+impl Rejection {
+    fn permanent(&self) -> bool {
+        !is_transient(self.kind)
+    }
+}
+
+/// Error kinds that may go away without the input changing.
+fn is_transient(kind: &str) -> bool {
+    matches!(kind, "NotYetValid" | "IssuedInFuture" | "Io" | "CorruptState")
+}
+
+/// Error kinds that mean the signing key is not (or no longer) trusted.
+fn is_untrusted(kind: &str) -> bool {
+    matches!(kind, "UnknownKey" | "AmbiguousKey" | "KeyAlgorithmMismatch" | "BadSignature")
+}
+
 /// A verified attestation and where it came from.
 #[derive(Debug, Clone)]
 struct Attested {
@@ -144,16 +206,25 @@ pub struct Agent {
     guard: PolicyGuard,
     policy: Option<AppliedPolicy>,
     attestations: BTreeMap<PathBuf, Attested>,
-    /// Files last rejected, with the digest of the content rejected, so an unchanged bad
-    /// file is not re-recorded on every rescan.
-    rejected: BTreeMap<PathBuf, String>,
+    /// The policy in force as delivered, re-verified when the trust anchors change.
+    policy_token: Option<Vec<u8>>,
+    /// Input files (attestations, the policy) last rejected, so an unchanged bad file is
+    /// neither re-verified nor re-recorded on every rescan; see [`Rejection`].
+    rejected: BTreeMap<PathBuf, Rejection>,
     workloads: BTreeMap<WorkloadId, WorkloadState>,
-    /// When each known workload was first seen, persisted in `<state_dir>/first_seen.json`
-    /// so restarting the agent does not restart grace periods.
-    first_seen: BTreeMap<String, i64>,
+    /// When each workload was first seen, persisted in `<state_dir>/first_seen.json` so
+    /// neither restarting the agent nor restarting a VM restarts a grace period. Kept for
+    /// `workloads.forget_after_s` after the workload vanished.
+    first_seen: BTreeMap<String, Seen>,
     first_seen_dirty: bool,
-    /// libvirt domain UUID (lower case) → domain name, for domains seen in the cgroup tree.
-    libvirt_uuids: BTreeMap<String, String>,
+    /// First-seen time given to workloads not in the file while the file is known to be
+    /// corrupt (set at start, cleared after the first evaluation): the epoch, so grace
+    /// periods count as over — losing the file must not grant new grace.
+    first_seen_fallback: Option<i64>,
+    /// Running libvirt domains (from the status directory), for UUID bindings.
+    libvirt_domains: Vec<LibvirtDomain>,
+    /// Consecutive evaluations that could not record every decision.
+    audit_failures: u32,
     decisions: BTreeMap<WorkloadId, Decision>,
     audit: AuditLog,
     enforcer: Box<dyn Enforcer>,
@@ -203,9 +274,6 @@ enum IntakeError {
     WrongHost { bound: String, actual: String },
     #[error("the host attestation file must carry a binding of kind \"host\"")]
     NotHostBinding,
-    /// A verification failure, with the digest of the content that failed.
-    #[error("{0}")]
-    Rejected(Box<IntakeError>, String),
 }
 
 impl IntakeError {
@@ -215,14 +283,14 @@ impl IntakeError {
             IntakeError::Io(_) => "Io",
             IntakeError::WrongHost { .. } => "WrongHost",
             IntakeError::NotHostBinding => "NotHostBinding",
-            IntakeError::Rejected(inner, _) => inner.kind(),
         }
     }
 }
 
 /// cloud-init's instance id (`v1.instance_id` in instance-data.json).
 fn cloud_init_instance_id(path: &Path) -> Result<String, IntakeError> {
-    let bytes = tokens::read_bounded(path, 1 << 20).map_err(|e| IntakeError::Io(e.to_string()))?;
+    let bytes = crate::fsutil::read_regular_file(path, 1 << 20)
+        .map_err(|e| IntakeError::Io(format!("{}: {e}", path.display())))?;
     let doc = kycd_protocol::json::parse_strict(&bytes)
         .map_err(|e| IntakeError::Io(format!("{}: {e}", path.display())))?;
     doc["v1"]["instance_id"]
@@ -231,12 +299,21 @@ fn cloud_init_instance_id(path: &Path) -> Result<String, IntakeError> {
         .ok_or_else(|| IntakeError::Io(format!("{}: no v1.instance_id", path.display())))
 }
 
+/// Whether intake re-verifies a file whose content was already judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// Skip content already accepted or permanently rejected (watcher events, ticks).
+    IfChanged,
+    /// Verify again (the trust anchors may have changed).
+    Always,
+}
+
 impl Agent {
     /// Builds the agent: opens the audit log and the anti-rollback state (both must work,
     /// or the agent does not start), then loads trust anchors, the policy and attestations
     /// (each of which may fail without stopping it).
     pub fn new(config: Config, enforcer: Box<dyn Enforcer>) -> Result<Self, DaemonError> {
-        std::fs::create_dir_all(&config.state_dir)
+        crate::fsutil::create_dir_durably(&config.state_dir)
             .map_err(|source| DaemonError::StateDir { path: config.state_dir.clone(), source })?;
         let host_id = host_id(&config)?;
         let audit = AuditLog::open(
@@ -250,7 +327,10 @@ impl Agent {
         if cgroup_mount.is_none() {
             warn!("no cgroup2 mount found: only the host workload and attested workloads are known");
         }
-        let config_state_dir = config.state_dir.clone();
+        let (first_seen, first_seen_error) = match load_first_seen(&config.state_dir) {
+            Ok(map) => (map, None),
+            Err(e) => (BTreeMap::new(), Some(e)),
+        };
         let mut agent = Agent {
             config,
             host_id,
@@ -259,12 +339,15 @@ impl Agent {
             policy_keys: Jwks::default(),
             guard,
             policy: None,
+            policy_token: None,
             attestations: BTreeMap::new(),
             rejected: BTreeMap::new(),
             workloads: BTreeMap::new(),
-            first_seen: load_first_seen(&config_state_dir),
+            first_seen,
             first_seen_dirty: false,
-            libvirt_uuids: BTreeMap::new(),
+            first_seen_fallback: None,
+            libvirt_domains: Vec::new(),
+            audit_failures: 0,
             decisions: BTreeMap::new(),
             audit,
             enforcer,
@@ -272,6 +355,12 @@ impl Agent {
         };
         agent.record(json!({"type": "agent_started", "version": env!("CARGO_PKG_VERSION"),
             "host_id": agent.host_id, "mode": agent.config.mode}));
+        if let Some(reason) = first_seen_error {
+            error!(%reason, "corrupt first-seen file: workloads count as seen long ago (grace periods over)");
+            agent.record(json!({"type": "first_seen_corrupt", "reason": reason}));
+            agent.first_seen_fallback = Some(0);
+            agent.first_seen_dirty = true;
+        }
         agent.reload();
         Ok(agent)
     }
@@ -288,6 +377,10 @@ impl Agent {
         }
     }
 
+    fn policy_options(&self) -> VerifyOptions {
+        VerifyOptions { max_token_bytes: 1 << 20, clock_skew_s: self.config.clock_skew_s }
+    }
+
     /// Appends a non-decision event to the audit log. A failure to record is logged loudly;
     /// decisions (see [`Agent::evaluate`]) are not enforced unless recorded.
     fn record(&mut self, event: serde_json::Value) -> bool {
@@ -300,11 +393,21 @@ impl Agent {
         }
     }
 
-    /// Reloads trust anchors and the policy, and rescans attestations and workloads.
+    /// Reloads trust anchors and the policy, and re-verifies every attestation (SIGHUP).
+    /// Remembered rejections are forgotten: a key added to the trust set may make them valid.
     pub fn reload(&mut self) {
+        self.rejected.clear();
         self.load_trust();
+        self.recheck_policy();
         self.load_policy();
-        self.rescan_attestations();
+        self.rescan_attestations(Recheck::Always);
+        self.rescan_workloads();
+    }
+
+    /// The periodic safety net: see the module docs.
+    pub fn tick(&mut self) {
+        self.load_policy();
+        self.rescan_attestations(Recheck::IfChanged);
         self.rescan_workloads();
     }
 
@@ -329,42 +432,73 @@ impl Agent {
         }
     }
 
+    /// Drops the policy in force when its signing key is no longer trusted (removed from
+    /// the policy trust set): a revoked key must not keep governing the host. Without a
+    /// policy every workload is denied until a policy signed by a trusted key arrives.
+    fn recheck_policy(&mut self) {
+        let Some(token) = &self.policy_token else { return };
+        let Err(e) = verify::<PolicyClaims>(token, &self.policy_keys, &self.policy_options(), now()) else {
+            return;
+        };
+        if !is_untrusted(e.kind()) {
+            return; // Expiry is the decision engine's business (it denies an expired policy).
+        }
+        let version = self.policy.as_ref().map(|p| p.claims.version);
+        error!(?version, kind = e.kind(), error = %e, "the policy in force is no longer trusted; dropping it");
+        self.record(json!({"type": "policy_withdrawn", "version": version, "kind": e.kind(),
+            "reason": e.to_string()}));
+        self.policy = None;
+        self.policy_token = None;
+    }
+
     fn load_policy(&mut self) {
         let path = self.config.policy.file.clone();
-        let bytes = match tokens::read_bounded(&path, self.config.attestations.max_bytes.max(1 << 20)) {
+        let bytes = match crate::fsutil::read_regular_file(&path, 1 << 20) {
             Ok(b) => tokens::strip_one_newline(b),
             Err(e) => {
-                warn!(error = %e, "no policy file; workloads are denied until a policy is applied");
+                let rejection = Rejection { digest: String::new(), kind: "Io" };
+                if self.rejected.get(&path) != Some(&rejection) {
+                    warn!(path = %path.display(), error = %e, "no policy file; workloads are denied until a policy is applied");
+                    self.rejected.insert(path, rejection);
+                }
                 return;
             }
         };
-        let options = VerifyOptions { max_token_bytes: 1 << 20, clock_skew_s: self.config.clock_skew_s };
-        match self.guard.offer(&bytes, &self.policy_keys, &options, now()) {
-            Ok(Offer::Applied(p)) => {
+        let digest = kycd_protocol::token_digest(&bytes);
+        if self.policy.as_ref().is_some_and(|p| p.token_digest == digest) {
+            self.rejected.remove(&path);
+            return;
+        }
+        let previous = self.rejected.get(&path).filter(|r| r.digest == digest).cloned();
+        if previous.as_ref().is_some_and(Rejection::permanent) {
+            return;
+        }
+        match self.guard.offer(&bytes, &self.policy_keys, &self.policy_options(), now()) {
+            Ok(offer) => {
+                self.rejected.remove(&path);
+                let (Offer::Applied(p) | Offer::Unchanged(p)) = &offer;
                 info!(version = p.claims.version, kid = %p.kid, measures = p.claims.measures.len(), "policy applied");
-                self.record(json!({"type": "policy_applied", "version": p.claims.version,
-                    "claims_digest": p.claims_digest, "token_digest": p.token_digest, "kid": p.kid,
-                    "source": path}));
-                self.policy = Some(p);
-            }
-            Ok(Offer::Unchanged(p)) => {
-                if self.policy.is_none() {
-                    info!(version = p.claims.version, "policy loaded (already applied before)");
-                    self.policy = Some(p);
+                // Re-reading the version already applied (a restart) is not a new application.
+                if matches!(offer, Offer::Applied(_)) || self.policy.is_none() {
+                    self.record(json!({"type": "policy_applied", "version": p.claims.version,
+                        "claims_digest": p.claims_digest, "token_digest": p.token_digest, "kid": p.kid,
+                        "source": path}));
                 }
+                let (Offer::Applied(p) | Offer::Unchanged(p)) = offer;
+                self.policy = Some(p);
+                self.policy_token = Some(bytes);
             }
             Err(e) => {
+                let rejection = Rejection { digest, kind: e.kind() };
+                if previous.as_ref() == Some(&rejection) {
+                    return; // A transient failure retried on the tick, unchanged: already recorded.
+                }
                 *self.counters.policies_rejected.entry(e.kind()).or_default() += 1;
                 error!(kind = e.kind(), error = %e, path = %path.display(), "policy rejected; keeping the current one");
                 self.record(json!({"type": "policy_rejected", "kind": e.kind(), "reason": e.to_string(), "source": path}));
+                self.rejected.insert(path, rejection);
             }
         }
-    }
-
-    fn read_attestation(&self, path: &Path) -> Result<Vec<u8>, IntakeError> {
-        let bytes = tokens::read_bounded(path, self.config.attestations.max_bytes.saturating_add(2))
-            .map_err(|e| IntakeError::Io(e.to_string()))?;
-        Ok(tokens::strip_one_newline(bytes))
     }
 
     fn verify_attestation(&self, bytes: &[u8], host_file: bool) -> Result<Attested, IntakeError> {
@@ -391,29 +525,41 @@ impl Agent {
     }
 
     /// Verifies one delivered file and stores or withdraws it.
-    fn ingest(&mut self, path: &Path, host_file: bool) {
-        if !path.exists() {
-            self.rejected.remove(path);
-            if let Some(gone) = self.attestations.remove(path) {
-                info!(path = %path.display(), workload = %gone.workload, tenant = %gone.claims.sub, "attestation withdrawn");
-                self.record(json!({"type": "attestation_withdrawn", "workload": gone.workload.to_string(),
-                    "tenant": gone.claims.sub, "jti": gone.claims.jti, "source": path}));
+    fn ingest(&mut self, path: &Path, host_file: bool, recheck: Recheck) {
+        let bytes = match crate::fsutil::read_regular_file(
+            path,
+            self.config.attestations.max_bytes.saturating_add(2),
+        ) {
+            Ok(bytes) => tokens::strip_one_newline(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.rejected.remove(path);
+                if let Some(gone) = self.attestations.remove(path) {
+                    info!(path = %path.display(), workload = %gone.workload, tenant = %gone.claims.sub, "attestation withdrawn");
+                    self.record(
+                        json!({"type": "attestation_withdrawn", "workload": gone.workload.to_string(),
+                        "tenant": gone.claims.sub, "jti": gone.claims.jti, "source": path}),
+                    );
+                }
+                return;
             }
+            Err(e) => {
+                self.reject(path, String::new(), IntakeError::Io(format!("{}: {e}", path.display())), None);
+                return;
+            }
+        };
+        let digest = kycd_protocol::token_digest(&bytes);
+        if recheck == Recheck::IfChanged
+            && self.attestations.get(path).is_some_and(|a| a.token_digest == digest)
+        {
             return;
         }
-        let result = self.read_attestation(path).and_then(|bytes| {
-            let digest = kycd_protocol::token_digest(&bytes);
-            if self.rejected.get(path) == Some(&digest) {
-                return Ok(None);
-            }
-            match self.verify_attestation(&bytes, host_file) {
-                Ok(a) => Ok(Some(a)),
-                Err(e) => Err(IntakeError::Rejected(Box::new(e), digest)),
-            }
-        });
-        match result {
-            Ok(None) => debug!(path = %path.display(), "unchanged rejected file ignored"),
-            Ok(Some(a)) => {
+        let previous = self.rejected.get(path).filter(|r| r.digest == digest).cloned();
+        if recheck == Recheck::IfChanged && previous.as_ref().is_some_and(Rejection::permanent) {
+            debug!(path = %path.display(), "unchanged rejected file ignored");
+            return;
+        }
+        match self.verify_attestation(&bytes, host_file) {
+            Ok(a) => {
                 self.rejected.remove(path);
                 let unchanged =
                     self.attestations.get(path).is_some_and(|old| old.token_digest == a.token_digest);
@@ -425,21 +571,29 @@ impl Agent {
                     self.attestations.insert(path.to_owned(), a);
                 }
             }
-            Err(e) => {
-                if let IntakeError::Rejected(_, digest) = &e {
-                    self.rejected.insert(path.to_owned(), digest.clone());
-                }
-                *self.counters.attestations_rejected.entry(e.kind()).or_default() += 1;
-                warn!(path = %path.display(), kind = e.kind(), error = %e, "attestation rejected");
-                self.record(json!({"type": "attestation_rejected", "kind": e.kind(), "reason": e.to_string(), "source": path}));
-                // A file that no longer verifies no longer attests.
-                self.attestations.remove(path);
-            }
+            Err(e) => self.reject(path, digest, e, previous),
         }
     }
 
-    /// Re-reads the drop directory and the host attestation (start, reload, watcher overflow).
-    fn rescan_attestations(&mut self) {
+    /// Records an intake failure (once per content and kind) and withdraws whatever the file
+    /// attested before: a file that no longer verifies no longer attests.
+    fn reject(&mut self, path: &Path, digest: String, e: IntakeError, previous: Option<Rejection>) {
+        let rejection = Rejection { digest, kind: e.kind() };
+        let repeated = previous.as_ref() == Some(&rejection);
+        if !repeated {
+            *self.counters.attestations_rejected.entry(e.kind()).or_default() += 1;
+            warn!(path = %path.display(), kind = e.kind(), error = %e, "attestation rejected");
+            self.record(json!({"type": "attestation_rejected", "kind": e.kind(), "reason": e.to_string(), "source": path}));
+        }
+        self.rejected.insert(path.to_owned(), rejection);
+        if let Some(gone) = self.attestations.remove(path) {
+            self.record(json!({"type": "attestation_withdrawn", "workload": gone.workload.to_string(),
+                "tenant": gone.claims.sub, "jti": gone.claims.jti, "source": path}));
+        }
+    }
+
+    /// Re-reads the drop directory and the host attestation.
+    fn rescan_attestations(&mut self, recheck: Recheck) {
         let drop_dir = self.config.drop_dir();
         let mut present: BTreeSet<PathBuf> = BTreeSet::new();
         match std::fs::read_dir(&drop_dir) {
@@ -454,51 +608,60 @@ impl Agent {
         let stale: Vec<PathBuf> =
             self.attestations.keys().filter(|p| **p != host_file && !present.contains(*p)).cloned().collect();
         for path in stale.iter().chain(present.iter()) {
-            self.ingest(path, false);
+            self.ingest(path, false, recheck);
         }
+        self.rejected.retain(|p, _| present.contains(p) || *p == host_file || *p == self.config.policy.file);
         if host_file.exists() || self.attestations.contains_key(&host_file) {
-            self.ingest(&host_file, true);
+            self.ingest(&host_file, true, recheck);
         }
     }
 
-    /// Re-reads the cgroup tree.
+    /// Re-reads the cgroup tree and libvirt's status directory.
     fn rescan_workloads(&mut self) {
-        let Some(mount) = &self.cgroup_mount else {
-            if !self.workloads.contains_key(&WorkloadId::host()) {
-                let first_seen = self.first_seen_of(&WorkloadId::host());
-                self.workloads.insert(WorkloadId::host(), WorkloadState { first_seen, cgroup: None });
-            }
-            return;
+        let now = now();
+        self.libvirt_domains = cgroup::libvirt_domains(&self.config.workloads.libvirt_status_dir);
+        let discovery = match &self.cgroup_mount {
+            Some(mount) => cgroup::discover(mount, &self.config.workloads.roots, &self.libvirt_domains),
+            None => cgroup::Discovery {
+                found: vec![cgroup::Discovered { id: WorkloadId::host(), cgroup: None }],
+                unreadable_roots: Vec::new(),
+            },
         };
-        let found = cgroup::discover(mount, &self.config.workloads.roots);
-        self.libvirt_uuids = found
-            .iter()
-            .filter(|d| d.id.kind == WorkloadKind::LibvirtDomain)
-            .filter_map(|d| {
-                let uuid = cgroup::libvirt_domain_uuid(&self.config.workloads.libvirt_status_dir, &d.id.id)?;
-                Some((uuid, d.id.id.clone()))
-            })
-            .collect();
-        let mut ids: BTreeSet<&WorkloadId> = found.iter().map(|d| &d.id).collect();
+        for root in &discovery.unreadable_roots {
+            warn!(root = %root.display(), "cannot read a workload root; keeping the workloads known under it");
+        }
+        let mut keep: BTreeSet<WorkloadId> = discovery.found.iter().map(|d| d.id.clone()).collect();
         // Attested workloads stay known while absent from the tree (a VM between admission
-        // and start): dropping them would restart their grace period on every rescan.
-        ids.extend(self.attestations.values().map(|a| &a.workload));
+        // and start), and so do those under a root that could not be read this time.
+        keep.extend(self.attestations.values().map(|a| self.resolve(&a.workload)));
+        keep.extend(self.workloads.iter().filter_map(|(id, w)| {
+            let cgroup = w.cgroup.as_ref()?;
+            discovery.unreadable_roots.iter().any(|r| cgroup.starts_with(r)).then(|| id.clone())
+        }));
         let vanished: Vec<WorkloadId> =
-            self.workloads.keys().filter(|id| !ids.contains(id)).cloned().collect();
+            self.workloads.keys().filter(|id| !keep.contains(id)).cloned().collect();
         for id in vanished {
             self.workloads.remove(&id);
-            self.first_seen.remove(&id.to_string());
-            self.first_seen_dirty = true;
+            if let Some(seen) = self.first_seen.get_mut(&id.to_string()) {
+                seen.vanished_at = Some(now);
+                self.first_seen_dirty = true;
+            }
             info!(workload = %id, "workload vanished");
             self.record(json!({"type": "workload_vanished", "workload": id.to_string()}));
         }
-        for d in found {
+        for d in discovery.found {
             if !self.workloads.contains_key(&d.id) {
                 let first_seen = self.first_seen_of(&d.id);
                 info!(workload = %d.id, first_seen, "workload discovered");
                 self.workloads.insert(d.id, WorkloadState { first_seen, cgroup: d.cgroup });
+            } else if let Some(w) = self.workloads.get_mut(&d.id) {
+                w.cgroup = d.cgroup;
             }
         }
+        let forget_before = now.saturating_sub_unsigned(self.config.workloads.forget_after_s);
+        let before = self.first_seen.len();
+        self.first_seen.retain(|_, seen| seen.vanished_at.is_none_or(|t| t >= forget_before));
+        self.first_seen_dirty |= self.first_seen.len() != before;
     }
 
     /// The attestation in force for each workload: the most recently issued one bound to
@@ -515,18 +678,20 @@ impl Agent {
     }
 
     /// The workload a binding names on this host: a libvirt domain bound by UUID is the
-    /// domain of that name in the cgroup tree, once it is running.
+    /// running domain with that UUID, named as in the cgroup tree.
     fn resolve(&self, id: &WorkloadId) -> WorkloadId {
         if id.kind == WorkloadKind::LibvirtDomain {
-            if let Some(name) = self.libvirt_uuids.get(&id.id.to_ascii_lowercase()) {
-                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.clone() };
+            let uuid = id.id.to_ascii_lowercase();
+            if let Some(d) = self.libvirt_domains.iter().find(|d| d.uuid.as_deref() == Some(uuid.as_str())) {
+                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: d.name.clone() };
             }
         }
         id.clone()
     }
 
     /// Re-decides every workload (present or attested), records changed decisions, then
-    /// enforces them. Returns the earliest time a decision may change by itself.
+    /// enforces them. Returns the earliest time a decision may change by itself (now, when
+    /// some decision could not be recorded and must be retried).
     pub fn evaluate(&mut self) -> Option<i64> {
         let now = now();
         let mut ids: BTreeSet<WorkloadId> = self.workloads.keys().cloned().collect();
@@ -541,6 +706,7 @@ impl Agent {
                 self.workloads.insert(id.clone(), WorkloadState { first_seen, cgroup: None });
             }
         }
+        self.first_seen_fallback = None;
         self.persist_first_seen();
         let mut changed = Vec::new();
         let in_force = self.attestations_in_force();
@@ -574,43 +740,117 @@ impl Agent {
         for id in gone {
             self.decisions.remove(&id);
         }
-        if !changed.is_empty() {
-            let mode = self.config.mode;
-            let events: Vec<(i64, serde_json::Value)> = changed
-                .iter()
-                .map(|(id, digest, d)| {
-                    (
-                        now,
-                        json!({"type": "decision", "workload": id.to_string(), "attestation_digest": digest,
-                        "mode": mode, "decision": d}),
-                    )
-                })
-                .collect();
-            // Durable first: nothing is enforced that the audit log does not show.
-            match self.audit.append_batch(events) {
-                Ok(_) => {
-                    for (id, _, decision) in changed {
-                        info!(workload = %id, verdict = ?decision.verdict, policy_version = ?decision.policy_version,
-                              reasons = ?decision.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), "decision");
-                        if mode == Mode::Enforce {
-                            let cgroup = self.workloads.get(&id).and_then(|w| w.cgroup.clone());
-                            self.enforcer.enforce(&id, cgroup.as_deref(), &decision);
-                        }
-                        self.decisions.insert(id, decision);
-                    }
-                }
-                Err(e) => error!(error = %e, "cannot record decisions; not enforcing them, will retry"),
+        let unrecorded = self.record_and_enforce(now, changed);
+        if unrecorded > 0 {
+            self.audit_failures = self.audit_failures.saturating_add(1);
+            error!(
+                unrecorded,
+                failures = self.audit_failures,
+                "cannot record decisions; not enforcing them, will retry"
+            );
+            if self.audit_failures >= LOCKDOWN_AFTER {
+                self.lockdown(now);
             }
+            return Some(now);
         }
+        self.audit_failures = 0;
         self.decisions.values().filter_map(|d| d.next_review_at).min()
     }
 
-    /// When `id` was first seen: persisted if known, else now (and remembered).
+    /// Appends the changed decisions to the audit log (one fsync for all when it can;
+    /// record by record when that fails, so one unwritable record does not hold back the
+    /// rest) and enforces those recorded. Returns how many could not be recorded.
+    fn record_and_enforce(
+        &mut self,
+        now: i64,
+        changed: Vec<(WorkloadId, Option<String>, Decision)>,
+    ) -> usize {
+        if changed.is_empty() {
+            return 0;
+        }
+        let mode = self.config.mode;
+        let events: Vec<(i64, serde_json::Value)> = changed
+            .iter()
+            .map(|(id, digest, d)| {
+                (
+                    now,
+                    json!({"type": "decision", "workload": id.to_string(), "attestation_digest": digest,
+                    "mode": mode, "decision": d}),
+                )
+            })
+            .collect();
+        // Durable first: nothing is enforced that the audit log does not show.
+        let recorded: Vec<bool> = match self.audit.append_batch(events.iter().cloned()) {
+            Ok(_) => vec![true; events.len()],
+            Err(e) => {
+                warn!(error = %e, "cannot append the decisions as one batch; trying one by one");
+                events.iter().map(|(ts, event)| self.audit.append(*ts, event).is_ok()).collect()
+            }
+        };
+        let mut unrecorded = 0;
+        for ((id, _, decision), ok) in changed.into_iter().zip(recorded) {
+            if !ok {
+                unrecorded += 1;
+                continue;
+            }
+            info!(workload = %id, verdict = ?decision.verdict, policy_version = ?decision.policy_version,
+                  reasons = ?decision.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), "decision");
+            if mode == Mode::Enforce {
+                let cgroup = self.workloads.get(&id).and_then(|w| w.cgroup.clone());
+                self.enforcer.enforce(&id, cgroup.as_deref(), &decision);
+            }
+            self.decisions.insert(id, decision);
+        }
+        unrecorded
+    }
+
+    /// Denies every workload not already denied, unrecorded: the audit log has been failing
+    /// for [`LOCKDOWN_AFTER`] evaluations (see the module docs). The synthetic decisions
+    /// differ from what the engine decides, so the first evaluation that can record again
+    /// records and enforces the real ones.
+    fn lockdown(&mut self, now: i64) {
+        let ids: Vec<WorkloadId> = self.workloads.keys().cloned().collect();
+        for id in ids {
+            let current = self.decisions.get(&id);
+            if current.is_some_and(|d| d.reasons.iter().any(|r| r.code == ReasonCode::AuditUnavailable)) {
+                continue;
+            }
+            let decision = Decision {
+                verdict: Verdict::Deny,
+                conditions: None,
+                reasons: vec![Reason {
+                    code: ReasonCode::AuditUnavailable,
+                    measure_id: None,
+                    citation: None,
+                    detail: "the audit log cannot be written; denied until it can".into(),
+                }],
+                next_review_at: Some(now),
+                policy_version: current.and_then(|d| d.policy_version),
+                tenant: current.and_then(|d| d.tenant.clone()),
+                attestation_jti: current.and_then(|d| d.attestation_jti.clone()),
+            };
+            error!(workload = %id, "audit log unavailable: denying (unrecorded)");
+            if self.config.mode == Mode::Enforce {
+                let cgroup = self.workloads.get(&id).and_then(|w| w.cgroup.clone());
+                self.enforcer.enforce(&id, cgroup.as_deref(), &decision);
+            }
+            self.decisions.insert(id, decision);
+        }
+    }
+
+    /// When `id` was first seen: persisted if known (also after it vanished and came back),
+    /// else now (and remembered).
     fn first_seen_of(&mut self, id: &WorkloadId) -> i64 {
-        *self.first_seen.entry(id.to_string()).or_insert_with(|| {
+        let fallback = self.first_seen_fallback;
+        let seen = self
+            .first_seen
+            .entry(id.to_string())
+            .or_insert_with(|| Seen { first: fallback.unwrap_or_else(now), vanished_at: None });
+        let first = seen.first;
+        if seen.vanished_at.take().is_some() || first == now() || fallback.is_some() {
             self.first_seen_dirty = true;
-            now()
-        })
+        }
+        first
     }
 
     fn persist_first_seen(&mut self) {
@@ -627,10 +867,12 @@ impl Agent {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::DropDir(path) if is_attestation_file(&path) => self.ingest(&path, false),
+            Event::DropDir(path) if is_attestation_file(&path) => {
+                self.ingest(&path, false, Recheck::IfChanged)
+            }
             Event::DropDir(_) => {}
             Event::ConfigFile(path) if path == self.config.attestations.host_attestation => {
-                self.ingest(&path, true)
+                self.ingest(&path, true, Recheck::IfChanged)
             }
             Event::ConfigFile(path) if path == self.config.policy.file => self.load_policy(),
             Event::ConfigFile(_) => {}
@@ -642,18 +884,55 @@ impl Agent {
     }
 }
 
-/// Watches the drop directory and the directories of the policy file and host attestation.
+/// The inotify watches: the drop directory and the directories of the policy file and the
+/// host attestation. A directory that does not exist yet (or was replaced) is (re)watched
+/// on the next tick; until then the tick's rescan covers it.
+struct Watches {
+    watcher: notify::RecommendedWatcher,
+    /// Directory → inode it had when watched.
+    watched: BTreeMap<PathBuf, u64>,
+    wanted: Vec<PathBuf>,
+}
+
+impl Watches {
+    fn ensure(&mut self) {
+        use notify::Watcher as _;
+        use std::os::unix::fs::MetadataExt as _;
+        for dir in &self.wanted {
+            let inode = std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| m.ino());
+            let current = self.watched.get(dir).copied();
+            if inode == current {
+                continue;
+            }
+            if current.is_some() {
+                let _ = self.watcher.unwatch(dir);
+                self.watched.remove(dir);
+            }
+            let Some(inode) = inode else { continue };
+            match self.watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    debug!(dir = %dir.display(), "watching");
+                    self.watched.insert(dir.clone(), inode);
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "cannot watch; the periodic rescan covers it")
+                }
+            }
+        }
+    }
+}
+
+/// Starts the watcher; see [`Watches`].
 fn start_watcher(
     config: &Config,
     tx: mpsc::Sender<Event>,
     overflow: Arc<AtomicBool>,
-) -> Result<notify::RecommendedWatcher, DaemonError> {
-    use notify::Watcher as _;
+) -> Result<Watches, DaemonError> {
     let drop_dir = config.drop_dir();
     let files = [config.policy.file.clone(), config.attestations.host_attestation.clone()];
     let watched_files = files.clone();
     let dir_for_events = drop_dir.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let event = match res {
             Ok(ev) if !ev.need_rescan() => ev,
             _ => {
@@ -679,21 +958,20 @@ fn start_watcher(
             }
         }
     })?;
-    std::fs::create_dir_all(&drop_dir)
+    crate::fsutil::create_dir_durably(&drop_dir)
         .map_err(|source| DaemonError::StateDir { path: drop_dir.clone(), source })?;
-    watcher.watch(&drop_dir, notify::RecursiveMode::NonRecursive)?;
-    for file in &files {
-        if let Some(dir) = file.parent().filter(|d| d.is_dir()) {
-            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-                warn!(dir = %dir.display(), error = %e, "cannot watch; changes are picked up on reload");
-            }
+    let mut wanted = vec![drop_dir];
+    for dir in files.iter().filter_map(|f| f.parent()) {
+        if !wanted.iter().any(|w| w == dir) {
+            wanted.push(dir.to_owned());
         }
     }
-    Ok(watcher)
+    let mut watches = Watches { watcher, watched: BTreeMap::new(), wanted };
+    watches.ensure();
+    Ok(watches)
 }
 
-/// Runs the agent until `shutdown` is cancelled. `events` carries reload requests (SIGHUP);
-/// the returned sender feeds the same channel, for callers that add sources.
+/// Runs the agent until `shutdown` is cancelled. `reload` carries reload requests (SIGHUP).
 pub async fn run(
     config: Config,
     enforcer: Box<dyn Enforcer>,
@@ -703,7 +981,7 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel(EVENT_CAPACITY);
     let overflow = Arc::new(AtomicBool::new(false));
     let rescan_every = Duration::from_secs(config.workloads.rescan_interval_s);
-    let _watcher = start_watcher(&config, tx, overflow.clone())?;
+    let mut watches = start_watcher(&config, tx, overflow.clone())?;
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
@@ -724,17 +1002,23 @@ pub async fn run(
             Some(()) = reload.recv() => tokio::task::block_in_place(|| agent.handle(Event::Reload)),
             Some(event) = rx.recv() => tokio::task::block_in_place(|| {
                 agent.handle(event);
-                // Drain what arrived meanwhile before re-deciding once.
-                while let Ok(more) = rx.try_recv() {
+                // Take what had arrived meanwhile (bounded: a busy writer cannot starve the
+                // loop), then re-decide once.
+                for _ in 0..rx.len() {
+                    let Ok(more) = rx.try_recv() else { break };
                     agent.handle(more);
+                }
+                if overflow.swap(false, Ordering::Relaxed) {
+                    warn!("file watcher overflowed; rescanning attestations");
+                    agent.rescan_attestations(Recheck::IfChanged);
                 }
             }),
             _ = tick.tick() => tokio::task::block_in_place(|| {
                 if overflow.swap(false, Ordering::Relaxed) {
                     warn!("file watcher overflowed; rescanning attestations");
-                    agent.rescan_attestations();
                 }
-                agent.rescan_workloads();
+                watches.ensure();
+                agent.tick();
             }),
             () = tokio::time::sleep(sleep_for) => {}
         }
@@ -757,5 +1041,26 @@ mod tests {
         for skip in ["/d/.tenant-1.jws", "/d/.jws", "/d/x.jws.tmp", "/d/x.jws~", "/d/x.json", "/d/x"] {
             assert!(!is_attestation_file(Path::new(skip)), "{skip}");
         }
+    }
+
+    #[test]
+    fn transient_and_untrusted_error_kinds() {
+        assert!(is_transient("NotYetValid") && is_transient("Io") && is_transient("IssuedInFuture"));
+        assert!(!is_transient("BadSignature") && !is_transient("Expired") && !is_transient("Malformed"));
+        assert!(is_untrusted("UnknownKey") && is_untrusted("BadSignature"));
+        assert!(!is_untrusted("Expired"));
+    }
+
+    #[test]
+    fn first_seen_file_reads_the_legacy_and_current_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_first_seen(dir.path()).unwrap().is_empty(), "missing file: first start");
+        std::fs::write(dir.path().join(FIRST_SEEN_FILE), r#"{"host:host":100}"#).unwrap();
+        let map = load_first_seen(dir.path()).unwrap();
+        assert_eq!(map["host:host"], Seen { first: 100, vanished_at: None });
+        std::fs::write(dir.path().join(FIRST_SEEN_FILE), r#"{"a:b":{"first":5,"vanished_at":9}}"#).unwrap();
+        assert_eq!(load_first_seen(dir.path()).unwrap()["a:b"], Seen { first: 5, vanished_at: Some(9) });
+        std::fs::write(dir.path().join(FIRST_SEEN_FILE), "{not json").unwrap();
+        assert!(load_first_seen(dir.path()).is_err(), "corrupt is an error, not a fresh start");
     }
 }

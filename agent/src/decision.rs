@@ -95,6 +95,9 @@ pub struct Reason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReasonCode {
+    /// The agent cannot write its audit log: deny everything until it can (set by the
+    /// daemon, never by [`decide`]).
+    AuditUnavailable,
     /// No policy is loaded: deny (fail closed).
     NoPolicy,
     /// The policy has expired: deny.
@@ -133,6 +136,7 @@ impl ReasonCode {
     /// The wire name (as serialized), e.g. `measure_prohibit`.
     pub fn as_str(self) -> &'static str {
         match self {
+            ReasonCode::AuditUnavailable => "audit_unavailable",
             ReasonCode::NoPolicy => "no_policy",
             ReasonCode::PolicyExpired => "policy_expired",
             ReasonCode::PolicyNotYetValid => "policy_not_yet_valid",
@@ -422,13 +426,20 @@ fn matches(measure: &Measure, a: &AttestationClaims) -> Vec<String> {
             .chain(a.beneficial_owners.iter().map(|o| (Role::BeneficialOwner, o.name.as_str())))
             .chain(a.resellers.iter().map(|r| (Role::Reseller, r.name.as_str())));
         for (role, name) in names {
-            let name = name.trim();
-            if has_role(role) && !name.is_empty() && m.entities.iter().any(|e| e.trim() == name) {
+            let name = normalize_entity(name);
+            if has_role(role) && !name.is_empty() && m.entities.iter().any(|e| normalize_entity(e) == name) {
                 hit(format!("entity name matched (role {})", role_name(role)));
             }
         }
     }
     hits
+}
+
+/// An entity name as compared: case-folded, whitespace runs collapsed to one space, trimmed.
+/// Sanctions lists and KYC records disagree on case and spacing; a prohibition must not be
+/// dodged by typing the name in capitals.
+fn normalize_entity(name: &str) -> String {
+    name.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
 }
 
 /// The role's wire name.
@@ -984,10 +995,21 @@ mod tests {
                 att_next,
             ),
             case(
-                "entity_case_mismatch_does_not_match",
+                "entity_match_ignores_case_and_spacing",
                 base().measures(vec![prohibit_match(
                     "e",
-                    json!({"entities": [LEGAL.to_uppercase()]}),
+                    json!({"entities": [LEGAL.to_uppercase().replace(' ', "  \t")]}),
+                    &["customer"],
+                )]),
+                Deny,
+                &[MeasureProhibit],
+                att_next,
+            ),
+            case(
+                "entity_different_name_does_not_match",
+                base().measures(vec![prohibit_match(
+                    "e",
+                    json!({"entities": ["Other Corp"]}),
                     &["customer"],
                 )]),
                 Allow,
@@ -1239,6 +1261,7 @@ mod tests {
     #[test]
     fn reason_code_as_str_matches_serde() {
         let all = [
+            AuditUnavailable,
             NoPolicy,
             PolicyExpired,
             PolicyNotYetValid,

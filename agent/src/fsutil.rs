@@ -1,6 +1,8 @@
-//! Durable file replacement, shared by everything that keeps state across restarts.
+//! Durable file replacement, shared by everything that keeps state across restarts, and
+//! bounded reads of files whose content comes from outside (drop directories).
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 /// How [`write_durably`] treats an existing file at the destination.
@@ -34,8 +36,60 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_durably(path, contents, Existing::Replace)
 }
 
+/// Creates `dir` (and missing parents) and fsyncs it and its parent, so the new directory
+/// entry survives a crash (files later made durable in it are otherwise orphaned).
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Reads at most `limit + 1` bytes of the regular file at `path` (the caller detects
+/// "too large" from the length). Opens with `O_NONBLOCK` and refuses anything but a regular
+/// file, so a FIFO or device planted under an expected name cannot block or flood the agent.
+pub fn read_regular_file(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut buf = Vec::new();
+    file.take(cap).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_regular_files_only_and_never_blocks_on_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.jws");
+        std::fs::write(&file, b"0123456789").unwrap();
+        assert_eq!(super::read_regular_file(&file, 4).unwrap(), b"01234", "limit + 1 bytes");
+        assert_eq!(super::read_regular_file(&file, 100).unwrap(), b"0123456789");
+        let fifo = dir.path().join("f.jws");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        let err = super::read_regular_file(&fifo, 10).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(super::read_regular_file(dir.path(), 10).is_err(), "a directory is refused");
+    }
+
+    #[test]
+    fn creates_nested_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b/c");
+        super::create_dir_durably(&nested).unwrap();
+        assert!(nested.is_dir());
+        super::create_dir_durably(&nested).unwrap();
+    }
+
     #[test]
     fn replaces_contents_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();

@@ -21,6 +21,8 @@ struct Host {
     authority: PrivateJwk,
     child: Option<Child>,
     extra_config: String,
+    /// The audit directory, relative to the temp dir.
+    audit_rel: &'static str,
 }
 
 impl Host {
@@ -28,7 +30,14 @@ impl Host {
         let dir = tempfile::tempdir().unwrap();
         let issuer = PrivateJwk::generate(Algorithm::EdDSA, "kyc-1").unwrap();
         let authority = PrivateJwk::generate(Algorithm::ES256, "authority-1").unwrap();
-        let host = Host { dir, issuer, authority, child: None, extra_config: extra_config.to_owned() };
+        let host = Host {
+            dir,
+            issuer,
+            authority,
+            child: None,
+            extra_config: extra_config.to_owned(),
+            audit_rel: "state/audit",
+        };
         fs::create_dir_all(host.path("etc/trust")).unwrap();
         fs::create_dir_all(host.path("cgroup")).unwrap();
         for (name, key) in [("issuers", &host.issuer), ("policy", &host.authority)] {
@@ -100,7 +109,7 @@ impl Host {
     }
 
     fn records(&self) -> Vec<Value> {
-        let dir = self.path("state/audit");
+        let dir = self.path(self.audit_rel);
         let Ok(entries) = fs::read_dir(&dir) else { return Vec::new() };
         let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         files.sort();
@@ -145,6 +154,10 @@ impl Host {
     }
 
     fn write_policy_with(&self, version: u64, prohibited: &[&str], unverified: Value) {
+        self.write_policy_full(version, prohibited, unverified, None);
+    }
+
+    fn write_policy_full(&self, version: u64, prohibited: &[&str], unverified: Value, nbf: Option<i64>) {
         let measures: Vec<Value> = prohibited
             .iter()
             .map(|c| {
@@ -153,13 +166,16 @@ impl Host {
                        "action": "prohibit", "citation": "EO 13984 sec. 2"})
             })
             .collect();
-        let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+        let mut claims = json!({
             "iss": "authority", "iat": now() - 10, "exp": now() + 86_400, "version": version,
             "measures": measures, "unverified": unverified,
             "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
                            "early_warning_fraction": 0.01}
-        }))
-        .unwrap();
+        });
+        if let Some(nbf) = nbf {
+            claims["nbf"] = json!(nbf);
+        }
+        let claims: kycd_protocol::PolicyClaims = serde_json::from_value(claims).unwrap();
         let token = kycd_protocol::sign(&claims, &self.authority).unwrap();
         atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
     }
@@ -214,7 +230,10 @@ fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
     host.start();
     host.wait_for("policy v1", |r| r["event"]["type"] == "policy_applied" && r["event"]["version"] == 1);
 
-    // Drop two attestations, plus garbage, a truncated token and an oversized file beside them.
+    // Drop two attestations, plus garbage, a truncated token, an oversized file and a FIFO
+    // (which must not block the agent) beside them.
+    let fifo = host.path("state/attestations/fifo.jws");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let de = host.attestation("vm-de", "DE", now() + 3600);
     host.drop_file("vm-de.jws", de.as_bytes());
     host.drop_file("vm-kp.jws", host.attestation("vm-kp", "KP", now() + 3600).as_bytes());
@@ -234,9 +253,12 @@ fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
         (Some("measure_prohibit"), Some("m-kp"))
     );
     assert_eq!(reason["citation"], "EO 13984 sec. 2");
-    for (file, kind) in
-        [("garbage.jws", "Malformed"), ("truncated.jws", "Malformed"), ("huge.jws", "TooLarge")]
-    {
+    for (file, kind) in [
+        ("garbage.jws", "Malformed"),
+        ("truncated.jws", "Malformed"),
+        ("huge.jws", "TooLarge"),
+        ("fifo.jws", "Io"),
+    ] {
         host.wait_for(file, |r| {
             r["event"]["type"] == "attestation_rejected"
                 && r["event"]["kind"] == kind
@@ -467,20 +489,161 @@ fn a_libvirt_domain_bound_by_uuid_maps_to_its_running_scope() {
     );
     host.write_config();
     host.write_policy(1, &[]);
+    host.start();
+    // Admitted before it runs: the attestation names the domain by UUID, nothing runs yet.
+    host.drop_file("train.jws", host.attestation(uuid, "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict(&format!("libvirt_domain:{uuid}"), "allow");
+    // The domain starts as number 9; libvirt shortened its name in the scope name, so the
+    // status XML's id='9' is what names the scope.
     fs::create_dir_all(host.path("libvirt")).unwrap();
     fs::write(
         host.path("libvirt/train-42.xml"),
         format!(
-            "<domstatus><domain type='kvm'><name>train-42</name><uuid>{uuid}</uuid></domain></domstatus>"
+            "<domstatus><domain type='kvm' id='9'><name>train-42</name><uuid>{uuid}</uuid></domain></domstatus>"
         ),
     )
     .unwrap();
-    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d9\\x2dtrain\\x2d42.scope")).unwrap();
-    host.start();
-    host.wait_for_verdict("libvirt_domain:train-42", "deny");
-    // The attestation names the domain by UUID; the decision lands on the running scope.
-    host.drop_file("train.jws", host.attestation(uuid, "DE", now() + 3600).as_bytes());
+    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d9\\x2dtrain\\x2d4.scope")).unwrap();
+    // The decision lands on the running domain, and the UUID-named placeholder goes away
+    // instead of lingering (and later flipping to deny).
     let allowed = host.wait_for_verdict("libvirt_domain:train-42", "allow");
     assert_eq!(allowed["event"]["decision"]["tenant"], format!("tenant-{uuid}"));
+    host.wait_for("placeholder gone", |r| {
+        r["event"]["type"] == "workload_vanished"
+            && r["event"]["workload"] == format!("libvirt_domain:{uuid}")
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // a rescan or two later
+    let placeholder = host.latest_decision(&format!("libvirt_domain:{uuid}")).unwrap();
+    assert_eq!(placeholder["event"]["decision"]["verdict"], "allow", "no later decision for the placeholder");
     host.stop();
+}
+
+#[test]
+fn removing_the_policy_key_withdraws_the_policy_on_reload() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    // The authority's key is revoked: a new, empty-of-it trust set, then SIGHUP.
+    let other = PrivateJwk::generate(Algorithm::EdDSA, "authority-2").unwrap();
+    let jwks = Jwks::from_keys([other.public_key()]).unwrap().to_json().to_string();
+    fs::write(host.path("etc/trust/policy.jwks"), jwks).unwrap();
+    let pid = host.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let withdrawn = host.wait_for("policy withdrawn", |r| r["event"]["type"] == "policy_withdrawn");
+    assert_eq!(withdrawn["event"]["kind"], "UnknownKey");
+    let denied = host.wait_for_verdict("libvirt_domain:vm-a", "deny");
+    assert_eq!(reasons(&denied), ["no_policy"]);
+    host.stop();
+}
+
+#[test]
+fn a_policy_not_valid_yet_is_applied_once_it_is() {
+    let mut host = Host::new("");
+    host.start();
+    host.wait_for_verdict("host:host", "deny");
+    host.write_policy_full(1, &[], json!({"action": "allow"}), Some(now() + 2));
+    let rejected = host.wait_for("not yet valid", |r| r["event"]["type"] == "policy_rejected");
+    assert_eq!(rejected["event"]["kind"], "NotYetValid");
+    // Nothing changes on disk: the periodic retry applies it once its nbf has passed.
+    let applied = host.wait_for("applied later", |r| r["event"]["type"] == "policy_applied");
+    assert!(applied["ts"].as_i64().unwrap() >= rejected["ts"].as_i64().unwrap());
+    host.wait_for_verdict("host:host", "allow");
+    let rejections = host.records().iter().filter(|r| r["event"]["type"] == "policy_rejected").count();
+    assert_eq!(rejections, 1, "a transient rejection is recorded once, not on every retry");
+    host.stop();
+}
+
+#[test]
+fn a_vm_stopped_and_started_again_keeps_its_grace_period() {
+    let mut host = Host::new("");
+    host.write_policy_with(1, &[], json!({"action": "grace", "grace_s": 3600}));
+    let scope = host.path("cgroup/machine.slice/machine-qemu\\x2d1\\x2dvm\\x2dr.scope");
+    fs::create_dir_all(&scope).unwrap();
+    host.start();
+    let first = host.wait_for_verdict("libvirt_domain:vm-r", "allow");
+    let deadline = first["event"]["decision"]["next_review_at"].as_i64().unwrap();
+    fs::remove_dir(&scope).unwrap();
+    host.wait_for("vanished", |r| r["event"]["type"] == "workload_vanished");
+    std::thread::sleep(Duration::from_millis(1100)); // back a wall-clock second later
+    let before = host.records().len() as u64;
+    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d2\\x2dvm\\x2dr.scope")).unwrap();
+    host.wait_for("decided again", |r| {
+        r["seq"].as_u64().unwrap() >= before && r["event"]["workload"] == "libvirt_domain:vm-r"
+    });
+    let again = host.latest_decision("libvirt_domain:vm-r").unwrap();
+    assert_eq!(reasons(&again), ["no_attestation", "grace_running"]);
+    assert_eq!(again["event"]["decision"]["next_review_at"].as_i64().unwrap(), deadline, "grace restarted");
+    host.stop();
+}
+
+#[test]
+fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
+    if !is_root() {
+        eprintln!("SKIP a_failing_audit_log_holds_back_decisions_then_locks_the_host_down: needs root to mount a tmpfs");
+        return;
+    }
+    let mut host = Host::new("mode = \"enforce\"\n");
+    let d = host.dir.path().display().to_string();
+    host.extra_config = format!("mode = \"enforce\"\n[audit]\ndir = \"{d}/audit-fs\"\n");
+    host.audit_rel = "audit-fs";
+    host.write_config();
+    fs::create_dir_all(host.path("audit-fs")).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "kycd-test-audit"])
+        .arg(host.path("audit-fs"))
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(host.path("audit-fs"));
+    host.write_policy(1, &[]);
+    host.start();
+    // Fill the audit filesystem, then keep deciding until a record no longer fits (the
+    // segment's last page may still hold a few).
+    let filler = host.path("audit-fs/filler");
+    let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    while !host.log().contains("cannot record decisions") {
+        assert!(Instant::now() < deadline, "audit writes never failed:\n{}", host.log());
+        n += 1;
+        let vm = format!("vm-{n}");
+        host.drop_file(&format!("{vm}.jws"), host.attestation(&vm, "DE", now() + 3600).as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !host.log().contains("audit log unavailable: denying") {
+        assert!(Instant::now() < deadline, "no lockdown logged:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Space comes back: the held-back decision is recorded (and enforced) after all.
+    fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let last = format!("libvirt_domain:vm-{n}");
+    loop {
+        if host
+            .records()
+            .iter()
+            .any(|r| r["event"]["workload"] == last && r["event"]["decision"]["verdict"] == "allow")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "decision for {last} never recorded:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.stop();
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
