@@ -206,7 +206,8 @@ fn main() {
                 "host_id = \"bench\"\nstate_dir = \"{dd}/state\"\n[log]\nlevel = \"warn\"\n\
                  [trust]\nissuers = \"{dd}/etc/trust/issuers.jwks\"\npolicy = \"{dd}/etc/trust/policy.jwks\"\n\
                  [policy]\nfile = \"{dd}/etc/policy.jws\"\n[attestations]\nhost_attestation = \"{dd}/etc/host.jws\"\n\
-                 [workloads]\ncgroup_root = \"{dd}/cgroup\"\nrescan_interval_s = 3600\n"
+                 [workloads]\ncgroup_root = \"{dd}/cgroup\"\nrescan_interval_s = 3600\n\
+                 [api]\nsocket = \"{dd}/run/kycd.sock\"\n"
             ),
         ),
         "config",

@@ -97,6 +97,43 @@ pub struct Config {
     pub workloads: WorkloadConfig,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The operator API (local socket).
+    pub api: ApiConfig,
+    /// Enforcement backends (used in `mode = "enforce"`).
+    pub enforcement: EnforcementConfig,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The operators' Unix socket (HTTP/1.1 JSON). Mutations (admit) are for root only.
+    pub socket: PathBuf,
+    /// A group given read access to the socket (mode 0660); absent: root only (0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+}
+
+/// `[enforcement]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnforcementConfig {
+    /// Seconds between reconciliations of the host's actual state with the decisions (a
+    /// decision change reconciles at once). Drift (a thawed cgroup, a deleted rule) is
+    /// repaired within one interval.
+    pub reconcile_interval_s: u64,
+    /// Freeze (or kill) denied workloads' cgroups.
+    pub cgroup: bool,
+    /// Block denied workloads' network traffic in nftables table `inet kycd`.
+    pub nftables: bool,
+    /// The command that runs `nft` (arguments allowed, e.g. to enter a network namespace).
+    pub nft_command: Vec<String>,
+    /// A per-country CIDR list (`CC CIDR` per line). When set, traffic from and to the
+    /// countries named by prohibiting measures in effect is dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub geo_cidr_file: Option<PathBuf>,
+    /// On stop, lift every block kycd imposed (default: blocks stay — fail closed).
+    pub release_on_exit: bool,
 }
 
 /// `[log]`.
@@ -186,6 +223,8 @@ impl Default for Config {
             attestations: AttestationConfig::default(),
             workloads: WorkloadConfig::default(),
             audit: AuditConfig::default(),
+            api: ApiConfig::default(),
+            enforcement: EnforcementConfig::default(),
         }
     }
 }
@@ -234,6 +273,25 @@ impl Default for WorkloadConfig {
     }
 }
 
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { socket: PathBuf::from("/run/kycd/kycd.sock"), socket_group: None }
+    }
+}
+
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        EnforcementConfig {
+            reconcile_interval_s: 5,
+            cgroup: true,
+            nftables: true,
+            nft_command: vec!["nft".into()],
+            geo_cidr_file: None,
+            release_on_exit: false,
+        }
+    }
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig { dir: None, max_file_bytes: 64 << 20 }
@@ -249,6 +307,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `--release-on-exit`.
+    pub release_on_exit: bool,
 }
 
 /// A loaded configuration and the files it came from, in order.
@@ -329,6 +389,7 @@ pub fn load(main: &Path, overrides: &Overrides) -> Result<Loaded, ConfigError> {
     if let Some(format) = overrides.log_format {
         config.log.format = format;
     }
+    config.enforcement.release_on_exit |= overrides.release_on_exit;
     config.validate()?;
     Ok(Loaded { config, sources })
 }
@@ -337,7 +398,9 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 9] = [
+        let absolute: [(&'static str, Option<&Path>); 11] = [
+            ("api.socket", Some(&self.api.socket)),
+            ("enforcement.geo_cidr_file", self.enforcement.geo_cidr_file.as_deref()),
             ("state_dir", Some(&self.state_dir)),
             ("trust.issuers", Some(&self.trust.issuers)),
             ("trust.policy", Some(&self.trust.policy)),
@@ -367,6 +430,12 @@ impl Config {
                     "entries are relative cgroup paths like \"machine.slice\"",
                 );
             }
+        }
+        if self.enforcement.reconcile_interval_s == 0 {
+            return invalid("enforcement.reconcile_interval_s", "must be at least 1");
+        }
+        if self.enforcement.nft_command.first().is_none_or(|c| c.is_empty()) {
+            return invalid("enforcement.nft_command", "must name a program, e.g. [\"nft\"]");
         }
         if self.workloads.rescan_interval_s == 0 {
             return invalid("workloads.rescan_interval_s", "must be at least 1");
@@ -541,6 +610,11 @@ mod tests {
         let full = Config {
             host_id: Some("x".into()),
             workloads: WorkloadConfig { cgroup_root: Some("/x".into()), ..WorkloadConfig::default() },
+            api: ApiConfig { socket_group: Some("kycd".into()), ..ApiConfig::default() },
+            enforcement: EnforcementConfig {
+                geo_cidr_file: Some("/x".into()),
+                ..EnforcementConfig::default()
+            },
             ..expected
         };
         keys("", &toml::Table::try_from(&full).unwrap(), &mut all);

@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::api::{Admission, AdmitAnswer, ApiRequest};
 use crate::audit::{AuditLog, AuditOptions};
 use crate::cgroup::LibvirtDomain;
 use crate::config::{Config, Mode};
@@ -91,6 +92,9 @@ fn load_first_seen(state_dir: &Path) -> Result<BTreeMap<String, Seen>, String> {
 /// asks the loop for a full rescan instead, so no change is lost.
 const EVENT_CAPACITY: usize = 1024;
 
+/// Capacity of the operator-API request channel (a full channel answers 503).
+const API_CAPACITY: usize = 64;
+
 /// Inputs to the main loop.
 #[derive(Debug)]
 pub enum Event {
@@ -126,6 +130,9 @@ pub enum DaemonError {
     /// The file watcher could not be started.
     #[error("file watcher: {0}")]
     Watch(#[from] notify::Error),
+    /// The operator socket could not be created.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// Receives each new decision after it is durably recorded (the enforcement issue implements
@@ -223,6 +230,9 @@ pub struct Agent {
     first_seen_fallback: Option<i64>,
     /// Running libvirt domains (from the status directory), for UUID bindings.
     libvirt_domains: Vec<LibvirtDomain>,
+    /// libvirt domains admitted but not running yet: UUID → (name, when admitted). They let
+    /// an attestation bound by UUID apply by name before the status XML exists.
+    admitted_domains: BTreeMap<String, (String, i64)>,
     /// Consecutive evaluations that could not record every decision.
     audit_failures: u32,
     decisions: BTreeMap<WorkloadId, Decision>,
@@ -347,6 +357,7 @@ impl Agent {
             first_seen_dirty: false,
             first_seen_fallback: None,
             libvirt_domains: Vec::new(),
+            admitted_domains: BTreeMap::new(),
             audit_failures: 0,
             decisions: BTreeMap::new(),
             audit,
@@ -620,6 +631,10 @@ impl Agent {
     fn rescan_workloads(&mut self) {
         let now = now();
         self.libvirt_domains = cgroup::libvirt_domains(&self.config.workloads.libvirt_status_dir);
+        // An admitted domain is known by its status XML once it runs; one that never started
+        // is forgotten after an hour.
+        let running: BTreeSet<&str> = self.libvirt_domains.iter().filter_map(|d| d.uuid.as_deref()).collect();
+        self.admitted_domains.retain(|uuid, (_, at)| !running.contains(uuid.as_str()) && now - *at < 3600);
         let discovery = match &self.cgroup_mount {
             Some(mount) => cgroup::discover(mount, &self.config.workloads.roots, &self.libvirt_domains),
             None => cgroup::Discovery {
@@ -684,6 +699,9 @@ impl Agent {
             let uuid = id.id.to_ascii_lowercase();
             if let Some(d) = self.libvirt_domains.iter().find(|d| d.uuid.as_deref() == Some(uuid.as_str())) {
                 return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: d.name.clone() };
+            }
+            if let Some((name, _)) = self.admitted_domains.get(&uuid) {
+                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.clone() };
             }
         }
         id.clone()
@@ -865,6 +883,67 @@ impl Agent {
         }
     }
 
+    /// Answers an admission request (`kycctl admit`): the attestation it brings goes through
+    /// the same verification as a delivered file and, once verified, is persisted in the
+    /// drop directory (so it survives restarts like any delivered attestation); then the
+    /// workload is decided, recorded and the decision returned. Anything short of a
+    /// recorded decision answers deny.
+    pub fn admit(&mut self, admission: Admission) -> AdmitAnswer {
+        let workload = admission.workload;
+        if let (WorkloadKind::LibvirtDomain, Some(uuid)) = (workload.kind, admission.libvirt_uuid) {
+            self.admitted_domains.insert(uuid, (workload.id.clone(), now()));
+        }
+        if let Some(bytes) = admission.attestation {
+            let bytes = tokens::strip_one_newline(bytes);
+            let attested = match self.verify_attestation(&bytes, false) {
+                Ok(a) => a,
+                Err(e) => {
+                    *self.counters.attestations_rejected.entry(e.kind()).or_default() += 1;
+                    warn!(%workload, kind = e.kind(), error = %e, "admission: attestation rejected");
+                    self.record(
+                        json!({"type": "attestation_rejected", "kind": e.kind(), "reason": e.to_string(),
+                        "source": "admission", "workload": workload.to_string()}),
+                    );
+                    return AdmitAnswer::deny(&workload, format!("attestation rejected ({}): {e}", e.kind()));
+                }
+            };
+            let bound = self.resolve(&attested.workload);
+            if bound != workload {
+                return AdmitAnswer::deny(
+                    &workload,
+                    format!("the attestation is bound to {bound}, not {workload}"),
+                );
+            }
+            let digest_prefix: String = attested.token_digest.chars().take(16).collect();
+            let path = self.config.drop_dir().join(format!("admitted-{digest_prefix}.jws"));
+            if let Err(e) = crate::fsutil::write_atomic(&path, &bytes) {
+                error!(path = %path.display(), error = %e, "admission: cannot persist the attestation");
+                return AdmitAnswer::deny(&workload, format!("cannot persist the attestation: {e}"));
+            }
+            if self.attestations.get(&path).is_none_or(|a| a.token_digest != attested.token_digest) {
+                info!(%workload, tenant = %attested.claims.sub, jti = %attested.claims.jti, "attestation accepted at admission");
+                self.record(json!({"type": "attestation_accepted", "workload": attested.workload.to_string(),
+                    "tenant": attested.claims.sub, "jti": attested.claims.jti, "digest": attested.token_digest,
+                    "exp": attested.claims.exp, "source": path, "via": "admission"}));
+                self.attestations.insert(path, attested);
+            }
+        }
+        if !self.workloads.contains_key(&workload) {
+            let first_seen = self.first_seen_of(&workload);
+            self.workloads.insert(workload.clone(), WorkloadState { first_seen, cgroup: None });
+        }
+        self.evaluate();
+        match self.decisions.get(&workload) {
+            Some(d) => AdmitAnswer {
+                workload: workload.to_string(),
+                verdict: d.verdict,
+                decision: Some(d.clone()),
+                error: None,
+            },
+            None => AdmitAnswer::deny(&workload, "the decision could not be recorded"),
+        }
+    }
+
     fn handle(&mut self, event: Event) {
         match event {
             Event::DropDir(path) if is_attestation_file(&path) => {
@@ -986,7 +1065,14 @@ pub async fn run(
     // reactor's other tasks.
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
     let mut next_review = tokio::task::block_in_place(|| agent.evaluate());
-    info!(host_id = %agent.host_id, workloads = agent.workloads.len(), "kycd ready");
+    // The socket exists only once the agent can answer: before, admission finds no agent
+    // and fails closed.
+    let socket = agent.config.api.socket.clone();
+    let listener = crate::api::bind(&socket, agent.config.api.socket_group.as_deref())?;
+    let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
+    let api_shutdown = shutdown.child_token();
+    let api_task = tokio::spawn(crate::api::serve(listener, api_tx, api_shutdown.clone()));
+    info!(host_id = %agent.host_id, workloads = agent.workloads.len(), socket = %socket.display(), "kycd ready");
     let mut tick = tokio::time::interval(rescan_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1000,6 +1086,11 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(()) = reload.recv() => tokio::task::block_in_place(|| agent.handle(Event::Reload)),
+            Some(request) = api_rx.recv() => tokio::task::block_in_place(|| match request {
+                ApiRequest::Admit(admission, reply) => {
+                    let _ = reply.send(agent.admit(admission));
+                }
+            }),
             Some(event) = rx.recv() => tokio::task::block_in_place(|| {
                 agent.handle(event);
                 // Take what had arrived meanwhile (bounded: a busy writer cannot starve the
@@ -1024,6 +1115,11 @@ pub async fn run(
         }
         next_review = tokio::task::block_in_place(|| agent.evaluate());
     }
+    api_shutdown.cancel();
+    if let Ok(Err(e)) = api_task.await {
+        warn!(error = %e, "operator socket");
+    }
+    let _ = std::fs::remove_file(&socket);
     tokio::task::block_in_place(|| agent.record(json!({"type": "agent_stopped"})));
     info!("kycd stopped");
     Ok(())

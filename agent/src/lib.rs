@@ -2,6 +2,7 @@
 //!
 //! Modules own one concern each; the binaries in `src/bin/` only parse arguments and call in.
 
+pub mod api;
 pub mod audit;
 pub mod cgroup;
 pub mod config;

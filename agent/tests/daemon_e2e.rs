@@ -59,7 +59,8 @@ impl Host {
              [trust]\nissuers = \"{d}/etc/trust/issuers.jwks\"\npolicy = \"{d}/etc/trust/policy.jwks\"\n\
              [policy]\nfile = \"{d}/etc/policy.jws\"\n\
              [attestations]\nhost_attestation = \"{d}/etc/host.jws\"\n\
-             cloud_init_instance_data = \"{d}/etc/instance-data.json\"\n",
+             cloud_init_instance_data = \"{d}/etc/instance-data.json\"\n\
+             [api]\nsocket = \"{d}/run/kycd.sock\"\n",
             extra = self.extra_config
         );
         let config = if config.contains("[workloads]") {
@@ -81,6 +82,12 @@ impl Host {
             .unwrap();
         self.child = Some(child);
         self.wait_for("agent start", |r| r["event"]["type"] == "agent_started" && self.started_count() > 0);
+        // Ready (decided once, reconciled) when its socket appears.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.path("run/kycd.sock").exists() {
+            assert!(Instant::now() < deadline, "no socket; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn started_count(&self) -> usize {
@@ -646,4 +653,141 @@ fn is_root() -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// Runs `kycctl admit` against the host's agent; returns (exit code, stdout, stderr).
+fn admit(host: &Host, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+        .arg("admit")
+        .args(args)
+        .arg("--socket")
+        .arg(host.path("run/kycd.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn admission_answers_with_the_recorded_decision_and_fails_closed() {
+    if !is_root() {
+        eprintln!(
+            "SKIP admission_answers_with_the_recorded_decision_and_fails_closed: admission is root only"
+        );
+        return;
+    }
+    let mut host = Host::new("");
+    host.write_policy(1, &["KP"]);
+    host.start();
+    host.wait_for("policy", |r| r["event"]["type"] == "policy_applied");
+    let de = host.attestation("vm-de", "DE", now() + 3600);
+    fs::write(host.path("de.jws"), &de).unwrap();
+    let de_file = host.path("de.jws").display().to_string();
+    let (code, out, err) =
+        admit(&host, &["--workload", "libvirt_domain:vm-de", "--attestation", &de_file], None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("libvirt_domain:vm-de: allowed"), "{out}");
+    // Recorded before it was answered, and the attestation was kept.
+    let decision = host.latest_decision("libvirt_domain:vm-de").unwrap();
+    assert_eq!(decision["event"]["decision"]["verdict"], "allow");
+    let kept = host.records().into_iter().find(|r| r["event"]["via"] == "admission").unwrap();
+    assert!(Path::new(kept["event"]["source"].as_str().unwrap()).exists());
+
+    let kp = host.attestation("vm-kp", "KP", now() + 3600);
+    let (code, _, err) =
+        admit(&host, &["--workload", "libvirt_domain:vm-kp", "--attestation", "-"], Some(&kp));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("measure_prohibit") && err.contains("m-kp") && err.contains("EO 13984"), "{err}");
+
+    let (code, _, err) = admit(&host, &["--workload", "libvirt_domain:vm-none"], None);
+    assert_eq!(code, 1, "no attestation, unverified deny: {err}");
+    assert!(err.contains("unverified_deny"), "{err}");
+    let (code, _, err) =
+        admit(&host, &["--workload", "libvirt_domain:vm-x", "--attestation", "-"], Some("eyJ.bad.x"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("attestation rejected (Malformed)"), "{err}");
+    // An attestation for another workload does not admit this one.
+    let (code, _, err) =
+        admit(&host, &["--workload", "libvirt_domain:vm-other", "--attestation", &de_file], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bound to libvirt_domain:vm-de"), "{err}");
+    let (code, _, err) = admit(&host, &["--workload", "pod:x"], None);
+    assert_eq!(code, 2, "usage error: {err}");
+
+    // A restart keeps the admitted attestation: no re-delivery needed.
+    host.stop();
+    let (code, _, err) = admit(&host, &["--workload", "libvirt_domain:vm-de"], None);
+    assert_eq!(code, 3, "agent down means deny: {err}");
+    assert!(err.contains("fail closed"), "{err}");
+    let (code, _, err) = admit(&host, &["--workload", "libvirt_domain:vm-de", "--fail-open"], None);
+    assert_eq!(code, 0, "--fail-open: {err}");
+    host.start();
+    let (code, out, err) = admit(&host, &["--workload", "libvirt_domain:vm-de"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    host.stop();
+}
+
+#[test]
+fn the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml() {
+    if !is_root() {
+        eprintln!("SKIP the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml: admission is root only");
+        return;
+    }
+    let uuid = "0b8a1d0e-6f3e-4d8c-a1b2-3c4d5e6f7a8b";
+    let mut host = Host::new("");
+    host.write_policy(1, &["KP"]);
+    host.start();
+    host.wait_for("policy", |r| r["event"]["type"] == "policy_applied");
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/libvirt/qemu");
+    let socket = host.path("run/kycd.sock");
+    let run_hook = |name: &str, op: &str, xml: &str| {
+        use std::io::Write as _;
+        let mut child = Command::new(&hook)
+            .args([name, op, "begin", "-"])
+            .env("KYCCTL", env!("CARGO_BIN_EXE_kycctl"))
+            .env("KYCD_SOCKET", &socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let domain_xml = |name: &str, attestation: &str| {
+        format!(
+            "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  <metadata>\n    \
+             <kycd:attestation xmlns:kycd=\"https://kycd.dev/xmlns/attestation/1\">\n{attestation}\n    \
+             </kycd:attestation>\n  </metadata>\n  <devices><disk><source file='/x'/></disk></devices>\n</domain>\n"
+        )
+    };
+    // Bound by UUID, as a provisioning system knows the VM before it has a name on a host.
+    let allowed = domain_xml("train-1", &host.attestation(uuid, "DE", now() + 3600));
+    let (code, err) = run_hook("train-1", "prepare", &allowed);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        host.latest_decision("libvirt_domain:train-1").unwrap()["event"]["decision"]["verdict"],
+        "allow"
+    );
+    let denied = domain_xml("train-2", &host.attestation(uuid, "KP", now() + 3600));
+    let (code, err) = run_hook("train-2", "prepare", &denied);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("measure_prohibit"), "{err}");
+    let (code, err) = run_hook("train-3", "prepare", "<domain><name>train-3</name></domain>");
+    assert_eq!(code, 1, "no attestation in the metadata: {err}");
+    // Other operations never consult the agent.
+    host.stop();
+    assert_eq!(run_hook("train-2", "release", &denied).0, 0);
+    let (code, err) = run_hook("train-1", "prepare", &allowed);
+    assert_eq!(code, 3, "agent down: the domain does not start: {err}");
 }

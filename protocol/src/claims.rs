@@ -345,8 +345,23 @@ pub struct Measure {
     /// When the measure takes effect (absent: immediately).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_from: Option<NumericDate>,
+    /// How a prohibition acts on the workload's processes (absent: `freeze`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
     /// The legal source (e.g. a Federal Register citation).
     pub citation: String,
+}
+
+/// What a prohibiting measure does to a workload's processes. Either way its network
+/// access is blocked too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Freeze the workload's cgroup (reversible: thawed when the prohibition lifts).
+    #[default]
+    Freeze,
+    /// Kill every process in the workload's cgroup (and any that appears there later).
+    Kill,
 }
 
 /// Match criteria; a party matches if any listed criterion matches. At least one is required.

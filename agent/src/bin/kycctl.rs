@@ -6,6 +6,8 @@
 //!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr. For
 //!      `audit verify`: the chain is broken; `audit log BROKEN at <file>:<line> …` on stdout
 //!   2  usage error, unreadable file or directory, unusable key or key set
+//!   3  `admit` only: the agent could not be reached or did not answer (a deny, unless
+//!      `--fail-open`)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use kycd::audit::{self, VerifyReport};
 use kycd::tokens::{self, SignOutcome, Typ};
 use kycd_protocol::{Algorithm, VerifyOptions};
 
-/// Operator CLI for the kycd host agent: keys, signed tokens and the audit log.
+/// Operator CLI for the kycd host agent: admission, keys, signed tokens and the audit log.
 #[derive(Debug, Parser)]
 #[command(name = "kycctl", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -29,7 +31,11 @@ Exit codes:
   1  token invalid (verify) or claims would not verify (sign); reason on stderr as
      'error: <Kind>: <detail>'
      audit verify: chain broken; 'audit log BROKEN at <file>:<line> ...' on stdout
-  2  usage error, I/O error, unusable key or key set";
+  2  usage error, I/O error, unusable key or key set
+admit:
+  0  allow (or allow with conditions, printed on stdout)
+  1  deny; the reasons on stderr
+  3  the agent is unreachable or did not answer in time: deny, unless --fail-open";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -94,6 +100,32 @@ enum Command {
         #[arg(value_name = "TOKEN_FILE")]
         token: PathBuf,
     },
+    /// Ask the running agent whether a workload may start (libvirt qemu hook, Slurm prolog).
+    ///
+    /// Sends the workload (and the attestation it brings, verified exactly like a delivered
+    /// one and then kept by the agent) over the agent's socket, and exits with the verdict:
+    /// 0 allow or condition, 1 deny (reasons on stderr), 3 agent unreachable. An unreachable
+    /// agent means deny (fail closed) unless --fail-open. Root only.
+    Admit {
+        /// The workload, KIND:ID (e.g. libvirt_domain:gpu-vm-7, unix_user:1001, cgroup:/slurm/job_42).
+        #[arg(long, value_name = "KIND:ID")]
+        workload: String,
+        /// The workload's attestation (compact JWS file; `-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        attestation: Option<PathBuf>,
+        /// For a libvirt domain: its UUID, so an attestation bound by UUID applies before it runs.
+        #[arg(long, value_name = "UUID")]
+        libvirt_uuid: Option<String>,
+        /// How long to wait for the agent (e.g. 2s, 500ms).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        /// Allow the workload when the agent cannot be reached (exit 0 with a warning).
+        #[arg(long)]
+        fail_open: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -150,6 +182,112 @@ impl From<TokenTyp> for Typ {
 
 const EXIT_INVALID: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// `2s`, `500ms`, `1m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?}: expected e.g. 2s, 500ms or 1m"))?;
+    match unit {
+        "" | "s" => Ok(std::time::Duration::from_secs(n)),
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "m" => Ok(std::time::Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+struct AdmitArgs {
+    workload: String,
+    attestation: Option<PathBuf>,
+    libvirt_uuid: Option<String>,
+    timeout: std::time::Duration,
+    fail_open: bool,
+    socket: PathBuf,
+}
+
+fn admit(args: AdmitArgs) -> ExitCode {
+    if let Err(e) = args.workload.parse::<kycd::workload::WorkloadId>() {
+        return fail(EXIT_USAGE, e);
+    }
+    let attestation = match &args.attestation {
+        Some(path) => match tokens::read_bounded(path, kycd_protocol::DEFAULT_MAX_TOKEN_BYTES + 2) {
+            Ok(b) => Some(String::from_utf8_lossy(&tokens::strip_one_newline(b)).into_owned()),
+            Err(e) => return fail(EXIT_USAGE, e),
+        },
+        None => None,
+    };
+    let body = kycd::api::AdmitBody {
+        workload: args.workload.clone(),
+        attestation,
+        libvirt_uuid: args.libvirt_uuid,
+    };
+    let body = serde_json::to_value(&body).unwrap_or_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let exchange = runtime.block_on(async {
+        tokio::time::timeout(args.timeout, kycd::api::request(&args.socket, "POST", "/v1/admit", Some(&body)))
+            .await
+            .unwrap_or(Err(kycd::api::ClientError::Timeout(args.timeout)))
+    });
+    let unreachable = |why: &dyn std::fmt::Display| {
+        if args.fail_open {
+            eprintln!("warning: {why}; allowing {} (--fail-open)", args.workload);
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("error: {why}; denying {} (fail closed)", args.workload);
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    };
+    let (status, answer) = match exchange {
+        Ok(r) => r,
+        Err(e) => return unreachable(&e),
+    };
+    if status != 200 {
+        let why = answer["error"].as_str().unwrap_or("no reason given").to_owned();
+        return match status {
+            503 => unreachable(&format_args!("the agent cannot answer now: {why}")),
+            _ => fail(EXIT_INVALID, format_args!("admission refused by the agent (HTTP {status}): {why}")),
+        };
+    }
+    let answer: kycd::api::AdmitAnswer = match serde_json::from_value(answer) {
+        Ok(a) => a,
+        Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
+    };
+    let reasons: Vec<String> = answer
+        .decision
+        .iter()
+        .flat_map(|d| &d.reasons)
+        .map(|r| match (&r.measure_id, &r.citation) {
+            (Some(m), Some(c)) => format!("{}: {} (measure {m}, {c})", r.code.as_str(), r.detail),
+            _ => format!("{}: {}", r.code.as_str(), r.detail),
+        })
+        .chain(answer.error.clone())
+        .collect();
+    match answer.verdict {
+        kycd_protocol::Verdict::Deny => {
+            eprintln!("denied: {}", answer.workload);
+            for r in &reasons {
+                eprintln!("  {r}");
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
+        verdict => {
+            let conditions = answer.decision.as_ref().and_then(|d| d.conditions.as_ref());
+            match conditions {
+                Some(c) => println!(
+                    "{}: {:?} with conditions {}",
+                    answer.workload,
+                    verdict,
+                    serde_json::to_string(c).unwrap_or_default()
+                ),
+                None => println!("{}: allowed", answer.workload),
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
@@ -243,6 +381,9 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(EXIT_INVALID, format_args!("{}: {e}", e.kind())),
             }
+        }
+        Command::Admit { workload, attestation, libvirt_uuid, timeout, fail_open, socket } => {
+            admit(AdmitArgs { workload, attestation, libvirt_uuid, timeout, fail_open, socket })
         }
         Command::Audit { command: AuditCommand::Verify { json, dir } } => audit_verify(&dir, json),
     }

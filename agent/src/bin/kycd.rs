@@ -45,6 +45,10 @@ struct ConfigArgs {
     /// Override `log.format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
+    /// Lift every block kycd imposed when it stops (`enforcement.release_on_exit`). Without
+    /// it, blocks stay in place while the agent is down: fail closed.
+    #[arg(long)]
+    release_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -75,6 +79,7 @@ impl ConfigArgs {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,
             }),
+            release_on_exit: self.release_on_exit,
         };
         Ok(config::load(&self.config, &overrides)?.config)
     }

@@ -1,0 +1,351 @@
+//! The operators' local API: HTTP/1.1 JSON over the Unix socket `api.socket`
+//! (`/run/kycd/kycd.sock`), and the client `kycctl` uses to talk to it.
+//!
+//! The server owns no agent state: each request becomes an [`ApiRequest`] on a bounded
+//! channel to the daemon's main loop, which answers over a oneshot. A full channel answers
+//! 503 at once rather than queueing without bound. Who is calling is read from the socket
+//! (`SO_PEERCRED`): mutations — admission — are accepted from root only.
+//!
+//! Endpoints (the operator-API issue adds status, tenants, decisions and GPUs):
+//! - `GET /healthz` → `ok`.
+//! - `POST /v1/admit` `{"workload": "KIND:ID", "attestation"?: "<JWS>", "libvirt_uuid"?: "…"}`
+//!   → 200 `{"workload", "verdict", "decision"?, "error"?}`; the verdict is `deny` when the
+//!   attestation is rejected or the decision could not be recorded.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use kycd_protocol::Verdict;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::decision::Decision;
+use crate::workload::WorkloadId;
+
+/// Largest request body (an attestation is at most 64 KiB).
+const MAX_BODY_BYTES: usize = 128 * 1024;
+
+/// How long a request waits for the agent's main loop.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the API could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be created.
+    #[error("socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `api.socket_group` names no group in /etc/group.
+    #[error("api.socket_group {0:?}: no such group in /etc/group")]
+    UnknownGroup(String),
+}
+
+/// A request for the daemon's main loop.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// Decide on a workload about to start, with the attestation it brings.
+    Admit(Admission, oneshot::Sender<AdmitAnswer>),
+}
+
+/// An admission request, as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitBody {
+    /// `KIND:ID`.
+    pub workload: String,
+    /// The attestation the workload brings (compact JWS), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
+    /// For a libvirt domain not running yet: its UUID, so an attestation bound by UUID
+    /// applies to it by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_uuid: Option<String>,
+}
+
+/// A validated admission request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The workload.
+    pub workload: WorkloadId,
+    /// The attestation bytes.
+    pub attestation: Option<Vec<u8>>,
+    /// The libvirt domain's UUID (lower case).
+    pub libvirt_uuid: Option<String>,
+}
+
+/// The answer to an admission request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmitAnswer {
+    /// The workload decided on.
+    pub workload: String,
+    /// `allow`, `condition` or `deny`.
+    pub verdict: Verdict,
+    /// The recorded decision (absent when none could be made or recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    /// Why there is no decision, or why the attestation was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AdmitAnswer {
+    /// A denial without a decision (the agent could not decide or record).
+    pub fn deny(workload: &WorkloadId, error: impl Into<String>) -> Self {
+        AdmitAnswer {
+            workload: workload.to_string(),
+            verdict: Verdict::Deny,
+            decision: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// The caller, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Peer { uid: stream.io().peer_cred().ok().map(|c| c.uid()) }
+    }
+}
+
+/// Creates the socket: its directory (0755), a stale socket from a previous run removed
+/// (only if it is a socket), mode 0600, or 0660 with group `socket_group`.
+pub fn bind(path: &Path, socket_group: Option<&str>) -> Result<UnixListener, ApiError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let err = |source| ApiError::Socket { path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let gid =
+        socket_group.map(|g| group_id(g).ok_or_else(|| ApiError::UnknownGroup(g.to_owned()))).transpose()?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    Ok(listener)
+}
+
+/// The gid of `name` from /etc/group (NSS groups are not consulted: the socket's group is a
+/// local system group created by the package).
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    requests: mpsc::Sender<ApiRequest>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/admit", post(admit))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(requests);
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(serde_json::json!({"error": message.into()}))).into_response()
+}
+
+async fn admit(
+    State(requests): State<mpsc::Sender<ApiRequest>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Bytes,
+) -> Response {
+    if peer.uid != Some(0) {
+        warn!(uid = ?peer.uid, "admission refused: not root");
+        return error(StatusCode::FORBIDDEN, "admission is for root only");
+    }
+    let body: AdmitBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
+    };
+    let workload: WorkloadId = match body.workload.parse() {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let libvirt_uuid = body.libvirt_uuid.map(|u| u.to_ascii_lowercase());
+    if libvirt_uuid
+        .as_ref()
+        .is_some_and(|u| u.len() != 36 || !u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+    {
+        return error(StatusCode::BAD_REQUEST, "libvirt_uuid is not a UUID");
+    }
+    let admission =
+        Admission { workload, attestation: body.attestation.map(String::into_bytes), libvirt_uuid };
+    let (reply, answer) = oneshot::channel();
+    if requests.try_send(ApiRequest::Admit(admission, reply)).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is busy; retry");
+    }
+    match tokio::time::timeout(AGENT_TIMEOUT, answer).await {
+        Ok(Ok(answer)) => {
+            info!(workload = %answer.workload, verdict = ?answer.verdict, "admission answered");
+            axum::Json(answer).into_response()
+        }
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "the agent did not answer"),
+    }
+}
+
+/// Why a request to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached (agent down, wrong path, no permission).
+    #[error("cannot reach the agent at {path}: {source}")]
+    Unreachable {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the agent: {0}")]
+    Http(String),
+    /// No answer in time.
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Sends one request to the agent's socket and returns the status and the JSON body (or
+/// `null` when the body is not JSON).
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), ClientError> {
+    use http_body_util::{BodyExt as _, Full};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Unreachable { path: socket.to_owned(), source })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+    let driver = tokio::spawn(connection);
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "kycd")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = response.status().as_u16();
+    let bytes =
+        response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    driver.abort();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn admission_round_trip_over_a_real_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/kycd.sock");
+        let listener = bind(&socket, None).unwrap();
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (tx, mut rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, tx, shutdown.clone()));
+        // A fake main loop that denies everything it is asked about.
+        tokio::spawn(async move {
+            while let Some(ApiRequest::Admit(a, reply)) = rx.recv().await {
+                let _ = reply.send(AdmitAnswer::deny(&a.workload, format!("uuid {:?}", a.libvirt_uuid)));
+            }
+        });
+        let (status, body) = request(&socket, "GET", "/healthz", None).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, serde_json::Value::Null, "healthz is plain text");
+        let is_root = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+        let admit = serde_json::json!({"workload": "libvirt_domain:vm-1", "libvirt_uuid": "6F1C2A9E-3A51-4C1E-9D3B-2B7F0E5E8A10"});
+        let (status, body) = request(&socket, "POST", "/v1/admit", Some(&admit)).await.unwrap();
+        if is_root {
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["verdict"], "deny");
+            assert_eq!(body["workload"], "libvirt_domain:vm-1");
+            assert_eq!(body["error"], "uuid Some(\"6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10\")");
+            for bad in [
+                serde_json::json!({"workload": "pod:x"}),
+                serde_json::json!({"workload": "host:host", "extra": 1}),
+                serde_json::json!({"workload": "libvirt_domain:x", "libvirt_uuid": "nope"}),
+            ] {
+                let (status, body) = request(&socket, "POST", "/v1/admit", Some(&bad)).await.unwrap();
+                assert_eq!(status, 400, "{bad} → {body}");
+                assert!(body["error"].is_string());
+            }
+        } else {
+            eprintln!("SKIP admission as root: not root; checking the refusal instead");
+            assert_eq!(status, 403);
+        }
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        let err = request(&socket, "GET", "/healthz", None).await.unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_to_replace_a_file_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kycd.sock");
+        std::fs::write(&path, "precious").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(async { bind(&path, None).unwrap_err() });
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        let err = rt.block_on(async { bind(&dir.path().join("s"), Some("no-such-group-kycd")).unwrap_err() });
+        assert!(matches!(err, ApiError::UnknownGroup(_)), "{err}");
+    }
+}
