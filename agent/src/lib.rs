@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+pub mod enforce;
 pub mod fsutil;
 pub mod policy;
 pub mod tokens;

@@ -1,0 +1,287 @@
+//! The nftables backend against the real kernel, each test in its own network namespaces
+//! (the host ruleset is never touched). Skips loudly without root, nft, iproute2 or python3.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod enforce_support;
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use enforce_support::*;
+use kycd::enforce::{EnforceError, NftDesired, NftEnforcer};
+
+/// Sets up a topology and a test cgroup, or prints SKIP and returns None.
+fn setup() -> Option<(Topology, TestCgroup)> {
+    if let Err(why) = nft_capable() {
+        skip(&why);
+        return None;
+    }
+    let cg = match TestCgroup::new() {
+        Ok(cg) => cg,
+        Err(why) => {
+            skip(&why);
+            return None;
+        }
+    };
+    match Topology::new() {
+        Ok(t) => Some((t, cg)),
+        Err(why) => {
+            skip(&why);
+            None
+        }
+    }
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn cgroup_block_cuts_the_cgroup_and_its_children_and_lifts_cleanly() {
+    let Some((topo, cg)) = setup() else { return };
+    let other = cg.child("other");
+    let blocked = cg.child("blocked");
+    let nested = blocked.join("inner");
+    std::fs::create_dir(&nested).unwrap();
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+
+    assert!(can_connect(&topo.local, &blocked, "10.200.0.2", PORT), "baseline connect");
+    let desired = NftDesired { cgroups: set(&[&cg.rel(&blocked)]), ..Default::default() };
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, true), "{r:?}");
+    assert!(r.skipped.is_empty(), "{r:?}");
+    assert!(!can_connect(&topo.local, &blocked, "10.200.0.2", PORT), "blocked cgroup still connects");
+    assert!(!can_connect(&topo.local, &nested, "10.200.0.2", PORT), "child of blocked cgroup still connects");
+    assert!(!can_connect(&topo.local, &blocked, "fd00:200::2", PORT), "blocked over IPv6 too");
+    assert!(can_connect(&topo.local, &other, "10.200.0.2", PORT), "sibling cgroup must be unaffected");
+
+    // Idempotent: a second reconcile changes nothing.
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.removed, r.drift, r.rebuilt), (0, 0, 0, false), "{r:?}");
+
+    let r = nft.reconcile(&NftDesired::default()).unwrap();
+    assert_eq!((r.added, r.removed), (0, 1), "{r:?}");
+    assert!(can_connect(&topo.local, &blocked, "10.200.0.2", PORT), "lift restores access");
+    assert!(nft.read_actual().unwrap().cgroups.values().all(BTreeSet::is_empty));
+}
+
+#[test]
+fn recreated_cgroup_gets_a_new_id_and_is_reblocked() {
+    let Some((topo, cg)) = setup() else { return };
+    let blocked = cg.child("vm");
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    let desired = NftDesired { cgroups: set(&[&cg.rel(&blocked)]), ..Default::default() };
+    nft.reconcile(&desired).unwrap();
+    let before = nft.read_actual().unwrap().cgroups;
+    // The workload restarts: same path, new cgroup, new id. The old element no longer
+    // matches anything and cannot be named by path any more.
+    std::fs::remove_dir(&blocked).unwrap();
+    std::fs::create_dir(&blocked).unwrap();
+    assert!(
+        can_connect(&topo.local, &blocked, "10.200.0.2", PORT),
+        "stale element must not match the new cgroup"
+    );
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.removed), (1, 1), "{r:?}");
+    let after = nft.read_actual().unwrap().cgroups;
+    assert_ne!(before, after);
+    assert_eq!(after.values().map(BTreeSet::len).sum::<usize>(), 1);
+    assert!(!can_connect(&topo.local, &blocked, "10.200.0.2", PORT), "recreated cgroup is blocked again");
+}
+
+#[test]
+fn interface_block_cuts_the_veth_and_lifts() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+    let desired = NftDesired { interfaces: set(&["kv0"]), ..Default::default() };
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!(r.added, 1, "{r:?}");
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+    assert!(!can_connect(&topo.local, &cg.path, "fd00:200::2", PORT));
+    nft.reconcile(&NftDesired::default()).unwrap();
+    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+}
+
+#[test]
+fn geo_cidr_block_cuts_matching_destinations_only() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    let desired = NftDesired { cidrs_v4: set(&["10.200.0.0/30"]), ..Default::default() };
+    nft.reconcile(&desired).unwrap();
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT), "v4 CIDR blocked");
+    assert!(can_connect(&topo.local, &cg.path, "fd00:200::2", PORT), "v6 not in any blocked CIDR");
+    let desired = NftDesired { cidrs_v6: set(&["fd00:200::/64"]), ..Default::default() };
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.removed), (1, 1), "{r:?}");
+    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT), "v4 block lifted");
+    assert!(!can_connect(&topo.local, &cg.path, "fd00:200::2", PORT), "v6 CIDR blocked");
+    nft.reconcile(&NftDesired::default()).unwrap();
+    assert!(can_connect(&topo.local, &cg.path, "fd00:200::2", PORT));
+}
+
+#[test]
+fn drift_is_repaired_and_reported() {
+    let Some((topo, cg)) = setup() else { return };
+    let vm = cg.child("vm");
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    let desired = NftDesired {
+        cgroups: set(&[&cg.rel(&vm)]),
+        interfaces: set(&["vnet7", "vnet8"]),
+        cidrs_v4: set(&["192.0.2.0/24"]),
+        cidrs_v6: BTreeSet::new(),
+    };
+    nft.reconcile(&desired).unwrap();
+
+    // An element deleted by hand comes back, counted as drift.
+    topo.local.exec(&["nft", "delete", "element", "inet", "kycd", "ifaces", "{ \"vnet7\" }"]);
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.drift, r.rebuilt), (1, 1, false), "{r:?}");
+    assert!(nft.read_actual().unwrap().interfaces.contains("vnet7"));
+
+    // A cgroup element deleted by hand (nft names it relative to /sys/fs/cgroup).
+    let nft_name = vm.strip_prefix("/sys/fs/cgroup").unwrap().to_string_lossy().into_owned();
+    let level = cg.rel(&vm).split('/').count();
+    topo.local.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "kycd",
+        &format!("cg_l{level}"),
+        &format!("{{ \"{nft_name}\" }}"),
+    ]);
+    assert!(can_connect(&topo.local, &vm, "10.200.0.2", PORT), "hand-deleted element really gone");
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.added, r.drift), (1, 1), "{r:?}");
+    assert!(!can_connect(&topo.local, &vm, "10.200.0.2", PORT));
+
+    // An element added by hand is removed, also drift.
+    topo.local.exec(&["nft", "add", "element", "inet", "kycd", "geo_v4", "{ 198.51.100.0/24 }"]);
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!((r.removed, r.drift), (1, 1), "{r:?}");
+
+    // The whole table deleted by hand: rebuilt with every element.
+    topo.local.exec(&["nft", "delete", "table", "inet", "kycd"]);
+    let r = nft.reconcile(&desired).unwrap();
+    assert!(r.rebuilt, "{r:?}");
+    assert_eq!(r.drift, 4, "every element kycd had applied was missing: {r:?}");
+    let a = nft.read_actual().unwrap();
+    assert_eq!(a.interfaces.len(), 2);
+    assert_eq!(a.cidrs_v4.len(), 1);
+    assert!(!can_connect(&topo.local, &vm, "10.200.0.2", PORT));
+
+    // A rule deleted by hand: the structure differs, so the table is rebuilt.
+    let listing = topo.local.exec(&["nft", "-a", "list", "chain", "inet", "kycd", "output"]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("@cg_l"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    topo.local.exec(&["nft", "delete", "rule", "inet", "kycd", "output", "handle", &handle]);
+    let r = nft.reconcile(&desired).unwrap();
+    assert!(r.rebuilt, "{r:?}");
+    assert_eq!(r.drift, 0, "elements were all still there: {r:?}");
+    assert_eq!(rule_count(&topo.local), 24);
+}
+
+#[test]
+fn a_failed_transaction_leaves_the_ruleset_intact() {
+    let Some((topo, cg)) = setup() else { return };
+    let vm = cg.child("vm");
+    let mut good = NftEnforcer::new(topo.local.nft_command());
+    let desired =
+        NftDesired { interfaces: set(&["kv0"]), cidrs_v4: set(&["192.0.2.0/24"]), ..Default::default() };
+    good.reconcile(&desired).unwrap();
+    let before = topo.local.exec(&["nft", "list", "table", "inet", "kycd"]);
+
+    // `ip netns exec` remounts /sys, so nft cannot resolve the cgroup path: the
+    // transaction (delete table, re-create, drop kv0, add the cgroup) fails as a whole.
+    let mut bad = NftEnforcer::new(vec![
+        "ip".into(),
+        "netns".into(),
+        "exec".into(),
+        topo.local.name.clone(),
+        "nft".into(),
+    ])
+    .with_cgroup_mount(cg.mount.clone());
+    let other = NftDesired { cgroups: set(&[&cg.rel(&vm)]), ..Default::default() };
+    match bad.reconcile(&other) {
+        Err(EnforceError::NftFailed { stderr, .. }) => assert!(stderr.contains("cgroupv2"), "{stderr}"),
+        other => panic!("expected nft to fail, got {other:?}"),
+    }
+    let after = topo.local.exec(&["nft", "list", "table", "inet", "kycd"]);
+    assert_eq!(before, after, "a failed transaction changed the ruleset");
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT), "the block in force stays in force");
+    // Nothing else in the namespace's ruleset was created either.
+    assert_eq!(topo.local.exec(&["nft", "list", "tables"]).trim(), "table inet kycd");
+}
+
+#[test]
+fn rule_count_is_independent_of_element_count() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    let vm = cg.child("vm");
+    let one = NftDesired {
+        cgroups: set(&[&cg.rel(&vm)]),
+        interfaces: set(&["vnet0"]),
+        cidrs_v4: set(&["11.0.0.0/24"]),
+        ..Default::default()
+    };
+    nft.reconcile(&one).unwrap();
+    let rules_one = rule_count(&topo.local);
+
+    let many = NftDesired {
+        cgroups: one.cgroups.clone(),
+        interfaces: (0..10_000).map(|i| format!("b{i}")).collect(),
+        cidrs_v4: (0..10_000).map(|i| format!("11.{}.{}.0/24", i >> 8, i & 255)).collect(),
+        cidrs_v6: (0..10_000).map(|i| format!("2001:db8:{i:x}::/48")).collect(),
+    };
+    let t = Instant::now();
+    let r = nft.reconcile(&many).unwrap();
+    eprintln!("30,000 elements applied in {:?}", t.elapsed());
+    assert_eq!((r.added, r.removed), (3 * 10_000 - 1, 1), "vnet0 goes, 11.0.0.0/24 stays: {r:?}");
+    let rules_many = rule_count(&topo.local);
+    assert_eq!(rules_one, rules_many, "blocking more must add elements, not rules");
+    assert_eq!(rules_one, 24);
+    let a = nft.read_actual().unwrap();
+    assert_eq!((a.interfaces.len(), a.cidrs_v4.len(), a.cidrs_v6.len()), (10_000, 10_000, 10_000));
+
+    // One more element on top of 30,000 is an incremental change.
+    let mut more = many.clone();
+    more.interfaces.insert("extra0".into());
+    let t = Instant::now();
+    let r = nft.reconcile(&more).unwrap();
+    eprintln!("one more element on 30,000 in {:?}", t.elapsed());
+    assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
+}
+
+#[test]
+fn remove_table_releases_everything_and_tolerates_absence() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    nft.reconcile(&NftDesired { interfaces: set(&["kv0"]), ..Default::default() }).unwrap();
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+    nft.remove_table().unwrap();
+    assert!(!nft.read_actual().unwrap().present);
+    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+    nft.remove_table().unwrap();
+}
+
+#[test]
+fn unusable_entries_are_skipped_not_fatal() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    let desired = NftDesired {
+        cgroups: set(&[&format!("{}/absent", cg.rel(&cg.path)), "a/b/c/d/e/f/g"]),
+        interfaces: set(&["kv0", "bad name", "waytoolonginterfacename"]),
+        cidrs_v4: set(&["10.0.0.1/8", "fd00::/8"]),
+        cidrs_v6: BTreeSet::new(),
+    };
+    let r = nft.reconcile(&desired).unwrap();
+    assert_eq!(r.skipped.len(), 6, "{r:?}");
+    assert_eq!(r.added, 1, "{r:?}");
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+}
