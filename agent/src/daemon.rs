@@ -135,22 +135,7 @@ pub enum DaemonError {
     Api(#[from] crate::api::ApiError),
 }
 
-/// Receives each new decision after it is durably recorded (the enforcement issue implements
-/// the cgroup, nftables and GPU backends behind this trait).
-pub trait Enforcer: Send {
-    /// Makes the host match `decision` for `workload`.
-    fn enforce(&mut self, workload: &WorkloadId, cgroup: Option<&Path>, decision: &Decision);
-}
-
-/// The enforcer of `mode = "audit"`: records only.
-#[derive(Debug, Default)]
-pub struct RecordOnly;
-
-impl Enforcer for RecordOnly {
-    fn enforce(&mut self, workload: &WorkloadId, _: Option<&Path>, decision: &Decision) {
-        debug!(%workload, verdict = ?decision.verdict, "audit mode: not enforcing");
-    }
-}
+pub use crate::reconcile::{Enforcer, RecordOnly};
 
 /// A file that failed intake, by the digest of its content. Permanent failures (bad
 /// signature, malformed, expired) are not retried until the content or the trust anchors
@@ -190,6 +175,8 @@ struct Attested {
 struct WorkloadState {
     first_seen: i64,
     cgroup: Option<PathBuf>,
+    /// Tap interfaces, for a running libvirt domain (refreshed on every rescan).
+    interfaces: Vec<String>,
 }
 
 /// Counters of rejected input, by error kind (exported as metrics by the API issue).
@@ -201,6 +188,10 @@ pub struct Counters {
     pub policies_rejected: BTreeMap<&'static str, u64>,
     /// Trust files that failed to load (the previous set was kept).
     pub trust_load_failures: u64,
+    /// Enforcement failures, by backend (`kycd_enforcement_errors_total{backend}`).
+    pub enforcement_errors: BTreeMap<&'static str, u64>,
+    /// Drift repaired, by backend.
+    pub drift_repaired: BTreeMap<&'static str, u64>,
 }
 
 /// The agent's state and its handlers; [`run`] drives it.
@@ -235,6 +226,10 @@ pub struct Agent {
     admitted_domains: BTreeMap<String, (String, i64)>,
     /// Consecutive evaluations that could not record every decision.
     audit_failures: u32,
+    /// Recorded decisions changed since the last reconciliation.
+    reconcile_due: bool,
+    /// Per-country CIDRs for geo-blocks (`enforcement.geo_cidr_file`).
+    geo: Option<crate::enforce::CountryCidrs>,
     decisions: BTreeMap<WorkloadId, Decision>,
     audit: AuditLog,
     enforcer: Box<dyn Enforcer>,
@@ -359,6 +354,8 @@ impl Agent {
             libvirt_domains: Vec::new(),
             admitted_domains: BTreeMap::new(),
             audit_failures: 0,
+            reconcile_due: true,
+            geo: None,
             decisions: BTreeMap::new(),
             audit,
             enforcer,
@@ -409,6 +406,7 @@ impl Agent {
     pub fn reload(&mut self) {
         self.rejected.clear();
         self.load_trust();
+        self.load_geo();
         self.recheck_policy();
         self.load_policy();
         self.rescan_attestations(Recheck::Always);
@@ -439,6 +437,21 @@ impl Agent {
                     self.counters.trust_load_failures += 1;
                     error!(trust = which, error = %e, "trust anchors not loaded; keeping the previous set");
                 }
+            }
+        }
+    }
+
+    fn load_geo(&mut self) {
+        let Some(path) = self.config.enforcement.geo_cidr_file.clone() else { return };
+        match crate::enforce::load_country_cidrs(&path) {
+            Ok(geo) => {
+                info!(path = %path.display(), countries = geo.len(), "country CIDR list loaded");
+                self.geo = Some(geo);
+                self.reconcile_due = true;
+            }
+            Err(e) => {
+                *self.counters.enforcement_errors.entry("nftables").or_default() += 1;
+                error!(path = %path.display(), error = %e, "country CIDR list not loaded; keeping the previous one");
             }
         }
     }
@@ -498,6 +511,7 @@ impl Agent {
                 let (Offer::Applied(p) | Offer::Unchanged(p)) = offer;
                 self.policy = Some(p);
                 self.policy_token = Some(bytes);
+                self.reconcile_due = true;
             }
             Err(e) => {
                 let rejection = Rejection { digest, kind: e.kind() };
@@ -665,12 +679,28 @@ impl Agent {
             self.record(json!({"type": "workload_vanished", "workload": id.to_string()}));
         }
         for d in discovery.found {
-            if !self.workloads.contains_key(&d.id) {
-                let first_seen = self.first_seen_of(&d.id);
-                info!(workload = %d.id, first_seen, "workload discovered");
-                self.workloads.insert(d.id, WorkloadState { first_seen, cgroup: d.cgroup });
-            } else if let Some(w) = self.workloads.get_mut(&d.id) {
-                w.cgroup = d.cgroup;
+            let interfaces = if d.id.kind == WorkloadKind::LibvirtDomain {
+                crate::enforce::libvirt::domain_interfaces(
+                    &self.config.workloads.libvirt_status_dir,
+                    &d.id.id,
+                )
+            } else {
+                Vec::new()
+            };
+            match self.workloads.get_mut(&d.id) {
+                Some(w) => {
+                    if w.cgroup != d.cgroup || w.interfaces != interfaces {
+                        self.reconcile_due = true;
+                    }
+                    w.cgroup = d.cgroup;
+                    w.interfaces = interfaces;
+                }
+                None => {
+                    let first_seen = self.first_seen_of(&d.id);
+                    info!(workload = %d.id, first_seen, "workload discovered");
+                    self.workloads.insert(d.id, WorkloadState { first_seen, cgroup: d.cgroup, interfaces });
+                    self.reconcile_due = true;
+                }
             }
         }
         let forget_before = now.saturating_sub_unsigned(self.config.workloads.forget_after_s);
@@ -721,7 +751,8 @@ impl Agent {
                 // Attested before it exists (e.g. a VM about to start): decided now, so
                 // admission can answer; first seen now.
                 let first_seen = self.first_seen_of(id);
-                self.workloads.insert(id.clone(), WorkloadState { first_seen, cgroup: None });
+                self.workloads
+                    .insert(id.clone(), WorkloadState { first_seen, cgroup: None, interfaces: Vec::new() });
             }
         }
         self.first_seen_fallback = None;
@@ -777,7 +808,8 @@ impl Agent {
 
     /// Appends the changed decisions to the audit log (one fsync for all when it can;
     /// record by record when that fails, so one unwritable record does not hold back the
-    /// rest) and enforces those recorded. Returns how many could not be recorded.
+    /// rest); those recorded take effect, and are enforced at the next reconciliation.
+    /// Returns how many could not be recorded.
     fn record_and_enforce(
         &mut self,
         now: i64,
@@ -813,11 +845,8 @@ impl Agent {
             }
             info!(workload = %id, verdict = ?decision.verdict, policy_version = ?decision.policy_version,
                   reasons = ?decision.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), "decision");
-            if mode == Mode::Enforce {
-                let cgroup = self.workloads.get(&id).and_then(|w| w.cgroup.clone());
-                self.enforcer.enforce(&id, cgroup.as_deref(), &decision);
-            }
             self.decisions.insert(id, decision);
+            self.reconcile_due = true;
         }
         unrecorded
     }
@@ -848,11 +877,8 @@ impl Agent {
                 attestation_jti: current.and_then(|d| d.attestation_jti.clone()),
             };
             error!(workload = %id, "audit log unavailable: denying (unrecorded)");
-            if self.config.mode == Mode::Enforce {
-                let cgroup = self.workloads.get(&id).and_then(|w| w.cgroup.clone());
-                self.enforcer.enforce(&id, cgroup.as_deref(), &decision);
-            }
             self.decisions.insert(id, decision);
+            self.reconcile_due = true;
         }
     }
 
@@ -881,6 +907,59 @@ impl Agent {
             Ok(()) => self.first_seen_dirty = false,
             Err(e) => error!(error = %e, path = %path.display(), "cannot persist first-seen times; retrying"),
         }
+    }
+
+    /// Converges the host on the recorded decisions (enforce mode only): see
+    /// [`crate::reconcile`]. Drift and failures are logged and counted; a failing backend is
+    /// retried at the next reconciliation, and what it had applied stays in place.
+    pub fn reconcile(&mut self) {
+        self.reconcile_due = false;
+        if self.config.mode != Mode::Enforce {
+            return;
+        }
+        let views = self.decisions.iter().map(|(id, decision)| {
+            let w = self.workloads.get(id);
+            crate::reconcile::WorkloadView {
+                id,
+                cgroup: w.and_then(|w| w.cgroup.as_deref()),
+                interfaces: w.map(|w| w.interfaces.as_slice()).unwrap_or(&[]),
+                decision,
+            }
+        });
+        let desired = crate::reconcile::desired_state(
+            views,
+            self.policy.as_ref().map(|p| &p.claims),
+            self.cgroup_mount.as_deref(),
+            self.geo.as_ref(),
+            now(),
+        );
+        let report = self.enforcer.reconcile(&desired);
+        for (backend, what) in &report.drift {
+            *self.counters.drift_repaired.entry(backend).or_default() += 1;
+            warn!(backend, drift = %what, "drift repaired");
+        }
+        for (backend, error) in &report.errors {
+            *self.counters.enforcement_errors.entry(backend).or_default() += 1;
+            error!(backend, %error, "enforcement failed; retrying at the next reconciliation");
+        }
+        if report.changes > 0 {
+            info!(
+                changes = report.changes,
+                frozen = desired.cgroups.len(),
+                blocked_cgroups = desired.nft.cgroups.len(),
+                blocked_interfaces = desired.nft.interfaces.len(),
+                "host reconciled"
+            );
+        }
+    }
+
+    /// Lifts every block (`--release-on-exit`).
+    fn release(&mut self) {
+        let report = self.enforcer.release();
+        for (backend, error) in &report.errors {
+            error!(backend, %error, "could not lift a block on exit");
+        }
+        info!(changes = report.changes, "blocks lifted on exit");
     }
 
     /// Answers an admission request (`kycctl admit`): the attestation it brings goes through
@@ -930,7 +1009,8 @@ impl Agent {
         }
         if !self.workloads.contains_key(&workload) {
             let first_seen = self.first_seen_of(&workload);
-            self.workloads.insert(workload.clone(), WorkloadState { first_seen, cgroup: None });
+            self.workloads
+                .insert(workload.clone(), WorkloadState { first_seen, cgroup: None, interfaces: Vec::new() });
         }
         self.evaluate();
         match self.decisions.get(&workload) {
@@ -1064,7 +1144,11 @@ pub async fn run(
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
-    let mut next_review = tokio::task::block_in_place(|| agent.evaluate());
+    let mut next_review = tokio::task::block_in_place(|| {
+        let next = agent.evaluate();
+        agent.reconcile();
+        next
+    });
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
@@ -1075,6 +1159,9 @@ pub async fn run(
     info!(host_id = %agent.host_id, workloads = agent.workloads.len(), socket = %socket.display(), "kycd ready");
     let mut tick = tokio::time::interval(rescan_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconcile_tick =
+        tokio::time::interval(Duration::from_secs(agent.config.enforcement.reconcile_interval_s));
+    reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // A deadline already due means the last evaluation could not record its decisions
         // (e.g. a failing disk): retry at RETRY_FLOOR rather than spin.
@@ -1111,15 +1198,26 @@ pub async fn run(
                 watches.ensure();
                 agent.tick();
             }),
+            _ = reconcile_tick.tick() => agent.reconcile_due = true,
             () = tokio::time::sleep(sleep_for) => {}
         }
-        next_review = tokio::task::block_in_place(|| agent.evaluate());
+        next_review = tokio::task::block_in_place(|| {
+            let next = agent.evaluate();
+            if agent.reconcile_due {
+                agent.reconcile();
+            }
+            next
+        });
     }
     api_shutdown.cancel();
     if let Ok(Err(e)) = api_task.await {
         warn!(error = %e, "operator socket");
     }
     let _ = std::fs::remove_file(&socket);
+    // Blocks stay in place while the agent is down (fail closed), unless asked otherwise.
+    if agent.config.mode == Mode::Enforce && agent.config.enforcement.release_on_exit {
+        tokio::task::block_in_place(|| agent.release());
+    }
     tokio::task::block_in_place(|| agent.record(json!({"type": "agent_stopped"})));
     info!("kycd stopped");
     Ok(())

@@ -11,5 +11,6 @@ pub mod decision;
 pub mod enforce;
 pub mod fsutil;
 pub mod policy;
+pub mod reconcile;
 pub mod tokens;
 pub mod workload;

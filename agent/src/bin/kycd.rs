@@ -121,12 +121,11 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         });
-        if config.mode == Mode::Enforce {
-            // Honest about capability: the cgroup/nftables/GPU backends are not built yet, so
-            // enforce mode records decisions exactly as audit mode does.
-            tracing::warn!("mode = \"enforce\" but no enforcement backend is available in this build; decisions are recorded, not enforced");
-        }
-        kycd::daemon::run(config, Box::new(kycd::daemon::RecordOnly), reload_rx, shutdown).await?;
+        let enforcer: Box<dyn kycd::reconcile::Enforcer> = match config.mode {
+            Mode::Enforce => Box::new(kycd::reconcile::HostEnforcer::from_config(&config)),
+            Mode::Audit => Box::new(kycd::reconcile::RecordOnly),
+        };
+        kycd::daemon::run(config, enforcer, reload_rx, shutdown).await?;
         Ok(())
     })
 }

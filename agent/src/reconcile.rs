@@ -1,0 +1,356 @@
+//! From decisions to host state: what the host must look like ([`Desired`]), and the
+//! [`Enforcer`] that makes it so.
+//!
+//! Enforcement is declarative. The daemon derives the complete desired state from the
+//! decisions it has *recorded* (so nothing is enforced that the audit log does not show) and
+//! hands it to the enforcer, which reads the kernel's actual state back and converges —
+//! at once when a decision changes, and every `enforcement.reconcile_interval_s` to repair
+//! drift. Lifting a block is the same operation as imposing one: it is simply no longer
+//! desired.
+//!
+//! What each verdict asks for:
+//! - `deny`: the workload's cgroup is frozen (or killed, when a prohibiting measure says
+//!   `enforcement: kill`), and its network cut off in nftables — host processes by cgroup,
+//!   a VM by its tap interfaces. The `host` workload has neither (freezing the host would
+//!   cut off its operators); the GPU backend acts on it.
+//! - `condition` with `network: deny_egress`: the network cut, no freeze.
+//! - Policy-wide: with `enforcement.geo_cidr_file`, traffic from and to the countries named
+//!   by prohibiting measures in effect is dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kycd_protocol::{Enforcement, MeasureAction, NetworkCondition, PolicyClaims, Verdict};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::decision::Decision;
+use crate::enforce::{CgroupAction, CgroupEnforcer, CountryCidrs, NftDesired, NftEnforcer};
+use crate::workload::{WorkloadId, WorkloadKind};
+
+/// The host state the decisions ask for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Workload cgroups to freeze or kill.
+    pub cgroups: BTreeMap<PathBuf, CgroupAction>,
+    /// What nftables must block.
+    pub nft: NftDesired,
+}
+
+/// One workload as the desired-state computation sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadView<'a> {
+    /// The workload.
+    pub id: &'a WorkloadId,
+    /// Its cgroup directory, when it has one on this host.
+    pub cgroup: Option<&'a Path>,
+    /// Its tap interfaces (libvirt domains).
+    pub interfaces: &'a [String],
+    /// Its recorded decision.
+    pub decision: &'a Decision,
+}
+
+/// Computes the desired state. `cgroup_mount` makes cgroup paths relative for nftables;
+/// `geo` is the per-country CIDR list, when configured.
+pub fn desired_state<'a>(
+    workloads: impl IntoIterator<Item = WorkloadView<'a>>,
+    policy: Option<&PolicyClaims>,
+    cgroup_mount: Option<&Path>,
+    geo: Option<&CountryCidrs>,
+    now: i64,
+) -> Desired {
+    let mut desired = Desired::default();
+    for w in workloads {
+        if w.id.kind == WorkloadKind::Host {
+            continue;
+        }
+        let (freeze, block_network) = match w.decision.verdict {
+            Verdict::Deny => (Some(cgroup_action(w.decision, policy)), true),
+            Verdict::Condition => {
+                let egress = w
+                    .decision
+                    .conditions
+                    .as_ref()
+                    .is_some_and(|c| c.network == Some(NetworkCondition::DenyEgress));
+                (None, egress)
+            }
+            Verdict::Allow => (None, false),
+        };
+        if let (Some(action), Some(cgroup)) = (freeze, w.cgroup) {
+            desired.cgroups.insert(cgroup.to_owned(), action);
+        }
+        if block_network {
+            if let Some(rel) = w.cgroup.zip(cgroup_mount).and_then(|(c, m)| c.strip_prefix(m).ok()) {
+                desired.nft.cgroups.insert(rel.to_string_lossy().into_owned());
+            }
+            desired.nft.interfaces.extend(w.interfaces.iter().cloned());
+        }
+    }
+    if let (Some(policy), Some(geo)) = (policy, geo) {
+        let prohibited = policy
+            .measures
+            .iter()
+            .filter(|m| m.action == MeasureAction::Prohibit && m.effective_from.is_none_or(|t| t <= now));
+        for country in prohibited.flat_map(|m| &m.matcher.countries) {
+            if let Some((v4, v6)) = geo.get(country.as_str()) {
+                desired.nft.cidrs_v4.extend(v4.iter().map(ToString::to_string));
+                desired.nft.cidrs_v6.extend(v6.iter().map(ToString::to_string));
+            }
+        }
+    }
+    desired
+}
+
+/// `kill` if any prohibiting measure behind the denial says so, else `freeze` (also for
+/// denials no measure caused: no attestation, grace over, no policy).
+fn cgroup_action(decision: &Decision, policy: Option<&PolicyClaims>) -> CgroupAction {
+    let kill = decision.reasons.iter().filter_map(|r| r.measure_id.as_deref()).any(|id| {
+        policy.is_some_and(|p| {
+            p.measures.iter().any(|m| m.id == id && m.enforcement == Some(Enforcement::Kill))
+        })
+    });
+    if kill {
+        CgroupAction::Kill
+    } else {
+        CgroupAction::Freeze
+    }
+}
+
+/// What one reconciliation found and did.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    /// Changes applied (cgroups frozen/thawed/killed, set elements added/removed).
+    pub changes: usize,
+    /// Drift repaired, by backend: state someone else changed back.
+    pub drift: Vec<(&'static str, String)>,
+    /// Failures, by backend; the rest was still applied, and the next reconcile retries.
+    pub errors: Vec<(&'static str, String)>,
+}
+
+/// Makes the host match the desired state. Implementations are idempotent: the same
+/// desired state twice changes nothing the second time (unless something drifted).
+pub trait Enforcer: Send {
+    /// Converges the host on `desired`.
+    fn reconcile(&mut self, desired: &Desired) -> ReconcileReport;
+    /// Lifts everything this enforcer imposed (`--release-on-exit`).
+    fn release(&mut self) -> ReconcileReport {
+        self.reconcile(&Desired::default())
+    }
+}
+
+/// The enforcer of audit mode: changes nothing.
+#[derive(Debug, Default)]
+pub struct RecordOnly;
+
+impl Enforcer for RecordOnly {
+    fn reconcile(&mut self, _: &Desired) -> ReconcileReport {
+        ReconcileReport::default()
+    }
+}
+
+/// The real enforcer: cgroup v2 and nftables backends, each optional by configuration.
+#[derive(Debug)]
+pub struct HostEnforcer {
+    cgroup: Option<CgroupEnforcer>,
+    nft: Option<NftEnforcer>,
+}
+
+impl HostEnforcer {
+    /// Builds the backends `config.enforcement` enables. The cgroup backend keeps its
+    /// state (what each cgroup looked like before kycd froze it) in
+    /// `<state_dir>/enforce/cgroup.json`.
+    pub fn from_config(config: &Config) -> Self {
+        let e = &config.enforcement;
+        let cgroup = e.cgroup.then(|| CgroupEnforcer::new(config.state_dir.join("enforce/cgroup.json")));
+        let nft = e.nftables.then(|| {
+            let nft = NftEnforcer::new(e.nft_command.clone());
+            match &config.workloads.cgroup_root {
+                Some(mount) => nft.with_cgroup_mount(mount.clone()),
+                None => nft,
+            }
+        });
+        HostEnforcer { cgroup, nft }
+    }
+}
+
+impl Enforcer for HostEnforcer {
+    fn reconcile(&mut self, desired: &Desired) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        if let Some(cgroup) = &mut self.cgroup {
+            let r = cgroup.reconcile(&desired.cgroups);
+            report.changes += r.frozen.len() + r.killed.len() + r.thawed.len();
+            for path in &r.frozen {
+                info!(cgroup = %path.display(), "frozen");
+            }
+            for path in &r.killed {
+                info!(cgroup = %path.display(), "killed");
+            }
+            for path in &r.thawed {
+                info!(cgroup = %path.display(), "thawed (block lifted)");
+            }
+            for path in &r.pending {
+                warn!(cgroup = %path.display(), "freeze requested, not yet in effect; rechecked next reconcile");
+            }
+            report.drift.extend(r.drift.iter().map(|p| ("cgroup", format!("{} was thawed", p.display()))));
+            report.errors.extend(r.errors.iter().map(|(p, e)| ("cgroup", format!("{}: {e}", p.display()))));
+        }
+        if let Some(nft) = &mut self.nft {
+            match nft.reconcile(&desired.nft) {
+                Ok(r) => {
+                    report.changes += r.added + r.removed;
+                    if r.drift > 0 {
+                        report
+                            .drift
+                            .push(("nftables", format!("{} set elements restored or removed", r.drift)));
+                    }
+                    for (what, why) in &r.skipped {
+                        warn!(entry = %what, reason = %why, "not expressible in nftables; skipped");
+                    }
+                }
+                Err(e) => report.errors.push(("nftables", e.to_string())),
+            }
+        }
+        report
+    }
+
+    fn release(&mut self) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        if let Some(cgroup) = &mut self.cgroup {
+            let r = cgroup.reconcile(&BTreeMap::new());
+            report.changes += r.thawed.len();
+            report.errors.extend(r.errors.iter().map(|(p, e)| ("cgroup", format!("{}: {e}", p.display()))));
+        }
+        if let Some(nft) = &self.nft {
+            if let Err(e) = nft.remove_table() {
+                report.errors.push(("nftables", e.to_string()));
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{Reason, ReasonCode};
+    use kycd_protocol::Conditions;
+
+    fn decision(verdict: Verdict, measure: Option<&str>, conditions: Option<Conditions>) -> Decision {
+        Decision {
+            verdict,
+            conditions,
+            reasons: vec![Reason {
+                code: ReasonCode::MeasureProhibit,
+                measure_id: measure.map(str::to_owned),
+                citation: None,
+                detail: String::new(),
+            }],
+            next_review_at: None,
+            policy_version: Some(1),
+            tenant: None,
+            attestation_jti: None,
+        }
+    }
+
+    fn policy() -> PolicyClaims {
+        serde_json::from_value(serde_json::json!({
+            "iss": "a", "iat": 0, "exp": 10_000, "version": 1, "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                           "early_warning_fraction": 0.01},
+            "measures": [
+                {"id": "kp", "match": {"countries": ["KP"]}, "roles": ["customer"], "action": "prohibit",
+                 "enforcement": "kill", "citation": "c"},
+                {"id": "ir", "match": {"countries": ["IR"]}, "roles": ["customer"], "action": "prohibit",
+                 "citation": "c"},
+                {"id": "later", "match": {"countries": ["CU"]}, "roles": ["customer"], "action": "prohibit",
+                 "effective_from": 5_000, "citation": "c"},
+                {"id": "cond", "match": {"countries": ["RU"]}, "roles": ["customer"], "action": "condition",
+                 "conditions": {"network": "deny_egress"}, "citation": "c"}
+            ]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn deny_freezes_or_kills_and_cuts_the_network_condition_only_cuts() {
+        let mount = Path::new("/sys/fs/cgroup");
+        let ids: Vec<WorkloadId> =
+            ["cgroup:/a", "cgroup:/b", "libvirt_domain:vm", "cgroup:/c", "host:host", "cgroup:/gone"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
+        let cgroups = [
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods.slice/a")),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods.slice/b")),
+            Some(PathBuf::from("/sys/fs/cgroup/machine.slice/machine-qemu\\x2d1\\x2dvm.scope")),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods.slice/c")),
+            None,
+            None,
+        ];
+        let decisions = [
+            decision(Verdict::Deny, Some("kp"), None),
+            decision(Verdict::Deny, Some("ir"), None),
+            decision(Verdict::Deny, None, None),
+            decision(
+                Verdict::Condition,
+                Some("cond"),
+                Some(Conditions { network: Some(NetworkCondition::DenyEgress), ..Conditions::default() }),
+            ),
+            decision(Verdict::Deny, None, None),
+            decision(Verdict::Deny, None, None),
+        ];
+        let taps = vec!["vnet3".to_owned()];
+        let views = (0..ids.len()).map(|i| WorkloadView {
+            id: &ids[i],
+            cgroup: cgroups[i].as_deref(),
+            interfaces: if i == 2 { &taps } else { &[] },
+            decision: &decisions[i],
+        });
+        let policy = policy();
+        let d = desired_state(views, Some(&policy), Some(mount), None, 1_000);
+        let actions: Vec<(String, CgroupAction)> = d
+            .cgroups
+            .iter()
+            .map(|(p, a)| (p.strip_prefix(mount).unwrap().display().to_string(), *a))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("kubepods.slice/a".into(), CgroupAction::Kill),
+                ("kubepods.slice/b".into(), CgroupAction::Freeze),
+                ("machine.slice/machine-qemu\\x2d1\\x2dvm.scope".into(), CgroupAction::Freeze),
+            ]
+        );
+        let cut: Vec<&str> = d.nft.cgroups.iter().map(String::as_str).collect();
+        assert_eq!(
+            cut,
+            [
+                "kubepods.slice/a",
+                "kubepods.slice/b",
+                "kubepods.slice/c",
+                "machine.slice/machine-qemu\\x2d1\\x2dvm.scope"
+            ]
+        );
+        assert_eq!(d.nft.interfaces.iter().collect::<Vec<_>>(), ["vnet3"]);
+        assert!(d.nft.cidrs_v4.is_empty(), "no geo list configured");
+    }
+
+    #[test]
+    fn geo_blocks_follow_prohibiting_measures_in_effect() {
+        let geo: CountryCidrs = [
+            ("KP".to_owned(), (vec![crate::enforce::Cidr::parse("175.45.176.0/22").unwrap()], vec![])),
+            ("CU".to_owned(), (vec![crate::enforce::Cidr::parse("152.206.0.0/15").unwrap()], vec![])),
+            ("RU".to_owned(), (vec![crate::enforce::Cidr::parse("5.3.0.0/16").unwrap()], vec![])),
+            ("IR".to_owned(), (vec![], vec![crate::enforce::Cidr::parse("2a01:5ec0::/29").unwrap()])),
+        ]
+        .into_iter()
+        .collect();
+        let policy = policy();
+        let before = desired_state([], Some(&policy), None, Some(&geo), 1_000);
+        assert_eq!(before.nft.cidrs_v4.iter().collect::<Vec<_>>(), ["175.45.176.0/22"]);
+        assert_eq!(before.nft.cidrs_v6.iter().collect::<Vec<_>>(), ["2a01:5ec0::/29"]);
+        let after = desired_state([], Some(&policy), None, Some(&geo), 5_000);
+        assert_eq!(after.nft.cidrs_v4.len(), 2, "CU's measure took effect; RU's is only a condition");
+        assert_eq!(desired_state([], None, None, Some(&geo), 5_000), Desired::default());
+    }
+}
