@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod decision;
 pub mod fsutil;
+pub mod gpu;
 pub mod policy;
 pub mod tokens;
 pub mod workload;
