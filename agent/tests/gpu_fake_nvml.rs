@@ -478,3 +478,76 @@ fn the_sampler_thread_hands_windows_to_a_bounded_channel() {
         .all(|w| w.tenant.as_deref() == Some("t5") && w.method == EstimationMethod::GpmTensor));
     assert!(seconds > 0.1 && seconds < 0.5, "{seconds}");
 }
+
+#[test]
+fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 10}])), gpu(1, H100, json!([]))]}));
+    let out = host.dir.path().join("t.jsonl");
+    let run = |lib: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kycctl"))
+            .args(["gpu", "record", "--seconds", "0", "--interval-ms", "10", "--out"])
+            .arg(&out)
+            .arg("--nvml-library")
+            .arg(lib)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&host.library());
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let sample: Sample = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(sample.gpus.len(), 2);
+    assert_eq!(sample.gpus[0].utilization_gpu_pct, Some(10));
+
+    let missing = run(&host.dir.path().join("absent.so"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NVML unavailable"));
+}
+
+/// A real child process in a real cgroup v2 directory, attributed through the real /proc.
+/// Needs root and a writable cgroup2 mount; skips (loudly) otherwise.
+#[test]
+fn real_processes_in_real_cgroups_are_attributed_through_proc() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+        eprintln!("SKIP: no cgroup2 mount");
+        return;
+    };
+    let root = format!("kycd-gpu-test-{}.slice", std::process::id());
+    let pod = mount.join(&root).join("pod-a.slice");
+    if let Err(e) = std::fs::create_dir_all(&pod) {
+        eprintln!("SKIP: cannot create {}: {e} (needs root)", pod.display());
+        return;
+    }
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let moved = std::fs::write(pod.join("cgroup.procs"), child.id().to_string());
+    let cleanup = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir(&pod);
+        let _ = std::fs::remove_dir(mount.join(&root));
+    };
+    if let Err(e) = moved {
+        cleanup(&mut child);
+        eprintln!("SKIP: cannot move a process into {}: {e}", pod.display());
+        return;
+    }
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 100, "tensor": 40.0,
+        "processes": [proc(child.id(), 100), proc(1, 0)]}]))]}));
+    let options = SamplerOptions { cgroup_roots: vec![root.clone()], ..Default::default() };
+    let mut sampler = GpuSampler::new(clocked(&host), &options).unwrap();
+    let workload: WorkloadId = format!("cgroup:/{root}/pod-a.slice").parse().unwrap();
+    let tenants: TenantMap = [(workload.clone(), tenant("real", false))].into();
+    let (reports, windows) = run(&mut sampler, &tenants, 3);
+    cleanup(&mut child);
+
+    let owners: BTreeMap<u32, ProcessOwner> =
+        reports[1].processes.iter().map(|p| (p.pid, p.owner.clone())).collect();
+    assert_eq!(owners[&child.id()], ProcessOwner::Workload { workload });
+    // pid 1 is outside every workload root: the host workload, with no tenant here.
+    assert_eq!(owners[&1], ProcessOwner::Workload { workload: WorkloadId::host() });
+    let w = window(&windows, &format!("cgroup:/{root}/pod-a.slice"));
+    assert_eq!(w.tenant.as_deref(), Some("real"));
+    // The child has all the SM utilization: the whole 40 % for 3 ticks.
+    assert!(close(w.estimated_ops, 3.0 * H100_PEAK * 0.4));
+    assert_eq!(window(&windows, "host:host").estimated_ops, 0.0);
+}

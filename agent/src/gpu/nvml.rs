@@ -114,7 +114,12 @@ impl Drop for NvmlBackend {
         // Closing the queue ends the thread, which drops `Nvml` (nvmlShutdown, dlclose).
         self.requests = None;
         if let Some(thread) = self.thread.take() {
-            // A thread stuck inside the driver is left behind rather than hanging shutdown.
+            // Wait briefly so NVML is shut down cleanly; a thread stuck inside the driver is
+            // left behind rather than hanging the agent's shutdown.
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             if thread.is_finished() {
                 let _ = thread.join();
             }
@@ -194,13 +199,15 @@ struct Memory<'n> {
     gpm: HashMap<String, GpmSample<'n>>,
     /// Newest per-process utilization timestamp seen per GPU UUID.
     last_process_sample_us: HashMap<String, u64>,
-    /// UUID and name per index, so a GPU that is lost can still be named.
-    known: HashMap<u32, (String, String)>,
+    /// What does not change while NVML stays initialised (the index → GPU mapping is fixed
+    /// for an NVML session), read once: fewer driver calls per tick, and a GPU that is lost
+    /// can still be named.
+    statics: HashMap<u32, Static>,
 }
 
 fn serve(nvml: &Nvml, first: Request, requests: &mpsc::Receiver<Request>) -> Served {
     let mut memory =
-        Memory { gpm: HashMap::new(), last_process_sample_us: HashMap::new(), known: HashMap::new() };
+        Memory { gpm: HashMap::new(), last_process_sample_us: HashMap::new(), statics: HashMap::new() };
     let mut next = Some(first);
     // The request that came with a fresh initialisation is answered as is, so a library that
     // initialises but never works cannot spin this thread.
@@ -282,28 +289,65 @@ impl Reader {
     }
 }
 
+/// Per-GPU facts read once per NVML session.
+#[derive(Debug, Clone, Default)]
+struct Static {
+    uuid: String,
+    name: String,
+    pci_bus_id: Option<String>,
+    compute_capability: Option<[i32; 2]>,
+    sm_count: Option<u32>,
+    max_sm_clock_mhz: Option<u32>,
+    gpm_supported: Option<bool>,
+}
+
+fn read_static(device: &Device<'_>, r: &mut Reader) -> Option<Static> {
+    let st = Static {
+        uuid: r.get("uuid", device.uuid())?,
+        name: r.get("name", device.name())?,
+        pci_bus_id: r.get("pci_info", device.pci_info()).map(|p| p.bus_id),
+        compute_capability: r
+            .get("compute_capability", device.cuda_compute_capability())
+            .map(|c| [c.major, c.minor]),
+        sm_count: r.get("attributes", device.attributes()).map(|a| a.multiprocessor_count),
+        max_sm_clock_mhz: r.get("max_sm_clock", device.max_clock_info(Clock::SM)),
+        gpm_supported: r.get("gpm_support", device.gpm_support()),
+    };
+    (!r.lost).then_some(st)
+}
+
 fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSnapshot {
-    let (known_uuid, known_name) = memory.known.get(&index).cloned().unwrap_or_default();
+    let known = memory.statics.get(&index).cloned();
+    let lost = |memory: &mut Memory<'n>, st: Option<Static>| {
+        let st = st.unwrap_or_default();
+        tracing::warn!(index, uuid = %st.uuid, "GPU lost");
+        memory.gpm.remove(&st.uuid);
+        GpuSnapshot::bare(index, st.uuid, st.name, GpuState::Lost)
+    };
     let device = match nvml.device_by_index(index) {
         Ok(d) => d,
         Err(e) => {
-            let state = GpuState::Lost;
-            tracing::warn!(index, uuid = %known_uuid, error = %e, "GPU unreadable");
-            return GpuSnapshot::bare(index, known_uuid, known_name, state);
+            tracing::debug!(index, error = %e, "no handle for GPU");
+            return lost(memory, known);
         }
     };
     let mut r = Reader { lost: false };
-    let uuid = r.get("uuid", device.uuid()).unwrap_or(known_uuid);
-    let name = r.get("name", device.name()).unwrap_or(known_name);
-    if r.lost {
-        tracing::warn!(index, %uuid, "GPU lost");
-        memory.gpm.remove(&uuid);
-        return GpuSnapshot::bare(index, uuid, name, GpuState::Lost);
-    }
-    memory.known.insert(index, (uuid.clone(), name.clone()));
-
-    let mut snap = GpuSnapshot::bare(index, uuid.clone(), name, GpuState::Ok);
-    snap.pci_bus_id = r.get("pci_info", device.pci_info()).map(|p| p.bus_id);
+    let st = match known {
+        Some(st) => st,
+        None => match read_static(&device, &mut r) {
+            Some(st) => {
+                memory.statics.insert(index, st.clone());
+                st
+            }
+            None => return lost(memory, None),
+        },
+    };
+    let uuid = st.uuid.clone();
+    let mut snap = GpuSnapshot::bare(index, uuid.clone(), st.name.clone(), GpuState::Ok);
+    snap.pci_bus_id = st.pci_bus_id.clone();
+    snap.compute_capability = st.compute_capability;
+    snap.sm_count = st.sm_count;
+    snap.max_sm_clock_mhz = st.max_sm_clock_mhz;
     if let Some(u) = r.get("utilization", device.utilization_rates()) {
         snap.utilization_gpu_pct = Some(u.gpu);
         snap.utilization_memory_pct = Some(u.memory);
@@ -313,11 +357,7 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
         snap.memory_total_bytes = Some(m.total);
     }
     snap.sm_clock_mhz = r.get("sm_clock", device.clock_info(Clock::SM));
-    snap.max_sm_clock_mhz = r.get("max_sm_clock", device.max_clock_info(Clock::SM));
     snap.power_mw = r.get("power", device.power_usage());
-    snap.compute_capability =
-        r.get("compute_capability", device.cuda_compute_capability()).map(|c| [c.major, c.minor]);
-    snap.sm_count = r.get("attributes", device.attributes()).map(|a| a.multiprocessor_count);
     snap.compute_mode = r.get("compute_mode", device.compute_mode()).map(from_nvml_mode);
     snap.processes = r
         .get("processes", device.running_compute_processes())
@@ -337,16 +377,12 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
     if snap.mig_enabled == Some(true) {
         snap.mig_instances = mig_instances(&device, &mut r);
     }
-    let (supported, activity) = gpm_tensor_activity(nvml, &device, &uuid, memory, &mut r);
-    snap.gpm_supported = supported;
-    snap.gpm_tensor_activity_pct = activity;
-
+    snap.gpm_supported = st.gpm_supported;
+    if st.gpm_supported == Some(true) {
+        snap.gpm_tensor_activity_pct = gpm_tensor_activity(nvml, &device, &uuid, memory, &mut r);
+    }
     if r.lost {
-        tracing::warn!(index, %uuid, "GPU lost mid-sample");
-        memory.gpm.remove(&uuid);
-        let mut lost = GpuSnapshot::bare(index, uuid, snap.name, GpuState::Lost);
-        lost.processes = Vec::new();
-        return lost;
+        return lost(memory, Some(st));
     }
     snap
 }
@@ -399,21 +435,17 @@ fn mig_instances(device: &Device<'_>, r: &mut Reader) -> Vec<MigInstance> {
         .collect()
 }
 
-/// `(gpm supported, tensor activity % since the previous sample)`.
+/// Tensor activity % since the previous sample, on a GPU with GPM.
 fn gpm_tensor_activity<'n>(
     nvml: &'n Nvml,
     device: &Device<'n>,
     uuid: &str,
     memory: &mut Memory<'n>,
     r: &mut Reader,
-) -> (Option<bool>, Option<f64>) {
-    let supported = r.get("gpm_support", device.gpm_support());
-    if supported != Some(true) {
-        return (supported, None);
-    }
+) -> Option<f64> {
     let Some(now) = r.get("gpm_sample", device.gpm_sample()) else {
         memory.gpm.remove(uuid);
-        return (supported, None);
+        return None;
     };
     let activity = memory.gpm.remove(uuid).and_then(|before| {
         let results = r.get(
@@ -424,7 +456,7 @@ fn gpm_tensor_activity<'n>(
         r.get("gpm_tensor_metric", first).map(|m| m.value)
     });
     memory.gpm.insert(uuid.to_owned(), now);
-    (supported, activity)
+    activity
 }
 
 fn with_device<T>(
