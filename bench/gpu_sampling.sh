@@ -20,23 +20,27 @@ cargo build --release --quiet -p kycd --example gpu_sampler
 cargo build --release --quiet -p kycd-fake-nvml
 
 work=$(mktemp -d)
-agent_pid=""; ne_pid=""
+agent_pid=""; ne_pid=""; sleepers=()
 cleanup() {
   [[ -n $agent_pid ]] && kill "$agent_pid" 2>/dev/null || true
   [[ -n $ne_pid ]] && kill "$ne_pid" 2>/dev/null || true
+  for p in "${sleepers[@]}"; do kill "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 cp target/release/libkycd_fake_nvml.so "$work/libnvidia-ml.so.1"
-# 8 H100s, GPM and per-process samples on, two processes per GPU (pids of this shell and of
-# init, so /proc attribution does real reads), activity varying by tick.
-python3 - "$work/scenario.json" "$$" <<'PY'
+# 8 H100s, GPM and per-process samples on, activity varying by tick. Each GPU runs one real
+# process (a `sleep`, like one rank of a data-parallel job), so /proc attribution does real
+# reads; GPU 7 also lists init (a second, host-level process).
+sleepers=()
+for i in 0 1 2 3 4 5 6 7; do sleep $((secs + 30)) & sleepers+=($!); done
+python3 - "$work/scenario.json" "${sleepers[@]}" <<'PY'
 import json, sys
-path, me = sys.argv[1], int(sys.argv[2])
+path, pids = sys.argv[1], [int(p) for p in sys.argv[2:]]
 gpus = []
-for i in range(8):
-    procs = [{"pid": me, "used_mib": 20000, "sm_util": 60}, {"pid": 1, "used_mib": 1000, "sm_util": 10}]
+for i, pid in enumerate(pids):
+    procs = [{"pid": pid, "used_mib": 20000, "sm_util": 60}] + ([{"pid": 1, "used_mib": 500, "sm_util": 5}] if i == 7 else [])
     ticks = [{"util": 90 - k, "mem_util": 40, "tensor": 50.0 + k, "processes": procs} for k in range(10)]
     gpus.append({"name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-bench-{i}", "ticks": ticks})
 json.dump({"gpus": gpus}, open(path, "w"))
@@ -76,3 +80,5 @@ ahwm=$(kib "$agent_pid" VmHWM); nhwm=$(kib "$ne_pid" VmHWM)
 printf '\nwall %d ms; agent/node_exporter VmHWM ratio %.3f (target <= 0.5); agent CPU target <= 0.1%% of one core\n' \
   "$wall" "$(awk -v a="$ahwm" -v n="$nhwm" 'BEGIN { print a / n }')"
 printf 'node_exporter %s\n' "$("$node_exporter" --version 2>&1 | head -1)"
+printf 'agent windows emitted during the run: %s (60 s windows; GPUs listed per tick: 8, GPU processes: 9)\n' \
+  "$(wc -l < "$work/windows.jsonl")"

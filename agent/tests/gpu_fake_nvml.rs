@@ -551,3 +551,30 @@ fn real_processes_in_real_cgroups_are_attributed_through_proc() {
     assert!(close(w.estimated_ops, 3.0 * H100_PEAK * 0.4));
     assert_eq!(window(&windows, "host:host").estimated_ops, 0.0);
 }
+
+#[test]
+fn process_owners_are_cached_while_listed_and_rechecked_every_ten_seconds() {
+    let on = json!({"util": 50, "processes": [proc(5, 50)]});
+    let off = json!({"util": 0});
+    // Listed for ticks 0..=11, gone at 12, back at 13.
+    let mut ticks = vec![on.clone(); 12];
+    ticks.extend([off, on]);
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!(ticks))]}));
+    host.process(5, "/user.slice/user-1.slice/a.scope");
+    let mut sampler = host.sampler(clocked(&host), TrainingRule::default());
+    let owner = |r: &TickReport| r.processes.first().map(|p| p.owner.clone());
+    let user = |n: u32| Some(ProcessOwner::Workload { workload: format!("unix_user:{n}").parse().unwrap() });
+    let mut seen = Vec::new();
+    for k in 0..14 {
+        if k == 2 {
+            // The process moves to another cgroup.
+            host.process(5, "/user.slice/user-2.slice/a.scope");
+        }
+        seen.push(owner(&sampler.tick(&TenantMap::new())));
+    }
+    assert_eq!(seen[0], user(1));
+    assert_eq!(seen[9], user(1), "cached for 10 s");
+    assert_eq!(seen[10], user(2), "re-read after 10 s");
+    assert_eq!(seen[12], None);
+    assert_eq!(seen[13], user(2));
+}

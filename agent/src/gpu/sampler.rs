@@ -13,7 +13,7 @@
 //! the interval so a suspended host does not book its sleep as GPU use; the first sample only
 //! primes (GPM activity is a difference of two samples).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +129,13 @@ pub enum SamplerError {
 pub struct GpuSampler {
     backend: Box<dyn GpuBackend>,
     attributor: Attributor,
+    /// pid → (owner, when read, Unix ms). Reading `/proc/<pid>/cgroup` is the costliest part
+    /// of a tick (the kernel walks every hierarchy under a global lock), and a training job's
+    /// processes stay put for hours. An entry lives only while NVML keeps listing its pid on
+    /// consecutive ticks (pid reuse needs the pid to vanish first, and a wrap of pid_max
+    /// within one interval) and is re-read every [`OWNER_RECHECK_MS`] to notice a process
+    /// moved to another cgroup.
+    owners: HashMap<u32, (ProcessOwner, i64)>,
     peaks: PeakTable,
     aggregator: UsageAggregator,
     interval: Duration,
@@ -141,6 +148,7 @@ impl GpuSampler {
         Ok(GpuSampler {
             backend,
             attributor: Attributor::new(&options.proc_root, &options.cgroup_roots),
+            owners: HashMap::new(),
             peaks: PeakTable::with_override(options.peak_override.as_deref())?,
             aggregator: UsageAggregator::new(options.window, options.training),
             interval: options.interval,
@@ -182,6 +190,10 @@ impl GpuSampler {
         if let BackendState::Unavailable { reason } = &sample.backend {
             tracing::debug!(%reason, "GPU backend unavailable");
         }
+        // Forget pids no GPU lists any more (see `owners`).
+        let listed: HashSet<u32> =
+            sample.gpus.iter().flat_map(|g| g.processes.iter().map(|p| p.pid)).collect();
+        self.owners.retain(|pid, _| listed.contains(pid));
         let mut observations = Vec::new();
         for gpu in &sample.gpus {
             if gpu.state == GpuState::Lost {
@@ -201,7 +213,7 @@ impl GpuSampler {
             let method = activity.map_or(EstimationMethod::Unknown, |a| a.method);
             let mut per_key: BTreeMap<UsageKey, f64> = BTreeMap::new();
             for (pid, share) in shares {
-                let owner = self.attributor.owner(pid);
+                let owner = self.owner(pid, sample.at_ms);
                 let tenant_info = match &owner {
                     ProcessOwner::Workload { workload } => tenants.get(workload),
                     _ => None,
@@ -247,6 +259,27 @@ impl GpuSampler {
         report
     }
 }
+
+impl GpuSampler {
+    fn owner(&mut self, pid: u32, now_ms: i64) -> ProcessOwner {
+        if let Some((owner, read_at)) = self.owners.get(&pid) {
+            if now_ms.saturating_sub(*read_at) < OWNER_RECHECK_MS {
+                return owner.clone();
+            }
+        }
+        let owner = self.attributor.owner(pid);
+        // Exited and unreadable processes are not remembered: they are rare and may change.
+        if matches!(owner, ProcessOwner::Workload { .. }) {
+            self.owners.insert(pid, (owner.clone(), now_ms));
+        } else {
+            self.owners.remove(&pid);
+        }
+        owner
+    }
+}
+
+/// How often a cached process owner is re-read from `/proc/<pid>/cgroup`.
+pub const OWNER_RECHECK_MS: i64 = 10_000;
 
 /// `(pid, share of the GPU's activity)` for each process on the GPU; shares sum to 1 when
 /// there are processes.
