@@ -382,7 +382,9 @@ fn compute_mode_enforce_lift_and_drift() {
     ]}));
     let modes_file = host.dir.path().join("modes.json");
     let state = host.dir.path().join("enforce/state.json");
+    // The enforcer and the sampler share one NVML thread through clones of the handle.
     let mut backend = host.backend();
+    let mut sampler = host.sampler(Box::new(backend.clone()), TrainingRule::default());
     let mut enforcer = GpuComputeModeEnforcer::load(&state).unwrap();
     let deny: BTreeSet<String> = ["GPU-0".to_string()].into();
 
@@ -391,7 +393,7 @@ fn compute_mode_enforce_lift_and_drift() {
     assert!(r.errors.is_empty() && r.restored.is_empty() && r.drift_repaired.is_empty());
     assert_eq!(backend.compute_mode("GPU-0").unwrap(), ComputeMode::Prohibited);
     assert_eq!(backend.compute_mode("GPU-1").unwrap(), ComputeMode::Default);
-    assert_eq!(backend.sample().gpus[0].compute_mode, Some(ComputeMode::Prohibited));
+    assert_eq!(sampler.tick(&TenantMap::new()).sample.gpus[0].compute_mode, Some(ComputeMode::Prohibited));
 
     // Idempotent.
     let r = enforcer.reconcile(&mut backend, &deny).unwrap();

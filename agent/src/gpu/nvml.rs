@@ -57,8 +57,16 @@ enum Request {
 }
 
 /// [`GpuBackend`] over NVML, served by a dedicated thread.
-#[derive(Debug)]
+///
+/// A cheap handle: clones share the one NVML thread (the sampler and the compute-mode enforcer
+/// each hold one). The thread stops when the last clone is dropped.
+#[derive(Debug, Clone)]
 pub struct NvmlBackend {
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     requests: Option<mpsc::SyncSender<Request>>,
     thread: Option<std::thread::JoinHandle<()>>,
     reply_timeout: Duration,
@@ -92,9 +100,16 @@ impl NvmlBackend {
             .name("kycd-nvml".into())
             .spawn(move || nvml_thread(&options, &rx))
             .map_err(NvmlBackendError::Spawn)?;
-        Ok(NvmlBackend { requests: Some(tx), thread: Some(thread), reply_timeout })
+        let inner = Inner { requests: Some(tx), thread: Some(thread), reply_timeout };
+        Ok(NvmlBackend { inner: std::sync::Arc::new(inner) })
     }
 
+    fn ask<T>(&self, make: impl FnOnce(mpsc::SyncSender<T>) -> Request) -> Result<T, String> {
+        self.inner.ask(make)
+    }
+}
+
+impl Inner {
     fn ask<T>(&self, make: impl FnOnce(mpsc::SyncSender<T>) -> Request) -> Result<T, String> {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         let Some(requests) = &self.requests else { return Err("NVML backend stopped".into()) };
@@ -109,7 +124,7 @@ impl NvmlBackend {
     }
 }
 
-impl Drop for NvmlBackend {
+impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the thread, which drops `Nvml` (nvmlShutdown, dlclose).
         self.requests = None;
