@@ -580,3 +580,24 @@ fn process_owners_are_cached_while_listed_and_rechecked_every_ten_seconds() {
     assert_eq!(seen[12], None);
     assert_eq!(seen[13], user(2));
 }
+
+#[test]
+fn a_hung_driver_stalls_gpu_data_not_the_caller() {
+    let host = FakeHost::new(json!({"count_delay_ms": 400, "gpus": [gpu(0, H100, json!([{"util": 1}]))]}));
+    let options = NvmlOptions { library: host.library(), queue: 1, reply_timeout: Duration::from_millis(50) };
+    let mut backend = NvmlBackend::start(options).unwrap();
+    let started = std::time::Instant::now();
+    let s = backend.sample();
+    let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
+    assert!(reason.contains("did not answer"), "{reason}");
+    // The thread is still inside the first call: one more request queues, the next is refused.
+    let _ = backend.sample();
+    let s = backend.sample();
+    let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
+    assert!(reason.contains("busy"), "{reason}");
+    assert!(started.elapsed() < Duration::from_millis(350), "callers never wait for the driver");
+    // Dropping the handle does not wait for the wedged thread beyond its grace period.
+    let dropped = std::time::Instant::now();
+    drop(backend);
+    assert!(dropped.elapsed() < Duration::from_millis(1500));
+}

@@ -18,6 +18,7 @@
 //!   "init_error": "LIBRARY_NOT_FOUND",            // optional: nvmlInit_v2 fails with it
 //!   "state_file": "/tmp/x/compute-modes.json",     // optional: compute modes persisted here
 //!   "tick_us": 1000000,                            // optional: per-process sample spacing
+//!   "count_delay_ms": 0,                           // optional: nvmlDeviceGetCount_v2 hangs this long
 //!   "gpus": [{
 //!     "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-…",
 //!     "sm_count": 132, "max_sm_clock_mhz": 1980, "sm_clock_mhz": 1755,
@@ -68,6 +69,8 @@ struct Scenario {
     state_file: Option<PathBuf>,
     #[serde(default = "default_tick_us")]
     tick_us: u64,
+    #[serde(default)]
+    count_delay_ms: u64,
     #[serde(default)]
     gpus: Vec<Gpu>,
 }
@@ -385,6 +388,11 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
 /// `count` must be valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn_t {
+    // A wedged driver: the call blocks (outside the lock, as a real ioctl would not hold ours).
+    let delay = lock().as_ref().map_or(0, |s| s.scenario.count_delay_ms);
+    if delay > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+    }
     let mut guard = lock();
     let Some(state) = guard.as_mut() else { return nvmlReturn_enum_NVML_ERROR_UNINITIALIZED };
     state.count_calls += 1;
