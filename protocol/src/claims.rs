@@ -685,8 +685,9 @@ pub enum EstimationMethod {
     GpmTensor,
     /// SM utilisation × peak tensor FLOP/s: an upper bound.
     SmUtilizationUpperBound,
-    /// Some GPU in the window has no known peak: `estimated_ops` counts only the GPUs whose
-    /// peak is known, so it is a lower bound.
+    /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
+    /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
+    /// estimated, so it is a lower bound.
     Unknown,
 }
 
