@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod decision;
 pub mod enforce;
 pub mod fsutil;
+pub mod gpu;
 pub mod policy;
 pub mod reconcile;
 pub mod tokens;

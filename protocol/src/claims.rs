@@ -700,6 +700,10 @@ pub enum EstimationMethod {
     GpmTensor,
     /// SM utilisation × peak tensor FLOP/s: an upper bound.
     SmUtilizationUpperBound,
+    /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
+    /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
+    /// estimated, so it is a lower bound.
+    Unknown,
 }
 
 /// GPU usage of one (tenant, workload) over one window.
@@ -721,12 +725,19 @@ pub struct UsageWindow {
     pub gpu_seconds: f64,
     /// Distinct GPUs used.
     pub gpus: u32,
+    /// Most GPUs used at the same time (one sample) within the window.
+    #[serde(default)]
+    pub max_concurrent_gpus: u32,
     /// Estimated operations.
     pub estimated_ops: f64,
     /// Peak FLOP/s capacity of the GPUs used (for cluster-capacity aggregation).
     pub peak_flops: f64,
     /// How operations were estimated.
     pub method: EstimationMethod,
+    /// The agent's local training heuristic fired in this window (enough GPUs busy enough for
+    /// long enough); a hint for the collector, which decides findings from the totals.
+    #[serde(default)]
+    pub training_like: bool,
     /// How many original windows were merged into this one (1 unless the spool neared its cap).
     #[serde(default = "one")]
     pub merged_windows: u32,
@@ -779,6 +790,18 @@ mod tests {
         a.merge(&Conditions { network: Some(NetworkCondition::DenyEgress), ..Default::default() });
         assert_eq!(a.network, Some(NetworkCondition::DenyEgress));
         assert_eq!(a.max_gpus, Some(2));
+    }
+
+    #[test]
+    fn usage_window_new_fields_default_for_old_senders() {
+        let old = serde_json::json!({
+            "tenant": "t", "workload": "host:host", "start": 0, "end": 60, "gpu_seconds": 60.0,
+            "gpus": 1, "estimated_ops": 1.0, "peak_flops": 1.0, "method": "gpm_tensor"
+        });
+        let w: UsageWindow = serde_json::from_value(old).unwrap();
+        assert_eq!((w.max_concurrent_gpus, w.training_like, w.merged_windows), (0, false, 1));
+        let wire = serde_json::to_value(EstimationMethod::Unknown).unwrap();
+        assert_eq!(wire, serde_json::json!("unknown"));
     }
 
     #[test]

@@ -131,6 +131,33 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// GPU tools.
+    Gpu {
+        #[command(subcommand)]
+        command: GpuCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GpuCommand {
+    /// Record a GPU trace (JSON lines, one sample per line) from NVML, for replay.
+    ///
+    /// Exit 0 when at least one sample reached the driver, 1 when NVML was unavailable
+    /// throughout (the trace then records why), 2 when the trace cannot be written.
+    Record {
+        /// How long to record, seconds.
+        #[arg(long, value_name = "N")]
+        seconds: u64,
+        /// Trace file to write (replaced).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// NVML library to load.
+        #[arg(long, value_name = "PATH", default_value = kycd::gpu::nvml::DEFAULT_LIBRARY)]
+        nvml_library: PathBuf,
+        /// Sampling interval, milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +350,22 @@ fn audit_verify(dir: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
+fn gpu_record(library: &std::path::Path, seconds: u64, interval_ms: u64, out: &std::path::Path) -> ExitCode {
+    use std::time::Duration;
+    let (duration, interval) = (Duration::from_secs(seconds), Duration::from_millis(interval_ms));
+    match kycd::gpu::record::record_nvml(library, duration, interval, out) {
+        Ok(s) if s.samples > s.unavailable => {
+            eprintln!("recorded {} samples ({} unavailable) to {}", s.samples, s.unavailable, out.display());
+            ExitCode::SUCCESS
+        }
+        Ok(s) => fail(
+            EXIT_INVALID,
+            format_args!("NVML unavailable for all {} samples (see {})", s.samples, out.display()),
+        ),
+        Err(e) => fail(EXIT_USAGE, e),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -386,5 +429,8 @@ fn main() -> ExitCode {
             admit(AdmitArgs { workload, attestation, libvirt_uuid, timeout, fail_open, socket })
         }
         Command::Audit { command: AuditCommand::Verify { json, dir } } => audit_verify(&dir, json),
+        Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
+            gpu_record(&nvml_library, seconds, interval_ms, &out)
+        }
     }
 }

@@ -1,0 +1,292 @@
+//! Usage windows per (tenant, workload): what the agent reports about GPU use.
+//!
+//! The sampler hands [`UsageAggregator::observe`] one [`Observation`] per (workload, GPU) per
+//! tick. Windows are aligned to multiples of the window length in Unix time (default 60 s); a
+//! tick belongs to the window containing its end instant minus 1 ms, so a tick ending exactly
+//! on a boundary counts towards the window it closes. A window is emitted when the first tick
+//! of a later window arrives (or on [`UsageAggregator::flush`]), as the
+//! [`kycd_protocol::UsageWindow`] wire type.
+//!
+//! Per window and key: GPU-seconds (tick length for each GPU the workload had a process on),
+//! distinct GPUs, most GPUs in one tick, estimated operations, summed peak FLOP/s of the GPUs
+//! used, the estimation method (the weakest seen: `unknown` < `sm_utilization_upper_bound` <
+//! `gpm_tensor`), and the local `training_like` flag ([`TrainingRule`]).
+//!
+//! Windows go to the reporting pipeline over a bounded [`tokio::sync::mpsc`] channel
+//! ([`window_channel`]); a full channel back-pressures the sampler thread rather than dropping
+//! usage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kycd_protocol::{EstimationMethod, UsageWindow};
+
+use crate::workload::WorkloadId;
+
+/// Default window length.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The sending half the sampler writes windows to.
+pub type WindowSender = tokio::sync::mpsc::Sender<UsageWindow>;
+/// The receiving half the reporting pipeline reads.
+pub type WindowReceiver = tokio::sync::mpsc::Receiver<UsageWindow>;
+
+/// A bounded channel for windows (`capacity` at least 1).
+pub fn window_channel(capacity: usize) -> (WindowSender, WindowReceiver) {
+    tokio::sync::mpsc::channel(capacity.max(1))
+}
+
+/// When a workload looks like a training run, locally: at least `min_gpus` GPUs each at least
+/// `min_activity` busy (this workload's share) for at least `min_duration` without a break.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingRule {
+    /// N: GPUs.
+    pub min_gpus: u32,
+    /// X: activity fraction per GPU, 0..=1.
+    pub min_activity: f64,
+    /// T: sustained for this long.
+    pub min_duration: Duration,
+}
+
+impl Default for TrainingRule {
+    fn default() -> Self {
+        TrainingRule { min_gpus: 8, min_activity: 0.5, min_duration: Duration::from_secs(10 * 60) }
+    }
+}
+
+/// Who a usage belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UsageKey {
+    /// Tenant (`sub` of a valid attestation); `None`: unattributed, the policy's `unverified`
+    /// path.
+    pub tenant: Option<String>,
+    /// The workload.
+    pub workload: WorkloadId,
+    /// From the tenant's attestation.
+    pub foreign_person: bool,
+}
+
+/// One workload's use of one GPU over one tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// Who.
+    pub key: UsageKey,
+    /// Which GPU.
+    pub gpu_uuid: String,
+    /// The GPU's peak dense tensor FLOP/s, if known.
+    pub peak_flops: Option<f64>,
+    /// This workload's fraction of the GPU's peak over the tick (GPU activity × its share).
+    pub activity: f64,
+    /// How the GPU's activity was measured; `Unknown` if it was not.
+    pub method: EstimationMethod,
+}
+
+#[derive(Debug, Clone)]
+struct Open {
+    gpus: BTreeSet<String>,
+    peak_by_gpu: BTreeMap<String, f64>,
+    gpu_seconds: f64,
+    ops: f64,
+    max_concurrent: u32,
+    method: EstimationMethod,
+    training_like: bool,
+}
+
+fn rank(m: EstimationMethod) -> u8 {
+    match m {
+        EstimationMethod::Unknown => 0,
+        EstimationMethod::SmUtilizationUpperBound => 1,
+        EstimationMethod::GpmTensor => 2,
+    }
+}
+
+/// Accumulates ticks into windows.
+#[derive(Debug, Clone)]
+pub struct UsageAggregator {
+    window_ms: i64,
+    rule: TrainingRule,
+    /// Index of the window being filled.
+    current: Option<i64>,
+    open: BTreeMap<UsageKey, Open>,
+    /// Since when each key has met the training rule without a break (Unix ms).
+    runs: BTreeMap<UsageKey, i64>,
+    last_end_ms: i64,
+}
+
+impl UsageAggregator {
+    /// Windows of `window` (whole seconds, at least 1).
+    pub fn new(window: Duration, rule: TrainingRule) -> Self {
+        let window_ms = i64::try_from(window.as_secs().max(1)).unwrap_or(i64::MAX / 2_000) * 1000;
+        UsageAggregator {
+            window_ms,
+            rule,
+            current: None,
+            open: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            last_end_ms: 0,
+        }
+    }
+
+    /// Adds one tick `(end_ms - dt, end_ms]`; returns windows this tick closed.
+    pub fn observe(&mut self, end_ms: i64, dt: Duration, observations: &[Observation]) -> Vec<UsageWindow> {
+        let index = (end_ms - 1).div_euclid(self.window_ms);
+        let mut closed = Vec::new();
+        if self.current.is_some_and(|c| c != index) {
+            closed = self.close_current();
+        }
+        self.current = Some(index);
+        self.last_end_ms = end_ms;
+        let dt_s = dt.as_secs_f64();
+
+        let mut per_key: BTreeMap<&UsageKey, Vec<&Observation>> = BTreeMap::new();
+        for o in observations {
+            per_key.entry(&o.key).or_default().push(o);
+        }
+        // A key that used no GPU this tick has broken its run.
+        self.runs.retain(|k, _| per_key.contains_key(k));
+
+        let start_ms = end_ms - i64::try_from(dt.as_millis()).unwrap_or(0);
+        for (key, obs) in per_key {
+            let open = self.open.entry(key.clone()).or_insert_with(|| Open {
+                gpus: BTreeSet::new(),
+                peak_by_gpu: BTreeMap::new(),
+                gpu_seconds: 0.0,
+                ops: 0.0,
+                max_concurrent: 0,
+                method: EstimationMethod::GpmTensor,
+                training_like: false,
+            });
+            let gpus_now: BTreeSet<&str> = obs.iter().map(|o| o.gpu_uuid.as_str()).collect();
+            open.max_concurrent = open.max_concurrent.max(u32::try_from(gpus_now.len()).unwrap_or(u32::MAX));
+            open.gpu_seconds += dt_s * gpus_now.len() as f64;
+            for o in &obs {
+                open.gpus.insert(o.gpu_uuid.clone());
+                let method = if o.peak_flops.is_none() { EstimationMethod::Unknown } else { o.method };
+                if rank(method) < rank(open.method) {
+                    open.method = method;
+                }
+                if let Some(peak) = o.peak_flops {
+                    open.peak_by_gpu.insert(o.gpu_uuid.clone(), peak);
+                    open.ops += super::flops::estimate_ops(peak, o.activity, dt_s);
+                }
+            }
+            let busy = obs
+                .iter()
+                .filter(|o| o.activity >= self.rule.min_activity)
+                .map(|o| o.gpu_uuid.as_str())
+                .collect::<BTreeSet<_>>()
+                .len();
+            if busy >= self.rule.min_gpus as usize && self.rule.min_gpus > 0 {
+                let since = *self.runs.entry(key.clone()).or_insert(start_ms);
+                let min_ms = i64::try_from(self.rule.min_duration.as_millis()).unwrap_or(i64::MAX);
+                if end_ms - since >= min_ms {
+                    open.training_like = true;
+                }
+            } else {
+                self.runs.remove(key);
+            }
+        }
+        closed
+    }
+
+    /// Closes the window being filled (at shutdown), ending it at the last tick.
+    pub fn flush(&mut self) -> Vec<UsageWindow> {
+        self.close_current()
+    }
+
+    fn close_current(&mut self) -> Vec<UsageWindow> {
+        let Some(index) = self.current.take() else { return Vec::new() };
+        let start = index * self.window_ms / 1000;
+        let nominal_end = (index + 1) * self.window_ms / 1000;
+        // A partial window (flush) ends at its last tick, rounded up to a whole second.
+        let end = nominal_end.min((self.last_end_ms + 999).div_euclid(1000));
+        std::mem::take(&mut self.open)
+            .into_iter()
+            .map(|(key, open)| UsageWindow {
+                tenant: key.tenant,
+                workload: key.workload.to_string(),
+                foreign_person: key.foreign_person,
+                start,
+                end,
+                gpu_seconds: open.gpu_seconds,
+                gpus: u32::try_from(open.gpus.len()).unwrap_or(u32::MAX),
+                max_concurrent_gpus: open.max_concurrent,
+                estimated_ops: open.ops,
+                peak_flops: open.peak_by_gpu.values().sum(),
+                method: open.method,
+                training_like: open.training_like,
+                merged_windows: 1,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(tenant: &str, gpu: usize, activity: f64, method: EstimationMethod) -> Observation {
+        Observation {
+            key: UsageKey {
+                tenant: Some(tenant.into()),
+                workload: WorkloadId::host(),
+                foreign_person: false,
+            },
+            gpu_uuid: format!("GPU-{gpu}"),
+            peak_flops: Some(1e15),
+            activity,
+            method,
+        }
+    }
+
+    #[test]
+    fn windows_align_and_carry_totals() {
+        let mut agg = UsageAggregator::new(Duration::from_secs(60), TrainingRule::default());
+        let t0 = 1_764_000_000_000; // a multiple of 60 s
+        let mut closed = Vec::new();
+        for k in 1..=61 {
+            let o = [
+                obs("a", 0, 0.5, EstimationMethod::GpmTensor),
+                obs("a", 1, 0.25, EstimationMethod::GpmTensor),
+            ];
+            closed.extend(agg.observe(t0 + k * 1000, Duration::from_secs(1), &o));
+        }
+        assert_eq!(closed.len(), 1);
+        let w = &closed[0];
+        assert_eq!((w.start, w.end), (t0 / 1000, t0 / 1000 + 60));
+        assert_eq!(w.gpu_seconds, 120.0);
+        assert_eq!((w.gpus, w.max_concurrent_gpus), (2, 2));
+        assert!((w.estimated_ops - 60.0 * 0.75e15).abs() < 1.0);
+        assert_eq!(w.peak_flops, 2e15);
+        assert_eq!(w.method, EstimationMethod::GpmTensor);
+        let rest = agg.flush();
+        assert_eq!((rest[0].start, rest[0].end, rest[0].gpu_seconds), (t0 / 1000 + 60, t0 / 1000 + 61, 2.0));
+    }
+
+    #[test]
+    fn training_like_needs_enough_gpus_for_long_enough() {
+        let rule = TrainingRule { min_gpus: 2, min_activity: 0.5, min_duration: Duration::from_secs(30) };
+        let mut agg = UsageAggregator::new(Duration::from_secs(60), rule);
+        let t0 = 1_764_000_000_000;
+        for k in 1..=29 {
+            let o = [
+                obs("a", 0, 0.9, EstimationMethod::GpmTensor),
+                obs("a", 1, 0.9, EstimationMethod::SmUtilizationUpperBound),
+            ];
+            agg.observe(t0 + k * 1000, Duration::from_secs(1), &o);
+        }
+        // 29 s is not enough; one idle GPU resets the run.
+        agg.observe(t0 + 30_000, Duration::from_secs(1), &[obs("a", 0, 0.9, EstimationMethod::GpmTensor)]);
+        let w = agg.flush();
+        assert!(!w[0].training_like);
+        assert_eq!(w[0].method, EstimationMethod::SmUtilizationUpperBound);
+        for k in 31..=61 {
+            let o = [
+                obs("a", 0, 0.9, EstimationMethod::GpmTensor),
+                obs("a", 1, 0.6, EstimationMethod::GpmTensor),
+            ];
+            agg.observe(t0 + k * 1000, Duration::from_secs(1), &o);
+        }
+        assert!(agg.flush()[0].training_like);
+    }
+}

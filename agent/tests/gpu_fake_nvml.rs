@@ -1,0 +1,604 @@
+//! GPU sampling against the fake `libnvidia-ml.so` (`tests/fake-nvml`), loaded through the
+//! same `Nvml::builder().lib_path(..)` call a real host makes.
+//!
+//! The fake library is built once per test process by running `cargo build -p kycd-fake-nvml`
+//! (a cdylib member is not built by `cargo test` itself). Each test copies it, with its own
+//! `scenario.json`, into a temporary directory: separate files are separate `dlopen`s, so
+//! tests running in parallel do not share the fake's state, and no environment variable is set.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use kycd::gpu::attribution::ProcessOwner;
+use kycd::gpu::enforce::GpuComputeModeEnforcer;
+use kycd::gpu::sampler::{GpuSampler, SamplerOptions, TenantInfo, TenantMap, TickReport};
+use kycd::gpu::usage::TrainingRule;
+use kycd::gpu::{
+    BackendState, ComputeMode, GpuBackend, GpuError, GpuState, NvmlBackend, NvmlOptions, Sample,
+};
+use kycd::workload::WorkloadId;
+use kycd_protocol::{EstimationMethod, UsageWindow};
+use serde_json::json;
+
+const H100: &str = "NVIDIA H100 80GB HBM3";
+const H100_PEAK: f64 = 989.4e12;
+const A100_PEAK: f64 = 312e12;
+/// A multiple of 60 s, so windows start at T0.
+const T0_MS: i64 = 1_764_000_000_000;
+
+/// Path of the fake library, built on first use.
+fn fake_library() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        // target/<profile>/deps/<this test> → target/<profile>/
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "kycd-fake-nvml"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
+        assert!(status.success(), "cargo build -p kycd-fake-nvml failed");
+        let lib = profile_dir.join("libkycd_fake_nvml.so");
+        assert!(lib.exists(), "{} missing after build", lib.display());
+        lib
+    })
+}
+
+/// A directory holding a private copy of the fake library and `scenario`.
+struct FakeHost {
+    dir: tempfile::TempDir,
+}
+
+impl FakeHost {
+    fn new(mut scenario: serde_json::Value) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        if scenario.get("state_file").is_some() {
+            scenario["state_file"] = json!(dir.path().join("modes.json"));
+        }
+        std::fs::copy(fake_library(), dir.path().join("libnvidia-ml.so.1")).unwrap();
+        std::fs::write(dir.path().join("scenario.json"), scenario.to_string()).unwrap();
+        std::fs::create_dir(dir.path().join("proc")).unwrap();
+        FakeHost { dir }
+    }
+
+    fn library(&self) -> PathBuf {
+        self.dir.path().join("libnvidia-ml.so.1")
+    }
+
+    fn backend(&self) -> NvmlBackend {
+        NvmlBackend::start(NvmlOptions { library: self.library(), ..Default::default() }).unwrap()
+    }
+
+    fn proc_root(&self) -> PathBuf {
+        self.dir.path().join("proc")
+    }
+
+    /// Puts `pid` into cgroup `path` in the fake /proc.
+    fn process(&self, pid: u32, cgroup: &str) {
+        let d = self.proc_root().join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+    }
+
+    fn sampler(&self, backend: Box<dyn GpuBackend>, training: TrainingRule) -> GpuSampler {
+        let options = SamplerOptions {
+            proc_root: self.proc_root(),
+            cgroup_roots: vec!["machine.slice".into(), "user.slice".into(), "kubepods.slice".into()],
+            training,
+            ..Default::default()
+        };
+        GpuSampler::new(backend, &options).unwrap()
+    }
+}
+
+/// The fake NVML backend with sample times replaced by T0 + k seconds, so tick lengths are
+/// exact; everything else comes from the real NVML path.
+#[derive(Debug)]
+struct Clocked<B> {
+    inner: B,
+    k: i64,
+}
+
+impl<B: GpuBackend> GpuBackend for Clocked<B> {
+    fn sample(&mut self) -> Sample {
+        let mut s = self.inner.sample();
+        s.at_ms = T0_MS + self.k * 1000;
+        self.k += 1;
+        s
+    }
+    fn compute_mode(&mut self, uuid: &str) -> Result<ComputeMode, GpuError> {
+        self.inner.compute_mode(uuid)
+    }
+    fn set_compute_mode(&mut self, uuid: &str, mode: ComputeMode) -> Result<(), GpuError> {
+        self.inner.set_compute_mode(uuid, mode)
+    }
+}
+
+fn clocked(host: &FakeHost) -> Box<dyn GpuBackend> {
+    Box::new(Clocked { inner: host.backend(), k: 0 })
+}
+
+/// Runs `ticks` ticks (plus the priming one) and flushes; returns every report and window.
+fn run(sampler: &mut GpuSampler, tenants: &TenantMap, ticks: usize) -> (Vec<TickReport>, Vec<UsageWindow>) {
+    let mut reports = Vec::new();
+    let mut windows = Vec::new();
+    for _ in 0..=ticks {
+        let mut r = sampler.tick(tenants);
+        windows.append(&mut r.windows);
+        reports.push(r);
+    }
+    windows.extend(sampler.flush());
+    (reports, windows)
+}
+
+fn gpu(i: usize, name: &str, ticks: serde_json::Value) -> serde_json::Value {
+    json!({"name": name, "uuid": format!("GPU-{i:08}"), "ticks": ticks})
+}
+
+fn proc(pid: u32, sm: u32) -> serde_json::Value {
+    json!({"pid": pid, "used_mib": 1024, "sm_util": sm})
+}
+
+fn window<'a>(windows: &'a [UsageWindow], workload: &str) -> &'a UsageWindow {
+    let found: Vec<_> = windows.iter().filter(|w| w.workload == workload).collect();
+    assert_eq!(found.len(), 1, "windows for {workload}: {windows:#?}");
+    found[0]
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn tenant(name: &str, foreign: bool) -> TenantInfo {
+    TenantInfo { tenant: name.into(), foreign_person: foreign }
+}
+
+#[test]
+fn eight_gpus_two_tenants_and_an_unattributed_process() {
+    // GPUs 0-3: tenant A's VM, tensor activity alternating 50 % / 70 % by tick.
+    // GPUs 4-6: tenant B's user; on GPU 6 it shares with a process that has exited (no /proc
+    // entry) by SM utilization 60 : 20. GPU 7: a pod with no attestation.
+    let mut gpus = Vec::new();
+    for i in 0..4u32 {
+        let p = proc(1000 + i, 90);
+        gpus.push(gpu(
+            i as usize,
+            H100,
+            json!([
+                {"util": 95, "tensor": 50.0, "processes": [p]},
+                {"util": 95, "tensor": 70.0, "processes": [p]}
+            ]),
+        ));
+    }
+    for i in 4..6u32 {
+        gpus.push(gpu(
+            i as usize,
+            H100,
+            json!([{"util": 60, "tensor": 30.0, "processes": [proc(2000 + i, 60)]}]),
+        ));
+    }
+    gpus.push(gpu(
+        6,
+        H100,
+        json!([{"util": 80, "tensor": 30.0, "processes": [proc(2006, 60), proc(9999, 20)]}]),
+    ));
+    gpus.push(gpu(7, H100, json!([{"util": 20, "tensor": 10.0, "processes": [proc(3001, 20)]}])));
+    let host = FakeHost::new(json!({"gpus": gpus}));
+    for i in 0..4 {
+        host.process(1000 + i, "/machine.slice/machine-qemu\\x2d1\\x2dvm\\x2da.scope/libvirt/vcpu0");
+    }
+    for i in 4..7 {
+        host.process(2000 + i, "/user.slice/user-2000.slice/session-1.scope");
+    }
+    host.process(3001, "/kubepods.slice/pod-x.slice/cri-1.scope");
+
+    let vm_a: WorkloadId = "libvirt_domain:vm-a".parse().unwrap();
+    let user_b: WorkloadId = "unix_user:2000".parse().unwrap();
+    let tenants: TenantMap = [(vm_a, tenant("tenant-a", true)), (user_b, tenant("tenant-b", false))].into();
+    let rule = TrainingRule { min_gpus: 4, min_activity: 0.45, min_duration: Duration::from_secs(30) };
+    let mut sampler = host.sampler(clocked(&host), rule);
+    let (reports, windows) = run(&mut sampler, &tenants, 60);
+
+    // Every sample saw 8 healthy GPUs with the scenario's static data.
+    for r in &reports {
+        assert_eq!(r.sample.backend, BackendState::Ok);
+        assert_eq!(r.sample.gpus.len(), 8);
+        let g = &r.sample.gpus[0];
+        assert_eq!((g.name.as_str(), g.sm_count, g.max_sm_clock_mhz), (H100, Some(132), Some(1980)));
+        assert_eq!(g.compute_capability, Some([9, 0]));
+        assert_eq!(g.memory_used_bytes, Some(1024 << 20));
+    }
+    assert_eq!(reports[0].dt, Duration::ZERO, "the first sample only primes");
+    assert_eq!(reports[0].sample.gpus[0].gpm_tensor_activity_pct, None);
+    assert_eq!(reports[1].sample.gpus[0].gpm_tensor_activity_pct, Some(70.0));
+    assert_eq!(reports[2].sample.gpus[0].gpm_tensor_activity_pct, Some(50.0));
+
+    // Ticks 1..=60: 30 odd ticks at 70 %, 30 even at 50 %.
+    assert_eq!(windows.len(), 3, "{windows:#?}");
+    let a = window(&windows, "libvirt_domain:vm-a");
+    assert_eq!(a.tenant.as_deref(), Some("tenant-a"));
+    assert!(a.foreign_person);
+    assert_eq!((a.start, a.end), (T0_MS / 1000, T0_MS / 1000 + 60));
+    assert_eq!(a.gpu_seconds, 240.0);
+    assert_eq!((a.gpus, a.max_concurrent_gpus), (4, 4));
+    assert!(close(a.estimated_ops, 4.0 * H100_PEAK * (30.0 * 0.7 + 30.0 * 0.5)), "{}", a.estimated_ops);
+    assert!(close(a.peak_flops, 4.0 * H100_PEAK));
+    assert_eq!(a.method, EstimationMethod::GpmTensor);
+    assert!(a.training_like, "4 GPUs at ≥ 45 % for 60 s");
+
+    let b = window(&windows, "unix_user:2000");
+    assert_eq!(b.tenant.as_deref(), Some("tenant-b"));
+    assert_eq!(b.gpu_seconds, 180.0);
+    assert_eq!((b.gpus, b.max_concurrent_gpus), (3, 3));
+    // GPUs 4 and 5 whole, GPU 6 by 60 / (60 + 20).
+    assert!(close(b.estimated_ops, H100_PEAK * 0.3 * 60.0 * (1.0 + 1.0 + 0.75)), "{}", b.estimated_ops);
+    assert!(!b.training_like, "only 3 GPUs");
+
+    let pod = window(&windows, "cgroup:/kubepods.slice/pod-x.slice");
+    assert_eq!(pod.tenant, None, "no attestation: unattributed");
+    assert_eq!(pod.gpu_seconds, 60.0);
+    assert!(close(pod.estimated_ops, H100_PEAK * 0.1 * 60.0));
+
+    // Each tick lists the unattested pod and the exited process for the unverified path.
+    let last = reports.last().unwrap();
+    let mut unattributed: Vec<_> = last.unattributed.iter().map(|p| (p.pid, p.owner.clone())).collect();
+    unattributed.sort_by_key(|(pid, _)| *pid);
+    assert_eq!(
+        unattributed,
+        [
+            (
+                3001,
+                ProcessOwner::Workload { workload: "cgroup:/kubepods.slice/pod-x.slice".parse().unwrap() }
+            ),
+            (9999, ProcessOwner::Exited),
+        ]
+    );
+    assert_eq!(last.processes.len(), 9);
+}
+
+#[test]
+fn mig_mode_and_instances_are_reported() {
+    let host = FakeHost::new(json!({"gpus": [{
+        "name": H100, "uuid": "GPU-mig", "sm_count": 132, "mig": {"enabled": true, "instances": 2},
+        "ticks": [{"util": 50, "tensor": 40.0, "processes": [{"pid": 42, "used_mib": 10, "sm_util": 50, "gpu_instance_id": 1}]}]
+    }, {"name": H100, "uuid": "GPU-plain"}]}));
+    let mut backend = host.backend();
+    let s = backend.sample();
+    let (mig, plain) = (&s.gpus[0], &s.gpus[1]);
+    assert_eq!(mig.mig_enabled, Some(true));
+    let ids: Vec<_> = mig.mig_instances.iter().map(|m| (m.index, m.uuid.as_str(), m.sm_count)).collect();
+    assert_eq!(ids, [(0, "MIG-mig-0", Some(66)), (1, "MIG-mig-1", Some(66))]);
+    assert_eq!(mig.mig_instances[0].memory_total_bytes, Some((81_559u64 << 20) / 2));
+    assert_eq!(mig.processes[0].gpu_instance_id, Some(1));
+    assert_eq!(plain.mig_enabled, Some(false));
+    assert!(plain.mig_instances.is_empty());
+}
+
+#[test]
+fn without_gpm_the_estimate_falls_back_to_utilization_and_says_so() {
+    // GPU 0: A100 (no GPM), no per-process samples, two tenants' processes → even split.
+    // GPU 1: H100 with GPM, tenant a only. Tenant a's window mixes methods → upper bound.
+    let host = FakeHost::new(json!({"gpus": [
+        {"name": "NVIDIA A100-SXM4-80GB", "uuid": "GPU-a100", "gpm": false, "process_utilization": false,
+         "compute_capability": [8, 0], "sm_count": 108, "ticks": [{"util": 80, "processes": [proc(11, 0), proc(22, 0)]}]},
+        {"name": H100, "uuid": "GPU-h100", "ticks": [{"util": 90, "tensor": 25.0, "processes": [proc(12, 90)]}]}
+    ]}));
+    host.process(11, "/user.slice/user-1.slice/x.scope");
+    host.process(12, "/user.slice/user-1.slice/x.scope");
+    host.process(22, "/user.slice/user-2.slice/x.scope");
+    let tenants: TenantMap = [
+        ("unix_user:1".parse().unwrap(), tenant("a", false)),
+        ("unix_user:2".parse().unwrap(), tenant("b", false)),
+    ]
+    .into();
+    let mut sampler = host.sampler(clocked(&host), TrainingRule::default());
+    let (reports, windows) = run(&mut sampler, &tenants, 10);
+
+    let s = &reports[1].sample.gpus[0];
+    assert_eq!(
+        (s.gpm_supported, s.gpm_tensor_activity_pct, &s.process_utilization),
+        (Some(false), None, &None)
+    );
+    let est = &reports[1].gpus[0];
+    assert_eq!(est.activity.unwrap().method, EstimationMethod::SmUtilizationUpperBound);
+    assert_eq!(reports[1].gpus[1].activity.unwrap().method, EstimationMethod::GpmTensor);
+
+    let a = window(&windows, "unix_user:1");
+    assert_eq!(a.method, EstimationMethod::SmUtilizationUpperBound);
+    assert!(close(a.estimated_ops, 10.0 * (A100_PEAK * 0.8 * 0.5 + H100_PEAK * 0.25)), "{}", a.estimated_ops);
+    assert_eq!((a.gpu_seconds, a.gpus), (20.0, 2));
+    let b = window(&windows, "unix_user:2");
+    assert_eq!(b.method, EstimationMethod::SmUtilizationUpperBound);
+    assert!(close(b.estimated_ops, 10.0 * A100_PEAK * 0.8 * 0.5));
+    assert!(close(b.peak_flops, A100_PEAK));
+}
+
+#[test]
+fn a_gpu_lost_mid_run_is_reported_and_sampling_continues() {
+    let host = FakeHost::new(json!({"gpus": [
+        gpu(0, H100, json!([{"util": 100, "tensor": 100.0, "processes": [proc(7, 100)]}])),
+        {"name": H100, "uuid": "GPU-lost", "lost_at_tick": 3,
+         "ticks": [{"util": 100, "tensor": 100.0, "processes": [proc(8, 100)]}]}
+    ]}));
+    host.process(7, "/user.slice/user-1.slice/a.scope");
+    host.process(8, "/user.slice/user-1.slice/b.scope");
+    let tenants: TenantMap = [("unix_user:1".parse().unwrap(), tenant("a", false))].into();
+    let mut sampler = host.sampler(clocked(&host), TrainingRule::default());
+    let (reports, windows) = run(&mut sampler, &tenants, 5);
+
+    for (k, r) in reports.iter().enumerate() {
+        assert_eq!(r.sample.backend, BackendState::Ok, "tick {k}");
+        let lost = &r.sample.gpus[1];
+        assert_eq!(lost.uuid, "GPU-lost", "a lost GPU keeps its last-known identity");
+        if k >= 3 {
+            assert_eq!(lost.state, GpuState::Lost, "tick {k}");
+            assert_eq!(r.lost_gpus, ["GPU-lost"]);
+        } else {
+            assert_eq!(lost.state, GpuState::Ok, "tick {k}");
+        }
+    }
+    let w = window(&windows, "unix_user:1");
+    // GPU 0 for ticks 1..=5, the lost GPU for ticks 1 and 2.
+    assert_eq!(w.gpu_seconds, 7.0);
+    assert!(close(w.estimated_ops, 7.0 * H100_PEAK));
+    assert_eq!((w.gpus, w.max_concurrent_gpus), (2, 2));
+}
+
+#[test]
+fn no_library_means_unavailable_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("libnvidia-ml.so.1");
+    let mut backend =
+        NvmlBackend::start(NvmlOptions { library: missing.clone(), ..Default::default() }).unwrap();
+    for _ in 0..3 {
+        let s = backend.sample();
+        let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
+        assert!(reason.contains(&missing.display().to_string()), "{reason}");
+        assert!(s.gpus.is_empty());
+    }
+    assert!(matches!(backend.compute_mode("GPU-x"), Err(GpuError::Unavailable(_))));
+
+    // The library is there but nvmlInit fails (driver missing).
+    let host = FakeHost::new(json!({"init_error": "LIBRARY_NOT_FOUND", "gpus": [gpu(0, H100, json!([]))]}));
+    let mut sampler = host.sampler(Box::new(host.backend()), TrainingRule::default());
+    for _ in 0..3 {
+        let r = sampler.tick(&TenantMap::new());
+        assert!(matches!(r.sample.backend, BackendState::Unavailable { .. }), "{:?}", r.sample.backend);
+        assert!(r.windows.is_empty() && r.processes.is_empty());
+    }
+    assert!(sampler.flush().is_empty());
+}
+
+#[test]
+fn compute_mode_enforce_lift_and_drift() {
+    let host = FakeHost::new(json!({"state_file": "", "gpus": [
+        {"name": H100, "uuid": "GPU-0", "compute_mode": "exclusive_process"},
+        {"name": H100, "uuid": "GPU-1"}
+    ]}));
+    let modes_file = host.dir.path().join("modes.json");
+    let state = host.dir.path().join("enforce/state.json");
+    // The enforcer and the sampler share one NVML thread through clones of the handle.
+    let mut backend = host.backend();
+    let mut sampler = host.sampler(Box::new(backend.clone()), TrainingRule::default());
+    let mut enforcer = GpuComputeModeEnforcer::load(&state).unwrap();
+    let deny: BTreeSet<String> = ["GPU-0".to_string()].into();
+
+    let r = enforcer.reconcile(&mut backend, &deny).unwrap();
+    assert_eq!(r.prohibited, ["GPU-0"]);
+    assert!(r.errors.is_empty() && r.restored.is_empty() && r.drift_repaired.is_empty());
+    assert_eq!(backend.compute_mode("GPU-0").unwrap(), ComputeMode::Prohibited);
+    assert_eq!(backend.compute_mode("GPU-1").unwrap(), ComputeMode::Default);
+    assert_eq!(sampler.tick(&TenantMap::new()).sample.gpus[0].compute_mode, Some(ComputeMode::Prohibited));
+
+    // Idempotent.
+    let r = enforcer.reconcile(&mut backend, &deny).unwrap();
+    assert!(r.prohibited.is_empty() && r.drift_repaired.is_empty() && r.errors.is_empty());
+
+    // Someone sets the GPU back to default behind the agent's back: drift, repaired.
+    std::fs::write(&modes_file, r#"{"GPU-0": 0}"#).unwrap();
+    assert_eq!(backend.compute_mode("GPU-0").unwrap(), ComputeMode::Default);
+    let r = enforcer.reconcile(&mut backend, &deny).unwrap();
+    assert_eq!(r.drift_repaired, [("GPU-0".to_string(), ComputeMode::Default)]);
+    assert_eq!(backend.compute_mode("GPU-0").unwrap(), ComputeMode::Prohibited);
+
+    // An agent restart remembers the original mode, and lifting restores it.
+    drop(enforcer);
+    let mut enforcer = GpuComputeModeEnforcer::load(&state).unwrap();
+    assert_eq!(enforcer.held(), &BTreeMap::from([("GPU-0".to_string(), ComputeMode::ExclusiveProcess)]));
+    let r = enforcer.reconcile(&mut backend, &BTreeSet::new()).unwrap();
+    assert_eq!(r.restored, [("GPU-0".to_string(), ComputeMode::ExclusiveProcess)]);
+    assert_eq!(backend.compute_mode("GPU-0").unwrap(), ComputeMode::ExclusiveProcess);
+    assert!(enforcer.held().is_empty());
+
+    // An unknown GPU is an error for that GPU only.
+    let r = enforcer.reconcile(&mut backend, &["GPU-9".to_string(), "GPU-1".to_string()].into()).unwrap();
+    assert_eq!(r.prohibited, ["GPU-1"]);
+    assert_eq!(r.errors, [("GPU-9".to_string(), GpuError::NoSuchGpu("GPU-9".into()))]);
+}
+
+#[test]
+fn record_then_replay_gives_back_the_same_samples() {
+    let host = FakeHost::new(
+        json!({"gpus": [gpu(0, H100, json!([{"util": 10, "tensor": 5.0, "processes": [proc(5, 10)]}]))]}),
+    );
+    let out = host.dir.path().join("trace.jsonl");
+    let summary = kycd::gpu::record::record_nvml(
+        &host.library(),
+        Duration::from_millis(40),
+        Duration::from_millis(10),
+        &out,
+    )
+    .unwrap();
+    assert_eq!((summary.samples, summary.unavailable), (5, 0));
+    let lines: Vec<Sample> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    let mut replay = kycd::gpu::ReplayBackend::open(&out, true).unwrap();
+    for line in &lines {
+        assert_eq!(&replay.sample(), line);
+    }
+    // Looping keeps time moving forward.
+    let again = replay.sample();
+    assert!(again.at_ms > lines[4].at_ms);
+    assert_eq!(again.gpus, lines[0].gpus);
+}
+
+#[test]
+fn the_sampler_thread_hands_windows_to_a_bounded_channel() {
+    let host = FakeHost::new(
+        json!({"gpus": [gpu(0, H100, json!([{"util": 50, "tensor": 50.0, "processes": [proc(5, 50)]}]))]}),
+    );
+    host.process(5, "/user.slice/user-5.slice/a.scope");
+    let options = SamplerOptions {
+        interval: Duration::from_millis(20),
+        proc_root: host.proc_root(),
+        cgroup_roots: vec!["user.slice".into()],
+        ..Default::default()
+    };
+    let sampler = GpuSampler::new(Box::new(host.backend()), &options).unwrap();
+    let tenants: TenantMap = [("unix_user:5".parse().unwrap(), tenant("t5", false))].into();
+    let (_tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(tenants));
+    let (tx, mut rx) = kycd::gpu::usage::window_channel(4);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let thread = kycd::gpu::sampler::spawn(sampler, tenants_rx, tx, None, shutdown.clone()).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    shutdown.cancel();
+    thread.join().unwrap();
+    let mut windows = Vec::new();
+    while let Ok(w) = rx.try_recv() {
+        windows.push(w);
+    }
+    assert!(!windows.is_empty());
+    let seconds: f64 = windows.iter().map(|w| w.gpu_seconds).sum();
+    assert!(windows
+        .iter()
+        .all(|w| w.tenant.as_deref() == Some("t5") && w.method == EstimationMethod::GpmTensor));
+    // Booked time cannot exceed the time the thread ran (ticks are capped at 2 intervals).
+    assert!(seconds > 0.0 && seconds < 0.5, "{seconds}");
+}
+
+#[test]
+fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 10}])), gpu(1, H100, json!([]))]}));
+    let out = host.dir.path().join("t.jsonl");
+    let run = |lib: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kycctl"))
+            .args(["gpu", "record", "--seconds", "0", "--interval-ms", "10", "--out"])
+            .arg(&out)
+            .arg("--nvml-library")
+            .arg(lib)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&host.library());
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let sample: Sample = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(sample.gpus.len(), 2);
+    assert_eq!(sample.gpus[0].utilization_gpu_pct, Some(10));
+
+    let missing = run(&host.dir.path().join("absent.so"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NVML unavailable"));
+}
+
+/// A real child process in a real cgroup v2 directory, attributed through the real /proc.
+/// Needs root and a writable cgroup2 mount; skips (loudly) otherwise.
+#[test]
+fn real_processes_in_real_cgroups_are_attributed_through_proc() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+        eprintln!("SKIP: no cgroup2 mount");
+        return;
+    };
+    let root = format!("kycd-gpu-test-{}.slice", std::process::id());
+    let pod = mount.join(&root).join("pod-a.slice");
+    if let Err(e) = std::fs::create_dir_all(&pod) {
+        eprintln!("SKIP: cannot create {}: {e} (needs root)", pod.display());
+        return;
+    }
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let moved = std::fs::write(pod.join("cgroup.procs"), child.id().to_string());
+    let cleanup = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir(&pod);
+        let _ = std::fs::remove_dir(mount.join(&root));
+    };
+    if let Err(e) = moved {
+        cleanup(&mut child);
+        eprintln!("SKIP: cannot move a process into {}: {e}", pod.display());
+        return;
+    }
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 100, "tensor": 40.0,
+        "processes": [proc(child.id(), 100), proc(1, 0)]}]))]}));
+    let options = SamplerOptions { cgroup_roots: vec![root.clone()], ..Default::default() };
+    let mut sampler = GpuSampler::new(clocked(&host), &options).unwrap();
+    let workload: WorkloadId = format!("cgroup:/{root}/pod-a.slice").parse().unwrap();
+    let tenants: TenantMap = [(workload.clone(), tenant("real", false))].into();
+    let (reports, windows) = run(&mut sampler, &tenants, 3);
+    cleanup(&mut child);
+
+    let owners: BTreeMap<u32, ProcessOwner> =
+        reports[1].processes.iter().map(|p| (p.pid, p.owner.clone())).collect();
+    assert_eq!(owners[&child.id()], ProcessOwner::Workload { workload });
+    // pid 1 is outside every workload root: the host workload, with no tenant here.
+    assert_eq!(owners[&1], ProcessOwner::Workload { workload: WorkloadId::host() });
+    let w = window(&windows, &format!("cgroup:/{root}/pod-a.slice"));
+    assert_eq!(w.tenant.as_deref(), Some("real"));
+    // The child has all the SM utilization: the whole 40 % for 3 ticks.
+    assert!(close(w.estimated_ops, 3.0 * H100_PEAK * 0.4));
+    assert_eq!(window(&windows, "host:host").estimated_ops, 0.0);
+}
+
+#[test]
+fn process_owners_are_cached_while_listed_and_rechecked_every_ten_seconds() {
+    let on = json!({"util": 50, "processes": [proc(5, 50)]});
+    let off = json!({"util": 0});
+    // Listed for ticks 0..=11, gone at 12, back at 13.
+    let mut ticks = vec![on.clone(); 12];
+    ticks.extend([off, on]);
+    let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!(ticks))]}));
+    host.process(5, "/user.slice/user-1.slice/a.scope");
+    let mut sampler = host.sampler(clocked(&host), TrainingRule::default());
+    let owner = |r: &TickReport| r.processes.first().map(|p| p.owner.clone());
+    let user = |n: u32| Some(ProcessOwner::Workload { workload: format!("unix_user:{n}").parse().unwrap() });
+    let mut seen = Vec::new();
+    for k in 0..14 {
+        if k == 2 {
+            // The process moves to another cgroup.
+            host.process(5, "/user.slice/user-2.slice/a.scope");
+        }
+        seen.push(owner(&sampler.tick(&TenantMap::new())));
+    }
+    assert_eq!(seen[0], user(1));
+    assert_eq!(seen[9], user(1), "cached for 10 s");
+    assert_eq!(seen[10], user(2), "re-read after 10 s");
+    assert_eq!(seen[12], None);
+    assert_eq!(seen[13], user(2));
+}
+
+#[test]
+fn a_hung_driver_stalls_gpu_data_not_the_caller() {
+    let host = FakeHost::new(json!({"count_delay_ms": 400, "gpus": [gpu(0, H100, json!([{"util": 1}]))]}));
+    let options = NvmlOptions { library: host.library(), queue: 1, reply_timeout: Duration::from_millis(50) };
+    let mut backend = NvmlBackend::start(options).unwrap();
+    let started = std::time::Instant::now();
+    let s = backend.sample();
+    let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
+    assert!(reason.contains("did not answer"), "{reason}");
+    // The thread is still inside the first call: one more request queues, the next is refused.
+    let _ = backend.sample();
+    let s = backend.sample();
+    let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
+    assert!(reason.contains("busy"), "{reason}");
+    assert!(started.elapsed() < Duration::from_millis(350), "callers never wait for the driver");
+    // Dropping the handle does not wait for the wedged thread beyond its grace period.
+    let dropped = std::time::Instant::now();
+    drop(backend);
+    assert!(dropped.elapsed() < Duration::from_millis(1500));
+}
