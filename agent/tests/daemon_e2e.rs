@@ -522,7 +522,7 @@ fn the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml()
         let out = child.wait_with_output().unwrap();
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let domain_xml = |name: &str, attestation: &str| {
+    let domain_xml = |name: &str, uuid: &str, attestation: &str| {
         format!(
             "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  <metadata>\n    \
              <kycd:attestation xmlns:kycd=\"https://kycd.dev/xmlns/attestation/1\">\n{attestation}\n    \
@@ -530,14 +530,15 @@ fn the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml()
         )
     };
     // Bound by UUID, as a provisioning system knows the VM before it has a name on a host.
-    let allowed = domain_xml("train-1", &host.attestation(uuid, "DE", now() + 3600));
+    let allowed = domain_xml("train-1", uuid, &host.attestation(uuid, "DE", now() + 3600));
     let (code, err) = run_hook("train-1", "prepare", &allowed);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         host.latest_decision("libvirt_domain:train-1").unwrap()["event"]["decision"]["verdict"],
         "allow"
     );
-    let denied = domain_xml("train-2", &host.attestation(uuid, "KP", now() + 3600));
+    let uuid2 = "1c9b2e1f-7a4f-4e9d-b2c3-4d5e6f7a8b9c";
+    let denied = domain_xml("train-2", uuid2, &host.attestation(uuid2, "KP", now() + 3600));
     let (code, err) = run_hook("train-2", "prepare", &denied);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("measure_prohibit"), "{err}");
