@@ -101,6 +101,48 @@ pub struct Config {
     pub api: ApiConfig,
     /// Enforcement backends (used in `mode = "enforce"`).
     pub enforcement: EnforcementConfig,
+    /// GPU sampling through NVML.
+    pub gpu: GpuConfig,
+}
+
+/// `[gpu]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Sample GPUs (and, in enforce mode, set compute modes). A host without NVML runs on,
+    /// reporting the GPU backend unavailable.
+    pub enabled: bool,
+    /// `libnvidia-ml.so`: a bare name (searched like dlopen does) or a path.
+    pub nvml_library: PathBuf,
+    /// Milliseconds between samples.
+    pub interval_ms: u64,
+    /// Seconds per usage window.
+    pub window_s: u64,
+    /// A CSV laid over the built-in peak-FLOP/s table (same columns as
+    /// `agent/data/gpu-peak-flops.csv`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_flops_file: Option<PathBuf>,
+    /// `training_like`: at least this many GPUs …
+    pub training_min_gpus: u32,
+    /// … each at least this busy (percent) …
+    pub training_min_activity_pct: u32,
+    /// … for at least this many minutes.
+    pub training_min_minutes: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            nvml_library: PathBuf::from(crate::gpu::nvml::DEFAULT_LIBRARY),
+            interval_ms: 1000,
+            window_s: 60,
+            peak_flops_file: None,
+            training_min_gpus: 8,
+            training_min_activity_pct: 50,
+            training_min_minutes: 10,
+        }
+    }
 }
 
 /// `[api]`.
@@ -225,6 +267,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             api: ApiConfig::default(),
             enforcement: EnforcementConfig::default(),
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -398,7 +441,8 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 11] = [
+        let absolute: [(&'static str, Option<&Path>); 12] = [
+            ("gpu.peak_flops_file", self.gpu.peak_flops_file.as_deref()),
             ("api.socket", Some(&self.api.socket)),
             ("enforcement.geo_cidr_file", self.enforcement.geo_cidr_file.as_deref()),
             ("state_dir", Some(&self.state_dir)),
@@ -430,6 +474,15 @@ impl Config {
                     "entries are relative cgroup paths like \"machine.slice\"",
                 );
             }
+        }
+        if !(100..=60_000).contains(&self.gpu.interval_ms) {
+            return invalid("gpu.interval_ms", "must be between 100 and 60000");
+        }
+        if self.gpu.window_s == 0 || self.gpu.window_s * 1000 < self.gpu.interval_ms {
+            return invalid("gpu.window_s", "must be at least one sampling interval");
+        }
+        if self.gpu.training_min_activity_pct > 100 {
+            return invalid("gpu.training_min_activity_pct", "is a percentage (0-100)");
         }
         if self.enforcement.reconcile_interval_s == 0 {
             return invalid("enforcement.reconcile_interval_s", "must be at least 1");

@@ -722,6 +722,27 @@ impl Agent {
         best
     }
 
+    /// Workload → tenant for every attestation in force and within its validity window: whom
+    /// GPU usage is attributed to. (Its verdict does not matter: a denied tenant's usage is
+    /// still that tenant's.)
+    pub fn tenant_map(&self) -> crate::gpu::sampler::TenantMap {
+        let now = now();
+        let skew = i64::try_from(self.config.clock_skew_s).unwrap_or(i64::MAX);
+        self.attestations_in_force()
+            .into_iter()
+            .filter(|(_, a)| {
+                a.claims.exp > now.saturating_sub(skew) && a.claims.nbf.is_none_or(|n| n <= now.saturating_add(skew))
+            })
+            .map(|(id, a)| {
+                let info = crate::gpu::sampler::TenantInfo {
+                    tenant: a.claims.sub.clone(),
+                    foreign_person: a.claims.foreign_person,
+                };
+                (id, info)
+            })
+            .collect()
+    }
+
     /// The workload a binding names on this host: a libvirt domain bound by UUID is the
     /// running domain with that UUID, named as in the cgroup tree.
     fn resolve(&self, id: &WorkloadId) -> WorkloadId {
@@ -1130,10 +1151,105 @@ fn start_watcher(
     Ok(watches)
 }
 
-/// Runs the agent until `shutdown` is cancelled. `reload` carries reload requests (SIGHUP).
+/// The GPU sampler thread and its observers; see [`start_gpu`].
+struct GpuTasks {
+    sampler: std::thread::JoinHandle<()>,
+    sink: tokio::task::JoinHandle<()>,
+    observer: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl GpuTasks {
+    async fn stop(self) {
+        self.stop.cancel();
+        // The sampler flushes its open window into the sink on the way out.
+        let _ = tokio::task::spawn_blocking(move || self.sampler.join()).await;
+        let _ = self.sink.await;
+        self.observer.abort();
+    }
+}
+
+/// Starts GPU sampling: the sampler on its own OS thread (NVML calls block), usage windows
+/// into a bounded channel, tick reports to an observer that logs the backend's state.
+/// Until the reporting pipeline takes the windows, the sink logs them.
+fn start_gpu(
+    config: &Config,
+    backend: Box<dyn crate::gpu::GpuBackend>,
+    tenants: tokio::sync::watch::Receiver<Arc<crate::gpu::sampler::TenantMap>>,
+    stop: CancellationToken,
+) -> Option<GpuTasks> {
+    use crate::gpu::sampler::{GpuSampler, SamplerOptions};
+    let g = &config.gpu;
+    let options = SamplerOptions {
+        interval: Duration::from_millis(g.interval_ms),
+        window: Duration::from_secs(g.window_s),
+        training: crate::gpu::usage::TrainingRule {
+            min_gpus: g.training_min_gpus,
+            min_activity: f64::from(g.training_min_activity_pct) / 100.0,
+            min_duration: Duration::from_secs(g.training_min_minutes.saturating_mul(60)),
+        },
+        proc_root: PathBuf::from("/proc"),
+        cgroup_roots: config.workloads.roots.clone(),
+        peak_override: g.peak_flops_file.clone(),
+    };
+    let sampler = match GpuSampler::new(backend, &options) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "GPU sampler not started");
+            return None;
+        }
+    };
+    let (windows_tx, mut windows_rx) = crate::gpu::usage::window_channel(256);
+    let (reports_tx, mut reports_rx) = mpsc::channel::<crate::gpu::sampler::TickReport>(4);
+    let sampler = match crate::gpu::sampler::spawn(sampler, tenants, windows_tx, Some(reports_tx), stop.clone()) {
+        Ok(handle) => handle,
+        Err(e) => {
+            error!(error = %e, "GPU sampler thread not started");
+            return None;
+        }
+    };
+    let sink = tokio::spawn(async move {
+        while let Some(w) = windows_rx.recv().await {
+            if w.training_like {
+                info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
+                      estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
+            } else {
+                debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
+                       estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
+            }
+        }
+    });
+    let observer = tokio::spawn(async move {
+        let mut available = None;
+        let mut lost = BTreeSet::new();
+        while let Some(report) = reports_rx.recv().await {
+            match &report.sample.backend {
+                crate::gpu::BackendState::Unavailable { reason } if available != Some(false) => {
+                    warn!(%reason, "GPU backend unavailable: GPU usage is not measured");
+                    available = Some(false);
+                }
+                crate::gpu::BackendState::Ok if available != Some(true) => {
+                    info!(gpus = report.sample.gpus.len(), "GPU backend available");
+                    available = Some(true);
+                }
+                _ => {}
+            }
+            for gpu in &report.lost_gpus {
+                if lost.insert(gpu.clone()) {
+                    error!(%gpu, "GPU lost (fell off the bus); its usage is no longer measured");
+                }
+            }
+        }
+    });
+    Some(GpuTasks { sampler, sink, observer, stop })
+}
+
+/// Runs the agent until `shutdown` is cancelled. `reload` carries reload requests (SIGHUP);
+/// `gpu`, when given, is sampled (see [`start_gpu`]).
 pub async fn run(
     config: Config,
     enforcer: Box<dyn Enforcer>,
+    gpu: Option<Box<dyn crate::gpu::GpuBackend>>,
     mut reload: mpsc::Receiver<()>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
@@ -1149,6 +1265,8 @@ pub async fn run(
         agent.reconcile();
         next
     });
+    let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
+    let gpu_tasks = gpu.and_then(|backend| start_gpu(&agent.config, backend, tenants_rx, shutdown.child_token()));
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
@@ -1208,6 +1326,17 @@ pub async fn run(
             }
             next
         });
+        let tenants = agent.tenant_map();
+        tenants_tx.send_if_modified(|current| {
+            let changed = **current != tenants;
+            if changed {
+                *current = Arc::new(tenants);
+            }
+            changed
+        });
+    }
+    if let Some(tasks) = gpu_tasks {
+        tasks.stop().await;
     }
     api_shutdown.cancel();
     if let Ok(Err(e)) = api_task.await {

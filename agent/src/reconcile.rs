@@ -16,6 +16,11 @@
 //! - `condition` with `network: deny_egress`: the network cut, no freeze.
 //! - Policy-wide: with `enforcement.geo_cidr_file`, traffic from and to the countries named
 //!   by prohibiting measures in effect is dropped.
+//! - GPUs: compute mode `Prohibited` on every GPU when the `host` workload (a single-tenant
+//!   host) is denied or conditioned `no_gpu`; the previous mode is restored when lifted.
+//!   Compute mode is per device, so a `no_gpu` condition on a VM or container is not
+//!   enforced at the device (that would stop other tenants sharing the GPU); it is recorded
+//!   and reported.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +31,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::enforce::{CgroupAction, CgroupEnforcer, CountryCidrs, NftDesired, NftEnforcer};
+use crate::gpu::enforce::GpuComputeModeEnforcer;
+use crate::gpu::{BackendState, GpuBackend};
 use crate::workload::{WorkloadId, WorkloadKind};
 
 /// The host state the decisions ask for.
@@ -35,6 +42,8 @@ pub struct Desired {
     pub cgroups: BTreeMap<PathBuf, CgroupAction>,
     /// What nftables must block.
     pub nft: NftDesired,
+    /// Every GPU's compute mode must be `Prohibited`.
+    pub prohibit_gpus: bool,
 }
 
 /// One workload as the desired-state computation sees it.
@@ -62,6 +71,8 @@ pub fn desired_state<'a>(
     let mut desired = Desired::default();
     for w in workloads {
         if w.id.kind == WorkloadKind::Host {
+            let no_gpu = w.decision.conditions.as_ref().is_some_and(|c| c.no_gpu);
+            desired.prohibit_gpus |= w.decision.verdict == Verdict::Deny || no_gpu;
             continue;
         }
         let (freeze, block_network) = match w.decision.verdict {
@@ -148,18 +159,60 @@ impl Enforcer for RecordOnly {
     }
 }
 
-/// The real enforcer: cgroup v2 and nftables backends, each optional by configuration.
+/// The real enforcer: cgroup v2, nftables and GPU compute-mode backends, each optional by
+/// configuration.
 #[derive(Debug)]
 pub struct HostEnforcer {
     cgroup: Option<CgroupEnforcer>,
     nft: Option<NftEnforcer>,
+    gpu: Option<GpuEnforcement>,
+}
+
+/// The GPU backend: its own handle on NVML, and the enforcer's state (or why it has none).
+#[derive(Debug)]
+struct GpuEnforcement {
+    backend: Box<dyn GpuBackend>,
+    enforcer: Result<GpuComputeModeEnforcer, String>,
+}
+
+impl GpuEnforcement {
+    fn reconcile(&mut self, prohibit: bool, report: &mut ReconcileReport) {
+        let enforcer = match &mut self.enforcer {
+            Ok(e) => e,
+            Err(why) => {
+                if prohibit {
+                    report.errors.push(("gpu", why.clone()));
+                }
+                return;
+            }
+        };
+        if !prohibit && enforcer.held().is_empty() {
+            return; // Nothing to impose or lift: no NVML call at all.
+        }
+        let mut uuids = std::collections::BTreeSet::new();
+        if prohibit {
+            let sample = self.backend.sample();
+            if let BackendState::Unavailable { reason } = &sample.backend {
+                report.errors.push(("gpu", format!("GPU backend unavailable: {reason}")));
+            }
+            uuids.extend(sample.gpus.into_iter().map(|g| g.uuid));
+        }
+        match enforcer.reconcile(self.backend.as_mut(), &uuids) {
+            Ok(r) => {
+                report.changes += r.prohibited.len() + r.restored.len();
+                report.drift.extend(r.drift_repaired.iter().map(|(g, m)| ("gpu", format!("{g} was {m:?}"))));
+                report.errors.extend(r.errors.iter().map(|(g, e)| ("gpu", format!("{g}: {e}"))));
+            }
+            Err(e) => report.errors.push(("gpu", e.to_string())),
+        }
+    }
 }
 
 impl HostEnforcer {
-    /// Builds the backends `config.enforcement` enables. The cgroup backend keeps its
-    /// state (what each cgroup looked like before kycd froze it) in
-    /// `<state_dir>/enforce/cgroup.json`.
-    pub fn from_config(config: &Config) -> Self {
+    /// Builds the backends `config.enforcement` enables, and the GPU backend when a GPU
+    /// handle is given. The cgroup and GPU backends keep their state (what each cgroup or GPU
+    /// looked like before kycd changed it) in `<state_dir>/enforce/`.
+    pub fn from_config(config: &Config, gpu: Option<Box<dyn GpuBackend>>) -> Self {
         let e = &config.enforcement;
         let cgroup = e.cgroup.then(|| CgroupEnforcer::new(config.state_dir.join("enforce/cgroup.json")));
         let nft = e.nftables.then(|| {
@@ -169,7 +222,15 @@ impl HostEnforcer {
                 None => nft,
             }
         });
-        HostEnforcer { cgroup, nft }
+        let gpu = gpu.map(|backend| {
+            let path = config.state_dir.join("enforce/gpu.json");
+            let enforcer = GpuComputeModeEnforcer::load(&path).map_err(|e| {
+                warn!(error = %e, "GPU enforcement state unusable: GPUs cannot be prohibited");
+                format!("GPU enforcement state: {e}")
+            });
+            GpuEnforcement { backend, enforcer }
+        });
+        HostEnforcer { cgroup, nft, gpu }
     }
 }
 
@@ -210,6 +271,9 @@ impl Enforcer for HostEnforcer {
                 Err(e) => report.errors.push(("nftables", e.to_string())),
             }
         }
+        if let Some(gpu) = &mut self.gpu {
+            gpu.reconcile(desired.prohibit_gpus, &mut report);
+        }
         report
     }
 
@@ -224,6 +288,9 @@ impl Enforcer for HostEnforcer {
             if let Err(e) = nft.remove_table() {
                 report.errors.push(("nftables", e.to_string()));
             }
+        }
+        if let Some(gpu) = &mut self.gpu {
+            gpu.reconcile(false, &mut report);
         }
         report
     }
@@ -333,6 +400,25 @@ mod tests {
         );
         assert_eq!(d.nft.interfaces.iter().collect::<Vec<_>>(), ["vnet3"]);
         assert!(d.nft.cidrs_v4.is_empty(), "no geo list configured");
+    }
+
+    #[test]
+    fn gpus_are_prohibited_for_a_denied_or_no_gpu_host_only() {
+        let host = WorkloadId::host();
+        let vm: WorkloadId = "libvirt_domain:vm".parse().unwrap();
+        let no_gpu = Some(Conditions { no_gpu: true, ..Conditions::default() });
+        let cases = [
+            (&host, decision(Verdict::Deny, None, None), true),
+            (&host, decision(Verdict::Condition, None, no_gpu.clone()), true),
+            (&host, decision(Verdict::Allow, None, None), false),
+            (&vm, decision(Verdict::Condition, None, no_gpu), false),
+            (&vm, decision(Verdict::Deny, None, None), false),
+        ];
+        for (id, d, want) in cases {
+            let view = WorkloadView { id, cgroup: None, interfaces: &[], decision: &d };
+            let got = desired_state([view], None, None, None, 0).prohibit_gpus;
+            assert_eq!(got, want, "{id} {:?}", d.verdict);
+        }
     }
 
     #[test]

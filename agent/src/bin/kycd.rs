@@ -121,11 +121,25 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         });
+        // One NVML thread, shared by the sampler and (in enforce mode) the GPU enforcer.
+        let gpu = if config.gpu.enabled {
+            let options = kycd::gpu::nvml::NvmlOptions {
+                library: config.gpu.nvml_library.clone(),
+                ..Default::default()
+            };
+            Some(kycd::gpu::nvml::NvmlBackend::start(options)?)
+        } else {
+            None
+        };
         let enforcer: Box<dyn kycd::reconcile::Enforcer> = match config.mode {
-            Mode::Enforce => Box::new(kycd::reconcile::HostEnforcer::from_config(&config)),
+            Mode::Enforce => Box::new(kycd::reconcile::HostEnforcer::from_config(
+                &config,
+                gpu.clone().map(|g| Box::new(g) as Box<dyn kycd::gpu::GpuBackend>),
+            )),
             Mode::Audit => Box::new(kycd::reconcile::RecordOnly),
         };
-        kycd::daemon::run(config, enforcer, reload_rx, shutdown).await?;
+        let gpu = gpu.map(|g| Box::new(g) as Box<dyn kycd::gpu::GpuBackend>);
+        kycd::daemon::run(config, enforcer, gpu, reload_rx, shutdown).await?;
         Ok(())
     })
 }
