@@ -5,6 +5,9 @@
 //!
 //!     cargo bench -p kycd --bench nft_blocking
 //!
+//! `NftEnforcer::apply` (diff against what was last applied, no read-back) is timed the
+//! same way.
+//!
 //! Baseline, in the same run and namespace: a bare `nft -f -` adding one cgroup element by
 //! hand (no read-back, no diff) — the floor of any nft-CLI-driven enforcer. A second
 //! scenario does the same with 10,000 geo CIDRs in place instead. Also prints the rule count
@@ -88,6 +91,20 @@ fn main() {
         kycd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
     }
+    // The same with `apply`, which diffs against what it last applied instead of reading back.
+    let mut apply_ms = Vec::with_capacity(CHANGES);
+    for n in &names[IN_PLACE + CHANGES..] {
+        desired.cgroups.insert(rel(n));
+        let t = Instant::now();
+        let r = nft.apply(&desired).unwrap();
+        apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
+    }
+    // Back to 10,000 + 200 for the baseline, which adds the same elements by hand.
+    for n in &names[IN_PLACE + CHANGES..] {
+        desired.cgroups.remove(&rel(n));
+    }
+    nft.reconcile(&desired).unwrap();
     let level = rel(&names[0]).split('/').count();
     let prefix = cg.mount.strip_prefix("/sys/fs/cgroup").unwrap().to_path_buf();
     let mut bare_ms = Vec::with_capacity(CHANGES);
@@ -103,8 +120,10 @@ fn main() {
 
     println!("\n{IN_PLACE} blocked cgroups in place, one more blocked per change:");
     let (k50, k99) = summary("kycd NftEnforcer::reconcile (+1 cgroup)", kycd_ms);
+    let (a50, a99) = summary("kycd NftEnforcer::apply (+1 cgroup)", apply_ms);
     let (b50, b99) = summary("baseline: bare `nft -f -` add element (+1 cgroup)", bare_ms);
-    println!("ratio kycd/bare: p50 {:.2}x, p99 {:.2}x", k50 / b50, k99 / b99);
+    println!("ratio reconcile/bare: p50 {:.2}x, p99 {:.2}x", k50 / b50, k99 / b99);
+    println!("ratio apply/bare:     p50 {:.2}x, p99 {:.2}x", a50 / b50, a99 / b99);
 
     // --- Scenario 2: 10,000 geo CIDRs in place, block one more cgroup per change.
     let mut nft = NftEnforcer::new(ns.nft_command());
@@ -122,17 +141,36 @@ fn main() {
         geo_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(r.added, 1, "{r:?}");
     }
+    let mut geo_apply_ms = Vec::with_capacity(CHANGES);
+    for n in &names[CHANGES..2 * CHANGES] {
+        desired.cgroups.insert(rel(n));
+        let t = Instant::now();
+        let r = nft.apply(&desired).unwrap();
+        geo_apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(r.added, 1, "{r:?}");
+    }
     let mut bare_ms = Vec::with_capacity(CHANGES);
-    for i in 0..CHANGES {
-        let script = format!("add element inet kycd geo_v4 {{ 12.0.{}.{}/32 }}\n", i >> 8, i & 255);
+    for n in &names[2 * CHANGES..3 * CHANGES] {
+        let name = prefix.join(rel(n));
+        let script = format!("add element inet kycd cg_l{level} {{ \"{}\" }}\n", name.display());
         let t = Instant::now();
         bare_nft(&ns, &script);
         bare_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let mut bare_cidr_ms = Vec::with_capacity(CHANGES);
+    for i in 0..CHANGES {
+        let script = format!("add element inet kycd geo_v4 {{ 12.0.{}.{}/32 }}\n", i >> 8, i & 255);
+        let t = Instant::now();
+        bare_nft(&ns, &script);
+        bare_cidr_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
     println!("\n{IN_PLACE} geo CIDRs in place, one more cgroup blocked per change:");
     let (g50, g99) = summary("kycd NftEnforcer::reconcile (+1 cgroup)", geo_ms);
-    let (b50, b99) = summary("baseline: bare `nft -f -` add element (+1 CIDR)", bare_ms);
-    println!("ratio kycd/bare: p50 {:.2}x, p99 {:.2}x", g50 / b50, g99 / b99);
+    let (a50, a99) = summary("kycd NftEnforcer::apply (+1 cgroup)", geo_apply_ms);
+    let (b50, b99) = summary("baseline: bare `nft -f -` add element (+1 cgroup)", bare_ms);
+    summary("for reference: bare `nft -f -` add element (+1 CIDR)", bare_cidr_ms);
+    println!("ratio reconcile/bare: p50 {:.2}x, p99 {:.2}x", g50 / b50, g99 / b99);
+    println!("ratio apply/bare:     p50 {:.2}x, p99 {:.2}x", a50 / b50, a99 / b99);
 
     println!("\n`nft list table inet kycd` rules: {rules_one} with 1 element, {rules_many} with {IN_PLACE}");
     nft.remove_table().unwrap();
