@@ -15,6 +15,12 @@
 //!   destination in `output`, both in `forward`.
 //!
 //! Every change is one `nft -f -` transaction, so it applies entirely or not at all.
+//! [`NftEnforcer::reconcile`] reads the table back and repairs any drift (a missing or extra
+//! element, an altered or deleted table — the latter by deleting and re-creating the table
+//! inside the same transaction); its read costs O(elements). [`NftEnforcer::apply`] diffs
+//! against what this process last applied instead, for per-decision latency, and falls back
+//! to `reconcile` when nft rejects the change. The first call of a process always rebuilds
+//! the table, because it has no record of the structure it expects.
 //!
 //! Findings about nft 1.0.6 that shape this module:
 //! - `nft` resolves a cgroupv2 element path by `stat`ing `/sys/fs/cgroup/<path>` and stores
