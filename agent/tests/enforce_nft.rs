@@ -285,3 +285,31 @@ fn unusable_entries_are_skipped_not_fatal() {
     assert_eq!(r.added, 1, "{r:?}");
     assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
 }
+
+#[test]
+fn apply_is_incremental_and_falls_back_to_reconcile_on_failure() {
+    let Some((topo, cg)) = setup() else { return };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    // The first apply has nothing to diff against: a full reconcile.
+    let r = nft.apply(&NftDesired { interfaces: set(&["vnet9"]), ..Default::default() }).unwrap();
+    assert!(r.rebuilt, "{r:?}");
+    let r = nft.apply(&NftDesired { interfaces: set(&["vnet9", "kv0"]), ..Default::default() }).unwrap();
+    assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+
+    // Table deleted by hand: the incremental transaction fails, the fallback rebuilds.
+    topo.local.exec(&["nft", "delete", "table", "inet", "kycd"]);
+    let r =
+        nft.apply(&NftDesired { interfaces: set(&["vnet9", "kv0", "vnet1"]), ..Default::default() }).unwrap();
+    assert!(r.rebuilt, "{r:?}");
+    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+    assert_eq!(nft.read_actual().unwrap().interfaces.len(), 3);
+
+    // An element deleted by hand that apply wants to delete: nft fails on the missing
+    // element, the fallback reconcile converges anyway.
+    topo.local.exec(&["nft", "delete", "element", "inet", "kycd", "ifaces", "{ \"kv0\" }"]);
+    let r = nft.apply(&NftDesired { interfaces: set(&["vnet9"]), ..Default::default() }).unwrap();
+    assert!(!r.rebuilt, "{r:?}");
+    assert_eq!(nft.read_actual().unwrap().interfaces, set(&["vnet9"]));
+    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
+}

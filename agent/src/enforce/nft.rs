@@ -15,6 +15,12 @@
 //!   destination in `output`, both in `forward`.
 //!
 //! Every change is one `nft -f -` transaction, so it applies entirely or not at all.
+//! [`NftEnforcer::reconcile`] reads the table back and repairs any drift (a missing or extra
+//! element, an altered or deleted table — the latter by deleting and re-creating the table
+//! inside the same transaction); its read costs O(elements). [`NftEnforcer::apply`] diffs
+//! against what this process last applied instead, for per-decision latency, and falls back
+//! to `reconcile` when nft rejects the change. The first call of a process always rebuilds
+//! the table, because it has no record of the structure it expects.
 //!
 //! Findings about nft 1.0.6 that shape this module:
 //! - `nft` resolves a cgroupv2 element path by `stat`ing `/sys/fs/cgroup/<path>` and stores
@@ -260,6 +266,9 @@ pub struct NftEnforcer {
     applied: Option<Resolved>,
     /// The table structure as read right after this process last built it.
     structure: Option<String>,
+    /// cgroup path → (level, id, nft name) as last resolved, so [`NftEnforcer::apply`] only
+    /// `stat`s new paths. `reconcile` always re-resolves (a recreated cgroup has a new id).
+    resolved_paths: BTreeMap<String, (usize, u64, String)>,
 }
 
 impl Default for NftEnforcer {
@@ -271,7 +280,14 @@ impl Default for NftEnforcer {
 impl NftEnforcer {
     /// A backend running `command` as `nft` (normally `["nft"]`).
     pub fn new(command: Vec<String>) -> Self {
-        Self { command, cgroup_mount: None, numeric_reads: true, applied: None, structure: None }
+        Self {
+            command,
+            cgroup_mount: None,
+            numeric_reads: true,
+            applied: None,
+            structure: None,
+            resolved_paths: BTreeMap::new(),
+        }
     }
 
     /// Uses `mount` as the cgroup2 mount instead of looking it up.
@@ -366,8 +382,14 @@ impl NftEnforcer {
     }
 
     /// Resolves `desired` against the kernel; what cannot be expressed goes to `skipped`.
-    fn resolve(&self, desired: &NftDesired, skipped: &mut Vec<(String, String)>) -> Resolved {
+    fn resolve(
+        &mut self,
+        desired: &NftDesired,
+        cached: bool,
+        skipped: &mut Vec<(String, String)>,
+    ) -> Resolved {
         let mut r = Resolved::default();
+        let mut cache = BTreeMap::new();
         if !desired.cgroups.is_empty() {
             match self.cgroup_mount() {
                 None => {
@@ -380,6 +402,12 @@ impl NftEnforcer {
                     }
                     Ok(prefix) => {
                         for rel in &desired.cgroups {
+                            if let Some(hit) = self.resolved_paths.get(rel).filter(|_| cached) {
+                                let (level, id, name) = hit.clone();
+                                r.cgroups.entry(level).or_default().insert(id, name);
+                                cache.insert(rel.clone(), hit.clone());
+                                continue;
+                            }
                             let Some(parts) = cgroup_components(rel) else {
                                 skipped.push((rel.clone(), "invalid cgroup path".into()));
                                 continue;
@@ -389,17 +417,15 @@ impl NftEnforcer {
                                 skipped.push((rel.clone(), format!("deeper than level {MAX_CGROUP_LEVEL}")));
                                 continue;
                             }
-                            let rel = parts.join("/");
-                            let name = prefix.join(&rel);
-                            match std::fs::metadata(mount.join(&rel)) {
+                            let clean = parts.join("/");
+                            let name = prefix.join(&clean).to_string_lossy().into_owned();
+                            match std::fs::metadata(mount.join(&clean)) {
                                 Ok(m) if m.is_dir() => {
-                                    r.cgroups
-                                        .entry(level)
-                                        .or_default()
-                                        .insert(m.ino(), name.to_string_lossy().into_owned());
+                                    r.cgroups.entry(level).or_default().insert(m.ino(), name.clone());
+                                    cache.insert(rel.clone(), (level, m.ino(), name));
                                 }
-                                Ok(_) => skipped.push((rel, "not a cgroup directory".into())),
-                                Err(e) => skipped.push((rel, format!("cgroup not found: {e}"))),
+                                Ok(_) => skipped.push((rel.clone(), "not a cgroup directory".into())),
+                                Err(e) => skipped.push((rel.clone(), format!("cgroup not found: {e}"))),
                             }
                         }
                     }
@@ -430,6 +456,7 @@ impl NftEnforcer {
         }
         r.v4 = without_nested(std::mem::take(&mut r.v4));
         r.v6 = without_nested(std::mem::take(&mut r.v6));
+        self.resolved_paths = cache;
         r
     }
 
@@ -447,10 +474,53 @@ impl NftEnforcer {
         }
     }
 
+    /// Like [`reconcile`](Self::reconcile), but diffs `desired` against what this process
+    /// last applied instead of reading the table back, so its cost does not grow with the
+    /// number of elements in place (reading 10,000 cgroupv2 elements back costs ~150 ms with
+    /// nft 1.0.6). It does not see drift; call `reconcile` periodically for that. If the
+    /// transaction fails (table deleted, an element to delete already gone), it falls back
+    /// to `reconcile`, which repairs everything.
+    pub fn apply(&mut self, desired: &NftDesired) -> Result<NftReport, EnforceError> {
+        if self.applied.is_none() || self.structure.is_none() {
+            return self.reconcile(desired);
+        }
+        match self.converge(desired, false) {
+            Err(e @ EnforceError::NftMissing { .. }) => Err(e),
+            Err(e) => {
+                warn!(error = %e, "incremental nftables update failed; reconciling against the kernel");
+                self.reconcile(desired)
+            }
+            ok => ok,
+        }
+    }
+
+    /// What the table holds if nobody but this process changed it since its last apply.
+    fn assumed_actual(&self) -> Option<NftActual> {
+        let applied = self.applied.as_ref()?;
+        Some(NftActual {
+            present: true,
+            cgroups: applied.cgroups.iter().map(|(l, ids)| (*l, ids.keys().copied().collect())).collect(),
+            interfaces: applied.interfaces.clone(),
+            cidrs_v4: applied.v4.clone(),
+            cidrs_v6: applied.v6.clone(),
+            structure: self.structure.clone()?,
+            ..NftActual::default()
+        })
+    }
+
     fn reconcile_once(&mut self, desired: &NftDesired) -> Result<NftReport, EnforceError> {
+        self.converge(desired, true)
+    }
+
+    /// Diffs `desired` against the table as read from the kernel (`read_back`) or as last
+    /// applied, and commits the difference in one transaction.
+    fn converge(&mut self, desired: &NftDesired, read_back: bool) -> Result<NftReport, EnforceError> {
         let mut report = NftReport::default();
-        let want = self.resolve(desired, &mut report.skipped);
-        let actual = self.read_actual()?;
+        let want = self.resolve(desired, !read_back, &mut report.skipped);
+        let actual = match (read_back, self.assumed_actual()) {
+            (false, Some(assumed)) => assumed,
+            _ => self.read_actual()?,
+        };
         let rebuild = !actual.present || self.structure.as_deref() != Some(actual.structure.as_str());
         let mut script = String::new();
         let mut drift = 0usize;
@@ -515,39 +585,32 @@ impl NftEnforcer {
         }
 
         // Interfaces and CIDRs, compared by value.
-        let prev = self.applied.clone();
-        let ifs_prev = prev.as_ref().map(|p| &p.interfaces);
-        let v4_prev = prev.as_ref().map(|p| &p.v4);
-        let v6_prev = prev.as_ref().map(|p| &p.v6);
-        let mut plain = |set: &str,
-                         w: &BTreeSet<String>,
-                         a: &BTreeSet<String>,
-                         p: Option<BTreeSet<String>>,
-                         foreign: bool| {
-            let (add, del): (Vec<&String>, Vec<&String>) =
-                (w.difference(a).collect(), a.difference(w).collect());
-            if let Some(p) = &p {
-                drift += add.iter().filter(|e| p.contains(**e)).count();
-                drift += del.iter().filter(|e| !p.contains(**e)).count();
-            }
-            report.added += add.len();
-            report.removed += del.len();
+        let prev = self.applied.as_ref();
+        let ifs_prev = prev.map(|p| &p.interfaces);
+        let v4_prev = prev.map(|p| &p.v4);
+        let v6_prev = prev.map(|p| &p.v6);
+        let foreign = |set: &str| {
             if rebuild {
-                push_elements(&mut script, "add", set, w.iter().cloned());
-            } else if foreign {
-                script.push_str(&format!("flush set inet {TABLE} {set}\n"));
-                push_elements(&mut script, "add", set, w.iter().cloned());
+                Rewrite::Fresh
+            } else if actual.foreign_elements.contains(set) {
+                Rewrite::Flush
             } else {
-                push_elements(&mut script, "delete", set, del.into_iter().cloned());
-                push_elements(&mut script, "add", set, add.into_iter().cloned());
+                Rewrite::Incremental
             }
         };
-        let q = |s: &BTreeSet<String>| s.iter().map(|n| quote(n)).collect::<BTreeSet<String>>();
-        let c = |s: &BTreeSet<Cidr>| s.iter().map(Cidr::to_string).collect::<BTreeSet<String>>();
-        let foreign = |set: &str| actual.foreign_elements.contains(set);
-        plain("ifaces", &q(&want.interfaces), &q(&actual.interfaces), ifs_prev.map(q), foreign("ifaces"));
-        plain("geo_v4", &c(&want.v4), &c(&actual.cidrs_v4), v4_prev.map(c), foreign("geo_v4"));
-        plain("geo_v6", &c(&want.v6), &c(&actual.cidrs_v6), v6_prev.map(c), foreign("geo_v6"));
+        let parts = [
+            plain_set("ifaces", &want.interfaces, &actual.interfaces, ifs_prev, foreign("ifaces"), |n| {
+                quote(n)
+            }),
+            plain_set("geo_v4", &want.v4, &actual.cidrs_v4, v4_prev, foreign("geo_v4"), Cidr::to_string),
+            plain_set("geo_v6", &want.v6, &actual.cidrs_v6, v6_prev, foreign("geo_v6"), Cidr::to_string),
+        ];
+        for part in parts {
+            script.push_str(&part.script);
+            report.added += part.added;
+            report.removed += part.removed;
+            drift += part.drift;
+        }
         report.drift = drift;
 
         if !script.is_empty() {
@@ -577,6 +640,57 @@ impl NftEnforcer {
         info!("nftables table inet kycd removed");
         Ok(())
     }
+}
+
+/// How a value-compared set is brought to its desired contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rewrite {
+    /// Delete the extra elements, add the missing ones.
+    Incremental,
+    /// Flush and re-add everything (the set holds elements kycd cannot name).
+    Flush,
+    /// The set is being created in this transaction: add everything.
+    Fresh,
+}
+
+/// One set's share of a transaction.
+#[derive(Debug, Default)]
+struct SetChange {
+    script: String,
+    added: usize,
+    removed: usize,
+    drift: usize,
+}
+
+/// Diffs a set compared by value: `want` against `actual`, with `prev` (what was last
+/// applied) telling drift from new entries. Elements are formatted only for the difference.
+fn plain_set<T: Ord>(
+    set: &str,
+    want: &BTreeSet<T>,
+    actual: &BTreeSet<T>,
+    prev: Option<&BTreeSet<T>>,
+    rewrite: Rewrite,
+    fmt: impl Fn(&T) -> String,
+) -> SetChange {
+    let add: Vec<&T> = want.difference(actual).collect();
+    let del: Vec<&T> = actual.difference(want).collect();
+    let mut change = SetChange { added: add.len(), removed: del.len(), ..SetChange::default() };
+    if let Some(p) = prev {
+        change.drift =
+            add.iter().filter(|e| p.contains(e)).count() + del.iter().filter(|e| !p.contains(e)).count();
+    }
+    match rewrite {
+        Rewrite::Fresh => push_elements(&mut change.script, "add", set, want.iter().map(&fmt)),
+        Rewrite::Flush => {
+            change.script.push_str(&format!("flush set inet {TABLE} {set}\n"));
+            push_elements(&mut change.script, "add", set, want.iter().map(&fmt));
+        }
+        Rewrite::Incremental => {
+            push_elements(&mut change.script, "delete", set, del.into_iter().map(&fmt));
+            push_elements(&mut change.script, "add", set, add.into_iter().map(&fmt));
+        }
+    }
+    change
 }
 
 /// The id `nft` would resolve the element name `name` to now.
