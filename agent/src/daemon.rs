@@ -226,8 +226,10 @@ pub struct Agent {
     admitted_domains: BTreeMap<String, (String, i64)>,
     /// Consecutive evaluations that could not record every decision.
     audit_failures: u32,
-    /// Recorded decisions changed since the last reconciliation.
+    /// Recorded decisions changed since the last reconciliation: apply the change.
     reconcile_due: bool,
+    /// The periodic full reconciliation (reads the host's state back) is due.
+    full_reconcile_due: bool,
     /// Per-country CIDRs for geo-blocks (`enforcement.geo_cidr_file`).
     geo: Option<crate::enforce::CountryCidrs>,
     decisions: BTreeMap<WorkloadId, Decision>,
@@ -355,6 +357,7 @@ impl Agent {
             admitted_domains: BTreeMap::new(),
             audit_failures: 0,
             reconcile_due: true,
+            full_reconcile_due: true,
             geo: None,
             decisions: BTreeMap::new(),
             audit,
@@ -731,7 +734,8 @@ impl Agent {
         self.attestations_in_force()
             .into_iter()
             .filter(|(_, a)| {
-                a.claims.exp > now.saturating_sub(skew) && a.claims.nbf.is_none_or(|n| n <= now.saturating_add(skew))
+                a.claims.exp > now.saturating_sub(skew)
+                    && a.claims.nbf.is_none_or(|n| n <= now.saturating_add(skew))
             })
             .map(|(id, a)| {
                 let info = crate::gpu::sampler::TenantInfo {
@@ -930,10 +934,12 @@ impl Agent {
         }
     }
 
-    /// Converges the host on the recorded decisions (enforce mode only): see
+    /// Converges the host on the recorded decisions (enforce mode only): a full reconcile
+    /// on start and every interval, a fast apply on decision changes in between; see
     /// [`crate::reconcile`]. Drift and failures are logged and counted; a failing backend is
     /// retried at the next reconciliation, and what it had applied stays in place.
     pub fn reconcile(&mut self) {
+        let full = std::mem::take(&mut self.full_reconcile_due);
         self.reconcile_due = false;
         if self.config.mode != Mode::Enforce {
             return;
@@ -954,7 +960,7 @@ impl Agent {
             self.geo.as_ref(),
             now(),
         );
-        let report = self.enforcer.reconcile(&desired);
+        let report = if full { self.enforcer.reconcile(&desired) } else { self.enforcer.apply(&desired) };
         for (backend, what) in &report.drift {
             *self.counters.drift_repaired.entry(backend).or_default() += 1;
             warn!(backend, drift = %what, "drift repaired");
@@ -1201,13 +1207,14 @@ fn start_gpu(
     };
     let (windows_tx, mut windows_rx) = crate::gpu::usage::window_channel(256);
     let (reports_tx, mut reports_rx) = mpsc::channel::<crate::gpu::sampler::TickReport>(4);
-    let sampler = match crate::gpu::sampler::spawn(sampler, tenants, windows_tx, Some(reports_tx), stop.clone()) {
-        Ok(handle) => handle,
-        Err(e) => {
-            error!(error = %e, "GPU sampler thread not started");
-            return None;
-        }
-    };
+    let sampler =
+        match crate::gpu::sampler::spawn(sampler, tenants, windows_tx, Some(reports_tx), stop.clone()) {
+            Ok(handle) => handle,
+            Err(e) => {
+                error!(error = %e, "GPU sampler thread not started");
+                return None;
+            }
+        };
     let sink = tokio::spawn(async move {
         while let Some(w) = windows_rx.recv().await {
             if w.training_like {
@@ -1266,7 +1273,8 @@ pub async fn run(
         next
     });
     let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
-    let gpu_tasks = gpu.and_then(|backend| start_gpu(&agent.config, backend, tenants_rx, shutdown.child_token()));
+    let gpu_tasks =
+        gpu.and_then(|backend| start_gpu(&agent.config, backend, tenants_rx, shutdown.child_token()));
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
@@ -1316,7 +1324,10 @@ pub async fn run(
                 watches.ensure();
                 agent.tick();
             }),
-            _ = reconcile_tick.tick() => agent.reconcile_due = true,
+            _ = reconcile_tick.tick() => {
+                agent.reconcile_due = true;
+                agent.full_reconcile_due = true;
+            }
             () = tokio::time::sleep(sleep_for) => {}
         }
         next_review = tokio::task::block_in_place(|| {

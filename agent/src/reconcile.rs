@@ -141,8 +141,16 @@ pub struct ReconcileReport {
 /// Makes the host match the desired state. Implementations are idempotent: the same
 /// desired state twice changes nothing the second time (unless something drifted).
 pub trait Enforcer: Send {
-    /// Converges the host on `desired`.
+    /// Converges the host on `desired`, reading the actual state back (drift repair).
     fn reconcile(&mut self, desired: &Desired) -> ReconcileReport;
+    /// Applies a change of `desired` quickly, trusting the state this enforcer last applied
+    /// where reading it back is slow (a 10,000-element nft table); falls back to a full
+    /// reconcile when the kernel disagrees. Drift is caught by the periodic [`reconcile`].
+    ///
+    /// [`reconcile`]: Enforcer::reconcile
+    fn apply(&mut self, desired: &Desired) -> ReconcileReport {
+        self.reconcile(desired)
+    }
     /// Lifts everything this enforcer imposed (`--release-on-exit`).
     fn release(&mut self) -> ReconcileReport {
         self.reconcile(&Desired::default())
@@ -234,8 +242,8 @@ impl HostEnforcer {
     }
 }
 
-impl Enforcer for HostEnforcer {
-    fn reconcile(&mut self, desired: &Desired) -> ReconcileReport {
+impl HostEnforcer {
+    fn converge(&mut self, desired: &Desired, full: bool) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         if let Some(cgroup) = &mut self.cgroup {
             let r = cgroup.reconcile(&desired.cgroups);
@@ -256,7 +264,8 @@ impl Enforcer for HostEnforcer {
             report.errors.extend(r.errors.iter().map(|(p, e)| ("cgroup", format!("{}: {e}", p.display()))));
         }
         if let Some(nft) = &mut self.nft {
-            match nft.reconcile(&desired.nft) {
+            let result = if full { nft.reconcile(&desired.nft) } else { nft.apply(&desired.nft) };
+            match result {
                 Ok(r) => {
                     report.changes += r.added + r.removed;
                     if r.drift > 0 {
@@ -275,6 +284,16 @@ impl Enforcer for HostEnforcer {
             gpu.reconcile(desired.prohibit_gpus, &mut report);
         }
         report
+    }
+}
+
+impl Enforcer for HostEnforcer {
+    fn reconcile(&mut self, desired: &Desired) -> ReconcileReport {
+        self.converge(desired, true)
+    }
+
+    fn apply(&mut self, desired: &Desired) -> ReconcileReport {
+        self.converge(desired, false)
     }
 
     fn release(&mut self) -> ReconcileReport {
