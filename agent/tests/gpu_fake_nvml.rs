@@ -23,6 +23,8 @@ use kycd::workload::WorkloadId;
 use kycd_protocol::{EstimationMethod, UsageWindow};
 use serde_json::json;
 
+mod host_support;
+
 const H100: &str = "NVIDIA H100 80GB HBM3";
 const H100_PEAK: f64 = 989.4e12;
 const A100_PEAK: f64 = 312e12;
@@ -601,4 +603,72 @@ fn a_hung_driver_stalls_gpu_data_not_the_caller() {
     let dropped = std::time::Instant::now();
     drop(backend);
     assert!(dropped.elapsed() < Duration::from_millis(1500));
+}
+
+/// The daemon end to end: the real `kycd` binary loads the fake library from
+/// `gpu.nvml_library`, and in enforce mode prohibits every GPU of a denied host, then restores
+/// each GPU's own mode when a host attestation arrives.
+#[test]
+fn the_daemon_prohibits_the_gpus_of_a_denied_host_and_restores_them() {
+    let fake = FakeHost::new(json!({"state_file": "", "gpus": [
+        {"name": H100, "uuid": "GPU-0", "compute_mode": "exclusive_process"},
+        {"name": H100, "uuid": "GPU-1"}
+    ]}));
+    let modes = || -> BTreeMap<String, u32> {
+        serde_json::from_slice(&std::fs::read(fake.dir.path().join("modes.json")).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    let mut host = host_support::Host::new("");
+    host.extra_config = format!(
+        "mode = \"enforce\"\n[enforcement]\nnftables = false\ncgroup = false\nreconcile_interval_s = 1\n\
+         [gpu]\nnvml_library = \"{}\"\n",
+        fake.library().display()
+    );
+    host.write_config();
+    host.write_policy(1, &[]); // no attestation → deny
+    host.start();
+    host.wait_for_verdict("host:host", "deny");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // NVML_COMPUTEMODE_PROHIBITED = 2, EXCLUSIVE_PROCESS = 3, DEFAULT = 0.
+    while modes() != BTreeMap::from([("GPU-0".into(), 2), ("GPU-1".into(), 2)]) {
+        assert!(std::time::Instant::now() < deadline, "GPUs not prohibited: {:?}\n{}", modes(), host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(host.log().contains("GPU backend available"), "{}", host.log());
+    let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
+        "iss": "kyc", "sub": "tenant-bm", "jti": "h-1", "iat": host_support::now() - 5,
+        "exp": host_support::now() + 3600, "kyc": {"status": "verified"},
+        "subject": {"kind": "individual", "legal_name": "X", "countries": ["US"]},
+        "binding": {"kind": "host", "id": "bare-metal"}, "foreign_person": false
+    }))
+    .unwrap();
+    host_support::atomic_write(
+        &host.path("etc/host.jws"),
+        kycd_protocol::sign(&claims, &host.issuer).unwrap().as_bytes(),
+    );
+    host.wait_for_verdict("host:host", "allow");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while modes() != BTreeMap::from([("GPU-0".into(), 3), ("GPU-1".into(), 0)]) {
+        assert!(std::time::Instant::now() < deadline, "modes not restored: {:?}\n{}", modes(), host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.stop();
+}
+
+/// No NVIDIA library on the host: the agent runs, decides and says so.
+#[test]
+fn the_daemon_runs_without_nvml_and_reports_the_gpu_backend_unavailable() {
+    let mut host = host_support::Host::new("");
+    let missing = host.path("no-such/libnvidia-ml.so.1");
+    host.extra_config = format!("[gpu]\nnvml_library = \"{}\"\n", missing.display());
+    host.write_config();
+    host.write_policy(1, &[]);
+    host.start();
+    host.wait_for_verdict("host:host", "deny");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !host.log().contains("GPU backend unavailable") {
+        assert!(std::time::Instant::now() < deadline, "{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.stop();
 }
