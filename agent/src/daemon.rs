@@ -1159,6 +1159,9 @@ fn start_watcher(
 
 /// The GPU sampler thread and its observers; see [`start_gpu`].
 struct GpuTasks {
+    /// The sampler's metrics (rendered by the operator API's `/metrics`).
+    #[allow(dead_code)]
+    metrics: Arc<std::sync::Mutex<crate::gpu::metrics::GpuMetrics>>,
     sampler: std::thread::JoinHandle<()>,
     sink: tokio::task::JoinHandle<()>,
     observer: tokio::task::JoinHandle<()>,
@@ -1215,8 +1218,13 @@ fn start_gpu(
                 return None;
             }
         };
+    let metrics = Arc::new(std::sync::Mutex::new(crate::gpu::metrics::GpuMetrics::default()));
+    let sink_metrics = Arc::clone(&metrics);
     let sink = tokio::spawn(async move {
         while let Some(w) = windows_rx.recv().await {
+            if let Ok(mut m) = sink_metrics.lock() {
+                m.observe_window(&w);
+            }
             if w.training_like {
                 info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
                       estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
@@ -1226,10 +1234,14 @@ fn start_gpu(
             }
         }
     });
+    let observer_metrics = Arc::clone(&metrics);
     let observer = tokio::spawn(async move {
         let mut available = None;
         let mut lost = BTreeSet::new();
         while let Some(report) = reports_rx.recv().await {
+            if let Ok(mut m) = observer_metrics.lock() {
+                m.observe_tick(&report);
+            }
             match &report.sample.backend {
                 crate::gpu::BackendState::Unavailable { reason } if available != Some(false) => {
                     warn!(%reason, "GPU backend unavailable: GPU usage is not measured");
@@ -1248,7 +1260,7 @@ fn start_gpu(
             }
         }
     });
-    Some(GpuTasks { sampler, sink, observer, stop })
+    Some(GpuTasks { metrics, sampler, sink, observer, stop })
 }
 
 /// Runs the agent until `shutdown` is cancelled. `reload` carries reload requests (SIGHUP);

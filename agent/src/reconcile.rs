@@ -441,6 +441,23 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_nft_is_an_error_of_the_nftables_backend_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config { state_dir: dir.path().to_owned(), ..Config::default() };
+        config.enforcement.cgroup = false;
+        config.enforcement.nft_command = vec!["/nonexistent/kycd-test/nft".into()];
+        let mut enforcer = HostEnforcer::from_config(&config, None);
+        let mut desired = Desired::default();
+        desired.nft.interfaces.insert("vnet0".into());
+        for report in [enforcer.reconcile(&desired), enforcer.apply(&desired)] {
+            assert_eq!(report.errors.len(), 1, "{report:?}");
+            assert_eq!(report.errors[0].0, "nftables");
+            assert!(report.errors[0].1.contains("/nonexistent/kycd-test/nft"), "{report:?}");
+            assert_eq!(report.changes, 0);
+        }
+    }
+
+    #[test]
     fn geo_blocks_follow_prohibiting_measures_in_effect() {
         let geo: CountryCidrs = [
             ("KP".to_owned(), (vec![crate::enforce::Cidr::parse("175.45.176.0/22").unwrap()], vec![])),

@@ -307,15 +307,15 @@ fn without_gpm_the_estimate_falls_back_to_utilization_and_says_so() {
         (Some(false), None, &None)
     );
     let est = &reports[1].gpus[0];
-    assert_eq!(est.activity.unwrap().method, EstimationMethod::SmUtilizationUpperBound);
+    assert_eq!(est.activity.unwrap().method, EstimationMethod::UtilizationUpperBound);
     assert_eq!(reports[1].gpus[1].activity.unwrap().method, EstimationMethod::GpmTensor);
 
     let a = window(&windows, "unix_user:1");
-    assert_eq!(a.method, EstimationMethod::SmUtilizationUpperBound);
+    assert_eq!(a.method, EstimationMethod::UtilizationUpperBound);
     assert!(close(a.estimated_ops, 10.0 * (A100_PEAK * 0.8 * 0.5 + H100_PEAK * 0.25)), "{}", a.estimated_ops);
     assert_eq!((a.gpu_seconds, a.gpus), (20.0, 2));
     let b = window(&windows, "unix_user:2");
-    assert_eq!(b.method, EstimationMethod::SmUtilizationUpperBound);
+    assert_eq!(b.method, EstimationMethod::UtilizationUpperBound);
     assert!(close(b.estimated_ops, 10.0 * A100_PEAK * 0.8 * 0.5));
     assert!(close(b.peak_flops, A100_PEAK));
 }

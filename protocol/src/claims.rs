@@ -699,7 +699,7 @@ pub enum EstimationMethod {
     /// GPM tensor-pipe activity × peak tensor FLOP/s (Hopper+).
     GpmTensor,
     /// SM utilisation × peak tensor FLOP/s: an upper bound.
-    SmUtilizationUpperBound,
+    UtilizationUpperBound,
     /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
     /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
     /// estimated, so it is a lower bound.

@@ -8,7 +8,7 @@
 //!
 //! Operations in an interval = peak × activity × dt, where activity is the GPM "any tensor
 //! pipe active" fraction when the GPU has GPM ([`EstimationMethod::GpmTensor`]), else the
-//! SM utilization fraction ([`EstimationMethod::SmUtilizationUpperBound`]: NVML counts an SM
+//! SM utilization fraction ([`EstimationMethod::UtilizationUpperBound`]: NVML counts an SM
 //! period as busy when any kernel runs, tensor or not, so this over-estimates, never under).
 
 use std::collections::BTreeMap;
@@ -192,7 +192,7 @@ pub fn activity(gpm_tensor_pct: Option<f64>, utilization_gpu_pct: Option<u32>) -
     }
     utilization_gpu_pct.map(|pct| Activity {
         fraction: (f64::from(pct) / 100.0).clamp(0.0, 1.0),
-        method: EstimationMethod::SmUtilizationUpperBound,
+        method: EstimationMethod::UtilizationUpperBound,
     })
 }
 
@@ -240,7 +240,7 @@ mod tests {
         let a = activity(Some(50.0), Some(100)).unwrap();
         assert_eq!((a.fraction, a.method), (0.5, EstimationMethod::GpmTensor));
         let b = activity(None, Some(80)).unwrap();
-        assert_eq!((b.fraction, b.method), (0.8, EstimationMethod::SmUtilizationUpperBound));
+        assert_eq!((b.fraction, b.method), (0.8, EstimationMethod::UtilizationUpperBound));
         assert_eq!(activity(None, None), None);
         assert_eq!(estimate_ops(1e15, 0.5, 2.0), 1e15);
     }

@@ -18,6 +18,7 @@
 pub mod attribution;
 pub mod enforce;
 pub mod flops;
+pub mod metrics;
 pub mod nvml;
 pub mod record;
 pub mod replay;

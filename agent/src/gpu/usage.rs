@@ -9,7 +9,7 @@
 //!
 //! Per window and key: GPU-seconds (tick length for each GPU the workload had a process on),
 //! distinct GPUs, most GPUs in one tick, estimated operations, summed peak FLOP/s of the GPUs
-//! used, the estimation method (the weakest seen: `unknown` < `sm_utilization_upper_bound` <
+//! used, the estimation method (the weakest seen: `unknown` < `utilization_upper_bound` <
 //! `gpm_tensor`), and the local `training_like` flag ([`TrainingRule`]).
 //!
 //! Windows go to the reporting pipeline over a bounded [`tokio::sync::mpsc`] channel
@@ -95,7 +95,7 @@ struct Open {
 fn rank(m: EstimationMethod) -> u8 {
     match m {
         EstimationMethod::Unknown => 0,
-        EstimationMethod::SmUtilizationUpperBound => 1,
+        EstimationMethod::UtilizationUpperBound => 1,
         EstimationMethod::GpmTensor => 2,
     }
 }
@@ -271,7 +271,7 @@ mod tests {
         for k in 1..=29 {
             let o = [
                 obs("a", 0, 0.9, EstimationMethod::GpmTensor),
-                obs("a", 1, 0.9, EstimationMethod::SmUtilizationUpperBound),
+                obs("a", 1, 0.9, EstimationMethod::UtilizationUpperBound),
             ];
             agg.observe(t0 + k * 1000, Duration::from_secs(1), &o);
         }
@@ -279,7 +279,7 @@ mod tests {
         agg.observe(t0 + 30_000, Duration::from_secs(1), &[obs("a", 0, 0.9, EstimationMethod::GpmTensor)]);
         let w = agg.flush();
         assert!(!w[0].training_like);
-        assert_eq!(w[0].method, EstimationMethod::SmUtilizationUpperBound);
+        assert_eq!(w[0].method, EstimationMethod::UtilizationUpperBound);
         for k in 31..=61 {
             let o = [
                 obs("a", 0, 0.9, EstimationMethod::GpmTensor),

@@ -1,0 +1,176 @@
+//! The GPU sampler's Prometheus metrics: per-GPU utilization, per-tenant GPU-seconds and
+//! estimated operations, NVML errors. Fed from tick reports and usage windows by the daemon;
+//! rendered in the Prometheus text format for the operator API's `/metrics`.
+//!
+//! Series:
+//! - `kycd_gpu_backend_available` (gauge, 0/1)
+//! - `kycd_gpu_utilization_ratio{gpu, name}` (gauge, 0..1; absent while unreadable)
+//! - `kycd_gpu_seconds_total{tenant, workload}` (counter; tenant `""` = unattributed)
+//! - `kycd_gpu_estimated_operations_total{tenant, workload}` (counter)
+//! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
+//!   per GPU that fell off the bus)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use kycd_protocol::UsageWindow;
+
+use super::sampler::TickReport;
+use super::BackendState;
+
+/// The sampler's metrics; see the module docs.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GpuMetrics {
+    backend_available: bool,
+    /// GPU UUID → (model name, utilization 0..1).
+    utilization: BTreeMap<String, (String, f64)>,
+    /// (tenant, workload) → GPU-seconds.
+    gpu_seconds: BTreeMap<(String, String), f64>,
+    /// (tenant, workload) → estimated operations.
+    operations: BTreeMap<(String, String), f64>,
+    /// Error kind → count.
+    nvml_errors: BTreeMap<&'static str, u64>,
+    /// GPUs already counted as lost (a lost GPU stays lost in every later report).
+    lost: BTreeSet<String>,
+}
+
+impl GpuMetrics {
+    /// Takes in one sampler tick.
+    pub fn observe_tick(&mut self, report: &TickReport) {
+        match &report.sample.backend {
+            BackendState::Ok => self.backend_available = true,
+            BackendState::Unavailable { .. } => {
+                self.backend_available = false;
+                *self.nvml_errors.entry("unavailable").or_default() += 1;
+            }
+        }
+        self.utilization.clear();
+        for gpu in &report.sample.gpus {
+            if let Some(pct) = gpu.utilization_gpu_pct {
+                self.utilization
+                    .insert(gpu.uuid.clone(), (gpu.name.clone(), f64::from(pct.min(100)) / 100.0));
+            }
+        }
+        for uuid in &report.lost_gpus {
+            if self.lost.insert(uuid.clone()) {
+                *self.nvml_errors.entry("gpu_lost").or_default() += 1;
+            }
+        }
+    }
+
+    /// Takes in one closed usage window.
+    pub fn observe_window(&mut self, window: &UsageWindow) {
+        let key = (window.tenant.clone().unwrap_or_default(), window.workload.clone());
+        *self.gpu_seconds.entry(key.clone()).or_default() += window.gpu_seconds;
+        *self.operations.entry(key).or_default() += window.estimated_ops;
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP kycd_gpu_backend_available Whether NVML answered the last sample.");
+        let _ = writeln!(out, "# TYPE kycd_gpu_backend_available gauge");
+        let _ = writeln!(out, "kycd_gpu_backend_available {}", u8::from(self.backend_available));
+        let _ = writeln!(out, "# HELP kycd_gpu_utilization_ratio GPU utilization in the last sample.");
+        let _ = writeln!(out, "# TYPE kycd_gpu_utilization_ratio gauge");
+        for (uuid, (name, ratio)) in &self.utilization {
+            let _ = writeln!(
+                out,
+                "kycd_gpu_utilization_ratio{{gpu=\"{}\",name=\"{}\"}} {ratio}",
+                esc(uuid),
+                esc(name)
+            );
+        }
+        for (metric, help, values) in [
+            ("kycd_gpu_seconds_total", "GPU-seconds used, per tenant and workload.", &self.gpu_seconds),
+            (
+                "kycd_gpu_estimated_operations_total",
+                "Estimated operations (FLOP), per tenant and workload.",
+                &self.operations,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for ((tenant, workload), v) in values {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{tenant=\"{}\",workload=\"{}\"}} {v}",
+                    esc(tenant),
+                    esc(workload)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP kycd_nvml_errors_total NVML failures by kind.");
+        let _ = writeln!(out, "# TYPE kycd_nvml_errors_total counter");
+        for (kind, n) in &self.nvml_errors {
+            let _ = writeln!(out, "kycd_nvml_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        out
+    }
+}
+
+/// Label-value escaping of the text format: backslash, double quote, newline.
+fn esc(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuSnapshot, GpuState, Sample};
+    use kycd_protocol::EstimationMethod;
+
+    fn window(tenant: Option<&str>, gpu_seconds: f64, ops: f64) -> UsageWindow {
+        serde_json::from_value(serde_json::json!({
+            "tenant": tenant, "workload": "libvirt_domain:vm\"1", "foreign_person": true,
+            "start": 0, "end": 60, "gpu_seconds": gpu_seconds, "gpus": 1, "max_concurrent_gpus": 1,
+            "estimated_ops": ops, "peak_flops": 1e15, "method": EstimationMethod::GpmTensor,
+            "training_like": false, "merged_windows": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn renders_counters_gauges_and_escapes_labels() {
+        let mut m = GpuMetrics::default();
+        let mut gpu = GpuSnapshot::bare(0, "GPU-0".into(), "NVIDIA H100 80GB HBM3".into(), GpuState::Ok);
+        gpu.utilization_gpu_pct = Some(75);
+        let report = TickReport {
+            sample: Sample { at_ms: 0, backend: BackendState::Ok, gpus: vec![gpu] },
+            dt: std::time::Duration::from_secs(1),
+            lost_gpus: vec!["GPU-7".into()],
+            processes: vec![],
+            unattributed: vec![],
+            gpus: vec![],
+            windows: vec![],
+        };
+        m.observe_tick(&report);
+        m.observe_tick(&report);
+        m.observe_window(&window(Some("t-1"), 60.0, 1e16));
+        m.observe_window(&window(Some("t-1"), 30.0, 5e15));
+        m.observe_window(&window(None, 10.0, 0.0));
+        let text = m.render();
+        for line in [
+            "kycd_gpu_backend_available 1",
+            "kycd_gpu_utilization_ratio{gpu=\"GPU-0\",name=\"NVIDIA H100 80GB HBM3\"} 0.75",
+            "kycd_gpu_seconds_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 90",
+            "kycd_gpu_estimated_operations_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 15000000000000000",
+            "kycd_gpu_seconds_total{tenant=\"\",workload=\"libvirt_domain:vm\\\"1\"} 10",
+            "kycd_nvml_errors_total{kind=\"gpu_lost\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        m.observe_tick(&TickReport {
+            sample: Sample {
+                at_ms: 1,
+                backend: BackendState::Unavailable { reason: "x".into() },
+                gpus: vec![],
+            },
+            ..report
+        });
+        let text = m.render();
+        assert!(text.contains("kycd_gpu_backend_available 0"));
+        assert!(text.contains("kycd_nvml_errors_total{kind=\"unavailable\"} 1"));
+        assert!(!text.contains("kycd_gpu_utilization_ratio{"), "no stale utilization:\n{text}");
+    }
+}
