@@ -46,29 +46,44 @@ fn eventually(what: &str, host: &Host, mut ok: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn denials_freeze_and_cut_off_drift_is_repaired_and_lifting_restores() {
+/// A namespace pair, a test cgroup and an agent configured to enforce on both (not started),
+/// or a loud skip.
+fn enforcing_setup(test: &str, extra_enforcement: &str) -> Option<(Topology, TestCgroup, Host)> {
     if let Err(why) = nft_capable() {
-        return skip(&format!("denials_freeze_and_cut_off_drift_is_repaired_and_lifting_restores: {why}"));
+        skip(&format!("{test}: {why}"));
+        return None;
     }
     let (topo, cg) = match (Topology::new(), TestCgroup::new()) {
         (Ok(t), Ok(c)) => (t, c),
-        (Err(why), _) | (_, Err(why)) => return skip(&why),
+        (Err(why), _) | (_, Err(why)) => {
+            skip(&format!("{test}: {why}"));
+            return None;
+        }
+    };
+    let nft: Vec<String> = topo.local.nft_command().iter().map(|a| format!("{a:?}")).collect();
+    let mut host = Host::new("");
+    host.extra_config = format!(
+        "mode = \"enforce\"\n[workloads]\ncgroup_root = \"{mount}\"\nroots = [\"{root}\"]\nrescan_interval_s = 1\n\
+         [enforcement]\nreconcile_interval_s = 1\nnft_command = [{nft}]\n{extra_enforcement}",
+        mount = cg.mount.display(),
+        root = cg.rel(&cg.path),
+        nft = nft.join(", ")
+    );
+    host.write_config();
+    Some((topo, cg, host))
+}
+
+#[test]
+fn denials_freeze_and_cut_off_drift_is_repaired_and_lifting_restores() {
+    let Some((topo, cg, mut host)) =
+        enforcing_setup("denials_freeze_and_cut_off_drift_is_repaired_and_lifting_restores", "")
+    else {
+        return;
     };
     let job = cg.child("job");
     let net = cg.child("net");
     let mut sleeper = TestCgroup::spawn_sleep(&job);
     let root = cg.rel(&cg.path);
-    let nft: Vec<String> = topo.local.nft_command().iter().map(|a| format!("{a:?}")).collect();
-
-    let mut host = Host::new("mode = \"enforce\"\n");
-    host.extra_config = format!(
-        "mode = \"enforce\"\n[workloads]\ncgroup_root = \"{mount}\"\nroots = [\"{root}\"]\nrescan_interval_s = 1\n\
-         [enforcement]\nreconcile_interval_s = 1\nnft_command = [{nft}]\n",
-        mount = cg.mount.display(),
-        nft = nft.join(", ")
-    );
-    host.write_config();
     // v1: RU customers may run without network egress; unattested workloads are allowed.
     let ru = json!([{"id": "ru-egress", "match": {"countries": ["RU"]}, "roles": ["customer"],
         "action": "condition", "conditions": {"network": "deny_egress"}, "citation": "test"}]);
@@ -116,25 +131,13 @@ fn denials_freeze_and_cut_off_drift_is_repaired_and_lifting_restores() {
 
 #[test]
 fn release_on_exit_lifts_every_block() {
-    if let Err(why) = nft_capable() {
-        return skip(&format!("release_on_exit_lifts_every_block: {why}"));
-    }
-    let (topo, cg) = match (Topology::new(), TestCgroup::new()) {
-        (Ok(t), Ok(c)) => (t, c),
-        (Err(why), _) | (_, Err(why)) => return skip(&why),
+    let Some((topo, cg, mut host)) =
+        enforcing_setup("release_on_exit_lifts_every_block", "release_on_exit = true\n")
+    else {
+        return;
     };
     let job = cg.child("job");
     let mut sleeper = TestCgroup::spawn_sleep(&job);
-    let root = cg.rel(&cg.path);
-    let nft: Vec<String> = topo.local.nft_command().iter().map(|a| format!("{a:?}")).collect();
-    let mut host = Host::new("");
-    host.extra_config = format!(
-        "mode = \"enforce\"\n[workloads]\ncgroup_root = \"{mount}\"\nroots = [\"{root}\"]\nrescan_interval_s = 1\n\
-         [enforcement]\nreconcile_interval_s = 1\nrelease_on_exit = true\nnft_command = [{nft}]\n",
-        mount = cg.mount.display(),
-        nft = nft.join(", ")
-    );
-    host.write_config();
     policy(&host, 1, json!([]), "deny");
     host.start();
     assert!(wait_events(&job, "frozen 1"), "{}", host.log());
