@@ -147,8 +147,16 @@ pub fn discover(mount: &Path, roots: &[String], domains: &[LibvirtDomain]) -> Di
             let mut id = classify(root, &child);
             if id.kind == WorkloadKind::LibvirtDomain {
                 let number = libvirt_scope_number(&child);
-                if let Some(d) = domains.iter().find(|d| d.id.is_some() && d.id == number) {
+                let domain = domains.iter().find(|d| d.id.is_some() && d.id == number);
+                if let Some(d) = domain {
                     id.id = d.name.clone();
+                }
+                // A domain named like a UUID would match attestations bound to that UUID:
+                // it keeps the name only if it is its own UUID.
+                if is_uuid(&id.id)
+                    && domain.and_then(|d| d.uuid.as_deref()) != Some(id.id.to_ascii_lowercase().as_str())
+                {
+                    id = WorkloadId { kind: WorkloadKind::Cgroup, id: format!("/{root}/{child}") };
                 }
             }
             found.push((Discovered { id, cgroup: Some(entry.path()) }, root.clone(), child));
@@ -171,6 +179,16 @@ pub fn discover(mount: &Path, roots: &[String], domains: &[LibvirtDomain]) -> Di
     discovery.found.extend(found.into_iter().map(|(d, _, _)| d));
     discovery.found.sort_by(|a, b| a.id.cmp(&b.id));
     discovery
+}
+
+/// Whether `s` has the shape of a UUID (8-4-4-4-12 hex digits).
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A libvirt domain from its status XML.
@@ -337,6 +355,25 @@ mod tests {
                 "host:host"
             ]
         );
+    }
+
+    #[test]
+    fn a_domain_named_like_a_foreign_uuid_does_not_keep_that_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let uuid = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+        assert!(is_uuid(uuid) && is_uuid(&uuid.to_uppercase()) && !is_uuid("vm-1") && !is_uuid("6f1c2a9e"));
+        let scope = format!("machine-qemu\\x2d7\\x2d{}.scope", uuid.replace('-', "\\x2d"));
+        std::fs::create_dir_all(dir.path().join("machine.slice").join(&scope)).unwrap();
+        let impostor = [LibvirtDomain {
+            id: Some(7),
+            name: uuid.into(),
+            uuid: Some("00000000-0000-0000-0000-000000000001".into()),
+        }];
+        let found = discover(dir.path(), &["machine.slice".into()], &impostor).found;
+        assert_eq!(found[0].id.to_string(), format!("cgroup:/machine.slice/{scope}"));
+        let honest = [LibvirtDomain { id: Some(7), name: uuid.into(), uuid: Some(uuid.into()) }];
+        let found = discover(dir.path(), &["machine.slice".into()], &honest).found;
+        assert_eq!(found[0].id.to_string(), format!("libvirt_domain:{uuid}"));
     }
 
     #[test]

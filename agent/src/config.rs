@@ -478,7 +478,7 @@ impl Config {
         if !(100..=60_000).contains(&self.gpu.interval_ms) {
             return invalid("gpu.interval_ms", "must be between 100 and 60000");
         }
-        if self.gpu.window_s == 0 || self.gpu.window_s * 1000 < self.gpu.interval_ms {
+        if self.gpu.window_s == 0 || self.gpu.window_s.saturating_mul(1000) < self.gpu.interval_ms {
             return invalid("gpu.window_s", "must be at least one sampling interval");
         }
         if self.gpu.training_min_activity_pct > 100 {
@@ -505,6 +505,12 @@ impl Config {
             return invalid("log.level", "must not be empty");
         }
         Ok(())
+    }
+
+    /// Where attestations accepted at admission are kept (owned by kycd: deleting a file
+    /// withdraws it; expired ones are removed).
+    pub fn admitted_dir(&self) -> PathBuf {
+        self.state_dir.join("admitted")
     }
 
     /// The drop directory for attestations.

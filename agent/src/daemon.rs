@@ -418,9 +418,31 @@ impl Agent {
 
     /// The periodic safety net: see the module docs.
     pub fn tick(&mut self) {
+        self.expire_admitted();
         self.load_policy();
         self.rescan_attestations(Recheck::IfChanged);
         self.rescan_workloads();
+    }
+
+    /// Removes attestations kept from admissions once they have expired (they can no longer
+    /// attest anything; keeping them would grow the directory forever).
+    fn expire_admitted(&mut self) {
+        let dir = self.config.admitted_dir();
+        let cutoff = now().saturating_sub(i64::try_from(self.config.clock_skew_s).unwrap_or(i64::MAX));
+        let expired: Vec<PathBuf> = self
+            .attestations
+            .iter()
+            .filter(|(path, a)| path.parent() == Some(dir.as_path()) && a.claims.exp <= cutoff)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in expired {
+            match std::fs::remove_file(&path) {
+                Ok(()) => self.ingest(&path, false, Recheck::IfChanged), // records the withdrawal
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot remove an expired admitted attestation")
+                }
+            }
+        }
     }
 
     fn load_trust(&mut self) {
@@ -620,16 +642,17 @@ impl Agent {
         }
     }
 
-    /// Re-reads the drop directory and the host attestation.
+    /// Re-reads the drop directory, the attestations kept from admissions, and the host
+    /// attestation.
     fn rescan_attestations(&mut self, recheck: Recheck) {
-        let drop_dir = self.config.drop_dir();
         let mut present: BTreeSet<PathBuf> = BTreeSet::new();
-        match std::fs::read_dir(&drop_dir) {
-            Ok(entries) => {
-                present.extend(entries.flatten().map(|e| e.path()).filter(|p| is_attestation_file(p)))
-            }
-            Err(e) => {
-                warn!(dir = %drop_dir.display(), error = %e, "cannot read the attestation drop directory")
+        for dir in [self.config.drop_dir(), self.config.admitted_dir()] {
+            match std::fs::read_dir(&dir) {
+                Ok(entries) => {
+                    present.extend(entries.flatten().map(|e| e.path()).filter(|p| is_attestation_file(p)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == self.config.admitted_dir() => {}
+                Err(e) => warn!(dir = %dir.display(), error = %e, "cannot read an attestation directory"),
             }
         }
         let host_file = self.config.attestations.host_attestation.clone();
@@ -756,7 +779,12 @@ impl Agent {
                 return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: d.name.clone() };
             }
             if let Some((name, _)) = self.admitted_domains.get(&uuid) {
-                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.clone() };
+                // A running domain of that name with another UUID is another domain.
+                let taken =
+                    self.libvirt_domains.iter().any(|d| d.name == *name && d.uuid.as_deref() != Some(&uuid));
+                if !taken {
+                    return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.clone() };
+                }
             }
         }
         id.clone()
@@ -939,6 +967,12 @@ impl Agent {
     /// [`crate::reconcile`]. Drift and failures are logged and counted; a failing backend is
     /// retried at the next reconciliation, and what it had applied stays in place.
     pub fn reconcile(&mut self) {
+        if self.audit_failures > 0 && self.audit_failures < LOCKDOWN_AFTER {
+            // Decisions are partly unrecorded: the host keeps what it has (a lift computed
+            // from a partial picture could release a block) until they are recorded or the
+            // lockdown denies everything.
+            return;
+        }
         let full = std::mem::take(&mut self.full_reconcile_due);
         self.reconcile_due = false;
         if self.config.mode != Mode::Enforce {
@@ -996,10 +1030,36 @@ impl Agent {
     /// recorded decision answers deny.
     pub fn admit(&mut self, admission: Admission) -> AdmitAnswer {
         let workload = admission.workload;
-        if let (WorkloadKind::LibvirtDomain, Some(uuid)) = (workload.kind, admission.libvirt_uuid) {
-            self.admitted_domains.insert(uuid, (workload.id.clone(), now()));
+        // A domain named like a UUID could otherwise borrow an attestation bound to that
+        // UUID: such a name is accepted only as the domain's own UUID.
+        if workload.kind == WorkloadKind::LibvirtDomain && cgroup::is_uuid(&workload.id) {
+            let own = admission.libvirt_uuid.as_deref() == Some(workload.id.to_ascii_lowercase().as_str());
+            if !own {
+                return AdmitAnswer::deny(&workload, "a libvirt domain named like a UUID must be that UUID");
+            }
         }
-        if let Some(bytes) = admission.attestation {
+        // The UUID → name mapping lets an attestation bound by UUID apply before the domain
+        // runs. It is kept only if the domain is admitted, and one name has one UUID.
+        let previous_mapping = match (workload.kind, &admission.libvirt_uuid) {
+            (WorkloadKind::LibvirtDomain, Some(uuid)) => {
+                let previous = self.admitted_domains.clone();
+                self.admitted_domains.retain(|u, (name, _)| u == uuid || *name != workload.id);
+                self.admitted_domains.insert(uuid.clone(), (workload.id.clone(), now()));
+                Some(previous)
+            }
+            _ => None,
+        };
+        let answer = self.admit_inner(&workload, admission.attestation);
+        if answer.verdict == Verdict::Deny {
+            if let Some(previous) = previous_mapping {
+                self.admitted_domains = previous;
+            }
+        }
+        answer
+    }
+
+    fn admit_inner(&mut self, workload: &WorkloadId, attestation: Option<Vec<u8>>) -> AdmitAnswer {
+        if let Some(bytes) = attestation {
             let bytes = tokens::strip_one_newline(bytes);
             let attested = match self.verify_attestation(&bytes, false) {
                 Ok(a) => a,
@@ -1010,21 +1070,24 @@ impl Agent {
                         json!({"type": "attestation_rejected", "kind": e.kind(), "reason": e.to_string(),
                         "source": "admission", "workload": workload.to_string()}),
                     );
-                    return AdmitAnswer::deny(&workload, format!("attestation rejected ({}): {e}", e.kind()));
+                    return AdmitAnswer::deny(workload, format!("attestation rejected ({}): {e}", e.kind()));
                 }
             };
             let bound = self.resolve(&attested.workload);
-            if bound != workload {
-                return AdmitAnswer::deny(
-                    &workload,
-                    format!("the attestation is bound to {bound}, not {workload}"),
+            if bound != *workload {
+                let reason = format!("the attestation is bound to {bound}, not {workload}");
+                warn!(%workload, %bound, "admission: attestation bound to another workload");
+                self.record(
+                    json!({"type": "attestation_rejected", "kind": "BindingMismatch", "reason": reason,
+                    "source": "admission", "workload": workload.to_string()}),
                 );
+                return AdmitAnswer::deny(workload, reason);
             }
             let digest_prefix: String = attested.token_digest.chars().take(16).collect();
-            let path = self.config.drop_dir().join(format!("admitted-{digest_prefix}.jws"));
+            let path = self.config.admitted_dir().join(format!("{digest_prefix}.jws"));
             if let Err(e) = crate::fsutil::write_atomic(&path, &bytes) {
                 error!(path = %path.display(), error = %e, "admission: cannot persist the attestation");
-                return AdmitAnswer::deny(&workload, format!("cannot persist the attestation: {e}"));
+                return AdmitAnswer::deny(workload, format!("cannot persist the attestation: {e}"));
             }
             if self.attestations.get(&path).is_none_or(|a| a.token_digest != attested.token_digest) {
                 info!(%workload, tenant = %attested.claims.sub, jti = %attested.claims.jti, "attestation accepted at admission");
@@ -1034,20 +1097,27 @@ impl Agent {
                 self.attestations.insert(path, attested);
             }
         }
-        if !self.workloads.contains_key(&workload) {
-            let first_seen = self.first_seen_of(&workload);
+        if !self.workloads.contains_key(workload) {
+            let first_seen = self.first_seen_of(workload);
             self.workloads
                 .insert(workload.clone(), WorkloadState { first_seen, cgroup: None, interfaces: Vec::new() });
         }
         self.evaluate();
-        match self.decisions.get(&workload) {
+        // A decision that could not be recorded is no answer: the one on record may be stale.
+        if self.audit_failures > 0 {
+            return AdmitAnswer::deny(
+                workload,
+                "the audit log cannot be written; decisions are not recorded",
+            );
+        }
+        match self.decisions.get(workload) {
             Some(d) => AdmitAnswer {
                 workload: workload.to_string(),
                 verdict: d.verdict,
                 decision: Some(d.clone()),
                 error: None,
             },
-            None => AdmitAnswer::deny(&workload, "the decision could not be recorded"),
+            None => AdmitAnswer::deny(workload, "the decision could not be recorded"),
         }
     }
 
@@ -1313,7 +1383,10 @@ pub async fn run(
             Some(()) = reload.recv() => tokio::task::block_in_place(|| agent.handle(Event::Reload)),
             Some(request) = api_rx.recv() => tokio::task::block_in_place(|| match request {
                 ApiRequest::Admit(admission, reply) => {
-                    let _ = reply.send(agent.admit(admission));
+                    // A caller that gave up gets nothing done on its behalf.
+                    if !reply.is_closed() {
+                        let _ = reply.send(agent.admit(admission));
+                    }
                 }
             }),
             Some(event) = rx.recv() => tokio::task::block_in_place(|| {
@@ -1361,6 +1434,8 @@ pub async fn run(
     if let Some(tasks) = gpu_tasks {
         tasks.stop().await;
     }
+    // Requests still queued are answered by nobody: their callers see the agent gone.
+    api_rx.close();
     api_shutdown.cancel();
     if let Ok(Err(e)) = api_task.await {
         warn!(error = %e, "operator socket");

@@ -199,11 +199,14 @@ impl GpuEnforcement {
         }
         let mut uuids = std::collections::BTreeSet::new();
         if prohibit {
+            // GPUs already prohibited stay so even when a sample misses them (NVML briefly
+            // unavailable): only a lifted decision lifts a block.
+            uuids.extend(enforcer.held().keys().cloned());
             let sample = self.backend.sample();
             if let BackendState::Unavailable { reason } = &sample.backend {
                 report.errors.push(("gpu", format!("GPU backend unavailable: {reason}")));
             }
-            uuids.extend(sample.gpus.into_iter().map(|g| g.uuid));
+            uuids.extend(sample.gpus.into_iter().map(|g| g.uuid).filter(|u| !u.is_empty()));
         }
         match enforcer.reconcile(self.backend.as_mut(), &uuids) {
             Ok(r) => {
@@ -273,9 +276,13 @@ impl HostEnforcer {
                             .drift
                             .push(("nftables", format!("{} set elements restored or removed", r.drift)));
                     }
-                    for (what, why) in &r.skipped {
-                        warn!(entry = %what, reason = %why, "not expressible in nftables; skipped");
-                    }
+                    // A block that cannot be expressed is a block not in force: an error,
+                    // counted, not a warning.
+                    report.errors.extend(
+                        r.skipped
+                            .iter()
+                            .map(|(what, why)| ("nftables", format!("{what} not blocked: {why}"))),
+                    );
                 }
                 Err(e) => report.errors.push(("nftables", e.to_string())),
             }
@@ -438,6 +445,74 @@ mod tests {
             let got = desired_state([view], None, None, None, 0).prohibit_gpus;
             assert_eq!(got, want, "{id} {:?}", d.verdict);
         }
+    }
+
+    /// A GPU backend double whose samples can go missing (NVML briefly unavailable) while
+    /// its compute modes stay settable.
+    #[derive(Debug, Clone, Default)]
+    struct FlakyGpus {
+        modes: std::sync::Arc<std::sync::Mutex<BTreeMap<String, crate::gpu::ComputeMode>>>,
+        unavailable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl GpuBackend for FlakyGpus {
+        fn sample(&mut self) -> crate::gpu::Sample {
+            let down = self.unavailable.load(std::sync::atomic::Ordering::SeqCst);
+            let gpus = if down {
+                vec![]
+            } else {
+                let modes = self.modes.lock().unwrap();
+                modes
+                    .keys()
+                    .enumerate()
+                    .map(|(i, u)| {
+                        crate::gpu::GpuSnapshot::bare(
+                            i as u32,
+                            u.clone(),
+                            "g".into(),
+                            crate::gpu::GpuState::Ok,
+                        )
+                    })
+                    .collect()
+            };
+            let backend =
+                if down { BackendState::Unavailable { reason: "flaky".into() } } else { BackendState::Ok };
+            crate::gpu::Sample { at_ms: 0, backend, gpus }
+        }
+        fn compute_mode(&mut self, uuid: &str) -> Result<crate::gpu::ComputeMode, crate::gpu::GpuError> {
+            self.modes.lock().unwrap().get(uuid).copied().ok_or(crate::gpu::GpuError::NoSuchGpu(uuid.into()))
+        }
+        fn set_compute_mode(
+            &mut self,
+            uuid: &str,
+            mode: crate::gpu::ComputeMode,
+        ) -> Result<(), crate::gpu::GpuError> {
+            self.modes.lock().unwrap().insert(uuid.into(), mode);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_missed_gpu_sample_does_not_lift_a_gpu_block() {
+        use crate::gpu::ComputeMode;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config { state_dir: dir.path().to_owned(), ..Config::default() };
+        config.enforcement.cgroup = false;
+        config.enforcement.nftables = false;
+        let gpus = FlakyGpus::default();
+        gpus.modes.lock().unwrap().extend([("GPU-0".to_string(), ComputeMode::Default)]);
+        let mut enforcer = HostEnforcer::from_config(&config, Some(Box::new(gpus.clone())));
+        let prohibit = Desired { prohibit_gpus: true, ..Desired::default() };
+        let r = enforcer.reconcile(&prohibit);
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(gpus.modes.lock().unwrap()["GPU-0"], ComputeMode::Prohibited);
+        gpus.unavailable.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = enforcer.reconcile(&prohibit);
+        assert_eq!(r.errors.len(), 1, "the unavailable backend is reported: {r:?}");
+        assert_eq!(gpus.modes.lock().unwrap()["GPU-0"], ComputeMode::Prohibited, "lifted on a missed sample");
+        gpus.unavailable.store(false, std::sync::atomic::Ordering::SeqCst);
+        enforcer.reconcile(&Desired::default());
+        assert_eq!(gpus.modes.lock().unwrap()["GPU-0"], ComputeMode::Default, "restored when lifted");
     }
 
     #[test]

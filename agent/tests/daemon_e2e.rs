@@ -417,6 +417,9 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
         assert!(Instant::now() < deadline, "no lockdown logged:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Admission while decisions cannot be recorded: deny, whatever was recorded before.
+    let (code, _, err) = admit(&host, &["--workload", "libvirt_domain:vm-1"], None);
+    assert_eq!(code, 1, "{err}");
     // Space comes back: the held-back decision is recorded (and enforced) after all.
     fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -480,6 +483,25 @@ fn admission_answers_with_the_recorded_decision_and_fails_closed() {
     assert!(err.contains("bound to libvirt_domain:vm-de"), "{err}");
     let (code, _, err) = admit(&host, &["--workload", "pod:x"], None);
     assert_eq!(code, 2, "usage error: {err}");
+    // A domain named like another domain's UUID cannot borrow that UUID's attestation.
+    let u1 = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+    let by_uuid = host.attestation(u1, "DE", now() + 3600);
+    let impostor = format!("libvirt_domain:{u1}");
+    let args = ["--workload", impostor.as_str(), "--libvirt-uuid", "00000000-0000-4000-8000-000000000002"];
+    let (code, _, err) = admit(&host, &[&args[..], &["--attestation", "-"]].concat(), Some(&by_uuid));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("named like a UUID"), "{err}");
+    // Attestations kept from admissions are removed once expired (and withdrawn).
+    let short = host.attestation("vm-short", "DE", now() + 2);
+    let (code, _, err) =
+        admit(&host, &["--workload", "libvirt_domain:vm-short", "--attestation", "-"], Some(&short));
+    assert_eq!(code, 0, "{err}");
+    let kept_files = || fs::read_dir(host.path("state/admitted")).unwrap().count();
+    let before = kept_files();
+    host.wait_for("expired admission withdrawn", |r| {
+        r["event"]["type"] == "attestation_withdrawn" && r["event"]["workload"] == "libvirt_domain:vm-short"
+    });
+    assert_eq!(kept_files(), before - 1, "the expired attestation file is removed");
 
     // A restart keeps the admitted attestation: no re-delivery needed.
     host.stop();

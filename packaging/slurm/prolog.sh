@@ -4,11 +4,15 @@
 # slurm.conf:  Prolog=/etc/slurm/prolog.d/kycd.sh   (runs as root on each allocated node,
 # before the job starts, with SLURM_JOB_ID and SLURM_JOB_UID set)
 #
-# The workload is the job owner's Unix user (attestations for Slurm tenants bind
-# {"kind": "unix_user", "id": "<uid>"}); kycd also sees the job's cgroup under
-# slurmstepd.scope once it runs and enforces there. A non-zero exit stops the job. Note
-# that Slurm drains a node whose Prolog fails and requeues the job: an operator then sees
-# the denial in `scontrol show node` (Reason) and in kycd's audit log.
+# The workload admitted is the job owner's Unix user (attestations for Slurm tenants bind
+# {"kind": "unix_user", "id": "<uid>"}): a denied user's job does not start. Caveats:
+# - Once running, the job's own cgroup (under slurmstepd.scope, when that root is
+#   configured) is a separate workload, cgroup:/slurmstepd.scope/job_N, decided by the
+#   policy's `unverified` rule unless an attestation binds it; kycd does not (yet) link a
+#   job cgroup to its owner's uid.
+# - Slurm drains a node whose Prolog fails and requeues the job, so one denied user can
+#   drain nodes; operators see the denial in `scontrol show node` (Reason) and in kycd's
+#   audit log. Denying at submission (job_submit plugin) avoids this.
 #
 # Fail closed: an unreachable agent (exit 3) fails the prolog too.
 set -u

@@ -293,6 +293,14 @@ fn admit(args: AdmitArgs) -> ExitCode {
         .chain(answer.error.clone())
         .collect();
     match answer.verdict {
+        // Only a recorded decision admits.
+        _ if answer.decision.is_none() => {
+            eprintln!("denied: {} (no recorded decision)", answer.workload);
+            for r in &reasons {
+                eprintln!("  {r}");
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
         kycd_protocol::Verdict::Deny => {
             eprintln!("denied: {}", answer.workload);
             for r in &reasons {
