@@ -756,7 +756,20 @@ pub struct UsageRecord {
     pub window: UsageWindow,
 }
 
-/// A batch of records uploaded to `POST /v1/reports`.
+/// The collector's answer to `POST /v1/reports` (200): every record of the host with
+/// `seq <= acked_seq` is stored (sequence numbers start at 1; 0 = none yet). The agent
+/// advances its durable cursor to it, and only then deletes spooled records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportAck {
+    /// Highest contiguous stored sequence number of the host.
+    pub acked_seq: u64,
+}
+
+/// A batch of records uploaded to `POST /v1/reports`: the request body is this JSON,
+/// gzip-compressed (`Content-Encoding: gzip`), and `X-Kycd-Signature` carries a detached
+/// JWS over the exact body bytes (`typ` [`crate::REPORT_SIGNATURE_TYP`], `kid` = the
+/// host id), signed with the host's Ed25519 key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReportBatch {
     /// Reporting host.
