@@ -752,6 +752,11 @@ fn one() -> u32 {
 pub struct UsageRecord {
     /// Strictly increasing per host, never reused; ingest is idempotent on (host_id, seq).
     pub seq: u64,
+    /// For a record merged from several spooled windows (the spool near its size cap): it
+    /// stands for every sequence number `seq..=last_seq`, which the collector counts as
+    /// received. Absent for an ordinary record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
     /// The window.
     pub window: UsageWindow,
 }
