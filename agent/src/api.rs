@@ -6,8 +6,15 @@
 //! 503 at once rather than queueing without bound. Who is calling is read from the socket
 //! (`SO_PEERCRED`): mutations — admission — are accepted from root only.
 //!
-//! Endpoints (the operator-API issue adds status, tenants, decisions and GPUs):
+//! Who may do what: reads for root and members of the socket's group (`api.socket_group`);
+//! mutations (admit, reload) for root only. The caller is pinned by its process start time
+//! (from `/proc/PID/stat`), read again after its groups, so a PID reused in between is not
+//! mistaken for the original caller. Refusals answer 403 and are logged.
+//!
+//! Endpoints:
 //! - `GET /healthz` → `ok`.
+//! - `GET /v1/status` → [`Status`]; `GET /v1/workloads` → [`WorkloadRow`]s.
+//! - `POST /v1/reload` → reloads trust anchors, the policy and attestations (SIGHUP).
 //! - `POST /v1/admit` `{"workload": "KIND:ID", "attestation"?: "<JWS>", "libvirt_uuid"?: "…"}`
 //!   → 200 `{"workload", "verdict", "decision"?, "error"?}`; the verdict is `deny` when the
 //!   attestation is rejected or the decision could not be recorded.
@@ -61,6 +68,73 @@ pub enum ApiError {
 pub enum ApiRequest {
     /// Decide on a workload about to start, with the attestation it brings.
     Admit(Admission, oneshot::Sender<AdmitAnswer>),
+    /// The agent's state at a glance.
+    Status(oneshot::Sender<Status>),
+    /// Every workload with its decision.
+    Workloads(oneshot::Sender<Vec<WorkloadRow>>),
+    /// Reload trust anchors, the policy and attestations.
+    Reload(oneshot::Sender<()>),
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Agent version.
+    pub version: String,
+    /// This host's id.
+    pub host_id: String,
+    /// `audit` or `enforce`.
+    pub mode: String,
+    /// When the agent started (Unix seconds).
+    pub started_at: i64,
+    /// Seconds since.
+    pub uptime_s: i64,
+    /// The policy in force.
+    pub policy: Option<PolicyStatus>,
+    /// Key ids trusted for attestations.
+    pub issuer_kids: Vec<String>,
+    /// Key ids trusted for the policy.
+    pub policy_kids: Vec<String>,
+    /// Workloads per verdict.
+    pub verdicts: std::collections::BTreeMap<String, usize>,
+    /// Attestations in force.
+    pub attestations: usize,
+    /// GPU backend state (`available`, `unavailable: …`, `disabled`).
+    pub gpu: String,
+    /// Consecutive evaluations whose decisions could not be recorded (0 = healthy).
+    pub audit_failures: u32,
+    /// Enforcement errors and drift repaired, by backend.
+    pub enforcement_errors: std::collections::BTreeMap<String, u64>,
+    /// Drift repaired, by backend.
+    pub drift_repaired: std::collections::BTreeMap<String, u64>,
+    /// The last reload's failure, if the last reload failed.
+    pub last_reload_error: Option<String>,
+}
+
+/// The policy part of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// Version.
+    pub version: u64,
+    /// Signing key.
+    pub kid: String,
+    /// Where it came from.
+    pub source: String,
+}
+
+/// One row of `GET /v1/workloads`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRow {
+    /// `KIND:ID`.
+    pub workload: String,
+    /// The tenant, when attested.
+    pub tenant: Option<String>,
+    /// The recorded decision, if any.
+    pub decision: Option<Decision>,
+    /// When that decision was recorded (Unix seconds).
+    pub decided_at: Option<i64>,
+    /// The workload's cgroup directory.
+    pub cgroup: Option<String>,
 }
 
 /// An admission request, as received.
@@ -116,16 +190,73 @@ impl AdmitAnswer {
     }
 }
 
-/// The caller, from `SO_PEERCRED`.
-#[derive(Debug, Clone, Copy)]
+/// The caller, from `SO_PEERCRED`, and what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Peer {
     uid: Option<u32>,
+    access: Access,
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    /// Nothing.
+    None,
+    /// Reads (member of the socket's group).
+    Read,
+    /// Everything (root).
+    Admin,
 }
 
 impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        Peer { uid: stream.io().peer_cred().ok().map(|c| c.uid()) }
+        let cred = stream.io().peer_cred().ok();
+        let uid = cred.map(|c| c.uid());
+        let access = match cred {
+            Some(c) if c.uid() == 0 => Access::Admin,
+            Some(c) => {
+                let group =
+                    stream.io().local_addr().ok().and_then(|a| a.as_pathname().map(socket_gid)).flatten();
+                match (group, c.pid()) {
+                    (Some(gid), Some(pid)) if member_of(pid, c.gid(), gid) => Access::Read,
+                    _ => Access::None,
+                }
+            }
+            None => Access::None,
+        };
+        Peer { uid, access }
     }
+}
+
+/// The group owning the socket file: its members may read.
+fn socket_gid(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    // A root-only socket (mode 0600) grants no group reads, whatever its group.
+    (meta.mode() & 0o060 != 0).then_some(meta.gid())
+}
+
+/// Whether process `pid` (primary group `gid`) is in group `group`, reading its
+/// supplementary groups from /proc and pinning the process by its start time, so a PID
+/// reused while we read is not taken for the caller.
+fn member_of(pid: i32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    let start = || -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 22 (starttime), counted after the parenthesised command name.
+        let after = stat.rsplit_once(')')?.1;
+        after.split_whitespace().nth(19).map(str::to_owned)
+    };
+    let Some(before) = start() else { return false };
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .map(|g| g.split_whitespace().filter_map(|n| n.parse::<u32>().ok()).collect::<Vec<_>>())
+    });
+    let member = groups.is_some_and(|g| g.contains(&group));
+    member && start().as_deref() == Some(before.as_str())
 }
 
 /// Creates the socket: its directory (0755), a stale socket from a previous run removed
@@ -180,6 +311,9 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/admit", post(admit))
+        .route("/v1/status", get(status))
+        .route("/v1/workloads", get(workloads))
+        .route("/v1/reload", post(reload))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(requests);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
@@ -191,14 +325,80 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(serde_json::json!({"error": message.into()}))).into_response()
 }
 
+/// Refuses callers below `needed` (the refusal to answer), logging who and what.
+fn refuse(peer: Peer, needed: Access, what: &str) -> Option<Response> {
+    if peer.access >= needed {
+        return None;
+    }
+    warn!(uid = ?peer.uid, request = what, "operator API: permission denied");
+    let message = match needed {
+        Access::Admin => format!("{what} is for root only"),
+        _ => format!("{what} is for root and members of the socket's group"),
+    };
+    Some(error(StatusCode::FORBIDDEN, message))
+}
+
+/// Sends `make(reply)` to the main loop and waits for the answer.
+async fn ask<T>(
+    requests: &mpsc::Sender<ApiRequest>,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
+) -> Result<T, &'static str> {
+    let (reply, answer) = oneshot::channel();
+    if requests.try_send(make(reply)).is_err() {
+        return Err("the agent is busy; retry");
+    }
+    match tokio::time::timeout(AGENT_TIMEOUT, answer).await {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => Err("the agent did not answer"),
+    }
+}
+
+async fn status(
+    State(requests): State<mpsc::Sender<ApiRequest>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Response {
+    if let Some(refused) = refuse(peer, Access::Read, "status") {
+        return refused;
+    }
+    match ask(&requests, ApiRequest::Status).await {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+async fn workloads(
+    State(requests): State<mpsc::Sender<ApiRequest>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Response {
+    if let Some(refused) = refuse(peer, Access::Read, "workloads") {
+        return refused;
+    }
+    match ask(&requests, ApiRequest::Workloads).await {
+        Ok(rows) => axum::Json(rows).into_response(),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+async fn reload(
+    State(requests): State<mpsc::Sender<ApiRequest>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Response {
+    if let Some(refused) = refuse(peer, Access::Admin, "reload") {
+        return refused;
+    }
+    match ask(&requests, ApiRequest::Reload).await {
+        Ok(()) => axum::Json(serde_json::json!({"reloaded": true})).into_response(),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 async fn admit(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     body: Bytes,
 ) -> Response {
-    if peer.uid != Some(0) {
-        warn!(uid = ?peer.uid, "admission refused: not root");
-        return error(StatusCode::FORBIDDEN, "admission is for root only");
+    if let Some(refused) = refuse(peer, Access::Admin, "admission") {
+        return refused;
     }
     let body: AdmitBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -217,16 +417,12 @@ async fn admit(
     }
     let admission =
         Admission { workload, attestation: body.attestation.map(String::into_bytes), libvirt_uuid };
-    let (reply, answer) = oneshot::channel();
-    if requests.try_send(ApiRequest::Admit(admission, reply)).is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is busy; retry");
-    }
-    match tokio::time::timeout(AGENT_TIMEOUT, answer).await {
-        Ok(Ok(answer)) => {
+    match ask(&requests, |reply| ApiRequest::Admit(admission, reply)).await {
+        Ok(answer) => {
             info!(workload = %answer.workload, verdict = ?answer.verdict, "admission answered");
             axum::Json(answer).into_response()
         }
-        _ => error(StatusCode::SERVICE_UNAVAILABLE, "the agent did not answer"),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -299,8 +495,10 @@ mod tests {
         let server = tokio::spawn(serve(listener, tx, shutdown.clone()));
         // A fake main loop that denies everything it is asked about.
         tokio::spawn(async move {
-            while let Some(ApiRequest::Admit(a, reply)) = rx.recv().await {
-                let _ = reply.send(AdmitAnswer::deny(&a.workload, format!("uuid {:?}", a.libvirt_uuid)));
+            while let Some(request) = rx.recv().await {
+                if let ApiRequest::Admit(a, reply) = request {
+                    let _ = reply.send(AdmitAnswer::deny(&a.workload, format!("uuid {:?}", a.libvirt_uuid)));
+                }
             }
         });
         let (status, body) = request(&socket, "GET", "/healthz", None).await.unwrap();

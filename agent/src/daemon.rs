@@ -232,6 +232,12 @@ pub struct Agent {
     full_reconcile_due: bool,
     /// Per-country CIDRs for geo-blocks (`enforcement.geo_cidr_file`).
     geo: Option<crate::enforce::CountryCidrs>,
+    /// When each recorded decision was recorded.
+    decided_at: BTreeMap<WorkloadId, i64>,
+    /// When the agent started.
+    started_at: i64,
+    /// Why the last reload (or start) could not load everything, if it could not.
+    last_reload_error: Option<String>,
     decisions: BTreeMap<WorkloadId, Decision>,
     audit: AuditLog,
     enforcer: Box<dyn Enforcer>,
@@ -359,6 +365,9 @@ impl Agent {
             reconcile_due: true,
             full_reconcile_due: true,
             geo: None,
+            decided_at: BTreeMap::new(),
+            started_at: now(),
+            last_reload_error: None,
             decisions: BTreeMap::new(),
             audit,
             enforcer,
@@ -407,6 +416,7 @@ impl Agent {
     /// Reloads trust anchors and the policy, and re-verifies every attestation (SIGHUP).
     /// Remembered rejections are forgotten: a key added to the trust set may make them valid.
     pub fn reload(&mut self) {
+        self.last_reload_error = None;
         self.rejected.clear();
         self.load_trust();
         self.load_geo();
@@ -461,6 +471,7 @@ impl Agent {
                 Err(e) => {
                     self.counters.trust_load_failures += 1;
                     error!(trust = which, error = %e, "trust anchors not loaded; keeping the previous set");
+                    self.last_reload_error = Some(format!("{which} trust anchors: {e}"));
                 }
             }
         }
@@ -841,6 +852,7 @@ impl Agent {
         let gone: Vec<WorkloadId> = self.decisions.keys().filter(|id| !ids.contains(*id)).cloned().collect();
         for id in gone {
             self.decisions.remove(&id);
+            self.decided_at.remove(&id);
         }
         let unrecorded = self.record_and_enforce(now, changed);
         if unrecorded > 0 {
@@ -898,6 +910,7 @@ impl Agent {
             }
             info!(workload = %id, verdict = ?decision.verdict, policy_version = ?decision.policy_version,
                   reasons = ?decision.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(), "decision");
+            self.decided_at.insert(id.clone(), now);
             self.decisions.insert(id, decision);
             self.reconcile_due = true;
         }
@@ -1012,6 +1025,70 @@ impl Agent {
                 "host reconciled"
             );
         }
+    }
+
+    /// The agent's state at a glance (`kycctl status`); `gpu` is the GPU backend's state.
+    pub fn status(&self, gpu: String) -> crate::api::Status {
+        let mut verdicts = BTreeMap::new();
+        for d in self.decisions.values() {
+            let v = serde_json::to_value(d.verdict).ok().and_then(|v| v.as_str().map(str::to_owned));
+            *verdicts.entry(v.unwrap_or_default()).or_default() += 1;
+        }
+        let now = now();
+        crate::api::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            host_id: self.host_id.clone(),
+            mode: match self.config.mode {
+                Mode::Audit => "audit".into(),
+                Mode::Enforce => "enforce".into(),
+            },
+            started_at: self.started_at,
+            uptime_s: now - self.started_at,
+            policy: self.policy.as_ref().map(|p| crate::api::PolicyStatus {
+                version: p.claims.version,
+                kid: p.kid.clone(),
+                source: self.config.policy.file.display().to_string(),
+            }),
+            issuer_kids: self.issuers.kids().map(str::to_owned).collect(),
+            policy_kids: self.policy_keys.kids().map(str::to_owned).collect(),
+            verdicts,
+            attestations: self.attestations.len(),
+            gpu,
+            audit_failures: self.audit_failures,
+            enforcement_errors: self
+                .counters
+                .enforcement_errors
+                .iter()
+                .map(|(k, v)| ((*k).into(), *v))
+                .collect(),
+            drift_repaired: self.counters.drift_repaired.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
+            last_reload_error: self.last_reload_error.clone(),
+        }
+    }
+
+    /// Every known workload with its decision (`kycctl workloads`).
+    pub fn workload_rows(&self) -> Vec<crate::api::WorkloadRow> {
+        self.workloads
+            .iter()
+            .map(|(id, w)| {
+                let decision = self.decisions.get(id);
+                crate::api::WorkloadRow {
+                    workload: id.to_string(),
+                    tenant: decision.and_then(|d| d.tenant.clone()),
+                    decision: decision.cloned(),
+                    decided_at: self.decided_at.get(id).copied(),
+                    cgroup: w.cgroup.as_ref().map(|c| c.display().to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// A one-line summary for systemd's `STATUS=`.
+    fn status_line(&self) -> String {
+        let denied = self.decisions.values().filter(|d| d.verdict == Verdict::Deny).count();
+        let policy =
+            self.policy.as_ref().map_or("no policy".to_owned(), |p| format!("policy v{}", p.claims.version));
+        format!("{:?}: {} workloads, {denied} denied, {policy}", self.config.mode, self.decisions.len())
     }
 
     /// Lifts every block (`--release-on-exit`).
@@ -1229,8 +1306,7 @@ fn start_watcher(
 
 /// The GPU sampler thread and its observers; see [`start_gpu`].
 struct GpuTasks {
-    /// The sampler's metrics (rendered by the operator API's `/metrics`).
-    #[allow(dead_code)]
+    /// The sampler's metrics (status; rendered by the operator API's `/metrics`).
     metrics: Arc<std::sync::Mutex<crate::gpu::metrics::GpuMetrics>>,
     sampler: std::thread::JoinHandle<()>,
     sink: tokio::task::JoinHandle<()>,
@@ -1365,6 +1441,12 @@ pub async fn run(
     let api_shutdown = shutdown.child_token();
     let api_task = tokio::spawn(crate::api::serve(listener, api_tx, api_shutdown.clone()));
     info!(host_id = %agent.host_id, workloads = agent.workloads.len(), socket = %socket.display(), "kycd ready");
+    // Ready: state loaded, decisions recorded, enforcement reconciled, socket answering.
+    let notifier = crate::notify::Notifier::from_env();
+    notifier.notify(&format!("READY=1\nSTATUS={}", agent.status_line()));
+    let mut watchdog =
+        tokio::time::interval(notifier.watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(rescan_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile_tick =
@@ -1388,6 +1470,21 @@ pub async fn run(
                         let _ = reply.send(agent.admit(admission));
                     }
                 }
+                ApiRequest::Status(reply) => {
+                    let gpu = match &gpu_tasks {
+                        None => "disabled".to_owned(),
+                        Some(t) if t.metrics.lock().is_ok_and(|m| m.backend_available()) => "available".to_owned(),
+                        Some(_) => "unavailable".to_owned(),
+                    };
+                    let _ = reply.send(agent.status(gpu));
+                }
+                ApiRequest::Workloads(reply) => {
+                    let _ = reply.send(agent.workload_rows());
+                }
+                ApiRequest::Reload(reply) => {
+                    agent.handle(Event::Reload);
+                    let _ = reply.send(());
+                }
             }),
             Some(event) = rx.recv() => tokio::task::block_in_place(|| {
                 agent.handle(event);
@@ -1409,6 +1506,10 @@ pub async fn run(
                 watches.ensure();
                 agent.tick();
             }),
+            _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => {
+                // The loop turned: the agent is alive (a stuck handler stops these).
+                notifier.notify(&format!("WATCHDOG=1\nSTATUS={}", agent.status_line()));
+            }
             _ = reconcile_tick.tick() => {
                 agent.reconcile_due = true;
                 agent.full_reconcile_due = true;
@@ -1434,6 +1535,7 @@ pub async fn run(
     if let Some(tasks) = gpu_tasks {
         tasks.stop().await;
     }
+    notifier.notify("STOPPING=1");
     // Requests still queued are answered by nobody: their callers see the agent gone.
     api_rx.close();
     api_shutdown.cancel();

@@ -572,3 +572,129 @@ fn the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml()
     let (code, err) = run_hook("train-1", "prepare", &allowed);
     assert_eq!(code, 3, "agent down: the domain does not start: {err}");
 }
+
+/// Runs kycctl with `args` (as uid/gid/groups when given, through setpriv); returns (exit
+/// code, stdout, stderr).
+fn kycctl_as(ids: Option<(u32, u32, &str)>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = match ids {
+        Some((uid, gid, groups)) => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
+            if groups.is_empty() {
+                c.arg("--clear-groups");
+            } else {
+                c.args(["--groups", groups]);
+            }
+            c.arg(env!("CARGO_BIN_EXE_kycctl"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kycctl")),
+    };
+    let out = cmd.args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn operators_read_status_by_group_and_only_root_mutates() {
+    if !is_root() {
+        eprintln!("SKIP operators_read_status_by_group_and_only_root_mutates: needs root to switch users");
+        return;
+    }
+    let mut host = Host::new("");
+    // Group `users` (gid 100 on Debian) stands in for the package's `kycd` group.
+    host.extra_api = "socket_group = \"users\"\n".into();
+    host.write_config();
+    host.write_policy(3, &["KP"]);
+    host.start();
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    // The agent runs from a private temp dir: let the unprivileged callers reach the socket.
+    for dir in [host.dir.path().to_path_buf(), host.path("run")] {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let socket = host.path("run/kycd.sock").display().to_string();
+
+    let (code, out, err) = kycctl_as(None, &["status", "--socket", &socket]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mode audit") && out.contains("version 3 signed by authority-1"), "{out}");
+    assert!(out.contains("1 allow"), "{out}");
+    let (code, out, _) = kycctl_as(None, &["status", "--json", "--socket", &socket]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["policy"]["version"], 3);
+    assert_eq!(status["gpu"], "unavailable", "no NVML on a test machine");
+    let (code, out, _) = kycctl_as(None, &["workloads", "--socket", &socket]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l.starts_with("libvirt_domain:vm-a")
+            && l.contains("allow")
+            && l.contains("tenant-vm-a")),
+        "{out}"
+    );
+
+    // A member of the socket's group reads, and may not mutate.
+    let (code, out, err) = kycctl_as(Some((65534, 65534, "100")), &["status", "--socket", &socket]);
+    assert_eq!(code, 0, "group member reads: {err}");
+    assert!(out.contains("policy:"), "{out}");
+    let (code, _, err) = kycctl_as(Some((65534, 65534, "100")), &["reload", "--socket", &socket]);
+    assert_eq!(code, 1, "group member reloads: {err}");
+    assert!(err.contains("403") && err.contains("root only"), "{err}");
+    let (code, _, err) = kycctl_as(
+        Some((65534, 65534, "100")),
+        &["admit", "--workload", "libvirt_domain:vm-a", "--socket", &socket],
+    );
+    assert_eq!(code, 1, "group member admits: {err}");
+    // Anyone else cannot even connect.
+    let (code, _, err) = kycctl_as(Some((65534, 65534, "")), &["status", "--socket", &socket]);
+    assert_eq!(code, 3, "outsider: {err}");
+    // Root reloads.
+    let (code, out, err) = kycctl_as(None, &["reload", "--socket", &socket]);
+    assert_eq!((code, out.trim()), (0, "reloaded"), "{err}");
+    host.stop();
+    let (code, _, err) = kycctl_as(None, &["status", "--socket", &socket]);
+    assert_eq!(code, 3, "agent down: {err}");
+    assert!(err.contains("is kycd running"), "{err}");
+}
+
+#[test]
+fn systemd_is_notified_ready_then_watchdog_then_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    let notify = host.path("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let log = fs::File::create(host.path("kycd.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kycd"))
+        .args(["run", "--config"])
+        .arg(host.path("etc/kycd.toml"))
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    host.child = Some(child);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 512];
+    while !messages.iter().any(|m: &String| m.starts_with("WATCHDOG=1")) {
+        let len = listener.recv(&mut buf).unwrap_or_else(|e| panic!("{e}; got {messages:?}\n{}", host.log()));
+        messages.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    assert!(messages[0].starts_with("READY=1\nSTATUS="), "{messages:?}");
+    assert!(host.path("run/kycd.sock").exists(), "ready before the socket answers");
+    host.stop();
+    let len = listener.recv(&mut buf).unwrap();
+    let mut last = String::from_utf8_lossy(&buf[..len]).into_owned();
+    while let Ok(len) = listener.recv(&mut buf) {
+        last = String::from_utf8_lossy(&buf[..len]).into_owned();
+        if last == "STOPPING=1" {
+            break;
+        }
+    }
+    assert_eq!(last, "STOPPING=1");
+}

@@ -6,8 +6,8 @@
 //!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr. For
 //!      `audit verify`: the chain is broken; `audit log BROKEN at <file>:<line> …` on stdout
 //!   2  usage error, unreadable file or directory, unusable key or key set
-//!   3  `admit` only: the agent could not be reached or did not answer (a deny, unless
-//!      `--fail-open`)
+//!   3  commands that talk to the agent (admit, status, workloads, reload): the agent could
+//!      not be reached or did not answer (for admit: a deny, unless `--fail-open`)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,6 +126,31 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
         socket: PathBuf,
     },
+    /// Show what the running agent is doing: mode, policy, trust, verdict counts, GPU backend,
+    /// enforcement errors and drift (root or the socket's group).
+    Status {
+        /// Print the agent's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List every workload with its verdict, tenant, reasons and when it was decided.
+    Workloads {
+        /// Print the agent's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// Reload trust anchors, the policy and attestations (as SIGHUP does; root only).
+    Reload {
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -230,6 +255,116 @@ struct AdmitArgs {
     timeout: std::time::Duration,
     fail_open: bool,
     socket: PathBuf,
+}
+
+/// One request to the agent: its JSON answer, or the exit code and message to fail with
+/// (3 unreachable, 1 refused).
+fn agent_request(socket: &std::path::Path, method: &str, uri: &str) -> Result<serde_json::Value, ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(EXIT_USAGE, e))?;
+    let timeout = std::time::Duration::from_secs(10);
+    let exchange = runtime.block_on(async {
+        tokio::time::timeout(timeout, kycd::api::request(socket, method, uri, None))
+            .await
+            .unwrap_or(Err(kycd::api::ClientError::Timeout(timeout)))
+    });
+    match exchange {
+        Err(e) => Err(fail(EXIT_UNREACHABLE, format_args!("{e} (is kycd running?)"))),
+        Ok((200, body)) => Ok(body),
+        Ok((status, body)) => {
+            let why = body["error"].as_str().unwrap_or("no reason given").to_owned();
+            Err(fail(EXIT_INVALID, format_args!("the agent refused (HTTP {status}): {why}")))
+        }
+    }
+}
+
+fn status(socket: &std::path::Path, json: bool) -> ExitCode {
+    let body = match agent_request(socket, "GET", "/v1/status") {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let s: kycd::api::Status = match serde_json::from_value(body) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
+    };
+    let policy = s.policy.as_ref().map_or("none (every workload denied)".to_owned(), |p| {
+        format!("version {} signed by {} from {}", p.version, p.kid, p.source)
+    });
+    let verdicts: Vec<String> = s.verdicts.iter().map(|(v, n)| format!("{n} {v}")).collect();
+    println!("kycd {} on host {} — mode {}, up {} s", s.version, s.host_id, s.mode, s.uptime_s);
+    println!("policy:       {policy}");
+    println!("trust:        issuers [{}], policy [{}]", s.issuer_kids.join(", "), s.policy_kids.join(", "));
+    println!("workloads:    {} ({} attestations in force)", verdicts.join(", "), s.attestations);
+    println!("gpu backend:  {}", s.gpu);
+    let audit = if s.audit_failures == 0 {
+        "ok".to_owned()
+    } else {
+        format!("FAILING ({} evaluations)", s.audit_failures)
+    };
+    println!("audit log:    {audit}");
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        if m.is_empty() {
+            "none".to_owned()
+        } else {
+            m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        }
+    };
+    println!(
+        "enforcement:  errors {}; drift repaired {}",
+        counts(&s.enforcement_errors),
+        counts(&s.drift_repaired)
+    );
+    if let Some(e) = &s.last_reload_error {
+        println!("last reload:  FAILED: {e}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn workloads(socket: &std::path::Path, json: bool) -> ExitCode {
+    let body = match agent_request(socket, "GET", "/v1/workloads") {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let rows: Vec<kycd::api::WorkloadRow> = match serde_json::from_value(body) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
+    };
+    println!("{:<48} {:<9} {:<20} {:<7} REASONS", "WORKLOAD", "VERDICT", "TENANT", "POLICY");
+    for r in rows {
+        let (verdict, policy, reasons) = match &r.decision {
+            Some(d) => (
+                format!("{:?}", d.verdict).to_lowercase(),
+                d.policy_version.map_or("-".into(), |v| format!("v{v}")),
+                d.reasons
+                    .iter()
+                    .map(|x| match &x.measure_id {
+                        Some(m) => format!("{}({m})", x.code.as_str()),
+                        None => x.code.as_str().to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            None => ("-".into(), "-".into(), "not yet recorded".into()),
+        };
+        println!(
+            "{:<48} {:<9} {:<20} {:<7} {reasons}",
+            r.workload,
+            verdict,
+            r.tenant.as_deref().unwrap_or("-"),
+            policy
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn admit(args: AdmitArgs) -> ExitCode {
@@ -436,6 +571,15 @@ fn main() -> ExitCode {
         Command::Admit { workload, attestation, libvirt_uuid, timeout, fail_open, socket } => {
             admit(AdmitArgs { workload, attestation, libvirt_uuid, timeout, fail_open, socket })
         }
+        Command::Status { json, socket } => status(&socket, json),
+        Command::Workloads { json, socket } => workloads(&socket, json),
+        Command::Reload { socket } => match agent_request(&socket, "POST", "/v1/reload") {
+            Ok(_) => {
+                println!("reloaded");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::Audit { command: AuditCommand::Verify { json, dir } } => audit_verify(&dir, json),
         Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
             gpu_record(&nvml_library, seconds, interval_ms, &out)

@@ -35,6 +35,11 @@ pub struct GpuMetrics {
 }
 
 impl GpuMetrics {
+    /// Whether NVML answered the last sample (false before the first).
+    pub fn backend_available(&self) -> bool {
+        self.backend_available
+    }
+
     /// Takes in one sampler tick.
     pub fn observe_tick(&mut self, report: &TickReport) {
         match &report.sample.backend {

@@ -24,6 +24,8 @@ pub struct Host {
     pub extra_config: String,
     /// The audit directory, relative to the temp dir.
     pub audit_rel: &'static str,
+    /// Lines added to the `[api]` table.
+    pub extra_api: String,
 }
 
 impl Host {
@@ -38,6 +40,7 @@ impl Host {
             child: None,
             extra_config: extra_config.to_owned(),
             audit_rel: "state/audit",
+            extra_api: String::new(),
         };
         fs::create_dir_all(host.path("etc/trust")).unwrap();
         fs::create_dir_all(host.path("cgroup")).unwrap();
@@ -61,8 +64,9 @@ impl Host {
              [policy]\nfile = \"{d}/etc/policy.jws\"\n\
              [attestations]\nhost_attestation = \"{d}/etc/host.jws\"\n\
              cloud_init_instance_data = \"{d}/etc/instance-data.json\"\n\
-             [api]\nsocket = \"{d}/run/kycd.sock\"\n",
-            extra = self.extra_config
+             [api]\nsocket = \"{d}/run/kycd.sock\"\n{api}",
+            extra = self.extra_config,
+            api = self.extra_api
         );
         let config = if config.contains("[workloads]") {
             config
