@@ -114,6 +114,10 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// `libnvidia-ml.so`: a bare name (searched like dlopen does) or a path.
     pub nvml_library: PathBuf,
+    /// Replay this recorded trace (`kycctl gpu record`) in a loop instead of reading NVML:
+    /// for demos and tests on machines without GPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_trace: Option<PathBuf>,
     /// Milliseconds between samples.
     pub interval_ms: u64,
     /// Seconds per usage window.
@@ -135,6 +139,7 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             nvml_library: PathBuf::from(crate::gpu::nvml::DEFAULT_LIBRARY),
+            replay_trace: None,
             interval_ms: 1000,
             window_s: 60,
             peak_flops_file: None,
@@ -441,7 +446,8 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 12] = [
+        let absolute: [(&'static str, Option<&Path>); 13] = [
+            ("gpu.replay_trace", self.gpu.replay_trace.as_deref()),
             ("gpu.peak_flops_file", self.gpu.peak_flops_file.as_deref()),
             ("api.socket", Some(&self.api.socket)),
             ("enforcement.geo_cidr_file", self.enforcement.geo_cidr_file.as_deref()),

@@ -672,3 +672,38 @@ fn the_daemon_runs_without_nvml_and_reports_the_gpu_backend_unavailable() {
     }
     host.stop();
 }
+
+/// `gpu.replay_trace`: the daemon replays a recorded trace instead of NVML (demos, tests) and
+/// closes usage windows from it.
+#[test]
+fn the_daemon_replays_a_trace_into_usage_windows() {
+    let mut host = host_support::Host::new("");
+    let trace = host.path("trace.jsonl");
+    let lines: Vec<String> = (0..30)
+        .map(|i| {
+            json!({"at_ms": T0_MS + i * 1000, "backend": {"state": "ok"}, "gpus": [{
+                "index": 0, "uuid": "GPU-0", "name": H100, "state": {"state": "ok"},
+                "utilization_gpu_pct": 80, "processes": [{"pid": 1, "used_memory_bytes": 1024}]
+            }]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&trace, lines.join("\n")).unwrap();
+    host.extra_config = format!(
+        "[log]\nlevel = \"kycd=debug,info\"\n[gpu]\nreplay_trace = \"{}\"\ninterval_ms = 100\nwindow_s = 1\n",
+        trace.display()
+    );
+    host.write_config();
+    host.write_policy(1, &[]);
+    host.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !host.log().contains("GPU usage window") {
+        assert!(std::time::Instant::now() < deadline, "no usage window from the replay:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = host.log();
+    assert!(log.contains("REPLAYED"), "the replay is announced:\n{log}");
+    let window = log.lines().find(|l| l.contains("GPU usage window")).unwrap();
+    assert!(window.contains("host:host"), "pid 1 is the host's: {window}");
+    host.stop();
+}

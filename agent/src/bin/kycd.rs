@@ -121,24 +121,30 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         });
-        // One NVML thread, shared by the sampler and (in enforce mode) the GPU enforcer.
-        let gpu = if config.gpu.enabled {
-            let options = kycd::gpu::nvml::NvmlOptions {
-                library: config.gpu.nvml_library.clone(),
-                ..Default::default()
-            };
-            Some(kycd::gpu::nvml::NvmlBackend::start(options)?)
-        } else {
-            None
+        // One NVML thread, shared by the sampler and (in enforce mode) the GPU enforcer; or a
+        // replayed trace (each user gets its own copy: replay state is in memory).
+        type Gpu = Box<dyn kycd::gpu::GpuBackend>;
+        let (sampler_gpu, enforcer_gpu): (Option<Gpu>, Option<Gpu>) = match (&config.gpu.replay_trace, config.gpu.enabled) {
+            (_, false) => (None, None),
+            (Some(trace), true) => {
+                tracing::warn!(trace = %trace.display(), "GPU data is REPLAYED from a trace, not read from NVML");
+                let open = || kycd::gpu::ReplayBackend::open(trace, true);
+                (Some(Box::new(open()?)), Some(Box::new(open()?)))
+            }
+            (None, true) => {
+                let options = kycd::gpu::nvml::NvmlOptions {
+                    library: config.gpu.nvml_library.clone(),
+                    ..Default::default()
+                };
+                let nvml = kycd::gpu::nvml::NvmlBackend::start(options)?;
+                (Some(Box::new(nvml.clone())), Some(Box::new(nvml)))
+            }
         };
         let enforcer: Box<dyn kycd::reconcile::Enforcer> = match config.mode {
-            Mode::Enforce => Box::new(kycd::reconcile::HostEnforcer::from_config(
-                &config,
-                gpu.clone().map(|g| Box::new(g) as Box<dyn kycd::gpu::GpuBackend>),
-            )),
+            Mode::Enforce => Box::new(kycd::reconcile::HostEnforcer::from_config(&config, enforcer_gpu)),
             Mode::Audit => Box::new(kycd::reconcile::RecordOnly),
         };
-        let gpu = gpu.map(|g| Box::new(g) as Box<dyn kycd::gpu::GpuBackend>);
+        let gpu = sampler_gpu;
         kycd::daemon::run(config, enforcer, gpu, reload_rx, shutdown).await?;
         Ok(())
     })
