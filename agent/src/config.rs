@@ -103,6 +103,46 @@ pub struct Config {
     pub enforcement: EnforcementConfig,
     /// GPU sampling through NVML.
     pub gpu: GpuConfig,
+    /// The collector-facing HTTPS API (host statements, metrics).
+    pub collector_api: CollectorApiConfig,
+}
+
+/// `[collector_api]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectorApiConfig {
+    /// Serve it.
+    pub enabled: bool,
+    /// `IP:PORT`.
+    pub listen: String,
+    /// Server certificate chain (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// CA whose client certificates are accepted (mTLS); absent: no client certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// A file holding the bearer token collectors must present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Serve plain HTTP (loopback addresses only).
+    pub insecure_plaintext: bool,
+}
+
+impl Default for CollectorApiConfig {
+    fn default() -> Self {
+        CollectorApiConfig {
+            enabled: false,
+            listen: "[::]:9477".into(),
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            bearer_token_file: None,
+            insecure_plaintext: false,
+        }
+    }
 }
 
 /// `[gpu]`.
@@ -273,6 +313,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             enforcement: EnforcementConfig::default(),
             gpu: GpuConfig::default(),
+            collector_api: CollectorApiConfig::default(),
         }
     }
 }
@@ -446,7 +487,11 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 13] = [
+        let absolute: [(&'static str, Option<&Path>); 17] = [
+            ("collector_api.cert_file", self.collector_api.cert_file.as_deref()),
+            ("collector_api.key_file", self.collector_api.key_file.as_deref()),
+            ("collector_api.client_ca_file", self.collector_api.client_ca_file.as_deref()),
+            ("collector_api.bearer_token_file", self.collector_api.bearer_token_file.as_deref()),
             ("gpu.replay_trace", self.gpu.replay_trace.as_deref()),
             ("gpu.peak_flops_file", self.gpu.peak_flops_file.as_deref()),
             ("api.socket", Some(&self.api.socket)),

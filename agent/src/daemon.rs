@@ -133,6 +133,38 @@ pub enum DaemonError {
     /// The operator socket could not be created.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// The collector API could not be started.
+    #[error(transparent)]
+    Https(#[from] crate::https::HttpsError),
+    /// The host key cannot be used.
+    #[error("host key {path}: {reason}")]
+    HostKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The host's Ed25519 signing key, `<state_dir>/host.key` (a private JWK, kid = host id),
+/// created on first use (mode 0600, never overwritten). A key readable by group or others
+/// is refused: it signs what this host says to collectors.
+fn load_host_key(config: &Config, host_id: &str) -> Result<kycd_protocol::PrivateJwk, DaemonError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = config.state_dir.join("host.key");
+    let err = |reason: String| DaemonError::HostKey { path: path.clone(), reason };
+    if !path.exists() {
+        let key = kycd_protocol::PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, host_id)
+            .map_err(|e| err(e.to_string()))?;
+        crate::fsutil::write_durably(&path, key.to_json().as_bytes(), crate::fsutil::Existing::Keep)
+            .map_err(|e| err(e.to_string()))?;
+        info!(path = %path.display(), "host key created");
+    }
+    let mode = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(err(format!("mode {:o} lets others read it; chmod 600", mode & 0o777)));
+    }
+    crate::tokens::load_private_key(&path).map_err(|e| err(e.to_string()))
 }
 
 pub use crate::reconcile::{Enforcer, RecordOnly};
@@ -1083,6 +1115,110 @@ impl Agent {
             .collect()
     }
 
+    /// The content of a host statement for `nonce` (the collector API signs it). `gpus` is
+    /// the GPU inventory.
+    pub fn statement_claims(
+        &self,
+        nonce: String,
+        gpus: Vec<kycd_protocol::GpuInventoryEntry>,
+    ) -> kycd_protocol::HostStatementClaims {
+        let in_force = self.attestations_in_force();
+        let workloads = self
+            .decisions
+            .iter()
+            .map(|(id, d)| {
+                let attested = in_force.get(id);
+                kycd_protocol::WorkloadStatement {
+                    workload: id.to_string(),
+                    tenant: d.tenant.clone(),
+                    attestation_digest: attested.map(|a| a.token_digest.clone()),
+                    attestation_exp: attested.map(|a| a.claims.exp),
+                    verdict: d.verdict,
+                    conditions: d.conditions.clone(),
+                }
+            })
+            .collect();
+        let iat = now();
+        kycd_protocol::HostStatementClaims {
+            iss: self.host_id.clone(),
+            iat,
+            exp: iat + 60,
+            nonce,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            policy_version: self.policy.as_ref().map(|p| p.claims.version),
+            workloads,
+            gpus,
+        }
+    }
+
+    /// The agent's own metrics in the Prometheus text format (the GPU sampler adds its own).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let labelled = |label: &str, m: &BTreeMap<&'static str, u64>| -> Vec<(String, f64)> {
+            m.iter().map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), *v as f64)).collect()
+        };
+        let mut verdicts: BTreeMap<&'static str, u64> = [("allow", 0), ("condition", 0), ("deny", 0)].into();
+        for d in self.decisions.values() {
+            let key = match d.verdict {
+                Verdict::Allow => "allow",
+                Verdict::Condition => "condition",
+                Verdict::Deny => "deny",
+            };
+            *verdicts.entry(key).or_default() += 1;
+        }
+        family("kycd_workloads", "gauge", "Workloads by recorded verdict.", labelled("verdict", &verdicts));
+        family(
+            "kycd_policy_version",
+            "gauge",
+            "Version of the policy in force (0: none).",
+            vec![(String::new(), self.policy.as_ref().map_or(0.0, |p| p.claims.version as f64))],
+        );
+        family(
+            "kycd_attestations_rejected_total",
+            "counter",
+            "Attestations rejected, by error kind.",
+            labelled("kind", &self.counters.attestations_rejected),
+        );
+        family(
+            "kycd_policies_rejected_total",
+            "counter",
+            "Policies rejected, by error kind.",
+            labelled("kind", &self.counters.policies_rejected),
+        );
+        family(
+            "kycd_trust_load_failures_total",
+            "counter",
+            "Trust files that failed to load (the previous set was kept).",
+            vec![(String::new(), self.counters.trust_load_failures as f64)],
+        );
+        family(
+            "kycd_enforcement_errors_total",
+            "counter",
+            "Enforcement failures, by backend.",
+            labelled("backend", &self.counters.enforcement_errors),
+        );
+        family(
+            "kycd_enforcement_drift_repaired_total",
+            "counter",
+            "Drift repaired by reconciliation, by backend.",
+            labelled("backend", &self.counters.drift_repaired),
+        );
+        family(
+            "kycd_audit_failing_evaluations",
+            "gauge",
+            "Consecutive evaluations whose decisions could not be recorded.",
+            vec![(String::new(), f64::from(self.audit_failures))],
+        );
+        out
+    }
+
     /// A one-line summary for systemd's `STATUS=`.
     fn status_line(&self) -> String {
         let denied = self.decisions.values().filter(|d| d.verdict == Verdict::Deny).count();
@@ -1439,6 +1575,14 @@ pub async fn run(
     let listener = crate::api::bind(&socket, agent.config.api.socket_group.as_deref())?;
     let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
     let api_shutdown = shutdown.child_token();
+    let https_task = if agent.config.collector_api.enabled {
+        let key = load_host_key(&agent.config, &agent.host_id)?;
+        let api = crate::https::bind(&agent.config.collector_api).await?;
+        info!(listen = %agent.config.collector_api.listen, "collector API listening");
+        Some(tokio::spawn(crate::https::serve(api, api_tx.clone(), Arc::new(key), api_shutdown.clone())))
+    } else {
+        None
+    };
     let api_task = tokio::spawn(crate::api::serve(listener, api_tx, api_shutdown.clone()));
     info!(host_id = %agent.host_id, workloads = agent.workloads.len(), socket = %socket.display(), "kycd ready");
     // Ready: state loaded, decisions recorded, enforcement reconciled, socket answering.
@@ -1484,6 +1628,26 @@ pub async fn run(
                 ApiRequest::Reload(reply) => {
                     agent.handle(Event::Reload);
                     let _ = reply.send(());
+                }
+                ApiRequest::Statement(nonce, reply) => {
+                    let gpus = gpu_tasks
+                        .as_ref()
+                        .and_then(|t| t.metrics.lock().ok().map(|m| {
+                            m.inventory()
+                                .map(|(uuid, name)| kycd_protocol::GpuInventoryEntry { uuid: uuid.into(), name: name.into() })
+                                .collect()
+                        }))
+                        .unwrap_or_default();
+                    let _ = reply.send(agent.statement_claims(nonce, gpus));
+                }
+                ApiRequest::Metrics(reply) => {
+                    let mut text = agent.metrics_text();
+                    if let Some(t) = &gpu_tasks {
+                        if let Ok(m) = t.metrics.lock() {
+                            text.push_str(&m.render());
+                        }
+                    }
+                    let _ = reply.send(text);
                 }
             }),
             Some(event) = rx.recv() => tokio::task::block_in_place(|| {
@@ -1541,6 +1705,9 @@ pub async fn run(
     api_shutdown.cancel();
     if let Ok(Err(e)) = api_task.await {
         warn!(error = %e, "operator socket");
+    }
+    if let Some(task) = https_task {
+        let _ = task.await;
     }
     let _ = std::fs::remove_file(&socket);
     // Blocks stay in place while the agent is down (fail closed), unless asked otherwise.

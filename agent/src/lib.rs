@@ -11,6 +11,7 @@ pub mod decision;
 pub mod enforce;
 pub mod fsutil;
 pub mod gpu;
+pub mod https;
 pub mod notify;
 pub mod policy;
 pub mod reconcile;

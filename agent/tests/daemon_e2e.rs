@@ -698,3 +698,86 @@ fn systemd_is_notified_ready_then_watchdog_then_stopping() {
     }
     assert_eq!(last, "STOPPING=1");
 }
+
+/// A plain HTTP GET on loopback: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: kycd\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+#[test]
+fn collectors_get_a_host_signed_statement_and_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut host = Host::new("");
+    host.extra_config =
+        format!("[collector_api]\nenabled = true\nlisten = \"{addr}\"\ninsecure_plaintext = true\n");
+    host.write_config();
+    host.write_policy(5, &["KP"]);
+    host.start();
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+
+    let nonce = "collector-nonce-0001";
+    let (status, token) = http_get(&addr, &format!("/v1/attestation?nonce={nonce}"));
+    assert_eq!(status, 200, "{token}");
+    // Verified with the host's public key, as a collector would after enrollment.
+    let key = PrivateJwk::from_json(&fs::read(host.path("state/host.key")).unwrap()).unwrap();
+    let mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::metadata(host.path("state/host.key")).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode, 0o600);
+    let jwks = Jwks::from_keys([key.public_key()]).unwrap();
+    let statement = kycd_protocol::verify::<kycd_protocol::HostStatementClaims>(
+        token.trim().as_bytes(),
+        &jwks,
+        &kycd_protocol::VerifyOptions::default(),
+        now(),
+    )
+    .unwrap()
+    .claims;
+    assert_eq!((statement.iss.as_str(), statement.nonce.as_str()), ("node-1", nonce));
+    assert_eq!(statement.policy_version, Some(5));
+    let vm = statement.workloads.iter().find(|w| w.workload == "libvirt_domain:vm-a").unwrap();
+    assert_eq!(vm.tenant.as_deref(), Some("tenant-vm-a"));
+    assert_eq!(vm.verdict, kycd_protocol::Verdict::Allow);
+    assert!(vm.attestation_digest.as_ref().is_some_and(|d| d.len() == 64) && vm.attestation_exp.is_some());
+    assert_eq!(http_get(&addr, "/v1/attestation?nonce=bad").0, 400);
+    assert_eq!(http_get(&addr, "/v1/attestation").0, 400);
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("kycd_workloads{verdict=\"allow\"} 1"), "{metrics}");
+    assert!(metrics.contains("kycd_policy_version 5"), "{metrics}");
+    assert!(metrics.contains("kycd_gpu_backend_available 0"), "{metrics}");
+    // promtool is the reference parser of the text format.
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}\n{metrics}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!("SKIP promtool check metrics: promtool not available ({e})"),
+    }
+    host.stop();
+}

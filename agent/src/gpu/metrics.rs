@@ -32,6 +32,8 @@ pub struct GpuMetrics {
     nvml_errors: BTreeMap<&'static str, u64>,
     /// GPUs already counted as lost (a lost GPU stays lost in every later report).
     lost: BTreeSet<String>,
+    /// GPU UUID → model name, from the last sample that reached the driver.
+    inventory: BTreeMap<String, String>,
 }
 
 impl GpuMetrics {
@@ -40,10 +42,24 @@ impl GpuMetrics {
         self.backend_available
     }
 
+    /// The GPUs of the last sample that reached the driver: (UUID, name).
+    pub fn inventory(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.inventory.iter().map(|(u, n)| (u.as_str(), n.as_str()))
+    }
+
     /// Takes in one sampler tick.
     pub fn observe_tick(&mut self, report: &TickReport) {
         match &report.sample.backend {
-            BackendState::Ok => self.backend_available = true,
+            BackendState::Ok => {
+                self.backend_available = true;
+                self.inventory = report
+                    .sample
+                    .gpus
+                    .iter()
+                    .filter(|g| !g.uuid.is_empty())
+                    .map(|g| (g.uuid.clone(), g.name.clone()))
+                    .collect();
+            }
             BackendState::Unavailable { .. } => {
                 self.backend_available = false;
                 *self.nvml_errors.entry("unavailable").or_default() += 1;
