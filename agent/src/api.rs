@@ -13,7 +13,8 @@
 //!
 //! Endpoints:
 //! - `GET /healthz` → `ok`.
-//! - `GET /v1/status` → [`Status`]; `GET /v1/workloads` → [`WorkloadRow`]s.
+//! - `GET /v1/status` → [`Status`]; `GET /v1/workloads` → [`WorkloadRow`]s;
+//!   `GET /v1/gpus` → GPU inventory, utilization and per-tenant usage.
 //! - `POST /v1/reload` → reloads trust anchors, the policy and attestations (SIGHUP).
 //! - `POST /v1/admit` `{"workload": "KIND:ID", "attestation"?: "<JWS>", "libvirt_uuid"?: "…"}`
 //!   → 200 `{"workload", "verdict", "decision"?, "error"?}`; the verdict is `deny` when the
@@ -78,6 +79,15 @@ pub enum ApiRequest {
     Statement(String, crate::https::StatementReply),
     /// Prometheus text.
     Metrics(oneshot::Sender<String>),
+    /// GPUs and per-tenant usage.
+    Gpus(oneshot::Sender<serde_json::Value>),
+    /// A caller was refused (recorded in the audit log).
+    Refused {
+        /// Its uid (`None`: credentials unreadable).
+        uid: Option<u32>,
+        /// What it asked for.
+        request: &'static str,
+    },
 }
 
 /// `GET /v1/status`.
@@ -318,6 +328,7 @@ pub async fn serve(
         .route("/v1/status", get(status))
         .route("/v1/workloads", get(workloads))
         .route("/v1/reload", post(reload))
+        .route("/v1/gpus", get(gpus))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(requests);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
@@ -330,11 +341,19 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Refuses callers below `needed` (the refusal to answer), logging who and what.
-fn refuse(peer: Peer, needed: Access, what: &str) -> Option<Response> {
+fn refuse(
+    requests: &mpsc::Sender<ApiRequest>,
+    peer: Peer,
+    needed: Access,
+    what: &'static str,
+) -> Option<Response> {
     if peer.access >= needed {
         return None;
     }
     warn!(uid = ?peer.uid, request = what, "operator API: permission denied");
+    // Recorded in the audit log when the loop has room; a flood of refusals must not
+    // crowd out real requests.
+    let _ = requests.try_send(ApiRequest::Refused { uid: peer.uid, request: what });
     let message = match needed {
         Access::Admin => format!("{what} is for root only"),
         _ => format!("{what} is for root and members of the socket's group"),
@@ -361,7 +380,7 @@ async fn status(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(peer, Access::Read, "status") {
+    if let Some(refused) = refuse(&requests, peer, Access::Read, "status") {
         return refused;
     }
     match ask(&requests, ApiRequest::Status).await {
@@ -374,7 +393,7 @@ async fn workloads(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(peer, Access::Read, "workloads") {
+    if let Some(refused) = refuse(&requests, peer, Access::Read, "workloads") {
         return refused;
     }
     match ask(&requests, ApiRequest::Workloads).await {
@@ -383,11 +402,24 @@ async fn workloads(
     }
 }
 
+async fn gpus(
+    State(requests): State<mpsc::Sender<ApiRequest>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Response {
+    if let Some(refused) = refuse(&requests, peer, Access::Read, "gpus") {
+        return refused;
+    }
+    match ask(&requests, ApiRequest::Gpus).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 async fn reload(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(peer, Access::Admin, "reload") {
+    if let Some(refused) = refuse(&requests, peer, Access::Admin, "reload") {
         return refused;
     }
     match ask(&requests, ApiRequest::Reload).await {
@@ -401,7 +433,7 @@ async fn admit(
     ConnectInfo(peer): ConnectInfo<Peer>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refuse(peer, Access::Admin, "admission") {
+    if let Some(refused) = refuse(&requests, peer, Access::Admin, "admission") {
         return refused;
     }
     let body: AdmitBody = match serde_json::from_slice(&body) {

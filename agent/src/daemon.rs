@@ -1640,6 +1640,16 @@ pub async fn run(
                         .unwrap_or_default();
                     let _ = reply.send(agent.statement_claims(nonce, gpus));
                 }
+                ApiRequest::Gpus(reply) => {
+                    let value = match &gpu_tasks {
+                        Some(t) => t.metrics.lock().map(|m| m.to_json()).unwrap_or_default(),
+                        None => json!({"backend_available": false, "disabled": true, "gpus": [], "usage": []}),
+                    };
+                    let _ = reply.send(value);
+                }
+                ApiRequest::Refused { uid, request } => {
+                    agent.record(json!({"type": "api_refused", "uid": uid, "request": request}));
+                }
                 ApiRequest::Metrics(reply) => {
                     let mut text = agent.metrics_text();
                     if let Some(t) = &gpu_tasks {

@@ -637,6 +637,21 @@ fn operators_read_status_by_group_and_only_root_mutates() {
         "{out}"
     );
 
+    let (code, out, _) = kycctl_as(None, &["tenants", "--socket", &socket]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l.starts_with("tenant-vm-a") && l.contains("libvirt_domain:vm-a (allow)")),
+        "{out}"
+    );
+    let (code, out, _) = kycctl_as(None, &["decisions", "--tenant", "tenant-vm-a", "--socket", &socket]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "header + vm-a: {out}");
+    let (code, out, _) =
+        kycctl_as(None, &["decisions", "--since", "4000000000", "--json", "--socket", &socket]);
+    assert_eq!((code, out.trim()), (0, "[]"));
+    let (code, out, _) = kycctl_as(None, &["gpus", "--socket", &socket]);
+    assert_eq!(code, 0);
+    assert!(out.contains("GPU backend unavailable"), "{out}");
     // A member of the socket's group reads, and may not mutate.
     let (code, out, err) = kycctl_as(Some((65534, 65534, "100")), &["status", "--socket", &socket]);
     assert_eq!(code, 0, "group member reads: {err}");
@@ -649,6 +664,7 @@ fn operators_read_status_by_group_and_only_root_mutates() {
         &["admit", "--workload", "libvirt_domain:vm-a", "--socket", &socket],
     );
     assert_eq!(code, 1, "group member admits: {err}");
+    host.wait_for("refusal recorded", |r| r["event"]["type"] == "api_refused" && r["event"]["uid"] == 65534);
     // Anyone else cannot even connect.
     let (code, _, err) = kycctl_as(Some((65534, 65534, "")), &["status", "--socket", &socket]);
     assert_eq!(code, 3, "outsider: {err}");

@@ -145,6 +145,48 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
         socket: PathBuf,
     },
+    /// List tenants (from attestations in force) with their workloads and verdicts.
+    Tenants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List recorded decisions, newest first, optionally for one tenant or since a time.
+    Decisions {
+        /// Only this tenant's.
+        #[arg(long, value_name = "TENANT")]
+        tenant: Option<String>,
+        /// Only decisions recorded at or after this Unix time.
+        #[arg(long, value_name = "UNIX_TIME")]
+        since: Option<i64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List the GPUs the agent samples, with utilization.
+    Gpus {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// GPU usage per tenant and workload since the agent started (GPU-seconds, estimated operations).
+    Usage {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
     /// Reload trust anchors, the policy and attestations (as SIGHUP does; root only).
     Reload {
         /// The agent's socket.
@@ -367,6 +409,126 @@ fn workloads(socket: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn rows(socket: &std::path::Path) -> Result<Vec<kycd::api::WorkloadRow>, ExitCode> {
+    let body = agent_request(socket, "GET", "/v1/workloads")?;
+    serde_json::from_value(body)
+        .map_err(|e| fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")))
+}
+
+fn verdict_name(d: &kycd::decision::Decision) -> String {
+    format!("{:?}", d.verdict).to_lowercase()
+}
+
+fn tenants(socket: &std::path::Path, json: bool) -> ExitCode {
+    let rows = match rows(socket) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let mut by_tenant: std::collections::BTreeMap<String, Vec<(String, String)>> = Default::default();
+    for r in rows {
+        if let (Some(t), Some(d)) = (r.tenant.clone(), &r.decision) {
+            by_tenant.entry(t).or_default().push((r.workload.clone(), verdict_name(d)));
+        }
+    }
+    if json {
+        let v: serde_json::Value = by_tenant
+            .iter()
+            .map(|(t, ws)| {
+                let ws: Vec<_> =
+                    ws.iter().map(|(w, v)| serde_json::json!({"workload": w, "verdict": v})).collect();
+                (t.clone(), serde_json::Value::Array(ws))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<28} WORKLOADS (VERDICT)", "TENANT");
+    for (t, ws) in by_tenant {
+        let list: Vec<String> = ws.iter().map(|(w, v)| format!("{w} ({v})")).collect();
+        println!("{t:<28} {}", list.join(", "));
+    }
+    ExitCode::SUCCESS
+}
+
+fn decisions(socket: &std::path::Path, tenant: Option<&str>, since: Option<i64>, json: bool) -> ExitCode {
+    let mut rows = match rows(socket) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    rows.retain(|r| {
+        r.decision.is_some()
+            && tenant.is_none_or(|t| r.tenant.as_deref() == Some(t))
+            && since.is_none_or(|s| r.decided_at.is_some_and(|at| at >= s))
+    });
+    rows.sort_by_key(|r| std::cmp::Reverse(r.decided_at));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<12} {:<44} {:<9} {:<20} REASONS", "DECIDED_AT", "WORKLOAD", "VERDICT", "TENANT");
+    for r in rows {
+        let Some(d) = &r.decision else { continue };
+        let reasons: Vec<String> = d
+            .reasons
+            .iter()
+            .map(|x| match (&x.measure_id, &x.citation) {
+                (Some(m), Some(c)) => format!("{} {m} ({c})", x.code.as_str()),
+                _ => x.code.as_str().to_owned(),
+            })
+            .collect();
+        println!(
+            "{:<12} {:<44} {:<9} {:<20} {}",
+            r.decided_at.map_or("-".into(), |t| t.to_string()),
+            r.workload,
+            verdict_name(d),
+            r.tenant.as_deref().unwrap_or("-"),
+            reasons.join("; ")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn gpus(socket: &std::path::Path, json: bool, usage: bool) -> ExitCode {
+    let body = match agent_request(socket, "GET", "/v1/gpus") {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if json {
+        let part = if usage { &body["usage"] } else { &body["gpus"] };
+        println!("{}", serde_json::to_string_pretty(part).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    if !body["backend_available"].as_bool().unwrap_or(false) {
+        println!("GPU backend unavailable (no NVML, or GPU sampling disabled)");
+    }
+    let empty = Vec::new();
+    if usage {
+        println!("{:<24} {:<44} {:>12} {:>14}", "TENANT", "WORKLOAD", "GPU_SECONDS", "EST_OPS");
+        for u in body["usage"].as_array().unwrap_or(&empty) {
+            println!(
+                "{:<24} {:<44} {:>12.0} {:>14.3e}",
+                u["tenant"].as_str().unwrap_or("(unattributed)"),
+                u["workload"].as_str().unwrap_or("-"),
+                u["gpu_seconds"].as_f64().unwrap_or(0.0),
+                u["estimated_ops"].as_f64().unwrap_or(0.0)
+            );
+        }
+    } else {
+        println!("{:<44} {:<28} {:>6}", "UUID", "NAME", "UTIL");
+        for g in body["gpus"].as_array().unwrap_or(&empty) {
+            let util = g["utilization"].as_f64().map_or("-".to_owned(), |u| format!("{:.0}%", u * 100.0));
+            println!(
+                "{:<44} {:<28} {:>6}",
+                g["uuid"].as_str().unwrap_or("-"),
+                g["name"].as_str().unwrap_or("-"),
+                util
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn admit(args: AdmitArgs) -> ExitCode {
     if let Err(e) = args.workload.parse::<kycd::workload::WorkloadId>() {
         return fail(EXIT_USAGE, e);
@@ -573,6 +735,12 @@ fn main() -> ExitCode {
         }
         Command::Status { json, socket } => status(&socket, json),
         Command::Workloads { json, socket } => workloads(&socket, json),
+        Command::Tenants { json, socket } => tenants(&socket, json),
+        Command::Decisions { tenant, since, json, socket } => {
+            decisions(&socket, tenant.as_deref(), since, json)
+        }
+        Command::Gpus { json, socket } => gpus(&socket, json, false),
+        Command::Usage { json, socket } => gpus(&socket, json, true),
         Command::Reload { socket } => match agent_request(&socket, "POST", "/v1/reload") {
             Ok(_) => {
                 println!("reloaded");

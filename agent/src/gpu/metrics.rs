@@ -47,6 +47,28 @@ impl GpuMetrics {
         self.inventory.iter().map(|(u, n)| (u.as_str(), n.as_str()))
     }
 
+    /// GPUs and usage as JSON (`kycctl gpus`, `kycctl usage`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let gpus: Vec<serde_json::Value> = self
+            .inventory
+            .iter()
+            .map(|(uuid, name)| {
+                let utilization = self.utilization.get(uuid).map(|(_, r)| *r);
+                serde_json::json!({"uuid": uuid, "name": name, "utilization": utilization})
+            })
+            .collect();
+        let usage: Vec<serde_json::Value> = self
+            .gpu_seconds
+            .iter()
+            .map(|((tenant, workload), secs)| {
+                let ops = self.operations.get(&(tenant.clone(), workload.clone())).copied().unwrap_or(0.0);
+                serde_json::json!({"tenant": (!tenant.is_empty()).then_some(tenant), "workload": workload,
+                    "gpu_seconds": secs, "estimated_ops": ops})
+            })
+            .collect();
+        serde_json::json!({"backend_available": self.backend_available, "gpus": gpus, "usage": usage})
+    }
+
     /// Takes in one sampler tick.
     pub fn observe_tick(&mut self, report: &TickReport) {
         match &report.sample.backend {
