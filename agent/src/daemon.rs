@@ -1059,6 +1059,44 @@ impl Agent {
         }
     }
 
+    /// SIGHUP: applies a re-read configuration, then reloads trust, policy and attestations.
+    /// A configuration that did not load, or changes settings that only a restart can apply
+    /// (state dir, mode, sockets, GPU, collector API), keeps the running one — logged and
+    /// shown by `kycctl status`.
+    pub fn reload_config(&mut self, loaded: Result<Config, String>) {
+        let problem = match loaded {
+            Err(e) => Some(format!("configuration not reloaded, keeping the running one: {e}")),
+            Ok(new) => {
+                let restart_only = [
+                    ("state_dir", new.state_dir != self.config.state_dir),
+                    ("host_id", new.host_id != self.config.host_id),
+                    ("mode", new.mode != self.config.mode),
+                    ("api", new.api != self.config.api),
+                    ("gpu", new.gpu != self.config.gpu),
+                    ("collector_api", new.collector_api != self.config.collector_api),
+                    ("audit", new.audit != self.config.audit),
+                ];
+                let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+                if changed.is_empty() {
+                    info!("configuration reloaded");
+                    self.config = new;
+                    None
+                } else {
+                    Some(format!(
+                        "configuration not reloaded, keeping the running one: {} can only change on restart",
+                        changed.join(", ")
+                    ))
+                }
+            }
+        };
+        self.reload();
+        if let Some(p) = problem {
+            error!(reason = %p, "reload");
+            self.record(json!({"type": "config_reload_failed", "reason": p}));
+            self.last_reload_error = Some(p);
+        }
+    }
+
     /// The agent's state at a glance (`kycctl status`); `gpu` is the GPU backend's state.
     pub fn status(&self, gpu: String) -> crate::api::Status {
         let mut verdicts = BTreeMap::new();
@@ -1545,13 +1583,13 @@ fn start_gpu(
     Some(GpuTasks { metrics, sampler, sink, observer, stop })
 }
 
-/// Runs the agent until `shutdown` is cancelled. `reload` carries reload requests (SIGHUP);
-/// `gpu`, when given, is sampled (see [`start_gpu`]).
+/// Runs the agent until `shutdown` is cancelled. `reload` carries SIGHUP's freshly loaded
+/// configuration (or why it did not load); `gpu`, when given, is sampled (see [`start_gpu`]).
 pub async fn run(
     config: Config,
     enforcer: Box<dyn Enforcer>,
     gpu: Option<Box<dyn crate::gpu::GpuBackend>>,
-    mut reload: mpsc::Receiver<()>,
+    mut reload: mpsc::Receiver<Result<Config, String>>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let (tx, mut rx) = mpsc::channel(EVENT_CAPACITY);
@@ -1606,7 +1644,7 @@ pub async fn run(
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(()) = reload.recv() => tokio::task::block_in_place(|| agent.handle(Event::Reload)),
+            Some(loaded) = reload.recv() => tokio::task::block_in_place(|| agent.reload_config(loaded)),
             Some(request) = api_rx.recv() => tokio::task::block_in_place(|| match request {
                 ApiRequest::Admit(admission, reply) => {
                     // A caller that gave up gets nothing done on its behalf.

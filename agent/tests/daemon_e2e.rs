@@ -797,3 +797,49 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
     }
     host.stop();
 }
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_running_one_and_says_so() {
+    if !is_root() {
+        eprintln!("SKIP sighup_with_a_broken_config_keeps_the_running_one_and_says_so: status is for root or the socket group");
+        return;
+    }
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    let socket = host.path("run/kycd.sock").display().to_string();
+    let hup = |host: &Host| {
+        let pid = host.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    };
+    let good = fs::read_to_string(host.path("etc/kycd.toml")).unwrap();
+    fs::write(host.path("etc/kycd.toml"), format!("{good}\n[policy]\nfiel = 1\n")).unwrap();
+    hup(&host);
+    let failed = host.wait_for("reload failed", |r| r["event"]["type"] == "config_reload_failed");
+    assert!(failed["event"]["reason"].as_str().unwrap().contains("keeping the running one"), "{failed}");
+    let (code, out, err) = kycctl_as(None, &["status", "--socket", &socket]);
+    assert_eq!(code, 0, "the agent still answers: {err}");
+    assert!(out.contains("last reload:  FAILED"), "{out}");
+    // A restart-only change is refused the same way; a live one is applied.
+    fs::write(host.path("etc/kycd.toml"), good.replace("host_id = \"node-1\"", "host_id = \"node-2\""))
+        .unwrap();
+    hup(&host);
+    host.wait_for("restart-only refused", |r| {
+        r["event"]["type"] == "config_reload_failed"
+            && r["event"]["reason"].as_str().unwrap().contains("host_id")
+    });
+    fs::write(host.path("etc/kycd.toml"), good.replace("clock_skew_s = 0", "clock_skew_s = 5")).unwrap();
+    hup(&host);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = kycctl_as(None, &["status", "--json", "--socket", &socket]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if status["last_reload_error"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a good config did not clear the error: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(host.log().contains("configuration reloaded"), "{}", host.log());
+    host.stop();
+}

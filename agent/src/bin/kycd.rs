@@ -69,7 +69,11 @@ enum LogFormatArg {
 
 impl ConfigArgs {
     fn load(&self) -> Result<Config, config::ConfigError> {
-        let overrides = Overrides {
+        Ok(config::load(&self.config, &self.overrides())?.config)
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides {
             mode: self.mode.map(|m| match m {
                 ModeArg::Audit => Mode::Audit,
                 ModeArg::Enforce => Mode::Enforce,
@@ -80,8 +84,7 @@ impl ConfigArgs {
                 LogFormatArg::Json => LogFormat::Json,
             }),
             release_on_exit: self.release_on_exit,
-        };
-        Ok(config::load(&self.config, &overrides)?.config)
+        }
     }
 }
 
@@ -102,12 +105,16 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, args: &ConfigArgs) -> anyhow::Result<()> {
     init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        // SIGHUP re-reads the configuration (every layer) here; the daemon applies it, or
+        // keeps the running one when it does not load.
+        let config_path = args.config.clone();
+        let overrides = args.overrides();
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
@@ -117,7 +124,10 @@ fn run(config: Config) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); stop.cancel(); break }
                     _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); stop.cancel(); break }
-                    _ = sighup.recv() => { let _ = reload_tx.try_send(()); }
+                    _ = sighup.recv() => {
+                        let loaded = config::load(&config_path, &overrides).map(|l| l.config).map_err(|e| e.to_string());
+                        let _ = reload_tx.try_send(loaded);
+                    }
                 }
             }
         });
@@ -171,7 +181,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run(config) {
+            match run(config, &args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
