@@ -92,6 +92,9 @@ fn load_first_seen(state_dir: &Path) -> Result<BTreeMap<String, Seen>, String> {
 /// asks the loop for a full rescan instead, so no change is lost.
 const EVENT_CAPACITY: usize = 1024;
 
+/// How long shutdown waits for each of its steps (open connections, the GPU sampler).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Capacity of the operator-API request channel (a full channel answers 503).
 const API_CAPACITY: usize = 64;
 
@@ -1745,17 +1748,24 @@ pub async fn run(
         });
     }
     if let Some(tasks) = gpu_tasks {
-        tasks.stop().await;
+        if tokio::time::timeout(SHUTDOWN_GRACE * 3, tasks.stop()).await.is_err() {
+            warn!("the GPU sampler did not stop within the grace period");
+        }
     }
     notifier.notify("STOPPING=1");
     // Requests still queued are answered by nobody: their callers see the agent gone.
     api_rx.close();
     api_shutdown.cancel();
-    if let Ok(Err(e)) = api_task.await {
-        warn!(error = %e, "operator socket");
+    // Shutdown is bounded: connections get a short grace, then are dropped.
+    match tokio::time::timeout(SHUTDOWN_GRACE, api_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "operator socket"),
+        Err(_) => warn!("operator connections did not close within the grace period"),
+        _ => {}
     }
     if let Some(task) = https_task {
-        let _ = task.await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            warn!("collector API connections did not close within the grace period");
+        }
     }
     let _ = std::fs::remove_file(&socket);
     // Blocks stay in place while the agent is down (fail closed), unless asked otherwise.
