@@ -75,8 +75,6 @@ pub enum ApiRequest {
     Workloads(oneshot::Sender<Vec<WorkloadRow>>),
     /// Reload trust anchors, the policy and attestations.
     Reload(oneshot::Sender<()>),
-    /// The content of a host statement for this nonce (signed by the collector API).
-    Statement(String, crate::https::StatementReply),
     /// Prometheus text.
     Metrics(oneshot::Sender<String>),
     /// GPUs and per-tenant usage.

@@ -1616,11 +1616,31 @@ pub async fn run(
     let listener = crate::api::bind(&socket, agent.config.api.socket_group.as_deref())?;
     let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
     let api_shutdown = shutdown.child_token();
+    let gpu_inventory = |tasks: &Option<GpuTasks>| -> Vec<kycd_protocol::GpuInventoryEntry> {
+        tasks
+            .as_ref()
+            .and_then(|t| {
+                t.metrics.lock().ok().map(|m| {
+                    m.inventory()
+                        .map(|(uuid, name)| kycd_protocol::GpuInventoryEntry {
+                            uuid: uuid.into(),
+                            name: name.into(),
+                        })
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let (statement_tx, statement_rx) = tokio::sync::watch::channel(Arc::new(
+        agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks)),
+    ));
     let https_task = if agent.config.collector_api.enabled {
         let key = load_host_key(&agent.config, &agent.host_id)?;
         let api = crate::https::bind(&agent.config.collector_api).await?;
         info!(listen = %agent.config.collector_api.listen, "collector API listening");
-        Some(tokio::spawn(crate::https::serve(api, api_tx.clone(), Arc::new(key), api_shutdown.clone())))
+        let serve =
+            crate::https::serve(api, api_tx.clone(), statement_rx, Arc::new(key), api_shutdown.clone());
+        Some(tokio::spawn(serve))
     } else {
         None
     };
@@ -1669,17 +1689,6 @@ pub async fn run(
                 ApiRequest::Reload(reply) => {
                     agent.handle(Event::Reload);
                     let _ = reply.send(());
-                }
-                ApiRequest::Statement(nonce, reply) => {
-                    let gpus = gpu_tasks
-                        .as_ref()
-                        .and_then(|t| t.metrics.lock().ok().map(|m| {
-                            m.inventory()
-                                .map(|(uuid, name)| kycd_protocol::GpuInventoryEntry { uuid: uuid.into(), name: name.into() })
-                                .collect()
-                        }))
-                        .unwrap_or_default();
-                    let _ = reply.send(agent.statement_claims(nonce, gpus));
                 }
                 ApiRequest::Gpus(reply) => {
                     let value = match &gpu_tasks {
@@ -1737,6 +1746,17 @@ pub async fn run(
                 agent.reconcile();
             }
             next
+        });
+        // The statement's content, for the collector API (its times are set per request).
+        let mut statement = agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks));
+        statement.iat = 0;
+        statement.exp = 0;
+        statement_tx.send_if_modified(|current| {
+            let changed = **current != statement;
+            if changed {
+                *current = Arc::new(statement);
+            }
+            changed
         });
         let tenants = agent.tenant_map();
         tenants_tx.send_if_modified(|current| {

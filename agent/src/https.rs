@@ -10,9 +10,11 @@
 //!
 //! Authentication: mTLS against `client_ca_file`, and/or a bearer token from
 //! `bearer_token_file` (compared in constant time). Plaintext only with an explicit
-//! `insecure_plaintext = true`, and only on a loopback address. The statement's content
-//! comes from the daemon's main loop over the same bounded request channel as the operator
-//! socket; the signature is made here.
+//! `insecure_plaintext = true`, and only on a loopback address. The statement's content is
+//! a snapshot the daemon's main loop publishes (a watch channel) whenever it changes, so
+//! statements never queue behind the main loop: each request stamps the snapshot with its
+//! nonce and the time and signs it here. Metrics go through the main loop's bounded request
+//! channel.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -67,8 +69,8 @@ pub enum HttpsError {
     },
 }
 
-/// What the main loop answers for a statement: the claims, unsigned.
-pub type StatementReply = oneshot::Sender<HostStatementClaims>;
+/// The statement content the main loop publishes (nonce and times are filled per request).
+pub type StatementSnapshot = tokio::sync::watch::Receiver<Arc<HostStatementClaims>>;
 
 /// A bound, configured collector API, ready to [`serve`].
 pub struct CollectorApi {
@@ -184,18 +186,21 @@ pub async fn bind(config: &CollectorApiConfig) -> Result<CollectorApi, HttpsErro
 #[derive(Clone)]
 struct AppState {
     requests: mpsc::Sender<ApiRequest>,
+    snapshot: StatementSnapshot,
     key: Arc<PrivateJwk>,
     bearer: Option<Arc<Vec<u8>>>,
 }
 
-/// Serves until `shutdown`. `key` signs statements (the host key).
+/// Serves until `shutdown`. `key` signs statements (the host key); `snapshot` is their
+/// content.
 pub async fn serve(
     api: CollectorApi,
     requests: mpsc::Sender<ApiRequest>,
+    snapshot: StatementSnapshot,
     key: Arc<PrivateJwk>,
     shutdown: CancellationToken,
 ) {
-    let state = AppState { requests, key, bearer: api.bearer.map(Arc::new) };
+    let state = AppState { requests, snapshot, key, bearer: api.bearer.map(Arc::new) };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
@@ -291,13 +296,9 @@ async fn attestation(
     let Some(nonce) = nonce.filter(|n| valid_nonce(n)).map(str::to_owned) else {
         return error(StatusCode::BAD_REQUEST, "nonce must be 16-64 URL-safe characters (A-Z a-z 0-9 - _)");
     };
-    let (reply, answer) = oneshot::channel();
-    if state.requests.try_send(ApiRequest::Statement(nonce, reply)).is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is busy; retry");
-    }
-    let Ok(Ok(mut claims)) = tokio::time::timeout(AGENT_TIMEOUT, answer).await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent did not answer");
-    };
+    let mut claims = HostStatementClaims::clone(&state.snapshot.borrow());
+    claims.nonce = nonce;
+    claims.iat = crate::tokens::unix_now();
     claims.exp = claims.iat + STATEMENT_TTL_S;
     match kycd_protocol::sign(&claims, &state.key) {
         Ok(token) => ([(header::CONTENT_TYPE, "application/jwt")], token).into_response(),
@@ -413,27 +414,28 @@ mod tls_tests {
         let (tx, mut rx) = mpsc::channel(8);
         tokio::spawn(async move {
             while let Some(request) = rx.recv().await {
-                match request {
-                    ApiRequest::Statement(nonce, reply) => {
-                        let _ = reply.send(HostStatementClaims {
-                            iss: "node-1".into(),
-                            iat: 1_800_000_000,
-                            exp: 0,
-                            nonce,
-                            agent_version: "0.1.0".into(),
-                            policy_version: Some(7),
-                            workloads: vec![],
-                            gpus: vec![],
-                        });
-                    }
-                    ApiRequest::Metrics(reply) => {
-                        let _ = reply.send("kycd_policy_version 7\n".into());
-                    }
-                    _ => {}
+                if let ApiRequest::Metrics(reply) = request {
+                    let _ = reply.send("kycd_policy_version 7\n".into());
                 }
             }
         });
         tx
+    }
+
+    fn snapshot() -> StatementSnapshot {
+        let claims = HostStatementClaims {
+            iss: "node-1".into(),
+            iat: 0,
+            exp: 0,
+            nonce: String::new(),
+            agent_version: "0.1.0".into(),
+            policy_version: Some(7),
+            workloads: vec![],
+            gpus: vec![],
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(claims));
+        std::mem::forget(tx); // the snapshot never changes in these tests
+        rx
     }
 
     /// One HTTPS request; `None` when the TLS handshake or the exchange fails.
@@ -465,21 +467,20 @@ mod tls_tests {
         let key = Arc::new(PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "node-1").unwrap());
         let jwks = kycd_protocol::Jwks::from_keys([key.public_key()]).unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(api, fake_agent(), key, stop.clone()));
+        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, stop.clone()));
         let nonce = "n0nce-0123456789_abc";
         let (status, token) =
             get(addr, &pki.client(true), &format!("/v1/attestation?nonce={nonce}"), None).await.unwrap();
         assert_eq!(status, 200, "{token}");
         let options = kycd_protocol::VerifyOptions::default();
-        let verified = kycd_protocol::verify::<HostStatementClaims>(
-            token.trim().as_bytes(),
-            &jwks,
-            &options,
-            1_800_000_010,
-        )
-        .unwrap();
+        let now = crate::tokens::unix_now();
+        let verified =
+            kycd_protocol::verify::<HostStatementClaims>(token.trim().as_bytes(), &jwks, &options, now)
+                .unwrap();
         assert_eq!(verified.claims.nonce, nonce);
-        assert_eq!(verified.claims.exp, 1_800_000_000 + STATEMENT_TTL_S);
+        assert_eq!(verified.claims.policy_version, Some(7));
+        assert_eq!(verified.claims.exp, verified.claims.iat + STATEMENT_TTL_S);
+        assert!((verified.claims.iat - now).abs() <= 2);
         let (status, body) = get(addr, &pki.client(true), "/v1/attestation?nonce=short", None).await.unwrap();
         assert_eq!(status, 400, "{body}");
         let (status, body) = get(addr, &pki.client(true), "/metrics", None).await.unwrap();
@@ -504,7 +505,7 @@ mod tls_tests {
         let addr = api.local_addr().unwrap();
         let key = Arc::new(PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "node-1").unwrap());
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(api, fake_agent(), key, stop.clone()));
+        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, stop.clone()));
         let client = pki.client(false);
         let path = "/v1/attestation?nonce=0123456789abcdef";
         assert_eq!(get(addr, &client, path, None).await.unwrap().0, 401);
