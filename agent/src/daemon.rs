@@ -133,6 +133,9 @@ pub enum DaemonError {
     /// The operator socket could not be created.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// The host key, spool or uploader cannot be set up.
+    #[error("reporting: {0}")]
+    Reporting(#[from] crate::upload::ReportingError),
 }
 
 pub use crate::reconcile::{Enforcer, RecordOnly};
@@ -252,15 +255,10 @@ fn now() -> i64 {
 }
 
 fn host_id(config: &Config) -> Result<String, DaemonError> {
-    if let Some(id) = &config.host_id {
-        return Ok(id.clone());
-    }
-    let id = std::fs::read_to_string("/etc/machine-id").map_err(|e| DaemonError::HostId(e.to_string()))?;
-    let id = id.trim();
-    if id.is_empty() {
-        return Err(DaemonError::HostId("/etc/machine-id is empty".into()));
-    }
-    Ok(id.to_owned())
+    crate::host::host_id(config).map_err(|e| match e {
+        crate::host::HostError::HostId(reason) => DaemonError::HostId(reason),
+        other => DaemonError::HostId(other.to_string()),
+    })
 }
 
 /// A file name in the drop directory that is a delivered attestation: `*.jws`, not hidden
@@ -1233,6 +1231,7 @@ struct GpuTasks {
     #[allow(dead_code)]
     metrics: Arc<std::sync::Mutex<crate::gpu::metrics::GpuMetrics>>,
     sampler: std::thread::JoinHandle<()>,
+    /// The spool writer (see [`crate::spool::run_writer`]).
     sink: tokio::task::JoinHandle<()>,
     observer: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
@@ -1249,10 +1248,11 @@ impl GpuTasks {
 }
 
 /// Starts GPU sampling: the sampler on its own OS thread (NVML calls block), usage windows
-/// into a bounded channel, tick reports to an observer that logs the backend's state.
-/// Until the reporting pipeline takes the windows, the sink logs them.
+/// into a bounded channel that the spool writer drains, tick reports to an observer that
+/// logs the backend's state.
 fn start_gpu(
     config: &Config,
+    reporting: &crate::upload::Reporting,
     backend: Box<dyn crate::gpu::GpuBackend>,
     tenants: tokio::sync::watch::Receiver<Arc<crate::gpu::sampler::TenantMap>>,
     stop: CancellationToken,
@@ -1278,7 +1278,7 @@ fn start_gpu(
             return None;
         }
     };
-    let (windows_tx, mut windows_rx) = crate::gpu::usage::window_channel(256);
+    let (windows_tx, windows_rx) = crate::gpu::usage::window_channel(256);
     let (reports_tx, mut reports_rx) = mpsc::channel::<crate::gpu::sampler::TickReport>(4);
     let sampler =
         match crate::gpu::sampler::spawn(sampler, tenants, windows_tx, Some(reports_tx), stop.clone()) {
@@ -1290,18 +1290,16 @@ fn start_gpu(
         };
     let metrics = Arc::new(std::sync::Mutex::new(crate::gpu::metrics::GpuMetrics::default()));
     let sink_metrics = Arc::clone(&metrics);
-    let sink = tokio::spawn(async move {
-        while let Some(w) = windows_rx.recv().await {
-            if let Ok(mut m) = sink_metrics.lock() {
-                m.observe_window(&w);
-            }
-            if w.training_like {
-                info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
-                      estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
-            } else {
-                debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
-                       estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
-            }
+    let sink = reporting.spawn_writer(windows_rx, move |w| {
+        if let Ok(mut m) = sink_metrics.lock() {
+            m.observe_window(w);
+        }
+        if w.training_like {
+            info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
+                  estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
+        } else {
+            debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
+                   estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
         }
     });
     let observer_metrics = Arc::clone(&metrics);
@@ -1355,8 +1353,13 @@ pub async fn run(
         next
     });
     let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
-    let gpu_tasks =
-        gpu.and_then(|backend| start_gpu(&agent.config, backend, tenants_rx, shutdown.child_token()));
+    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
+    let reporting =
+        tokio::task::block_in_place(|| crate::upload::Reporting::open(&agent.config, &agent.host_id))?;
+    let uploader = reporting.spawn_uploader(shutdown.child_token());
+    let gpu_tasks = gpu.and_then(|backend| {
+        start_gpu(&agent.config, &reporting, backend, tenants_rx, shutdown.child_token())
+    });
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
@@ -1433,6 +1436,9 @@ pub async fn run(
     }
     if let Some(tasks) = gpu_tasks {
         tasks.stop().await;
+    }
+    if let Some(uploader) = uploader {
+        let _ = uploader.await;
     }
     // Requests still queued are answered by nobody: their callers see the agent gone.
     api_rx.close();
