@@ -4,6 +4,8 @@
 //! and a lagging ack; then the cursor, segments and `rejected/` are checked. And the spool on
 //! a tiny full tmpfs (root only).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
