@@ -42,7 +42,8 @@ fn main() {
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let base = arg("--dir").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let n: usize = arg("--windows").and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    else {
         eprintln!("no runtime");
         return;
     };
@@ -60,7 +61,10 @@ fn main() {
                 }
             }
             let s = t.elapsed().as_secs_f64();
-            println!("append() per window (fsync each), {per_window} windows: {:>10.0} windows/s", per_window as f64 / s);
+            println!(
+                "append() per window (fsync each), {per_window} windows: {:>10.0} windows/s",
+                per_window as f64 / s
+            );
         }
     }
 

@@ -1346,6 +1346,10 @@ pub async fn run(
     let mut watches = start_watcher(&config, tx, overflow.clone())?;
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
+    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
+    let reporting = tokio::task::block_in_place(|| {
+        crate::upload::Reporting::open(&config, &host_id(&config)?).map_err(DaemonError::from)
+    })?;
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
     let mut next_review = tokio::task::block_in_place(|| {
         let next = agent.evaluate();
@@ -1353,9 +1357,6 @@ pub async fn run(
         next
     });
     let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
-    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
-    let reporting =
-        tokio::task::block_in_place(|| crate::upload::Reporting::open(&agent.config, &agent.host_id))?;
     let uploader = reporting.spawn_uploader(shutdown.child_token());
     let gpu_tasks = gpu.and_then(|backend| {
         start_gpu(&agent.config, &reporting, backend, tenants_rx, shutdown.child_token())

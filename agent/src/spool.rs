@@ -567,10 +567,10 @@ impl Spool {
         sync_dir(&self.dir)
     }
 
-    /// Merges the oldest sealed segments (up to half of the spool; with `all`, every sealed
-    /// one, after sealing the active one). Returns whether the spool shrank.
-    fn merge_oldest(&mut self, all: bool) -> Result<bool, SpoolError> {
-        if all && self.segments.len() == 1 {
+    /// Merges the oldest sealed segments (about half of the spool, at least two; with `seal`,
+    /// a lone active segment is sealed first). Returns whether the spool shrank.
+    fn merge_oldest(&mut self, seal: bool) -> Result<bool, SpoolError> {
+        if seal && self.segments.len() == 1 {
             // Seal the active segment so there is something to merge.
             self.active = None;
         }
@@ -579,7 +579,7 @@ impl Spool {
         let half = self.used_bytes() / 2;
         let mut take = 0;
         let mut bytes = 0;
-        while take < sealed && (all || bytes < half || take < 2) {
+        while take < sealed && (bytes < half || take < 2) {
             bytes += self.segments[take].len;
             take += 1;
         }
@@ -645,6 +645,60 @@ impl Spool {
     pub fn segment_names(&self) -> Vec<u64> {
         self.segments.iter().map(|s| s.name_seq).collect()
     }
+}
+
+/// One segment as [`inspect`] sees it.
+#[derive(Debug, Serialize)]
+pub struct SegmentInspection {
+    /// File name.
+    pub file: String,
+    /// Size on disk.
+    pub bytes: u64,
+    /// Bytes past the last intact frame (a torn tail that opening the spool would truncate).
+    pub torn_bytes: u64,
+    /// `[seq, last_seq]` of each intact record (`last_seq` = seq unless merged).
+    pub records: Vec<[u64; 2]>,
+}
+
+/// What a spool directory holds, read without changing anything (safe while kycd runs).
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    /// The durable cursor.
+    pub acked_seq: u64,
+    /// The highwater file (0: none yet).
+    pub highwater_seq: u64,
+    /// Segments, oldest first.
+    pub segments: Vec<SegmentInspection>,
+}
+
+/// Reads the spool in `dir` without recovering or changing it (`kycctl spool`).
+pub fn inspect(dir: &Path) -> Result<Inspection, SpoolError> {
+    let acked_seq = read_json::<CursorFile>(&dir.join(CURSOR_FILE))?.map_or(0, |c| c.acked_seq);
+    let highwater_seq = read_json::<HighwaterFile>(&dir.join(HIGHWATER_FILE))?.map_or(0, |h| h.assigned_seq);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Inspection { acked_seq, highwater_seq, segments: Vec::new() })
+        }
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(SEGMENT_EXT))
+        .collect();
+    files.sort();
+    let mut segments = Vec::new();
+    for path in files {
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let (records, intact) = decode_frames(&bytes);
+        segments.push(SegmentInspection {
+            file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            bytes: bytes.len() as u64,
+            torn_bytes: (bytes.len() - intact) as u64,
+            records: records.iter().map(|r| [r.seq, covered(r)]).collect(),
+        });
+    }
+    Ok(Inspection { acked_seq, highwater_seq, segments })
 }
 
 fn method_rank(m: EstimationMethod) -> u8 {
@@ -873,6 +927,26 @@ mod tests {
             41,
             "seq continues after deleting every segment"
         );
+    }
+
+    #[test]
+    fn inspect_lists_records_without_changing_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), opts()).unwrap();
+        spool.append_batch(&[window("t", "w", 0), window("t", "w", 60), window("t", "w", 120)]).unwrap();
+        spool.ack(1).unwrap();
+        drop(spool);
+        let seg = last_segment(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(b"torn").unwrap();
+        drop(f);
+        let before = std::fs::read(&seg).unwrap();
+        let inspection = inspect(dir.path()).unwrap();
+        assert_eq!(inspection.acked_seq, 1);
+        assert_eq!(inspection.segments.len(), 1);
+        assert_eq!(inspection.segments[0].records, vec![[1, 1], [2, 2], [3, 3]]);
+        assert_eq!(inspection.segments[0].torn_bytes, 4);
+        assert_eq!(std::fs::read(&seg).unwrap(), before, "read-only");
     }
 
     #[test]

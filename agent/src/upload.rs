@@ -11,7 +11,8 @@
 //!   below the cursor, the rest is sent again (ingest is idempotent). When `N` is *below the
 //!   cursor* — the collector's contiguous count is stuck under seqs this agent already
 //!   settled (a batch it rejected, see below) — the 200 itself says the batch was stored, so
-//!   the cursor moves to the batch's last seq (logged).
+//!   the cursor moves to the batch's last seq (logged). The same when the batch starts above
+//!   `cursor + 1` (records lost locally to a corrupt segment: nothing can close that gap).
 //! - **400, 409, 413** (permanent; a 413 first halves the batch size, down to one record):
 //!   the batch is written durably to `<state_dir>/rejected/<first>-<last>.json` with the
 //!   status, the collector's `{"error","kind"}` and the records, counted, and the cursor is
@@ -257,9 +258,13 @@ pub async fn run(
                 last_upload = tokio::time::Instant::now();
                 counters.batches_ok.fetch_add(1, Relaxed);
                 counters.records_ok.fetch_add(records.len() as u64, Relaxed);
-                let to = if acked_seq < acked {
+                let to = if acked_seq < last && (acked_seq < acked || first > acked + 1) {
+                    // Either the collector's count is stuck under seqs this agent settled
+                    // (a rejected batch), or seqs acked+1..first-1 are gone locally (a
+                    // corrupt segment): resending cannot close that gap, the 200 says this
+                    // batch is stored.
                     warn!(acked_seq, cursor = acked, first_seq = first, last_seq = last,
-                          "collector's acked_seq is behind seqs this agent settled (rejected batch?): trusting the 200 for this batch");
+                          "collector's acked_seq is behind a gap it cannot close (rejected batch or lost records): trusting the 200 for this batch");
                     last
                 } else {
                     acked_seq

@@ -154,6 +154,13 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = kycd::config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Print the usage spool as JSON (read-only, safe while kycd runs): the acknowledged
+    /// cursor, the seq highwater, and each segment's records as [seq, last_seq].
+    Spool {
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = kycd::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -460,6 +467,19 @@ fn main() -> ExitCode {
         }
         Command::HostId { config } => host_identity(&config, false),
         Command::HostKey { public: _, config } => host_identity(&config, true),
+        Command::Spool { config } => {
+            let config = match kycd::config::load(&config, &kycd::config::Overrides::default()) {
+                Ok(loaded) => loaded.config,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            match kycd::spool::inspect(&config.state_dir.join("spool")) {
+                Ok(i) => {
+                    println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
     }
 }
 
