@@ -134,7 +134,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
     /// The host key, spool or uploader cannot be set up.
-    #[error("reporting: {0}")]
+    #[error(transparent)]
     Reporting(#[from] crate::upload::ReportingError),
 }
 

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use kycd_protocol::{sign_detached, PrivateJwk, ReportAck, ReportBatch, UsageRecord, REPORT_SIGNATURE_TYP};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::spool::{covered, SharedSpool, SpoolError};
 
@@ -95,7 +95,7 @@ pub enum UploadError {
         reason: String,
     },
     /// The HTTP client cannot be built.
-    #[error("HTTP client: {0}")]
+    #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
     /// The collector URL is not usable.
     #[error("reporting.collector_url {0:?} is not a valid URL")]
@@ -269,7 +269,7 @@ pub async fn run(
                 } else {
                     acked_seq
                 };
-                debug!(first_seq = first, last_seq = last, acked_seq, "report batch stored");
+                info!(first_seq = first, last_seq = last, acked_seq, "report batch stored");
                 if let Err(e) = with_spool(&spool, move |s| s.ack(to)).await {
                     error!(error = %e, "cannot persist the acknowledgement; the batch will be sent again");
                 }
@@ -471,7 +471,7 @@ pub enum ReportingError {
     #[error(transparent)]
     Host(#[from] crate::host::HostError),
     /// The spool cannot be opened.
-    #[error("spool: {0}")]
+    #[error(transparent)]
     Spool(#[from] SpoolError),
     /// The uploader cannot be set up.
     #[error(transparent)]
