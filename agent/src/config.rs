@@ -105,6 +105,8 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// The collector-facing HTTPS API (host statements, metrics).
     pub collector_api: CollectorApiConfig,
+    /// The usage spool and uploads to the collector.
+    pub reporting: ReportingConfig,
 }
 
 /// `[collector_api]`.
@@ -141,6 +143,53 @@ impl Default for CollectorApiConfig {
             client_ca_file: None,
             bearer_token_file: None,
             insecure_plaintext: false,
+        }
+    }
+}
+
+/// `[reporting]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportingConfig {
+    /// Collector base URL (`https://collector:9478`); reports go to `{url}/v1/reports`.
+    /// Absent: nothing is uploaded, but windows are still spooled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector_url: Option<String>,
+    /// PEM CA certificate(s) trusted for the collector in addition to the system store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Group commit: the first window of a batch waits at most this long for others before
+    /// the batch is written and fsync'd (0: commit what is queued at once).
+    pub group_commit_ms: u64,
+    /// A spool segment is sealed at this size.
+    pub segment_max_bytes: u64,
+    /// Cap on the spool; near it the oldest windows are merged per (tenant, workload).
+    pub spool_max_bytes: u64,
+    /// Most records per upload.
+    pub batch_max_records: usize,
+    /// Upload at least this often (seconds) while records are pending.
+    pub batch_max_s: u64,
+    /// Cap of the exponential retry backoff (seconds; base 1 s, full jitter).
+    pub backoff_max_s: u64,
+    /// TCP/TLS connect timeout (seconds).
+    pub connect_timeout_s: u64,
+    /// Whole-request timeout (seconds).
+    pub request_timeout_s: u64,
+}
+
+impl Default for ReportingConfig {
+    fn default() -> Self {
+        ReportingConfig {
+            collector_url: None,
+            ca_file: None,
+            group_commit_ms: 100,
+            segment_max_bytes: 4 << 20,
+            spool_max_bytes: 256 << 20,
+            batch_max_records: 1000,
+            batch_max_s: 10,
+            backoff_max_s: 300,
+            connect_timeout_s: 10,
+            request_timeout_s: 60,
         }
     }
 }
@@ -314,6 +363,7 @@ impl Default for Config {
             enforcement: EnforcementConfig::default(),
             gpu: GpuConfig::default(),
             collector_api: CollectorApiConfig::default(),
+            reporting: ReportingConfig::default(),
         }
     }
 }
@@ -487,12 +537,13 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 17] = [
+        let absolute: [(&'static str, Option<&Path>); 18] = [
             ("collector_api.cert_file", self.collector_api.cert_file.as_deref()),
             ("collector_api.key_file", self.collector_api.key_file.as_deref()),
             ("collector_api.client_ca_file", self.collector_api.client_ca_file.as_deref()),
             ("collector_api.bearer_token_file", self.collector_api.bearer_token_file.as_deref()),
             ("gpu.replay_trace", self.gpu.replay_trace.as_deref()),
+            ("reporting.ca_file", self.reporting.ca_file.as_deref()),
             ("gpu.peak_flops_file", self.gpu.peak_flops_file.as_deref()),
             ("api.socket", Some(&self.api.socket)),
             ("enforcement.geo_cidr_file", self.enforcement.geo_cidr_file.as_deref()),
@@ -551,6 +602,28 @@ impl Config {
             if id.is_empty() || id.len() > 256 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 return invalid("host_id", "must be 1-256 characters without whitespace");
             }
+        }
+        let r = &self.reporting;
+        if let Some(url) = &r.collector_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
+                return invalid("reporting.collector_url", "must be an http:// or https:// URL");
+            }
+        }
+        if r.group_commit_ms > 10_000 {
+            return invalid("reporting.group_commit_ms", "must be at most 10000");
+        }
+        if r.segment_max_bytes < 4096 || r.spool_max_bytes < r.segment_max_bytes.saturating_mul(4) {
+            return invalid(
+                "reporting.spool_max_bytes",
+                "segment_max_bytes must be at least 4096 and spool_max_bytes at least 4 segments",
+            );
+        }
+        if !(1..=100_000).contains(&r.batch_max_records) {
+            return invalid("reporting.batch_max_records", "must be between 1 and 100000");
+        }
+        if r.batch_max_s == 0 || r.backoff_max_s == 0 || r.connect_timeout_s == 0 || r.request_timeout_s == 0
+        {
+            return invalid("reporting", "batch_max_s, backoff_max_s and the timeouts must be at least 1");
         }
         if self.log.level.trim().is_empty() {
             return invalid("log.level", "must not be empty");
@@ -661,6 +734,8 @@ mod tests {
             ("[workloads]\nroots = [\"a/../b\"]", "workloads.roots"),
             ("[attestations]\nmax_bytes = 10", "attestations.max_bytes"),
             ("host_id = \"has space\"", "host_id"),
+            ("[reporting]\ncollector_url = \"ftp://x\"", "reporting.collector_url"),
+            ("[reporting]\nbatch_max_records = 0", "reporting.batch_max_records"),
             ("[log]\nformat = \"xml\"", "xml"),
             ("not toml at all [", "TOML"),
         ] {
@@ -721,6 +796,11 @@ mod tests {
             host_id: Some("x".into()),
             workloads: WorkloadConfig { cgroup_root: Some("/x".into()), ..WorkloadConfig::default() },
             api: ApiConfig { socket_group: Some("kycd".into()), ..ApiConfig::default() },
+            reporting: ReportingConfig {
+                collector_url: Some("https://x".into()),
+                ca_file: Some("/x".into()),
+                ..ReportingConfig::default()
+            },
             enforcement: EnforcementConfig {
                 geo_cidr_file: Some("/x".into()),
                 ..EnforcementConfig::default()

@@ -147,27 +147,17 @@ pub enum DaemonError {
         /// Why.
         reason: String,
     },
+    /// The host key, spool or uploader cannot be set up.
+    #[error(transparent)]
+    Reporting(#[from] crate::upload::ReportingError),
 }
 
-/// The host's Ed25519 signing key, `<state_dir>/host.key` (a private JWK, kid = host id),
-/// created on first use (mode 0600, never overwritten). A key readable by group or others
-/// is refused: it signs what this host says to collectors.
+/// The host's signing key (see [`crate::host`]): created on first use, refused when others
+/// can read it.
 fn load_host_key(config: &Config, host_id: &str) -> Result<kycd_protocol::PrivateJwk, DaemonError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = config.state_dir.join("host.key");
-    let err = |reason: String| DaemonError::HostKey { path: path.clone(), reason };
-    if !path.exists() {
-        let key = kycd_protocol::PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, host_id)
-            .map_err(|e| err(e.to_string()))?;
-        crate::fsutil::write_durably(&path, key.to_json().as_bytes(), crate::fsutil::Existing::Keep)
-            .map_err(|e| err(e.to_string()))?;
-        info!(path = %path.display(), "host key created");
-    }
-    let mode = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(err(format!("mode {:o} lets others read it; chmod 600", mode & 0o777)));
-    }
-    crate::tokens::load_private_key(&path).map_err(|e| err(e.to_string()))
+    let path = crate::host::host_key_path(&config.state_dir);
+    crate::host::load_or_create_host_key(&path, host_id)
+        .map_err(|e| DaemonError::HostKey { path: path.clone(), reason: e.to_string() })
 }
 
 pub use crate::reconcile::{Enforcer, RecordOnly};
@@ -293,15 +283,10 @@ fn now() -> i64 {
 }
 
 fn host_id(config: &Config) -> Result<String, DaemonError> {
-    if let Some(id) = &config.host_id {
-        return Ok(id.clone());
-    }
-    let id = std::fs::read_to_string("/etc/machine-id").map_err(|e| DaemonError::HostId(e.to_string()))?;
-    let id = id.trim();
-    if id.is_empty() {
-        return Err(DaemonError::HostId("/etc/machine-id is empty".into()));
-    }
-    Ok(id.to_owned())
+    crate::host::host_id(config).map_err(|e| match e {
+        crate::host::HostError::HostId(reason) => DaemonError::HostId(reason),
+        other => DaemonError::HostId(other.to_string()),
+    })
 }
 
 /// A file name in the drop directory that is a delivered attestation: `*.jws`, not hidden
@@ -1486,6 +1471,7 @@ struct GpuTasks {
     /// The sampler's metrics (status; rendered by the operator API's `/metrics`).
     metrics: Arc<std::sync::Mutex<crate::gpu::metrics::GpuMetrics>>,
     sampler: std::thread::JoinHandle<()>,
+    /// The spool writer (see [`crate::spool::run_writer`]).
     sink: tokio::task::JoinHandle<()>,
     observer: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
@@ -1502,10 +1488,11 @@ impl GpuTasks {
 }
 
 /// Starts GPU sampling: the sampler on its own OS thread (NVML calls block), usage windows
-/// into a bounded channel, tick reports to an observer that logs the backend's state.
-/// Until the reporting pipeline takes the windows, the sink logs them.
+/// into a bounded channel that the spool writer drains, tick reports to an observer that
+/// logs the backend's state.
 fn start_gpu(
     config: &Config,
+    reporting: &crate::upload::Reporting,
     backend: Box<dyn crate::gpu::GpuBackend>,
     tenants: tokio::sync::watch::Receiver<Arc<crate::gpu::sampler::TenantMap>>,
     stop: CancellationToken,
@@ -1531,7 +1518,7 @@ fn start_gpu(
             return None;
         }
     };
-    let (windows_tx, mut windows_rx) = crate::gpu::usage::window_channel(256);
+    let (windows_tx, windows_rx) = crate::gpu::usage::window_channel(256);
     let (reports_tx, mut reports_rx) = mpsc::channel::<crate::gpu::sampler::TickReport>(4);
     let sampler =
         match crate::gpu::sampler::spawn(sampler, tenants, windows_tx, Some(reports_tx), stop.clone()) {
@@ -1543,18 +1530,16 @@ fn start_gpu(
         };
     let metrics = Arc::new(std::sync::Mutex::new(crate::gpu::metrics::GpuMetrics::default()));
     let sink_metrics = Arc::clone(&metrics);
-    let sink = tokio::spawn(async move {
-        while let Some(w) = windows_rx.recv().await {
-            if let Ok(mut m) = sink_metrics.lock() {
-                m.observe_window(&w);
-            }
-            if w.training_like {
-                info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
-                      estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
-            } else {
-                debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
-                       estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
-            }
+    let sink = reporting.spawn_writer(windows_rx, move |w| {
+        if let Ok(mut m) = sink_metrics.lock() {
+            m.observe_window(w);
+        }
+        if w.training_like {
+            info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
+                  estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
+        } else {
+            debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
+                   estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
         }
     });
     let observer_metrics = Arc::clone(&metrics);
@@ -1601,6 +1586,10 @@ pub async fn run(
     let mut watches = start_watcher(&config, tx, overflow.clone())?;
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
+    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
+    let reporting = tokio::task::block_in_place(|| {
+        crate::upload::Reporting::open(&config, &host_id(&config)?).map_err(DaemonError::from)
+    })?;
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
     let mut next_review = tokio::task::block_in_place(|| {
         let next = agent.evaluate();
@@ -1608,8 +1597,10 @@ pub async fn run(
         next
     });
     let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
-    let gpu_tasks =
-        gpu.and_then(|backend| start_gpu(&agent.config, backend, tenants_rx, shutdown.child_token()));
+    let uploader = reporting.spawn_uploader(shutdown.child_token());
+    let gpu_tasks = gpu.and_then(|backend| {
+        start_gpu(&agent.config, &reporting, backend, tenants_rx, shutdown.child_token())
+    });
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
@@ -1773,6 +1764,9 @@ pub async fn run(
         }
     }
     notifier.notify("STOPPING=1");
+    if let Some(uploader) = uploader {
+        let _ = uploader.await;
+    }
     // Requests still queued are answered by nobody: their callers see the agent gone.
     api_rx.close();
     api_shutdown.cancel();

@@ -203,6 +203,31 @@ enum Command {
         #[command(subcommand)]
         command: GpuCommand,
     },
+    /// Print this host's id (`host_id` from the configuration, else /etc/machine-id).
+    HostId {
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = kycd::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the host's report-signing key as a public JWK (for `kycd-collector hosts add`).
+    ///
+    /// The key is `<state_dir>/host.key`; it is created (mode 0600) when missing, exactly as
+    /// kycd does on first start, so a host can be enrolled before the agent runs.
+    HostKey {
+        /// Print the public half (required: the private key is never printed).
+        #[arg(long, required = true)]
+        public: bool,
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = kycd::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the usage spool as JSON (read-only, safe while kycd runs): the acknowledged
+    /// cursor, the seq highwater, and each segment's records as [seq, last_seq].
+    Spool {
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = kycd::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -752,5 +777,43 @@ fn main() -> ExitCode {
         Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
             gpu_record(&nvml_library, seconds, interval_ms, &out)
         }
+        Command::HostId { config } => host_identity(&config, false),
+        Command::HostKey { public: _, config } => host_identity(&config, true),
+        Command::Spool { config } => {
+            let config = match kycd::config::load(&config, &kycd::config::Overrides::default()) {
+                Ok(loaded) => loaded.config,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            match kycd::spool::inspect(&config.state_dir.join("spool")) {
+                Ok(i) => {
+                    println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, e),
+            }
+        }
+    }
+}
+
+/// `kycctl host-id` and `kycctl host-key --public`.
+fn host_identity(config: &std::path::Path, key: bool) -> ExitCode {
+    let config = match kycd::config::load(config, &kycd::config::Overrides::default()) {
+        Ok(loaded) => loaded.config,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let host_id = match kycd::host::host_id(&config) {
+        Ok(id) => id,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if !key {
+        println!("{host_id}");
+        return ExitCode::SUCCESS;
+    }
+    match kycd::host::load_or_create_host_key(&kycd::host::host_key_path(&config.state_dir), &host_id) {
+        Ok(k) => {
+            println!("{}", k.public_key().to_jwk());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_USAGE, e),
     }
 }
