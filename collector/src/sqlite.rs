@@ -293,15 +293,25 @@ impl ReportStore for SqliteStore {
                        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
                 )
                 .map_err(db_error)?;
+            // The end of the host's highest stored range: records above it (the common case,
+            // a batch of new records) cannot collide and need no lookup.
+            let stored_end: i64 = tx
+                .prepare_cached("SELECT last_seq FROM records WHERE host_id = ?1 ORDER BY seq DESC LIMIT 1")
+                .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+                .map_err(db_error)?
+                .unwrap_or(0);
             for valid in records {
                 let seq = to_i64(valid.record.seq)?;
                 let last_seq = to_i64(valid.last_seq)?;
                 // Stored ranges never overlap, so the stored record with the greatest seq at
                 // or below our last seq is the only one that can intersect our range.
-                let existing: Option<(i64, i64, String)> = find
-                    .query_row(params![host_id, last_seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()
-                    .map_err(db_error)?;
+                let existing: Option<(i64, i64, String)> = if seq > stored_end {
+                    None
+                } else {
+                    find.query_row(params![host_id, last_seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                        .map_err(db_error)?
+                };
                 if let Some((stored_seq, stored_last, body)) = existing {
                     if stored_seq == seq && stored_last == last_seq && body == valid.body_json {
                         continue; // re-sent, identical: already stored
