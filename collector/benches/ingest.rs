@@ -30,7 +30,7 @@ use kycd_protocol::{
 
 const RECORDS_PER_BATCH: u64 = 1_000;
 const BATCHES: u64 = 30;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const HOST: &str = "bench-host";
 
 fn record(seq: u64) -> UsageRecord {
@@ -129,6 +129,7 @@ fn raw(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
     let mut conn = rusqlite::Connection::open(dir.join(format!("raw-{round}.db"))).unwrap();
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    conn.pragma_update(None, "cache_size", -65536).unwrap();
     for sql in kycd_collector::sqlite::MIGRATIONS {
         conn.execute_batch(sql).unwrap();
     }
@@ -230,21 +231,28 @@ fn main() {
         compressed as f64 / BATCHES as f64 / 1024.0,
         dir.path().display()
     );
-    let report = |name: &str, times: Vec<Duration>| {
-        let t = median(times);
+    // Modes interleaved round by round, so that load from other processes on a shared
+    // machine falls on all three alike; the ratios are medians of per-round ratios.
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    for r in 0..ROUNDS {
+        times[0].push(raw(dir.path(), r, &rows));
+        times[1].push(pipeline(dir.path(), r, &key, &uploads));
+        times[2].push(http(dir.path(), r, &key, &uploads));
+    }
+    for (name, t) in ["raw", "pipeline", "http"].iter().zip(&times) {
+        let t = median(t.clone());
         let rate = total / t.as_secs_f64();
         let per_batch = t.as_secs_f64() * 1e3 / BATCHES as f64;
         println!("{name:>9}: {rate:>10.0} records/s  ({per_batch:.2} ms per 1,000-record batch)");
-        (name.to_owned(), rate)
-    };
-    let results = [
-        report("raw", (0..ROUNDS).map(|r| raw(dir.path(), r, &rows)).collect()),
-        report("pipeline", (0..ROUNDS).map(|r| pipeline(dir.path(), r, &key, &uploads)).collect()),
-        report("http", (0..ROUNDS).map(|r| http(dir.path(), r, &key, &uploads)).collect()),
-    ];
-    stages(dir.path(), &key, &uploads);
-    let raw_rate = results[0].1;
-    for (name, rate) in &results[1..] {
-        println!("{name:>9} / raw = {:.2}", rate / raw_rate);
     }
+    for (name, t) in ["pipeline", "http"].iter().zip(&times[1..]) {
+        let mut ratios: Vec<f64> =
+            times[0].iter().zip(t).map(|(raw, mode)| raw.as_secs_f64() / mode.as_secs_f64()).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{name:>9} / raw = {:.2} (median of {ROUNDS} rounds; per round {ratios:.2?})",
+            ratios[ratios.len() / 2]
+        );
+    }
+    stages(dir.path(), &key, &uploads);
 }

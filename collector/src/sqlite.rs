@@ -151,6 +151,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         )));
     }
     conn.pragma_update(None, "synchronous", "FULL").map_err(db_error)?;
+    conn.pragma_update(None, "cache_size", -65536).map_err(db_error)?;
     Ok(conn)
 }
 
@@ -184,12 +185,26 @@ impl SqliteStore {
 }
 
 /// Advances the cached acked seq of `host_id` over contiguous stored ranges; returns it.
-fn advance_ack(tx: &rusqlite::Transaction<'_>, host_id: &str) -> Result<u64, StoreError> {
+/// `batch` are the ranges just stored (by seq): the walk first crosses them in memory, and
+/// only then reads on from the table (where earlier out-of-order batches may continue it),
+/// so a batch that extends the prefix costs one index probe, not a row read per record.
+fn advance_ack(
+    tx: &rusqlite::Transaction<'_>,
+    host_id: &str,
+    batch: &[ValidRecord],
+) -> Result<u64, StoreError> {
     let cached: Option<i64> = tx
         .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1")
         .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
         .map_err(db_error)?;
     let mut acked = cached.unwrap_or(0);
+    for valid in batch {
+        let seq = to_i64(valid.record.seq)?;
+        if seq > acked.saturating_add(1) {
+            break;
+        }
+        acked = acked.max(to_i64(valid.last_seq)?);
+    }
     {
         let mut stmt = tx
             .prepare_cached("SELECT seq, last_seq FROM records WHERE host_id = ?1 AND seq > ?2 ORDER BY seq")
@@ -345,7 +360,7 @@ impl ReportStore for SqliteStore {
                     .map_err(db_error)?;
             }
         }
-        let acked = advance_ack(&tx, host_id)?;
+        let acked = advance_ack(&tx, host_id, records)?;
         tx.commit().map_err(db_error)?;
         Ok(acked)
     }
