@@ -237,3 +237,18 @@ async fn healthz_answers_ok() {
     assert_eq!((reply.status, reply.body.as_str()), (200, Some("ok")));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_locked_database_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    // Another process holds the write lock past the busy timeout.
+    let other = rusqlite::Connection::open(db_path(&dir)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let reply = send(c.addr, &batch(HOST, vec![record(1)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (503, "Unavailable"), "{:?}", reply.body);
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "5");
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(1)]), &key).await.acked(), 1);
+    c.stop().await;
+}
