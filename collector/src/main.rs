@@ -93,7 +93,8 @@ async fn serve(listen: SocketAddr, db: &str) -> anyhow::Result<()> {
     let ingestor = Arc::new(Ingestor::new(Arc::new(store), Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    tracing::info!(listen = %listen, db, "collector serving");
+    let bound = listener.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %bound, db, "collector serving");
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -152,7 +153,8 @@ fn hosts(command: HostsCommand) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
         Command::Serve { listen, db } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
