@@ -1,0 +1,369 @@
+//! The ingest pipeline of `POST /v1/reports`, as one synchronous function the HTTP handler
+//! runs on the blocking pool (and the benchmark calls directly):
+//!
+//! 1. **Authenticate first.** The `kid` of the detached JWS in `X-Kycd-Signature` names the
+//!    host; its enrolled key (and only that key) must verify the signature over the exact,
+//!    still-compressed body. Unauthenticated bytes never reach the gzip decoder or the JSON
+//!    parser, so an anonymous client cannot make the collector inflate or parse anything.
+//! 2. **Decompress with a cap** ([`Limits::max_decompressed_bytes`]): a zip bomb from a
+//!    compromised host stops at the cap.
+//! 3. **Parse strictly** (duplicate keys, types, trailing data: [`parse_batch`]) into a
+//!    [`ReportBatch`] whose `host_id` must equal the signing `kid`.
+//! 4. **Validate every record** before storing any: one bad record rejects the batch.
+//! 5. **Store in one transaction**, idempotently on `(host_id, seq)`, and answer the host's
+//!    acked seq.
+
+use std::io::Read as _;
+use std::sync::Arc;
+
+use kycd_protocol::{b64, Jwks, ReportAck, ReportBatch, UsageRecord, UsageWindow, REPORT_SIGNATURE_TYP};
+use serde::Deserialize;
+
+use crate::store::{ReportStore, StoreError, ValidRecord};
+
+/// Longest identifier (workload, tenant, host id) accepted in a report.
+pub const MAX_ID_LEN: usize = kycd_protocol::MAX_ID_LEN;
+/// Largest `X-Kycd-Signature` header accepted.
+pub const MAX_SIGNATURE_BYTES: usize = 8 * 1024;
+/// Seconds in a window are bounded (a window is normally 60 s; merged ones can be long,
+/// but not longer than ten years).
+pub const MAX_WINDOW_S: i64 = 10 * 365 * 24 * 3600;
+
+/// Size limits of one upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest compressed request body.
+    pub max_body_bytes: usize,
+    /// Largest decompressed body (the zip-bomb guard).
+    pub max_decompressed_bytes: usize,
+    /// Most records in one batch.
+    pub max_records: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body_bytes: 4 << 20, max_decompressed_bytes: 16 << 20, max_records: 10_000 }
+    }
+}
+
+/// Why an upload was rejected. [`IngestError::kind`] is the `kind` of the JSON error body.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The signature header is missing, malformed, or does not verify with the host's key.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// The signing `kid` names no enrolled host.
+    #[error("host {0:?} is not enrolled")]
+    UnknownHost(String),
+    /// The body is not gzip (`Content-Encoding` is not `gzip`).
+    #[error("Content-Encoding must be gzip")]
+    UnsupportedEncoding,
+    /// The body, compressed or decompressed, or the record count, exceeds a limit.
+    #[error("{what} exceeds the limit of {limit}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// Not gzip, not strict JSON, or not a report batch.
+    #[error("malformed report: {0}")]
+    Malformed(String),
+    /// The batch's `host_id` is not the signing host.
+    #[error("batch host_id {batch:?} is not the signing host {kid:?}")]
+    HostMismatch {
+        /// The signer.
+        kid: String,
+        /// The batch's `host_id`.
+        batch: String,
+    },
+    /// A record is invalid; nothing of the batch was stored.
+    #[error("record {index} (seq {seq}): {reason}")]
+    InvalidRecord {
+        /// Index in the batch.
+        index: usize,
+        /// Its seq.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A storage failure (including [`StoreError::SeqConflict`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IngestError {
+    /// Stable machine name, the `kind` of the error body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IngestError::BadSignature(_) => "BadSignature",
+            IngestError::UnknownHost(_) => "UnknownHost",
+            IngestError::UnsupportedEncoding => "UnsupportedEncoding",
+            IngestError::TooLarge { .. } => "TooLarge",
+            IngestError::Malformed(_) => "Malformed",
+            IngestError::HostMismatch { .. } => "HostMismatch",
+            IngestError::InvalidRecord { .. } => "InvalidRecord",
+            IngestError::Store(StoreError::SeqConflict { .. }) => "SeqConflict",
+            IngestError::Store(e) if e.is_transient() => "Unavailable",
+            IngestError::Store(_) => "Internal",
+        }
+    }
+}
+
+/// A stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ingested {
+    /// The answer.
+    pub ack: ReportAck,
+    /// Records in the batch (stored now or before).
+    pub records: usize,
+}
+
+/// The ingest pipeline over one store.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    store: Arc<dyn ReportStore>,
+    limits: Limits,
+}
+
+#[derive(Deserialize)]
+struct KidOnly {
+    kid: String,
+}
+
+/// The `kid` a detached JWS claims (unauthenticated: only used to pick the key to verify
+/// with). `None` when the header cannot be read.
+pub fn claimed_kid(signature: &[u8]) -> Option<String> {
+    let header = signature.split(|&b| b == b'.').next()?;
+    if header.len() > kycd_protocol::MAX_HEADER_BYTES * 4 / 3 + 4 {
+        return None;
+    }
+    let bytes = b64::decode(header).ok()?;
+    serde_json::from_slice::<KidOnly>(&bytes).ok().map(|h| h.kid)
+}
+
+fn check_id(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(format!("longer than {MAX_ID_LEN} bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("contains control characters".into());
+    }
+    Ok(())
+}
+
+fn check_amount(name: &str, value: f64) -> Result<(), String> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{name} must be a finite number >= 0"));
+    }
+    Ok(())
+}
+
+fn check_window(w: &UsageWindow) -> Result<(), String> {
+    check_id(&w.workload).map_err(|e| format!("workload {e}"))?;
+    if let Some(tenant) = &w.tenant {
+        check_id(tenant).map_err(|e| format!("tenant {e}"))?;
+    }
+    if w.start < 0 {
+        return Err("start must be >= 0".into());
+    }
+    if w.end <= w.start {
+        return Err("end must be after start".into());
+    }
+    if w.end - w.start > MAX_WINDOW_S {
+        return Err(format!("window longer than {MAX_WINDOW_S} s"));
+    }
+    check_amount("gpu_seconds", w.gpu_seconds)?;
+    check_amount("estimated_ops", w.estimated_ops)?;
+    check_amount("peak_flops", w.peak_flops)?;
+    if w.merged_windows == 0 {
+        return Err("merged_windows must be >= 1".into());
+    }
+    Ok(())
+}
+
+/// Validates one record after `previous_last` (the last seq of the record before it, 0 for
+/// the first); returns its last seq.
+fn check_record(record: &UsageRecord, previous_last: u64) -> Result<u64, String> {
+    let max = u64::try_from(i64::MAX).unwrap_or(u64::MAX);
+    if record.seq == 0 {
+        return Err("seq must be >= 1".into());
+    }
+    let last = record.last_seq.unwrap_or(record.seq);
+    if last < record.seq {
+        return Err("last_seq must be >= seq".into());
+    }
+    if last > max {
+        return Err(format!("seq must be <= {max}"));
+    }
+    if record.seq <= previous_last {
+        return Err(format!(
+            "records must be in increasing, non-overlapping seq order (previous ends at {previous_last})"
+        ));
+    }
+    check_window(&record.window)?;
+    Ok(last)
+}
+
+/// Validates a parsed batch, turning it into records ready to store.
+pub fn validate_batch(batch: ReportBatch, limits: &Limits) -> Result<Vec<ValidRecord>, IngestError> {
+    if batch.records.len() > limits.max_records {
+        return Err(IngestError::TooLarge { what: "record count", limit: limits.max_records });
+    }
+    let mut previous_last = 0;
+    let mut out = Vec::with_capacity(batch.records.len());
+    for (index, record) in batch.records.into_iter().enumerate() {
+        let invalid = |reason| IngestError::InvalidRecord { index, seq: record.seq, reason };
+        let last_seq = check_record(&record, previous_last).map_err(invalid)?;
+        previous_last = last_seq;
+        let body_json = serde_json::to_string(&record).map_err(|e| IngestError::InvalidRecord {
+            index,
+            seq: record.seq,
+            reason: e.to_string(),
+        })?;
+        out.push(ValidRecord { record, last_seq, body_json });
+    }
+    Ok(out)
+}
+
+/// Parses a decompressed body as a [`ReportBatch`], strictly: straight into the typed
+/// structs, whose derived deserializers refuse a duplicate key (`{"seq":1,"seq":9}` cannot
+/// mean different things to different readers), a missing field, a wrong type and trailing
+/// data; serde_json's recursion limit bounds nesting. Unknown fields are ignored (a newer
+/// agent may add some) and are not stored: `body_json` is the re-serialized record. Typed
+/// parsing is several times faster than `kycd_protocol::json::parse_strict` into a `Value`
+/// and then into the types, with the same duplicate-key guarantee for every field read.
+pub fn parse_batch(json: &[u8]) -> Result<ReportBatch, IngestError> {
+    serde_json::from_slice(json).map_err(|e| IngestError::Malformed(e.to_string()))
+}
+
+/// Inflates a gzip body, refusing to produce more than `limit` bytes.
+pub fn gunzip_capped(body: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(8).min(limit));
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::MultiGzDecoder::new(body)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::Malformed(format!("body is not valid gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(IngestError::TooLarge { what: "decompressed body", limit });
+    }
+    Ok(out)
+}
+
+impl Ingestor {
+    /// A pipeline over `store` with `limits`.
+    pub fn new(store: Arc<dyn ReportStore>, limits: Limits) -> Self {
+        Ingestor { store, limits }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ReportStore> {
+        &self.store
+    }
+
+    /// Runs the whole pipeline over one upload: `signature` is the `X-Kycd-Signature`
+    /// value, `body` the exact (gzip) request body, `now` the receive time (Unix seconds).
+    /// Blocking: call it off the async reactor.
+    pub fn ingest(&self, signature: &[u8], body: &[u8], now: i64) -> Result<Ingested, IngestError> {
+        if body.len() > self.limits.max_body_bytes {
+            return Err(IngestError::TooLarge { what: "body", limit: self.limits.max_body_bytes });
+        }
+        if signature.len() > MAX_SIGNATURE_BYTES {
+            return Err(IngestError::BadSignature("signature header too large".into()));
+        }
+        let kid = claimed_kid(signature)
+            .ok_or_else(|| IngestError::BadSignature("no readable kid in the signature header".into()))?;
+        let key = self.store.host_key(&kid)?.ok_or_else(|| IngestError::UnknownHost(kid.clone()))?;
+        let jwks = Jwks::from_keys([key]).map_err(|e| IngestError::BadSignature(e.to_string()))?;
+        let header = kycd_protocol::verify_detached(signature, body, &jwks, REPORT_SIGNATURE_TYP)
+            .map_err(|e| IngestError::BadSignature(format!("{}: {e}", e.kind())))?;
+        if header.alg != kycd_protocol::Algorithm::EdDSA {
+            return Err(IngestError::BadSignature("host reports must be signed with EdDSA".into()));
+        }
+        let json = gunzip_capped(body, self.limits.max_decompressed_bytes)?;
+        let batch = parse_batch(&json)?;
+        if batch.host_id != header.kid {
+            return Err(IngestError::HostMismatch { kid: header.kid, batch: batch.host_id });
+        }
+        let records = validate_batch(batch, &self.limits)?;
+        let acked_seq = self.store.insert_batch(&header.kid, &records, now)?;
+        Ok(Ingested { ack: ReportAck { acked_seq }, records: records.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kycd_protocol::EstimationMethod;
+
+    fn window() -> UsageWindow {
+        UsageWindow {
+            tenant: Some("t".into()),
+            workload: "host:h".into(),
+            foreign_person: false,
+            start: 60,
+            end: 120,
+            gpu_seconds: 60.0,
+            gpus: 1,
+            max_concurrent_gpus: 1,
+            estimated_ops: 1.0,
+            peak_flops: 1.0,
+            method: EstimationMethod::Unknown,
+            training_like: false,
+            merged_windows: 1,
+        }
+    }
+
+    #[test]
+    fn record_rules() {
+        let ok = UsageRecord { seq: 1, last_seq: None, window: window() };
+        assert_eq!(check_record(&ok, 0), Ok(1));
+        assert!(check_record(&ok, 1).is_err(), "not increasing");
+        assert!(check_record(&UsageRecord { seq: 0, ..ok.clone() }, 0).is_err());
+        assert!(check_record(&UsageRecord { seq: 5, last_seq: Some(4), ..ok.clone() }, 0).is_err());
+        assert_eq!(check_record(&UsageRecord { seq: 5, last_seq: Some(9), ..ok.clone() }, 4), Ok(9));
+        assert!(check_record(&UsageRecord { seq: u64::MAX, ..ok.clone() }, 0).is_err());
+        let bad = |f: fn(&mut UsageWindow)| {
+            let mut w = window();
+            f(&mut w);
+            check_record(&UsageRecord { seq: 1, last_seq: None, window: w }, 0).is_err()
+        };
+        assert!(bad(|w| w.end = w.start));
+        assert!(bad(|w| w.start = -1));
+        assert!(bad(|w| w.gpu_seconds = f64::NAN));
+        assert!(bad(|w| w.estimated_ops = -1.0));
+        assert!(bad(|w| w.peak_flops = f64::INFINITY));
+        assert!(bad(|w| w.workload.clear()));
+        assert!(bad(|w| w.workload = "x".repeat(MAX_ID_LEN + 1)));
+        assert!(bad(|w| w.tenant = Some(String::new())));
+        assert!(bad(|w| w.merged_windows = 0));
+    }
+
+    #[test]
+    fn gunzip_is_capped() {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&vec![b'a'; 1000]).unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(gunzip_capped(&gz, 1000).unwrap().len(), 1000);
+        assert!(matches!(gunzip_capped(&gz, 999), Err(IngestError::TooLarge { .. })));
+        assert!(matches!(gunzip_capped(b"{\"not\": \"gzip\"}", 1000), Err(IngestError::Malformed(_))));
+    }
+
+    #[test]
+    fn claimed_kid_reads_the_unverified_header() {
+        let key = kycd_protocol::PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "host-9").unwrap();
+        let sig = kycd_protocol::sign_detached(b"x", REPORT_SIGNATURE_TYP, &key);
+        assert_eq!(claimed_kid(sig.as_bytes()).as_deref(), Some("host-9"));
+        assert_eq!(claimed_kid(b"garbage..x"), None);
+    }
+}

@@ -1,0 +1,483 @@
+//! The SQLite backend of [`ReportStore`]: one database file in WAL mode.
+//!
+//! Durability: `synchronous=FULL`. An ack tells the agent it may delete the acked records
+//! from its spool, so a committed batch must survive a power loss, not only a crash of the
+//! collector process; with `NORMAL` in WAL mode the last commits can roll back on power loss
+//! after they were acked, and those records would be lost on both sides. FULL costs one
+//! fsync of the WAL per commit, i.e. per batch, which batching amortises.
+//!
+//! Concurrency: one connection behind a mutex. SQLite has one writer at a time anyway; the
+//! mutex keeps this process's writers from contending on the file lock, and the busy
+//! timeout covers other processes (e.g. `kycd-collector hosts add` while `serve` runs).
+//! Callers run these blocking calls off the async reactor.
+//!
+//! Schema: migrations are ordered SQL strings in [`MIGRATIONS`]; `PRAGMA user_version` is the
+//! number applied. Opening applies the missing ones in one transaction, so a database is
+//! either wholly at the old version or wholly at the new one.
+//!
+//! Acked seq: `host_progress.acked_seq` caches the highest contiguous stored seq. After each
+//! insert it is advanced by walking forward over stored ranges from the cached value (one
+//! index range scan that stops at the first gap), so a request never scans all of a host's
+//! rows.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use kycd_protocol::{EstimationMethod, PublicKey};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+use crate::store::{HostEntry, ReportStore, StoreError, ValidRecord};
+
+/// How long a writer waits for another process's lock before the call fails as busy.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, in order; `PRAGMA user_version` = how many are applied.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: hosts and records.
+    r#"
+    CREATE TABLE hosts (
+        host_id     TEXT PRIMARY KEY NOT NULL,
+        public_jwk  TEXT NOT NULL,
+        enrolled_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE records (
+        host_id             TEXT NOT NULL,
+        seq                 INTEGER NOT NULL,
+        last_seq            INTEGER NOT NULL,
+        tenant              TEXT,
+        workload            TEXT NOT NULL,
+        start               INTEGER NOT NULL,
+        "end"               INTEGER NOT NULL,
+        gpu_seconds         REAL NOT NULL,
+        gpus                INTEGER NOT NULL,
+        max_concurrent_gpus INTEGER NOT NULL,
+        estimated_ops       REAL NOT NULL,
+        peak_flops          REAL NOT NULL,
+        method              TEXT NOT NULL,
+        training_like       INTEGER NOT NULL,
+        foreign_person      INTEGER NOT NULL,
+        merged_windows      INTEGER NOT NULL,
+        body_json           TEXT NOT NULL,
+        received_at         INTEGER NOT NULL,
+        UNIQUE (host_id, seq)
+    ) STRICT;
+    CREATE INDEX records_tenant_start ON records (tenant, start);
+    "#,
+    // 2: the per-host acked-seq cache, backfilled from the records already stored.
+    r#"
+    CREATE TABLE host_progress (
+        host_id   TEXT PRIMARY KEY NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    INSERT INTO host_progress (host_id, acked_seq)
+    WITH RECURSIVE walk (host_id, acked) AS (
+        SELECT DISTINCT host_id, 0 FROM records
+        UNION ALL
+        SELECT w.host_id, r.last_seq FROM walk w
+        JOIN records r ON r.host_id = w.host_id AND r.seq = w.acked + 1
+    )
+    SELECT host_id, MAX(acked) FROM walk GROUP BY host_id;
+    "#,
+];
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn db_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
+        Some(
+            code @ (ErrorCode::CannotOpen
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::ReadOnly
+            | ErrorCode::OutOfMemory),
+        ) => StoreError::Unavailable(format!("{code:?}")),
+        _ => StoreError::Database(Box::new(e)),
+    }
+}
+
+fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{value} does not fit in an SQLite integer")))
+}
+
+fn to_u64(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence number {value} stored")))
+}
+
+/// The wire name of an estimation method, as stored in `records.method`.
+pub fn method_name(method: EstimationMethod) -> &'static str {
+    match method {
+        EstimationMethod::GpmTensor => "gpm_tensor",
+        EstimationMethod::UtilizationUpperBound => "utilization_upper_bound",
+        EstimationMethod::Unknown => "unknown",
+    }
+}
+
+/// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
+fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)?;
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > supported {
+        return Err(StoreError::SchemaTooNew { found: version, supported });
+    }
+    let applied = usize::try_from(version).unwrap_or(0);
+    if applied >= target {
+        return Ok(());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
+        tx.execute_batch(sql).map_err(db_error)?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    tx.pragma_update(None, "user_version", i64::try_from(target).unwrap_or(i64::MAX)).map_err(db_error)?;
+    tx.commit().map_err(db_error)
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db_error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(db_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "cannot switch {} to WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_error)?;
+    conn.pragma_update(None, "cache_size", -65536).map_err(db_error)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, in WAL mode, and migrates it
+    /// to the current schema.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        Self::open_at_version(path, MIGRATIONS.len())
+    }
+
+    fn open_at_version(path: impl Into<PathBuf>, version: usize) -> Result<Self, StoreError> {
+        let path = path.into();
+        let mut conn = open_connection(&path)?;
+        migrate(&mut conn, version)?;
+        Ok(SqliteStore { path, conn: Mutex::new(conn) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.lock()?.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Unavailable("a database call panicked".into()))
+    }
+}
+
+/// Advances the cached acked seq of `host_id` over contiguous stored ranges; returns it.
+/// `batch` are the ranges just stored (by seq): the walk first crosses them in memory, and
+/// only then reads on from the table (where earlier out-of-order batches may continue it),
+/// so a batch that extends the prefix costs one index probe, not a row read per record.
+fn advance_ack(
+    tx: &rusqlite::Transaction<'_>,
+    host_id: &str,
+    batch: &[ValidRecord],
+) -> Result<u64, StoreError> {
+    let cached: Option<i64> = tx
+        .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1")
+        .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+        .map_err(db_error)?;
+    let mut acked = cached.unwrap_or(0);
+    for valid in batch {
+        let seq = to_i64(valid.record.seq)?;
+        if seq > acked.saturating_add(1) {
+            break;
+        }
+        acked = acked.max(to_i64(valid.last_seq)?);
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT seq, last_seq FROM records WHERE host_id = ?1 AND seq > ?2 ORDER BY seq")
+            .map_err(db_error)?;
+        let mut rows = stmt.query(params![host_id, acked]).map_err(db_error)?;
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let seq: i64 = row.get(0).map_err(db_error)?;
+            if seq != acked.saturating_add(1) {
+                break;
+            }
+            acked = row.get(1).map_err(db_error)?;
+        }
+    }
+    if cached != Some(acked) {
+        tx.prepare_cached(
+            "INSERT INTO host_progress (host_id, acked_seq) VALUES (?1, ?2)
+             ON CONFLICT (host_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+        )
+        .and_then(|mut s| s.execute(params![host_id, acked]))
+        .map_err(db_error)?;
+    }
+    to_u64(acked)
+}
+
+impl ReportStore for SqliteStore {
+    fn host_key(&self, host_id: &str) -> Result<Option<PublicKey>, StoreError> {
+        let conn = self.lock()?;
+        let jwk: Option<String> = conn
+            .prepare_cached("SELECT public_jwk FROM hosts WHERE host_id = ?1")
+            .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+            .map_err(db_error)?;
+        jwk.map(|j| {
+            PublicKey::from_jwk_json(j.as_bytes())
+                .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
+        })
+        .transpose()
+    }
+
+    fn enroll_host(&self, host_id: &str, key: &PublicKey, enrolled_at: i64) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        let inserted = conn
+            .execute(
+                "INSERT INTO hosts (host_id, public_jwk, enrolled_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (host_id) DO NOTHING",
+                params![host_id, key.to_jwk().to_string(), enrolled_at],
+            )
+            .map_err(db_error)?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyEnrolled(host_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn remove_host(&self, host_id: &str) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        let removed = conn.execute("DELETE FROM hosts WHERE host_id = ?1", [host_id]).map_err(db_error)?;
+        Ok(removed > 0)
+    }
+
+    fn list_hosts(&self) -> Result<Vec<HostEntry>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT h.host_id, h.public_jwk, h.enrolled_at, COALESCE(p.acked_seq, 0)
+                 FROM hosts h LEFT JOIN host_progress p USING (host_id) ORDER BY h.host_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(db_error)?;
+        let mut hosts = Vec::new();
+        for row in rows {
+            let (host_id, jwk, enrolled_at, acked): (String, String, i64, i64) = row.map_err(db_error)?;
+            let public_key = PublicKey::from_jwk_json(jwk.as_bytes())
+                .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))?;
+            hosts.push(HostEntry { host_id, public_key, enrolled_at, acked_seq: to_u64(acked)? });
+        }
+        Ok(hosts)
+    }
+
+    fn insert_batch(
+        &self,
+        host_id: &str,
+        records: &[ValidRecord],
+        received_at: i64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        {
+            let mut find = tx
+                .prepare_cached(
+                    "SELECT seq, last_seq, body_json FROM records
+                     WHERE host_id = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
+                )
+                .map_err(db_error)?;
+            let mut insert = tx
+                .prepare_cached(
+                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
+                )
+                .map_err(db_error)?;
+            // The end of the host's highest stored range: records above it (the common case,
+            // a batch of new records) cannot collide and need no lookup.
+            let stored_end: i64 = tx
+                .prepare_cached("SELECT last_seq FROM records WHERE host_id = ?1 ORDER BY seq DESC LIMIT 1")
+                .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+                .map_err(db_error)?
+                .unwrap_or(0);
+            for valid in records {
+                let seq = to_i64(valid.record.seq)?;
+                let last_seq = to_i64(valid.last_seq)?;
+                // Stored ranges never overlap, so the stored record with the greatest seq at
+                // or below our last seq is the only one that can intersect our range.
+                let existing: Option<(i64, i64, String)> = if seq > stored_end {
+                    None
+                } else {
+                    find.query_row(params![host_id, last_seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                        .map_err(db_error)?
+                };
+                if let Some((stored_seq, stored_last, body)) = existing {
+                    if stored_seq == seq && stored_last == last_seq && body == valid.body_json {
+                        continue; // re-sent, identical: already stored
+                    }
+                    if stored_last >= seq {
+                        return Err(StoreError::SeqConflict { seq: valid.record.seq });
+                    }
+                }
+                let w = &valid.record.window;
+                insert
+                    .execute(params![
+                        host_id,
+                        seq,
+                        last_seq,
+                        w.tenant,
+                        w.workload,
+                        w.start,
+                        w.end,
+                        w.gpu_seconds,
+                        w.gpus,
+                        w.max_concurrent_gpus,
+                        w.estimated_ops,
+                        w.peak_flops,
+                        method_name(w.method),
+                        w.training_like,
+                        w.foreign_person,
+                        w.merged_windows,
+                        valid.body_json,
+                        received_at,
+                    ])
+                    .map_err(db_error)?;
+            }
+        }
+        let acked = advance_ack(&tx, host_id, records)?;
+        tx.commit().map_err(db_error)?;
+        Ok(acked)
+    }
+
+    fn acked_seq(&self, host_id: &str) -> Result<u64, StoreError> {
+        let conn = self.lock()?;
+        let acked: Option<i64> = conn
+            .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1")
+            .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+            .map_err(db_error)?;
+        to_u64(acked.unwrap_or(0))
+    }
+
+    fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare("SELECT seq, last_seq FROM records WHERE host_id = ?1 ORDER BY seq")
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([host_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, last) = row.map_err(db_error)?;
+            out.push((to_u64(seq)?, to_u64(last)?));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kycd_protocol::{UsageRecord, UsageWindow};
+
+    fn record(seq: u64, last_seq: Option<u64>) -> ValidRecord {
+        let record = UsageRecord {
+            seq,
+            last_seq,
+            window: UsageWindow {
+                tenant: Some("t".into()),
+                workload: "host:h".into(),
+                foreign_person: false,
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                max_concurrent_gpus: 1,
+                estimated_ops: 1e15,
+                peak_flops: 1e15,
+                method: EstimationMethod::GpmTensor,
+                training_like: false,
+                merged_windows: 1,
+            },
+        };
+        let body_json = serde_json::to_string(&record).unwrap();
+        ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
+    }
+
+    #[test]
+    fn opening_an_old_version_database_migrates_it_and_backfills_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 1).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 1);
+            let conn = old.lock().unwrap();
+            for (host, seq, last) in [("a", 1, 1), ("a", 2, 5), ("a", 7, 7), ("b", 2, 2)] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES (?1, ?2, ?3, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                    params![host, seq, last],
+                )
+                .unwrap();
+            }
+            let tables: i64 = conn
+                .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'host_progress'", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(tables, 0);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.acked_seq("a").unwrap(), 5);
+        assert_eq!(store.acked_seq("b").unwrap(), 0);
+        // The cache keeps advancing from the backfilled value.
+        assert_eq!(store.insert_batch("a", &[record(6, None)], 0).unwrap(), 7);
+        assert_eq!(store.insert_batch("b", &[record(1, None)], 0).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(SqliteStore::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    }
+
+    #[test]
+    fn overlap_with_a_stored_merged_record_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("db")).unwrap();
+        assert_eq!(store.insert_batch("h", &[record(2, Some(4))], 0).unwrap(), 0);
+        for overlapping in [record(3, None), record(4, None), record(1, Some(2)), record(2, Some(3))] {
+            assert!(matches!(
+                store.insert_batch("h", &[overlapping], 0),
+                Err(StoreError::SeqConflict { .. })
+            ));
+        }
+        assert_eq!(store.insert_batch("h", &[record(2, Some(4))], 0).unwrap(), 0, "identical re-send");
+        assert_eq!(store.insert_batch("h", &[record(1, None), record(5, None)], 0).unwrap(), 5);
+        assert_eq!(store.stored_ranges("h").unwrap(), [(1, 1), (2, 4), (5, 5)]);
+    }
+}

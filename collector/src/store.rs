@@ -1,0 +1,152 @@
+//! The storage boundary of the collector: what ingest and the `hosts` commands need from a
+//! database, as one object-safe trait ([`ReportStore`]) with SQLite as the one implementation
+//! today ([`crate::sqlite::SqliteStore`]). The PostgreSQL backend for fleets implements the
+//! same trait; nothing above this module knows which database it talks to.
+//!
+//! Calls are blocking: async callers run them on the blocking pool (`spawn_blocking`), never
+//! on the reactor.
+
+use kycd_protocol::{PublicKey, UsageRecord};
+
+/// An enrolled host, as listed by `kycd-collector hosts list`.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    /// The host id (the `kid` of its report signatures).
+    pub host_id: String,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// When it was enrolled (Unix seconds).
+    pub enrolled_at: i64,
+    /// Highest contiguous stored sequence number.
+    pub acked_seq: u64,
+}
+
+/// A record that passed validation, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRecord {
+    /// The record as received.
+    pub record: UsageRecord,
+    /// The last sequence number it stands for (`last_seq`, or `seq` when absent).
+    pub last_seq: u64,
+    /// Its canonical JSON (re-serialized), stored and compared to decide whether a re-sent
+    /// record is the same record.
+    pub body_json: String,
+}
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is locked by another writer beyond the busy timeout; retry later.
+    #[error("database busy")]
+    Busy,
+    /// The database cannot be used right now (cannot be opened, disk full or I/O error, a
+    /// writer thread panicked); retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A record's sequence numbers are already stored with different content (or overlap a
+    /// stored merged record); permanent.
+    #[error("seq {seq} is already stored with different content")]
+    SeqConflict {
+        /// The first sequence number of the conflicting record.
+        seq: u64,
+    },
+    /// `hosts add` for a host id that is already enrolled.
+    #[error("host {0:?} is already enrolled (remove it first to change its key)")]
+    AlreadyEnrolled(String),
+    /// The database was written by a newer collector (schema version above this build's).
+    #[error("database schema version {found} is newer than this collector's {supported}")]
+    SchemaTooNew {
+        /// Version in the file.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+    /// Stored data this build cannot read (e.g. a stored JWK that no longer parses).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The database URL names a backend this build does not have.
+    #[error("unsupported database URL {0:?} (only sqlite:// or a plain path)")]
+    UnsupportedUrl(String),
+    /// Any other database error.
+    #[error("database error")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Whether the failure is transient (answer 503 + `Retry-After`).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Busy | StoreError::Unavailable(_))
+    }
+}
+
+/// What the collector stores. Implementations are internally synchronised (`&self`).
+pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The enrolled public key of `host_id`, if the host is enrolled.
+    fn host_key(&self, host_id: &str) -> Result<Option<PublicKey>, StoreError>;
+
+    /// Enrolls a host with its public key. Fails with [`StoreError::AlreadyEnrolled`] if the
+    /// host id is taken: a key is never replaced silently.
+    fn enroll_host(&self, host_id: &str, key: &PublicKey, enrolled_at: i64) -> Result<(), StoreError>;
+
+    /// Removes a host's enrollment (its stored records stay: they are regulatory data).
+    /// Returns whether it was enrolled.
+    fn remove_host(&self, host_id: &str) -> Result<bool, StoreError>;
+
+    /// Every enrolled host, by host id.
+    fn list_hosts(&self) -> Result<Vec<HostEntry>, StoreError>;
+
+    /// Stores `records` (validated, increasing, non-overlapping) of `host_id` in one
+    /// transaction: a record already stored with identical content is skipped, one whose
+    /// sequence numbers are stored with different content fails the whole batch with
+    /// [`StoreError::SeqConflict`]. Returns the host's acked seq after the insert.
+    fn insert_batch(
+        &self,
+        host_id: &str,
+        records: &[ValidRecord],
+        received_at: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// The highest N such that every seq in `1..=N` of the host is stored (0: none).
+    fn acked_seq(&self, host_id: &str) -> Result<u64, StoreError>;
+
+    /// The stored records of a host as `(seq, last_seq)` ranges, by seq.
+    fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError>;
+}
+
+/// Opens the store named by a database URL: `sqlite:///abs/path`, `sqlite://rel/path`,
+/// `sqlite:path` or a plain path. PostgreSQL URLs are refused until that backend exists.
+pub fn open_store(url: &str) -> Result<crate::sqlite::SqliteStore, StoreError> {
+    crate::sqlite::SqliteStore::open(sqlite_path(url)?)
+}
+
+/// The file path of a SQLite database URL (see [`open_store`]).
+pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
+    let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest
+    } else if url.contains("://") {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    } else {
+        url
+    };
+    if path.is_empty() {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    }
+    Ok(path.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(sqlite_path("sqlite:///var/lib/x.db").unwrap(), std::path::Path::new("/var/lib/x.db"));
+        assert_eq!(sqlite_path("sqlite://rel.db").unwrap(), std::path::Path::new("rel.db"));
+        assert_eq!(sqlite_path("sqlite:rel.db").unwrap(), std::path::Path::new("rel.db"));
+        assert_eq!(sqlite_path("/tmp/a.db").unwrap(), std::path::Path::new("/tmp/a.db"));
+        assert!(matches!(sqlite_path("postgres://db/kycd"), Err(StoreError::UnsupportedUrl(_))));
+        assert!(matches!(sqlite_path("sqlite://"), Err(StoreError::UnsupportedUrl(_))));
+    }
+}

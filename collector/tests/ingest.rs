@@ -1,0 +1,254 @@
+//! `POST /v1/reports` end to end: real TCP on 127.0.0.1, a real SQLite file in a tempdir.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use kycd_collector::{Limits, ReportStore as _};
+use kycd_protocol::{UsageRecord, REPORT_SIGNATURE_TYP};
+
+const HOST: &str = "host-1";
+
+async fn started(dir: &tempfile::TempDir) -> (Collector, kycd_protocol::PrivateJwk) {
+    let collector = Collector::start(&db_path(dir), Limits::default()).await;
+    let key = host_key(HOST);
+    collector.enroll(&key);
+    (collector, key)
+}
+
+#[tokio::test]
+async fn a_signed_batch_is_stored_and_acked_and_a_resend_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    let b = batch(HOST, (1..=3).map(record).collect());
+    assert_eq!(send(c.addr, &b, &key).await.acked(), 3);
+    assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (3, 3)]);
+    let again = send(c.addr, &b, &key).await;
+    assert_eq!(again.acked(), 3);
+    assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (3, 3)], "no duplicate rows");
+    // A resend that overlaps the stored part and adds a new record.
+    assert_eq!(send(c.addr, &batch(HOST, (2..=4).map(record).collect()), &key).await.acked(), 4);
+    assert_eq!(c.ranges(HOST).len(), 4);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn out_of_order_batches_ack_only_the_contiguous_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(4), record(5)]), &key).await.acked(), 0);
+    assert_eq!(send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(), 5);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_merged_record_covers_its_whole_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    let mut merged = record(6);
+    merged.last_seq = Some(9);
+    merged.window.merged_windows = 4;
+    assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 0);
+    assert_eq!(send(c.addr, &batch(HOST, (1..=5).map(record).collect()), &key).await.acked(), 9);
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(10)]), &key).await.acked(), 10);
+    assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 9), (10, 10)]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn same_seq_with_different_content_is_a_permanent_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(1), record(2), record(5)]), &key).await.acked(), 2);
+    let mut changed = record(5);
+    changed.window.estimated_ops *= 2.0;
+    let reply = send(c.addr, &batch(HOST, vec![record(3), changed]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"), "{:?}", reply.body);
+    assert!(reply.body["error"].as_str().is_some());
+    assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (5, 5)], "the batch's new record 3 was rolled back");
+    assert_eq!(c.store.acked_seq(HOST).unwrap(), 2);
+    // A record overlapping a stored merged range conflicts too.
+    let mut merged = record(3);
+    merged.last_seq = Some(4);
+    assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 5);
+    let reply = send(c.addr, &batch(HOST, vec![record(4)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn signatures_are_checked_before_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    let b = batch(HOST, vec![record(1)]);
+
+    // Signed by another key that claims the enrolled host's id.
+    let reply = send(c.addr, &b, &host_key(HOST)).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"), "{:?}", reply.body);
+
+    // Signed by a host that is not enrolled.
+    let stranger = host_key("host-2");
+    let reply = send(c.addr, &batch("host-2", vec![record(1)]), &stranger).await;
+    assert_eq!((reply.status, reply.kind()), (401, "UnknownHost"));
+
+    // Body changed after signing.
+    let (mut body, sig) = signed(&b, &key);
+    let last = body.len() - 9;
+    body[last] ^= 1;
+    let reply = upload(c.addr, body, &sig).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+
+    // No signature, garbage signature, wrong typ.
+    let (body, _) = signed(&b, &key);
+    let reply = request(c.addr, "POST", "/v1/reports", &[("content-encoding", "gzip")], body.clone()).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+    let reply = upload(c.addr, body.clone(), "not-a-jws").await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+    let wrong_typ = kycd_protocol::sign_detached(&body, "kyc-host-statement+jwt", &key);
+    let reply = upload(c.addr, body.clone(), &wrong_typ).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+
+    // The enrolled host signs a batch naming another host.
+    let reply = send(c.addr, &batch("host-2", vec![record(1)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (400, "HostMismatch"));
+
+    assert!(c.ranges(HOST).is_empty());
+    assert!(c.ranges("host-2").is_empty());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn one_bad_record_rejects_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    let mut bad = record(3);
+    bad.window.end = bad.window.start;
+    let reply = send(c.addr, &batch(HOST, vec![record(1), record(2), bad, record(4)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"), "{:?}", reply.body);
+    assert!(c.ranges(HOST).is_empty(), "nothing of the batch is stored");
+
+    let cases: Vec<(&str, Vec<UsageRecord>)> = vec![
+        ("seq 0", vec![record(0)]),
+        ("decreasing", vec![record(2), record(1)]),
+        ("duplicate", vec![record(1), record(1)]),
+        ("overlapping merged", vec![UsageRecord { last_seq: Some(3), ..record(1) }, record(2)]),
+        ("last_seq < seq", vec![UsageRecord { last_seq: Some(1), ..record(2) }]),
+        ("NaN is not JSON but negative is", {
+            let mut r = record(1);
+            r.window.gpu_seconds = -1.0;
+            vec![r]
+        }),
+        ("empty workload", {
+            let mut r = record(1);
+            r.window.workload.clear();
+            vec![r]
+        }),
+    ];
+    for (what, records) in cases {
+        let reply = send(c.addr, &batch(HOST, records), &key).await;
+        assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"), "{what}: {:?}", reply.body);
+    }
+    assert!(c.ranges(HOST).is_empty());
+    assert_eq!(c.store.acked_seq(HOST).unwrap(), 0);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    let sign = |body: &[u8]| kycd_protocol::sign_detached(body, REPORT_SIGNATURE_TYP, &key);
+
+    // Signed, but not gzip.
+    let plain = serde_json::to_vec(&batch(HOST, vec![record(1)])).unwrap();
+    let reply = upload(c.addr, plain.clone(), &sign(&plain)).await;
+    assert_eq!((reply.status, reply.kind()), (400, "Malformed"), "{:?}", reply.body);
+
+    // Gzip of something that is not a batch; of JSON with a duplicate key.
+    for json in [&b"[1, 2, 3]"[..], br#"{"host_id":"host-1","host_id":"x","sent_at":1,"records":[]}"#, b"{"] {
+        let body = gzip(json);
+        let reply = upload(c.addr, body.clone(), &sign(&body)).await;
+        assert_eq!((reply.status, reply.kind()), (400, "Malformed"), "{:?}", reply.body);
+    }
+
+    // Not declared as gzip.
+    let (body, sig) = signed(&batch(HOST, vec![record(1)]), &key);
+    let headers = [("content-type", "application/json"), ("x-kycd-signature", sig.as_str())];
+    let reply = request(c.addr, "POST", "/v1/reports", &headers, body).await;
+    assert_eq!((reply.status, reply.kind()), (415, "UnsupportedEncoding"));
+    assert!(c.ranges(HOST).is_empty());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_zip_bombs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_body_bytes: 64 * 1024, ..Limits::default() };
+    let c = Collector::start(&db_path(&dir), limits).await;
+    let key = host_key(HOST);
+    c.enroll(&key);
+    let sign = |body: &[u8]| kycd_protocol::sign_detached(body, REPORT_SIGNATURE_TYP, &key);
+
+    // Compressed body over the limit (incompressible bytes).
+    let mut noise = vec![0u8; 100 * 1024];
+    let mut x: u32 = 0x1234_5678;
+    for b in &mut noise {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x.to_le_bytes()[0];
+    }
+    let reply = upload(c.addr, noise.clone(), &sign(&noise)).await;
+    assert_eq!((reply.status, reply.kind()), (413, "TooLarge"), "{:?}", reply.body);
+
+    // 17 MiB of zeros, about 17 KiB gzipped, over the 16 MiB decompressed cap.
+    let bomb = gzip_best(&vec![0u8; 17 << 20]);
+    assert!(bomb.len() < 64 * 1024);
+    let reply = upload(c.addr, bomb.clone(), &sign(&bomb)).await;
+    assert_eq!((reply.status, reply.kind()), (413, "TooLarge"), "{:?}", reply.body);
+    assert!(c.ranges(HOST).is_empty());
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn acks_survive_a_restart_on_the_same_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    assert_eq!(send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(), 3);
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(5)]), &key).await.acked(), 3);
+    c.stop().await;
+
+    let c = Collector::start(&db_path(&dir), Limits::default()).await;
+    assert_eq!(c.store.acked_seq(HOST).unwrap(), 3);
+    assert_eq!(
+        send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(),
+        3,
+        "still enrolled"
+    );
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(4)]), &key).await.acked(), 5);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = started(&dir).await;
+    let reply = request(c.addr, "GET", "/healthz", &[], Vec::new()).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("ok")));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_locked_database_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, key) = started(&dir).await;
+    // Another process holds the write lock past the busy timeout.
+    let other = rusqlite::Connection::open(db_path(&dir)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let reply = send(c.addr, &batch(HOST, vec![record(1)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (503, "Unavailable"), "{:?}", reply.body);
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "5");
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(1)]), &key).await.acked(), 1);
+    c.stop().await;
+}
