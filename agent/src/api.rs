@@ -374,55 +374,54 @@ async fn ask<T>(
     }
 }
 
+/// A request that needs `needed` access and answers the main loop's reply as JSON.
+async fn answer<T: Serialize>(
+    requests: mpsc::Sender<ApiRequest>,
+    peer: Peer,
+    needed: Access,
+    what: &'static str,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
+) -> Response {
+    if let Some(refused) = refuse(&requests, peer, needed, what) {
+        return refused;
+    }
+    match ask(&requests, make).await {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 async fn status(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(&requests, peer, Access::Read, "status") {
-        return refused;
-    }
-    match ask(&requests, ApiRequest::Status).await {
-        Ok(s) => axum::Json(s).into_response(),
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
+    answer(requests, peer, Access::Read, "status", ApiRequest::Status).await
 }
 
 async fn workloads(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(&requests, peer, Access::Read, "workloads") {
-        return refused;
-    }
-    match ask(&requests, ApiRequest::Workloads).await {
-        Ok(rows) => axum::Json(rows).into_response(),
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
+    answer(requests, peer, Access::Read, "workloads", ApiRequest::Workloads).await
 }
 
 async fn gpus(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(&requests, peer, Access::Read, "gpus") {
-        return refused;
-    }
-    match ask(&requests, ApiRequest::Gpus).await {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
+    answer(requests, peer, Access::Read, "gpus", ApiRequest::Gpus).await
 }
 
 async fn reload(
     State(requests): State<mpsc::Sender<ApiRequest>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Response {
-    if let Some(refused) = refuse(&requests, peer, Access::Admin, "reload") {
-        return refused;
-    }
-    match ask(&requests, ApiRequest::Reload).await {
-        Ok(()) => axum::Json(serde_json::json!({"reloaded": true})).into_response(),
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    let reload = |reply: oneshot::Sender<()>| ApiRequest::Reload(reply);
+    match answer(requests, peer, Access::Admin, "reload", reload).await {
+        r if r.status() == StatusCode::OK => {
+            axum::Json(serde_json::json!({"reloaded": true})).into_response()
+        }
+        r => r,
     }
 }
 
