@@ -442,10 +442,7 @@ async fn admit(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let libvirt_uuid = body.libvirt_uuid.map(|u| u.to_ascii_lowercase());
-    if libvirt_uuid
-        .as_ref()
-        .is_some_and(|u| u.len() != 36 || !u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
-    {
+    if libvirt_uuid.as_ref().is_some_and(|u| !crate::cgroup::is_uuid(u)) {
         return error(StatusCode::BAD_REQUEST, "libvirt_uuid is not a UUID");
     }
     let admission =

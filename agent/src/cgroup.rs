@@ -248,9 +248,7 @@ fn parse_libvirt_status(text: &str) -> Option<LibvirtDomain> {
         Some(unescape_xml(body[at..end].trim()))
     };
     let name = element("name").filter(|n| !n.is_empty())?;
-    let uuid = element("uuid")
-        .map(|u| u.to_ascii_lowercase())
-        .filter(|u| u.len() == 36 && u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+    let uuid = element("uuid").map(|u| u.to_ascii_lowercase()).filter(|u| is_uuid(u));
     Some(LibvirtDomain { id, name, uuid })
 }
 

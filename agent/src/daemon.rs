@@ -139,25 +139,9 @@ pub enum DaemonError {
     /// The collector API could not be started.
     #[error(transparent)]
     Https(#[from] crate::https::HttpsError),
-    /// The host key cannot be used.
-    #[error("host key {path}: {reason}")]
-    HostKey {
-        /// The key file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
     Reporting(#[from] crate::upload::ReportingError),
-}
-
-/// The host's signing key (see [`crate::host`]): created on first use, refused when others
-/// can read it.
-fn load_host_key(config: &Config, host_id: &str) -> Result<kycd_protocol::PrivateJwk, DaemonError> {
-    let path = crate::host::host_key_path(&config.state_dir);
-    crate::host::load_or_create_host_key(&path, host_id)
-        .map_err(|e| DaemonError::HostKey { path: path.clone(), reason: e.to_string() })
 }
 
 pub use crate::reconcile::{Enforcer, RecordOnly};
@@ -1626,11 +1610,10 @@ pub async fn run(
         agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks)),
     ));
     let https_task = if agent.config.collector_api.enabled {
-        let key = load_host_key(&agent.config, &agent.host_id)?;
         let api = crate::https::bind(&agent.config.collector_api).await?;
         info!(listen = %agent.config.collector_api.listen, "collector API listening");
-        let serve =
-            crate::https::serve(api, api_tx.clone(), statement_rx, Arc::new(key), api_shutdown.clone());
+        let key = reporting.host_key();
+        let serve = crate::https::serve(api, api_tx.clone(), statement_rx, key, api_shutdown.clone());
         Some(tokio::spawn(serve))
     } else {
         None
@@ -1738,17 +1721,20 @@ pub async fn run(
             }
             next
         });
-        // The statement's content, for the collector API (its times are set per request).
-        let mut statement = agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks));
-        statement.iat = 0;
-        statement.exp = 0;
-        statement_tx.send_if_modified(|current| {
-            let changed = **current != statement;
-            if changed {
-                *current = Arc::new(statement);
-            }
-            changed
-        });
+        // The statement's content, for the collector API (its times are set per request);
+        // only built when that API is served.
+        if https_task.is_some() {
+            let mut statement = agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks));
+            statement.iat = 0;
+            statement.exp = 0;
+            statement_tx.send_if_modified(|current| {
+                let changed = **current != statement;
+                if changed {
+                    *current = Arc::new(statement);
+                }
+                changed
+            });
+        }
         let tenants = agent.tenant_map();
         tenants_tx.send_if_modified(|current| {
             let changed = **current != tenants;

@@ -531,6 +531,11 @@ impl Reporting {
         })
     }
 
+    /// The host key (it also signs the collector API's host statements).
+    pub fn host_key(&self) -> Arc<PrivateJwk> {
+        Arc::clone(&self.key)
+    }
+
     /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
     pub fn spawn_writer(
         &self,
