@@ -18,6 +18,7 @@
 //! tokio::spawn(kycd_collector::server::run(listener, ingestor, shutdown.clone()));
 //! ```
 
+pub mod cli;
 pub mod hosts;
 pub mod ingest;
 pub mod server;

@@ -1,75 +1,18 @@
 //! `kycd-collector`: serve report ingest, or manage enrolled hosts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
+use kycd_collector::cli::{Cli, Command, HostsCommand};
 use kycd_collector::hosts::parse_host_key;
 use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _};
 use tokio_util::sync::CancellationToken;
 
-const DEFAULT_DB: &str = "sqlite:///var/lib/kycd-collector/kycd.db";
 /// How long in-flight requests may run after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Parser)]
-#[command(name = "kycd-collector", about = "kycd collector: ingest of signed host usage reports")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve POST /v1/reports and GET /healthz.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:9478")]
-        listen: SocketAddr,
-        /// Database URL (sqlite:///path, or a plain path).
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: String,
-    },
-    /// Manage enrolled hosts.
-    Hosts {
-        #[command(subcommand)]
-        command: HostsCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum HostsCommand {
-    /// Enroll a host with its public Ed25519 JWK (as `kycctl host-key --public` prints it).
-    Add {
-        /// Host id (must equal the JWK's kid).
-        #[arg(long)]
-        host_id: String,
-        /// File with the public JWK.
-        #[arg(long)]
-        public_jwk: PathBuf,
-        /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: String,
-    },
-    /// List enrolled hosts.
-    List {
-        /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: String,
-    },
-    /// Remove a host's enrollment (its stored records are kept).
-    Remove {
-        /// Host id.
-        #[arg(long)]
-        host_id: String,
-        /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: String,
-    },
-}
 
 fn now() -> i64 {
     std::time::SystemTime::now()
