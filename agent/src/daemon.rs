@@ -262,6 +262,20 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The identity part of a host statement's workload entry, from its attestation.
+fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol::StatementSubject {
+    let mut owner_countries: Vec<_> =
+        claims.beneficial_owners.iter().flat_map(|o| o.countries.iter().cloned()).collect();
+    owner_countries.sort();
+    owner_countries.dedup();
+    kycd_protocol::StatementSubject {
+        legal_name: claims.subject.legal_name.clone(),
+        countries: claims.subject.countries.clone(),
+        beneficial_owner_countries: owner_countries,
+        foreign_person: claims.foreign_person,
+    }
+}
+
 fn now() -> i64 {
     tokens::unix_now()
 }
@@ -1145,6 +1159,7 @@ impl Agent {
                     attestation_exp: attested.map(|a| a.claims.exp),
                     verdict: d.verdict,
                     conditions: d.conditions.clone(),
+                    subject: attested.map(|a| statement_subject(&a.claims)),
                 }
             })
             .collect();

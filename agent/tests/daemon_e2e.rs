@@ -764,6 +764,10 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
     assert_eq!(vm.tenant.as_deref(), Some("tenant-vm-a"));
     assert_eq!(vm.verdict, kycd_protocol::Verdict::Allow);
     assert!(vm.attestation_digest.as_ref().is_some_and(|d| d.len() == 64) && vm.attestation_exp.is_some());
+    // The identity the collector needs for findings and exports, from the attestation.
+    let subject = vm.subject.as_ref().unwrap();
+    assert_eq!((subject.legal_name.as_str(), subject.foreign_person), ("Secret Legal Name AG", true));
+    assert_eq!(subject.countries, vec!["DE".parse::<kycd_protocol::CountryCode>().unwrap()]);
     assert_eq!(http_get(&addr, "/v1/attestation?nonce=bad").0, 400);
     assert_eq!(http_get(&addr, "/v1/attestation").0, 400);
     assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));

@@ -666,6 +666,25 @@ pub struct WorkloadStatement {
     /// Conditions, when the verdict is `condition`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<Conditions>,
+    /// Who the attested tenant is, from the attestation in force: what the collector needs
+    /// for findings and regulatory exports (the agent never logs it at info level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<StatementSubject>,
+}
+
+/// The identity of an attested tenant, as a host statement carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementSubject {
+    /// Verified legal name.
+    pub legal_name: String,
+    /// The subject's countries (incorporation, residence, nationality).
+    #[serde(default)]
+    pub countries: Vec<CountryCode>,
+    /// Countries of the beneficial owners.
+    #[serde(default)]
+    pub beneficial_owner_countries: Vec<CountryCode>,
+    /// Whether the attestation marks the tenant a foreign person.
+    pub foreign_person: bool,
 }
 
 /// One GPU in a host statement.
