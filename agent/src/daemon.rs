@@ -265,13 +265,18 @@ impl std::fmt::Debug for Agent {
 /// The identity part of a host statement's workload entry, from its attestation.
 fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol::StatementSubject {
     let mut owner_countries: Vec<_> =
-        claims.beneficial_owners.iter().flat_map(|o| o.countries.iter().cloned()).collect();
+        claims.beneficial_owners.iter().flat_map(|o| o.countries.iter().copied()).collect();
     owner_countries.sort();
     owner_countries.dedup();
+    let mut reseller_countries: Vec<_> = claims.resellers.iter().map(|r| r.country).collect();
+    reseller_countries.sort();
+    reseller_countries.dedup();
     kycd_protocol::StatementSubject {
         legal_name: claims.subject.legal_name.clone(),
         countries: claims.subject.countries.clone(),
         beneficial_owner_countries: owner_countries,
+        reseller_countries,
+        payment_source_country: claims.payment_source_country,
         foreign_person: claims.foreign_person,
     }
 }
