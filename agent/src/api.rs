@@ -121,6 +121,22 @@ pub struct Status {
     pub drift_repaired: std::collections::BTreeMap<String, u64>,
     /// The last reload's failure, if the last reload failed.
     pub last_reload_error: Option<String>,
+    /// The policy fetcher's last fetch (absent: fetching is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_fetch: Option<PolicyFetchStatus>,
+}
+
+/// The policy fetcher part of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFetchStatus {
+    /// The URL fetched.
+    pub url: String,
+    /// When the last fetch ended (Unix seconds; absent: none yet).
+    pub last_at: Option<i64>,
+    /// Its outcome (`applied`, `unchanged`, `not_modified`, `rejected: KIND`, or an error).
+    pub outcome: Option<String>,
+    /// The ETag of the last accepted answer.
+    pub etag: Option<String>,
 }
 
 /// The policy part of [`Status`].

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use kycd_protocol::{verify, Jwks, PolicyClaims, VerifyError, VerifyOptions};
 use serde::{Deserialize, Serialize};
 
+/// Largest policy token read (from the file, or fetched).
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
+
 /// Name of the anti-rollback state file inside the state directory.
 pub const STATE_FILE: &str = "policy.state";
 

@@ -120,14 +120,24 @@ pub struct UploadCounters {
 /// Builds the HTTPS client: rustls (ring), the system trust store plus `ca_file`, no
 /// redirects, timeouts.
 pub fn build_client(options: &UploaderOptions) -> Result<reqwest::Client, UploadError> {
+    https_client(options.ca_file.as_deref(), options.connect_timeout, options.request_timeout)
+}
+
+/// The agent's outbound HTTPS client (uploads, policy fetches): rustls (ring), the system
+/// trust store plus the PEM certificates in `ca_file`, no redirects, the given timeouts.
+pub fn https_client(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::Client, UploadError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(options.connect_timeout)
-        .timeout(options.request_timeout)
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
         .user_agent(concat!("kycd/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &options.ca_file {
-        let ca_err = |reason: String| UploadError::CaFile { path: path.clone(), reason };
+    if let Some(path) = ca_file {
+        let ca_err = |reason: String| UploadError::CaFile { path: path.to_owned(), reason };
         let pem = crate::fsutil::read_regular_file(path, 1 << 20).map_err(|e| ca_err(e.to_string()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
         if certs.is_empty() {
@@ -157,7 +167,7 @@ pub fn encode_body(host_id: &str, sent_at: i64, records: &[UsageRecord]) -> std:
 }
 
 /// A random duration in `[0, d]` (full jitter), from std's randomly keyed hasher.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(d.as_nanos() as u64);
     let r = h.finish();

@@ -387,6 +387,12 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
         counts(&s.enforcement_errors),
         counts(&s.drift_repaired)
     );
+    if let Some(f) = &s.policy_fetch {
+        let at = f.last_at.map_or("never".to_owned(), |t| format!("at {t}"));
+        let outcome = f.outcome.as_deref().unwrap_or("-");
+        let etag = f.etag.as_deref().unwrap_or("-");
+        println!("policy fetch: {} — last {at}: {outcome} (etag {etag})", f.url);
+    }
     if let Some(e) = &s.last_reload_error {
         println!("last reload:  FAILED: {e}");
     }

@@ -170,6 +170,19 @@ impl Host {
     }
 
     pub fn write_policy_full(&self, version: u64, prohibited: &[&str], unverified: Value, nbf: Option<i64>) {
+        let token = self.policy_token(version, prohibited, unverified, nbf, &self.authority);
+        atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
+    }
+
+    /// A signed policy token (`key` signs it; the trusted authority is `self.authority`).
+    pub fn policy_token(
+        &self,
+        version: u64,
+        prohibited: &[&str],
+        unverified: Value,
+        nbf: Option<i64>,
+        key: &PrivateJwk,
+    ) -> String {
         let measures: Vec<Value> = prohibited
             .iter()
             .map(|c| {
@@ -188,8 +201,7 @@ impl Host {
             claims["nbf"] = json!(nbf);
         }
         let claims: kycd_protocol::PolicyClaims = serde_json::from_value(claims).unwrap();
-        let token = kycd_protocol::sign(&claims, &self.authority).unwrap();
-        atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
+        kycd_protocol::sign(&claims, key).unwrap()
     }
 
     pub fn attestation(&self, vm: &str, country: &str, exp: i64) -> String {
