@@ -1474,7 +1474,7 @@ impl Agent {
             vec![(String::new(), f64::from(self.audit_failures))],
         );
         if let Some(status) = self.fetch_status.as_ref().and_then(|s| s.lock().ok()) {
-            out.push_str(&crate::policy_fetch::metrics_text(&status, now()));
+            out.push_str(&crate::policy_fetch::metrics_text(&status));
         }
         out
     }
@@ -1965,6 +1965,7 @@ pub async fn run(
                 }
                 ApiRequest::Metrics(reply) => {
                     let mut text = agent.metrics_text();
+                    text.push_str(&reporting.metrics_text());
                     if let Some(t) = &gpu_tasks {
                         if let Ok(m) = t.metrics.lock() {
                             text.push_str(&m.render());

@@ -251,7 +251,7 @@ pub async fn run(
 }
 
 /// The Prometheus text for the fetcher (appended to the agent's `/metrics`).
-pub fn metrics_text(status: &FetchStatus, now: i64) -> String {
+pub fn metrics_text(status: &FetchStatus) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
@@ -261,15 +261,13 @@ pub fn metrics_text(status: &FetchStatus, now: i64) -> String {
     for (outcome, n) in &status.outcomes {
         let _ = writeln!(out, "kycd_policy_fetches_total{{outcome=\"{outcome}\"}} {n}");
     }
-    if let Some(at) = status.last_success_at {
-        let _ = writeln!(
-            out,
-            "# HELP kycd_policy_fetch_last_success_age_seconds Seconds since a fetched policy was last accepted.\n\
-             # TYPE kycd_policy_fetch_last_success_age_seconds gauge\n\
-             kycd_policy_fetch_last_success_age_seconds {}",
-            now.saturating_sub(at).max(0)
-        );
-    }
+    let _ = writeln!(
+        out,
+        "# HELP kycd_policy_fetch_last_success_timestamp_seconds When a fetched policy was last accepted (Unix seconds; 0: never since start).\n\
+         # TYPE kycd_policy_fetch_last_success_timestamp_seconds gauge\n\
+         kycd_policy_fetch_last_success_timestamp_seconds {}",
+        status.last_success_at.unwrap_or(0)
+    );
     out
 }
 
@@ -303,11 +301,13 @@ mod tests {
     #[test]
     fn metrics_render_outcomes_and_age() {
         let mut s = FetchStatus::default();
-        assert!(metrics_text(&s, 100).contains("# TYPE kycd_policy_fetches_total counter"));
+        let text = metrics_text(&s);
+        assert!(text.contains("# TYPE kycd_policy_fetches_total counter"), "{text}");
+        assert!(text.contains("kycd_policy_fetch_last_success_timestamp_seconds 0\n"), "{text}");
         s.outcomes.insert("applied", 2);
         s.last_success_at = Some(90);
-        let text = metrics_text(&s, 100);
+        let text = metrics_text(&s);
         assert!(text.contains("kycd_policy_fetches_total{outcome=\"applied\"} 2"), "{text}");
-        assert!(text.contains("kycd_policy_fetch_last_success_age_seconds 10"), "{text}");
+        assert!(text.contains("kycd_policy_fetch_last_success_timestamp_seconds 90\n"), "{text}");
     }
 }

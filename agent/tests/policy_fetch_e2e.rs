@@ -17,7 +17,7 @@ use kycd_protocol::{Algorithm, PrivateJwk};
 use serde_json::{json, Value};
 
 mod host_support;
-use host_support::{now, Host};
+use host_support::{http_get, now, promtool_check, Host};
 
 /// What the server publishes and what it saw.
 #[derive(Default)]
@@ -114,9 +114,9 @@ impl Drop for PolicyServer {
     }
 }
 
-/// A host whose agent fetches from `url` every second.
-fn fetching_host(url: &str) -> Host {
-    let host = Host::new("");
+/// A host whose agent fetches from `url` every second; `extra` goes to its main config.
+fn fetching_host(url: &str, extra: &str) -> Host {
+    let host = Host::new(extra);
     fs::create_dir_all(host.path("etc/conf.d")).unwrap();
     fs::write(
         host.path("etc/conf.d/50-fetch.toml"),
@@ -156,7 +156,12 @@ fn policy(host: &Host, version: u64, prohibited: &[&str]) -> String {
 #[test]
 fn a_fetched_policy_is_enforced_kept_and_survives_the_collector_going_away() {
     let mut server = PolicyServer::start();
-    let mut host = fetching_host(&server.url());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let api = format!("127.0.0.1:{port}");
+    let mut host = fetching_host(
+        &server.url(),
+        &format!("[collector_api]\nenabled = true\nlisten = \"{api}\"\ninsecure_plaintext = true\n"),
+    );
     host.write_policy(1, &["KP"]);
     let v2 = policy(&host, 2, &["KP", "DE"]);
     server.publish(2, &v2);
@@ -187,6 +192,27 @@ fn a_fetched_policy_is_enforced_kept_and_survives_the_collector_going_away() {
     let applications = host.records().iter().filter(|r| r["event"]["type"] == "policy_applied").count();
     assert_eq!(applications, 2, "v1 from the file, v2 fetched; 304s apply nothing");
     assert!(host.log().contains("policy fetcher started"));
+    let human = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+        .args(["status", "--socket"])
+        .arg(host.path("run/kycd.sock"))
+        .output()
+        .unwrap();
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains(&format!("policy fetch: {}", server.url())), "{human}");
+    assert!(human.contains("not_modified") && human.contains(&tag), "{human}");
+
+    // The fetch counters on the collector API's /metrics, valid for promtool.
+    let (code, metrics) = http_get(&api, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.lines().any(|l| l == "kycd_policy_fetches_total{outcome=\"applied\"} 1"), "{metrics}");
+    assert!(metrics.contains("kycd_policy_fetches_total{outcome=\"not_modified\"} "), "{metrics}");
+    assert!(metrics.contains("kycd_policy_version 2\n"), "{metrics}");
+    let last_success = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kycd_policy_fetch_last_success_timestamp_seconds "))
+        .unwrap();
+    assert!(last_success.parse::<i64>().unwrap() >= now() - 30, "{metrics}");
+    promtool_check(&metrics);
 
     // The collector goes away: the agent warns, keeps running and keeps enforcing v2.
     server.stop();
@@ -231,7 +257,7 @@ fn a_fetched_policy_is_enforced_kept_and_survives_the_collector_going_away() {
 #[test]
 fn older_forged_expired_and_garbage_fetched_policies_are_refused() {
     let server = PolicyServer::start();
-    let mut host = fetching_host(&server.url());
+    let mut host = fetching_host(&server.url(), "");
     host.write_policy(5, &["KP"]);
     host.start();
     wait_status(&host, "v5 from the file", |s| s["policy"]["version"] == 5);
