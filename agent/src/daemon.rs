@@ -1351,6 +1351,7 @@ impl Agent {
                 .collect(),
             drift_repaired: self.counters.drift_repaired.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
             last_reload_error: self.last_reload_error.clone(),
+            reporting: None,
         }
     }
 
@@ -1944,7 +1945,9 @@ pub async fn run(
                         Some(t) if t.metrics.lock().is_ok_and(|m| m.backend_available()) => "available".to_owned(),
                         Some(_) => "unavailable".to_owned(),
                     };
-                    let _ = reply.send(agent.status(gpu));
+                    let mut status = agent.status(gpu);
+                    status.reporting = Some(reporting.status());
+                    let _ = reply.send(status);
                 }
                 ApiRequest::Workloads(reply) => {
                     let _ = reply.send(agent.workload_rows());

@@ -568,6 +568,18 @@ impl Reporting {
     }
 
     /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
+    /// The spool depth and the last successful upload (for `kycctl status`).
+    pub fn status(&self) -> crate::api::ReportingStatus {
+        let (pending, bytes) = self.spool.lock().map(|s| (s.pending(), s.used_bytes())).unwrap_or((0, 0));
+        let last = self.upload_counters.last_success_at.load(Relaxed);
+        crate::api::ReportingStatus {
+            spool_pending_records: pending,
+            spool_bytes: bytes,
+            uploading: self.uploader.is_some(),
+            last_upload_at: (last > 0).then_some(last),
+        }
+    }
+
     /// The spool's and the uploader's metrics in the Prometheus text format (for `/metrics`).
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write as _;

@@ -623,11 +623,15 @@ fn operators_read_status_by_group_and_only_root_mutates() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("mode audit") && out.contains("version 3 signed by authority-1"), "{out}");
     assert!(out.contains("1 allow"), "{out}");
+    assert!(out.contains("spool:        0 records pending") && out.contains("uploads off"), "{out}");
     let (code, out, _) = kycctl_as(None, &["status", "--json", "--socket", &socket]);
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["policy"]["version"], 3);
     assert_eq!(status["gpu"], "unavailable", "no NVML on a test machine");
+    assert_eq!(status["reporting"]["spool_pending_records"], 0);
+    assert_eq!(status["reporting"]["uploading"], false);
+    assert!(status["reporting"]["last_upload_at"].is_null());
     let (code, out, _) = kycctl_as(None, &["workloads", "--socket", &socket]);
     assert_eq!(code, 0);
     assert!(
