@@ -59,21 +59,50 @@ struct PolicyServer {
     rt: Option<tokio::runtime::Runtime>,
     state: Shared,
     port: u16,
+    scheme: &'static str,
 }
 
 impl PolicyServer {
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Serves over TLS with `tls` when given (the agent then fetches `https://localhost`).
+    fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Shared::default();
         let app = axum::Router::new().route("/v1/policy", get(get_policy)).with_state(Arc::clone(&state));
-        rt.spawn(async move { axum::serve(listener, app).await });
-        PolicyServer { rt: Some(rt), state, port }
+        let scheme = match tls {
+            None => {
+                rt.spawn(async move { axum::serve(listener, app).await });
+                "http"
+            }
+            Some(acceptor) => {
+                rt.spawn(async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else { continue };
+                        let (acceptor, app) = (acceptor.clone(), app.clone());
+                        tokio::spawn(async move {
+                            // A client that does not trust the certificate fails here.
+                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let service = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                });
+                "https"
+            }
+        };
+        PolicyServer { rt: Some(rt), state, port, scheme }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/policy", self.port)
+        let host = if self.scheme == "https" { "localhost" } else { "127.0.0.1" };
+        format!("{}://{host}:{}/v1/policy", self.scheme, self.port)
     }
 
     fn publish(&self, version: u64, token: &str) {
@@ -117,13 +146,43 @@ impl Drop for PolicyServer {
 /// A host whose agent fetches from `url` every second; `extra` goes to its main config.
 fn fetching_host(url: &str, extra: &str) -> Host {
     let host = Host::new(extra);
+    set_fetch(&host, url, "");
+    host
+}
+
+/// The fetch settings (a conf.d layer), plus `more` lines in `[policy]`.
+fn set_fetch(host: &Host, url: &str, more: &str) {
     fs::create_dir_all(host.path("etc/conf.d")).unwrap();
     fs::write(
         host.path("etc/conf.d/50-fetch.toml"),
-        format!("[policy]\nfetch_url = \"{url}\"\nfetch_interval_s = 1\nfetch_timeout_s = 5\n"),
+        format!("[policy]\nfetch_url = \"{url}\"\nfetch_interval_s = 1\nfetch_timeout_s = 5\n{more}"),
     )
     .unwrap();
-    host
+}
+
+/// A CA (its PEM written to `dir/ca.crt`) and a TLS acceptor for `localhost` it signed.
+fn tls_acceptor(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// `kycctl status --json` against the host's agent.
@@ -320,5 +379,34 @@ fn older_forged_expired_and_garbage_fetched_policies_are_refused() {
         s["policy_fetch"]["outcome"].as_str().unwrap_or("").starts_with("not_published")
     });
     assert_eq!(s["policy"]["version"], 6, "a 404 withdraws nothing");
+    host.stop();
+}
+
+#[test]
+fn fetches_over_https_trusting_only_the_configured_ca() {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let server = PolicyServer::start_with(Some(tls_acceptor(ca_dir.path())));
+    assert!(server.url().starts_with("https://localhost:"));
+    // Without fetch_ca_file only the system roots are trusted: the handshake fails, nothing
+    // is applied, the agent runs on with the file's policy.
+    let mut host = fetching_host(&server.url(), "");
+    host.write_policy(1, &[]);
+    let v2 = policy(&host, 2, &[]);
+    server.publish(2, &v2);
+    host.start();
+    let s = wait_status(&host, "TLS failure", |s| {
+        s["policy_fetch"]["outcome"].as_str().unwrap_or("").starts_with("network_error")
+    });
+    assert_eq!(s["policy"]["version"], 1, "{s}");
+    assert_eq!(server.requests(), 0, "no request got through the handshake");
+    host.stop();
+
+    // With the CA configured the policy is fetched and applied.
+    let ca = ca_dir.path().join("ca.crt");
+    set_fetch(&host, &server.url(), &format!("fetch_ca_file = \"{}\"\n", ca.display()));
+    host.start();
+    let s = wait_status(&host, "v2 over https", |s| s["policy"]["version"] == 2);
+    assert!(s["policy"]["source"].as_str().unwrap().starts_with("https://localhost:"), "{s}");
+    assert!(server.requests() >= 1);
     host.stop();
 }
