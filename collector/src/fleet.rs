@@ -60,6 +60,121 @@ impl TenantUsage {
     }
 }
 
+/// Aggregates windows into [`TenantUsage`] in one pass, in any order: hash maps per tenant
+/// (totals, per-host GPU maxima, per-minute capacity sums), so a backend streams its rows
+/// through [`UsageAccumulator::add`] instead of sorting them in several GROUP BY passes.
+/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs, not with windows.
+#[derive(Debug, Default)]
+pub struct UsageAccumulator {
+    hosts: std::collections::HashMap<String, u32>,
+    tenants: std::collections::HashMap<String, TenantAccumulator>,
+}
+
+#[derive(Debug, Default)]
+struct TenantAccumulator {
+    usage: Option<TenantUsage>,
+    host_gpus: std::collections::HashMap<u32, u32>,
+    capacity: std::collections::HashMap<i64, f64>,
+}
+
+/// One window as [`UsageAccumulator::add`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRow<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Reporting host.
+    pub host_id: &'a str,
+    /// Start.
+    pub start: i64,
+    /// End.
+    pub end: i64,
+    /// GPU-seconds.
+    pub gpu_seconds: f64,
+    /// Most GPUs at once (max of `max_concurrent_gpus` and `gpus` for old records).
+    pub gpus: u32,
+    /// Estimated operations.
+    pub estimated_ops: f64,
+    /// Peak FLOP/s capacity.
+    pub peak_flops: f64,
+    /// Estimation method (wire name).
+    pub method: &'a str,
+    /// Foreign person.
+    pub foreign_person: bool,
+}
+
+impl UsageAccumulator {
+    /// Adds one window.
+    pub fn add(&mut self, w: &WindowRow<'_>) {
+        let next_host = u32::try_from(self.hosts.len()).unwrap_or(u32::MAX);
+        let host = match self.hosts.get(w.host_id) {
+            Some(id) => *id,
+            None => {
+                self.hosts.insert(w.host_id.to_owned(), next_host);
+                next_host
+            }
+        };
+        if !self.tenants.contains_key(w.tenant) {
+            self.tenants.insert(w.tenant.to_owned(), TenantAccumulator::default());
+        }
+        let Some(t) = self.tenants.get_mut(w.tenant) else { return };
+        let usage = t.usage.get_or_insert_with(|| TenantUsage {
+            tenant: w.tenant.to_owned(),
+            estimated_ops: 0.0,
+            gpu_seconds: 0.0,
+            peak_flops: 0.0,
+            peak_at: 0,
+            hosts: 0,
+            gpus: 0,
+            windows: 0,
+            ops_by_method: BTreeMap::new(),
+            first_seen: w.start,
+            last_seen: w.end,
+            foreign_person: false,
+        });
+        usage.estimated_ops += w.estimated_ops;
+        usage.gpu_seconds += w.gpu_seconds;
+        usage.windows += 1;
+        usage.first_seen = usage.first_seen.min(w.start);
+        usage.last_seen = usage.last_seen.max(w.end);
+        usage.foreign_person |= w.foreign_person;
+        if w.estimated_ops > 0.0 {
+            match usage.ops_by_method.get_mut(w.method) {
+                Some(ops) => *ops += w.estimated_ops,
+                None => {
+                    usage.ops_by_method.insert(w.method.to_owned(), w.estimated_ops);
+                }
+            }
+        }
+        let gpus = t.host_gpus.entry(host).or_insert(0);
+        *gpus = (*gpus).max(w.gpus);
+        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops;
+    }
+
+    /// The per-tenant usage, by tenant id.
+    pub fn finish(self) -> Vec<TenantUsage> {
+        let mut out: Vec<TenantUsage> = self
+            .tenants
+            .into_values()
+            .filter_map(|t| {
+                let mut usage = t.usage?;
+                usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
+                usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
+                // Earliest bucket among equal peaks, so the result does not depend on order.
+                for (bucket, flops) in t.capacity {
+                    let at = bucket * CAPACITY_BUCKET_S;
+                    if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
+                        usage.peak_flops = flops;
+                        usage.peak_at = at;
+                    }
+                }
+                Some(usage)
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
+    }
+}
+
 /// One stored window, as evidence for a finding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowEvidence {
