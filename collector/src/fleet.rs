@@ -6,12 +6,13 @@
 //! Aggregation is defined here, once, so both backends compute the same numbers:
 //! - cumulative estimated operations and GPU-seconds: sums over every stored window;
 //! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
-//!   in and `peak_flops` summed per bucket, across hosts; the peak is the largest bucket.
-//!   Agents close 60 s windows aligned to Unix minutes, so a workload that runs through a
-//!   minute contributes exactly one window to that bucket on each host, and the bucket sum is
-//!   the fleet's concurrent capacity for the tenant in that minute. A record merged from
-//!   several windows (spool pressure) counts once, in its first minute: it can only
-//!   under-state concurrency, never invent it.
+//!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
+//!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
+//!   workload that runs through a minute contributes one full minute of windows to that
+//!   bucket on each host (one 60 s window, or six 10 s windows weighted 1/6 each), and the
+//!   bucket sum is the fleet's concurrent capacity for the tenant in that minute. A record
+//!   merged from several windows (spool pressure) counts once, in its first minute: it can
+//!   only under-state concurrency, never invent it.
 //! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
 
 use std::collections::BTreeMap;
@@ -147,7 +148,8 @@ impl UsageAccumulator {
         }
         let gpus = t.host_gpus.entry(host).or_insert(0);
         *gpus = (*gpus).max(w.gpus);
-        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops;
+        let share = ((w.end - w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
+        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops * share;
     }
 
     /// The per-tenant usage, by tenant id.
@@ -373,4 +375,45 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Findings matching `query`, by id.
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(tenant: &'a str, host: &'a str, start: i64, len: i64, flops: f64) -> WindowRow<'a> {
+        WindowRow {
+            tenant,
+            host_id: host,
+            start,
+            end: start + len,
+            gpu_seconds: 8.0 * len as f64,
+            gpus: 8,
+            estimated_ops: 1e15 * len as f64,
+            peak_flops: flops,
+            method: "gpm_tensor",
+            foreign_person: false,
+        }
+    }
+
+    #[test]
+    fn capacity_sums_hosts_per_minute_whatever_the_window_length() {
+        let mut acc = UsageAccumulator::default();
+        // Host a: one 60 s window per minute; host b: six 10 s windows in minute 1 only.
+        for minute in 0..3 {
+            acc.add(&row("t", "a", 6000 + 60 * minute, 60, 8e15));
+        }
+        for k in 0..6 {
+            acc.add(&row("t", "b", 6060 + 10 * k, 10, 4e15));
+        }
+        acc.add(&row("u", "a", 6000, 60, 1e15));
+        let usage = acc.finish();
+        assert_eq!(usage.iter().map(|u| u.tenant.as_str()).collect::<Vec<_>>(), ["t", "u"]);
+        let t = &usage[0];
+        assert!((t.peak_flops - 12e15).abs() < 1.0, "{t:?}");
+        assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (6060, 2, 16, 9));
+        assert_eq!((t.first_seen, t.last_seen), (6000, 6180));
+        assert!((t.estimated_ops - 1e15 * 240.0).abs() < 1.0);
+        assert_eq!(t.ops_by_method.len(), 1);
+    }
 }
