@@ -79,6 +79,8 @@ pub const MIGRATIONS: &[&str] = &[
     )
     SELECT host_id, MAX(acked) FROM walk GROUP BY host_id;
     "#,
+    // 3: agent polling (see crate::sqlite_statements).
+    crate::sqlite_statements::MIGRATION_POLLING,
 ];
 
 /// The SQLite store.
@@ -88,7 +90,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-fn db_error(e: rusqlite::Error) -> StoreError {
+pub(crate) fn db_error(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
         Some(
@@ -179,7 +181,7 @@ impl SqliteStore {
         self.lock()?.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Unavailable("a database call panicked".into()))
     }
 }
@@ -446,7 +448,7 @@ mod tests {
             assert_eq!(tables, 0);
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
         assert_eq!(store.acked_seq("a").unwrap(), 5);
         assert_eq!(store.acked_seq("b").unwrap(), 0);
         // The cache keeps advancing from the backfilled value.
