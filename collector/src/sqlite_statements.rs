@@ -19,7 +19,7 @@ use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
 
 use crate::sqlite::{db_error, SqliteStore};
 use crate::statements::{
-    HostPollStatus, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
+    HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
     POLL_HISTORY_PER_HOST,
 };
 use crate::store::StoreError;
@@ -249,11 +249,7 @@ impl StatementStore for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(db_error)
     }
 
-    fn poll_history(
-        &self,
-        host_id: &str,
-        limit: u32,
-    ) -> Result<Vec<(i64, Result<String, String>)>, StoreError> {
+    fn poll_history(&self, host_id: &str, limit: u32) -> Result<Vec<PollAttempt>, StoreError> {
         let conn = self.lock()?;
         let mut stmt = conn
             .prepare_cached(

@@ -72,6 +72,10 @@ pub enum PollOutcome {
     },
 }
 
+/// One recorded attempt, as [`StatementStore::poll_history`] lists it: when, and
+/// `Ok(token digest)` or `Err("kind: detail")`.
+pub type PollAttempt = (i64, Result<String, String>);
+
 /// One attempt to record, for [`StatementStore::record_polls`].
 #[derive(Debug, Clone)]
 pub struct PollRecord {
@@ -103,11 +107,7 @@ pub trait StatementStore: Send + Sync + std::fmt::Debug + 'static {
     fn host_poll_status(&self) -> Result<Vec<HostPollStatus>, StoreError>;
     /// The last `limit` poll attempts of a host, newest first: `Ok(token digest)` (SHA-256
     /// hex of the verified JWS) or `Err("kind: detail")`.
-    fn poll_history(
-        &self,
-        host_id: &str,
-        limit: u32,
-    ) -> Result<Vec<(i64, Result<String, String>)>, StoreError>;
+    fn poll_history(&self, host_id: &str, limit: u32) -> Result<Vec<PollAttempt>, StoreError>;
     /// The agent URL of every enrolled host that has one, by host id.
     fn agent_urls(&self) -> Result<Vec<(String, String)>, StoreError>;
 }

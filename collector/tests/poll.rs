@@ -422,7 +422,7 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
         let s = &status[host];
         assert_eq!(s.consecutive_failures, 1, "{host}: {s:?}");
         assert!(s.last_error.as_deref().unwrap().starts_with(&format!("{kind}: ")), "{host}: {s:?}");
-        assert_eq!(report.failed.get(kind).copied().unwrap_or(0) > 0, true, "{kind}: {:?}", report.failed);
+        assert!(report.failed.get(kind).copied().unwrap_or(0) > 0, "{kind}: {:?}", report.failed);
     }
     assert_eq!(status["host-good"].consecutive_failures, 0);
     assert_eq!(status["host-quiet"].last_attempt_at, None, "no URL, not polled");
