@@ -133,6 +133,27 @@ async fn serve_agent(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAc
     }
 }
 
+/// CPU time this process (fleet and collector together) has used, from /proc/self/stat
+/// (utime + stime, in clock ticks of 1/100 s): with other jobs on the machine, wall time
+/// measures the load, CPU time measures the work.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Fields 14 and 15 of stat(5); after the comm field, indices 11 and 12.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -147,6 +168,7 @@ fn ms(d: Duration) -> f64 {
 
 struct Summary {
     total: Duration,
+    cpu: Duration,
     p50: Duration,
     p99: Duration,
     ok: usize,
@@ -154,7 +176,13 @@ struct Summary {
 
 fn summarize(total: Duration, mut latencies: Vec<Duration>, ok: usize) -> Summary {
     latencies.sort();
-    Summary { total, p50: percentile(&latencies, 0.5), p99: percentile(&latencies, 0.99), ok }
+    Summary {
+        total,
+        cpu: Duration::ZERO,
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        ok,
+    }
 }
 
 async fn baseline(client: &reqwest::Client, n: usize) -> Summary {
@@ -202,7 +230,13 @@ fn raise_nofile(want: u64) {
     let status = std::process::Command::new("prlimit")
         .args(["--pid", &std::process::id().to_string(), &format!("--nofile={want}:{want}")])
         .status();
-    println!("RLIMIT_NOFILE {current} -> {want}: {status:?}");
+    match status {
+        Ok(s) if s.success() => println!("RLIMIT_NOFILE {current} -> {want}"),
+        other => println!(
+            "RLIMIT_NOFILE stays {current} (prlimit: {other:?}); a round needs about one per agent \
+             (listeners) plus 2 per poll in flight"
+        ),
+    }
 }
 
 fn main() {
@@ -315,24 +349,31 @@ fn main() {
         let mut polls = Vec::new();
         let mut bases = Vec::new();
         for round in 1..=rounds {
-            let b = baseline(&client, agents_n).await;
+            let cpu0 = cpu_time();
+            let mut b = baseline(&client, agents_n).await;
+            b.cpu = cpu_time().saturating_sub(cpu0);
             println!(
-                "{:<10} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>8}",
+                "{:<10} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
                 "baseline",
                 round,
                 b.total.as_secs_f64(),
+                b.cpu.as_secs_f64(),
                 ms(b.p50),
                 ms(b.p99),
                 b.ok
             );
+            let cpu0 = cpu_time();
             let r = poller.round(&shutdown).await.unwrap();
+            let cpu = cpu_time().saturating_sub(cpu0);
             assert_eq!(r.unrecorded, 0);
-            let p = summarize(r.elapsed, r.latencies, r.ok);
+            let mut p = summarize(r.elapsed, r.latencies, r.ok);
+            p.cpu = cpu;
             println!(
-                "{:<10} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>8}   failed: {:?}",
+                "{:<10} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}   failed: {:?}",
                 "poll",
                 round,
                 p.total.as_secs_f64(),
+                p.cpu.as_secs_f64(),
                 ms(p.p50),
                 ms(p.p99),
                 p.ok,
@@ -353,7 +394,11 @@ fn main() {
         let mut p99: Vec<f64> = polls.iter().map(|p| ms(p.p99)).collect();
         let mut b50: Vec<f64> = bases.iter().map(|p| ms(p.p50)).collect();
         let mut b99: Vec<f64> = bases.iter().map(|p| ms(p.p99)).collect();
+        let mut pc: Vec<f64> = polls.iter().map(|p| p.cpu.as_secs_f64()).collect();
+        let mut bc: Vec<f64> = bases.iter().map(|b| b.cpu.as_secs_f64()).collect();
         let (pt, bt) = (median(&mut pt), median(&mut bt));
+        let (pc, bc) = (median(&mut pc), median(&mut bc));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         println!(
             "median of {rounds}: poll round {pt:.2} s (p50 {:.2} ms, p99 {:.2} ms) vs baseline {bt:.2} s \
              (p50 {:.2} ms, p99 {:.2} ms): {:.2}x baseline time; target < 10 s: {}",
@@ -363,6 +408,14 @@ fn main() {
             median(&mut b99),
             pt / bt,
             if pt < 10.0 { "met" } else { "NOT met" }
+        );
+        println!(
+            "CPU per round (fleet + collector, this process): poll {pc:.2} s vs baseline {bc:.2} s ({:.2}x); \
+             CPU / {cores} cores = {:.2} s, the round time on an otherwise idle machine at full use; \
+             load average after: {}",
+            pc / bc,
+            pc / cores,
+            load_average()
         );
 
         // Verification alone, for scale: the statements just stored, re-verified.
