@@ -456,13 +456,20 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
 /// poll answer and latest statement from the poller's store.
 pub fn host_views(store: &dyn Storage) -> Result<Vec<HostView>, StoreError> {
     let last_report = store.last_report_at()?;
+    let last_poll_ok: BTreeMap<String, i64> = store
+        .host_poll_status()?
+        .into_iter()
+        .filter_map(|s| s.last_ok_at.map(|at| (s.host_id, at)))
+        .collect();
+    let mut statements: BTreeMap<String, HostStatementClaims> =
+        store.latest_statements()?.into_iter().map(|s| (s.host_id, s.claims)).collect();
     Ok(store
         .list_hosts()?
         .into_iter()
         .map(|h| HostView {
             last_report_at: last_report.get(&h.host_id).copied(),
-            last_poll_ok_at: None,
-            statement: None,
+            last_poll_ok_at: last_poll_ok.get(&h.host_id).copied(),
+            statement: statements.remove(&h.host_id),
             host_id: h.host_id,
             enrolled_at: h.enrolled_at,
         })

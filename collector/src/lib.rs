@@ -7,6 +7,8 @@
 //! - [`server`]: the HTTP server ([`server::run`] takes the listener and shutdown token).
 //! - [`store`]: the storage trait ([`store::ReportStore`]); [`sqlite`]: its SQLite backend.
 //! - [`hosts`]: host enrollment, and why there is no trust-on-first-use.
+//! - [`poll`]: the agent poller (signed host statements); [`statements`]: its storage trait,
+//!   [`sqlite_statements`]: its SQLite backend.
 //!
 //! In-process use (as the tests do):
 //!
@@ -26,11 +28,15 @@ pub mod fleet;
 pub mod hosts;
 pub mod ingest;
 pub mod policy;
+pub mod poll;
 pub mod server;
 pub mod sqlite;
 mod sqlite_fleet;
+pub mod sqlite_statements;
+pub mod statements;
 pub mod store;
 
 pub use ingest::{IngestError, Ingested, Ingestor, Limits};
 pub use sqlite::SqliteStore;
+pub use statements::{HostPollStatus, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement};
 pub use store::{open_store, HostEntry, ReportStore, Storage, StoreError, ValidRecord};

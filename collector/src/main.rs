@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser as _;
-use kycd_collector::cli::{Cli, Command, FindingsCommand, HostsCommand, PolicyCommand, RuleArgs};
+use kycd_collector::cli::{Cli, Command, FindingsCommand, HostsCommand, PolicyCommand, PollArgs, RuleArgs};
 use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, FleetStore as _};
 use kycd_collector::hosts::parse_host_key;
 use kycd_collector::policy::PolicyStore as _;
-use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _};
+use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _, StatementStore as _};
 use tokio_util::sync::CancellationToken;
 
 /// How long in-flight requests may run after SIGTERM/SIGINT.
@@ -39,6 +39,7 @@ struct ServeOptions {
     read_token_file: Option<std::path::PathBuf>,
     evaluate_interval_s: u64,
     rules: RuleArgs,
+    poll: PollArgs,
 }
 
 async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::Result<()> {
@@ -88,6 +89,7 @@ async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::R
             shutdown.clone(),
         ));
     }
+    let _poller = spawn_poller(store.clone(), &options.poll, &shutdown)?;
     let app = kycd_collector::server::app(ingestor, api);
     let server = tokio::spawn(kycd_collector::server::serve(listener, app, shutdown.clone()));
     shutdown.cancelled().await;
@@ -98,20 +100,86 @@ async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::R
     Ok(())
 }
 
+/// Starts the agent poller unless `--poll-interval-s 0`.
+fn spawn_poller(
+    store: Arc<dyn kycd_collector::Storage>,
+    args: &PollArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(config) = args.to_config() else {
+        tracing::info!("agent polling off (--poll-interval-s 0)");
+        return Ok(None);
+    };
+    tracing::info!(
+        interval_s = config.interval.as_secs(),
+        concurrency = config.concurrency,
+        "agent polling on"
+    );
+    Ok(Some(
+        kycd_collector::poll::spawn(store, config, shutdown.clone()).context("starting the agent poller")?,
+    ))
+}
+
+fn set_agent_url(
+    store: &kycd_collector::SqliteStore,
+    host_id: &str,
+    url: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(url) = url {
+        // Plaintext to loopback is stored; whether it is polled is serve's
+        // --poll-insecure-plaintext.
+        kycd_collector::poll::check_agent_url(url, true)?;
+    }
+    if !store.set_agent_url(host_id, url)? {
+        bail!("host {host_id:?} is not enrolled");
+    }
+    Ok(())
+}
+
 fn hosts(command: HostsCommand) -> anyhow::Result<()> {
     match command {
-        HostsCommand::Add { host_id, public_jwk, db } => {
+        HostsCommand::Add { host_id, public_jwk, agent_url, db } => {
             let bytes =
                 std::fs::read(&public_jwk).with_context(|| format!("reading {}", public_jwk.display()))?;
             let key =
                 parse_host_key(&host_id, &bytes).with_context(|| format!("{}", public_jwk.display()))?;
-            open(&db, true)?.enroll_host(&host_id, &key, now())?;
+            if let Some(url) = &agent_url {
+                kycd_collector::poll::check_agent_url(url, true)?;
+            }
+            let store = open(&db, true)?;
+            store.enroll_host(&host_id, &key, now())?;
+            if let Some(url) = &agent_url {
+                set_agent_url(&store, &host_id, Some(url))?;
+            }
             println!("enrolled {host_id}");
         }
+        HostsCommand::SetAgentUrl { host_id, url, clear, db } => {
+            let url = if clear { None } else { url };
+            set_agent_url(&open(&db, false)?, &host_id, url.as_deref())?;
+            match url {
+                Some(url) => println!("{host_id}: agent URL {url}"),
+                None => println!("{host_id}: agent URL cleared"),
+            }
+        }
         HostsCommand::List { db } => {
-            for host in open(&db, false)?.list_hosts()? {
+            let store = open(&db, false)?;
+            let urls: std::collections::HashMap<String, String> = store.agent_urls()?.into_iter().collect();
+            let status: std::collections::HashMap<String, kycd_collector::HostPollStatus> =
+                store.host_poll_status()?.into_iter().map(|s| (s.host_id.clone(), s)).collect();
+            for host in store.list_hosts()? {
+                let url = urls.get(&host.host_id).map_or("-", String::as_str);
+                let poll = match status.get(&host.host_id) {
+                    Some(s) if s.last_attempt_at.is_some() => format!(
+                        "last_poll={} last_ok={} failures={}{}",
+                        s.last_attempt_at.unwrap_or_default(),
+                        s.last_ok_at.map_or_else(|| "never".to_owned(), |t| t.to_string()),
+                        s.consecutive_failures,
+                        s.last_error.as_ref().map(|e| format!(" error={e:?}")).unwrap_or_default()
+                    ),
+                    _ => "never_polled".to_owned(),
+                };
                 println!(
-                    "{}\t{}\tacked_seq={}\t{}",
+                    "{}\t{}\tacked_seq={}\tagent_url={url}\t{poll}\t{}",
                     host.host_id,
                     host.enrolled_at,
                     host.acked_seq,
@@ -242,9 +310,13 @@ fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
-        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules } => {
+        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(serve(listen, &db, ServeOptions { read_token_file, evaluate_interval_s, rules }))
+            runtime.block_on(serve(
+                listen,
+                &db,
+                ServeOptions { read_token_file, evaluate_interval_s, rules, poll },
+            ))
         }
         Command::Hosts { command } => hosts(command),
         Command::Policy { command } => policy(command),

@@ -114,6 +114,8 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX findings_tenant ON findings (tenant);
     CREATE INDEX records_host_received ON records (host_id, received_at);
     "#,
+    // 4: agent polling (see crate::sqlite_statements).
+    crate::sqlite_statements::MIGRATION_POLLING,
 ];
 
 /// The SQLite store.

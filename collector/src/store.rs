@@ -123,10 +123,22 @@ pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
 /// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
-/// ([`crate::policy::PolicyStore`]).
-pub trait Storage: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore {}
+/// ([`crate::policy::PolicyStore`]) and the agents' statements
+/// ([`crate::statements::StatementStore`]).
+pub trait Storage:
+    ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + crate::statements::StatementStore
+{
+}
 
-impl<T: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + ?Sized> Storage for T {}
+impl<
+        T: ReportStore
+            + crate::fleet::FleetStore
+            + crate::policy::PolicyStore
+            + crate::statements::StatementStore
+            + ?Sized,
+    > Storage for T
+{
+}
 
 /// Opens the store named by a database URL: `sqlite:///abs/path`, `sqlite://rel/path`,
 /// `sqlite:path` or a plain path. PostgreSQL URLs are refused until that backend exists.

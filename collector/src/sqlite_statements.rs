@@ -1,0 +1,391 @@
+//! The SQLite backend of [`StatementStore`], on the same connection as the report store.
+//!
+//! Tables (migration [`MIGRATION_POLLING`]):
+//! - `host_agents`: the agent URL of an enrolled host.
+//! - `poll_status`: per host, last attempt / last success, consecutive failures, last error,
+//!   and `attempts`, the number of attempts ever recorded, which numbers history rows.
+//! - `poll_history`: one row per attempt keyed `(host_id, n)`; recording attempt `n` deletes
+//!   rows `≤ n − POLL_HISTORY_PER_HOST` of that host, one index range delete, so history stays
+//!   bounded per host without counting rows.
+//! - `poll_latest`: the latest verified statement (claims JSON and the token as received).
+//!
+//! Removing a host's enrollment (a trigger on `hosts`) drops its agent URL, status and
+//! history, so a later re-enrollment starts from a clean slate and is not polled until an
+//! operator sets its URL again; its latest statement is kept as evidence but no longer
+//! listed.
+
+use kycd_protocol::{HostStatementClaims, PublicKey};
+use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
+
+use crate::sqlite::{db_error, SqliteStore};
+use crate::statements::{
+    HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
+    POLL_HISTORY_PER_HOST,
+};
+use crate::store::StoreError;
+
+/// The schema of agent polling, appended to [`crate::sqlite::MIGRATIONS`].
+pub const MIGRATION_POLLING: &str = r#"
+    CREATE TABLE host_agents (
+        host_id   TEXT PRIMARY KEY NOT NULL,
+        agent_url TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE poll_status (
+        host_id              TEXT PRIMARY KEY NOT NULL,
+        attempts             INTEGER NOT NULL,
+        last_attempt_at      INTEGER NOT NULL,
+        last_ok_at           INTEGER,
+        consecutive_failures INTEGER NOT NULL,
+        last_error           TEXT
+    ) STRICT;
+    CREATE TABLE poll_history (
+        host_id   TEXT NOT NULL,
+        n         INTEGER NOT NULL,
+        polled_at INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        PRIMARY KEY (host_id, n)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE poll_latest (
+        host_id     TEXT PRIMARY KEY NOT NULL,
+        polled_at   INTEGER NOT NULL,
+        claims_json TEXT NOT NULL,
+        token       TEXT NOT NULL
+    ) STRICT;
+    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts BEGIN
+        DELETE FROM host_agents WHERE host_id = OLD.host_id;
+        DELETE FROM poll_status WHERE host_id = OLD.host_id;
+        DELETE FROM poll_history WHERE host_id = OLD.host_id;
+    END;
+"#;
+
+/// Longest stored failure detail: an error chain is useful, a hostile agent's novel is not.
+const MAX_DETAIL: usize = 1024;
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_DETAIL {
+        return s;
+    }
+    let mut end = MAX_DETAIL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), StoreError> {
+    let (ok, kind, detail) = match &poll.outcome {
+        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
+        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate(detail).to_owned()),
+    };
+    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    // Only enrolled hosts get a status (the SELECT yields no row otherwise): a host removed
+    // while its poll was in flight leaves nothing behind.
+    let attempts: Option<i64> = tx
+        .prepare_cached(
+            "INSERT INTO poll_status
+                 (host_id, attempts, last_attempt_at, last_ok_at, consecutive_failures, last_error)
+             SELECT host_id, 1, ?2, CASE WHEN ?3 THEN ?2 END, CASE WHEN ?3 THEN 0 ELSE 1 END, ?4
+             FROM hosts WHERE host_id = ?1
+             ON CONFLICT (host_id) DO UPDATE SET
+                 attempts = attempts + 1,
+                 last_attempt_at = excluded.last_attempt_at,
+                 last_ok_at = CASE WHEN ?3 THEN excluded.last_attempt_at ELSE last_ok_at END,
+                 consecutive_failures = CASE WHEN ?3 THEN 0 ELSE consecutive_failures + 1 END,
+                 last_error = excluded.last_error
+             RETURNING attempts",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![poll.host_id, poll.polled_at, ok, last_error], |r| r.get(0)).optional()
+        })
+        .map_err(db_error)?;
+    let Some(n) = attempts else {
+        tracing::debug!(host_id = %poll.host_id, "poll of a host no longer enrolled: not recorded");
+        return Ok(());
+    };
+    tx.prepare_cached(
+        "INSERT INTO poll_history (host_id, n, polled_at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| s.execute(params![poll.host_id, n, poll.polled_at, kind, detail]))
+    .map_err(db_error)?;
+    let oldest_kept = n - i64::from(POLL_HISTORY_PER_HOST) + 1;
+    if oldest_kept > 1 {
+        tx.prepare_cached("DELETE FROM poll_history WHERE host_id = ?1 AND n < ?2")
+            .and_then(|mut s| s.execute(params![poll.host_id, oldest_kept]))
+            .map_err(db_error)?;
+    }
+    if let PollOutcome::Ok { claims, token } = &poll.outcome {
+        let claims_json = serde_json::to_string(claims)
+            .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))?;
+        tx.prepare_cached(
+            "INSERT INTO poll_latest (host_id, polled_at, claims_json, token) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (host_id) DO UPDATE SET polled_at = excluded.polled_at,
+                 claims_json = excluded.claims_json, token = excluded.token",
+        )
+        .and_then(|mut s| s.execute(params![poll.host_id, poll.polled_at, claims_json, token]))
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn parse_key(host_id: &str, jwk: &str) -> Result<PublicKey, StoreError> {
+    PublicKey::from_jwk_json(jwk.as_bytes())
+        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
+}
+
+fn to_u32(value: i64) -> u32 {
+    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
+}
+
+impl StatementStore for SqliteStore {
+    fn set_agent_url(&self, host_id: &str, url: Option<&str>) -> Result<bool, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let enrolled = tx
+            .query_row("SELECT 1 FROM hosts WHERE host_id = ?1", [host_id], |_| Ok(()))
+            .optional()
+            .map_err(db_error)?
+            .is_some();
+        if !enrolled {
+            return Ok(false);
+        }
+        match url {
+            Some(url) => tx.execute(
+                "INSERT INTO host_agents (host_id, agent_url) VALUES (?1, ?2)
+                 ON CONFLICT (host_id) DO UPDATE SET agent_url = excluded.agent_url",
+                params![host_id, url],
+            ),
+            None => tx.execute("DELETE FROM host_agents WHERE host_id = ?1", [host_id]),
+        }
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(true)
+    }
+
+    fn poll_targets(&self) -> Result<Vec<PollTarget>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT h.host_id, a.agent_url, h.public_jwk FROM hosts h JOIN host_agents a USING (host_id)
+                 ORDER BY h.host_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (host_id, agent_url, jwk) = row.map_err(db_error)?;
+            let public_key = parse_key(&host_id, &jwk)?;
+            out.push(PollTarget { host_id, agent_url, public_key });
+        }
+        Ok(out)
+    }
+
+    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
+        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
+    }
+
+    fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError> {
+        if polls.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        for poll in polls {
+            record_one(&tx, poll)?;
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    fn latest_statements(&self) -> Result<Vec<StoredStatement>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT l.host_id, l.polled_at, l.claims_json FROM poll_latest l JOIN hosts h USING (host_id)
+                 ORDER BY l.host_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (host_id, polled_at, json) = row.map_err(db_error)?;
+            let claims: HostStatementClaims = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))?;
+            out.push(StoredStatement { host_id, polled_at, claims });
+        }
+        Ok(out)
+    }
+
+    fn latest_token(&self, host_id: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock()?;
+        conn.prepare_cached("SELECT token FROM poll_latest WHERE host_id = ?1")
+            .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+            .map_err(db_error)
+    }
+
+    fn host_poll_status(&self) -> Result<Vec<HostPollStatus>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT h.host_id, s.last_attempt_at, s.last_ok_at, COALESCE(s.consecutive_failures, 0),
+                        s.last_error
+                 FROM hosts h LEFT JOIN poll_status s USING (host_id) ORDER BY h.host_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(HostPollStatus {
+                    host_id: r.get(0)?,
+                    last_attempt_at: r.get(1)?,
+                    last_ok_at: r.get(2)?,
+                    consecutive_failures: to_u32(r.get(3)?),
+                    last_error: r.get(4)?,
+                })
+            })
+            .map_err(db_error)?;
+        rows.collect::<Result<_, _>>().map_err(db_error)
+    }
+
+    fn poll_history(&self, host_id: &str, limit: u32) -> Result<Vec<PollAttempt>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT polled_at, kind, detail FROM poll_history WHERE host_id = ?1 ORDER BY n DESC LIMIT ?2",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map(params![host_id, limit], |r| {
+                let (at, kind, detail): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                Ok((at, if kind == "ok" { Ok(detail) } else { Err(format!("{kind}: {detail}")) }))
+            })
+            .map_err(db_error)?;
+        rows.collect::<Result<_, _>>().map_err(db_error)
+    }
+
+    fn agent_urls(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn
+            .prepare("SELECT host_id, agent_url FROM host_agents JOIN hosts USING (host_id) ORDER BY host_id")
+            .map_err(db_error)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_error)?;
+        rows.collect::<Result<_, _>>().map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ReportStore as _;
+    use kycd_protocol::{Algorithm, PrivateJwk};
+
+    fn claims(host: &str, nonce: &str) -> HostStatementClaims {
+        HostStatementClaims {
+            iss: host.into(),
+            iat: 100,
+            exp: 160,
+            nonce: nonce.into(),
+            agent_version: "1.0".into(),
+            policy_version: Some(3),
+            workloads: Vec::new(),
+            gpus: Vec::new(),
+        }
+    }
+
+    fn failed(kind: &str) -> PollOutcome {
+        PollOutcome::Failed { kind: kind.into(), detail: "x".into() }
+    }
+
+    fn store_with(hosts: &[&str]) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("db")).unwrap();
+        for h in hosts {
+            let key = PrivateJwk::generate(Algorithm::EdDSA, h).unwrap();
+            store.enroll_host(h, &key.public_key(), 0).unwrap();
+        }
+        (dir, store)
+    }
+
+    #[test]
+    fn urls_only_for_enrolled_hosts_and_removal_forgets_them() {
+        let (_dir, store) = store_with(&["a", "b"]);
+        assert!(store.set_agent_url("a", Some("https://a:9477")).unwrap());
+        assert!(!store.set_agent_url("zz", Some("https://zz:9477")).unwrap());
+        let targets = store.poll_targets().unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!((targets[0].host_id.as_str(), targets[0].agent_url.as_str()), ("a", "https://a:9477"));
+        assert_eq!(targets[0].public_key.kid(), "a");
+        store.record_poll("a", 5, &failed("timeout")).unwrap();
+        assert!(store.remove_host("a").unwrap());
+        assert!(store.poll_targets().unwrap().is_empty());
+        let key = PrivateJwk::generate(Algorithm::EdDSA, "a").unwrap();
+        store.enroll_host("a", &key.public_key(), 0).unwrap();
+        assert!(store.poll_targets().unwrap().is_empty(), "re-enrollment does not resurrect the URL");
+        assert!(store.poll_history("a", 10).unwrap().is_empty());
+        assert!(store.set_agent_url("b", Some("https://b")).unwrap());
+        assert!(store.set_agent_url("b", None).unwrap());
+        assert!(store.agent_urls().unwrap().is_empty());
+    }
+
+    #[test]
+    fn status_history_and_latest() {
+        let (_dir, store) = store_with(&["a", "b"]);
+        let status = store.host_poll_status().unwrap();
+        assert_eq!(status.len(), 2);
+        assert_eq!(
+            status[1],
+            HostPollStatus {
+                host_id: "b".into(),
+                last_attempt_at: None,
+                last_ok_at: None,
+                consecutive_failures: 0,
+                last_error: None
+            }
+        );
+        let token = "h.p.s".to_owned();
+        store
+            .record_poll("a", 10, &PollOutcome::Ok { claims: claims("a", "n1"), token: token.clone() })
+            .unwrap();
+        store.record_poll("a", 20, &failed("timeout")).unwrap();
+        store.record_poll("a", 30, &failed("unreachable")).unwrap();
+        store.record_poll("ghost", 30, &failed("unreachable")).unwrap();
+        let a = &store.host_poll_status().unwrap()[0];
+        assert_eq!(
+            (a.last_attempt_at, a.last_ok_at, a.consecutive_failures, a.last_error.as_deref()),
+            (Some(30), Some(10), 2, Some("unreachable: x"))
+        );
+        let history = store.poll_history("a", 10).unwrap();
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[0], (30, Err("unreachable: x".into())));
+        assert_eq!(history[2], (10, Ok(kycd_protocol::token_digest(token.as_bytes()))));
+        assert_eq!(store.poll_history("a", 1).unwrap().len(), 1);
+        let latest = store.latest_statements().unwrap();
+        assert_eq!(latest.len(), 1);
+        assert_eq!((latest[0].host_id.as_str(), latest[0].polled_at), ("a", 10));
+        assert_eq!(latest[0].claims, claims("a", "n1"));
+        assert_eq!(store.latest_token("a").unwrap(), Some(token));
+        store
+            .record_poll("a", 40, &PollOutcome::Ok { claims: claims("a", "n2"), token: "t2".into() })
+            .unwrap();
+        let a = &store.host_poll_status().unwrap()[0];
+        assert_eq!((a.consecutive_failures, a.last_ok_at, a.last_error.as_deref()), (0, Some(40), None));
+        assert_eq!(store.latest_statements().unwrap()[0].claims.nonce, "n2");
+    }
+
+    #[test]
+    fn history_is_bounded_per_host() {
+        let (_dir, store) = store_with(&["a"]);
+        let total = POLL_HISTORY_PER_HOST + 50;
+        let polls: Vec<PollRecord> = (0..total)
+            .map(|i| PollRecord { host_id: "a".into(), polled_at: i64::from(i), outcome: failed("timeout") })
+            .collect();
+        store.record_polls(&polls).unwrap();
+        let history = store.poll_history("a", u32::MAX).unwrap();
+        assert_eq!(history.len(), POLL_HISTORY_PER_HOST as usize);
+        assert_eq!(history[0].0, i64::from(total - 1));
+        assert_eq!(history.last().unwrap().0, i64::from(total - POLL_HISTORY_PER_HOST));
+        assert_eq!(store.host_poll_status().unwrap()[0].consecutive_failures, total);
+    }
+}

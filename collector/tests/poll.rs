@@ -1,0 +1,525 @@
+//! The agent poller against real agents: the real `kycd` binary serving its collector API
+//! over mTLS (certificates generated here with rcgen), polled by the real `kycd-collector
+//! serve`; and an in-test HTTP agent that signs its own statements with the enrolled keys to
+//! misbehave in each way the poller must catch (wrong nonce, skewed clock, another host's
+//! id, oversized or garbage bodies, errors, slowness), with backoff of the failing hosts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use kycd_collector::poll::{next_attempt_at, unix_now, Poller, PollerConfig};
+use kycd_collector::{PollOutcome, PollTarget, ReportStore as _, SqliteStore, StatementStore};
+use kycd_protocol::{Algorithm, HostStatementClaims, PrivateJwk};
+use tokio_util::sync::CancellationToken;
+
+/// The agent's binaries, built once: another package of the workspace.
+fn agent_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "kycd", "--bin", "kycd", "--bin", "kycctl"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build -p kycd failed");
+    });
+    let path = Path::new(env!("CARGO_BIN_EXE_kycd-collector")).with_file_name(name);
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A CA and certificates it issues, as PEM files in `dir`.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    /// Issues a certificate for `san` (an IP or DNS name) to `<name>.crt` / `<name>.key`.
+    fn issue(&self, name: &str, san: &str) -> (PathBuf, PathBuf) {
+        let params = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+struct Proc(Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Starts a real `kycd` serving its collector API over mTLS on `port`.
+fn start_agent(dir: &Path, port: u16, pki: &Pki) -> Proc {
+    let (cert, key) = pki.issue("agent", "127.0.0.1");
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("cgroup")).unwrap();
+    for name in ["issuers", "policy"] {
+        std::fs::write(dir.join(format!("{name}.jwks")), r#"{"keys": []}"#).unwrap();
+    }
+    let config = format!(
+        "host_id = \"node-1\"\nstate_dir = \"{d}/state\"\n\
+         [log]\nlevel = \"warn\"\n\
+         [trust]\nissuers = \"{d}/issuers.jwks\"\npolicy = \"{d}/policy.jwks\"\n\
+         [policy]\nfile = \"{d}/policy.jws\"\n\
+         [attestations]\nhost_attestation = \"{d}/host.jws\"\n\
+         [workloads]\ncgroup_root = \"{d}/cgroup\"\n\
+         [api]\nsocket = \"{d}/run/kycd.sock\"\n\
+         [collector_api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         client_ca_file = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        pki.ca_file().display()
+    );
+    std::fs::write(dir.join("kycd.toml"), config).unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let child = Command::new(agent_bin("kycd"))
+        .args(["run", "--config"])
+        .arg(dir.join("kycd.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(Some(child))
+}
+
+fn collector(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kycd-collector")).args(args).output().unwrap()
+}
+
+fn poller(store: &Arc<SqliteStore>, config: PollerConfig) -> Poller {
+    Poller::new(store.clone() as Arc<dyn StatementStore>, config).unwrap()
+}
+
+fn failure_kind(outcome: &PollOutcome) -> (&str, &str) {
+    match outcome {
+        PollOutcome::Failed { kind, detail } => (kind, detail),
+        PollOutcome::Ok { .. } => ("ok", ""),
+    }
+}
+
+#[test]
+fn a_real_agent_is_polled_over_mtls_and_its_statement_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(dir, "fleet");
+    let (client_cert, client_key) = pki.issue("collector", "collector.example");
+    let agent_port = free_port();
+    let _agent = start_agent(dir, agent_port, &pki);
+
+    // Enroll with the key the agent signs with, and its URL.
+    let out = Command::new(agent_bin("kycctl"))
+        .args(["host-key", "--public", "--config"])
+        .arg(dir.join("kycd.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("host.jwk"), &out.stdout).unwrap();
+    let db_path = dir.join("collector.db");
+    let db = format!("sqlite://{}", db_path.display());
+    let url = format!("https://127.0.0.1:{agent_port}");
+    let jwk = dir.join("host.jwk");
+    let out = collector(&[
+        "hosts",
+        "add",
+        "--host-id",
+        "node-1",
+        "--public-jwk",
+        jwk.to_str().unwrap(),
+        "--agent-url",
+        &url,
+        "--db",
+        &db,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Plaintext to a non-loopback address is refused at the CLI already.
+    let out = collector(&[
+        "hosts",
+        "set-agent-url",
+        "--host-id",
+        "node-1",
+        "--url",
+        "http://10.1.2.3:9477",
+        "--db",
+        &db,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The real collector polls it every second over mTLS.
+    let log = std::fs::File::create(dir.join("collector.log")).unwrap();
+    let collector_proc = Proc(Some(
+        Command::new(env!("CARGO_BIN_EXE_kycd-collector"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--db", &db])
+            .args(["--poll-interval-s", "1", "--poll-timeout-s", "5"])
+            .arg("--poll-ca-file")
+            .arg(pki.ca_file())
+            .arg("--poll-client-cert")
+            .arg(&client_cert)
+            .arg("--poll-client-key")
+            .arg(&client_key)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    let store = Arc::new(SqliteStore::open(&db_path).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let statement = loop {
+        if let Some(s) = store.latest_statements().unwrap().into_iter().next() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statement stored\n--- agent\n{}\n--- collector\n{}\n{:?}",
+            tail(&dir.join("agent.log")),
+            tail(&dir.join("collector.log")),
+            store.host_poll_status().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(statement.host_id, "node-1");
+    assert_eq!(statement.claims.iss, "node-1");
+    assert_eq!(statement.claims.nonce.len(), 32, "a fresh 32-character nonce");
+    assert!((statement.polled_at - unix_now()).abs() < 30);
+    assert!((statement.claims.iat - statement.polled_at).abs() <= 60);
+    // The stored token is the evidence: it re-verifies with the enrolled key.
+    let token = store.latest_token("node-1").unwrap().unwrap();
+    let key = store.host_key("node-1").unwrap().unwrap();
+    let jwks = kycd_protocol::Jwks::from_keys([key.clone()]).unwrap();
+    let reverified = kycd_protocol::verify::<HostStatementClaims>(
+        token.as_bytes(),
+        &jwks,
+        &kycd_protocol::VerifyOptions::default(),
+        unix_now(),
+    )
+    .unwrap();
+    assert_eq!(reverified.claims, statement.claims);
+    // Polls keep coming, each with its own nonce.
+    std::thread::sleep(Duration::from_millis(2500));
+    let history = store.poll_history("node-1", 10).unwrap();
+    assert!(history.len() >= 2, "{history:?}");
+    assert!(history.iter().all(|(_, r)| r.is_ok()), "{history:?}");
+    let status = &store.host_poll_status().unwrap()[0];
+    assert_eq!((status.consecutive_failures, status.last_error.as_ref()), (0, None));
+    assert!(status.last_ok_at.is_some());
+    let listed = collector(&["hosts", "list", "--db", &db]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains(&format!("agent_url={url}")) && listed.contains("failures=0"), "{listed}");
+    drop(collector_proc);
+
+    // The same agent through pollers that must fail.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let target = PollTarget { host_id: "node-1".into(), agent_url: url.clone(), public_key: key.clone() };
+        let base = PollerConfig {
+            timeout: Duration::from_secs(5),
+            ca_file: Some(pki.ca_file()),
+            client_cert: Some(client_cert.clone()),
+            client_key: Some(client_key.clone()),
+            ..PollerConfig::default()
+        };
+        assert_eq!(failure_kind(&poller(&store, base.clone()).poll_host(&target).await).0, "ok");
+
+        // An agent certificate from another CA: the TLS handshake fails.
+        let other = Pki::new(dir, "other");
+        let outcome = poller(&store, PollerConfig { ca_file: Some(other.ca_file()), ..base.clone() })
+            .poll_host(&target)
+            .await;
+        let (kind, detail) = failure_kind(&outcome);
+        assert_eq!(kind, "unreachable", "{detail}");
+        assert!(detail.to_lowercase().contains("certificate"), "{detail}");
+
+        // No client certificate: the agent refuses the collector.
+        let outcome = poller(&store, PollerConfig { client_cert: None, client_key: None, ..base.clone() })
+            .poll_host(&target)
+            .await;
+        assert_eq!(failure_kind(&outcome).0, "unreachable", "{outcome:?}");
+
+        // A client certificate from another CA: refused too.
+        let (c, k) = other.issue("collector", "collector.example");
+        let outcome =
+            poller(&store, PollerConfig { client_cert: Some(c), client_key: Some(k), ..base.clone() })
+                .poll_host(&target)
+                .await;
+        assert_eq!(failure_kind(&outcome).0, "unreachable", "{outcome:?}");
+
+        // The host enrolled with another key (same kid): the signature does not verify.
+        let impostor = PrivateJwk::generate(Algorithm::EdDSA, "node-1").unwrap();
+        let wrong_key = PollTarget { public_key: impostor.public_key(), ..target.clone() };
+        let outcome = poller(&store, base.clone()).poll_host(&wrong_key).await;
+        assert_eq!(failure_kind(&outcome).0, "bad_signature", "{outcome:?}");
+    });
+}
+
+/// How the in-test agent misbehaves: the first path segment of its URL.
+const MODES: &[&str] = &[
+    "good",
+    "wrong-nonce",
+    "old-iat",
+    "future-iat",
+    "other-iss",
+    "huge",
+    "status-500",
+    "garbage",
+    "slow",
+    "unsigned-by-host",
+];
+
+#[derive(Clone)]
+struct FakeAgents {
+    keys: Arc<std::collections::HashMap<String, PrivateJwk>>,
+}
+
+async fn fake_statement(
+    axum::extract::State(agents): axum::extract::State<FakeAgents>,
+    axum::extract::Path(mode): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let nonce = query.as_deref().and_then(|q| q.strip_prefix("nonce=")).unwrap_or_default().to_owned();
+    let now = unix_now();
+    let host = format!("host-{mode}");
+    let mut claims = HostStatementClaims {
+        iss: host.clone(),
+        iat: now,
+        exp: now + 60,
+        nonce,
+        agent_version: "test".into(),
+        policy_version: Some(1),
+        workloads: Vec::new(),
+        gpus: Vec::new(),
+    };
+    let impostor;
+    let mut key = &agents.keys[&host];
+    match mode.as_str() {
+        "wrong-nonce" => claims.nonce = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+        "old-iat" => claims.iat = now - 600,
+        "future-iat" => {
+            claims.iat = now + 600;
+            claims.exp = now + 660;
+        }
+        "other-iss" => claims.iss = "host-good".into(),
+        "huge" => return vec![b'a'; 2 << 20].into_response(),
+        "status-500" => return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        "garbage" => return "not.a.jws".into_response(),
+        "slow" => tokio::time::sleep(Duration::from_secs(4)).await,
+        "unsigned-by-host" => {
+            impostor = PrivateJwk::generate(Algorithm::EdDSA, &host).unwrap();
+            key = &impostor;
+        }
+        _ => {}
+    }
+    kycd_protocol::sign(&claims, key).unwrap().into_response()
+}
+
+async fn start_fake_agents(keys: std::collections::HashMap<String, PrivateJwk>) -> SocketAddr {
+    let app = axum::Router::new()
+        .route("/{mode}/v1/attestation", axum::routing::get(fake_statement))
+        .with_state(FakeAgents { keys: Arc::new(keys) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(tmp.path().join("c.db")).unwrap());
+    let mut keys = std::collections::HashMap::new();
+    for mode in MODES {
+        let host = format!("host-{mode}");
+        let key = PrivateJwk::generate(Algorithm::EdDSA, &host).unwrap();
+        store.enroll_host(&host, &key.public_key(), 0).unwrap();
+        keys.insert(host, key);
+    }
+    let addr = start_fake_agents(keys).await;
+    for mode in MODES {
+        assert!(store
+            .set_agent_url(&format!("host-{mode}"), Some(&format!("http://{addr}/{mode}")))
+            .unwrap());
+    }
+    // Nothing listens there.
+    let dead = PrivateJwk::generate(Algorithm::EdDSA, "host-dead").unwrap();
+    store.enroll_host("host-dead", &dead.public_key(), 0).unwrap();
+    store.set_agent_url("host-dead", Some(&format!("http://127.0.0.1:{}", free_port()))).unwrap();
+    // Enrolled but without an agent URL: never polled.
+    store.enroll_host("host-quiet", &dead.public_key(), 0).unwrap();
+
+    // The backoff base; rounds here are run by hand, back to back.
+    let interval = Duration::from_secs(4);
+    let config = PollerConfig {
+        interval,
+        timeout: Duration::from_secs(1),
+        insecure_plaintext: true,
+        ..PollerConfig::default()
+    };
+    let poller = poller(&store, config.clone());
+    let shutdown = CancellationToken::new();
+    let report = poller.round(&shutdown).await.unwrap();
+    assert_eq!(report.polled, MODES.len() + 1);
+    assert_eq!((report.ok, report.latencies.len(), report.unrecorded), (1, MODES.len() + 1, 0));
+
+    let expected = [
+        ("host-dead", "unreachable"),
+        ("host-future-iat", "clock_skew"),
+        ("host-garbage", "malformed"),
+        ("host-huge", "too_large"),
+        ("host-old-iat", "clock_skew"),
+        ("host-other-iss", "host_mismatch"),
+        ("host-slow", "timeout"),
+        ("host-status-500", "http_status"),
+        ("host-unsigned-by-host", "bad_signature"),
+        ("host-wrong-nonce", "nonce_mismatch"),
+    ];
+    let status: std::collections::HashMap<String, _> =
+        store.host_poll_status().unwrap().into_iter().map(|s| (s.host_id.clone(), s)).collect();
+    for (host, kind) in expected {
+        let s = &status[host];
+        assert_eq!(s.consecutive_failures, 1, "{host}: {s:?}");
+        assert!(s.last_error.as_deref().unwrap().starts_with(&format!("{kind}: ")), "{host}: {s:?}");
+        assert!(report.failed.get(kind).copied().unwrap_or(0) > 0, "{kind}: {:?}", report.failed);
+    }
+    assert_eq!(status["host-good"].consecutive_failures, 0);
+    assert_eq!(status["host-quiet"].last_attempt_at, None, "no URL, not polled");
+    let latest = store.latest_statements().unwrap();
+    assert_eq!(latest.iter().map(|s| s.host_id.as_str()).collect::<Vec<_>>(), ["host-good"]);
+
+    // At once again: the failing hosts back off, the good one is polled.
+    let report = poller.round(&shutdown).await.unwrap();
+    assert_eq!((report.polled, report.ok, report.backing_off), (1, 1, expected.len()));
+    let s = store.host_poll_status().unwrap().into_iter().find(|s| s.host_id == "host-status-500").unwrap();
+    assert_eq!(s.consecutive_failures, 1, "not polled while backing off");
+    let next =
+        next_attempt_at(&s.host_id, s.last_attempt_at, s.consecutive_failures, interval, config.backoff_max);
+    assert!(next.unwrap() > s.last_attempt_at.unwrap());
+
+    // Once due, polled again: the failure count grows and the next delay with it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while unix_now() < next.unwrap() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    poller.round(&shutdown).await.unwrap();
+    let s2 = store.host_poll_status().unwrap().into_iter().find(|s| s.host_id == "host-status-500").unwrap();
+    assert_eq!(s2.consecutive_failures, 2);
+    let gap = |s: &kycd_collector::HostPollStatus| {
+        next_attempt_at(&s.host_id, s.last_attempt_at, s.consecutive_failures, interval, config.backoff_max)
+            .unwrap()
+            - s.last_attempt_at.unwrap()
+    };
+    assert!(gap(&s2) >= gap(&s), "{} then {}", gap(&s), gap(&s2));
+    let history = store.poll_history("host-status-500", 10).unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|(_, r)| r.as_ref().is_err_and(|e| e.starts_with("http_status"))));
+    // A success clears the failures and the backoff.
+    assert_eq!(
+        store
+            .host_poll_status()
+            .unwrap()
+            .iter()
+            .find(|s| s.host_id == "host-good")
+            .unwrap()
+            .consecutive_failures,
+        0
+    );
+
+    // Plaintext is refused unless the poller allows it.
+    let strict = kycd_collector::poll::Poller::new(
+        store.clone() as Arc<dyn StatementStore>,
+        PollerConfig { insecure_plaintext: false, ..config },
+    )
+    .unwrap();
+    let target = store.poll_targets().unwrap().into_iter().find(|t| t.host_id == "host-good").unwrap();
+    assert_eq!(failure_kind(&strict.poll_host(&target).await).0, "bad_url");
+}
+
+#[tokio::test]
+async fn the_poller_stops_on_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(tmp.path().join("c.db")).unwrap());
+    let shutdown = CancellationToken::new();
+    let task = kycd_collector::poll::spawn(
+        store as Arc<dyn StatementStore>,
+        PollerConfig { interval: Duration::from_millis(50), ..PollerConfig::default() },
+        shutdown.clone(),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+}
+
+#[test]
+fn bad_poller_settings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(tmp.path().join("c.db")).unwrap()) as Arc<dyn StatementStore>;
+    let missing = tmp.path().join("missing.pem");
+    let err = Poller::new(store.clone(), PollerConfig { ca_file: Some(missing), ..PollerConfig::default() })
+        .unwrap_err();
+    assert!(matches!(err, kycd_collector::poll::PollSetupError::File { .. }), "{err}");
+    std::fs::write(tmp.path().join("empty.pem"), "").unwrap();
+    let err = Poller::new(
+        store.clone(),
+        PollerConfig { ca_file: Some(tmp.path().join("empty.pem")), ..PollerConfig::default() },
+    )
+    .unwrap_err();
+    assert!(matches!(err, kycd_collector::poll::PollSetupError::File { .. }), "{err}");
+    let err = Poller::new(
+        store.clone(),
+        PollerConfig { client_cert: Some(tmp.path().join("empty.pem")), ..PollerConfig::default() },
+    )
+    .unwrap_err();
+    assert!(matches!(err, kycd_collector::poll::PollSetupError::Config(_)), "{err}");
+    std::fs::write(tmp.path().join("token"), "has space\n").unwrap();
+    let err = Poller::new(
+        store,
+        PollerConfig { bearer_token_file: Some(tmp.path().join("token")), ..PollerConfig::default() },
+    )
+    .unwrap_err();
+    assert!(matches!(err, kycd_collector::poll::PollSetupError::File { .. }), "{err}");
+}
