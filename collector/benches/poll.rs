@@ -342,9 +342,10 @@ fn main() {
             "one round = {agents_n} polls, concurrency {CONCURRENCY}, mTLS, db {} (WAL, synchronous=FULL)",
             db.display()
         );
+        println!("load average before: {}", load_average());
         println!(
-            "{:<10} {:>8} {:>10} {:>10} {:>10} {:>8}",
-            "mode", "round", "total s", "p50 ms", "p99 ms", "ok"
+            "{:<10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "mode", "round", "total s", "CPU s", "p50 ms", "p99 ms", "ok"
         );
         let mut polls = Vec::new();
         let mut bases = Vec::new();
