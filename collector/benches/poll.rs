@@ -59,6 +59,8 @@ fn template() -> HostStatementClaims {
                 legal_name: format!("Tenant {w} Holdings GmbH"),
                 countries: vec!["DE".parse().unwrap()],
                 beneficial_owner_countries: vec!["DE".parse().unwrap(), "FR".parse().unwrap()],
+                reseller_countries: Vec::new(),
+                payment_source_country: None,
                 foreign_person: w % 2 == 0,
             }),
         })
