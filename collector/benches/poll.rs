@@ -59,7 +59,11 @@ fn template() -> HostStatementClaims {
                 legal_name: format!("Tenant {w} Holdings GmbH"),
                 countries: vec!["DE".parse().unwrap()],
                 beneficial_owner_countries: vec!["DE".parse().unwrap(), "FR".parse().unwrap()],
+<<<<<<< HEAD
                 reseller_countries: vec![],
+=======
+                reseller_countries: Vec::new(),
+>>>>>>> poll
                 payment_source_country: None,
                 foreign_person: w % 2 == 0,
             }),
@@ -344,9 +348,10 @@ fn main() {
             "one round = {agents_n} polls, concurrency {CONCURRENCY}, mTLS, db {} (WAL, synchronous=FULL)",
             db.display()
         );
+        println!("load average before: {}", load_average());
         println!(
-            "{:<10} {:>8} {:>10} {:>10} {:>10} {:>8}",
-            "mode", "round", "total s", "p50 ms", "p99 ms", "ok"
+            "{:<10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "mode", "round", "total s", "CPU s", "p50 ms", "p99 ms", "ok"
         );
         let mut polls = Vec::new();
         let mut bases = Vec::new();
