@@ -59,11 +59,7 @@ fn template() -> HostStatementClaims {
                 legal_name: format!("Tenant {w} Holdings GmbH"),
                 countries: vec!["DE".parse().unwrap()],
                 beneficial_owner_countries: vec!["DE".parse().unwrap(), "FR".parse().unwrap()],
-<<<<<<< HEAD
                 reseller_countries: vec![],
-=======
-                reseller_countries: Vec::new(),
->>>>>>> poll
                 payment_source_country: None,
                 foreign_person: w % 2 == 0,
             }),

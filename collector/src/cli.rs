@@ -129,62 +129,6 @@ pub enum HostsCommand {
     },
 }
 
-<<<<<<< HEAD
-=======
-/// `serve` flags of the agent poller ([`crate::poll`]).
-#[derive(Debug, Clone, clap::Args)]
-pub struct PollArgs {
-    /// Seconds between poll rounds over the hosts with an agent URL (0: no polling).
-    #[arg(long, default_value_t = 60)]
-    pub poll_interval_s: u64,
-    /// Polls in flight at most.
-    #[arg(long, default_value_t = 256)]
-    pub poll_concurrency: usize,
-    /// Per-host timeout (connect, TLS, request and body), seconds.
-    #[arg(long, default_value_t = 10)]
-    pub poll_timeout_s: u64,
-    /// Largest accepted difference between a statement's iat and the collector's clock, seconds.
-    #[arg(long, default_value_t = 60)]
-    pub poll_max_skew_s: u64,
-    /// PEM CA bundle of the agents' certificates (then the only roots trusted).
-    #[arg(long)]
-    pub poll_ca_file: Option<PathBuf>,
-    /// PEM client certificate for mTLS to the agents.
-    #[arg(long, requires = "poll_client_key")]
-    pub poll_client_cert: Option<PathBuf>,
-    /// PEM private key of --poll-client-cert.
-    #[arg(long, requires = "poll_client_cert")]
-    pub poll_client_key: Option<PathBuf>,
-    /// File with the bearer token the agents expect.
-    #[arg(long)]
-    pub poll_bearer_token_file: Option<PathBuf>,
-    /// Allow http:// agent URLs to loopback IPs (tests and demos only).
-    #[arg(long)]
-    pub poll_insecure_plaintext: bool,
-}
-
-impl PollArgs {
-    /// The poller configuration, or None when polling is off (`--poll-interval-s 0`).
-    pub fn to_config(&self) -> Option<crate::poll::PollerConfig> {
-        if self.poll_interval_s == 0 {
-            return None;
-        }
-        Some(crate::poll::PollerConfig {
-            interval: std::time::Duration::from_secs(self.poll_interval_s),
-            concurrency: self.poll_concurrency,
-            timeout: std::time::Duration::from_secs(self.poll_timeout_s.max(1)),
-            max_skew_s: self.poll_max_skew_s,
-            ca_file: self.poll_ca_file.clone(),
-            client_cert: self.poll_client_cert.clone(),
-            client_key: self.poll_client_key.clone(),
-            bearer_token_file: self.poll_bearer_token_file.clone(),
-            insecure_plaintext: self.poll_insecure_plaintext,
-            ..crate::poll::PollerConfig::default()
-        })
-    }
-}
-
->>>>>>> poll
 /// Tunables of the findings rules.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RuleArgs {
@@ -264,7 +208,6 @@ pub enum FindingsCommand {
         db: String,
     },
 }
-<<<<<<< HEAD
 /// `serve` flags of the agent poller ([`crate::poll`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PollArgs {
@@ -317,5 +260,3 @@ impl PollArgs {
         })
     }
 }
-=======
->>>>>>> poll

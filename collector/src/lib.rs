@@ -38,11 +38,7 @@ pub mod store;
 
 pub use ingest::{IngestError, Ingested, Ingestor, Limits};
 pub use sqlite::SqliteStore;
-<<<<<<< HEAD
-pub use statements::{HostPollStatus, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement};
-=======
 pub use statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
 };
->>>>>>> poll
 pub use store::{open_store, HostEntry, ReportStore, Storage, StoreError, ValidRecord};
