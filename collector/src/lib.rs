@@ -5,7 +5,9 @@
 //!
 //! - [`ingest`]: the verify → decompress → parse → validate → store pipeline.
 //! - [`server`]: the HTTP server ([`server::run`] takes the listener and shutdown token).
-//! - [`store`]: the storage trait ([`store::ReportStore`]); [`sqlite`]: its SQLite backend.
+//! - [`store`]: the storage trait ([`store::ReportStore`]) and [`store::open_store`], which
+//!   picks the backend by URL: [`sqlite`] (default) or [`postgres`] (several collectors on one
+//!   database).
 //! - [`hosts`]: host enrollment, and why there is no trust-on-first-use.
 //!
 //! In-process use (as the tests do):
@@ -21,10 +23,12 @@
 pub mod cli;
 pub mod hosts;
 pub mod ingest;
+pub mod postgres;
 pub mod server;
 pub mod sqlite;
 pub mod store;
 
 pub use ingest::{IngestError, Ingested, Ingestor, Limits};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::{open_store, HostEntry, ReportStore, StoreError, ValidRecord};

@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser as _;
 use kycd_collector::cli::{Cli, Command, HostsCommand};
 use kycd_collector::hosts::parse_host_key;
-use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _};
+use kycd_collector::{open_store, Ingestor, Limits, ReportStore};
 use tokio_util::sync::CancellationToken;
 
 /// How long in-flight requests may run after SIGTERM/SIGINT.
@@ -21,23 +21,27 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn open(db: &str, create_dir: bool) -> anyhow::Result<kycd_collector::SqliteStore> {
-    if create_dir {
+fn open(db: &str, create_dir: bool) -> anyhow::Result<Arc<dyn ReportStore>> {
+    if create_dir && !kycd_collector::postgres::is_postgres_url(db) {
         let path = kycd_collector::store::sqlite_path(db)?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
     }
-    open_store(db).with_context(|| format!("opening database {db}"))
+    let shown = kycd_collector::postgres::redact_url(db);
+    open_store(db).with_context(|| format!("opening database {shown}"))
 }
 
 async fn serve(listen: SocketAddr, db: &str) -> anyhow::Result<()> {
-    let store = open(db, true)?;
-    let ingestor = Arc::new(Ingestor::new(Arc::new(store), Limits::default()));
+    // Off the reactor: the PostgreSQL client blocks on a runtime of its own.
+    let owned = db.to_owned();
+    let store =
+        tokio::task::spawn_blocking(move || open(&owned, true)).await.context("opening the database")??;
+    let ingestor = Arc::new(Ingestor::new(store, Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr().unwrap_or(listen);
-    tracing::info!(listen = %bound, db, "collector serving");
+    tracing::info!(listen = %bound, db = %kycd_collector::postgres::redact_url(db), "collector serving");
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
