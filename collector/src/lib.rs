@@ -32,3 +32,8 @@ pub use ingest::{IngestError, Ingested, Ingestor, Limits};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::{open_store, HostEntry, ReportStore, StoreError, ValidRecord};
+
+/// The PostgreSQL test cluster of the integration tests, for the unit tests too.
+#[cfg(test)]
+#[path = "../tests/pg_support/mod.rs"]
+mod pg_support;

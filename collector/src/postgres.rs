@@ -256,7 +256,9 @@ impl Statements {
 /// A pooled connection.
 struct Conn {
     client: Client,
-    stmts: Statements,
+    /// Prepared on first use (a database opened at an old schema version, in tests, has not
+    /// the tables they name).
+    stmts: Option<Statements>,
 }
 
 struct PoolState {
@@ -286,9 +288,24 @@ struct Checkout<'a> {
 }
 
 impl Checkout<'_> {
+    fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        self.conn.as_mut().ok_or_else(|| StoreError::Unavailable("no connection".into()))
+    }
+
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        Ok(&mut self.conn()?.client)
+    }
+
+    /// The client and the prepared statements of the hot path.
     fn parts(&mut self) -> Result<(&mut Client, &Statements), StoreError> {
-        let conn = self.conn.as_mut().ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
-        Ok((&mut conn.client, &conn.stmts))
+        let conn = self.conn()?;
+        if conn.stmts.is_none() {
+            conn.stmts = Some(Statements::prepare(&mut conn.client).map_err(pg_error)?);
+        }
+        match &conn.stmts {
+            Some(stmts) => Ok((&mut conn.client, stmts)),
+            None => Err(StoreError::Unavailable("statements not prepared".into())),
+        }
     }
 }
 
@@ -447,11 +464,10 @@ impl PgStore {
         }
         let mut client = connect(&config)?;
         migrate(&mut client, version)?;
-        let stmts = Statements::prepare(&mut client).map_err(pg_error)?;
         Ok(PgStore {
             config,
             url: redacted,
-            state: Mutex::new(PoolState { idle: vec![Conn { client, stmts }], open: 1 }),
+            state: Mutex::new(PoolState { idle: vec![Conn { client, stmts: None }], open: 1 }),
             freed: Condvar::new(),
         })
     }
@@ -459,7 +475,7 @@ impl PgStore {
     /// The schema version of the database.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let row = client.query_one("SELECT version FROM schema_version", &[]).map_err(pg_error)?;
         get(&row, 0)
     }
@@ -484,10 +500,7 @@ impl PgStore {
             if state.open < POOL_SIZE {
                 state.open += 1;
                 drop(state);
-                let opened = connect(&self.config).and_then(|mut client| {
-                    let stmts = Statements::prepare(&mut client).map_err(pg_error)?;
-                    Ok(Conn { client, stmts })
-                });
+                let opened = connect(&self.config).map(|client| Conn { client, stmts: None });
                 return match opened {
                     Ok(conn) => Ok(Checkout { store: self, conn: Some(conn) }),
                     Err(e) => {
@@ -610,7 +623,7 @@ impl PgStore {
 impl ReportStore for PgStore {
     fn host_key(&self, host_id: &str) -> Result<Option<PublicKey>, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let row = client
             .query_opt("SELECT public_jwk FROM hosts WHERE host_id = $1", &[&host_id])
             .map_err(pg_error)?;
@@ -624,7 +637,7 @@ impl ReportStore for PgStore {
 
     fn enroll_host(&self, host_id: &str, key: &PublicKey, enrolled_at: i64) -> Result<(), StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let inserted = client
             .execute(
                 "INSERT INTO hosts (host_id, public_jwk, enrolled_at) VALUES ($1, $2, $3)
@@ -646,7 +659,7 @@ impl ReportStore for PgStore {
 
     fn remove_host(&self, host_id: &str) -> Result<bool, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let removed =
             client.execute("DELETE FROM hosts WHERE host_id = $1", &[&host_id]).map_err(pg_error)?;
         Ok(removed > 0)
@@ -654,7 +667,7 @@ impl ReportStore for PgStore {
 
     fn list_hosts(&self) -> Result<Vec<HostEntry>, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let rows = client
             .query(
                 "SELECT h.host_id, h.public_jwk, h.enrolled_at, COALESCE(p.acked_seq, 0)
@@ -703,7 +716,7 @@ impl ReportStore for PgStore {
 
     fn acked_seq(&self, host_id: &str) -> Result<u64, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let row = client
             .query_opt("SELECT acked_seq FROM host_progress WHERE host_id = $1", &[&host_id])
             .map_err(pg_error)?;
@@ -715,7 +728,7 @@ impl ReportStore for PgStore {
 
     fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut conn = self.checkout()?;
-        let (client, _) = conn.parts()?;
+        let client = conn.client()?;
         let rows = client
             .query("SELECT seq, last_seq FROM records WHERE host_id = $1 ORDER BY seq", &[&host_id])
             .map_err(pg_error)?;
@@ -726,6 +739,31 @@ impl ReportStore for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pg_support::fresh_database;
+
+    fn record(seq: u64, last_seq: Option<u64>) -> ValidRecord {
+        let record = kycd_protocol::UsageRecord {
+            seq,
+            last_seq,
+            window: kycd_protocol::UsageWindow {
+                tenant: Some("t".into()),
+                workload: "host:h".into(),
+                foreign_person: false,
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                max_concurrent_gpus: 1,
+                estimated_ops: 1e15,
+                peak_flops: 1e15,
+                method: kycd_protocol::EstimationMethod::GpmTensor,
+                training_like: false,
+                merged_windows: 1,
+            },
+        };
+        let body_json = serde_json::to_string(&record).unwrap();
+        ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
+    }
 
     #[test]
     fn urls() {
@@ -748,5 +786,92 @@ mod tests {
         let e = PgStore::open(&format!("postgres://kycd@127.0.0.1:{port}/kycd")).unwrap_err();
         assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
         assert!(e.is_transient());
+    }
+
+    #[test]
+    fn opening_an_old_version_database_migrates_it_and_backfills_acks() {
+        let Some(db) = fresh_database("opening_an_old_version_database_migrates_it_and_backfills_acks")
+        else {
+            return;
+        };
+        {
+            let old = PgStore::open_at_version(&db.url, 1).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 1);
+            let mut client = db.client();
+            for (host, seq, last) in [("a", 1i64, 1i64), ("a", 2, 5), ("a", 7, 7), ("b", 2, 2)] {
+                client
+                    .execute(
+                        r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                            gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                            training_like, foreign_person, merged_windows, body_json, received_at)
+                           VALUES ($1, $2, $3, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', false, false, 1, '{}', 0)"#,
+                        &[&host, &seq, &last],
+                    )
+                    .unwrap();
+            }
+            let row = client.query_one("SELECT to_regclass('host_progress') IS NULL", &[]).unwrap();
+            assert!(row.get::<_, bool>(0), "version 1 has no host_progress");
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.acked_seq("a").unwrap(), 5);
+        assert_eq!(store.acked_seq("b").unwrap(), 0);
+        // The cache keeps advancing from the backfilled value.
+        assert_eq!(store.insert_batch("a", &[record(6, None)], 0).unwrap(), 7);
+        assert_eq!(store.insert_batch("b", &[record(1, None)], 0).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let Some(db) = fresh_database("a_newer_schema_is_refused") else { return };
+        drop(PgStore::open(&db.url).unwrap());
+        db.client().execute("UPDATE schema_version SET version = 99", &[]).unwrap();
+        assert!(matches!(PgStore::open(&db.url), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    }
+
+    #[test]
+    fn collectors_starting_at_once_migrate_once() {
+        let Some(db) = fresh_database("collectors_starting_at_once_migrate_once") else { return };
+        let opened: Vec<Result<PgStore, StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(|| PgStore::open(&db.url))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for store in opened {
+            assert_eq!(store.unwrap().schema_version().unwrap(), 2);
+        }
+        let rows = db.client().query("SELECT version FROM schema_version", &[]).unwrap();
+        assert_eq!(rows.len(), 1);
+    }
+
+    #[test]
+    fn the_pool_reuses_connections_and_bounds_them() {
+        let Some(db) = fresh_database("the_pool_reuses_connections_and_bounds_them") else { return };
+        let store = PgStore::open(&db.url).unwrap();
+        let store = &store;
+        std::thread::scope(|s| {
+            for t in 0..(POOL_SIZE * 2) {
+                s.spawn(move || {
+                    let host = format!("h{}", t % 3);
+                    for seq in 1..=20u64 {
+                        store.insert_batch(&host, &[record(seq, None)], 0).unwrap();
+                    }
+                });
+            }
+        });
+        for h in 0..3 {
+            assert_eq!(store.acked_seq(&format!("h{h}")).unwrap(), 20);
+        }
+        let open = store.state.lock().unwrap().open;
+        assert!((1..=POOL_SIZE).contains(&open), "{open} connections");
+        let sessions: i64 = db
+            .client()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND application_name = 'kycd-collector'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(usize::try_from(sessions).unwrap(), open);
     }
 }
