@@ -16,6 +16,7 @@ backend_tests!(
     enrollment_is_explicit_and_never_replaces_a_key,
     acks_advance_over_out_of_order_and_merged_ranges,
     concurrent_writers_on_two_stores_store_each_seq_once,
+    racing_conflicting_writers_never_store_overlapping_ranges,
 );
 
 fn valid(records: Vec<UsageRecord>) -> Vec<ValidRecord> {
@@ -104,8 +105,19 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
     for i in 0..len {
         batches.swap(i, (i * 7 + 3) % len);
     }
+    let writing = std::sync::atomic::AtomicBool::new(true);
     let acks: Vec<u64> = off_runtime(|| {
         std::thread::scope(|s| {
+            // The stored acked seq never goes back (no lost update between writers that
+            // advanced it from different snapshots).
+            let watcher = s.spawn(|| {
+                let mut seen = 0;
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let acked = stores[0].acked_seq("h").unwrap();
+                    assert!(acked >= seen, "the acked seq went back from {seen} to {acked}");
+                    seen = acked;
+                }
+            });
             let handles: Vec<_> = (0..6)
                 .map(|t| {
                     let store = Arc::clone(&stores[t % 2]);
@@ -115,7 +127,15 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
                         for b in batches.iter().skip(t).step_by(2).chain(batches.iter().rev().skip(t % 3)) {
                             loop {
                                 match store.insert_batch("h", b, 0) {
-                                    Ok(acked) => break acks.push(acked),
+                                    Ok(acked) => {
+                                        // Stored when answered: an ack reaching the batch covers it.
+                                        let (first, last) = (b[0].record.seq, b[b.len() - 1].last_seq);
+                                        assert!(
+                                            acked + 1 < first || acked >= last,
+                                            "{first}..={last}: {acked}"
+                                        );
+                                        break acks.push(acked);
+                                    }
                                     Err(e) if e.is_transient() => std::thread::yield_now(),
                                     Err(e) => panic!("{e:?}"),
                                 }
@@ -125,11 +145,50 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            let acks = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            writing.store(false, std::sync::atomic::Ordering::Relaxed);
+            watcher.join().unwrap();
+            acks
         })
     });
     assert!(acks.iter().all(|a| *a <= N), "{acks:?}");
     let stored = off_runtime(|| stores[0].stored_ranges("h").unwrap());
     assert_eq!(stored, (1..=N).map(|s| (s, s)).collect::<Vec<_>>());
     assert_eq!(off_runtime(|| stores[1].acked_seq("h").unwrap()), N);
+}
+
+/// A merged record and a single record inside its range, stored at the same moment through
+/// two stores: exactly one wins, the other is a conflict, and the stored ranges never overlap
+/// (their seqs differ, so only the per-host serialisation can see the overlap).
+async fn racing_conflicting_writers_never_store_overlapping_ranges(db: TestDb) {
+    let stores: [Arc<dyn ReportStore>; 2] = [db.open(), db.open()];
+    let contenders = [valid(vec![merged(2, 6)]), valid(vec![record(4)])];
+    off_runtime(|| {
+        for round in 0..40 {
+            let host = format!("h{round}");
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<Result<u64, StoreError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2)
+                    .map(|i| {
+                        let (store, batch, host, barrier) = (&stores[i], &contenders[i], &host, &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            loop {
+                                match store.insert_batch(host, batch, 0) {
+                                    Err(e) if e.is_transient() => std::thread::yield_now(),
+                                    other => break other,
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let won = results.iter().filter(|r| r.is_ok()).count();
+            let lost = results.iter().filter(|r| matches!(r, Err(StoreError::SeqConflict { .. }))).count();
+            assert_eq!((won, lost), (1, 1), "round {round}: {results:?}");
+            let ranges = stores[0].stored_ranges(&host).unwrap();
+            assert!(ranges == [(2, 6)] || ranges == [(4, 4)], "round {round}: {ranges:?}");
+        }
+    });
 }

@@ -28,6 +28,7 @@ pub use pg_support::off_runtime;
 
 /// Makes, for each listed `async fn name(db: TestDb)`, the tests `sqlite::name` and
 /// `postgres::name` (the latter skips loudly where no PostgreSQL can be had).
+#[allow(unused_macros)]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
