@@ -154,10 +154,10 @@ fn pg_error(e: postgres::Error) -> StoreError {
         }
         return StoreError::Database(Box::new(e));
     }
-    // No SQLSTATE: the server was never reached or the connection broke (I/O error, closed,
-    // timeout), or a client-side conversion failed.
+    // No SQLSTATE: the server was never reached or the connection broke (an I/O error, the
+    // connect timeout included, or a closed connection), or a client-side conversion failed.
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-    if io || e.is_closed() || e.to_string().contains("timeout") {
+    if io || e.is_closed() {
         return StoreError::Unavailable(e.to_string());
     }
     StoreError::Database(Box::new(e))
