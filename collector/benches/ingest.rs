@@ -74,9 +74,10 @@ impl Backend {
     fn pg_database(&self, admin: &str, name: &str) -> String {
         let name = name.replace('-', "_");
         let mut client = postgres::Client::connect(admin, postgres::NoTls).unwrap();
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"))
-            .unwrap();
+        // Two statements: DROP DATABASE cannot run in the implicit transaction of a
+        // multi-statement query.
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         pg_support::with_dbname(admin, &name)
     }
 }
