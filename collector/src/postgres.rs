@@ -12,8 +12,12 @@
 //! reused; a caller waits up to [`POOL_WAIT`] for a free one, then fails as busy. A closed
 //! connection (server restart, network loss) is discarded and replaced on the next call.
 //!
-//! Schema: the same tables and migration steps as the SQLite backend (see
-//! [`crate::sqlite::MIGRATIONS`]; version N means the same schema on both), with PostgreSQL
+//! Scope: reports and hosts ([`ReportStore`]). The fleet view and the published policy
+//! ([`crate::fleet::FleetStore`], [`crate::policy::PolicyStore`]) are not ported yet: their
+//! calls fail with [`StoreError::Unsupported`].
+//!
+//! Schema: the same tables and migration steps as the SQLite backend's first two (see
+//! [`crate::sqlite::MIGRATIONS`]; version N ≤ 2 means the same schema on both), with PostgreSQL
 //! types: `BIGINT` for integers, `DOUBLE PRECISION` for reals, `BOOLEAN` for the 0/1 flags.
 //! The applied version is kept in `schema_version`. Opening applies the missing migrations in
 //! one transaction under an advisory lock, so collectors starting at once migrate once.
@@ -733,6 +737,79 @@ impl ReportStore for PgStore {
             .query("SELECT seq, last_seq FROM records WHERE host_id = $1 ORDER BY seq", &[&host_id])
             .map_err(pg_error)?;
         rows.iter().map(|row| Ok((to_u64(get(row, 0)?)?, to_u64(get(row, 1)?)?))).collect()
+    }
+}
+
+/// The fleet view and the published policy are not on PostgreSQL yet: their calls fail with
+/// [`StoreError::Unsupported`] (the read API answers an error, `policy publish` and `findings`
+/// refuse, the evaluator logs it), while ingest and host enrollment work.
+fn not_yet(what: &str) -> StoreError {
+    StoreError::Unsupported(format!("{what} on PostgreSQL"))
+}
+
+impl crate::policy::PolicyStore for PgStore {
+    fn current_policy(&self) -> Result<Option<crate::policy::PublishedPolicy>, StoreError> {
+        Err(not_yet("policy storage"))
+    }
+
+    fn publish_policy(&self, _policy: &crate::policy::PublishedPolicy) -> Result<(), StoreError> {
+        Err(not_yet("policy storage"))
+    }
+}
+
+impl crate::fleet::FleetStore for PgStore {
+    fn tenant_usage(
+        &self,
+        _tenant: Option<&str>,
+        _since: Option<i64>,
+    ) -> Result<Vec<crate::fleet::TenantUsage>, StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn usage_evidence(
+        &self,
+        _tenant: &str,
+        _limit: u32,
+    ) -> Result<Vec<crate::fleet::WindowEvidence>, StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn tenant_hosts(&self, _tenant: &str) -> Result<Vec<String>, StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn last_report_at(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn upsert_tenant_identities(
+        &self,
+        _identities: &[crate::fleet::TenantIdentity],
+    ) -> Result<(), StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn tenant_identities(&self) -> Result<Vec<crate::fleet::TenantIdentity>, StoreError> {
+        Err(not_yet("the fleet view"))
+    }
+
+    fn raise_finding(
+        &self,
+        _finding: &crate::fleet::NewFinding,
+        _at: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        Err(not_yet("findings"))
+    }
+
+    fn resolve_finding(&self, _id: i64, _at: i64) -> Result<bool, StoreError> {
+        Err(not_yet("findings"))
+    }
+
+    fn list_findings(
+        &self,
+        _query: &crate::fleet::FindingQuery,
+    ) -> Result<Vec<crate::fleet::Finding>, StoreError> {
+        Err(not_yet("findings"))
     }
 }
 

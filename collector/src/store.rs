@@ -65,6 +65,14 @@ pub enum StoreError {
     /// Stored data this build cannot read (e.g. a stored JWK that no longer parses).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// `policy publish` of a version that is not above the published one.
+    #[error("policy version {offered} is not newer than the published version {current}")]
+    PolicyNotNewer {
+        /// The offered version.
+        offered: u64,
+        /// The published version.
+        current: u64,
+    },
     /// The database URL names a backend this build does not have.
     #[error("unsupported database URL {0:?} (sqlite://…, a plain path, or postgres://…)")]
     UnsupportedUrl(String),
@@ -72,6 +80,9 @@ pub enum StoreError {
     /// something this build does not do, such as TLS to PostgreSQL); the password is redacted.
     #[error("invalid database URL {0}")]
     InvalidUrl(String),
+    /// What this backend does not store yet (the fleet view and policy on PostgreSQL).
+    #[error("not supported by this database backend yet: {0}")]
+    Unsupported(String),
     /// Any other database error.
     #[error("database error")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -118,10 +129,17 @@ pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
     fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError>;
 }
 
+/// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
+/// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
+/// ([`crate::policy::PolicyStore`]).
+pub trait Storage: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore {}
+
+impl<T: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + ?Sized> Storage for T {}
+
 /// Opens the store named by a database URL: `postgres://…` or `postgresql://…` (see
 /// [`crate::postgres`]), else SQLite: `sqlite:///abs/path`, `sqlite://rel/path`,
 /// `sqlite:path` or a plain path.
-pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn ReportStore>, StoreError> {
+pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn Storage>, StoreError> {
     if crate::postgres::is_postgres_url(url) {
         return Ok(std::sync::Arc::new(crate::postgres::PgStore::open(url)?));
     }

@@ -238,3 +238,8 @@ pub async fn send(addr: SocketAddr, batch: &ReportBatch, key: &PrivateJwk) -> Re
     let (body, sig) = signed(batch, key);
     upload(addr, body, &sig).await
 }
+
+/// The SQLite file of a test that manages its own store.
+pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("kycd.db")
+}
