@@ -6,12 +6,13 @@
 //! Aggregation is defined here, once, so both backends compute the same numbers:
 //! - cumulative estimated operations and GPU-seconds: sums over every stored window;
 //! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
-//!   in and `peak_flops` summed per bucket, across hosts; the peak is the largest bucket.
-//!   Agents close 60 s windows aligned to Unix minutes, so a workload that runs through a
-//!   minute contributes exactly one window to that bucket on each host, and the bucket sum is
-//!   the fleet's concurrent capacity for the tenant in that minute. A record merged from
-//!   several windows (spool pressure) counts once, in its first minute: it can only
-//!   under-state concurrency, never invent it.
+//!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
+//!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
+//!   workload that runs through a minute contributes one full minute of windows to that
+//!   bucket on each host (one 60 s window, or six 10 s windows weighted 1/6 each), and the
+//!   bucket sum is the fleet's concurrent capacity for the tenant in that minute. A record
+//!   merged from several windows (spool pressure) counts once, in its first minute: it can
+//!   only under-state concurrency, never invent it.
 //! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
 
 use std::collections::BTreeMap;
@@ -57,6 +58,122 @@ impl TenantUsage {
     /// GPU-hours.
     pub fn gpu_hours(&self) -> f64 {
         self.gpu_seconds / 3600.0
+    }
+}
+
+/// Aggregates windows into [`TenantUsage`] in one pass, in any order: hash maps per tenant
+/// (totals, per-host GPU maxima, per-minute capacity sums), so a backend streams its rows
+/// through [`UsageAccumulator::add`] instead of sorting them in several GROUP BY passes.
+/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs, not with windows.
+#[derive(Debug, Default)]
+pub struct UsageAccumulator {
+    hosts: std::collections::HashMap<String, u32>,
+    tenants: std::collections::HashMap<String, TenantAccumulator>,
+}
+
+#[derive(Debug, Default)]
+struct TenantAccumulator {
+    usage: Option<TenantUsage>,
+    host_gpus: std::collections::HashMap<u32, u32>,
+    capacity: std::collections::HashMap<i64, f64>,
+}
+
+/// One window as [`UsageAccumulator::add`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRow<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Reporting host.
+    pub host_id: &'a str,
+    /// Start.
+    pub start: i64,
+    /// End.
+    pub end: i64,
+    /// GPU-seconds.
+    pub gpu_seconds: f64,
+    /// Most GPUs at once (max of `max_concurrent_gpus` and `gpus` for old records).
+    pub gpus: u32,
+    /// Estimated operations.
+    pub estimated_ops: f64,
+    /// Peak FLOP/s capacity.
+    pub peak_flops: f64,
+    /// Estimation method (wire name).
+    pub method: &'a str,
+    /// Foreign person.
+    pub foreign_person: bool,
+}
+
+impl UsageAccumulator {
+    /// Adds one window.
+    pub fn add(&mut self, w: &WindowRow<'_>) {
+        let next_host = u32::try_from(self.hosts.len()).unwrap_or(u32::MAX);
+        let host = match self.hosts.get(w.host_id) {
+            Some(id) => *id,
+            None => {
+                self.hosts.insert(w.host_id.to_owned(), next_host);
+                next_host
+            }
+        };
+        if !self.tenants.contains_key(w.tenant) {
+            self.tenants.insert(w.tenant.to_owned(), TenantAccumulator::default());
+        }
+        let Some(t) = self.tenants.get_mut(w.tenant) else { return };
+        let usage = t.usage.get_or_insert_with(|| TenantUsage {
+            tenant: w.tenant.to_owned(),
+            estimated_ops: 0.0,
+            gpu_seconds: 0.0,
+            peak_flops: 0.0,
+            peak_at: 0,
+            hosts: 0,
+            gpus: 0,
+            windows: 0,
+            ops_by_method: BTreeMap::new(),
+            first_seen: w.start,
+            last_seen: w.end,
+            foreign_person: false,
+        });
+        usage.estimated_ops += w.estimated_ops;
+        usage.gpu_seconds += w.gpu_seconds;
+        usage.windows += 1;
+        usage.first_seen = usage.first_seen.min(w.start);
+        usage.last_seen = usage.last_seen.max(w.end);
+        usage.foreign_person |= w.foreign_person;
+        if w.estimated_ops > 0.0 {
+            match usage.ops_by_method.get_mut(w.method) {
+                Some(ops) => *ops += w.estimated_ops,
+                None => {
+                    usage.ops_by_method.insert(w.method.to_owned(), w.estimated_ops);
+                }
+            }
+        }
+        let gpus = t.host_gpus.entry(host).or_insert(0);
+        *gpus = (*gpus).max(w.gpus);
+        let share = ((w.end - w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
+        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops * share;
+    }
+
+    /// The per-tenant usage, by tenant id.
+    pub fn finish(self) -> Vec<TenantUsage> {
+        let mut out: Vec<TenantUsage> = self
+            .tenants
+            .into_values()
+            .filter_map(|t| {
+                let mut usage = t.usage?;
+                usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
+                usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
+                // Earliest bucket among equal peaks, so the result does not depend on order.
+                for (bucket, flops) in t.capacity {
+                    let at = bucket * CAPACITY_BUCKET_S;
+                    if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
+                        usage.peak_flops = flops;
+                        usage.peak_at = at;
+                    }
+                }
+                Some(usage)
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
     }
 }
 
@@ -258,4 +375,45 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Findings matching `query`, by id.
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(tenant: &'a str, host: &'a str, start: i64, len: i64, flops: f64) -> WindowRow<'a> {
+        WindowRow {
+            tenant,
+            host_id: host,
+            start,
+            end: start + len,
+            gpu_seconds: 8.0 * len as f64,
+            gpus: 8,
+            estimated_ops: 1e15 * len as f64,
+            peak_flops: flops,
+            method: "gpm_tensor",
+            foreign_person: false,
+        }
+    }
+
+    #[test]
+    fn capacity_sums_hosts_per_minute_whatever_the_window_length() {
+        let mut acc = UsageAccumulator::default();
+        // Host a: one 60 s window per minute; host b: six 10 s windows in minute 1 only.
+        for minute in 0..3 {
+            acc.add(&row("t", "a", 6000 + 60 * minute, 60, 8e15));
+        }
+        for k in 0..6 {
+            acc.add(&row("t", "b", 6060 + 10 * k, 10, 4e15));
+        }
+        acc.add(&row("u", "a", 6000, 60, 1e15));
+        let usage = acc.finish();
+        assert_eq!(usage.iter().map(|u| u.tenant.as_str()).collect::<Vec<_>>(), ["t", "u"]);
+        let t = &usage[0];
+        assert!((t.peak_flops - 12e15).abs() < 1.0, "{t:?}");
+        assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (6060, 2, 16, 9));
+        assert_eq!((t.first_seen, t.last_seen), (6000, 6180));
+        assert!((t.estimated_ops - 1e15 * 240.0).abs() < 1.0);
+        assert_eq!(t.ops_by_method.len(), 1);
+    }
 }

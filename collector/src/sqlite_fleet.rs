@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use crate::fleet::{
     Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, TenantIdentity, TenantUsage,
-    WindowEvidence, CAPACITY_BUCKET_S,
+    UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::sqlite::{db_error, to_i64, to_u64, SqliteStore, BUSY_TIMEOUT};
@@ -81,27 +81,41 @@ impl PolicyStore for SqliteStore {
     }
 }
 
-/// Columns of the per-tenant totals, in the order [`tenant_usage`] reads them.
-const TOTALS_SQL: &str = r#"
-    SELECT tenant, SUM(estimated_ops), SUM(gpu_seconds), COUNT(*), MIN(start), MAX("end"),
-           MAX(foreign_person), COUNT(DISTINCT host_id),
-           SUM(CASE WHEN method = 'gpm_tensor' THEN estimated_ops ELSE 0 END),
-           SUM(CASE WHEN method = 'utilization_upper_bound' THEN estimated_ops ELSE 0 END),
-           SUM(CASE WHEN method = 'unknown' THEN estimated_ops ELSE 0 END)
-    FROM records WHERE tenant IS NOT NULL AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR "end" > ?2)
-    GROUP BY tenant"#;
+/// Every window of the aggregation, one table scan (the `NOT INDEXED` variant: reading the
+/// whole table in rowid order beats walking the tenant index into random row lookups).
+const WINDOWS_SQL: &str = r#"
+    SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
+           peak_flops, method, foreign_person
+    FROM records NOT INDEXED WHERE tenant IS NOT NULL AND (?2 IS NULL OR "end" > ?2)"#;
 
-const GPUS_SQL: &str = r#"
-    SELECT tenant, SUM(gpus) FROM (
-        SELECT tenant, host_id, MAX(MAX(max_concurrent_gpus, gpus)) AS gpus FROM records
-        WHERE tenant IS NOT NULL AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR "end" > ?2)
-        GROUP BY tenant, host_id)
-    GROUP BY tenant"#;
+/// The windows of one tenant, through the tenant index.
+const TENANT_WINDOWS_SQL: &str = r#"
+    SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
+           peak_flops, method, foreign_person
+    FROM records WHERE tenant = ?1 AND (?2 IS NULL OR "end" > ?2)"#;
 
-const CAPACITY_SQL: &str = r#"
-    SELECT tenant, start / ?3 AS bucket, SUM(peak_flops) FROM records
-    WHERE tenant IS NOT NULL AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR "end" > ?2)
-    GROUP BY tenant, bucket"#;
+fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    use rusqlite::types::ValueRef;
+    let text = |i: usize| -> rusqlite::Result<&str> {
+        match r.get_ref(i)? {
+            ValueRef::Text(t) => std::str::from_utf8(t).map_err(rusqlite::Error::Utf8Error),
+            other => Err(rusqlite::Error::InvalidColumnType(i, String::new(), other.data_type())),
+        }
+    };
+    acc.add(&WindowRow {
+        tenant: text(0)?,
+        host_id: text(1)?,
+        start: r.get(2)?,
+        end: r.get(3)?,
+        gpu_seconds: r.get(4)?,
+        gpus: to_u32(r.get(5)?),
+        estimated_ops: r.get(6)?,
+        peak_flops: r.get(7)?,
+        method: text(8)?,
+        foreign_person: r.get::<_, i64>(9)? != 0,
+    });
+    Ok(())
+}
 
 fn finding_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Finding, String, String, String)> {
     // kind, state and evidence are decoded by the caller (typed errors, not rusqlite's).
@@ -126,61 +140,15 @@ fn finding_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Finding, String,
 impl FleetStore for SqliteStore {
     fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
         let conn = self.reader()?;
-        let mut usage: BTreeMap<String, TenantUsage> = BTreeMap::new();
-        {
-            let mut stmt = conn.prepare(TOTALS_SQL).map_err(db_error)?;
-            let mut rows = stmt.query(params![tenant, since]).map_err(db_error)?;
-            while let Some(r) = rows.next().map_err(db_error)? {
-                let name: String = r.get(0).map_err(db_error)?;
-                let by_method = [("gpm_tensor", 8), ("utilization_upper_bound", 9), ("unknown", 10)]
-                    .into_iter()
-                    .map(|(m, i)| Ok((m.to_owned(), r.get::<_, f64>(i)?)))
-                    .filter(|x: &rusqlite::Result<(String, f64)>| x.as_ref().map_or(true, |(_, v)| *v > 0.0))
-                    .collect::<rusqlite::Result<BTreeMap<_, _>>>()
-                    .map_err(db_error)?;
-                let row = TenantUsage {
-                    tenant: name.clone(),
-                    estimated_ops: r.get(1).map_err(db_error)?,
-                    gpu_seconds: r.get(2).map_err(db_error)?,
-                    peak_flops: 0.0,
-                    peak_at: 0,
-                    hosts: to_u32(r.get(7).map_err(db_error)?),
-                    gpus: 0,
-                    windows: to_u64(r.get(3).map_err(db_error)?)?,
-                    ops_by_method: by_method,
-                    first_seen: r.get(4).map_err(db_error)?,
-                    last_seen: r.get(5).map_err(db_error)?,
-                    foreign_person: r.get::<_, i64>(6).map_err(db_error)? != 0,
-                };
-                usage.insert(name, row);
-            }
+        let mut stmt = conn
+            .prepare(if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL })
+            .map_err(db_error)?;
+        let mut rows = stmt.query(params![tenant, since]).map_err(db_error)?;
+        let mut acc = UsageAccumulator::default();
+        while let Some(r) = rows.next().map_err(db_error)? {
+            add_window(&mut acc, r).map_err(db_error)?;
         }
-        {
-            let mut stmt = conn.prepare(GPUS_SQL).map_err(db_error)?;
-            let mut rows = stmt.query(params![tenant, since]).map_err(db_error)?;
-            while let Some(r) = rows.next().map_err(db_error)? {
-                let name: String = r.get(0).map_err(db_error)?;
-                if let Some(u) = usage.get_mut(&name) {
-                    u.gpus = to_u32(r.get(1).map_err(db_error)?);
-                }
-            }
-        }
-        {
-            let mut stmt = conn.prepare(CAPACITY_SQL).map_err(db_error)?;
-            let mut rows = stmt.query(params![tenant, since, CAPACITY_BUCKET_S]).map_err(db_error)?;
-            while let Some(r) = rows.next().map_err(db_error)? {
-                let name: String = r.get(0).map_err(db_error)?;
-                let bucket: i64 = r.get(1).map_err(db_error)?;
-                let flops: f64 = r.get(2).map_err(db_error)?;
-                if let Some(u) = usage.get_mut(&name) {
-                    if flops > u.peak_flops {
-                        u.peak_flops = flops;
-                        u.peak_at = bucket * CAPACITY_BUCKET_S;
-                    }
-                }
-            }
-        }
-        Ok(usage.into_values().collect())
+        Ok(acc.finish())
     }
 
     fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
