@@ -1,7 +1,12 @@
 //! Ingest throughput of signed 1,000-record gzip batches into SQLite, end to end, against a
-//! raw batched SQLite insert of the same rows in the same run.
+//! raw batched SQLite insert of the same rows in the same run — and the same on PostgreSQL.
 //!
 //!     cargo bench -p kycd-collector --bench ingest
+//!
+//! PostgreSQL: `KYCD_BENCH_POSTGRES_URL` (a role that may `CREATE DATABASE`), else a private
+//! cluster started for the run (tests/pg_support: initdb in /tmp, loopback, PostgreSQL's
+//! default durability, i.e. fsync at every commit like SQLite's `synchronous=FULL`), else the
+//! PostgreSQL rows are skipped. `KYCD_BENCH_POSTGRES=0` skips them too.
 //!
 //! - `pipeline`: `Ingestor::ingest` (what the HTTP handler runs on the blocking pool):
 //!   signature verification over the gzip body, capped inflate, strict JSON parse,
@@ -9,7 +14,9 @@
 //! - `http`: the same through the real server over loopback TCP (hyper client, one
 //!   connection per batch as the agent's uploader opens them).
 //! - `raw`: a prepared INSERT of the same rows (all columns, body_json included), one
-//!   transaction per 1,000 rows, on the same schema and pragmas (WAL, synchronous=FULL).
+//!   transaction per 1,000 rows, on the same schema and pragmas (WAL, synchronous=FULL). On
+//!   PostgreSQL one `INSERT … SELECT FROM UNNEST(arrays)` per 1,000 rows (a per-row INSERT
+//!   would measure loopback round trips), one transaction each.
 //!
 //! Batches are built, serialized, compressed and signed before timing (that is the agent's
 //! work). Each mode runs on a fresh database file under the target directory, not /tmp
@@ -23,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Full};
-use kycd_collector::{Ingestor, Limits, ReportStore as _, SqliteStore, ValidRecord};
+use kycd_collector::{Ingestor, Limits, ReportStore, SqliteStore, ValidRecord};
 use kycd_protocol::{
     Algorithm, EstimationMethod, PrivateJwk, ReportBatch, UsageRecord, UsageWindow, REPORT_SIGNATURE_TYP,
 };
@@ -32,6 +39,48 @@ const RECORDS_PER_BATCH: u64 = 1_000;
 const BATCHES: u64 = 30;
 const ROUNDS: usize = 5;
 const HOST: &str = "bench-host";
+
+#[path = "../tests/pg_support/mod.rs"]
+mod pg_support;
+
+/// Where a mode's fresh database goes.
+enum Backend {
+    Sqlite(std::path::PathBuf),
+    /// The admin URL of a PostgreSQL server.
+    Postgres(String),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "pg",
+        }
+    }
+
+    /// A fresh store named `name`, with the bench host enrolled.
+    fn store(&self, name: &str, key: &PrivateJwk) -> Arc<dyn ReportStore> {
+        let store: Arc<dyn ReportStore> = match self {
+            Backend::Sqlite(dir) => Arc::new(SqliteStore::open(dir.join(format!("{name}.db"))).unwrap()),
+            Backend::Postgres(admin) => {
+                Arc::new(kycd_collector::PgStore::open(&self.pg_database(admin, name)).unwrap())
+            }
+        };
+        store.enroll_host(HOST, &key.public_key(), 0).unwrap();
+        store
+    }
+
+    /// Creates database `name` (dropping an old one) and returns its URL.
+    fn pg_database(&self, admin: &str, name: &str) -> String {
+        let name = name.replace('-', "_");
+        let mut client = postgres::Client::connect(admin, postgres::NoTls).unwrap();
+        // Two statements: DROP DATABASE cannot run in the implicit transaction of a
+        // multi-statement query.
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        pg_support::with_dbname(admin, &name)
+    }
+}
 
 fn record(seq: u64) -> UsageRecord {
     UsageRecord {
@@ -73,14 +122,8 @@ fn signed(batch: &ReportBatch, key: &PrivateJwk) -> (Vec<u8>, String) {
     (body, sig)
 }
 
-fn store(dir: &Path, name: &str, key: &PrivateJwk) -> Arc<SqliteStore> {
-    let store = Arc::new(SqliteStore::open(dir.join(name)).unwrap());
-    store.enroll_host(HOST, &key.public_key(), 0).unwrap();
-    store
-}
-
-fn pipeline(dir: &Path, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) -> Duration {
-    let store = store(dir, &format!("pipeline-{round}.db"), key);
+fn pipeline(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) -> Duration {
+    let store = backend.store(&format!("pipeline-{round}"), key);
     let ingestor = Ingestor::new(store.clone(), Limits::default());
     let t = Instant::now();
     for (body, sig) in uploads {
@@ -91,10 +134,12 @@ fn pipeline(dir: &Path, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, Str
     elapsed
 }
 
-fn http(dir: &Path, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) -> Duration {
+fn http(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) -> Duration {
+    // The store is opened and checked off the runtime: the PostgreSQL client blocks on a
+    // runtime of its own.
+    let store = backend.store(&format!("http-{round}"), key);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let store = store(dir, &format!("http-{round}.db"), key);
+    let elapsed = runtime.block_on(async {
         let ingestor = Arc::new(Ingestor::new(store.clone(), Limits::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -118,14 +163,88 @@ fn http(dir: &Path, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)
             resp.into_body().collect().await.unwrap();
         }
         let elapsed = t.elapsed();
-        assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
         shutdown.cancel();
         server.await.unwrap().unwrap();
         elapsed
-    })
+    });
+    drop(runtime);
+    assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
+    elapsed
 }
 
-fn raw(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
+fn raw(backend: &Backend, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
+    match backend {
+        Backend::Sqlite(dir) => raw_sqlite(dir, round, rows),
+        Backend::Postgres(admin) => raw_pg(&backend.pg_database(admin, &format!("raw_{round}")), rows),
+    }
+}
+
+fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
+    drop(kycd_collector::PgStore::open(url).unwrap()); // the schema
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let insert = client
+        .prepare(
+            r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
+                gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
+                foreign_person, merged_windows, body_json, received_at)
+            SELECT $1::text, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
+                $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
+                $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
+                $17::text[]) AS u"#,
+        )
+        .unwrap();
+    let t = Instant::now();
+    for batch in rows {
+        let col = |f: &dyn Fn(&ValidRecord) -> i64| batch.iter().map(f).collect::<Vec<i64>>();
+        let colf = |f: &dyn Fn(&ValidRecord) -> f64| batch.iter().map(f).collect::<Vec<f64>>();
+        let seq = col(&|v| i64::try_from(v.record.seq).unwrap());
+        let last = col(&|v| i64::try_from(v.last_seq).unwrap());
+        let tenant: Vec<Option<&str>> = batch.iter().map(|v| v.record.window.tenant.as_deref()).collect();
+        let workload: Vec<&str> = batch.iter().map(|v| v.record.window.workload.as_str()).collect();
+        let start = col(&|v| v.record.window.start);
+        let end = col(&|v| v.record.window.end);
+        let gpu_seconds = colf(&|v| v.record.window.gpu_seconds);
+        let gpus = col(&|v| i64::from(v.record.window.gpus));
+        let max_gpus = col(&|v| i64::from(v.record.window.max_concurrent_gpus));
+        let ops = colf(&|v| v.record.window.estimated_ops);
+        let peak = colf(&|v| v.record.window.peak_flops);
+        let method: Vec<&str> =
+            batch.iter().map(|v| kycd_collector::sqlite::method_name(v.record.window.method)).collect();
+        let training: Vec<bool> = batch.iter().map(|v| v.record.window.training_like).collect();
+        let foreign: Vec<bool> = batch.iter().map(|v| v.record.window.foreign_person).collect();
+        let merged = col(&|v| i64::from(v.record.window.merged_windows));
+        let body: Vec<&str> = batch.iter().map(|v| v.body_json.as_str()).collect();
+        let mut tx = client.transaction().unwrap();
+        tx.execute(
+            &insert,
+            &[
+                &HOST,
+                &seq,
+                &last,
+                &tenant,
+                &workload,
+                &start,
+                &end,
+                &gpu_seconds,
+                &gpus,
+                &max_gpus,
+                &ops,
+                &peak,
+                &method,
+                &training,
+                &foreign,
+                &merged,
+                &body,
+                &1_800_000_000i64,
+            ],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    t.elapsed()
+}
+
+fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
     let mut conn = rusqlite::Connection::open(dir.join(format!("raw-{round}.db"))).unwrap();
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
@@ -177,7 +296,7 @@ fn raw(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
 }
 
 /// Where the pipeline's time goes: each stage alone over the same uploads (ms per batch).
-fn stages(dir: &Path, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
+fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     let jwks = kycd_protocol::Jwks::from_keys([key.public_key()]).unwrap();
     let per_batch = |t: Instant| t.elapsed().as_secs_f64() * 1e3 / uploads.len() as f64;
     let t = Instant::now();
@@ -199,14 +318,15 @@ fn stages(dir: &Path, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
         .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default()).unwrap())
         .collect();
     let validate = per_batch(t);
-    let store = store(dir, "stages.db", key);
+    let store = backend.store("stages", key);
     let t = Instant::now();
     for v in &valid {
         store.insert_batch(HOST, v, 0).unwrap();
     }
     let insert = per_batch(t);
     println!(
-        "   stages: verify {verify:.2} + gunzip {gunzip:.2} + parse {parse:.2} + validate {validate:.2} + insert {insert:.2} ms per batch"
+        "   {} stages: verify {verify:.2} + gunzip {gunzip:.2} + parse {parse:.2} + validate {validate:.2} + insert {insert:.2} ms per batch",
+        backend.name()
     );
 }
 
@@ -231,28 +351,74 @@ fn main() {
         compressed as f64 / BATCHES as f64 / 1024.0,
         dir.path().display()
     );
-    // Modes interleaved round by round, so that load from other processes on a shared
-    // machine falls on all three alike; the ratios are medians of per-round ratios.
-    let mut times: [Vec<Duration>; 3] = Default::default();
+    let mut backends = vec![Backend::Sqlite(dir.path().to_path_buf())];
+    let mut _cluster = None;
+    if std::env::var("KYCD_BENCH_POSTGRES").as_deref() == Ok("0") {
+        println!("PostgreSQL: skipped (KYCD_BENCH_POSTGRES=0)");
+    } else if let Ok(url) = std::env::var("KYCD_BENCH_POSTGRES_URL") {
+        println!("PostgreSQL: {}", kycd_collector::postgres::redact_url(&url));
+        backends.push(Backend::Postgres(url));
+    } else {
+        match pg_support::Cluster::start(true) {
+            Ok(cluster) => {
+                println!(
+                    "PostgreSQL: private cluster in {} (default durability: fsync per commit)",
+                    cluster.dir.display()
+                );
+                backends.push(Backend::Postgres(cluster.url("postgres")));
+                _cluster = Some(cluster);
+            }
+            Err(why) => println!("SKIP PostgreSQL: {why}"),
+        }
+    }
+    // Modes and backends interleaved round by round, so that load from other processes on a
+    // shared machine falls on all alike; the ratios are medians of per-round ratios.
+    let modes = ["raw", "pipeline", "http"];
+    let mut times: Vec<[Vec<Duration>; 3]> = backends.iter().map(|_| Default::default()).collect();
     for r in 0..ROUNDS {
-        times[0].push(raw(dir.path(), r, &rows));
-        times[1].push(pipeline(dir.path(), r, &key, &uploads));
-        times[2].push(http(dir.path(), r, &key, &uploads));
+        for (b, backend) in backends.iter().enumerate() {
+            times[b][0].push(raw(backend, r, &rows));
+            times[b][1].push(pipeline(backend, r, &key, &uploads));
+            times[b][2].push(http(backend, r, &key, &uploads));
+        }
     }
-    for (name, t) in ["raw", "pipeline", "http"].iter().zip(&times) {
-        let t = median(t.clone());
-        let rate = total / t.as_secs_f64();
-        let per_batch = t.as_secs_f64() * 1e3 / BATCHES as f64;
-        println!("{name:>9}: {rate:>10.0} records/s  ({per_batch:.2} ms per 1,000-record batch)");
+    for (backend, times) in backends.iter().zip(&times) {
+        for (name, t) in modes.iter().zip(times) {
+            let t = median(t.clone());
+            let rate = total / t.as_secs_f64();
+            let per_batch = t.as_secs_f64() * 1e3 / BATCHES as f64;
+            println!(
+                "{:>6} {name:>9}: {rate:>10.0} records/s  ({per_batch:.2} ms per 1,000-record batch)",
+                backend.name()
+            );
+        }
+        for (name, t) in modes[1..].iter().zip(&times[1..]) {
+            let ratios = ratios(&times[0], t);
+            println!(
+                "{:>6} {name:>9} / raw = {:.2} (median of {ROUNDS} rounds; per round {ratios:.2?})",
+                backend.name(),
+                ratios[ratios.len() / 2]
+            );
+        }
     }
-    for (name, t) in ["pipeline", "http"].iter().zip(&times[1..]) {
-        let mut ratios: Vec<f64> =
-            times[0].iter().zip(t).map(|(raw, mode)| raw.as_secs_f64() / mode.as_secs_f64()).collect();
-        ratios.sort_by(f64::total_cmp);
-        println!(
-            "{name:>9} / raw = {:.2} (median of {ROUNDS} rounds; per round {ratios:.2?})",
-            ratios[ratios.len() / 2]
-        );
+    if times.len() == 2 {
+        for (m, name) in modes.iter().enumerate() {
+            // PostgreSQL's rate over SQLite's = SQLite's time over PostgreSQL's.
+            let ratios = ratios(&times[0][m], &times[1][m]);
+            println!(
+                "pg / sqlite {name:>9} = {:.2} (records/s ratio, median of {ROUNDS} rounds; per round {ratios:.2?})",
+                ratios[ratios.len() / 2]
+            );
+        }
     }
-    stages(dir.path(), &key, &uploads);
+    for backend in &backends {
+        stages(backend, &key, &uploads);
+    }
+}
+
+/// Per-round `a / b`, sorted.
+fn ratios(a: &[Duration], b: &[Duration]) -> Vec<f64> {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a.as_secs_f64() / b.as_secs_f64()).collect();
+    r.sort_by(f64::total_cmp);
+    r
 }

@@ -31,7 +31,7 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:9478")]
         listen: SocketAddr,
-        /// Database URL (sqlite:///path, or a plain path).
+        /// Database URL (sqlite:///path, a plain path, or postgres://user@host/db).
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
         /// File holding the bearer token the read API (/, /v1/tenants, /v1/findings,

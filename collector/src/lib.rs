@@ -5,7 +5,9 @@
 //!
 //! - [`ingest`]: the verify → decompress → parse → validate → store pipeline.
 //! - [`server`]: the HTTP server ([`server::run`] takes the listener and shutdown token).
-//! - [`store`]: the storage trait ([`store::ReportStore`]); [`sqlite`]: its SQLite backend.
+//! - [`store`]: the storage trait ([`store::ReportStore`]) and [`store::open_store`], which
+//!   picks the backend by URL: [`sqlite`] (default) or [`postgres`] (several collectors on one
+//!   database).
 //! - [`hosts`]: host enrollment, and why there is no trust-on-first-use.
 //! - [`poll`]: the agent poller (signed host statements); [`statements`]: its storage trait,
 //!   [`sqlite_statements`]: its SQLite backend.
@@ -29,6 +31,7 @@ pub mod hosts;
 pub mod ingest;
 pub mod policy;
 pub mod poll;
+pub mod postgres;
 pub mod server;
 pub mod sqlite;
 mod sqlite_fleet;
@@ -37,8 +40,14 @@ pub mod statements;
 pub mod store;
 
 pub use ingest::{IngestError, Ingested, Ingestor, Limits};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
 };
 pub use store::{open_store, HostEntry, ReportStore, Storage, StoreError, ValidRecord};
+
+/// The PostgreSQL test cluster of the integration tests, for the unit tests too.
+#[cfg(test)]
+#[path = "../tests/pg_support/mod.rs"]
+mod pg_support;

@@ -8,10 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::Parser as _;
 use kycd_collector::cli::{Cli, Command, FindingsCommand, HostsCommand, PolicyCommand, PollArgs, RuleArgs};
-use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, FleetStore as _};
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
 use kycd_collector::hosts::parse_host_key;
-use kycd_collector::policy::PolicyStore as _;
-use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _, StatementStore as _};
+use kycd_collector::{open_store, Ingestor, Limits};
 use tokio_util::sync::CancellationToken;
 
 /// How long in-flight requests may run after SIGTERM/SIGINT.
@@ -24,14 +23,15 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn open(db: &str, create_dir: bool) -> anyhow::Result<kycd_collector::SqliteStore> {
-    if create_dir {
+fn open(db: &str, create_dir: bool) -> anyhow::Result<Arc<dyn kycd_collector::Storage>> {
+    if create_dir && !kycd_collector::postgres::is_postgres_url(db) {
         let path = kycd_collector::store::sqlite_path(db)?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
     }
-    open_store(db).with_context(|| format!("opening database {db}"))
+    let shown = kycd_collector::postgres::redact_url(db);
+    open_store(db).with_context(|| format!("opening database {shown}"))
 }
 
 /// What `serve` runs besides ingest.
@@ -43,7 +43,10 @@ struct ServeOptions {
 }
 
 async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::Result<()> {
-    let store: Arc<dyn kycd_collector::Storage> = Arc::new(open(db, true)?);
+    // Off the reactor: the PostgreSQL client blocks on a runtime of its own.
+    let owned = db.to_owned();
+    let store =
+        tokio::task::spawn_blocking(move || open(&owned, true)).await.context("opening the database")??;
     let access = match &options.read_token_file {
         Some(path) => {
             let token =
@@ -64,7 +67,7 @@ async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::R
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr().unwrap_or(listen);
-    tracing::info!(listen = %bound, db, "collector serving");
+    tracing::info!(listen = %bound, db = %kycd_collector::postgres::redact_url(db), "collector serving");
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -121,7 +124,7 @@ fn spawn_poller(
 }
 
 fn set_agent_url(
-    store: &kycd_collector::SqliteStore,
+    store: &dyn kycd_collector::Storage,
     host_id: &str,
     url: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -149,13 +152,13 @@ fn hosts(command: HostsCommand) -> anyhow::Result<()> {
             let store = open(&db, true)?;
             store.enroll_host(&host_id, &key, now())?;
             if let Some(url) = &agent_url {
-                set_agent_url(&store, &host_id, Some(url))?;
+                set_agent_url(store.as_ref(), &host_id, Some(url))?;
             }
             println!("enrolled {host_id}");
         }
         HostsCommand::SetAgentUrl { host_id, url, clear, db } => {
             let url = if clear { None } else { url };
-            set_agent_url(&open(&db, false)?, &host_id, url.as_deref())?;
+            set_agent_url(open(&db, false)?.as_ref(), &host_id, url.as_deref())?;
             match url {
                 Some(url) => println!("{host_id}: agent URL {url}"),
                 None => println!("{host_id}: agent URL cleared"),
@@ -206,7 +209,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<()> {
             let jwks =
                 kycd_protocol::Jwks::from_json(&jwks).with_context(|| format!("{}", trust.display()))?;
             let store = open(&db, true)?;
-            let published = kycd_collector::policy::publish(&store, &token, &jwks, now())
+            let published = kycd_collector::policy::publish(store.as_ref(), &token, &jwks, now())
                 .with_context(|| format!("{}", file.display()))?;
             println!("published policy version {} (ETag {})", published.version, published.etag());
         }
@@ -231,7 +234,7 @@ fn findings(command: FindingsCommand) -> anyhow::Result<()> {
     match command {
         FindingsCommand::Evaluate { rules, db } => {
             let store = open(&db, false)?;
-            let report = kycd_collector::findings::evaluate_store(&store, rules.settings(), now())?;
+            let report = kycd_collector::findings::evaluate_store(store.as_ref(), rules.settings(), now())?;
             if report.policy_version.is_none() {
                 eprintln!("warning: no policy published: threshold findings were not evaluated");
             }
@@ -293,7 +296,7 @@ fn export(
     db: &str,
 ) -> anyhow::Result<()> {
     let since = kycd_collector::export::parse_date(since)?;
-    let rows = kycd_collector::export::rows(&open(db, false)?, since)?;
+    let rows = kycd_collector::export::rows(open(db, false)?.as_ref(), since)?;
     let text = kycd_collector::export::render(&rows, format)?;
     match output {
         Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,

@@ -1,7 +1,8 @@
 //! The storage boundary of the collector: what ingest and the `hosts` commands need from a
-//! database, as one object-safe trait ([`ReportStore`]) with SQLite as the one implementation
-//! today ([`crate::sqlite::SqliteStore`]). The PostgreSQL backend for fleets implements the
-//! same trait; nothing above this module knows which database it talks to.
+//! database, as one object-safe trait ([`ReportStore`]) with two implementations: SQLite
+//! ([`crate::sqlite::SqliteStore`], the default) and PostgreSQL for fleets
+//! ([`crate::postgres::PgStore`]), chosen by the database URL ([`open_store`]); nothing above
+//! this module knows which database it talks to.
 //!
 //! Calls are blocking: async callers run them on the blocking pool (`spawn_blocking`), never
 //! on the reactor.
@@ -73,8 +74,15 @@ pub enum StoreError {
         current: u64,
     },
     /// The database URL names a backend this build does not have.
-    #[error("unsupported database URL {0:?} (only sqlite:// or a plain path)")]
+    #[error("unsupported database URL {0:?} (sqlite://…, a plain path, or postgres://…)")]
     UnsupportedUrl(String),
+    /// A database URL of a known backend that cannot be used (unparsable, or asking for
+    /// something this build does not do, such as TLS to PostgreSQL); the password is redacted.
+    #[error("invalid database URL {0}")]
+    InvalidUrl(String),
+    /// What this backend does not store yet (the fleet view and policy on PostgreSQL).
+    #[error("not supported by this database backend yet: {0}")]
+    Unsupported(String),
     /// Any other database error.
     #[error("database error")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -140,10 +148,14 @@ impl<
 {
 }
 
-/// Opens the store named by a database URL: `sqlite:///abs/path`, `sqlite://rel/path`,
-/// `sqlite:path` or a plain path. PostgreSQL URLs are refused until that backend exists.
-pub fn open_store(url: &str) -> Result<crate::sqlite::SqliteStore, StoreError> {
-    crate::sqlite::SqliteStore::open(sqlite_path(url)?)
+/// Opens the store named by a database URL: `postgres://…` or `postgresql://…` (see
+/// [`crate::postgres`]), else SQLite: `sqlite:///abs/path`, `sqlite://rel/path`,
+/// `sqlite:path` or a plain path.
+pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn Storage>, StoreError> {
+    if crate::postgres::is_postgres_url(url) {
+        return Ok(std::sync::Arc::new(crate::postgres::PgStore::open(url)?));
+    }
+    Ok(std::sync::Arc::new(crate::sqlite::SqliteStore::open(sqlite_path(url)?)?))
 }
 
 /// The file path of a SQLite database URL (see [`open_store`]).
@@ -153,7 +165,7 @@ pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
     } else if let Some(rest) = url.strip_prefix("sqlite:") {
         rest
     } else if url.contains("://") {
-        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        return Err(StoreError::UnsupportedUrl(crate::postgres::redact_url(url)));
     } else {
         url
     };

@@ -1,5 +1,7 @@
-//! `kycd-collector hosts …` as an operator runs it.
+//! `kycd-collector hosts …` as an operator runs it, on a SQLite file and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod pg_support;
 
 use std::process::Command;
 
@@ -10,9 +12,41 @@ fn collector(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn hosts_add_list_remove_and_private_keys_are_refused() {
+fn hosts_add_list_remove_and_private_keys_are_refused_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
+    // A directory that does not exist yet: `hosts add` creates it.
     let db = format!("sqlite://{}", dir.path().join("sub/kycd.db").display());
+    hosts_add_list_remove(&dir, &db);
+}
+
+#[test]
+fn hosts_add_list_remove_and_private_keys_are_refused_on_postgres() {
+    let Some(pg) =
+        pg_support::fresh_database("hosts_add_list_remove_and_private_keys_are_refused_on_postgres")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    hosts_add_list_remove(&dir, &pg.url);
+}
+
+#[test]
+fn bad_database_urls_are_refused_without_leaking_the_password() {
+    for (db, expect) in [
+        ("mysql://kycd:s3cret@db/kycd", "unsupported database URL"),
+        ("postgres://kycd:s3cret@db:notaport/kycd", "invalid database URL"),
+        ("postgres://kycd:s3cret@127.0.0.1:1/kycd?sslmode=require", "without TLS"),
+    ] {
+        let out = collector(&["hosts", "list", "--db", db]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{db}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{db}: {stderr}");
+    }
+}
+
+fn hosts_add_list_remove(dir: &tempfile::TempDir, db: &str) {
+    let db = db.to_owned();
     let key = PrivateJwk::generate(Algorithm::EdDSA, "host-1").unwrap();
     let private = dir.path().join("private.jwk");
     let public = dir.path().join("public.jwk");

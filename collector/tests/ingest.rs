@@ -1,25 +1,38 @@
-//! `POST /v1/reports` end to end: real TCP on 127.0.0.1, a real SQLite file in a tempdir.
+//! `POST /v1/reports` end to end: real TCP on 127.0.0.1, a real database: each test runs on
+//! SQLite (a file in a tempdir) and on PostgreSQL (a fresh database on the test cluster).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use common::*;
-use kycd_collector::{Limits, ReportStore as _};
+use kycd_collector::Limits;
 use kycd_protocol::{UsageRecord, REPORT_SIGNATURE_TYP};
 
 const HOST: &str = "host-1";
 
-async fn started(dir: &tempfile::TempDir) -> (Collector, kycd_protocol::PrivateJwk) {
-    let collector = Collector::start(&db_path(dir), Limits::default()).await;
+backend_tests!(
+    a_signed_batch_is_stored_and_acked_and_a_resend_is_a_no_op,
+    out_of_order_batches_ack_only_the_contiguous_prefix,
+    a_merged_record_covers_its_whole_range,
+    same_seq_with_different_content_is_a_permanent_conflict,
+    signatures_are_checked_before_anything_else,
+    one_bad_record_rejects_the_whole_batch,
+    malformed_bodies_are_rejected,
+    oversized_bodies_and_zip_bombs_are_refused,
+    acks_survive_a_restart_on_the_same_database,
+    healthz_answers_ok,
+);
+
+async fn started(db: &TestDb) -> (Collector, kycd_protocol::PrivateJwk) {
+    let collector = Collector::start(db, Limits::default()).await;
     let key = host_key(HOST);
     collector.enroll(&key);
     (collector, key)
 }
 
-#[tokio::test]
-async fn a_signed_batch_is_stored_and_acked_and_a_resend_is_a_no_op() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn a_signed_batch_is_stored_and_acked_and_a_resend_is_a_no_op(db: TestDb) {
+    let (c, key) = started(&db).await;
     let b = batch(HOST, (1..=3).map(record).collect());
     assert_eq!(send(c.addr, &b, &key).await.acked(), 3);
     assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (3, 3)]);
@@ -32,19 +45,15 @@ async fn a_signed_batch_is_stored_and_acked_and_a_resend_is_a_no_op() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn out_of_order_batches_ack_only_the_contiguous_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn out_of_order_batches_ack_only_the_contiguous_prefix(db: TestDb) {
+    let (c, key) = started(&db).await;
     assert_eq!(send(c.addr, &batch(HOST, vec![record(4), record(5)]), &key).await.acked(), 0);
     assert_eq!(send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(), 5);
     c.stop().await;
 }
 
-#[tokio::test]
-async fn a_merged_record_covers_its_whole_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn a_merged_record_covers_its_whole_range(db: TestDb) {
+    let (c, key) = started(&db).await;
     let mut merged = record(6);
     merged.last_seq = Some(9);
     merged.window.merged_windows = 4;
@@ -55,10 +64,8 @@ async fn a_merged_record_covers_its_whole_range() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn same_seq_with_different_content_is_a_permanent_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn same_seq_with_different_content_is_a_permanent_conflict(db: TestDb) {
+    let (c, key) = started(&db).await;
     assert_eq!(send(c.addr, &batch(HOST, vec![record(1), record(2), record(5)]), &key).await.acked(), 2);
     let mut changed = record(5);
     changed.window.estimated_ops *= 2.0;
@@ -66,7 +73,7 @@ async fn same_seq_with_different_content_is_a_permanent_conflict() {
     assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"), "{:?}", reply.body);
     assert!(reply.body["error"].as_str().is_some());
     assert_eq!(c.ranges(HOST), [(1, 1), (2, 2), (5, 5)], "the batch's new record 3 was rolled back");
-    assert_eq!(c.store.acked_seq(HOST).unwrap(), 2);
+    assert_eq!(c.acked(HOST), 2);
     // A record overlapping a stored merged range conflicts too.
     let mut merged = record(3);
     merged.last_seq = Some(4);
@@ -76,10 +83,8 @@ async fn same_seq_with_different_content_is_a_permanent_conflict() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn signatures_are_checked_before_anything_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn signatures_are_checked_before_anything_else(db: TestDb) {
+    let (c, key) = started(&db).await;
     let b = batch(HOST, vec![record(1)]);
 
     // Signed by another key that claims the enrolled host's id.
@@ -117,10 +122,8 @@ async fn signatures_are_checked_before_anything_else() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn one_bad_record_rejects_the_whole_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn one_bad_record_rejects_the_whole_batch(db: TestDb) {
+    let (c, key) = started(&db).await;
     let mut bad = record(3);
     bad.window.end = bad.window.start;
     let reply = send(c.addr, &batch(HOST, vec![record(1), record(2), bad, record(4)]), &key).await;
@@ -149,14 +152,12 @@ async fn one_bad_record_rejects_the_whole_batch() {
         assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"), "{what}: {:?}", reply.body);
     }
     assert!(c.ranges(HOST).is_empty());
-    assert_eq!(c.store.acked_seq(HOST).unwrap(), 0);
+    assert_eq!(c.acked(HOST), 0);
     c.stop().await;
 }
 
-#[tokio::test]
-async fn malformed_bodies_are_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn malformed_bodies_are_rejected(db: TestDb) {
+    let (c, key) = started(&db).await;
     let sign = |body: &[u8]| kycd_protocol::sign_detached(body, REPORT_SIGNATURE_TYP, &key);
 
     // Signed, but not gzip.
@@ -180,11 +181,9 @@ async fn malformed_bodies_are_rejected() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn oversized_bodies_and_zip_bombs_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+async fn oversized_bodies_and_zip_bombs_are_refused(db: TestDb) {
     let limits = Limits { max_body_bytes: 64 * 1024, ..Limits::default() };
-    let c = Collector::start(&db_path(&dir), limits).await;
+    let c = Collector::start(&db, limits).await;
     let key = host_key(HOST);
     c.enroll(&key);
     let sign = |body: &[u8]| kycd_protocol::sign_detached(body, REPORT_SIGNATURE_TYP, &key);
@@ -210,16 +209,14 @@ async fn oversized_bodies_and_zip_bombs_are_refused() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn acks_survive_a_restart_on_the_same_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+async fn acks_survive_a_restart_on_the_same_database(db: TestDb) {
+    let (c, key) = started(&db).await;
     assert_eq!(send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(), 3);
     assert_eq!(send(c.addr, &batch(HOST, vec![record(5)]), &key).await.acked(), 3);
     c.stop().await;
 
-    let c = Collector::start(&db_path(&dir), Limits::default()).await;
-    assert_eq!(c.store.acked_seq(HOST).unwrap(), 3);
+    let c = Collector::start(&db, Limits::default()).await;
+    assert_eq!(c.acked(HOST), 3);
     assert_eq!(
         send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key).await.acked(),
         3,
@@ -229,10 +226,8 @@ async fn acks_survive_a_restart_on_the_same_database() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn healthz_answers_ok() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, _) = started(&dir).await;
+async fn healthz_answers_ok(db: TestDb) {
+    let (c, _) = started(&db).await;
     let reply = request(c.addr, "GET", "/healthz", &[], Vec::new()).await;
     assert_eq!((reply.status, reply.body.as_str()), (200, Some("ok")));
     c.stop().await;
@@ -240,15 +235,79 @@ async fn healthz_answers_ok() {
 
 #[tokio::test]
 async fn a_locked_database_answers_503_with_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let (c, key) = started(&dir).await;
+    let db = TestDb::sqlite();
+    let (c, key) = started(&db).await;
     // Another process holds the write lock past the busy timeout.
-    let other = rusqlite::Connection::open(db_path(&dir)).unwrap();
+    let other = rusqlite::Connection::open(db.sqlite_path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     let reply = send(c.addr, &batch(HOST, vec![record(1)]), &key).await;
     assert_eq!((reply.status, reply.kind()), (503, "Unavailable"), "{:?}", reply.body);
     assert_eq!(reply.headers.get("retry-after").unwrap(), "5");
     other.execute_batch("ROLLBACK").unwrap();
     assert_eq!(send(c.addr, &batch(HOST, vec![record(1)]), &key).await.acked(), 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_locked_postgres_table_answers_503_with_retry_after() {
+    let Some(db) = TestDb::postgres("a_locked_postgres_table_answers_503_with_retry_after") else { return };
+    let (c, key) = started(&db).await;
+    // Another session holds the records table past the lock timeout (e.g. a long migration
+    // or maintenance by hand).
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut other = off_runtime(|| db.pg().client());
+    let holder = std::thread::spawn(move || {
+        let mut tx = other.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        tx.rollback().unwrap();
+        other
+    });
+    locked_rx.recv().unwrap();
+    let reply = send(c.addr, &batch(HOST, vec![record(1)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (503, "Unavailable"), "{:?}", reply.body);
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "5");
+    release_tx.send(()).unwrap();
+    let other = holder.join().unwrap();
+    std::thread::spawn(move || drop(other)).join().unwrap();
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(1)]), &key).await.acked(), 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_postgres_answers_503_and_the_collector_recovers() {
+    let Some(db) = TestDb::postgres("a_stopped_postgres_answers_503_and_the_collector_recovers") else {
+        return;
+    };
+    let (c, key) = started(&db).await;
+    assert_eq!(send(c.addr, &batch(HOST, vec![record(1)]), &key).await.acked(), 1);
+    // Terminate every connection of the collector (as pg_terminate_backend or a server
+    // restart would): the pool notices, and the next call reconnects.
+    let url = db.url.clone();
+    off_runtime(move || {
+        let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        admin
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .unwrap();
+    });
+    let mut acked = None;
+    for _ in 0..3 {
+        let reply = send(c.addr, &batch(HOST, vec![record(2)]), &key).await;
+        if reply.status == 200 {
+            acked = Some(reply.acked());
+            break;
+        }
+        assert_eq!((reply.status, reply.kind()), (503, "Unavailable"), "{:?}", reply.body);
+    }
+    assert_eq!(
+        acked,
+        Some(2),
+        "a terminated connection costs at most a transient error per pooled connection"
+    );
     c.stop().await;
 }

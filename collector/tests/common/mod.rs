@@ -1,15 +1,19 @@
 //! Shared helpers of the collector's integration tests: a collector served in-process on
-//! 127.0.0.1:0 over a real SQLite file, a minimal hyper HTTP/1.1 client, and signed batches.
+//! 127.0.0.1:0 over a real database (a SQLite file, or a PostgreSQL database on the test
+//! cluster of `pg_support`), a minimal hyper HTTP/1.1 client, and signed batches.
+//!
+//! Tests that must hold on both backends are written once, as `async fn name(db: TestDb)`,
+//! and listed in [`backend_tests!`], which makes a `sqlite::name` and a `postgres::name` test.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use kycd_collector::{Ingestor, Limits, ReportStore as _, SqliteStore};
+use kycd_collector::{Ingestor, Limits, ReportStore};
 use kycd_protocol::{
     Algorithm, EstimationMethod, PrivateJwk, ReportBatch, UsageRecord, UsageWindow, REPORT_SIGNATURE_TYP,
 };
@@ -17,17 +21,95 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[path = "../pg_support/mod.rs"]
+pub mod pg_support;
+
+pub use pg_support::off_runtime;
+
+/// Makes, for each listed `async fn name(db: TestDb)`, the tests `sqlite::name` and
+/// `postgres::name` (the latter skips loudly where no PostgreSQL can be had).
+#[allow(unused_macros)]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::common::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = crate::common::TestDb::postgres(stringify!($name)) else { return };
+                    super::$name(db).await;
+                }
+            )*
+        }
+    };
+}
+
+/// The database of one test: a SQLite file in a temp dir, or a fresh PostgreSQL database.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The URL `open_store` and `--db` take.
+    pub url: String,
+    dir: tempfile::TempDir,
+    pg: Option<pg_support::PgDb>,
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kycd.db").display());
+        TestDb { url, dir, pg: None }
+    }
+
+    /// `None` (the test skips) when no PostgreSQL server can be had.
+    pub fn postgres(test: &str) -> Option<TestDb> {
+        let pg = pg_support::fresh_database(test)?;
+        Some(TestDb { url: pg.url.clone(), dir: tempfile::tempdir().unwrap(), pg: Some(pg) })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    /// The SQLite file (SQLite only).
+    pub fn sqlite_path(&self) -> PathBuf {
+        assert!(self.pg.is_none());
+        self.dir.path().join("kycd.db")
+    }
+
+    /// The PostgreSQL database (PostgreSQL only).
+    pub fn pg(&self) -> &pg_support::PgDb {
+        self.pg.as_ref().unwrap()
+    }
+
+    /// A scratch directory that lives as long as the database.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Opens the store (off the async runtime).
+    pub fn open(&self) -> Arc<dyn ReportStore> {
+        off_runtime(|| kycd_collector::open_store(&self.url).unwrap())
+    }
+}
+
 /// A collector running in this process.
 pub struct Collector {
     pub addr: SocketAddr,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn ReportStore>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), kycd_collector::server::ServerError>>,
 }
 
 impl Collector {
-    pub async fn start(db: &Path, limits: Limits) -> Collector {
-        let store = Arc::new(SqliteStore::open(db).unwrap());
+    pub async fn start(db: &TestDb, limits: Limits) -> Collector {
+        let store = db.open();
         let ingestor = Arc::new(Ingestor::new(store.clone(), limits));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -42,16 +124,16 @@ impl Collector {
     }
 
     pub fn enroll(&self, key: &PrivateJwk) {
-        self.store.enroll_host(key.kid(), &key.public_key(), 0).unwrap();
+        off_runtime(|| self.store.enroll_host(key.kid(), &key.public_key(), 0).unwrap());
     }
 
     pub fn ranges(&self, host: &str) -> Vec<(u64, u64)> {
-        self.store.stored_ranges(host).unwrap()
+        off_runtime(|| self.store.stored_ranges(host).unwrap())
     }
-}
 
-pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
-    dir.path().join("kycd.db")
+    pub fn acked(&self, host: &str) -> u64 {
+        off_runtime(|| self.store.acked_seq(host).unwrap())
+    }
 }
 
 pub fn host_key(host: &str) -> PrivateJwk {
@@ -155,4 +237,9 @@ pub async fn upload(addr: SocketAddr, body: Vec<u8>, signature: &str) -> Reply {
 pub async fn send(addr: SocketAddr, batch: &ReportBatch, key: &PrivateJwk) -> Reply {
     let (body, sig) = signed(batch, key);
     upload(addr, body, &sig).await
+}
+
+/// The SQLite file of a test that manages its own store.
+pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("kycd.db")
 }
