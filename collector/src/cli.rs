@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_DB: &str = "sqlite:///var/lib/kycd-collector/kycd.db";
 
 #[derive(Debug, Parser)]
-#[command(name = "kycd-collector", about = "kycd collector: ingest of signed host usage reports")]
+#[command(name = "kycd-collector", version, about = "kycd collector: ingest of signed host usage reports")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
