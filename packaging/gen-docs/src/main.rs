@@ -64,11 +64,38 @@ fn write_man(cmd: &clap::Command, dir: &Path) -> anyhow::Result<usize> {
         pages += write_man(sub, dir)?;
     }
     let version = cmd.get_version().unwrap_or(env!("CARGO_PKG_VERSION"));
-    let man =
-        clap_mangen::Man::new(cmd.clone()).section(SECTION).manual(MANUAL).source(format!("kycd {version}"));
+    // clap_mangen would render `after_help` (the exit codes) as filled text in a section
+    // named EXTRA; man pages have EXIT STATUS for it, and the table needs its line breaks.
+    let exit_status = cmd.get_after_help().map(|h| h.to_string());
+    let page = cmd.clone().after_help(None::<&'static str>);
+    let man = clap_mangen::Man::new(page).section(SECTION).manual(MANUAL).source(format!("kycd {version}"));
     let path = dir.join(man.get_filename());
     let mut buf = Vec::new();
     man.render(&mut buf).with_context(|| format!("rendering {}", path.display()))?;
-    std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+    let mut text = String::from_utf8(buf).context("clap_mangen wrote non-UTF-8")?;
+    if let Some(exit_status) = exit_status {
+        let section = exit_status_section(&exit_status);
+        match text.find("\n.SH VERSION") {
+            Some(at) => text.insert_str(at + 1, &section),
+            None => text.push_str(&section),
+        }
+    }
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(pages + 1)
+}
+
+/// An EXIT STATUS section with `text` kept line by line (no filling), roff-escaped.
+fn exit_status_section(text: &str) -> String {
+    let mut out = String::from(".SH \"EXIT STATUS\"\n.nf\n");
+    for line in text.lines() {
+        let line = line.replace('\\', "\\e");
+        // A line starting with a dot or an apostrophe would be read as a request.
+        if line.starts_with(['.', '\'']) {
+            out.push_str("\\&");
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(".fi\n");
+    out
 }
