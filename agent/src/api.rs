@@ -121,6 +121,38 @@ pub struct Status {
     pub drift_repaired: std::collections::BTreeMap<String, u64>,
     /// The last reload's failure, if the last reload failed.
     pub last_reload_error: Option<String>,
+    /// The policy fetcher's last fetch (absent: fetching is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_fetch: Option<PolicyFetchStatus>,
+    /// The usage spool and uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting: Option<ReportingStatus>,
+}
+
+/// The reporting part of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportingStatus {
+    /// Records spooled and not yet acknowledged by the collector.
+    pub spool_pending_records: u64,
+    /// Bytes of spool segments on disk.
+    pub spool_bytes: u64,
+    /// Whether uploads are configured (`reporting.collector_url`).
+    pub uploading: bool,
+    /// When the collector last stored a batch (Unix seconds; absent: not since start).
+    pub last_upload_at: Option<i64>,
+}
+
+/// The policy fetcher part of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFetchStatus {
+    /// The URL fetched.
+    pub url: String,
+    /// When the last fetch ended (Unix seconds; absent: none yet).
+    pub last_at: Option<i64>,
+    /// Its outcome (`applied`, `unchanged`, `not_modified`, `rejected: KIND`, or an error).
+    pub outcome: Option<String>,
+    /// The ETag of the last accepted answer.
+    pub etag: Option<String>,
 }
 
 /// The policy part of [`Status`].

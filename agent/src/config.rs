@@ -298,6 +298,19 @@ pub struct TrustConfig {
 pub struct PolicyConfig {
     /// The signed policy file.
     pub file: PathBuf,
+    /// Where to fetch the published policy (the collector's `GET /v1/policy`, full URL);
+    /// absent: no fetching. A fetched policy goes through the same verification and
+    /// anti-rollback as the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_url: Option<String>,
+    /// Seconds between fetches (each jittered by ±10 %, so a fleet does not fetch in step).
+    pub fetch_interval_s: u64,
+    /// PEM CA certificate(s) trusted for `fetch_url` besides the system trust store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_ca_file: Option<PathBuf>,
+    /// Whole-request timeout of a fetch (seconds; the connect timeout is the smaller of this
+    /// and 10 s).
+    pub fetch_timeout_s: u64,
 }
 
 /// `[attestations]`.
@@ -385,7 +398,13 @@ impl Default for TrustConfig {
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { file: PathBuf::from("/etc/kycd/policy.jws") }
+        PolicyConfig {
+            file: PathBuf::from("/etc/kycd/policy.jws"),
+            fetch_url: None,
+            fetch_interval_s: 300,
+            fetch_ca_file: None,
+            fetch_timeout_s: 30,
+        }
     }
 }
 
@@ -537,7 +556,7 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 18] = [
+        let absolute: [(&'static str, Option<&Path>); 19] = [
             ("collector_api.cert_file", self.collector_api.cert_file.as_deref()),
             ("collector_api.key_file", self.collector_api.key_file.as_deref()),
             ("collector_api.client_ca_file", self.collector_api.client_ca_file.as_deref()),
@@ -551,6 +570,7 @@ impl Config {
             ("trust.issuers", Some(&self.trust.issuers)),
             ("trust.policy", Some(&self.trust.policy)),
             ("policy.file", Some(&self.policy.file)),
+            ("policy.fetch_ca_file", self.policy.fetch_ca_file.as_deref()),
             ("attestations.drop_dir", self.attestations.drop_dir.as_deref()),
             ("attestations.host_attestation", Some(&self.attestations.host_attestation)),
             ("workloads.cgroup_root", self.workloads.cgroup_root.as_deref()),
@@ -608,6 +628,17 @@ impl Config {
             if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
                 return invalid("reporting.collector_url", "must be an http:// or https:// URL");
             }
+        }
+        if let Some(url) = &self.policy.fetch_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
+                return invalid("policy.fetch_url", "must be an http:// or https:// URL");
+            }
+        }
+        if !(1..=86_400).contains(&self.policy.fetch_interval_s) {
+            return invalid("policy.fetch_interval_s", "must be between 1 and 86400");
+        }
+        if !(1..=3600).contains(&self.policy.fetch_timeout_s) {
+            return invalid("policy.fetch_timeout_s", "must be between 1 and 3600");
         }
         if r.group_commit_ms > 10_000 {
             return invalid("reporting.group_commit_ms", "must be at most 10000");
@@ -736,6 +767,8 @@ mod tests {
             ("host_id = \"has space\"", "host_id"),
             ("[reporting]\ncollector_url = \"ftp://x\"", "reporting.collector_url"),
             ("[reporting]\nbatch_max_records = 0", "reporting.batch_max_records"),
+            ("[policy]\nfetch_url = \"ftp://x\"", "policy.fetch_url"),
+            ("[policy]\nfetch_interval_s = 0", "policy.fetch_interval_s"),
             ("[log]\nformat = \"xml\"", "xml"),
             ("not toml at all [", "TOML"),
         ] {
@@ -796,6 +829,11 @@ mod tests {
             host_id: Some("x".into()),
             workloads: WorkloadConfig { cgroup_root: Some("/x".into()), ..WorkloadConfig::default() },
             api: ApiConfig { socket_group: Some("kycd".into()), ..ApiConfig::default() },
+            policy: PolicyConfig {
+                fetch_url: Some("https://x".into()),
+                fetch_ca_file: Some("/x".into()),
+                ..PolicyConfig::default()
+            },
             reporting: ReportingConfig {
                 collector_url: Some("https://x".into()),
                 ca_file: Some("/x".into()),

@@ -41,7 +41,7 @@ use crate::audit::{AuditLog, AuditOptions};
 use crate::cgroup::LibvirtDomain;
 use crate::config::{Config, Mode};
 use crate::decision::{decide, Decision, DecisionInput, Reason, ReasonCode};
-use crate::policy::{AppliedPolicy, Offer, PolicyGuard};
+use crate::policy::{AppliedPolicy, Offer, PolicyError, PolicyGuard};
 use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
 
@@ -107,6 +107,47 @@ pub enum Event {
     ConfigFile(PathBuf),
     /// Reload trust anchors and the policy, and rescan everything (SIGHUP).
     Reload,
+    /// A policy token fetched by [`crate::policy_fetch`]; the reply says what became of it.
+    FetchedPolicy {
+        /// The body as served.
+        token: Vec<u8>,
+        /// Where the verdict goes.
+        reply: tokio::sync::oneshot::Sender<crate::policy_fetch::FetchVerdict>,
+    },
+}
+
+/// Where a policy token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PolicySource {
+    /// `policy.file`.
+    File,
+    /// The copy of the last accepted fetched policy (`<state_dir>/fetched-policy.jws`).
+    FetchedCopy,
+    /// Just fetched from `policy.fetch_url`.
+    Fetch,
+}
+
+impl PolicySource {
+    /// The file and the fetched policy are the two sources; the copy is the fetched one.
+    fn fetched(self) -> bool {
+        matches!(self, PolicySource::FetchedCopy | PolicySource::Fetch)
+    }
+}
+
+/// What offering a policy token came to (already logged and recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    /// A newer version, now in force.
+    Applied(u64),
+    /// The version in force (re-read, or re-signed), now in force from this source.
+    Unchanged(u64),
+    /// The same claims are already in force from the other source, which stays.
+    Equivalent(u64),
+    /// A lower version than the one in force from the other source: not a rollback
+    /// attempt, just the older of the two sources.
+    Superseded,
+    /// Refused, with the error kind.
+    Rejected(&'static str),
 }
 
 /// Why the daemon could not start. Once running, it does not stop on errors.
@@ -142,6 +183,9 @@ pub enum DaemonError {
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
     Reporting(#[from] crate::upload::ReportingError),
+    /// The policy fetcher cannot be set up (its URL or CA file).
+    #[error("policy fetcher: {0}")]
+    PolicyFetch(String),
 }
 
 pub use crate::reconcile::{Enforcer, RecordOnly};
@@ -215,6 +259,12 @@ pub struct Agent {
     attestations: BTreeMap<PathBuf, Attested>,
     /// The policy in force as delivered, re-verified when the trust anchors change.
     policy_token: Option<Vec<u8>>,
+    /// Where the policy in force came from.
+    policy_source: PolicySource,
+    /// The last fetched token refused, so an unchanged one is not re-recorded every fetch.
+    fetch_rejected: Option<Rejection>,
+    /// The policy fetcher's state, when it runs (for status and metrics).
+    fetch_status: Option<crate::policy_fetch::SharedFetchStatus>,
     /// Input files (attestations, the policy) last rejected, so an unchanged bad file is
     /// neither re-verified nor re-recorded on every rescan; see [`Rejection`].
     rejected: BTreeMap<PathBuf, Rejection>,
@@ -265,13 +315,18 @@ impl std::fmt::Debug for Agent {
 /// The identity part of a host statement's workload entry, from its attestation.
 fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol::StatementSubject {
     let mut owner_countries: Vec<_> =
-        claims.beneficial_owners.iter().flat_map(|o| o.countries.iter().cloned()).collect();
+        claims.beneficial_owners.iter().flat_map(|o| o.countries.iter().copied()).collect();
     owner_countries.sort();
     owner_countries.dedup();
+    let mut reseller_countries: Vec<_> = claims.resellers.iter().map(|r| r.country).collect();
+    reseller_countries.sort();
+    reseller_countries.dedup();
     kycd_protocol::StatementSubject {
         legal_name: claims.subject.legal_name.clone(),
         countries: claims.subject.countries.clone(),
         beneficial_owner_countries: owner_countries,
+        reseller_countries,
+        payment_source_country: claims.payment_source_country,
         foreign_person: claims.foreign_person,
     }
 }
@@ -371,6 +426,9 @@ impl Agent {
             guard,
             policy: None,
             policy_token: None,
+            policy_source: PolicySource::File,
+            fetch_rejected: None,
+            fetch_status: None,
             attestations: BTreeMap::new(),
             rejected: BTreeMap::new(),
             workloads: BTreeMap::new(),
@@ -416,7 +474,10 @@ impl Agent {
     }
 
     fn policy_options(&self) -> VerifyOptions {
-        VerifyOptions { max_token_bytes: 1 << 20, clock_skew_s: self.config.clock_skew_s }
+        VerifyOptions {
+            max_token_bytes: crate::policy::MAX_POLICY_BYTES,
+            clock_skew_s: self.config.clock_skew_s,
+        }
     }
 
     /// Appends a non-decision event to the audit log. A failure to record is logged loudly;
@@ -436,6 +497,7 @@ impl Agent {
     pub fn reload(&mut self) {
         self.last_reload_error = None;
         self.rejected.clear();
+        self.fetch_rejected = None;
         self.load_trust();
         self.load_geo();
         self.recheck_policy();
@@ -529,10 +591,31 @@ impl Agent {
         self.policy_token = None;
     }
 
+    /// Where an accepted fetched policy is kept.
+    fn fetched_copy_path(&self) -> PathBuf {
+        self.config.state_dir.join(crate::policy_fetch::FETCHED_FILE)
+    }
+
+    /// Loads the policy file and the copy of the last fetched policy. The copy goes first:
+    /// when both are valid the higher version ends up in force, and the lower one is
+    /// recognised as superseded rather than refused as a rollback.
     fn load_policy(&mut self) {
-        let path = self.config.policy.file.clone();
-        let bytes = match crate::fsutil::read_regular_file(&path, 1 << 20) {
+        self.load_policy_file(PolicySource::FetchedCopy);
+        self.load_policy_file(PolicySource::File);
+    }
+
+    fn load_policy_file(&mut self, source: PolicySource) {
+        let path = match source {
+            PolicySource::File => self.config.policy.file.clone(),
+            PolicySource::FetchedCopy | PolicySource::Fetch => self.fetched_copy_path(),
+        };
+        let bytes = match crate::fsutil::read_regular_file(&path, crate::policy::MAX_POLICY_BYTES) {
             Ok(b) => tokens::strip_one_newline(b),
+            // Nothing fetched yet: the usual case, not worth a word.
+            Err(e) if source != PolicySource::File && e.kind() == std::io::ErrorKind::NotFound => {
+                self.rejected.remove(&path);
+                return;
+            }
             Err(e) => {
                 let rejection = Rejection { digest: String::new(), kind: "Io" };
                 if self.rejected.get(&path) != Some(&rejection) {
@@ -551,33 +634,158 @@ impl Agent {
         if previous.as_ref().is_some_and(Rejection::permanent) {
             return;
         }
-        match self.guard.offer(&bytes, &self.policy_keys, &self.policy_options(), now()) {
-            Ok(offer) => {
+        let origin = path.display().to_string();
+        match self.offer_policy(source, &origin, bytes, previous.as_ref()) {
+            Offered::Applied(_) | Offered::Unchanged(_) => {
                 self.rejected.remove(&path);
-                let (Offer::Applied(p) | Offer::Unchanged(p)) = &offer;
-                info!(version = p.claims.version, kid = %p.kid, measures = p.claims.measures.len(), "policy applied");
-                // Re-reading the version already applied (a restart) is not a new application.
-                if matches!(offer, Offer::Applied(_)) || self.policy.is_none() {
-                    self.record(json!({"type": "policy_applied", "version": p.claims.version,
-                        "claims_digest": p.claims_digest, "token_digest": p.token_digest, "kid": p.kid,
-                        "source": path}));
-                }
-                let (Offer::Applied(p) | Offer::Unchanged(p)) = offer;
-                self.policy = Some(p);
-                self.policy_token = Some(bytes);
-                self.reconcile_due = true;
             }
-            Err(e) => {
-                let rejection = Rejection { digest, kind: e.kind() };
-                if previous.as_ref() == Some(&rejection) {
-                    return; // A transient failure retried on the tick, unchanged: already recorded.
-                }
-                *self.counters.policies_rejected.entry(e.kind()).or_default() += 1;
-                error!(kind = e.kind(), error = %e, path = %path.display(), "policy rejected; keeping the current one");
-                self.record(json!({"type": "policy_rejected", "kind": e.kind(), "reason": e.to_string(), "source": path}));
-                self.rejected.insert(path, rejection);
+            Offered::Equivalent(_) => {
+                self.rejected.insert(path, Rejection { digest, kind: "Equivalent" });
+            }
+            Offered::Superseded => {
+                self.rejected.insert(path, Rejection { digest, kind: "Superseded" });
+            }
+            Offered::Rejected(kind) => {
+                self.rejected.insert(path, Rejection { digest, kind });
             }
         }
+    }
+
+    /// The one path every policy token takes, whatever its source: verification and
+    /// anti-rollback ([`PolicyGuard::offer`]), then the log line and the audit record.
+    /// `previous` is the rejection remembered for this content, if any (an unchanged
+    /// transient failure is not recorded again).
+    fn offer_policy(
+        &mut self,
+        source: PolicySource,
+        origin: &str,
+        bytes: Vec<u8>,
+        previous: Option<&Rejection>,
+    ) -> Offered {
+        match self.guard.offer(&bytes, &self.policy_keys, &self.policy_options(), now()) {
+            Ok(offer) => {
+                let is_new = matches!(offer, Offer::Applied(_));
+                let (Offer::Applied(p) | Offer::Unchanged(p)) = offer;
+                let version = p.claims.version;
+                let other_source = self.policy_source.fetched() != source.fetched();
+                if !is_new
+                    && other_source
+                    && self.policy.as_ref().is_some_and(|cur| cur.claims_digest == p.claims_digest)
+                {
+                    debug!(version, origin, "the same policy is already in force from the other source");
+                    return Offered::Equivalent(version);
+                }
+                info!(version, kid = %p.kid, measures = p.claims.measures.len(), origin, "policy applied");
+                // Re-reading the version already applied (a restart) is not a new application.
+                if is_new || self.policy.is_none() {
+                    self.record(json!({"type": "policy_applied", "version": version,
+                        "claims_digest": p.claims_digest, "token_digest": p.token_digest, "kid": p.kid,
+                        "source": origin}));
+                }
+                self.policy = Some(p);
+                self.policy_token = Some(bytes);
+                self.policy_source = source;
+                self.reconcile_due = true;
+                if is_new {
+                    Offered::Applied(version)
+                } else {
+                    Offered::Unchanged(version)
+                }
+            }
+            // The persisted copy was accepted once, so a newer version has been applied since;
+            // the file is likewise just older than what the fetcher brought.
+            Err(PolicyError::Rollback { offered, highest })
+                if source == PolicySource::FetchedCopy
+                    || (source == PolicySource::File
+                        && self.policy.is_some()
+                        && self.policy_source.fetched()) =>
+            {
+                info!(
+                    offered,
+                    in_force = highest,
+                    origin,
+                    "policy superseded by a newer version; not applied"
+                );
+                self.record(json!({"type": "policy_superseded", "version": offered, "in_force": highest,
+                    "source": origin}));
+                Offered::Superseded
+            }
+            Err(e) => {
+                let kind = e.kind();
+                let digest = kycd_protocol::token_digest(&bytes);
+                if previous.is_some_and(|r| r.digest == digest && r.kind == kind) {
+                    return Offered::Rejected(kind); // A transient failure retried, unchanged: already recorded.
+                }
+                *self.counters.policies_rejected.entry(kind).or_default() += 1;
+                if source == PolicySource::Fetch {
+                    warn!(kind, error = %e, origin, "fetched policy rejected; keeping the current one");
+                } else {
+                    error!(kind, error = %e, origin, "policy rejected; keeping the current one");
+                }
+                self.record(json!({"type": "policy_rejected", "kind": kind, "reason": e.to_string(), "source": origin}));
+                Offered::Rejected(kind)
+            }
+        }
+    }
+
+    /// A token from the policy fetcher: offered like the file, and kept in the state
+    /// directory once accepted, so a restart enforces it without the collector.
+    pub fn offer_fetched_policy(&mut self, token: Vec<u8>) -> crate::policy_fetch::FetchVerdict {
+        use crate::policy_fetch::FetchVerdict;
+        let bytes = tokens::strip_one_newline(token);
+        let digest = kycd_protocol::token_digest(&bytes);
+        if let Some(p) = self.policy.as_ref().filter(|p| p.token_digest == digest) {
+            return FetchVerdict::Unchanged { version: p.claims.version };
+        }
+        let previous = self.fetch_rejected.clone().filter(|r| r.digest == digest);
+        if let Some(r) = previous.as_ref().filter(|r| r.permanent()) {
+            return FetchVerdict::Rejected { kind: r.kind };
+        }
+        let origin = self.config.policy.fetch_url.clone().unwrap_or_else(|| "fetch".into());
+        match self.offer_policy(PolicySource::Fetch, &origin, bytes.clone(), previous.as_ref()) {
+            Offered::Applied(version) => {
+                self.fetch_rejected = None;
+                self.persist_fetched(&bytes);
+                FetchVerdict::Applied { version }
+            }
+            Offered::Unchanged(version) => {
+                // Now in force from this token: the copy must be this token too.
+                self.fetch_rejected = None;
+                self.persist_fetched(&bytes);
+                FetchVerdict::Unchanged { version }
+            }
+            Offered::Equivalent(version) => {
+                self.fetch_rejected = None;
+                FetchVerdict::Unchanged { version }
+            }
+            Offered::Superseded => FetchVerdict::Rejected { kind: "Rollback" },
+            Offered::Rejected(kind) => {
+                self.fetch_rejected = Some(Rejection { digest, kind });
+                FetchVerdict::Rejected { kind }
+            }
+        }
+    }
+
+    /// Writes the fetched policy in force to the state directory (atomically, fsync'd).
+    /// A failure leaves it in force now; after a restart the host has the policy file's
+    /// version or, if that is lower, none until the next fetch (fail closed).
+    fn persist_fetched(&mut self, bytes: &[u8]) {
+        let path = self.fetched_copy_path();
+        match crate::fsutil::write_atomic(&path, bytes) {
+            Ok(()) => {
+                self.rejected.remove(&path);
+            }
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot keep the fetched policy; a restart will not enforce it until fetched again");
+                self.record(json!({"type": "policy_fetch_not_persisted", "reason": e.to_string(),
+                    "source": path}));
+            }
+        }
+    }
+
+    /// The fetcher's state, for status and metrics (set by [`run`]).
+    pub fn set_fetch_status(&mut self, status: crate::policy_fetch::SharedFetchStatus) {
+        self.fetch_status = Some(status);
     }
 
     fn verify_attestation(&self, bytes: &[u8], host_file: bool) -> Result<Attested, IntakeError> {
@@ -690,7 +898,10 @@ impl Agent {
         for path in stale.iter().chain(present.iter()) {
             self.ingest(path, false, recheck);
         }
-        self.rejected.retain(|p, _| present.contains(p) || *p == host_file || *p == self.config.policy.file);
+        let fetched_copy = self.fetched_copy_path();
+        self.rejected.retain(|p, _| {
+            present.contains(p) || *p == host_file || *p == self.config.policy.file || *p == fetched_copy
+        });
         if host_file.exists() || self.attestations.contains_key(&host_file) {
             self.ingest(&host_file, true, recheck);
         }
@@ -1061,6 +1272,20 @@ impl Agent {
                     ("gpu", new.gpu != self.config.gpu),
                     ("collector_api", new.collector_api != self.config.collector_api),
                     ("audit", new.audit != self.config.audit),
+                    (
+                        "policy.fetch_*",
+                        (
+                            &new.policy.fetch_url,
+                            new.policy.fetch_interval_s,
+                            &new.policy.fetch_ca_file,
+                            new.policy.fetch_timeout_s,
+                        ) != (
+                            &self.config.policy.fetch_url,
+                            self.config.policy.fetch_interval_s,
+                            &self.config.policy.fetch_ca_file,
+                            self.config.policy.fetch_timeout_s,
+                        ),
+                    ),
                 ];
                 let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
                 if changed.is_empty() {
@@ -1103,7 +1328,19 @@ impl Agent {
             policy: self.policy.as_ref().map(|p| crate::api::PolicyStatus {
                 version: p.claims.version,
                 kid: p.kid.clone(),
-                source: self.config.policy.file.display().to_string(),
+                source: match (self.policy_source, &self.config.policy.fetch_url) {
+                    (PolicySource::File, _) => self.config.policy.file.display().to_string(),
+                    (_, Some(url)) => format!("{url} (kept in {})", self.fetched_copy_path().display()),
+                    (_, None) => self.fetched_copy_path().display().to_string(),
+                },
+            }),
+            policy_fetch: self.fetch_status.as_ref().and_then(|s| s.lock().ok()).map(|s| {
+                crate::api::PolicyFetchStatus {
+                    url: s.url.clone(),
+                    last_at: s.last_at,
+                    outcome: s.last_outcome.clone(),
+                    etag: s.etag.clone(),
+                }
             }),
             issuer_kids: self.issuers.kids().map(str::to_owned).collect(),
             policy_kids: self.policy_keys.kids().map(str::to_owned).collect(),
@@ -1119,6 +1356,7 @@ impl Agent {
                 .collect(),
             drift_repaired: self.counters.drift_repaired.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
             last_reload_error: self.last_reload_error.clone(),
+            reporting: None,
         }
     }
 
@@ -1241,6 +1479,9 @@ impl Agent {
             "Consecutive evaluations whose decisions could not be recorded.",
             vec![(String::new(), f64::from(self.audit_failures))],
         );
+        if let Some(status) = self.fetch_status.as_ref().and_then(|s| s.lock().ok()) {
+            out.push_str(&crate::policy_fetch::metrics_text(&status));
+        }
         out
     }
 
@@ -1370,6 +1611,10 @@ impl Agent {
             }
             Event::ConfigFile(path) if path == self.config.policy.file => self.load_policy(),
             Event::ConfigFile(_) => {}
+            Event::FetchedPolicy { token, reply } => {
+                let verdict = self.offer_fetched_policy(token);
+                let _ = reply.send(verdict);
+            }
             Event::Reload => {
                 info!("reloading trust anchors, policy and attestations");
                 self.reload();
@@ -1570,6 +1815,33 @@ fn start_gpu(
     Some(GpuTasks { metrics, sampler, sink, observer, stop })
 }
 
+/// Starts the policy fetcher when `policy.fetch_url` is set.
+fn start_policy_fetcher(
+    config: &Config,
+    events: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+) -> Result<Option<(crate::policy_fetch::SharedFetchStatus, tokio::task::JoinHandle<()>)>, DaemonError> {
+    let p = &config.policy;
+    let Some(url) = &p.fetch_url else { return Ok(None) };
+    let url = reqwest::Url::parse(url)
+        .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
+    let timeout = Duration::from_secs(p.fetch_timeout_s);
+    let client = crate::upload::https_client(
+        p.fetch_ca_file.as_deref(),
+        timeout.min(Duration::from_secs(10)),
+        timeout,
+    )
+    .map_err(|e| DaemonError::PolicyFetch(e.to_string()))?;
+    let status = Arc::new(std::sync::Mutex::new(crate::policy_fetch::FetchStatus {
+        url: url.to_string(),
+        ..Default::default()
+    }));
+    let options =
+        crate::policy_fetch::FetchOptions { url, interval: Duration::from_secs(p.fetch_interval_s) };
+    let task = tokio::spawn(crate::policy_fetch::run(options, client, events, Arc::clone(&status), shutdown));
+    Ok(Some((status, task)))
+}
+
 /// Runs the agent until `shutdown` is cancelled. `reload` carries SIGHUP's freshly loaded
 /// configuration (or why it did not load); `gpu`, when given, is sampled (see [`start_gpu`]).
 pub async fn run(
@@ -1580,6 +1852,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let (tx, mut rx) = mpsc::channel(EVENT_CAPACITY);
+    let fetch_tx = tx.clone();
     let overflow = Arc::new(AtomicBool::new(false));
     let rescan_every = Duration::from_secs(config.workloads.rescan_interval_s);
     let mut watches = start_watcher(&config, tx, overflow.clone())?;
@@ -1595,6 +1868,13 @@ pub async fn run(
         agent.reconcile();
         next
     });
+    let fetcher = match start_policy_fetcher(&agent.config, fetch_tx, shutdown.child_token())? {
+        Some((status, task)) => {
+            agent.set_fetch_status(status);
+            Some(task)
+        }
+        None => None,
+    };
     let (tenants_tx, tenants_rx) = tokio::sync::watch::channel(Arc::new(agent.tenant_map()));
     let uploader = reporting.spawn_uploader(shutdown.child_token());
     let gpu_tasks = gpu.and_then(|backend| {
@@ -1670,7 +1950,9 @@ pub async fn run(
                         Some(t) if t.metrics.lock().is_ok_and(|m| m.backend_available()) => "available".to_owned(),
                         Some(_) => "unavailable".to_owned(),
                     };
-                    let _ = reply.send(agent.status(gpu));
+                    let mut status = agent.status(gpu);
+                    status.reporting = Some(reporting.status());
+                    let _ = reply.send(status);
                 }
                 ApiRequest::Workloads(reply) => {
                     let _ = reply.send(agent.workload_rows());
@@ -1691,6 +1973,7 @@ pub async fn run(
                 }
                 ApiRequest::Metrics(reply) => {
                     let mut text = agent.metrics_text();
+                    text.push_str(&reporting.metrics_text());
                     if let Some(t) = &gpu_tasks {
                         if let Ok(m) = t.metrics.lock() {
                             text.push_str(&m.render());
@@ -1765,6 +2048,11 @@ pub async fn run(
         }
     }
     notifier.notify("STOPPING=1");
+    if let Some(fetcher) = fetcher {
+        if tokio::time::timeout(SHUTDOWN_GRACE, fetcher).await.is_err() {
+            warn!("the policy fetcher did not stop within the grace period");
+        }
+    }
     if let Some(uploader) = uploader {
         let _ = uploader.await;
     }

@@ -16,6 +16,7 @@ pub mod host;
 pub mod https;
 pub mod notify;
 pub mod policy;
+pub mod policy_fetch;
 pub mod reconcile;
 pub mod spool;
 pub mod tokens;

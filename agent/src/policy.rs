@@ -7,6 +7,9 @@
 //! replayed older file can move a host back to a laxer policy. The same version with
 //! different content is refused too: a version number names one policy, forever.
 //!
+//! Every policy token takes this one path, whatever its source: the policy file, the copy
+//! of the last fetched policy, or a token just fetched by [`crate::policy_fetch`].
+//!
 //! An unreadable or corrupt state file is an error, not a fresh start: without the high-water
 //! mark any old policy could be replayed, so the host stays without a policy (which the
 //! decision engine treats as deny) until an operator repairs or removes the file.
@@ -16,6 +19,9 @@ use std::path::{Path, PathBuf};
 
 use kycd_protocol::{verify, Jwks, PolicyClaims, VerifyError, VerifyOptions};
 use serde::{Deserialize, Serialize};
+
+/// Largest policy token read (from the file, or fetched).
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
 
 /// Name of the anti-rollback state file inside the state directory.
 pub const STATE_FILE: &str = "policy.state";

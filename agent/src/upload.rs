@@ -115,19 +115,45 @@ pub struct UploadCounters {
     pub batches_rejected: AtomicU64,
     /// Records in those batches.
     pub records_rejected: AtomicU64,
+    /// Failed attempts and permanent rejections, by kind (`kycd_upload_failures_total`).
+    pub failures: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// When a batch was last stored (Unix seconds; 0: never).
+    pub last_success_at: std::sync::atomic::AtomicI64,
 }
+
+impl UploadCounters {
+    fn failed(&self, kind: &'static str) {
+        if let Ok(mut f) = self.failures.lock() {
+            *f.entry(kind).or_default() += 1;
+        }
+    }
+}
+
+/// Upload failure kinds (the `kind` label of `kycd_upload_failures_total`).
+pub const FAILURE_KINDS: [&str; 7] =
+    ["network", "unauthorized", "throttled", "http_error", "bad_answer", "rejected", "spool"];
 
 /// Builds the HTTPS client: rustls (ring), the system trust store plus `ca_file`, no
 /// redirects, timeouts.
 pub fn build_client(options: &UploaderOptions) -> Result<reqwest::Client, UploadError> {
+    https_client(options.ca_file.as_deref(), options.connect_timeout, options.request_timeout)
+}
+
+/// The agent's outbound HTTPS client (uploads, policy fetches): rustls (ring), the system
+/// trust store plus the PEM certificates in `ca_file`, no redirects, the given timeouts.
+pub fn https_client(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::Client, UploadError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(options.connect_timeout)
-        .timeout(options.request_timeout)
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
         .user_agent(concat!("kycd/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &options.ca_file {
-        let ca_err = |reason: String| UploadError::CaFile { path: path.clone(), reason };
+    if let Some(path) = ca_file {
+        let ca_err = |reason: String| UploadError::CaFile { path: path.to_owned(), reason };
         let pem = crate::fsutil::read_regular_file(path, 1 << 20).map_err(|e| ca_err(e.to_string()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
         if certs.is_empty() {
@@ -157,7 +183,7 @@ pub fn encode_body(host_id: &str, sent_at: i64, records: &[UsageRecord]) -> std:
 }
 
 /// A random duration in `[0, d]` (full jitter), from std's randomly keyed hasher.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(d.as_nanos() as u64);
     let r = h.finish();
@@ -182,8 +208,9 @@ enum Outcome {
     Stored(u64),
     /// Permanent rejection (400/409/413) with the status and the collector's body.
     Rejected(u16, serde_json::Value),
-    /// Try again after at least this long (Retry-After), or after the backoff.
-    Retry(Option<Duration>, String),
+    /// Try again after at least this long (Retry-After), or after the backoff; the failure
+    /// kind (one of [`FAILURE_KINDS`]) and what happened.
+    Retry(Option<Duration>, &'static str, String),
 }
 
 /// Runs the uploader until `shutdown`. `committed` is notified by the spool writer after
@@ -239,6 +266,7 @@ pub async fn run(
             }
             Err(e) => {
                 error!(error = %e, "cannot read the spool; retrying");
+                counters.failed("spool");
                 failures += 1;
                 if sleep_or_stop(&shutdown, backoff(failures, options.backoff_max)).await {
                     return;
@@ -258,6 +286,7 @@ pub async fn run(
                 last_upload = tokio::time::Instant::now();
                 counters.batches_ok.fetch_add(1, Relaxed);
                 counters.records_ok.fetch_add(records.len() as u64, Relaxed);
+                counters.last_success_at.store(crate::tokens::unix_now(), Relaxed);
                 let to = if acked_seq < last && (acked_seq < acked || first > acked + 1) {
                     // Either the collector's count is stuck under seqs this agent settled
                     // (a rejected batch), or seqs acked+1..first-1 are gone locally (a
@@ -297,6 +326,7 @@ pub async fn run(
                         .await;
                 match saved {
                     Ok(Ok(path)) => {
+                        counters.failed("rejected");
                         counters.batches_rejected.fetch_add(1, Relaxed);
                         counters.records_rejected.fetch_add(last - first + 1, Relaxed);
                         info!(path = %path.display(), "rejected batch saved");
@@ -315,8 +345,9 @@ pub async fn run(
                 }
                 limit = options.batch_max_records.max(1);
             }
-            Outcome::Retry(after, reason) => {
+            Outcome::Retry(after, kind, reason) => {
                 failures += 1;
+                counters.failed(kind);
                 counters.retries.fetch_add(1, Relaxed);
                 let delay = after.unwrap_or_else(|| backoff(failures, options.backoff_max));
                 warn!(%reason, attempt = failures, delay_ms = delay.as_millis() as u64, first_seq = first,
@@ -359,7 +390,7 @@ async fn send(
 ) -> Outcome {
     let body = match encode_body(host_id, crate::tokens::unix_now(), records) {
         Ok(b) => b,
-        Err(e) => return Outcome::Retry(None, format!("encoding: {e}")),
+        Err(e) => return Outcome::Retry(None, "bad_answer", format!("encoding: {e}")),
     };
     let signature = sign_detached(&body, REPORT_SIGNATURE_TYP, key);
     let response = client
@@ -372,7 +403,7 @@ async fn send(
         .await;
     let response = match response {
         Ok(r) => r,
-        Err(e) => return Outcome::Retry(None, format!("network: {e}")),
+        Err(e) => return Outcome::Retry(None, "network", format!("network: {e}")),
     };
     let status = response.status().as_u16();
     let after = retry_after(response.headers());
@@ -383,15 +414,15 @@ async fn send(
     match status {
         200 => match serde_json::from_slice::<ReportAck>(&body) {
             Ok(ack) => Outcome::Stored(ack.acked_seq),
-            Err(e) => Outcome::Retry(None, format!("200 with an unreadable ack: {e}")),
+            Err(e) => Outcome::Retry(None, "bad_answer", format!("200 with an unreadable ack: {e}")),
         },
         400 | 409 | 413 => Outcome::Rejected(status, json),
         401 => {
             error!(collector = %json, "collector does not accept this host's signature (not enrolled yet? register `kycctl host-key --public` with the collector); retrying");
-            Outcome::Retry(None, format!("401 {json}"))
+            Outcome::Retry(None, "unauthorized", format!("401 {json}"))
         }
-        429 | 503 => Outcome::Retry(after, format!("{status} {json}")),
-        _ => Outcome::Retry(None, format!("{status} {json}")),
+        429 | 503 => Outcome::Retry(after, "throttled", format!("{status} {json}")),
+        _ => Outcome::Retry(None, "http_error", format!("{status} {json}")),
     }
 }
 
@@ -537,6 +568,85 @@ impl Reporting {
     }
 
     /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
+    /// The spool depth and the last successful upload (for `kycctl status`).
+    pub fn status(&self) -> crate::api::ReportingStatus {
+        let (pending, bytes) = self.spool.lock().map(|s| (s.pending(), s.used_bytes())).unwrap_or((0, 0));
+        let last = self.upload_counters.last_success_at.load(Relaxed);
+        crate::api::ReportingStatus {
+            spool_pending_records: pending,
+            spool_bytes: bytes,
+            uploading: self.uploader.is_some(),
+            last_upload_at: (last > 0).then_some(last),
+        }
+    }
+
+    /// The spool's and the uploader's metrics in the Prometheus text format (for `/metrics`).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let one = |v: f64| [(String::new(), v)];
+        let (pending, bytes, stats) = match self.spool.lock() {
+            Ok(s) => (s.pending(), s.used_bytes(), s.stats()),
+            Err(_) => (0, 0, crate::spool::SpoolStats::default()),
+        };
+        family(
+            "kycd_spool_pending_records",
+            "gauge",
+            "Usage records spooled and not yet acknowledged by the collector.",
+            &one(pending as f64),
+        );
+        family("kycd_spool_bytes", "gauge", "Bytes of spool segments on disk.", &one(bytes as f64));
+        family(
+            "kycd_spool_merges_total",
+            "counter",
+            "Merge passes run because the spool neared its cap.",
+            &one(stats.merges as f64),
+        );
+        family(
+            "kycd_spool_append_errors_total",
+            "counter",
+            "Failed spool appends (each retried).",
+            &one(self.writer_counters.append_errors.load(Relaxed) as f64),
+        );
+        let c = &self.upload_counters;
+        family(
+            "kycd_upload_batches_total",
+            "counter",
+            "Report batches the collector stored.",
+            &one(c.batches_ok.load(Relaxed) as f64),
+        );
+        family(
+            "kycd_upload_records_total",
+            "counter",
+            "Usage records in report batches the collector stored.",
+            &one(c.records_ok.load(Relaxed) as f64),
+        );
+        let failures = c.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        let by_kind: Vec<(String, f64)> = FAILURE_KINDS
+            .iter()
+            .map(|k| (format!("{{kind=\"{k}\"}}"), failures.get(k).copied().unwrap_or(0) as f64))
+            .collect();
+        family(
+            "kycd_upload_failures_total",
+            "counter",
+            "Failed upload attempts (retried) and permanently rejected batches, by kind.",
+            &by_kind,
+        );
+        family(
+            "kycd_upload_last_success_timestamp_seconds",
+            "gauge",
+            "When the collector last stored a batch (Unix seconds; 0: never since start).",
+            &one(c.last_success_at.load(Relaxed) as f64),
+        );
+        out
+    }
+
     pub fn spawn_writer(
         &self,
         windows: crate::gpu::usage::WindowReceiver,

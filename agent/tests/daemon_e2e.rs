@@ -11,7 +11,7 @@ use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
 use serde_json::json;
 
 mod host_support;
-use host_support::{admit, atomic_write, is_root, now, reasons, Host};
+use host_support::{admit, atomic_write, http_get, is_root, now, promtool_check, reasons, Host};
 
 #[test]
 fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
@@ -623,11 +623,15 @@ fn operators_read_status_by_group_and_only_root_mutates() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("mode audit") && out.contains("version 3 signed by authority-1"), "{out}");
     assert!(out.contains("1 allow"), "{out}");
+    assert!(out.contains("spool:        0 records pending") && out.contains("uploads off"), "{out}");
     let (code, out, _) = kycctl_as(None, &["status", "--json", "--socket", &socket]);
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["policy"]["version"], 3);
     assert_eq!(status["gpu"], "unavailable", "no NVML on a test machine");
+    assert_eq!(status["reporting"]["spool_pending_records"], 0);
+    assert_eq!(status["reporting"]["uploading"], false);
+    assert!(status["reporting"]["last_upload_at"].is_null());
     let (code, out, _) = kycctl_as(None, &["workloads", "--socket", &socket]);
     assert_eq!(code, 0);
     assert!(
@@ -715,17 +719,6 @@ fn systemd_is_notified_ready_then_watchdog_then_stopping() {
     assert_eq!(last, "STOPPING=1");
 }
 
-/// A plain HTTP GET on loopback: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: kycd\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
-}
-
 #[test]
 fn collectors_get_a_host_signed_statement_and_metrics() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -740,7 +733,18 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
     host.wait_for_verdict("libvirt_domain:vm-a", "allow");
 
     let nonce = "collector-nonce-0001";
-    let (status, token) = http_get(&addr, &format!("/v1/attestation?nonce={nonce}"));
+    // The statement snapshot is refreshed right after the decision is recorded: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, token) = loop {
+        let (status, token) = http_get(&addr, &format!("/v1/attestation?nonce={nonce}"));
+        let payload = token.trim().split('.').nth(1).unwrap_or("").to_owned();
+        let has_vm = kycd_protocol::b64::decode(payload.as_bytes())
+            .is_ok_and(|p| String::from_utf8_lossy(&p).contains("libvirt_domain:vm-a"));
+        if status != 200 || has_vm || Instant::now() > deadline {
+            break (status, token);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(status, 200, "{token}");
     // Verified with the host's public key, as a collector would after enrollment.
     let key = PrivateJwk::from_json(&fs::read(host.path("state/host.key")).unwrap()).unwrap();
@@ -778,27 +782,23 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
     assert!(metrics.contains("kycd_workloads{verdict=\"allow\"} 1"), "{metrics}");
     assert!(metrics.contains("kycd_policy_version 5"), "{metrics}");
     assert!(metrics.contains("kycd_gpu_backend_available 0"), "{metrics}");
-    // promtool is the reference parser of the text format.
-    match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics:\n{}{}\n{metrics}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) => eprintln!("SKIP promtool check metrics: promtool not available ({e})"),
+    // Reporting: the spool is empty (no GPU here), nothing uploaded, every failure kind
+    // exported at 0, no success yet. No fetcher configured: no policy fetch families.
+    for line in [
+        "kycd_spool_pending_records 0",
+        "kycd_spool_merges_total 0",
+        "kycd_spool_append_errors_total 0",
+        "kycd_upload_batches_total 0",
+        "kycd_upload_records_total 0",
+        "kycd_upload_failures_total{kind=\"network\"} 0",
+        "kycd_upload_failures_total{kind=\"rejected\"} 0",
+        "kycd_upload_last_success_timestamp_seconds 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
     }
+    assert!(metrics.contains("# TYPE kycd_spool_bytes gauge"), "{metrics}");
+    assert!(!metrics.contains("kycd_policy_fetches_total"), "{metrics}");
+    promtool_check(&metrics);
     host.stop();
 }
 

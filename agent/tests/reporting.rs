@@ -178,6 +178,13 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(counters.batches_rejected.load(Relaxed), 1);
     assert_eq!(counters.retries.load(Relaxed), 1);
+    // By kind: the 503 is `throttled`, the 400 `rejected`; nothing else failed.
+    let failures = counters.failures.lock().unwrap().clone();
+    assert_eq!(failures, [("rejected", 1), ("throttled", 1)].into_iter().collect());
+    assert!(failures.keys().all(|k| kycd::upload::FAILURE_KINDS.contains(k)));
+    assert_eq!(counters.records_ok.load(Relaxed), 10 + 10 + 5, "records in stored batches (resends count)");
+    let last = counters.last_success_at.load(Relaxed);
+    assert!(last > 0 && last <= kycd::tokens::unix_now(), "{last}");
 
     let cursor: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spool_dir.join("cursor")).unwrap()).unwrap();

@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_DB: &str = "sqlite:///var/lib/kycd-collector/kycd.db";
 
 #[derive(Debug, Parser)]
-#[command(name = "kycd-collector", version, about = "kycd collector: ingest of signed host usage reports")]
+#[command(
+    name = "kycd-collector",
+    version,
+    about = "kycd collector: ingests signed host usage reports, aggregates tenants' compute across \
+             hosts, raises findings, distributes the signed policy, exports for filings"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -19,12 +24,48 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve POST /v1/reports and GET /healthz.
+    /// Serve report ingest (POST /v1/reports), the policy (GET /v1/policy), the read API
+    /// (/v1/tenants, /v1/findings, /v1/hosts, the HTML overview at /) and /healthz, and
+    /// evaluate findings periodically.
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:9478")]
         listen: SocketAddr,
         /// Database URL (sqlite:///path, or a plain path).
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        /// File holding the bearer token the read API (/, /v1/tenants, /v1/findings,
+        /// /v1/hosts) requires. Without it the read API answers loopback clients only.
+        #[arg(long, value_name = "FILE")]
+        read_token_file: Option<PathBuf>,
+        /// Seconds between findings evaluations (0: never, e.g. on ingest-only replicas).
+        #[arg(long, default_value_t = 60)]
+        evaluate_interval_s: u64,
+        #[command(flatten)]
+        rules: RuleArgs,
+    },
+    /// Publish and show the signed jurisdiction policy agents fetch from GET /v1/policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Evaluate and list findings.
+    Findings {
+        #[command(subcommand)]
+        command: FindingsCommand,
+    },
+    /// Export per-tenant usage and findings for regulatory filings.
+    Export {
+        /// Start of the period: YYYY-MM-DD (UTC), RFC 3339, or Unix seconds.
+        #[arg(long)]
+        since: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::export::Format,
+        /// Write to this file instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Database URL.
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
@@ -60,6 +101,86 @@ pub enum HostsCommand {
         /// Host id.
         #[arg(long)]
         host_id: String,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+}
+
+/// Tunables of the findings rules.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuleArgs {
+    /// A host with neither a stored report nor a verified poll answer for this many seconds is
+    /// dark (raise `host_dark`); three poll intervals is the rule of thumb.
+    #[arg(long, default_value_t = 180)]
+    pub dark_after_s: i64,
+    /// Seconds after a policy is published during which hosts may still show the previous
+    /// version without a `policy_stale` finding (agents fetch on an interval).
+    #[arg(long, default_value_t = 600)]
+    pub policy_grace_s: i64,
+}
+
+impl RuleArgs {
+    /// As evaluation settings.
+    pub fn settings(&self) -> crate::findings::EvaluationSettings {
+        crate::findings::EvaluationSettings {
+            dark_after_s: self.dark_after_s,
+            policy_grace_s: self.policy_grace_s,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Verify a signed policy (compact JWS) against trust anchors and make it the published
+    /// policy; refused unless its version is higher than the published one.
+    Publish {
+        /// The policy token file.
+        file: PathBuf,
+        /// JWKS file with the policy signer's public keys.
+        #[arg(long, value_name = "JWKS")]
+        trust: PathBuf,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Print the published policy's version, publication time, ETag and claims.
+    Show {
+        /// Print the token itself instead.
+        #[arg(long)]
+        token: bool,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FindingsCommand {
+    /// Run one evaluation now (what `serve` does every --evaluate-interval-s) and print what
+    /// was raised and resolved.
+    Evaluate {
+        #[command(flatten)]
+        rules: RuleArgs,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// List findings.
+    List {
+        /// Only `open` or `resolved`.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this kind (early_warning, training_threshold_crossed, cluster_capacity_crossed,
+        /// host_dark, policy_stale, enforcement_mismatch).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only about this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
         /// Database URL.
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,

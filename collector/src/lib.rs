@@ -18,13 +18,19 @@
 //! tokio::spawn(kycd_collector::server::run(listener, ingestor, shutdown.clone()));
 //! ```
 
+pub mod api;
 pub mod cli;
+pub mod export;
+pub mod findings;
+pub mod fleet;
 pub mod hosts;
 pub mod ingest;
+pub mod policy;
 pub mod server;
 pub mod sqlite;
+mod sqlite_fleet;
 pub mod store;
 
 pub use ingest::{IngestError, Ingested, Ingestor, Limits};
 pub use sqlite::SqliteStore;
-pub use store::{open_store, HostEntry, ReportStore, StoreError, ValidRecord};
+pub use store::{open_store, HostEntry, ReportStore, Storage, StoreError, ValidRecord};

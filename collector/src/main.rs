@@ -1,4 +1,5 @@
-//! `kycd-collector`: serve report ingest, or manage enrolled hosts.
+//! `kycd-collector`: serve ingest, the policy and the read API; manage hosts and the policy;
+//! evaluate findings; export for filings.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser as _;
-use kycd_collector::cli::{Cli, Command, HostsCommand};
+use kycd_collector::cli::{Cli, Command, FindingsCommand, HostsCommand, PolicyCommand, RuleArgs};
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, FleetStore as _};
 use kycd_collector::hosts::parse_host_key;
+use kycd_collector::policy::PolicyStore as _;
 use kycd_collector::{open_store, Ingestor, Limits, ReportStore as _};
 use tokio_util::sync::CancellationToken;
 
@@ -31,9 +34,32 @@ fn open(db: &str, create_dir: bool) -> anyhow::Result<kycd_collector::SqliteStor
     open_store(db).with_context(|| format!("opening database {db}"))
 }
 
-async fn serve(listen: SocketAddr, db: &str) -> anyhow::Result<()> {
-    let store = open(db, true)?;
-    let ingestor = Arc::new(Ingestor::new(Arc::new(store), Limits::default()));
+/// What `serve` runs besides ingest.
+struct ServeOptions {
+    read_token_file: Option<std::path::PathBuf>,
+    evaluate_interval_s: u64,
+    rules: RuleArgs,
+}
+
+async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::Result<()> {
+    let store: Arc<dyn kycd_collector::Storage> = Arc::new(open(db, true)?);
+    let access = match &options.read_token_file {
+        Some(path) => {
+            let token =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            if token.trim().len() < 16 {
+                bail!("the read token in {} must be at least 16 characters", path.display());
+            }
+            kycd_collector::api::ReadAccess::token(&token)
+        }
+        None => kycd_collector::api::ReadAccess::loopback_only(),
+    };
+    let api = kycd_collector::api::ApiState {
+        store: Arc::clone(&store),
+        access,
+        dark_after_s: options.rules.dark_after_s,
+    };
+    let ingestor = Arc::new(Ingestor::new(store.clone(), Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr().unwrap_or(listen);
@@ -54,7 +80,16 @@ async fn serve(listen: SocketAddr, db: &str) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    let server = tokio::spawn(kycd_collector::server::run(listener, ingestor, shutdown.clone()));
+    if options.evaluate_interval_s > 0 {
+        tokio::spawn(kycd_collector::findings::run_evaluator(
+            Arc::clone(&store),
+            options.rules.settings(),
+            Duration::from_secs(options.evaluate_interval_s),
+            shutdown.clone(),
+        ));
+    }
+    let app = kycd_collector::server::app(ingestor, api);
+    let server = tokio::spawn(kycd_collector::server::serve(listener, app, shutdown.clone()));
     shutdown.cancelled().await;
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(joined) => joined.context("server task")??,
@@ -94,15 +129,126 @@ fn hosts(command: HostsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Publish { file, trust, db } => {
+            let token =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let jwks = std::fs::read(&trust).with_context(|| format!("reading {}", trust.display()))?;
+            let jwks =
+                kycd_protocol::Jwks::from_json(&jwks).with_context(|| format!("{}", trust.display()))?;
+            let store = open(&db, true)?;
+            let published = kycd_collector::policy::publish(&store, &token, &jwks, now())
+                .with_context(|| format!("{}", file.display()))?;
+            println!("published policy version {} (ETag {})", published.version, published.etag());
+        }
+        PolicyCommand::Show { token, db } => {
+            let Some(policy) = open(&db, false)?.current_policy()? else {
+                bail!("no policy has been published");
+            };
+            if token {
+                println!("{}", policy.token);
+            } else {
+                println!("version {}", policy.version);
+                println!("published_at {}", kycd_collector::export::rfc3339(policy.published_at));
+                println!("etag {}", policy.etag());
+                println!("{}", serde_json::to_string_pretty(&policy.claims)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn findings(command: FindingsCommand) -> anyhow::Result<()> {
+    match command {
+        FindingsCommand::Evaluate { rules, db } => {
+            let store = open(&db, false)?;
+            let report = kycd_collector::findings::evaluate_store(&store, rules.settings(), now())?;
+            if report.policy_version.is_none() {
+                eprintln!("warning: no policy published: threshold findings were not evaluated");
+            }
+            for (id, kind, subject) in &report.raised {
+                println!("raised\t{id}\t{}\t{subject}", kind.as_str());
+            }
+            for (id, kind, subject) in &report.resolved {
+                println!("resolved\t{id}\t{}\t{subject}", kind.as_str());
+            }
+            println!("open\t{}", report.open);
+        }
+        FindingsCommand::List { state, kind, tenant, json, db } => {
+            let state = state
+                .map(|s| {
+                    FindingState::parse(&s).with_context(|| format!("unknown state {s:?} (open, resolved)"))
+                })
+                .transpose()?;
+            let kind = kind
+                .map(|k| FindingKind::parse(&k).with_context(|| format!("unknown finding kind {k:?}")))
+                .transpose()?;
+            let store = open(&db, false)?;
+            let mut after_id = 0;
+            loop {
+                let page = store.list_findings(&FindingQuery {
+                    state,
+                    kind,
+                    tenant: tenant.clone(),
+                    after_id,
+                    limit: 1000,
+                    ..FindingQuery::default()
+                })?;
+                let Some(last) = page.last() else { break };
+                after_id = last.id;
+                for f in page {
+                    if json {
+                        println!("{}", serde_json::to_string(&f)?);
+                    } else {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            f.id,
+                            f.state.as_str(),
+                            f.finding.kind.as_str(),
+                            kycd_collector::export::rfc3339(f.raised_at),
+                            f.finding.subject,
+                            f.finding.summary
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn export(
+    since: &str,
+    format: kycd_collector::export::Format,
+    output: Option<std::path::PathBuf>,
+    db: &str,
+) -> anyhow::Result<()> {
+    let since = kycd_collector::export::parse_date(since)?;
+    let rows = kycd_collector::export::rows(&open(db, false)?, since)?;
+    let text = kycd_collector::export::render(&rows, format)?;
+    match output {
+        Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().write_all(text.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
-        Command::Serve { listen, db } => {
+        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(serve(listen, &db))
+            runtime.block_on(serve(listen, &db, ServeOptions { read_token_file, evaluate_interval_s, rules }))
         }
         Command::Hosts { command } => hosts(command),
+        Command::Policy { command } => policy(command),
+        Command::Findings { command } => findings(command),
+        Command::Export { since, format, output, db } => export(&since, format, output, &db),
     }
 }

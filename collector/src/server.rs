@@ -69,6 +69,11 @@ fn error_response(error: &IngestError, host: Option<&str>) -> Response {
     response
 }
 
+/// Now, Unix seconds.
+pub fn unix_now() -> i64 {
+    now()
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -126,14 +131,30 @@ pub fn router(ingestor: Arc<Ingestor>) -> Router {
         .with_state(ingestor)
 }
 
-/// Serves the collector on `listener` until `shutdown` is cancelled; then stops accepting and
-/// waits for in-flight requests to finish (the caller bounds that with a grace timeout).
+/// Serves report ingest alone on `listener` until `shutdown` is cancelled (see [`serve`]).
 pub async fn run(
     listener: TcpListener,
     ingestor: Arc<Ingestor>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router(ingestor))
+    serve(listener, router(ingestor), shutdown).await
+}
+
+/// The whole collector: report ingest plus the read API and policy endpoint
+/// ([`crate::api::router`]).
+pub fn app(ingestor: Arc<Ingestor>, api: crate::api::ApiState) -> Router {
+    router(ingestor).merge(crate::api::router(api))
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting and waits
+/// for in-flight requests to finish (the caller bounds that with a grace timeout). Handlers
+/// see the peer address (`ConnectInfo`), which the read API's loopback rule needs.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(ServerError::Serve)

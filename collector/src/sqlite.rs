@@ -79,6 +79,41 @@ pub const MIGRATIONS: &[&str] = &[
     )
     SELECT host_id, MAX(acked) FROM walk GROUP BY host_id;
     "#,
+    // 3: the fleet view — published policies, tenant identities from host statements,
+    // findings (at most one open per kind and subject), and the per-host report time index
+    // dark-host detection reads.
+    r#"
+    CREATE TABLE policies (
+        version      INTEGER PRIMARY KEY NOT NULL,
+        token        TEXT NOT NULL,
+        claims_json  TEXT NOT NULL,
+        published_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE tenant_identities (
+        tenant          TEXT PRIMARY KEY NOT NULL,
+        legal_name      TEXT NOT NULL,
+        countries       TEXT NOT NULL,
+        owner_countries TEXT NOT NULL,
+        foreign_person  INTEGER NOT NULL,
+        seen_at         INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE findings (
+        id             INTEGER PRIMARY KEY,
+        kind           TEXT NOT NULL,
+        subject        TEXT NOT NULL,
+        tenant         TEXT,
+        host_id        TEXT,
+        foreign_person INTEGER,
+        summary        TEXT NOT NULL,
+        evidence_json  TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        raised_at      INTEGER NOT NULL,
+        resolved_at    INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX findings_open ON findings (kind, subject) WHERE state = 'open';
+    CREATE INDEX findings_tenant ON findings (tenant);
+    CREATE INDEX records_host_received ON records (host_id, received_at);
+    "#,
 ];
 
 /// The SQLite store.
@@ -88,7 +123,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-fn db_error(e: rusqlite::Error) -> StoreError {
+pub(crate) fn db_error(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
         Some(
@@ -102,12 +137,12 @@ fn db_error(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn to_i64(value: u64) -> Result<i64, StoreError> {
+pub(crate) fn to_i64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value)
         .map_err(|_| StoreError::Corrupt(format!("{value} does not fit in an SQLite integer")))
 }
 
-fn to_u64(value: i64) -> Result<u64, StoreError> {
+pub(crate) fn to_u64(value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative sequence number {value} stored")))
 }
 
@@ -179,7 +214,7 @@ impl SqliteStore {
         self.lock()?.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Unavailable("a database call panicked".into()))
     }
 }
@@ -446,7 +481,7 @@ mod tests {
             assert_eq!(tables, 0);
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         assert_eq!(store.acked_seq("a").unwrap(), 5);
         assert_eq!(store.acked_seq("b").unwrap(), 0);
         // The cache keeps advancing from the backfilled value.

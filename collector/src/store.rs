@@ -64,6 +64,14 @@ pub enum StoreError {
     /// Stored data this build cannot read (e.g. a stored JWK that no longer parses).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// `policy publish` of a version that is not above the published one.
+    #[error("policy version {offered} is not newer than the published version {current}")]
+    PolicyNotNewer {
+        /// The offered version.
+        offered: u64,
+        /// The published version.
+        current: u64,
+    },
     /// The database URL names a backend this build does not have.
     #[error("unsupported database URL {0:?} (only sqlite:// or a plain path)")]
     UnsupportedUrl(String),
@@ -112,6 +120,13 @@ pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
     /// The stored records of a host as `(seq, last_seq)` ranges, by seq.
     fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError>;
 }
+
+/// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
+/// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
+/// ([`crate::policy::PolicyStore`]).
+pub trait Storage: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore {}
+
+impl<T: ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + ?Sized> Storage for T {}
 
 /// Opens the store named by a database URL: `sqlite:///abs/path`, `sqlite://rel/path`,
 /// `sqlite:path` or a plain path. PostgreSQL URLs are refused until that backend exists.

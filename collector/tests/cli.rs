@@ -83,3 +83,66 @@ fn hosts_add_list_remove_and_private_keys_are_refused() {
     let out = collector(&["hosts", "list", "--db", &db]);
     assert!(String::from_utf8_lossy(&out.stdout).is_empty());
 }
+
+fn policy_token(issuer: &PrivateJwk, version: u64, exp_offset: i64) -> String {
+    let now = kycd_collector::server::unix_now();
+    let claims: kycd_protocol::PolicyClaims = serde_json::from_value(serde_json::json!({
+        "iss": "authority", "iat": now - 10, "exp": now + exp_offset, "version": version, "measures": [],
+        "unverified": {"action": "deny"},
+        "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                       "early_warning_fraction": 0.5}
+    }))
+    .unwrap();
+    kycd_protocol::sign(&claims, issuer).unwrap()
+}
+
+#[test]
+fn policy_publish_accepts_only_newer_validly_signed_policies_and_export_and_findings_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kycd.db").display());
+    let issuer = PrivateJwk::generate(Algorithm::EdDSA, "authority").unwrap();
+    let stranger = PrivateJwk::generate(Algorithm::EdDSA, "authority").unwrap();
+    let trust = dir.path().join("trust.jwks");
+    let jwks = kycd_protocol::Jwks::from_keys([issuer.public_key()]).unwrap();
+    std::fs::write(&trust, jwks.to_json().to_string()).unwrap();
+    let write = |name: &str, token: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, token).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let publish =
+        |file: &str| collector(&["policy", "publish", file, "--trust", trust.to_str().unwrap(), "--db", &db]);
+    let text = |out: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+
+    let out = collector(&["policy", "show", "--db", &db]);
+    assert!(!out.status.success() && text(&out).contains("no policy has been published"), "{}", text(&out));
+    let v2 = write("v2.jws", policy_token(&issuer, 2, 86_400));
+    let out = publish(&v2);
+    assert!(out.status.success() && text(&out).contains("published policy version 2"), "{}", text(&out));
+    for (file, why) in [
+        (write("v1.jws", policy_token(&issuer, 1, 86_400)), "not newer"),
+        (v2.clone(), "not newer"),
+        (write("forged.jws", policy_token(&stranger, 3, 86_400)), "does not verify"),
+        (write("expired.jws", policy_token(&issuer, 4, -3_600)), "does not verify"),
+        (write("garbage.jws", "not.a.token".into()), "does not verify"),
+    ] {
+        let out = publish(&file);
+        assert!(!out.status.success() && text(&out).contains(why), "{file}: {}", text(&out));
+    }
+    let out = collector(&["policy", "show", "--token", "--db", &db]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), std::fs::read_to_string(&v2).unwrap());
+
+    let out = collector(&["findings", "evaluate", "--db", &db]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "open\t0\n");
+    let out = collector(&["findings", "list", "--kind", "bogus", "--db", &db]);
+    assert!(!out.status.success() && text(&out).contains("unknown finding kind"));
+
+    let out = collector(&["export", "--since", "2026-01-01", "--format", "csv", "--db", &db]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tenant,legal_name,countries,"));
+    let out = collector(&["export", "--since", "last tuesday", "--db", &db]);
+    assert!(!out.status.success() && text(&out).contains("is not a date"), "{}", text(&out));
+}

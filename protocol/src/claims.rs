@@ -683,6 +683,12 @@ pub struct StatementSubject {
     /// Countries of the beneficial owners.
     #[serde(default)]
     pub beneficial_owner_countries: Vec<CountryCode>,
+    /// Countries of the resellers in the lessee chain.
+    #[serde(default)]
+    pub reseller_countries: Vec<CountryCode>,
+    /// Country of the payment source.
+    #[serde(default)]
+    pub payment_source_country: Option<CountryCode>,
     /// Whether the attestation marks the tenant a foreign person.
     pub foreign_person: bool,
 }

@@ -94,6 +94,23 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
         counts(&s.enforcement_errors),
         counts(&s.drift_repaired)
     );
+    if let Some(r) = &s.reporting {
+        let last = match (r.uploading, r.last_upload_at) {
+            (false, _) => "uploads off (no reporting.collector_url)".to_owned(),
+            (true, Some(t)) => format!("last upload at {t}"),
+            (true, None) => "no upload since start".to_owned(),
+        };
+        println!(
+            "spool:        {} records pending, {} bytes; {last}",
+            r.spool_pending_records, r.spool_bytes
+        );
+    }
+    if let Some(f) = &s.policy_fetch {
+        let at = f.last_at.map_or("never".to_owned(), |t| format!("at {t}"));
+        let outcome = f.outcome.as_deref().unwrap_or("-");
+        let etag = f.etag.as_deref().unwrap_or("-");
+        println!("policy fetch: {} — last {at}: {outcome} (etag {etag})", f.url);
+    }
     if let Some(e) = &s.last_reload_error {
         println!("last reload:  FAILED: {e}");
     }

@@ -170,6 +170,19 @@ impl Host {
     }
 
     pub fn write_policy_full(&self, version: u64, prohibited: &[&str], unverified: Value, nbf: Option<i64>) {
+        let token = self.policy_token(version, prohibited, unverified, nbf, &self.authority);
+        atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
+    }
+
+    /// A signed policy token (`key` signs it; the trusted authority is `self.authority`).
+    pub fn policy_token(
+        &self,
+        version: u64,
+        prohibited: &[&str],
+        unverified: Value,
+        nbf: Option<i64>,
+        key: &PrivateJwk,
+    ) -> String {
         let measures: Vec<Value> = prohibited
             .iter()
             .map(|c| {
@@ -188,8 +201,7 @@ impl Host {
             claims["nbf"] = json!(nbf);
         }
         let claims: kycd_protocol::PolicyClaims = serde_json::from_value(claims).unwrap();
-        let token = kycd_protocol::sign(&claims, &self.authority).unwrap();
-        atomic_write(&self.path("etc/policy.jws"), token.as_bytes());
+        kycd_protocol::sign(&claims, key).unwrap()
     }
 
     pub fn attestation(&self, vm: &str, country: &str, exp: i64) -> String {
@@ -262,4 +274,40 @@ pub fn admit(host: &Host, args: &[&str], stdin: Option<&str>) -> (i32, String, S
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: kycd\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// `promtool check metrics` on `metrics` (promtool is the reference parser of the text
+/// format); skips loudly where promtool is not installed (CI installs it).
+pub fn promtool_check(metrics: &str) {
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}\n{metrics}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!("SKIP promtool check metrics: promtool not available ({e})"),
+    }
 }

@@ -1,0 +1,544 @@
+//! The collector's read API and policy distribution endpoint.
+//!
+//! - `GET /v1/policy`: the published policy (compact JWS, `application/jose`) with an
+//!   `ETag`; a matching `If-None-Match` gets `304`; none published: `404`. Public: the policy
+//!   is signed and agents verify it against their own trust anchors.
+//! - `GET /v1/tenants[?after=ID&limit=N]`, `GET /v1/tenants/{id}`, `GET /v1/findings[?state=
+//!   open|resolved&kind=K&tenant=T&host=H&after=ID&limit=N]`, `GET /v1/hosts[?after=ID&
+//!   limit=N]`: JSON, paginated by cursor (`next` is the `after` of the next page, absent on
+//!   the last page); `limit` defaults to 100, at most 1000.
+//! - `GET /`: a read-only, server-rendered HTML overview (tenants, open findings, dark hosts).
+//!
+//! The read endpoints expose tenants' legal names and countries: they need the bearer token
+//! of `--read-token-file` when one is configured, and are served only to loopback clients
+//! when none is (an operator tunnels in). Refusals are 401/403 JSON errors and a log line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::fleet::{Finding, FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage};
+use crate::store::{Storage, StoreError};
+
+/// Default and largest page size.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Largest page size.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Who may read.
+#[derive(Clone)]
+pub struct ReadAccess {
+    token: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for ReadAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAccess").field("token", &self.token.as_ref().map(|_| "<redacted>")).finish()
+    }
+}
+
+impl ReadAccess {
+    /// Readers must present this bearer token.
+    pub fn token(token: &str) -> Self {
+        ReadAccess { token: Some(Arc::from(token.trim())) }
+    }
+
+    /// No token: loopback clients only.
+    pub fn loopback_only() -> Self {
+        ReadAccess { token: None }
+    }
+}
+
+/// Shared state of the read API.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// Storage.
+    pub store: Arc<dyn Storage>,
+    /// Who may read.
+    pub access: ReadAccess,
+    /// Dark-host threshold, for the overview and `/v1/hosts`.
+    pub dark_after_s: i64,
+}
+
+/// An API error: its status, a machine-readable kind and a message, served as JSON.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(json!({"error": self.message, "kind": self.kind}))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(crate::server::RETRY_AFTER_S));
+        }
+        r
+    }
+}
+
+fn api_error(status: StatusCode, kind: &'static str, message: impl std::fmt::Display) -> ApiError {
+    ApiError { status, kind, message: message.to_string() }
+}
+
+fn error(status: StatusCode, kind: &'static str, message: impl std::fmt::Display) -> Response {
+    api_error(status, kind, message).into_response()
+}
+
+fn store_error(e: &StoreError) -> ApiError {
+    tracing::warn!(error = %e, "read API: storage failed");
+    if e.is_transient() {
+        api_error(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", e)
+    } else {
+        api_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal", "storage error")
+    }
+}
+
+/// Runs a blocking storage read off the reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_error(&e)),
+        Err(join) => Err(store_error(&StoreError::Unavailable(format!("read task failed: {join}")))),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    match &state.access.token {
+        Some(token) => {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
+                tracing::warn!(%peer, path, "read API: missing or wrong bearer token");
+                let mut r =
+                    error(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid bearer token is required");
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            tracing::warn!(%peer, path, "read API: refused a non-loopback client (no --read-token-file)");
+            return error(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "the read API is served to loopback clients only unless a read token is configured",
+            );
+        }
+        None => {}
+    }
+    next.run(request).await
+}
+
+/// Routes of the read API (authorised) and `GET /v1/policy` (public).
+pub fn router(state: ApiState) -> Router {
+    let reads = Router::new()
+        .route("/", get(overview))
+        .route("/v1/tenants", get(tenants))
+        .route("/v1/tenants/{id}", get(tenant))
+        .route("/v1/findings", get(findings))
+        .route("/v1/hosts", get(hosts))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new().route("/v1/policy", get(policy)).merge(reads).with_state(state)
+}
+
+async fn policy(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let store = Arc::clone(&state.store);
+    let current = match blocking(move || store.current_policy()).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let Some(policy) = current else {
+        return error(StatusCode::NOT_FOUND, "NoPolicy", "no policy has been published");
+    };
+    let etag = policy.etag();
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = policy.token.into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jose"));
+        r
+    };
+    response.headers_mut().insert(header::ETAG, etag_value);
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Pagination and filters of the list endpoints.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Cursor: the `next` of the previous page.
+    pub after: Option<String>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Findings: state filter.
+    pub state: Option<String>,
+    /// Findings: kind filter.
+    pub kind: Option<String>,
+    /// Findings: tenant filter.
+    pub tenant: Option<String>,
+    /// Findings: host filter.
+    pub host: Option<String>,
+}
+
+type ListQuery = Result<Query<ListParams>, axum::extract::rejection::QueryRejection>;
+
+/// The parameters of a list request and its page size.
+fn list_request(query: ListQuery) -> Result<(ListParams, u32), ApiError> {
+    let params = query
+        .map(|Query(p)| p)
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "BadRequest", e.body_text()))?;
+    match params.limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok((params, n)),
+        n => Err(api_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("limit {n} is not in 1..={MAX_PAGE}"),
+        )),
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The cursor of the next page (absent on the last page).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A tenant as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantSummary {
+    /// Tenant id.
+    pub tenant: String,
+    /// Identity from host statements, if a statement named it.
+    pub identity: Option<TenantIdentity>,
+    /// Foreign person (identity first, reported windows otherwise).
+    pub foreign_person: bool,
+    /// Aggregated usage.
+    pub usage: TenantUsage,
+    /// Open findings about it.
+    pub open_findings: Vec<FindingKind>,
+}
+
+/// Every tenant with usage, joined with identity and open findings.
+pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<TenantSummary>, StoreError> {
+    let identities: BTreeMap<String, TenantIdentity> =
+        store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
+    let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
+    for f in crate::findings::open_findings(store)? {
+        if let Some(t) = &f.finding.tenant {
+            open.entry(t.clone()).or_default().push(f.finding.kind);
+        }
+    }
+    Ok(store
+        .tenant_usage(None, since)?
+        .into_iter()
+        .map(|usage| {
+            let identity = identities.get(&usage.tenant).cloned();
+            TenantSummary {
+                foreign_person: identity.as_ref().map_or(usage.foreign_person, |i| i.foreign_person),
+                open_findings: open.remove(&usage.tenant).unwrap_or_default(),
+                tenant: usage.tenant.clone(),
+                identity,
+                usage,
+            }
+        })
+        .collect())
+}
+
+fn paginate<T>(items: Vec<T>, key: impl Fn(&T) -> String, after: Option<&str>, limit: u32) -> Page<T> {
+    let mut page: Vec<T> = items.into_iter().filter(|i| after.is_none_or(|a| key(i).as_str() > a)).collect();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next = if more { page.last().map(&key) } else { None };
+    Page { items: page, next }
+}
+
+async fn tenants(State(state): State<ApiState>, query: ListQuery) -> Response {
+    let (p, limit) = match list_request(query) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match blocking(move || tenant_summaries(store.as_ref(), None)).await {
+        Ok(all) => Json(paginate(all, |t| t.tenant.clone(), p.after.as_deref(), limit)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn tenant(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let store = Arc::clone(&state.store);
+    let lookup = id.clone();
+    let found = blocking(move || {
+        let usage = store.tenant_usage(Some(&lookup), None)?.into_iter().next();
+        let identity = store.tenant_identities()?.into_iter().find(|i| i.tenant == lookup);
+        let hosts = store.tenant_hosts(&lookup)?;
+        let windows = store.usage_evidence(&lookup, crate::findings::EVIDENCE_WINDOWS)?;
+        let findings = store.list_findings(&FindingQuery {
+            tenant: Some(lookup.clone()),
+            limit: MAX_PAGE,
+            ..FindingQuery::default()
+        })?;
+        Ok((usage, identity, hosts, windows, findings))
+    })
+    .await;
+    match found {
+        Ok((None, None, ..)) => error(StatusCode::NOT_FOUND, "NotFound", format!("no tenant {id:?}")),
+        Ok((usage, identity, hosts, windows, findings)) => Json(json!({
+            "tenant": id,
+            "identity": identity,
+            "usage": usage,
+            "hosts": hosts,
+            "top_windows": windows,
+            "findings": findings,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn findings(State(state): State<ApiState>, query: ListQuery) -> Response {
+    let (p, limit) = match list_request(query) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let bad =
+        |what: &str, v: &str| error(StatusCode::BAD_REQUEST, "BadRequest", format!("unknown {what} {v:?}"));
+    let state_filter = match p.state.as_deref().map(|s| FindingState::parse(s).ok_or(s)) {
+        Some(Err(s)) => return bad("state", s),
+        other => other.and_then(Result::ok),
+    };
+    let kind = match p.kind.as_deref().map(|k| FindingKind::parse(k).ok_or(k)) {
+        Some(Err(k)) => return bad("kind", k),
+        other => other.and_then(Result::ok),
+    };
+    let after_id = match p.after.as_deref().map(str::parse::<i64>) {
+        Some(Err(_)) => return bad("cursor", p.after.as_deref().unwrap_or_default()),
+        Some(Ok(id)) => id,
+        None => 0,
+    };
+    let query = FindingQuery {
+        state: state_filter,
+        kind,
+        tenant: p.tenant,
+        host_id: p.host,
+        after_id,
+        limit: limit.saturating_add(1),
+    };
+    let store = Arc::clone(&state.store);
+    match blocking(move || store.list_findings(&query)).await {
+        Ok(mut items) => {
+            let more = items.len() > limit as usize;
+            items.truncate(limit as usize);
+            let next = if more { items.last().map(|f| f.id.to_string()) } else { None };
+            Json(Page { items, next }).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A host as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSummary {
+    /// Host id.
+    pub host_id: String,
+    /// Enrolled at.
+    pub enrolled_at: i64,
+    /// Highest contiguous stored seq.
+    pub acked_seq: u64,
+    /// Last report stored.
+    pub last_report_at: Option<i64>,
+    /// Whether a `host_dark` finding is open for it.
+    pub dark: bool,
+}
+
+/// Every enrolled host with its last report and dark state.
+pub fn host_summaries(store: &dyn Storage) -> Result<Vec<HostSummary>, StoreError> {
+    let last = store.last_report_at()?;
+    let dark: std::collections::BTreeSet<String> = crate::findings::open_findings(store)?
+        .into_iter()
+        .filter(|f| f.finding.kind == FindingKind::HostDark)
+        .filter_map(|f| f.finding.host_id)
+        .collect();
+    Ok(store
+        .list_hosts()?
+        .into_iter()
+        .map(|h| HostSummary {
+            last_report_at: last.get(&h.host_id).copied(),
+            dark: dark.contains(&h.host_id),
+            host_id: h.host_id,
+            enrolled_at: h.enrolled_at,
+            acked_seq: h.acked_seq,
+        })
+        .collect())
+}
+
+async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Response {
+    let (p, limit) = match list_request(query) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match blocking(move || host_summaries(store.as_ref())).await {
+        Ok(all) => Json(paginate(all, |h| h.host_id.clone(), p.after.as_deref(), limit)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+async fn overview(State(state): State<ApiState>) -> Response {
+    let store = Arc::clone(&state.store);
+    let data = blocking(move || {
+        let tenants = tenant_summaries(store.as_ref(), None)?;
+        let findings = crate::findings::open_findings(store.as_ref())?;
+        let hosts = host_summaries(store.as_ref())?;
+        let policy = store.current_policy()?.map(|p| p.version);
+        Ok((tenants, findings, hosts, policy))
+    })
+    .await;
+    let (tenants, findings, hosts, policy) = match data {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    Html(render_overview(&tenants, &findings, &hosts, policy)).into_response()
+}
+
+fn render_overview(
+    tenants: &[TenantSummary],
+    findings: &[Finding],
+    hosts: &[HostSummary],
+    policy: Option<u64>,
+) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>kycd collector</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #999;padding:.2em .6em;text-align:left}}.foreign{{color:#a00}}</style>\
+         </head><body><h1>kycd collector</h1><p>Published policy: {}. {} tenants, {} open findings, \
+         {} of {} hosts dark.</p>",
+        policy.map_or_else(
+            || "none (threshold findings are not evaluated)".to_owned(),
+            |v| format!("version {v}")
+        ),
+        tenants.len(),
+        findings.len(),
+        hosts.iter().filter(|x| x.dark).count(),
+        hosts.len(),
+    );
+    h.push_str("<h2>Open findings</h2><table><tr><th>id</th><th>kind</th><th>subject</th><th>foreign</th><th>raised</th><th>summary</th></tr>");
+    for f in findings {
+        let foreign = f.finding.foreign_person.map_or("", |x| if x { "foreign" } else { "domestic" });
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            f.id,
+            f.finding.kind.as_str(),
+            esc(&f.finding.subject),
+            foreign,
+            crate::export::rfc3339(f.raised_at),
+            esc(&f.finding.summary)
+        );
+    }
+    h.push_str("</table><h2>Tenants</h2><table><tr><th>tenant</th><th>legal name</th><th>countries</th><th>foreign</th><th>estimated ops</th><th>GPU-hours</th><th>peak FLOP/s</th><th>hosts</th><th>open findings</th></tr>");
+    for t in tenants {
+        let (name, countries) = t.identity.as_ref().map_or((String::new(), String::new()), |i| {
+            (i.legal_name.clone(), i.countries.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
+        });
+        let kinds: Vec<&str> = t.open_findings.iter().map(|k| k.as_str()).collect();
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{:.3e}</td><td>{:.1}</td><td>{:.3e}</td><td>{}</td><td>{}</td></tr>",
+            esc(&t.tenant),
+            esc(&name),
+            esc(&countries),
+            if t.foreign_person { " class=\"foreign\"" } else { "" },
+            if t.foreign_person { "yes" } else { "no" },
+            t.usage.estimated_ops,
+            t.usage.gpu_hours(),
+            t.usage.peak_flops,
+            t.usage.hosts,
+            esc(&kinds.join(", "))
+        );
+    }
+    h.push_str("</table><h2>Dark hosts</h2><ul>");
+    for host in hosts.iter().filter(|x| x.dark) {
+        let last = host.last_report_at.map_or_else(|| "never".to_owned(), crate::export::rfc3339);
+        let _ = write!(h, "<li>{} (last report {last})</li>", esc(&host.host_id));
+    }
+    h.push_str("</ul><p>JSON: <a href=\"/v1/tenants\">/v1/tenants</a> · <a href=\"/v1/findings\">/v1/findings</a> · <a href=\"/v1/hosts\">/v1/hosts</a> · <a href=\"/v1/policy\">/v1/policy</a></p></body></html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escaping_and_pagination() {
+        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        let items: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let first = paginate(items.clone(), Clone::clone, None, 2);
+        assert_eq!(
+            (first.items.as_slice(), first.next.as_deref()),
+            (&["a".to_owned(), "b".to_owned()][..], Some("b"))
+        );
+        let second = paginate(items, Clone::clone, first.next.as_deref(), 2);
+        assert_eq!((second.items, second.next), (vec!["c".to_owned()], None));
+        assert!(
+            constant_time_eq(b"abc", b"abc")
+                && !constant_time_eq(b"abc", b"abd")
+                && !constant_time_eq(b"a", b"ab")
+        );
+    }
+}

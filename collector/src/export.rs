@@ -1,0 +1,202 @@
+//! Regulatory exports (`kycd-collector export --since DATE --format csv|json`): one row per
+//! tenant with usage in the period — tenant, legal name, countries, foreign flag, estimated
+//! operations, GPU-hours, first/last seen, hosts, findings — for the provider's filings.
+//!
+//! Usage figures cover windows that end after `since` (the filing period); the findings
+//! column lists every finding about the tenant raised since then, open or resolved. Times are
+//! RFC 3339 UTC. CSV follows RFC 4180 (header row, CRLF, quoted fields where needed); JSON is
+//! one array of objects with the same fields, countries and findings as arrays.
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::fleet::{FindingQuery, TenantUsage};
+use crate::store::{Storage, StoreError};
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// RFC 4180 CSV with a header row.
+    Csv,
+    /// A JSON array.
+    Json,
+}
+
+/// One exported row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRow {
+    /// Tenant id.
+    pub tenant: String,
+    /// Verified legal name (empty if no host statement named the tenant yet).
+    pub legal_name: String,
+    /// The tenant's countries.
+    pub countries: Vec<String>,
+    /// Beneficial owners' countries.
+    pub beneficial_owner_countries: Vec<String>,
+    /// Foreign person.
+    pub foreign_person: bool,
+    /// Estimated operations in the period.
+    pub estimated_ops: f64,
+    /// GPU-hours in the period.
+    pub gpu_hours: f64,
+    /// Peak concurrent FLOP/s in the period.
+    pub peak_flops: f64,
+    /// First window start in the period (RFC 3339).
+    pub first_seen: String,
+    /// Last window end in the period (RFC 3339).
+    pub last_seen: String,
+    /// Hosts that reported the tenant in the period.
+    pub hosts: u32,
+    /// Findings about the tenant raised in the period, as `kind#id`.
+    pub findings: Vec<String>,
+}
+
+/// Why a date does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a date (YYYY-MM-DD, RFC 3339 like 2026-01-31T00:00:00Z, or Unix seconds)")]
+pub struct DateError(String);
+
+/// Parses `YYYY-MM-DD` (midnight UTC), an RFC 3339 timestamp, or Unix seconds.
+pub fn parse_date(text: &str) -> Result<i64, DateError> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().map_err(|_| DateError(text.to_owned()));
+    }
+    let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_owned() };
+    OffsetDateTime::parse(&full, &Rfc3339)
+        .map(OffsetDateTime::unix_timestamp)
+        .map_err(|_| DateError(text.to_owned()))
+}
+
+/// Formats Unix seconds as RFC 3339 UTC (the number itself if out of range).
+pub fn rfc3339(at: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| at.to_string())
+}
+
+/// The rows of the period starting at `since`, by tenant id.
+pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreError> {
+    let identities: std::collections::BTreeMap<_, _> =
+        store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
+    let mut findings: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let mut after_id = 0;
+    loop {
+        let page = store.list_findings(&FindingQuery { after_id, limit: 1000, ..FindingQuery::default() })?;
+        let Some(last) = page.last() else { break };
+        after_id = last.id;
+        for f in page {
+            if let (Some(tenant), true) = (f.finding.tenant.as_ref(), f.raised_at >= since) {
+                findings.entry(tenant.clone()).or_default().push(format!(
+                    "{}#{}",
+                    f.finding.kind.as_str(),
+                    f.id
+                ));
+            }
+        }
+    }
+    Ok(store
+        .tenant_usage(None, Some(since))?
+        .into_iter()
+        .map(|u: TenantUsage| {
+            let identity = identities.get(&u.tenant);
+            let codes = |cs: &[kycd_protocol::CountryCode]| cs.iter().map(ToString::to_string).collect();
+            ExportRow {
+                legal_name: identity.map(|i| i.legal_name.clone()).unwrap_or_default(),
+                countries: identity.map(|i| codes(&i.countries)).unwrap_or_default(),
+                beneficial_owner_countries: identity
+                    .map(|i| codes(&i.beneficial_owner_countries))
+                    .unwrap_or_default(),
+                foreign_person: identity.map_or(u.foreign_person, |i| i.foreign_person),
+                estimated_ops: u.estimated_ops,
+                gpu_hours: u.gpu_hours(),
+                peak_flops: u.peak_flops,
+                first_seen: rfc3339(u.first_seen),
+                last_seen: rfc3339(u.last_seen),
+                hosts: u.hosts,
+                findings: findings.remove(&u.tenant).unwrap_or_default(),
+                tenant: u.tenant,
+            }
+        })
+        .collect())
+}
+
+/// The CSV header.
+pub const CSV_HEADER: [&str; 12] = [
+    "tenant",
+    "legal_name",
+    "countries",
+    "beneficial_owner_countries",
+    "foreign_person",
+    "estimated_ops",
+    "gpu_hours",
+    "peak_flops",
+    "first_seen",
+    "last_seen",
+    "hosts",
+    "findings",
+];
+
+/// One CSV field, quoted when it holds a separator, quote or line break (RFC 4180).
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Renders rows in `format`.
+pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::Error> {
+    match format {
+        Format::Json => serde_json::to_string_pretty(rows).map(|s| s + "\n"),
+        Format::Csv => {
+            let mut out = CSV_HEADER.join(",") + "\r\n";
+            for r in rows {
+                let fields = [
+                    r.tenant.clone(),
+                    r.legal_name.clone(),
+                    r.countries.join(" "),
+                    r.beneficial_owner_countries.join(" "),
+                    r.foreign_person.to_string(),
+                    format!("{:e}", r.estimated_ops),
+                    format!("{:.3}", r.gpu_hours),
+                    format!("{:e}", r.peak_flops),
+                    r.first_seen.clone(),
+                    r.last_seen.clone(),
+                    r.hosts.to_string(),
+                    r.findings.join(" "),
+                ];
+                out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+                out.push_str("\r\n");
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_parse_and_format() {
+        assert_eq!(parse_date("2026-01-31").unwrap(), 1_769_817_600);
+        assert_eq!(parse_date("2026-01-31T00:00:00Z").unwrap(), 1_769_817_600);
+        assert_eq!(parse_date("2026-01-31T01:00:00+01:00").unwrap(), 1_769_817_600);
+        assert_eq!(parse_date("1769817600").unwrap(), 1_769_817_600);
+        for bad in ["", "yesterday", "2026-13-01", "2026-01-31T25:00:00Z", "-5"] {
+            assert!(parse_date(bad).is_err(), "{bad}");
+        }
+        assert_eq!(rfc3339(1_769_817_600), "2026-01-31T00:00:00Z");
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_quoting() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("A, B \"C\""), "\"A, B \"\"C\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
+}

@@ -1,0 +1,419 @@
+//! The fleet view the collector derives from what hosts report and answer: per-tenant usage
+//! aggregated across hosts and time, the tenants' identities (from host statements), and the
+//! findings raised on them. [`FleetStore`] is the storage boundary for it; every backend
+//! implements it with the same meaning.
+//!
+//! Aggregation is defined here, once, so both backends compute the same numbers:
+//! - cumulative estimated operations and GPU-seconds: sums over every stored window;
+//! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
+//!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
+//!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
+//!   workload that runs through a minute contributes one full minute of windows to that
+//!   bucket on each host (one 60 s window, or six 10 s windows weighted 1/6 each), and the
+//!   bucket sum is the fleet's concurrent capacity for the tenant in that minute. A record
+//!   merged from several windows (spool pressure) counts once, in its first minute: it can
+//!   only under-state concurrency, never invent it.
+//! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
+
+use std::collections::BTreeMap;
+
+use kycd_protocol::CountryCode;
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreError;
+
+/// Width of a concurrency bucket, seconds (the agents' window length).
+pub const CAPACITY_BUCKET_S: i64 = 60;
+
+/// One tenant's usage, aggregated over every host and window stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    /// Tenant id (the attestation `sub`).
+    pub tenant: String,
+    /// Cumulative estimated operations.
+    pub estimated_ops: f64,
+    /// Cumulative GPU-seconds.
+    pub gpu_seconds: f64,
+    /// Largest concurrent FLOP/s capacity in one minute, summed across hosts.
+    pub peak_flops: f64,
+    /// Start of the minute of that peak (Unix seconds).
+    pub peak_at: i64,
+    /// Hosts that reported usage of the tenant.
+    pub hosts: u32,
+    /// GPUs involved: per host the most used at once, summed over hosts.
+    pub gpus: u32,
+    /// Windows stored.
+    pub windows: u64,
+    /// Estimated operations by estimation method (wire names).
+    pub ops_by_method: BTreeMap<String, f64>,
+    /// Start of the first window.
+    pub first_seen: i64,
+    /// End of the last window.
+    pub last_seen: i64,
+    /// Whether any window marks the tenant a foreign person.
+    pub foreign_person: bool,
+}
+
+impl TenantUsage {
+    /// GPU-hours.
+    pub fn gpu_hours(&self) -> f64 {
+        self.gpu_seconds / 3600.0
+    }
+}
+
+/// Aggregates windows into [`TenantUsage`] in one pass, in any order: hash maps per tenant
+/// (totals, per-host GPU maxima, per-minute capacity sums), so a backend streams its rows
+/// through [`UsageAccumulator::add`] instead of sorting them in several GROUP BY passes.
+/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs, not with windows.
+#[derive(Debug, Default)]
+pub struct UsageAccumulator {
+    hosts: std::collections::HashMap<String, u32>,
+    tenants: std::collections::HashMap<String, TenantAccumulator>,
+}
+
+#[derive(Debug, Default)]
+struct TenantAccumulator {
+    usage: Option<TenantUsage>,
+    host_gpus: std::collections::HashMap<u32, u32>,
+    capacity: std::collections::HashMap<i64, f64>,
+}
+
+/// One window as [`UsageAccumulator::add`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRow<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Reporting host.
+    pub host_id: &'a str,
+    /// Start.
+    pub start: i64,
+    /// End.
+    pub end: i64,
+    /// GPU-seconds.
+    pub gpu_seconds: f64,
+    /// Most GPUs at once (max of `max_concurrent_gpus` and `gpus` for old records).
+    pub gpus: u32,
+    /// Estimated operations.
+    pub estimated_ops: f64,
+    /// Peak FLOP/s capacity.
+    pub peak_flops: f64,
+    /// Estimation method (wire name).
+    pub method: &'a str,
+    /// Foreign person.
+    pub foreign_person: bool,
+}
+
+impl UsageAccumulator {
+    /// Adds one window.
+    pub fn add(&mut self, w: &WindowRow<'_>) {
+        let next_host = u32::try_from(self.hosts.len()).unwrap_or(u32::MAX);
+        let host = match self.hosts.get(w.host_id) {
+            Some(id) => *id,
+            None => {
+                self.hosts.insert(w.host_id.to_owned(), next_host);
+                next_host
+            }
+        };
+        if !self.tenants.contains_key(w.tenant) {
+            self.tenants.insert(w.tenant.to_owned(), TenantAccumulator::default());
+        }
+        let Some(t) = self.tenants.get_mut(w.tenant) else { return };
+        let usage = t.usage.get_or_insert_with(|| TenantUsage {
+            tenant: w.tenant.to_owned(),
+            estimated_ops: 0.0,
+            gpu_seconds: 0.0,
+            peak_flops: 0.0,
+            peak_at: 0,
+            hosts: 0,
+            gpus: 0,
+            windows: 0,
+            ops_by_method: BTreeMap::new(),
+            first_seen: w.start,
+            last_seen: w.end,
+            foreign_person: false,
+        });
+        usage.estimated_ops += w.estimated_ops;
+        usage.gpu_seconds += w.gpu_seconds;
+        usage.windows += 1;
+        usage.first_seen = usage.first_seen.min(w.start);
+        usage.last_seen = usage.last_seen.max(w.end);
+        usage.foreign_person |= w.foreign_person;
+        if w.estimated_ops > 0.0 {
+            match usage.ops_by_method.get_mut(w.method) {
+                Some(ops) => *ops += w.estimated_ops,
+                None => {
+                    usage.ops_by_method.insert(w.method.to_owned(), w.estimated_ops);
+                }
+            }
+        }
+        let gpus = t.host_gpus.entry(host).or_insert(0);
+        *gpus = (*gpus).max(w.gpus);
+        let share = ((w.end - w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
+        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops * share;
+    }
+
+    /// The per-tenant usage, by tenant id.
+    pub fn finish(self) -> Vec<TenantUsage> {
+        let mut out: Vec<TenantUsage> = self
+            .tenants
+            .into_values()
+            .filter_map(|t| {
+                let mut usage = t.usage?;
+                usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
+                usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
+                // Earliest bucket among equal peaks, so the result does not depend on order.
+                for (bucket, flops) in t.capacity {
+                    let at = bucket * CAPACITY_BUCKET_S;
+                    if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
+                        usage.peak_flops = flops;
+                        usage.peak_at = at;
+                    }
+                }
+                Some(usage)
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
+    }
+}
+
+/// One stored window, as evidence for a finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowEvidence {
+    /// Reporting host.
+    pub host_id: String,
+    /// Its sequence number there.
+    pub seq: u64,
+    /// Window start.
+    pub start: i64,
+    /// Window end.
+    pub end: i64,
+    /// Estimated operations.
+    pub estimated_ops: f64,
+    /// Peak FLOP/s capacity.
+    pub peak_flops: f64,
+    /// GPUs used.
+    pub gpus: u32,
+    /// Estimation method.
+    pub method: String,
+}
+
+/// Who a tenant is, as the latest host statement naming it said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantIdentity {
+    /// Tenant id.
+    pub tenant: String,
+    /// Verified legal name.
+    pub legal_name: String,
+    /// The subject's countries.
+    pub countries: Vec<CountryCode>,
+    /// Beneficial owners' countries.
+    pub beneficial_owner_countries: Vec<CountryCode>,
+    /// Whether the attestation marks it a foreign person.
+    pub foreign_person: bool,
+    /// When a statement last named it (Unix seconds).
+    pub seen_at: i64,
+}
+
+/// What a finding is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// Cumulative operations ≥ `early_warning_fraction × training_ops`.
+    EarlyWarning,
+    /// Cumulative operations ≥ `training_ops`.
+    TrainingThresholdCrossed,
+    /// Concurrent capacity ≥ `cluster_flops`.
+    ClusterCapacityCrossed,
+    /// Neither a report nor a poll answer within the dark interval.
+    HostDark,
+    /// The host's statement shows an older policy than the published one.
+    PolicyStale,
+    /// The host allows a tenant the published policy prohibits.
+    EnforcementMismatch,
+}
+
+impl FindingKind {
+    /// Every kind.
+    pub const ALL: [FindingKind; 6] = [
+        FindingKind::EarlyWarning,
+        FindingKind::TrainingThresholdCrossed,
+        FindingKind::ClusterCapacityCrossed,
+        FindingKind::HostDark,
+        FindingKind::PolicyStale,
+        FindingKind::EnforcementMismatch,
+    ];
+
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::EarlyWarning => "early_warning",
+            FindingKind::TrainingThresholdCrossed => "training_threshold_crossed",
+            FindingKind::ClusterCapacityCrossed => "cluster_capacity_crossed",
+            FindingKind::HostDark => "host_dark",
+            FindingKind::PolicyStale => "policy_stale",
+            FindingKind::EnforcementMismatch => "enforcement_mismatch",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        FindingKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Whether a finding still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingState {
+    /// The condition holds.
+    Open,
+    /// The condition stopped holding (a dark host answered, a stale host updated, …).
+    Resolved,
+}
+
+impl FindingState {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingState::Open => "open",
+            FindingState::Resolved => "resolved",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "open" => Some(FindingState::Open),
+            "resolved" => Some(FindingState::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// A finding to raise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewFinding {
+    /// Kind.
+    pub kind: FindingKind,
+    /// What it is about: the tenant id, the host id, or `host/workload` for a mismatch. At
+    /// most one finding per (kind, subject) is open at a time.
+    pub subject: String,
+    /// The tenant, when it is about one.
+    pub tenant: Option<String>,
+    /// The host, when it is about one.
+    pub host_id: Option<String>,
+    /// Foreign (true) or domestic (false) tenant, per its attestation; none for host findings.
+    pub foreign_person: Option<bool>,
+    /// One line for humans.
+    pub summary: String,
+    /// Evidence: totals, thresholds, windows and hosts, statement excerpts.
+    pub evidence: serde_json::Value,
+}
+
+/// A stored finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// Id (increasing).
+    pub id: i64,
+    /// What was raised.
+    #[serde(flatten)]
+    pub finding: NewFinding,
+    /// State.
+    pub state: FindingState,
+    /// When it was raised.
+    pub raised_at: i64,
+    /// When it was resolved.
+    pub resolved_at: Option<i64>,
+}
+
+/// A page of findings.
+#[derive(Debug, Clone, Default)]
+pub struct FindingQuery {
+    /// Only this state.
+    pub state: Option<FindingState>,
+    /// Only this kind.
+    pub kind: Option<FindingKind>,
+    /// Only findings about this tenant.
+    pub tenant: Option<String>,
+    /// Only findings about this host.
+    pub host_id: Option<String>,
+    /// Only ids above this (pagination cursor).
+    pub after_id: i64,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The fleet view's storage. Implemented by each backend; reads may run on their own
+/// connection so a long aggregation does not hold up ingest.
+pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Usage aggregated per tenant (one tenant when `tenant` is given), by tenant id; with
+    /// `since`, only windows ending after it count (a filing period), otherwise all of them.
+    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError>;
+
+    /// The tenant's `limit` windows with the most estimated operations, most first.
+    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError>;
+
+    /// The hosts that reported usage of the tenant, by host id.
+    fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The last time each host's report was stored (hosts that never reported are absent).
+    fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError>;
+
+    /// Records tenants' identities (replacing older ones).
+    fn upsert_tenant_identities(&self, identities: &[TenantIdentity]) -> Result<(), StoreError>;
+
+    /// Every known tenant identity, by tenant id.
+    fn tenant_identities(&self) -> Result<Vec<TenantIdentity>, StoreError>;
+
+    /// Raises `finding` unless one of its (kind, subject) is open; returns the new id, or
+    /// `None` when it was already open (so a condition that keeps holding is raised once).
+    fn raise_finding(&self, finding: &NewFinding, at: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Resolves an open finding; false if it was not open.
+    fn resolve_finding(&self, id: i64, at: i64) -> Result<bool, StoreError>;
+
+    /// Findings matching `query`, by id.
+    fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(tenant: &'a str, host: &'a str, start: i64, len: i64, flops: f64) -> WindowRow<'a> {
+        WindowRow {
+            tenant,
+            host_id: host,
+            start,
+            end: start + len,
+            gpu_seconds: 8.0 * len as f64,
+            gpus: 8,
+            estimated_ops: 1e15 * len as f64,
+            peak_flops: flops,
+            method: "gpm_tensor",
+            foreign_person: false,
+        }
+    }
+
+    #[test]
+    fn capacity_sums_hosts_per_minute_whatever_the_window_length() {
+        let mut acc = UsageAccumulator::default();
+        // Host a: one 60 s window per minute; host b: six 10 s windows in minute 1 only.
+        for minute in 0..3 {
+            acc.add(&row("t", "a", 6000 + 60 * minute, 60, 8e15));
+        }
+        for k in 0..6 {
+            acc.add(&row("t", "b", 6060 + 10 * k, 10, 4e15));
+        }
+        acc.add(&row("u", "a", 6000, 60, 1e15));
+        let usage = acc.finish();
+        assert_eq!(usage.iter().map(|u| u.tenant.as_str()).collect::<Vec<_>>(), ["t", "u"]);
+        let t = &usage[0];
+        assert!((t.peak_flops - 12e15).abs() < 1.0, "{t:?}");
+        assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (6060, 2, 16, 9));
+        assert_eq!((t.first_seen, t.last_seen), (6000, 6180));
+        assert!((t.estimated_ops - 1e15 * 240.0).abs() < 1.0);
+        assert_eq!(t.ops_by_method.len(), 1);
+    }
+}

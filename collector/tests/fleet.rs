@@ -1,0 +1,443 @@
+//! The fleet view end to end on a real SQLite file: 50 simulated hosts' signed usage reports
+//! for 5 tenants go through the real ingest pipeline, hosts' statements name who runs where,
+//! and the findings are exactly what a reader of the regulation expects; then the read API
+//! over real TCP, the policy endpoint's ETag, and the export round trip.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use common::*;
+use kycd_collector::findings::{evaluate, EvaluationSettings, HostView};
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, FleetStore as _};
+use kycd_collector::{Ingestor, Limits, ReportStore as _, SqliteStore};
+use kycd_protocol::{
+    Algorithm, EstimationMethod, HostStatementClaims, Jwks, PrivateJwk, UsageRecord, UsageWindow,
+};
+use serde_json::json;
+
+// No policy grace: the statements below are taken right after publication (the grace rule
+// has its own unit test).
+const SETTINGS: EvaluationSettings = EvaluationSettings { dark_after_s: 180, policy_grace_s: 0 };
+
+fn now() -> i64 {
+    kycd_collector::server::unix_now()
+}
+
+/// A policy scaled down to simulation size (thresholds are policy data): training at 1e21
+/// operations, early warning at half of it, cluster capacity at 1e17 FLOP/s; tenants with a
+/// beneficial owner in CN are prohibited.
+fn policy_token(issuer: &PrivateJwk, version: u64) -> String {
+    let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+        "iss": "authority", "iat": now() - 10, "exp": now() + 86_400, "version": version,
+        "measures": [{"id": "m-cn", "match": {"countries": ["CN"]},
+                      "roles": ["customer", "beneficial_owner", "reseller", "payment_source"],
+                      "action": "prohibit", "citation": "EO 13984 sec. 2"}],
+        "unverified": {"action": "deny"},
+        "thresholds": {"training_ops": 1e21, "bio_training_ops": 1e20, "cluster_flops": 1e17,
+                       "early_warning_fraction": 0.5}
+    }))
+    .unwrap();
+    kycd_protocol::sign(&claims, issuer).unwrap()
+}
+
+fn usage(tenant: &str, foreign: bool, start: i64, ops: f64, peak_flops: f64) -> UsageWindow {
+    UsageWindow {
+        tenant: Some(tenant.into()),
+        workload: format!("libvirt_domain:{tenant}"),
+        foreign_person: foreign,
+        start,
+        end: start + 60,
+        gpu_seconds: 480.0,
+        gpus: 8,
+        max_concurrent_gpus: 8,
+        estimated_ops: ops,
+        peak_flops,
+        method: EstimationMethod::GpmTensor,
+        training_like: true,
+        merged_windows: 1,
+    }
+}
+
+fn host_name(i: usize) -> String {
+    format!("h{i:02}")
+}
+
+struct Fleet {
+    store: Arc<SqliteStore>,
+    ingestor: Ingestor,
+    keys: Vec<PrivateJwk>,
+    issuer: PrivateJwk,
+    base: i64,
+}
+
+impl Fleet {
+    fn new(dir: &tempfile::TempDir) -> Fleet {
+        let store = Arc::new(SqliteStore::open(db_path(dir)).unwrap());
+        let ingestor = Ingestor::new(store.clone(), Limits::default());
+        let keys: Vec<PrivateJwk> = (1..=50).map(|i| host_key(&host_name(i))).collect();
+        for key in &keys {
+            store.enroll_host(key.kid(), &key.public_key(), now() - 30).unwrap();
+        }
+        let issuer = PrivateJwk::generate(Algorithm::EdDSA, "authority").unwrap();
+        // Windows aligned to minutes, within the last two hours.
+        let base = (now() - 7200) / 60 * 60;
+        Fleet { store, ingestor, keys, issuer, base }
+    }
+
+    /// Uploads `windows` for host `i` (1-based) as one signed batch through the ingest
+    /// pipeline, continuing the host's sequence numbers.
+    fn report(&self, i: usize, windows: Vec<UsageWindow>) {
+        let key = &self.keys[i - 1];
+        let first = self.store.acked_seq(key.kid()).unwrap() + 1;
+        let records = windows
+            .into_iter()
+            .zip(first..)
+            .map(|(window, seq)| UsageRecord { seq, last_seq: None, window })
+            .collect();
+        let (body, sig) = signed(&batch(key.kid(), records), key);
+        self.ingestor.ingest(sig.as_bytes(), &body, now()).unwrap();
+    }
+
+    fn publish(&self, version: u64) {
+        let trust = Jwks::from_keys([self.issuer.public_key()]).unwrap();
+        kycd_collector::policy::publish(
+            self.store.as_ref(),
+            &policy_token(&self.issuer, version),
+            &trust,
+            now(),
+        )
+        .unwrap();
+    }
+}
+
+/// 5 tenants over 50 hosts:
+/// - `t-foreign-spread`: foreign, 20 hosts × 10 windows × 3e18 = 6e20 ops (early warning at
+///   5e20, below training at 1e21), 2e16 FLOP/s concurrent: early warning only;
+/// - `t-foreign-cluster`: foreign, 30 hosts × 2 simultaneous windows at 4e15 FLOP/s = 1.2e17
+///   concurrent (≥ 1e17), 6e18 ops: cluster capacity only;
+/// - `t-domestic-large`: domestic, 10 hosts × 2 × 6e19 = 1.2e21 ops: early warning and
+///   training threshold, flagged domestic;
+/// - `t-foreign-small`: foreign, 5 hosts, tiny: nothing;
+/// - `t-prohibited`: beneficial owner in CN, running on h03 whose statement says `allow`:
+///   enforcement mismatch.
+fn simulate(fleet: &Fleet) {
+    let b = fleet.base;
+    for i in 1..=50 {
+        let mut windows = Vec::new();
+        if i <= 20 {
+            windows.extend((0..10).map(|k| usage("t-foreign-spread", true, b + 60 * k, 3e18, 1e15)));
+        }
+        if i > 20 {
+            windows.extend((0..2).map(|k| usage("t-foreign-cluster", true, b + 60 * (20 + k), 1e17, 4e15)));
+        }
+        if i <= 10 {
+            windows.extend((0..2).map(|k| usage("t-domestic-large", false, b + 60 * (40 + k), 6e19, 1e15)));
+        }
+        if (41..=45).contains(&i) {
+            windows.push(usage("t-foreign-small", true, b + 60 * 50, 1e15, 1e14));
+        }
+        if i == 3 {
+            windows.push(usage("t-prohibited", true, b + 60 * 60, 1e15, 1e14));
+        }
+        fleet.report(i, windows);
+    }
+}
+
+fn statement(host: &str, policy_version: u64, workloads: serde_json::Value) -> HostStatementClaims {
+    serde_json::from_value(json!({
+        "iss": host, "iat": now(), "exp": now() + 60, "nonce": "n0nce-n0nce-n0nce-1",
+        "agent_version": "0.1.0", "policy_version": policy_version, "workloads": workloads, "gpus": []
+    }))
+    .unwrap()
+}
+
+/// The hosts as the rules see them: reports from the store, statements for h02 (still on
+/// policy 1 after the grace period) and h03 (allows the prohibited tenant), `dark` enrolled
+/// long ago and never heard from.
+fn hosts(fleet: &Fleet) -> Vec<HostView> {
+    let mut views = kycd_collector::findings::host_views(fleet.store.as_ref()).unwrap();
+    for view in &mut views {
+        match view.host_id.as_str() {
+            "h02" => view.statement = Some(statement("h02", 1, json!([]))),
+            "h03" => {
+                view.statement = Some(statement(
+                    "h03",
+                    2,
+                    json!([{"workload": "libvirt_domain:t-prohibited", "tenant": "t-prohibited",
+                            "attestation_digest": "ab".repeat(32), "attestation_exp": now() + 3600,
+                            "verdict": "allow",
+                            "subject": {"legal_name": "Shell Holding Ltd", "countries": ["SG"],
+                                        "beneficial_owner_countries": ["CN"], "foreign_person": true}}]),
+                ))
+            }
+            _ => {}
+        }
+    }
+    views
+}
+
+fn open_set(fleet: &Fleet) -> BTreeSet<(String, String, Option<bool>)> {
+    fleet
+        .store
+        .list_findings(&FindingQuery {
+            state: Some(FindingState::Open),
+            limit: 1000,
+            ..FindingQuery::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.finding.kind.as_str().to_owned(), f.finding.subject, f.finding.foreign_person))
+        .collect()
+}
+
+fn expected(rows: &[(&str, &str, Option<bool>)]) -> BTreeSet<(String, String, Option<bool>)> {
+    rows.iter().map(|(k, s, f)| ((*k).to_owned(), (*s).to_owned(), *f)).collect()
+}
+
+#[test]
+fn a_simulated_fleet_raises_exactly_the_expected_findings_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::new(&dir);
+    simulate(&fleet);
+    let dark_key = host_key("dark");
+    fleet.store.enroll_host("dark", &dark_key.public_key(), now() - 10_000).unwrap();
+
+    // No policy yet: thresholds are policy data, so only host rules run.
+    let report = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    assert_eq!(report.policy_version, None);
+    assert_eq!(open_set(&fleet), expected(&[("host_dark", "dark", None)]));
+
+    fleet.publish(1);
+    fleet.publish(2);
+    let report = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    assert_eq!(report.policy_version, Some(2));
+    assert_eq!(report.raised.len(), 6, "{report:?}");
+    assert_eq!(
+        open_set(&fleet),
+        expected(&[
+            ("cluster_capacity_crossed", "t-foreign-cluster", Some(true)),
+            ("early_warning", "t-domestic-large", Some(false)),
+            ("early_warning", "t-foreign-spread", Some(true)),
+            ("enforcement_mismatch", "h03/libvirt_domain:t-prohibited", Some(true)),
+            ("host_dark", "dark", None),
+            ("policy_stale", "h02", None),
+            ("training_threshold_crossed", "t-domestic-large", Some(false)),
+        ])
+    );
+
+    // Evidence: totals, thresholds, the windows that weigh most and every host involved.
+    let spread = fleet
+        .store
+        .list_findings(&FindingQuery {
+            kind: Some(FindingKind::EarlyWarning),
+            tenant: Some("t-foreign-spread".into()),
+            limit: 10,
+            ..FindingQuery::default()
+        })
+        .unwrap();
+    let evidence = &spread[0].finding.evidence;
+    assert!((evidence["estimated_ops"].as_f64().unwrap() - 6e20).abs() < 1e12, "{evidence}");
+    assert_eq!(evidence["hosts"], 20);
+    assert_eq!(evidence["host_ids"].as_array().unwrap().len(), 20);
+    assert_eq!(evidence["top_windows"].as_array().unwrap().len(), 20);
+    assert_eq!(evidence["threshold"]["early_warning_ops"], 5e20);
+    let cluster = fleet.store.tenant_usage(Some("t-foreign-cluster"), None).unwrap();
+    assert!(
+        (cluster[0].peak_flops - 1.2e17).abs() < 1e6 && cluster[0].peak_at == fleet.base + 60 * 20,
+        "{cluster:?}"
+    );
+    assert_eq!((cluster[0].hosts, cluster[0].gpus, cluster[0].windows), (30, 240, 60));
+    let identity = fleet.store.tenant_identities().unwrap();
+    assert_eq!(identity.len(), 1);
+    assert_eq!(
+        (identity[0].tenant.as_str(), identity[0].legal_name.as_str()),
+        ("t-prohibited", "Shell Holding Ltd")
+    );
+
+    // Holding conditions are raised once.
+    let again = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    assert!(again.raised.is_empty() && again.resolved.is_empty(), "{again:?}");
+    assert_eq!(again.open, 7);
+
+    // The dark host reports: resolved; more usage does not re-raise what is open.
+    let dark_batch = batch(
+        "dark",
+        vec![UsageRecord {
+            seq: 1,
+            last_seq: None,
+            window: usage("t-foreign-small", true, fleet.base, 1e15, 1e14),
+        }],
+    );
+    let (body, sig) = signed(&dark_batch, &dark_key);
+    fleet.ingestor.ingest(sig.as_bytes(), &body, now()).unwrap();
+    fleet.report(5, vec![usage("t-foreign-spread", true, fleet.base + 3600, 3e18, 1e15)]);
+    let after = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    assert_eq!(after.raised, vec![]);
+    assert_eq!(
+        after.resolved.iter().map(|r| (r.1, r.2.as_str())).collect::<Vec<_>>(),
+        [(FindingKind::HostDark, "dark")]
+    );
+    assert_eq!(after.open, 6);
+    let resolved = fleet
+        .store
+        .list_findings(&FindingQuery {
+            state: Some(FindingState::Resolved),
+            limit: 10,
+            ..FindingQuery::default()
+        })
+        .unwrap();
+    assert_eq!(resolved.len(), 1);
+    assert!(resolved[0].resolved_at.is_some());
+
+    // The foreign spread tenant keeps training and crosses the training threshold: raised
+    // as a new state change, the early warning stays the one raised before.
+    for i in 1..=20 {
+        fleet.report(
+            i,
+            (0..3).map(|k| usage("t-foreign-spread", true, fleet.base + 4000 + 60 * k, 1e19, 1e15)).collect(),
+        );
+    }
+    let crossed = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    assert_eq!(
+        crossed.raised.iter().map(|r| (r.1, r.2.as_str())).collect::<Vec<_>>(),
+        [(FindingKind::TrainingThresholdCrossed, "t-foreign-spread")]
+    );
+}
+
+#[test]
+fn export_round_trips_through_csv_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::new(&dir);
+    simulate(&fleet);
+    fleet.publish(2);
+    evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+
+    let rows = kycd_collector::export::rows(fleet.store.as_ref(), fleet.base - 60).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>(),
+        ["t-domestic-large", "t-foreign-cluster", "t-foreign-small", "t-foreign-spread", "t-prohibited"]
+    );
+    let json = kycd_collector::export::render(&rows, kycd_collector::export::Format::Json).unwrap();
+    let parsed: Vec<kycd_collector::export::ExportRow> = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed, rows);
+
+    let csv = kycd_collector::export::render(&rows, kycd_collector::export::Format::Csv).unwrap();
+    let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], kycd_collector::export::CSV_HEADER.join(","));
+    assert_eq!(lines.len(), 6);
+    let large: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(large[0], "t-domestic-large");
+    assert_eq!(large[4], "false");
+    assert!((large[5].parse::<f64>().unwrap() - 1.2e21).abs() < 1e12, "{}", large[5]);
+    assert_eq!(large[10], "10");
+    let found: BTreeSet<&str> = large[11].split(' ').map(|f| f.split('#').next().unwrap()).collect();
+    assert_eq!(found, BTreeSet::from(["early_warning", "training_threshold_crossed"]));
+    let prohibited: Vec<&str> = lines[5].split(',').collect();
+    assert_eq!((prohibited[1], prohibited[3], prohibited[4]), ("Shell Holding Ltd", "CN", "true"));
+    // The host's mismatch names the tenant: it belongs in the tenant's filing too.
+    assert!(prohibited[11].starts_with("enforcement_mismatch#"), "{}", prohibited[11]);
+
+    // A period that starts after every window exports nothing.
+    assert!(kycd_collector::export::rows(fleet.store.as_ref(), now() + 60).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::new(&dir);
+    simulate(&fleet);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let store: Arc<dyn kycd_collector::Storage> = fleet.store.clone();
+    let api = kycd_collector::api::ApiState {
+        store: store.clone(),
+        access: kycd_collector::api::ReadAccess::token("read-token-0123456789"),
+        dark_after_s: 180,
+    };
+    let app = kycd_collector::server::app(Arc::new(Ingestor::new(store, Limits::default())), api);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(kycd_collector::server::serve(listener, app, shutdown.clone()));
+    let auth = [("authorization", "Bearer read-token-0123456789")];
+
+    // Policy: 404 before publication, then the token with an ETag, then 304 on a match.
+    assert_eq!(request(addr, "GET", "/v1/policy", &[], vec![]).await.status, 404);
+    fleet.publish(2);
+    let served = request(addr, "GET", "/v1/policy", &[], vec![]).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.headers["content-type"], "application/jose");
+    assert_eq!(served.body.as_str().unwrap(), policy_token_of(&fleet));
+    let etag = served.headers["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with("\"2-"), "{etag}");
+    let cached = request(addr, "GET", "/v1/policy", &[("if-none-match", &etag)], vec![]).await;
+    assert_eq!(cached.status, 304);
+    let stale =
+        request(addr, "GET", "/v1/policy", &[("if-none-match", "\"1-0000000000000000\"")], vec![]).await;
+    assert_eq!(stale.status, 200);
+
+    // Reads need the token.
+    let refused = request(addr, "GET", "/v1/tenants", &[], vec![]).await;
+    assert_eq!((refused.status, refused.kind()), (401, "Unauthorized"));
+    let wrong = request(addr, "GET", "/v1/findings", &[("authorization", "Bearer nope")], vec![]).await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(request(addr, "GET", "/", &[], vec![]).await.status, 401);
+
+    evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    // Findings, two per page, followed to the end.
+    let mut seen = Vec::new();
+    let mut path = "/v1/findings?state=open&limit=2".to_owned();
+    loop {
+        let page = request(addr, "GET", &path, &auth, vec![]).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let items = page.body["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|f| f["kind"].as_str().unwrap().to_owned()));
+        match page.body["next"].as_str() {
+            Some(next) => path = format!("/v1/findings?state=open&limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    let filtered = request(addr, "GET", "/v1/findings?kind=early_warning", &auth, vec![]).await;
+    assert_eq!(filtered.body["items"].as_array().unwrap().len(), 2);
+    for bad in [
+        "/v1/findings?kind=bogus",
+        "/v1/findings?limit=0",
+        "/v1/findings?limit=5000",
+        "/v1/tenants?color=red",
+    ] {
+        let r = request(addr, "GET", bad, &auth, vec![]).await;
+        assert_eq!((r.status, r.kind()), (400, "BadRequest"), "{bad}: {:?}", r.body);
+    }
+
+    let tenants = request(addr, "GET", "/v1/tenants?limit=3", &auth, vec![]).await;
+    assert_eq!(tenants.body["items"].as_array().unwrap().len(), 3);
+    assert_eq!(tenants.body["next"], "t-foreign-small");
+    let rest = request(addr, "GET", "/v1/tenants?after=t-foreign-small", &auth, vec![]).await;
+    let names: Vec<&str> =
+        rest.body["items"].as_array().unwrap().iter().map(|t| t["tenant"].as_str().unwrap()).collect();
+    assert_eq!(names, ["t-foreign-spread", "t-prohibited"]);
+    let one = request(addr, "GET", "/v1/tenants/t-prohibited", &auth, vec![]).await;
+    assert_eq!(one.body["identity"]["legal_name"], "Shell Holding Ltd");
+    assert_eq!(one.body["findings"][0]["kind"], "enforcement_mismatch");
+    assert_eq!(request(addr, "GET", "/v1/tenants/nobody", &auth, vec![]).await.status, 404);
+    let hosts = request(addr, "GET", "/v1/hosts?limit=1000", &auth, vec![]).await;
+    assert_eq!(hosts.body["items"].as_array().unwrap().len(), 50);
+
+    let html = request(addr, "GET", "/", &auth, vec![]).await;
+    assert_eq!(html.status, 200);
+    assert_eq!(html.headers["content-type"], "text/html; charset=utf-8");
+    let page = html.body.as_str().unwrap();
+    assert!(page.contains("Published policy: version 2") && page.contains("t-foreign-cluster"), "{page}");
+    assert!(page.contains("Shell Holding Ltd") && page.contains("cluster_capacity_crossed"));
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+fn policy_token_of(fleet: &Fleet) -> String {
+    use kycd_collector::policy::PolicyStore as _;
+    fleet.store.current_policy().unwrap().unwrap().token
+}
