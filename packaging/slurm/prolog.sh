@@ -17,6 +17,13 @@
 # Fail closed: an unreachable agent (exit 3) fails the prolog too.
 set -u
 [ -r /etc/default/kycd-hook ] && . /etc/default/kycd-hook
+# The package installs this script as a conffile, which stays after `dpkg -r kycd` (until
+# purge) while kycctl goes: with the package removed and no KYCCTL override, do nothing
+# rather than refuse every start. A KYCCTL that is set but missing still fails closed.
+if [ -z "${KYCCTL:-}" ] && [ ! -e /usr/bin/kycctl ]; then
+  echo "kycd hook: /usr/bin/kycctl not installed (kycd package removed?): not checking" >&2
+  exit 0
+fi
 KYCCTL=${KYCCTL:-/usr/bin/kycctl}
 KYCD_SOCKET=${KYCD_SOCKET:-/run/kycd/kycd.sock}
 KYCD_ADMIT_TIMEOUT=${KYCD_ADMIT_TIMEOUT:-2s}

@@ -1,92 +1,13 @@
 //! `kycd`: the host agent. Parses arguments, loads the configuration, sets up logging and
 //! signals, and hands over to `kycd::daemon::run`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use kycd::config::{self, Config, LogFormat, Mode, Overrides};
+use clap::Parser as _;
+use kycd::cli::kycd::{Cli, Command, ConfigArgs};
+use kycd::config::{self, Config, LogFormat, Mode};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-
-/// kycd host agent: checks tenants' verified-identity attestations against a signed jurisdiction
-/// policy on a GPU host, and records every decision in a hash-chained audit log.
-#[derive(Debug, Parser)]
-#[command(
-    name = "kycd",
-    version,
-    after_help = "Exit codes: 0 clean stop or valid configuration; 1 runtime failure; 2 invalid configuration or usage."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the agent (foreground; systemd runs it as a service). SIGTERM/SIGINT stop it,
-    /// SIGHUP reloads trust anchors, the policy and attestations.
-    Run(ConfigArgs),
-    /// Validate the configuration and print the effective result (all layers applied).
-    CheckConfig(ConfigArgs),
-}
-
-#[derive(Debug, Args)]
-struct ConfigArgs {
-    /// Main configuration file; conf.d/*.toml beside it is applied on top.
-    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-    /// Override `mode`.
-    #[arg(long, value_enum)]
-    mode: Option<ModeArg>,
-    /// Override `state_dir`.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Override `log.format`.
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormatArg>,
-    /// Lift every block kycd imposed when it stops (`enforcement.release_on_exit`). Without
-    /// it, blocks stay in place while the agent is down: fail closed.
-    #[arg(long)]
-    release_on_exit: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum ModeArg {
-    /// Decide and record, enforce nothing.
-    Audit,
-    /// Decide, record and enforce.
-    Enforce,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormatArg {
-    /// Human-readable.
-    Text,
-    /// JSON lines.
-    Json,
-}
-
-impl ConfigArgs {
-    fn load(&self) -> Result<Config, config::ConfigError> {
-        Ok(config::load(&self.config, &self.overrides())?.config)
-    }
-
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            mode: self.mode.map(|m| match m {
-                ModeArg::Audit => Mode::Audit,
-                ModeArg::Enforce => Mode::Enforce,
-            }),
-            state_dir: self.state_dir.clone(),
-            log_format: self.log_format.map(|f| match f {
-                LogFormatArg::Text => LogFormat::Text,
-                LogFormatArg::Json => LogFormat::Json,
-            }),
-            release_on_exit: self.release_on_exit,
-        }
-    }
-}
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt as _;

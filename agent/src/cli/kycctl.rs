@@ -1,0 +1,312 @@
+//! The command line of `kycctl`: its clap definitions, in the library so that the man page
+//! and shell completions (`kycd-gen-docs`) are generated from exactly what the binary parses.
+//! The binary (`src/bin/kycctl.rs`) owns what each command does.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::audit;
+use crate::tokens::Typ;
+
+/// Operator CLI for the kycd host agent: admission, keys, signed tokens and the audit log.
+#[derive(Debug, Parser)]
+#[command(name = "kycctl", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (verify: token valid; audit verify: chain intact)
+  1  token invalid (verify) or claims would not verify (sign); reason on stderr as
+     'error: <Kind>: <detail>'
+     audit verify: chain broken; 'audit log BROKEN at <file>:<line> ...' on stdout
+     status, workloads, tenants, decisions, gpus, usage, reload: the agent refused
+     (e.g. the caller lacks permission) or answered something unreadable
+     gpu record: NVML was unavailable for every sample
+  2  usage error, I/O error, unusable key or key set, unusable configuration
+  3  status, workloads, tenants, decisions, gpus, usage, reload: the agent could not be
+     reached or did not answer (is kycd running?)
+admit:
+  0  allow (or allow with conditions, printed on stdout)
+  1  deny; the reasons on stderr
+  3  the agent is unreachable or did not answer in time: deny, unless --fail-open";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a signing key pair: DIR/KID.private.jwk (mode 0600) and DIR/KID.jwks.
+    ///
+    /// The private JWK is what `kycctl sign --key` takes; the JWKS is what agents trust
+    /// (append its key to /etc/kycd/trust/issuers.jwks or policy.jwks). Existing files are
+    /// never overwritten.
+    Keygen {
+        /// Signature algorithm.
+        #[arg(long, value_enum)]
+        alg: KeyAlg,
+        /// Key id; also the file name stem ([A-Za-z0-9._-], at most 64 characters).
+        #[arg(long)]
+        kid: String,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign a claims JSON object as a compact JWS, printed on stdout.
+    ///
+    /// Fills `iat` with the current time if absent. The token is verified with the same key
+    /// before it is printed; claims that kycd would reject (missing `exp`, unknown country
+    /// code, unknown enum value, expired, …) are refused with exit code 1 and nothing on
+    /// stdout.
+    Sign {
+        /// Private JWK (from `kycctl keygen`).
+        #[arg(long, value_name = "PRIVATE_JWK")]
+        key: PathBuf,
+        /// Token type: sets the `typ` header and the claim rules checked.
+        #[arg(long, value_enum)]
+        typ: TokenTyp,
+        /// Check validity as of this Unix time instead of now (e.g. for a future `nbf`).
+        #[arg(long, value_name = "UNIX_TIME")]
+        valid_at: Option<i64>,
+        /// Claims JSON file (`-` for stdin).
+        #[arg(value_name = "CLAIMS.json")]
+        claims: PathBuf,
+    },
+    /// Verify a compact JWS against a JWKS and print its claims as JSON.
+    ///
+    /// Applies every rule the agent applies: algorithm allow-list, kid resolution, typ,
+    /// forbidden headers, size cap, strict base64url and JSON, signature, time claims and the
+    /// claim schema. One trailing newline in the file is ignored.
+    Verify {
+        /// Trusted public keys.
+        #[arg(long, value_name = "JWKS")]
+        jwks: PathBuf,
+        /// Expected token type.
+        #[arg(long, value_enum)]
+        typ: TokenTyp,
+        /// Verify as of this Unix time instead of now (forensics: "was it valid then?").
+        #[arg(long, value_name = "UNIX_TIME")]
+        at: Option<i64>,
+        /// Clock skew tolerated for exp/nbf/iat, seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = kycd_protocol::DEFAULT_CLOCK_SKEW_S)]
+        skew: u64,
+        /// Largest token accepted, bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = kycd_protocol::DEFAULT_MAX_TOKEN_BYTES)]
+        max_bytes: usize,
+        /// Token file (`-` for stdin).
+        #[arg(value_name = "TOKEN_FILE")]
+        token: PathBuf,
+    },
+    /// Ask the running agent whether a workload may start (libvirt qemu hook, Slurm prolog).
+    ///
+    /// Sends the workload (and the attestation it brings, verified exactly like a delivered
+    /// one and then kept by the agent) over the agent's socket, and exits with the verdict:
+    /// 0 allow or condition, 1 deny (reasons on stderr), 3 agent unreachable. An unreachable
+    /// agent means deny (fail closed) unless --fail-open. Root only.
+    Admit {
+        /// The workload, KIND:ID (e.g. libvirt_domain:gpu-vm-7, unix_user:1001, cgroup:/slurm/job_42).
+        #[arg(long, value_name = "KIND:ID")]
+        workload: String,
+        /// The workload's attestation (compact JWS file; `-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        attestation: Option<PathBuf>,
+        /// For a libvirt domain: its UUID, so an attestation bound by UUID applies before it runs.
+        #[arg(long, value_name = "UUID")]
+        libvirt_uuid: Option<String>,
+        /// How long to wait for the agent (e.g. 2s, 500ms).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        /// Allow the workload when the agent cannot be reached (exit 0 with a warning).
+        #[arg(long)]
+        fail_open: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// Show what the running agent is doing: mode, policy, trust, verdict counts, GPU backend,
+    /// enforcement errors and drift (root or the socket's group).
+    Status {
+        /// Print the agent's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List every workload with its verdict, tenant, reasons and when it was decided.
+    Workloads {
+        /// Print the agent's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List tenants (from attestations in force) with their workloads and verdicts.
+    Tenants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List recorded decisions, newest first, optionally for one tenant or since a time.
+    Decisions {
+        /// Only this tenant's.
+        #[arg(long, value_name = "TENANT")]
+        tenant: Option<String>,
+        /// Only decisions recorded at or after this Unix time.
+        #[arg(long, value_name = "UNIX_TIME")]
+        since: Option<i64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// List the GPUs the agent samples, with utilization.
+    Gpus {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// GPU usage per tenant and workload since the agent started (GPU-seconds, estimated operations).
+    Usage {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// Reload trust anchors, the policy and attestations (as SIGHUP does; root only).
+    Reload {
+        /// The agent's socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
+        socket: PathBuf,
+    },
+    /// Audit log tools.
+    Audit {
+        /// Audit log command.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// GPU tools.
+    Gpu {
+        /// GPU command.
+        #[command(subcommand)]
+        command: GpuCommand,
+    },
+    /// Print this host's id (`host_id` from the configuration, else /etc/machine-id).
+    HostId {
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the host's report-signing key as a public JWK (for `kycd-collector hosts add`).
+    ///
+    /// The key is `<state_dir>/host.key`; it is created (mode 0600) when missing, exactly as
+    /// kycd does on first start, so a host can be enrolled before the agent runs.
+    HostKey {
+        /// Print the public half (required: the private key is never printed).
+        #[arg(long, required = true)]
+        public: bool,
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the usage spool as JSON (read-only, safe while kycd runs): the acknowledged
+    /// cursor, the seq highwater, and each segment's records as [seq, last_seq].
+    Spool {
+        /// Agent configuration file (conf.d/ beside it is read too).
+        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GpuCommand {
+    /// Record a GPU trace (JSON lines, one sample per line) from NVML, for replay.
+    ///
+    /// Exit 0 when at least one sample reached the driver, 1 when NVML was unavailable
+    /// throughout (the trace then records why), 2 when the trace cannot be written.
+    Record {
+        /// How long to record, seconds.
+        #[arg(long, value_name = "N")]
+        seconds: u64,
+        /// Trace file to write (replaced).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// NVML library to load.
+        #[arg(long, value_name = "PATH", default_value = crate::gpu::nvml::DEFAULT_LIBRARY)]
+        nvml_library: PathBuf,
+        /// Sampling interval, milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        interval_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain and print the first broken record.
+    ///
+    /// Checks every record in every segment: strict JSON in canonical form, seq up by one
+    /// across files, each prev the SHA-256 of the record before, no torn lines. Exit 0 if
+    /// intact, 1 if broken (where and why on stdout), 2 if the log cannot be read. The last
+    /// hash printed is what to keep off the host: the chain alone cannot show that records
+    /// were cut from its end.
+    Verify {
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+        /// Audit log directory.
+        #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KeyAlg {
+    /// EdDSA with Ed25519 (RFC 8037).
+    Ed25519,
+    /// ECDSA P-256 with SHA-256 (RFC 7518).
+    Es256,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TokenTyp {
+    /// Tenant identity attestation (kyc-attestation+jwt).
+    Attestation,
+    /// Jurisdiction policy (kyc-policy+jwt).
+    Policy,
+    /// Host statement (kyc-host-statement+jwt).
+    HostStatement,
+}
+
+impl From<TokenTyp> for Typ {
+    fn from(t: TokenTyp) -> Self {
+        match t {
+            TokenTyp::Attestation => Typ::Attestation,
+            TokenTyp::Policy => Typ::Policy,
+            TokenTyp::HostStatement => Typ::HostStatement,
+        }
+    }
+}
+
+/// `2s`, `500ms`, `1m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?}: expected e.g. 2s, 500ms or 1m"))?;
+    match unit {
+        "" | "s" => Ok(std::time::Duration::from_secs(n)),
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "m" => Ok(std::time::Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}

@@ -1,0 +1,61 @@
+//! `kycd-gen-docs OUTDIR` writes a section-8 page for every command and subcommand of the
+//! three binaries, with the exit codes in EXIT STATUS, and the completion files under the
+//! names the packages install.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use clap::CommandFactory as _;
+
+fn generate() -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_kycd-gen-docs")).arg(out.path()).status().unwrap();
+    assert!(status.success());
+    out
+}
+
+#[test]
+fn every_command_and_subcommand_has_a_section_8_page() {
+    let out = generate();
+    let man = out.path().join("man");
+    for cmd in [
+        kycd::cli::kycd::Cli::command(),
+        kycd::cli::kycctl::Cli::command(),
+        kycd_collector::cli::Cli::command(),
+    ] {
+        let name = cmd.get_name().to_owned();
+        let page = std::fs::read_to_string(man.join(format!("{name}.8"))).unwrap();
+        assert!(page.contains(&format!(".TH {name} 8")), "{name}.8 header:\n{page}");
+        for sub in cmd.get_subcommands() {
+            let file = man.join(format!("{name}-{}.8", sub.get_name()));
+            assert!(file.exists(), "{} missing", file.display());
+        }
+    }
+    let kycctl = std::fs::read_to_string(man.join("kycctl.8")).unwrap();
+    assert!(kycctl.contains(".SH \"EXIT STATUS\"\n.nf\n"), "{kycctl}");
+    assert!(kycctl.contains("the agent is unreachable or did not answer in time"));
+    assert!(!kycctl.contains(".SH EXTRA"), "exit codes must not also appear as EXTRA");
+    let kycd = std::fs::read_to_string(man.join("kycd.8")).unwrap();
+    assert!(kycd.contains("EXIT STATUS") && kycd.contains("2 invalid configuration or usage"));
+}
+
+#[test]
+fn completions_are_named_for_bash_zsh_and_fish() {
+    let out = generate();
+    let c = out.path().join("completions");
+    for name in ["kycd", "kycctl", "kycd-collector"] {
+        let bash = std::fs::read_to_string(c.join("bash").join(name)).unwrap();
+        assert!(bash.contains(&format!("complete -F _{}", name.replace('-', "__"))), "{name}:\n{bash}");
+        let zsh = std::fs::read_to_string(c.join("zsh").join(format!("_{name}"))).unwrap();
+        assert!(zsh.starts_with(&format!("#compdef {name}")), "{name}:\n{zsh}");
+        let fish = std::fs::read_to_string(c.join("fish").join(format!("{name}.fish"))).unwrap();
+        assert!(fish.contains(&format!("complete -c {name}")), "{name}:\n{fish}");
+    }
+}
+
+#[test]
+fn a_missing_or_extra_argument_is_a_usage_error() {
+    let bin = env!("CARGO_BIN_EXE_kycd-gen-docs");
+    assert!(!Command::new(bin).status().unwrap().success());
+    assert!(!Command::new(bin).args(["a", "b"]).status().unwrap().success());
+}
