@@ -1,7 +1,8 @@
 //! The README's first command, `scripts/demo`, run the way CI runs it (`--no-wait`, stdin not a
 //! terminal): it must show the prohibited tenant denied and its cgroup frozen, the foreign
-//! tenant's training-scale finding at the collector and `kycctl status`, exit 0, and leave
-//! nothing behind — no temp dir, no cgroup, no process, the same nftables ruleset.
+//! tenant's training-scale finding at the collector, the host enrolled and polled, and
+//! `kycctl status`, exit 0, and leave nothing behind — no temp dir, no cgroup, no process, the
+//! same nftables ruleset.
 //!
 //! Root only (the demo enforces on real cgroups as root; the test skips loudly otherwise).
 //! The demo runs the binaries `cargo test --workspace` already built next to this test
@@ -133,6 +134,11 @@ fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
         "the collector lists the foreign tenant's training finding:\n{out}"
     );
     assert!(out.contains("FINDING training_threshold_crossed for tenant-foreign"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("demo-node-1") && l.contains("agent_url=http://127.0.0.1:")),
+        "the collector lists the host it polls:\n{out}"
+    );
     assert!(out.contains("on host demo-node-1 — mode enforce"), "kycctl status is shown:\n{out}");
     assert!(out.contains("real deployments: training_ops = 1e26, cluster_flops = 1e20"), "{out}");
     assert!(out.contains("collector HTML overview   http://127.0.0.1:"), "{out}");
