@@ -394,7 +394,7 @@ async fn tenant_identities_keep_the_newest(db: TestDb) {
         // An older statement does not replace a newer one; a newer (or as new) one does.
         store.upsert_tenant_identities(&[identity("t-b", "Old name", &[], 50)]).unwrap();
         let renamed = identity("t-a", "A AG", &["DE", "CN"], 200);
-        store.upsert_tenant_identities(&[renamed.clone()]).unwrap();
+        store.upsert_tenant_identities(std::slice::from_ref(&renamed)).unwrap();
         assert_eq!(store.tenant_identities().unwrap(), [renamed, b]);
         store.upsert_tenant_identities(&[]).unwrap();
     });
