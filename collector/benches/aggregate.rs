@@ -14,6 +14,9 @@
 //! `body_json` is stored as `{}` to keep the file at ~3 GB; aggregation never reads it. The
 //! database lives under the target directory (not /tmp, often tmpfs) and is reused across
 //! runs with the same window count (delete `target/bench-aggregate-*.db` to rebuild).
+//!
+//! Then the same on PostgreSQL (see `support/aggregate_pg.rs`: `KYCD_BENCH_POSTGRES_URL` or a
+//! private cluster; `KYCD_BENCH_POSTGRES=0` skips it). `KYCD_BENCH_SQLITE=0` skips SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
@@ -27,6 +30,12 @@ const HOSTS: u64 = 2_000;
 const TENANTS: u64 = 200;
 const TENANTS_PER_HOST: u64 = 5;
 const ROUNDS: usize = 3;
+
+#[path = "../tests/pg_support/mod.rs"]
+mod pg_support;
+
+#[path = "support/aggregate_pg.rs"]
+mod aggregate_pg;
 
 fn load(path: &std::path::Path, windows: u64) {
     let store = SqliteStore::open(path).unwrap();
@@ -84,6 +93,15 @@ fn load(path: &std::path::Path, windows: u64) {
 fn main() {
     let windows: u64 =
         std::env::var("KYCD_BENCH_WINDOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    if std::env::var("KYCD_BENCH_SQLITE").as_deref() == Ok("0") {
+        println!("SQLite: skipped (KYCD_BENCH_SQLITE=0)");
+    } else {
+        sqlite(windows);
+    }
+    aggregate_pg::run(windows);
+}
+
+fn sqlite(windows: u64) {
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     let path = target.join(format!("bench-aggregate-{windows}.db"));
     if !path.exists() {

@@ -12,12 +12,13 @@
 //! reused; a caller waits up to [`POOL_WAIT`] for a free one, then fails as busy. A closed
 //! connection (server restart, network loss) is discarded and replaced on the next call.
 //!
-//! Scope: reports and hosts ([`ReportStore`]). The fleet view and the published policy
-//! ([`crate::fleet::FleetStore`], [`crate::policy::PolicyStore`]) are not ported yet: their
-//! calls fail with [`StoreError::Unsupported`].
+//! Scope: everything the collector stores ([`crate::Storage`]): reports and hosts
+//! ([`ReportStore`], here), the fleet view and the published policy
+//! ([`crate::fleet::FleetStore`], [`crate::policy::PolicyStore`], in [`fleet`]) and agent
+//! polling ([`crate::statements::StatementStore`], in [`statements`]).
 //!
-//! Schema: the same tables and migration steps as the SQLite backend's first two (see
-//! [`crate::sqlite::MIGRATIONS`]; version N ≤ 2 means the same schema on both), with PostgreSQL
+//! Schema: the same tables and migration steps as the SQLite backend (see
+//! [`crate::sqlite::MIGRATIONS`]; version N means the same schema on both), with PostgreSQL
 //! types: `BIGINT` for integers, `DOUBLE PRECISION` for reals, `BOOLEAN` for the 0/1 flags.
 //! The applied version is kept in `schema_version`. Opening applies the missing migrations in
 //! one transaction under an advisory lock, so collectors starting at once migrate once.
@@ -40,6 +41,9 @@ use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Statement};
 
 use crate::sqlite::method_name;
+
+pub mod fleet;
+pub mod statements;
 use crate::store::{HostEntry, ReportStore, StoreError, ValidRecord};
 
 /// Connections per store (per collector process).
@@ -108,6 +112,10 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT INTO host_progress (host_id, acked_seq)
     SELECT host_id, MAX(acked) FROM walk GROUP BY host_id;
     "#,
+    // 3: the fleet view (policies, tenant identities, findings).
+    fleet::MIGRATION_FLEET,
+    // 4: agent polling.
+    statements::MIGRATION_POLLING,
 ];
 
 /// Whether `url` names a PostgreSQL database.
@@ -526,6 +534,35 @@ impl PgStore {
         }
     }
 
+    /// Runs `f` in a transaction on a pooled connection and commits it; a serialization
+    /// failure or deadlock runs it again (up to [`ATTEMPTS`] times), then fails as busy.
+    fn in_transaction<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&mut postgres::Transaction<'_>) -> Result<T, Failed>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.checkout()?;
+        let client = conn.client()?;
+        let mut attempt = 1;
+        loop {
+            let result = (|| {
+                let mut tx = client.transaction()?;
+                let value = f(&mut tx)?;
+                tx.commit()?;
+                Ok(value)
+            })();
+            match result {
+                Ok(value) => return Ok(value),
+                Err(Failed::Pg(e)) if retryable(&e) && attempt < ATTEMPTS => {
+                    tracing::debug!(what, attempt, error = %e, "retrying transaction");
+                    attempt += 1;
+                }
+                Err(Failed::Pg(e)) => return Err(pg_error(e)),
+                Err(Failed::Store(e)) => return Err(e),
+            }
+        }
+    }
+
     fn insert_once(
         client: &mut Client,
         stmts: &Statements,
@@ -740,126 +777,6 @@ impl ReportStore for PgStore {
     }
 }
 
-/// The fleet view and the published policy are not on PostgreSQL yet: their calls fail with
-/// [`StoreError::Unsupported`] (the read API answers an error, `policy publish` and `findings`
-/// refuse, the evaluator logs it), while ingest and host enrollment work.
-fn not_yet(what: &str) -> StoreError {
-    StoreError::Unsupported(format!("{what} on PostgreSQL"))
-}
-
-impl crate::policy::PolicyStore for PgStore {
-    fn current_policy(&self) -> Result<Option<crate::policy::PublishedPolicy>, StoreError> {
-        Err(not_yet("policy storage"))
-    }
-
-    fn publish_policy(&self, _policy: &crate::policy::PublishedPolicy) -> Result<(), StoreError> {
-        Err(not_yet("policy storage"))
-    }
-}
-
-impl crate::fleet::FleetStore for PgStore {
-    fn tenant_usage(
-        &self,
-        _tenant: Option<&str>,
-        _since: Option<i64>,
-    ) -> Result<Vec<crate::fleet::TenantUsage>, StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn usage_evidence(
-        &self,
-        _tenant: &str,
-        _limit: u32,
-    ) -> Result<Vec<crate::fleet::WindowEvidence>, StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn tenant_hosts(&self, _tenant: &str) -> Result<Vec<String>, StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn last_report_at(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn upsert_tenant_identities(
-        &self,
-        _identities: &[crate::fleet::TenantIdentity],
-    ) -> Result<(), StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn tenant_identities(&self) -> Result<Vec<crate::fleet::TenantIdentity>, StoreError> {
-        Err(not_yet("the fleet view"))
-    }
-
-    fn raise_finding(
-        &self,
-        _finding: &crate::fleet::NewFinding,
-        _at: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        Err(not_yet("findings"))
-    }
-
-    fn resolve_finding(&self, _id: i64, _at: i64) -> Result<bool, StoreError> {
-        Err(not_yet("findings"))
-    }
-
-    fn list_findings(
-        &self,
-        _query: &crate::fleet::FindingQuery,
-    ) -> Result<Vec<crate::fleet::Finding>, StoreError> {
-        Err(not_yet("findings"))
-    }
-}
-
-impl crate::statements::StatementStore for PgStore {
-    fn set_agent_url(&self, _host_id: &str, _url: Option<&str>) -> Result<bool, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn poll_targets(&self) -> Result<Vec<crate::statements::PollTarget>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn record_poll(
-        &self,
-        _host_id: &str,
-        _polled_at: i64,
-        _outcome: &crate::statements::PollOutcome,
-    ) -> Result<(), StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn record_polls(&self, _polls: &[crate::statements::PollRecord]) -> Result<(), StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn latest_statements(&self) -> Result<Vec<crate::statements::StoredStatement>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn latest_token(&self, _host_id: &str) -> Result<Option<String>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn host_poll_status(&self) -> Result<Vec<crate::statements::HostPollStatus>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn poll_history(
-        &self,
-        _host_id: &str,
-        _limit: u32,
-    ) -> Result<Vec<crate::statements::PollAttempt>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-
-    fn agent_urls(&self) -> Result<Vec<(String, String)>, StoreError> {
-        Err(not_yet("agent polling"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,7 +854,7 @@ mod tests {
             assert!(row.get::<_, bool>(0), "version 1 has no host_progress");
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), 4);
         assert_eq!(store.acked_seq("a").unwrap(), 5);
         assert_eq!(store.acked_seq("b").unwrap(), 0);
         // The cache keeps advancing from the backfilled value.
@@ -961,7 +878,7 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for store in opened {
-            assert_eq!(store.unwrap().schema_version().unwrap(), 2);
+            assert_eq!(store.unwrap().schema_version().unwrap(), 4);
         }
         let rows = db.client().query("SELECT version FROM schema_version", &[]).unwrap();
         assert_eq!(rows.len(), 1);

@@ -80,7 +80,7 @@ pub enum StoreError {
     /// something this build does not do, such as TLS to PostgreSQL); the password is redacted.
     #[error("invalid database URL {0}")]
     InvalidUrl(String),
-    /// What this backend does not store yet (the fleet view and policy on PostgreSQL).
+    /// What a database backend does not support.
     #[error("not supported by this database backend yet: {0}")]
     Unsupported(String),
     /// Any other database error.

@@ -1,9 +1,11 @@
-//! The fleet view end to end on a real SQLite file: 50 simulated hosts' signed usage reports
+//! The fleet view end to end on each backend (a SQLite file, a PostgreSQL database): 50
+//! simulated hosts' signed usage reports
 //! for 5 tenants go through the real ingest pipeline, hosts' statements name who runs where,
 //! and the findings are exactly what a reader of the regulation expects; then the read API
 //! over real TCP, the policy endpoint's ETag, and the export round trip.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -11,12 +13,18 @@ use std::sync::Arc;
 
 use common::*;
 use kycd_collector::findings::{evaluate, EvaluationSettings, HostView};
-use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, FleetStore as _};
-use kycd_collector::{Ingestor, Limits, ReportStore as _, SqliteStore};
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
+use kycd_collector::{Ingestor, Limits, Storage};
 use kycd_protocol::{
     Algorithm, EstimationMethod, HostStatementClaims, Jwks, PrivateJwk, UsageRecord, UsageWindow,
 };
 use serde_json::json;
+
+backend_tests!(
+    a_simulated_fleet_raises_exactly_the_expected_findings_once,
+    export_round_trips_through_csv_and_json,
+    the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token,
+);
 
 // No policy grace: the statements below are taken right after publication (the grace rule
 // has its own unit test).
@@ -66,7 +74,7 @@ fn host_name(i: usize) -> String {
 }
 
 struct Fleet {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Storage>,
     ingestor: Ingestor,
     keys: Vec<PrivateJwk>,
     issuer: PrivateJwk,
@@ -74,8 +82,9 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn new(dir: &tempfile::TempDir) -> Fleet {
-        let store = Arc::new(SqliteStore::open(db_path(dir)).unwrap());
+    /// Opens the test's database by URL (call off the async runtime).
+    fn new(db: &TestDb) -> Fleet {
+        let store = kycd_collector::open_store(&db.url).unwrap();
         let ingestor = Ingestor::new(store.clone(), Limits::default());
         let keys: Vec<PrivateJwk> = (1..=50).map(|i| host_key(&host_name(i))).collect();
         for key in &keys {
@@ -197,10 +206,12 @@ fn expected(rows: &[(&str, &str, Option<bool>)]) -> BTreeSet<(String, String, Op
     rows.iter().map(|(k, s, f)| ((*k).to_owned(), (*s).to_owned(), *f)).collect()
 }
 
-#[test]
-fn a_simulated_fleet_raises_exactly_the_expected_findings_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::new(&dir);
+async fn a_simulated_fleet_raises_exactly_the_expected_findings_once(db: TestDb) {
+    off_runtime(|| simulated_fleet_findings(&db));
+}
+
+fn simulated_fleet_findings(db: &TestDb) {
+    let fleet = Fleet::new(db);
     simulate(&fleet);
     let dark_key = host_key("dark");
     fleet.store.enroll_host("dark", &dark_key.public_key(), now() - 10_000).unwrap();
@@ -307,10 +318,12 @@ fn a_simulated_fleet_raises_exactly_the_expected_findings_once() {
     );
 }
 
-#[test]
-fn export_round_trips_through_csv_and_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::new(&dir);
+async fn export_round_trips_through_csv_and_json(db: TestDb) {
+    off_runtime(|| export_round_trip(&db));
+}
+
+fn export_round_trip(db: &TestDb) {
+    let fleet = Fleet::new(db);
     simulate(&fleet);
     fleet.publish(2);
     evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
@@ -344,14 +357,16 @@ fn export_round_trips_through_csv_and_json() {
     assert!(kycd_collector::export::rows(fleet.store.as_ref(), now() + 60).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::new(&dir);
-    simulate(&fleet);
+async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db: TestDb) {
+    // Store calls run off the runtime (the PostgreSQL client blocks on a runtime of its own).
+    let fleet = off_runtime(|| {
+        let fleet = Fleet::new(&db);
+        simulate(&fleet);
+        fleet
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let store: Arc<dyn kycd_collector::Storage> = fleet.store.clone();
+    let store: Arc<dyn Storage> = fleet.store.clone();
     let api = kycd_collector::api::ApiState {
         store: store.clone(),
         access: kycd_collector::api::ReadAccess::token("read-token-0123456789"),
@@ -364,11 +379,11 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token() {
 
     // Policy: 404 before publication, then the token with an ETag, then 304 on a match.
     assert_eq!(request(addr, "GET", "/v1/policy", &[], vec![]).await.status, 404);
-    fleet.publish(2);
+    off_runtime(|| fleet.publish(2));
     let served = request(addr, "GET", "/v1/policy", &[], vec![]).await;
     assert_eq!(served.status, 200);
     assert_eq!(served.headers["content-type"], "application/jose");
-    assert_eq!(served.body.as_str().unwrap(), policy_token_of(&fleet));
+    assert_eq!(served.body.as_str().unwrap(), off_runtime(|| policy_token_of(&fleet)));
     let etag = served.headers["etag"].to_str().unwrap().to_owned();
     assert!(etag.starts_with("\"2-"), "{etag}");
     let cached = request(addr, "GET", "/v1/policy", &[("if-none-match", &etag)], vec![]).await;
@@ -384,7 +399,7 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token() {
     assert_eq!(wrong.status, 401);
     assert_eq!(request(addr, "GET", "/", &[], vec![]).await.status, 401);
 
-    evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
+    off_runtime(|| evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap());
     // Findings, two per page, followed to the end.
     let mut seen = Vec::new();
     let mut path = "/v1/findings?state=open&limit=2".to_owned();
@@ -438,6 +453,5 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token() {
 }
 
 fn policy_token_of(fleet: &Fleet) -> String {
-    use kycd_collector::policy::PolicyStore as _;
     fleet.store.current_policy().unwrap().unwrap().token
 }

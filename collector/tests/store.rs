@@ -1,5 +1,6 @@
-//! The storage trait's contract, on each backend (SQLite file, PostgreSQL database): what
-//! ingest and the `hosts` commands rely on, independent of HTTP.
+//! The storage traits' contract, on each backend (SQLite file, PostgreSQL database): what
+//! ingest, the `hosts` commands, the fleet view, policy publication and the poller rely on,
+//! independent of HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[macro_use]
@@ -8,8 +9,12 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use kycd_collector::{Limits, ReportStore, StoreError, ValidRecord};
-use kycd_protocol::UsageRecord;
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, NewFinding, TenantIdentity};
+use kycd_collector::policy::PublishedPolicy;
+use kycd_collector::statements::POLL_HISTORY_PER_HOST;
+use kycd_collector::{Limits, PollOutcome, PollRecord, ReportStore, Storage, StoreError, ValidRecord};
+use kycd_protocol::{HostStatementClaims, UsageRecord};
+use serde_json::json;
 
 backend_tests!(
     overlap_with_a_stored_merged_record_conflicts,
@@ -17,6 +22,14 @@ backend_tests!(
     acks_advance_over_out_of_order_and_merged_ranges,
     concurrent_writers_on_two_stores_store_each_seq_once,
     racing_conflicting_writers_never_store_overlapping_ranges,
+    policies_are_published_newer_only,
+    concurrent_publishers_of_one_version_one_wins,
+    findings_are_raised_once_resolved_and_listed_by_page,
+    racing_raisers_raise_a_finding_once,
+    tenant_identities_keep_the_newest,
+    usage_aggregates_and_evidence,
+    statements_status_history_and_removal,
+    poll_history_is_bounded_per_host,
 );
 
 fn valid(records: Vec<UsageRecord>) -> Vec<ValidRecord> {
@@ -190,5 +203,392 @@ async fn racing_conflicting_writers_never_store_overlapping_ranges(db: TestDb) {
             let ranges = stores[0].stored_ranges(&host).unwrap();
             assert!(ranges == [(2, 6)] || ranges == [(4, 4)], "round {round}: {ranges:?}");
         }
+    });
+}
+
+fn policy(version: u64) -> PublishedPolicy {
+    let claims = serde_json::from_value(json!({
+        "iss": "authority", "iat": 1_800_000_000, "exp": 1_900_000_000, "version": version,
+        "measures": [], "unverified": {"action": "deny"},
+        "thresholds": {"training_ops": 1e21, "bio_training_ops": 1e20, "cluster_flops": 1e17,
+                       "early_warning_fraction": 0.5}
+    }))
+    .unwrap();
+    PublishedPolicy { version, token: format!("token-{version}"), published_at: 1_800_000_000, claims }
+}
+
+async fn policies_are_published_newer_only(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        assert!(store.current_policy().unwrap().is_none());
+        store.publish_policy(&policy(2)).unwrap();
+        for stale in [1, 2] {
+            assert!(matches!(
+                store.publish_policy(&policy(stale)),
+                Err(StoreError::PolicyNotNewer { offered, current: 2 }) if offered == stale
+            ));
+        }
+        store.publish_policy(&policy(5)).unwrap();
+        let current = store.current_policy().unwrap().unwrap();
+        assert_eq!((current.version, current.token.as_str()), (5, "token-5"));
+        assert_eq!(current.claims.version, 5);
+        assert_eq!(current.claims, policy(5).claims);
+    });
+}
+
+/// Two stores (two collector processes) publish the same version at the same moment, many
+/// times: exactly one wins each round, the other is told it is not newer.
+async fn concurrent_publishers_of_one_version_one_wins(db: TestDb) {
+    let stores: [Arc<dyn Storage>; 2] = [db.storage(), db.storage()];
+    off_runtime(|| {
+        for version in 1..=30u64 {
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = stores
+                    .iter()
+                    .map(|store| {
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            barrier.wait();
+                            store.publish_policy(&policy(version))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let won = results.iter().filter(|r| r.is_ok()).count();
+            let refused =
+                results.iter().filter(|r| matches!(r, Err(StoreError::PolicyNotNewer { .. }))).count();
+            assert_eq!((won, refused), (1, 1), "version {version}: {results:?}");
+            assert_eq!(stores[1].current_policy().unwrap().unwrap().version, version);
+        }
+    });
+}
+
+fn finding(kind: FindingKind, subject: &str, tenant: Option<&str>, host: Option<&str>) -> NewFinding {
+    NewFinding {
+        kind,
+        subject: subject.into(),
+        tenant: tenant.map(Into::into),
+        host_id: host.map(Into::into),
+        foreign_person: tenant.map(|_| true),
+        summary: format!("{} {subject}", kind.as_str()),
+        evidence: json!({"subject": subject, "ops": 1.5e21, "hosts": ["h1", "h2"]}),
+    }
+}
+
+async fn findings_are_raised_once_resolved_and_listed_by_page(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let early = finding(FindingKind::EarlyWarning, "t1", Some("t1"), None);
+        let first = store.raise_finding(&early, 100).unwrap().unwrap();
+        assert_eq!(store.raise_finding(&early, 110).unwrap(), None, "open: raised once");
+        let crossed = finding(FindingKind::TrainingThresholdCrossed, "t1", Some("t1"), None);
+        let second = store.raise_finding(&crossed, 120).unwrap().unwrap();
+        let dark = finding(FindingKind::HostDark, "h9", None, Some("h9"));
+        let third = store.raise_finding(&dark, 130).unwrap().unwrap();
+        assert!(first < second && second < third);
+
+        assert!(store.resolve_finding(third, 200).unwrap());
+        assert!(!store.resolve_finding(third, 210).unwrap(), "already resolved");
+        assert!(!store.resolve_finding(9999, 210).unwrap());
+        // Resolved: the same condition may be raised again, as a new finding.
+        let again = store.raise_finding(&dark, 300).unwrap().unwrap();
+        assert!(again > third);
+
+        let all = |q: FindingQuery| store.list_findings(&FindingQuery { limit: 100, ..q }).unwrap();
+        let every = all(FindingQuery::default());
+        assert_eq!(every.iter().map(|f| f.id).collect::<Vec<_>>(), [first, second, third, again]);
+        assert_eq!(every[0].finding, early);
+        assert_eq!(
+            (every[0].state, every[0].raised_at, every[0].resolved_at),
+            (FindingState::Open, 100, None)
+        );
+        assert_eq!((every[2].state, every[2].resolved_at), (FindingState::Resolved, Some(200)));
+        assert_eq!(every[2].finding.foreign_person, None);
+        let ids = |fs: Vec<kycd_collector::fleet::Finding>| fs.iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(all(FindingQuery { state: Some(FindingState::Open), ..Default::default() })),
+            [first, second, again]
+        );
+        assert_eq!(
+            ids(all(FindingQuery { state: Some(FindingState::Resolved), ..Default::default() })),
+            [third]
+        );
+        assert_eq!(
+            ids(all(FindingQuery { kind: Some(FindingKind::HostDark), ..Default::default() })),
+            [third, again]
+        );
+        assert_eq!(
+            ids(all(FindingQuery { tenant: Some("t1".into()), ..Default::default() })),
+            [first, second]
+        );
+        assert_eq!(
+            ids(all(FindingQuery { host_id: Some("h9".into()), ..Default::default() })),
+            [third, again]
+        );
+        assert!(all(FindingQuery { tenant: Some("nobody".into()), ..Default::default() }).is_empty());
+        // Pages of two, followed by the cursor.
+        let page = |after_id| {
+            store.list_findings(&FindingQuery { after_id, limit: 2, ..Default::default() }).unwrap()
+        };
+        let p1 = ids(page(0));
+        assert_eq!(p1, [first, second]);
+        let p2 = ids(page(p1[1]));
+        assert_eq!(p2, [third, again]);
+        assert!(page(p2[1]).is_empty());
+    });
+}
+
+/// Threads of two stores raise the same findings at the same moment: each is raised once.
+async fn racing_raisers_raise_a_finding_once(db: TestDb) {
+    let stores: [Arc<dyn Storage>; 2] = [db.storage(), db.storage()];
+    off_runtime(|| {
+        for round in 0..20 {
+            let subject = format!("t{round}");
+            let f = finding(FindingKind::EarlyWarning, &subject, Some(&subject), None);
+            let barrier = std::sync::Barrier::new(4);
+            let raised: Vec<Option<i64>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|t| {
+                        let (store, f, barrier) = (&stores[t % 2], &f, &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            store.raise_finding(f, 100).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(raised.iter().filter(|r| r.is_some()).count(), 1, "round {round}: {raised:?}");
+        }
+        let open = stores[0]
+            .list_findings(&FindingQuery {
+                state: Some(FindingState::Open),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(open.len(), 20);
+    });
+}
+
+fn identity(tenant: &str, legal_name: &str, owners: &[&str], seen_at: i64) -> TenantIdentity {
+    TenantIdentity {
+        tenant: tenant.into(),
+        legal_name: legal_name.into(),
+        countries: serde_json::from_value(json!(["SG"])).unwrap(),
+        beneficial_owner_countries: serde_json::from_value(json!(owners)).unwrap(),
+        foreign_person: true,
+        seen_at,
+    }
+}
+
+async fn tenant_identities_keep_the_newest(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        assert!(store.tenant_identities().unwrap().is_empty());
+        let b = identity("t-b", "B Ltd", &["CN"], 100);
+        let a = identity("t-a", "A GmbH", &[], 100);
+        store.upsert_tenant_identities(&[b.clone(), a.clone()]).unwrap();
+        // An older statement does not replace a newer one; a newer (or as new) one does.
+        store.upsert_tenant_identities(&[identity("t-b", "Old name", &[], 50)]).unwrap();
+        let renamed = identity("t-a", "A AG", &["DE", "CN"], 200);
+        store.upsert_tenant_identities(std::slice::from_ref(&renamed)).unwrap();
+        assert_eq!(store.tenant_identities().unwrap(), [renamed, b]);
+        store.upsert_tenant_identities(&[]).unwrap();
+    });
+}
+
+fn tenant_window(
+    tenant: &str,
+    start: i64,
+    len: i64,
+    ops: f64,
+    flops: f64,
+    gpus: u32,
+) -> kycd_protocol::UsageWindow {
+    kycd_protocol::UsageWindow {
+        tenant: Some(tenant.into()),
+        start,
+        end: start + len,
+        gpus,
+        max_concurrent_gpus: gpus,
+        estimated_ops: ops,
+        peak_flops: flops,
+        ..window(start)
+    }
+}
+
+/// The aggregation's numbers (see `kycd_collector::fleet`) and the evidence queries, the
+/// same on both backends.
+async fn usage_aggregates_and_evidence(db: TestDb) {
+    let store = db.storage();
+    let t0 = 1_800_000_000 / 60 * 60;
+    let batch_of = |windows: Vec<kycd_protocol::UsageWindow>| {
+        let records =
+            windows.into_iter().zip(1..).map(|(window, seq)| UsageRecord { seq, last_seq: None, window });
+        valid(records.collect())
+    };
+    off_runtime(|| {
+        // Host a: three 60 s windows of t; host b: six 10 s windows of t in minute 1 and one
+        // of u; an untenanted window.
+        let mut a: Vec<_> = (0..3).map(|m| tenant_window("t", t0 + 60 * m, 60, 1e18, 8e15, 8)).collect();
+        a.push(kycd_protocol::UsageWindow { tenant: None, ..window(t0) });
+        store.insert_batch("a", &batch_of(a), 1000).unwrap();
+        let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 2e17, 4e15, 2)).collect();
+        b.push(tenant_window("u", t0 + 600, 60, 5e17, 1e15, 1));
+        store.insert_batch("b", &batch_of(b), 2000).unwrap();
+
+        let usage = store.tenant_usage(None, None).unwrap();
+        assert_eq!(usage.iter().map(|u| u.tenant.as_str()).collect::<Vec<_>>(), ["t", "u"]);
+        let t = &usage[0];
+        assert!((t.peak_flops / 12e15 - 1.0).abs() < 1e-9, "{t:?}");
+        assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (t0 + 60, 2, 10, 9));
+        assert_eq!((t.first_seen, t.last_seen), (t0, t0 + 180));
+        assert!((t.estimated_ops - 4.2e18).abs() < 1e6, "{t:?}");
+        assert!((t.gpu_seconds - 9.0 * 480.0).abs() < 1e-6, "{t:?}");
+        assert!(t.foreign_person);
+        assert_eq!(t.ops_by_method.keys().collect::<Vec<_>>(), ["gpm_tensor"]);
+        assert_eq!(store.tenant_usage(Some("u"), None).unwrap(), [usage[1].clone()]);
+        assert_eq!(store.tenant_usage(Some("t"), None).unwrap(), [usage[0].clone()]);
+        assert!(store.tenant_usage(Some("nobody"), None).unwrap().is_empty());
+        // A period: only windows ending after `since`.
+        let late = store.tenant_usage(None, Some(t0 + 120)).unwrap();
+        assert_eq!(
+            late.iter().map(|u| (u.tenant.as_str(), u.windows)).collect::<Vec<_>>(),
+            [("t", 1), ("u", 1)]
+        );
+
+        let evidence = store.usage_evidence("t", 4).unwrap();
+        assert_eq!(
+            evidence.iter().map(|e| (e.host_id.as_str(), e.seq)).collect::<Vec<_>>(),
+            [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+        );
+        assert_eq!((evidence[0].start, evidence[0].end, evidence[0].gpus), (t0, t0 + 60, 8));
+        assert_eq!(evidence[0].method, "gpm_tensor");
+        assert_eq!(store.tenant_hosts("t").unwrap(), ["a", "b"]);
+        assert_eq!(store.tenant_hosts("u").unwrap(), ["b"]);
+        let enrolled = host_key("quiet");
+        store.enroll_host("quiet", &enrolled.public_key(), 0).unwrap();
+        let last = store.last_report_at().unwrap();
+        assert_eq!(last.into_iter().collect::<Vec<_>>(), [("a".to_owned(), 1000), ("b".to_owned(), 2000)]);
+    });
+}
+
+fn statement(host: &str, nonce: &str) -> HostStatementClaims {
+    serde_json::from_value(json!({
+        "iss": host, "iat": 100, "exp": 160, "nonce": nonce, "agent_version": "1.0",
+        "policy_version": 3, "workloads": [], "gpus": []
+    }))
+    .unwrap()
+}
+
+fn failed(kind: &str) -> PollOutcome {
+    PollOutcome::Failed { kind: kind.into(), detail: "x".into() }
+}
+
+async fn statements_status_history_and_removal(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        for h in ["a", "b"] {
+            store.enroll_host(h, &host_key(h).public_key(), 0).unwrap();
+        }
+        assert!(store.set_agent_url("a", Some("https://a:9477")).unwrap());
+        assert!(!store.set_agent_url("zz", Some("https://zz:9477")).unwrap(), "not enrolled");
+        let targets = store.poll_targets().unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!((targets[0].host_id.as_str(), targets[0].agent_url.as_str()), ("a", "https://a:9477"));
+        assert_eq!(targets[0].public_key.kid(), "a");
+        assert!(store.set_agent_url("a", Some("https://a2:9477")).unwrap());
+        assert_eq!(store.agent_urls().unwrap(), [("a".to_owned(), "https://a2:9477".to_owned())]);
+
+        let status = store.host_poll_status().unwrap();
+        assert_eq!(status.len(), 2);
+        assert_eq!(
+            status[1],
+            kycd_collector::HostPollStatus {
+                host_id: "b".into(),
+                last_attempt_at: None,
+                last_ok_at: None,
+                consecutive_failures: 0,
+                last_error: None
+            }
+        );
+        let token = "h.p.s".to_owned();
+        store
+            .record_poll("a", 10, &PollOutcome::Ok { claims: statement("a", "n1"), token: token.clone() })
+            .unwrap();
+        store.record_poll("a", 20, &failed("timeout")).unwrap();
+        store.record_poll("a", 30, &failed("unreachable")).unwrap();
+        store.record_poll("ghost", 30, &failed("unreachable")).unwrap();
+        let a = &store.host_poll_status().unwrap()[0];
+        assert_eq!(
+            (a.last_attempt_at, a.last_ok_at, a.consecutive_failures, a.last_error.as_deref()),
+            (Some(30), Some(10), 2, Some("unreachable: x"))
+        );
+        assert!(store.poll_history("ghost", 10).unwrap().is_empty(), "unenrolled hosts leave nothing");
+        let history = store.poll_history("a", 10).unwrap();
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[0], (30, Err("unreachable: x".into())));
+        assert_eq!(history[2], (10, Ok(kycd_protocol::token_digest(token.as_bytes()))));
+        assert_eq!(store.poll_history("a", 1).unwrap().len(), 1);
+        let latest = store.latest_statements().unwrap();
+        assert_eq!(latest.len(), 1);
+        assert_eq!((latest[0].host_id.as_str(), latest[0].polled_at), ("a", 10));
+        assert_eq!(latest[0].claims, statement("a", "n1"));
+        assert_eq!(store.latest_token("a").unwrap(), Some(token));
+        assert_eq!(store.latest_token("b").unwrap(), None);
+        store
+            .record_polls(&[
+                PollRecord {
+                    host_id: "a".into(),
+                    polled_at: 40,
+                    outcome: PollOutcome::Ok { claims: statement("a", "n2"), token: "t2".into() },
+                },
+                PollRecord { host_id: "b".into(), polled_at: 40, outcome: failed("tls") },
+            ])
+            .unwrap();
+        let status = store.host_poll_status().unwrap();
+        assert_eq!(
+            (status[0].consecutive_failures, status[0].last_ok_at, status[0].last_error.as_deref()),
+            (0, Some(40), None)
+        );
+        assert_eq!((status[1].consecutive_failures, status[1].last_attempt_at), (1, Some(40)));
+        assert_eq!(store.latest_statements().unwrap()[0].claims.nonce, "n2");
+
+        // Removal forgets URL, status and history; re-enrollment starts clean.
+        assert!(store.remove_host("a").unwrap());
+        assert!(store.poll_targets().unwrap().is_empty());
+        assert!(store.latest_statements().unwrap().is_empty(), "no longer listed");
+        store.enroll_host("a", &host_key("a").public_key(), 50).unwrap();
+        assert!(store.poll_targets().unwrap().is_empty(), "re-enrollment does not resurrect the URL");
+        assert!(store.poll_history("a", 10).unwrap().is_empty());
+        let a = &store.host_poll_status().unwrap()[0];
+        assert_eq!((a.last_attempt_at, a.consecutive_failures), (None, 0));
+        assert!(store.set_agent_url("b", Some("https://b")).unwrap());
+        assert!(store.set_agent_url("b", None).unwrap());
+        assert!(store.agent_urls().unwrap().is_empty());
+    });
+}
+
+async fn poll_history_is_bounded_per_host(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        store.enroll_host("a", &host_key("a").public_key(), 0).unwrap();
+        store.enroll_host("b", &host_key("b").public_key(), 0).unwrap();
+        let total = POLL_HISTORY_PER_HOST + 50;
+        let polls: Vec<PollRecord> = (0..total)
+            .map(|i| PollRecord { host_id: "a".into(), polled_at: i64::from(i), outcome: failed("timeout") })
+            .collect();
+        store.record_polls(&polls[..100]).unwrap();
+        store.record_poll("b", 1, &failed("timeout")).unwrap();
+        store.record_polls(&polls[100..]).unwrap();
+        let history = store.poll_history("a", u32::MAX).unwrap();
+        assert_eq!(history.len(), POLL_HISTORY_PER_HOST as usize);
+        assert_eq!(history[0].0, i64::from(total - 1));
+        assert_eq!(history.last().unwrap().0, i64::from(total - POLL_HISTORY_PER_HOST));
+        assert_eq!(store.host_poll_status().unwrap()[0].consecutive_failures, total);
+        assert_eq!(store.poll_history("b", u32::MAX).unwrap().len(), 1, "other hosts keep theirs");
     });
 }

@@ -97,6 +97,11 @@ impl TestDb {
     pub fn open(&self) -> Arc<dyn ReportStore> {
         off_runtime(|| kycd_collector::open_store(&self.url).unwrap())
     }
+
+    /// Opens the store with every storage trait (off the async runtime).
+    pub fn storage(&self) -> Arc<dyn kycd_collector::Storage> {
+        off_runtime(|| kycd_collector::open_store(&self.url).unwrap())
+    }
 }
 
 /// A collector running in this process.

@@ -1,0 +1,142 @@
+//! The PostgreSQL variant of the aggregation benchmark: the same fleet (see the bench's
+//! module doc) bulk-loaded with `COPY … FROM STDIN` into a database migrated by
+//! `PgStore::open` (so schema and indexes are the collector's), then `VACUUM ANALYZE`; the
+//! same three timings as on SQLite: the baseline full scan, `tenant_usage` (the rows streamed
+//! to the collector through `UsageAccumulator`) and one findings evaluation.
+//!
+//! Server: `KYCD_BENCH_POSTGRES_URL` (a role that may `CREATE DATABASE`; the database
+//! `kycd_bench_aggregate_<windows>` is kept and reused when it holds the expected rows), else
+//! a private cluster started for the run (tests/pg_support, loaded every run), else skipped.
+//! `KYCD_BENCH_POSTGRES=0` skips it.
+
+use std::io::Write as _;
+use std::time::Instant;
+
+use kycd_collector::findings::{evaluate_store, EvaluationSettings};
+use kycd_collector::fleet::FleetStore as _;
+use kycd_collector::{PgStore, ReportStore as _};
+use kycd_protocol::{Algorithm, PrivateJwk};
+
+use super::{pg_support, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
+
+const COPY_SQL: &str = r#"COPY records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
+    gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
+    merged_windows, body_json, received_at) FROM STDIN"#;
+
+fn load(url: &str, windows: u64) {
+    let store = PgStore::open(url).unwrap();
+    for h in 0..HOSTS {
+        let key = PrivateJwk::generate(Algorithm::EdDSA, &format!("host-{h:04}")).unwrap();
+        store.enroll_host(key.kid(), &key.public_key(), 0).unwrap();
+    }
+    drop(store);
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let per_host = windows / HOSTS;
+    let base: i64 = 1_790_000_000 / 60 * 60;
+    let started = Instant::now();
+    // One COPY per 200 hosts (a transaction each).
+    for chunk in 0..HOSTS.div_ceil(200) {
+        let copy = client.copy_in(COPY_SQL).unwrap();
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, copy);
+        for h in chunk * 200..((chunk + 1) * 200).min(HOSTS) {
+            for i in 0..per_host {
+                let slot = i % TENANTS_PER_HOST;
+                let tenant = (h * TENANTS_PER_HOST + slot) % TENANTS;
+                let minute = i64::try_from(i / TENANTS_PER_HOST).unwrap();
+                let start = base + 60 * minute;
+                let seq = i + 1;
+                let ops = 1.0e17 + (i % 97) as f64 * 1.0e15;
+                let foreign = if tenant % 4 == 0 { "t" } else { "f" };
+                writeln!(
+                    out,
+                    "host-{h:04}\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_tensor\tt\t{foreign}\t1\t{{}}\t{end}",
+                    end = start + 60,
+                )
+                .unwrap();
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error()).unwrap().finish().unwrap();
+        eprintln!(
+            "  loaded {} windows ({:.0}s)",
+            ((chunk + 1) * 200).min(HOSTS) * per_host,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    client.batch_execute("VACUUM ANALYZE records").unwrap();
+    eprintln!("  vacuumed and analyzed ({:.0}s)", started.elapsed().as_secs_f64());
+}
+
+fn count(url: &str) -> Option<u64> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).ok()?;
+    let row = client.query_one("SELECT count(*) FROM records", &[]).ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
+/// Runs the PostgreSQL variant, if a server can be had.
+pub fn run(windows: u64) {
+    if std::env::var("KYCD_BENCH_POSTGRES").as_deref() == Ok("0") {
+        println!("PostgreSQL: skipped (KYCD_BENCH_POSTGRES=0)");
+        return;
+    }
+    let mut _cluster = None;
+    let admin = match std::env::var("KYCD_BENCH_POSTGRES_URL") {
+        Ok(url) => url,
+        Err(_) => match pg_support::Cluster::start(true) {
+            Ok(cluster) => {
+                let url = cluster.url("postgres");
+                eprintln!("PostgreSQL: private cluster in {}", cluster.dir.display());
+                _cluster = Some(cluster);
+                url
+            }
+            Err(why) => {
+                println!("PostgreSQL: skipped ({why})");
+                return;
+            }
+        },
+    };
+    let name = format!("kycd_bench_aggregate_{windows}");
+    let url = pg_support::with_dbname(&admin, &name);
+    let expected = windows / HOSTS * HOSTS;
+    if count(&url) != Some(expected) {
+        eprintln!("building PostgreSQL database {name} ({windows} windows)…");
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        load(&url, windows);
+    }
+    let store = PgStore::open(&url).unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let (mut baseline, mut usage, mut evaluation) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let t = Instant::now();
+        let row = client
+            .query_one("SELECT count(*), sum(estimated_ops), sum(peak_flops) FROM records", &[])
+            .unwrap();
+        baseline.push(t.elapsed().as_secs_f64());
+        assert_eq!(u64::try_from(row.get::<_, i64>(0)).unwrap(), expected);
+
+        let t = Instant::now();
+        let tenants = store.tenant_usage(None, None).unwrap();
+        usage.push(t.elapsed().as_secs_f64());
+        assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
+
+        let t = Instant::now();
+        let report = evaluate_store(&store, EvaluationSettings::default(), 1_790_000_000).unwrap();
+        evaluation.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "pg round {round}: scan {:.2}s, tenant_usage {:.2}s, evaluate {:.2}s (open findings {})",
+            baseline[round], usage[round], evaluation[round], report.open
+        );
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "PostgreSQL: aggregate over {windows} windows, {HOSTS} hosts, {TENANTS} tenants (best of {ROUNDS}):\n  \
+         baseline full scan   {:.2} s\n  tenant_usage         {:.2} s  ({:.2}x the scan)\n  \
+         evaluate (findings)  {:.2} s  ({:.2}x the scan)",
+        best(&baseline),
+        best(&usage),
+        best(&usage) / best(&baseline),
+        best(&evaluation),
+        best(&evaluation) / best(&baseline),
+    );
+}
