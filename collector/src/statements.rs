@@ -1,7 +1,8 @@
 //! The storage boundary of agent polling: each enrolled host's agent URL, the latest host
 //! statement that verified, the bounded history of poll attempts and each host's poll status
-//! ([`StatementStore`]). SQLite implements it in [`crate::sqlite_statements`]; the poller
-//! ([`crate::poll`]) and the findings read and write only through it.
+//! ([`StatementStore`]). SQLite implements it in [`crate::sqlite_statements`], PostgreSQL in
+//! [`crate::postgres::statements`]; the poller ([`crate::poll`]) and the findings read and
+//! write only through it.
 //!
 //! Calls are blocking, like [`crate::ReportStore`]'s: async callers use `spawn_blocking`.
 

@@ -1,5 +1,5 @@
 //! The PostgreSQL backend of [`PolicyStore`] and [`FleetStore`], with the meaning of the SQLite
-//! one ([`crate::sqlite_fleet`]); schema: [`MIGRATION_FLEET`], step 3 of
+//! one (`sqlite_fleet.rs`); schema: [`MIGRATION_FLEET`], step 3 of
 //! [`super::MIGRATIONS`].
 //!
 //! Across collector processes:
@@ -70,7 +70,8 @@ fn to_u32(value: i64) -> u32 {
 }
 
 /// Every window of the aggregation (a sequential scan; the tenant index does not help when
-/// every tenant is wanted).
+/// every tenant is wanted). `$1` (no tenant) is named only so both queries take the same
+/// parameters.
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person
