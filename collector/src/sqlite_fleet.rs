@@ -34,10 +34,6 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-fn to_u32(value: i64) -> u32 {
-    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
-}
-
 impl PolicyStore for SqliteStore {
     fn current_policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         let conn = self.reader()?;
@@ -108,7 +104,7 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
         start: r.get(2)?,
         end: r.get(3)?,
         gpu_seconds: r.get(4)?,
-        gpus: to_u32(r.get(5)?),
+        gpus: crate::store::count_u32(r.get(5)?),
         estimated_ops: r.get(6)?,
         peak_flops: r.get(7)?,
         method: text(8)?,
@@ -184,7 +180,7 @@ impl FleetStore for SqliteStore {
                 end,
                 estimated_ops,
                 peak_flops,
-                gpus: to_u32(gpus),
+                gpus: crate::store::count_u32(gpus),
                 method,
             });
         }

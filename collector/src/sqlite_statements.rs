@@ -59,24 +59,12 @@ pub const MIGRATION_POLLING: &str = r#"
     END;
 "#;
 
-/// Longest stored failure detail: an error chain is useful, a hostile agent's novel is not.
-const MAX_DETAIL: usize = 1024;
-
-fn truncate(s: &str) -> &str {
-    if s.len() <= MAX_DETAIL {
-        return s;
-    }
-    let mut end = MAX_DETAIL;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), StoreError> {
     let (ok, kind, detail) = match &poll.outcome {
         PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate(detail).to_owned()),
+        PollOutcome::Failed { kind, detail } => {
+            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
+        }
     };
     let last_error = (!ok).then(|| format!("{kind}: {detail}"));
     // Only enrolled hosts get a status (the SELECT yields no row otherwise): a host removed
@@ -131,10 +119,6 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
 fn parse_key(host_id: &str, jwk: &str) -> Result<PublicKey, StoreError> {
     PublicKey::from_jwk_json(jwk.as_bytes())
         .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
-}
-
-fn to_u32(value: i64) -> u32 {
-    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
 }
 
 impl StatementStore for SqliteStore {
@@ -241,7 +225,7 @@ impl StatementStore for SqliteStore {
                     host_id: r.get(0)?,
                     last_attempt_at: r.get(1)?,
                     last_ok_at: r.get(2)?,
-                    consecutive_failures: to_u32(r.get(3)?),
+                    consecutive_failures: crate::store::count_u32(r.get(3)?),
                     last_error: r.get(4)?,
                 })
             })

@@ -129,6 +129,27 @@ pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
     fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError>;
 }
 
+/// A stored count as `u32`: negative (corrupt) reads as 0, too large saturates. Counts the
+/// backends read back (GPUs, hosts, failures) are bounded far below either limit.
+pub(crate) fn count_u32(value: i64) -> u32 {
+    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Longest stored poll failure detail: an error chain is useful, a hostile agent's novel is not.
+pub(crate) const MAX_DETAIL: usize = 1024;
+
+/// `detail` cut to [`MAX_DETAIL`] bytes at a character boundary.
+pub(crate) fn truncate_detail(detail: &str) -> &str {
+    if detail.len() <= MAX_DETAIL {
+        return detail;
+    }
+    let mut end = MAX_DETAIL;
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    &detail[..end]
+}
+
 /// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
 /// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
 /// ([`crate::policy::PolicyStore`]) and the agents' statements

@@ -65,10 +65,6 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-fn to_u32(value: i64) -> u32 {
-    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
-}
-
 /// Every window of the aggregation (a sequential scan; the tenant index does not help when
 /// every tenant is wanted). `$1` (no tenant) is named only so both queries take the same
 /// parameters.
@@ -91,7 +87,7 @@ fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), Store
         start: get(r, 2)?,
         end: get(r, 3)?,
         gpu_seconds: get(r, 4)?,
-        gpus: to_u32(get(r, 5)?),
+        gpus: crate::store::count_u32(get(r, 5)?),
         estimated_ops: get(r, 6)?,
         peak_flops: get(r, 7)?,
         method: get(r, 8)?,
@@ -180,7 +176,7 @@ impl FleetStore for PgStore {
                     end: get(r, 3)?,
                     estimated_ops: get(r, 4)?,
                     peak_flops: get(r, 5)?,
-                    gpus: to_u32(get(r, 6)?),
+                    gpus: crate::store::count_u32(get(r, 6)?),
                     method: get(r, 7)?,
                 })
             })

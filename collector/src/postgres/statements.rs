@@ -57,24 +57,6 @@ pub const MIGRATION_POLLING: &str = r#"
         FOR EACH ROW EXECUTE FUNCTION kycd_hosts_removed_polling();
 "#;
 
-/// Longest stored failure detail: an error chain is useful, a hostile agent's novel is not.
-const MAX_DETAIL: usize = 1024;
-
-fn truncate(s: &str) -> &str {
-    if s.len() <= MAX_DETAIL {
-        return s;
-    }
-    let mut end = MAX_DETAIL;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-fn to_u32(value: i64) -> u32 {
-    u32::try_from(value.max(0)).unwrap_or(u32::MAX)
-}
-
 fn parse_key(host_id: &str, jwk: &str) -> Result<kycd_protocol::PublicKey, StoreError> {
     kycd_protocol::PublicKey::from_jwk_json(jwk.as_bytes())
         .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
@@ -133,7 +115,9 @@ fn record_one(
 ) -> Result<(), Failed> {
     let (ok, kind, detail) = match &poll.outcome {
         PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate(detail).to_owned()),
+        PollOutcome::Failed { kind, detail } => {
+            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
+        }
     };
     let last_error = (!ok).then(|| format!("{kind}: {detail}"));
     let row = tx.query_opt(&stmts.status, &[&poll.host_id, &poll.polled_at, &ok, &last_error])?;
@@ -256,7 +240,7 @@ impl StatementStore for PgStore {
                     host_id: get(r, 0)?,
                     last_attempt_at: get(r, 1)?,
                     last_ok_at: get(r, 2)?,
-                    consecutive_failures: to_u32(get(r, 3)?),
+                    consecutive_failures: crate::store::count_u32(get(r, 3)?),
                     last_error: get(r, 4)?,
                 })
             })
