@@ -66,8 +66,6 @@ pub struct ApiState {
     pub store: Arc<dyn Storage>,
     /// Who may read.
     pub access: ReadAccess,
-    /// Dark-host threshold, for the overview and `/v1/hosts`.
-    pub dark_after_s: i64,
 }
 
 /// An API error: its status, a machine-readable kind and a message, served as JSON.

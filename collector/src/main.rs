@@ -58,11 +58,7 @@ async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::R
         }
         None => kycd_collector::api::ReadAccess::loopback_only(),
     };
-    let api = kycd_collector::api::ApiState {
-        store: Arc::clone(&store),
-        access,
-        dark_after_s: options.rules.dark_after_s,
-    };
+    let api = kycd_collector::api::ApiState { store: Arc::clone(&store), access };
     let ingestor = Arc::new(Ingestor::new(store.clone(), Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;

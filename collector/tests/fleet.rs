@@ -370,7 +370,6 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let api = kycd_collector::api::ApiState {
         store: store.clone(),
         access: kycd_collector::api::ReadAccess::token("read-token-0123456789"),
-        dark_after_s: 180,
     };
     let app = kycd_collector::server::app(Arc::new(Ingestor::new(store, Limits::default())), api);
     let shutdown = tokio_util::sync::CancellationToken::new();
