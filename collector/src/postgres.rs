@@ -374,17 +374,13 @@ fn migrate(client: &mut Client, target: usize) -> Result<(), StoreError> {
         Some(row) => get(&row, 0)?,
         None => 0,
     };
-    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    if version > supported {
-        return Err(StoreError::SchemaTooNew { found: version, supported });
-    }
-    let applied = usize::try_from(version).unwrap_or(0);
-    if applied >= target {
+    let pending = crate::store::pending_migrations(MIGRATIONS, version, target)?;
+    if pending.is_empty() {
         return Ok(());
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
+    for (version, sql) in pending {
         tx.batch_execute(sql).map_err(pg_error)?;
-        tracing::info!(version = i + 1, "applied schema migration");
+        tracing::info!(version, "applied schema migration");
     }
     let target = i64::try_from(target).unwrap_or(i64::MAX);
     tx.execute(

@@ -161,17 +161,13 @@ pub fn method_name(method: EstimationMethod) -> &'static str {
 fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)?;
-    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    if version > supported {
-        return Err(StoreError::SchemaTooNew { found: version, supported });
-    }
-    let applied = usize::try_from(version).unwrap_or(0);
-    if applied >= target {
+    let pending = crate::store::pending_migrations(MIGRATIONS, version, target)?;
+    if pending.is_empty() {
         return Ok(());
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(applied) {
+    for (version, sql) in pending {
         tx.execute_batch(sql).map_err(db_error)?;
-        tracing::info!(version = i + 1, "applied schema migration");
+        tracing::info!(version, "applied schema migration");
     }
     tx.pragma_update(None, "user_version", i64::try_from(target).unwrap_or(i64::MAX)).map_err(db_error)?;
     tx.commit().map_err(db_error)

@@ -129,6 +129,22 @@ pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
     fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError>;
 }
 
+/// The migrations (1-based version, SQL) a database at schema `version` still needs to reach
+/// `target`, in order; empty when it is there already. A database written by a newer
+/// collector (a version above `migrations.len()`) is refused, never downgraded.
+pub(crate) fn pending_migrations<'m>(
+    migrations: &[&'m str],
+    version: i64,
+    target: usize,
+) -> Result<Vec<(usize, &'m str)>, StoreError> {
+    let supported = i64::try_from(migrations.len()).unwrap_or(i64::MAX);
+    if version > supported {
+        return Err(StoreError::SchemaTooNew { found: version, supported });
+    }
+    let applied = usize::try_from(version).unwrap_or(0);
+    Ok(migrations.iter().enumerate().take(target).skip(applied).map(|(i, sql)| (i + 1, *sql)).collect())
+}
+
 /// A stored count as `u32`: negative (corrupt) reads as 0, too large saturates. Counts the
 /// backends read back (GPUs, hosts, failures) are bounded far below either limit.
 pub(crate) fn count_u32(value: i64) -> u32 {
