@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -115,6 +115,22 @@ pub struct Status {
     pub gpu: String,
     /// Consecutive evaluations whose decisions could not be recorded (0 = healthy).
     pub audit_failures: u32,
+    /// Audit log appends that failed since start (any record, not only decisions).
+    #[serde(default)]
+    pub audit_write_failures: u64,
+    /// The last audit append's error; absent when the last append succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_last_error: Option<String>,
+    /// Attestation inputs that could not be read for want of resources or a failing disk
+    /// (EMFILE, ENFILE, EIO, …) since start; their last verified state was kept.
+    #[serde(default)]
+    pub attestation_read_errors: u64,
+    /// The last such failure: when (Unix seconds) and what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_read_error: Option<(i64, String)>,
+    /// Connection counters per listener (`socket`, `collector_api`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub connections: std::collections::BTreeMap<String, ConnectionStatus>,
     /// Enforcement errors and drift repaired, by backend.
     pub enforcement_errors: std::collections::BTreeMap<String, u64>,
     /// Drift repaired, by backend.
@@ -127,6 +143,33 @@ pub struct Status {
     /// The usage spool and uploads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reporting: Option<ReportingStatus>,
+}
+
+/// One listener's connections, in [`Status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// Open now.
+    pub open: u64,
+    /// Accepted since start.
+    pub accepted: u64,
+    /// Refused at the connection cap since start.
+    pub refused: u64,
+    /// Closed for not sending a request head in time.
+    pub header_timeouts: u64,
+    /// Closed after the idle timeout.
+    pub idle_closed: u64,
+}
+
+impl From<kycd_net::ConnSnapshot> for ConnectionStatus {
+    fn from(s: kycd_net::ConnSnapshot) -> Self {
+        ConnectionStatus {
+            open: s.open,
+            accepted: s.accepted,
+            refused: s.refused,
+            header_timeouts: s.header_timeouts,
+            idle_closed: s.idle_closed,
+        }
+    }
 }
 
 /// The reporting part of [`Status`].
@@ -252,15 +295,15 @@ enum Access {
     Admin,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        let cred = stream.io().peer_cred().ok();
+impl Peer {
+    /// Who is calling on `stream`, and what it may do.
+    fn of(stream: &tokio::net::UnixStream) -> Self {
+        let cred = stream.peer_cred().ok();
         let uid = cred.map(|c| c.uid());
         let access = match cred {
             Some(c) if c.uid() == 0 => Access::Admin,
             Some(c) => {
-                let group =
-                    stream.io().local_addr().ok().and_then(|a| a.as_pathname().map(socket_gid)).flatten();
+                let group = stream.local_addr().ok().and_then(|a| a.as_pathname().map(socket_gid)).flatten();
                 match (group, c.pid()) {
                     (Some(gid), Some(pid)) if member_of(pid, c.gid(), gid) => Access::Read,
                     _ => Access::None,
@@ -346,12 +389,15 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled.
+/// Serves the API on `listener` until `shutdown` is cancelled, within `limits` (connection
+/// cap, header-read and idle timeouts: see [`kycd_net`]); `stats` counts its connections.
 pub async fn serve(
     listener: UnixListener,
     requests: mpsc::Sender<ApiRequest>,
+    limits: kycd_net::Limits,
+    stats: std::sync::Arc<kycd_net::ConnStats>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/admit", post(admit))
@@ -361,9 +407,12 @@ pub async fn serve(
         .route("/v1/gpus", get(gpus))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(requests);
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    // Credentials are read once per connection, in the connection's own task.
+    let prepare = |stream: tokio::net::UnixStream, _| async move {
+        let peer = Peer::of(&stream);
+        Some((stream, peer))
+    };
+    kycd_net::serve(listener, app, limits, stats, shutdown, prepare).await;
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -554,7 +603,13 @@ mod tests {
         assert_eq!(mode, 0o600);
         let (tx, mut rx) = mpsc::channel(4);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, tx, shutdown.clone()));
+        let limits = kycd_net::Limits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let stats = std::sync::Arc::new(kycd_net::ConnStats::default());
+        let server = tokio::spawn(serve(listener, tx, limits, stats.clone(), shutdown.clone()));
         // A fake main loop that denies everything it is asked about.
         tokio::spawn(async move {
             while let Some(request) = rx.recv().await {
@@ -590,8 +645,9 @@ mod tests {
             eprintln!("SKIP admission as root: not root; checking the refusal instead");
             assert_eq!(status, 403);
         }
+        assert!(stats.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2);
         shutdown.cancel();
-        server.await.unwrap().unwrap();
+        server.await.unwrap();
         let err = request(&socket, "GET", "/healthz", None).await.unwrap_err();
         assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
     }

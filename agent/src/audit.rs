@@ -442,6 +442,17 @@ pub struct AuditLog {
     prev_hash: String,
     recovery: Option<Recovery>,
     poisoned: bool,
+    health: WriteHealth,
+}
+
+/// How the log's writes have gone, for `kycctl status` and `/metrics`: a status that said
+/// "ok" while every write failed with ENOSPC would hide exactly what an operator must see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteHealth {
+    /// Appends that failed since the log was opened (counted across reopenings).
+    pub failures: u64,
+    /// The last append's error; `None` when the last append succeeded (or none was made).
+    pub last_error: Option<String>,
 }
 
 impl AuditLog {
@@ -472,6 +483,7 @@ impl AuditLog {
                 prev_hash: GENESIS_PREV.to_owned(),
                 recovery: None,
                 poisoned: false,
+                health: WriteHealth::default(),
             });
         };
         let path = newest.path.clone();
@@ -565,7 +577,25 @@ impl AuditLog {
             prev_hash,
             recovery,
             poisoned: false,
+            health: WriteHealth::default(),
         })
+    }
+
+    /// How the writes have gone so far.
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
+    }
+
+    /// Notes an append's outcome in [`AuditLog::health`].
+    fn note<T>(&mut self, outcome: Result<T, AuditError>) -> Result<T, AuditError> {
+        match &outcome {
+            Ok(_) => self.health.last_error = None,
+            Err(e) => {
+                self.health.failures = self.health.failures.saturating_add(1);
+                self.health.last_error = Some(e.to_string());
+            }
+        }
+        outcome
     }
 
     /// What `open` repaired, if anything.
@@ -600,6 +630,11 @@ impl AuditLog {
     /// writes nothing and leaves the log usable. After an I/O error, the next call reopens
     /// the log first (see the module documentation).
     pub fn append<E: Serialize + ?Sized>(&mut self, ts: i64, event: &E) -> Result<RecordInfo, AuditError> {
+        let outcome = self.append_one(ts, event);
+        self.note(outcome)
+    }
+
+    fn append_one<E: Serialize + ?Sized>(&mut self, ts: i64, event: &E) -> Result<RecordInfo, AuditError> {
         self.check_usable()?;
         let seq = self.next_seq;
         let next_seq = seq.checked_add(1).ok_or(AuditError::SeqExhausted)?;
@@ -614,6 +649,15 @@ impl AuditLog {
     /// (group commit), returning once all are durable. Either every event is accepted and
     /// written or (if one is rejected) none is. A batch is never split across segments.
     pub fn append_batch<I, E>(&mut self, events: I) -> Result<Vec<RecordInfo>, AuditError>
+    where
+        I: IntoIterator<Item = (i64, E)>,
+        E: Serialize,
+    {
+        let outcome = self.append_many(events);
+        self.note(outcome)
+    }
+
+    fn append_many<I, E>(&mut self, events: I) -> Result<Vec<RecordInfo>, AuditError>
     where
         I: IntoIterator<Item = (i64, E)>,
         E: Serialize,
@@ -645,7 +689,12 @@ impl AuditLog {
     /// before anything else is appended.
     fn check_usable(&mut self) -> Result<(), AuditError> {
         if self.poisoned {
-            *self = AuditLog::open(&self.dir, self.options)?;
+            let health = std::mem::take(&mut self.health);
+            let reopened = AuditLog::open(&self.dir, self.options);
+            self.health = health;
+            let mut reopened = reopened?;
+            reopened.health = std::mem::take(&mut self.health);
+            *self = reopened;
         }
         Ok(())
     }

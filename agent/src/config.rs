@@ -248,6 +248,26 @@ pub struct ApiConfig {
     /// A group given read access to the socket (mode 0660); absent: root only (0600).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+    /// Most connections open on the socket at once; more are refused (closed at once). Keep it
+    /// well below the process's file-descriptor limit (`LimitNOFILE=` in kycd.service).
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a complete request head (also the longest an
+    /// idle keep-alive connection stays open).
+    pub header_read_timeout_s: u64,
+    /// Seconds without a byte moving on a connection (a stalled body, an unread answer)
+    /// before it is closed. Longer than the 10 s a request waits for the agent.
+    pub idle_timeout_s: u64,
+}
+
+impl ApiConfig {
+    /// The socket's bounds, for [`kycd_net::serve`].
+    pub fn limits(&self) -> kycd_net::Limits {
+        kycd_net::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+        }
+    }
 }
 
 /// `[enforcement]`.
@@ -433,7 +453,13 @@ impl Default for WorkloadConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { socket: PathBuf::from("/run/kycd/kycd.sock"), socket_group: None }
+        ApiConfig {
+            socket: PathBuf::from("/run/kycd/kycd.sock"),
+            socket_group: None,
+            max_connections: 64,
+            header_read_timeout_s: 10,
+            idle_timeout_s: 30,
+        }
     }
 }
 
@@ -584,6 +610,18 @@ impl Config {
         }
         if self.clock_skew_s > 3600 {
             return invalid("clock_skew_s", "must be at most 3600 (one hour)");
+        }
+        if !(1..=65_536).contains(&self.api.max_connections) {
+            return invalid("api.max_connections", "must be 1 to 65536");
+        }
+        if !(1..=60).contains(&self.api.header_read_timeout_s) {
+            return invalid("api.header_read_timeout_s", "must be 1 to 60 seconds");
+        }
+        if !(11..=3600).contains(&self.api.idle_timeout_s) {
+            return invalid(
+                "api.idle_timeout_s",
+                "must be 11 to 3600 seconds (longer than the 10 s a request waits for the agent)",
+            );
         }
         if self.attestations.max_bytes < 1024 || self.attestations.max_bytes > 1 << 20 {
             return invalid("attestations.max_bytes", "must be between 1024 and 1048576");

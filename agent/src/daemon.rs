@@ -245,6 +245,9 @@ pub struct Counters {
     pub enforcement_errors: BTreeMap<&'static str, u64>,
     /// Drift repaired, by backend.
     pub drift_repaired: BTreeMap<&'static str, u64>,
+    /// Attestation files or directories that could not be read for want of resources or a
+    /// failing disk (EMFILE, ENFILE, EIO, …); what they attested before was kept.
+    pub attestation_read_errors: u64,
 }
 
 /// The agent's state and its handlers; [`run`] drives it.
@@ -301,6 +304,67 @@ pub struct Agent {
     audit: AuditLog,
     enforcer: Box<dyn Enforcer>,
     counters: Counters,
+    /// Input paths whose last read failed for want of resources (see [`is_resource_error`]):
+    /// logged and recorded once per outage, not on every rescan.
+    read_failing: BTreeSet<PathBuf>,
+    /// The last such failure: (Unix time, what failed).
+    last_read_error: Option<(i64, String)>,
+    /// Connection counters of the operator socket and the collector API.
+    connections: Connections,
+}
+
+/// Connection counters of the agent's listeners, for status and metrics.
+#[derive(Debug, Default)]
+pub struct Connections {
+    /// The operators' Unix socket.
+    pub socket: Arc<kycd_net::ConnStats>,
+    /// The collector-facing HTTPS API, when enabled.
+    pub collector_api: Option<Arc<kycd_net::ConnStats>>,
+}
+
+impl Connections {
+    fn each(&self) -> impl Iterator<Item = (&'static str, kycd_net::ConnSnapshot)> + '_ {
+        std::iter::once(("socket", self.socket.snapshot()))
+            .chain(self.collector_api.iter().map(|s| ("collector_api", s.snapshot())))
+    }
+}
+
+/// Whether an error reading an input file says nothing about the file's content: the agent
+/// is short of descriptors or memory, or the disk failed. What the file attested before
+/// stays in force; only content that fails verification, or a deleted file, withdraws it —
+/// otherwise anyone able to exhaust the agent's descriptors could withdraw every
+/// attestation on the host and have every workload denied.
+fn is_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::EIO
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::EAGAIN
+                | libc::EINTR
+        )
+    )
+}
+
+/// What identifies a file that cannot be read as an attestation (a FIFO, a directory, a
+/// device): its device, inode, modification time and type. A rejection is recorded once per
+/// identity, not on every rescan.
+fn file_identity(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => format!(
+            "file:{}:{}:{}.{}:{:o}",
+            m.dev(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.mode() & u32::from(libc::S_IFMT)
+        ),
+        Err(_) => String::new(),
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -448,6 +512,9 @@ impl Agent {
             audit,
             enforcer,
             counters: Counters::default(),
+            read_failing: BTreeSet::new(),
+            last_read_error: None,
+            connections: Connections::default(),
         };
         agent.record(json!({"type": "agent_started", "version": env!("CARGO_PKG_VERSION"),
             "host_id": agent.host_id, "mode": agent.config.mode}));
@@ -829,11 +896,23 @@ impl Agent {
                 }
                 return;
             }
+            Err(e) if is_resource_error(&e) => {
+                self.read_failed(path, &e);
+                return;
+            }
             Err(e) => {
-                self.reject(path, String::new(), IntakeError::Io(format!("{}: {e}", path.display())), None);
+                // Not readable as an attestation (a FIFO, a directory, …): rejected once per
+                // file identity, so it is not re-recorded on every rescan.
+                let identity = file_identity(path);
+                let previous = self.rejected.get(path).filter(|r| r.digest == identity).cloned();
+                self.read_failing.remove(path);
+                self.reject(path, identity, IntakeError::Io(format!("{}: {e}", path.display())), previous);
                 return;
             }
         };
+        if self.read_failing.remove(path) {
+            info!(path = %path.display(), "attestation readable again");
+        }
         let digest = kycd_protocol::token_digest(&bytes);
         if recheck == Recheck::IfChanged
             && self.attestations.get(path).is_some_and(|a| a.token_digest == digest)
@@ -862,6 +941,19 @@ impl Agent {
         }
     }
 
+    /// An input path could not be read for want of resources or a failing disk: what it
+    /// attested stays in force. Counted every time; logged and recorded once per outage.
+    fn read_failed(&mut self, path: &Path, e: &std::io::Error) {
+        self.counters.attestation_read_errors = self.counters.attestation_read_errors.saturating_add(1);
+        self.last_read_error = Some((now(), format!("{}: {e}", path.display())));
+        if self.read_failing.insert(path.to_owned()) {
+            let kept = self.attestations.contains_key(path);
+            error!(path = %path.display(), error = %e, kept, "cannot read attestation input; keeping its last verified state");
+            self.record(json!({"type": "attestation_read_failed", "source": path, "error": e.to_string(),
+                "kept": kept}));
+        }
+    }
+
     /// Records an intake failure (once per content and kind) and withdraws whatever the file
     /// attested before: a file that no longer verifies no longer attests.
     fn reject(&mut self, path: &Path, digest: String, e: IntakeError, previous: Option<Rejection>) {
@@ -883,24 +975,55 @@ impl Agent {
     /// attestation.
     fn rescan_attestations(&mut self, recheck: Recheck) {
         let mut present: BTreeSet<PathBuf> = BTreeSet::new();
+        // Directories that could not be listed: what they held before is not gone.
+        let mut unlisted: Vec<PathBuf> = Vec::new();
         for dir in [self.config.drop_dir(), self.config.admitted_dir()] {
             match std::fs::read_dir(&dir) {
                 Ok(entries) => {
-                    present.extend(entries.flatten().map(|e| e.path()).filter(|p| is_attestation_file(p)))
+                    let mut listed = Vec::new();
+                    for entry in entries {
+                        match entry {
+                            Ok(entry) => listed.push(entry.path()),
+                            Err(e) => {
+                                self.read_failed(&dir, &e);
+                                unlisted.push(dir.clone());
+                                break;
+                            }
+                        }
+                    }
+                    present.extend(listed.into_iter().filter(|p| is_attestation_file(p)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == self.config.admitted_dir() => {}
+                Err(e) if is_resource_error(&e) => {
+                    self.read_failed(&dir, &e);
+                    unlisted.push(dir);
+                }
                 Err(e) => warn!(dir = %dir.display(), error = %e, "cannot read an attestation directory"),
             }
         }
+        for dir in [self.config.drop_dir(), self.config.admitted_dir()] {
+            if !unlisted.contains(&dir) && self.read_failing.remove(&dir) {
+                info!(dir = %dir.display(), "attestation directory readable again");
+            }
+        }
         let host_file = self.config.attestations.host_attestation.clone();
-        let stale: Vec<PathBuf> =
-            self.attestations.keys().filter(|p| **p != host_file && !present.contains(*p)).cloned().collect();
+        let kept = |p: &Path| unlisted.iter().any(|d| p.parent() == Some(d.as_path()));
+        let stale: Vec<PathBuf> = self
+            .attestations
+            .keys()
+            .filter(|p| **p != host_file && !present.contains(*p) && !kept(p))
+            .cloned()
+            .collect();
         for path in stale.iter().chain(present.iter()) {
             self.ingest(path, false, recheck);
         }
         let fetched_copy = self.fetched_copy_path();
         self.rejected.retain(|p, _| {
-            present.contains(p) || *p == host_file || *p == self.config.policy.file || *p == fetched_copy
+            present.contains(p)
+                || kept(p)
+                || *p == host_file
+                || *p == self.config.policy.file
+                || *p == fetched_copy
         });
         if host_file.exists() || self.attestations.contains_key(&host_file) {
             self.ingest(&host_file, true, recheck);
@@ -1348,6 +1471,11 @@ impl Agent {
             attestations: self.attestations.len(),
             gpu,
             audit_failures: self.audit_failures,
+            audit_write_failures: self.audit.health().failures,
+            audit_last_error: self.audit.health().last_error.clone(),
+            attestation_read_errors: self.counters.attestation_read_errors,
+            last_read_error: self.last_read_error.clone(),
+            connections: self.connections.each().map(|(name, s)| (name.to_owned(), s.into())).collect(),
             enforcement_errors: self
                 .counters
                 .enforcement_errors
@@ -1479,6 +1607,27 @@ impl Agent {
             "Consecutive evaluations whose decisions could not be recorded.",
             vec![(String::new(), f64::from(self.audit_failures))],
         );
+        family(
+            "kycd_audit_write_failures_total",
+            "counter",
+            "Audit log appends that failed (any record).",
+            vec![(String::new(), self.audit.health().failures as f64)],
+        );
+        family(
+            "kycd_audit_last_write_ok",
+            "gauge",
+            "1 when the last audit log append succeeded, 0 when it failed.",
+            vec![(String::new(), if self.audit.health().last_error.is_none() { 1.0 } else { 0.0 })],
+        );
+        family(
+            "kycd_attestation_read_errors_total",
+            "counter",
+            "Attestation inputs unreadable for want of resources or a failing disk (state kept).",
+            vec![(String::new(), self.counters.attestation_read_errors as f64)],
+        );
+        for (i, (listener, snapshot)) in self.connections.each().enumerate() {
+            snapshot.write_prometheus(&mut out, "kycd_api", listener, i == 0);
+        }
         if let Some(status) = self.fetch_status.as_ref().and_then(|s| s.lock().ok()) {
             out.push_str(&crate::policy_fetch::metrics_text(&status));
         }
@@ -1908,12 +2057,20 @@ pub async fn run(
         let api = crate::https::bind(&agent.config.collector_api).await?;
         info!(listen = %agent.config.collector_api.listen, "collector API listening");
         let key = reporting.host_key();
-        let serve = crate::https::serve(api, api_tx.clone(), statement_rx, key, api_shutdown.clone());
+        let stats = Arc::new(kycd_net::ConnStats::default());
+        agent.connections.collector_api = Some(Arc::clone(&stats));
+        let serve = crate::https::serve(api, api_tx.clone(), statement_rx, key, stats, api_shutdown.clone());
         Some(tokio::spawn(serve))
     } else {
         None
     };
-    let api_task = tokio::spawn(crate::api::serve(listener, api_tx, api_shutdown.clone()));
+    let api_task = tokio::spawn(crate::api::serve(
+        listener,
+        api_tx,
+        agent.config.api.limits(),
+        Arc::clone(&agent.connections.socket),
+        api_shutdown.clone(),
+    ));
     info!(host_id = %agent.host_id, workloads = agent.workloads.len(), socket = %socket.display(), "kycd ready");
     // Ready: state loaded, decisions recorded, enforcement reconciled, socket answering.
     let notifier = crate::notify::Notifier::from_env();
@@ -2060,10 +2217,8 @@ pub async fn run(
     api_rx.close();
     api_shutdown.cancel();
     // Shutdown is bounded: connections get a short grace, then are dropped.
-    match tokio::time::timeout(SHUTDOWN_GRACE, api_task).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "operator socket"),
-        Err(_) => warn!("operator connections did not close within the grace period"),
-        _ => {}
+    if tokio::time::timeout(SHUTDOWN_GRACE, api_task).await.is_err() {
+        warn!("operator connections did not close within the grace period");
     }
     if let Some(task) = https_task {
         if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {

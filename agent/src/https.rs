@@ -29,6 +29,7 @@ use axum::Router;
 use kycd_protocol::{HostStatementClaims, PrivateJwk};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -37,10 +38,15 @@ use crate::config::CollectorApiConfig;
 
 /// How long a statement is valid: a point-in-time answer.
 const STATEMENT_TTL_S: i64 = 60;
-/// At most this many connections at once; more wait in the kernel's backlog.
+/// At most this many connections at once; more are refused (closed at once). Collectors poll
+/// a host a few times a minute; 512 leaves room for many collectors and scrapers while
+/// staying far below the agent's file-descriptor limit.
 const MAX_CONNECTIONS: usize = 512;
-/// A TLS handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake and then each request head must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no byte moving for this long (a stalled body, an unread answer) is
+/// closed; longer than the 5 s a request waits for the main loop.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request waits for the main loop.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -198,6 +204,7 @@ pub async fn serve(
     requests: mpsc::Sender<ApiRequest>,
     snapshot: StatementSnapshot,
     key: Arc<PrivateJwk>,
+    stats: Arc<kycd_net::ConnStats>,
     shutdown: CancellationToken,
 ) {
     let state = AppState { requests, snapshot, key, bearer: api.bearer.map(Arc::new) };
@@ -207,55 +214,30 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/v1/attestation", get(attestation))
         .with_state(state);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = api.listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "collector API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let app = app.clone();
-        let tls = api.tls.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+    let limits = kycd_net::Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        idle_timeout: IDLE_TIMEOUT,
+    };
+    let tls = api.tls;
+    // The TLS handshake runs in the connection's task, bounded by the header-read timeout.
+    let prepare = move |tcp: tokio::net::TcpStream, peer: SocketAddr| {
+        let tls = tls.clone();
+        async move {
             match tls {
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, app, stop).await,
-                    Ok(Err(e)) => debug!(%peer, error = %e, "collector API: TLS handshake refused"),
-                    Err(_) => debug!(%peer, "collector API: TLS handshake timed out"),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => Some((Either::Left(stream), peer)),
+                    Err(e) => {
+                        debug!(%peer, error = %e, "collector API: TLS handshake refused");
+                        None
+                    }
                 },
-                None => serve_connection(tcp, app, stop).await,
+                None => Some((Either::Right(tcp), peer)),
             }
-        });
-    }
+        }
+    };
+    kycd_net::serve(api.listener, app, limits, stats, shutdown, prepare).await;
     info!("collector API stopped");
-}
-
-async fn serve_connection<I>(io: I, app: Router, stop: CancellationToken)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "collector API connection"); },
-        () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

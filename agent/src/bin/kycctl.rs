@@ -76,12 +76,37 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
     println!("trust:        issuers [{}], policy [{}]", s.issuer_kids.join(", "), s.policy_kids.join(", "));
     println!("workloads:    {} ({} attestations in force)", verdicts.join(", "), s.attestations);
     println!("gpu backend:  {}", s.gpu);
-    let audit = if s.audit_failures == 0 {
-        "ok".to_owned()
-    } else {
-        format!("FAILING ({} evaluations)", s.audit_failures)
+    let failed_writes = match s.audit_write_failures {
+        0 => String::new(),
+        n => format!(" ({n} failed writes since start)"),
+    };
+    let audit = match (&s.audit_last_error, s.audit_failures) {
+        (Some(e), _) => format!("FAILING: the last write failed: {e}{failed_writes}"),
+        (None, 0) => format!("ok{failed_writes}"),
+        (None, n) => format!("FAILING ({n} evaluations not recorded){failed_writes}"),
     };
     println!("audit log:    {audit}");
+    if s.attestation_read_errors > 0 {
+        let last =
+            s.last_read_error.as_ref().map_or(String::new(), |(at, what)| format!("; last at {at}: {what}"));
+        println!(
+            "intake:       {} read errors (resources or disk; last verified state kept){last}",
+            s.attestation_read_errors
+        );
+    }
+    if !s.connections.is_empty() {
+        let listeners: Vec<String> = s
+            .connections
+            .iter()
+            .map(|(name, c)| {
+                format!(
+                    "{name} {} open, {} refused, {} header timeouts, {} idle closed",
+                    c.open, c.refused, c.header_timeouts, c.idle_closed
+                )
+            })
+            .collect();
+        println!("connections:  {}", listeners.join("; "));
+    }
     let counts = |m: &std::collections::BTreeMap<String, u64>| {
         if m.is_empty() {
             "none".to_owned()

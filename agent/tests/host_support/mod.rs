@@ -26,6 +26,8 @@ pub struct Host {
     pub audit_rel: &'static str,
     /// Lines added to the `[api]` table.
     pub extra_api: String,
+    /// A program (and its arguments) that runs kycd, e.g. `prlimit --nofile=128:128 --`.
+    pub launcher: Vec<String>,
 }
 
 impl Host {
@@ -41,6 +43,7 @@ impl Host {
             extra_config: extra_config.to_owned(),
             audit_rel: "state/audit",
             extra_api: String::new(),
+            launcher: Vec::new(),
         };
         fs::create_dir_all(host.path("etc/trust")).unwrap();
         fs::create_dir_all(host.path("cgroup")).unwrap();
@@ -78,7 +81,15 @@ impl Host {
 
     pub fn start(&mut self) {
         let log = fs::File::create(self.path("kycd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kycd"))
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_kycd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kycd")),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.path("etc/kycd.toml"))
             .stdout(Stdio::null())

@@ -1,0 +1,474 @@
+//! Bounded HTTP/1.1 serving for every listener kycd opens: the agent's operator socket, the
+//! agent's collector-facing HTTPS API and the collector's ingest/read API.
+//!
+//! An open connection costs a file descriptor and a task, whoever holds it. Without bounds a
+//! client that opens connections and sends nothing (or half a request, or half a body) holds
+//! those for as long as it likes, and ~1,000 of them exhaust the process's descriptors — on the
+//! agent that made the next attestation rescan fail and withdraw every attestation. So each
+//! listener served here has:
+//!
+//! - **a connection cap** ([`Limits::max_connections`]): past it, new connections are accepted
+//!   and closed at once (refused, counted in [`ConnStats::refused`]), never queued — a queue
+//!   would only move the exhaustion into the kernel's backlog while legitimate callers wait;
+//! - **a header-read timeout** ([`Limits::header_read_timeout`]): a connection that does not
+//!   deliver a complete request head in time — a fresh idle one, a keep-alive one between
+//!   requests, or one trickling its headers — is closed (hyper's own timer);
+//! - **an idle timeout** ([`Limits::idle_timeout`]): a connection on which no byte moved in
+//!   either direction for that long — a stalled request body, a client that stopped reading
+//!   its response — is closed. It must exceed the longest time a handler computes an answer
+//!   without I/O.
+//!
+//! The caller passes the listener and the shutdown token in (tests bind `127.0.0.1:0` or a
+//! temporary socket and stop the server deterministically); [`serve`] returns once the
+//! listener stopped and every connection drained or was closed.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::connect_info::ConnectInfo;
+use axum::serve::Listener;
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tracing::{debug, warn};
+
+/// The bounds of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections open at once; more are refused.
+    pub max_connections: usize,
+    /// Longest wait for a complete request head (also bounds a TLS handshake).
+    pub header_read_timeout: Duration,
+    /// Longest time with no byte read or written on a connection.
+    pub idle_timeout: Duration,
+}
+
+/// Counters of one listener, for `/metrics` and status.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections accepted and served since start.
+    pub accepted: AtomicU64,
+    /// Connections refused at the cap since start.
+    pub refused: AtomicU64,
+    /// Connections closed for not sending a request head in time (or failing the handshake
+    /// in time).
+    pub header_timeouts: AtomicU64,
+    /// Connections closed after [`Limits::idle_timeout`] without I/O.
+    pub idle_closed: AtomicU64,
+}
+
+impl ConnStats {
+    /// A snapshot: (open, accepted, refused, header timeouts, idle closed).
+    pub fn snapshot(&self) -> ConnSnapshot {
+        ConnSnapshot {
+            open: self.open.load(Relaxed),
+            accepted: self.accepted.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            header_timeouts: self.header_timeouts.load(Relaxed),
+            idle_closed: self.idle_closed.load(Relaxed),
+        }
+    }
+}
+
+/// A copy of [`ConnStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnSnapshot {
+    /// Connections open.
+    pub open: u64,
+    /// Accepted since start.
+    pub accepted: u64,
+    /// Refused at the cap since start.
+    pub refused: u64,
+    /// Closed by the header-read timeout since start.
+    pub header_timeouts: u64,
+    /// Closed by the idle timeout since start.
+    pub idle_closed: u64,
+}
+
+impl ConnSnapshot {
+    /// Prometheus text for these counters, each metric named `{prefix}_connections_…` and
+    /// labelled `listener="{listener}"`. HELP/TYPE lines are written when `header` is set (once
+    /// per metric family when several listeners share the prefix).
+    pub fn write_prometheus(&self, out: &mut String, prefix: &str, listener: &str, header: bool) {
+        use std::fmt::Write as _;
+        let families: [(&str, &str, &str, u64); 5] = [
+            ("open", "gauge", "Connections open now.", self.open),
+            ("accepted_total", "counter", "Connections accepted.", self.accepted),
+            ("refused_total", "counter", "Connections refused at the connection cap.", self.refused),
+            (
+                "header_timeouts_total",
+                "counter",
+                "Connections closed for not sending a request head in time.",
+                self.header_timeouts,
+            ),
+            ("idle_closed_total", "counter", "Connections closed after the idle timeout.", self.idle_closed),
+        ];
+        for (name, kind, help, value) in families {
+            if header {
+                let _ = writeln!(out, "# HELP {prefix}_connections_{name} {help}");
+                let _ = writeln!(out, "# TYPE {prefix}_connections_{name} {kind}");
+            }
+            let _ = writeln!(out, "{prefix}_connections_{name}{{listener=\"{listener}\"}} {value}");
+        }
+    }
+}
+
+/// Decrements [`ConnStats::open`] when the connection's task ends, however it ends.
+struct OpenSlot(Arc<ConnStats>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, within `limits`.
+///
+/// `prepare` turns an accepted connection into the stream to speak HTTP on (a TLS handshake,
+/// or the connection as it is) and the value handlers see as `ConnectInfo<Info>`; `None`
+/// drops the connection. It runs in the connection's own task, bounded by the header-read
+/// timeout. On shutdown the listener stops at once, open connections finish their request in
+/// flight and close; the caller bounds that wait with its grace timeout.
+pub async fn serve<L, P, F, S, Info>(
+    mut listener: L,
+    app: Router,
+    limits: Limits,
+    stats: Arc<ConnStats>,
+    shutdown: CancellationToken,
+    prepare: P,
+) where
+    L: Listener,
+    P: Fn(L::Io, L::Addr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Option<(S, Info)>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Info: Clone + Send + Sync + 'static,
+{
+    let connections = TaskTracker::new();
+    loop {
+        let (io, addr) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        if stats.open.load(Relaxed) >= limits.max_connections as u64 {
+            drop(io);
+            let refused = stats.refused.fetch_add(1, Relaxed) + 1;
+            // Logged at 1, 2, 4, 8, … refusals: a flood cannot flood the log; the counter
+            // has the exact number.
+            if refused.is_power_of_two() {
+                warn!(refused, cap = limits.max_connections, "connection refused: too many open connections");
+            }
+            continue;
+        }
+        stats.open.fetch_add(1, Relaxed);
+        stats.accepted.fetch_add(1, Relaxed);
+        let slot = OpenSlot(Arc::clone(&stats));
+        let app = app.clone();
+        let prepare = prepare.clone();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let stats = Arc::clone(&slot.0);
+            let _slot = slot;
+            let prepared = tokio::time::timeout(limits.header_read_timeout, prepare(io, addr)).await;
+            let Ok(Some((stream, info))) = prepared else {
+                if prepared.is_err() {
+                    stats.header_timeouts.fetch_add(1, Relaxed);
+                }
+                return;
+            };
+            serve_connection(stream, info, app, limits, &stats, stop).await;
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// `prepare` for connections served as they are, with the peer address as connect info.
+pub async fn plain<Io, Addr>(io: Io, addr: Addr) -> Option<(Io, Addr)> {
+    Some((io, addr))
+}
+
+/// Serves one connection until it closes, times out or the server shuts down.
+async fn serve_connection<S, Info>(
+    stream: S,
+    info: Info,
+    app: Router,
+    limits: Limits,
+    stats: &ConnStats,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Info: Clone + Send + Sync + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let io = Watched { io: stream, activity: Arc::clone(&activity) };
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(info.clone()));
+        app.clone().oneshot(request)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    loop {
+        let deadline = activity.last() + limits.idle_timeout;
+        tokio::select! {
+            result = conn.as_mut() => {
+                match result {
+                    Err(e) if e.is_timeout() => {
+                        stats.header_timeouts.fetch_add(1, Relaxed);
+                        debug!("connection closed: no complete request head in time");
+                    }
+                    Err(e) => debug!(error = %e, "connection ended with an error"),
+                    Ok(()) => {}
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if activity.last() + limits.idle_timeout <= Instant::now() {
+                    stats.idle_closed.fetch_add(1, Relaxed);
+                    debug!(idle_s = limits.idle_timeout.as_secs(), "connection closed: idle");
+                    return;
+                }
+            }
+            () = stop.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+/// When a connection last moved a byte.
+#[derive(Debug)]
+struct Activity {
+    base: Instant,
+    /// Milliseconds after `base`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+/// A stream that records when bytes last moved through it.
+struct Watched<S> {
+    io: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const LIMITS: Limits = Limits {
+        max_connections: 4,
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(600),
+    };
+
+    async fn start(
+        limits: Limits,
+    ) -> (std::net::SocketAddr, Arc<ConnStats>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/peer",
+                get(|ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| async move { peer.to_string() }),
+            )
+            .route("/echo", post(|body: axum::body::Bytes| async move { body }));
+        let stats = Arc::new(ConnStats::default());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, Arc::clone(&stats), shutdown.clone(), plain));
+        (addr, stats, shutdown, server)
+    }
+
+    /// One request on a fresh connection; the status line.
+    async fn get_status(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Waits (virtual time) until `cond` holds, at most `limit`.
+    async fn until(limit: Duration, cond: impl Fn() -> bool) {
+        let end = Instant::now() + limit;
+        while !cond() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_refused_and_healthz_answers_after_the_timeout() {
+        let (addr, stats, shutdown, server) = start(LIMITS).await;
+        // Fill the cap with idle connections, then two more: refused (closed at once).
+        let mut idle = Vec::new();
+        for _ in 0..LIMITS.max_connections {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        until(Duration::from_secs(1), || stats.open.load(Relaxed) == 4).await;
+        for _ in 0..2 {
+            let mut extra = TcpStream::connect(addr).await.unwrap();
+            let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            let mut buf = Vec::new();
+            // Refused: the server closes without an answer.
+            let n = tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut buf)).await;
+            assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a connection past the cap got {n:?} {buf:?}");
+        }
+        assert_eq!(stats.refused.load(Relaxed), 2);
+        // The idle ones are closed by the header-read timeout, and the listener serves again.
+        until(Duration::from_secs(4), || stats.open.load(Relaxed) == 0).await;
+        assert_eq!(stats.header_timeouts.load(Relaxed), 4, "{:?}", stats.snapshot());
+        for mut s in idle {
+            let mut buf = Vec::new();
+            assert_eq!(
+                s.read_to_end(&mut buf).await.unwrap_or(0),
+                0,
+                "the server closed the idle connection"
+            );
+        }
+        assert!(get_status(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn partial_headers_and_a_stalled_body_are_closed() {
+        let (addr, stats, shutdown, server) = start(LIMITS).await;
+        let started = Instant::now();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly part")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(partial.read_to_end(&mut buf).await.unwrap_or(0), 0);
+        let partial_closed = started.elapsed();
+        assert!(
+            partial_closed < LIMITS.header_read_timeout + Duration::from_millis(250),
+            "{partial_closed:?}"
+        );
+        // The stalled body is past the head, so only the idle timeout ends it.
+        let _ = stalled.read_to_end(&mut buf).await;
+        let stalled_closed = started.elapsed();
+        assert!(stalled_closed >= LIMITS.idle_timeout, "{stalled_closed:?}");
+        assert!(stalled_closed < LIMITS.idle_timeout + Duration::from_millis(250), "{stalled_closed:?}");
+        let snap = stats.snapshot();
+        assert_eq!((snap.header_timeouts, snap.idle_closed), (1, 1), "{snap:?}");
+        // A complete request with its body works, and handlers see the peer address.
+        let peer = get_status(addr, "/peer").await;
+        assert!(peer.starts_with("HTTP/1.1 200") && peer.contains("127.0.0.1:"), "{peer}");
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keep_alive_connections_serve_several_requests_and_shutdown_drains() {
+        let (addr, stats, shutdown, server) = start(LIMITS).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            s.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("hello"), "{text}");
+        }
+        assert_eq!(stats.accepted.load(Relaxed), 1);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), server).await.unwrap().unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(s.read_to_end(&mut buf).await.unwrap_or(0), 0, "closed on shutdown");
+    }
+
+    #[test]
+    fn prometheus_text_names_every_counter() {
+        let snap = ConnSnapshot { open: 1, accepted: 2, refused: 3, header_timeouts: 4, idle_closed: 5 };
+        let mut out = String::new();
+        snap.write_prometheus(&mut out, "kycd_api", "socket", true);
+        assert!(out.contains("kycd_api_connections_refused_total{listener=\"socket\"} 3\n"), "{out}");
+        assert!(out.contains("# TYPE kycd_api_connections_open gauge\n"), "{out}");
+        assert_eq!(out.lines().filter(|l| !l.starts_with('#')).count(), 5);
+    }
+}
