@@ -412,7 +412,11 @@ pub async fn serve(
         let peer = Peer::of(&stream);
         Some((stream, peer))
     };
-    kycd_net::serve(listener, app, limits, stats, shutdown, prepare).await;
+    // Per-user cap: one group member cannot take every place; root is never capped per user.
+    let user = |stream: &tokio::net::UnixStream, _: &_| {
+        stream.peer_cred().ok().map(|c| c.uid()).filter(|uid| *uid != 0)
+    };
+    kycd_net::serve(listener, app, limits, stats, shutdown, user, prepare).await;
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -605,6 +609,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let limits = kycd_net::Limits {
             max_connections: 8,
+            max_per_peer: 4,
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
         };

@@ -145,6 +145,9 @@ pub enum AuditError {
     /// The sequence number cannot go any higher.
     #[error("sequence numbers exhausted")]
     SeqExhausted,
+    /// `kycctl audit repair` cannot cut the log where asked.
+    #[error("repair: {0}")]
+    Repair(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
@@ -805,6 +808,18 @@ struct Chain {
 /// zero `prev`, unless its seq is higher (pruned log): then its `prev` is accepted as the
 /// anchor and reported. Returns `Err` only when the directory or a file cannot be read.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, AuditError> {
+    verify_chain(dir).map(|(report, _)| report)
+}
+
+/// [`verify_dir`], also returning the seq of the last record that verified before the first
+/// break (or the last record of an intact log).
+fn verify_chain(dir: &Path) -> Result<(VerifyReport, Option<u64>), AuditError> {
+    let mut chain = Chain::default();
+    let report = verify_into(dir, &mut chain)?;
+    Ok((report, chain.last.map(|(seq, _)| seq)))
+}
+
+fn verify_into(dir: &Path, chain: &mut Chain) -> Result<VerifyReport, AuditError> {
     let listing = list_dir(dir)?;
     let broken = |file: &Path, line_number: u64, seq: Option<u64>, reason: String| {
         Ok(VerifyReport::Broken { file: file.to_owned(), line_number, seq, reason })
@@ -812,18 +827,17 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport, AuditError> {
     if let Some(stray) = listing.strays.first() {
         return broken(stray, 0, None, "not an audit segment name (expected audit-<20 digits>.log)".into());
     }
-    let mut chain = Chain::default();
     let count = listing.segments.len();
     for (index, segment) in listing.segments.iter().enumerate() {
         let newest = index + 1 == count;
         if !segment.regular {
             return broken(&segment.path, 0, None, "not a regular file".into());
         }
-        if let Some(report) = verify_segment(segment, newest, &mut chain)? {
+        if let Some(report) = verify_segment(segment, newest, chain)? {
             return Ok(report);
         }
     }
-    let (last_seq, last_hash) = match chain.last {
+    let (last_seq, last_hash) = match chain.last.clone() {
         Some((seq, hash)) => (Some(seq), hash),
         None => (None, GENESIS_PREV.to_owned()),
     };
@@ -933,6 +947,113 @@ fn verify_segment(
         }
     }
     Ok(None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repair
+
+/// What [`repair`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// The file holding every removed byte, in log order (the tail of the segment that holds
+    /// the kept last record, then each later segment whole).
+    pub removed_to: PathBuf,
+    /// Bytes removed from the log (and kept in `removed_to`).
+    pub removed_bytes: u64,
+    /// Later segments removed whole.
+    pub removed_segments: Vec<PathBuf>,
+    /// The log as verified after the cut.
+    pub after: VerifyReport,
+}
+
+/// The operator's command that cuts a log whose end is corrupt back to its last record that
+/// verifies, or `None` when no record verifies (then the directory must be moved aside).
+pub fn repair_command(dir: &Path) -> Option<String> {
+    let (report, last_good) = verify_chain(dir).ok()?;
+    if report.is_intact() {
+        return None;
+    }
+    last_good.map(|seq| format!("kycctl audit repair --truncate-after {seq} {}", dir.display()))
+}
+
+/// Cuts the log in `dir` after the record with seq `truncate_after`: everything after that
+/// record's line is moved, byte for byte, into `repair-<now>-after-<seq>.removed` beside the
+/// segments (made durable first), then the segment is truncated and later segments are
+/// deleted. The kept part must verify up to `truncate_after`, or nothing is changed.
+///
+/// The agent must not be running (it is the log's only writer): a log with a corrupt end
+/// keeps it from starting anyway.
+pub fn repair(dir: &Path, truncate_after: u64, now: i64) -> Result<Repair, AuditError> {
+    let listing = list_dir(dir)?;
+    let Some(index) = listing.segments.iter().rposition(|s| s.first_seq <= truncate_after) else {
+        return Err(AuditError::Repair(format!("no segment holds seq {truncate_after}")));
+    };
+    let (report, last_good) = verify_chain(dir)?;
+    let verified_through = match &report {
+        VerifyReport::Intact { last_seq, .. } => *last_seq,
+        VerifyReport::Broken { .. } => last_good,
+    };
+    if verified_through.is_none_or(|last| last < truncate_after) {
+        return Err(AuditError::Repair(format!(
+            "the log does not verify up to seq {truncate_after} (last verified record: {}); \
+             choose a seq at or before it",
+            verified_through.map_or("none".to_owned(), |s| s.to_string())
+        )));
+    }
+    let segment = &listing.segments[index];
+    let keep = end_of_record(&segment.path, truncate_after)?;
+    let mut removed = fs::read(&segment.path)
+        .map_err(io_err(&segment.path))?
+        .split_off(usize::try_from(keep).map_err(|_| AuditError::Repair("segment too large".into()))?);
+    let later = &listing.segments[index + 1..];
+    for s in later {
+        removed.extend(fs::read(&s.path).map_err(io_err(&s.path))?);
+    }
+    let removed_to = dir.join(format!("repair-{now}-after-{truncate_after}.removed"));
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&removed_to)
+        .map_err(io_err(&removed_to))?;
+    out.write_all(&removed).and_then(|()| out.sync_all()).map_err(io_err(&removed_to))?;
+    sync_dir(dir)?;
+    let file = OpenOptions::new().write(true).open(&segment.path).map_err(io_err(&segment.path))?;
+    file.set_len(keep).and_then(|()| file.sync_all()).map_err(io_err(&segment.path))?;
+    for s in later {
+        fs::remove_file(&s.path).map_err(io_err(&s.path))?;
+    }
+    sync_dir(dir)?;
+    Ok(Repair {
+        removed_to,
+        removed_bytes: removed.len() as u64,
+        removed_segments: later.iter().map(|s| s.path.clone()).collect(),
+        after: verify_dir(dir)?,
+    })
+}
+
+/// The byte offset just past the line of the record with seq `seq` in `path`.
+fn end_of_record(path: &Path, seq: u64) -> Result<u64, AuditError> {
+    let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_RECORD_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(io_err(path))?;
+        let Some(line) = buf.strip_suffix(b"\n") else {
+            return Err(AuditError::Repair(format!(
+                "seq {seq} is not a complete record in {}",
+                path.display()
+            )));
+        };
+        offset += n as u64;
+        if parse_record(line).is_ok_and(|r| r.seq == seq) {
+            return Ok(offset);
+        }
+    }
 }
 
 #[cfg(test)]

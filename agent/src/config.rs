@@ -251,6 +251,9 @@ pub struct ApiConfig {
     /// Most connections open on the socket at once; more are refused (closed at once). Keep it
     /// well below the process's file-descriptor limit (`LimitNOFILE=` in kycd.service).
     pub max_connections: usize,
+    /// Most connections open at once from one user (uid) other than root; more from that user
+    /// are refused, so one member of `socket_group` cannot lock out the others or root.
+    pub max_connections_per_user: usize,
     /// Seconds a connection may take to send a complete request head (also the longest an
     /// idle keep-alive connection stays open).
     pub header_read_timeout_s: u64,
@@ -264,6 +267,7 @@ impl ApiConfig {
     pub fn limits(&self) -> kycd_net::Limits {
         kycd_net::Limits {
             max_connections: self.max_connections,
+            max_per_peer: self.max_connections_per_user,
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
         }
@@ -457,6 +461,7 @@ impl Default for ApiConfig {
             socket: PathBuf::from("/run/kycd/kycd.sock"),
             socket_group: None,
             max_connections: 64,
+            max_connections_per_user: 16,
             header_read_timeout_s: 10,
             idle_timeout_s: 30,
         }
@@ -613,6 +618,9 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.api.max_connections) {
             return invalid("api.max_connections", "must be 1 to 65536");
+        }
+        if !(1..=self.api.max_connections).contains(&self.api.max_connections_per_user) {
+            return invalid("api.max_connections_per_user", "must be 1 to api.max_connections");
         }
         if !(1..=60).contains(&self.api.header_read_timeout_s) {
             return invalid("api.header_read_timeout_s", "must be 1 to 60 seconds");

@@ -46,6 +46,11 @@ use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
 
 /// Shortest sleep of the main loop; see [`run`].
+/// `kycd run`'s exit status when it cannot start until an operator acts (a corrupt audit
+/// log): 78, `EX_CONFIG` in sysexits.h. kycd.service names it in `RestartPreventExitStatus=`
+/// so systemd does not restart into the same refusal forever.
+pub const EXIT_NEEDS_OPERATOR: u8 = 78;
+
 const RETRY_FLOOR: Duration = Duration::from_millis(250);
 
 /// File in the state directory holding when each workload was first seen.
@@ -165,6 +170,16 @@ pub enum DaemonError {
     /// The audit log cannot be opened (the agent must not decide without recording).
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// The audit log's end is corrupt: appending would fork the chain. Not fixed by a
+    /// restart; `repair` is the operator's command that cuts it back (kept bytes aside).
+    #[error("audit log: {source}; to repair, with the agent stopped: {}", repair.as_deref().unwrap_or("no record verifies: move the audit directory aside"))]
+    AuditCorrupt {
+        /// What is wrong.
+        #[source]
+        source: crate::audit::AuditError,
+        /// `kycctl audit repair --truncate-after SEQ DIR`.
+        repair: Option<String>,
+    },
     /// The policy anti-rollback state is unusable.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
@@ -466,10 +481,19 @@ impl Agent {
         crate::fsutil::create_dir_durably(&config.state_dir)
             .map_err(|source| DaemonError::StateDir { path: config.state_dir.clone(), source })?;
         let host_id = host_id(&config)?;
-        let audit = AuditLog::open(
-            &config.audit_dir(),
+        let audit_dir = config.audit_dir();
+        let audit = match AuditLog::open(
+            &audit_dir,
             AuditOptions { max_file_bytes: config.audit.max_file_bytes },
-        )?;
+        ) {
+            Ok(audit) => audit,
+            Err(source @ crate::audit::AuditError::Corrupt { .. }) => {
+                let repair = crate::audit::repair_command(&audit_dir);
+                error!(error = %source, repair = repair.as_deref().unwrap_or("-"), "audit log corrupt: refusing to start");
+                return Err(DaemonError::AuditCorrupt { source, repair });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let guard = PolicyGuard::open(&config.state_dir)?;
         let cgroup_mount = config.workloads.cgroup_root.clone().or_else(|| {
             std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| cgroup::find_cgroup2_mount(&m))

@@ -42,6 +42,8 @@ const STATEMENT_TTL_S: i64 = 60;
 /// a host a few times a minute; 512 leaves room for many collectors and scrapers while
 /// staying far below the agent's file-descriptor limit.
 const MAX_CONNECTIONS: usize = 512;
+/// At most this many from one IP address, so one client cannot take every place.
+const MAX_PER_PEER: usize = 128;
 /// A TLS handshake and then each request head must arrive within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no byte moving for this long (a stalled body, an unread answer) is
@@ -216,6 +218,7 @@ pub async fn serve(
         .with_state(state);
     let limits = kycd_net::Limits {
         max_connections: MAX_CONNECTIONS,
+        max_per_peer: MAX_PER_PEER,
         header_read_timeout: HEADER_READ_TIMEOUT,
         idle_timeout: IDLE_TIMEOUT,
     };
@@ -236,7 +239,7 @@ pub async fn serve(
             }
         }
     };
-    kycd_net::serve(api.listener, app, limits, stats, shutdown, prepare).await;
+    kycd_net::serve(api.listener, app, limits, stats, shutdown, kycd_net::peer_ip, prepare).await;
     info!("collector API stopped");
 }
 

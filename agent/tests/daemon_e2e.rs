@@ -852,3 +852,181 @@ fn sighup_with_a_broken_config_keeps_the_running_one_and_says_so() {
     assert!(host.log().contains("configuration reloaded"), "{}", host.log());
     host.stop();
 }
+
+#[test]
+fn a_fifo_or_directory_in_the_drop_dir_is_recorded_once() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    let fifo = host.path("state/attestations/pipe.jws");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    fs::create_dir(host.path("state/attestations/dir.jws")).unwrap();
+    let rejected = |name: &str| {
+        host.records()
+            .iter()
+            .filter(|r| {
+                r["event"]["type"] == "attestation_rejected"
+                    && r["event"]["source"].as_str().is_some_and(|s| s.ends_with(name))
+            })
+            .count()
+    };
+    host.wait_for("the FIFO rejected", |_| rejected("pipe.jws") > 0);
+    host.wait_for("the directory rejected", |_| rejected("dir.jws") > 0);
+    // Several rescans later (rescan_interval_s = 1): still one record each.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!((rejected("pipe.jws"), rejected("dir.jws")), (1, 1), "{}", host.log());
+    // A new file under the same name is a new identity: recorded again.
+    fs::remove_file(&fifo).unwrap();
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    host.wait_for("the new FIFO rejected", |_| rejected("pipe.jws") == 2);
+    host.stop();
+}
+
+#[test]
+fn status_says_the_audit_log_is_failing_on_a_full_disk() {
+    if !is_root() {
+        assert!(std::env::var_os("KYCD_REQUIRE_ALL").is_none(), "needs root (KYCD_REQUIRE_ALL is set)");
+        eprintln!("SKIP status_says_the_audit_log_is_failing_on_a_full_disk: needs root to mount a tmpfs");
+        return;
+    }
+    let mut host = Host::new("");
+    let d = host.dir.path().display().to_string();
+    host.extra_config = format!("[audit]\ndir = \"{d}/audit-fs\"\n");
+    host.audit_rel = "audit-fs";
+    host.write_config();
+    fs::create_dir_all(host.path("audit-fs")).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "kycd-test-audit"])
+        .arg(host.path("audit-fs"))
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(host.path("audit-fs"));
+    host.write_policy(1, &[]);
+    host.start();
+    let status = |host: &Host| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+            .args(["status", "--socket"])
+            .arg(host.path("run/kycd.sock"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status(&host).contains("audit log:    ok\n"), "{}", status(&host));
+    // Fill the file system, then deliver bad files: their rejections cannot be recorded, and
+    // no decision changes, so only the write outcome can tell.
+    let filler = host.path("audit-fs/filler");
+    let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    let failing = loop {
+        n += 1;
+        host.drop_file(&format!("bad-{n}.jws"), format!("not a token {n}").as_bytes());
+        std::thread::sleep(Duration::from_millis(300));
+        let s = status(&host);
+        if s.contains("FAILING") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "status never said the audit log fails:\n{s}\n{}", host.log());
+    };
+    assert!(failing.contains("No space left on device"), "{failing}");
+    assert!(failing.contains("failed writes since start"), "{failing}");
+    let metrics = {
+        let out = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+            .args(["status", "--json", "--socket"])
+            .arg(host.path("run/kycd.sock"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert!(metrics["audit_write_failures"].as_u64().unwrap() >= 1, "{metrics}");
+    // Space comes back: the next write succeeds and status says so, keeping the count.
+    fs::remove_file(&filler).unwrap();
+    host.drop_file("bad-after.jws", b"still not a token");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(&host);
+        if s.contains("audit log:    ok (") {
+            assert!(s.contains("failed writes since start"), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never recovered:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    host.stop();
+}
+
+#[test]
+fn a_corrupt_audit_tail_stops_the_agent_for_good_and_names_the_repair() {
+    let mut host = Host::new("");
+    host.write_policy(1, &[]);
+    host.start();
+    host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    host.stop();
+    // Damage the last record (as a bad disk or an editor would).
+    let dir = host.path("state/audit");
+    let mut segments: Vec<PathBuf> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    segments.sort();
+    let newest = segments.last().unwrap().clone();
+    let mut bytes = fs::read(&newest).unwrap();
+    let last_line_start = bytes[..bytes.len() - 1].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let damaged_tail = bytes[last_line_start..].to_vec();
+    bytes[last_line_start + 2] = b'X';
+    fs::write(&newest, &bytes).unwrap();
+    let last_good: u64 = {
+        let kept = std::str::from_utf8(&bytes[..last_line_start]).unwrap();
+        let last: serde_json::Value = serde_json::from_str(kept.lines().last().unwrap()).unwrap();
+        last["seq"].as_u64().unwrap()
+    };
+    // The agent refuses, with a status systemd will not restart, and names the exact repair.
+    let out = Command::new(env!("CARGO_BIN_EXE_kycd"))
+        .args(["run", "--config"])
+        .arg(host.path("etc/kycd.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let repair = format!("kycctl audit repair --truncate-after {last_good} {}", dir.display());
+    assert!(stderr.contains(&repair), "names `{repair}`: {stderr}");
+    let unit = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/kycd.service")).unwrap();
+    assert!(unit.lines().any(|l| l == "RestartPreventExitStatus=78"), "the unit does not restart on 78");
+    // The repair keeps the removed bytes beside the log; the agent starts again.
+    let repaired = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+        .args(["audit", "repair", "--truncate-after", &last_good.to_string()])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&repaired.stdout);
+    assert_eq!(repaired.status.code(), Some(0), "{said}{}", String::from_utf8_lossy(&repaired.stderr));
+    assert!(said.contains("audit log intact"), "{said}");
+    let kept: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "removed"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let mut expected = damaged_tail;
+    expected[2] = b'X';
+    assert_eq!(fs::read(&kept[0]).unwrap(), expected, "the removed bytes are kept exactly");
+    // A seq past the last verified record is refused without touching anything.
+    let refused = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+        .args(["audit", "repair", "--truncate-after", "999999"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    host.start();
+    host.wait_for_verdict("libvirt_domain:vm-a", "allow");
+    host.stop();
+    let verify =
+        Command::new(env!("CARGO_BIN_EXE_kycctl")).args(["audit", "verify"]).arg(&dir).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
+}

@@ -93,7 +93,7 @@ fn host_under_limit(api: &str) -> Host {
 /// Floods the socket as uid 65534 in group `users` for `secs` seconds with `n` connections,
 /// rewriting the attestations (same content, new files) meanwhile so every rescan re-reads
 /// them. Returns the flooder's output.
-fn flood(host: &Host, n: usize, secs: u32) -> String {
+fn flood(host: &Host, n: usize, secs: u32, during: impl Fn()) -> String {
     let socket = host.path("run/kycd.sock");
     let flooder = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--groups", "100", PYTHON, "-c", FLOODER])
@@ -105,10 +105,13 @@ fn flood(host: &Host, n: usize, secs: u32) -> String {
         .unwrap();
     let a = fs::read(host.path("state/attestations/vm-a.jws")).unwrap();
     let b = fs::read(host.path("state/attestations/vm-b.jws")).unwrap();
-    for _ in 0..(secs * 4) {
+    for i in 0..(secs * 4) {
         std::thread::sleep(Duration::from_millis(250));
         host.drop_file("vm-a.jws", &a);
         host.drop_file("vm-b.jws", &b);
+        if i == secs * 2 {
+            during();
+        }
     }
     let out = flooder.wait_with_output().unwrap();
     assert!(out.status.success(), "flooder failed");
@@ -137,9 +140,14 @@ fn a_connection_flood_is_refused_at_the_cap_and_changes_no_decision() {
     if !usable() {
         return;
     }
-    let mut host = host_under_limit("max_connections = 16\nheader_read_timeout_s = 10\n");
+    let mut host =
+        host_under_limit("max_connections = 32\nmax_connections_per_user = 8\nheader_read_timeout_s = 10\n");
     let before = decisions_and_withdrawals(&host);
-    let flooded = flood(&host, 2 * AGENT_NOFILE, 4);
+    // Mid-flood, root still gets in: the flooding user holds at most its 8 places.
+    let flooded = flood(&host, 2 * AGENT_NOFILE, 4, || {
+        let during = status(&host);
+        assert!(during["connections"]["socket"]["refused"].as_u64().unwrap() > 0, "{during}");
+    });
     let status = status(&host);
     let socket = &status["connections"]["socket"];
     assert!(socket["refused"].as_u64().unwrap() > 0, "refusals counted: {status}");
@@ -165,9 +173,11 @@ fn exhausted_descriptors_keep_every_verified_attestation() {
     }
     // A cap above the descriptor limit (a misconfiguration): the flood does exhaust the
     // agent's descriptors, and the rescans that fail to read must keep what was verified.
-    let mut host = host_under_limit("max_connections = 4096\nheader_read_timeout_s = 10\n");
+    let mut host = host_under_limit(
+        "max_connections = 4096\nmax_connections_per_user = 4096\nheader_read_timeout_s = 10\n",
+    );
     let before = decisions_and_withdrawals(&host);
-    let flooded = flood(&host, 2 * AGENT_NOFILE, 5);
+    let flooded = flood(&host, 2 * AGENT_NOFILE, 5, || {});
     // The flooder is gone; the agent answers again once the idle connections time out.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let status = loop {

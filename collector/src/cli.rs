@@ -46,6 +46,9 @@ pub enum Command {
         /// Polling of the agents' signed host statements.
         #[command(flatten)]
         poll: PollArgs,
+        /// Bounds of the HTTP listener.
+        #[command(flatten)]
+        connections: ConnectionArgs,
     },
     /// Publish and show the signed jurisdiction policy agents fetch from GET /v1/policy.
     Policy {
@@ -208,6 +211,49 @@ pub enum FindingsCommand {
         db: String,
     },
 }
+/// `serve` flags bounding the HTTP listener ([`crate::server::serve_bounded`]): clients that
+/// open connections and never finish a request cannot starve ingest or `/healthz`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// Most connections open at once; more are refused (closed at once), never queued.
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_LIMITS.max_connections,
+          value_parser = parse_max_connections)]
+    pub max_connections: usize,
+    /// Most connections open at once from one IP address (0: no per-IP cap, e.g. behind a
+    /// load balancer whose one address carries every client).
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_LIMITS.max_per_peer)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a connection may take to send a complete request head (also how long an
+    /// idle keep-alive connection stays open).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub header_read_timeout_s: u64,
+    /// Seconds without a byte moving on a connection (a stalled body, an unread answer)
+    /// before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout_s: u64,
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: expected 1 to 65536")),
+    }
+}
+
+impl ConnectionArgs {
+    /// The listener's bounds.
+    pub fn limits(&self) -> kycd_net::Limits {
+        kycd_net::Limits {
+            max_connections: self.max_connections,
+            max_per_peer: self.max_connections_per_ip,
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+        }
+    }
+}
+
 /// `serve` flags of the agent poller ([`crate::poll`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PollArgs {

@@ -36,6 +36,7 @@ fn open(db: &str, create_dir: bool) -> anyhow::Result<Arc<dyn kycd_collector::St
 
 /// What `serve` runs besides ingest.
 struct ServeOptions {
+    limits: kycd_net::Limits,
     read_token_file: Option<std::path::PathBuf>,
     evaluate_interval_s: u64,
     rules: RuleArgs,
@@ -90,7 +91,14 @@ async fn serve(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow::R
     }
     let _poller = spawn_poller(store.clone(), &options.poll, &shutdown)?;
     let app = kycd_collector::server::app(ingestor, api);
-    let server = tokio::spawn(kycd_collector::server::serve(listener, app, shutdown.clone()));
+    let stats = Arc::new(kycd_net::ConnStats::default());
+    let server = tokio::spawn(kycd_collector::server::serve_bounded(
+        listener,
+        app,
+        options.limits,
+        stats,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(joined) => joined.context("server task")??,
@@ -309,12 +317,18 @@ fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
-        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll } => {
+        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll, connections } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve(
                 listen,
                 &db,
-                ServeOptions { read_token_file, evaluate_interval_s, rules, poll },
+                ServeOptions {
+                    read_token_file,
+                    evaluate_interval_s,
+                    rules,
+                    poll,
+                    limits: connections.limits(),
+                },
             ))
         }
         Command::Hosts { command } => hosts(command),

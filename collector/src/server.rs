@@ -146,16 +146,44 @@ pub fn app(ingestor: Arc<Ingestor>, api: crate::api::ApiState) -> Router {
     router(ingestor).merge(crate::api::router(api))
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting and waits
-/// for in-flight requests to finish (the caller bounds that with a grace timeout). Handlers
-/// see the peer address (`ConnectInfo`), which the read API's loopback rule needs.
+/// The bounds of the collector's listener (see [`kycd_net`]): what `serve --max-connections`,
+/// `--max-connections-per-ip`, `--header-read-timeout-s` and `--idle-timeout-s` default to.
+pub const DEFAULT_LIMITS: kycd_net::Limits = kycd_net::Limits {
+    // ~12,500 agents uploading once a minute plus polls and exports need a few dozen at once;
+    // 1024 leaves room and stays far below LimitNOFILE=65536.
+    max_connections: 1024,
+    // One agent uploads on one connection at a time; behind a load balancer (one IP for all)
+    // set --max-connections-per-ip 0.
+    max_per_peer: 64,
+    header_read_timeout: std::time::Duration::from_secs(10),
+    // Longer than a report's ingest (bounded by the database's busy timeout) and an
+    // export's computation, during which no byte moves.
+    idle_timeout: std::time::Duration::from_secs(60),
+};
+
+/// Serves `app` on `listener` within [`DEFAULT_LIMITS`] until `shutdown` is cancelled (see
+/// [`serve_bounded`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(ServerError::Serve)
+    serve_bounded(listener, app, DEFAULT_LIMITS, Arc::default(), shutdown).await
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, within `limits`: connections
+/// past the cap (or past the per-IP cap) are refused, a request head must arrive within the
+/// header-read timeout and a connection idle past the idle timeout is closed, so clients
+/// that never finish cannot starve `/healthz` or ingest. On shutdown it stops accepting and
+/// waits for in-flight requests to finish (the caller bounds that with a grace timeout).
+/// Handlers see the peer address (`ConnectInfo`), which the read API's loopback rule needs.
+pub async fn serve_bounded(
+    listener: TcpListener,
+    app: Router,
+    limits: kycd_net::Limits,
+    stats: Arc<kycd_net::ConnStats>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    kycd_net::serve(listener, app, limits, stats, shutdown, kycd_net::peer_ip, kycd_net::plain).await;
+    Ok(())
 }

@@ -10,6 +10,8 @@
 //! - **a connection cap** ([`Limits::max_connections`]): past it, new connections are accepted
 //!   and closed at once (refused, counted in [`ConnStats::refused`]), never queued — a queue
 //!   would only move the exhaustion into the kernel's backlog while legitimate callers wait;
+//! - **a cap per peer** ([`Limits::max_per_peer`], by IP address or by uid): one client alone
+//!   cannot fill the whole cap, so others (a health check, root's `kycctl`) still get in;
 //! - **a header-read timeout** ([`Limits::header_read_timeout`]): a connection that does not
 //!   deliver a complete request head in time — a fresh idle one, a keep-alive one between
 //!   requests, or one trickling its headers — is closed (hyper's own timer);
@@ -45,6 +47,9 @@ use tracing::{debug, warn};
 pub struct Limits {
     /// Most connections open at once; more are refused.
     pub max_connections: usize,
+    /// Most connections open at once from one peer (the key `serve`'s `peer` gives); more
+    /// from that peer are refused. 0: no per-peer cap.
+    pub max_per_peer: usize,
     /// Longest wait for a complete request head (also bounds a TLS handshake).
     pub header_read_timeout: Duration,
     /// Longest time with no byte read or written on a connection.
@@ -123,60 +128,99 @@ impl ConnSnapshot {
     }
 }
 
-/// Decrements [`ConnStats::open`] when the connection's task ends, however it ends.
-struct OpenSlot(Arc<ConnStats>);
+/// Connections open per peer key.
+type PeerCounts<K> = Arc<std::sync::Mutex<std::collections::HashMap<K, usize>>>;
 
-impl Drop for OpenSlot {
+/// Gives back the connection's places (in [`ConnStats::open`] and its peer's count) when its
+/// task ends, however it ends.
+struct OpenSlot<K: std::hash::Hash + Eq> {
+    stats: Arc<ConnStats>,
+    peer: Option<(K, PeerCounts<K>)>,
+}
+
+impl<K: std::hash::Hash + Eq> Drop for OpenSlot<K> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.stats.open.fetch_sub(1, Relaxed);
+        if let Some((key, counts)) = &self.peer {
+            let mut counts = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(key);
+                }
+            }
+        }
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, within `limits`.
 ///
-/// `prepare` turns an accepted connection into the stream to speak HTTP on (a TLS handshake,
+/// `peer` names who a connection comes from, for [`Limits::max_per_peer`] (`None`: counted
+/// against the global cap only, e.g. root on the operator socket). `prepare` turns an accepted connection into the stream to speak HTTP on (a TLS handshake,
 /// or the connection as it is) and the value handlers see as `ConnectInfo<Info>`; `None`
 /// drops the connection. It runs in the connection's own task, bounded by the header-read
 /// timeout. On shutdown the listener stops at once, open connections finish their request in
 /// flight and close; the caller bounds that wait with its grace timeout.
-pub async fn serve<L, P, F, S, Info>(
+pub async fn serve<L, K, P, F, S, Info>(
     mut listener: L,
     app: Router,
     limits: Limits,
     stats: Arc<ConnStats>,
     shutdown: CancellationToken,
+    peer: impl Fn(&L::Io, &L::Addr) -> Option<K>,
     prepare: P,
 ) where
     L: Listener,
+    K: std::hash::Hash + Eq + Clone + Send + 'static,
     P: Fn(L::Io, L::Addr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Option<(S, Info)>> + Send + 'static,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Info: Clone + Send + Sync + 'static,
 {
     let connections = TaskTracker::new();
+    let per_peer: PeerCounts<K> = Arc::default();
     loop {
         let (io, addr) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        if stats.open.load(Relaxed) >= limits.max_connections as u64 {
+        let key = peer(&io, &addr).filter(|_| limits.max_per_peer > 0);
+        let full = stats.open.load(Relaxed) >= limits.max_connections as u64;
+        let peer_full = !full
+            && key.as_ref().is_some_and(|k| {
+                let mut counts = per_peer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = counts.entry(k.clone()).or_insert(0);
+                if *n >= limits.max_per_peer {
+                    true
+                } else {
+                    *n += 1;
+                    false
+                }
+            });
+        if full || peer_full {
             drop(io);
             let refused = stats.refused.fetch_add(1, Relaxed) + 1;
             // Logged at 1, 2, 4, 8, … refusals: a flood cannot flood the log; the counter
             // has the exact number.
             if refused.is_power_of_two() {
-                warn!(refused, cap = limits.max_connections, "connection refused: too many open connections");
+                let why = if full { "too many open connections" } else { "too many from one peer" };
+                warn!(
+                    refused,
+                    cap = limits.max_connections,
+                    per_peer = limits.max_per_peer,
+                    "connection refused: {why}"
+                );
             }
             continue;
         }
         stats.open.fetch_add(1, Relaxed);
         stats.accepted.fetch_add(1, Relaxed);
-        let slot = OpenSlot(Arc::clone(&stats));
+        let slot = OpenSlot { stats: Arc::clone(&stats), peer: key.map(|k| (k, Arc::clone(&per_peer))) };
         let app = app.clone();
         let prepare = prepare.clone();
         let stop = shutdown.clone();
         connections.spawn(async move {
-            let stats = Arc::clone(&slot.0);
+            let stats = Arc::clone(&slot.stats);
             let _slot = slot;
             let prepared = tokio::time::timeout(limits.header_read_timeout, prepare(io, addr)).await;
             let Ok(Some((stream, info))) = prepared else {
@@ -195,6 +239,11 @@ pub async fn serve<L, P, F, S, Info>(
 /// `prepare` for connections served as they are, with the peer address as connect info.
 pub async fn plain<Io, Addr>(io: Io, addr: Addr) -> Option<(Io, Addr)> {
     Some((io, addr))
+}
+
+/// `peer` for TCP listeners: the client's IP address.
+pub fn peer_ip<Io>(_: &Io, addr: &std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    Some(addr.ip())
 }
 
 /// Serves one connection until it closes, times out or the server shuts down.
@@ -337,6 +386,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         max_connections: 4,
+        max_per_peer: 0,
         header_read_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(600),
     };
@@ -355,7 +405,8 @@ mod tests {
             .route("/echo", post(|body: axum::body::Bytes| async move { body }));
         let stats = Arc::new(ConnStats::default());
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, limits, Arc::clone(&stats), shutdown.clone(), plain));
+        let server =
+            tokio::spawn(serve(listener, app, limits, Arc::clone(&stats), shutdown.clone(), peer_ip, plain));
         (addr, stats, shutdown, server)
     }
 
@@ -460,6 +511,34 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), server).await.unwrap().unwrap();
         let mut buf = Vec::new();
         assert_eq!(s.read_to_end(&mut buf).await.unwrap_or(0), 0, "closed on shutdown");
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_fill_the_cap() {
+        let limits = Limits { max_connections: 8, max_per_peer: 3, ..LIMITS };
+        let (addr, stats, shutdown, server) = start(limits).await;
+        // 127.0.0.2 holds its 3 places; its fourth is refused; 127.0.0.1 still gets in.
+        let mut flood = Vec::new();
+        for _ in 0..4 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            flood.push(socket.connect(addr).await.unwrap());
+        }
+        until(Duration::from_secs(1), || stats.refused.load(Relaxed) == 1).await;
+        assert_eq!(stats.snapshot().open, 3, "{:?}", stats.snapshot());
+        assert!(get_status(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        drop(flood);
+        // Places are given back: the same peer gets in again.
+        until(Duration::from_secs(1), || stats.open.load(Relaxed) == 0).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut again = socket.connect(addr).await.unwrap();
+        again.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        again.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     #[test]

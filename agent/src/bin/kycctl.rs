@@ -400,6 +400,32 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+fn audit_repair(dir: &std::path::Path, truncate_after: u64) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let repair = match audit::repair(dir, truncate_after, now) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    println!(
+        "cut after seq {truncate_after}: {} bytes removed ({} later segments) and kept in {}",
+        repair.removed_bytes,
+        repair.removed_segments.len(),
+        repair.removed_to.display()
+    );
+    match repair.after {
+        audit::VerifyReport::Intact { records, last_hash, .. } => {
+            println!("audit log intact: {records} records, last hash {last_hash}");
+            ExitCode::SUCCESS
+        }
+        broken => {
+            println!("audit log still broken: {}", broken.to_json());
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
 fn audit_verify(dir: &std::path::Path, json: bool) -> ExitCode {
     let report = match audit::verify_dir(dir) {
         Ok(r) => r,
@@ -523,6 +549,9 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Audit { command: AuditCommand::Verify { json, dir } } => audit_verify(&dir, json),
+        Command::Audit { command: AuditCommand::Repair { truncate_after, dir } } => {
+            audit_repair(&dir, truncate_after)
+        }
         Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
             gpu_record(&nvml_library, seconds, interval_ms, &out)
         }

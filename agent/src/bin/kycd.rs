@@ -106,7 +106,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    ExitCode::from(1)
+                    // A corrupt audit log needs an operator: restarting cannot fix it, and
+                    // kycd.service's RestartPreventExitStatus names this status.
+                    let needs_operator = matches!(
+                        e.downcast_ref::<kycd::daemon::DaemonError>(),
+                        Some(kycd::daemon::DaemonError::AuditCorrupt { .. })
+                    );
+                    ExitCode::from(if needs_operator { kycd::daemon::EXIT_NEEDS_OPERATOR } else { 1 })
                 }
             }
         }

@@ -269,6 +269,22 @@ pub enum AuditCommand {
         #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
         dir: PathBuf,
     },
+    /// Cut a log whose end is corrupt back to a record that verifies, keeping the removed bytes.
+    ///
+    /// kycd refuses to start on a log whose last record is corrupt (it would fork the chain)
+    /// and logs this command with the right seq. Everything after the record with seq SEQ —
+    /// the rest of its segment and every later segment — is copied, byte for byte, into
+    /// DIR/repair-<time>-after-<SEQ>.removed (fsync'd first), then cut from the log. The
+    /// records up to SEQ must verify, or nothing changes. Run it with the agent stopped.
+    /// Exit 0 when the cut log verifies, 1 when it still does not, 2 on a usage or I/O error.
+    Repair {
+        /// The seq of the last record to keep.
+        #[arg(long, value_name = "SEQ")]
+        truncate_after: u64,
+        /// Audit log directory.
+        #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
