@@ -72,8 +72,8 @@ pub const DEFAULT_DIR: &str = "/var/lib/kycd/audit";
 const SEGMENT_PREFIX: &str = "audit-";
 const SEGMENT_SUFFIX: &str = ".log";
 const SEQ_DIGITS: usize = 20;
-const DIR_MODE: u32 = 0o750;
-const FILE_MODE: u32 = 0o640;
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
 
 /// Tuning for [`AuditLog::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +295,24 @@ fn list_dir(dir: &Path) -> Result<Listing, AuditError> {
     Ok(Listing { segments, strays })
 }
 
+/// Brings a log written by an older agent (directory 0750, segments 0640) to the modes of
+/// all agent state: 0700 and 0600. Only ever removes permission bits.
+fn tighten_modes(dir: &Path, listing: &Listing) -> Result<(), AuditError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tighten = |path: &Path, mode: u32| -> Result<(), AuditError> {
+        let current = fs::symlink_metadata(path).map_err(io_err(path))?.permissions().mode() & 0o7777;
+        if current & !mode != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(current & mode)).map_err(io_err(path))?;
+        }
+        Ok(())
+    };
+    tighten(dir, DIR_MODE)?;
+    for segment in listing.segments.iter().filter(|s| s.regular) {
+        tighten(&segment.path, FILE_MODE)?;
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
@@ -459,7 +477,7 @@ pub struct WriteHealth {
 }
 
 impl AuditLog {
-    /// Opens the log in `dir` (created 0750 if missing) to continue its chain.
+    /// Opens the log in `dir` (created 0700 if missing; segments are 0600, like all agent state) to continue its chain.
     ///
     /// A torn final line in the newest segment (a crash mid-write; never acknowledged, so
     /// never acted on) is truncated away and reported by [`AuditLog::recovery`]. The last
@@ -470,6 +488,7 @@ impl AuditLog {
     pub fn open(dir: &Path, options: AuditOptions) -> Result<AuditLog, AuditError> {
         fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(io_err(dir))?;
         let listing = list_dir(dir)?;
+        tighten_modes(dir, &listing)?;
         if let Some(odd) = listing.segments.iter().find(|s| !s.regular) {
             return Err(corrupt(&odd.path, 0, "not a regular file"));
         }
@@ -1145,10 +1164,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let audit = dir.path().join("state/audit");
         write_log(&audit, 1, DEFAULT_MAX_FILE_BYTES);
-        let dir_mode = fs::metadata(&audit).unwrap().permissions().mode() & 0o777;
-        assert_eq!(dir_mode & !DIR_MODE, 0, "{dir_mode:o}");
-        let file_mode = fs::metadata(&segments(&audit)[0]).unwrap().permissions().mode() & 0o777;
-        assert_eq!(file_mode & !FILE_MODE, 0, "{file_mode:o}");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&audit), 0o700);
+        assert_eq!(mode(&segments(&audit)[0]), 0o600);
+        // A log left by an older agent (0750 / 0640) is tightened when opened.
+        fs::set_permissions(&audit, fs::Permissions::from_mode(0o750)).unwrap();
+        fs::set_permissions(&segments(&audit)[0], fs::Permissions::from_mode(0o640)).unwrap();
+        AuditLog::open(&audit, AuditOptions::default()).unwrap();
+        assert_eq!((mode(&audit), mode(&segments(&audit)[0])), (0o700, 0o600));
     }
 
     #[test]

@@ -376,7 +376,7 @@ fn file_identity(path: &Path) -> String {
             m.ino(),
             m.mtime(),
             m.mtime_nsec(),
-            m.mode() & u32::from(libc::S_IFMT)
+            m.mode() & libc::S_IFMT
         ),
         Err(_) => String::new(),
     }

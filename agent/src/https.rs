@@ -452,7 +452,7 @@ mod tls_tests {
         let key = Arc::new(PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "node-1").unwrap());
         let jwks = kycd_protocol::Jwks::from_keys([key.public_key()]).unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, stop.clone()));
+        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, Arc::default(), stop.clone()));
         let nonce = "n0nce-0123456789_abc";
         let (status, token) =
             get(addr, &pki.client(true), &format!("/v1/attestation?nonce={nonce}"), None).await.unwrap();
@@ -490,7 +490,7 @@ mod tls_tests {
         let addr = api.local_addr().unwrap();
         let key = Arc::new(PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "node-1").unwrap());
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, stop.clone()));
+        let server = tokio::spawn(serve(api, fake_agent(), snapshot(), key, Arc::default(), stop.clone()));
         let client = pki.client(false);
         let path = "/v1/attestation?nonce=0123456789abcdef";
         assert_eq!(get(addr, &client, path, None).await.unwrap().0, 401);
