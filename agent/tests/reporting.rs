@@ -189,7 +189,7 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
     let cursor: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spool_dir.join("cursor")).unwrap()).unwrap();
     assert_eq!(cursor["acked_seq"], 30);
-    let spool = spool.lock().unwrap();
+    let mut spool = spool.lock().unwrap();
     assert_eq!(spool.segment_count(), 0, "every segment acknowledged and deleted");
     assert!(spool.read_from(1, 100).unwrap().is_empty());
     assert_eq!(spool.next_seq(), 31);
@@ -261,7 +261,7 @@ fn spool_on_a_full_filesystem() {
         "works again once space is freed"
     );
     drop(spool);
-    let spool = Spool::open(&mnt, options).unwrap();
+    let mut spool = Spool::open(&mnt, options).unwrap();
     let seqs: Vec<u64> = spool.read_from(1, 100_000).unwrap().iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=appended + 1).collect::<Vec<_>>(), "nothing torn, nothing lost");
 }
