@@ -183,6 +183,55 @@ pub struct ReportingStatus {
     pub uploading: bool,
     /// When the collector last stored a batch (Unix seconds; absent: not since start).
     pub last_upload_at: Option<i64>,
+    /// Damaged spool bytes found since start (quarantined under `spool/quarantine/`).
+    #[serde(default)]
+    pub spool_damage: SpoolDamageStatus,
+    /// Batches the collector refused for good.
+    #[serde(default)]
+    pub rejected: RejectedStatus,
+}
+
+/// Spool damage since start, in [`ReportingStatus`] (see [`crate::spool`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpoolDamageStatus {
+    /// Damaged regions (kind `corrupt`: visible records lost) quarantined and cut out.
+    pub regions: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Torn tails (a write a crash interrupted, never visible) quarantined and truncated.
+    pub torn_tails: u64,
+    /// Their bytes.
+    pub torn_tail_bytes: u64,
+    /// Attempts to quarantine damaged bytes that failed (the bytes stay in their segment).
+    pub quarantine_failures: u64,
+    /// When damage was last found (Unix seconds).
+    pub last_at: Option<i64>,
+}
+
+/// Batches the collector refused for good (400/409/413), in [`ReportingStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RejectedStatus {
+    /// Batches since start.
+    pub batches: u64,
+    /// Seqs they covered.
+    pub records: u64,
+    /// Batch files in `<state_dir>/rejected/`, earlier runs' included.
+    pub kept: u64,
+    /// The last one since start.
+    pub last: Option<LastRejection>,
+}
+
+/// The last rejected batch, in [`RejectedStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRejection {
+    /// When (Unix seconds).
+    pub at: i64,
+    /// HTTP status.
+    pub status: u16,
+    /// The collector's error kind (e.g. `SeqConflict`), else `http_<status>`.
+    pub kind: String,
 }
 
 /// The policy fetcher part of [`Status`].

@@ -2194,6 +2194,10 @@ pub async fn run(
             () = tokio::time::sleep(sleep_for) => {}
         }
         next_review = tokio::task::block_in_place(|| {
+            // Spool damage and rejected report batches, found by the reporting tasks.
+            for event in reporting.take_audit_events() {
+                agent.record(event);
+            }
             let next = agent.evaluate();
             if agent.reconcile_due {
                 agent.reconcile();
@@ -2254,7 +2258,12 @@ pub async fn run(
     if agent.config.mode == Mode::Enforce && agent.config.enforcement.release_on_exit {
         tokio::task::block_in_place(|| agent.release());
     }
-    tokio::task::block_in_place(|| agent.record(json!({"type": "agent_stopped"})));
+    tokio::task::block_in_place(|| {
+        for event in reporting.take_audit_events() {
+            agent.record(event);
+        }
+        agent.record(json!({"type": "agent_stopped"}))
+    });
     info!("kycd stopped");
     Ok(())
 }

@@ -1,9 +1,26 @@
 //! Durable file replacement, shared by everything that keeps state across restarts, and
 //! bounded reads of files whose content comes from outside (drop directories).
+//!
+//! Agent state is private: files are created 0600 and directories 0700, with the mode given
+//! explicitly at creation (the umask can only narrow it further, never widen it).
 
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
+
+/// Name prefix of [`write_durably`]'s temp files (a crash before the rename leaves one).
+pub const TEMP_PREFIX: &str = ".kycd-";
+
+/// Mode of every state file the agent creates.
+pub const STATE_FILE_MODE: u32 = 0o600;
+/// Mode of every state directory the agent creates.
+pub const STATE_DIR_MODE: u32 = 0o700;
+
+/// `mkdir -p` with mode 0700 for each directory it creates (existing ones are left as they
+/// are).
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(STATE_DIR_MODE).create(dir)
+}
 
 /// How [`write_durably`] treats an existing file at the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,13 +32,16 @@ pub enum Existing {
 }
 
 /// Writes `contents` to `path` atomically and durably: a temp file in the same directory
-/// (mode 0600, so a secret is never readable by others, even briefly), fsync, rename or
-/// link into place, fsync the directory. A crash leaves either the old or the new file,
-/// never a mix.
+/// (mode 0600, so a secret is never readable by others, even briefly; the file keeps that
+/// mode), fsync, rename or link into place, fsync the directory. A missing directory is
+/// created 0700. A crash leaves either the old or the new file, never a mix.
 pub fn write_durably(path: &Path, contents: &[u8], existing: Existing) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".kycd-").tempfile_in(dir)?;
+    create_private_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .permissions(std::fs::Permissions::from_mode(STATE_FILE_MODE))
+        .tempfile_in(dir)?;
     tmp.write_all(contents)?;
     tmp.as_file().sync_all()?;
     match existing {
@@ -36,13 +56,14 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_durably(path, contents, Existing::Replace)
 }
 
-/// Creates `dir` (and missing parents) and fsyncs it and its parent, so the new directory
-/// entry survives a crash (files later made durable in it are otherwise orphaned).
+/// Creates `dir` (and missing parents, each mode 0700) and fsyncs it and its parent, so the
+/// new directory entry survives a crash (files later made durable in it are otherwise
+/// orphaned).
 pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir)?;
+    create_private_dir_all(dir)?;
     std::fs::File::open(dir)?.sync_all()?;
     match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => std::fs::File::open(parent)?.sync_all(),
@@ -81,6 +102,11 @@ mod tests {
         assert!(super::read_regular_file(dir.path(), 10).is_err(), "a directory is refused");
     }
 
+    fn mode(path: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
     #[test]
     fn creates_nested_directories() {
         let dir = tempfile::tempdir().unwrap();
@@ -88,6 +114,21 @@ mod tests {
         super::create_dir_durably(&nested).unwrap();
         assert!(nested.is_dir());
         super::create_dir_durably(&nested).unwrap();
+    }
+
+    /// Explicit modes at creation: under the usual umask 022, `create_dir_all` gave 0755.
+    #[test]
+    fn state_files_are_0600_and_directories_0700() {
+        let dir = tempfile::tempdir().unwrap();
+        super::create_dir_durably(&dir.path().join("a/b")).unwrap();
+        super::write_atomic(&dir.path().join("c/d/state.json"), b"{}").unwrap();
+        super::write_durably(&dir.path().join("a/key"), b"k", super::Existing::Keep).unwrap();
+        for d in ["a", "a/b", "c", "c/d"] {
+            assert_eq!(mode(&dir.path().join(d)), 0o700, "{d}");
+        }
+        for f in ["c/d/state.json", "a/key"] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+        }
     }
 
     #[test]

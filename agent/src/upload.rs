@@ -14,10 +14,13 @@
 //!   the cursor moves to the batch's last seq (logged). The same when the batch starts above
 //!   `cursor + 1` (records lost locally to a corrupt segment: nothing can close that gap).
 //! - **400, 409, 413** (permanent; a 413 first halves the batch size, down to one record):
-//!   the batch is written durably to `<state_dir>/rejected/<first>-<last>.json` with the
-//!   status, the collector's `{"error","kind"}` and the records, counted, and the cursor is
+//!   the batch is written durably to `<state_dir>/rejected/<first>-<last>.json` (mode 0600)
+//!   with the status, the collector's `{"error","kind"}` and the records, and the cursor is
 //!   moved past it locally: the agent does not send it again. An operator can inspect and
-//!   replay the file.
+//!   replay the file. Each rejection is made visible: an error log line,
+//!   `kycd_upload_rejected_batches_total` / `_records_total`, the `rejected` line of
+//!   `kycctl status` (counts, the last one's time, status and kind) and a
+//!   `report_batch_rejected` audit record ([`Reporting::take_audit_events`]).
 //! - **401** (unknown host, bad signature: the host may not be enrolled yet), **429/503**,
 //!   other 5xx and network errors: retried with exponential backoff (base 1 s, full jitter,
 //!   cap `backoff_max_s`); `Retry-After` (seconds) is honoured. 401 is logged at error level.
@@ -34,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::spool::{covered, SharedSpool, SpoolError};
+
+/// Most rejections kept for the audit log before the daemon takes them.
+const MAX_UNRECORDED: usize = 1024;
 
 /// Largest answer body read from the collector.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -119,6 +125,12 @@ pub struct UploadCounters {
     pub failures: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// When a batch was last stored (Unix seconds; 0: never).
     pub last_success_at: std::sync::atomic::AtomicI64,
+    /// The last permanent rejection (for `kycctl status`).
+    pub last_rejection: std::sync::Mutex<Option<Rejection>>,
+    /// Permanent rejections not yet taken for the audit log ([`Reporting::take_audit_events`]).
+    pub unrecorded_rejections: std::sync::Mutex<Vec<Rejection>>,
+    /// Batch files in `rejected/`: those found on start, plus one per new rejection.
+    pub rejected_files: AtomicU64,
 }
 
 impl UploadCounters {
@@ -126,6 +138,67 @@ impl UploadCounters {
         if let Ok(mut f) = self.failures.lock() {
             *f.entry(kind).or_default() += 1;
         }
+    }
+
+    /// Counts a permanently rejected batch, saved in `rejected/` (`new_file`: not replacing
+    /// an earlier file of the same name), and queues it for the audit log.
+    fn rejected(&self, rejection: Rejection, new_file: bool) {
+        self.failed("rejected");
+        self.batches_rejected.fetch_add(1, Relaxed);
+        self.records_rejected.fetch_add(rejection.last_seq - rejection.first_seq + 1, Relaxed);
+        if new_file {
+            self.rejected_files.fetch_add(1, Relaxed);
+        }
+        if let Ok(mut last) = self.last_rejection.lock() {
+            *last = Some(rejection.clone());
+        }
+        if let Ok(mut queue) = self.unrecorded_rejections.lock() {
+            if queue.len() < MAX_UNRECORDED {
+                queue.push(rejection);
+            } else {
+                warn!("too many rejected batches waiting for the audit log: this one is counted and logged only");
+            }
+        }
+    }
+}
+
+/// A batch the collector refused for good (400/409/413), kept in `rejected/`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// When (Unix seconds).
+    pub at: i64,
+    /// The HTTP status.
+    pub status: u16,
+    /// The collector's error kind (`kind` in its answer, e.g. `SeqConflict`), else
+    /// `http_<status>`.
+    pub kind: String,
+    /// The collector's message (`error` in its answer), if any, at most 256 characters.
+    pub error: Option<String>,
+    /// The batch's first seq.
+    pub first_seq: u64,
+    /// The last seq it covers.
+    pub last_seq: u64,
+    /// Records in it.
+    pub records: u64,
+    /// Where it was saved.
+    pub file: PathBuf,
+}
+
+impl Rejection {
+    /// The kind and message from the collector's answer `{"error", "kind"}` (or a bare
+    /// string).
+    fn describe(status: u16, answer: &serde_json::Value) -> (String, Option<String>) {
+        let kind = answer
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .filter(|k| !k.is_empty())
+            .map_or_else(|| format!("http_{status}"), |k| k.chars().take(64).collect());
+        let error = answer
+            .get("error")
+            .and_then(|e| e.as_str())
+            .or_else(|| answer.as_str())
+            .map(|e| e.chars().take(256).collect());
+        (kind, error)
     }
 }
 
@@ -321,15 +394,25 @@ pub async fn run(
                        "collector permanently rejected a report batch: kept in rejected/, not sent again");
                 let dir = options.rejected_dir.clone();
                 let host = options.host_id.clone();
+                let (kind, message) = Rejection::describe(status, &body);
+                let count = records.len() as u64;
                 let saved =
                     tokio::task::spawn_blocking(move || save_rejected(&dir, &host, status, &body, &records))
                         .await;
                 match saved {
-                    Ok(Ok(path)) => {
-                        counters.failed("rejected");
-                        counters.batches_rejected.fetch_add(1, Relaxed);
-                        counters.records_rejected.fetch_add(last - first + 1, Relaxed);
-                        info!(path = %path.display(), "rejected batch saved");
+                    Ok(Ok((path, new_file))) => {
+                        info!(path = %path.display(), status, %kind, "rejected batch saved");
+                        let rejection = Rejection {
+                            at: crate::tokens::unix_now(),
+                            status,
+                            kind,
+                            error: message,
+                            first_seq: first,
+                            last_seq: last,
+                            records: count,
+                            file: path,
+                        };
+                        counters.rejected(rejection, new_file);
                         if let Err(e) = with_spool(&spool, move |s| s.ack(last)).await {
                             error!(error = %e, "cannot persist the cursor past a rejected batch");
                         }
@@ -438,18 +521,20 @@ async fn read_limited(mut response: reqwest::Response) -> Vec<u8> {
     out
 }
 
-/// Writes a rejected batch to `<dir>/<first>-<last>.json` durably.
+/// Writes a rejected batch to `<dir>/<first>-<last>.json` durably (0600, in a 0700
+/// directory); also says whether the file is new.
 fn save_rejected(
     dir: &Path,
     host_id: &str,
     status: u16,
     answer: &serde_json::Value,
     records: &[UsageRecord],
-) -> std::io::Result<PathBuf> {
+) -> std::io::Result<(PathBuf, bool)> {
     let first = records.first().map_or(0, |r| r.seq);
     let last = records.iter().map(covered).max().unwrap_or(0);
     crate::fsutil::create_dir_durably(dir)?;
     let path = dir.join(format!("{first}-{last}.json"));
+    let new_file = !path.exists();
     let doc = serde_json::json!({
         "host_id": host_id,
         "rejected_at": crate::tokens::unix_now(),
@@ -458,7 +543,14 @@ fn save_rejected(
         "records": records,
     });
     crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
-    Ok(path)
+    Ok((path, new_file))
+}
+
+/// Batch files (`*.json`) in the rejected directory (0 when there is none).
+fn count_rejected_files(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count() as u64
+    })
 }
 
 #[cfg(test)]
@@ -492,6 +584,121 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert(reqwest::header::RETRY_AFTER, "999999".parse().unwrap());
         assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+    }
+
+    fn window(start: i64) -> kycd_protocol::UsageWindow {
+        kycd_protocol::UsageWindow {
+            tenant: Some("t".into()),
+            workload: "cgroup:/w".into(),
+            foreign_person: false,
+            start,
+            end: start + 60,
+            gpu_seconds: 60.0,
+            gpus: 1,
+            max_concurrent_gpus: 1,
+            estimated_ops: 1e15,
+            peak_flops: 1e15,
+            method: kycd_protocol::EstimationMethod::GpmTensor,
+            training_like: false,
+            merged_windows: 1,
+        }
+    }
+
+    /// Spool damage found on open and a rejected batch reach `kycctl status`, `/metrics`
+    /// and (once each) the audit events the daemon records.
+    #[test]
+    fn damage_and_rejections_are_visible_in_status_metrics_and_audit_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config { state_dir: dir.path().join("state"), ..Default::default() };
+        let spool_dir = config.state_dir.join("spool");
+        let mut spool = crate::spool::Spool::open(&spool_dir, crate::spool::SpoolOptions::default()).unwrap();
+        for i in 0..3 {
+            spool.append(window(i * 60)).unwrap();
+        }
+        let seg = spool.segment_paths().pop().unwrap();
+        drop(spool);
+        // Flip a byte in record 2's payload.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let first_len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        bytes[8 + first_len + 8 + 10] ^= 0x41;
+        std::fs::write(&seg, &bytes).unwrap();
+        // A batch file left by an earlier run.
+        std::fs::create_dir_all(config.state_dir.join("rejected")).unwrap();
+        std::fs::write(config.state_dir.join("rejected/100-109.json"), b"{}").unwrap();
+
+        let reporting = Reporting::open(&config, "node-1").unwrap();
+        let status = reporting.status();
+        assert_eq!(status.spool_damage.regions, 1);
+        assert!(status.spool_damage.bytes > 0 && status.spool_damage.last_at.is_some());
+        assert_eq!(status.rejected, crate::api::RejectedStatus { kept: 1, ..Default::default() });
+        let metrics = reporting.metrics_text();
+        for line in [
+            "kycd_spool_damage_events_total{kind=\"corrupt\"} 1",
+            "kycd_spool_damage_events_total{kind=\"torn_tail\"} 0",
+            &format!("kycd_spool_damaged_bytes_total{{kind=\"corrupt\"}} {}", status.spool_damage.bytes),
+            "kycd_upload_rejected_batches_total 0",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+        }
+        let events = reporting.take_audit_events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["type"], "spool_damaged");
+        assert_eq!(events[0]["kind"], "corrupt");
+        assert_eq!((events[0]["seq_before"].as_u64(), events[0]["seq_after"].as_u64()), (Some(1), Some(3)));
+        assert!(std::path::Path::new(events[0]["quarantined"].as_str().unwrap()).is_file());
+        assert!(reporting.take_audit_events().is_empty(), "each recorded once");
+
+        let (kind, error) =
+            Rejection::describe(409, &serde_json::json!({"error": "seq 5 differs", "kind": "SeqConflict"}));
+        assert_eq!((kind.as_str(), error.as_deref()), ("SeqConflict", Some("seq 5 differs")));
+        assert_eq!(
+            Rejection::describe(400, &serde_json::json!("bad")),
+            ("http_400".to_owned(), Some("bad".into()))
+        );
+        reporting.upload_counters.rejected(
+            Rejection {
+                at: 1_800_000_000,
+                status: 409,
+                kind,
+                error,
+                first_seq: 4,
+                last_seq: 13,
+                records: 10,
+                file: config.state_dir.join("rejected/4-13.json"),
+            },
+            true,
+        );
+        let status = reporting.status();
+        assert_eq!(
+            status.rejected,
+            crate::api::RejectedStatus {
+                batches: 1,
+                records: 10,
+                kept: 2,
+                last: Some(crate::api::LastRejection {
+                    at: 1_800_000_000,
+                    status: 409,
+                    kind: "SeqConflict".into()
+                }),
+            }
+        );
+        let metrics = reporting.metrics_text();
+        assert!(metrics.lines().any(|l| l == "kycd_upload_rejected_batches_total 1"), "{metrics}");
+        assert!(metrics.lines().any(|l| l == "kycd_upload_rejected_records_total 10"), "{metrics}");
+        let events = reporting.take_audit_events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["type"], "report_batch_rejected");
+        assert_eq!(
+            (events[0]["status"].as_u64(), events[0]["kind"].as_str()),
+            (Some(409), Some("SeqConflict"))
+        );
+        assert_eq!((events[0]["first_seq"].as_u64(), events[0]["last_seq"].as_u64()), (Some(4), Some(13)));
+        // Older agents' status answers (no damage or rejection fields) still parse.
+        let old: crate::api::ReportingStatus = serde_json::from_value(serde_json::json!({
+            "spool_pending_records": 0, "spool_bytes": 0, "uploading": false, "last_upload_at": null
+        }))
+        .unwrap();
+        assert_eq!(old.rejected, crate::api::RejectedStatus::default());
     }
 }
 
@@ -551,11 +758,15 @@ impl Reporting {
                 None
             }
         };
+        let upload_counters = Arc::new(UploadCounters::default());
+        upload_counters
+            .rejected_files
+            .store(count_rejected_files(&config.state_dir.join("rejected")), Relaxed);
         Ok(Reporting {
             spool: Arc::new(std::sync::Mutex::new(spool)),
             committed: Arc::new(tokio::sync::Notify::new()),
             writer_counters: Arc::default(),
-            upload_counters: Arc::default(),
+            upload_counters,
             group_commit: Duration::from_millis(r.group_commit_ms),
             key: Arc::new(key),
             uploader,
@@ -567,17 +778,80 @@ impl Reporting {
         Arc::clone(&self.key)
     }
 
-    /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
-    /// The spool depth and the last successful upload (for `kycctl status`).
+    /// The spool depth, the last successful upload, spool damage and rejected batches (for
+    /// `kycctl status`).
     pub fn status(&self) -> crate::api::ReportingStatus {
-        let (pending, bytes) = self.spool.lock().map(|s| (s.pending(), s.used_bytes())).unwrap_or((0, 0));
-        let last = self.upload_counters.last_success_at.load(Relaxed);
+        let (pending, bytes, stats) = self
+            .spool
+            .lock()
+            .map(|s| (s.pending(), s.used_bytes(), s.stats()))
+            .unwrap_or((0, 0, crate::spool::SpoolStats::default()));
+        let c = &self.upload_counters;
+        let last = c.last_success_at.load(Relaxed);
+        let last_rejection = c.last_rejection.lock().ok().and_then(|r| r.clone());
         crate::api::ReportingStatus {
             spool_pending_records: pending,
             spool_bytes: bytes,
             uploading: self.uploader.is_some(),
             last_upload_at: (last > 0).then_some(last),
+            spool_damage: crate::api::SpoolDamageStatus {
+                regions: stats.damaged_regions,
+                bytes: stats.damaged_bytes,
+                torn_tails: stats.torn_tails,
+                torn_tail_bytes: stats.truncated_bytes,
+                quarantine_failures: stats.quarantine_failures,
+                last_at: (stats.last_damage_at > 0).then_some(stats.last_damage_at),
+            },
+            rejected: crate::api::RejectedStatus {
+                batches: c.batches_rejected.load(Relaxed),
+                records: c.records_rejected.load(Relaxed),
+                kept: c.rejected_files.load(Relaxed),
+                last: last_rejection.map(|r| crate::api::LastRejection {
+                    at: r.at,
+                    status: r.status,
+                    kind: r.kind,
+                }),
+            },
         }
+    }
+
+    /// Audit events for what reporting found since the last call: `spool_damaged` (one per
+    /// damaged region or torn tail quarantined) and `report_batch_rejected` (one per batch
+    /// the collector refused for good). Never blocks: a spool busy with an fsync is asked
+    /// again on the next call.
+    pub fn take_audit_events(&self) -> Vec<serde_json::Value> {
+        let mut events = Vec::new();
+        if let Ok(mut spool) = self.spool.try_lock() {
+            for d in spool.take_damage() {
+                events.push(serde_json::json!({
+                    "type": "spool_damaged",
+                    "kind": d.kind.as_str(),
+                    "segment": d.segment,
+                    "offset": d.offset,
+                    "bytes": d.len,
+                    "seq_before": d.seq_before,
+                    "seq_after": d.seq_after,
+                    "quarantined": d.quarantined,
+                    "found_at": d.found_at,
+                }));
+            }
+        }
+        if let Ok(mut queue) = self.upload_counters.unrecorded_rejections.lock() {
+            for r in queue.drain(..) {
+                events.push(serde_json::json!({
+                    "type": "report_batch_rejected",
+                    "status": r.status,
+                    "kind": r.kind,
+                    "error": r.error,
+                    "first_seq": r.first_seq,
+                    "last_seq": r.last_seq,
+                    "records": r.records,
+                    "file": r.file,
+                    "rejected_at": r.at,
+                }));
+            }
+        }
+        events
     }
 
     /// The spool's and the uploader's metrics in the Prometheus text format (for `/metrics`).
@@ -608,6 +882,30 @@ impl Reporting {
             "Merge passes run because the spool neared its cap.",
             &one(stats.merges as f64),
         );
+        let by_damage = |corrupt: u64, torn: u64| {
+            [
+                ("{kind=\"corrupt\"}".to_owned(), corrupt as f64),
+                ("{kind=\"torn_tail\"}".to_owned(), torn as f64),
+            ]
+        };
+        family(
+            "kycd_spool_damage_events_total",
+            "counter",
+            "Damaged spool regions (corrupt) and torn tails quarantined and cut out of segments since start.",
+            &by_damage(stats.damaged_regions, stats.torn_tails),
+        );
+        family(
+            "kycd_spool_damaged_bytes_total",
+            "counter",
+            "Bytes of those regions and tails (copies kept in the spool's quarantine/ directory).",
+            &by_damage(stats.damaged_bytes, stats.truncated_bytes),
+        );
+        family(
+            "kycd_spool_quarantine_failures_total",
+            "counter",
+            "Damaged spool bytes that could not be quarantined (left in place and retried).",
+            &one(stats.quarantine_failures as f64),
+        );
         family(
             "kycd_spool_append_errors_total",
             "counter",
@@ -626,6 +924,18 @@ impl Reporting {
             "counter",
             "Usage records in report batches the collector stored.",
             &one(c.records_ok.load(Relaxed) as f64),
+        );
+        family(
+            "kycd_upload_rejected_batches_total",
+            "counter",
+            "Report batches the collector refused for good (400/409/413), kept in rejected/ and not sent again.",
+            &one(c.batches_rejected.load(Relaxed) as f64),
+        );
+        family(
+            "kycd_upload_rejected_records_total",
+            "counter",
+            "Seqs covered by those batches.",
+            &one(c.records_rejected.load(Relaxed) as f64),
         );
         let failures = c.failures.lock().map(|f| f.clone()).unwrap_or_default();
         let by_kind: Vec<(String, f64)> = FAILURE_KINDS
@@ -647,6 +957,7 @@ impl Reporting {
         out
     }
 
+    /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
     pub fn spawn_writer(
         &self,
         windows: crate::gpu::usage::WindowReceiver,

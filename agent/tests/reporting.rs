@@ -1,8 +1,9 @@
 //! The reporting pipeline over loopback: spool → uploader → a scripted in-test collector that
 //! checks every request the way the real one must (detached signature over the exact gzip
-//! body, host id, increasing seqs), answers 503 + Retry-After, partial acks, a permanent 400
-//! and a lagging ack; then the cursor, segments and `rejected/` are checked. And the spool on
-//! a tiny full tmpfs (root only).
+//! body, host id, increasing seqs), answers 503 + Retry-After, partial acks, a permanent 400,
+//! a lagging ack and a permanent 409; then the cursor, segments, `rejected/`, what the
+//! rejections left for `kycctl status` and the audit log, and the modes of every state file
+//! (0600) and directory (0700) are checked. And the spool on a tiny full tmpfs (root only).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -99,7 +100,16 @@ async fn reports(State(c): State<Collector>, headers: HeaderMap, body: Bytes) ->
         )
             .into_response(),
         // The collector never got the rejected seqs: its contiguous count stays below them.
-        _ => ack(15),
+        5 => ack(15),
+        // A seq the collector holds with other content (e.g. a host re-enrolled without its
+        // spool): permanent, like the 400.
+        _ => (
+            StatusCode::CONFLICT,
+            axum::Json(
+                serde_json::json!({"error": "seq 31 differs from the stored record", "kind": "SeqConflict"}),
+            ),
+        )
+            .into_response(),
     }
 }
 
@@ -159,13 +169,18 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
     }
     committed.notify_one();
     wait_for(&spool, 30).await;
+    for i in 30..35 {
+        spool.lock().unwrap().append(window("cgroup:/a", i * 60)).unwrap();
+    }
+    committed.notify_one();
+    wait_for(&spool, 35).await;
     stop.cancel();
     uploader.await.unwrap();
     server.abort();
 
     let log = collector.log.lock().unwrap();
     let batches: Vec<(u64, u64)> = log.iter().map(|r| (r.seqs[0], *r.seqs.last().unwrap())).collect();
-    assert_eq!(batches, [(1, 10), (1, 10), (6, 15), (16, 25), (26, 30)]);
+    assert_eq!(batches, [(1, 10), (1, 10), (6, 15), (16, 25), (26, 30), (31, 35)]);
     assert!(log[1].at - log[0].at >= Duration::from_millis(950), "Retry-After honoured");
     drop(log);
 
@@ -175,12 +190,35 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
     assert_eq!(rejected["reason"]["kind"], "InvalidRecord");
     assert_eq!(rejected["records"].as_array().unwrap().len(), 10);
     assert_eq!(rejected["records"][0]["seq"], 16);
+    let conflict: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("rejected/31-35.json")).unwrap()).unwrap();
+    assert_eq!(
+        (conflict["status"].as_u64(), conflict["reason"]["kind"].as_str()),
+        (Some(409), Some("SeqConflict"))
+    );
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(counters.batches_rejected.load(Relaxed), 1);
+    assert_eq!(counters.batches_rejected.load(Relaxed), 2);
+    assert_eq!(counters.records_rejected.load(Relaxed), 15);
+    assert_eq!(counters.rejected_files.load(Relaxed), 2);
     assert_eq!(counters.retries.load(Relaxed), 1);
-    // By kind: the 503 is `throttled`, the 400 `rejected`; nothing else failed.
+    // Visible: the last rejection (for `kycctl status`) and one audit event per batch.
+    let last = counters.last_rejection.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (last.status, last.kind.as_str(), last.first_seq, last.last_seq),
+        (409, "SeqConflict", 31, 35)
+    );
+    assert!(last.at > 0 && last.at <= kycd::tokens::unix_now());
+    let queued: Vec<(u16, String, u64, u64, u64)> = counters
+        .unrecorded_rejections
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.status, r.kind.clone(), r.first_seq, r.last_seq, r.records))
+        .collect();
+    assert_eq!(queued, [(400, "InvalidRecord".into(), 16, 25, 10), (409, "SeqConflict".into(), 31, 35, 5)]);
+    // By kind: the 503 is `throttled`, the 400 and 409 `rejected`; nothing else failed.
     let failures = counters.failures.lock().unwrap().clone();
-    assert_eq!(failures, [("rejected", 1), ("throttled", 1)].into_iter().collect());
+    assert_eq!(failures, [("rejected", 2), ("throttled", 1)].into_iter().collect());
     assert!(failures.keys().all(|k| kycd::upload::FAILURE_KINDS.contains(k)));
     assert_eq!(counters.records_ok.load(Relaxed), 10 + 10 + 5, "records in stored batches (resends count)");
     let last = counters.last_success_at.load(Relaxed);
@@ -188,11 +226,33 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
 
     let cursor: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spool_dir.join("cursor")).unwrap()).unwrap();
-    assert_eq!(cursor["acked_seq"], 30);
-    let spool = spool.lock().unwrap();
+    assert_eq!(cursor["acked_seq"], 35);
+    let mut spool = spool.lock().unwrap();
     assert_eq!(spool.segment_count(), 0, "every segment acknowledged and deleted");
     assert!(spool.read_from(1, 100).unwrap().is_empty());
-    assert_eq!(spool.next_seq(), 31);
+    assert_eq!(spool.next_seq(), 36);
+    drop(spool);
+    assert_private(state.path());
+}
+
+/// Every file under `dir` is 0600 and every directory 0700 (the test runs under the usual
+/// umask 022: modes left to it would be 0644/0755). `dir` itself is the test's.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut stack: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files = 0;
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+            files += 1;
+        }
+    }
+    assert!(files >= 4, "rejected batches, cursor, highwater: {files} files");
 }
 
 /// Unmounts on drop.
@@ -261,7 +321,7 @@ fn spool_on_a_full_filesystem() {
         "works again once space is freed"
     );
     drop(spool);
-    let spool = Spool::open(&mnt, options).unwrap();
+    let mut spool = Spool::open(&mnt, options).unwrap();
     let seqs: Vec<u64> = spool.read_from(1, 100_000).unwrap().iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=appended + 1).collect::<Vec<_>>(), "nothing torn, nothing lost");
 }

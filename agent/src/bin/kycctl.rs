@@ -129,6 +129,36 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
             "spool:        {} records pending, {} bytes; {last}",
             r.spool_pending_records, r.spool_bytes
         );
+        let d = &r.spool_damage;
+        let mut damage = match d.regions {
+            0 => "none".to_owned(),
+            n => format!("DAMAGED: {n} regions ({} bytes) quarantined", d.bytes),
+        };
+        if d.torn_tails > 0 {
+            damage.push_str(&format!(
+                "; {} torn tails ({} bytes) quarantined",
+                d.torn_tails, d.torn_tail_bytes
+            ));
+        }
+        if d.quarantine_failures > 0 {
+            damage.push_str(&format!("; {} quarantine FAILURES", d.quarantine_failures));
+        }
+        if let Some(t) = d.last_at {
+            damage.push_str(&format!(", last at {t}"));
+        }
+        println!("spool damage: {damage}");
+        let j = &r.rejected;
+        let mut rejected = match &j.last {
+            None => "none since start".to_owned(),
+            Some(l) => format!(
+                "{} batches ({} records) since start, last at {}: {} {}",
+                j.batches, j.records, l.at, l.status, l.kind
+            ),
+        };
+        if j.kept > 0 {
+            rejected.push_str(&format!("; {} batch files kept in rejected/", j.kept));
+        }
+        println!("rejected:     {rejected}");
     }
     if let Some(f) = &s.policy_fetch {
         let at = f.last_at.map_or("never".to_owned(), |t| format!("at {t}"));
