@@ -45,15 +45,11 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// Every path under `dir` but the audit log's directory (`audit.rs` creates it 0750/0640 on
-/// purpose, outside the spool's remit), with its mode.
+/// Every path under `dir`, the audit log included, with its mode.
 fn modes_under(dir: &Path) -> Vec<(PathBuf, bool, u32)> {
     let mut out = Vec::new();
     let mut stack: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     while let Some(path) = stack.pop() {
-        if path == dir.join("audit") {
-            continue;
-        }
         let meta = std::fs::symlink_metadata(&path).unwrap();
         if meta.is_dir() {
             stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
@@ -166,7 +162,9 @@ fn spool_damage_and_rejected_batches_are_audited_and_shown_and_state_is_private(
     for (path, is_dir, mode) in &modes {
         assert_eq!(*mode, if *is_dir { 0o700 } else { 0o600 }, "{}", path.display());
     }
-    for expected in ["host.key", "spool/highwater", "spool/cursor", "rejected/1-3.json", "attestations"] {
+    for expected in
+        ["host.key", "spool/highwater", "spool/cursor", "rejected/1-3.json", "attestations", "audit"]
+    {
         assert!(modes.iter().any(|(p, _, _)| *p == host.path("state").join(expected)), "{expected} missing");
     }
     assert!(modes
