@@ -130,7 +130,7 @@ fn setup(d: &Path, port: u16) -> std::process::Child {
              [policy]\nfile = \"{dd}/etc/policy.jws\"\n[attestations]\nhost_attestation = \"{dd}/etc/host.jws\"\n\
              [workloads]\ncgroup_root = \"{dd}/cgroup\"\n[api]\nsocket = \"{dd}/run/kycd.sock\"\n\
              [gpu]\nenabled = false\n\
-             [collector_api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\ninsecure_plaintext = true\n"
+             [collector_api]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\ninsecure_plaintext = true\nmax_connections_per_ip = 512\n"
         ),
     )
     .unwrap();

@@ -131,6 +131,22 @@ pub struct CollectorApiConfig {
     pub bearer_token_file: Option<PathBuf>,
     /// Serve plain HTTP (loopback addresses only).
     pub insecure_plaintext: bool,
+    /// Most connections open at once; more are refused (closed at once).
+    pub max_connections: usize,
+    /// Most connections open at once from one IP address; more from it are refused.
+    pub max_connections_per_ip: usize,
+}
+
+impl CollectorApiConfig {
+    /// The listener's bounds, for [`kycd_net::serve`].
+    pub fn limits(&self) -> kycd_net::Limits {
+        kycd_net::Limits {
+            max_connections: self.max_connections,
+            max_per_peer: self.max_connections_per_ip,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for CollectorApiConfig {
@@ -143,6 +159,8 @@ impl Default for CollectorApiConfig {
             client_ca_file: None,
             bearer_token_file: None,
             insecure_plaintext: false,
+            max_connections: 512,
+            max_connections_per_ip: 128,
         }
     }
 }
@@ -618,6 +636,15 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.api.max_connections) {
             return invalid("api.max_connections", "must be 1 to 65536");
+        }
+        if !(1..=65_536).contains(&self.collector_api.max_connections) {
+            return invalid("collector_api.max_connections", "must be 1 to 65536");
+        }
+        if !(1..=self.collector_api.max_connections).contains(&self.collector_api.max_connections_per_ip) {
+            return invalid(
+                "collector_api.max_connections_per_ip",
+                "must be 1 to collector_api.max_connections",
+            );
         }
         if !(1..=self.api.max_connections).contains(&self.api.max_connections_per_user) {
             return invalid("api.max_connections_per_user", "must be 1 to api.max_connections");

@@ -38,18 +38,7 @@ use crate::config::CollectorApiConfig;
 
 /// How long a statement is valid: a point-in-time answer.
 const STATEMENT_TTL_S: i64 = 60;
-/// At most this many connections at once; more are refused (closed at once). Collectors poll
-/// a host a few times a minute; 512 leaves room for many collectors and scrapers while
-/// staying far below the agent's file-descriptor limit.
-const MAX_CONNECTIONS: usize = 512;
-/// At most this many from one IP address, so one client cannot take every place.
-const MAX_PER_PEER: usize = 128;
-/// A TLS handshake and then each request head must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection with no byte moving for this long (a stalled body, an unread answer) is
-/// closed; longer than the 5 s a request waits for the main loop.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a request waits for the main loop.
+/// How long a request waits for the main loop (the idle timeout, 30 s, exceeds it).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the collector API cannot be served.
@@ -85,6 +74,8 @@ pub struct CollectorApi {
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     bearer: Option<Vec<u8>>,
+    /// Connection cap (and per IP), header-read and idle timeouts.
+    limits: kycd_net::Limits,
 }
 
 impl std::fmt::Debug for CollectorApi {
@@ -188,7 +179,7 @@ pub async fn bind(config: &CollectorApiConfig) -> Result<CollectorApi, HttpsErro
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| HttpsError::Bind { addr: config.listen.clone(), source })?;
-    Ok(CollectorApi { listener, tls, bearer })
+    Ok(CollectorApi { listener, tls, bearer, limits: config.limits() })
 }
 
 #[derive(Clone)]
@@ -216,12 +207,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/v1/attestation", get(attestation))
         .with_state(state);
-    let limits = kycd_net::Limits {
-        max_connections: MAX_CONNECTIONS,
-        max_per_peer: MAX_PER_PEER,
-        header_read_timeout: HEADER_READ_TIMEOUT,
-        idle_timeout: IDLE_TIMEOUT,
-    };
+    let limits = api.limits;
     let tls = api.tls;
     // The TLS handshake runs in the connection's task, bounded by the header-read timeout.
     let prepare = move |tcp: tokio::net::TcpStream, peer: SocketAddr| {
@@ -370,6 +356,7 @@ mod tls_tests {
                 client_ca_file: mtls.then(|| self.path("ca.crt")),
                 bearer_token_file: bearer.map(|_| self.path("token")),
                 insecure_plaintext: false,
+                ..CollectorApiConfig::default()
             }
         }
 

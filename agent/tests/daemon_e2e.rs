@@ -375,28 +375,12 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
         return;
     }
     let mut host = Host::new("mode = \"enforce\"\n");
-    let d = host.dir.path().display().to_string();
     // Enforce mode, so the lockdown path runs, but with no backend: this test must not touch
     // the host's nftables or cgroups.
-    host.extra_config = format!(
-        "mode = \"enforce\"\n[audit]\ndir = \"{d}/audit-fs\"\n[enforcement]\nnftables = false\ncgroup = false\n"
+    let _unmount = audit_on_small_tmpfs(
+        &mut host,
+        "mode = \"enforce\"\n[enforcement]\nnftables = false\ncgroup = false\n",
     );
-    host.audit_rel = "audit-fs";
-    host.write_config();
-    fs::create_dir_all(host.path("audit-fs")).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "kycd-test-audit"])
-        .arg(host.path("audit-fs"))
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(host.path("audit-fs"));
     host.write_policy(1, &[]);
     host.start();
     // Fill the audit filesystem, then keep deciding until a record no longer fits (the
@@ -890,24 +874,7 @@ fn status_says_the_audit_log_is_failing_on_a_full_disk() {
         return;
     }
     let mut host = Host::new("");
-    let d = host.dir.path().display().to_string();
-    host.extra_config = format!("[audit]\ndir = \"{d}/audit-fs\"\n");
-    host.audit_rel = "audit-fs";
-    host.write_config();
-    fs::create_dir_all(host.path("audit-fs")).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "kycd-test-audit"])
-        .arg(host.path("audit-fs"))
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(host.path("audit-fs"));
+    let _unmount = audit_on_small_tmpfs(&mut host, "");
     host.write_policy(1, &[]);
     host.start();
     let status = |host: &Host| {
@@ -1029,4 +996,30 @@ fn a_corrupt_audit_tail_stops_the_agent_for_good_and_names_the_repair() {
     let verify =
         Command::new(env!("CARGO_BIN_EXE_kycctl")).args(["audit", "verify"]).arg(&dir).output().unwrap();
     assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// Unmounts a test file system when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Puts `host`'s audit log on a 256 KiB tmpfs (`audit-fs`, so it can be filled), with
+/// `extra` configuration before the `[audit]` table. Needs root.
+fn audit_on_small_tmpfs(host: &mut Host, extra: &str) -> Unmount {
+    let d = host.dir.path().display().to_string();
+    host.extra_config = format!("{extra}[audit]\ndir = \"{d}/audit-fs\"\n");
+    host.audit_rel = "audit-fs";
+    host.write_config();
+    fs::create_dir_all(host.path("audit-fs")).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "kycd-test-audit"])
+        .arg(host.path("audit-fs"))
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    Unmount(host.path("audit-fs"))
 }
