@@ -601,7 +601,18 @@ impl PgStore {
                         continue; // re-sent, identical: already stored
                     }
                     if *stored_last >= seq {
-                        return Err(StoreError::SeqConflict { seq: valid.record.seq }.into());
+                        // `stored` holds every stored record that can intersect this one.
+                        let hit = stored
+                            .iter()
+                            .filter(|(s, l, _)| *s <= last_seq && *l >= seq)
+                            .map(|(s, l, _)| Ok((to_u64(*s)?, to_u64(*l)?)))
+                            .collect::<Result<Vec<_>, StoreError>>()?;
+                        return Err(StoreError::SeqConflict {
+                            first: valid.record.seq,
+                            last: valid.last_seq,
+                            stored: hit,
+                        }
+                        .into());
                     }
                 }
             }

@@ -262,6 +262,34 @@ fn advance_ack(
     to_u64(acked)
 }
 
+/// The stored records of `host_id` that intersect `[first, last]`, by seq (for the text of a
+/// conflict): from the greatest seq at or below `first` (ranges never overlap, so no earlier
+/// one reaches it) up to `last`.
+fn conflicting_ranges(
+    tx: &rusqlite::Transaction<'_>,
+    host_id: &str,
+    first: i64,
+    last: i64,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT seq, last_seq FROM records
+             WHERE host_id = ?1 AND seq <= ?3 AND last_seq >= ?2 AND seq >= COALESCE(
+                 (SELECT MAX(seq) FROM records WHERE host_id = ?1 AND seq <= ?2), ?2)
+             ORDER BY seq",
+        )
+        .map_err(db_error)?;
+    let rows = stmt
+        .query_map(params![host_id, first, last], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db_error)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, last_seq) = row.map_err(db_error)?;
+        out.push((to_u64(seq)?, to_u64(last_seq)?));
+    }
+    Ok(out)
+}
+
 impl ReportStore for SqliteStore {
     fn host_key(&self, host_id: &str) -> Result<Option<PublicKey>, StoreError> {
         let conn = self.lock()?;
@@ -365,7 +393,11 @@ impl ReportStore for SqliteStore {
                         continue; // re-sent, identical: already stored
                     }
                     if stored_last >= seq {
-                        return Err(StoreError::SeqConflict { seq: valid.record.seq });
+                        return Err(StoreError::SeqConflict {
+                            first: valid.record.seq,
+                            last: valid.last_seq,
+                            stored: conflicting_ranges(&tx, host_id, seq, last_seq)?,
+                        });
                     }
                 }
                 let w = &valid.record.window;

@@ -44,12 +44,17 @@ pub enum StoreError {
     /// writer thread panicked); retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    /// A record's sequence numbers are already stored with different content (or overlap a
-    /// stored merged record); permanent.
-    #[error("seq {seq} is already stored with different content")]
+    /// A record's sequence numbers are already stored with different content, or overlap a
+    /// stored record of another range (a merged one, or one inside the incoming merged
+    /// range); permanent. The message names the stored ranges, not only the incoming one.
+    #[error("{}", seq_conflict_message(*first, *last, stored))]
     SeqConflict {
-        /// The first sequence number of the conflicting record.
-        seq: u64,
+        /// The conflicting incoming record's first sequence number.
+        first: u64,
+        /// Its last sequence number (`last_seq`, or `first`).
+        last: u64,
+        /// The stored records `(seq, last_seq)` it conflicts with, by seq.
+        stored: Vec<(u64, u64)>,
     },
     /// `hosts add` for a host id that is already enrolled.
     #[error("host {0:?} is already enrolled (remove it first to change its key)")]
@@ -86,6 +91,25 @@ pub enum StoreError {
     /// Any other database error.
     #[error("database error")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// `a` or `a..=b`.
+fn seq_range(first: u64, last: u64) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}..={last}")
+    }
+}
+
+/// The text of [`StoreError::SeqConflict`]: the incoming range and the stored ones it hits.
+fn seq_conflict_message(first: u64, last: u64, stored: &[(u64, u64)]) -> String {
+    let stored: Vec<String> = stored.iter().map(|(s, l)| seq_range(*s, *l)).collect();
+    format!(
+        "seq {} conflicts with stored seq {} (another range, or the same seqs with other content)",
+        seq_range(first, last),
+        if stored.is_empty() { "(unknown)".to_owned() } else { stored.join(", ") }
+    )
 }
 
 impl StoreError {

@@ -80,6 +80,16 @@ async fn same_seq_with_different_content_is_a_permanent_conflict(db: TestDb) {
     assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 5);
     let reply = send(c.addr, &batch(HOST, vec![record(4)]), &key).await;
     assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("seq 4 conflicts with stored seq 3..=4"), "{text}");
+    // A merged record that partly overlaps: the text names the stored range, not seq 2
+    // (stored, but not in conflict) nor seq 1 of the incoming record alone.
+    let mut partly = record(5);
+    partly.last_seq = Some(6);
+    let reply = send(c.addr, &batch(HOST, vec![partly]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("seq 5..=6 conflicts with stored seq 5 "), "{text}");
     c.stop().await;
 }
 

@@ -18,6 +18,7 @@ use serde_json::json;
 
 backend_tests!(
     overlap_with_a_stored_merged_record_conflicts,
+    a_conflict_names_the_stored_ranges_it_overlaps,
     enrollment_is_explicit_and_never_replaces_a_key,
     acks_advance_over_out_of_order_and_merged_ranges,
     concurrent_writers_on_two_stores_store_each_seq_once,
@@ -59,10 +60,45 @@ async fn overlap_with_a_stored_merged_record_conflicts(db: TestDb) {
         changed.window.gpus = 1;
         assert!(matches!(
             store.insert_batch("h", &valid(vec![changed, record(6)]), 0),
-            Err(StoreError::SeqConflict { seq: 5 })
+            Err(StoreError::SeqConflict { first: 5, last: 5, ref stored }) if stored == &[(5, 5)]
         ));
         assert_eq!(store.stored_ranges("h").unwrap(), [(1, 1), (2, 4), (5, 5)]);
         assert_eq!(store.acked_seq("h").unwrap(), 5);
+    });
+}
+
+/// A conflict names the stored range(s) it collides with, not a seq of the incoming record
+/// that may never have been stored.
+async fn a_conflict_names_the_stored_ranges_it_overlaps(db: TestDb) {
+    let store = db.open();
+    off_runtime(|| {
+        store.insert_batch("h", &valid(vec![merged(2, 4), record(6)]), 0).unwrap();
+        let conflict = |records| match store.insert_batch("h", &valid(records), 0) {
+            Err(e @ StoreError::SeqConflict { .. }) => e,
+            other => panic!("{other:?}"),
+        };
+        // Partly overlapping: seq 1 was never stored; the stored merged record 2..=4 was.
+        let e = conflict(vec![merged(1, 2)]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 1, last: 2, stored } if stored == &[(2, 4)]));
+        let text = e.to_string();
+        assert!(text.contains("seq 1..=2 conflicts with stored seq 2..=4"), "{text}");
+        // Inside a stored merged range.
+        let e = conflict(vec![record(3)]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 3, last: 3, stored } if stored == &[(2, 4)]));
+        assert!(e.to_string().contains("seq 3 conflicts with stored seq 2..=4"), "{e}");
+        // A merged range over several stored records names them all.
+        let e = conflict(vec![merged(3, 7)]);
+        assert!(
+            matches!(&e, StoreError::SeqConflict { first: 3, last: 7, stored } if stored == &[(2, 4), (6, 6)]),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("stored seq 2..=4, 6 "), "{e}");
+        // Same seq, other content.
+        let mut changed = record(6);
+        changed.window.gpus = 1;
+        let e = conflict(vec![changed]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 6, last: 6, stored } if stored == &[(6, 6)]));
+        assert_eq!(store.stored_ranges("h").unwrap(), [(2, 4), (6, 6)], "nothing of them stored");
     });
 }
 
