@@ -130,7 +130,7 @@ fn pipeline(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u
         ingestor.ingest(sig.as_bytes(), body, 1_800_000_000).unwrap();
     }
     let elapsed = t.elapsed();
-    assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
+    assert_eq!(store.acked_seq(HOST, 1).unwrap(), BATCHES * RECORDS_PER_BATCH);
     elapsed
 }
 
@@ -168,7 +168,7 @@ fn http(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, 
         elapsed
     });
     drop(runtime);
-    assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
+    assert_eq!(store.acked_seq(HOST, 1).unwrap(), BATCHES * RECORDS_PER_BATCH);
     elapsed
 }
 
@@ -184,10 +184,10 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
     let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
     let insert = client
         .prepare(
-            r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
-                gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
-                foreign_person, merged_windows, body_json, received_at)
-            SELECT $1::text, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
+            r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                training_like, foreign_person, merged_windows, body_json, received_at)
+            SELECT $1::text, 1, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
                 $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
                 $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
                 $17::text[]) AS u"#,
@@ -258,10 +258,10 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
         {
             let mut insert = tx
                 .prepare_cached(
-                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                         training_like, foreign_person, merged_windows, body_json, received_at)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
+                       VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
                 )
                 .unwrap();
             for v in batch {
@@ -321,7 +321,7 @@ fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     let store = backend.store("stages", key);
     let t = Instant::now();
     for v in &valid {
-        store.insert_batch(HOST, v, 0).unwrap();
+        store.insert_batch(HOST, 1, v, 0).unwrap();
     }
     let insert = per_batch(t);
     println!(

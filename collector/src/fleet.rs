@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use kycd_protocol::CountryCode;
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
+use crate::store::{Rejection, StoreError};
 
 /// Width of a concurrency bucket, seconds (the agents' window length).
 pub const CAPACITY_BUCKET_S: i64 = 60;
@@ -182,7 +182,9 @@ impl UsageAccumulator {
 pub struct WindowEvidence {
     /// Reporting host.
     pub host_id: String,
-    /// Its sequence number there.
+    /// The host's enrollment epoch it was reported in.
+    pub epoch: u64,
+    /// Its sequence number there (in that epoch).
     pub seq: u64,
     /// Window start.
     pub start: i64,
@@ -231,17 +233,21 @@ pub enum FindingKind {
     PolicyStale,
     /// The host allows a tenant the published policy prohibits.
     EnforcementMismatch,
+    /// Batches of the (authenticated) host were refused for good recently: usage it
+    /// measured is not in the collector's totals.
+    ReportRejected,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 6] = [
+    pub const ALL: [FindingKind; 7] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
         FindingKind::HostDark,
         FindingKind::PolicyStale,
         FindingKind::EnforcementMismatch,
+        FindingKind::ReportRejected,
     ];
 
     /// The wire and storage name.
@@ -253,6 +259,7 @@ impl FindingKind {
             FindingKind::HostDark => "host_dark",
             FindingKind::PolicyStale => "policy_stale",
             FindingKind::EnforcementMismatch => "enforcement_mismatch",
+            FindingKind::ReportRejected => "report_rejected",
         }
     }
 
@@ -375,6 +382,24 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Findings matching `query`, by id.
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+
+    /// Per host, the batches refused for good at or after `since` (see
+    /// [`crate::store::Rejection`]), by host id; hosts without any are absent.
+    fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError>;
+
+    /// The `limit` newest rejections of `host_id`, newest first.
+    fn rejections(&self, host_id: &str, limit: u32) -> Result<Vec<Rejection>, StoreError>;
+}
+
+/// How many batches of a host were refused for good since some time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionCount {
+    /// The host.
+    pub host_id: String,
+    /// Refused batches.
+    pub count: u64,
+    /// The latest refusal (Unix seconds).
+    pub last_at: i64,
 }
 
 #[cfg(test)]

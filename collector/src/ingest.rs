@@ -10,8 +10,16 @@
 //! 3. **Parse strictly** (duplicate keys, types, trailing data: [`parse_batch`]) into a
 //!    [`ReportBatch`] whose `host_id` must equal the signing `kid`.
 //! 4. **Validate every record** before storing any: one bad record rejects the batch.
-//! 5. **Store in one transaction**, idempotently on `(host_id, seq)`, and answer the host's
-//!    acked seq.
+//! 5. **Store in one transaction**, idempotently on `(host_id, epoch, seq)`, and answer the
+//!    acked seq of `(host_id, epoch)`. The epoch is that of the enrolled key that verified
+//!    the signature ([`crate::store`]): a re-imaged host, re-enrolled with a new key, numbers
+//!    its records from 1 again without colliding with its old records.
+//!
+//! A batch that passed step 1 and is then refused for good (`Malformed`, `HostMismatch`,
+//! `InvalidRecord`, `SeqConflict`: the agent sets it aside and never sends it again) is
+//! recorded ([`crate::store::Rejection`]) so that the loss shows at the collector as a
+//! `report_rejected` finding. Unauthenticated requests are never recorded: they would let
+//! anyone fill the table.
 
 use std::io::Read as _;
 use std::sync::Arc;
@@ -19,7 +27,7 @@ use std::sync::Arc;
 use kycd_protocol::{b64, Jwks, ReportAck, ReportBatch, UsageRecord, UsageWindow, REPORT_SIGNATURE_TYP};
 use serde::Deserialize;
 
-use crate::store::{ReportStore, StoreError, ValidRecord};
+use crate::store::{Enrollment, Rejection, ReportStore, StoreError, ValidRecord};
 
 /// Longest identifier (workload, tenant, host id) accepted in a report.
 pub const MAX_ID_LEN: usize = kycd_protocol::MAX_ID_LEN;
@@ -108,6 +116,13 @@ impl IngestError {
             IngestError::Store(_) => "Internal",
         }
     }
+
+    /// Whether this refusal of an authenticated batch is permanent (the agent sets the batch
+    /// aside and does not send it again), so it is recorded as a [`Rejection`]. `TooLarge`
+    /// is not: the agent halves the batch and sends it again.
+    pub fn is_recorded_refusal(&self) -> bool {
+        matches!(self.kind(), "Malformed" | "HostMismatch" | "InvalidRecord" | "SeqConflict")
+    }
 }
 
 /// A stored batch.
@@ -117,6 +132,15 @@ pub struct Ingested {
     pub ack: ReportAck,
     /// Records in the batch (stored now or before).
     pub records: usize,
+    /// The enrollment epoch it was stored under.
+    pub epoch: u64,
+}
+
+/// The first and last sequence numbers a batch covers (`None` for an empty batch).
+fn batch_seqs(batch: &ReportBatch) -> Option<(u64, u64)> {
+    let first = batch.records.iter().map(|r| r.seq).min()?;
+    let last = batch.records.iter().map(|r| r.last_seq.unwrap_or(r.seq).max(r.seq)).max()?;
+    Some((first, last))
 }
 
 /// The ingest pipeline over one store.
@@ -282,21 +306,55 @@ impl Ingestor {
         }
         let kid = claimed_kid(signature)
             .ok_or_else(|| IngestError::BadSignature("no readable kid in the signature header".into()))?;
-        let key = self.store.host_key(&kid)?.ok_or_else(|| IngestError::UnknownHost(kid.clone()))?;
-        let jwks = Jwks::from_keys([key]).map_err(|e| IngestError::BadSignature(e.to_string()))?;
+        let enrollment = self.store.enrollment(&kid)?.ok_or_else(|| IngestError::UnknownHost(kid.clone()))?;
+        let jwks = Jwks::from_keys([enrollment.public_key.clone()])
+            .map_err(|e| IngestError::BadSignature(e.to_string()))?;
         let header = kycd_protocol::verify_detached(signature, body, &jwks, REPORT_SIGNATURE_TYP)
             .map_err(|e| IngestError::BadSignature(format!("{}: {e}", e.kind())))?;
         if header.alg != kycd_protocol::Algorithm::EdDSA {
             return Err(IngestError::BadSignature("host reports must be signed with EdDSA".into()));
         }
+        // Authenticated: from here on a permanent refusal is recorded.
+        let mut seqs = None;
+        let result = self.ingest_authenticated(&header.kid, &enrollment, body, now, &mut seqs);
+        if let Err(e) = &result {
+            if e.is_recorded_refusal() {
+                let rejection = Rejection {
+                    host_id: header.kid.clone(),
+                    epoch: enrollment.epoch,
+                    kind: e.kind().to_owned(),
+                    detail: e.to_string(),
+                    seqs,
+                    rejected_at: now,
+                };
+                if let Err(store) = self.store.record_rejection(&rejection) {
+                    tracing::warn!(host = %header.kid, epoch = enrollment.epoch, kind = e.kind(), error = %store,
+                        "cannot record a rejected batch");
+                }
+            }
+        }
+        result
+    }
+
+    /// Steps 2 to 5 for a batch whose signature verified with `enrollment`'s key; `seqs` is
+    /// set to the batch's seq range once it parses.
+    fn ingest_authenticated(
+        &self,
+        host_id: &str,
+        enrollment: &Enrollment,
+        body: &[u8],
+        now: i64,
+        seqs: &mut Option<(u64, u64)>,
+    ) -> Result<Ingested, IngestError> {
         let json = gunzip_capped(body, self.limits.max_decompressed_bytes)?;
         let batch = parse_batch(&json)?;
-        if batch.host_id != header.kid {
-            return Err(IngestError::HostMismatch { kid: header.kid, batch: batch.host_id });
+        *seqs = batch_seqs(&batch);
+        if batch.host_id != host_id {
+            return Err(IngestError::HostMismatch { kid: host_id.to_owned(), batch: batch.host_id });
         }
         let records = validate_batch(batch, &self.limits)?;
-        let acked_seq = self.store.insert_batch(&header.kid, &records, now)?;
-        Ok(Ingested { ack: ReportAck { acked_seq }, records: records.len() })
+        let acked_seq = self.store.insert_batch(host_id, enrollment.epoch, &records, now)?;
+        Ok(Ingested { ack: ReportAck { acked_seq }, records: records.len(), epoch: enrollment.epoch })
     }
 }
 

@@ -210,7 +210,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     Procs::kill(&mut procs.collector);
 
     let store = kycd_collector::SqliteStore::open(dir.join("collector.db")).unwrap();
-    let ranges = store.stored_ranges("node-1").unwrap();
+    let ranges = store.stored_ranges("node-1", 1).unwrap();
     let mut expected = 1;
     for (seq, last) in &ranges {
         assert_eq!(*seq, expected, "gap or overlap before seq {seq} (ranges {ranges:?})");
@@ -222,7 +222,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
         stored_through, final_cursor,
         "collector holds 1..={stored_through}, the agent settled 1..={final_cursor}"
     );
-    assert_eq!(store.acked_seq("node-1").unwrap(), final_cursor);
+    assert_eq!(store.acked_seq("node-1", 1).unwrap(), final_cursor);
     let rejected = std::fs::read_dir(dir.join("state/rejected")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(rejected, 0, "no batch may be rejected:\n{}", procs.log());
     println!(

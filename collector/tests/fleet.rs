@@ -28,7 +28,8 @@ backend_tests!(
 
 // No policy grace: the statements below are taken right after publication (the grace rule
 // has its own unit test).
-const SETTINGS: EvaluationSettings = EvaluationSettings { dark_after_s: 180, policy_grace_s: 0 };
+const SETTINGS: EvaluationSettings =
+    EvaluationSettings { dark_after_s: 180, policy_grace_s: 0, rejected_window_s: 3600 };
 
 fn now() -> i64 {
     kycd_collector::server::unix_now()
@@ -100,7 +101,7 @@ impl Fleet {
     /// pipeline, continuing the host's sequence numbers.
     fn report(&self, i: usize, windows: Vec<UsageWindow>) {
         let key = &self.keys[i - 1];
-        let first = self.store.acked_seq(key.kid()).unwrap() + 1;
+        let first = self.store.acked_seq(key.kid(), 1).unwrap() + 1;
         let records = windows
             .into_iter()
             .zip(first..)
@@ -167,7 +168,7 @@ fn statement(host: &str, policy_version: u64, workloads: serde_json::Value) -> H
 /// policy 1 after the grace period) and h03 (allows the prohibited tenant), `dark` enrolled
 /// long ago and never heard from.
 fn hosts(fleet: &Fleet) -> Vec<HostView> {
-    let mut views = kycd_collector::findings::host_views(fleet.store.as_ref()).unwrap();
+    let mut views = kycd_collector::findings::host_views(fleet.store.as_ref(), SETTINGS, now()).unwrap();
     for view in &mut views {
         match view.host_id.as_str() {
             "h02" => view.statement = Some(statement("h02", 1, json!([]))),

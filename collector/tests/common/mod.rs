@@ -132,12 +132,22 @@ impl Collector {
         off_runtime(|| self.store.enroll_host(key.kid(), &key.public_key(), 0).unwrap());
     }
 
+    /// The stored ranges of the host's first enrollment epoch.
     pub fn ranges(&self, host: &str) -> Vec<(u64, u64)> {
-        off_runtime(|| self.store.stored_ranges(host).unwrap())
+        self.ranges_in(host, 1)
     }
 
+    pub fn ranges_in(&self, host: &str, epoch: u64) -> Vec<(u64, u64)> {
+        off_runtime(|| self.store.stored_ranges(host, epoch).unwrap())
+    }
+
+    /// The acked seq of the host's first enrollment epoch.
     pub fn acked(&self, host: &str) -> u64 {
-        off_runtime(|| self.store.acked_seq(host).unwrap())
+        self.acked_in(host, 1)
+    }
+
+    pub fn acked_in(&self, host: &str, epoch: u64) -> u64 {
+        off_runtime(|| self.store.acked_seq(host, epoch).unwrap())
     }
 }
 
