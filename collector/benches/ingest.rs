@@ -37,6 +37,10 @@ use kycd_protocol::{
 
 const RECORDS_PER_BATCH: u64 = 1_000;
 const BATCHES: u64 = 30;
+/// The windows are from 2023 (1.7e9 on), the host enrolled at 0: received at 1.8e9 (as the
+/// pipeline is called) or now (over HTTP), every window passes the time bounds.
+const ADMISSION: kycd_collector::ingest::Admission =
+    kycd_collector::ingest::Admission { received_at: 1_800_000_000, enrolled_at: 0 };
 const ROUNDS: usize = 5;
 const HOST: &str = "bench-host";
 
@@ -90,8 +94,8 @@ fn record(seq: u64) -> UsageRecord {
             tenant: Some(format!("tenant-{}", seq % 97)),
             workload: format!("cgroup:/machine.slice/vm-{}.scope", seq % 13),
             foreign_person: seq % 3 == 0,
-            start: 1_800_000_000 + i64::try_from(seq).unwrap() * 60,
-            end: 1_800_000_060 + i64::try_from(seq).unwrap() * 60,
+            start: 1_700_000_000 + i64::try_from(seq).unwrap() * 60,
+            end: 1_700_000_060 + i64::try_from(seq).unwrap() * 60,
             gpu_seconds: 480.0,
             gpus: 8,
             max_concurrent_gpus: 8,
@@ -315,7 +319,7 @@ fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     let t = Instant::now();
     let valid: Vec<Vec<ValidRecord>> = parsed
         .into_iter()
-        .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default()).unwrap())
+        .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default(), ADMISSION).unwrap())
         .collect();
     let validate = per_batch(t);
     let store = backend.store("stages", key);
@@ -341,7 +345,7 @@ fn main() {
     let uploads: Vec<_> = batches.iter().map(|b| signed(b, &key)).collect();
     let rows: Vec<Vec<ValidRecord>> = batches
         .iter()
-        .map(|b| kycd_collector::ingest::validate_batch(b.clone(), &Limits::default()).unwrap())
+        .map(|b| kycd_collector::ingest::validate_batch(b.clone(), &Limits::default(), ADMISSION).unwrap())
         .collect();
     let compressed: usize = uploads.iter().map(|(b, _)| b.len()).sum();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::fleet::{FindingQuery, TenantUsage};
+use crate::fleet::{finite, FindingQuery, TenantUsage};
 use crate::store::{Storage, StoreError};
 
 /// Export formats.
@@ -110,9 +110,10 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
                     .map(|i| codes(&i.beneficial_owner_countries))
                     .unwrap_or_default(),
                 foreign_person: identity.map_or(u.foreign_person, |i| i.foreign_person),
-                estimated_ops: u.estimated_ops,
-                gpu_hours: u.gpu_hours(),
-                peak_flops: u.peak_flops,
+                // Finite whatever was stored: JSON would print a non-finite number as null.
+                estimated_ops: finite(u.estimated_ops),
+                gpu_hours: finite(u.gpu_hours()),
+                peak_flops: finite(u.peak_flops),
                 first_seen: rfc3339(u.first_seen),
                 last_seen: rfc3339(u.last_seen),
                 hosts: u.hosts,
@@ -148,13 +149,27 @@ fn csv_field(value: &str) -> String {
     }
 }
 
+impl ExportRow {
+    /// The row with its numbers made finite ([`finite`]): serde_json writes a non-finite
+    /// number as `null`, and CSV would read `inf`.
+    fn with_finite_numbers(&self) -> ExportRow {
+        ExportRow {
+            estimated_ops: finite(self.estimated_ops),
+            gpu_hours: finite(self.gpu_hours),
+            peak_flops: finite(self.peak_flops),
+            ..self.clone()
+        }
+    }
+}
+
 /// Renders rows in `format`.
 pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::Error> {
+    let rows: Vec<ExportRow> = rows.iter().map(ExportRow::with_finite_numbers).collect();
     match format {
-        Format::Json => serde_json::to_string_pretty(rows).map(|s| s + "\n"),
+        Format::Json => serde_json::to_string_pretty(&rows).map(|s| s + "\n"),
         Format::Csv => {
             let mut out = CSV_HEADER.join(",") + "\r\n";
-            for r in rows {
+            for r in &rows {
                 let fields = [
                     r.tenant.clone(),
                     r.legal_name.clone(),

@@ -26,6 +26,7 @@ backend_tests!(
     healthz_answers_ok,
     a_reimaged_host_reenrolled_with_a_new_key_reports_from_seq_1_again,
     refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_rejected,
+    unbounded_window_values_are_refused_naming_the_field,
 );
 
 async fn started(db: &TestDb) -> (Collector, kycd_protocol::PrivateJwk) {
@@ -479,5 +480,67 @@ async fn refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_re
         evaluate_store(s.as_ref(), settings, now + 3600).unwrap()
     });
     assert!(later.resolved.iter().any(|(_, k, _)| *k == FindingKind::ReportRejected), "{later:?}");
+    c.stop().await;
+}
+
+/// Issue 15 item 6: windows a host cannot have measured are refused with 400 InvalidRecord
+/// naming the field, and nothing of their batch is stored; merged records with valid values
+/// pass.
+async fn unbounded_window_values_are_refused_naming_the_field(db: TestDb) {
+    let (c, key) = started(&db).await;
+    let now = kycd_collector::server::unix_now();
+    let case = |f: fn(&mut UsageRecord)| {
+        let mut r = record(1);
+        f(&mut r);
+        vec![r]
+    };
+    let cases: Vec<(&str, Vec<UsageRecord>)> = vec![
+        ("estimated_ops 1e308", case(|r| r.window.estimated_ops = 1e308)),
+        ("peak_flops 1e308", case(|r| (r.window.peak_flops, r.window.estimated_ops) = (1e308, 1e308))),
+        ("end 16725225600", case(|r| (r.window.start, r.window.end) = (16_725_225_540, 16_725_225_600))),
+        ("end 9223372036854775807", case(|r| (r.window.start, r.window.end) = (i64::MAX - 60, i64::MAX))),
+        ("gpu_seconds 100000", case(|r| r.window.gpu_seconds = 1e5)),
+        ("gpu_seconds must be a finite number", case(|r| r.window.gpu_seconds = -1.0)),
+        ("estimated_ops must be a finite number", case(|r| r.window.estimated_ops = -1.0)),
+        ("peak_flops must be a finite number", case(|r| r.window.peak_flops = -1.0)),
+    ];
+    for (what, records) in cases {
+        let mut records = records;
+        records.push(record(2));
+        let reply = send(c.addr, &batch(HOST, records), &key).await;
+        assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"), "{what}: {:?}", reply.body);
+        let text = reply.body["error"].as_str().unwrap();
+        assert!(text.starts_with("record 0 (seq 1): ") && text.contains(what), "{what}: {text}");
+    }
+    assert!(c.ranges(HOST).is_empty(), "nothing of those batches is stored");
+
+    // A window ending a minute from now is a clock slightly ahead: taken.
+    let mut ahead = record(1);
+    (ahead.window.start, ahead.window.end) = (now, now + 60);
+    assert_eq!(send(c.addr, &batch(HOST, vec![ahead]), &key).await.acked(), 1);
+    // A merged record (the agent's spool near its cap) with valid values: taken.
+    let mut merged = record(2);
+    merged.last_seq = Some(31);
+    merged.window.start = base();
+    merged.window.end = base() + 30 * 60;
+    merged.window.merged_windows = 30;
+    merged.window.gpu_seconds = 30.0 * 480.0;
+    merged.window.estimated_ops = 30.0 * 1.5e17;
+    assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 31);
+
+    // Starts more than a week before its epoch's enrollment (the agent spools before the
+    // operator enrolls it: less than that is taken).
+    let late = host_key("host-late");
+    let (s, public) = (db.storage(), late.public_key());
+    off_runtime(move || s.enroll_host("host-late", &public, now).unwrap());
+    let mut spooled = record(1);
+    (spooled.window.start, spooled.window.end) = (now - 86_400, now - 86_400 + 60);
+    assert_eq!(send(c.addr, &batch("host-late", vec![spooled]), &late).await.acked(), 1);
+    let mut ancient = record(2);
+    (ancient.window.start, ancient.window.end) = (now - 8 * 86_400, now - 8 * 86_400 + 60);
+    let reply = send(c.addr, &batch("host-late", vec![ancient]), &late).await;
+    assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("start ") && text.contains("before the host's enrollment"), "{text}");
     c.stop().await;
 }

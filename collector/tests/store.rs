@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, NewFinding, TenantIdentity};
+use kycd_collector::ingest::Admission;
 use kycd_collector::policy::PublishedPolicy;
 use kycd_collector::statements::POLL_HISTORY_PER_HOST;
 use kycd_collector::store::REJECTIONS_PER_HOST;
@@ -34,13 +35,16 @@ backend_tests!(
     racing_raisers_raise_a_finding_once,
     tenant_identities_keep_the_newest,
     usage_aggregates_and_evidence,
+    totals_saturate_and_exports_never_print_null_or_inf,
     statements_status_history_and_removal,
     poll_history_is_bounded_per_host,
 );
 
 fn valid(records: Vec<UsageRecord>) -> Vec<ValidRecord> {
     let batch = batch("h", records);
-    kycd_collector::ingest::validate_batch(batch, &Limits::default()).unwrap()
+    // Received long after every window of these tests, from a host enrolled at time 0.
+    let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
+    kycd_collector::ingest::validate_batch(batch, &Limits::default(), admission).unwrap()
 }
 
 fn merged(seq: u64, last: u64) -> UsageRecord {
@@ -567,6 +571,7 @@ fn tenant_window(
         max_concurrent_gpus: gpus,
         estimated_ops: ops,
         peak_flops: flops,
+        gpu_seconds: f64::from(gpus) * len as f64,
         ..window(start)
     }
 }
@@ -584,11 +589,11 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
     off_runtime(|| {
         // Host a: three 60 s windows of t; host b: six 10 s windows of t in minute 1 and one
         // of u; an untenanted window.
-        let mut a: Vec<_> = (0..3).map(|m| tenant_window("t", t0 + 60 * m, 60, 1e18, 8e15, 8)).collect();
+        let mut a: Vec<_> = (0..3).map(|m| tenant_window("t", t0 + 60 * m, 60, 4e17, 8e15, 8)).collect();
         a.push(kycd_protocol::UsageWindow { tenant: None, ..window(t0) });
         store.insert_batch("a", 1, &batch_of(a), 1000).unwrap();
-        let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 2e17, 4e15, 2)).collect();
-        b.push(tenant_window("u", t0 + 600, 60, 5e17, 1e15, 1));
+        let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 4e16, 4e15, 2)).collect();
+        b.push(tenant_window("u", t0 + 600, 60, 5e16, 1e15, 1));
         store.insert_batch("b", 1, &batch_of(b), 2000).unwrap();
 
         let usage = store.tenant_usage(None, None).unwrap();
@@ -597,8 +602,8 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
         assert!((t.peak_flops / 12e15 - 1.0).abs() < 1e-9, "{t:?}");
         assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (t0 + 60, 2, 10, 9));
         assert_eq!((t.first_seen, t.last_seen), (t0, t0 + 180));
-        assert!((t.estimated_ops - 4.2e18).abs() < 1e6, "{t:?}");
-        assert!((t.gpu_seconds - 9.0 * 480.0).abs() < 1e-6, "{t:?}");
+        assert!((t.estimated_ops - 1.44e18).abs() < 1e6, "{t:?}");
+        assert!((t.gpu_seconds - (3.0 * 480.0 + 6.0 * 20.0)).abs() < 1e-6, "{t:?}");
         assert!(t.foreign_person);
         assert_eq!(t.ops_by_method.keys().collect::<Vec<_>>(), ["gpm_tensor"]);
         assert_eq!(store.tenant_usage(Some("u"), None).unwrap(), [usage[1].clone()]);
@@ -742,4 +747,65 @@ async fn poll_history_is_bounded_per_host(db: TestDb) {
         assert_eq!(store.host_poll_status().unwrap()[0].consecutive_failures, total);
         assert_eq!(store.poll_history("b", u32::MAX).unwrap().len(), 1, "other hosts keep theirs");
     });
+}
+
+/// Windows stored before ingest bounded their values (or written by hand) with values near
+/// `f64::MAX`: every total saturates at `f64::MAX` instead of becoming `inf`, and neither
+/// export format prints `null` or `inf` for a number.
+async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
+    let store = db.storage();
+    let t0 = 1_800_000_000 / 60 * 60;
+    off_runtime(|| {
+        let huge = |seq: u64| {
+            let mut w = tenant_window("t", t0, 60, 1e308, 1e308, 8);
+            w.gpu_seconds = 1e308;
+            let record = UsageRecord { seq, last_seq: None, window: w };
+            // Not through validation: ingest refuses these now.
+            ValidRecord { body_json: serde_json::to_string(&record).unwrap(), last_seq: seq, record }
+        };
+        store.insert_batch("a", 1, &[huge(1), huge(2), huge(3)], 1000).unwrap();
+        store.insert_batch("b", 1, &[huge(1)], 1000).unwrap();
+        let usage = store.tenant_usage(None, None).unwrap();
+        assert_eq!(usage.len(), 1);
+        let u = &usage[0];
+        assert_eq!((u.estimated_ops, u.gpu_seconds, u.peak_flops), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
+        assert!(u.gpu_hours().is_finite());
+        assert_eq!(u.ops_by_method["gpm_tensor"], f64::MAX);
+        assert_eq!(u.windows, 4);
+        let text = serde_json::to_string(u).unwrap();
+        assert!(!text.contains("null"), "{text}");
+
+        let rows = kycd_collector::export::rows(store.as_ref(), 0).unwrap();
+        assert_eq!(rows.len(), 1);
+        let json = kycd_collector::export::render(&rows, kycd_collector::export::Format::Json).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed[0]["estimated_ops"].as_f64(), Some(f64::MAX));
+        assert_eq!(parsed[0]["peak_flops"].as_f64(), Some(f64::MAX));
+        let csv = kycd_collector::export::render(&rows, kycd_collector::export::Format::Csv).unwrap();
+        assert_finite_csv_numbers(&csv);
+        assert!(csv.contains(",1.7976931348623157e308,"), "{csv}");
+        // Rows built by hand with non-finite numbers are rendered finite too.
+        let mut odd = rows[0].clone();
+        (odd.estimated_ops, odd.gpu_hours, odd.peak_flops) = (f64::INFINITY, f64::NAN, f64::NEG_INFINITY);
+        let json =
+            kycd_collector::export::render(&[odd.clone()], kycd_collector::export::Format::Json).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        let csv = kycd_collector::export::render(&[odd], kycd_collector::export::Format::Csv).unwrap();
+        assert_finite_csv_numbers(&csv);
+    });
+}
+
+/// The numeric columns of every CSV row (estimated_ops, gpu_hours, peak_flops) are finite
+/// numbers.
+fn assert_finite_csv_numbers(csv: &str) {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        for column in ["estimated_ops", "gpu_hours", "peak_flops"] {
+            let value = fields[header.iter().position(|h| *h == column).unwrap()];
+            assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{column} = {value:?} in {line}");
+        }
+    }
 }
