@@ -54,10 +54,10 @@ fn load(path: &std::path::Path, windows: u64) {
         {
             let mut insert = tx
                 .prepare_cached(
-                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
                            gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
                            foreign_person, merged_windows, body_json, received_at)
-                       VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, 480.0, 8, 8, ?7, 7.9e15, 'gpm_tensor', 1, ?8, 1, '{}', ?6)"#,
+                       VALUES (?1, 1, ?2, ?2, ?3, ?4, ?5, ?6, 480.0, 8, 8, ?7, 7.9e15, 'gpm_tensor', 1, ?8, 1, '{}', ?6)"#,
                 )
                 .unwrap();
             let host = format!("host-{h:04}");

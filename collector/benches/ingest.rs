@@ -37,6 +37,10 @@ use kycd_protocol::{
 
 const RECORDS_PER_BATCH: u64 = 1_000;
 const BATCHES: u64 = 30;
+/// The windows are from 2023 (1.7e9 on), the host enrolled at 0: received at 1.8e9 (as the
+/// pipeline is called) or now (over HTTP), every window passes the time bounds.
+const ADMISSION: kycd_collector::ingest::Admission =
+    kycd_collector::ingest::Admission { received_at: 1_800_000_000, enrolled_at: 0 };
 const ROUNDS: usize = 5;
 const HOST: &str = "bench-host";
 
@@ -90,8 +94,8 @@ fn record(seq: u64) -> UsageRecord {
             tenant: Some(format!("tenant-{}", seq % 97)),
             workload: format!("cgroup:/machine.slice/vm-{}.scope", seq % 13),
             foreign_person: seq % 3 == 0,
-            start: 1_800_000_000 + i64::try_from(seq).unwrap() * 60,
-            end: 1_800_000_060 + i64::try_from(seq).unwrap() * 60,
+            start: 1_700_000_000 + i64::try_from(seq).unwrap() * 60,
+            end: 1_700_000_060 + i64::try_from(seq).unwrap() * 60,
             gpu_seconds: 480.0,
             gpus: 8,
             max_concurrent_gpus: 8,
@@ -130,7 +134,7 @@ fn pipeline(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u
         ingestor.ingest(sig.as_bytes(), body, 1_800_000_000).unwrap();
     }
     let elapsed = t.elapsed();
-    assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
+    assert_eq!(store.acked_seq(HOST, 1).unwrap(), BATCHES * RECORDS_PER_BATCH);
     elapsed
 }
 
@@ -168,7 +172,7 @@ fn http(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, 
         elapsed
     });
     drop(runtime);
-    assert_eq!(store.acked_seq(HOST).unwrap(), BATCHES * RECORDS_PER_BATCH);
+    assert_eq!(store.acked_seq(HOST, 1).unwrap(), BATCHES * RECORDS_PER_BATCH);
     elapsed
 }
 
@@ -184,10 +188,10 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
     let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
     let insert = client
         .prepare(
-            r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
-                gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
-                foreign_person, merged_windows, body_json, received_at)
-            SELECT $1::text, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
+            r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                training_like, foreign_person, merged_windows, body_json, received_at)
+            SELECT $1::text, 1, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
                 $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
                 $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
                 $17::text[]) AS u"#,
@@ -258,10 +262,10 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
         {
             let mut insert = tx
                 .prepare_cached(
-                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                         training_like, foreign_person, merged_windows, body_json, received_at)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
+                       VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
                 )
                 .unwrap();
             for v in batch {
@@ -315,13 +319,13 @@ fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     let t = Instant::now();
     let valid: Vec<Vec<ValidRecord>> = parsed
         .into_iter()
-        .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default()).unwrap())
+        .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default(), ADMISSION).unwrap())
         .collect();
     let validate = per_batch(t);
     let store = backend.store("stages", key);
     let t = Instant::now();
     for v in &valid {
-        store.insert_batch(HOST, v, 0).unwrap();
+        store.insert_batch(HOST, 1, v, 0).unwrap();
     }
     let insert = per_batch(t);
     println!(
@@ -341,7 +345,7 @@ fn main() {
     let uploads: Vec<_> = batches.iter().map(|b| signed(b, &key)).collect();
     let rows: Vec<Vec<ValidRecord>> = batches
         .iter()
-        .map(|b| kycd_collector::ingest::validate_batch(b.clone(), &Limits::default()).unwrap())
+        .map(|b| kycd_collector::ingest::validate_batch(b.clone(), &Limits::default(), ADMISSION).unwrap())
         .collect();
     let compressed: usize = uploads.iter().map(|(b, _)| b.len()).sum();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -377,7 +377,9 @@ pub struct HostSummary {
     pub host_id: String,
     /// Enrolled at.
     pub enrolled_at: i64,
-    /// Highest contiguous stored seq.
+    /// Enrollment epoch of the current key.
+    pub epoch: u64,
+    /// Highest contiguous stored seq of the current epoch.
     pub acked_seq: u64,
     /// Last report stored.
     pub last_report_at: Option<i64>,
@@ -401,6 +403,7 @@ pub fn host_summaries(store: &dyn Storage) -> Result<Vec<HostSummary>, StoreErro
             dark: dark.contains(&h.host_id),
             host_id: h.host_id,
             enrolled_at: h.enrolled_at,
+            epoch: h.epoch,
             acked_seq: h.acked_seq,
         })
         .collect())

@@ -85,6 +85,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum HostsCommand {
     /// Enroll a host with its public Ed25519 JWK (as `kycctl host-key --public` prints it).
+    /// A key the host id never had starts a new enrollment epoch (a re-imaged host's agent
+    /// numbers its reports from 1 again); re-adding a key it had continues that key's epoch.
     Add {
         /// Host id (must equal the JWK's kid).
         #[arg(long)]
@@ -121,7 +123,8 @@ pub enum HostsCommand {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
-    /// Remove a host's enrollment (its stored records are kept).
+    /// Remove a host's enrollment (its stored records and enrollment history are kept; a later
+    /// `hosts add` with a new key starts the next epoch).
     Remove {
         /// Host id.
         #[arg(long)]
@@ -143,6 +146,11 @@ pub struct RuleArgs {
     /// version without a `policy_stale` finding (agents fetch on an interval).
     #[arg(long, default_value_t = 600)]
     pub policy_grace_s: i64,
+    /// A host with a report batch refused for good (409 SeqConflict, 400 InvalidRecord,
+    /// HostMismatch or Malformed after its signature verified) within this many seconds has a
+    /// `report_rejected` finding open.
+    #[arg(long, default_value_t = 86_400)]
+    pub rejected_window_s: i64,
 }
 
 impl RuleArgs {
@@ -151,6 +159,7 @@ impl RuleArgs {
         crate::findings::EvaluationSettings {
             dark_after_s: self.dark_after_s,
             policy_grace_s: self.policy_grace_s,
+            rejected_window_s: self.rejected_window_s,
         }
     }
 }
@@ -197,7 +206,7 @@ pub enum FindingsCommand {
         #[arg(long)]
         state: Option<String>,
         /// Only this kind (early_warning, training_threshold_crossed, cluster_capacity_crossed,
-        /// host_dark, policy_stale, enforcement_mismatch).
+        /// host_dark, policy_stale, enforcement_mismatch, report_rejected).
         #[arg(long)]
         kind: Option<String>,
         /// Only about this tenant.

@@ -6,12 +6,20 @@
 //! column lists every finding about the tenant raised since then, open or resolved. Times are
 //! RFC 3339 UTC. CSV follows RFC 4180 (header row, CRLF, quoted fields where needed); JSON is
 //! one array of objects with the same fields, countries and findings as arrays.
+//!
+//! **Formula injection.** Tenant ids come from attestations and legal names from host
+//! statements: text the provider does not control, opened in a spreadsheet by whoever
+//! prepares the filing. A CSV text cell that starts with `=`, `+`, `-`, `@`, a tab or a
+//! carriage return would be taken for a formula (`=HYPERLINK(…)`, `=cmd|…`), so such a cell
+//! is written with a leading `'` ([`neutralize`]), which spreadsheets show as text and do not
+//! evaluate (OWASP's CSV injection advice). Number cells are never prefixed. JSON is exact:
+//! it is data, not a sheet.
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::fleet::{FindingQuery, TenantUsage};
+use crate::fleet::{finite, FindingQuery, TenantUsage};
 use crate::store::{Storage, StoreError};
 
 /// Export formats.
@@ -110,9 +118,10 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
                     .map(|i| codes(&i.beneficial_owner_countries))
                     .unwrap_or_default(),
                 foreign_person: identity.map_or(u.foreign_person, |i| i.foreign_person),
-                estimated_ops: u.estimated_ops,
-                gpu_hours: u.gpu_hours(),
-                peak_flops: u.peak_flops,
+                // Finite whatever was stored: JSON would print a non-finite number as null.
+                estimated_ops: finite(u.estimated_ops),
+                gpu_hours: finite(u.gpu_hours()),
+                peak_flops: finite(u.peak_flops),
                 first_seen: rfc3339(u.first_seen),
                 last_seen: rfc3339(u.last_seen),
                 hosts: u.hosts,
@@ -139,6 +148,16 @@ pub const CSV_HEADER: [&str; 12] = [
     "findings",
 ];
 
+/// A text cell as a spreadsheet cannot take it for a formula: prefixed with `'` when it starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return.
+pub fn neutralize(value: &str) -> String {
+    if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    }
+}
+
 /// One CSV field, quoted when it holds a separator, quote or line break (RFC 4180).
 fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\r', '\n']) {
@@ -148,26 +167,41 @@ fn csv_field(value: &str) -> String {
     }
 }
 
+impl ExportRow {
+    /// The row with its numbers made finite ([`finite`]): serde_json writes a non-finite
+    /// number as `null`, and CSV would read `inf`.
+    fn with_finite_numbers(&self) -> ExportRow {
+        ExportRow {
+            estimated_ops: finite(self.estimated_ops),
+            gpu_hours: finite(self.gpu_hours),
+            peak_flops: finite(self.peak_flops),
+            ..self.clone()
+        }
+    }
+}
+
 /// Renders rows in `format`.
 pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::Error> {
+    let rows: Vec<ExportRow> = rows.iter().map(ExportRow::with_finite_numbers).collect();
     match format {
-        Format::Json => serde_json::to_string_pretty(rows).map(|s| s + "\n"),
+        Format::Json => serde_json::to_string_pretty(&rows).map(|s| s + "\n"),
         Format::Csv => {
             let mut out = CSV_HEADER.join(",") + "\r\n";
-            for r in rows {
+            for r in &rows {
+                // Text cells neutralised, numbers as they are.
                 let fields = [
-                    r.tenant.clone(),
-                    r.legal_name.clone(),
-                    r.countries.join(" "),
-                    r.beneficial_owner_countries.join(" "),
+                    neutralize(&r.tenant),
+                    neutralize(&r.legal_name),
+                    neutralize(&r.countries.join(" ")),
+                    neutralize(&r.beneficial_owner_countries.join(" ")),
                     r.foreign_person.to_string(),
                     format!("{:e}", r.estimated_ops),
                     format!("{:.3}", r.gpu_hours),
                     format!("{:e}", r.peak_flops),
-                    r.first_seen.clone(),
-                    r.last_seen.clone(),
+                    neutralize(&r.first_seen),
+                    neutralize(&r.last_seen),
                     r.hosts.to_string(),
-                    r.findings.join(" "),
+                    neutralize(&r.findings.join(" ")),
                 ];
                 out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
                 out.push_str("\r\n");
@@ -191,6 +225,62 @@ mod tests {
             assert!(parse_date(bad).is_err(), "{bad}");
         }
         assert_eq!(rfc3339(1_769_817_600), "2026-01-31T00:00:00Z");
+    }
+
+    fn row(tenant: &str, legal_name: &str) -> ExportRow {
+        ExportRow {
+            tenant: tenant.into(),
+            legal_name: legal_name.into(),
+            countries: vec!["SG".into()],
+            beneficial_owner_countries: vec![],
+            foreign_person: true,
+            estimated_ops: 1.5e20,
+            gpu_hours: 2.0,
+            peak_flops: 7.9e15,
+            first_seen: rfc3339(1_769_817_600),
+            last_seen: rfc3339(1_769_817_660),
+            hosts: 1,
+            findings: vec!["early_warning#3".into()],
+        }
+    }
+
+    /// Issue 15 item 7: cells a spreadsheet would evaluate are written as text in CSV; JSON
+    /// keeps the exact values.
+    #[test]
+    fn csv_neutralises_formula_cells_and_json_stays_exact() {
+        let hostile = [
+            ("=HYPERLINK(\"http://x\",\"y\")", "+SUM(A1:A9)"),
+            ("-2+3", "@SUM(1)"),
+            ("\t=1", "\r=1"),
+            ("=cmd|' /C calc'!A0", "Plain Ltd"),
+        ];
+        let rows: Vec<ExportRow> = hostile.iter().map(|(t, n)| row(t, n)).collect();
+        let csv = render(&rows, Format::Csv).unwrap();
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(
+            lines[1],
+            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3"#
+        );
+        assert!(lines[2].starts_with("'-2+3,'@SUM(1),SG,"), "{}", lines[2]);
+        assert!(lines[3].starts_with("'\t=1,\"'\r=1\",SG,"), "{:?}", lines[3]);
+        assert!(lines[4].starts_with("'=cmd|' /C calc'!A0,Plain Ltd,"), "{}", lines[4]);
+        // Every cell of every data row: none starts with a formula character.
+        for line in &lines[1..5] {
+            for cell in line.split(',') {
+                let cell = cell.trim_start_matches('"');
+                assert!(!cell.starts_with(['=', '+', '-', '@', '\t', '\r']), "{cell:?} in {line:?}");
+            }
+        }
+        // JSON: the values as they are.
+        let json = render(&rows, Format::Json).unwrap();
+        let parsed: Vec<ExportRow> = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed, rows);
+        assert_eq!(parsed[0].tenant, "=HYPERLINK(\"http://x\",\"y\")");
+        assert_eq!(parsed[2].legal_name, "\r=1");
+        // Ordinary values are untouched, numbers are never prefixed.
+        assert_eq!(neutralize("Acme GmbH"), "Acme GmbH");
+        assert_eq!(neutralize(""), "");
+        assert_eq!(neutralize("a=b"), "a=b");
     }
 
     #[test]

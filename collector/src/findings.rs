@@ -11,6 +11,15 @@
 //! | `host_dark` | no report and no poll answer for `dark_after_s` | host |
 //! | `policy_stale` | a statement taken after the grace period shows an older policy | host |
 //! | `enforcement_mismatch` | a statement allows a tenant a published prohibition matches | host/workload |
+//! | `report_rejected` | a batch of the host was refused for good within `rejected_window_s` | host |
+//!
+//! `report_rejected` makes lost usage visible at the collector: a batch that verified with the
+//! host's key and was then refused (`SeqConflict`, `InvalidRecord`, `HostMismatch`,
+//! `Malformed`) is set aside by the agent and never sent again, so its windows are missing
+//! from every total. The finding holds while the host's latest refusal is recent, so it is
+//! raised even when the host reports fine again right after (a condition of "refused more
+//! recently than stored" could come and go between two evaluations), and it resolves by
+//! itself once refusals stop; its evidence quotes the newest refusals.
 //!
 //! Tenant findings carry the tenant's foreign flag (from its attestation, via host statements,
 //! or from the reported windows when no statement named it yet): a reader of the regulation
@@ -31,7 +40,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::fleet::{
-    FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, TenantIdentity, TenantUsage,
+    FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
+    TenantUsage,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::store::{Storage, StoreError};
@@ -48,11 +58,14 @@ pub struct EvaluationSettings {
     /// Statements taken within this long after a policy was published may still show the
     /// previous version (agents fetch on an interval) without being stale.
     pub policy_grace_s: i64,
+    /// A host with a batch refused for good within this long has a `report_rejected`
+    /// finding open.
+    pub rejected_window_s: i64,
 }
 
 impl Default for EvaluationSettings {
     fn default() -> Self {
-        EvaluationSettings { dark_after_s: 180, policy_grace_s: 600 }
+        EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 86_400 }
     }
 }
 
@@ -69,6 +82,8 @@ pub struct HostView {
     pub last_poll_ok_at: Option<i64>,
     /// Its latest verified statement.
     pub statement: Option<HostStatementClaims>,
+    /// Its batches refused for good within the rejected window, if any.
+    pub rejected: Option<RejectionCount>,
 }
 
 /// The fleet's state, as the rules read it.
@@ -204,6 +219,26 @@ fn host_findings(state: &FleetState<'_>, host: &HostView, out: &mut Vec<NewFindi
             ),
             json!({"last_report_at": host.last_report_at, "last_poll_ok_at": host.last_poll_ok_at,
                    "enrolled_at": host.enrolled_at, "dark_after_s": settings.dark_after_s}),
+        ));
+    }
+
+    if let Some(rejected) =
+        host.rejected.as_ref().filter(|r| r.count > 0 && state.now - r.last_at <= settings.rejected_window_s)
+    {
+        out.push(host_finding(
+            FindingKind::ReportRejected,
+            host.host_id.clone(),
+            None,
+            None,
+            format!(
+                "host {}: {} report batch(es) refused for good within {}s (latest {}s ago): their usage is not counted",
+                host.host_id,
+                rejected.count,
+                settings.rejected_window_s,
+                state.now - rejected.last_at
+            ),
+            json!({"rejected_batches": rejected.count, "last_rejected_at": rejected.last_at,
+                   "rejected_window_s": settings.rejected_window_s}),
         ));
     }
 
@@ -429,6 +464,12 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
         if open_keys.contains(&(finding.kind, finding.subject.as_str())) {
             continue;
         }
+        if let (FindingKind::ReportRejected, Some(host)) = (finding.kind, finding.host_id.clone()) {
+            let rejections = store.rejections(&host, EVIDENCE_WINDOWS)?;
+            if let Some(map) = finding.evidence.as_object_mut() {
+                map.insert("rejections".into(), json!(rejections));
+            }
+        }
         if let Some(tenant) = finding.tenant.clone().filter(|_| finding.host_id.is_none()) {
             // Evidence is gathered only for a finding being raised: the windows that weigh
             // most and every host involved.
@@ -452,10 +493,20 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
     Ok(report)
 }
 
-/// The enrolled hosts as the rules see them: last report from the records, last verified
-/// poll answer and latest statement from the poller's store.
-pub fn host_views(store: &dyn Storage) -> Result<Vec<HostView>, StoreError> {
+/// The enrolled hosts as the rules see them at `now`: last report from the records, last
+/// verified poll answer and latest statement from the poller's store, batches refused within
+/// `settings.rejected_window_s`.
+pub fn host_views(
+    store: &dyn Storage,
+    settings: EvaluationSettings,
+    now: i64,
+) -> Result<Vec<HostView>, StoreError> {
     let last_report = store.last_report_at()?;
+    let mut rejected: BTreeMap<String, RejectionCount> = store
+        .rejection_counts(now.saturating_sub(settings.rejected_window_s))?
+        .into_iter()
+        .map(|r| (r.host_id.clone(), r))
+        .collect();
     let last_poll_ok: BTreeMap<String, i64> = store
         .host_poll_status()?
         .into_iter()
@@ -470,6 +521,7 @@ pub fn host_views(store: &dyn Storage) -> Result<Vec<HostView>, StoreError> {
             last_report_at: last_report.get(&h.host_id).copied(),
             last_poll_ok_at: last_poll_ok.get(&h.host_id).copied(),
             statement: statements.remove(&h.host_id),
+            rejected: rejected.remove(&h.host_id),
             host_id: h.host_id,
             enrolled_at: h.enrolled_at,
         })
@@ -482,7 +534,7 @@ pub fn evaluate_store(
     settings: EvaluationSettings,
     now: i64,
 ) -> Result<EvaluationReport, StoreError> {
-    let hosts = host_views(store)?;
+    let hosts = host_views(store, settings, now)?;
     evaluate(store, &hosts, settings, now)
 }
 
@@ -578,6 +630,7 @@ mod tests {
             enrolled_at: 0,
             last_report_at,
             last_poll_ok_at: None,
+            rejected: None,
             statement: Some(
                 serde_json::from_value(json!({"iss": "h", "iat": statement_iat, "exp": statement_iat + 60,
                     "nonce": "n", "agent_version": "1", "policy_version": version, "workloads": []}))
@@ -594,7 +647,7 @@ mod tests {
             usage: &[],
             identities: &identities,
             hosts,
-            settings: EvaluationSettings { dark_after_s: 180, policy_grace_s: 600 },
+            settings: EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 3600 },
         };
         desired_findings(&state).into_iter().map(|f| f.kind).collect()
     }

@@ -14,16 +14,42 @@
 //!   merged from several windows (spool pressure) counts once, in its first minute: it can
 //!   only under-state concurrency, never invent it.
 //! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
+//!
+//! Totals never overflow into something that is not a number: ingest bounds every window
+//! (`crate::ingest::check_window`), and the sums here saturate anyway (floats at `f64::MAX`,
+//! counts at their integer maximum; a NaN or negative stored value counts as 0), so a database
+//! written before those bounds, or edited by hand, cannot make a total `inf` (`null` in
+//! JSON, `inf` in CSV) or `NaN`.
 
 use std::collections::BTreeMap;
 
 use kycd_protocol::CountryCode;
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
+use crate::store::{Rejection, StoreError};
 
 /// Width of a concurrency bucket, seconds (the agents' window length).
 pub const CAPACITY_BUCKET_S: i64 = 60;
+
+/// `total + value`, saturating at `f64::MAX` (+inf included); a `value` that is NaN or
+/// negative (never stored by ingest) adds nothing. The result is always a finite number ≥ 0
+/// when `total` is.
+pub fn saturating_sum(total: f64, value: f64) -> f64 {
+    if value.is_nan() || value <= 0.0 {
+        return total;
+    }
+    (total + value).min(f64::MAX)
+}
+
+/// `value` as a finite number ≥ 0 (`f64::MAX` for +inf, 0 for NaN and below 0), for totals
+/// read back or computed elsewhere before they are rendered.
+pub fn finite(value: f64) -> f64 {
+    if value.is_nan() {
+        0.0
+    } else {
+        value.clamp(0.0, f64::MAX)
+    }
+}
 
 /// One tenant's usage, aggregated over every host and window stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,24 +158,25 @@ impl UsageAccumulator {
             last_seen: w.end,
             foreign_person: false,
         });
-        usage.estimated_ops += w.estimated_ops;
-        usage.gpu_seconds += w.gpu_seconds;
-        usage.windows += 1;
+        usage.estimated_ops = saturating_sum(usage.estimated_ops, w.estimated_ops);
+        usage.gpu_seconds = saturating_sum(usage.gpu_seconds, w.gpu_seconds);
+        usage.windows = usage.windows.saturating_add(1);
         usage.first_seen = usage.first_seen.min(w.start);
         usage.last_seen = usage.last_seen.max(w.end);
         usage.foreign_person |= w.foreign_person;
         if w.estimated_ops > 0.0 {
             match usage.ops_by_method.get_mut(w.method) {
-                Some(ops) => *ops += w.estimated_ops,
+                Some(ops) => *ops = saturating_sum(*ops, w.estimated_ops),
                 None => {
-                    usage.ops_by_method.insert(w.method.to_owned(), w.estimated_ops);
+                    usage.ops_by_method.insert(w.method.to_owned(), saturating_sum(0.0, w.estimated_ops));
                 }
             }
         }
         let gpus = t.host_gpus.entry(host).or_insert(0);
         *gpus = (*gpus).max(w.gpus);
-        let share = ((w.end - w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
-        *t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0) += w.peak_flops * share;
+        let share = (w.end.saturating_sub(w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
+        let bucket = t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0);
+        *bucket = saturating_sum(*bucket, w.peak_flops * share);
     }
 
     /// The per-tenant usage, by tenant id.
@@ -182,7 +209,9 @@ impl UsageAccumulator {
 pub struct WindowEvidence {
     /// Reporting host.
     pub host_id: String,
-    /// Its sequence number there.
+    /// The host's enrollment epoch it was reported in.
+    pub epoch: u64,
+    /// Its sequence number there (in that epoch).
     pub seq: u64,
     /// Window start.
     pub start: i64,
@@ -231,17 +260,21 @@ pub enum FindingKind {
     PolicyStale,
     /// The host allows a tenant the published policy prohibits.
     EnforcementMismatch,
+    /// Batches of the (authenticated) host were refused for good recently: usage it
+    /// measured is not in the collector's totals.
+    ReportRejected,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 6] = [
+    pub const ALL: [FindingKind; 7] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
         FindingKind::HostDark,
         FindingKind::PolicyStale,
         FindingKind::EnforcementMismatch,
+        FindingKind::ReportRejected,
     ];
 
     /// The wire and storage name.
@@ -253,6 +286,7 @@ impl FindingKind {
             FindingKind::HostDark => "host_dark",
             FindingKind::PolicyStale => "policy_stale",
             FindingKind::EnforcementMismatch => "enforcement_mismatch",
+            FindingKind::ReportRejected => "report_rejected",
         }
     }
 
@@ -375,6 +409,24 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Findings matching `query`, by id.
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+
+    /// Per host, the batches refused for good at or after `since` (see
+    /// [`crate::store::Rejection`]), by host id; hosts without any are absent.
+    fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError>;
+
+    /// The `limit` newest rejections of `host_id`, newest first.
+    fn rejections(&self, host_id: &str, limit: u32) -> Result<Vec<Rejection>, StoreError>;
+}
+
+/// How many batches of a host were refused for good since some time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionCount {
+    /// The host.
+    pub host_id: String,
+    /// Refused batches.
+    pub count: u64,
+    /// The latest refusal (Unix seconds).
+    pub last_at: i64,
 }
 
 #[cfg(test)]

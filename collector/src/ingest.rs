@@ -9,9 +9,24 @@
 //!    compromised host stops at the cap.
 //! 3. **Parse strictly** (duplicate keys, types, trailing data: [`parse_batch`]) into a
 //!    [`ReportBatch`] whose `host_id` must equal the signing `kid`.
-//! 4. **Validate every record** before storing any: one bad record rejects the batch.
-//! 5. **Store in one transaction**, idempotently on `(host_id, seq)`, and answer the host's
-//!    acked seq.
+//! 4. **Validate every record** before storing any: one bad record rejects the batch. Besides
+//!    its shape, every number of a window is bounded ([`check_window`]): a window ends no
+//!    later than the receive time plus [`Limits::max_clock_skew_s`] and starts no earlier
+//!    than its epoch's enrollment minus [`Limits::max_pre_enrollment_s`]; amounts are finite
+//!    and not negative; `peak_flops` is at most [`MAX_PEAK_FLOPS_PER_GPU`] per GPU;
+//!    `estimated_ops` at most `peak_flops` and `gpu_seconds` at most the GPUs over the
+//!    window's length (with [`RATE_TOLERANCE`] and [`TICK_SLACK_S`]). So no host can make a
+//!    total infinite or a filing period reach years away, whatever it sends.
+//! 5. **Store in one transaction**, idempotently on `(host_id, epoch, seq)`, and answer the
+//!    acked seq of `(host_id, epoch)`. The epoch is that of the enrolled key that verified
+//!    the signature ([`crate::store`]): a re-imaged host, re-enrolled with a new key, numbers
+//!    its records from 1 again without colliding with its old records.
+//!
+//! A batch that passed step 1 and is then refused for good (`Malformed`, `HostMismatch`,
+//! `InvalidRecord`, `SeqConflict`: the agent sets it aside and never sends it again) is
+//! recorded ([`crate::store::Rejection`]) so that the loss shows at the collector as a
+//! `report_rejected` finding. Unauthenticated requests are never recorded: they would let
+//! anyone fill the table.
 
 use std::io::Read as _;
 use std::sync::Arc;
@@ -19,7 +34,7 @@ use std::sync::Arc;
 use kycd_protocol::{b64, Jwks, ReportAck, ReportBatch, UsageRecord, UsageWindow, REPORT_SIGNATURE_TYP};
 use serde::Deserialize;
 
-use crate::store::{ReportStore, StoreError, ValidRecord};
+use crate::store::{Enrollment, Rejection, ReportStore, StoreError, ValidRecord};
 
 /// Longest identifier (workload, tenant, host id) accepted in a report.
 pub const MAX_ID_LEN: usize = kycd_protocol::MAX_ID_LEN;
@@ -28,8 +43,40 @@ pub const MAX_SIGNATURE_BYTES: usize = 8 * 1024;
 /// Seconds in a window are bounded (a window is normally 60 s; merged ones can be long,
 /// but not longer than ten years).
 pub const MAX_WINDOW_S: i64 = 10 * 365 * 24 * 3600;
+/// Default of [`Limits::max_clock_skew_s`]: how far after the receive time a window may end.
+/// Agents close a window at its end and send it after that, so only a clock running ahead
+/// of the collector's makes a window end in the future; NTP keeps hosts within
+/// milliseconds, and 5 minutes leaves room for a badly synchronised one without letting a
+/// window claim a time that has not come (year 2500, `i64::MAX`).
+pub const DEFAULT_MAX_CLOCK_SKEW_S: i64 = 300;
+/// Default of [`Limits::max_pre_enrollment_s`]: how long before its epoch's enrollment a
+/// window may start. An agent measures and spools from its first start, and the operator
+/// enrolls its key afterwards (`kycctl host-key --public` needs the key the agent created;
+/// a re-imaged host runs before it is re-enrolled); its spooled windows are legitimate. A
+/// week covers an enrollment done days later; earlier starts (1970, a year before the key
+/// existed) are refused.
+pub const DEFAULT_MAX_PRE_ENROLLMENT_S: i64 = 7 * 24 * 3600;
+/// Largest peak FLOP/s a window may claim per GPU (`gpus`, or `max_concurrent_gpus` if
+/// larger): 1e17 = 100 PFLOP/s, about 20 times the fastest GPU in the agent's peak table
+/// at FP8 dense (B200, 4.5e15; the agent reports BF16 dense, 2.25e15) and above any shipping
+/// GPU at any precision, sparse FP4 included. Without an absolute cap the ops bound below
+/// would follow whatever `peak_flops` a host claims, 1e308 included.
+pub const MAX_PEAK_FLOPS_PER_GPU: f64 = 1e17;
+/// Tolerance of the rate bounds: `estimated_ops ≤ peak_flops × (duration × 1.05 + 2 s)` and
+/// `gpu_seconds ≤ gpus × (duration × 1.05 + 2 s)`. The agent's point estimate is
+/// `peak × activity × dt` per tick with activity ≤ 1, so it cannot exceed `peak × dt` summed
+/// over the window's ticks; the ticks of a window can begin up to one tick (≤ 2 s, two
+/// intervals at the default 1 s sampling) before its start, which [`TICK_SLACK_S`] covers for
+/// a short (flushed) window and 5 % covers per window in merged ones (≤ 2 s per 60 s window is
+/// 3.3 %), with room for float rounding. The bound is against `peak_flops`, the dense peak the
+/// agent reports: the upcoming precision-aware `ops_upper`, computed at the fastest precision,
+/// can legitimately exceed it and needs its own bound (e.g. against `gpus ×`
+/// [`MAX_PEAK_FLOPS_PER_GPU`]); this one applies to the point estimate only.
+pub const RATE_TOLERANCE: f64 = 1.05;
+/// Seconds added to a window's length in the rate bounds (see [`RATE_TOLERANCE`]).
+pub const TICK_SLACK_S: f64 = 2.0;
 
-/// Size limits of one upload.
+/// Size and time limits of one upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest compressed request body.
@@ -38,12 +85,34 @@ pub struct Limits {
     pub max_decompressed_bytes: usize,
     /// Most records in one batch.
     pub max_records: usize,
+    /// A window may end at most this many seconds after the receive time
+    /// ([`DEFAULT_MAX_CLOCK_SKEW_S`]).
+    pub max_clock_skew_s: i64,
+    /// A window may start at most this many seconds before its epoch's enrollment
+    /// ([`DEFAULT_MAX_PRE_ENROLLMENT_S`]).
+    pub max_pre_enrollment_s: i64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 4 << 20, max_decompressed_bytes: 16 << 20, max_records: 10_000 }
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_decompressed_bytes: 16 << 20,
+            max_records: 10_000,
+            max_clock_skew_s: DEFAULT_MAX_CLOCK_SKEW_S,
+            max_pre_enrollment_s: DEFAULT_MAX_PRE_ENROLLMENT_S,
+        }
     }
+}
+
+/// When a batch arrives and for which enrollment: what its windows' times are checked
+/// against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// The receive time (Unix seconds, the collector's clock).
+    pub received_at: i64,
+    /// When the epoch of the key that signed the batch began ([`Enrollment::enrolled_at`]).
+    pub enrolled_at: i64,
 }
 
 /// Why an upload was rejected. [`IngestError::kind`] is the `kind` of the JSON error body.
@@ -108,6 +177,13 @@ impl IngestError {
             IngestError::Store(_) => "Internal",
         }
     }
+
+    /// Whether this refusal of an authenticated batch is permanent (the agent sets the batch
+    /// aside and does not send it again), so it is recorded as a [`Rejection`]. `TooLarge`
+    /// is not: the agent halves the batch and sends it again.
+    pub fn is_recorded_refusal(&self) -> bool {
+        matches!(self.kind(), "Malformed" | "HostMismatch" | "InvalidRecord" | "SeqConflict")
+    }
 }
 
 /// A stored batch.
@@ -117,6 +193,15 @@ pub struct Ingested {
     pub ack: ReportAck,
     /// Records in the batch (stored now or before).
     pub records: usize,
+    /// The enrollment epoch it was stored under.
+    pub epoch: u64,
+}
+
+/// The first and last sequence numbers a batch covers (`None` for an empty batch).
+fn batch_seqs(batch: &ReportBatch) -> Option<(u64, u64)> {
+    let first = batch.records.iter().map(|r| r.seq).min()?;
+    let last = batch.records.iter().map(|r| r.last_seq.unwrap_or(r.seq).max(r.seq)).max()?;
+    Some((first, last))
 }
 
 /// The ingest pipeline over one store.
@@ -162,7 +247,8 @@ fn check_amount(name: &str, value: f64) -> Result<(), String> {
     Ok(())
 }
 
-fn check_window(w: &UsageWindow) -> Result<(), String> {
+/// Checks one window's fields and bounds (see the module docs); the message names the field.
+pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> Result<(), String> {
     check_id(&w.workload).map_err(|e| format!("workload {e}"))?;
     if let Some(tenant) = &w.tenant {
         check_id(tenant).map_err(|e| format!("tenant {e}"))?;
@@ -176,18 +262,64 @@ fn check_window(w: &UsageWindow) -> Result<(), String> {
     if w.end - w.start > MAX_WINDOW_S {
         return Err(format!("window longer than {MAX_WINDOW_S} s"));
     }
+    let latest_end = admission.received_at.saturating_add(limits.max_clock_skew_s);
+    if w.end > latest_end {
+        return Err(format!(
+            "end {} is more than {} s after the receive time {}",
+            w.end, limits.max_clock_skew_s, admission.received_at
+        ));
+    }
+    let earliest_start = admission.enrolled_at.saturating_sub(limits.max_pre_enrollment_s);
+    if w.start < earliest_start {
+        return Err(format!(
+            "start {} is more than {} s before the host's enrollment at {}",
+            w.start, limits.max_pre_enrollment_s, admission.enrolled_at
+        ));
+    }
     check_amount("gpu_seconds", w.gpu_seconds)?;
     check_amount("estimated_ops", w.estimated_ops)?;
     check_amount("peak_flops", w.peak_flops)?;
     if w.merged_windows == 0 {
         return Err("merged_windows must be >= 1".into());
     }
+    let gpus = f64::from(w.gpus.max(w.max_concurrent_gpus));
+    let max_peak = gpus * MAX_PEAK_FLOPS_PER_GPU;
+    if w.peak_flops > max_peak {
+        return Err(format!(
+            "peak_flops {:e} exceeds {MAX_PEAK_FLOPS_PER_GPU:e} FLOP/s per GPU for {gpus} GPUs",
+            w.peak_flops
+        ));
+    }
+    // Whole seconds of a window of at most MAX_WINDOW_S: exact in an f64.
+    let seconds = (w.end - w.start) as f64 * RATE_TOLERANCE + TICK_SLACK_S;
+    let max_ops = w.peak_flops * seconds;
+    if w.estimated_ops > max_ops {
+        return Err(format!(
+            "estimated_ops {:e} exceeds peak_flops × duration ({:e} FLOP/s × {} s × {RATE_TOLERANCE} + {TICK_SLACK_S} s = {max_ops:e})",
+            w.estimated_ops,
+            w.peak_flops,
+            w.end - w.start
+        ));
+    }
+    let max_gpu_seconds = gpus * seconds;
+    if w.gpu_seconds > max_gpu_seconds {
+        return Err(format!(
+            "gpu_seconds {} exceeds gpus × duration ({gpus} × {} s × {RATE_TOLERANCE} + {TICK_SLACK_S} s = {max_gpu_seconds})",
+            w.gpu_seconds,
+            w.end - w.start
+        ));
+    }
     Ok(())
 }
 
 /// Validates one record after `previous_last` (the last seq of the record before it, 0 for
 /// the first); returns its last seq.
-fn check_record(record: &UsageRecord, previous_last: u64) -> Result<u64, String> {
+fn check_record(
+    record: &UsageRecord,
+    previous_last: u64,
+    limits: &Limits,
+    admission: Admission,
+) -> Result<u64, String> {
     let max = u64::try_from(i64::MAX).unwrap_or(u64::MAX);
     if record.seq == 0 {
         return Err("seq must be >= 1".into());
@@ -204,12 +336,17 @@ fn check_record(record: &UsageRecord, previous_last: u64) -> Result<u64, String>
             "records must be in increasing, non-overlapping seq order (previous ends at {previous_last})"
         ));
     }
-    check_window(&record.window)?;
+    check_window(&record.window, limits, admission)?;
     Ok(last)
 }
 
-/// Validates a parsed batch, turning it into records ready to store.
-pub fn validate_batch(batch: ReportBatch, limits: &Limits) -> Result<Vec<ValidRecord>, IngestError> {
+/// Validates a parsed batch received as `admission` says, turning it into records ready to
+/// store.
+pub fn validate_batch(
+    batch: ReportBatch,
+    limits: &Limits,
+    admission: Admission,
+) -> Result<Vec<ValidRecord>, IngestError> {
     if batch.records.len() > limits.max_records {
         return Err(IngestError::TooLarge { what: "record count", limit: limits.max_records });
     }
@@ -217,7 +354,7 @@ pub fn validate_batch(batch: ReportBatch, limits: &Limits) -> Result<Vec<ValidRe
     let mut out = Vec::with_capacity(batch.records.len());
     for (index, record) in batch.records.into_iter().enumerate() {
         let invalid = |reason| IngestError::InvalidRecord { index, seq: record.seq, reason };
-        let last_seq = check_record(&record, previous_last).map_err(invalid)?;
+        let last_seq = check_record(&record, previous_last, limits, admission).map_err(invalid)?;
         previous_last = last_seq;
         let body_json = serde_json::to_string(&record).map_err(|e| IngestError::InvalidRecord {
             index,
@@ -282,21 +419,56 @@ impl Ingestor {
         }
         let kid = claimed_kid(signature)
             .ok_or_else(|| IngestError::BadSignature("no readable kid in the signature header".into()))?;
-        let key = self.store.host_key(&kid)?.ok_or_else(|| IngestError::UnknownHost(kid.clone()))?;
-        let jwks = Jwks::from_keys([key]).map_err(|e| IngestError::BadSignature(e.to_string()))?;
+        let enrollment = self.store.enrollment(&kid)?.ok_or_else(|| IngestError::UnknownHost(kid.clone()))?;
+        let jwks = Jwks::from_keys([enrollment.public_key.clone()])
+            .map_err(|e| IngestError::BadSignature(e.to_string()))?;
         let header = kycd_protocol::verify_detached(signature, body, &jwks, REPORT_SIGNATURE_TYP)
             .map_err(|e| IngestError::BadSignature(format!("{}: {e}", e.kind())))?;
         if header.alg != kycd_protocol::Algorithm::EdDSA {
             return Err(IngestError::BadSignature("host reports must be signed with EdDSA".into()));
         }
+        // Authenticated: from here on a permanent refusal is recorded.
+        let mut seqs = None;
+        let result = self.ingest_authenticated(&header.kid, &enrollment, body, now, &mut seqs);
+        if let Err(e) = &result {
+            if e.is_recorded_refusal() {
+                let rejection = Rejection {
+                    host_id: header.kid.clone(),
+                    epoch: enrollment.epoch,
+                    kind: e.kind().to_owned(),
+                    detail: e.to_string(),
+                    seqs,
+                    rejected_at: now,
+                };
+                if let Err(store) = self.store.record_rejection(&rejection) {
+                    tracing::warn!(host = %header.kid, epoch = enrollment.epoch, kind = e.kind(), error = %store,
+                        "cannot record a rejected batch");
+                }
+            }
+        }
+        result
+    }
+
+    /// Steps 2 to 5 for a batch whose signature verified with `enrollment`'s key; `seqs` is
+    /// set to the batch's seq range once it parses.
+    fn ingest_authenticated(
+        &self,
+        host_id: &str,
+        enrollment: &Enrollment,
+        body: &[u8],
+        now: i64,
+        seqs: &mut Option<(u64, u64)>,
+    ) -> Result<Ingested, IngestError> {
         let json = gunzip_capped(body, self.limits.max_decompressed_bytes)?;
         let batch = parse_batch(&json)?;
-        if batch.host_id != header.kid {
-            return Err(IngestError::HostMismatch { kid: header.kid, batch: batch.host_id });
+        *seqs = batch_seqs(&batch);
+        if batch.host_id != host_id {
+            return Err(IngestError::HostMismatch { kid: host_id.to_owned(), batch: batch.host_id });
         }
-        let records = validate_batch(batch, &self.limits)?;
-        let acked_seq = self.store.insert_batch(&header.kid, &records, now)?;
-        Ok(Ingested { ack: ReportAck { acked_seq }, records: records.len() })
+        let admission = Admission { received_at: now, enrolled_at: enrollment.enrolled_at };
+        let records = validate_batch(batch, &self.limits, admission)?;
+        let acked_seq = self.store.insert_batch(host_id, enrollment.epoch, &records, now)?;
+        Ok(Ingested { ack: ReportAck { acked_seq }, records: records.len(), epoch: enrollment.epoch })
     }
 }
 
@@ -316,26 +488,33 @@ mod tests {
             gpus: 1,
             max_concurrent_gpus: 1,
             estimated_ops: 1.0,
-            peak_flops: 1.0,
+            peak_flops: 1.0e15,
             method: EstimationMethod::Unknown,
             training_like: false,
             merged_windows: 1,
         }
     }
 
+    /// Received at 1000, enrolled at 0: windows may end up to 1300 and start from -604800.
+    const AT: Admission = Admission { received_at: 1000, enrolled_at: 0 };
+
+    fn check(record: &UsageRecord, previous_last: u64) -> Result<u64, String> {
+        check_record(record, previous_last, &Limits::default(), AT)
+    }
+
     #[test]
     fn record_rules() {
         let ok = UsageRecord { seq: 1, last_seq: None, window: window() };
-        assert_eq!(check_record(&ok, 0), Ok(1));
-        assert!(check_record(&ok, 1).is_err(), "not increasing");
-        assert!(check_record(&UsageRecord { seq: 0, ..ok.clone() }, 0).is_err());
-        assert!(check_record(&UsageRecord { seq: 5, last_seq: Some(4), ..ok.clone() }, 0).is_err());
-        assert_eq!(check_record(&UsageRecord { seq: 5, last_seq: Some(9), ..ok.clone() }, 4), Ok(9));
-        assert!(check_record(&UsageRecord { seq: u64::MAX, ..ok.clone() }, 0).is_err());
+        assert_eq!(check(&ok, 0), Ok(1));
+        assert!(check(&ok, 1).is_err(), "not increasing");
+        assert!(check(&UsageRecord { seq: 0, ..ok.clone() }, 0).is_err());
+        assert!(check(&UsageRecord { seq: 5, last_seq: Some(4), ..ok.clone() }, 0).is_err());
+        assert_eq!(check(&UsageRecord { seq: 5, last_seq: Some(9), ..ok.clone() }, 4), Ok(9));
+        assert!(check(&UsageRecord { seq: u64::MAX, ..ok.clone() }, 0).is_err());
         let bad = |f: fn(&mut UsageWindow)| {
             let mut w = window();
             f(&mut w);
-            check_record(&UsageRecord { seq: 1, last_seq: None, window: w }, 0).is_err()
+            check(&UsageRecord { seq: 1, last_seq: None, window: w }, 0).is_err()
         };
         assert!(bad(|w| w.end = w.start));
         assert!(bad(|w| w.start = -1));
@@ -346,6 +525,93 @@ mod tests {
         assert!(bad(|w| w.workload = "x".repeat(MAX_ID_LEN + 1)));
         assert!(bad(|w| w.tenant = Some(String::new())));
         assert!(bad(|w| w.merged_windows = 0));
+    }
+
+    /// The message of the first rule `f` breaks.
+    fn refusal(f: impl FnOnce(&mut UsageWindow)) -> String {
+        let mut w = window();
+        f(&mut w);
+        check_window(&w, &Limits::default(), AT).expect_err("refused")
+    }
+
+    /// Issue 15 item 6: every number of a window is bounded, and the message names the field.
+    #[test]
+    fn window_values_are_bounded() {
+        // Times: no later than the receive time + skew, no earlier than enrollment - a week.
+        assert!(
+            check_window(&UsageWindow { start: 1240, end: 1300, ..window() }, &Limits::default(), AT).is_ok()
+        );
+        assert!(refusal(|w| (w.start, w.end) = (1241, 1301)).starts_with("end 1301 is more than 300 s after"));
+        for end in [16_725_225_600, i64::MAX] {
+            // Year 2500 and the largest time.
+            assert!(refusal(|w| (w.start, w.end) = (end - 60, end)).starts_with(&format!("end {end} ")));
+        }
+        let enrolled = Admission { received_at: 10_000_000, enrolled_at: 5_000_000 };
+        let at = |start: i64| {
+            check_window(&UsageWindow { start, end: start + 60, ..window() }, &Limits::default(), enrolled)
+        };
+        assert!(at(5_000_000 - DEFAULT_MAX_PRE_ENROLLMENT_S).is_ok(), "spooled before enrollment");
+        let e = at(5_000_000 - DEFAULT_MAX_PRE_ENROLLMENT_S - 1).unwrap_err();
+        assert!(e.starts_with("start 4395199 is more than 604800 s before the host's enrollment"), "{e}");
+        // Amounts: finite and not negative.
+        for (field, f) in [
+            ("gpu_seconds", (|w| w.gpu_seconds = f64::INFINITY) as fn(&mut UsageWindow)),
+            ("gpu_seconds", |w| w.gpu_seconds = -1.0),
+            ("estimated_ops", |w| w.estimated_ops = f64::NAN),
+            ("estimated_ops", |w| w.estimated_ops = -1.0),
+            ("peak_flops", |w| w.peak_flops = f64::INFINITY),
+            ("peak_flops", |w| w.peak_flops = -0.5),
+        ] {
+            assert!(refusal(f).starts_with(field), "{field}");
+        }
+        // estimated_ops = 1e308 with a plausible peak; and with a peak claiming as much.
+        let e = refusal(|w| w.estimated_ops = 1e308);
+        assert!(e.starts_with("estimated_ops 1e308 exceeds peak_flops × duration"), "{e}");
+        let e = refusal(|w| (w.estimated_ops, w.peak_flops) = (1e308, 1e307));
+        assert!(e.starts_with("peak_flops 1e307 exceeds 1e17 FLOP/s per GPU for 1 GPUs"), "{e}");
+        // The rate bounds, at their edges: 60 s × 1.05 + 2 s = 65 s of peak, of each GPU.
+        let fits = |w: UsageWindow| check_window(&w, &Limits::default(), AT);
+        let w = UsageWindow { peak_flops: 1e15, gpus: 2, max_concurrent_gpus: 2, ..window() };
+        assert!(fits(UsageWindow { estimated_ops: 65e15, gpu_seconds: 130.0, ..w.clone() }).is_ok());
+        assert!(refusal(|x| {
+            *x = UsageWindow { estimated_ops: 65.1e15, ..w.clone() };
+        })
+        .starts_with("estimated_ops "));
+        assert!(refusal(|x| {
+            *x = UsageWindow { gpu_seconds: 130.1, ..w.clone() };
+        })
+        .starts_with("gpu_seconds 130.1 exceeds gpus × duration"));
+        assert!(fits(UsageWindow { peak_flops: 2e17, ..w.clone() }).is_ok(), "1e17 per GPU, 2 GPUs");
+        assert!(refusal(|x| *x = UsageWindow { peak_flops: 2.1e17, ..w.clone() }).starts_with("peak_flops "));
+        // Old records without max_concurrent_gpus, and no peak known (method unknown): no ops.
+        assert!(fits(UsageWindow {
+            max_concurrent_gpus: 0,
+            estimated_ops: 0.0,
+            peak_flops: 0.0,
+            ..w.clone()
+        })
+        .is_ok());
+        assert!(refusal(|x| *x = UsageWindow { estimated_ops: 1.0, peak_flops: 0.0, ..w.clone() })
+            .starts_with("estimated_ops "));
+        // A merged record (the spool near its cap): 30 windows of one workload folded, peak and
+        // GPUs the max, ops and GPU-seconds summed, start the min, end the max.
+        let merged = UsageRecord {
+            seq: 10,
+            last_seq: Some(39),
+            window: UsageWindow {
+                start: 0,
+                end: 1800,
+                gpus: 8,
+                max_concurrent_gpus: 8,
+                gpu_seconds: 30.0 * 8.0 * 61.0,
+                peak_flops: 8.0 * 989.4e12,
+                estimated_ops: 30.0 * 0.9 * 8.0 * 989.4e12 * 61.0,
+                merged_windows: 30,
+                ..window()
+            },
+        };
+        let later = Admission { received_at: 2000, enrolled_at: 0 };
+        assert_eq!(check_record(&merged, 9, &Limits::default(), later), Ok(39));
     }
 
     #[test]

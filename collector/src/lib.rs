@@ -1,7 +1,8 @@
 //! kycd's collector: receives the usage reports hosts upload (`POST /v1/reports`), checks
 //! that each batch is signed by the enrolled key of the host it names, and stores its
-//! records idempotently on `(host_id, seq)`, answering the highest contiguous stored seq so
-//! the host's agent can trim its spool.
+//! records idempotently on `(host_id, epoch, seq)` (the epoch: which enrolled key of the host
+//! id signed it, see [`store`]), answering the highest contiguous stored seq so the host's
+//! agent can trim its spool.
 //!
 //! - [`ingest`]: the verify → decompress → parse → validate → store pipeline.
 //! - [`server`]: the HTTP server ([`server::run`] takes the listener and shutdown token).
@@ -45,7 +46,9 @@ pub use sqlite::SqliteStore;
 pub use statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
 };
-pub use store::{open_store, HostEntry, ReportStore, Storage, StoreError, ValidRecord};
+pub use store::{
+    open_store, Enrollment, HostEntry, Rejection, ReportStore, Storage, StoreError, ValidRecord,
+};
 
 /// The PostgreSQL test cluster of the integration tests, for the unit tests too.
 #[cfg(test)]

@@ -154,11 +154,11 @@ fn hosts(command: HostsCommand) -> anyhow::Result<()> {
                 kycd_collector::poll::check_agent_url(url, true)?;
             }
             let store = open(&db, true)?;
-            store.enroll_host(&host_id, &key, now())?;
+            let epoch = store.enroll_host(&host_id, &key, now())?;
             if let Some(url) = &agent_url {
                 set_agent_url(store.as_ref(), &host_id, Some(url))?;
             }
-            println!("enrolled {host_id}");
+            println!("enrolled {host_id} (enrollment epoch {epoch})");
         }
         HostsCommand::SetAgentUrl { host_id, url, clear, db } => {
             let url = if clear { None } else { url };
@@ -186,9 +186,10 @@ fn hosts(command: HostsCommand) -> anyhow::Result<()> {
                     _ => "never_polled".to_owned(),
                 };
                 println!(
-                    "{}\t{}\tacked_seq={}\tagent_url={url}\t{poll}\t{}",
+                    "{}\t{}\tepoch={}\tacked_seq={}\tagent_url={url}\t{poll}\t{}",
                     host.host_id,
                     host.enrolled_at,
+                    host.epoch,
                     host.acked_seq,
                     host.public_key.to_jwk()
                 );

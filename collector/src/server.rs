@@ -109,7 +109,13 @@ async fn post_reports(
     let result = tokio::task::spawn_blocking(move || pipeline.ingest(&signature, &body, now())).await;
     match result {
         Ok(Ok(ingested)) => {
-            debug!(host, records = ingested.records, acked_seq = ingested.ack.acked_seq, "report stored");
+            debug!(
+                host,
+                epoch = ingested.epoch,
+                records = ingested.records,
+                acked_seq = ingested.ack.acked_seq,
+                "report stored"
+            );
             Json(ingested.ack).into_response()
         }
         Ok(Err(e)) => error_response(&e, host),

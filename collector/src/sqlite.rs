@@ -27,7 +27,9 @@ use std::time::Duration;
 use kycd_protocol::{EstimationMethod, PublicKey};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use crate::store::{HostEntry, ReportStore, StoreError, ValidRecord};
+use crate::store::{
+    Enrollment, HostEntry, Rejection, ReportStore, StoreError, ValidRecord, REJECTIONS_PER_HOST,
+};
 
 /// How long a writer waits for another process's lock before the call fails as busy.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,7 +118,90 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
     // 4: agent polling (see crate::sqlite_statements).
     crate::sqlite_statements::MIGRATION_POLLING,
+    // 5: enrollment epochs and rejected batches.
+    MIGRATION_EPOCHS,
 ];
+
+/// Step 5: enrollment epochs (see [`crate::store`]) and rejected batches.
+///
+/// - `hosts.epoch`: the epoch of the current enrollment; `enrollments`: every (host id,
+///   epoch) ever enrolled, with its key and when the epoch began. Existing enrollments
+///   become epoch 1.
+/// - `records` and `host_progress` are keyed by `(host_id, epoch, seq)` and
+///   `(host_id, epoch)`; existing rows are epoch 1. SQLite cannot drop a UNIQUE constraint,
+///   so `records` is rebuilt (copied in rowid order, one pass; a large database takes a
+///   while once, inside the migration's transaction).
+/// - `rejections`: permanently refused batches of authenticated hosts.
+pub const MIGRATION_EPOCHS: &str = r#"
+    ALTER TABLE hosts ADD COLUMN epoch INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE enrollments (
+        host_id     TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        public_jwk  TEXT NOT NULL,
+        enrolled_at INTEGER NOT NULL,
+        PRIMARY KEY (host_id, epoch)
+    ) STRICT;
+    INSERT INTO enrollments (host_id, epoch, public_jwk, enrolled_at)
+        SELECT host_id, 1, public_jwk, enrolled_at FROM hosts;
+
+    CREATE TABLE records_v5 (
+        host_id             TEXT NOT NULL,
+        epoch               INTEGER NOT NULL,
+        seq                 INTEGER NOT NULL,
+        last_seq            INTEGER NOT NULL,
+        tenant              TEXT,
+        workload            TEXT NOT NULL,
+        start               INTEGER NOT NULL,
+        "end"               INTEGER NOT NULL,
+        gpu_seconds         REAL NOT NULL,
+        gpus                INTEGER NOT NULL,
+        max_concurrent_gpus INTEGER NOT NULL,
+        estimated_ops       REAL NOT NULL,
+        peak_flops          REAL NOT NULL,
+        method              TEXT NOT NULL,
+        training_like       INTEGER NOT NULL,
+        foreign_person      INTEGER NOT NULL,
+        merged_windows      INTEGER NOT NULL,
+        body_json           TEXT NOT NULL,
+        received_at         INTEGER NOT NULL,
+        UNIQUE (host_id, epoch, seq)
+    ) STRICT;
+    INSERT INTO records_v5 (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
+        foreign_person, merged_windows, body_json, received_at)
+    SELECT host_id, 1, seq, last_seq, tenant, workload, start, "end", gpu_seconds, gpus,
+        max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
+        merged_windows, body_json, received_at
+    FROM records ORDER BY rowid;
+    DROP TABLE records;
+    ALTER TABLE records_v5 RENAME TO records;
+    CREATE INDEX records_tenant_start ON records (tenant, start);
+    CREATE INDEX records_host_received ON records (host_id, received_at);
+
+    CREATE TABLE host_progress_v5 (
+        host_id   TEXT NOT NULL,
+        epoch     INTEGER NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host_id, epoch)
+    ) STRICT;
+    INSERT INTO host_progress_v5 (host_id, epoch, acked_seq)
+        SELECT host_id, 1, acked_seq FROM host_progress;
+    DROP TABLE host_progress;
+    ALTER TABLE host_progress_v5 RENAME TO host_progress;
+
+    CREATE TABLE rejections (
+        id          INTEGER PRIMARY KEY,
+        host_id     TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        first_seq   INTEGER,
+        last_seq    INTEGER,
+        rejected_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX rejections_host ON rejections (host_id, id);
+    CREATE INDEX rejections_at ON rejections (rejected_at);
+"#;
 
 /// The SQLite store.
 #[derive(Debug)]
@@ -217,18 +302,19 @@ impl SqliteStore {
     }
 }
 
-/// Advances the cached acked seq of `host_id` over contiguous stored ranges; returns it.
-/// `batch` are the ranges just stored (by seq): the walk first crosses them in memory, and
-/// only then reads on from the table (where earlier out-of-order batches may continue it),
-/// so a batch that extends the prefix costs one index probe, not a row read per record.
+/// Advances the cached acked seq of `(host_id, epoch)` over contiguous stored ranges; returns
+/// it. `batch` are the ranges just stored (by seq): the walk first crosses them in memory,
+/// and only then reads on from the table (where earlier out-of-order batches may continue
+/// it), so a batch that extends the prefix costs one index probe, not a row read per record.
 fn advance_ack(
     tx: &rusqlite::Transaction<'_>,
     host_id: &str,
+    epoch: i64,
     batch: &[ValidRecord],
 ) -> Result<u64, StoreError> {
     let cached: Option<i64> = tx
-        .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1")
-        .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+        .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1 AND epoch = ?2")
+        .and_then(|mut s| s.query_row(params![host_id, epoch], |r| r.get(0)).optional())
         .map_err(db_error)?;
     let mut acked = cached.unwrap_or(0);
     for valid in batch {
@@ -240,9 +326,12 @@ fn advance_ack(
     }
     {
         let mut stmt = tx
-            .prepare_cached("SELECT seq, last_seq FROM records WHERE host_id = ?1 AND seq > ?2 ORDER BY seq")
+            .prepare_cached(
+                "SELECT seq, last_seq FROM records WHERE host_id = ?1 AND epoch = ?2 AND seq > ?3
+                 ORDER BY seq",
+            )
             .map_err(db_error)?;
-        let mut rows = stmt.query(params![host_id, acked]).map_err(db_error)?;
+        let mut rows = stmt.query(params![host_id, epoch, acked]).map_err(db_error)?;
         while let Some(row) = rows.next().map_err(db_error)? {
             let seq: i64 = row.get(0).map_err(db_error)?;
             if seq != acked.saturating_add(1) {
@@ -253,42 +342,120 @@ fn advance_ack(
     }
     if cached != Some(acked) {
         tx.prepare_cached(
-            "INSERT INTO host_progress (host_id, acked_seq) VALUES (?1, ?2)
-             ON CONFLICT (host_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+            "INSERT INTO host_progress (host_id, epoch, acked_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (host_id, epoch) DO UPDATE SET acked_seq = excluded.acked_seq",
         )
-        .and_then(|mut s| s.execute(params![host_id, acked]))
+        .and_then(|mut s| s.execute(params![host_id, epoch, acked]))
         .map_err(db_error)?;
     }
     to_u64(acked)
 }
 
+/// The stored records of `(host_id, epoch)` that intersect `[first, last]`, by seq (for the
+/// text of a conflict): from the greatest seq at or below `first` (ranges never overlap, so
+/// no earlier one reaches it) up to `last`.
+fn conflicting_ranges(
+    tx: &rusqlite::Transaction<'_>,
+    host_id: &str,
+    epoch: i64,
+    first: i64,
+    last: i64,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT seq, last_seq FROM records
+             WHERE host_id = ?1 AND epoch = ?2 AND seq <= ?4 AND last_seq >= ?3 AND seq >= COALESCE(
+                 (SELECT MAX(seq) FROM records WHERE host_id = ?1 AND epoch = ?2 AND seq <= ?3), ?3)
+             ORDER BY seq",
+        )
+        .map_err(db_error)?;
+    let rows = stmt
+        .query_map(params![host_id, epoch, first, last], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db_error)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, last_seq) = row.map_err(db_error)?;
+        out.push((to_u64(seq)?, to_u64(last_seq)?));
+    }
+    Ok(out)
+}
+
+fn parse_key(host_id: &str, jwk: &str) -> Result<PublicKey, StoreError> {
+    PublicKey::from_jwk_json(jwk.as_bytes())
+        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
+}
+
 impl ReportStore for SqliteStore {
-    fn host_key(&self, host_id: &str) -> Result<Option<PublicKey>, StoreError> {
+    fn enrollment(&self, host_id: &str) -> Result<Option<Enrollment>, StoreError> {
         let conn = self.lock()?;
-        let jwk: Option<String> = conn
-            .prepare_cached("SELECT public_jwk FROM hosts WHERE host_id = ?1")
-            .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+        let row: Option<(String, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT h.public_jwk, h.epoch, COALESCE(e.enrolled_at, h.enrolled_at)
+                 FROM hosts h LEFT JOIN enrollments e USING (host_id, epoch) WHERE h.host_id = ?1",
+            )
+            .and_then(|mut s| s.query_row([host_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
             .map_err(db_error)?;
-        jwk.map(|j| {
-            PublicKey::from_jwk_json(j.as_bytes())
-                .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
+        row.map(|(jwk, epoch, enrolled_at)| {
+            Ok(Enrollment { public_key: parse_key(host_id, &jwk)?, epoch: to_u64(epoch)?, enrolled_at })
         })
         .transpose()
     }
 
-    fn enroll_host(&self, host_id: &str, key: &PublicKey, enrolled_at: i64) -> Result<(), StoreError> {
-        let conn = self.lock()?;
-        let inserted = conn
-            .execute(
-                "INSERT INTO hosts (host_id, public_jwk, enrolled_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (host_id) DO NOTHING",
-                params![host_id, key.to_jwk().to_string(), enrolled_at],
-            )
+    fn enroll_host(&self, host_id: &str, key: &PublicKey, enrolled_at: i64) -> Result<u64, StoreError> {
+        let jwk = key.to_jwk();
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let enrolled: Option<i64> = tx
+            .query_row("SELECT 1 FROM hosts WHERE host_id = ?1", [host_id], |r| r.get(0))
+            .optional()
             .map_err(db_error)?;
-        if inserted == 0 {
+        if enrolled.is_some() {
             return Err(StoreError::AlreadyEnrolled(host_id.to_owned()));
         }
-        Ok(())
+        // The epoch this key had (re-enrolling the same agent continues its numbering), else
+        // one above every epoch the host id had, enrolled or only seen in stored records.
+        let mut known = None;
+        {
+            let mut stmt = tx
+                .prepare("SELECT epoch, public_jwk FROM enrollments WHERE host_id = ?1")
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map([host_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(db_error)?;
+            for row in rows {
+                let (epoch, stored) = row.map_err(db_error)?;
+                if parse_key(host_id, &stored)?.to_jwk() == jwk {
+                    known = Some(epoch);
+                }
+            }
+        }
+        let epoch = match known {
+            Some(epoch) => epoch,
+            None => {
+                let highest: i64 = tx
+                    .query_row(
+                        "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM enrollments WHERE host_id = ?1), 0),
+                                    COALESCE((SELECT MAX(epoch) FROM host_progress WHERE host_id = ?1), 0))",
+                        [host_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_error)?;
+                let epoch = highest.saturating_add(1);
+                tx.execute(
+                    "INSERT INTO enrollments (host_id, epoch, public_jwk, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![host_id, epoch, jwk.to_string(), enrolled_at],
+                )
+                .map_err(db_error)?;
+                epoch
+            }
+        };
+        tx.execute(
+            "INSERT INTO hosts (host_id, public_jwk, enrolled_at, epoch) VALUES (?1, ?2, ?3, ?4)",
+            params![host_id, jwk.to_string(), enrolled_at, epoch],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        to_u64(epoch)
     }
 
     fn remove_host(&self, host_id: &str) -> Result<bool, StoreError> {
@@ -301,19 +468,27 @@ impl ReportStore for SqliteStore {
         let conn = self.lock()?;
         let mut stmt = conn
             .prepare(
-                "SELECT h.host_id, h.public_jwk, h.enrolled_at, COALESCE(p.acked_seq, 0)
-                 FROM hosts h LEFT JOIN host_progress p USING (host_id) ORDER BY h.host_id",
+                "SELECT h.host_id, h.public_jwk, h.enrolled_at, h.epoch, COALESCE(p.acked_seq, 0)
+                 FROM hosts h LEFT JOIN host_progress p USING (host_id, epoch) ORDER BY h.host_id",
             )
             .map_err(db_error)?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .map_err(db_error)?;
         let mut hosts = Vec::new();
         for row in rows {
-            let (host_id, jwk, enrolled_at, acked): (String, String, i64, i64) = row.map_err(db_error)?;
-            let public_key = PublicKey::from_jwk_json(jwk.as_bytes())
-                .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))?;
-            hosts.push(HostEntry { host_id, public_key, enrolled_at, acked_seq: to_u64(acked)? });
+            let (host_id, jwk, enrolled_at, epoch, acked): (String, String, i64, i64, i64) =
+                row.map_err(db_error)?;
+            let public_key = parse_key(&host_id, &jwk)?;
+            hosts.push(HostEntry {
+                host_id,
+                public_key,
+                enrolled_at,
+                epoch: to_u64(epoch)?,
+                acked_seq: to_u64(acked)?,
+            });
         }
         Ok(hosts)
     }
@@ -321,31 +496,35 @@ impl ReportStore for SqliteStore {
     fn insert_batch(
         &self,
         host_id: &str,
+        epoch: u64,
         records: &[ValidRecord],
         received_at: i64,
     ) -> Result<u64, StoreError> {
+        let epoch = to_i64(epoch)?;
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
         {
             let mut find = tx
                 .prepare_cached(
                     "SELECT seq, last_seq, body_json FROM records
-                     WHERE host_id = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
+                     WHERE host_id = ?1 AND epoch = ?2 AND seq <= ?3 ORDER BY seq DESC LIMIT 1",
                 )
                 .map_err(db_error)?;
             let mut insert = tx
                 .prepare_cached(
-                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                         training_like, foreign_person, merged_windows, body_json, received_at)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"#,
                 )
                 .map_err(db_error)?;
-            // The end of the host's highest stored range: records above it (the common case,
+            // The end of the epoch's highest stored range: records above it (the common case,
             // a batch of new records) cannot collide and need no lookup.
             let stored_end: i64 = tx
-                .prepare_cached("SELECT last_seq FROM records WHERE host_id = ?1 ORDER BY seq DESC LIMIT 1")
-                .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+                .prepare_cached(
+                    "SELECT last_seq FROM records WHERE host_id = ?1 AND epoch = ?2 ORDER BY seq DESC LIMIT 1",
+                )
+                .and_then(|mut s| s.query_row(params![host_id, epoch], |r| r.get(0)).optional())
                 .map_err(db_error)?
                 .unwrap_or(0);
             for valid in records {
@@ -356,22 +535,29 @@ impl ReportStore for SqliteStore {
                 let existing: Option<(i64, i64, String)> = if seq > stored_end {
                     None
                 } else {
-                    find.query_row(params![host_id, last_seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .optional()
-                        .map_err(db_error)?
+                    find.query_row(params![host_id, epoch, last_seq], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                    .map_err(db_error)?
                 };
                 if let Some((stored_seq, stored_last, body)) = existing {
                     if stored_seq == seq && stored_last == last_seq && body == valid.body_json {
                         continue; // re-sent, identical: already stored
                     }
                     if stored_last >= seq {
-                        return Err(StoreError::SeqConflict { seq: valid.record.seq });
+                        return Err(StoreError::SeqConflict {
+                            first: valid.record.seq,
+                            last: valid.last_seq,
+                            stored: conflicting_ranges(&tx, host_id, epoch, seq, last_seq)?,
+                        });
                     }
                 }
                 let w = &valid.record.window;
                 insert
                     .execute(params![
                         host_id,
+                        epoch,
                         seq,
                         last_seq,
                         w.tenant,
@@ -393,27 +579,29 @@ impl ReportStore for SqliteStore {
                     .map_err(db_error)?;
             }
         }
-        let acked = advance_ack(&tx, host_id, records)?;
+        let acked = advance_ack(&tx, host_id, epoch, records)?;
         tx.commit().map_err(db_error)?;
         Ok(acked)
     }
 
-    fn acked_seq(&self, host_id: &str) -> Result<u64, StoreError> {
+    fn acked_seq(&self, host_id: &str, epoch: u64) -> Result<u64, StoreError> {
+        let epoch = to_i64(epoch)?;
         let conn = self.lock()?;
         let acked: Option<i64> = conn
-            .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1")
-            .and_then(|mut s| s.query_row([host_id], |r| r.get(0)).optional())
+            .prepare_cached("SELECT acked_seq FROM host_progress WHERE host_id = ?1 AND epoch = ?2")
+            .and_then(|mut s| s.query_row(params![host_id, epoch], |r| r.get(0)).optional())
             .map_err(db_error)?;
         to_u64(acked.unwrap_or(0))
     }
 
-    fn stored_ranges(&self, host_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+    fn stored_ranges(&self, host_id: &str, epoch: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let epoch = to_i64(epoch)?;
         let conn = self.lock()?;
         let mut stmt = conn
-            .prepare("SELECT seq, last_seq FROM records WHERE host_id = ?1 ORDER BY seq")
+            .prepare("SELECT seq, last_seq FROM records WHERE host_id = ?1 AND epoch = ?2 ORDER BY seq")
             .map_err(db_error)?;
         let rows = stmt
-            .query_map([host_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .query_map(params![host_id, epoch], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
             .map_err(db_error)?;
         let mut out = Vec::new();
         for row in rows {
@@ -421,6 +609,40 @@ impl ReportStore for SqliteStore {
             out.push((to_u64(seq)?, to_u64(last)?));
         }
         Ok(out)
+    }
+
+    fn record_rejection(&self, rejection: &Rejection) -> Result<(), StoreError> {
+        let seqs = match rejection.seqs {
+            Some((first, last)) => (Some(to_i64(first)?), Some(to_i64(last)?)),
+            None => (None, None),
+        };
+        let epoch = to_i64(rejection.epoch)?;
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        tx.prepare_cached(
+            "INSERT INTO rejections (host_id, epoch, kind, detail, first_seq, last_seq, rejected_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                rejection.host_id,
+                epoch,
+                rejection.kind,
+                crate::store::truncate_detail(&rejection.detail),
+                seqs.0,
+                seqs.1,
+                rejection.rejected_at
+            ])
+        })
+        .map_err(db_error)?;
+        // Keep the newest REJECTIONS_PER_HOST of the host: one index range delete.
+        tx.prepare_cached(
+            "DELETE FROM rejections WHERE host_id = ?1 AND id <=
+                 (SELECT id FROM rejections WHERE host_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .and_then(|mut s| s.execute(params![rejection.host_id, REJECTIONS_PER_HOST]))
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
     }
 }
 
@@ -480,11 +702,88 @@ mod tests {
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(store.acked_seq("a").unwrap(), 5);
-        assert_eq!(store.acked_seq("b").unwrap(), 0);
+        assert_eq!(store.acked_seq("a", 1).unwrap(), 5);
+        assert_eq!(store.acked_seq("b", 1).unwrap(), 0);
         // The cache keeps advancing from the backfilled value.
-        assert_eq!(store.insert_batch("a", &[record(6, None)], 0).unwrap(), 7);
-        assert_eq!(store.insert_batch("b", &[record(1, None)], 0).unwrap(), 2);
+        assert_eq!(store.insert_batch("a", 1, &[record(6, None)], 0).unwrap(), 7);
+        assert_eq!(store.insert_batch("b", 1, &[record(1, None)], 0).unwrap(), 2);
+    }
+
+    /// A database of the last schema before enrollment epochs (version 4), with an enrolled
+    /// host, a removed one and their records, opens at the current version: everything is
+    /// epoch 1, and a new key for either host id starts epoch 2 beside it.
+    #[test]
+    fn a_version_4_database_migrates_to_enrollment_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let key = |host: &str| {
+            kycd_protocol::PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, host).unwrap().public_key()
+        };
+        let (a1, b1) = (key("a"), key("b"));
+        {
+            let old = SqliteStore::open_at_version(&path, 4).unwrap();
+            let conn = old.lock().unwrap();
+            // As version 4 wrote them: hosts without an epoch, records unique on (host_id, seq).
+            for (host, jwk, at) in [("a", a1.to_jwk().to_string(), 100), ("b", b1.to_jwk().to_string(), 200)]
+            {
+                conn.execute(
+                    "INSERT INTO hosts (host_id, public_jwk, enrolled_at) VALUES (?1, ?2, ?3)",
+                    params![host, jwk, at],
+                )
+                .unwrap();
+            }
+            for (host, seq, last) in [("a", 1, 1), ("a", 2, 3), ("b", 1, 1)] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES (?1, ?2, ?3, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                    params![host, seq, last],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO host_progress (host_id, acked_seq) VALUES (?1, ?2)
+                     ON CONFLICT (host_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+                    params![host, last],
+                )
+                .unwrap();
+            }
+            conn.execute("DELETE FROM hosts WHERE host_id = 'b'", []).unwrap();
+            let err = conn.execute(
+                r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                    gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                    training_like, foreign_person, merged_windows, body_json, received_at)
+                   VALUES ('a', 1, 1, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                [],
+            );
+            assert!(err.is_err(), "version 4: one record per (host_id, seq)");
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 5);
+        let a = store.enrollment("a").unwrap().unwrap();
+        assert_eq!((a.epoch, a.enrolled_at, a.public_key.to_jwk()), (1, 100, a1.to_jwk()));
+        assert!(store.enrollment("b").unwrap().is_none(), "removed before the migration");
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        assert_eq!((store.acked_seq("a", 1).unwrap(), store.acked_seq("b", 1).unwrap()), (3, 1));
+        let listed = store.list_hosts().unwrap();
+        assert_eq!(
+            listed.iter().map(|h| (h.host_id.as_str(), h.epoch, h.acked_seq)).collect::<Vec<_>>(),
+            [("a", 1, 3)]
+        );
+        // b's old records are epoch 1 (its key is not known): a new key is epoch 2, and its
+        // seq 1 is a new record, not a conflict with the old one.
+        assert_eq!(store.enroll_host("b", &key("b"), 300).unwrap(), 2);
+        assert_eq!(store.insert_batch("b", 2, &[record(1, None)], 0).unwrap(), 1);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        // a: removed and re-enrolled with a new key, epoch 2; the old records stay.
+        assert!(store.remove_host("a").unwrap());
+        assert_eq!(store.enroll_host("a", &key("a"), 400).unwrap(), 2);
+        assert_eq!(store.insert_batch("a", 2, &[record(1, None), record(2, None)], 0).unwrap(), 2);
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        let rows: i64 =
+            store.lock().unwrap().query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 6);
     }
 
     #[test]
@@ -502,15 +801,15 @@ mod tests {
     fn overlap_with_a_stored_merged_record_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("db")).unwrap();
-        assert_eq!(store.insert_batch("h", &[record(2, Some(4))], 0).unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 1, &[record(2, Some(4))], 0).unwrap(), 0);
         for overlapping in [record(3, None), record(4, None), record(1, Some(2)), record(2, Some(3))] {
             assert!(matches!(
-                store.insert_batch("h", &[overlapping], 0),
+                store.insert_batch("h", 1, &[overlapping], 0),
                 Err(StoreError::SeqConflict { .. })
             ));
         }
-        assert_eq!(store.insert_batch("h", &[record(2, Some(4))], 0).unwrap(), 0, "identical re-send");
-        assert_eq!(store.insert_batch("h", &[record(1, None), record(5, None)], 0).unwrap(), 5);
-        assert_eq!(store.stored_ranges("h").unwrap(), [(1, 1), (2, 4), (5, 5)]);
+        assert_eq!(store.insert_batch("h", 1, &[record(2, Some(4))], 0).unwrap(), 0, "identical re-send");
+        assert_eq!(store.insert_batch("h", 1, &[record(1, None), record(5, None)], 0).unwrap(), 5);
+        assert_eq!(store.stored_ranges("h", 1).unwrap(), [(1, 1), (2, 4), (5, 5)]);
     }
 }

@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, TenantIdentity, TenantUsage,
-    UsageAccumulator, WindowEvidence, WindowRow,
+    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
+    TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::sqlite::{db_error, to_i64, to_u64, SqliteStore, BUSY_TIMEOUT};
-use crate::store::StoreError;
+use crate::store::{Rejection, StoreError};
 
 impl SqliteStore {
     fn reader(&self) -> Result<Connection, StoreError> {
@@ -151,8 +151,8 @@ impl FleetStore for SqliteStore {
         let conn = self.reader()?;
         let mut stmt = conn
             .prepare(
-                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method FROM records
-                   WHERE tenant = ?1 ORDER BY estimated_ops DESC, host_id, seq LIMIT ?2"#,
+                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch FROM records
+                   WHERE tenant = ?1 ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?2"#,
             )
             .map_err(db_error)?;
         let rows = stmt
@@ -166,15 +166,17 @@ impl FleetStore for SqliteStore {
                     r.get(5)?,
                     r.get::<_, i64>(6)?,
                     r.get(7)?,
+                    r.get::<_, i64>(8)?,
                 ))
             })
             .map_err(db_error)?;
         let mut out = Vec::new();
         for row in rows {
-            let (host_id, seq, start, end, estimated_ops, peak_flops, gpus, method) =
+            let (host_id, seq, start, end, estimated_ops, peak_flops, gpus, method, epoch) =
                 row.map_err(db_error)?;
             out.push(WindowEvidence {
                 host_id,
+                epoch: to_u64(epoch)?,
                 seq: to_u64(seq)?,
                 start,
                 end,
@@ -362,6 +364,64 @@ impl FleetStore for SqliteStore {
             finding.finding.evidence =
                 serde_json::from_str(&evidence).map_err(|e| corrupt("stored finding evidence", e))?;
             out.push(finding);
+        }
+        Ok(out)
+    }
+
+    fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT host_id, COUNT(*), MAX(rejected_at) FROM rejections WHERE rejected_at >= ?1
+                 GROUP BY host_id ORDER BY host_id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([since], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (host_id, count, last_at) = row.map_err(db_error)?;
+            out.push(RejectionCount { host_id, count: to_u64(count)?, last_at });
+        }
+        Ok(out)
+    }
+
+    fn rejections(&self, host_id: &str, limit: u32) -> Result<Vec<Rejection>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT epoch, kind, detail, first_seq, last_seq, rejected_at FROM rejections
+                 WHERE host_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map(params![host_id, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (epoch, kind, detail, first, last, rejected_at) = row.map_err(db_error)?;
+            let seqs = match (first, last) {
+                (Some(first), Some(last)) => Some((to_u64(first)?, to_u64(last)?)),
+                _ => None,
+            };
+            out.push(Rejection {
+                host_id: host_id.to_owned(),
+                epoch: to_u64(epoch)?,
+                kind,
+                detail,
+                seqs,
+                rejected_at,
+            });
         }
         Ok(out)
     }

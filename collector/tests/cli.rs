@@ -112,10 +112,38 @@ fn hosts_add_list_remove(dir: &tempfile::TempDir, db: &str) {
     assert!(stdout.starts_with("host-1\t"), "{stdout}");
     assert!(!stdout.contains("\"d\""));
 
+    assert!(stdout.contains("\tepoch=1\t"), "{stdout}");
+
     assert!(collector(&["hosts", "remove", "--host-id", "host-1", "--db", &db]).status.success());
     assert!(!collector(&["hosts", "remove", "--host-id", "host-1", "--db", &db]).status.success());
     let out = collector(&["hosts", "list", "--db", &db]);
     assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+
+    // Re-imaged: the same host id with a new key is the next enrollment epoch.
+    let rekeyed = dir.path().join("rekeyed.jwk");
+    let new_key = PrivateJwk::generate(Algorithm::EdDSA, "host-1").unwrap();
+    std::fs::write(&rekeyed, new_key.public_key().to_jwk().to_string()).unwrap();
+    let add = |jwk: &std::path::Path| {
+        collector(&[
+            "hosts",
+            "add",
+            "--host-id",
+            "host-1",
+            "--public-jwk",
+            jwk.to_str().unwrap(),
+            "--db",
+            &db,
+        ])
+    };
+    let out = add(&rekeyed);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "enrolled host-1 (enrollment epoch 2)\n");
+    let out = collector(&["hosts", "list", "--db", &db]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\tepoch=2\tacked_seq=0\t"));
+    // Back to the first key: its epoch continues.
+    assert!(collector(&["hosts", "remove", "--host-id", "host-1", "--db", &db]).status.success());
+    let out = add(&public);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "enrolled host-1 (enrollment epoch 1)\n");
 }
 
 fn policy_token(issuer: &PrivateJwk, version: u64, exp_offset: i64) -> String {

@@ -144,9 +144,12 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
         std::fs::write(dir.join(format!("{name}.jwks")), r#"{"keys": []}"#).unwrap();
     }
     // One GPU busy with pid 1's work: one usage window per replayed second, ten a second.
+    // The trace starts an hour ago: the collector takes windows that end by the time they
+    // arrive and start at most a week before the host's enrollment (just below).
+    let t0_ms = (kycd_collector::server::unix_now() - 3600) * 1000;
     let trace: Vec<String> = (0..600)
         .map(|i: i64| {
-            serde_json::json!({"at_ms": 1_764_000_000_000i64 + i * 1000, "backend": {"state": "ok"}, "gpus": [{
+            serde_json::json!({"at_ms": t0_ms + i * 1000, "backend": {"state": "ok"}, "gpus": [{
                 "index": 0, "uuid": "GPU-0", "name": "NVIDIA H100 80GB HBM3", "state": {"state": "ok"},
                 "utilization_gpu_pct": 90, "processes": [{"pid": 1, "used_memory_bytes": 1024}]}]})
             .to_string()
@@ -210,7 +213,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     Procs::kill(&mut procs.collector);
 
     let store = kycd_collector::SqliteStore::open(dir.join("collector.db")).unwrap();
-    let ranges = store.stored_ranges("node-1").unwrap();
+    let ranges = store.stored_ranges("node-1", 1).unwrap();
     let mut expected = 1;
     for (seq, last) in &ranges {
         assert_eq!(*seq, expected, "gap or overlap before seq {seq} (ranges {ranges:?})");
@@ -222,7 +225,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
         stored_through, final_cursor,
         "collector holds 1..={stored_through}, the agent settled 1..={final_cursor}"
     );
-    assert_eq!(store.acked_seq("node-1").unwrap(), final_cursor);
+    assert_eq!(store.acked_seq("node-1", 1).unwrap(), final_cursor);
     let rejected = std::fs::read_dir(dir.join("state/rejected")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(rejected, 0, "no batch may be rejected:\n{}", procs.log());
     println!(

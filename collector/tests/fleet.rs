@@ -28,13 +28,14 @@ backend_tests!(
 
 // No policy grace: the statements below are taken right after publication (the grace rule
 // has its own unit test).
-const SETTINGS: EvaluationSettings = EvaluationSettings { dark_after_s: 180, policy_grace_s: 0 };
+const SETTINGS: EvaluationSettings =
+    EvaluationSettings { dark_after_s: 180, policy_grace_s: 0, rejected_window_s: 3600 };
 
 fn now() -> i64 {
     kycd_collector::server::unix_now()
 }
 
-/// A policy scaled down to simulation size (thresholds are policy data): training at 1e21
+/// A policy scaled down to simulation size (thresholds are policy data): training at 2e19
 /// operations, early warning at half of it, cluster capacity at 1e17 FLOP/s; tenants with a
 /// beneficial owner in CN are prohibited.
 fn policy_token(issuer: &PrivateJwk, version: u64) -> String {
@@ -44,7 +45,7 @@ fn policy_token(issuer: &PrivateJwk, version: u64) -> String {
                       "roles": ["customer", "beneficial_owner", "reseller", "payment_source"],
                       "action": "prohibit", "citation": "EO 13984 sec. 2"}],
         "unverified": {"action": "deny"},
-        "thresholds": {"training_ops": 1e21, "bio_training_ops": 1e20, "cluster_flops": 1e17,
+        "thresholds": {"training_ops": 2e19, "bio_training_ops": 1e19, "cluster_flops": 1e17,
                        "early_warning_fraction": 0.5}
     }))
     .unwrap();
@@ -91,8 +92,9 @@ impl Fleet {
             store.enroll_host(key.kid(), &key.public_key(), now() - 30).unwrap();
         }
         let issuer = PrivateJwk::generate(Algorithm::EdDSA, "authority").unwrap();
-        // Windows aligned to minutes, within the last two hours.
-        let base = (now() - 7200) / 60 * 60;
+        // Windows aligned to minutes, within the last four hours (ingest takes none that
+        // ends after the receive time).
+        let base = (now() - 4 * 3600) / 60 * 60;
         Fleet { store, ingestor, keys, issuer, base }
     }
 
@@ -100,7 +102,7 @@ impl Fleet {
     /// pipeline, continuing the host's sequence numbers.
     fn report(&self, i: usize, windows: Vec<UsageWindow>) {
         let key = &self.keys[i - 1];
-        let first = self.store.acked_seq(key.kid()).unwrap() + 1;
+        let first = self.store.acked_seq(key.kid(), 1).unwrap() + 1;
         let records = windows
             .into_iter()
             .zip(first..)
@@ -122,13 +124,16 @@ impl Fleet {
     }
 }
 
-/// 5 tenants over 50 hosts:
-/// - `t-foreign-spread`: foreign, 20 hosts × 10 windows × 3e18 = 6e20 ops (early warning at
-///   5e20, below training at 1e21), 2e16 FLOP/s concurrent: early warning only;
+/// 5 tenants over 50 hosts, each window's operations at most its peak FLOP/s over its 60 s
+/// (what ingest accepts):
+/// - `t-foreign-spread`: foreign, 20 hosts × 10 windows × 6e16 (1e15 FLOP/s) = 1.2e19 ops
+///   (early warning at 1e19, below training at 2e19), 2e16 FLOP/s concurrent: early warning
+///   only;
 /// - `t-foreign-cluster`: foreign, 30 hosts × 2 simultaneous windows at 4e15 FLOP/s = 1.2e17
 ///   concurrent (≥ 1e17), 6e18 ops: cluster capacity only;
-/// - `t-domestic-large`: domestic, 10 hosts × 2 × 6e19 = 1.2e21 ops: early warning and
-///   training threshold, flagged domestic;
+/// - `t-domestic-large`: domestic, 10 hosts × 2 × 1.2e18 (2e16 FLOP/s, each host in minutes
+///   of its own: 2e16 concurrent) = 2.4e19 ops: early warning and training threshold, flagged
+///   domestic;
 /// - `t-foreign-small`: foreign, 5 hosts, tiny: nothing;
 /// - `t-prohibited`: beneficial owner in CN, running on h03 whose statement says `allow`:
 ///   enforcement mismatch.
@@ -137,13 +142,14 @@ fn simulate(fleet: &Fleet) {
     for i in 1..=50 {
         let mut windows = Vec::new();
         if i <= 20 {
-            windows.extend((0..10).map(|k| usage("t-foreign-spread", true, b + 60 * k, 3e18, 1e15)));
+            windows.extend((0..10).map(|k| usage("t-foreign-spread", true, b + 60 * k, 6e16, 1e15)));
         }
         if i > 20 {
             windows.extend((0..2).map(|k| usage("t-foreign-cluster", true, b + 60 * (20 + k), 1e17, 4e15)));
         }
         if i <= 10 {
-            windows.extend((0..2).map(|k| usage("t-domestic-large", false, b + 60 * (40 + k), 6e19, 1e15)));
+            let minute = |k| b + 60 * (40 + 2 * i64::try_from(i).unwrap() + k);
+            windows.extend((0..2).map(|k| usage("t-domestic-large", false, minute(k), 1.2e18, 2e16)));
         }
         if (41..=45).contains(&i) {
             windows.push(usage("t-foreign-small", true, b + 60 * 50, 1e15, 1e14));
@@ -167,7 +173,7 @@ fn statement(host: &str, policy_version: u64, workloads: serde_json::Value) -> H
 /// policy 1 after the grace period) and h03 (allows the prohibited tenant), `dark` enrolled
 /// long ago and never heard from.
 fn hosts(fleet: &Fleet) -> Vec<HostView> {
-    let mut views = kycd_collector::findings::host_views(fleet.store.as_ref()).unwrap();
+    let mut views = kycd_collector::findings::host_views(fleet.store.as_ref(), SETTINGS, now()).unwrap();
     for view in &mut views {
         match view.host_id.as_str() {
             "h02" => view.statement = Some(statement("h02", 1, json!([]))),
@@ -250,11 +256,11 @@ fn simulated_fleet_findings(db: &TestDb) {
         })
         .unwrap();
     let evidence = &spread[0].finding.evidence;
-    assert!((evidence["estimated_ops"].as_f64().unwrap() - 6e20).abs() < 1e12, "{evidence}");
+    assert!((evidence["estimated_ops"].as_f64().unwrap() - 1.2e19).abs() < 1e9, "{evidence}");
     assert_eq!(evidence["hosts"], 20);
     assert_eq!(evidence["host_ids"].as_array().unwrap().len(), 20);
     assert_eq!(evidence["top_windows"].as_array().unwrap().len(), 20);
-    assert_eq!(evidence["threshold"]["early_warning_ops"], 5e20);
+    assert_eq!(evidence["threshold"]["early_warning_ops"], 1e19);
     let cluster = fleet.store.tenant_usage(Some("t-foreign-cluster"), None).unwrap();
     assert!(
         (cluster[0].peak_flops - 1.2e17).abs() < 1e6 && cluster[0].peak_at == fleet.base + 60 * 20,
@@ -284,7 +290,7 @@ fn simulated_fleet_findings(db: &TestDb) {
     );
     let (body, sig) = signed(&dark_batch, &dark_key);
     fleet.ingestor.ingest(sig.as_bytes(), &body, now()).unwrap();
-    fleet.report(5, vec![usage("t-foreign-spread", true, fleet.base + 3600, 3e18, 1e15)]);
+    fleet.report(5, vec![usage("t-foreign-spread", true, fleet.base + 3600, 6e16, 1e15)]);
     let after = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
     assert_eq!(after.raised, vec![]);
     assert_eq!(
@@ -304,12 +310,11 @@ fn simulated_fleet_findings(db: &TestDb) {
     assert!(resolved[0].resolved_at.is_some());
 
     // The foreign spread tenant keeps training and crosses the training threshold: raised
-    // as a new state change, the early warning stays the one raised before.
+    // as a new state change, the early warning stays the one raised before. 20 hosts × 3
+    // windows × 3e17 (5e15 FLOP/s, each host in minutes of its own: no cluster capacity).
     for i in 1..=20 {
-        fleet.report(
-            i,
-            (0..3).map(|k| usage("t-foreign-spread", true, fleet.base + 4000 + 60 * k, 1e19, 1e15)).collect(),
-        );
+        let minute = |k: i64| fleet.base + 4020 + 60 * (3 * i64::try_from(i).unwrap() + k);
+        fleet.report(i, (0..3).map(|k| usage("t-foreign-spread", true, minute(k), 3e17, 5e15)).collect());
     }
     let crossed = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
     assert_eq!(
@@ -344,7 +349,7 @@ fn export_round_trip(db: &TestDb) {
     let large: Vec<&str> = lines[1].split(',').collect();
     assert_eq!(large[0], "t-domestic-large");
     assert_eq!(large[4], "false");
-    assert!((large[5].parse::<f64>().unwrap() - 1.2e21).abs() < 1e12, "{}", large[5]);
+    assert!((large[5].parse::<f64>().unwrap() - 2.4e19).abs() < 1e9, "{}", large[5]);
     assert_eq!(large[10], "10");
     let found: BTreeSet<&str> = large[11].split(' ').map(|f| f.split('#').next().unwrap()).collect();
     assert_eq!(found, BTreeSet::from(["early_warning", "training_threshold_crossed"]));

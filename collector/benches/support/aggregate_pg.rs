@@ -19,7 +19,7 @@ use kycd_protocol::{Algorithm, PrivateJwk};
 
 use super::{pg_support, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
 
-const COPY_SQL: &str = r#"COPY records (host_id, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
+const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
     merged_windows, body_json, received_at) FROM STDIN"#;
 
@@ -49,7 +49,7 @@ fn load(url: &str, windows: u64) {
                 let foreign = if tenant % 4 == 0 { "t" } else { "f" };
                 writeln!(
                     out,
-                    "host-{h:04}\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_tensor\tt\t{foreign}\t1\t{{}}\t{end}",
+                    "host-{h:04}\t1\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_tensor\tt\t{foreign}\t1\t{{}}\t{end}",
                     end = start + 60,
                 )
                 .unwrap();

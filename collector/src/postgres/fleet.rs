@@ -19,11 +19,11 @@ use postgres::types::ToSql;
 
 use super::{get, pg_error, to_i64, to_u64, PgStore};
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, TenantIdentity, TenantUsage,
-    UsageAccumulator, WindowEvidence, WindowRow,
+    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
+    TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
-use crate::store::StoreError;
+use crate::store::{Rejection, StoreError};
 
 /// Step 3: the fleet view — published policies, tenant identities from host statements,
 /// findings (at most one open per kind and subject), and the per-host report time index
@@ -162,8 +162,8 @@ impl FleetStore for PgStore {
         let rows = conn
             .client()?
             .query(
-                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method FROM records
-                   WHERE tenant = $1 ORDER BY estimated_ops DESC, host_id COLLATE "C", seq LIMIT $2"#,
+                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch FROM records
+                   WHERE tenant = $1 ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $2"#,
                 &[&tenant, &i64::from(limit)],
             )
             .map_err(pg_error)?;
@@ -171,6 +171,7 @@ impl FleetStore for PgStore {
             .map(|r| {
                 Ok(WindowEvidence {
                     host_id: get(r, 0)?,
+                    epoch: to_u64(get(r, 8)?)?,
                     seq: to_u64(get(r, 1)?)?,
                     start: get(r, 2)?,
                     end: get(r, 3)?,
@@ -355,6 +356,51 @@ impl FleetStore for PgStore {
                         .ok_or_else(|| corrupt("stored finding state", &state))?,
                     raised_at: get(r, 9)?,
                     resolved_at: get(r, 10)?,
+                })
+            })
+            .collect()
+    }
+
+    fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError> {
+        let mut conn = self.checkout()?;
+        let rows = conn
+            .client()?
+            .query(
+                r#"SELECT host_id, count(*), max(rejected_at) FROM rejections WHERE rejected_at >= $1
+                   GROUP BY host_id ORDER BY host_id COLLATE "C""#,
+                &[&since],
+            )
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(RejectionCount { host_id: get(r, 0)?, count: to_u64(get(r, 1)?)?, last_at: get(r, 2)? })
+            })
+            .collect()
+    }
+
+    fn rejections(&self, host_id: &str, limit: u32) -> Result<Vec<Rejection>, StoreError> {
+        let mut conn = self.checkout()?;
+        let rows = conn
+            .client()?
+            .query(
+                "SELECT epoch, kind, detail, first_seq, last_seq, rejected_at FROM rejections
+                 WHERE host_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&host_id, &i64::from(limit)],
+            )
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                let seqs = match (get::<Option<i64>>(r, 3)?, get::<Option<i64>>(r, 4)?) {
+                    (Some(first), Some(last)) => Some((to_u64(first)?, to_u64(last)?)),
+                    _ => None,
+                };
+                Ok(Rejection {
+                    host_id: host_id.to_owned(),
+                    epoch: to_u64(get(r, 0)?)?,
+                    kind: get(r, 1)?,
+                    detail: get(r, 2)?,
+                    seqs,
+                    rejected_at: get(r, 5)?,
                 })
             })
             .collect()

@@ -132,12 +132,22 @@ impl Collector {
         off_runtime(|| self.store.enroll_host(key.kid(), &key.public_key(), 0).unwrap());
     }
 
+    /// The stored ranges of the host's first enrollment epoch.
     pub fn ranges(&self, host: &str) -> Vec<(u64, u64)> {
-        off_runtime(|| self.store.stored_ranges(host).unwrap())
+        self.ranges_in(host, 1)
     }
 
+    pub fn ranges_in(&self, host: &str, epoch: u64) -> Vec<(u64, u64)> {
+        off_runtime(|| self.store.stored_ranges(host, epoch).unwrap())
+    }
+
+    /// The acked seq of the host's first enrollment epoch.
     pub fn acked(&self, host: &str) -> u64 {
-        off_runtime(|| self.store.acked_seq(host).unwrap())
+        self.acked_in(host, 1)
+    }
+
+    pub fn acked_in(&self, host: &str, epoch: u64) -> u64 {
+        off_runtime(|| self.store.acked_seq(host, epoch).unwrap())
     }
 }
 
@@ -163,12 +173,22 @@ pub fn window(start: i64) -> UsageWindow {
     }
 }
 
+/// Where the windows of [`record`] start: three days ago (minute-aligned, fixed for the test
+/// process so a resent record is the same record). Ingest accepts windows that end by the
+/// receive time (plus skew) and start at most a week before the host's enrollment, which the
+/// tests do now or at time 0.
+pub fn base() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (kycd_collector::server::unix_now() - 3 * 86_400) / 60 * 60)
+}
+
+/// Record `seq`: the window of minute `seq` after [`base`].
 pub fn record(seq: u64) -> UsageRecord {
-    UsageRecord { seq, last_seq: None, window: window(1_800_000_000 + 60 * i64::try_from(seq).unwrap()) }
+    UsageRecord { seq, last_seq: None, window: window(base() + 60 * i64::try_from(seq).unwrap()) }
 }
 
 pub fn batch(host: &str, records: Vec<UsageRecord>) -> ReportBatch {
-    ReportBatch { host_id: host.into(), sent_at: 1_800_000_000, records }
+    ReportBatch { host_id: host.into(), sent_at: base(), records }
 }
 
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
