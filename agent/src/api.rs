@@ -121,10 +121,10 @@ pub struct Status {
     /// The last audit append's error; absent when the last append succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_last_error: Option<String>,
-    /// Attestation inputs that could not be read for want of resources or a failing disk
-    /// (EMFILE, ENFILE, EIO, …) since start; their last verified state was kept.
+    /// Inputs (attestations, libvirt's status) that could not be read for want of resources
+    /// or a failing disk (EMFILE, ENFILE, EIO, …) since start; what they said before was kept.
     #[serde(default)]
-    pub attestation_read_errors: u64,
+    pub input_read_errors: u64,
     /// The last such failure: when (Unix seconds) and what.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_read_error: Option<(i64, String)>,

@@ -206,27 +206,38 @@ pub struct LibvirtDomain {
 const MAX_LIBVIRT_STATUS_FILES: usize = 4096;
 
 /// The running domains described by libvirt's status directory (`/run/libvirt/qemu/*.xml`).
-/// Files that cannot be read or parsed are skipped; a missing directory means no domains.
-pub fn libvirt_domains(status_dir: &Path) -> Vec<LibvirtDomain> {
+/// A missing directory means no domains; files that vanish or do not parse are skipped. A
+/// directory that cannot be listed, or a file unreadable for want of resources
+/// ([`crate::fsutil::is_resource_error`]), is an error: the caller keeps the domains it knew.
+pub fn libvirt_domains(status_dir: &Path) -> std::io::Result<Vec<LibvirtDomain>> {
     use std::io::Read as _;
-    let Ok(entries) = std::fs::read_dir(status_dir) else { return Vec::new() };
+    let entries = match std::fs::read_dir(status_dir) {
+        Ok(entries) => entries,
+        // libvirt not installed, or no domain ever ran.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
     let mut domains = Vec::new();
-    for entry in entries.flatten().take(MAX_LIBVIRT_STATUS_FILES) {
-        let path = entry.path();
+    for entry in entries.take(MAX_LIBVIRT_STATUS_FILES) {
+        let path = entry?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("xml") {
             continue;
         }
         let mut text = String::new();
-        let Ok(file) = std::fs::File::open(&path) else { continue };
-        if file.take(1 << 20).read_to_string(&mut text).is_err() {
-            continue;
+        let read = std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_string(&mut text));
+        match read {
+            Ok(_) => {}
+            // The agent's own trouble: the caller keeps the domains it knew.
+            Err(e) if crate::fsutil::is_resource_error(&e) => return Err(e),
+            // Gone since listed (the domain stopped), or not text: not a running domain.
+            Err(_) => continue,
         }
         if let Some(d) = parse_libvirt_status(&text) {
             domains.push(d);
         }
     }
     domains.sort_by(|a, b| a.name.cmp(&b.name));
-    domains
+    Ok(domains)
 }
 
 /// The domain's id, name and UUID from a status (or domain) XML document. Only the first
@@ -307,7 +318,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("junk.xml"), "not xml").unwrap();
         std::fs::write(dir.path().join("gpu-vm.txt"), "<domain id='9'><name>other</name></domain>").unwrap();
-        let domains = libvirt_domains(dir.path());
+        let domains = libvirt_domains(dir.path()).unwrap();
         assert_eq!(
             domains,
             [
@@ -319,7 +330,11 @@ mod tests {
                 },
             ]
         );
-        assert!(libvirt_domains(&dir.path().join("absent")).is_empty());
+        assert!(libvirt_domains(&dir.path().join("absent")).unwrap().is_empty());
+        // A status "directory" that cannot be listed is an error, not "no domains".
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "x").unwrap();
+        assert!(libvirt_domains(&file).is_err());
     }
 
     #[test]

@@ -260,9 +260,10 @@ pub struct Counters {
     pub enforcement_errors: BTreeMap<&'static str, u64>,
     /// Drift repaired, by backend.
     pub drift_repaired: BTreeMap<&'static str, u64>,
-    /// Attestation files or directories that could not be read for want of resources or a
-    /// failing disk (EMFILE, ENFILE, EIO, …); what they attested before was kept.
-    pub attestation_read_errors: u64,
+    /// Inputs (attestation files and directories, libvirt's status) that could not be read
+    /// for want of resources or a failing disk (EMFILE, ENFILE, EIO, …); what they said
+    /// before was kept.
+    pub input_read_errors: u64,
 }
 
 /// The agent's state and its handlers; [`run`] drives it.
@@ -344,25 +345,7 @@ impl Connections {
     }
 }
 
-/// Whether an error reading an input file says nothing about the file's content: the agent
-/// is short of descriptors or memory, or the disk failed. What the file attested before
-/// stays in force; only content that fails verification, or a deleted file, withdraws it —
-/// otherwise anyone able to exhaust the agent's descriptors could withdraw every
-/// attestation on the host and have every workload denied.
-fn is_resource_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::EIO
-                | libc::ENOMEM
-                | libc::ENOBUFS
-                | libc::EAGAIN
-                | libc::EINTR
-        )
-    )
-}
+use crate::fsutil::is_resource_error;
 
 /// What identifies a file that cannot be read as an attestation (a FIFO, a directory, a
 /// device): its device, inode, modification time and type. A rejection is recorded once per
@@ -965,16 +948,15 @@ impl Agent {
         }
     }
 
-    /// An input path could not be read for want of resources or a failing disk: what it
-    /// attested stays in force. Counted every time; logged and recorded once per outage.
+    /// An input (an attestation file or directory, libvirt's status) could not be read for
+    /// want of resources or a failing disk: what it said before stays in force. Counted
+    /// every time; logged and recorded once per outage.
     fn read_failed(&mut self, path: &Path, e: &std::io::Error) {
-        self.counters.attestation_read_errors = self.counters.attestation_read_errors.saturating_add(1);
+        self.counters.input_read_errors = self.counters.input_read_errors.saturating_add(1);
         self.last_read_error = Some((now(), format!("{}: {e}", path.display())));
         if self.read_failing.insert(path.to_owned()) {
-            let kept = self.attestations.contains_key(path);
-            error!(path = %path.display(), error = %e, kept, "cannot read attestation input; keeping its last verified state");
-            self.record(json!({"type": "attestation_read_failed", "source": path, "error": e.to_string(),
-                "kept": kept}));
+            error!(path = %path.display(), error = %e, "cannot read an input; keeping what it said before");
+            self.record(json!({"type": "input_read_failed", "source": path, "error": e.to_string()}));
         }
     }
 
@@ -1057,7 +1039,18 @@ impl Agent {
     /// Re-reads the cgroup tree and libvirt's status directory.
     fn rescan_workloads(&mut self) {
         let now = now();
-        self.libvirt_domains = cgroup::libvirt_domains(&self.config.workloads.libvirt_status_dir);
+        let status_dir = self.config.workloads.libvirt_status_dir.clone();
+        match cgroup::libvirt_domains(&status_dir) {
+            Ok(domains) => {
+                if self.read_failing.remove(&status_dir) {
+                    info!(dir = %status_dir.display(), "libvirt status readable again");
+                }
+                self.libvirt_domains = domains;
+            }
+            // Keep the domains known before: a UUID binding must not come loose because the
+            // agent is short of descriptors.
+            Err(e) => self.read_failed(&status_dir, &e),
+        }
         // An admitted domain is known by its status XML once it runs; one that never started
         // is forgotten after an hour.
         let running: BTreeSet<&str> = self.libvirt_domains.iter().filter_map(|d| d.uuid.as_deref()).collect();
@@ -1093,10 +1086,15 @@ impl Agent {
         }
         for d in discovery.found {
             let interfaces = if d.id.kind == WorkloadKind::LibvirtDomain {
-                crate::enforce::libvirt::domain_interfaces(
-                    &self.config.workloads.libvirt_status_dir,
-                    &d.id.id,
-                )
+                match crate::enforce::libvirt::domain_interfaces(&status_dir, &d.id.id) {
+                    Ok(interfaces) => interfaces,
+                    // Keep the taps known before: a network block must not lift because the
+                    // status file could not be read this time.
+                    Err(e) => {
+                        self.read_failed(&status_dir.join(format!("{}.xml", d.id.id)), &e);
+                        self.workloads.get(&d.id).map(|w| w.interfaces.clone()).unwrap_or_default()
+                    }
+                }
             } else {
                 Vec::new()
             };
@@ -1497,7 +1495,7 @@ impl Agent {
             audit_failures: self.audit_failures,
             audit_write_failures: self.audit.health().failures,
             audit_last_error: self.audit.health().last_error.clone(),
-            attestation_read_errors: self.counters.attestation_read_errors,
+            input_read_errors: self.counters.input_read_errors,
             last_read_error: self.last_read_error.clone(),
             connections: self.connections.each().map(|(name, s)| (name.to_owned(), s.into())).collect(),
             enforcement_errors: self
@@ -1644,10 +1642,10 @@ impl Agent {
             vec![(String::new(), if self.audit.health().last_error.is_none() { 1.0 } else { 0.0 })],
         );
         family(
-            "kycd_attestation_read_errors_total",
+            "kycd_input_read_errors_total",
             "counter",
-            "Attestation inputs unreadable for want of resources or a failing disk (state kept).",
-            vec![(String::new(), self.counters.attestation_read_errors as f64)],
+            "Inputs (attestations, libvirt status) unreadable for want of resources or a failing disk (state kept).",
+            vec![(String::new(), self.counters.input_read_errors as f64)],
         );
         for (i, (listener, snapshot)) in self.connections.each().enumerate() {
             snapshot.write_prometheus(&mut out, "kycd_api", listener, i == 0);

@@ -71,6 +71,27 @@ pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether an error reading an input says nothing about the input itself: the agent is
+/// short of descriptors or memory, or the disk failed. Readers keep what they knew before
+/// on such an error — an attestation stays in force, a VM keeps its UUID and its tap
+/// interfaces — rather than act as if the input were gone: otherwise anyone able to exhaust
+/// the agent's descriptors could withdraw attestations (every workload denied) or lift
+/// network blocks.
+pub fn is_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::EIO
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::EAGAIN
+                | libc::EINTR
+        )
+    )
+}
+
 /// Reads at most `limit + 1` bytes of the regular file at `path` (the caller detects
 /// "too large" from the length). Opens with `O_NONBLOCK` and refuses anything but a regular
 /// file, so a FIFO or device planted under an expected name cannot block or flood the agent.

@@ -69,10 +69,29 @@ fn usable() -> bool {
     true
 }
 
-/// A host whose agent runs with `AGENT_NOFILE` descriptors and `api` lines, two tenants
-/// decided (one allowed, one denied), and a socket an unprivileged group member can reach.
+/// The running libvirt domain of the tests: its attestation names it by UUID, which only
+/// libvirt's status file maps to its name.
+const UUID: &str = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+
+/// A host whose agent runs with `AGENT_NOFILE` descriptors and `api` lines, three tenants
+/// decided (vm-a and the running domain `train-42`, bound by UUID, allowed; vm-b denied),
+/// and a socket an unprivileged group member can reach.
 fn host_under_limit(api: &str) -> Host {
     let mut host = Host::new("");
+    let d = host.dir.path().display().to_string();
+    host.extra_config = format!(
+        "[workloads]\ncgroup_root = \"{d}/cgroup\"\nrescan_interval_s = 1\nlibvirt_status_dir = \"{d}/libvirt\"\n"
+    );
+    fs::create_dir_all(host.path("libvirt")).unwrap();
+    fs::write(
+        host.path("libvirt/train-42.xml"),
+        format!(
+            "<domstatus><domain type='kvm' id='9'><name>train-42</name><uuid>{UUID}</uuid>\
+             <devices><interface type='ethernet'><target dev='vnet7'/></interface></devices></domain></domstatus>"
+        ),
+    )
+    .unwrap();
+    fs::create_dir_all(host.path("cgroup/machine.slice/machine-qemu\\x2d9\\x2dtrain\\x2d4.scope")).unwrap();
     // Group `users` (gid 100 on Debian) stands in for the package's `kycd` group.
     host.extra_api = format!("socket_group = \"users\"\n{api}");
     host.launcher = vec!["prlimit".into(), format!("--nofile={AGENT_NOFILE}:{AGENT_NOFILE}"), "--".into()];
@@ -81,8 +100,10 @@ fn host_under_limit(api: &str) -> Host {
     host.start();
     host.drop_file("vm-a.jws", host.attestation("vm-a", "DE", now() + 3600).as_bytes());
     host.drop_file("vm-b.jws", host.attestation("vm-b", "KP", now() + 3600).as_bytes());
+    host.drop_file("train.jws", host.attestation(UUID, "DE", now() + 3600).as_bytes());
     host.wait_for_verdict("libvirt_domain:vm-a", "allow");
     host.wait_for_verdict("libvirt_domain:vm-b", "deny");
+    host.wait_for_verdict("libvirt_domain:train-42", "allow");
     for dir in [host.dir.path().to_path_buf(), host.path("run")] {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -152,8 +173,8 @@ fn a_connection_flood_is_refused_at_the_cap_and_changes_no_decision() {
     let socket = &status["connections"]["socket"];
     assert!(socket["refused"].as_u64().unwrap() > 0, "refusals counted: {status}");
     assert_eq!(decisions_and_withdrawals(&host), before, "no decision changed; flooder: {flooded}");
-    assert_eq!(status["attestations"], 2, "{status}");
-    assert_eq!(status["verdicts"]["allow"], 1, "{status}");
+    assert_eq!(status["attestations"], 3, "{status}");
+    assert_eq!(status["verdicts"]["allow"], 2, "{status}");
     // vm-b (KP) and the host itself (no host attestation, policy `unverified: deny`).
     assert_eq!(status["verdicts"]["deny"], 2, "{status}");
     let text = Command::new(env!("CARGO_BIN_EXE_kycctl"))
@@ -193,7 +214,7 @@ fn exhausted_descriptors_keep_every_verified_attestation() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(
-        status["attestation_read_errors"].as_u64().unwrap() > 0,
+        status["input_read_errors"].as_u64().unwrap() > 0,
         "read errors counted: {status}\n{}",
         host.log()
     );
@@ -203,10 +224,10 @@ fn exhausted_descriptors_keep_every_verified_attestation() {
         "no decision changed; flooder: {flooded}\n{}",
         host.log()
     );
-    assert_eq!(status["attestations"], 2, "{status}");
-    assert_eq!(status["verdicts"]["allow"], 1, "{status}");
+    assert_eq!(status["attestations"], 3, "{status}");
+    assert_eq!(status["verdicts"]["allow"], 2, "{status}");
     // vm-b (KP) and the host itself (no host attestation, policy `unverified: deny`).
     assert_eq!(status["verdicts"]["deny"], 2, "{status}");
-    host.wait_for("read failure recorded once", |r| r["event"]["type"] == "attestation_read_failed");
+    host.wait_for("read failure recorded", |r| r["event"]["type"] == "input_read_failed");
     host.stop();
 }

@@ -86,12 +86,12 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
         (None, n) => format!("FAILING ({n} evaluations not recorded){failed_writes}"),
     };
     println!("audit log:    {audit}");
-    if s.attestation_read_errors > 0 {
+    if s.input_read_errors > 0 {
         let last =
             s.last_read_error.as_ref().map_or(String::new(), |(at, what)| format!("; last at {at}: {what}"));
         println!(
-            "intake:       {} read errors (resources or disk; last verified state kept){last}",
-            s.attestation_read_errors
+            "intake:       {} read errors (resources or disk; what the inputs said before is kept){last}",
+            s.input_read_errors
         );
     }
     if !s.connections.is_empty() {

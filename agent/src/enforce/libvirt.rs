@@ -12,18 +12,22 @@ use std::path::Path;
 const MAX_STATUS_XML: u64 = 1 << 20;
 
 /// The host-side device names (`vnet3`) of `name`'s network interfaces, in document order,
-/// without duplicates. A missing or unreadable file yields none (the domain is not running).
-pub fn domain_interfaces(status_dir: &Path, name: &str) -> Vec<String> {
+/// without duplicates. A missing file yields none (the domain is not running); any other
+/// read error is returned, so the caller keeps the taps it knew (and their blocks).
+pub fn domain_interfaces(status_dir: &Path, name: &str) -> std::io::Result<Vec<String>> {
     if name.is_empty() || name.contains('/') {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let mut text = String::new();
     let read = std::fs::File::open(status_dir.join(format!("{name}.xml")))
         .and_then(|f| f.take(MAX_STATUS_XML).read_to_string(&mut text));
-    if read.is_err() {
-        return Vec::new();
+    match read {
+        Ok(_) => Ok(interfaces_in(&text)),
+        // Not running (no status file): no taps.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        // Anything else says nothing about the taps: the caller keeps those it knew.
+        Err(e) => Err(e),
     }
-    interfaces_in(&text)
 }
 
 fn interfaces_in(xml: &str) -> Vec<String> {
@@ -96,9 +100,13 @@ mod tests {
     fn reads_tap_names_from_interface_elements_only() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gpu-vm.xml"), STATUS).unwrap();
-        assert_eq!(domain_interfaces(dir.path(), "gpu-vm"), ["vnet3", "vnet4"]);
-        assert!(domain_interfaces(dir.path(), "absent").is_empty());
-        assert!(domain_interfaces(dir.path(), "../gpu-vm").is_empty());
+        assert_eq!(domain_interfaces(dir.path(), "gpu-vm").unwrap(), ["vnet3", "vnet4"]);
+        assert!(domain_interfaces(dir.path(), "absent").unwrap().is_empty());
+        assert!(domain_interfaces(dir.path(), "../gpu-vm").unwrap().is_empty());
+        // A status file that cannot be read is an error, not "no taps" (which would lift the
+        // domain's network block).
+        std::fs::create_dir(dir.path().join("odd.xml")).unwrap();
+        assert!(domain_interfaces(dir.path(), "odd").is_err());
     }
 
     #[test]
