@@ -634,7 +634,12 @@ fn the_daemon_prohibits_the_gpus_of_a_denied_host_and_restores_them() {
         assert!(std::time::Instant::now() < deadline, "GPUs not prohibited: {:?}\n{}", modes(), host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(host.log().contains("GPU backend available"), "{}", host.log());
+    // The sampler says so on its first tick, which may come after the reconciliation that
+    // prohibited the GPUs: wait for it rather than race it.
+    while !host.log().contains("GPU backend available") {
+        assert!(std::time::Instant::now() < deadline, "no 'GPU backend available':\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
         "iss": "kyc", "sub": "tenant-bm", "jti": "h-1", "iat": host_support::now() - 5,
         "exp": host_support::now() + 3600, "kyc": {"status": "verified"},

@@ -128,14 +128,36 @@ impl UsageAggregator {
     }
 
     /// Adds one tick `(end_ms - dt, end_ms]`; returns windows this tick closed.
+    ///
+    /// A tick that began before the window its end falls in is split at the window's start:
+    /// the part before it goes to the window just closed (when that is the one before),
+    /// and nothing is counted before a window's start. So a window never holds more than
+    /// `gpus × (end - start)` GPU-seconds or `peak × (end - start)` operations, whatever
+    /// the sampling interval — the collector refuses windows that do.
     pub fn observe(&mut self, end_ms: i64, dt: Duration, observations: &[Observation]) -> Vec<UsageWindow> {
         let index = (end_ms - 1).div_euclid(self.window_ms);
+        let window_start_ms = index.saturating_mul(self.window_ms);
+        let start_ms = end_ms.saturating_sub(i64::try_from(dt.as_millis()).unwrap_or(i64::MAX));
         let mut closed = Vec::new();
-        if self.current.is_some_and(|c| c != index) {
+        if let Some(current) = self.current.filter(|c| *c != index) {
+            if current == index - 1 && start_ms < window_start_ms {
+                let before = (window_start_ms - start_ms).min(self.window_ms);
+                let before = Duration::from_millis(u64::try_from(before).unwrap_or(0));
+                self.accumulate(window_start_ms, before, observations);
+                // The closed window then runs to its nominal end.
+                self.last_end_ms = window_start_ms;
+            }
             closed = self.close_current();
         }
         self.current = Some(index);
         self.last_end_ms = end_ms;
+        let within = end_ms - start_ms.max(window_start_ms);
+        self.accumulate(end_ms, Duration::from_millis(u64::try_from(within).unwrap_or(0)), observations);
+        closed
+    }
+
+    /// Adds `(end_ms - dt, end_ms]` of `observations` to the window being filled.
+    fn accumulate(&mut self, end_ms: i64, dt: Duration, observations: &[Observation]) {
         let dt_s = dt.as_secs_f64();
 
         let mut per_key: BTreeMap<&UsageKey, Vec<&Observation>> = BTreeMap::new();
@@ -186,7 +208,6 @@ impl UsageAggregator {
                 self.runs.remove(key);
             }
         }
-        closed
     }
 
     /// Closes the window being filled (at shutdown), ending it at the last tick.
@@ -261,6 +282,39 @@ mod tests {
         assert_eq!(w.method, EstimationMethod::GpmTensor);
         let rest = agg.flush();
         assert_eq!((rest[0].start, rest[0].end, rest[0].gpu_seconds), (t0 / 1000 + 60, t0 / 1000 + 61, 2.0));
+    }
+
+    #[test]
+    fn ticks_straddling_a_window_start_are_split_and_never_overfill_a_window() {
+        // A 5 s sampling interval whose ticks do not line up with the 60 s windows: each
+        // window holds exactly its own 60 s per GPU, the first nothing before its start.
+        let mut agg = UsageAggregator::new(Duration::from_secs(60), TrainingRule::default());
+        let t0 = 1_764_000_000_000; // a multiple of 60 s
+        let mut closed = Vec::new();
+        for k in 0..30 {
+            let o = [obs("a", 0, 1.0, EstimationMethod::GpmTensor)];
+            closed.extend(agg.observe(t0 + 3_000 + k * 5_000, Duration::from_secs(5), &o));
+        }
+        closed.extend(agg.flush());
+        assert!(closed.len() >= 3, "{closed:?}");
+        for w in &closed {
+            let length = (w.end - w.start) as f64;
+            assert!(w.gpu_seconds <= length + 1e-9, "{w:?}");
+            assert!(w.estimated_ops <= w.peak_flops * length * (1.0 + 1e-12), "{w:?}");
+        }
+        // The first tick (t0 - 2 s, t0 + 3 s] counts from t0 only; the tick ending at
+        // t0 + 63 s gives its first 2 s to the first window, which so holds exactly 60 s.
+        assert_eq!((closed[0].gpu_seconds, closed[1].gpu_seconds, closed[2].gpu_seconds), (60.0, 60.0, 28.0));
+        let total: f64 = closed.iter().map(|w| w.gpu_seconds).sum();
+        assert_eq!(total, 148.0, "every second from t0 to the last tick at t0 + 148 s, once");
+        // A window flushed right after a tick that began before it (an agent stopping 3 s
+        // into a window, with 5 s ticks) holds only its own 3 s.
+        let mut agg = UsageAggregator::new(Duration::from_secs(60), TrainingRule::default());
+        agg.observe(t0 - 2_000, Duration::ZERO, &[obs("a", 0, 1.0, EstimationMethod::GpmTensor)]);
+        agg.observe(t0 + 3_000, Duration::from_secs(5), &[obs("a", 0, 1.0, EstimationMethod::GpmTensor)]);
+        let short = agg.flush();
+        let w = short.iter().find(|w| w.start == t0 / 1000).unwrap();
+        assert_eq!((w.end - w.start, w.gpu_seconds), (3, 3.0), "{short:?}");
     }
 
     #[test]
