@@ -422,6 +422,10 @@ enum IntakeError {
     WrongHost { bound: String, actual: String },
     #[error("the host attestation file must carry a binding of kind \"host\"")]
     NotHostBinding,
+    /// An input the verification needs could not be read for want of resources or a failing
+    /// disk ([`is_resource_error`]): not a verdict on the attestation.
+    #[error("{}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
 }
 
 impl IntakeError {
@@ -431,14 +435,20 @@ impl IntakeError {
             IntakeError::Io(_) => "Io",
             IntakeError::WrongHost { .. } => "WrongHost",
             IntakeError::NotHostBinding => "NotHostBinding",
+            IntakeError::Unreadable { .. } => "Io",
         }
     }
 }
 
 /// cloud-init's instance id (`v1.instance_id` in instance-data.json).
 fn cloud_init_instance_id(path: &Path) -> Result<String, IntakeError> {
-    let bytes = crate::fsutil::read_regular_file(path, 1 << 20)
-        .map_err(|e| IntakeError::Io(format!("{}: {e}", path.display())))?;
+    let bytes = crate::fsutil::read_regular_file(path, 1 << 20).map_err(|e| {
+        if is_resource_error(&e) {
+            IntakeError::Unreadable { path: path.to_owned(), source: e }
+        } else {
+            IntakeError::Io(format!("{}: {e}", path.display()))
+        }
+    })?;
     let doc = kycd_protocol::json::parse_strict(&bytes)
         .map_err(|e| IntakeError::Io(format!("{}: {e}", path.display())))?;
     doc["v1"]["instance_id"]
@@ -892,7 +902,14 @@ impl Agent {
             self.config.attestations.max_bytes.saturating_add(2),
         ) {
             Ok(bytes) => tokens::strip_one_newline(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // `open` fails with EMFILE even for a file that no longer exists; `lstat` needs no
+            // descriptor, so a deletion (the way to withdraw an attestation) still counts.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || (is_resource_error(&e)
+                        && std::fs::symlink_metadata(path)
+                            .is_err_and(|m| m.kind() == std::io::ErrorKind::NotFound)) =>
+            {
                 self.rejected.remove(path);
                 if let Some(gone) = self.attestations.remove(path) {
                     info!(path = %path.display(), workload = %gone.workload, tenant = %gone.claims.sub, "attestation withdrawn");
@@ -944,6 +961,9 @@ impl Agent {
                     self.attestations.insert(path.to_owned(), a);
                 }
             }
+            // cloud-init's instance data could not be read this time: keep what the file
+            // attested (a reload under descriptor exhaustion must not withdraw the host's).
+            Err(IntakeError::Unreadable { path: input, source }) => self.read_failed(&input, &source),
             Err(e) => self.reject(path, digest, e, previous),
         }
     }
@@ -1013,7 +1033,11 @@ impl Agent {
             }
         }
         let host_file = self.config.attestations.host_attestation.clone();
-        let kept = |p: &Path| unlisted.iter().any(|d| p.parent() == Some(d.as_path()));
+        // Paths in a directory that could not be listed stay known while they exist (`lstat`
+        // needs no descriptor): a file deleted during the outage is still withdrawn.
+        let kept = |p: &Path| {
+            unlisted.iter().any(|d| p.parent() == Some(d.as_path())) && std::fs::symlink_metadata(p).is_ok()
+        };
         let stale: Vec<PathBuf> = self
             .attestations
             .keys()
@@ -1087,7 +1111,10 @@ impl Agent {
         for d in discovery.found {
             let interfaces = if d.id.kind == WorkloadKind::LibvirtDomain {
                 match crate::enforce::libvirt::domain_interfaces(&status_dir, &d.id.id) {
-                    Ok(interfaces) => interfaces,
+                    Ok(interfaces) => {
+                        self.read_failing.remove(&status_dir.join(format!("{}.xml", d.id.id)));
+                        interfaces
+                    }
                     // Keep the taps known before: a network block must not lift because the
                     // status file could not be read this time.
                     Err(e) => {

@@ -105,6 +105,13 @@ impl Default for Limits {
     }
 }
 
+/// How far past [`Limits::max_clock_skew_s`] a window may end and still be answered "retry
+/// later" (503, [`IngestError::ClockAhead`]) rather than refused for good: a host whose clock
+/// runs fast by minutes or hours keeps its windows in its spool and delivers them once the
+/// collector's clock has caught up. Further ahead than a day (year 2500, `i64::MAX`) is not a
+/// clock error but a bad value, refused with 400.
+pub const MAX_CLOCK_AHEAD_RETRY_S: i64 = 24 * 3600;
+
 /// When a batch arrives and for which enrollment: what its windows' times are checked
 /// against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +163,20 @@ pub enum IngestError {
         /// What is wrong.
         reason: String,
     },
+    /// A window ends after the receive time plus the allowed skew, by at most
+    /// [`MAX_CLOCK_AHEAD_RETRY_S`]: the sender's clock runs ahead. Retryable (503 with
+    /// `Retry-After`); nothing was stored.
+    #[error("record {index} (seq {seq}): end {end} is {ahead} s past the receive time plus the allowed clock skew; retry later")]
+    ClockAhead {
+        /// Index in the batch.
+        index: usize,
+        /// Its seq.
+        seq: u64,
+        /// The window's end.
+        end: i64,
+        /// Seconds past the receive time plus the skew.
+        ahead: i64,
+    },
     /// A storage failure (including [`StoreError::SeqConflict`]).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -172,9 +193,19 @@ impl IngestError {
             IngestError::Malformed(_) => "Malformed",
             IngestError::HostMismatch { .. } => "HostMismatch",
             IngestError::InvalidRecord { .. } => "InvalidRecord",
+            IngestError::ClockAhead { .. } => "ClockAhead",
             IngestError::Store(StoreError::SeqConflict { .. }) => "SeqConflict",
             IngestError::Store(e) if e.is_transient() => "Unavailable",
             IngestError::Store(_) => "Internal",
+        }
+    }
+
+    /// Seconds the sender should wait before sending again, for a retryable error that knows
+    /// (a window ahead of the collector's clock: until it is no longer ahead).
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            IngestError::ClockAhead { ahead, .. } => Some(u64::try_from(*ahead).unwrap_or(0).clamp(5, 3600)),
+            _ => None,
         }
     }
 
@@ -349,6 +380,15 @@ pub fn validate_batch(
 ) -> Result<Vec<ValidRecord>, IngestError> {
     if batch.records.len() > limits.max_records {
         return Err(IngestError::TooLarge { what: "record count", limit: limits.max_records });
+    }
+    // A clock running ahead is answered "later", before any other check can refuse the batch
+    // for good; windows further ahead than a day fall through to the permanent refusal.
+    let latest_end = admission.received_at.saturating_add(limits.max_clock_skew_s);
+    for (index, record) in batch.records.iter().enumerate() {
+        let ahead = record.window.end.saturating_sub(latest_end);
+        if ahead > 0 && ahead <= MAX_CLOCK_AHEAD_RETRY_S {
+            return Err(IngestError::ClockAhead { index, seq: record.seq, end: record.window.end, ahead });
+        }
     }
     let mut previous_last = 0;
     let mut out = Vec::with_capacity(batch.records.len());

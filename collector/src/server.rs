@@ -5,7 +5,8 @@
 //!   `{"error": "...", "kind": "..."}`: 400 (`Malformed`, `InvalidRecord`, `HostMismatch`),
 //!   401 (`BadSignature`, `UnknownHost`), 409 (`SeqConflict`, permanent), 413 (`TooLarge`),
 //!   415 (`UnsupportedEncoding`), 503 + `Retry-After` (`Unavailable`: the database is busy or
-//!   unavailable; retry), 500 (`Internal`).
+//!   unavailable; `ClockAhead`: a window ends in the future by the collector's clock, by less
+//!   than a day; retry), 500 (`Internal`).
 //! - `GET /healthz` → `ok`.
 //!
 //! The listener and the shutdown token are parameters ([`run`]), so tests bind
@@ -47,7 +48,7 @@ pub fn status_of(error: &IngestError) -> StatusCode {
         "TooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "Malformed" | "HostMismatch" | "InvalidRecord" => StatusCode::BAD_REQUEST,
         "SeqConflict" => StatusCode::CONFLICT,
-        "Unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable" | "ClockAhead" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -64,7 +65,8 @@ fn error_response(error: &IngestError, host: Option<&str>) -> Response {
     let body = Json(serde_json::json!({"error": error.to_string(), "kind": kind}));
     let mut response = (status, body).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        let after = error.retry_after_s().unwrap_or(RETRY_AFTER_S);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(after));
     }
     response
 }

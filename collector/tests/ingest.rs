@@ -514,6 +514,13 @@ async fn unbounded_window_values_are_refused_naming_the_field(db: TestDb) {
     }
     assert!(c.ranges(HOST).is_empty(), "nothing of those batches is stored");
 
+    // A window ending an hour from now: a clock running ahead, answered "retry later" (503 with
+    // Retry-After until it is no longer ahead), not refused for good; nothing stored.
+    let mut fast = record(1);
+    (fast.window.start, fast.window.end) = (now + 3540, now + 3600);
+    let reply = send(c.addr, &batch(HOST, vec![fast]), &key).await;
+    assert_eq!((reply.status, reply.kind()), (503, "ClockAhead"), "{:?}", reply.body);
+    assert!(c.ranges(HOST).is_empty());
     // A window ending a minute from now is a clock slightly ahead: taken.
     let mut ahead = record(1);
     (ahead.window.start, ahead.window.end) = (now, now + 60);
