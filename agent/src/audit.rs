@@ -296,21 +296,24 @@ fn list_dir(dir: &Path) -> Result<Listing, AuditError> {
 }
 
 /// Brings a log written by an older agent (directory 0750, segments 0640) to the modes of
-/// all agent state: 0700 and 0600. Only ever removes permission bits.
-fn tighten_modes(dir: &Path, listing: &Listing) -> Result<(), AuditError> {
+/// all agent state: 0700 and 0600. Only ever removes permission bits. Best effort: a file
+/// system that refuses `chmod` (a root-squashed mount) must not keep the agent from starting,
+/// so a failure is logged and the log opened as it is.
+fn tighten_modes(dir: &Path, listing: &Listing) {
     use std::os::unix::fs::PermissionsExt as _;
-    let tighten = |path: &Path, mode: u32| -> Result<(), AuditError> {
-        let current = fs::symlink_metadata(path).map_err(io_err(path))?.permissions().mode() & 0o7777;
+    let tighten = |path: &Path, mode: u32| {
+        let Ok(meta) = fs::symlink_metadata(path) else { return };
+        let current = meta.permissions().mode() & 0o7777;
         if current & !mode != 0 {
-            fs::set_permissions(path, fs::Permissions::from_mode(current & mode)).map_err(io_err(path))?;
+            if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(current & mode)) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot narrow the audit log's mode");
+            }
         }
-        Ok(())
     };
-    tighten(dir, DIR_MODE)?;
+    tighten(dir, DIR_MODE);
     for segment in listing.segments.iter().filter(|s| s.regular) {
-        tighten(&segment.path, FILE_MODE)?;
+        tighten(&segment.path, FILE_MODE);
     }
-    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
@@ -488,7 +491,7 @@ impl AuditLog {
     pub fn open(dir: &Path, options: AuditOptions) -> Result<AuditLog, AuditError> {
         fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(io_err(dir))?;
         let listing = list_dir(dir)?;
-        tighten_modes(dir, &listing)?;
+        tighten_modes(dir, &listing);
         if let Some(odd) = listing.segments.iter().find(|s| !s.regular) {
             return Err(corrupt(&odd.path, 0, "not a regular file"));
         }
@@ -1008,10 +1011,12 @@ pub fn repair(dir: &Path, truncate_after: u64, now: i64) -> Result<Repair, Audit
         return Err(AuditError::Repair(format!("no segment holds seq {truncate_after}")));
     };
     let (report, last_good) = verify_chain(dir)?;
-    let verified_through = match &report {
-        VerifyReport::Intact { last_seq, .. } => *last_seq,
-        VerifyReport::Broken { .. } => last_good,
-    };
+    // An intact log needs no repair; cutting one would only lose records (and, with the agent
+    // running, break the chain it goes on writing).
+    if report.is_intact() {
+        return Err(AuditError::Repair("the log verifies: nothing to repair".into()));
+    }
+    let verified_through = last_good;
     if verified_through.is_none_or(|last| last < truncate_after) {
         return Err(AuditError::Repair(format!(
             "the log does not verify up to seq {truncate_after} (last verified record: {}); \

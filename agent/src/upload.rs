@@ -533,7 +533,25 @@ fn save_rejected(
     let first = records.first().map_or(0, |r| r.seq);
     let last = records.iter().map(covered).max().unwrap_or(0);
     crate::fsutil::create_dir_durably(dir)?;
-    let path = dir.join(format!("{first}-{last}.json"));
+    // The same batch saved again (a retry) replaces its own file; a different batch whose
+    // seqs happen to match (a spool wiped and renumbered) gets a file of its own, so the
+    // only copy of an earlier rejected batch is never overwritten.
+    let wanted = serde_json::to_value(records)?;
+    let same_batch = |path: &Path| {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|doc| doc["records"] == wanted)
+    };
+    let mut path = dir.join(format!("{first}-{last}.json"));
+    let mut n = 1u32;
+    while path.exists() && !same_batch(&path) {
+        if n > 10_000 {
+            return Err(std::io::Error::other(format!("too many rejected batches named {first}-{last}")));
+        }
+        path = dir.join(format!("{first}-{last}.{n}.json"));
+        n += 1;
+    }
     let new_file = !path.exists();
     let doc = serde_json::json!({
         "host_id": host_id,

@@ -859,10 +859,14 @@ fn a_fifo_or_directory_in_the_drop_dir_is_recorded_once() {
     // Several rescans later (rescan_interval_s = 1): still one record each.
     std::thread::sleep(Duration::from_millis(3500));
     assert_eq!((rejected("pipe.jws"), rejected("dir.jws")), (1, 1), "{}", host.log());
-    // A new file under the same name is a new identity: recorded again.
-    fs::remove_file(&fifo).unwrap();
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A new FIFO renamed over the old one (the name never missing, so nothing clears the
+    // rejection) is a new identity: recorded again, once.
+    let fresh = host.path("state/attestations/.pipe.new");
+    assert!(Command::new("mkfifo").arg(&fresh).status().unwrap().success());
+    fs::rename(&fresh, &fifo).unwrap();
     host.wait_for("the new FIFO rejected", |_| rejected("pipe.jws") == 2);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(rejected("pipe.jws"), 2, "{}", host.log());
     host.stop();
 }
 

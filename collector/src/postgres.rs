@@ -409,6 +409,10 @@ fn connect(config: &Config) -> Result<Client, StoreError> {
 /// the schema advisory lock.
 fn migrate(client: &mut Client, target: usize) -> Result<(), StoreError> {
     let mut tx = client.transaction().map_err(pg_error)?;
+    // A migration may rebuild a large table under ACCESS EXCLUSIVE (migration 5 re-keys
+    // `records`), and a second collector starting meanwhile waits on the schema lock: neither
+    // wait is a request to fail fast, so the 5 s request lock timeout does not apply here.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").map_err(pg_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).map_err(pg_error)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_version (

@@ -241,9 +241,20 @@ pub async fn plain<Io, Addr>(io: Io, addr: Addr) -> Option<(Io, Addr)> {
     Some((io, addr))
 }
 
-/// `peer` for TCP listeners: the client's IP address.
+/// `peer` for TCP listeners: the client's IPv4 address, or the /64 network of its IPv6
+/// address (one host commonly holds a whole /64, so a per-address cap would not bind it).
 pub fn peer_ip<Io>(_: &Io, addr: &std::net::SocketAddr) -> Option<std::net::IpAddr> {
-    Some(addr.ip())
+    Some(match addr.ip() {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            std::net::IpAddr::V6(segments.into())
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        v4 => v4,
+    })
 }
 
 /// Serves one connection until it closes, times out or the server shuts down.
@@ -417,7 +428,7 @@ mod tests {
             .await
             .unwrap();
         let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
         out
     }
 
@@ -452,11 +463,8 @@ mod tests {
         assert_eq!(stats.header_timeouts.load(Relaxed), 4, "{:?}", stats.snapshot());
         for mut s in idle {
             let mut buf = Vec::new();
-            assert_eq!(
-                s.read_to_end(&mut buf).await.unwrap_or(0),
-                0,
-                "the server closed the idle connection"
-            );
+            let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            assert_eq!(read.expect("the server closes the idle connection").unwrap_or(0), 0);
         }
         assert!(get_status(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         shutdown.cancel();
@@ -475,14 +483,17 @@ mod tests {
             .await
             .unwrap();
         let mut buf = Vec::new();
-        assert_eq!(partial.read_to_end(&mut buf).await.unwrap_or(0), 0);
+        let read = tokio::time::timeout(Duration::from_secs(2), partial.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("partial headers are closed").unwrap_or(0), 0);
         let partial_closed = started.elapsed();
         assert!(
             partial_closed < LIMITS.header_read_timeout + Duration::from_millis(250),
             "{partial_closed:?}"
         );
         // The stalled body is past the head, so only the idle timeout ends it.
-        let _ = stalled.read_to_end(&mut buf).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), stalled.read_to_end(&mut buf))
+            .await
+            .expect("a stalled body is closed");
         let stalled_closed = started.elapsed();
         assert!(stalled_closed >= LIMITS.idle_timeout, "{stalled_closed:?}");
         assert!(stalled_closed < LIMITS.idle_timeout + Duration::from_millis(250), "{stalled_closed:?}");
@@ -510,7 +521,8 @@ mod tests {
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(2), server).await.unwrap().unwrap();
         let mut buf = Vec::new();
-        assert_eq!(s.read_to_end(&mut buf).await.unwrap_or(0), 0, "closed on shutdown");
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("closed on shutdown").unwrap_or(0), 0);
     }
 
     #[tokio::test]
@@ -535,10 +547,19 @@ mod tests {
         let mut again = socket.connect(addr).await.unwrap();
         again.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
         let mut out = String::new();
-        again.read_to_string(&mut out).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), again.read_to_string(&mut out)).await.unwrap().unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         shutdown.cancel();
         server.await.unwrap();
+    }
+
+    #[test]
+    fn ipv6_peers_count_by_their_64_network() {
+        let key = |a: &str| peer_ip(&(), &a.parse().unwrap());
+        assert_eq!(key("[2001:db8:1:2:aaaa::1]:1"), key("[2001:db8:1:2:bbbb::2]:9"));
+        assert_ne!(key("[2001:db8:1:2::1]:1"), key("[2001:db8:1:3::1]:1"));
+        assert_eq!(key("[::ffff:192.0.2.7]:1"), key("192.0.2.7:2"));
+        assert_ne!(key("192.0.2.7:1"), key("192.0.2.8:1"));
     }
 
     #[test]

@@ -275,7 +275,8 @@ pub enum AuditCommand {
     /// and logs this command with the right seq. Everything after the record with seq SEQ —
     /// the rest of its segment and every later segment — is copied, byte for byte, into
     /// DIR/repair-<time>-after-<SEQ>.removed (fsync'd first), then cut from the log. The
-    /// records up to SEQ must verify, or nothing changes. Run it with the agent stopped.
+    /// records up to SEQ must verify and the log must be broken, or nothing changes. Run it
+    /// with the agent stopped.
     /// Exit 0 when the cut log verifies, 1 when it still does not, 2 on a usage or I/O error.
     Repair {
         /// The seq of the last record to keep.
