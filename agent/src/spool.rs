@@ -1276,7 +1276,7 @@ pub async fn run_writer(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn window(tenant: &str, workload: &str, start: i64) -> UsageWindow {

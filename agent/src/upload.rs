@@ -604,24 +604,6 @@ mod tests {
         assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
     }
 
-    fn window(start: i64) -> kycd_protocol::UsageWindow {
-        kycd_protocol::UsageWindow {
-            tenant: Some("t".into()),
-            workload: "cgroup:/w".into(),
-            foreign_person: false,
-            start,
-            end: start + 60,
-            gpu_seconds: 60.0,
-            gpus: 1,
-            max_concurrent_gpus: 1,
-            estimated_ops: 1e15,
-            peak_flops: 1e15,
-            method: kycd_protocol::EstimationMethod::GpmTensor,
-            training_like: false,
-            merged_windows: 1,
-        }
-    }
-
     /// Spool damage found on open and a rejected batch reach `kycctl status`, `/metrics`
     /// and (once each) the audit events the daemon records.
     #[test]
@@ -631,7 +613,7 @@ mod tests {
         let spool_dir = config.state_dir.join("spool");
         let mut spool = crate::spool::Spool::open(&spool_dir, crate::spool::SpoolOptions::default()).unwrap();
         for i in 0..3 {
-            spool.append(window(i * 60)).unwrap();
+            spool.append(crate::spool::tests::window("t", "cgroup:/w", i * 60)).unwrap();
         }
         let seg = spool.segment_paths().pop().unwrap();
         drop(spool);

@@ -923,30 +923,7 @@ impl ReportStore for PgStore {
 mod tests {
     use super::*;
     use crate::pg_support::fresh_database;
-
-    fn record(seq: u64, last_seq: Option<u64>) -> ValidRecord {
-        let record = kycd_protocol::UsageRecord {
-            seq,
-            last_seq,
-            window: kycd_protocol::UsageWindow {
-                tenant: Some("t".into()),
-                workload: "host:h".into(),
-                foreign_person: false,
-                start: 0,
-                end: 60,
-                gpu_seconds: 60.0,
-                gpus: 1,
-                max_concurrent_gpus: 1,
-                estimated_ops: 1e15,
-                peak_flops: 1e15,
-                method: kycd_protocol::EstimationMethod::GpmTensor,
-                training_like: false,
-                merged_windows: 1,
-            },
-        };
-        let body_json = serde_json::to_string(&record).unwrap();
-        ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
-    }
+    use crate::store::test_support::record;
 
     #[test]
     fn urls() {
@@ -1053,29 +1030,9 @@ mod tests {
         }
         let store = PgStore::open(&db.url).unwrap();
         assert_eq!(store.schema_version().unwrap(), 5);
-        let a = store.enrollment("a").unwrap().unwrap();
-        assert_eq!((a.epoch, a.enrolled_at, a.public_key.to_jwk()), (1, 100, a1.to_jwk()));
-        assert!(store.enrollment("b").unwrap().is_none(), "removed before the migration");
-        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
-        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
-        assert_eq!((store.acked_seq("a", 1).unwrap(), store.acked_seq("b", 1).unwrap()), (3, 1));
-        let listed = store.list_hosts().unwrap();
-        assert_eq!(
-            listed.iter().map(|h| (h.host_id.as_str(), h.epoch, h.acked_seq)).collect::<Vec<_>>(),
-            [("a", 1, 3)]
-        );
-        // b's old records are epoch 1 (its key is not known): a new key is epoch 2, and its
-        // seq 1 is a new record, not a conflict with the old one.
-        assert_eq!(store.enroll_host("b", &key("b"), 300).unwrap(), 2);
-        assert_eq!(store.insert_batch("b", 2, &[record(1, None)], 0).unwrap(), 1);
-        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
-        // a: removed and re-enrolled with a new key, epoch 2; the old records stay.
-        assert!(store.remove_host("a").unwrap());
-        assert_eq!(store.enroll_host("a", &key("a"), 400).unwrap(), 2);
-        assert_eq!(store.insert_batch("a", 2, &[record(1, None), record(2, None)], 0).unwrap(), 2);
-        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
-        let rows: i64 = db.client().query_one("SELECT count(*) FROM records", &[]).unwrap().get(0);
-        assert_eq!(rows, 6);
+        crate::store::test_support::check_migrated_to_epochs(&store, &a1, key, || {
+            db.client().query_one("SELECT count(*) FROM records", &[]).unwrap().get::<_, i64>(0)
+        });
     }
 
     #[test]

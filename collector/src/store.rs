@@ -300,6 +300,72 @@ pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
     Ok(path.into())
 }
 
+/// What the unit tests of both backends share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A valid record of `seq` (covering `seq..=last_seq` when merged): one 60 s window.
+    pub(crate) fn record(seq: u64, last_seq: Option<u64>) -> ValidRecord {
+        let record = kycd_protocol::UsageRecord {
+            seq,
+            last_seq,
+            window: kycd_protocol::UsageWindow {
+                tenant: Some("t".into()),
+                workload: "host:h".into(),
+                foreign_person: false,
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                max_concurrent_gpus: 1,
+                estimated_ops: 1e15,
+                peak_flops: 1e15,
+                method: kycd_protocol::EstimationMethod::GpmTensor,
+                training_like: false,
+                merged_windows: 1,
+            },
+        };
+        let body_json = serde_json::to_string(&record).unwrap();
+        ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
+    }
+
+    /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
+    /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
+    /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;
+    /// `rows` counts the stored records.
+    pub(crate) fn check_migrated_to_epochs(
+        store: &dyn ReportStore,
+        a1: &kycd_protocol::PublicKey,
+        new_key: impl Fn(&str) -> kycd_protocol::PublicKey,
+        rows: impl Fn() -> i64,
+    ) {
+        let a = store.enrollment("a").unwrap().unwrap();
+        assert_eq!((a.epoch, a.enrolled_at, a.public_key.to_jwk()), (1, 100, a1.to_jwk()));
+        assert!(store.enrollment("b").unwrap().is_none(), "removed before the migration");
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        assert_eq!((store.acked_seq("a", 1).unwrap(), store.acked_seq("b", 1).unwrap()), (3, 1));
+        let listed = store.list_hosts().unwrap();
+        assert_eq!(
+            listed.iter().map(|h| (h.host_id.as_str(), h.epoch, h.acked_seq)).collect::<Vec<_>>(),
+            [("a", 1, 3)]
+        );
+        // b's old records are epoch 1 (its key is not known): a new key is epoch 2, and its
+        // seq 1 is a new record, not a conflict with the old one.
+        assert_eq!(store.enroll_host("b", &new_key("b"), 300).unwrap(), 2);
+        assert_eq!(store.insert_batch("b", 2, &[record(1, None)], 0).unwrap(), 1);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        // a: removed and re-enrolled with a new key, epoch 2; the old records stay.
+        assert!(store.remove_host("a").unwrap());
+        assert_eq!(store.enroll_host("a", &new_key("a"), 400).unwrap(), 2);
+        assert_eq!(store.insert_batch("a", 2, &[record(1, None), record(2, None)], 0).unwrap(), 2);
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        assert_eq!(rows(), 6);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
