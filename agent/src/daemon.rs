@@ -1006,30 +1006,38 @@ impl Agent {
         for dir in [self.config.drop_dir(), self.config.admitted_dir()] {
             match std::fs::read_dir(&dir) {
                 Ok(entries) => {
-                    let mut listed = Vec::new();
+                    let mut failed = None;
                     for entry in entries {
                         match entry {
-                            Ok(entry) => listed.push(entry.path()),
+                            Ok(entry) if is_attestation_file(&entry.path()) => {
+                                present.insert(entry.path());
+                            }
+                            Ok(_) => {}
                             Err(e) => {
-                                self.read_failed(&dir, &e);
-                                unlisted.push(dir.clone());
+                                failed = Some(e);
                                 break;
                             }
                         }
                     }
-                    present.extend(listed.into_iter().filter(|p| is_attestation_file(p)));
+                    match failed {
+                        Some(e) => {
+                            self.read_failed(&dir, &e);
+                            unlisted.push(dir);
+                        }
+                        None if self.read_failing.remove(&dir) => {
+                            info!(dir = %dir.display(), "attestation directory readable again");
+                        }
+                        None => {}
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == self.config.admitted_dir() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == self.config.admitted_dir() => {
+                    self.read_failing.remove(&dir);
+                }
                 Err(e) if is_resource_error(&e) => {
                     self.read_failed(&dir, &e);
                     unlisted.push(dir);
                 }
                 Err(e) => warn!(dir = %dir.display(), error = %e, "cannot read an attestation directory"),
-            }
-        }
-        for dir in [self.config.drop_dir(), self.config.admitted_dir()] {
-            if !unlisted.contains(&dir) && self.read_failing.remove(&dir) {
-                info!(dir = %dir.display(), "attestation directory readable again");
             }
         }
         let host_file = self.config.attestations.host_attestation.clone();

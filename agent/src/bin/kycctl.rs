@@ -431,10 +431,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn audit_repair(dir: &std::path::Path, truncate_after: u64) -> ExitCode {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let repair = match audit::repair(dir, truncate_after, now) {
+    let repair = match audit::repair(dir, truncate_after, kycd::tokens::unix_now()) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_USAGE, e),
     };
