@@ -951,6 +951,11 @@ impl Agent {
         match self.verify_attestation(&bytes, host_file) {
             Ok(a) => {
                 self.rejected.remove(path);
+                if host_file {
+                    // cloud-init's instance data was read (when the binding needs it): a later
+                    // outage is logged and recorded again.
+                    self.read_failing.remove(&self.config.attestations.cloud_init_instance_data);
+                }
                 let unchanged =
                     self.attestations.get(path).is_some_and(|old| old.token_digest == a.token_digest);
                 if !unchanged {
