@@ -22,13 +22,16 @@
 //! ```
 
 pub mod b64;
+pub mod backoff;
 pub mod claims;
+pub mod clock;
 mod country;
 mod country_table;
 mod error;
 pub mod json;
 mod jwk;
 mod jws;
+pub mod wire;
 
 pub use claims::*;
 pub use country::{CountryCode, UnknownCountryCode};

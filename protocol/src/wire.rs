@@ -1,0 +1,72 @@
+//! Names on the wire that more than one process must spell the same way: HTTP paths,
+//! header names, and the stored names of enumerations. The agent, `kycctl` and the
+//! collector take them from here, never from a literal of their own.
+
+use crate::EstimationMethod;
+
+/// Operator socket (`kycd`, answered over its Unix socket; `kycctl` calls them).
+pub mod operator {
+    /// `POST`: admit a workload (`kycctl admit`, libvirt hook, Slurm prolog).
+    pub const ADMIT: &str = "/v1/admit";
+    /// `GET`: the agent's state at a glance.
+    pub const STATUS: &str = "/v1/status";
+    /// `GET`: every known workload with its decision.
+    pub const WORKLOADS: &str = "/v1/workloads";
+    /// `POST`: reload trust anchors, policy and attestations (like SIGHUP).
+    pub const RELOAD: &str = "/v1/reload";
+    /// `GET`: GPU inventory and usage.
+    pub const GPUS: &str = "/v1/gpus";
+    /// `GET`: Prometheus metrics.
+    pub const METRICS: &str = "/metrics";
+}
+
+/// The agent's collector-facing HTTPS API.
+pub mod agent_api {
+    /// `GET ?nonce=`: a signed host statement.
+    pub const ATTESTATION: &str = "/v1/attestation";
+}
+
+/// The collector's HTTP API.
+pub mod collector {
+    /// `POST`: a signed, gzip-compressed report batch.
+    pub const REPORTS: &str = "/v1/reports";
+    /// `GET`: the policy the collector serves to agents.
+    pub const POLICY: &str = "/v1/policy";
+    /// `GET`: per-tenant aggregates.
+    pub const TENANTS: &str = "/v1/tenants";
+    /// `GET`: findings.
+    pub const FINDINGS: &str = "/v1/findings";
+    /// `GET`: enrolled hosts.
+    pub const HOSTS: &str = "/v1/hosts";
+}
+
+/// The detached signature of a report batch (`POST /v1/reports`), lower case as HTTP/2 and
+/// `http::HeaderName` spell it.
+pub const SIGNATURE_HEADER: &str = "x-kycd-signature";
+
+impl EstimationMethod {
+    /// Every method, in wire order (the order the collector's exports list them).
+    pub const ALL: [EstimationMethod; 3] =
+        [EstimationMethod::GpmTensor, EstimationMethod::UtilizationUpperBound, EstimationMethod::Unknown];
+
+    /// The wire name, as serialized and as stored by the collector (`records.method`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EstimationMethod::GpmTensor => "gpm_tensor",
+            EstimationMethod::UtilizationUpperBound => "utilization_upper_bound",
+            EstimationMethod::Unknown => "unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_the_serialized_names() {
+        for m in EstimationMethod::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), serde_json::Value::from(m.as_str()));
+        }
+    }
+}
