@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod core;
 pub mod daemon;
 pub mod decision;
 pub mod enforce;

@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::daemon::Event;
 use crate::policy::MAX_POLICY_BYTES;
 
 /// File in the state directory holding the last fetched policy that was accepted.
@@ -41,6 +40,15 @@ pub struct FetchOptions {
 }
 
 /// What the main loop made of a fetched token.
+/// A fetched policy token, for the agent to offer; the reply says what became of it.
+#[derive(Debug)]
+pub struct FetchedPolicy {
+    /// The body as served.
+    pub token: Vec<u8>,
+    /// Where the verdict goes.
+    pub reply: tokio::sync::oneshot::Sender<FetchVerdict>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchVerdict {
     /// A newer version: in force and persisted.
@@ -172,7 +180,7 @@ fn now() -> i64 {
 pub async fn run(
     options: FetchOptions,
     client: reqwest::Client,
-    events: mpsc::Sender<Event>,
+    to_agent: mpsc::Sender<FetchedPolicy>,
     status: SharedFetchStatus,
     shutdown: CancellationToken,
 ) {
@@ -195,7 +203,7 @@ pub async fn run(
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let sent = tokio::select! {
                     () = shutdown.cancelled() => break,
-                    r = events.send(Event::FetchedPolicy { token: body, reply: reply_tx }) => r,
+                    r = to_agent.send(FetchedPolicy { token: body, reply: reply_tx }) => r,
                 };
                 if sent.is_err() {
                     break; // The main loop is gone.

@@ -24,6 +24,8 @@
 //! temporary socket and stop the server deterministically); [`serve`] returns once the
 //! listener stopped and every connection drained or was closed.
 
+pub mod prometheus;
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -104,26 +106,37 @@ impl ConnSnapshot {
     /// Prometheus text for these counters, each metric named `{prefix}_connections_…` and
     /// labelled `listener="{listener}"`. HELP/TYPE lines are written when `header` is set (once
     /// per metric family when several listeners share the prefix).
-    pub fn write_prometheus(&self, out: &mut String, prefix: &str, listener: &str, header: bool) {
-        use std::fmt::Write as _;
-        let families: [(&str, &str, &str, u64); 5] = [
-            ("open", "gauge", "Connections open now.", self.open),
-            ("accepted_total", "counter", "Connections accepted.", self.accepted),
-            ("refused_total", "counter", "Connections refused at the connection cap.", self.refused),
+    pub fn write_prometheus(
+        &self,
+        out: &mut prometheus::Exposition,
+        prefix: &str,
+        listener: &str,
+        header: bool,
+    ) {
+        use prometheus::Kind;
+        let families: [(&str, Kind, &str, u64); 5] = [
+            ("open", Kind::Gauge, "Connections open now.", self.open),
+            ("accepted_total", Kind::Counter, "Connections accepted.", self.accepted),
+            ("refused_total", Kind::Counter, "Connections refused at the connection cap.", self.refused),
             (
                 "header_timeouts_total",
-                "counter",
+                Kind::Counter,
                 "Connections closed for not sending a request head in time.",
                 self.header_timeouts,
             ),
-            ("idle_closed_total", "counter", "Connections closed after the idle timeout.", self.idle_closed),
+            (
+                "idle_closed_total",
+                Kind::Counter,
+                "Connections closed after the idle timeout.",
+                self.idle_closed,
+            ),
         ];
         for (name, kind, help, value) in families {
+            let metric = format!("{prefix}_connections_{name}");
             if header {
-                let _ = writeln!(out, "# HELP {prefix}_connections_{name} {help}");
-                let _ = writeln!(out, "# TYPE {prefix}_connections_{name} {kind}");
+                out.family(&metric, kind, help);
             }
-            let _ = writeln!(out, "{prefix}_connections_{name}{{listener=\"{listener}\"}} {value}");
+            out.sample(&metric, &[("listener", listener)], value);
         }
     }
 }
@@ -565,8 +578,9 @@ mod tests {
     #[test]
     fn prometheus_text_names_every_counter() {
         let snap = ConnSnapshot { open: 1, accepted: 2, refused: 3, header_timeouts: 4, idle_closed: 5 };
-        let mut out = String::new();
-        snap.write_prometheus(&mut out, "kycd_api", "socket", true);
+        let mut exposition = prometheus::Exposition::new();
+        snap.write_prometheus(&mut exposition, "kycd_api", "socket", true);
+        let out = exposition.finish();
         assert!(out.contains("kycd_api_connections_refused_total{listener=\"socket\"} 3\n"), "{out}");
         assert!(out.contains("# TYPE kycd_api_connections_open gauge\n"), "{out}");
         assert_eq!(out.lines().filter(|l| !l.starts_with('#')).count(), 5);

@@ -76,7 +76,8 @@ fn run(config: Config, args: &ConfigArgs) -> anyhow::Result<()> {
             Mode::Audit => Box::new(kycd::reconcile::RecordOnly),
         };
         let gpu = sampler_gpu;
-        kycd::daemon::run(config, enforcer, gpu, reload_rx, shutdown).await?;
+        let clock = std::sync::Arc::new(kycd_protocol::clock::SystemClock);
+        kycd::daemon::run(config, enforcer, gpu, reload_rx, clock, shutdown).await?;
         Ok(())
     })
 }
@@ -108,10 +109,8 @@ fn main() -> ExitCode {
                     eprintln!("error: {e:#}");
                     // A corrupt audit log needs an operator: restarting cannot fix it, and
                     // kycd.service's RestartPreventExitStatus names this status.
-                    let needs_operator = matches!(
-                        e.downcast_ref::<kycd::daemon::DaemonError>(),
-                        Some(kycd::daemon::DaemonError::AuditCorrupt { .. })
-                    );
+                    let needs_operator =
+                        e.downcast_ref::<kycd::daemon::DaemonError>().is_some_and(|e| e.needs_operator());
                     ExitCode::from(if needs_operator { kycd::daemon::EXIT_NEEDS_OPERATOR } else { 1 })
                 }
             }
