@@ -31,10 +31,13 @@
 //! enforcement the audit log cannot show; the journal does.
 
 mod audit_event;
+mod counters;
+mod error;
 mod evaluate;
 mod intake;
 mod metrics;
 mod policy_source;
+mod record;
 mod reject;
 mod views;
 mod workloads;
@@ -48,6 +51,8 @@ use kycd_protocol::{Jwks, VerifyOptions};
 use tracing::{error, info, warn};
 
 pub use audit_event::AuditEvent;
+pub use counters::{Connections, Counters};
+pub use error::StartError;
 pub use reject::RejectKind;
 
 use crate::audit::{AuditLog, AuditOptions};
@@ -83,74 +88,6 @@ pub enum Event {
     Deadline,
     /// The periodic full reconciliation of the host is due.
     ReconcileDue,
-}
-
-/// Why the agent could not start. Once running, it does not stop on errors.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The state directory cannot be used.
-    #[error("state directory {path}: {source}")]
-    StateDir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The audit log cannot be opened (the agent must not decide without recording).
-    #[error("audit log: {0}")]
-    Audit(#[from] crate::audit::AuditError),
-    /// The audit log's end is corrupt: appending would fork the chain. Not fixed by a
-    /// restart; `repair` is the operator's command that cuts it back (kept bytes aside).
-    #[error("audit log: {source}; to repair, with the agent stopped: {}", repair.as_deref().unwrap_or("no record verifies: move the audit directory aside"))]
-    AuditCorrupt {
-        /// What is wrong.
-        #[source]
-        source: crate::audit::AuditError,
-        /// `kycctl audit repair --truncate-after SEQ DIR`.
-        repair: Option<String>,
-    },
-    /// The policy anti-rollback state is unusable.
-    #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
-    /// No host id configured and none in /etc/machine-id.
-    #[error("cannot determine the host id: set host_id in the configuration ({0})")]
-    HostId(String),
-}
-
-/// Counters of rejected input, by error kind (exported as metrics).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Attestations rejected, by kind.
-    pub attestations_rejected: BTreeMap<&'static str, u64>,
-    /// Policies rejected, by kind.
-    pub policies_rejected: BTreeMap<&'static str, u64>,
-    /// Trust files that failed to load (the previous set was kept).
-    pub trust_load_failures: u64,
-    /// Enforcement failures, by backend (`kycd_enforcement_errors_total{backend}`).
-    pub enforcement_errors: BTreeMap<&'static str, u64>,
-    /// Drift repaired, by backend.
-    pub drift_repaired: BTreeMap<&'static str, u64>,
-    /// Inputs (attestation files and directories, libvirt's status) that could not be read
-    /// for want of resources or a failing disk (EMFILE, ENFILE, EIO, …); what they said
-    /// before was kept.
-    pub input_read_errors: u64,
-}
-
-/// Connection counters of the agent's listeners, for status and metrics.
-#[derive(Debug, Default)]
-pub struct Connections {
-    /// The operators' Unix socket.
-    pub socket: Arc<kycd_net::ConnStats>,
-    /// The collector-facing HTTPS API, when enabled.
-    pub collector_api: Option<Arc<kycd_net::ConnStats>>,
-}
-
-impl Connections {
-    fn each(&self) -> impl Iterator<Item = (&'static str, kycd_net::ConnSnapshot)> + '_ {
-        std::iter::once(("socket", self.socket.snapshot()))
-            .chain(self.collector_api.iter().map(|s| ("collector_api", s.snapshot())))
-    }
 }
 
 /// Which workloads the next evaluation must re-decide.
@@ -389,48 +326,6 @@ impl Agent {
         VerifyOptions {
             max_token_bytes: self.config.attestations.max_bytes,
             clock_skew_s: self.config.clock_skew_s,
-        }
-    }
-
-    /// Queues a record for the audit log; it is written with the next evaluation's
-    /// decisions ([`Agent::settle`]), or by [`Agent::flush_records`].
-    pub fn record(&mut self, event: AuditEvent) {
-        let now = self.now();
-        self.pending.push((now, event));
-    }
-
-    /// Writes the queued records now, in one fsync'd batch (record by record when the batch
-    /// fails, so one unwritable record does not hold back the rest). A record that cannot
-    /// be written is logged loudly and dropped: records other than decisions act on
-    /// nothing, and decisions are never dropped (see [`Agent::settle`]).
-    pub fn flush_records(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        let _ = self.write_records(pending);
-    }
-
-    /// Appends `records` in one batch; returns which of them were written.
-    fn write_records(&mut self, records: Vec<(i64, AuditEvent)>) -> Vec<bool> {
-        if records.is_empty() {
-            return Vec::new();
-        }
-        let encoded: Vec<(i64, serde_json::Value)> =
-            records.iter().map(|(ts, event)| (*ts, event.to_record())).collect();
-        match self.audit.append_batch(encoded.iter().map(|(ts, v)| (*ts, v))) {
-            Ok(_) => vec![true; encoded.len()],
-            Err(e) => {
-                warn!(error = %e, records = encoded.len(), "cannot append the records as one batch; trying one by one");
-                encoded
-                    .iter()
-                    .zip(&records)
-                    .map(|((ts, value), (_, event))| match self.audit.append(*ts, value) {
-                        Ok(_) => true,
-                        Err(e) => {
-                            error!(error = %e, record = event.kind(), "cannot write the audit log");
-                            false
-                        }
-                    })
-                    .collect()
-            }
         }
     }
 

@@ -1,0 +1,188 @@
+//! The rules of `docs/architecture.md`, checked on the source tree: no import loops between
+//! a crate's top-level modules, no source file over about 500 lines of non-test code, time
+//! read only through the `Clock`, the protocol crate free of I/O, and both collector
+//! storage backends made of the same files.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// "About 500 lines": the limit a file's non-test code must stay under.
+const MAX_NON_TEST_LINES: usize = 520;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A file's code before its inline test module.
+fn non_test_code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("#[cfg(test)]") {
+            break;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The code without comments (so a doc comment naming `SystemTime::now` is not a use).
+fn without_comments(code: &str) -> String {
+    code.lines()
+        .map(|l| match l.find("//") {
+            Some(i) if !l[..i].contains('"') => &l[..i],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const CRATES: [&str; 4] = ["protocol/src", "net/src", "agent/src", "collector/src"];
+
+#[test]
+fn no_file_has_more_than_about_500_lines_of_non_test_code() {
+    let mut over = Vec::new();
+    for krate in CRATES {
+        for file in rust_files(&repo().join(krate)) {
+            let lines = non_test_code(&file).lines().count();
+            if lines > MAX_NON_TEST_LINES {
+                over.push(format!("{}: {lines}", file.strip_prefix(repo()).unwrap().display()));
+            }
+        }
+    }
+    assert!(over.is_empty(), "files over {MAX_NON_TEST_LINES} lines of non-test code:\n{}", over.join("\n"));
+}
+
+/// The top-level module a file belongs to (`agent/src/core/intake.rs` → `core`); `None` for
+/// the crate root and binaries.
+fn top_module(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next()?.as_os_str().to_str()?.to_owned();
+    let name = first.strip_suffix(".rs").unwrap_or(&first).to_owned();
+    (!matches!(name.as_str(), "lib" | "main" | "bin")).then_some(name)
+}
+
+/// `crate::x` paths in `code`, as the set of `x`.
+fn crate_imports(code: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = code;
+    while let Some(i) = rest.find("crate::") {
+        let after = &rest[i + "crate::".len()..];
+        let preceded_by_ident = rest[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if !preceded_by_ident {
+            let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+        rest = after;
+    }
+    out
+}
+
+/// A cycle in `graph`, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == node) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph.keys().find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_import_loops_between_top_level_modules() {
+    for krate in CRATES {
+        let src = repo().join(krate);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in rust_files(&src) {
+            let Some(module) = top_module(&src, &file) else { continue };
+            let imports = crate_imports(&without_comments(&non_test_code(&file)));
+            let entry = graph.entry(module.clone()).or_default();
+            entry.extend(imports.into_iter().filter(|m| *m != module));
+        }
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!("{krate}: import loop {}", cycle.join(" → "));
+        }
+    }
+}
+
+#[test]
+fn time_is_read_only_through_the_clock() {
+    let clock = repo().join("protocol/src/clock.rs");
+    let mut found = Vec::new();
+    for krate in CRATES {
+        for file in rust_files(&repo().join(krate)) {
+            if file == clock {
+                continue;
+            }
+            let code = without_comments(&non_test_code(&file));
+            for banned in ["SystemTime::now", "Instant::now"] {
+                if code.contains(banned) {
+                    found.push(format!("{}: {banned}", file.strip_prefix(repo()).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "time read outside protocol/src/clock.rs:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_protocol_crate_does_no_io() {
+    for file in rust_files(&repo().join("protocol/src")) {
+        let code = without_comments(&non_test_code(&file));
+        for banned in ["std::fs", "std::net", "tokio", "std::process", "std::env"] {
+            assert!(!code.contains(banned), "{}: uses {banned}", file.display());
+        }
+    }
+}
+
+#[test]
+fn both_storage_backends_have_the_same_files() {
+    let names = |backend: &str| -> BTreeSet<String> {
+        let dir = repo().join("collector/src/store").join(backend);
+        rust_files(&dir).iter().map(|f| f.strip_prefix(&dir).unwrap().display().to_string()).collect()
+    };
+    let (sqlite, postgres) = (names("sqlite"), names("postgres"));
+    assert!(!sqlite.is_empty(), "no collector/src/store/sqlite");
+    assert_eq!(sqlite, postgres);
+}
