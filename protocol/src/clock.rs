@@ -52,6 +52,17 @@ pub fn unix_now() -> i64 {
     SystemClock.unix_now()
 }
 
+/// The wall clock now, from the [`SystemClock`] (for code that is handed no clock).
+pub fn wall() -> SystemTime {
+    SystemClock.now()
+}
+
+/// The monotonic clock now, from the [`SystemClock`] (for code that is handed no clock:
+/// timing a step for a log line, a test's deadline).
+pub fn monotonic() -> Instant {
+    SystemClock.instant()
+}
+
 /// A clock that moves only when told to: both its wall and monotonic time advance together.
 #[derive(Debug)]
 pub struct ManualClock {
