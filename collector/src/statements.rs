@@ -1,14 +1,14 @@
 //! The storage boundary of agent polling: each enrolled host's agent URL, the latest host
 //! statement that verified, the bounded history of poll attempts and each host's poll status
-//! ([`StatementStore`]). SQLite implements it in [`crate::sqlite_statements`], PostgreSQL in
-//! [`crate::postgres::statements`]; the poller ([`crate::poll`]) and the findings read and
+//! ([`StatementStore`]). SQLite implements it in [`crate::store::sqlite::statements`], PostgreSQL in
+//! [`crate::store::postgres::statements`]; the poller ([`crate::poll`]) and the findings read and
 //! write only through it.
 //!
 //! Calls are blocking, like [`crate::ReportStore`]'s: async callers use `spawn_blocking`.
 
 use kycd_protocol::{HostStatementClaims, PublicKey};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// How many poll attempts of one host are kept (newest first); older ones are pruned as new
 /// ones are recorded. Poll history is a diagnostic (when did this host stop answering, and

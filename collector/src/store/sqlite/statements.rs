@@ -1,6 +1,6 @@
 //! The SQLite backend of [`StatementStore`], on the same connection as the report store.
 //!
-//! Tables (migration [`MIGRATION_POLLING`]):
+//! Tables (migration [`super::schema::MIGRATION_POLLING`]):
 //! - `host_agents`: the agent URL of an enrolled host.
 //! - `poll_status`: per host, last attempt / last success, consecutive failures, last error,
 //!   and `attempts`, the number of attempts ever recorded, which numbers history rows.
@@ -14,57 +14,22 @@
 //! operator sets its URL again; its latest statement is kept as evidence but no longer
 //! listed.
 
-use kycd_protocol::{HostStatementClaims, PublicKey};
+use kycd_protocol::HostStatementClaims;
 use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
 
-use crate::sqlite::{db_error, SqliteStore};
+use super::driver::db_error;
+use super::SqliteStore;
 use crate::statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
     POLL_HISTORY_PER_HOST,
 };
-use crate::store::StoreError;
-
-/// The schema of agent polling, appended to [`crate::sqlite::MIGRATIONS`].
-pub const MIGRATION_POLLING: &str = r#"
-    CREATE TABLE host_agents (
-        host_id   TEXT PRIMARY KEY NOT NULL,
-        agent_url TEXT NOT NULL
-    ) STRICT;
-    CREATE TABLE poll_status (
-        host_id              TEXT PRIMARY KEY NOT NULL,
-        attempts             INTEGER NOT NULL,
-        last_attempt_at      INTEGER NOT NULL,
-        last_ok_at           INTEGER,
-        consecutive_failures INTEGER NOT NULL,
-        last_error           TEXT
-    ) STRICT;
-    CREATE TABLE poll_history (
-        host_id   TEXT NOT NULL,
-        n         INTEGER NOT NULL,
-        polled_at INTEGER NOT NULL,
-        kind      TEXT NOT NULL,
-        detail    TEXT NOT NULL,
-        PRIMARY KEY (host_id, n)
-    ) STRICT, WITHOUT ROWID;
-    CREATE TABLE poll_latest (
-        host_id     TEXT PRIMARY KEY NOT NULL,
-        polled_at   INTEGER NOT NULL,
-        claims_json TEXT NOT NULL,
-        token       TEXT NOT NULL
-    ) STRICT;
-    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts BEGIN
-        DELETE FROM host_agents WHERE host_id = OLD.host_id;
-        DELETE FROM poll_status WHERE host_id = OLD.host_id;
-        DELETE FROM poll_history WHERE host_id = OLD.host_id;
-    END;
-"#;
+use crate::store::error::StoreError;
+use crate::store::schema::{count_u32, parse_key, truncate_detail};
 
 fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), StoreError> {
     let (ok, kind, detail) = match &poll.outcome {
         PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => {
-            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
-        }
+        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate_detail(detail).to_owned()),
     };
     let last_error = (!ok).then(|| format!("{kind}: {detail}"));
     // Only enrolled hosts get a status (the SELECT yields no row otherwise): a host removed
@@ -114,11 +79,6 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
         .map_err(db_error)?;
     }
     Ok(())
-}
-
-fn parse_key(host_id: &str, jwk: &str) -> Result<PublicKey, StoreError> {
-    PublicKey::from_jwk_json(jwk.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
 }
 
 impl StatementStore for SqliteStore {
@@ -225,7 +185,7 @@ impl StatementStore for SqliteStore {
                     host_id: r.get(0)?,
                     last_attempt_at: r.get(1)?,
                     last_ok_at: r.get(2)?,
-                    consecutive_failures: crate::store::count_u32(r.get(3)?),
+                    consecutive_failures: count_u32(r.get(3)?),
                     last_error: r.get(4)?,
                 })
             })

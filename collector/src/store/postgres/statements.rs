@@ -1,5 +1,5 @@
 //! The PostgreSQL backend of [`StatementStore`], with the meaning of the SQLite one
-//! ([`crate::sqlite_statements`]); schema: [`MIGRATION_POLLING`], step 4 of
+//! ([`crate::store::sqlite::statements`]); schema: [`super::schema::MIGRATION_POLLING`], step 4 of
 //! [`super::MIGRATIONS`], the same tables as SQLite's step 4.
 //!
 //! Removing a host's enrollment drops its agent URL, poll status and history in the same
@@ -10,57 +10,14 @@
 
 use kycd_protocol::HostStatementClaims;
 
-use super::{get, pg_error, Failed, PgStore};
+use super::driver::{get, pg_error, Failed};
+use super::PgStore;
 use crate::statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
     POLL_HISTORY_PER_HOST,
 };
-use crate::store::StoreError;
-
-/// Step 4: agent polling.
-pub const MIGRATION_POLLING: &str = r#"
-    CREATE TABLE host_agents (
-        host_id   TEXT PRIMARY KEY NOT NULL,
-        agent_url TEXT NOT NULL
-    );
-    CREATE TABLE poll_status (
-        host_id              TEXT PRIMARY KEY NOT NULL,
-        attempts             BIGINT NOT NULL,
-        last_attempt_at      BIGINT NOT NULL,
-        last_ok_at           BIGINT,
-        consecutive_failures BIGINT NOT NULL,
-        last_error           TEXT
-    );
-    CREATE TABLE poll_history (
-        host_id   TEXT NOT NULL,
-        n         BIGINT NOT NULL,
-        polled_at BIGINT NOT NULL,
-        kind      TEXT NOT NULL,
-        detail    TEXT NOT NULL,
-        PRIMARY KEY (host_id, n)
-    );
-    CREATE TABLE poll_latest (
-        host_id     TEXT PRIMARY KEY NOT NULL,
-        polled_at   BIGINT NOT NULL,
-        claims_json TEXT NOT NULL,
-        token       TEXT NOT NULL
-    );
-    CREATE FUNCTION kycd_hosts_removed_polling() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        DELETE FROM host_agents WHERE host_id = OLD.host_id;
-        DELETE FROM poll_status WHERE host_id = OLD.host_id;
-        DELETE FROM poll_history WHERE host_id = OLD.host_id;
-        RETURN NULL;
-    END
-    $$;
-    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts
-        FOR EACH ROW EXECUTE FUNCTION kycd_hosts_removed_polling();
-"#;
-
-fn parse_key(host_id: &str, jwk: &str) -> Result<kycd_protocol::PublicKey, StoreError> {
-    kycd_protocol::PublicKey::from_jwk_json(jwk.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
-}
+use crate::store::error::StoreError;
+use crate::store::schema::{count_u32, parse_key, truncate_detail};
 
 /// The statements of [`StatementStore::record_polls`], prepared once per transaction.
 struct RecordStatements {
@@ -115,9 +72,7 @@ fn record_one(
 ) -> Result<(), Failed> {
     let (ok, kind, detail) = match &poll.outcome {
         PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => {
-            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
-        }
+        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate_detail(detail).to_owned()),
     };
     let last_error = (!ok).then(|| format!("{kind}: {detail}"));
     let row = tx.query_opt(&stmts.status, &[&poll.host_id, &poll.polled_at, &ok, &last_error])?;
@@ -240,7 +195,7 @@ impl StatementStore for PgStore {
                     host_id: get(r, 0)?,
                     last_attempt_at: get(r, 1)?,
                     last_ok_at: get(r, 2)?,
-                    consecutive_failures: crate::store::count_u32(get(r, 3)?),
+                    consecutive_failures: count_u32(get(r, 3)?),
                     last_error: get(r, 4)?,
                 })
             })
