@@ -94,8 +94,11 @@ pub trait StatementStore: Send + Sync + std::fmt::Debug + 'static {
     fn set_agent_url(&self, host_id: &str, url: Option<&str>) -> Result<bool, StoreError>;
     /// Enrolled hosts with an agent URL.
     fn poll_targets(&self) -> Result<Vec<PollTarget>, StoreError>;
-    /// Records one poll attempt (history row + status + latest statement when Ok).
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError>;
+    /// Records one poll attempt (history row + status + latest statement when Ok): a batch of
+    /// one ([`StatementStore::record_polls`]).
+    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
+        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
+    }
     /// Records many attempts in one transaction (one fsync for a whole batch: a round over
     /// 10,000 hosts would otherwise cost 10,000 commits).
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError>;

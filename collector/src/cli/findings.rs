@@ -95,34 +95,23 @@ pub fn run(command: FindingsCommand) -> anyhow::Result<()> {
                 .map(|k| FindingKind::parse(&k).with_context(|| format!("unknown finding kind {k:?}")))
                 .transpose()?;
             let store = open(&db, false)?;
-            let mut after_id = 0;
-            loop {
-                let page = store.list_findings(&FindingQuery {
-                    state,
-                    kind,
-                    tenant: tenant.clone(),
-                    after_id,
-                    limit: 1000,
-                    ..FindingQuery::default()
-                })?;
-                let Some(last) = page.last() else { break };
-                after_id = last.id;
-                for f in page {
-                    if json {
-                        println!("{}", serde_json::to_string(&f)?);
-                    } else {
-                        println!(
-                            "{}\t{}\t{}\t{}\t{}\t{}",
-                            f.id,
-                            f.state.as_str(),
-                            f.finding.kind.as_str(),
-                            crate::export::rfc3339(f.raised_at),
-                            f.finding.subject,
-                            f.finding.summary
-                        );
-                    }
+            let query = FindingQuery { state, kind, tenant, limit: 1000, ..FindingQuery::default() };
+            crate::findings::for_each_finding(store.as_ref(), query, |f| {
+                if json {
+                    println!("{}", serde_json::to_string(&f)?);
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        f.id,
+                        f.state.as_str(),
+                        f.finding.kind.as_str(),
+                        crate::export::rfc3339(f.raised_at),
+                        f.finding.subject,
+                        f.finding.summary
+                    );
                 }
-            }
+                Ok::<_, anyhow::Error>(())
+            })?;
         }
     }
     Ok(())

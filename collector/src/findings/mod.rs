@@ -97,21 +97,32 @@ pub fn identities_from_statements(hosts: &[HostView]) -> Vec<TenantIdentity> {
     by_tenant.into_values().collect()
 }
 
+/// Calls `f` with every finding `query` matches, paging through the store (`query.limit` a
+/// page, from `query.after_id`).
+pub fn for_each_finding<S: FleetStore + ?Sized, E: From<StoreError>>(
+    store: &S,
+    mut query: FindingQuery,
+    mut f: impl FnMut(crate::fleet::Finding) -> Result<(), E>,
+) -> Result<(), E> {
+    loop {
+        let page = store.list_findings(&query)?;
+        let Some(last) = page.last() else { break };
+        query.after_id = last.id;
+        for finding in page {
+            f(finding)?;
+        }
+    }
+    Ok(())
+}
+
 /// Every open finding, paging through the store.
 pub fn open_findings<S: FleetStore + ?Sized>(store: &S) -> Result<Vec<crate::fleet::Finding>, StoreError> {
     let mut out = Vec::new();
-    let mut after_id = 0;
-    loop {
-        let page = store.list_findings(&FindingQuery {
-            state: Some(FindingState::Open),
-            after_id,
-            limit: 1000,
-            ..FindingQuery::default()
-        })?;
-        let Some(last) = page.last() else { break };
-        after_id = last.id;
-        out.extend(page);
-    }
+    let query = FindingQuery { state: Some(FindingState::Open), limit: 1000, ..FindingQuery::default() };
+    for_each_finding(store, query, |finding| {
+        out.push(finding);
+        Ok::<_, StoreError>(())
+    })?;
     Ok(out)
 }
 

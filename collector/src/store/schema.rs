@@ -3,7 +3,9 @@
 //! numbers) and bounded (failure details). The SQL itself differs by dialect and lives with
 //! each backend ([`super::sqlite`], [`super::postgres`]).
 
-use kycd_protocol::PublicKey;
+use kycd_protocol::{HostStatementClaims, PublicKey};
+
+use crate::statements::PollOutcome;
 
 use super::error::StoreError;
 
@@ -58,4 +60,40 @@ pub(crate) fn to_u64(value: i64) -> Result<u64, StoreError> {
 /// A [`StoreError::Corrupt`] naming `what` could not be read back.
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A verified statement's claims as stored (`poll_latest.claims_json`).
+pub(crate) fn statement_json(claims: &HostStatementClaims) -> Result<String, StoreError> {
+    serde_json::to_string(claims)
+        .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))
+}
+
+/// A stored statement (`poll_latest.claims_json`) of `host_id` read back.
+pub(crate) fn parse_statement(host_id: &str, json: &str) -> Result<HostStatementClaims, StoreError> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))
+}
+
+/// How a poll attempt is stored in `poll_status` and `poll_history`.
+#[derive(Debug)]
+pub(crate) struct StoredOutcome<'a> {
+    /// Whether the statement verified.
+    pub ok: bool,
+    /// `ok`, or the failure kind.
+    pub kind: &'a str,
+    /// The token's digest for an Ok (the token itself is kept in `poll_latest`), else the
+    /// failure detail cut to [`MAX_DETAIL`].
+    pub detail: String,
+    /// `kind: detail` of a failure.
+    pub last_error: Option<String>,
+}
+
+/// The stored columns of a poll `outcome`.
+pub(crate) fn stored_outcome(outcome: &PollOutcome) -> StoredOutcome<'_> {
+    let (ok, kind, detail) = match outcome {
+        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
+        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate_detail(detail).to_owned()),
+    };
+    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    StoredOutcome { ok, kind, detail, last_error }
 }

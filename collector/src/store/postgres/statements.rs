@@ -8,8 +8,6 @@
 //! recorded poll) take a `FOR KEY SHARE` lock on its `hosts` row first, so a concurrent removal
 //! waits for them and then clears what they wrote: nothing of a removed host survives.
 
-use kycd_protocol::HostStatementClaims;
-
 use super::driver::{get, pg_error, Failed};
 use super::PgStore;
 use crate::statements::{
@@ -17,7 +15,9 @@ use crate::statements::{
     POLL_HISTORY_PER_HOST,
 };
 use crate::store::error::StoreError;
-use crate::store::schema::{count_u32, parse_key, truncate_detail};
+use crate::store::schema::{
+    count_u32, parse_key, parse_statement, statement_json, stored_outcome, StoredOutcome,
+};
 
 /// The statements of [`StatementStore::record_polls`], prepared once per transaction.
 struct RecordStatements {
@@ -70,11 +70,7 @@ fn record_one(
     stmts: &RecordStatements,
     poll: &PollRecord,
 ) -> Result<(), Failed> {
-    let (ok, kind, detail) = match &poll.outcome {
-        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate_detail(detail).to_owned()),
-    };
-    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    let StoredOutcome { ok, kind, detail, last_error } = stored_outcome(&poll.outcome);
     let row = tx.query_opt(&stmts.status, &[&poll.host_id, &poll.polled_at, &ok, &last_error])?;
     let Some(row) = row else {
         tracing::debug!(host_id = %poll.host_id, "poll of a host no longer enrolled: not recorded");
@@ -84,8 +80,7 @@ fn record_one(
     let oldest_kept = n - i64::from(POLL_HISTORY_PER_HOST) + 1;
     tx.execute(&stmts.history, &[&poll.host_id, &n, &poll.polled_at, &kind, &detail, &oldest_kept])?;
     if let PollOutcome::Ok { claims, token } = &poll.outcome {
-        let claims_json = serde_json::to_string(claims)
-            .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))?;
+        let claims_json = statement_json(claims)?;
         tx.execute(&stmts.latest, &[&poll.host_id, &poll.polled_at, &claims_json, token])?;
     }
     Ok(())
@@ -131,10 +126,6 @@ impl StatementStore for PgStore {
             .collect()
     }
 
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
-        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
-    }
-
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError> {
         if polls.is_empty() {
             return Ok(());
@@ -162,8 +153,7 @@ impl StatementStore for PgStore {
             .map(|r| {
                 let host_id: String = get(r, 0)?;
                 let json: String = get(r, 2)?;
-                let claims: HostStatementClaims = serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))?;
+                let claims = parse_statement(&host_id, &json)?;
                 Ok(StoredStatement { host_id, polled_at: get(r, 1)?, claims })
             })
             .collect()

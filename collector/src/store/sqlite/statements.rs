@@ -14,7 +14,6 @@
 //! operator sets its URL again; its latest statement is kept as evidence but no longer
 //! listed.
 
-use kycd_protocol::HostStatementClaims;
 use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
 
 use super::driver::db_error;
@@ -24,14 +23,12 @@ use crate::statements::{
     POLL_HISTORY_PER_HOST,
 };
 use crate::store::error::StoreError;
-use crate::store::schema::{count_u32, parse_key, truncate_detail};
+use crate::store::schema::{
+    count_u32, parse_key, parse_statement, statement_json, stored_outcome, StoredOutcome,
+};
 
 fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), StoreError> {
-    let (ok, kind, detail) = match &poll.outcome {
-        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => (false, kind.as_str(), truncate_detail(detail).to_owned()),
-    };
-    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    let StoredOutcome { ok, kind, detail, last_error } = stored_outcome(&poll.outcome);
     // Only enrolled hosts get a status (the SELECT yields no row otherwise): a host removed
     // while its poll was in flight leaves nothing behind.
     let attempts: Option<i64> = tx
@@ -68,8 +65,7 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
             .map_err(db_error)?;
     }
     if let PollOutcome::Ok { claims, token } = &poll.outcome {
-        let claims_json = serde_json::to_string(claims)
-            .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))?;
+        let claims_json = statement_json(claims)?;
         tx.prepare_cached(
             "INSERT INTO poll_latest (host_id, polled_at, claims_json, token) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (host_id) DO UPDATE SET polled_at = excluded.polled_at,
@@ -126,10 +122,6 @@ impl StatementStore for SqliteStore {
         Ok(out)
     }
 
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
-        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
-    }
-
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError> {
         if polls.is_empty() {
             return Ok(());
@@ -156,8 +148,7 @@ impl StatementStore for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (host_id, polled_at, json) = row.map_err(db_error)?;
-            let claims: HostStatementClaims = serde_json::from_str(&json)
-                .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))?;
+            let claims = parse_statement(&host_id, &json)?;
             out.push(StoredStatement { host_id, polled_at, claims });
         }
         Ok(out)
@@ -223,6 +214,7 @@ impl StatementStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::ReportStore as _;
+    use kycd_protocol::HostStatementClaims;
     use kycd_protocol::{Algorithm, PrivateJwk};
 
     fn claims(host: &str, nonce: &str) -> HostStatementClaims {
