@@ -12,6 +12,9 @@
 //!   collectors on one database).
 //! - [`hosts`]: host enrollment, and why there is no trust-on-first-use.
 //! - [`poll`]: the agent poller (signed host statements); [`statements`]: its storage trait.
+//! - [`fleet`], [`findings`], [`policy`], [`export`]: the fleet view, the findings rules, the
+//!   published policy and the filings export.
+//! - [`cli`]: the command line and what each command does (`main` only parses and runs it).
 //!
 //! In-process use (as the tests do):
 //!

@@ -34,7 +34,7 @@
 //! at most one open finding per (kind, subject), also across collector processes.
 
 //!
-//! Layout: [`rules`] (the rule set and the state it reads), [`prohibitions`] (policy measures
+//! Layout: [`rules`] (the rule set and the state it reads), [`prohibitions`](mod@prohibitions) (policy measures
 //! matched against a statement's subject); this file evaluates and records.
 
 use std::collections::{BTreeMap, BTreeSet};

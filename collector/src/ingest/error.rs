@@ -47,7 +47,7 @@ pub enum IngestError {
         reason: String,
     },
     /// A window ends after the receive time plus the allowed skew, by at most
-    /// [`MAX_CLOCK_AHEAD_RETRY_S`]: the sender's clock runs ahead. Retryable (503 with
+    /// [`super::MAX_CLOCK_AHEAD_RETRY_S`]: the sender's clock runs ahead. Retryable (503 with
     /// `Retry-After`); nothing was stored.
     #[error("record {index} (seq {seq}): end {end} is {ahead} s past the receive time plus the allowed clock skew; retry later")]
     ClockAhead {

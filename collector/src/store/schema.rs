@@ -32,7 +32,7 @@ pub(crate) fn count_u32(value: i64) -> u32 {
 }
 
 /// Longest stored poll failure detail: an error chain is useful, a hostile agent's novel is not.
-pub(crate) const MAX_DETAIL: usize = 1024;
+pub const MAX_DETAIL: usize = 1024;
 
 /// `detail` cut to [`MAX_DETAIL`] bytes at a character boundary.
 pub(crate) fn truncate_detail(detail: &str) -> &str {

@@ -48,9 +48,9 @@ use crate::store::error::StoreError;
 #[cfg(doc)]
 use crate::store::reports::ReportStore;
 
-mod driver;
+pub mod driver;
 pub mod fleet;
-mod reports;
+pub mod reports;
 pub mod schema;
 pub mod statements;
 

@@ -25,9 +25,9 @@ use crate::store::error::StoreError;
 #[cfg(doc)]
 use crate::store::reports::ReportStore;
 
-mod driver;
-mod fleet;
-mod reports;
+pub mod driver;
+pub mod fleet;
+pub mod reports;
 pub mod schema;
 pub mod statements;
 
