@@ -31,8 +31,7 @@ const TENANTS: u64 = 200;
 const TENANTS_PER_HOST: u64 = 5;
 const ROUNDS: usize = 3;
 
-#[path = "../tests/pg_support/mod.rs"]
-mod pg_support;
+use kycd_test_support::pg;
 
 #[path = "support/aggregate_pg.rs"]
 mod aggregate_pg;

@@ -4,7 +4,7 @@
 //!     cargo bench -p kycd-collector --bench ingest
 //!
 //! PostgreSQL: `KYCD_BENCH_POSTGRES_URL` (a role that may `CREATE DATABASE`), else a private
-//! cluster started for the run (tests/pg_support: initdb in /tmp, loopback, PostgreSQL's
+//! cluster started for the run (kycd-test-support `pg`: initdb in /tmp, loopback, PostgreSQL's
 //! default durability, i.e. fsync at every commit like SQLite's `synchronous=FULL`), else the
 //! PostgreSQL rows are skipped. `KYCD_BENCH_POSTGRES=0` skips them too.
 //!
@@ -44,8 +44,8 @@ const ADMISSION: kycd_collector::ingest::Admission =
 const ROUNDS: usize = 5;
 const HOST: &str = "bench-host";
 
-#[path = "../tests/pg_support/mod.rs"]
-mod pg_support;
+use kycd_test_support::bench_stats::median;
+use kycd_test_support::pg;
 
 /// Where a mode's fresh database goes.
 enum Backend {
@@ -82,7 +82,7 @@ impl Backend {
         // multi-statement query.
         client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
         client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        pg_support::with_dbname(admin, &name)
+        pg::with_dbname(admin, &name)
     }
 }
 
@@ -148,7 +148,7 @@ fn http(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let server = tokio::spawn(kycd_collector::server::run(listener, ingestor, shutdown.clone()));
+        let server = tokio::spawn(kycd_collector::http::run(listener, ingestor, shutdown.clone()));
         let t = Instant::now();
         for (body, sig) in uploads {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -212,8 +212,7 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
         let max_gpus = col(&|v| i64::from(v.record.window.max_concurrent_gpus));
         let ops = colf(&|v| v.record.window.estimated_ops);
         let peak = colf(&|v| v.record.window.peak_flops);
-        let method: Vec<&str> =
-            batch.iter().map(|v| kycd_collector::sqlite::method_name(v.record.window.method)).collect();
+        let method: Vec<&str> = batch.iter().map(|v| v.record.window.method.as_str()).collect();
         let training: Vec<bool> = batch.iter().map(|v| v.record.window.training_like).collect();
         let foreign: Vec<bool> = batch.iter().map(|v| v.record.window.foreign_person).collect();
         let merged = col(&|v| i64::from(v.record.window.merged_windows));
@@ -253,7 +252,7 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
     let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     conn.pragma_update(None, "cache_size", -65536).unwrap();
-    for sql in kycd_collector::sqlite::MIGRATIONS {
+    for sql in kycd_collector::store::sqlite::MIGRATIONS {
         conn.execute_batch(sql).unwrap();
     }
     let t = Instant::now();
@@ -284,7 +283,7 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
                         w.max_concurrent_gpus,
                         w.estimated_ops,
                         w.peak_flops,
-                        kycd_collector::sqlite::method_name(w.method),
+                        w.method.as_str(),
                         w.training_like,
                         w.foreign_person,
                         w.merged_windows,
@@ -334,11 +333,6 @@ fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     );
 }
 
-fn median(mut d: Vec<Duration>) -> Duration {
-    d.sort();
-    d[d.len() / 2]
-}
-
 fn main() {
     let key = PrivateJwk::generate(Algorithm::EdDSA, HOST).unwrap();
     let batches = batches();
@@ -360,10 +354,10 @@ fn main() {
     if std::env::var("KYCD_BENCH_POSTGRES").as_deref() == Ok("0") {
         println!("PostgreSQL: skipped (KYCD_BENCH_POSTGRES=0)");
     } else if let Ok(url) = std::env::var("KYCD_BENCH_POSTGRES_URL") {
-        println!("PostgreSQL: {}", kycd_collector::postgres::redact_url(&url));
+        println!("PostgreSQL: {}", kycd_collector::store::postgres::redact_url(&url));
         backends.push(Backend::Postgres(url));
     } else {
-        match pg_support::Cluster::start(true) {
+        match pg::Cluster::start(true) {
             Ok(cluster) => {
                 println!(
                     "PostgreSQL: private cluster in {} (default durability: fsync per commit)",

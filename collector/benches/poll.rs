@@ -35,6 +35,7 @@ use kycd_protocol::{
     Algorithm, GpuInventoryEntry, HostStatementClaims, PrivateJwk, StatementSubject, Verdict,
     WorkloadStatement,
 };
+use kycd_test_support::bench_stats::{ms, percentile};
 use tokio_util::sync::CancellationToken;
 
 const PORT: u16 = 9477;
@@ -84,7 +85,7 @@ fn template() -> HostStatementClaims {
 }
 
 fn now() -> i64 {
-    kycd_collector::poll::unix_now()
+    kycd_protocol::clock::unix_now()
 }
 
 struct Agent {
@@ -154,18 +155,6 @@ fn load_average() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 struct Summary {

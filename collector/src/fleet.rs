@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use kycd_protocol::CountryCode;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Rejection, StoreError};
+use crate::store::error::StoreError;
+use crate::store::reports::Rejection;
 
 /// Width of a concurrency bucket, seconds (the agents' window length).
 pub const CAPACITY_BUCKET_S: i64 = 60;

@@ -12,7 +12,7 @@
 use kycd_protocol::{Jwks, PolicyClaims, VerifyOptions};
 use sha2::{Digest as _, Sha256};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// The policy currently published.
 #[derive(Debug, Clone)]

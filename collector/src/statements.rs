@@ -1,14 +1,14 @@
 //! The storage boundary of agent polling: each enrolled host's agent URL, the latest host
 //! statement that verified, the bounded history of poll attempts and each host's poll status
-//! ([`StatementStore`]). SQLite implements it in [`crate::sqlite_statements`], PostgreSQL in
-//! [`crate::postgres::statements`]; the poller ([`crate::poll`]) and the findings read and
+//! ([`StatementStore`]). SQLite implements it in [`crate::store::sqlite::statements`], PostgreSQL in
+//! [`crate::store::postgres::statements`]; the poller ([`crate::poll`]) and the findings read and
 //! write only through it.
 //!
 //! Calls are blocking, like [`crate::ReportStore`]'s: async callers use `spawn_blocking`.
 
 use kycd_protocol::{HostStatementClaims, PublicKey};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 /// How many poll attempts of one host are kept (newest first); older ones are pruned as new
 /// ones are recorded. Poll history is a diagnostic (when did this host stop answering, and
@@ -94,8 +94,11 @@ pub trait StatementStore: Send + Sync + std::fmt::Debug + 'static {
     fn set_agent_url(&self, host_id: &str, url: Option<&str>) -> Result<bool, StoreError>;
     /// Enrolled hosts with an agent URL.
     fn poll_targets(&self) -> Result<Vec<PollTarget>, StoreError>;
-    /// Records one poll attempt (history row + status + latest statement when Ok).
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError>;
+    /// Records one poll attempt (history row + status + latest statement when Ok): a batch of
+    /// one ([`StatementStore::record_polls`]).
+    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
+        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
+    }
     /// Records many attempts in one transaction (one fsync for a whole batch: a round over
     /// 10,000 hosts would otherwise cost 10,000 commits).
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError>;

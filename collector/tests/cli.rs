@@ -1,7 +1,7 @@
 //! `kycd-collector hosts …` as an operator runs it, on a SQLite file and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod pg_support;
+use kycd_test_support::pg;
 
 use std::process::Command;
 
@@ -21,8 +21,7 @@ fn hosts_add_list_remove_and_private_keys_are_refused_on_sqlite() {
 
 #[test]
 fn hosts_add_list_remove_and_private_keys_are_refused_on_postgres() {
-    let Some(pg) =
-        pg_support::fresh_database("hosts_add_list_remove_and_private_keys_are_refused_on_postgres")
+    let Some(pg) = pg::fresh_database("hosts_add_list_remove_and_private_keys_are_refused_on_postgres")
     else {
         return;
     };
@@ -147,7 +146,7 @@ fn hosts_add_list_remove(dir: &tempfile::TempDir, db: &str) {
 }
 
 fn policy_token(issuer: &PrivateJwk, version: u64, exp_offset: i64) -> String {
-    let now = kycd_collector::server::unix_now();
+    let now = kycd_protocol::clock::unix_now();
     let claims: kycd_protocol::PolicyClaims = serde_json::from_value(serde_json::json!({
         "iss": "authority", "iat": now - 10, "exp": now + exp_offset, "version": version, "measures": [],
         "unverified": {"action": "deny"},

@@ -146,7 +146,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     // One GPU busy with pid 1's work: one usage window per replayed second, ten a second.
     // The trace starts an hour ago: the collector takes windows that end by the time they
     // arrive and start at most a week before the host's enrollment (just below).
-    let t0_ms = (kycd_collector::server::unix_now() - 3600) * 1000;
+    let t0_ms = (kycd_protocol::clock::unix_now() - 3600) * 1000;
     let trace: Vec<String> = (0..600)
         .map(|i: i64| {
             serde_json::json!({"at_ms": t0_ms + i * 1000, "backend": {"state": "ok"}, "gpus": [{

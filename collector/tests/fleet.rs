@@ -32,7 +32,7 @@ const SETTINGS: EvaluationSettings =
     EvaluationSettings { dark_after_s: 180, policy_grace_s: 0, rejected_window_s: 3600 };
 
 fn now() -> i64 {
-    kycd_collector::server::unix_now()
+    kycd_protocol::clock::unix_now()
 }
 
 /// A policy scaled down to simulation size (thresholds are policy data): training at 2e19
@@ -372,13 +372,13 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let store: Arc<dyn Storage> = fleet.store.clone();
-    let api = kycd_collector::api::ApiState {
+    let api = kycd_collector::http::ApiState {
         store: store.clone(),
-        access: kycd_collector::api::ReadAccess::token("read-token-0123456789"),
+        access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
     };
-    let app = kycd_collector::server::app(Arc::new(Ingestor::new(store, Limits::default())), api);
+    let app = kycd_collector::http::app(Arc::new(Ingestor::new(store, Limits::default())), api);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(kycd_collector::server::serve(listener, app, shutdown.clone()));
+    let server = tokio::spawn(kycd_collector::http::serve(listener, app, shutdown.clone()));
     let auth = [("authorization", "Bearer read-token-0123456789")];
 
     // Policy: 404 before publication, then the token with an ETag, then 304 on a match.

@@ -351,7 +351,7 @@ fn report_rejected_findings(db: &TestDb) -> Vec<kycd_collector::fleet::Finding> 
 fn evaluate(db: &TestDb) -> kycd_collector::findings::EvaluationReport {
     let store = db.storage();
     off_runtime(move || {
-        evaluate_store(store.as_ref(), EvaluationSettings::default(), kycd_collector::server::unix_now())
+        evaluate_store(store.as_ref(), EvaluationSettings::default(), kycd_protocol::clock::unix_now())
             .unwrap()
     })
 }
@@ -459,7 +459,7 @@ async fn refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_re
     );
     assert!(listed[2].detail.contains("end must be after start"), "{:?}", listed[2].detail);
     assert!(listed.iter().all(|r| r.host_id == HOST));
-    let now = kycd_collector::server::unix_now();
+    let now = kycd_protocol::clock::unix_now();
     assert!(listed.iter().all(|r| (now - r.rejected_at).abs() < 60));
 
     let report = evaluate(&db);
@@ -488,7 +488,7 @@ async fn refused_batches_of_authenticated_hosts_are_recorded_and_raise_report_re
 /// pass.
 async fn unbounded_window_values_are_refused_naming_the_field(db: TestDb) {
     let (c, key) = started(&db).await;
-    let now = kycd_collector::server::unix_now();
+    let now = kycd_protocol::clock::unix_now();
     let case = |f: fn(&mut UsageRecord)| {
         let mut r = record(1);
         f(&mut r);

@@ -66,7 +66,7 @@ async fn three_collectors_on_one_postgres_store_a_hosts_retries_once() {
     }
     for addr in &addrs {
         let addr = *addr;
-        tokio::task::spawn_blocking(move || pg_support::wait_for_port(addr)).await.unwrap();
+        tokio::task::spawn_blocking(move || pg::wait_for_port(addr)).await.unwrap();
     }
     let out =
         cli(&["hosts", "add", "--host-id", HOST, "--public-jwk", jwk.to_str().unwrap(), "--db", &db.url]);

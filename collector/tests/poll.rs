@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kycd_collector::poll::{next_attempt_at, unix_now, Poller, PollerConfig};
+use kycd_collector::poll::{next_attempt_at, Poller, PollerConfig};
 use kycd_collector::{PollOutcome, PollTarget, ReportStore as _, SqliteStore, StatementStore};
+use kycd_protocol::clock::unix_now;
 use kycd_protocol::{Algorithm, HostStatementClaims, PrivateJwk};
 use tokio_util::sync::CancellationToken;
 

@@ -90,7 +90,7 @@ impl Host {
 
     /// A trace of `seconds` samples starting `ago` seconds ago: one GPU busy with pid 1.
     fn trace(&self, name: &str, ago: i64, seconds: i64) {
-        let t0_ms = (kycd_collector::server::unix_now() - ago) * 1000;
+        let t0_ms = (kycd_protocol::clock::unix_now() - ago) * 1000;
         let lines: Vec<String> = (0..seconds)
             .map(|i| {
                 serde_json::json!({"at_ms": t0_ms + i * 1000, "backend": {"state": "ok"}, "gpus": [{

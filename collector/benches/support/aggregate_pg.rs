@@ -6,7 +6,7 @@
 //!
 //! Server: `KYCD_BENCH_POSTGRES_URL` (a role that may `CREATE DATABASE`; the database
 //! `kycd_bench_aggregate_<windows>` is kept and reused when it holds the expected rows), else
-//! a private cluster started for the run (tests/pg_support, loaded every run), else skipped.
+//! a private cluster started for the run (kycd-test-support `pg`, loaded every run), else skipped.
 //! `KYCD_BENCH_POSTGRES=0` skips it.
 
 use std::io::Write as _;
@@ -17,7 +17,7 @@ use kycd_collector::fleet::FleetStore as _;
 use kycd_collector::{PgStore, ReportStore as _};
 use kycd_protocol::{Algorithm, PrivateJwk};
 
-use super::{pg_support, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
+use super::{pg, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
 
 const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
@@ -81,7 +81,7 @@ pub fn run(windows: u64) {
     let mut _cluster = None;
     let admin = match std::env::var("KYCD_BENCH_POSTGRES_URL") {
         Ok(url) => url,
-        Err(_) => match pg_support::Cluster::start(true) {
+        Err(_) => match pg::Cluster::start(true) {
             Ok(cluster) => {
                 let url = cluster.url("postgres");
                 eprintln!("PostgreSQL: private cluster in {}", cluster.dir.display());
@@ -95,7 +95,7 @@ pub fn run(windows: u64) {
         },
     };
     let name = format!("kycd_bench_aggregate_{windows}");
-    let url = pg_support::with_dbname(&admin, &name);
+    let url = pg::with_dbname(&admin, &name);
     let expected = windows / HOSTS * HOSTS;
     if count(&url) != Some(expected) {
         eprintln!("building PostgreSQL database {name} ({windows} windows)…");

@@ -1,6 +1,6 @@
 //! Shared helpers of the collector's integration tests: a collector served in-process on
 //! 127.0.0.1:0 over a real database (a SQLite file, or a PostgreSQL database on the test
-//! cluster of `pg_support`), a minimal hyper HTTP/1.1 client, and signed batches.
+//! cluster of `kycd_test_support::pg`), a minimal hyper HTTP/1.1 client, and signed batches.
 //!
 //! Tests that must hold on both backends are written once, as `async fn name(db: TestDb)`,
 //! and listed in [`backend_tests!`], which makes a `sqlite::name` and a `postgres::name` test.
@@ -21,10 +21,9 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-#[path = "../pg_support/mod.rs"]
-pub mod pg_support;
+pub use kycd_test_support::pg;
 
-pub use pg_support::off_runtime;
+pub use pg::off_runtime;
 
 /// Makes, for each listed `async fn name(db: TestDb)`, the tests `sqlite::name` and
 /// `postgres::name` (the latter skips loudly where no PostgreSQL can be had).
@@ -57,7 +56,7 @@ pub struct TestDb {
     /// The URL `open_store` and `--db` take.
     pub url: String,
     dir: tempfile::TempDir,
-    pg: Option<pg_support::PgDb>,
+    pg: Option<pg::PgDb>,
 }
 
 impl TestDb {
@@ -69,7 +68,7 @@ impl TestDb {
 
     /// `None` (the test skips) when no PostgreSQL server can be had.
     pub fn postgres(test: &str) -> Option<TestDb> {
-        let pg = pg_support::fresh_database(test)?;
+        let pg = pg::fresh_database(test)?;
         Some(TestDb { url: pg.url.clone(), dir: tempfile::tempdir().unwrap(), pg: Some(pg) })
     }
 
@@ -84,7 +83,7 @@ impl TestDb {
     }
 
     /// The PostgreSQL database (PostgreSQL only).
-    pub fn pg(&self) -> &pg_support::PgDb {
+    pub fn pg(&self) -> &pg::PgDb {
         self.pg.as_ref().unwrap()
     }
 
@@ -109,7 +108,7 @@ pub struct Collector {
     pub addr: SocketAddr,
     pub store: Arc<dyn ReportStore>,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<Result<(), kycd_collector::server::ServerError>>,
+    pub task: JoinHandle<Result<(), kycd_collector::http::ServerError>>,
 }
 
 impl Collector {
@@ -119,7 +118,7 @@ impl Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(kycd_collector::server::run(listener, ingestor, shutdown.clone()));
+        let task = tokio::spawn(kycd_collector::http::run(listener, ingestor, shutdown.clone()));
         Collector { addr, store, shutdown, task }
     }
 
@@ -179,7 +178,7 @@ pub fn window(start: i64) -> UsageWindow {
 /// tests do now or at time 0.
 pub fn base() -> i64 {
     static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| (kycd_collector::server::unix_now() - 3 * 86_400) / 60 * 60)
+    *BASE.get_or_init(|| (kycd_protocol::clock::unix_now() - 3 * 86_400) / 60 * 60)
 }
 
 /// Record `seq`: the window of minute `seq` after [`base`].

@@ -1,5 +1,5 @@
-//! The SQLite backend of [`PolicyStore`] and [`FleetStore`] (schema: migration 3 in
-//! [`crate::sqlite::MIGRATIONS`]).
+//! The SQLite backend of [`PolicyStore`] and [`FleetStore`] (schema: [`super::schema::MIGRATION_FLEET`],
+//! step 3 of [`super::MIGRATIONS`]).
 //!
 //! Aggregation and listings read on a fresh read-only connection of their own: in WAL mode it
 //! sees the last committed state without taking the writer's mutex, so a multi-second
@@ -10,13 +10,16 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
+use super::SqliteStore;
 use crate::fleet::{
     Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
     TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
-use crate::sqlite::{db_error, to_i64, to_u64, SqliteStore, BUSY_TIMEOUT};
-use crate::store::{Rejection, StoreError};
+use crate::store::error::StoreError;
+use crate::store::reports::Rejection;
+use crate::store::schema::{corrupt, count_u32, to_u64};
 
 impl SqliteStore {
     fn reader(&self) -> Result<Connection, StoreError> {
@@ -28,10 +31,6 @@ impl SqliteStore {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         Ok(conn)
     }
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
 }
 
 impl PolicyStore for SqliteStore {
@@ -104,7 +103,7 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
         start: r.get(2)?,
         end: r.get(3)?,
         gpu_seconds: r.get(4)?,
-        gpus: crate::store::count_u32(r.get(5)?),
+        gpus: count_u32(r.get(5)?),
         estimated_ops: r.get(6)?,
         peak_flops: r.get(7)?,
         method: text(8)?,
@@ -182,7 +181,7 @@ impl FleetStore for SqliteStore {
                 end,
                 estimated_ops,
                 peak_flops,
-                gpus: crate::store::count_u32(gpus),
+                gpus: count_u32(gpus),
                 method,
             });
         }

@@ -1,5 +1,5 @@
 //! The PostgreSQL backend of [`StatementStore`], with the meaning of the SQLite one
-//! ([`crate::sqlite_statements`]); schema: [`MIGRATION_POLLING`], step 4 of
+//! ([`crate::store::sqlite::statements`]); schema: [`super::schema::MIGRATION_POLLING`], step 4 of
 //! [`super::MIGRATIONS`], the same tables as SQLite's step 4.
 //!
 //! Removing a host's enrollment drops its agent URL, poll status and history in the same
@@ -8,59 +8,16 @@
 //! recorded poll) take a `FOR KEY SHARE` lock on its `hosts` row first, so a concurrent removal
 //! waits for them and then clears what they wrote: nothing of a removed host survives.
 
-use kycd_protocol::HostStatementClaims;
-
-use super::{get, pg_error, Failed, PgStore};
+use super::driver::{get, pg_error, Failed};
+use super::PgStore;
 use crate::statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
     POLL_HISTORY_PER_HOST,
 };
-use crate::store::StoreError;
-
-/// Step 4: agent polling.
-pub const MIGRATION_POLLING: &str = r#"
-    CREATE TABLE host_agents (
-        host_id   TEXT PRIMARY KEY NOT NULL,
-        agent_url TEXT NOT NULL
-    );
-    CREATE TABLE poll_status (
-        host_id              TEXT PRIMARY KEY NOT NULL,
-        attempts             BIGINT NOT NULL,
-        last_attempt_at      BIGINT NOT NULL,
-        last_ok_at           BIGINT,
-        consecutive_failures BIGINT NOT NULL,
-        last_error           TEXT
-    );
-    CREATE TABLE poll_history (
-        host_id   TEXT NOT NULL,
-        n         BIGINT NOT NULL,
-        polled_at BIGINT NOT NULL,
-        kind      TEXT NOT NULL,
-        detail    TEXT NOT NULL,
-        PRIMARY KEY (host_id, n)
-    );
-    CREATE TABLE poll_latest (
-        host_id     TEXT PRIMARY KEY NOT NULL,
-        polled_at   BIGINT NOT NULL,
-        claims_json TEXT NOT NULL,
-        token       TEXT NOT NULL
-    );
-    CREATE FUNCTION kycd_hosts_removed_polling() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        DELETE FROM host_agents WHERE host_id = OLD.host_id;
-        DELETE FROM poll_status WHERE host_id = OLD.host_id;
-        DELETE FROM poll_history WHERE host_id = OLD.host_id;
-        RETURN NULL;
-    END
-    $$;
-    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts
-        FOR EACH ROW EXECUTE FUNCTION kycd_hosts_removed_polling();
-"#;
-
-fn parse_key(host_id: &str, jwk: &str) -> Result<kycd_protocol::PublicKey, StoreError> {
-    kycd_protocol::PublicKey::from_jwk_json(jwk.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
-}
+use crate::store::error::StoreError;
+use crate::store::schema::{
+    count_u32, parse_key, parse_statement, statement_json, stored_outcome, StoredOutcome,
+};
 
 /// The statements of [`StatementStore::record_polls`], prepared once per transaction.
 struct RecordStatements {
@@ -113,13 +70,7 @@ fn record_one(
     stmts: &RecordStatements,
     poll: &PollRecord,
 ) -> Result<(), Failed> {
-    let (ok, kind, detail) = match &poll.outcome {
-        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => {
-            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
-        }
-    };
-    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    let StoredOutcome { ok, kind, detail, last_error } = stored_outcome(&poll.outcome);
     let row = tx.query_opt(&stmts.status, &[&poll.host_id, &poll.polled_at, &ok, &last_error])?;
     let Some(row) = row else {
         tracing::debug!(host_id = %poll.host_id, "poll of a host no longer enrolled: not recorded");
@@ -129,8 +80,7 @@ fn record_one(
     let oldest_kept = n - i64::from(POLL_HISTORY_PER_HOST) + 1;
     tx.execute(&stmts.history, &[&poll.host_id, &n, &poll.polled_at, &kind, &detail, &oldest_kept])?;
     if let PollOutcome::Ok { claims, token } = &poll.outcome {
-        let claims_json = serde_json::to_string(claims)
-            .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))?;
+        let claims_json = statement_json(claims)?;
         tx.execute(&stmts.latest, &[&poll.host_id, &poll.polled_at, &claims_json, token])?;
     }
     Ok(())
@@ -176,10 +126,6 @@ impl StatementStore for PgStore {
             .collect()
     }
 
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
-        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
-    }
-
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError> {
         if polls.is_empty() {
             return Ok(());
@@ -207,8 +153,7 @@ impl StatementStore for PgStore {
             .map(|r| {
                 let host_id: String = get(r, 0)?;
                 let json: String = get(r, 2)?;
-                let claims: HostStatementClaims = serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))?;
+                let claims = parse_statement(&host_id, &json)?;
                 Ok(StoredStatement { host_id, polled_at: get(r, 1)?, claims })
             })
             .collect()
@@ -240,7 +185,7 @@ impl StatementStore for PgStore {
                     host_id: get(r, 0)?,
                     last_attempt_at: get(r, 1)?,
                     last_ok_at: get(r, 2)?,
-                    consecutive_failures: crate::store::count_u32(get(r, 3)?),
+                    consecutive_failures: count_u32(get(r, 3)?),
                     last_error: get(r, 4)?,
                 })
             })

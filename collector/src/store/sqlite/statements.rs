@@ -1,6 +1,6 @@
 //! The SQLite backend of [`StatementStore`], on the same connection as the report store.
 //!
-//! Tables (migration [`MIGRATION_POLLING`]):
+//! Tables (migration [`super::schema::MIGRATION_POLLING`]):
 //! - `host_agents`: the agent URL of an enrolled host.
 //! - `poll_status`: per host, last attempt / last success, consecutive failures, last error,
 //!   and `attempts`, the number of attempts ever recorded, which numbers history rows.
@@ -14,59 +14,21 @@
 //! operator sets its URL again; its latest statement is kept as evidence but no longer
 //! listed.
 
-use kycd_protocol::{HostStatementClaims, PublicKey};
 use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
 
-use crate::sqlite::{db_error, SqliteStore};
+use super::driver::db_error;
+use super::SqliteStore;
 use crate::statements::{
     HostPollStatus, PollAttempt, PollOutcome, PollRecord, PollTarget, StatementStore, StoredStatement,
     POLL_HISTORY_PER_HOST,
 };
-use crate::store::StoreError;
-
-/// The schema of agent polling, appended to [`crate::sqlite::MIGRATIONS`].
-pub const MIGRATION_POLLING: &str = r#"
-    CREATE TABLE host_agents (
-        host_id   TEXT PRIMARY KEY NOT NULL,
-        agent_url TEXT NOT NULL
-    ) STRICT;
-    CREATE TABLE poll_status (
-        host_id              TEXT PRIMARY KEY NOT NULL,
-        attempts             INTEGER NOT NULL,
-        last_attempt_at      INTEGER NOT NULL,
-        last_ok_at           INTEGER,
-        consecutive_failures INTEGER NOT NULL,
-        last_error           TEXT
-    ) STRICT;
-    CREATE TABLE poll_history (
-        host_id   TEXT NOT NULL,
-        n         INTEGER NOT NULL,
-        polled_at INTEGER NOT NULL,
-        kind      TEXT NOT NULL,
-        detail    TEXT NOT NULL,
-        PRIMARY KEY (host_id, n)
-    ) STRICT, WITHOUT ROWID;
-    CREATE TABLE poll_latest (
-        host_id     TEXT PRIMARY KEY NOT NULL,
-        polled_at   INTEGER NOT NULL,
-        claims_json TEXT NOT NULL,
-        token       TEXT NOT NULL
-    ) STRICT;
-    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts BEGIN
-        DELETE FROM host_agents WHERE host_id = OLD.host_id;
-        DELETE FROM poll_status WHERE host_id = OLD.host_id;
-        DELETE FROM poll_history WHERE host_id = OLD.host_id;
-    END;
-"#;
+use crate::store::error::StoreError;
+use crate::store::schema::{
+    count_u32, parse_key, parse_statement, statement_json, stored_outcome, StoredOutcome,
+};
 
 fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), StoreError> {
-    let (ok, kind, detail) = match &poll.outcome {
-        PollOutcome::Ok { token, .. } => (true, "ok", kycd_protocol::token_digest(token.as_bytes())),
-        PollOutcome::Failed { kind, detail } => {
-            (false, kind.as_str(), crate::store::truncate_detail(detail).to_owned())
-        }
-    };
-    let last_error = (!ok).then(|| format!("{kind}: {detail}"));
+    let StoredOutcome { ok, kind, detail, last_error } = stored_outcome(&poll.outcome);
     // Only enrolled hosts get a status (the SELECT yields no row otherwise): a host removed
     // while its poll was in flight leaves nothing behind.
     let attempts: Option<i64> = tx
@@ -103,8 +65,7 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
             .map_err(db_error)?;
     }
     if let PollOutcome::Ok { claims, token } = &poll.outcome {
-        let claims_json = serde_json::to_string(claims)
-            .map_err(|e| StoreError::Corrupt(format!("statement claims do not serialize: {e}")))?;
+        let claims_json = statement_json(claims)?;
         tx.prepare_cached(
             "INSERT INTO poll_latest (host_id, polled_at, claims_json, token) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (host_id) DO UPDATE SET polled_at = excluded.polled_at,
@@ -114,11 +75,6 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
         .map_err(db_error)?;
     }
     Ok(())
-}
-
-fn parse_key(host_id: &str, jwk: &str) -> Result<PublicKey, StoreError> {
-    PublicKey::from_jwk_json(jwk.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("stored key of host {host_id:?}: {e}")))
 }
 
 impl StatementStore for SqliteStore {
@@ -166,10 +122,6 @@ impl StatementStore for SqliteStore {
         Ok(out)
     }
 
-    fn record_poll(&self, host_id: &str, polled_at: i64, outcome: &PollOutcome) -> Result<(), StoreError> {
-        self.record_polls(&[PollRecord { host_id: host_id.to_owned(), polled_at, outcome: outcome.clone() }])
-    }
-
     fn record_polls(&self, polls: &[PollRecord]) -> Result<(), StoreError> {
         if polls.is_empty() {
             return Ok(());
@@ -196,8 +148,7 @@ impl StatementStore for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (host_id, polled_at, json) = row.map_err(db_error)?;
-            let claims: HostStatementClaims = serde_json::from_str(&json)
-                .map_err(|e| StoreError::Corrupt(format!("stored statement of host {host_id:?}: {e}")))?;
+            let claims = parse_statement(&host_id, &json)?;
             out.push(StoredStatement { host_id, polled_at, claims });
         }
         Ok(out)
@@ -225,7 +176,7 @@ impl StatementStore for SqliteStore {
                     host_id: r.get(0)?,
                     last_attempt_at: r.get(1)?,
                     last_ok_at: r.get(2)?,
-                    consecutive_failures: crate::store::count_u32(r.get(3)?),
+                    consecutive_failures: count_u32(r.get(3)?),
                     last_error: r.get(4)?,
                 })
             })
@@ -263,6 +214,7 @@ impl StatementStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::ReportStore as _;
+    use kycd_protocol::HostStatementClaims;
     use kycd_protocol::{Algorithm, PrivateJwk};
 
     fn claims(host: &str, nonce: &str) -> HostStatementClaims {

@@ -15,7 +15,7 @@
 //! test aborts or the binary is killed, so a watchdog process, in its own process group,
 //! waits for the test process to exit and then stops the server (`pg_ctl stop -m immediate`)
 //! and removes the directory. Each test's database is dropped when its [`PgDb`] drops.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -36,7 +36,8 @@ pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 pub struct Server {
     /// URL of a database to run `CREATE DATABASE` from.
     admin_url: String,
-    /// The private cluster's directory (None for an external server).
+    /// The private cluster's directory (None for an external server); shown by `Debug`.
+    #[allow(dead_code)]
     dir: Option<PathBuf>,
 }
 

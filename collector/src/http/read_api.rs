@@ -1,4 +1,4 @@
-//! The collector's read API and policy distribution endpoint.
+//! The JSON read API and the policy distribution endpoint (routed in [`super::api_router`]).
 //!
 //! - `GET /v1/policy`: the published policy (compact JWS, `application/jose`) with an
 //!   `ETag`; a matching `If-None-Match` gets `304`; none published: `404`. Public: the policy
@@ -7,27 +7,25 @@
 //!   open|resolved&kind=K&tenant=T&host=H&after=ID&limit=N]`, `GET /v1/hosts[?after=ID&
 //!   limit=N]`: JSON, paginated by cursor (`next` is the `after` of the next page, absent on
 //!   the last page); `limit` defaults to 100, at most 1000.
-//! - `GET /`: a read-only, server-rendered HTML overview (tenants, open findings, dark hosts).
 //!
 //! The read endpoints expose tenants' legal names and countries: they need the bearer token
 //! of `--read-token-file` when one is configured, and are served only to loopback clients
 //! when none is (an operator tunnels in). Refusals are 401/403 JSON errors and a log line.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::fleet::{Finding, FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage};
+use super::response::{api_error, blocking, error, ApiError};
+use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage};
 use crate::store::{Storage, StoreError};
 
 /// Default and largest page size.
@@ -68,57 +66,11 @@ pub struct ApiState {
     pub access: ReadAccess,
 }
 
-/// An API error: its status, a machine-readable kind and a message, served as JSON.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (self.status, Json(json!({"error": self.message, "kind": self.kind}))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(crate::server::RETRY_AFTER_S));
-        }
-        r
-    }
-}
-
-fn api_error(status: StatusCode, kind: &'static str, message: impl std::fmt::Display) -> ApiError {
-    ApiError { status, kind, message: message.to_string() }
-}
-
-fn error(status: StatusCode, kind: &'static str, message: impl std::fmt::Display) -> Response {
-    api_error(status, kind, message).into_response()
-}
-
-fn store_error(e: &StoreError) -> ApiError {
-    tracing::warn!(error = %e, "read API: storage failed");
-    if e.is_transient() {
-        api_error(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", e)
-    } else {
-        api_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal", "storage error")
-    }
-}
-
-/// Runs a blocking storage read off the reactor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(store_error(&e)),
-        Err(join) => Err(store_error(&StoreError::Unavailable(format!("read task failed: {join}")))),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn authorize(
+pub(super) async fn authorize(
     State(state): State<ApiState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
@@ -153,19 +105,7 @@ async fn authorize(
     next.run(request).await
 }
 
-/// Routes of the read API (authorised) and `GET /v1/policy` (public).
-pub fn router(state: ApiState) -> Router {
-    let reads = Router::new()
-        .route("/", get(overview))
-        .route("/v1/tenants", get(tenants))
-        .route("/v1/tenants/{id}", get(tenant))
-        .route("/v1/findings", get(findings))
-        .route("/v1/hosts", get(hosts))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new().route("/v1/policy", get(policy)).merge(reads).with_state(state)
-}
-
-async fn policy(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+pub(super) async fn policy(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let store = Arc::clone(&state.store);
     let current = match blocking(move || store.current_policy()).await {
         Ok(c) => c,
@@ -278,7 +218,12 @@ pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<T
         .collect())
 }
 
-fn paginate<T>(items: Vec<T>, key: impl Fn(&T) -> String, after: Option<&str>, limit: u32) -> Page<T> {
+pub(super) fn paginate<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    after: Option<&str>,
+    limit: u32,
+) -> Page<T> {
     let mut page: Vec<T> = items.into_iter().filter(|i| after.is_none_or(|a| key(i).as_str() > a)).collect();
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = page.len() > limit;
@@ -287,7 +232,7 @@ fn paginate<T>(items: Vec<T>, key: impl Fn(&T) -> String, after: Option<&str>, l
     Page { items: page, next }
 }
 
-async fn tenants(State(state): State<ApiState>, query: ListQuery) -> Response {
+pub(super) async fn tenants(State(state): State<ApiState>, query: ListQuery) -> Response {
     let (p, limit) = match list_request(query) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -299,7 +244,7 @@ async fn tenants(State(state): State<ApiState>, query: ListQuery) -> Response {
     }
 }
 
-async fn tenant(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+pub(super) async fn tenant(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
     let store = Arc::clone(&state.store);
     let lookup = id.clone();
     let found = blocking(move || {
@@ -330,7 +275,7 @@ async fn tenant(State(state): State<ApiState>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn findings(State(state): State<ApiState>, query: ListQuery) -> Response {
+pub(super) async fn findings(State(state): State<ApiState>, query: ListQuery) -> Response {
     let (p, limit) = match list_request(query) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -409,7 +354,7 @@ pub fn host_summaries(store: &dyn Storage) -> Result<Vec<HostSummary>, StoreErro
         .collect())
 }
 
-async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Response {
+pub(super) async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Response {
     let (p, limit) = match list_request(query) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -418,128 +363,5 @@ async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Response {
     match blocking(move || host_summaries(store.as_ref())).await {
         Ok(all) => Json(paginate(all, |h| h.host_id.clone(), p.after.as_deref(), limit)).into_response(),
         Err(e) => e.into_response(),
-    }
-}
-
-/// Escapes text for HTML element content and attribute values.
-fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-async fn overview(State(state): State<ApiState>) -> Response {
-    let store = Arc::clone(&state.store);
-    let data = blocking(move || {
-        let tenants = tenant_summaries(store.as_ref(), None)?;
-        let findings = crate::findings::open_findings(store.as_ref())?;
-        let hosts = host_summaries(store.as_ref())?;
-        let policy = store.current_policy()?.map(|p| p.version);
-        Ok((tenants, findings, hosts, policy))
-    })
-    .await;
-    let (tenants, findings, hosts, policy) = match data {
-        Ok(d) => d,
-        Err(e) => return e.into_response(),
-    };
-    Html(render_overview(&tenants, &findings, &hosts, policy)).into_response()
-}
-
-fn render_overview(
-    tenants: &[TenantSummary],
-    findings: &[Finding],
-    hosts: &[HostSummary],
-    policy: Option<u64>,
-) -> String {
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>kycd collector</title>\
-         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #999;padding:.2em .6em;text-align:left}}.foreign{{color:#a00}}</style>\
-         </head><body><h1>kycd collector</h1><p>Published policy: {}. {} tenants, {} open findings, \
-         {} of {} hosts dark.</p>",
-        policy.map_or_else(
-            || "none (threshold findings are not evaluated)".to_owned(),
-            |v| format!("version {v}")
-        ),
-        tenants.len(),
-        findings.len(),
-        hosts.iter().filter(|x| x.dark).count(),
-        hosts.len(),
-    );
-    h.push_str("<h2>Open findings</h2><table><tr><th>id</th><th>kind</th><th>subject</th><th>foreign</th><th>raised</th><th>summary</th></tr>");
-    for f in findings {
-        let foreign = f.finding.foreign_person.map_or("", |x| if x { "foreign" } else { "domestic" });
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            f.id,
-            f.finding.kind.as_str(),
-            esc(&f.finding.subject),
-            foreign,
-            crate::export::rfc3339(f.raised_at),
-            esc(&f.finding.summary)
-        );
-    }
-    h.push_str("</table><h2>Tenants</h2><table><tr><th>tenant</th><th>legal name</th><th>countries</th><th>foreign</th><th>estimated ops</th><th>GPU-hours</th><th>peak FLOP/s</th><th>hosts</th><th>open findings</th></tr>");
-    for t in tenants {
-        let (name, countries) = t.identity.as_ref().map_or((String::new(), String::new()), |i| {
-            (i.legal_name.clone(), i.countries.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
-        });
-        let kinds: Vec<&str> = t.open_findings.iter().map(|k| k.as_str()).collect();
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{:.3e}</td><td>{:.1}</td><td>{:.3e}</td><td>{}</td><td>{}</td></tr>",
-            esc(&t.tenant),
-            esc(&name),
-            esc(&countries),
-            if t.foreign_person { " class=\"foreign\"" } else { "" },
-            if t.foreign_person { "yes" } else { "no" },
-            t.usage.estimated_ops,
-            t.usage.gpu_hours(),
-            t.usage.peak_flops,
-            t.usage.hosts,
-            esc(&kinds.join(", "))
-        );
-    }
-    h.push_str("</table><h2>Dark hosts</h2><ul>");
-    for host in hosts.iter().filter(|x| x.dark) {
-        let last = host.last_report_at.map_or_else(|| "never".to_owned(), crate::export::rfc3339);
-        let _ = write!(h, "<li>{} (last report {last})</li>", esc(&host.host_id));
-    }
-    h.push_str("</ul><p>JSON: <a href=\"/v1/tenants\">/v1/tenants</a> · <a href=\"/v1/findings\">/v1/findings</a> · <a href=\"/v1/hosts\">/v1/hosts</a> · <a href=\"/v1/policy\">/v1/policy</a></p></body></html>\n");
-    h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_escaping_and_pagination() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
-        let items: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        let first = paginate(items.clone(), Clone::clone, None, 2);
-        assert_eq!(
-            (first.items.as_slice(), first.next.as_deref()),
-            (&["a".to_owned(), "b".to_owned()][..], Some("b"))
-        );
-        let second = paginate(items, Clone::clone, first.next.as_deref(), 2);
-        assert_eq!((second.items, second.next), (vec!["c".to_owned()], None));
-        assert!(
-            constant_time_eq(b"abc", b"abc")
-                && !constant_time_eq(b"abc", b"abd")
-                && !constant_time_eq(b"a", b"ab")
-        );
     }
 }

@@ -1,0 +1,122 @@
+//! The command line of `kycd-collector`, in the library so that man pages and shell
+//! completions are generated from the same definitions the binary parses with; and what each
+//! command does, a file per command (group): [`serve`], [`hosts`], [`policy`], [`findings`],
+//! [`export`], all opening the database through [`database`]. `main` parses and calls [`run`].
+//!
+//! The commands report errors with `anyhow` (context chains printed by `main`): this module
+//! is the top of the binary, kept in the library only so that it can be tested and documented.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub mod database;
+pub mod export;
+pub mod findings;
+pub mod hosts;
+pub mod policy;
+pub mod serve;
+
+pub use database::DEFAULT_DB;
+pub use findings::{FindingsCommand, RuleArgs};
+pub use hosts::HostsCommand;
+pub use policy::PolicyCommand;
+pub use serve::{ConnectionArgs, PollArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kycd-collector",
+    version,
+    about = "kycd collector: ingests signed host usage reports, aggregates tenants' compute across \
+             hosts, raises findings, distributes the signed policy, exports for filings"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve report ingest (POST /v1/reports), the policy (GET /v1/policy), the read API
+    /// (/v1/tenants, /v1/findings, /v1/hosts, the HTML overview at /) and /healthz, and
+    /// evaluate findings periodically.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9478")]
+        listen: SocketAddr,
+        /// Database URL (sqlite:///path, a plain path, or postgres://user@host/db).
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+        /// File holding the bearer token the read API (/, /v1/tenants, /v1/findings,
+        /// /v1/hosts) requires. Without it the read API answers loopback clients only.
+        #[arg(long, value_name = "FILE")]
+        read_token_file: Option<PathBuf>,
+        /// Seconds between findings evaluations (0: never, e.g. on ingest-only replicas).
+        #[arg(long, default_value_t = 60)]
+        evaluate_interval_s: u64,
+        #[command(flatten)]
+        rules: RuleArgs,
+        /// Polling of the agents' signed host statements.
+        #[command(flatten)]
+        poll: PollArgs,
+        /// Bounds of the HTTP listener.
+        #[command(flatten)]
+        connections: ConnectionArgs,
+    },
+    /// Publish and show the signed jurisdiction policy agents fetch from GET /v1/policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Evaluate and list findings.
+    Findings {
+        #[command(subcommand)]
+        command: FindingsCommand,
+    },
+    /// Export per-tenant usage and findings for regulatory filings.
+    Export {
+        /// Start of the period: YYYY-MM-DD (UTC), RFC 3339, or Unix seconds.
+        #[arg(long)]
+        since: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::export::Format,
+        /// Write to this file instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Manage enrolled hosts.
+    Hosts {
+        #[command(subcommand)]
+        command: HostsCommand,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll, connections } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve::run(
+                listen,
+                &db,
+                serve::ServeOptions {
+                    read_token_file,
+                    evaluate_interval_s,
+                    rules,
+                    poll,
+                    limits: connections.limits(),
+                },
+            ))
+        }
+        Command::Hosts { command } => hosts::run(command),
+        Command::Policy { command } => policy::run(command),
+        Command::Findings { command } => findings::run(command),
+        Command::Export { since, format, output, db } => export::run(&since, format, output, &db),
+    }
+}

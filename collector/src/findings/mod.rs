@@ -1,0 +1,278 @@
+//! Findings: what the collector concludes from the fleet view, raised once per state change.
+//!
+//! [`desired_findings`] ([`rules`]) is the rule set, a pure function of the fleet's state (aggregated
+//! usage, tenant identities, hosts' last report/poll/statement, the published policy):
+//!
+//! | kind | holds when | about |
+//! |---|---|---|
+//! | `early_warning` | cumulative ops ≥ `early_warning_fraction × training_ops` | tenant |
+//! | `training_threshold_crossed` | cumulative ops ≥ `training_ops` | tenant |
+//! | `cluster_capacity_crossed` | concurrent peak FLOP/s ≥ `cluster_flops` | tenant |
+//! | `host_dark` | no report and no poll answer for `dark_after_s` | host |
+//! | `policy_stale` | a statement taken after the grace period shows an older policy | host |
+//! | `enforcement_mismatch` | a statement allows a tenant a published prohibition matches | host/workload |
+//! | `report_rejected` | a batch of the host was refused for good within `rejected_window_s` | host |
+//!
+//! `report_rejected` makes lost usage visible at the collector: a batch that verified with the
+//! host's key and was then refused (`SeqConflict`, `InvalidRecord`, `HostMismatch`,
+//! `Malformed`) is set aside by the agent and never sent again, so its windows are missing
+//! from every total. The finding holds while the host's latest refusal is recent, so it is
+//! raised even when the host reports fine again right after (a condition of "refused more
+//! recently than stored" could come and go between two evaluations), and it resolves by
+//! itself once refusals stop; its evidence quotes the newest refusals.
+//!
+//! Tenant findings carry the tenant's foreign flag (from its attestation, via host statements,
+//! or from the reported windows when no statement named it yet): a reader of the regulation
+//! files the foreign ones, the domestic ones are raised for the provider's own awareness.
+//! Thresholds come from the published policy only (REGULATION.md: policy data, never
+//! constants); with no policy published the threshold rules are not evaluated, and the
+//! evaluation report says so.
+//!
+//! [`evaluate`] reconciles that set with the stored open findings: a condition that starts to
+//! hold raises a finding (with evidence: totals, the top windows and the hosts), one that stops
+//! holding resolves it. A condition that keeps holding is never raised twice: the store keeps
+//! at most one open finding per (kind, subject), also across collector processes.
+
+//!
+//! Layout: [`rules`] (the rule set and the state it reads), [`prohibitions`](mod@prohibitions) (policy measures
+//! matched against a statement's subject); this file evaluates and records.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kycd_protocol::clock::{Clock as _, SystemClock};
+use kycd_protocol::HostStatementClaims;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::fleet::{FindingKind, FindingQuery, FindingState, FleetStore, RejectionCount, TenantIdentity};
+use crate::policy::PolicyStore;
+use crate::store::{Storage, StoreError};
+
+pub mod prohibitions;
+pub mod rules;
+
+pub use prohibitions::{prohibitions, Prohibition};
+pub use rules::{desired_findings, EvaluationSettings, FleetState, HostView};
+
+/// How many windows a tenant finding quotes as evidence.
+pub const EVIDENCE_WINDOWS: u32 = 20;
+
+/// What one evaluation did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EvaluationReport {
+    /// Findings raised now: (id, kind, subject).
+    pub raised: Vec<(i64, FindingKind, String)>,
+    /// Findings resolved now: (id, kind, subject).
+    pub resolved: Vec<(i64, FindingKind, String)>,
+    /// Findings open after the evaluation.
+    pub open: usize,
+    /// The policy version whose thresholds were applied; none: threshold rules not evaluated.
+    pub policy_version: Option<u64>,
+}
+
+/// Tenant identities named by the hosts' statements (the newest statement naming a tenant
+/// wins), to record with [`FleetStore::upsert_tenant_identities`].
+pub fn identities_from_statements(hosts: &[HostView]) -> Vec<TenantIdentity> {
+    let mut by_tenant: BTreeMap<String, TenantIdentity> = BTreeMap::new();
+    for host in hosts {
+        let Some(statement) = &host.statement else { continue };
+        for workload in &statement.workloads {
+            let (Some(tenant), Some(subject)) = (&workload.tenant, &workload.subject) else { continue };
+            let newer = by_tenant.get(tenant).is_none_or(|known| known.seen_at <= statement.iat);
+            if newer {
+                by_tenant.insert(
+                    tenant.clone(),
+                    TenantIdentity {
+                        tenant: tenant.clone(),
+                        legal_name: subject.legal_name.clone(),
+                        countries: subject.countries.clone(),
+                        beneficial_owner_countries: subject.beneficial_owner_countries.clone(),
+                        foreign_person: subject.foreign_person,
+                        seen_at: statement.iat,
+                    },
+                );
+            }
+        }
+    }
+    by_tenant.into_values().collect()
+}
+
+/// Calls `f` with every finding `query` matches, paging through the store (`query.limit` a
+/// page, from `query.after_id`).
+pub fn for_each_finding<S: FleetStore + ?Sized, E: From<StoreError>>(
+    store: &S,
+    mut query: FindingQuery,
+    mut f: impl FnMut(crate::fleet::Finding) -> Result<(), E>,
+) -> Result<(), E> {
+    loop {
+        let page = store.list_findings(&query)?;
+        let Some(last) = page.last() else { break };
+        query.after_id = last.id;
+        for finding in page {
+            f(finding)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every open finding, paging through the store.
+pub fn open_findings<S: FleetStore + ?Sized>(store: &S) -> Result<Vec<crate::fleet::Finding>, StoreError> {
+    let mut out = Vec::new();
+    let query = FindingQuery { state: Some(FindingState::Open), limit: 1000, ..FindingQuery::default() };
+    for_each_finding(store, query, |finding| {
+        out.push(finding);
+        Ok::<_, StoreError>(())
+    })?;
+    Ok(out)
+}
+
+/// One evaluation: records the identities the statements name, computes the findings that
+/// hold, raises the new ones (with their evidence) and resolves the ones that stopped holding.
+pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
+    store: &S,
+    hosts: &[HostView],
+    settings: EvaluationSettings,
+    now: i64,
+) -> Result<EvaluationReport, StoreError> {
+    let named = identities_from_statements(hosts);
+    if !named.is_empty() {
+        store.upsert_tenant_identities(&named)?;
+    }
+    let identities: BTreeMap<String, TenantIdentity> =
+        store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
+    let policy = store.current_policy()?;
+    let usage = store.tenant_usage(None, None)?;
+    let state =
+        FleetState { now, policy: policy.as_ref(), usage: &usage, identities: &identities, hosts, settings };
+    let desired = desired_findings(&state);
+
+    let open = open_findings(store)?;
+    let open_keys: BTreeSet<(FindingKind, &str)> =
+        open.iter().map(|f| (f.finding.kind, f.finding.subject.as_str())).collect();
+    let desired_keys: BTreeSet<(FindingKind, &str)> =
+        desired.iter().map(|f| (f.kind, f.subject.as_str())).collect();
+
+    let mut report =
+        EvaluationReport { policy_version: policy.as_ref().map(|p| p.version), ..Default::default() };
+    for finding in &open {
+        if !desired_keys.contains(&(finding.finding.kind, finding.finding.subject.as_str()))
+            && store.resolve_finding(finding.id, now)?
+        {
+            tracing::info!(id = finding.id, kind = finding.finding.kind.as_str(), subject = %finding.finding.subject,
+                "finding resolved");
+            report.resolved.push((finding.id, finding.finding.kind, finding.finding.subject.clone()));
+        }
+    }
+    for mut finding in desired {
+        if open_keys.contains(&(finding.kind, finding.subject.as_str())) {
+            continue;
+        }
+        if let (FindingKind::ReportRejected, Some(host)) = (finding.kind, finding.host_id.clone()) {
+            let rejections = store.rejections(&host, EVIDENCE_WINDOWS)?;
+            if let Some(map) = finding.evidence.as_object_mut() {
+                map.insert("rejections".into(), json!(rejections));
+            }
+        }
+        if let Some(tenant) = finding.tenant.clone().filter(|_| finding.host_id.is_none()) {
+            // Evidence is gathered only for a finding being raised: the windows that weigh
+            // most and every host involved.
+            let windows = store.usage_evidence(&tenant, EVIDENCE_WINDOWS)?;
+            let involved = store.tenant_hosts(&tenant)?;
+            if let Some(map) = finding.evidence.as_object_mut() {
+                map.insert("top_windows".into(), json!(windows));
+                map.insert("host_ids".into(), json!(involved));
+                if let Some(identity) = identities.get(&tenant) {
+                    map.insert("identity".into(), json!(identity));
+                }
+            }
+        }
+        if let Some(id) = store.raise_finding(&finding, now)? {
+            tracing::warn!(id, kind = finding.kind.as_str(), subject = %finding.subject, foreign = ?finding.foreign_person,
+                "finding raised");
+            report.raised.push((id, finding.kind, finding.subject.clone()));
+        }
+    }
+    report.open = open.len() + report.raised.len() - report.resolved.len();
+    Ok(report)
+}
+
+/// The enrolled hosts as the rules see them at `now`: last report from the records, last
+/// verified poll answer and latest statement from the poller's store, batches refused within
+/// `settings.rejected_window_s`.
+pub fn host_views(
+    store: &dyn Storage,
+    settings: EvaluationSettings,
+    now: i64,
+) -> Result<Vec<HostView>, StoreError> {
+    let last_report = store.last_report_at()?;
+    let mut rejected: BTreeMap<String, RejectionCount> = store
+        .rejection_counts(now.saturating_sub(settings.rejected_window_s))?
+        .into_iter()
+        .map(|r| (r.host_id.clone(), r))
+        .collect();
+    let last_poll_ok: BTreeMap<String, i64> = store
+        .host_poll_status()?
+        .into_iter()
+        .filter_map(|s| s.last_ok_at.map(|at| (s.host_id, at)))
+        .collect();
+    let mut statements: BTreeMap<String, HostStatementClaims> =
+        store.latest_statements()?.into_iter().map(|s| (s.host_id, s.claims)).collect();
+    Ok(store
+        .list_hosts()?
+        .into_iter()
+        .map(|h| HostView {
+            last_report_at: last_report.get(&h.host_id).copied(),
+            last_poll_ok_at: last_poll_ok.get(&h.host_id).copied(),
+            statement: statements.remove(&h.host_id),
+            rejected: rejected.remove(&h.host_id),
+            host_id: h.host_id,
+            enrolled_at: h.enrolled_at,
+        })
+        .collect())
+}
+
+/// One evaluation over everything `store` holds (see [`evaluate`]).
+pub fn evaluate_store(
+    store: &dyn Storage,
+    settings: EvaluationSettings,
+    now: i64,
+) -> Result<EvaluationReport, StoreError> {
+    let hosts = host_views(store, settings, now)?;
+    evaluate(store, &hosts, settings, now)
+}
+
+/// Evaluates every `interval` until `shutdown`; failures are logged and retried on the next
+/// tick (findings are derived state: a missed evaluation delays them, loses nothing).
+pub async fn run_evaluator(
+    store: std::sync::Arc<dyn Storage>,
+    settings: EvaluationSettings,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let store = std::sync::Arc::clone(&store);
+        let started = SystemClock.instant();
+        let result = tokio::task::spawn_blocking(move || {
+            evaluate_store(store.as_ref(), settings, SystemClock.unix_now())
+        })
+        .await;
+        match result {
+            Ok(Ok(report)) => tracing::info!(
+                raised = report.raised.len(),
+                resolved = report.resolved.len(),
+                open = report.open,
+                policy_version = ?report.policy_version,
+                elapsed_ms = u64::try_from(SystemClock.instant().saturating_duration_since(started).as_millis()).unwrap_or(u64::MAX),
+                "findings evaluated"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "findings evaluation failed; retrying next interval"),
+            Err(e) => tracing::error!(error = %e, "findings evaluation task failed"),
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The rule set: [`desired_findings`], a pure function of the fleet's state (see the table in
+//! [`super`]), and the state it reads ([`FleetState`], [`HostView`], [`EvaluationSettings`]).
+
+use std::collections::BTreeMap;
+
+use kycd_protocol::{HostStatementClaims, PolicyClaims, Verdict};
+use serde_json::json;
+
+use super::prohibitions::prohibitions;
+use crate::fleet::{FindingKind, NewFinding, RejectionCount, TenantIdentity, TenantUsage};
+use crate::policy::PublishedPolicy;
+
+/// Tunables of the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvaluationSettings {
+    /// A host with neither a stored report nor a verified poll answer for this long is dark
+    /// (three poll intervals by default).
+    pub dark_after_s: i64,
+    /// Statements taken within this long after a policy was published may still show the
+    /// previous version (agents fetch on an interval) without being stale.
+    pub policy_grace_s: i64,
+    /// A host with a batch refused for good within this long has a `report_rejected`
+    /// finding open.
+    pub rejected_window_s: i64,
+}
+
+impl Default for EvaluationSettings {
+    fn default() -> Self {
+        EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 86_400 }
+    }
+}
+
+/// What the collector knows about one enrolled host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostView {
+    /// Host id.
+    pub host_id: String,
+    /// When it was enrolled.
+    pub enrolled_at: i64,
+    /// When its last report was stored.
+    pub last_report_at: Option<i64>,
+    /// When it last answered a poll with a verified statement.
+    pub last_poll_ok_at: Option<i64>,
+    /// Its latest verified statement.
+    pub statement: Option<HostStatementClaims>,
+    /// Its batches refused for good within the rejected window, if any.
+    pub rejected: Option<RejectionCount>,
+}
+
+/// The fleet's state, as the rules read it.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetState<'a> {
+    /// Now (Unix seconds).
+    pub now: i64,
+    /// The published policy.
+    pub policy: Option<&'a PublishedPolicy>,
+    /// Usage per tenant.
+    pub usage: &'a [TenantUsage],
+    /// Identities per tenant id.
+    pub identities: &'a BTreeMap<String, TenantIdentity>,
+    /// Enrolled hosts.
+    pub hosts: &'a [HostView],
+    /// Tunables.
+    pub settings: EvaluationSettings,
+}
+
+/// The findings that hold in `state`, in a stable order.
+pub fn desired_findings(state: &FleetState<'_>) -> Vec<NewFinding> {
+    let mut out = Vec::new();
+    if let Some(policy) = state.policy {
+        for usage in state.usage {
+            tenant_findings(&policy.claims, usage, state.identities.get(&usage.tenant), &mut out);
+        }
+    }
+    for host in state.hosts {
+        host_findings(state, host, &mut out);
+    }
+    out
+}
+
+fn tenant_findings(
+    policy: &PolicyClaims,
+    usage: &TenantUsage,
+    identity: Option<&TenantIdentity>,
+    out: &mut Vec<NewFinding>,
+) {
+    let t = &policy.thresholds;
+    let foreign = identity.map_or(usage.foreign_person, |i| i.foreign_person);
+    let origin = if foreign { "foreign" } else { "domestic" };
+    let totals = json!({
+        "estimated_ops": usage.estimated_ops,
+        "gpu_hours": usage.gpu_hours(),
+        "peak_flops": usage.peak_flops,
+        "peak_at": usage.peak_at,
+        "hosts": usage.hosts,
+        "gpus": usage.gpus,
+        "windows": usage.windows,
+        "ops_by_method": usage.ops_by_method,
+        "first_seen": usage.first_seen,
+        "last_seen": usage.last_seen,
+        "policy_version": policy.version,
+    });
+    let mut raise = |kind: FindingKind, summary: String, threshold: serde_json::Value| {
+        let mut evidence = totals.clone();
+        if let Some(map) = evidence.as_object_mut() {
+            map.insert("threshold".into(), threshold);
+        }
+        out.push(NewFinding {
+            kind,
+            subject: usage.tenant.clone(),
+            tenant: Some(usage.tenant.clone()),
+            host_id: None,
+            foreign_person: Some(foreign),
+            summary,
+            evidence,
+        });
+    };
+    let early = t.early_warning_fraction * t.training_ops;
+    if usage.estimated_ops >= early {
+        raise(
+            FindingKind::EarlyWarning,
+            format!(
+                "{origin} tenant {}: {:.3e} estimated operations ≥ early warning {:.3e} ({} × {:.3e})",
+                usage.tenant, usage.estimated_ops, early, t.early_warning_fraction, t.training_ops
+            ),
+            json!({"early_warning_ops": early, "early_warning_fraction": t.early_warning_fraction,
+                   "training_ops": t.training_ops}),
+        );
+    }
+    if usage.estimated_ops >= t.training_ops {
+        raise(
+            FindingKind::TrainingThresholdCrossed,
+            format!(
+                "{origin} tenant {}: {:.3e} estimated operations ≥ training threshold {:.3e}",
+                usage.tenant, usage.estimated_ops, t.training_ops
+            ),
+            json!({"training_ops": t.training_ops}),
+        );
+    }
+    if usage.peak_flops >= t.cluster_flops {
+        raise(
+            FindingKind::ClusterCapacityCrossed,
+            format!(
+                "{origin} tenant {}: {:.3e} FLOP/s concurrent capacity on {} hosts ≥ cluster threshold {:.3e}",
+                usage.tenant, usage.peak_flops, usage.hosts, t.cluster_flops
+            ),
+            json!({"cluster_flops": t.cluster_flops}),
+        );
+    }
+}
+
+fn host_findings(state: &FleetState<'_>, host: &HostView, out: &mut Vec<NewFinding>) {
+    let settings = state.settings;
+    let host_finding =
+        |kind, subject: String, tenant: Option<String>, foreign, summary, evidence| NewFinding {
+            kind,
+            subject,
+            tenant,
+            host_id: Some(host.host_id.clone()),
+            foreign_person: foreign,
+            summary,
+            evidence,
+        };
+
+    let last_heard = host.last_report_at.max(host.last_poll_ok_at);
+    let silent_since = last_heard.unwrap_or(host.enrolled_at);
+    if state.now - silent_since > settings.dark_after_s {
+        let heard = match last_heard {
+            Some(at) => format!("last heard {}s ago", state.now - at),
+            None => "never heard from since enrollment".to_owned(),
+        };
+        out.push(host_finding(
+            FindingKind::HostDark,
+            host.host_id.clone(),
+            None,
+            None,
+            format!(
+                "host {}: no report and no poll answer for over {}s ({heard})",
+                host.host_id, settings.dark_after_s
+            ),
+            json!({"last_report_at": host.last_report_at, "last_poll_ok_at": host.last_poll_ok_at,
+                   "enrolled_at": host.enrolled_at, "dark_after_s": settings.dark_after_s}),
+        ));
+    }
+
+    if let Some(rejected) =
+        host.rejected.as_ref().filter(|r| r.count > 0 && state.now - r.last_at <= settings.rejected_window_s)
+    {
+        out.push(host_finding(
+            FindingKind::ReportRejected,
+            host.host_id.clone(),
+            None,
+            None,
+            format!(
+                "host {}: {} report batch(es) refused for good within {}s (latest {}s ago): their usage is not counted",
+                host.host_id,
+                rejected.count,
+                settings.rejected_window_s,
+                state.now - rejected.last_at
+            ),
+            json!({"rejected_batches": rejected.count, "last_rejected_at": rejected.last_at,
+                   "rejected_window_s": settings.rejected_window_s}),
+        ));
+    }
+
+    let (Some(policy), Some(statement)) = (state.policy, &host.statement) else {
+        return;
+    };
+    let behind = statement.policy_version.is_none_or(|v| v < policy.version);
+    if behind && statement.iat >= policy.published_at + settings.policy_grace_s {
+        let shown =
+            statement.policy_version.map_or_else(|| "no policy".to_owned(), |v| format!("version {v}"));
+        out.push(host_finding(
+            FindingKind::PolicyStale,
+            host.host_id.clone(),
+            None,
+            None,
+            format!("host {}: enforces {shown}, published is version {}", host.host_id, policy.version),
+            json!({"statement_policy_version": statement.policy_version, "published_version": policy.version,
+                   "published_at": policy.published_at, "statement_iat": statement.iat}),
+        ));
+    }
+
+    for workload in &statement.workloads {
+        if !matches!(workload.verdict, Verdict::Allow | Verdict::Condition) {
+            continue;
+        }
+        let (Some(tenant), Some(subject)) = (&workload.tenant, &workload.subject) else {
+            continue;
+        };
+        let hits = prohibitions(&policy.claims, tenant, subject, state.now);
+        if hits.is_empty() {
+            continue;
+        }
+        let verdict = if workload.verdict == Verdict::Allow { "allows" } else { "conditionally allows" };
+        let measures: Vec<&str> = hits.iter().map(|h| h.measure.as_str()).collect();
+        out.push(host_finding(
+            FindingKind::EnforcementMismatch,
+            format!("{}/{}", host.host_id, workload.workload),
+            Some(tenant.clone()),
+            Some(subject.foreign_person),
+            format!(
+                "host {} {verdict} tenant {tenant} ({}) which published policy version {} prohibits (measure {})",
+                host.host_id,
+                workload.workload,
+                policy.version,
+                measures.join(", ")
+            ),
+            json!({"workload": workload.workload, "verdict": workload.verdict,
+                   "attestation_digest": workload.attestation_digest,
+                   "statement_policy_version": statement.policy_version,
+                   "statement_iat": statement.iat, "published_version": policy.version,
+                   "prohibited_by": hits}),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kycd_protocol::StatementSubject;
+    use serde_json::json;
+
+    fn policy(published_at: i64) -> PublishedPolicy {
+        let claims: PolicyClaims = serde_json::from_value(json!({
+            "iss": "authority", "iat": 0, "exp": 10_000_000, "version": 7,
+            "measures": [
+                {"id": "m-kp", "match": {"countries": ["KP"]}, "roles": ["payment_source"],
+                 "action": "prohibit", "citation": "c"},
+                {"id": "m-later", "match": {"countries": ["RU"]}, "roles": ["customer"],
+                 "action": "prohibit", "citation": "c", "effective_from": 5_000},
+                {"id": "m-name", "match": {"entities": ["Evil  CORP"]}, "roles": ["customer"],
+                 "action": "prohibit", "citation": "c"},
+                {"id": "m-cond", "match": {"countries": ["SG"]}, "roles": ["customer"],
+                 "action": "condition", "conditions": {"no_gpu": true}, "citation": "c"}
+            ],
+            "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                           "early_warning_fraction": 0.5}
+        }))
+        .unwrap();
+        PublishedPolicy { version: 7, token: String::new(), published_at, claims }
+    }
+
+    fn subject(json: serde_json::Value) -> StatementSubject {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn prohibitions_match_roles_dates_and_names() {
+        let p = policy(0).claims;
+        let paid_from_kp =
+            subject(json!({"legal_name": "A", "countries": ["SG"], "payment_source_country": "KP",
+                                          "foreign_person": true}));
+        let hits = prohibitions(&p, "t", &paid_from_kp, 1_000);
+        assert_eq!(hits.iter().map(|h| h.measure.as_str()).collect::<Vec<_>>(), ["m-kp"]);
+        assert_eq!(hits[0].matched, ["payment_source country KP"]);
+        // A KP *customer* is not matched by a payment-source-only measure; conditions never are.
+        let kp_customer = subject(json!({"legal_name": "A", "countries": ["KP"], "foreign_person": true}));
+        assert!(prohibitions(&p, "t", &kp_customer, 1_000).is_empty());
+        let ru = subject(json!({"legal_name": "A", "countries": ["RU"], "foreign_person": true}));
+        assert!(prohibitions(&p, "t", &ru, 4_999).is_empty(), "not yet effective");
+        assert_eq!(prohibitions(&p, "t", &ru, 5_000).len(), 1);
+        let evil =
+            subject(json!({"legal_name": " evil corp ", "countries": ["US"], "foreign_person": false}));
+        assert_eq!(prohibitions(&p, "t", &evil, 0)[0].matched, ["customer entity name"]);
+    }
+
+    fn host(statement_iat: i64, version: Option<u64>, last_report_at: Option<i64>) -> HostView {
+        HostView {
+            host_id: "h".into(),
+            enrolled_at: 0,
+            last_report_at,
+            last_poll_ok_at: None,
+            rejected: None,
+            statement: Some(
+                serde_json::from_value(json!({"iss": "h", "iat": statement_iat, "exp": statement_iat + 60,
+                    "nonce": "n", "agent_version": "1", "policy_version": version, "workloads": []}))
+                .unwrap(),
+            ),
+        }
+    }
+
+    fn kinds(policy: &PublishedPolicy, hosts: &[HostView], now: i64) -> Vec<FindingKind> {
+        let identities = BTreeMap::new();
+        let state = FleetState {
+            now,
+            policy: Some(policy),
+            usage: &[],
+            identities: &identities,
+            hosts,
+            settings: EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 3600 },
+        };
+        desired_findings(&state).into_iter().map(|f| f.kind).collect()
+    }
+
+    #[test]
+    fn stale_policy_waits_out_the_grace_period_and_dark_needs_silence() {
+        let published = policy(10_000);
+        // Within the grace period an old version is expected; after it, it is stale.
+        assert_eq!(kinds(&published, &[host(10_599, Some(6), Some(10_599))], 10_600), []);
+        assert_eq!(
+            kinds(&published, &[host(10_600, Some(6), Some(10_600))], 10_600),
+            [FindingKind::PolicyStale]
+        );
+        assert_eq!(
+            kinds(&published, &[host(10_600, None, Some(10_600))], 10_600),
+            [FindingKind::PolicyStale]
+        );
+        assert_eq!(kinds(&published, &[host(10_600, Some(7), Some(10_600))], 10_600), []);
+        // Silence: 180 s is fine, 181 s is dark; a poll answer counts like a report.
+        assert_eq!(kinds(&published, &[host(10_000, Some(7), Some(10_000))], 10_180), []);
+        assert_eq!(
+            kinds(&published, &[host(10_000, Some(7), Some(10_000))], 10_181),
+            [FindingKind::HostDark]
+        );
+        let mut polled = host(10_000, Some(7), None);
+        polled.last_poll_ok_at = Some(10_100);
+        assert_eq!(kinds(&published, &[polled], 10_200), []);
+    }
+}

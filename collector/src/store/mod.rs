@@ -1,0 +1,153 @@
+//! The storage boundary of the collector: what ingest, the read API, the poller and the
+//! command line need from a database, as object-safe traits ([`ReportStore`] in [`reports`],
+//! and the fleet, policy and statement traits of their domain modules) gathered into one
+//! [`Storage`] trait object, with two implementations: SQLite ([`sqlite::SqliteStore`], the
+//! default) and PostgreSQL for fleets ([`postgres::PgStore`]), chosen by the database URL
+//! ([`open_store`]); nothing above this module knows which database it talks to.
+//!
+//! Both backends are laid out alike: `mod.rs` (connection, open), `schema.rs` (migrations),
+//! `reports.rs` ([`ReportStore`]), `fleet.rs` (fleet view and policy), `statements.rs`
+//! (agent polling). What they share sits here: [`error`] ([`StoreError`]), [`reports`] (the
+//! contract and its values) and [`schema`] (the migration rule and stored-value helpers);
+//! those three import nothing from the backends, which import them.
+//!
+//! Calls are blocking: async callers run them on the blocking pool (`spawn_blocking`), never
+//! on the reactor.
+//!
+//! Enrollment epochs are explained in [`reports`].
+
+pub mod error;
+pub mod postgres;
+pub mod reports;
+pub mod schema;
+pub mod sqlite;
+
+pub use error::StoreError;
+pub use reports::{Enrollment, HostEntry, Rejection, ReportStore, ValidRecord, REJECTIONS_PER_HOST};
+
+/// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
+/// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
+/// ([`crate::policy::PolicyStore`]) and the agents' statements
+/// ([`crate::statements::StatementStore`]).
+pub trait Storage:
+    ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + crate::statements::StatementStore
+{
+}
+
+impl<
+        T: ReportStore
+            + crate::fleet::FleetStore
+            + crate::policy::PolicyStore
+            + crate::statements::StatementStore
+            + ?Sized,
+    > Storage for T
+{
+}
+
+/// Opens the store named by a database URL: `postgres://…` or `postgresql://…` (see
+/// [`postgres`]), else SQLite: `sqlite:///abs/path`, `sqlite://rel/path`,
+/// `sqlite:path` or a plain path.
+pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn Storage>, StoreError> {
+    if postgres::is_postgres_url(url) {
+        return Ok(std::sync::Arc::new(postgres::PgStore::open(url)?));
+    }
+    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(sqlite_path(url)?)?))
+}
+
+/// The file path of a SQLite database URL (see [`open_store`]).
+pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
+    let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest
+    } else if url.contains("://") {
+        return Err(StoreError::UnsupportedUrl(postgres::redact_url(url)));
+    } else {
+        url
+    };
+    if path.is_empty() {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    }
+    Ok(path.into())
+}
+
+/// What the unit tests of both backends share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A valid record of `seq` (covering `seq..=last_seq` when merged): one 60 s window.
+    pub(crate) fn record(seq: u64, last_seq: Option<u64>) -> ValidRecord {
+        let record = kycd_protocol::UsageRecord {
+            seq,
+            last_seq,
+            window: kycd_protocol::UsageWindow {
+                tenant: Some("t".into()),
+                workload: "host:h".into(),
+                foreign_person: false,
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                max_concurrent_gpus: 1,
+                estimated_ops: 1e15,
+                peak_flops: 1e15,
+                method: kycd_protocol::EstimationMethod::GpmTensor,
+                training_like: false,
+                merged_windows: 1,
+            },
+        };
+        let body_json = serde_json::to_string(&record).unwrap();
+        ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
+    }
+
+    /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
+    /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
+    /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;
+    /// `rows` counts the stored records.
+    pub(crate) fn check_migrated_to_epochs(
+        store: &dyn ReportStore,
+        a1: &kycd_protocol::PublicKey,
+        new_key: impl Fn(&str) -> kycd_protocol::PublicKey,
+        rows: impl Fn() -> i64,
+    ) {
+        let a = store.enrollment("a").unwrap().unwrap();
+        assert_eq!((a.epoch, a.enrolled_at, a.public_key.to_jwk()), (1, 100, a1.to_jwk()));
+        assert!(store.enrollment("b").unwrap().is_none(), "removed before the migration");
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        assert_eq!((store.acked_seq("a", 1).unwrap(), store.acked_seq("b", 1).unwrap()), (3, 1));
+        let listed = store.list_hosts().unwrap();
+        assert_eq!(
+            listed.iter().map(|h| (h.host_id.as_str(), h.epoch, h.acked_seq)).collect::<Vec<_>>(),
+            [("a", 1, 3)]
+        );
+        // b's old records are epoch 1 (its key is not known): a new key is epoch 2, and its
+        // seq 1 is a new record, not a conflict with the old one.
+        assert_eq!(store.enroll_host("b", &new_key("b"), 300).unwrap(), 2);
+        assert_eq!(store.insert_batch("b", 2, &[record(1, None)], 0).unwrap(), 1);
+        assert_eq!(store.stored_ranges("b", 1).unwrap(), [(1, 1)]);
+        // a: removed and re-enrolled with a new key, epoch 2; the old records stay.
+        assert!(store.remove_host("a").unwrap());
+        assert_eq!(store.enroll_host("a", &new_key("a"), 400).unwrap(), 2);
+        assert_eq!(store.insert_batch("a", 2, &[record(1, None), record(2, None)], 0).unwrap(), 2);
+        assert_eq!(store.stored_ranges("a", 1).unwrap(), [(1, 1), (2, 3)]);
+        assert_eq!(rows(), 6);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(sqlite_path("sqlite:///var/lib/x.db").unwrap(), std::path::Path::new("/var/lib/x.db"));
+        assert_eq!(sqlite_path("sqlite://rel.db").unwrap(), std::path::Path::new("rel.db"));
+        assert_eq!(sqlite_path("sqlite:rel.db").unwrap(), std::path::Path::new("rel.db"));
+        assert_eq!(sqlite_path("/tmp/a.db").unwrap(), std::path::Path::new("/tmp/a.db"));
+        assert!(matches!(sqlite_path("postgres://db/kycd"), Err(StoreError::UnsupportedUrl(_))));
+        assert!(matches!(sqlite_path("sqlite://"), Err(StoreError::UnsupportedUrl(_))));
+    }
+}

@@ -1,0 +1,345 @@
+//! The SQLite schema: its migrations, in order, and how they are applied.
+//!
+//! Migrations are ordered SQL strings in [`MIGRATIONS`]; `PRAGMA user_version` is the
+//! number applied. Opening applies the missing ones in one transaction, so a database is
+//! either wholly at the old version or wholly at the new one. The SQL text of a released
+//! migration never changes: databases that applied it must still open.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::driver::db_error;
+use crate::store::error::StoreError;
+
+/// Schema migrations, in order; `PRAGMA user_version` = how many are applied.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: hosts and records.
+    r#"
+    CREATE TABLE hosts (
+        host_id     TEXT PRIMARY KEY NOT NULL,
+        public_jwk  TEXT NOT NULL,
+        enrolled_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE records (
+        host_id             TEXT NOT NULL,
+        seq                 INTEGER NOT NULL,
+        last_seq            INTEGER NOT NULL,
+        tenant              TEXT,
+        workload            TEXT NOT NULL,
+        start               INTEGER NOT NULL,
+        "end"               INTEGER NOT NULL,
+        gpu_seconds         REAL NOT NULL,
+        gpus                INTEGER NOT NULL,
+        max_concurrent_gpus INTEGER NOT NULL,
+        estimated_ops       REAL NOT NULL,
+        peak_flops          REAL NOT NULL,
+        method              TEXT NOT NULL,
+        training_like       INTEGER NOT NULL,
+        foreign_person      INTEGER NOT NULL,
+        merged_windows      INTEGER NOT NULL,
+        body_json           TEXT NOT NULL,
+        received_at         INTEGER NOT NULL,
+        UNIQUE (host_id, seq)
+    ) STRICT;
+    CREATE INDEX records_tenant_start ON records (tenant, start);
+    "#,
+    // 2: the per-host acked-seq cache, backfilled from the records already stored.
+    r#"
+    CREATE TABLE host_progress (
+        host_id   TEXT PRIMARY KEY NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    INSERT INTO host_progress (host_id, acked_seq)
+    WITH RECURSIVE walk (host_id, acked) AS (
+        SELECT DISTINCT host_id, 0 FROM records
+        UNION ALL
+        SELECT w.host_id, r.last_seq FROM walk w
+        JOIN records r ON r.host_id = w.host_id AND r.seq = w.acked + 1
+    )
+    SELECT host_id, MAX(acked) FROM walk GROUP BY host_id;
+    "#,
+    // 3: the fleet view (see super::fleet).
+    MIGRATION_FLEET,
+    // 4: agent polling (see super::statements).
+    MIGRATION_POLLING,
+    // 5: enrollment epochs and rejected batches.
+    MIGRATION_EPOCHS,
+];
+
+/// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
+/// findings (at most one open per kind and subject), and the per-host report time index
+/// dark-host detection reads.
+pub const MIGRATION_FLEET: &str = r#"
+    CREATE TABLE policies (
+        version      INTEGER PRIMARY KEY NOT NULL,
+        token        TEXT NOT NULL,
+        claims_json  TEXT NOT NULL,
+        published_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE tenant_identities (
+        tenant          TEXT PRIMARY KEY NOT NULL,
+        legal_name      TEXT NOT NULL,
+        countries       TEXT NOT NULL,
+        owner_countries TEXT NOT NULL,
+        foreign_person  INTEGER NOT NULL,
+        seen_at         INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE findings (
+        id             INTEGER PRIMARY KEY,
+        kind           TEXT NOT NULL,
+        subject        TEXT NOT NULL,
+        tenant         TEXT,
+        host_id        TEXT,
+        foreign_person INTEGER,
+        summary        TEXT NOT NULL,
+        evidence_json  TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        raised_at      INTEGER NOT NULL,
+        resolved_at    INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX findings_open ON findings (kind, subject) WHERE state = 'open';
+    CREATE INDEX findings_tenant ON findings (tenant);
+    CREATE INDEX records_host_received ON records (host_id, received_at);
+    "#;
+
+/// The schema of agent polling, appended to [`super::MIGRATIONS`].
+pub const MIGRATION_POLLING: &str = r#"
+    CREATE TABLE host_agents (
+        host_id   TEXT PRIMARY KEY NOT NULL,
+        agent_url TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE poll_status (
+        host_id              TEXT PRIMARY KEY NOT NULL,
+        attempts             INTEGER NOT NULL,
+        last_attempt_at      INTEGER NOT NULL,
+        last_ok_at           INTEGER,
+        consecutive_failures INTEGER NOT NULL,
+        last_error           TEXT
+    ) STRICT;
+    CREATE TABLE poll_history (
+        host_id   TEXT NOT NULL,
+        n         INTEGER NOT NULL,
+        polled_at INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        PRIMARY KEY (host_id, n)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE poll_latest (
+        host_id     TEXT PRIMARY KEY NOT NULL,
+        polled_at   INTEGER NOT NULL,
+        claims_json TEXT NOT NULL,
+        token       TEXT NOT NULL
+    ) STRICT;
+    CREATE TRIGGER hosts_removed_polling AFTER DELETE ON hosts BEGIN
+        DELETE FROM host_agents WHERE host_id = OLD.host_id;
+        DELETE FROM poll_status WHERE host_id = OLD.host_id;
+        DELETE FROM poll_history WHERE host_id = OLD.host_id;
+    END;
+"#;
+
+/// Step 5: enrollment epochs (see [`crate::store::reports`]) and rejected batches.
+///
+/// - `hosts.epoch`: the epoch of the current enrollment; `enrollments`: every (host id,
+///   epoch) ever enrolled, with its key and when the epoch began. Existing enrollments
+///   become epoch 1.
+/// - `records` and `host_progress` are keyed by `(host_id, epoch, seq)` and
+///   `(host_id, epoch)`; existing rows are epoch 1. SQLite cannot drop a UNIQUE constraint,
+///   so `records` is rebuilt (copied in rowid order, one pass; a large database takes a
+///   while once, inside the migration's transaction).
+/// - `rejections`: permanently refused batches of authenticated hosts.
+pub const MIGRATION_EPOCHS: &str = r#"
+    ALTER TABLE hosts ADD COLUMN epoch INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE enrollments (
+        host_id     TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        public_jwk  TEXT NOT NULL,
+        enrolled_at INTEGER NOT NULL,
+        PRIMARY KEY (host_id, epoch)
+    ) STRICT;
+    INSERT INTO enrollments (host_id, epoch, public_jwk, enrolled_at)
+        SELECT host_id, 1, public_jwk, enrolled_at FROM hosts;
+
+    CREATE TABLE records_v5 (
+        host_id             TEXT NOT NULL,
+        epoch               INTEGER NOT NULL,
+        seq                 INTEGER NOT NULL,
+        last_seq            INTEGER NOT NULL,
+        tenant              TEXT,
+        workload            TEXT NOT NULL,
+        start               INTEGER NOT NULL,
+        "end"               INTEGER NOT NULL,
+        gpu_seconds         REAL NOT NULL,
+        gpus                INTEGER NOT NULL,
+        max_concurrent_gpus INTEGER NOT NULL,
+        estimated_ops       REAL NOT NULL,
+        peak_flops          REAL NOT NULL,
+        method              TEXT NOT NULL,
+        training_like       INTEGER NOT NULL,
+        foreign_person      INTEGER NOT NULL,
+        merged_windows      INTEGER NOT NULL,
+        body_json           TEXT NOT NULL,
+        received_at         INTEGER NOT NULL,
+        UNIQUE (host_id, epoch, seq)
+    ) STRICT;
+    INSERT INTO records_v5 (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
+        foreign_person, merged_windows, body_json, received_at)
+    SELECT host_id, 1, seq, last_seq, tenant, workload, start, "end", gpu_seconds, gpus,
+        max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
+        merged_windows, body_json, received_at
+    FROM records ORDER BY rowid;
+    DROP TABLE records;
+    ALTER TABLE records_v5 RENAME TO records;
+    CREATE INDEX records_tenant_start ON records (tenant, start);
+    CREATE INDEX records_host_received ON records (host_id, received_at);
+
+    CREATE TABLE host_progress_v5 (
+        host_id   TEXT NOT NULL,
+        epoch     INTEGER NOT NULL,
+        acked_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host_id, epoch)
+    ) STRICT;
+    INSERT INTO host_progress_v5 (host_id, epoch, acked_seq)
+        SELECT host_id, 1, acked_seq FROM host_progress;
+    DROP TABLE host_progress;
+    ALTER TABLE host_progress_v5 RENAME TO host_progress;
+
+    CREATE TABLE rejections (
+        id          INTEGER PRIMARY KEY,
+        host_id     TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        first_seq   INTEGER,
+        last_seq    INTEGER,
+        rejected_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX rejections_host ON rejections (host_id, id);
+    CREATE INDEX rejections_at ON rejections (rejected_at);
+"#;
+
+/// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
+pub(super) fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_error)?;
+    let pending = crate::store::schema::pending_migrations(MIGRATIONS, version, target)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    for (version, sql) in pending {
+        tx.execute_batch(sql).map_err(db_error)?;
+        tracing::info!(version, "applied schema migration");
+    }
+    tx.pragma_update(None, "user_version", i64::try_from(target).unwrap_or(i64::MAX)).map_err(db_error)?;
+    tx.commit().map_err(db_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::params;
+
+    use super::*;
+    use crate::store::reports::ReportStore as _;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::test_support::record;
+
+    #[test]
+    fn opening_an_old_version_database_migrates_it_and_backfills_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 1).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 1);
+            let conn = old.lock().unwrap();
+            for (host, seq, last) in [("a", 1, 1), ("a", 2, 5), ("a", 7, 7), ("b", 2, 2)] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES (?1, ?2, ?3, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                    params![host, seq, last],
+                )
+                .unwrap();
+            }
+            let tables: i64 = conn
+                .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'host_progress'", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(tables, 0);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        assert_eq!(store.acked_seq("a", 1).unwrap(), 5);
+        assert_eq!(store.acked_seq("b", 1).unwrap(), 0);
+        // The cache keeps advancing from the backfilled value.
+        assert_eq!(store.insert_batch("a", 1, &[record(6, None)], 0).unwrap(), 7);
+        assert_eq!(store.insert_batch("b", 1, &[record(1, None)], 0).unwrap(), 2);
+    }
+
+    /// A database of the last schema before enrollment epochs (version 4), with an enrolled
+    /// host, a removed one and their records, opens at the current version: everything is
+    /// epoch 1, and a new key for either host id starts epoch 2 beside it.
+    #[test]
+    fn a_version_4_database_migrates_to_enrollment_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let key = |host: &str| {
+            kycd_protocol::PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, host).unwrap().public_key()
+        };
+        let (a1, b1) = (key("a"), key("b"));
+        {
+            let old = SqliteStore::open_at_version(&path, 4).unwrap();
+            let conn = old.lock().unwrap();
+            // As version 4 wrote them: hosts without an epoch, records unique on (host_id, seq).
+            for (host, jwk, at) in [("a", a1.to_jwk().to_string(), 100), ("b", b1.to_jwk().to_string(), 200)]
+            {
+                conn.execute(
+                    "INSERT INTO hosts (host_id, public_jwk, enrolled_at) VALUES (?1, ?2, ?3)",
+                    params![host, jwk, at],
+                )
+                .unwrap();
+            }
+            for (host, seq, last) in [("a", 1, 1), ("a", 2, 3), ("b", 1, 1)] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES (?1, ?2, ?3, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                    params![host, seq, last],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO host_progress (host_id, acked_seq) VALUES (?1, ?2)
+                     ON CONFLICT (host_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+                    params![host, last],
+                )
+                .unwrap();
+            }
+            conn.execute("DELETE FROM hosts WHERE host_id = 'b'", []).unwrap();
+            let err = conn.execute(
+                r#"INSERT INTO records (host_id, seq, last_seq, tenant, workload, start, "end",
+                    gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                    training_like, foreign_person, merged_windows, body_json, received_at)
+                   VALUES ('a', 1, 1, 't', 'w', 0, 60, 1.0, 1, 1, 1.0, 1.0, 'unknown', 0, 0, 1, '{}', 0)"#,
+                [],
+            );
+            assert!(err.is_err(), "version 4: one record per (host_id, seq)");
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 5);
+        crate::store::test_support::check_migrated_to_epochs(&store, &a1, key, || {
+            store.lock().unwrap().query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0)).unwrap()
+        });
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(SqliteStore::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    }
+}
