@@ -197,7 +197,7 @@ pub enum DaemonError {
     Https(#[from] crate::https::HttpsError),
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
-    Reporting(#[from] crate::upload::ReportingError),
+    Reporting(#[from] crate::reporting::ReportingError),
     /// The policy fetcher cannot be set up (its URL or CA file).
     #[error("policy fetcher: {0}")]
     PolicyFetch(String),
@@ -394,7 +394,7 @@ fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol
 }
 
 fn now() -> i64 {
-    tokens::unix_now()
+    kycd_protocol::clock::unix_now()
 }
 
 fn host_id(config: &Config) -> Result<String, DaemonError> {
@@ -1926,7 +1926,7 @@ struct GpuTasks {
     /// The sampler's metrics (status; rendered by the operator API's `/metrics`).
     metrics: Arc<std::sync::Mutex<crate::gpu::metrics::GpuMetrics>>,
     sampler: std::thread::JoinHandle<()>,
-    /// The spool writer (see [`crate::spool::run_writer`]).
+    /// The spool writer (see [`crate::reporting::writer::run_writer`]).
     sink: tokio::task::JoinHandle<()>,
     observer: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
@@ -1947,7 +1947,7 @@ impl GpuTasks {
 /// logs the backend's state.
 fn start_gpu(
     config: &Config,
-    reporting: &crate::upload::Reporting,
+    reporting: &crate::reporting::Reporting,
     backend: Box<dyn crate::gpu::GpuBackend>,
     tenants: tokio::sync::watch::Receiver<Arc<crate::gpu::sampler::TenantMap>>,
     stop: CancellationToken,
@@ -2037,7 +2037,7 @@ fn start_policy_fetcher(
     let url = reqwest::Url::parse(url)
         .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
     let timeout = Duration::from_secs(p.fetch_timeout_s);
-    let client = crate::upload::https_client(
+    let client = crate::reporting::upload::https_client(
         p.fetch_ca_file.as_deref(),
         timeout.min(Duration::from_secs(10)),
         timeout,
@@ -2069,9 +2069,9 @@ pub async fn run(
     let mut watches = start_watcher(&config, tx, overflow.clone())?;
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
-    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
+    // Host key (refusing an unsafe one), spool, uploader: see crate::reporting::Reporting.
     let reporting = tokio::task::block_in_place(|| {
-        crate::upload::Reporting::open(&config, &host_id(&config)?).map_err(DaemonError::from)
+        crate::reporting::Reporting::open(&config, &host_id(&config)?).map_err(DaemonError::from)
     })?;
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer))?;
     let mut next_review = tokio::task::block_in_place(|| {

@@ -18,7 +18,6 @@ pub mod notify;
 pub mod policy;
 pub mod policy_fetch;
 pub mod reconcile;
-pub mod spool;
+pub mod reporting;
 pub mod tokens;
-pub mod upload;
 pub mod workload;
