@@ -38,12 +38,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{Admission, AdmitAnswer, ApiRequest};
 use crate::audit::{AuditLog, AuditOptions};
-use crate::cgroup::LibvirtDomain;
 use crate::config::{Config, Mode};
 use crate::decision::{decide, Decision, DecisionInput, Reason, ReasonCode};
+use crate::discovery::cgroup;
+use crate::discovery::cgroup::LibvirtDomain;
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
 use crate::policy::{AppliedPolicy, Offer, PolicyError, PolicyGuard};
-use crate::workload::{WorkloadId, WorkloadKind};
-use crate::{cgroup, tokens};
+use crate::tokens;
 
 /// Shortest sleep of the main loop; see [`run`].
 /// `kycd run`'s exit status when it cannot start until an operator acts (a corrupt audit
@@ -1123,7 +1124,7 @@ impl Agent {
         }
         for d in discovery.found {
             let interfaces = if d.id.kind == WorkloadKind::LibvirtDomain {
-                match crate::enforce::libvirt::domain_interfaces(&status_dir, &d.id.id) {
+                match crate::discovery::libvirt::domain_interfaces(&status_dir, &d.id.id) {
                     Ok(interfaces) => {
                         self.read_failing.remove(&status_dir.join(format!("{}.xml", d.id.id)));
                         interfaces

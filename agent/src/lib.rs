@@ -4,11 +4,11 @@
 
 pub mod api;
 pub mod audit;
-pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+pub mod discovery;
 pub mod enforce;
 pub mod fsutil;
 pub mod gpu;
@@ -20,4 +20,3 @@ pub mod policy_fetch;
 pub mod reconcile;
 pub mod reporting;
 pub mod tokens;
-pub mod workload;

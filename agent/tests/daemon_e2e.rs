@@ -126,7 +126,7 @@ fn attestation_expiry_flips_the_verdict_at_the_deadline() {
 #[test]
 fn real_cgroup_v2_workloads_are_discovered_and_vanish() {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+    let Some(mount) = kycd::discovery::cgroup::find_cgroup2_mount(&mountinfo) else {
         eprintln!("SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: no cgroup2 mount");
         return;
     };

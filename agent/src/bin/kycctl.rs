@@ -334,7 +334,7 @@ fn gpus(socket: &std::path::Path, json: bool, usage: bool) -> ExitCode {
 }
 
 fn admit(args: AdmitArgs) -> ExitCode {
-    if let Err(e) = args.workload.parse::<kycd::workload::WorkloadId>() {
+    if let Err(e) = args.workload.parse::<kycd::discovery::workload::WorkloadId>() {
         return fail(EXIT_USAGE, e);
     }
     let attestation = match &args.attestation {

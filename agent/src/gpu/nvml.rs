@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use kycd_protocol::clock::{Clock as _, SystemClock};
 use nvml_wrapper::enum_wrappers::device::{Clock, ComputeMode as NvmlComputeMode};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::gpm::GpmMetricId;
@@ -131,8 +132,8 @@ impl Drop for Inner {
         if let Some(thread) = self.thread.take() {
             // Wait briefly so NVML is shut down cleanly; a thread stuck inside the driver is
             // left behind rather than hanging the agent's shutdown.
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
+            let deadline = SystemClock.instant() + Duration::from_secs(1);
+            while !thread.is_finished() && SystemClock.instant() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if thread.is_finished() {
