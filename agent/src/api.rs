@@ -191,7 +191,7 @@ pub struct ReportingStatus {
     pub rejected: RejectedStatus,
 }
 
-/// Spool damage since start, in [`ReportingStatus`] (see [`crate::spool`]).
+/// Spool damage since start, in [`ReportingStatus`] (see [`crate::reporting::spool`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SpoolDamageStatus {

@@ -2038,7 +2038,7 @@ fn start_policy_fetcher(
     let url = reqwest::Url::parse(url)
         .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
     let timeout = Duration::from_secs(p.fetch_timeout_s);
-    let client = crate::reporting::upload::https_client(
+    let client = crate::reporting::client::https_client(
         p.fetch_ca_file.as_deref(),
         timeout.min(Duration::from_secs(10)),
         timeout,

@@ -151,7 +151,7 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(5),
     };
-    let client = kycd::reporting::upload::build_client(&options).unwrap();
+    let client = kycd::reporting::client::build_client(&options).unwrap();
     let committed = Arc::new(tokio::sync::Notify::new());
     let counters = Arc::new(UploadCounters::default());
     let stop = CancellationToken::new();

@@ -48,7 +48,7 @@
 //! # Files
 //!
 //! [`record`] (the line format and the chain link), `segment` (the directory, its file
-//! names and reading a segment's end), [`verify`] (`kycctl audit verify`) and [`repair`]
+//! names and reading a segment's end), [`verify`] (`kycctl audit verify`) and [`repair`](mod@repair)
 //! (`kycctl audit repair`); this file holds the writer, [`AuditLog`].
 
 pub mod record;

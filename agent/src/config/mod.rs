@@ -9,7 +9,7 @@
 //!
 //! Nothing here reads the environment: the daemon and tests build a [`Config`] explicitly.
 //!
-//! Files: [`load`] (the layers), `validate` (consistency of the merged result), and one file
+//! Files: [`load`](mod@load) (the layers), `validate` (consistency of the merged result), and one file
 //! per group of sections: [`collector`], [`enforcement`], [`gpu`], [`service`], [`trust`].
 
 pub mod collector;

@@ -2,9 +2,12 @@
 //!
 //! [`Reporting`] owns the pipeline of a running daemon: the [`spool`] on disk (always), the
 //! [`writer`] task that appends the sampler's windows to it, and the [`upload`]er that sends
-//! them to the collector (when `reporting.collector_url` is set). It also answers for them in
+//! them to the collector (when `reporting.collector_url` is set) over the HTTPS [`client`],
+//! keeping the batches it refuses for good in [`rejected`]. It also answers for them in
 //! `kycctl status`, `/metrics` and the audit log.
 
+pub mod client;
+pub mod rejected;
 pub mod spool;
 pub mod upload;
 pub mod writer;
@@ -18,11 +21,10 @@ use kycd_protocol::PrivateJwk;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use client::build_client;
+use rejected::count_rejected_files;
 use spool::{SharedSpool, SpoolError};
-use upload::{
-    build_client, count_rejected_files, reports_url, UploadCounters, UploadError, UploaderOptions,
-    FAILURE_KINDS,
-};
+use upload::{reports_url, UploadCounters, UploadError, UploaderOptions, FAILURE_KINDS};
 
 /// Why reporting could not be set up at startup.
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +315,7 @@ impl Reporting {
 
 #[cfg(test)]
 mod tests {
-    use super::upload::Rejection;
+    use super::rejected::Rejection;
     use super::*;
 
     /// Spool damage found on open and a rejected batch reach `kycctl status`, `/metrics`

@@ -21,13 +21,13 @@
 //!   replay the file. Each rejection is made visible: an error log line,
 //!   `kycd_upload_rejected_batches_total` / `_records_total`, the `rejected` line of
 //!   `kycctl status` (counts, the last one's time, status and kind) and a
-//!   `report_batch_rejected` audit record ([`Reporting::take_audit_events`]).
+//!   `report_batch_rejected` audit record ([`Reporting::take_audit_events`](super::Reporting::take_audit_events)).
 //! - **401** (unknown host, bad signature: the host may not be enrolled yet), **429/503**,
 //!   other 5xx and network errors: retried with exponential backoff (base 1 s, full jitter,
 //!   cap `backoff_max_s`); `Retry-After` (seconds) is honoured. 401 is logged at error level.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,7 @@ use kycd_protocol::{sign_detached, PrivateJwk, ReportAck, ReportBatch, UsageReco
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::rejected::{save_rejected, Rejection};
 use super::spool::{covered, SharedSpool, Spool, SpoolError};
 
 /// Most rejections kept for the audit log before the daemon takes them.
@@ -130,7 +131,7 @@ pub struct UploadCounters {
     pub last_success_at: std::sync::atomic::AtomicI64,
     /// The last permanent rejection (for `kycctl status`).
     pub last_rejection: std::sync::Mutex<Option<Rejection>>,
-    /// Permanent rejections not yet taken for the audit log ([`Reporting::take_audit_events`]).
+    /// Permanent rejections not yet taken for the audit log ([`Reporting::take_audit_events`](super::Reporting::take_audit_events)).
     pub unrecorded_rejections: std::sync::Mutex<Vec<Rejection>>,
     /// Batch files in `rejected/`: those found on start, plus one per new rejection.
     pub rejected_files: AtomicU64,
@@ -165,82 +166,9 @@ impl UploadCounters {
     }
 }
 
-/// A batch the collector refused for good (400/409/413), kept in `rejected/`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Rejection {
-    /// When (Unix seconds).
-    pub at: i64,
-    /// The HTTP status.
-    pub status: u16,
-    /// The collector's error kind (`kind` in its answer, e.g. `SeqConflict`), else
-    /// `http_<status>`.
-    pub kind: String,
-    /// The collector's message (`error` in its answer), if any, at most 256 characters.
-    pub error: Option<String>,
-    /// The batch's first seq.
-    pub first_seq: u64,
-    /// The last seq it covers.
-    pub last_seq: u64,
-    /// Records in it.
-    pub records: u64,
-    /// Where it was saved.
-    pub file: PathBuf,
-}
-
-impl Rejection {
-    /// The kind and message from the collector's answer `{"error", "kind"}` (or a bare
-    /// string).
-    pub(super) fn describe(status: u16, answer: &serde_json::Value) -> (String, Option<String>) {
-        let kind = answer
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .filter(|k| !k.is_empty())
-            .map_or_else(|| format!("http_{status}"), |k| k.chars().take(64).collect());
-        let error = answer
-            .get("error")
-            .and_then(|e| e.as_str())
-            .or_else(|| answer.as_str())
-            .map(|e| e.chars().take(256).collect());
-        (kind, error)
-    }
-}
-
 /// Upload failure kinds (the `kind` label of `kycd_upload_failures_total`).
 pub const FAILURE_KINDS: [&str; 7] =
     ["network", "unauthorized", "throttled", "http_error", "bad_answer", "rejected", "spool"];
-
-/// Builds the HTTPS client: rustls (ring), the system trust store plus `ca_file`, no
-/// redirects, timeouts.
-pub fn build_client(options: &UploaderOptions) -> Result<reqwest::Client, UploadError> {
-    https_client(options.ca_file.as_deref(), options.connect_timeout, options.request_timeout)
-}
-
-/// The agent's outbound HTTPS client (uploads, policy fetches): rustls (ring), the system
-/// trust store plus the PEM certificates in `ca_file`, no redirects, the given timeouts.
-pub fn https_client(
-    ca_file: Option<&Path>,
-    connect_timeout: Duration,
-    request_timeout: Duration,
-) -> Result<reqwest::Client, UploadError> {
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout)
-        .timeout(request_timeout)
-        .user_agent(concat!("kycd/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = ca_file {
-        let ca_err = |reason: String| UploadError::CaFile { path: path.to_owned(), reason };
-        let pem = crate::fsutil::read_regular_file(path, 1 << 20).map_err(|e| ca_err(e.to_string()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_err("no PEM certificate in it".into()));
-        }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    builder.build().map_err(UploadError::Client)
-}
 
 /// The reports endpoint for a base URL.
 pub fn reports_url(base: &str) -> Result<reqwest::Url, UploadError> {
@@ -518,57 +446,6 @@ async fn read_limited(mut response: reqwest::Response) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Writes a rejected batch to `<dir>/<first>-<last>.json` durably (0600, in a 0700
-/// directory); also says whether the file is new.
-fn save_rejected(
-    dir: &Path,
-    host_id: &str,
-    rejected_at: i64,
-    status: u16,
-    answer: &serde_json::Value,
-    records: &[UsageRecord],
-) -> std::io::Result<(PathBuf, bool)> {
-    let first = records.first().map_or(0, |r| r.seq);
-    let last = records.iter().map(covered).max().unwrap_or(0);
-    crate::fsutil::create_dir_durably(dir)?;
-    // The same batch saved again (a retry) replaces its own file; a different batch whose
-    // seqs happen to match (a spool wiped and renumbered) gets a file of its own, so the
-    // only copy of an earlier rejected batch is never overwritten.
-    let wanted = serde_json::to_value(records)?;
-    let same_batch = |path: &Path| {
-        std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|doc| doc["records"] == wanted)
-    };
-    let mut path = dir.join(format!("{first}-{last}.json"));
-    let mut n = 1u32;
-    while path.exists() && !same_batch(&path) {
-        if n > 10_000 {
-            return Err(std::io::Error::other(format!("too many rejected batches named {first}-{last}")));
-        }
-        path = dir.join(format!("{first}-{last}.{n}.json"));
-        n += 1;
-    }
-    let new_file = !path.exists();
-    let doc = serde_json::json!({
-        "host_id": host_id,
-        "rejected_at": rejected_at,
-        "status": status,
-        "reason": answer,
-        "records": records,
-    });
-    crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
-    Ok((path, new_file))
-}
-
-/// Batch files (`*.json`) in the rejected directory (0 when there is none).
-pub(super) fn count_rejected_files(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count() as u64
-    })
 }
 
 #[cfg(test)]
