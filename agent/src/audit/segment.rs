@@ -68,14 +68,10 @@ pub(super) fn list_dir(dir: &Path) -> Result<Listing, AuditError> {
 /// system that refuses `chmod` (a root-squashed mount) must not keep the agent from starting,
 /// so a failure is logged and the log opened as it is.
 pub(super) fn tighten_modes(dir: &Path, listing: &Listing) {
-    use std::os::unix::fs::PermissionsExt as _;
     let tighten = |path: &Path, mode: u32| {
         let Ok(meta) = fs::symlink_metadata(path) else { return };
-        let current = meta.permissions().mode() & 0o7777;
-        if current & !mode != 0 {
-            if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(current & mode)) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot narrow the audit log's mode");
-            }
+        if let Err(e) = crate::fsutil::narrow_mode(path, &meta, mode) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot narrow the audit log's mode");
         }
     };
     tighten(dir, DIR_MODE);
@@ -85,7 +81,7 @@ pub(super) fn tighten_modes(dir: &Path, listing: &Listing) {
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), AuditError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    crate::fsutil::sync_dir(dir).map_err(io_err(dir))
 }
 
 /// Creates a new, empty segment and makes its directory entry durable.

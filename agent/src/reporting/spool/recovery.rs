@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use kycd_protocol::UsageRecord;
@@ -29,15 +29,13 @@ fn restrict_modes(dir: &Path) {
         } else {
             return;
         };
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & !want != 0 {
-            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & want)) {
-                Ok(()) => {
-                    info!(path = %path.display(), from = format!("{mode:04o}"), to = format!("{:04o}", mode & want),
-                                "narrowed the mode of a spool file")
-                }
-                Err(e) => warn!(path = %path.display(), error = %e, "cannot narrow the mode of a spool file"),
+        match crate::fsutil::narrow_mode(path, &meta, want) {
+            Ok(Some((from, to))) => {
+                info!(path = %path.display(), from = format!("{from:04o}"), to = format!("{to:04o}"),
+                      "narrowed the mode of a spool file")
             }
+            Ok(None) => {}
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot narrow the mode of a spool file"),
         }
     };
     restrict(dir);

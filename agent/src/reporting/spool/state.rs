@@ -1,7 +1,6 @@
 //! The spool's two small state files, `cursor` and `highwater` (JSON, written atomically),
 //! and the directory fsync every durable step ends with.
 
-use std::fs::File;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -35,5 +34,5 @@ pub(super) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Spo
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    crate::fsutil::sync_dir(dir).map_err(io_err(dir))
 }
