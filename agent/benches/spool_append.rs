@@ -1,5 +1,5 @@
 //! Spool append throughput with group commit: windows/s through the real writer task
-//! ([`kycd::spool::run_writer`]: bounded channel → `append_batch` → one `fdatasync` per
+//! ([`kycd::reporting::writer::run_writer`]: bounded channel → `append_batch` → one `fdatasync` per
 //! group) at `group_commit_ms` = 0, 10, 100, and, as the baseline, one `append` (one fsync)
 //! per window.
 //!
@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kycd::spool::{Spool, SpoolOptions};
+use kycd::reporting::spool::{Spool, SpoolOptions};
 use kycd_protocol::{EstimationMethod, UsageWindow};
 
 fn window(i: usize) -> UsageWindow {
@@ -72,12 +72,12 @@ fn main() {
         let Ok(dir) = tempfile::tempdir_in(&base) else { return };
         let Ok(spool) = Spool::open(dir.path(), options()) else { return };
         let spool = Arc::new(std::sync::Mutex::new(spool));
-        let counters = Arc::new(kycd::spool::WriterCounters::default());
+        let counters = Arc::new(kycd::reporting::writer::WriterCounters::default());
         let committed = Arc::new(tokio::sync::Notify::new());
         let elapsed = runtime.block_on(async {
             let (tx, rx) = kycd::gpu::usage::window_channel(256);
             let t = Instant::now();
-            let writer = tokio::spawn(kycd::spool::run_writer(
+            let writer = tokio::spawn(kycd::reporting::writer::run_writer(
                 Arc::clone(&spool),
                 rx,
                 Duration::from_millis(ms),

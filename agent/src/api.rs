@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::decision::Decision;
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 /// Largest request body (an attestation is at most 64 KiB).
 const MAX_BODY_BYTES: usize = 128 * 1024;
@@ -191,7 +191,7 @@ pub struct ReportingStatus {
     pub rejected: RejectedStatus,
 }
 
-/// Spool damage since start, in [`ReportingStatus`] (see [`crate::spool`]).
+/// Spool damage since start, in [`ReportingStatus`] (see [`crate::reporting::spool`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SpoolDamageStatus {
@@ -576,7 +576,7 @@ async fn admit(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let libvirt_uuid = body.libvirt_uuid.map(|u| u.to_ascii_lowercase());
-    if libvirt_uuid.as_ref().is_some_and(|u| !crate::cgroup::is_uuid(u)) {
+    if libvirt_uuid.as_ref().is_some_and(|u| !crate::discovery::cgroup::is_uuid(u)) {
         return error(StatusCode::BAD_REQUEST, "libvirt_uuid is not a UUID");
     }
     let admission =

@@ -29,7 +29,7 @@ use kycd_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 /// Everything a decision depends on. The caller has verified both tokens' signatures; the
 /// engine re-checks their validity windows against `now` because decisions are re-made over
@@ -465,7 +465,7 @@ fn role_label(role: Role) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::WorkloadKind;
+    use crate::discovery::workload::WorkloadKind;
     use serde_json::{json, Value};
     use ReasonCode::*;
 

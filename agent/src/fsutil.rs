@@ -48,7 +48,7 @@ pub fn write_durably(path: &Path, contents: &[u8], existing: Existing) -> std::i
         Existing::Replace => tmp.persist(path).map_err(|e| e.error)?,
         Existing::Keep => tmp.persist_noclobber(path).map_err(|e| e.error)?,
     };
-    std::fs::File::open(dir)?.sync_all()
+    sync_dir(dir)
 }
 
 /// [`write_durably`], replacing any existing file.
@@ -64,11 +64,33 @@ pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     create_private_dir_all(dir)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    sync_dir(dir)?;
     match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        Some(parent) => sync_dir(parent),
         None => Ok(()),
     }
+}
+
+/// fsyncs the directory `dir`, so the entries created, renamed or removed in it survive a
+/// crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Narrows the permission bits of `path` (whose metadata is `meta`) to those in `allowed`:
+/// it only ever removes bits. Returns the mode before and after when it changed it. For
+/// state left wider by an older agent; callers decide whether a failure matters.
+pub fn narrow_mode(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    allowed: u32,
+) -> std::io::Result<Option<(u32, u32)>> {
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & !allowed == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & allowed))?;
+    Ok(Some((mode, mode & allowed)))
 }
 
 /// Whether an error reading an input says nothing about the input itself: the agent is

@@ -269,7 +269,7 @@ async fn attestation(
     };
     let mut claims = HostStatementClaims::clone(&state.snapshot.borrow());
     claims.nonce = nonce;
-    claims.iat = crate::tokens::unix_now();
+    claims.iat = kycd_protocol::clock::unix_now();
     claims.exp = claims.iat + STATEMENT_TTL_S;
     match kycd_protocol::sign(&claims, &state.key) {
         Ok(token) => ([(header::CONTENT_TYPE, "application/jwt")], token).into_response(),
@@ -445,7 +445,7 @@ mod tls_tests {
             get(addr, &pki.client(true), &format!("/v1/attestation?nonce={nonce}"), None).await.unwrap();
         assert_eq!(status, 200, "{token}");
         let options = kycd_protocol::VerifyOptions::default();
-        let now = crate::tokens::unix_now();
+        let now = kycd_protocol::clock::unix_now();
         let verified =
             kycd_protocol::verify::<HostStatementClaims>(token.trim().as_bytes(), &jwks, &options, now)
                 .unwrap();

@@ -4,12 +4,12 @@
 
 pub mod api;
 pub mod audit;
-pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod decision;
+pub mod discovery;
 pub mod enforce;
 pub mod fsutil;
 pub mod gpu;
@@ -19,7 +19,5 @@ pub mod notify;
 pub mod policy;
 pub mod policy_fetch;
 pub mod reconcile;
-pub mod spool;
+pub mod reporting;
 pub mod tokens;
-pub mod upload;
-pub mod workload;

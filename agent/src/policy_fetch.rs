@@ -163,7 +163,7 @@ async fn fetch_once(
 
 /// `interval` ±10 %.
 fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(0.9) + crate::upload::jitter(interval.mul_f64(0.2))
+    interval.mul_f64(0.9) + kycd_protocol::backoff::full_jitter(interval.mul_f64(0.2))
 }
 
 /// The wait after `failures` (≥ 1) consecutive failures; see the module docs.
@@ -173,7 +173,7 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
 }
 
 fn now() -> i64 {
-    crate::tokens::unix_now()
+    kycd_protocol::clock::unix_now()
 }
 
 /// Runs the fetcher until `shutdown`: fetches at once, then every interval.

@@ -30,10 +30,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::decision::Decision;
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
+use crate::enforce::GpuComputeModeEnforcer;
 use crate::enforce::{CgroupAction, CgroupEnforcer, CountryCidrs, NftDesired, NftEnforcer};
-use crate::gpu::enforce::GpuComputeModeEnforcer;
 use crate::gpu::{BackendState, GpuBackend};
-use crate::workload::{WorkloadId, WorkloadKind};
 
 /// The host state the decisions ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -109,7 +109,7 @@ fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
 #[test]
 fn real_cgroup_v2_workloads_are_discovered_and_vanish() {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+    let Some(mount) = kycd::discovery::cgroup::find_cgroup2_mount(&mountinfo) else {
         eprintln!("SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: no cgroup2 mount");
         return;
     };

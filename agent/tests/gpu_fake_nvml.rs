@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use kycd::discovery::workload::WorkloadId;
+use kycd::enforce::GpuComputeModeEnforcer;
 use kycd::gpu::attribution::ProcessOwner;
-use kycd::gpu::enforce::GpuComputeModeEnforcer;
 use kycd::gpu::sampler::{GpuSampler, SamplerOptions, TenantInfo, TenantMap, TickReport};
 use kycd::gpu::usage::TrainingRule;
 use kycd::gpu::{
     BackendState, ComputeMode, GpuBackend, GpuError, GpuState, NvmlBackend, NvmlOptions, Sample,
 };
-use kycd::workload::WorkloadId;
 use kycd_protocol::{EstimationMethod, UsageWindow};
 use serde_json::json;
 
@@ -513,7 +513,7 @@ fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
 #[test]
 fn real_processes_in_real_cgroups_are_attributed_through_proc() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let Some(mount) = kycd::cgroup::find_cgroup2_mount(&mountinfo) else {
+    let Some(mount) = kycd::discovery::cgroup::find_cgroup2_mount(&mountinfo) else {
         eprintln!("SKIP: no cgroup2 mount");
         return;
     };

@@ -41,7 +41,11 @@ fn prints_host_id_and_public_host_key() {
     let spool: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(spool["acked_seq"], 0);
     assert_eq!(spool["segments"], serde_json::json!([]));
-    let mut s = kycd::spool::Spool::open(&state.join("spool"), kycd::spool::SpoolOptions::default()).unwrap();
+    let mut s = kycd::reporting::spool::Spool::open(
+        &state.join("spool"),
+        kycd::reporting::spool::SpoolOptions::default(),
+    )
+    .unwrap();
     s.append_batch(&[window(), window()]).unwrap();
     drop(s);
     let spool: serde_json::Value =

@@ -18,8 +18,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use kycd::spool::{Spool, SpoolError, SpoolOptions};
-use kycd::upload::{UploadCounters, UploaderOptions};
+use kycd::reporting::spool::{SharedSpool, Spool, SpoolError, SpoolOptions};
+use kycd::reporting::upload::{UploadCounters, UploaderOptions};
+use kycd_protocol::clock::{unix_now, SystemClock};
 use kycd_protocol::{
     verify_detached, Algorithm, EstimationMethod, Jwks, PrivateJwk, ReportBatch, UsageWindow,
     REPORT_SIGNATURE_TYP,
@@ -113,7 +114,7 @@ async fn reports(State(c): State<Collector>, headers: HeaderMap, body: Bytes) ->
     }
 }
 
-async fn wait_for(spool: &kycd::spool::SharedSpool, acked: u64) {
+async fn wait_for(spool: &SharedSpool, acked: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while spool.lock().unwrap().acked_seq() < acked {
         assert!(Instant::now() < deadline, "cursor stuck at {}", spool.lock().unwrap().acked_seq());
@@ -150,17 +151,18 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(5),
     };
-    let client = kycd::upload::build_client(&options).unwrap();
+    let client = kycd::reporting::client::build_client(&options).unwrap();
     let committed = Arc::new(tokio::sync::Notify::new());
     let counters = Arc::new(UploadCounters::default());
     let stop = CancellationToken::new();
-    let uploader = tokio::spawn(kycd::upload::run(
+    let uploader = tokio::spawn(kycd::reporting::upload::run(
         Arc::clone(&spool),
         Arc::new(key),
         options,
         client,
         Arc::clone(&committed),
         Arc::clone(&counters),
+        Arc::new(SystemClock),
         stop.clone(),
     ));
     wait_for(&spool, 25).await;
@@ -207,7 +209,7 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
         (last.status, last.kind.as_str(), last.first_seq, last.last_seq),
         (409, "SeqConflict", 31, 35)
     );
-    assert!(last.at > 0 && last.at <= kycd::tokens::unix_now());
+    assert!(last.at > 0 && last.at <= unix_now());
     let queued: Vec<(u16, String, u64, u64, u64)> = counters
         .unrecorded_rejections
         .lock()
@@ -219,10 +221,10 @@ async fn uploads_signed_batches_retries_rejects_and_acks() {
     // By kind: the 503 is `throttled`, the 400 and 409 `rejected`; nothing else failed.
     let failures = counters.failures.lock().unwrap().clone();
     assert_eq!(failures, [("rejected", 2), ("throttled", 1)].into_iter().collect());
-    assert!(failures.keys().all(|k| kycd::upload::FAILURE_KINDS.contains(k)));
+    assert!(failures.keys().all(|k| kycd::reporting::upload::FAILURE_KINDS.contains(k)));
     assert_eq!(counters.records_ok.load(Relaxed), 10 + 10 + 5, "records in stored batches (resends count)");
     let last = counters.last_success_at.load(Relaxed);
-    assert!(last > 0 && last <= kycd::tokens::unix_now(), "{last}");
+    assert!(last > 0 && last <= unix_now(), "{last}");
 
     let cursor: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spool_dir.join("cursor")).unwrap()).unwrap();

@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use host_support::Host;
-use kycd::spool::{Spool, SpoolOptions};
+use kycd::reporting::spool::{Spool, SpoolOptions};
 use kycd_protocol::{EstimationMethod, UsageWindow};
 
 fn window(start: i64) -> UsageWindow {

@@ -201,7 +201,7 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     let spool_dir = dir.join("state/spool");
     let deadline = Instant::now() + Duration::from_secs(120);
     let final_cursor = loop {
-        let spool = kycd::spool::inspect(&spool_dir).unwrap();
+        let spool = kycd::reporting::spool::inspect(&spool_dir).unwrap();
         let pending: usize = spool.segments.iter().map(|s| s.records.len()).sum();
         if pending == 0 && spool.acked_seq > 0 {
             break spool.acked_seq;

@@ -137,8 +137,8 @@ impl Host {
         path
     }
 
-    fn spool(&self) -> kycd::spool::Inspection {
-        kycd::spool::inspect(&self.dir.join("state/spool")).unwrap()
+    fn spool(&self) -> kycd::reporting::spool::Inspection {
+        kycd::reporting::spool::inspect(&self.dir.join("state/spool")).unwrap()
     }
 
     /// Waits until the agent's durable cursor reaches `at_least` and nothing is pending,

@@ -1,6 +1,6 @@
 //! The configuration reference (`docs/configuration.md`) lists exactly the keys of the
 //! packaged agent configuration (`packaging/kycd.toml`), which a unit test in
-//! `agent/src/config.rs` keeps complete and equal to the defaults of the config struct: so
+//! `agent/src/config/mod.rs` keeps complete and equal to the defaults of the config struct: so
 //! a key added to the struct fails there until it is in the example, and here until it is
 //! documented (and a documented key that no longer exists fails here).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

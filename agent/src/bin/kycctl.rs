@@ -334,7 +334,7 @@ fn gpus(socket: &std::path::Path, json: bool, usage: bool) -> ExitCode {
 }
 
 fn admit(args: AdmitArgs) -> ExitCode {
-    if let Err(e) = args.workload.parse::<kycd::workload::WorkloadId>() {
+    if let Err(e) = args.workload.parse::<kycd::discovery::workload::WorkloadId>() {
         return fail(EXIT_USAGE, e);
     }
     let attestation = match &args.attestation {
@@ -431,7 +431,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn audit_repair(dir: &std::path::Path, truncate_after: u64) -> ExitCode {
-    let repair = match audit::repair(dir, truncate_after, kycd::tokens::unix_now()) {
+    let repair = match audit::repair(dir, truncate_after, kycd_protocol::clock::unix_now()) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_USAGE, e),
     };
@@ -520,7 +520,7 @@ fn main() -> ExitCode {
                 Ok(k) => k,
                 Err(e) => return fail(EXIT_USAGE, e),
             };
-            let now = tokens::unix_now();
+            let now = kycd_protocol::clock::unix_now();
             match tokens::sign_claims(&key, typ.into(), &claims, now, valid_at.unwrap_or(now)) {
                 Ok(SignOutcome::Token(token)) => {
                     println!("{token}");
@@ -548,7 +548,7 @@ fn main() -> ExitCode {
                 &jwks,
                 typ.into(),
                 &options,
-                at.unwrap_or_else(tokens::unix_now),
+                at.unwrap_or_else(kycd_protocol::clock::unix_now),
             ) {
                 Ok(claims) => {
                     println!("{}", serde_json::to_string_pretty(&claims).unwrap_or_default());
@@ -589,7 +589,7 @@ fn main() -> ExitCode {
                 Ok(loaded) => loaded.config,
                 Err(e) => return fail(EXIT_USAGE, e),
             };
-            match kycd::spool::inspect(&config.state_dir.join("spool")) {
+            match kycd::reporting::spool::inspect(&config.state_dir.join("spool")) {
                 Ok(i) => {
                     println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
                     ExitCode::SUCCESS

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::{Agent, AuditEvent, LOCKDOWN_AFTER};
 use crate::config::Mode;
 use crate::decision::{decide, Decision, DecisionInput, Reason, ReasonCode};
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 /// A decision that differs from the one on record: (workload, attestation digest, decision).
 type Changed = (WorkloadId, Option<String>, Decision);

@@ -13,7 +13,7 @@ use super::{Agent, AuditEvent, RejectKind};
 use crate::api::{Admission, AdmitAnswer};
 use crate::fsutil::is_resource_error;
 use crate::tokens;
-use crate::workload::{WorkloadId, WorkloadKind};
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
 
 /// A file that failed intake, by the digest of its content. Permanent failures (bad
 /// signature, malformed, expired) are not retried until the content or the trust anchors
@@ -399,7 +399,7 @@ impl Agent {
         let workload = admission.workload;
         // A domain named like a UUID could otherwise borrow an attestation bound to that
         // UUID: such a name is accepted only as the domain's own UUID.
-        if workload.kind == WorkloadKind::LibvirtDomain && crate::cgroup::is_uuid(&workload.id) {
+        if workload.kind == WorkloadKind::LibvirtDomain && crate::discovery::cgroup::is_uuid(&workload.id) {
             let own = admission.libvirt_uuid.as_deref() == Some(workload.id.to_ascii_lowercase().as_str());
             if !own {
                 return AdmitAnswer::deny(&workload, "a libvirt domain named like a UUID must be that UUID");

@@ -56,12 +56,12 @@ pub use error::StartError;
 pub use reject::RejectKind;
 
 use crate::audit::{AuditLog, AuditOptions};
-use crate::cgroup::LibvirtDomain;
+use crate::discovery::cgroup::LibvirtDomain;
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::policy::{AppliedPolicy, PolicyGuard};
 use crate::reconcile::Enforcer;
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 use intake::{Attested, Recheck, Rejection};
 use policy_source::PolicySource;
@@ -214,7 +214,7 @@ impl Agent {
         let cgroup_mount = config.workloads.cgroup_root.clone().or_else(|| {
             std::fs::read_to_string("/proc/self/mountinfo")
                 .ok()
-                .and_then(|m| crate::cgroup::find_cgroup2_mount(&m))
+                .and_then(|m| crate::discovery::cgroup::find_cgroup2_mount(&m))
         });
         if cgroup_mount.is_none() {
             warn!("no cgroup2 mount found: only the host workload and attested workloads are known");

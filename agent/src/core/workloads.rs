@@ -9,8 +9,8 @@ use tracing::{error, info, warn};
 
 use super::intake::Attested;
 use super::{Agent, AuditEvent};
-use crate::cgroup;
-use crate::workload::{WorkloadId, WorkloadKind};
+use crate::discovery::cgroup;
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
 
 /// File in the state directory holding when each workload was first seen.
 const FIRST_SEEN_FILE: &str = "first_seen.json";
@@ -118,7 +118,7 @@ impl Agent {
         for d in discovery.found {
             let interfaces = if d.id.kind == WorkloadKind::LibvirtDomain {
                 let status_file = status_dir.join(format!("{}.xml", d.id.id));
-                match crate::enforce::libvirt::domain_interfaces(&status_dir, &d.id.id) {
+                match crate::discovery::libvirt::domain_interfaces(&status_dir, &d.id.id) {
                     Ok(interfaces) => {
                         self.read_failing.remove(&status_file);
                         interfaces

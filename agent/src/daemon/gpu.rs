@@ -23,7 +23,7 @@ pub(super) type SharedGpuMetrics = Arc<Mutex<GpuMetrics>>;
 /// Starts GPU sampling (see the module docs); `None` when the sampler cannot start (logged).
 pub(super) fn start(
     config: &Config,
-    reporting: &crate::upload::Reporting,
+    reporting: &crate::reporting::Reporting,
     backend: Box<dyn crate::gpu::GpuBackend>,
     tenants: tokio::sync::watch::Receiver<Arc<TenantMap>>,
     tracker: &TaskTracker,

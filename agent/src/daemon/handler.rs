@@ -59,7 +59,7 @@ pub fn dispatch(request: ApiRequest, handler: &mut impl RequestHandler) {
 #[derive(Debug)]
 pub(super) struct Node<'a> {
     pub(super) agent: &'a mut Agent,
-    pub(super) reporting: &'a crate::upload::Reporting,
+    pub(super) reporting: &'a crate::reporting::Reporting,
     pub(super) gpu: Option<&'a SharedGpuMetrics>,
 }
 

@@ -65,7 +65,7 @@ pub enum DaemonError {
     Https(#[from] crate::https::HttpsError),
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
-    Reporting(#[from] crate::upload::ReportingError),
+    Reporting(#[from] crate::reporting::ReportingError),
     /// The policy fetcher cannot be set up (its URL or CA file).
     #[error("policy fetcher: {0}")]
     PolicyFetch(String),
@@ -90,7 +90,7 @@ fn start_policy_fetcher(
     let url = reqwest::Url::parse(url)
         .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
     let timeout = Duration::from_secs(p.fetch_timeout_s);
-    let client = crate::upload::https_client(
+    let client = crate::reporting::client::https_client(
         p.fetch_ca_file.as_deref(),
         timeout.min(Duration::from_secs(10)),
         timeout,
@@ -136,8 +136,8 @@ pub async fn run(
     // reactor's other tasks.
     let host_id = tokio::task::block_in_place(|| crate::host::host_id(&config))
         .map_err(|e| StartError::HostId(e.to_string()))?;
-    // Host key (refusing an unsafe one), spool, uploader: see crate::upload::Reporting.
-    let reporting = tokio::task::block_in_place(|| crate::upload::Reporting::open(&config, &host_id))?;
+    // Host key (refusing an unsafe one), spool, uploader: see crate::reporting::Reporting.
+    let reporting = tokio::task::block_in_place(|| crate::reporting::Reporting::open(&config, &host_id))?;
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer, clock))?;
     let mut next_review = tokio::task::block_in_place(|| agent.settle());
     let (fetched_tx, mut fetched_rx) = mpsc::channel::<FetchedPolicy>(4);
@@ -282,7 +282,7 @@ pub async fn run(
 
 /// Queues the reporting tasks' findings (spool damage, batches the collector refused) for
 /// the audit log.
-fn record_reporting_events(agent: &mut Agent, reporting: &crate::upload::Reporting) {
+fn record_reporting_events(agent: &mut Agent, reporting: &crate::reporting::Reporting) {
     for value in reporting.take_audit_events() {
         match serde_json::from_value::<AuditEvent>(value) {
             Ok(event) => agent.record(event),

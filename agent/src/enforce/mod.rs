@@ -5,20 +5,25 @@
 //! drift (a rule deleted or a cgroup thawed by hand), and makes lifting a measure the same
 //! operation as imposing one — the measure is simply no longer desired.
 //!
-//! - [`cgroupfs`] owns `cgroup.freeze` / `cgroup.kill` on workload cgroups, and a state file
+//! - [`cgroup`] owns `cgroup.freeze` / `cgroup.kill` on workload cgroups, and a state file
 //!   recording what each cgroup looked like before kycd touched it.
 //! - [`nft`] owns the nftables table `inet kycd` (and nothing else in the ruleset).
-//! - [`libvirt`] maps a libvirt domain to its tap interfaces, for the `nft` interface sets.
+//! - [`gpu_mode`] owns the compute mode of GPUs a tenant must not use, and a state file
+//!   recording each GPU's mode before kycd prohibited it.
+//!
+//! Finding what to enforce on (workloads, cgroups, a libvirt domain's tap interfaces) is
+//! [`crate::discovery`]'s. All backends fail with the one [`EnforceError`].
 //!
 //! Wiring into the daemon's `Enforcer` trait lives in `daemon.rs`.
 
-pub mod cgroupfs;
-pub mod libvirt;
+pub mod cgroup;
+pub mod gpu_mode;
 pub mod nft;
 
 use std::path::PathBuf;
 
-pub use cgroupfs::{CgroupAction, CgroupEnforcer, CgroupReport};
+pub use cgroup::{CgroupAction, CgroupEnforcer, CgroupReport};
+pub use gpu_mode::GpuComputeModeEnforcer;
 pub use nft::{load_country_cidrs, Cidr, CountryCidrs, NftActual, NftDesired, NftEnforcer, NftReport};
 
 /// Why an enforcement step failed. [`EnforceError::backend`] labels it for the metric
@@ -105,6 +110,33 @@ pub enum EnforceError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The GPU compute-mode state file cannot be read.
+    #[error("cannot read GPU enforcement state {path}")]
+    GpuStateRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The GPU compute-mode state file is not ours.
+    #[error("GPU enforcement state {path} is malformed")]
+    GpuStateParse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The GPU compute-mode state file cannot be written; nothing was changed on the GPU.
+    #[error("cannot write GPU enforcement state {path}")]
+    GpuStateWrite {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl EnforceError {
@@ -123,6 +155,7 @@ impl EnforceError {
             | Self::CgroupGone { .. }
             | Self::CgroupParse { .. }
             | Self::State { .. } => "cgroup",
+            Self::GpuStateRead { .. } | Self::GpuStateParse { .. } | Self::GpuStateWrite { .. } => "gpu",
         }
     }
 
@@ -139,6 +172,9 @@ impl EnforceError {
             Self::CgroupParse { .. } => "cgroup_parse",
             Self::State { .. } => "state_file",
             Self::CidrFileIo { .. } | Self::CidrFile { .. } => "cidr_file",
+            Self::GpuStateRead { .. } | Self::GpuStateParse { .. } | Self::GpuStateWrite { .. } => {
+                "gpu_state"
+            }
         }
     }
 

@@ -2,16 +2,16 @@
 //!
 //! The cgroup v2 line (`0::/machine.slice/machine-qemu\x2d1\x2dvm.scope/libvirt/vcpu0`) is
 //! matched against the configured workload roots (`[cgroup] roots`, the same ones
-//! [`crate::cgroup::discover`] lists): the first path component under a root is the workload,
-//! named by [`crate::cgroup::classify`], so sampling and discovery agree on names. A process
+//! [`crate::discovery::cgroup::discover`] lists): the first path component under a root is the workload,
+//! named by [`crate::discovery::cgroup::classify`], so sampling and discovery agree on names. A process
 //! under no root (system services, `init.scope`) belongs to the host workload.
 //!
 //! `proc_root` is `/proc` in production; tests point it at a tree in a temporary directory.
 
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::classify;
-use crate::workload::WorkloadId;
+use crate::discovery::cgroup::classify;
+use crate::discovery::workload::WorkloadId;
 
 /// Where a GPU process was found to belong.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,17 +6,18 @@
 //!   implementations: [`nvml::NvmlBackend`] (the driver, through `nvml-wrapper`, on its own OS
 //!   thread) and [`replay::ReplayBackend`] (a recorded JSON-lines trace, for demos and
 //!   benchmarks; `kycctl gpu record` writes one, see [`record`]).
-//! - [`attribution`]: GPU process → `/proc/<pid>/cgroup` → [`WorkloadId`](crate::workload::WorkloadId).
+//! - [`attribution`]: GPU process → `/proc/<pid>/cgroup` → [`WorkloadId`](crate::discovery::workload::WorkloadId).
 //! - [`flops`]: peak dense tensor FLOP/s per GPU model and the per-interval operation estimate.
 //! - [`usage`]: per-(tenant, workload) usage windows, handed to reporting over a bounded channel.
 //! - [`sampler`]: one tick = sample → attribute → estimate → aggregate.
-//! - [`enforce`]: compute-mode `Prohibited` for GPUs a tenant must not use, restored on lift.
+//!
+//! Compute-mode enforcement (`Prohibited` for GPUs a tenant must not use) is
+//! [`crate::enforce::gpu_mode`]'s; it drives the GPUs through [`GpuBackend`].
 //!
 //! A missing driver, a GPU that falls off the bus and a process that exits between NVML listing
 //! it and `/proc` being read are states in the data, never errors that stop sampling.
 
 pub mod attribution;
-pub mod enforce;
 pub mod flops;
 pub mod metrics;
 pub mod nvml;
@@ -27,7 +28,6 @@ pub mod usage;
 
 use serde::{Deserialize, Serialize};
 
-pub use enforce::GpuComputeModeEnforcer;
 pub use nvml::{NvmlBackend, NvmlOptions};
 pub use replay::ReplayBackend;
 
@@ -250,7 +250,7 @@ pub trait GpuBackend: Send + std::fmt::Debug {
 
 /// Unix milliseconds now.
 pub(crate) fn unix_ms_now() -> i64 {
-    std::time::SystemTime::now()
+    kycd_protocol::clock::Clock::now(&kycd_protocol::clock::SystemClock)
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -6,7 +6,9 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use kycd_protocol::clock::{Clock as _, SystemClock};
 
 use super::GpuBackend;
 
@@ -63,7 +65,7 @@ pub fn record(
     let write_err = |source| RecordError::Write { path: out.into(), source };
     let mut file = std::io::BufWriter::new(std::fs::File::create(out).map_err(write_err)?);
     let interval = interval.max(Duration::from_millis(1));
-    let start = Instant::now();
+    let start = SystemClock.instant();
     let mut summary = RecordSummary { samples: 0, unavailable: 0 };
     let mut due = start;
     loop {
@@ -80,7 +82,7 @@ pub fn record(
         if due.duration_since(start) > duration {
             break;
         }
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        std::thread::sleep(due.saturating_duration_since(SystemClock.instant()));
     }
     file.into_inner().map_err(|e| write_err(e.into_error()))?.sync_all().map_err(write_err)?;
     Ok(summary)

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kycd_protocol::clock::{Clock as _, SystemClock};
 use kycd_protocol::{EstimationMethod, UsageWindow};
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +26,7 @@ use super::attribution::{Attributor, ProcessOwner};
 use super::flops::{self, Activity, Peak, PeakTable};
 use super::usage::{Observation, TrainingRule, UsageAggregator, UsageKey, WindowSender, DEFAULT_WINDOW};
 use super::{BackendState, GpuBackend, GpuState, Sample};
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 /// Sampler settings (the daemon fills these from the `[gpu]` config section).
 #[derive(Debug, Clone, PartialEq)]
@@ -315,7 +316,7 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("kycd-gpu-sampler".into()).spawn(move || {
-        let mut due = std::time::Instant::now();
+        let mut due = SystemClock.instant();
         while !shutdown.is_cancelled() {
             let map = Arc::clone(&tenants.borrow());
             let mut report = sampler.tick(&map);
@@ -330,14 +331,14 @@ pub fn spawn(
                 let _ = tx.try_send(report);
             }
             due += sampler.interval;
-            let now = std::time::Instant::now();
+            let now = SystemClock.instant();
             if due < now {
                 due = now;
             }
             // Sleep in short steps so shutdown is prompt.
-            while !shutdown.is_cancelled() && std::time::Instant::now() < due {
+            while !shutdown.is_cancelled() && SystemClock.instant() < due {
                 std::thread::sleep(
-                    due.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(100)),
+                    due.saturating_duration_since(SystemClock.instant()).min(Duration::from_millis(100)),
                 );
             }
         }

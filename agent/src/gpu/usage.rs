@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use kycd_protocol::{EstimationMethod, UsageWindow};
 
-use crate::workload::WorkloadId;
+use crate::discovery::workload::WorkloadId;
 
 /// Default window length.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);

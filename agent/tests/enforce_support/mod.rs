@@ -51,7 +51,7 @@ pub fn run(args: &[&str]) -> String {
 }
 
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    kycd::cgroup::find_cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+    kycd::discovery::cgroup::find_cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
 }
 
 /// This process's own cgroup v2 path ("/" or "/user.slice/…").

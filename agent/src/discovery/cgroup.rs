@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::workload::{WorkloadId, WorkloadKind};
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
 
 /// A workload found in the cgroup tree.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,39 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ComputeMode, GpuBackend, GpuError};
-
-/// Why the enforcer cannot keep its state.
-#[derive(Debug, thiserror::Error)]
-pub enum EnforceError {
-    /// The state file cannot be read.
-    #[error("cannot read GPU enforcement state {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The state file is not ours.
-    #[error("GPU enforcement state {path} is malformed")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The state file cannot be written; nothing was changed on the GPU.
-    #[error("cannot write GPU enforcement state {path}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
+use super::EnforceError;
+use crate::gpu::{ComputeMode, GpuBackend, GpuError};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -78,9 +47,9 @@ impl GpuComputeModeEnforcer {
     pub fn load(state_path: &Path) -> Result<Self, EnforceError> {
         let state = match std::fs::read(state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| EnforceError::Parse { path: state_path.into(), source })?,
+                .map_err(|source| EnforceError::GpuStateParse { path: state_path.into(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(EnforceError::Read { path: state_path.into(), source }),
+            Err(source) => return Err(EnforceError::GpuStateRead { path: state_path.into(), source }),
         };
         Ok(GpuComputeModeEnforcer { state_path: state_path.into(), state })
     }
@@ -92,9 +61,9 @@ impl GpuComputeModeEnforcer {
 
     fn persist(&self) -> Result<(), EnforceError> {
         let bytes = serde_json::to_vec_pretty(&self.state)
-            .map_err(|source| EnforceError::Parse { path: self.state_path.clone(), source })?;
+            .map_err(|source| EnforceError::GpuStateParse { path: self.state_path.clone(), source })?;
         crate::fsutil::write_atomic(&self.state_path, &bytes)
-            .map_err(|source| EnforceError::Write { path: self.state_path.clone(), source })
+            .map_err(|source| EnforceError::GpuStateWrite { path: self.state_path.clone(), source })
     }
 
     /// Makes exactly `desired_prohibited` (GPU UUIDs) prohibited by the agent. Per-GPU failures

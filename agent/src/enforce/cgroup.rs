@@ -13,8 +13,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use kycd_protocol::clock::{Clock as _, SystemClock};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -203,7 +204,7 @@ impl CgroupEnforcer {
     /// Polls `cgroup.events` until every freeze in `pending` is effective or the budget is
     /// spent. Freezes written by this call go to `frozen`; unconfirmed ones to `pending`.
     fn confirm(&mut self, mut waiting: Vec<(PathBuf, bool)>, report: &mut CgroupReport) {
-        let deadline = Instant::now() + FREEZE_CONFIRM_BUDGET;
+        let deadline = SystemClock.instant() + FREEZE_CONFIRM_BUDGET;
         loop {
             let mut still = Vec::new();
             for (cg, written) in waiting {
@@ -219,7 +220,7 @@ impl CgroupEnforcer {
                 }
             }
             waiting = still;
-            if waiting.is_empty() || Instant::now() >= deadline {
+            if waiting.is_empty() || SystemClock.instant() >= deadline {
                 break;
             }
             std::thread::sleep(FREEZE_POLL);
