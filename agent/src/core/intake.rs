@@ -11,9 +11,9 @@ use tracing::{debug, error, info, warn};
 
 use super::{Agent, AuditEvent, RejectKind};
 use crate::api::{Admission, AdmitAnswer};
+use crate::discovery::workload::{WorkloadId, WorkloadKind};
 use crate::fsutil::is_resource_error;
 use crate::tokens;
-use crate::discovery::workload::{WorkloadId, WorkloadKind};
 
 /// A file that failed intake, by the digest of its content. Permanent failures (bad
 /// signature, malformed, expired) are not retried until the content or the trust anchors

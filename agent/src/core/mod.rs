@@ -56,12 +56,12 @@ pub use error::StartError;
 pub use reject::RejectKind;
 
 use crate::audit::{AuditLog, AuditOptions};
-use crate::discovery::cgroup::LibvirtDomain;
 use crate::config::Config;
 use crate::decision::Decision;
+use crate::discovery::cgroup::LibvirtDomain;
+use crate::discovery::workload::WorkloadId;
 use crate::policy::{AppliedPolicy, PolicyGuard};
 use crate::reconcile::Enforcer;
-use crate::discovery::workload::WorkloadId;
 
 use intake::{Attested, Recheck, Rejection};
 use policy_source::PolicySource;
