@@ -36,11 +36,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::api::{Admission, AdmitAnswer, ApiRequest};
 use crate::audit::{AuditLog, AuditOptions};
 use crate::cgroup::LibvirtDomain;
 use crate::config::{Config, Mode};
 use crate::decision::{decide, Decision, DecisionInput, Reason, ReasonCode};
+use crate::net::operator_api::{Admission, AdmitAnswer, ApiRequest};
 use crate::policy::{AppliedPolicy, Offer, PolicyError, PolicyGuard};
 use crate::workload::{WorkloadId, WorkloadKind};
 use crate::{cgroup, tokens};
@@ -112,12 +112,12 @@ pub enum Event {
     ConfigFile(PathBuf),
     /// Reload trust anchors and the policy, and rescan everything (SIGHUP).
     Reload,
-    /// A policy token fetched by [`crate::policy_fetch`]; the reply says what became of it.
+    /// A policy token fetched by [`crate::net::policy_fetch`]; the reply says what became of it.
     FetchedPolicy {
         /// The body as served.
         token: Vec<u8>,
         /// Where the verdict goes.
-        reply: tokio::sync::oneshot::Sender<crate::policy_fetch::FetchVerdict>,
+        reply: tokio::sync::oneshot::Sender<crate::net::policy_fetch::FetchVerdict>,
     },
 }
 
@@ -191,10 +191,10 @@ pub enum DaemonError {
     Watch(#[from] notify::Error),
     /// The operator socket could not be created.
     #[error(transparent)]
-    Api(#[from] crate::api::ApiError),
+    Api(#[from] crate::net::operator_api::ApiError),
     /// The collector API could not be started.
     #[error(transparent)]
-    Https(#[from] crate::https::HttpsError),
+    Https(#[from] crate::net::collector_api::HttpsError),
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
     Reporting(#[from] crate::upload::ReportingError),
@@ -283,7 +283,7 @@ pub struct Agent {
     /// The last fetched token refused, so an unchanged one is not re-recorded every fetch.
     fetch_rejected: Option<Rejection>,
     /// The policy fetcher's state, when it runs (for status and metrics).
-    fetch_status: Option<crate::policy_fetch::SharedFetchStatus>,
+    fetch_status: Option<crate::net::policy_fetch::SharedFetchStatus>,
     /// Input files (attestations, the policy) last rejected, so an unchanged bad file is
     /// neither re-verified nor re-recorded on every rescan; see [`Rejection`].
     rejected: BTreeMap<PathBuf, Rejection>,
@@ -677,7 +677,7 @@ impl Agent {
 
     /// Where an accepted fetched policy is kept.
     fn fetched_copy_path(&self) -> PathBuf {
-        self.config.state_dir.join(crate::policy_fetch::FETCHED_FILE)
+        self.config.state_dir.join(crate::net::policy_fetch::FETCHED_FILE)
     }
 
     /// Loads the policy file and the copy of the last fetched policy. The copy goes first:
@@ -814,8 +814,8 @@ impl Agent {
 
     /// A token from the policy fetcher: offered like the file, and kept in the state
     /// directory once accepted, so a restart enforces it without the collector.
-    pub fn offer_fetched_policy(&mut self, token: Vec<u8>) -> crate::policy_fetch::FetchVerdict {
-        use crate::policy_fetch::FetchVerdict;
+    pub fn offer_fetched_policy(&mut self, token: Vec<u8>) -> crate::net::policy_fetch::FetchVerdict {
+        use crate::net::policy_fetch::FetchVerdict;
         let bytes = tokens::strip_one_newline(token);
         let digest = kycd_protocol::token_digest(&bytes);
         if let Some(p) = self.policy.as_ref().filter(|p| p.token_digest == digest) {
@@ -868,7 +868,7 @@ impl Agent {
     }
 
     /// The fetcher's state, for status and metrics (set by [`run`]).
-    pub fn set_fetch_status(&mut self, status: crate::policy_fetch::SharedFetchStatus) {
+    pub fn set_fetch_status(&mut self, status: crate::net::policy_fetch::SharedFetchStatus) {
         self.fetch_status = Some(status);
     }
 
@@ -1494,14 +1494,14 @@ impl Agent {
     }
 
     /// The agent's state at a glance (`kycctl status`); `gpu` is the GPU backend's state.
-    pub fn status(&self, gpu: String) -> crate::api::Status {
+    pub fn status(&self, gpu: String) -> crate::net::operator_api::Status {
         let mut verdicts = BTreeMap::new();
         for d in self.decisions.values() {
             let v = serde_json::to_value(d.verdict).ok().and_then(|v| v.as_str().map(str::to_owned));
             *verdicts.entry(v.unwrap_or_default()).or_default() += 1;
         }
         let now = now();
-        crate::api::Status {
+        crate::net::operator_api::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             host_id: self.host_id.clone(),
             mode: match self.config.mode {
@@ -1510,7 +1510,7 @@ impl Agent {
             },
             started_at: self.started_at,
             uptime_s: now - self.started_at,
-            policy: self.policy.as_ref().map(|p| crate::api::PolicyStatus {
+            policy: self.policy.as_ref().map(|p| crate::net::operator_api::PolicyStatus {
                 version: p.claims.version,
                 kid: p.kid.clone(),
                 source: match (self.policy_source, &self.config.policy.fetch_url) {
@@ -1520,7 +1520,7 @@ impl Agent {
                 },
             }),
             policy_fetch: self.fetch_status.as_ref().and_then(|s| s.lock().ok()).map(|s| {
-                crate::api::PolicyFetchStatus {
+                crate::net::operator_api::PolicyFetchStatus {
                     url: s.url.clone(),
                     last_at: s.last_at,
                     outcome: s.last_outcome.clone(),
@@ -1551,12 +1551,12 @@ impl Agent {
     }
 
     /// Every known workload with its decision (`kycctl workloads`).
-    pub fn workload_rows(&self) -> Vec<crate::api::WorkloadRow> {
+    pub fn workload_rows(&self) -> Vec<crate::net::operator_api::WorkloadRow> {
         self.workloads
             .iter()
             .map(|(id, w)| {
                 let decision = self.decisions.get(id);
-                crate::api::WorkloadRow {
+                crate::net::operator_api::WorkloadRow {
                     workload: id.to_string(),
                     tenant: decision.and_then(|d| d.tenant.clone()),
                     decision: decision.cloned(),
@@ -1691,7 +1691,7 @@ impl Agent {
             snapshot.write_prometheus(&mut out, "kycd_api", listener, i == 0);
         }
         if let Some(status) = self.fetch_status.as_ref().and_then(|s| s.lock().ok()) {
-            out.push_str(&crate::policy_fetch::metrics_text(&status));
+            out.push_str(&crate::net::policy_fetch::metrics_text(&status));
         }
         out
     }
@@ -2031,25 +2031,42 @@ fn start_policy_fetcher(
     config: &Config,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
-) -> Result<Option<(crate::policy_fetch::SharedFetchStatus, tokio::task::JoinHandle<()>)>, DaemonError> {
+) -> Result<Option<(crate::net::policy_fetch::SharedFetchStatus, tokio::task::JoinHandle<()>)>, DaemonError> {
     let p = &config.policy;
     let Some(url) = &p.fetch_url else { return Ok(None) };
     let url = reqwest::Url::parse(url)
         .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
     let timeout = Duration::from_secs(p.fetch_timeout_s);
-    let client = crate::upload::https_client(
+    let client = crate::net::client::https_client(
         p.fetch_ca_file.as_deref(),
         timeout.min(Duration::from_secs(10)),
         timeout,
     )
     .map_err(|e| DaemonError::PolicyFetch(e.to_string()))?;
-    let status = Arc::new(std::sync::Mutex::new(crate::policy_fetch::FetchStatus {
+    let status = Arc::new(std::sync::Mutex::new(crate::net::policy_fetch::FetchStatus {
         url: url.to_string(),
         ..Default::default()
     }));
     let options =
-        crate::policy_fetch::FetchOptions { url, interval: Duration::from_secs(p.fetch_interval_s) };
-    let task = tokio::spawn(crate::policy_fetch::run(options, client, events, Arc::clone(&status), shutdown));
+        crate::net::policy_fetch::FetchOptions { url, interval: Duration::from_secs(p.fetch_interval_s) };
+    // The fetcher sends `FetchedPolicy`; each is forwarded into the main loop's events.
+    let (fetched_tx, mut fetched_rx) = mpsc::channel::<crate::net::policy_fetch::FetchedPolicy>(1);
+    let forward_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        while let Some(crate::net::policy_fetch::FetchedPolicy { token, reply }) = fetched_rx.recv().await {
+            tokio::select! {
+                () = forward_shutdown.cancelled() => break,
+                r = events.send(Event::FetchedPolicy { token, reply }) => if r.is_err() { break },
+            }
+        }
+    });
+    let task = tokio::spawn(crate::net::policy_fetch::run(
+        options,
+        client,
+        fetched_tx,
+        Arc::clone(&status),
+        shutdown,
+    ));
     Ok(Some((status, task)))
 }
 
@@ -2094,7 +2111,7 @@ pub async fn run(
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config.api.socket.clone();
-    let listener = crate::api::bind(&socket, agent.config.api.socket_group.as_deref())?;
+    let listener = crate::net::operator_api::bind(&socket, agent.config.api.socket_group.as_deref())?;
     let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
     let api_shutdown = shutdown.child_token();
     let gpu_inventory = |tasks: &Option<GpuTasks>| -> Vec<kycd_protocol::GpuInventoryEntry> {
@@ -2116,17 +2133,24 @@ pub async fn run(
         agent.statement_claims(String::new(), gpu_inventory(&gpu_tasks)),
     ));
     let https_task = if agent.config.collector_api.enabled {
-        let api = crate::https::bind(&agent.config.collector_api).await?;
+        let api = crate::net::collector_api::bind(&agent.config.collector_api).await?;
         info!(listen = %agent.config.collector_api.listen, "collector API listening");
         let key = reporting.host_key();
         let stats = Arc::new(kycd_net::ConnStats::default());
         agent.connections.collector_api = Some(Arc::clone(&stats));
-        let serve = crate::https::serve(api, api_tx.clone(), statement_rx, key, stats, api_shutdown.clone());
+        let serve = crate::net::collector_api::serve(
+            api,
+            api_tx.clone(),
+            statement_rx,
+            key,
+            stats,
+            api_shutdown.clone(),
+        );
         Some(tokio::spawn(serve))
     } else {
         None
     };
-    let api_task = tokio::spawn(crate::api::serve(
+    let api_task = tokio::spawn(crate::net::operator_api::serve(
         listener,
         api_tx,
         agent.config.api.limits(),

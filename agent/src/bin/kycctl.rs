@@ -40,9 +40,9 @@ fn agent_request(socket: &std::path::Path, method: &str, uri: &str) -> Result<se
         .map_err(|e| fail(EXIT_USAGE, e))?;
     let timeout = std::time::Duration::from_secs(10);
     let exchange = runtime.block_on(async {
-        tokio::time::timeout(timeout, kycd::api::request(socket, method, uri, None))
+        tokio::time::timeout(timeout, kycd::net::operator_api::request(socket, method, uri, None))
             .await
-            .unwrap_or(Err(kycd::api::ClientError::Timeout(timeout)))
+            .unwrap_or(Err(kycd::net::operator_api::ClientError::Timeout(timeout)))
     });
     match exchange {
         Err(e) => Err(fail(EXIT_UNREACHABLE, format_args!("{e} (is kycd running?)"))),
@@ -63,7 +63,7 @@ fn status(socket: &std::path::Path, json: bool) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    let s: kycd::api::Status = match serde_json::from_value(body) {
+    let s: kycd::net::operator_api::Status = match serde_json::from_value(body) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
     };
@@ -181,7 +181,7 @@ fn workloads(socket: &std::path::Path, json: bool) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    let rows: Vec<kycd::api::WorkloadRow> = match serde_json::from_value(body) {
+    let rows: Vec<kycd::net::operator_api::WorkloadRow> = match serde_json::from_value(body) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
     };
@@ -213,7 +213,7 @@ fn workloads(socket: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn rows(socket: &std::path::Path) -> Result<Vec<kycd::api::WorkloadRow>, ExitCode> {
+fn rows(socket: &std::path::Path) -> Result<Vec<kycd::net::operator_api::WorkloadRow>, ExitCode> {
     let body = agent_request(socket, "GET", "/v1/workloads")?;
     serde_json::from_value(body)
         .map_err(|e| fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")))
@@ -344,7 +344,7 @@ fn admit(args: AdmitArgs) -> ExitCode {
         },
         None => None,
     };
-    let body = kycd::api::AdmitBody {
+    let body = kycd::net::operator_api::AdmitBody {
         workload: args.workload.clone(),
         attestation,
         libvirt_uuid: args.libvirt_uuid,
@@ -355,9 +355,12 @@ fn admit(args: AdmitArgs) -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, e),
     };
     let exchange = runtime.block_on(async {
-        tokio::time::timeout(args.timeout, kycd::api::request(&args.socket, "POST", "/v1/admit", Some(&body)))
-            .await
-            .unwrap_or(Err(kycd::api::ClientError::Timeout(args.timeout)))
+        tokio::time::timeout(
+            args.timeout,
+            kycd::net::operator_api::request(&args.socket, "POST", "/v1/admit", Some(&body)),
+        )
+        .await
+        .unwrap_or(Err(kycd::net::operator_api::ClientError::Timeout(args.timeout)))
     });
     let unreachable = |why: &dyn std::fmt::Display| {
         if args.fail_open {
@@ -379,7 +382,7 @@ fn admit(args: AdmitArgs) -> ExitCode {
             _ => fail(EXIT_INVALID, format_args!("admission refused by the agent (HTTP {status}): {why}")),
         };
     }
-    let answer: kycd::api::AdmitAnswer = match serde_json::from_value(answer) {
+    let answer: kycd::net::operator_api::AdmitAnswer = match serde_json::from_value(answer) {
         Ok(a) => a,
         Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
     };

@@ -4,7 +4,8 @@
 //! It owns only the HTTP side: the interval (±10 % jitter so a fleet does not fetch in
 //! step), `If-None-Match` with the ETag of the last *accepted* answer (a `304` changes
 //! nothing), a body capped at [`crate::policy::MAX_POLICY_BYTES`], and backoff after errors.
-//! Whether a fetched token is enforced is decided by the main loop, through the same
+//! Whether a fetched token is enforced is decided by the main loop (it receives each token
+//! as a [`FetchedPolicy`] and answers a [`FetchVerdict`]), through the same
 //! verification and anti-rollback as the policy file (see `Agent::offer_fetched_policy`);
 //! the loop persists an accepted token in `<state_dir>/fetched-policy.jws`. A rejected token
 //! drops the ETag, so it is fetched again next interval (the loop does not re-record an
@@ -22,7 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::daemon::Event;
+use kycd_protocol::backoff::{exponential, spread};
+
 use crate::policy::MAX_POLICY_BYTES;
 
 /// File in the state directory holding the last fetched policy that was accepted.
@@ -58,6 +60,15 @@ pub enum FetchVerdict {
         /// The error kind.
         kind: &'static str,
     },
+}
+
+/// A fetched token on its way to the main loop, which answers what became of it.
+#[derive(Debug)]
+pub struct FetchedPolicy {
+    /// The body as served.
+    pub token: Vec<u8>,
+    /// Where the verdict goes.
+    pub reply: oneshot::Sender<FetchVerdict>,
 }
 
 /// Why one fetch produced no token.
@@ -155,24 +166,25 @@ async fn fetch_once(
 
 /// `interval` ±10 %.
 fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(0.9) + crate::upload::jitter(interval.mul_f64(0.2))
+    spread(interval, 0.1)
 }
 
 /// The wait after `failures` (≥ 1) consecutive failures; see the module docs.
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
     let cap = interval.saturating_mul(8).min(Duration::from_secs(3600)).max(interval);
-    interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap)
+    exponential(interval, failures, cap)
 }
 
 fn now() -> i64 {
     crate::tokens::unix_now()
 }
 
-/// Runs the fetcher until `shutdown`: fetches at once, then every interval.
+/// Runs the fetcher until `shutdown`: fetches at once, then every interval, sending each
+/// token to `policies` (the main loop) and waiting for its verdict.
 pub async fn run(
     options: FetchOptions,
     client: reqwest::Client,
-    events: mpsc::Sender<Event>,
+    policies: mpsc::Sender<FetchedPolicy>,
     status: SharedFetchStatus,
     shutdown: CancellationToken,
 ) {
@@ -195,7 +207,7 @@ pub async fn run(
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let sent = tokio::select! {
                     () = shutdown.cancelled() => break,
-                    r = events.send(Event::FetchedPolicy { token: body, reply: reply_tx }) => r,
+                    r = policies.send(FetchedPolicy { token: body, reply: reply_tx }) => r,
                 };
                 if sent.is_err() {
                     break; // The main loop is gone.
