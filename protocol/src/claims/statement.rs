@@ -41,6 +41,28 @@ pub struct HostStatementClaims {
     pub gpus: Vec<GpuInventoryEntry>,
 }
 
+/// Facts about the machine behind a host statement: what it is, and which boot it is in (a
+/// boot id that changes while the uptime did not fall means another machine answers).
+/// Every field defaults, so a statement from an agent that reads fewer facts still parses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostFacts {
+    /// CPU model as the kernel names it (empty where it names none, e.g. on some Arm hosts).
+    pub cpu_model: String,
+    /// Physical CPU cores.
+    pub cpu_cores: u32,
+    /// Logical CPUs (hardware threads).
+    pub cpu_threads: u32,
+    /// Physical memory, bytes.
+    pub memory_bytes: u64,
+    /// Kernel release (as `uname -r` prints it).
+    pub kernel: String,
+    /// Seconds since boot.
+    pub uptime_s: u64,
+    /// This boot's random id (Linux `/proc/sys/kernel/random/boot_id`), new at every boot.
+    pub boot_id: String,
+}
+
 /// One workload in a host statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadStatement {
@@ -105,5 +127,28 @@ impl TokenClaims for HostStatementClaims {
         check_id("iss", &self.iss)?;
         check_id("nonce", &self.nonce)?;
         check_id("agent_version", &self.agent_version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_facts_round_trip_and_default_what_is_missing() {
+        let facts = HostFacts {
+            cpu_model: "AMD EPYC 9654 96-Core Processor".into(),
+            cpu_cores: 192,
+            cpu_threads: 384,
+            memory_bytes: 1 << 40,
+            kernel: "6.8.0-45-generic".into(),
+            uptime_s: 3600,
+            boot_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+        };
+        let wire = serde_json::to_value(&facts).unwrap();
+        assert_eq!(wire["cpu_threads"], 384);
+        assert_eq!(serde_json::from_value::<HostFacts>(wire).unwrap(), facts);
+        let partial: HostFacts = serde_json::from_str(r#"{"kernel": "6.1", "future_fact": 1}"#).unwrap();
+        assert_eq!(partial, HostFacts { kernel: "6.1".into(), ..HostFacts::default() });
     }
 }
