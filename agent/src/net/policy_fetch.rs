@@ -1,5 +1,6 @@
 //! The policy fetcher: polls the collector's published policy (`GET {policy.fetch_url}`,
-//! the collector's `/v1/policy`) and hands what it gets to the main loop.
+//! the collector's [`kycd_protocol::wire::collector::POLICY`]) and hands what it gets to the
+//! main loop.
 //!
 //! It owns only the HTTP side: the interval (±10 % jitter so a fleet does not fetch in
 //! step), `If-None-Match` with the ETag of the last *accepted* answer (a `304` changes
