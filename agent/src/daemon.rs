@@ -1601,6 +1601,7 @@ impl Agent {
             policy_version: self.policy.as_ref().map(|p| p.claims.version),
             workloads,
             gpus,
+            host: None,
         }
     }
 

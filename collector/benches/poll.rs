@@ -80,6 +80,7 @@ fn template() -> HostStatementClaims {
         policy_version: Some(7),
         workloads,
         gpus,
+        host: None,
     }
 }
 

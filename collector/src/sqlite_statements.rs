@@ -275,6 +275,7 @@ mod tests {
             policy_version: Some(3),
             workloads: Vec::new(),
             gpus: Vec::new(),
+            host: None,
         }
     }
 

@@ -405,6 +405,7 @@ mod tls_tests {
             policy_version: Some(7),
             workloads: vec![],
             gpus: vec![],
+            host: None,
         };
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(claims));
         std::mem::forget(tx); // the snapshot never changes in these tests

@@ -39,6 +39,11 @@ pub struct HostStatementClaims {
     /// GPU inventory.
     #[serde(default)]
     pub gpus: Vec<GpuInventoryEntry>,
+    /// The machine's facts (absent from agents that predate them, and then not serialized, so
+    /// a statement without them is byte for byte what it was). A collector that does not know
+    /// the field ignores it: statements do not refuse unknown fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostFacts>,
 }
 
 /// Facts about the machine behind a host statement: what it is, and which boot it is in (a
@@ -133,6 +138,57 @@ impl TokenClaims for HostStatementClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn statement(host: Option<HostFacts>) -> HostStatementClaims {
+        HostStatementClaims {
+            iss: "node-1".into(),
+            iat: 1_800_000_000,
+            exp: 1_800_000_060,
+            nonce: "0123456789abcdef".into(),
+            agent_version: "0.1.0".into(),
+            policy_version: Some(3),
+            workloads: vec![],
+            gpus: vec![],
+            host,
+        }
+    }
+
+    /// HostStatementClaims as it was before `host`: what an old collector verifies with.
+    #[derive(Debug, Deserialize)]
+    struct OldStatement {
+        iss: String,
+        #[allow(dead_code)]
+        workloads: Vec<WorkloadStatement>,
+    }
+
+    impl TokenClaims for OldStatement {
+        const TOKEN_TYPE: TokenType = TokenType::HostStatement;
+        const REQUIRED_CLAIMS: &'static [&'static str] =
+            &["iss", "iat", "exp", "nonce", "agent_version", "workloads"];
+        fn validate(&self) -> Result<(), VerifyError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn host_facts_are_optional_both_ways() {
+        // Without facts: no `host` key at all, so old statements serialize as they did.
+        let old = serde_json::to_value(statement(None)).unwrap();
+        assert!(old.get("host").is_none(), "{old}");
+        assert_eq!(serde_json::from_value::<HostStatementClaims>(old).unwrap(), statement(None));
+        // With facts: a new collector reads them back; an old one verifies and ignores them.
+        let facts = HostFacts { kernel: "6.8.0".into(), boot_id: "b".into(), ..HostFacts::default() };
+        let new = statement(Some(facts.clone()));
+        let key = crate::PrivateJwk::generate(crate::Algorithm::EdDSA, "node-1").unwrap();
+        let jwks = crate::Jwks::from_keys([key.public_key()]).unwrap();
+        let token = crate::sign(&new, &key).unwrap();
+        let options = crate::VerifyOptions::default();
+        let at = 1_800_000_010;
+        let read = crate::verify::<HostStatementClaims>(token.as_bytes(), &jwks, &options, at).unwrap();
+        assert_eq!(read.claims.host, Some(facts));
+        let old = crate::verify::<OldStatement>(token.as_bytes(), &jwks, &options, at).unwrap();
+        assert_eq!(old.claims.iss, "node-1");
+    }
 
     #[test]
     fn host_facts_round_trip_and_default_what_is_missing() {
