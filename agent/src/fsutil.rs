@@ -8,6 +8,9 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+
 /// Name prefix of [`write_durably`]'s temp files (a crash before the rename leaves one).
 pub const TEMP_PREFIX: &str = ".kycd-";
 
@@ -101,15 +104,15 @@ pub fn narrow_mode(
 /// network blocks.
 pub fn is_resource_error(e: &std::io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
+        e.raw_os_error().map(Errno::from_raw),
         Some(
-            libc::EMFILE
-                | libc::ENFILE
-                | libc::EIO
-                | libc::ENOMEM
-                | libc::ENOBUFS
-                | libc::EAGAIN
-                | libc::EINTR
+            Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::EIO
+                | Errno::ENOMEM
+                | Errno::ENOBUFS
+                | Errno::EAGAIN
+                | Errno::EINTR
         )
     )
 }
@@ -118,7 +121,7 @@ pub fn is_resource_error(e: &std::io::Error) -> bool {
 /// "too large" from the length). Opens with `O_NONBLOCK` and refuses anything but a regular
 /// file, so a FIFO or device planted under an expected name cannot block or flood the agent.
 pub fn read_regular_file(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(OFlag::O_NONBLOCK.bits()).open(path)?;
     if !file.metadata()?.file_type().is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
     }

@@ -5,11 +5,14 @@
 //! half (`kycctl host-key --public`, registered with `kycd-collector hosts add`). It is
 //! created on first start (mode 0600, written durably, never overwritten) and the agent
 //! refuses to start when the file is readable by group or others, or names another host.
+//!
+//! It also gathers the host facts a host statement carries ([`host_facts`]: CPU, memory,
+//! kernel, uptime, boot id), so a collector can tell the machine and its boots apart.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use kycd_protocol::{Algorithm, KeyError, PrivateJwk};
+use kycd_protocol::{Algorithm, HostFacts, KeyError, PrivateJwk};
 
 use crate::config::Config;
 
@@ -18,6 +21,10 @@ pub const HOST_KEY_FILE: &str = "host.key";
 
 /// Where the host id comes from when the configuration has none.
 pub const MACHINE_ID_FILE: &str = "/etc/machine-id";
+
+/// This boot's random id (a UUID), new at every boot: a statement's boot id changing while
+/// its uptime did not fall means the host was not rebooted but replaced.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 
 /// Why the host identity cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +87,41 @@ fn host_id_from(config: &Config, machine_id: &Path) -> Result<String, HostError>
         return Err(HostError::HostId(format!("{} is empty", machine_id.display())));
     }
     Ok(id.to_owned())
+}
+
+/// Facts about this machine for the host statement: CPU model and counts, memory, kernel
+/// release, uptime and boot id. Read fresh on each call (a few small /proc and /sys files;
+/// sysinfo reads no per-process data here). A fact that cannot be read is empty or 0 rather
+/// than an error: the statement is still worth sending without it.
+pub fn host_facts() -> HostFacts {
+    use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+    let system = System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_cpu(CpuRefreshKind::nothing())
+            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+    );
+    let cpu_threads = u32::try_from(system.cpus().len()).unwrap_or(u32::MAX);
+    HostFacts {
+        cpu_model: system.cpus().first().map(|c| c.brand().trim().to_owned()).unwrap_or_default(),
+        cpu_cores: System::physical_core_count().and_then(|n| u32::try_from(n).ok()).unwrap_or(cpu_threads),
+        cpu_threads,
+        memory_bytes: system.total_memory(),
+        kernel: System::kernel_version().unwrap_or_default(),
+        uptime_s: System::uptime(),
+        boot_id: read_boot_id(Path::new(BOOT_ID_FILE)).unwrap_or_default(),
+    }
+}
+
+/// Seconds since boot (`/proc/uptime`), for stamping a statement with it.
+pub fn uptime_s() -> u64 {
+    sysinfo::System::uptime()
+}
+
+/// The boot id in `path`, trimmed; `None` when unreadable or empty.
+fn read_boot_id(path: &Path) -> Option<String> {
+    let bytes = crate::fsutil::read_regular_file(path, 64).ok()?;
+    let id = String::from_utf8(bytes).ok()?.trim().to_owned();
+    (!id.is_empty() && id.len() <= 64).then_some(id)
 }
 
 /// `<state_dir>/host.key`.
@@ -171,6 +213,34 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         load_or_create_host_key(&path, "h").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), before, "never overwritten");
+    }
+
+    #[test]
+    fn host_facts_are_plausible_on_linux() {
+        let f = host_facts();
+        assert!(f.cpu_threads >= 1 && f.cpu_cores >= 1, "{f:?}");
+        assert!(f.memory_bytes >= 64 << 20, "{f:?}");
+        assert!(f.kernel.chars().next().is_some_and(|c| c.is_ascii_digit()), "{f:?}");
+        assert!(f.uptime_s > 0, "{f:?}");
+        // A UUID: 8-4-4-4-12 hex digits.
+        let groups: Vec<usize> = f.boot_id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{f:?}");
+        assert!(f.boot_id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{f:?}");
+        if cfg!(target_arch = "x86_64") {
+            assert!(!f.cpu_model.is_empty(), "{f:?}");
+        }
+        assert_eq!(host_facts().boot_id, f.boot_id, "the same boot");
+    }
+
+    #[test]
+    fn boot_id_is_trimmed_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boot_id");
+        std::fs::write(&path, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n").unwrap();
+        assert_eq!(read_boot_id(&path).as_deref(), Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
+        std::fs::write(&path, "\n").unwrap();
+        assert_eq!(read_boot_id(&path), None);
+        assert_eq!(read_boot_id(&dir.path().join("missing")), None);
     }
 
     #[test]

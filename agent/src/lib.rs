@@ -2,7 +2,6 @@
 //!
 //! Modules own one concern each; the binaries in `src/bin/` only parse arguments and call in.
 
-pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -14,10 +13,9 @@ pub mod enforce;
 pub mod fsutil;
 pub mod gpu;
 pub mod host;
-pub mod https;
+pub mod net;
 pub mod notify;
 pub mod policy;
-pub mod policy_fetch;
 pub mod reconcile;
 pub mod reporting;
 pub mod tokens;

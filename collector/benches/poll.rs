@@ -81,6 +81,7 @@ fn template() -> HostStatementClaims {
         policy_version: Some(7),
         workloads,
         gpus,
+        host: None,
     }
 }
 

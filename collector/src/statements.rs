@@ -59,8 +59,8 @@ pub struct HostPollStatus {
 pub enum PollOutcome {
     /// A statement that passed every check.
     Ok {
-        /// Its claims.
-        claims: HostStatementClaims,
+        /// Its claims (boxed: they dwarf a failure).
+        claims: Box<HostStatementClaims>,
         /// The compact JWS as received (kept with the latest statement as evidence).
         token: String,
     },

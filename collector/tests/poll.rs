@@ -333,6 +333,7 @@ async fn fake_statement(
         policy_version: Some(1),
         workloads: Vec::new(),
         gpus: Vec::new(),
+        host: None,
     };
     let impostor;
     let mut key = &agents.keys[&host];

@@ -674,7 +674,11 @@ async fn statements_status_history_and_removal(db: TestDb) {
         );
         let token = "h.p.s".to_owned();
         store
-            .record_poll("a", 10, &PollOutcome::Ok { claims: statement("a", "n1"), token: token.clone() })
+            .record_poll(
+                "a",
+                10,
+                &PollOutcome::Ok { claims: Box::new(statement("a", "n1")), token: token.clone() },
+            )
             .unwrap();
         store.record_poll("a", 20, &failed("timeout")).unwrap();
         store.record_poll("a", 30, &failed("unreachable")).unwrap();
@@ -701,7 +705,7 @@ async fn statements_status_history_and_removal(db: TestDb) {
                 PollRecord {
                     host_id: "a".into(),
                     polled_at: 40,
-                    outcome: PollOutcome::Ok { claims: statement("a", "n2"), token: "t2".into() },
+                    outcome: PollOutcome::Ok { claims: Box::new(statement("a", "n2")), token: "t2".into() },
                 },
                 PollRecord { host_id: "b".into(), polled_at: 40, outcome: failed("tls") },
             ])

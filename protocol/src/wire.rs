@@ -16,14 +16,14 @@ pub mod operator {
     pub const RELOAD: &str = "/v1/reload";
     /// `GET`: GPU inventory and usage.
     pub const GPUS: &str = "/v1/gpus";
-    /// `GET`: Prometheus metrics.
-    pub const METRICS: &str = "/metrics";
 }
 
 /// The agent's collector-facing HTTPS API.
 pub mod agent_api {
     /// `GET ?nonce=`: a signed host statement.
     pub const ATTESTATION: &str = "/v1/attestation";
+    /// `GET`: Prometheus metrics (served here, not on the operator socket).
+    pub const METRICS: &str = "/metrics";
 }
 
 /// The collector's HTTP API.

@@ -10,9 +10,9 @@ use kycd_protocol::{verify, AttestationClaims, Verdict, VerifyError};
 use tracing::{debug, error, info, warn};
 
 use super::{Agent, AuditEvent, RejectKind};
-use crate::api::{Admission, AdmitAnswer};
 use crate::discovery::workload::{WorkloadId, WorkloadKind};
 use crate::fsutil::is_resource_error;
+use crate::net::operator_api::{Admission, AdmitAnswer};
 use crate::tokens;
 
 /// A file that failed intake, by the digest of its content. Permanent failures (bad

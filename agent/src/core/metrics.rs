@@ -101,7 +101,7 @@ impl Agent {
             snapshot.write_prometheus(out, "kycd_api", listener, i == 0);
         }
         if let Some(status) = self.fetch_status.as_ref().and_then(|s| s.lock().ok()) {
-            out.append(&crate::policy_fetch::metrics_text(&status));
+            out.append(&crate::net::policy_fetch::metrics_text(&status));
         }
     }
 }

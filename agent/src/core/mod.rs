@@ -117,7 +117,7 @@ pub struct Agent {
     /// The last fetched token refused, so an unchanged one is not re-recorded every fetch.
     fetch_rejected: Option<Rejection>,
     /// The policy fetcher's state, when it runs (for status and metrics).
-    fetch_status: Option<crate::policy_fetch::SharedFetchStatus>,
+    fetch_status: Option<crate::net::policy_fetch::SharedFetchStatus>,
     /// Input files (attestations, the policy) last rejected, so an unchanged bad file is
     /// neither re-verified nor re-recorded on every rescan; see [`Rejection`].
     rejected: BTreeMap<PathBuf, Rejection>,
@@ -309,7 +309,7 @@ impl Agent {
     }
 
     /// The fetcher's state, for status and metrics (set by the daemon).
-    pub fn set_fetch_status(&mut self, status: crate::policy_fetch::SharedFetchStatus) {
+    pub fn set_fetch_status(&mut self, status: crate::net::policy_fetch::SharedFetchStatus) {
         self.fetch_status = Some(status);
     }
 

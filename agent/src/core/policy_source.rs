@@ -10,8 +10,8 @@ use tracing::{debug, error, info, warn};
 
 use super::intake::Rejection;
 use super::{Agent, AuditEvent, RejectKind};
+use crate::net::policy_fetch::FetchVerdict;
 use crate::policy::{Offer, PolicyError};
-use crate::policy_fetch::FetchVerdict;
 use crate::tokens;
 
 /// Where a policy token came from.
@@ -121,7 +121,7 @@ impl Agent {
 
     /// Where an accepted fetched policy is kept.
     pub(super) fn fetched_copy_path(&self) -> PathBuf {
-        self.config.state_dir.join(crate::policy_fetch::FETCHED_FILE)
+        self.config.state_dir.join(crate::net::policy_fetch::FETCHED_FILE)
     }
 
     /// Loads the policy file and the copy of the last fetched policy. The copy goes first:

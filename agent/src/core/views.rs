@@ -30,7 +30,7 @@ fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol
 
 impl Agent {
     /// The agent's state at a glance (`kycctl status`); `gpu` is the GPU backend's state.
-    pub fn status(&self, gpu: String) -> crate::api::Status {
+    pub fn status(&self, gpu: String) -> crate::net::operator_api::Status {
         let mut verdicts = BTreeMap::new();
         for d in self.decisions.values() {
             let v = serde_json::to_value(d.verdict).ok().and_then(|v| v.as_str().map(str::to_owned));
@@ -38,7 +38,7 @@ impl Agent {
         }
         let now = self.now();
         let health = self.audit.health();
-        crate::api::Status {
+        crate::net::operator_api::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             host_id: self.host_id.clone(),
             mode: match self.config.mode {
@@ -47,7 +47,7 @@ impl Agent {
             },
             started_at: self.started_at,
             uptime_s: now - self.started_at,
-            policy: self.policy.as_ref().map(|p| crate::api::PolicyStatus {
+            policy: self.policy.as_ref().map(|p| crate::net::operator_api::PolicyStatus {
                 version: p.claims.version,
                 kid: p.kid.clone(),
                 source: match (self.policy_source, &self.config.policy.fetch_url) {
@@ -57,7 +57,7 @@ impl Agent {
                 },
             }),
             policy_fetch: self.fetch_status.as_ref().and_then(|s| s.lock().ok()).map(|s| {
-                crate::api::PolicyFetchStatus {
+                crate::net::operator_api::PolicyFetchStatus {
                     url: s.url.clone(),
                     last_at: s.last_at,
                     outcome: s.last_outcome.clone(),
@@ -88,12 +88,12 @@ impl Agent {
     }
 
     /// Every known workload with its decision (`kycctl workloads`).
-    pub fn workload_rows(&self) -> Vec<crate::api::WorkloadRow> {
+    pub fn workload_rows(&self) -> Vec<crate::net::operator_api::WorkloadRow> {
         self.workloads
             .iter()
             .map(|(id, w)| {
                 let decision = self.decisions.get(id);
-                crate::api::WorkloadRow {
+                crate::net::operator_api::WorkloadRow {
                     workload: id.to_string(),
                     tenant: decision.and_then(|d| d.tenant.clone()),
                     decision: decision.cloned(),
@@ -105,11 +105,12 @@ impl Agent {
     }
 
     /// The content of a host statement for `nonce` (the collector API signs it). `gpus` is
-    /// the GPU inventory.
+    /// the GPU inventory, `host` the machine's facts.
     pub fn statement_claims(
         &self,
         nonce: String,
         gpus: Vec<kycd_protocol::GpuInventoryEntry>,
+        host: Option<kycd_protocol::HostFacts>,
     ) -> kycd_protocol::HostStatementClaims {
         let in_force = self.attestations_in_force();
         let workloads = self
@@ -138,6 +139,7 @@ impl Agent {
             policy_version: self.policy.as_ref().map(|p| p.claims.version),
             workloads,
             gpus,
+            host,
         }
     }
 

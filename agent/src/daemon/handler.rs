@@ -3,8 +3,8 @@
 //! turns a queued [`ApiRequest`] into a call and sends its reply. [`Node`] implements it
 //! for the running daemon (the agent's core plus reporting and the GPU sampler).
 
-use crate::api::{Admission, AdmitAnswer, ApiRequest, Status, WorkloadRow};
 use crate::core::{Agent, AuditEvent};
+use crate::net::operator_api::{Admission, AdmitAnswer, ApiRequest, Status, WorkloadRow};
 
 use super::gpu::SharedGpuMetrics;
 

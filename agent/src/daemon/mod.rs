@@ -24,10 +24,10 @@ use tracing::{info, warn};
 
 pub use handler::{dispatch, RequestHandler};
 
-use crate::api::ApiRequest;
 use crate::config::{Config, Mode};
 use crate::core::{Agent, AuditEvent, Event, StartError};
-use crate::policy_fetch::FetchedPolicy;
+use crate::net::operator_api::ApiRequest;
+use crate::net::policy_fetch::FetchedPolicy;
 pub use crate::reconcile::{Enforcer, RecordOnly};
 
 /// Exit status when the agent needs an operator before it can run again (a corrupt audit
@@ -59,10 +59,10 @@ pub enum DaemonError {
     Watch(#[from] notify::Error),
     /// The operator socket could not be created.
     #[error(transparent)]
-    Api(#[from] crate::api::ApiError),
+    Api(#[from] crate::net::operator_api::ApiError),
     /// The collector API could not be started.
     #[error(transparent)]
-    Https(#[from] crate::https::HttpsError),
+    Https(#[from] crate::net::collector_api::HttpsError),
     /// The host key, spool or uploader cannot be set up.
     #[error(transparent)]
     Reporting(#[from] crate::reporting::ReportingError),
@@ -84,25 +84,25 @@ fn start_policy_fetcher(
     fetched: mpsc::Sender<FetchedPolicy>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> Result<Option<crate::policy_fetch::SharedFetchStatus>, DaemonError> {
+) -> Result<Option<crate::net::policy_fetch::SharedFetchStatus>, DaemonError> {
     let p = &config.policy;
     let Some(url) = &p.fetch_url else { return Ok(None) };
     let url = reqwest::Url::parse(url)
         .map_err(|e| DaemonError::PolicyFetch(format!("policy.fetch_url {url:?}: {e}")))?;
     let timeout = Duration::from_secs(p.fetch_timeout_s);
-    let client = crate::reporting::client::https_client(
+    let client = crate::net::client::https_client(
         p.fetch_ca_file.as_deref(),
         timeout.min(Duration::from_secs(10)),
         timeout,
     )
     .map_err(|e| DaemonError::PolicyFetch(e.to_string()))?;
-    let status = Arc::new(std::sync::Mutex::new(crate::policy_fetch::FetchStatus {
+    let status = Arc::new(std::sync::Mutex::new(crate::net::policy_fetch::FetchStatus {
         url: url.to_string(),
         ..Default::default()
     }));
     let options =
-        crate::policy_fetch::FetchOptions { url, interval: Duration::from_secs(p.fetch_interval_s) };
-    tracker.spawn(crate::policy_fetch::run(options, client, fetched, Arc::clone(&status), shutdown));
+        crate::net::policy_fetch::FetchOptions { url, interval: Duration::from_secs(p.fetch_interval_s) };
+    tracker.spawn(crate::net::policy_fetch::run(options, client, fetched, Arc::clone(&status), shutdown));
     Ok(Some(status))
 }
 
@@ -156,22 +156,35 @@ pub async fn run(
     // The socket exists only once the agent can answer: before, admission finds no agent
     // and fails closed.
     let socket = agent.config().api.socket.clone();
-    let listener = crate::api::bind(&socket, agent.config().api.socket_group.as_deref())?;
+    let listener = crate::net::operator_api::bind(&socket, agent.config().api.socket_group.as_deref())?;
     let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
     let mut inventory = gpu::inventory(gpu_metrics.as_ref());
-    let (statement_tx, statement_rx) =
-        tokio::sync::watch::channel(Arc::new(agent.statement_claims(String::new(), inventory.clone())));
+    // Read once: they do not change while the agent runs (the collector API stamps the
+    // uptime per request).
+    let host_facts = tokio::task::block_in_place(crate::host::host_facts);
+    let (statement_tx, statement_rx) = tokio::sync::watch::channel(Arc::new(agent.statement_claims(
+        String::new(),
+        inventory.clone(),
+        Some(host_facts.clone()),
+    )));
     let serves_statements = agent.config().collector_api.enabled;
     if serves_statements {
-        let api = crate::https::bind(&agent.config().collector_api).await?;
+        let api = crate::net::collector_api::bind(&agent.config().collector_api).await?;
         info!(listen = %agent.config().collector_api.listen, "collector API listening");
         let stats = Arc::new(kycd_net::ConnStats::default());
         agent.connections_mut().collector_api = Some(Arc::clone(&stats));
         let key = reporting.host_key();
-        tracker.spawn(crate::https::serve(api, api_tx.clone(), statement_rx, key, stats, shutdown.clone()));
+        tracker.spawn(crate::net::collector_api::serve(
+            api,
+            api_tx.clone(),
+            statement_rx,
+            key,
+            stats,
+            shutdown.clone(),
+        ));
     }
     let socket_stats = Arc::clone(&agent.connections_mut().socket);
-    tracker.spawn(crate::api::serve(
+    tracker.spawn(crate::net::operator_api::serve(
         listener,
         api_tx,
         agent.config().api.limits(),
@@ -250,7 +263,8 @@ pub async fn run(
             inventory = current;
             if serves_statements {
                 // Its times are set per request.
-                let mut statement = agent.statement_claims(String::new(), inventory.clone());
+                let mut statement =
+                    agent.statement_claims(String::new(), inventory.clone(), Some(host_facts.clone()));
                 statement.iat = 0;
                 statement.exp = 0;
                 publish(&statement_tx, statement);

@@ -104,7 +104,7 @@ impl Reporting {
 
     /// The spool depth, the last successful upload, spool damage and rejected batches (for
     /// `kycctl status`).
-    pub fn status(&self) -> crate::api::ReportingStatus {
+    pub fn status(&self) -> crate::net::operator_api::ReportingStatus {
         let (pending, bytes, stats) = self
             .spool
             .lock()
@@ -113,12 +113,12 @@ impl Reporting {
         let c = &self.upload_counters;
         let last = c.last_success_at.load(Relaxed);
         let last_rejection = c.last_rejection.lock().ok().and_then(|r| r.clone());
-        crate::api::ReportingStatus {
+        crate::net::operator_api::ReportingStatus {
             spool_pending_records: pending,
             spool_bytes: bytes,
             uploading: self.uploader.is_some(),
             last_upload_at: (last > 0).then_some(last),
-            spool_damage: crate::api::SpoolDamageStatus {
+            spool_damage: crate::net::operator_api::SpoolDamageStatus {
                 regions: stats.damaged_regions,
                 bytes: stats.damaged_bytes,
                 torn_tails: stats.torn_tails,
@@ -126,11 +126,11 @@ impl Reporting {
                 quarantine_failures: stats.quarantine_failures,
                 last_at: (stats.last_damage_at > 0).then_some(stats.last_damage_at),
             },
-            rejected: crate::api::RejectedStatus {
+            rejected: crate::net::operator_api::RejectedStatus {
                 batches: c.batches_rejected.load(Relaxed),
                 records: c.records_rejected.load(Relaxed),
                 kept: c.rejected_files.load(Relaxed),
-                last: last_rejection.map(|r| crate::api::LastRejection {
+                last: last_rejection.map(|r| crate::net::operator_api::LastRejection {
                     at: r.at,
                     status: r.status,
                     kind: r.kind,
@@ -344,7 +344,10 @@ mod tests {
         let status = reporting.status();
         assert_eq!(status.spool_damage.regions, 1);
         assert!(status.spool_damage.bytes > 0 && status.spool_damage.last_at.is_some());
-        assert_eq!(status.rejected, crate::api::RejectedStatus { kept: 1, ..Default::default() });
+        assert_eq!(
+            status.rejected,
+            crate::net::operator_api::RejectedStatus { kept: 1, ..Default::default() }
+        );
         let metrics = reporting.metrics_text();
         for line in [
             "kycd_spool_damage_events_total{kind=\"corrupt\"} 1",
@@ -385,11 +388,11 @@ mod tests {
         let status = reporting.status();
         assert_eq!(
             status.rejected,
-            crate::api::RejectedStatus {
+            crate::net::operator_api::RejectedStatus {
                 batches: 1,
                 records: 10,
                 kept: 2,
-                last: Some(crate::api::LastRejection {
+                last: Some(crate::net::operator_api::LastRejection {
                     at: 1_800_000_000,
                     status: 409,
                     kind: "SeqConflict".into()
@@ -408,10 +411,10 @@ mod tests {
         );
         assert_eq!((events[0]["first_seq"].as_u64(), events[0]["last_seq"].as_u64()), (Some(4), Some(13)));
         // Older agents' status answers (no damage or rejection fields) still parse.
-        let old: crate::api::ReportingStatus = serde_json::from_value(serde_json::json!({
+        let old: crate::net::operator_api::ReportingStatus = serde_json::from_value(serde_json::json!({
             "spool_pending_records": 0, "spool_bytes": 0, "uploading": false, "last_upload_at": null
         }))
         .unwrap();
-        assert_eq!(old.rejected, crate::api::RejectedStatus::default());
+        assert_eq!(old.rejected, crate::net::operator_api::RejectedStatus::default());
     }
 }

@@ -279,7 +279,7 @@ impl Inner {
         };
         match verify_statement(target, &body, &nonce, self.clock.unix_now(), self.config.max_skew_s) {
             Ok(claims) => match String::from_utf8(body) {
-                Ok(token) => PollOutcome::Ok { claims, token: token.trim().to_owned() },
+                Ok(token) => PollOutcome::Ok { claims: Box::new(claims), token: token.trim().to_owned() },
                 Err(_) => failed(PollErrorKind::Malformed, "body is not UTF-8"),
             },
             Err((kind, detail)) => failed(kind, detail),

@@ -227,6 +227,7 @@ mod tests {
             policy_version: Some(3),
             workloads: Vec::new(),
             gpus: Vec::new(),
+            host: None,
         }
     }
 
@@ -282,7 +283,11 @@ mod tests {
         );
         let token = "h.p.s".to_owned();
         store
-            .record_poll("a", 10, &PollOutcome::Ok { claims: claims("a", "n1"), token: token.clone() })
+            .record_poll(
+                "a",
+                10,
+                &PollOutcome::Ok { claims: Box::new(claims("a", "n1")), token: token.clone() },
+            )
             .unwrap();
         store.record_poll("a", 20, &failed("timeout")).unwrap();
         store.record_poll("a", 30, &failed("unreachable")).unwrap();
@@ -303,7 +308,11 @@ mod tests {
         assert_eq!(latest[0].claims, claims("a", "n1"));
         assert_eq!(store.latest_token("a").unwrap(), Some(token));
         store
-            .record_poll("a", 40, &PollOutcome::Ok { claims: claims("a", "n2"), token: "t2".into() })
+            .record_poll(
+                "a",
+                40,
+                &PollOutcome::Ok { claims: Box::new(claims("a", "n2")), token: "t2".into() },
+            )
             .unwrap();
         let a = &store.host_poll_status().unwrap()[0];
         assert_eq!((a.consecutive_failures, a.last_ok_at, a.last_error.as_deref()), (0, Some(40), None));

@@ -1,12 +1,32 @@
-//! The command line of `kycctl`: its clap definitions, in the library so that the man page
-//! and shell completions (`kycd-gen-docs`) are generated from exactly what the binary parses.
-//! The binary (`src/bin/kycctl.rs`) owns what each command does.
+//! `kycctl`, the operator's command-line tool for kycd: its clap definitions (here, in the
+//! library, so that the man page and shell completions `kycd-gen-docs` renders are generated
+//! from exactly what the binary parses), [`run`] dispatching a parsed command line, and one
+//! module per command group saying what each command does. `src/bin/kycctl.rs` only parses
+//! and calls [`run`].
+//!
+//! Exit codes (stable; scripts depend on them):
+//!   0  success (for `verify`: the token is valid; for `audit verify`: the chain is intact)
+//!   1  a verdict of "no": the token is invalid (`verify`), or the claims would not verify
+//!      (`sign`); the reason is printed as `error: <Kind>: <detail>` on stderr. For
+//!      `audit verify`: the chain is broken; `audit log BROKEN at <file>:<line> …` on stdout
+//!   2  usage error, unreadable file or directory, unusable key or key set
+//!   3  commands that talk to the agent (admit, status, workloads, reload): the agent could
+//!      not be reached or did not answer (for admit: a deny, unless `--fail-open`)
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::audit;
+mod admit;
+mod agent;
+mod audit;
+mod gpus;
+mod host;
+mod status;
+mod token;
+mod workloads;
+
 use crate::tokens::Typ;
 
 /// Operator CLI for the kycd host agent: admission, keys, signed tokens and the audit log.
@@ -266,7 +286,7 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
         /// Audit log directory.
-        #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
+        #[arg(value_name = "DIR", default_value = crate::audit::DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Cut a log whose end is corrupt back to a record that verifies, keeping the removed bytes.
@@ -283,7 +303,7 @@ pub enum AuditCommand {
         #[arg(long, value_name = "SEQ")]
         truncate_after: u64,
         /// Audit log directory.
-        #[arg(value_name = "DIR", default_value = audit::DEFAULT_DIR)]
+        #[arg(value_name = "DIR", default_value = crate::audit::DEFAULT_DIR)]
         dir: PathBuf,
     },
 }
@@ -325,5 +345,51 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "m" => Ok(std::time::Duration::from_secs(n.saturating_mul(60))),
         _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// A verdict of "no" (see the exit codes above).
+const EXIT_INVALID: u8 = 1;
+/// Usage, I/O, key or configuration error.
+const EXIT_USAGE: u8 = 2;
+/// The agent could not be reached or did not answer.
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// Prints `error: MESSAGE` on stderr and returns exit code `code`.
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
+
+/// Runs a parsed `kycctl` command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Keygen { alg, kid, out } => token::keygen(alg, &kid, &out),
+        Command::Sign { key, typ, valid_at, claims } => token::sign(&key, typ, valid_at, &claims),
+        Command::Verify { jwks, typ, at, skew, max_bytes, token } => {
+            token::verify(token::VerifyArgs { jwks: &jwks, typ, at, skew, max_bytes, token: &token })
+        }
+        Command::Admit { workload, attestation, libvirt_uuid, timeout, fail_open, socket } => {
+            admit::admit(admit::AdmitArgs { workload, attestation, libvirt_uuid, timeout, fail_open, socket })
+        }
+        Command::Status { json, socket } => status::status(&socket, json),
+        Command::Workloads { json, socket } => workloads::workloads(&socket, json),
+        Command::Tenants { json, socket } => workloads::tenants(&socket, json),
+        Command::Decisions { tenant, since, json, socket } => {
+            workloads::decisions(&socket, tenant.as_deref(), since, json)
+        }
+        Command::Gpus { json, socket } => gpus::gpus(&socket, json, false),
+        Command::Usage { json, socket } => gpus::gpus(&socket, json, true),
+        Command::Reload { socket } => status::reload(&socket),
+        Command::Audit { command: AuditCommand::Verify { json, dir } } => audit::audit_verify(&dir, json),
+        Command::Audit { command: AuditCommand::Repair { truncate_after, dir } } => {
+            audit::audit_repair(&dir, truncate_after)
+        }
+        Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
+            gpus::gpu_record(&nvml_library, seconds, interval_ms, &out)
+        }
+        Command::HostId { config } => host::host_identity(&config, false),
+        Command::HostKey { public: _, config } => host::host_identity(&config, true),
+        Command::Spool { config } => host::spool(&config),
     }
 }

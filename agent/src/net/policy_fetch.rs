@@ -1,10 +1,12 @@
 //! The policy fetcher: polls the collector's published policy (`GET {policy.fetch_url}`,
-//! the collector's `/v1/policy`) and hands what it gets to the main loop.
+//! the collector's [`kycd_protocol::wire::collector::POLICY`]) and hands what it gets to the
+//! main loop.
 //!
 //! It owns only the HTTP side: the interval (±10 % jitter so a fleet does not fetch in
 //! step), `If-None-Match` with the ETag of the last *accepted* answer (a `304` changes
 //! nothing), a body capped at [`crate::policy::MAX_POLICY_BYTES`], and backoff after errors.
-//! Whether a fetched token is enforced is decided by the main loop, through the same
+//! Whether a fetched token is enforced is decided by the main loop (it receives each token
+//! as a [`FetchedPolicy`] and answers a [`FetchVerdict`]), through the same
 //! verification and anti-rollback as the policy file (see `Agent::offer_fetched_policy`);
 //! the loop persists an accepted token in `<state_dir>/fetched-policy.jws`. A rejected token
 //! drops the ETag, so it is fetched again next interval (the loop does not re-record an
@@ -21,6 +23,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use kycd_protocol::backoff::{exponential, spread};
 
 use crate::policy::MAX_POLICY_BYTES;
 
@@ -40,15 +44,6 @@ pub struct FetchOptions {
 }
 
 /// What the main loop made of a fetched token.
-/// A fetched policy token, for the agent to offer; the reply says what became of it.
-#[derive(Debug)]
-pub struct FetchedPolicy {
-    /// The body as served.
-    pub token: Vec<u8>,
-    /// Where the verdict goes.
-    pub reply: tokio::sync::oneshot::Sender<FetchVerdict>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchVerdict {
     /// A newer version: in force and persisted.
@@ -66,6 +61,15 @@ pub enum FetchVerdict {
         /// The error kind.
         kind: &'static str,
     },
+}
+
+/// A fetched token on its way to the main loop, which answers what became of it.
+#[derive(Debug)]
+pub struct FetchedPolicy {
+    /// The body as served.
+    pub token: Vec<u8>,
+    /// Where the verdict goes.
+    pub reply: oneshot::Sender<FetchVerdict>,
 }
 
 /// Why one fetch produced no token.
@@ -163,24 +167,25 @@ async fn fetch_once(
 
 /// `interval` ±10 %.
 fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(0.9) + kycd_protocol::backoff::full_jitter(interval.mul_f64(0.2))
+    spread(interval, 0.1)
 }
 
 /// The wait after `failures` (≥ 1) consecutive failures; see the module docs.
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
     let cap = interval.saturating_mul(8).min(Duration::from_secs(3600)).max(interval);
-    interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap)
+    exponential(interval, failures, cap)
 }
 
 fn now() -> i64 {
     kycd_protocol::clock::unix_now()
 }
 
-/// Runs the fetcher until `shutdown`: fetches at once, then every interval.
+/// Runs the fetcher until `shutdown`: fetches at once, then every interval, sending each
+/// token to `policies` (the main loop) and waiting for its verdict.
 pub async fn run(
     options: FetchOptions,
     client: reqwest::Client,
-    to_agent: mpsc::Sender<FetchedPolicy>,
+    policies: mpsc::Sender<FetchedPolicy>,
     status: SharedFetchStatus,
     shutdown: CancellationToken,
 ) {
@@ -203,7 +208,7 @@ pub async fn run(
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let sent = tokio::select! {
                     () = shutdown.cancelled() => break,
-                    r = to_agent.send(FetchedPolicy { token: body, reply: reply_tx }) => r,
+                    r = policies.send(FetchedPolicy { token: body, reply: reply_tx }) => r,
                 };
                 if sent.is_err() {
                     break; // The main loop is gone.

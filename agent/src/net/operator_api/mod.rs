@@ -19,33 +19,28 @@
 //! - `POST /v1/admit` `{"workload": "KIND:ID", "attestation"?: "<JWS>", "libvirt_uuid"?: "…"}`
 //!   → 200 `{"workload", "verdict", "decision"?, "error"?}`; the verdict is `deny` when the
 //!   attestation is rejected or the decision could not be recorded.
+//!
+//! Layout: this module holds the wire types both sides share; `routes` the server's
+//! handlers, `peer` who the caller is and what it may do, `socket` creating the socket file,
+//! `client` the one-request client `kycctl` uses.
 
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
-use axum::body::Bytes;
-use axum::extract::connect_info::ConnectInfo;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use kycd_protocol::Verdict;
 use serde::{Deserialize, Serialize};
-use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio::sync::oneshot;
 
 use crate::decision::Decision;
 use crate::discovery::workload::WorkloadId;
 
-/// Largest request body (an attestation is at most 64 KiB).
-const MAX_BODY_BYTES: usize = 128 * 1024;
+mod client;
+mod peer;
+mod routes;
+mod socket;
 
-/// How long a request waits for the agent's main loop.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use client::{request, ClientError};
+pub use routes::serve;
+pub use socket::bind;
 
 /// Why the API could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -326,325 +321,14 @@ impl AdmitAnswer {
     }
 }
 
-/// The caller, from `SO_PEERCRED`, and what it may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Peer {
-    uid: Option<u32>,
-    access: Access,
-}
-
-/// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Access {
-    /// Nothing.
-    None,
-    /// Reads (member of the socket's group).
-    Read,
-    /// Everything (root).
-    Admin,
-}
-
-impl Peer {
-    /// Who is calling on `stream`, and what it may do.
-    fn of(stream: &tokio::net::UnixStream) -> Self {
-        let cred = stream.peer_cred().ok();
-        let uid = cred.map(|c| c.uid());
-        let access = match cred {
-            Some(c) if c.uid() == 0 => Access::Admin,
-            Some(c) => {
-                let group = stream.local_addr().ok().and_then(|a| a.as_pathname().map(socket_gid)).flatten();
-                match (group, c.pid()) {
-                    (Some(gid), Some(pid)) if member_of(pid, c.gid(), gid) => Access::Read,
-                    _ => Access::None,
-                }
-            }
-            None => Access::None,
-        };
-        Peer { uid, access }
-    }
-}
-
-/// The group owning the socket file: its members may read.
-fn socket_gid(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).ok()?;
-    // A root-only socket (mode 0600) grants no group reads, whatever its group.
-    (meta.mode() & 0o060 != 0).then_some(meta.gid())
-}
-
-/// Whether process `pid` (primary group `gid`) is in group `group`, reading its
-/// supplementary groups from /proc and pinning the process by its start time, so a PID
-/// reused while we read is not taken for the caller.
-fn member_of(pid: i32, gid: u32, group: u32) -> bool {
-    if gid == group {
-        return true;
-    }
-    let start = || -> Option<String> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Field 22 (starttime), counted after the parenthesised command name.
-        let after = stat.rsplit_once(')')?.1;
-        after.split_whitespace().nth(19).map(str::to_owned)
-    };
-    let Some(before) = start() else { return false };
-    let groups = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .map(|g| g.split_whitespace().filter_map(|n| n.parse::<u32>().ok()).collect::<Vec<_>>())
-    });
-    let member = groups.is_some_and(|g| g.contains(&group));
-    member && start().as_deref() == Some(before.as_str())
-}
-
-/// Creates the socket: its directory (0755), a stale socket from a previous run removed
-/// (only if it is a socket), mode 0600, or 0660 with group `socket_group`.
-pub fn bind(path: &Path, socket_group: Option<&str>) -> Result<UnixListener, ApiError> {
-    use std::os::unix::fs::FileTypeExt as _;
-    let err = |source| ApiError::Socket { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        if !dir.is_dir() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket; refusing to replace it",
-            )))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    let gid =
-        socket_group.map(|g| group_id(g).ok_or_else(|| ApiError::UnknownGroup(g.to_owned()))).transpose()?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
-    }
-    let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    Ok(listener)
-}
-
-/// The gid of `name` from /etc/group (NSS groups are not consulted: the socket's group is a
-/// local system group created by the package).
-fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == name).then_some(())?;
-        fields.nth(1)?.parse().ok()
-    })
-}
-
-/// Serves the API on `listener` until `shutdown` is cancelled, within `limits` (connection
-/// cap, header-read and idle timeouts: see [`kycd_net`]); `stats` counts its connections.
-pub async fn serve(
-    listener: UnixListener,
-    requests: mpsc::Sender<ApiRequest>,
-    limits: kycd_net::Limits,
-    stats: std::sync::Arc<kycd_net::ConnStats>,
-    shutdown: CancellationToken,
-) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/admit", post(admit))
-        .route("/v1/status", get(status))
-        .route("/v1/workloads", get(workloads))
-        .route("/v1/reload", post(reload))
-        .route("/v1/gpus", get(gpus))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(requests);
-    // Credentials are read once per connection, in the connection's own task.
-    let prepare = |stream: tokio::net::UnixStream, _| async move {
-        let peer = Peer::of(&stream);
-        Some((stream, peer))
-    };
-    // Per-user cap: one group member cannot take every place; root is never capped per user.
-    let user = |stream: &tokio::net::UnixStream, _: &_| {
-        stream.peer_cred().ok().map(|c| c.uid()).filter(|uid| *uid != 0)
-    };
-    kycd_net::serve(listener, app, limits, stats, shutdown, user, prepare).await;
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(serde_json::json!({"error": message.into()}))).into_response()
-}
-
-/// Refuses callers below `needed` (the refusal to answer), logging who and what.
-fn refuse(
-    requests: &mpsc::Sender<ApiRequest>,
-    peer: Peer,
-    needed: Access,
-    what: &'static str,
-) -> Option<Response> {
-    if peer.access >= needed {
-        return None;
-    }
-    warn!(uid = ?peer.uid, request = what, "operator API: permission denied");
-    // Recorded in the audit log when the loop has room; a flood of refusals must not
-    // crowd out real requests.
-    let _ = requests.try_send(ApiRequest::Refused { uid: peer.uid, request: what });
-    let message = match needed {
-        Access::Admin => format!("{what} is for root only"),
-        _ => format!("{what} is for root and members of the socket's group"),
-    };
-    Some(error(StatusCode::FORBIDDEN, message))
-}
-
-/// Sends `make(reply)` to the main loop and waits for the answer.
-async fn ask<T>(
-    requests: &mpsc::Sender<ApiRequest>,
-    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
-) -> Result<T, &'static str> {
-    let (reply, answer) = oneshot::channel();
-    if requests.try_send(make(reply)).is_err() {
-        return Err("the agent is busy; retry");
-    }
-    match tokio::time::timeout(AGENT_TIMEOUT, answer).await {
-        Ok(Ok(answer)) => Ok(answer),
-        _ => Err("the agent did not answer"),
-    }
-}
-
-/// A request that needs `needed` access and answers the main loop's reply as JSON.
-async fn answer<T: Serialize>(
-    requests: mpsc::Sender<ApiRequest>,
-    peer: Peer,
-    needed: Access,
-    what: &'static str,
-    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
-) -> Response {
-    if let Some(refused) = refuse(&requests, peer, needed, what) {
-        return refused;
-    }
-    match ask(&requests, make).await {
-        Ok(reply) => axum::Json(reply).into_response(),
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
-}
-
-async fn status(
-    State(requests): State<mpsc::Sender<ApiRequest>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-) -> Response {
-    answer(requests, peer, Access::Read, "status", ApiRequest::Status).await
-}
-
-async fn workloads(
-    State(requests): State<mpsc::Sender<ApiRequest>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-) -> Response {
-    answer(requests, peer, Access::Read, "workloads", ApiRequest::Workloads).await
-}
-
-async fn gpus(
-    State(requests): State<mpsc::Sender<ApiRequest>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-) -> Response {
-    answer(requests, peer, Access::Read, "gpus", ApiRequest::Gpus).await
-}
-
-async fn reload(
-    State(requests): State<mpsc::Sender<ApiRequest>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-) -> Response {
-    let reload = |reply: oneshot::Sender<()>| ApiRequest::Reload(reply);
-    match answer(requests, peer, Access::Admin, "reload", reload).await {
-        r if r.status() == StatusCode::OK => {
-            axum::Json(serde_json::json!({"reloaded": true})).into_response()
-        }
-        r => r,
-    }
-}
-
-async fn admit(
-    State(requests): State<mpsc::Sender<ApiRequest>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = refuse(&requests, peer, Access::Admin, "admission") {
-        return refused;
-    }
-    let body: AdmitBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
-    };
-    let workload: WorkloadId = match body.workload.parse() {
-        Ok(w) => w,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    let libvirt_uuid = body.libvirt_uuid.map(|u| u.to_ascii_lowercase());
-    if libvirt_uuid.as_ref().is_some_and(|u| !crate::discovery::cgroup::is_uuid(u)) {
-        return error(StatusCode::BAD_REQUEST, "libvirt_uuid is not a UUID");
-    }
-    let admission =
-        Admission { workload, attestation: body.attestation.map(String::into_bytes), libvirt_uuid };
-    match ask(&requests, |reply| ApiRequest::Admit(admission, reply)).await {
-        Ok(answer) => {
-            info!(workload = %answer.workload, verdict = ?answer.verdict, "admission answered");
-            axum::Json(answer).into_response()
-        }
-        Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
-    }
-}
-
-/// Why a request to the agent failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The socket could not be reached (agent down, wrong path, no permission).
-    #[error("cannot reach the agent at {path}: {source}")]
-    Unreachable {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The HTTP exchange failed.
-    #[error("talking to the agent: {0}")]
-    Http(String),
-    /// No answer in time.
-    #[error("the agent did not answer within {0:?}")]
-    Timeout(Duration),
-}
-
-/// Sends one request to the agent's socket and returns the status and the JSON body (or
-/// `null` when the body is not JSON).
-pub async fn request(
-    socket: &Path,
-    method: &str,
-    uri: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<(u16, serde_json::Value), ClientError> {
-    use http_body_util::{BodyExt as _, Full};
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Unreachable { path: socket.to_owned(), source })?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-    let driver = tokio::spawn(connection);
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", "kycd")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(payload)))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let response = sender.send_request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
-    let status = response.status().as_u16();
-    let bytes =
-        response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
-    driver.abort();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
 
     #[tokio::test]

@@ -26,6 +26,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use kycd_protocol::wire::agent_api;
 use kycd_protocol::{HostStatementClaims, PrivateJwk};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -33,8 +34,8 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::ApiRequest;
 use crate::config::CollectorApiConfig;
+use crate::net::operator_api::ApiRequest;
 
 /// How long a statement is valid: a point-in-time answer.
 const STATEMENT_TTL_S: i64 = 60;
@@ -204,8 +205,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
-        .route("/metrics", get(metrics))
-        .route("/v1/attestation", get(attestation))
+        .route(agent_api::METRICS, get(metrics))
+        .route(agent_api::ATTESTATION, get(attestation))
         .with_state(state);
     let limits = api.limits;
     let tls = api.tls;
@@ -271,6 +272,9 @@ async fn attestation(
     claims.nonce = nonce;
     claims.iat = kycd_protocol::clock::unix_now();
     claims.exp = claims.iat + STATEMENT_TTL_S;
+    if let Some(host) = claims.host.as_mut() {
+        host.uptime_s = crate::host::uptime_s();
+    }
     match kycd_protocol::sign(&claims, &state.key) {
         Ok(token) => ([(header::CONTENT_TYPE, "application/jwt")], token).into_response(),
         Err(e) => {
@@ -404,6 +408,7 @@ mod tls_tests {
             policy_version: Some(7),
             workloads: vec![],
             gpus: vec![],
+            host: None,
         };
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(claims));
         std::mem::forget(tx); // the snapshot never changes in these tests

@@ -1,0 +1,345 @@
+//! The jurisdiction policy (`typ: kyc-policy+jwt`): measures, their matches, conditions
+//! and thresholds, and how unattested workloads are handled. Measures refuse unknown fields
+//! (see the parent module).
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_id, check_text, NumericDate, TokenClaims, TokenType};
+use crate::{CountryCode, VerifyError};
+
+/// The jurisdiction policy (`typ: kyc-policy+jwt`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyClaims {
+    /// Issuer (the policy authority).
+    pub iss: String,
+    /// Issued at.
+    pub iat: NumericDate,
+    /// Not before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<NumericDate>,
+    /// Expiry (required; a policy must be re-signed periodically).
+    pub exp: NumericDate,
+    /// Strictly increasing version; agents refuse anything lower than what they applied.
+    pub version: u64,
+    /// Special measures.
+    pub measures: Vec<Measure>,
+    /// What happens to workloads with no valid attestation.
+    pub unverified: UnverifiedHandling,
+    /// Reporting thresholds.
+    pub thresholds: Thresholds,
+}
+
+/// One special measure: whom it matches, in which roles, and what it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measure {
+    /// Unique id within the policy, cited in decisions.
+    pub id: String,
+    /// Whom it applies to.
+    #[serde(rename = "match")]
+    pub matcher: MeasureMatch,
+    /// Which parties' attributes are matched.
+    pub roles: Vec<Role>,
+    /// Prohibit or condition.
+    pub action: MeasureAction,
+    /// The conditions, for `action: condition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Conditions>,
+    /// When the measure takes effect (absent: immediately).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_from: Option<NumericDate>,
+    /// How a prohibition acts on the workload's processes (absent: `freeze`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+    /// The legal source (e.g. a Federal Register citation).
+    pub citation: String,
+}
+
+/// What a prohibiting measure does to a workload's processes. Either way its network
+/// access is blocked too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Freeze the workload's cgroup (reversible: thawed when the prohibition lifts).
+    #[default]
+    Freeze,
+    /// Kill every process in the workload's cgroup (and any that appears there later).
+    Kill,
+}
+
+/// Match criteria; a party matches if any listed criterion matches. At least one is required.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureMatch {
+    /// Jurisdictions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<CountryCode>,
+    /// Tenant ids (the attestation's `sub`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+    /// Named persons/entities, matched exactly against legal, owner and reseller names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entities: Vec<String>,
+}
+
+/// The party in the customer chain whose attributes a measure inspects. Unknown values are
+/// errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The customer itself.
+    Customer,
+    /// A beneficial owner.
+    BeneficialOwner,
+    /// A reseller in the lessee chain.
+    Reseller,
+    /// The source of payment.
+    PaymentSource,
+}
+
+/// What a measure does. Unknown values are errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeasureAction {
+    /// Deny the workload.
+    Prohibit,
+    /// Allow under conditions.
+    Condition,
+}
+
+/// Conditions attached to a `condition` measure or verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conditions {
+    /// No GPU access at all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_gpu: bool,
+    /// At most this many GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+    /// Report all GPU usage, not only training-scale usage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub report_all_usage: bool,
+    /// Network restriction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkCondition>,
+}
+
+impl Conditions {
+    /// Whether no condition is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Conditions::default()
+    }
+
+    /// The union of two condition sets, keeping the stricter of each.
+    pub fn merge(&mut self, other: &Conditions) {
+        self.no_gpu |= other.no_gpu;
+        self.max_gpus = match (self.max_gpus, other.max_gpus) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.report_all_usage |= other.report_all_usage;
+        if other.network.is_some() {
+            self.network = other.network;
+        }
+    }
+}
+
+/// Network conditions. Unknown values are errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkCondition {
+    /// No outbound traffic.
+    DenyEgress,
+}
+
+/// Handling of workloads with no valid attestation. Wire form: `{"action": "deny"}`,
+/// `{"action": "grace", "grace_s": 86400}` or `{"action": "allow"}`; any other member is an
+/// error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "UnverifiedWire", into = "UnverifiedWire")]
+pub enum UnverifiedHandling {
+    /// Deny at once.
+    Deny,
+    /// Allow for `grace_s` seconds after the workload is first seen, then deny.
+    Grace {
+        /// Length of the grace period, seconds.
+        grace_s: u64,
+    },
+    /// Allow (audit only).
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum UnverifiedAction {
+    Deny,
+    Grace,
+    Allow,
+}
+
+/// Serde's internally tagged enums do not enforce `deny_unknown_fields` on unit variants, so
+/// the wire form goes through this flat struct.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnverifiedWire {
+    action: UnverifiedAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grace_s: Option<u64>,
+}
+
+impl TryFrom<UnverifiedWire> for UnverifiedHandling {
+    type Error = String;
+    fn try_from(w: UnverifiedWire) -> Result<Self, String> {
+        match (w.action, w.grace_s) {
+            (UnverifiedAction::Deny, None) => Ok(UnverifiedHandling::Deny),
+            (UnverifiedAction::Allow, None) => Ok(UnverifiedHandling::Allow),
+            (UnverifiedAction::Grace, Some(grace_s)) => Ok(UnverifiedHandling::Grace { grace_s }),
+            (UnverifiedAction::Grace, None) => Err("action \"grace\" needs grace_s".into()),
+            (_, Some(_)) => Err("grace_s is only valid with action \"grace\"".into()),
+        }
+    }
+}
+
+impl From<UnverifiedHandling> for UnverifiedWire {
+    fn from(h: UnverifiedHandling) -> Self {
+        match h {
+            UnverifiedHandling::Deny => UnverifiedWire { action: UnverifiedAction::Deny, grace_s: None },
+            UnverifiedHandling::Allow => UnverifiedWire { action: UnverifiedAction::Allow, grace_s: None },
+            UnverifiedHandling::Grace { grace_s } => {
+                UnverifiedWire { action: UnverifiedAction::Grace, grace_s: Some(grace_s) }
+            }
+        }
+    }
+}
+
+/// Reporting thresholds (REGULATION.md). Policy data, never constants in code.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Operations for one model (10^26 in EO 14110).
+    pub training_ops: f64,
+    /// Operations for a model trained mainly on biological sequence data (10^23).
+    pub bio_training_ops: f64,
+    /// Concurrent cluster capacity, operations per second (10^20).
+    pub cluster_flops: f64,
+    /// Fraction of `training_ops` that raises an early warning (0 < f ≤ 1).
+    pub early_warning_fraction: f64,
+}
+
+impl Thresholds {
+    fn validate(&self) -> Result<(), VerifyError> {
+        for (name, v) in [
+            ("thresholds.training_ops", self.training_ops),
+            ("thresholds.bio_training_ops", self.bio_training_ops),
+            ("thresholds.cluster_flops", self.cluster_flops),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(VerifyError::invalid(name, "must be a positive finite number"));
+            }
+        }
+        let f = self.early_warning_fraction;
+        if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+            return Err(VerifyError::invalid("thresholds.early_warning_fraction", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+impl Measure {
+    fn validate(&self, i: usize) -> Result<(), VerifyError> {
+        let at = |field: &str| format!("measures[{i}].{field}");
+        check_id(&at("id"), &self.id)?;
+        check_text(&at("citation"), &self.citation)?;
+        if self.citation.trim().is_empty() {
+            return Err(VerifyError::invalid(at("citation"), "must not be empty"));
+        }
+        let m = &self.matcher;
+        if m.countries.is_empty() && m.tenants.is_empty() && m.entities.is_empty() {
+            return Err(VerifyError::invalid(at("match"), "must name countries, tenants or entities"));
+        }
+        for t in &m.tenants {
+            check_id(&at("match.tenants"), t)?;
+        }
+        for e in &m.entities {
+            check_id(&at("match.entities"), e)?;
+        }
+        if self.roles.is_empty() {
+            return Err(VerifyError::invalid(at("roles"), "must name at least one role"));
+        }
+        if self.roles.iter().collect::<HashSet<_>>().len() != self.roles.len() {
+            return Err(VerifyError::invalid(at("roles"), "names a role twice"));
+        }
+        match (self.action, &self.conditions) {
+            (MeasureAction::Prohibit, Some(_)) => {
+                Err(VerifyError::invalid(at("conditions"), "a prohibit measure takes no conditions"))
+            }
+            (MeasureAction::Condition, None) => {
+                Err(VerifyError::invalid(at("conditions"), "a condition measure needs conditions"))
+            }
+            (MeasureAction::Condition, Some(c)) if c.is_empty() => {
+                Err(VerifyError::invalid(at("conditions"), "must set at least one condition"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TokenClaims for PolicyClaims {
+    const TOKEN_TYPE: TokenType = TokenType::Policy;
+    const REQUIRED_CLAIMS: &'static [&'static str] =
+        &["iss", "iat", "exp", "version", "measures", "unverified", "thresholds"];
+
+    fn validate(&self) -> Result<(), VerifyError> {
+        check_id("iss", &self.iss)?;
+        if self.iat >= self.exp {
+            return Err(VerifyError::invalid("exp", "must be after iat"));
+        }
+        if self.version == 0 {
+            return Err(VerifyError::invalid("version", "must be at least 1"));
+        }
+        let mut ids = HashSet::new();
+        for (i, m) in self.measures.iter().enumerate() {
+            m.validate(i)?;
+            if !ids.insert(m.id.as_str()) {
+                return Err(VerifyError::invalid(
+                    format!("measures[{i}].id"),
+                    format!("duplicate id {:?}", m.id),
+                ));
+            }
+        }
+        self.thresholds.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_merge_keeps_the_stricter() {
+        let mut a = Conditions { max_gpus: Some(8), ..Default::default() };
+        a.merge(&Conditions { max_gpus: Some(2), no_gpu: true, ..Default::default() });
+        assert_eq!(a.max_gpus, Some(2));
+        assert!(a.no_gpu);
+        a.merge(&Conditions { network: Some(NetworkCondition::DenyEgress), ..Default::default() });
+        assert_eq!(a.network, Some(NetworkCondition::DenyEgress));
+        assert_eq!(a.max_gpus, Some(2));
+    }
+
+    #[test]
+    fn unverified_handling_wire_form() {
+        let g: UnverifiedHandling = serde_json::from_str(r#"{"action":"grace","grace_s":3600}"#).unwrap();
+        assert_eq!(g, UnverifiedHandling::Grace { grace_s: 3600 });
+        assert!(serde_json::from_str::<UnverifiedHandling>(r#"{"action":"deny","grace_s":1}"#).is_err());
+        assert!(serde_json::from_str::<UnverifiedHandling>(r#"{"action":"maybe"}"#).is_err());
+        assert!(serde_json::from_str::<UnverifiedHandling>(r#"{"action":"grace"}"#).is_err());
+        assert!(serde_json::from_str::<UnverifiedHandling>(r#"{"action":"deny","x":1}"#).is_err());
+        let wire = serde_json::to_value(UnverifiedHandling::Grace { grace_s: 5 }).unwrap();
+        assert_eq!(wire, serde_json::json!({"action": "grace", "grace_s": 5}));
+        let wire = serde_json::to_value(UnverifiedHandling::Deny).unwrap();
+        assert_eq!(wire, serde_json::json!({"action": "deny"}));
+    }
+}
