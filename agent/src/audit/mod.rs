@@ -51,11 +51,13 @@
 //! names and reading a segment's end), [`verify`] (`kycctl audit verify`) and [`repair`](mod@repair)
 //! (`kycctl audit repair`); this file holds the writer, [`AuditLog`].
 
+mod event;
 pub mod record;
 pub mod repair;
 mod segment;
 pub mod verify;
 
+pub use event::AuditEvent;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt as _;

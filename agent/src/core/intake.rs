@@ -95,7 +95,7 @@ fn file_identity(path: &Path) -> String {
             m.ino(),
             m.mtime(),
             m.mtime_nsec(),
-            m.mode() & libc::S_IFMT
+            m.mode() & nix::sys::stat::SFlag::S_IFMT.bits()
         ),
         Err(_) => String::new(),
     }

@@ -30,7 +30,6 @@
 //! denied (`audit_unavailable`) until recording works again. That lockdown is the one
 //! enforcement the audit log cannot show; the journal does.
 
-mod audit_event;
 mod counters;
 mod error;
 mod evaluate;
@@ -50,7 +49,7 @@ use kycd_protocol::clock::Clock;
 use kycd_protocol::{Jwks, VerifyOptions};
 use tracing::{error, info, warn};
 
-pub use audit_event::AuditEvent;
+pub use crate::audit::AuditEvent;
 pub use counters::{Connections, Counters};
 pub use error::StartError;
 pub use reject::RejectKind;

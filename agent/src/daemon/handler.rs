@@ -1,59 +1,11 @@
-//! The operator API's requests, answered: [`RequestHandler`] is what the socket (and the
-//! collector API's `/metrics`) can ask of the agent, one method per request; [`dispatch`]
-//! turns a queued [`ApiRequest`] into a call and sends its reply. [`Node`] implements it
-//! for the running daemon (the agent's core plus reporting and the GPU sampler).
+//! The operator API's requests, answered: [`Node`] implements
+//! [`crate::net::operator_api::RequestHandler`] for the running daemon (the agent's core plus
+//! reporting and the GPU sampler).
 
 use crate::core::{Agent, AuditEvent};
-use crate::net::operator_api::{Admission, AdmitAnswer, ApiRequest, Status, WorkloadRow};
+use crate::net::operator_api::{Admission, AdmitAnswer, RequestHandler, Status, WorkloadRow};
 
 use super::gpu::SharedGpuMetrics;
-
-/// What the operator API asks of the agent.
-pub trait RequestHandler {
-    /// Decides on a workload about to start.
-    fn admit(&mut self, admission: Admission) -> AdmitAnswer;
-    /// The agent's state at a glance.
-    fn status(&mut self) -> Status;
-    /// Every workload with its decision.
-    fn workloads(&mut self) -> Vec<WorkloadRow>;
-    /// Reloads trust anchors, the policy and attestations.
-    fn reload(&mut self);
-    /// Prometheus text.
-    fn metrics(&mut self) -> String;
-    /// GPUs and per-tenant usage.
-    fn gpus(&mut self) -> serde_json::Value;
-    /// A caller was refused (recorded in the audit log).
-    fn refused(&mut self, uid: Option<u32>, request: &'static str);
-}
-
-/// Answers one request (a caller that gave up on an admission gets nothing done on its
-/// behalf; other answers to a caller gone are dropped).
-pub fn dispatch(request: ApiRequest, handler: &mut impl RequestHandler) {
-    match request {
-        ApiRequest::Admit(admission, reply) => {
-            if !reply.is_closed() {
-                let _ = reply.send(handler.admit(admission));
-            }
-        }
-        ApiRequest::Status(reply) => {
-            let _ = reply.send(handler.status());
-        }
-        ApiRequest::Workloads(reply) => {
-            let _ = reply.send(handler.workloads());
-        }
-        ApiRequest::Reload(reply) => {
-            handler.reload();
-            let _ = reply.send(());
-        }
-        ApiRequest::Gpus(reply) => {
-            let _ = reply.send(handler.gpus());
-        }
-        ApiRequest::Metrics(reply) => {
-            let _ = reply.send(handler.metrics());
-        }
-        ApiRequest::Refused { uid, request } => handler.refused(uid, request),
-    }
-}
 
 /// The running daemon, as the operator API sees it.
 #[derive(Debug)]

@@ -22,11 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use handler::{dispatch, RequestHandler};
-
 use crate::config::{Config, Mode};
 use crate::core::{Agent, AuditEvent, Event, StartError};
-use crate::net::operator_api::ApiRequest;
+use crate::net::operator_api::{dispatch, ApiRequest};
 use crate::net::policy_fetch::FetchedPolicy;
 pub use crate::reconcile::{Enforcer, RecordOnly};
 
@@ -297,12 +295,7 @@ pub async fn run(
 /// Queues the reporting tasks' findings (spool damage, batches the collector refused) for
 /// the audit log.
 fn record_reporting_events(agent: &mut Agent, reporting: &crate::reporting::Reporting) {
-    for value in reporting.take_audit_events() {
-        match serde_json::from_value::<AuditEvent>(value) {
-            Ok(event) => agent.record(event),
-            Err(e) => {
-                warn!(error = %e, "a reporting event does not fit the audit record types; not recorded")
-            }
-        }
+    for event in reporting.take_audit_events() {
+        agent.record(event);
     }
 }

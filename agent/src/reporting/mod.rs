@@ -12,6 +12,7 @@ pub mod spool;
 pub mod upload;
 pub mod writer;
 
+use crate::audit::AuditEvent;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,36 +144,34 @@ impl Reporting {
     /// damaged region or torn tail quarantined) and `report_batch_rejected` (one per batch
     /// the collector refused for good). Never blocks: a spool busy with an fsync is asked
     /// again on the next call.
-    pub fn take_audit_events(&self) -> Vec<serde_json::Value> {
+    pub fn take_audit_events(&self) -> Vec<AuditEvent> {
         let mut events = Vec::new();
         if let Ok(mut spool) = self.spool.try_lock() {
             for d in spool.take_damage() {
-                events.push(serde_json::json!({
-                    "type": "spool_damaged",
-                    "kind": d.kind.as_str(),
-                    "segment": d.segment,
-                    "offset": d.offset,
-                    "bytes": d.len,
-                    "seq_before": d.seq_before,
-                    "seq_after": d.seq_after,
-                    "quarantined": d.quarantined,
-                    "found_at": d.found_at,
-                }));
+                events.push(AuditEvent::SpoolDamaged {
+                    kind: d.kind.as_str().into(),
+                    segment: d.segment,
+                    offset: d.offset,
+                    bytes: d.len,
+                    seq_before: d.seq_before,
+                    seq_after: d.seq_after,
+                    quarantined: d.quarantined,
+                    found_at: d.found_at,
+                });
             }
         }
         if let Ok(mut queue) = self.upload_counters.unrecorded_rejections.lock() {
             for r in queue.drain(..) {
-                events.push(serde_json::json!({
-                    "type": "report_batch_rejected",
-                    "status": r.status,
-                    "kind": r.kind,
-                    "error": r.error,
-                    "first_seq": r.first_seq,
-                    "last_seq": r.last_seq,
-                    "records": r.records,
-                    "file": r.file,
-                    "rejected_at": r.at,
-                }));
+                events.push(AuditEvent::ReportBatchRejected {
+                    status: r.status,
+                    kind: r.kind,
+                    error: r.error,
+                    first_seq: r.first_seq,
+                    last_seq: r.last_seq,
+                    records: r.records,
+                    file: r.file,
+                    rejected_at: r.at,
+                });
             }
         }
         events
@@ -357,7 +356,8 @@ mod tests {
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
         }
-        let events = reporting.take_audit_events();
+        let events: Vec<serde_json::Value> =
+            reporting.take_audit_events().iter().map(AuditEvent::to_record).collect();
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0]["type"], "spool_damaged");
         assert_eq!(events[0]["kind"], "corrupt");
@@ -402,7 +402,8 @@ mod tests {
         let metrics = reporting.metrics_text();
         assert!(metrics.lines().any(|l| l == "kycd_upload_rejected_batches_total 1"), "{metrics}");
         assert!(metrics.lines().any(|l| l == "kycd_upload_rejected_records_total 10"), "{metrics}");
-        let events = reporting.take_audit_events();
+        let events: Vec<serde_json::Value> =
+            reporting.take_audit_events().iter().map(AuditEvent::to_record).collect();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0]["type"], "report_batch_rejected");
         assert_eq!(

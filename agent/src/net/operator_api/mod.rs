@@ -34,11 +34,13 @@ use crate::decision::Decision;
 use crate::discovery::workload::WorkloadId;
 
 mod client;
+mod handler;
 mod peer;
 mod routes;
 mod socket;
 
 pub use client::{request, ClientError};
+pub use handler::{dispatch, RequestHandler};
 pub use routes::serve;
 pub use socket::bind;
 

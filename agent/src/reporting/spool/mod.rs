@@ -172,7 +172,8 @@ impl SpoolError {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| {
-        if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        let errno = source.raw_os_error().map(nix::errno::Errno::from_raw);
+        if matches!(errno, Some(nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT))
             || source.kind() == std::io::ErrorKind::StorageFull
         {
             SpoolError::NoSpace { path: path.to_owned(), source }

@@ -4,8 +4,8 @@
 //! collector's exports and `kycctl audit verify` read them): the event is a JSON object with
 //! a `type` tag and its keys in lexicographic order, as the agent has written them since
 //! 0.1.0. [`AuditEvent::to_record`] produces exactly that (serde_json's map is ordered), so
-//! a log keeps one byte format across releases; `tests/audit_format.rs` checks it against a
-//! log written by the 0.1.0 agent.
+//! a log keeps one byte format across releases; `agent/tests/audit_format.rs` checks it
+//! against a log written by the 0.1.0 agent.
 
 use std::path::PathBuf;
 
