@@ -10,8 +10,8 @@
 //! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
 //!   per GPU that fell off the bus)
 
+use kycd_net::prometheus::{Exposition, Kind};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 
 use kycd_protocol::UsageWindow;
 
@@ -110,19 +110,16 @@ impl GpuMetrics {
 
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# HELP kycd_gpu_backend_available Whether NVML answered the last sample.");
-        let _ = writeln!(out, "# TYPE kycd_gpu_backend_available gauge");
-        let _ = writeln!(out, "kycd_gpu_backend_available {}", u8::from(self.backend_available));
-        let _ = writeln!(out, "# HELP kycd_gpu_utilization_ratio GPU utilization in the last sample.");
-        let _ = writeln!(out, "# TYPE kycd_gpu_utilization_ratio gauge");
+        let mut out = Exposition::new();
+        out.single(
+            "kycd_gpu_backend_available",
+            Kind::Gauge,
+            "Whether NVML answered the last sample.",
+            u8::from(self.backend_available),
+        );
+        out.family("kycd_gpu_utilization_ratio", Kind::Gauge, "GPU utilization in the last sample.");
         for (uuid, (name, ratio)) in &self.utilization {
-            let _ = writeln!(
-                out,
-                "kycd_gpu_utilization_ratio{{gpu=\"{}\",name=\"{}\"}} {ratio}",
-                esc(uuid),
-                esc(name)
-            );
+            out.sample("kycd_gpu_utilization_ratio", &[("gpu", uuid), ("name", name)], ratio);
         }
         for (metric, help, values) in [
             ("kycd_gpu_seconds_total", "GPU-seconds used, per tenant and workload.", &self.gpu_seconds),
@@ -132,29 +129,17 @@ impl GpuMetrics {
                 &self.operations,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {metric} {help}");
-            let _ = writeln!(out, "# TYPE {metric} counter");
+            out.family(metric, Kind::Counter, help);
             for ((tenant, workload), v) in values {
-                let _ = writeln!(
-                    out,
-                    "{metric}{{tenant=\"{}\",workload=\"{}\"}} {v}",
-                    esc(tenant),
-                    esc(workload)
-                );
+                out.sample(metric, &[("tenant", tenant), ("workload", workload)], v);
             }
         }
-        let _ = writeln!(out, "# HELP kycd_nvml_errors_total NVML failures by kind.");
-        let _ = writeln!(out, "# TYPE kycd_nvml_errors_total counter");
+        out.family("kycd_nvml_errors_total", Kind::Counter, "NVML failures by kind.");
         for (kind, n) in &self.nvml_errors {
-            let _ = writeln!(out, "kycd_nvml_errors_total{{kind=\"{kind}\"}} {n}");
+            out.sample("kycd_nvml_errors_total", &[("kind", kind)], n);
         }
-        out
+        out.finish()
     }
-}
-
-/// Label-value escaping of the text format: backslash, double quote, newline.
-fn esc(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -265,23 +265,19 @@ pub async fn run(
 
 /// The Prometheus text for the fetcher (appended to the agent's `/metrics`).
 pub fn metrics_text(status: &FetchStatus) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP kycd_policy_fetches_total Policy fetches, by outcome.\n# TYPE kycd_policy_fetches_total counter"
-    );
+    use kycd_net::prometheus::{Exposition, Kind};
+    let mut out = Exposition::new();
+    out.family("kycd_policy_fetches_total", Kind::Counter, "Policy fetches, by outcome.");
     for (outcome, n) in &status.outcomes {
-        let _ = writeln!(out, "kycd_policy_fetches_total{{outcome=\"{outcome}\"}} {n}");
+        out.sample("kycd_policy_fetches_total", &[("outcome", outcome)], n);
     }
-    let _ = writeln!(
-        out,
-        "# HELP kycd_policy_fetch_last_success_timestamp_seconds When a fetched policy was last accepted (Unix seconds; 0: never since start).\n\
-         # TYPE kycd_policy_fetch_last_success_timestamp_seconds gauge\n\
-         kycd_policy_fetch_last_success_timestamp_seconds {}",
-        status.last_success_at.unwrap_or(0)
+    out.single(
+        "kycd_policy_fetch_last_success_timestamp_seconds",
+        Kind::Gauge,
+        "When a fetched policy was last accepted (Unix seconds; 0: never since start).",
+        status.last_success_at.unwrap_or(0),
     );
-    out
+    out.finish()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod upload;
 pub mod writer;
 
 use crate::audit::AuditEvent;
+use kycd_net::prometheus::{Exposition, Kind};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,105 +180,100 @@ impl Reporting {
 
     /// The spool's and the uploader's metrics in the Prometheus text format (for `/metrics`).
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let one = |v: f64| [(String::new(), v)];
+        let mut out = Exposition::new();
         let (pending, bytes, stats) = match self.spool.lock() {
             Ok(s) => (s.pending(), s.used_bytes(), s.stats()),
             Err(_) => (0, 0, spool::SpoolStats::default()),
         };
-        family(
+        out.single(
             "kycd_spool_pending_records",
-            "gauge",
+            Kind::Gauge,
             "Usage records spooled and not yet acknowledged by the collector.",
-            &one(pending as f64),
+            pending,
         );
-        family("kycd_spool_bytes", "gauge", "Bytes of spool segments on disk.", &one(bytes as f64));
-        family(
+        out.single("kycd_spool_bytes", Kind::Gauge, "Bytes of spool segments on disk.", bytes);
+        out.single(
             "kycd_spool_merges_total",
-            "counter",
+            Kind::Counter,
             "Merge passes run because the spool neared its cap.",
-            &one(stats.merges as f64),
+            stats.merges,
         );
-        let by_damage = |corrupt: u64, torn: u64| {
-            [
-                ("{kind=\"corrupt\"}".to_owned(), corrupt as f64),
-                ("{kind=\"torn_tail\"}".to_owned(), torn as f64),
-            ]
+        let mut by_damage = |name: &str, help: &str, corrupt: u64, torn: u64| {
+            out.family(name, Kind::Counter, help).sample(name, &[("kind", "corrupt")], corrupt).sample(
+                name,
+                &[("kind", "torn_tail")],
+                torn,
+            );
         };
-        family(
+        by_damage(
             "kycd_spool_damage_events_total",
-            "counter",
             "Damaged spool regions (corrupt) and torn tails quarantined and cut out of segments since start.",
-            &by_damage(stats.damaged_regions, stats.torn_tails),
+            stats.damaged_regions,
+            stats.torn_tails,
         );
-        family(
+        by_damage(
             "kycd_spool_damaged_bytes_total",
-            "counter",
             "Bytes of those regions and tails (copies kept in the spool's quarantine/ directory).",
-            &by_damage(stats.damaged_bytes, stats.truncated_bytes),
+            stats.damaged_bytes,
+            stats.truncated_bytes,
         );
-        family(
+        out.single(
             "kycd_spool_quarantine_failures_total",
-            "counter",
+            Kind::Counter,
             "Damaged spool bytes that could not be quarantined (left in place and retried).",
-            &one(stats.quarantine_failures as f64),
+            stats.quarantine_failures,
         );
-        family(
+        out.single(
             "kycd_spool_append_errors_total",
-            "counter",
+            Kind::Counter,
             "Failed spool appends (each retried).",
-            &one(self.writer_counters.append_errors.load(Relaxed) as f64),
+            self.writer_counters.append_errors.load(Relaxed),
         );
         let c = &self.upload_counters;
-        family(
+        out.single(
             "kycd_upload_batches_total",
-            "counter",
+            Kind::Counter,
             "Report batches the collector stored.",
-            &one(c.batches_ok.load(Relaxed) as f64),
+            c.batches_ok.load(Relaxed),
         );
-        family(
+        out.single(
             "kycd_upload_records_total",
-            "counter",
+            Kind::Counter,
             "Usage records in report batches the collector stored.",
-            &one(c.records_ok.load(Relaxed) as f64),
+            c.records_ok.load(Relaxed),
         );
-        family(
+        out.single(
             "kycd_upload_rejected_batches_total",
-            "counter",
+            Kind::Counter,
             "Report batches the collector refused for good (400/409/413), kept in rejected/ and not sent again.",
-            &one(c.batches_rejected.load(Relaxed) as f64),
+            c.batches_rejected.load(Relaxed),
         );
-        family(
+        out.single(
             "kycd_upload_rejected_records_total",
-            "counter",
+            Kind::Counter,
             "Seqs covered by those batches.",
-            &one(c.records_rejected.load(Relaxed) as f64),
+            c.records_rejected.load(Relaxed),
         );
         let failures = c.failures.lock().map(|f| f.clone()).unwrap_or_default();
-        let by_kind: Vec<(String, f64)> = FAILURE_KINDS
-            .iter()
-            .map(|k| (format!("{{kind=\"{k}\"}}"), failures.get(k).copied().unwrap_or(0) as f64))
-            .collect();
-        family(
+        out.family(
             "kycd_upload_failures_total",
-            "counter",
+            Kind::Counter,
             "Failed upload attempts (retried) and permanently rejected batches, by kind.",
-            &by_kind,
         );
-        family(
+        for kind in FAILURE_KINDS {
+            out.sample(
+                "kycd_upload_failures_total",
+                &[("kind", kind)],
+                failures.get(kind).copied().unwrap_or(0),
+            );
+        }
+        out.single(
             "kycd_upload_last_success_timestamp_seconds",
-            "gauge",
+            Kind::Gauge,
             "When the collector last stored a batch (Unix seconds; 0: never since start).",
-            &one(c.last_success_at.load(Relaxed) as f64),
+            c.last_success_at.load(Relaxed),
         );
-        out
+        out.finish()
     }
 
     /// Starts the spool writer for `windows`; `observe` sees each window first (metrics).
