@@ -96,17 +96,9 @@ impl UploaderOptions {
 /// Why the uploader could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    /// The CA file cannot be read or parsed.
-    #[error("{path}: {reason}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The HTTP client cannot be built.
-    #[error("cannot build the HTTP client")]
-    Client(#[source] reqwest::Error),
+    /// The HTTPS client cannot be built (its CA file).
+    #[error(transparent)]
+    Client(#[from] crate::net::client::HttpClientError),
     /// The collector URL is not usable.
     #[error("reporting.collector_url {0:?} is not a valid URL")]
     Url(String),
