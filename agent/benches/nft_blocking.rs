@@ -15,8 +15,7 @@
 // A benchmark is test code: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/enforce_support/mod.rs"]
-mod enforce_support;
+use kycd_test_support::netns as enforce_support;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};

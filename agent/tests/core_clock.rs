@@ -15,8 +15,8 @@ use kycd::reconcile::RecordOnly;
 use kycd_protocol::clock::ManualClock;
 use serde_json::{json, Value};
 
-mod host_support;
 use host_support::{now, reasons, Host};
+use kycd_test_support::host as host_support;
 
 /// An agent over `host`'s installation, on `clock`, with its first evaluation done.
 fn agent(host: &Host, clock: &Arc<ManualClock>) -> Agent {

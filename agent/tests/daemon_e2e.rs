@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
 use serde_json::json;
 
-mod host_support;
 use host_support::{admit, atomic_write, http_get, is_root, now, promtool_check, reasons, Host};
+use kycd_test_support::host as host_support;
 
 #[test]
 fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {

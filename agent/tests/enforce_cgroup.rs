@@ -2,7 +2,7 @@
 //! process's own cgroup. Skips loudly without root or a writable cgroup2 mount.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod enforce_support;
+use kycd_test_support::netns as enforce_support;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;

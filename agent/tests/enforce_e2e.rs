@@ -3,8 +3,8 @@
 //! ruleset is never touched). Skips loudly without root, nft, iproute2 or python3.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod enforce_support;
-mod host_support;
+use kycd_test_support::host as host_support;
+use kycd_test_support::netns as enforce_support;
 
 use std::fs;
 use std::time::{Duration, Instant};

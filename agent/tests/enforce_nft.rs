@@ -2,7 +2,7 @@
 //! (the host ruleset is never touched). Skips loudly without root, nft, iproute2 or python3.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod enforce_support;
+use kycd_test_support::netns as enforce_support;
 
 use std::collections::BTreeSet;
 use std::time::Instant;

@@ -23,7 +23,7 @@ use kycd::gpu::{
 use kycd_protocol::{EstimationMethod, UsageWindow};
 use serde_json::json;
 
-mod host_support;
+use kycd_test_support::host as host_support;
 
 const H100: &str = "NVIDIA H100 80GB HBM3";
 const H100_PEAK: f64 = 989.4e12;

@@ -16,8 +16,8 @@ use axum::routing::get;
 use kycd_protocol::{Algorithm, PrivateJwk};
 use serde_json::{json, Value};
 
-mod host_support;
 use host_support::{http_get, now, promtool_check, Host};
+use kycd_test_support::host as host_support;
 
 /// What the server publishes and what it saw.
 #[derive(Default)]

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod host_support;
+use kycd_test_support::host as host_support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;

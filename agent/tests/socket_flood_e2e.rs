@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-mod host_support;
 use host_support::{is_root, now, Host};
+use kycd_test_support::host as host_support;
 
 /// The system's Python (a user's pyenv shim under /root is not for uid 65534).
 const PYTHON: &str = "/usr/bin/python3";

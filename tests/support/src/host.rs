@@ -1,7 +1,6 @@
 //! The test harness for end-to-end tests of the real `kycd` binary: a temporary
 //! installation (keys, trust files, config, state), the running daemon, and readers of its
 //! audit log.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,11 +10,23 @@ use std::time::{Duration, Instant};
 use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
 use serde_json::{json, Value};
 
+/// A binary of the package under test (`kycd`, `kycctl`): cargo builds a package's binaries
+/// before its integration tests and benches, into the directory above the test's own
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`), which is the path
+/// `env!("CARGO_BIN_EXE_<name>")` names there; this crate is not that package, so it looks.
+pub fn package_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    dir.join(name)
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// A temporary installation: keys, trust files, config, state; and the running daemon.
+#[derive(Debug)]
 pub struct Host {
     pub dir: tempfile::TempDir,
     pub issuer: PrivateJwk,
@@ -84,10 +95,10 @@ impl Host {
         let mut command = match self.launcher.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(env!("CARGO_BIN_EXE_kycd"));
+                c.args(args).arg(package_bin("kycd"));
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_kycd")),
+            None => Command::new(package_bin("kycd")),
         };
         let child = command
             .args(["run", "--config"])
@@ -268,7 +279,7 @@ pub fn is_root() -> bool {
 /// Runs `kycctl admit` against the host's agent; returns (exit code, stdout, stderr).
 pub fn admit(host: &Host, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     use std::io::Write as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kycctl"))
+    let mut child = Command::new(package_bin("kycctl"))
         .arg("admit")
         .args(args)
         .arg("--socket")

@@ -1,7 +1,6 @@
 //! Real-kernel fixtures for the enforcement tests: private network namespaces, throwaway
 //! cgroups, listeners and connection probes. Every fixture removes what it created when
 //! dropped, also when the test fails. A fixture that cannot be set up panics: a test failure.
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -51,7 +50,44 @@ pub fn run(args: &[&str]) -> String {
 }
 
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    kycd::discovery::cgroup::find_cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+    find_cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+/// The cgroup2 mount point in a `/proc/self/mountinfo` text. The agent has its own parser
+/// (`kycd::discovery::cgroup`); this crate must not depend on the agent (the collector's tests use it
+/// too), so the harness reads mountinfo itself, the same way: the filesystem type is the first
+/// field after " - ", the mount point the fifth before it, with `\NNN` octal escapes.
+fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\NNN` octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(b) => {
+                out.push(char::from(b));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// This process's own cgroup v2 path ("/" or "/user.slice/…").
@@ -62,6 +98,7 @@ pub fn own_cgroup() -> Option<String> {
 
 /// A cgroup created for one test under this process's own cgroup; on drop its processes
 /// are killed and it is removed (children first).
+#[derive(Debug)]
 pub struct TestCgroup {
     pub path: PathBuf,
     pub mount: PathBuf,
@@ -156,6 +193,7 @@ impl Drop for TestCgroup {
 }
 
 /// A named network namespace, deleted on drop.
+#[derive(Debug)]
 pub struct Netns {
     pub name: String,
 }
@@ -212,6 +250,7 @@ impl Drop for Netns {
 }
 
 /// A TCP listener in a namespace, killed on drop.
+#[derive(Debug)]
 pub struct Listener {
     child: Child,
 }
@@ -275,6 +314,7 @@ pub fn can_connect(ns: &Netns, cg: &Path, host: &str, port: u16) -> bool {
 /// Two namespaces joined by a veth pair: `kv0` (10.200.0.1, fd00:200::1) in `local` —
 /// where the kycd table lives — and `kv1` (10.200.0.2, fd00:200::2) in `peer`, which
 /// runs a listener on `PORT`. Dropped in field order: listener, then namespaces.
+#[derive(Debug)]
 pub struct Topology {
     pub listener: Listener,
     pub local: Netns,
