@@ -23,7 +23,7 @@ const CHANGES: usize = 1000;
 const POLICY_CHANGES: usize = 20;
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
+    kycd_protocol::clock::wall()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
@@ -87,12 +87,12 @@ impl Tail {
 
     /// Waits for a record matching `pred`, returning when it was seen.
     fn wait(&mut self, mut pred: impl FnMut(&Value) -> bool) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(60);
         loop {
             if self.next_records().iter().any(&mut pred) {
-                return Instant::now();
+                return kycd_protocol::clock::monotonic();
             }
-            if Instant::now() > deadline {
+            if kycd_protocol::clock::monotonic() > deadline {
                 fail("timed out waiting for an audit record");
             }
             std::thread::sleep(Duration::from_micros(100));
@@ -165,7 +165,7 @@ fn inotify_baseline(dir: &Path) -> Vec<f64> {
         notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
             if let Ok(e) = r {
                 if e.paths.iter().any(|p| p.extension().is_some_and(|x| x == "jws")) {
-                    let _ = tx.send(Instant::now());
+                    let _ = tx.send(kycd_protocol::clock::monotonic());
                 }
             }
         }),
@@ -175,7 +175,7 @@ fn inotify_baseline(dir: &Path) -> Vec<f64> {
     let mut out = Vec::new();
     for i in 0..CHANGES {
         while rx.try_recv().is_ok() {}
-        let start = Instant::now();
+        let start = kycd_protocol::clock::monotonic();
         atomic_write(&dir.join(format!("f-{}.jws", i % 50)), b"x.y.z");
         let seen = ok(rx.recv_timeout(Duration::from_secs(5)), "inotify event");
         out.push((seen - start).as_secs_f64() * 1e3);
@@ -231,7 +231,7 @@ fn main() {
         "spawn kycd",
     );
     let mut tail = Tail { dir: d.join("state/audit"), file: None };
-    let loaded = Instant::now();
+    let loaded = kycd_protocol::clock::monotonic();
     let mut decided = 0usize;
     tail.wait(|r| {
         if r["event"]["type"] == "decision" {
@@ -249,7 +249,7 @@ fn main() {
         let tenant = i % TENANTS;
         let token = attestation(&issuer, tenant, "KP", i + 1);
         let jti = format!("att-{tenant}-{}", i + 1);
-        let start = Instant::now();
+        let start = kycd_protocol::clock::monotonic();
         atomic_write(&d.join(format!("state/attestations/t-{tenant}.jws")), token.as_bytes());
         let seen = tail
             .wait(|r| r["event"]["type"] == "decision" && r["event"]["decision"]["attestation_jti"] == jti);
@@ -260,7 +260,7 @@ fn main() {
     for i in 0..POLICY_CHANGES {
         version += 1;
         let token = policy(&authority, version, i % 2 == 0);
-        let start = Instant::now();
+        let start = kycd_protocol::clock::monotonic();
         atomic_write(&d.join("etc/policy.jws"), token.as_bytes());
         let v = version;
         let seen =

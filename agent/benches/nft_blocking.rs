@@ -19,7 +19,6 @@ use kycd_test_support::netns as enforce_support;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use enforce_support::*;
 use kycd::enforce::{NftDesired, NftEnforcer};
@@ -61,7 +60,7 @@ fn main() {
         Err(why) => return skip(&why),
     };
     let ns = Netns::new().unwrap();
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     let base = cg.child("w");
     let names: Vec<String> = (0..IN_PLACE + 2 * CHANGES).map(|i| format!("wl{i}")).collect();
     for n in &names {
@@ -77,7 +76,7 @@ fn main() {
     nft.reconcile(&desired).unwrap();
     let rules_one = rule_count(&ns);
     desired.cgroups.extend(names[..IN_PLACE].iter().map(|n| rel(n)));
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     let r = nft.reconcile(&desired).unwrap();
     eprintln!("initial 10,000-cgroup reconcile: {:?} ({r:?})", t.elapsed());
     let rules_many = rule_count(&ns);
@@ -85,7 +84,7 @@ fn main() {
     let mut kycd_ms = Vec::with_capacity(CHANGES);
     for n in &names[IN_PLACE..IN_PLACE + CHANGES] {
         desired.cgroups.insert(rel(n));
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let r = nft.reconcile(&desired).unwrap();
         kycd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
@@ -94,7 +93,7 @@ fn main() {
     let mut apply_ms = Vec::with_capacity(CHANGES);
     for n in &names[IN_PLACE + CHANGES..] {
         desired.cgroups.insert(rel(n));
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let r = nft.apply(&desired).unwrap();
         apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!((r.added, r.removed, r.rebuilt), (1, 0, false), "{r:?}");
@@ -110,7 +109,7 @@ fn main() {
     for n in &names[IN_PLACE + CHANGES..] {
         let name = prefix.join(rel(n));
         let script = format!("add element inet kycd cg_l{level} {{ \"{}\" }}\n", name.display());
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         bare_nft(&ns, &script);
         bare_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
@@ -135,7 +134,7 @@ fn main() {
     let mut geo_ms = Vec::with_capacity(CHANGES);
     for n in &names[..CHANGES] {
         desired.cgroups.insert(rel(n));
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let r = nft.reconcile(&desired).unwrap();
         geo_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(r.added, 1, "{r:?}");
@@ -143,7 +142,7 @@ fn main() {
     let mut geo_apply_ms = Vec::with_capacity(CHANGES);
     for n in &names[CHANGES..2 * CHANGES] {
         desired.cgroups.insert(rel(n));
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let r = nft.apply(&desired).unwrap();
         geo_apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(r.added, 1, "{r:?}");
@@ -152,14 +151,14 @@ fn main() {
     for n in &names[2 * CHANGES..3 * CHANGES] {
         let name = prefix.join(rel(n));
         let script = format!("add element inet kycd cg_l{level} {{ \"{}\" }}\n", name.display());
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         bare_nft(&ns, &script);
         bare_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let mut bare_cidr_ms = Vec::with_capacity(CHANGES);
     for i in 0..CHANGES {
         let script = format!("add element inet kycd geo_v4 {{ 12.0.{}.{}/32 }}\n", i >> 8, i & 255);
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         bare_nft(&ns, &script);
         bare_cidr_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }

@@ -10,7 +10,7 @@
 //! The producer sends as fast as the bounded channel (256, as in the daemon) lets it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd::reporting::spool::{Spool, SpoolOptions};
 use kycd_protocol::{EstimationMethod, UsageWindow};
@@ -53,7 +53,7 @@ fn main() {
     let per_window = n.min(2_000);
     if let Ok(dir) = tempfile::tempdir_in(&base) {
         if let Ok(mut spool) = Spool::open(dir.path(), options()) {
-            let t = Instant::now();
+            let t = kycd_protocol::clock::monotonic();
             for i in 0..per_window {
                 if spool.append(window(i)).is_err() {
                     eprintln!("append failed");
@@ -76,7 +76,7 @@ fn main() {
         let committed = Arc::new(tokio::sync::Notify::new());
         let elapsed = runtime.block_on(async {
             let (tx, rx) = kycd::gpu::usage::window_channel(256);
-            let t = Instant::now();
+            let t = kycd_protocol::clock::monotonic();
             let writer = tokio::spawn(kycd::reporting::writer::run_writer(
                 Arc::clone(&spool),
                 rx,

@@ -24,7 +24,7 @@ const WORKLOADS: usize = 100;
 const RUN: Duration = Duration::from_secs(10);
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    kycd_protocol::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// One keep-alive client: requests `path` until `until`; returns latencies in ms.
@@ -35,8 +35,8 @@ async fn client(addr: String, path: String, until: Instant) -> Vec<f64> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: kycd\r\n\r\n");
     let mut out = Vec::new();
     let mut line = String::new();
-    while Instant::now() < until {
-        let start = Instant::now();
+    while kycd_protocol::clock::monotonic() < until {
+        let start = kycd_protocol::clock::monotonic();
         stream.get_mut().write_all(request.as_bytes()).await.unwrap();
         let mut length = 0usize;
         let mut status = 0u16;
@@ -62,8 +62,8 @@ async fn client(addr: String, path: String, until: Instant) -> Vec<f64> {
 }
 
 async fn load(addr: &str, path: &str) -> (Vec<f64>, f64) {
-    let until = Instant::now() + RUN;
-    let started = Instant::now();
+    let until = kycd_protocol::clock::monotonic() + RUN;
+    let started = kycd_protocol::clock::monotonic();
     let tasks: Vec<_> =
         (0..CLIENTS).map(|_| tokio::spawn(client(addr.to_owned(), path.to_owned(), until))).collect();
     let mut all = Vec::new();
@@ -150,9 +150,9 @@ fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut agent = setup(tmp.path(), port);
     let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "kycd did not start");
+        assert!(kycd_protocol::clock::monotonic() < deadline, "kycd did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
 use serde_json::json;
@@ -163,9 +163,9 @@ fn a_broken_trust_file_on_reload_keeps_the_previous_keys() {
     fs::write(host.path("etc/trust/issuers.jwks"), b"{\"keys\": [ not json").unwrap();
     let pid = host.child.as_ref().unwrap().id().to_string();
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     while !host.log().contains("keeping the previous set") {
-        assert!(Instant::now() < deadline, "no reload error logged:\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "no reload error logged:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(25));
     }
     // The previous issuer keys still verify new attestations.
@@ -309,18 +309,18 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
     // segment's last page may still hold a few).
     let filler = host.path("audit-fs/filler");
     let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     let mut n = 0;
     while !host.log().contains("cannot record decisions") {
-        assert!(Instant::now() < deadline, "audit writes never failed:\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "audit writes never failed:\n{}", host.log());
         n += 1;
         let vm = format!("vm-{n}");
         host.drop_file(&format!("{vm}.jws"), host.attestation(&vm, "DE", now() + 3600).as_bytes());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     while !host.log().contains("audit log unavailable: denying") {
-        assert!(Instant::now() < deadline, "no lockdown logged:\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "no lockdown logged:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     // Admission while decisions cannot be recorded: deny, whatever was recorded before.
@@ -328,7 +328,7 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
     assert_eq!(code, 1, "{err}");
     // Space comes back: the held-back decision is recorded (and enforced) after all.
     fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     let last = format!("libvirt_domain:vm-{n}");
     loop {
         if host
@@ -338,7 +338,11 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "decision for {last} never recorded:\n{}", host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "decision for {last} never recorded:\n{}",
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     host.stop();
@@ -645,13 +649,13 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
 
     let nonce = "collector-nonce-0001";
     // The statement snapshot is refreshed right after the decision is recorded: poll briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(5);
     let (status, token) = loop {
         let (status, token) = http_get(&addr, &format!("/v1/attestation?nonce={nonce}"));
         let payload = token.trim().split('.').nth(1).unwrap_or("").to_owned();
         let has_vm = kycd_protocol::b64::decode(payload.as_bytes())
             .is_ok_and(|p| String::from_utf8_lossy(&p).contains("libvirt_domain:vm-a"));
-        if status != 200 || has_vm || Instant::now() > deadline {
+        if status != 200 || has_vm || kycd_protocol::clock::monotonic() > deadline {
             break (status, token);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -745,14 +749,17 @@ fn sighup_with_a_broken_config_keeps_the_running_one_and_says_so() {
     });
     fs::write(host.path("etc/kycd.toml"), good.replace("clock_skew_s = 0", "clock_skew_s = 5")).unwrap();
     hup(&host);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     loop {
         let (_, out, _) = kycctl_as(None, &["status", "--json", "--socket", &socket]);
         let status: serde_json::Value = serde_json::from_str(&out).unwrap();
         if status["last_reload_error"].is_null() {
             break;
         }
-        assert!(Instant::now() < deadline, "a good config did not clear the error: {status}");
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "a good config did not clear the error: {status}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(host.log().contains("configuration reloaded"), "{}", host.log());
@@ -816,7 +823,7 @@ fn status_says_the_audit_log_is_failing_on_a_full_disk() {
     // no decision changes, so only the write outcome can tell.
     let filler = host.path("audit-fs/filler");
     let _ = fs::write(&filler, vec![0u8; 512 * 1024]);
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     let mut n = 0;
     let failing = loop {
         n += 1;
@@ -826,7 +833,11 @@ fn status_says_the_audit_log_is_failing_on_a_full_disk() {
         if s.contains("FAILING") {
             break s;
         }
-        assert!(Instant::now() < deadline, "status never said the audit log fails:\n{s}\n{}", host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "status never said the audit log fails:\n{s}\n{}",
+            host.log()
+        );
     };
     assert!(failing.contains("No space left on device"), "{failing}");
     assert!(failing.contains("failed writes since start"), "{failing}");
@@ -842,14 +853,14 @@ fn status_says_the_audit_log_is_failing_on_a_full_disk() {
     // Space comes back: the next write succeeds and status says so, keeping the count.
     fs::remove_file(&filler).unwrap();
     host.drop_file("bad-after.jws", b"still not a token");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     loop {
         let s = status(&host);
         if s.contains("audit log:    ok (") {
             assert!(s.contains("failed writes since start"), "{s}");
             break;
         }
-        assert!(Instant::now() < deadline, "status never recovered:\n{s}");
+        assert!(kycd_protocol::clock::monotonic() < deadline, "status never recovered:\n{s}");
         std::thread::sleep(Duration::from_millis(100));
     }
     host.stop();

@@ -7,7 +7,7 @@ use kycd_test_support::host as host_support;
 use kycd_test_support::netns as enforce_support;
 
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use enforce_support::{can_connect, events, nft_capable, skip, wait_events, TestCgroup, Topology, PORT};
 use host_support::{now, Host};
@@ -39,9 +39,9 @@ fn cgroup_attestation(host: &Host, cgroup_id: &str, country: &str) -> String {
 }
 
 fn eventually(what: &str, host: &Host, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     while !ok() {
-        assert!(Instant::now() < deadline, "timed out: {what}; log:\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "timed out: {what}; log:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -589,7 +589,7 @@ fn a_hung_driver_stalls_gpu_data_not_the_caller() {
     let host = FakeHost::new(json!({"count_delay_ms": 400, "gpus": [gpu(0, H100, json!([{"util": 1}]))]}));
     let options = NvmlOptions { library: host.library(), queue: 1, reply_timeout: Duration::from_millis(50) };
     let mut backend = NvmlBackend::start(options).unwrap();
-    let started = std::time::Instant::now();
+    let started = kycd_protocol::clock::monotonic();
     let s = backend.sample();
     let BackendState::Unavailable { reason } = &s.backend else { panic!("{s:?}") };
     assert!(reason.contains("did not answer"), "{reason}");
@@ -600,7 +600,7 @@ fn a_hung_driver_stalls_gpu_data_not_the_caller() {
     assert!(reason.contains("busy"), "{reason}");
     assert!(started.elapsed() < Duration::from_millis(350), "callers never wait for the driver");
     // Dropping the handle does not wait for the wedged thread beyond its grace period.
-    let dropped = std::time::Instant::now();
+    let dropped = kycd_protocol::clock::monotonic();
     drop(backend);
     assert!(dropped.elapsed() < Duration::from_millis(1500));
 }
@@ -628,16 +628,21 @@ fn the_daemon_prohibits_the_gpus_of_a_denied_host_and_restores_them() {
     host.write_policy(1, &[]); // no attestation → deny
     host.start();
     host.wait_for_verdict("host:host", "deny");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     // NVML_COMPUTEMODE_PROHIBITED = 2, EXCLUSIVE_PROCESS = 3, DEFAULT = 0.
     while modes() != BTreeMap::from([("GPU-0".into(), 2), ("GPU-1".into(), 2)]) {
-        assert!(std::time::Instant::now() < deadline, "GPUs not prohibited: {:?}\n{}", modes(), host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "GPUs not prohibited: {:?}\n{}",
+            modes(),
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The sampler says so on its first tick, which may come after the reconciliation that
     // prohibited the GPUs: wait for it rather than race it.
     while !host.log().contains("GPU backend available") {
-        assert!(std::time::Instant::now() < deadline, "no 'GPU backend available':\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "no 'GPU backend available':\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
@@ -652,9 +657,14 @@ fn the_daemon_prohibits_the_gpus_of_a_denied_host_and_restores_them() {
         kycd_protocol::sign(&claims, &host.issuer).unwrap().as_bytes(),
     );
     host.wait_for_verdict("host:host", "allow");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     while modes() != BTreeMap::from([("GPU-0".into(), 3), ("GPU-1".into(), 0)]) {
-        assert!(std::time::Instant::now() < deadline, "modes not restored: {:?}\n{}", modes(), host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "modes not restored: {:?}\n{}",
+            modes(),
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     host.stop();
@@ -670,9 +680,9 @@ fn the_daemon_runs_without_nvml_and_reports_the_gpu_backend_unavailable() {
     host.write_policy(1, &[]);
     host.start();
     host.wait_for_verdict("host:host", "deny");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
     while !host.log().contains("GPU backend unavailable") {
-        assert!(std::time::Instant::now() < deadline, "{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     host.stop();
@@ -701,9 +711,13 @@ fn the_daemon_replays_a_trace_into_usage_windows() {
     host.write_config();
     host.write_policy(1, &[]);
     host.start();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     while !host.log().contains("GPU usage window") {
-        assert!(std::time::Instant::now() < deadline, "no usage window from the replay:\n{}", host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "no usage window from the replay:\n{}",
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = host.log();

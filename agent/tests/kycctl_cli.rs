@@ -24,7 +24,7 @@ fn kycctl_stdin(args: &[&str], input: &[u8]) -> Output {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    kycd_protocol::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 fn attestation_claims(dir: &Path, country: &str) -> String {

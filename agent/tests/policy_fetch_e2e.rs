@@ -7,7 +7,7 @@
 use std::fs;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -123,9 +123,14 @@ impl PolicyServer {
 
     /// Waits until the server has answered `n` more requests than `from`.
     fn wait_requests(&self, from: u64, n: u64, host: &Host) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(20);
         while self.requests() < from + n {
-            assert!(Instant::now() < deadline, "only {} requests; log:\n{}", self.requests(), host.log());
+            assert!(
+                kycd_protocol::clock::monotonic() < deadline,
+                "only {} requests; log:\n{}",
+                self.requests(),
+                host.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -197,13 +202,17 @@ fn status(host: &Host) -> Value {
 }
 
 fn wait_status(host: &Host, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(20);
     loop {
         let s = status(host);
         if pred(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:#}\nlog:\n{}", host.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "timed out waiting for {what}: {s:#}\nlog:\n{}",
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -275,9 +284,9 @@ fn a_fetched_policy_is_enforced_kept_and_survives_the_collector_going_away() {
 
     // The collector goes away: the agent warns, keeps running and keeps enforcing v2.
     server.stop();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(20);
     while !host.log().contains("policy fetch failed") {
-        assert!(Instant::now() < deadline, "no fetch failure logged:\n{}", host.log());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "no fetch failure logged:\n{}", host.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     let s = wait_status(&host, "failure in status", |s| {

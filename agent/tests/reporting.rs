@@ -84,7 +84,7 @@ async fn reports(State(c): State<Collector>, headers: HeaderMap, body: Bytes) ->
     let (first, last) = (seqs[0], seqs[seqs.len() - 1]);
     let n = {
         let mut log = c.log.lock().unwrap();
-        log.push(Received { at: Instant::now(), seqs });
+        log.push(Received { at: kycd_protocol::clock::monotonic(), seqs });
         log.len()
     };
     let ack = |acked_seq: u64| {
@@ -115,9 +115,13 @@ async fn reports(State(c): State<Collector>, headers: HeaderMap, body: Bytes) ->
 }
 
 async fn wait_for(spool: &SharedSpool, acked: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(30);
     while spool.lock().unwrap().acked_seq() < acked {
-        assert!(Instant::now() < deadline, "cursor stuck at {}", spool.lock().unwrap().acked_seq());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "cursor stuck at {}",
+            spool.lock().unwrap().acked_seq()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -128,9 +128,9 @@ fn spool_damage_and_rejected_batches_are_audited_and_shown_and_state_is_private(
 
     if is_root() {
         let socket = host.path("run/kycd.sock");
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
         while !socket.exists() {
-            assert!(Instant::now() < deadline, "no socket; log:\n{}", host.log());
+            assert!(kycd_protocol::clock::monotonic() < deadline, "no socket; log:\n{}", host.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         let kycctl = |json: bool| {

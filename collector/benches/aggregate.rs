@@ -19,8 +19,6 @@
 //! private cluster; `KYCD_BENCH_POSTGRES=0` skips it). `KYCD_BENCH_SQLITE=0` skips SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Instant;
-
 use kycd_collector::findings::{evaluate_store, EvaluationSettings};
 use kycd_collector::fleet::FleetStore as _;
 use kycd_collector::{ReportStore as _, SqliteStore};
@@ -47,7 +45,7 @@ fn load(path: &std::path::Path, windows: u64) {
     conn.pragma_update(None, "synchronous", "OFF").unwrap();
     let per_host = windows / HOSTS;
     let base: i64 = 1_790_000_000 / 60 * 60;
-    let started = Instant::now();
+    let started = kycd_protocol::clock::monotonic();
     for h in 0..HOSTS {
         let tx = conn.transaction().unwrap();
         {
@@ -119,7 +117,7 @@ fn sqlite(windows: u64) {
     let mut usage = Vec::new();
     let mut evaluation = Vec::new();
     for round in 0..ROUNDS {
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let (rows, _ops, _flops): (i64, f64, f64) = conn
             .query_row("SELECT COUNT(*), SUM(estimated_ops), SUM(peak_flops) FROM records", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -128,12 +126,12 @@ fn sqlite(windows: u64) {
         baseline.push(t.elapsed().as_secs_f64());
         assert_eq!(u64::try_from(rows).unwrap(), windows / HOSTS * HOSTS);
 
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let tenants = store.tenant_usage(None, None).unwrap();
         usage.push(t.elapsed().as_secs_f64());
         assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
 
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let report = evaluate_store(&store, EvaluationSettings::default(), 1_790_000_000).unwrap();
         evaluation.push(t.elapsed().as_secs_f64());
         eprintln!(

@@ -129,7 +129,7 @@ fn signed(batch: &ReportBatch, key: &PrivateJwk) -> (Vec<u8>, String) {
 fn pipeline(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) -> Duration {
     let store = backend.store(&format!("pipeline-{round}"), key);
     let ingestor = Ingestor::new(store.clone(), Limits::default());
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     for (body, sig) in uploads {
         ingestor.ingest(sig.as_bytes(), body, 1_800_000_000).unwrap();
     }
@@ -149,7 +149,7 @@ fn http(backend: &Backend, round: usize, key: &PrivateJwk, uploads: &[(Vec<u8>, 
         let addr = listener.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let server = tokio::spawn(kycd_collector::http::run(listener, ingestor, shutdown.clone()));
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         for (body, sig) in uploads {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (mut sender, conn) =
@@ -197,7 +197,7 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
                 $17::text[]) AS u"#,
         )
         .unwrap();
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     for batch in rows {
         let col = |f: &dyn Fn(&ValidRecord) -> i64| batch.iter().map(f).collect::<Vec<i64>>();
         let colf = |f: &dyn Fn(&ValidRecord) -> f64| batch.iter().map(f).collect::<Vec<f64>>();
@@ -255,7 +255,7 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
     for sql in kycd_collector::store::sqlite::MIGRATIONS {
         conn.execute_batch(sql).unwrap();
     }
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     for batch in rows {
         let tx = conn.transaction().unwrap();
         {
@@ -302,27 +302,27 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
 fn stages(backend: &Backend, key: &PrivateJwk, uploads: &[(Vec<u8>, String)]) {
     let jwks = kycd_protocol::Jwks::from_keys([key.public_key()]).unwrap();
     let per_batch = |t: Instant| t.elapsed().as_secs_f64() * 1e3 / uploads.len() as f64;
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     for (body, sig) in uploads {
         kycd_protocol::verify_detached(sig.as_bytes(), body, &jwks, REPORT_SIGNATURE_TYP).unwrap();
     }
     let verify = per_batch(t);
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     let json: Vec<Vec<u8>> =
         uploads.iter().map(|(b, _)| kycd_collector::ingest::gunzip_capped(b, 16 << 20).unwrap()).collect();
     let gunzip = per_batch(t);
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     let parsed: Vec<ReportBatch> =
         json.iter().map(|j| kycd_collector::ingest::parse_batch(j).unwrap()).collect();
     let parse = per_batch(t);
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     let valid: Vec<Vec<ValidRecord>> = parsed
         .into_iter()
         .map(|b| kycd_collector::ingest::validate_batch(b, &Limits::default(), ADMISSION).unwrap())
         .collect();
     let validate = per_batch(t);
     let store = backend.store("stages", key);
-    let t = Instant::now();
+    let t = kycd_protocol::clock::monotonic();
     for v in &valid {
         store.insert_batch(HOST, 1, v, 0).unwrap();
     }

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -178,7 +178,7 @@ fn summarize(total: Duration, mut latencies: Vec<Duration>, ok: usize) -> Summar
 }
 
 async fn baseline(client: &reqwest::Client, n: usize) -> Summary {
-    let started = Instant::now();
+    let started = kycd_protocol::clock::monotonic();
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -186,7 +186,7 @@ async fn baseline(client: &reqwest::Client, n: usize) -> Summary {
         let client = client.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let t0 = Instant::now();
+            let t0 = kycd_protocol::clock::monotonic();
             let url = format!("https://{}/healthz", addr(i));
             let ok = match client.get(&url).send().await {
                 Ok(r) => r.status() == 200 && r.bytes().await.is_ok_and(|b| &b[..] == b"ok\n"),
@@ -240,7 +240,7 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     // --- the fleet's keys and certificates (not timed)
-    let setup = Instant::now();
+    let setup = kycd_protocol::clock::monotonic();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -420,7 +420,7 @@ fn main() {
                 (s.host_id.clone(), store.latest_token(&s.host_id).unwrap().unwrap(), s.claims.nonce.clone())
             })
             .collect();
-        let t0 = Instant::now();
+        let t0 = kycd_protocol::clock::monotonic();
         let t = now();
         for (host, token, nonce) in &tokens {
             verify_statement(&targets[host], token.as_bytes(), nonce, t, 60).unwrap();

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd_collector::ReportStore as _;
 
@@ -133,7 +133,7 @@ fn write_config(dir: &Path, port: u16, gpu: bool) {
 fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     let kills: u64 = std::env::var("KYCD_CRASH_KILLS").ok().and_then(|k| k.parse().ok()).unwrap_or(50);
     let seed: u64 = std::env::var("KYCD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        kycd_protocol::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
     });
     println!("kill -9 test: {kills} kills of each process, seed {seed} (KYCD_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
@@ -199,14 +199,18 @@ fn kill_9_of_agent_and_collector_loses_and_duplicates_nothing() {
     write_config(&dir, port, false);
     procs.start_agent();
     let spool_dir = dir.join("state/spool");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(120);
     let final_cursor = loop {
         let spool = kycd::reporting::spool::inspect(&spool_dir).unwrap();
         let pending: usize = spool.segments.iter().map(|s| s.records.len()).sum();
         if pending == 0 && spool.acked_seq > 0 {
             break spool.acked_seq;
         }
-        assert!(Instant::now() < deadline, "the spool never drained ({pending} pending):\n{}", procs.log());
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "the spool never drained ({pending} pending):\n{}",
+            procs.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     Procs::kill(&mut procs.agent);

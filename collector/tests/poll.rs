@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd_collector::poll::{next_attempt_at, Poller, PollerConfig};
 use kycd_collector::{PollOutcome, PollTarget, ReportStore as _, SqliteStore, StatementStore};
@@ -208,13 +208,13 @@ fn a_real_agent_is_polled_over_mtls_and_its_statement_verified() {
             .unwrap(),
     ));
     let store = Arc::new(SqliteStore::open(&db_path).unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(60);
     let statement = loop {
         if let Some(s) = store.latest_statements().unwrap().into_iter().next() {
             break s;
         }
         assert!(
-            Instant::now() < deadline,
+            kycd_protocol::clock::monotonic() < deadline,
             "no statement stored\n--- agent\n{}\n--- collector\n{}\n{:?}",
             tail(&dir.join("agent.log")),
             tail(&dir.join("collector.log")),
@@ -441,9 +441,9 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
     assert!(next.unwrap() > s.last_attempt_at.unwrap());
 
     // Once due, polled again: the failure count grows and the next delay with it.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
     while unix_now() < next.unwrap() {
-        assert!(Instant::now() < deadline);
+        assert!(kycd_protocol::clock::monotonic() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     poller.round(&shutdown).await.unwrap();

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd_collector::fleet::FleetStore as _;
 use kycd_collector::ReportStore as _;
@@ -144,7 +144,7 @@ impl Host {
     /// Waits until the agent's durable cursor reaches `at_least` and nothing is pending,
     /// or (with `drain` false) only until the cursor reaches `at_least`; returns the cursor.
     fn wait_acked(&self, at_least: u64, drain: bool) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(120);
         loop {
             let spool = self.spool();
             let pending: usize = spool.segments.iter().map(|s| s.records.len()).sum();
@@ -152,7 +152,7 @@ impl Host {
                 return spool.acked_seq;
             }
             assert!(
-                Instant::now() < deadline,
+                kycd_protocol::clock::monotonic() < deadline,
                 "acked {} (want {at_least}), {pending} pending:\n{}",
                 spool.acked_seq,
                 self.logs()
@@ -231,9 +231,9 @@ fn a_reimaged_host_reenrolled_with_a_new_key_keeps_reporting() {
     let key2 = host.public_key("host2.jwk");
     assert_ne!(std::fs::read(&key1).unwrap(), std::fs::read(&key2).unwrap(), "a new key");
     let early = host.agent();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(60);
     while host.spool().segments.iter().map(|s| s.records.len()).sum::<usize>() < 5 {
-        assert!(Instant::now() < deadline, "no windows spooled:\n{}", host.logs());
+        assert!(kycd_protocol::clock::monotonic() < deadline, "no windows spooled:\n{}", host.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(host.spool().acked_seq, 0, "not enrolled yet: nothing acked");

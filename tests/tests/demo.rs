@@ -13,7 +13,7 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -74,7 +74,7 @@ fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
     }
     let nft_before = nft_ruleset();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo");
-    let started = Instant::now();
+    let started = kycd_protocol::clock::monotonic();
     let mut child = Command::new(&script)
         .arg("--no-wait")
         .env("KYCD_DEMO_BIN_DIR", &bins)
@@ -101,7 +101,7 @@ fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if Instant::now() > deadline {
+        if kycd_protocol::clock::monotonic() > deadline {
             // SIGTERM: the script's trap still cleans up.
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             let status = child.wait().unwrap();

@@ -10,7 +10,6 @@
 //! `KYCD_BENCH_POSTGRES=0` skips it.
 
 use std::io::Write as _;
-use std::time::Instant;
 
 use kycd_collector::findings::{evaluate_store, EvaluationSettings};
 use kycd_collector::fleet::FleetStore as _;
@@ -33,7 +32,7 @@ fn load(url: &str, windows: u64) {
     let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
     let per_host = windows / HOSTS;
     let base: i64 = 1_790_000_000 / 60 * 60;
-    let started = Instant::now();
+    let started = kycd_protocol::clock::monotonic();
     // One COPY per 200 hosts (a transaction each).
     for chunk in 0..HOSTS.div_ceil(200) {
         let copy = client.copy_in(COPY_SQL).unwrap();
@@ -108,19 +107,19 @@ pub fn run(windows: u64) {
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let (mut baseline, mut usage, mut evaluation) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let row = client
             .query_one("SELECT count(*), sum(estimated_ops), sum(peak_flops) FROM records", &[])
             .unwrap();
         baseline.push(t.elapsed().as_secs_f64());
         assert_eq!(u64::try_from(row.get::<_, i64>(0)).unwrap(), expected);
 
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let tenants = store.tenant_usage(None, None).unwrap();
         usage.push(t.elapsed().as_secs_f64());
         assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
 
-        let t = Instant::now();
+        let t = kycd_protocol::clock::monotonic();
         let report = evaluate_store(&store, EvaluationSettings::default(), 1_790_000_000).unwrap();
         evaluation.push(t.elapsed().as_secs_f64());
         eprintln!(

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
 use serde_json::{json, Value};
@@ -22,7 +22,7 @@ pub fn package_bin(name: &str) -> PathBuf {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    kycd_protocol::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// A temporary installation: keys, trust files, config, state; and the running daemon.
@@ -110,9 +110,9 @@ impl Host {
         self.child = Some(child);
         self.wait_for("agent start", |r| r["event"]["type"] == "agent_started" && self.started_count() > 0);
         // Ready (decided once, reconciled) when its socket appears.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
         while !self.path("run/kycd.sock").exists() {
-            assert!(Instant::now() < deadline, "no socket; log:\n{}", self.log());
+            assert!(kycd_protocol::clock::monotonic() < deadline, "no socket; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -125,8 +125,8 @@ impl Host {
         if let Some(mut child) = self.child.take() {
             // SIGTERM, as systemd would.
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
+            let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(10);
+            while kycd_protocol::clock::monotonic() < deadline {
                 if let Some(status) = child.try_wait().unwrap() {
                     assert!(status.success(), "kycd exited with {status}: {}", self.log());
                     return;
@@ -158,12 +158,16 @@ impl Host {
 
     /// Waits until some audit record satisfies `pred`; returns it.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(15);
         loop {
             if let Some(r) = self.records().into_iter().rev().find(|r| pred(r)) {
                 return r;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            assert!(
+                kycd_protocol::clock::monotonic() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }

@@ -6,7 +6,7 @@ use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -139,8 +139,8 @@ impl TestCgroup {
             .spawn()
             .unwrap();
         // Wait until it is in the cgroup.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
+        let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(5);
+        while kycd_protocol::clock::monotonic() < deadline {
             if events(cg).contains("populated 1") {
                 return child;
             }
@@ -157,8 +157,8 @@ pub fn events(cg: &Path) -> String {
 }
 
 pub fn wait_events(cg: &Path, line: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(5);
+    while kycd_protocol::clock::monotonic() < deadline {
         if events(cg).lines().any(|l| l == line) {
             return true;
         }
@@ -177,8 +177,8 @@ fn remove_cgroup_tree(dir: &Path) {
     }
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
     let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && kycd_protocol::clock::monotonic() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -297,12 +297,12 @@ pub fn can_connect(ns: &Netns, cg: &Path, host: &str, port: u16) -> bool {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(5);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.success();
         }
-        if Instant::now() > deadline {
+        if kycd_protocol::clock::monotonic() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("connection probe in {} hung (frozen cgroup?)", cg.display());

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `f` on a thread of its own: the blocking PostgreSQL client cannot run on an async
 /// thread (it blocks on a runtime of its own), and tests call it from `#[tokio::test]`s.
@@ -256,7 +256,7 @@ fn server() -> Result<&'static Server, &'static str> {
             if let Ok(url) = std::env::var("KYCD_TEST_POSTGRES_URL") {
                 return Ok(Server { admin_url: url, dir: None });
             }
-            let started = Instant::now();
+            let started = kycd_protocol::clock::monotonic();
             let cluster = Cluster::start(false)?;
             eprintln!(
                 "started a throwaway PostgreSQL on 127.0.0.1:{} in {} ({:.1} s)",
@@ -331,9 +331,12 @@ pub const STARTUP: Duration = Duration::from_secs(30);
 
 /// Waits until `addr` accepts TCP connections.
 pub fn wait_for_port(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + STARTUP;
+    let deadline = kycd_protocol::clock::monotonic() + STARTUP;
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {addr} after {STARTUP:?}");
+        assert!(
+            kycd_protocol::clock::monotonic() < deadline,
+            "nothing listening on {addr} after {STARTUP:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
