@@ -110,13 +110,15 @@ fn attestations_policy_changes_and_rollback_show_in_the_audit_log() {
 fn real_cgroup_v2_workloads_are_discovered_and_vanish() {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let Some(mount) = kycd::discovery::cgroup::find_cgroup2_mount(&mountinfo) else {
-        eprintln!("SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: no cgroup2 mount");
+        kycd_test_support::skip!(
+            "SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: no cgroup2 mount"
+        );
         return;
     };
     let root_name = format!("kycd-e2e-{}", std::process::id());
     let root = mount.join(&root_name);
     if let Err(e) = fs::create_dir(&root) {
-        eprintln!(
+        kycd_test_support::skip!(
             "SKIPPED real_cgroup_v2_workloads_are_discovered_and_vanish: cannot create {}: {e}",
             root.display()
         );
@@ -293,7 +295,7 @@ fn removing_the_policy_key_withdraws_the_policy_on_reload() {
 #[test]
 fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
     if !is_root() {
-        eprintln!("SKIP a_failing_audit_log_holds_back_decisions_then_locks_the_host_down: needs root to mount a tmpfs");
+        kycd_test_support::skip!("SKIP a_failing_audit_log_holds_back_decisions_then_locks_the_host_down: needs root to mount a tmpfs");
         return;
     }
     let mut host = Host::new("mode = \"enforce\"\n");
@@ -351,7 +353,7 @@ fn a_failing_audit_log_holds_back_decisions_then_locks_the_host_down() {
 #[test]
 fn admission_answers_with_the_recorded_decision_and_fails_closed() {
     if !is_root() {
-        eprintln!(
+        kycd_test_support::skip!(
             "SKIP admission_answers_with_the_recorded_decision_and_fails_closed: admission is root only"
         );
         return;
@@ -429,7 +431,7 @@ fn admission_answers_with_the_recorded_decision_and_fails_closed() {
 #[test]
 fn the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml() {
     if !is_root() {
-        eprintln!("SKIP the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml: admission is root only");
+        kycd_test_support::skip!("SKIP the_libvirt_hook_admits_at_prepare_with_the_attestation_from_the_domain_xml: admission is root only");
         return;
     }
     let uuid = "0b8a1d0e-6f3e-4d8c-a1b2-3c4d5e6f7a8b";
@@ -516,7 +518,9 @@ fn kycctl_as(ids: Option<(u32, u32, &str)>, args: &[&str]) -> (i32, String, Stri
 #[test]
 fn operators_read_status_by_group_and_only_root_mutates() {
     if !is_root() {
-        eprintln!("SKIP operators_read_status_by_group_and_only_root_mutates: needs root to switch users");
+        kycd_test_support::skip!(
+            "SKIP operators_read_status_by_group_and_only_root_mutates: needs root to switch users"
+        );
         return;
     }
     let mut host = Host::new("");
@@ -720,7 +724,7 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
 #[test]
 fn sighup_with_a_broken_config_keeps_the_running_one_and_says_so() {
     if !is_root() {
-        eprintln!("SKIP sighup_with_a_broken_config_keeps_the_running_one_and_says_so: status is for root or the socket group");
+        kycd_test_support::skip!("SKIP sighup_with_a_broken_config_keeps_the_running_one_and_says_so: status is for root or the socket group");
         return;
     }
     let mut host = Host::new("");
@@ -802,8 +806,9 @@ fn a_fifo_or_directory_in_the_drop_dir_is_recorded_once() {
 #[test]
 fn status_says_the_audit_log_is_failing_on_a_full_disk() {
     if !is_root() {
-        assert!(std::env::var_os("KYCD_REQUIRE_ALL").is_none(), "needs root (KYCD_REQUIRE_ALL is set)");
-        eprintln!("SKIP status_says_the_audit_log_is_failing_on_a_full_disk: needs root to mount a tmpfs");
+        kycd_test_support::skip!(
+            "SKIP status_says_the_audit_log_is_failing_on_a_full_disk: needs root to mount a tmpfs"
+        );
         return;
     }
     let mut host = Host::new("");

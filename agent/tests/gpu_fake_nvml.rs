@@ -514,13 +514,13 @@ fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
 fn real_processes_in_real_cgroups_are_attributed_through_proc() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let Some(mount) = kycd::discovery::cgroup::find_cgroup2_mount(&mountinfo) else {
-        eprintln!("SKIP: no cgroup2 mount");
+        kycd_test_support::skip!("SKIP: no cgroup2 mount");
         return;
     };
     let root = format!("kycd-gpu-test-{}.slice", std::process::id());
     let pod = mount.join(&root).join("pod-a.slice");
     if let Err(e) = std::fs::create_dir_all(&pod) {
-        eprintln!("SKIP: cannot create {}: {e} (needs root)", pod.display());
+        kycd_test_support::skip!("SKIP: cannot create {}: {e} (needs root)", pod.display());
         return;
     }
     let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
@@ -533,7 +533,7 @@ fn real_processes_in_real_cgroups_are_attributed_through_proc() {
     };
     if let Err(e) = moved {
         cleanup(&mut child);
-        eprintln!("SKIP: cannot move a process into {}: {e}", pod.display());
+        kycd_test_support::skip!("SKIP: cannot move a process into {}: {e}", pod.display());
         return;
     }
     let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 100, "tensor": 40.0,

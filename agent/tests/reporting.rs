@@ -277,7 +277,7 @@ fn is_root() -> bool {
 
 fn mount_tmpfs(dir: &Path, size: &str) -> Option<Mount> {
     if !is_root() {
-        eprintln!("SKIPPED spool_on_a_full_filesystem: needs root to mount a tmpfs");
+        kycd_test_support::skip!("SKIPPED spool_on_a_full_filesystem: needs root to mount a tmpfs");
         return None;
     }
     let ok = std::process::Command::new("mount")
@@ -286,7 +286,9 @@ fn mount_tmpfs(dir: &Path, size: &str) -> Option<Mount> {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIPPED spool_on_a_full_filesystem: mount -t tmpfs failed (no CAP_SYS_ADMIN?)");
+        kycd_test_support::skip!(
+            "SKIPPED spool_on_a_full_filesystem: mount -t tmpfs failed (no CAP_SYS_ADMIN?)"
+        );
         return None;
     }
     Some(Mount(dir.to_owned()))

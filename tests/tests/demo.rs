@@ -57,11 +57,15 @@ fn word_after<'a>(text: &'a str, prefix: &str) -> &'a str {
 #[test]
 fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
     if !is_root() {
-        eprintln!("SKIP scripts/demo test: needs root (real cgroups are created, frozen and removed)");
+        kycd_test_support::skip!(
+            "SKIP scripts/demo test: needs root (real cgroups are created, frozen and removed)"
+        );
         return;
     }
     if !can_make_cgroups() {
-        eprintln!("SKIP scripts/demo test: root, but the cgroup v2 tree is not writable here (a container?)");
+        kycd_test_support::skip!(
+            "SKIP scripts/demo test: root, but the cgroup v2 tree is not writable here (a container?)"
+        );
         return;
     }
     let bins = bin_dir();

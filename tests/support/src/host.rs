@@ -334,6 +334,6 @@ pub fn promtool_check(metrics: &str) {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Err(e) => eprintln!("SKIP promtool check metrics: promtool not available ({e})"),
+        Err(e) => crate::skip!("SKIP promtool check metrics: promtool not available ({e})"),
     }
 }

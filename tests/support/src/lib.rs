@@ -9,6 +9,10 @@
 //! - [`netns`]: real-kernel fixtures of the enforcement tests: network namespaces, throwaway
 //!   cgroups, listeners and connection probes.
 //!
+//! A test that cannot run here (not root, no PostgreSQL, no nft, no promtool, …) says so with
+//! [`skip!`] and returns — unless `KYCD_REQUIRE_ALL=1` (which `tests/run` sets as root, as
+//! CI runs), where the same call fails the test: in CI nothing skips.
+//!
 //! Test code: unwrap and panic are how it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -16,3 +20,24 @@ pub mod bench_stats;
 pub mod host;
 pub mod netns;
 pub mod pg;
+
+/// Whether every test must run here (`KYCD_REQUIRE_ALL` set): a missing capability is then a
+/// failure, not a skip.
+pub fn require_all() -> bool {
+    std::env::var_os("KYCD_REQUIRE_ALL").is_some()
+}
+
+/// Skips the test loudly (`SKIP …` on stderr) — or fails it when [`require_all`].
+#[track_caller]
+pub fn skip_with(why: std::fmt::Arguments<'_>) {
+    assert!(!require_all(), "{why} (KYCD_REQUIRE_ALL is set: nothing may skip)");
+    eprintln!("{why}");
+}
+
+/// `skip!("SKIP …: why", args…)`: see [`skip_with`]. The caller returns after it.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {
+        $crate::skip_with(format_args!($($arg)*))
+    };
+}

@@ -15,9 +15,10 @@ pub fn unique() -> String {
     format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
-/// Prints the loud skip line; the test then returns.
+/// Prints the loud skip line (or fails under `KYCD_REQUIRE_ALL`); the test then returns.
+#[track_caller]
 pub fn skip(why: &str) {
-    eprintln!("SKIP: {why}");
+    crate::skip!("SKIP: {why}");
 }
 
 pub fn is_root() -> bool {

@@ -291,7 +291,7 @@ pub fn fresh_database(test: &str) -> Option<PgDb> {
                 std::env::var("KYCD_REQUIRE_POSTGRES").is_err(),
                 "KYCD_REQUIRE_POSTGRES is set but no PostgreSQL is available: {why}"
             );
-            eprintln!("SKIP: {test} on PostgreSQL: {why} (set KYCD_TEST_POSTGRES_URL to use a server)");
+            crate::skip!("SKIP: {test} on PostgreSQL: {why} (set KYCD_TEST_POSTGRES_URL to use a server)");
             return None;
         }
     };
