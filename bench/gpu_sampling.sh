@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 node_exporter=${NODE_EXPORTER:-/usr/bin/prometheus-node-exporter}
 port=${NODE_EXPORTER_PORT:-19177}
+# Where cargo builds (CARGO_TARGET_DIR, as cargo itself honours it).
+target=${CARGO_TARGET_DIR:-target}
 
 cargo build --release --quiet -p kycd --example gpu_sampler
 cargo build --release --quiet -p kycd-fake-nvml
@@ -29,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cp target/release/libkycd_fake_nvml.so "$work/libnvidia-ml.so.1"
+cp "$target/release/libkycd_fake_nvml.so" "$work/libnvidia-ml.so.1"
 # 8 H100s, GPM and per-process samples on, activity varying by tick. Each GPU runs one real
 # process (a `sleep`, like one rank of a data-parallel job), so /proc attribution does real
 # reads; GPU 7 also lists init (a second, host-level process).
@@ -55,7 +57,7 @@ kib() { awk -v k="$2:" '$1 == k { print $2 }' /proc/"$1"/status; }
 
 "$node_exporter" --web.listen-address="127.0.0.1:$port" > "$work/node_exporter.log" 2>&1 &
 ne_pid=$!
-target/release/examples/gpu_sampler --nvml-library "$work/libnvidia-ml.so.1" --seconds $((secs + 5)) \
+"$target/release/examples/gpu_sampler" --nvml-library "$work/libnvidia-ml.so.1" --seconds $((secs + 5)) \
   > "$work/windows.jsonl" 2> "$work/agent.log" &
 agent_pid=$!
 sleep 2

@@ -99,8 +99,9 @@ fn main() {
 }
 
 fn sqlite(windows: u64) {
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    let path = target.join(format!("bench-aggregate-{windows}.db"));
+    // Kept between runs (loading takes minutes), in cargo's scratch directory for benches.
+    let path =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-aggregate-{windows}.db"));
     if !path.exists() {
         eprintln!("building {} ({windows} windows)…", path.display());
         let partial = path.with_extension("partial");
