@@ -34,3 +34,13 @@ pub enum StartError {
     #[error("cannot determine the host id: set host_id in the configuration ({0})")]
     HostId(String),
 }
+
+impl From<crate::host::HostError> for StartError {
+    /// The host id's own reason, not the whole message again (it says the same).
+    fn from(e: crate::host::HostError) -> Self {
+        match e {
+            crate::host::HostError::HostId(reason) => StartError::HostId(reason),
+            other => StartError::HostId(other.to_string()),
+        }
+    }
+}

@@ -192,10 +192,7 @@ impl Agent {
     ) -> Result<Self, StartError> {
         crate::fsutil::create_dir_durably(&config.state_dir)
             .map_err(|source| StartError::StateDir { path: config.state_dir.clone(), source })?;
-        let host_id = crate::host::host_id(&config).map_err(|e| match e {
-            crate::host::HostError::HostId(reason) => StartError::HostId(reason),
-            other => StartError::HostId(other.to_string()),
-        })?;
+        let host_id = crate::host::host_id(&config)?;
         let audit_dir = config.audit_dir();
         let audit = match AuditLog::open(
             &audit_dir,

@@ -132,8 +132,7 @@ pub async fn run(
     let mut watches = watch::Watches::start(&config, tx, overflow.clone())?;
     // Agent handlers do blocking file I/O and fsync; block_in_place keeps them off the
     // reactor's other tasks.
-    let host_id = tokio::task::block_in_place(|| crate::host::host_id(&config))
-        .map_err(|e| StartError::HostId(e.to_string()))?;
+    let host_id = tokio::task::block_in_place(|| crate::host::host_id(&config)).map_err(StartError::from)?;
     // Host key (refusing an unsafe one), spool, uploader: see crate::reporting::Reporting.
     let reporting = tokio::task::block_in_place(|| crate::reporting::Reporting::open(&config, &host_id))?;
     let mut agent = tokio::task::block_in_place(|| Agent::new(config, enforcer, clock))?;
