@@ -9,29 +9,13 @@
 //! `KYCD_CRASH_SEED` replays one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::agent_bin;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use kycd_collector::ReportStore as _;
-
-/// The agent's binaries (`kycd`, `kycctl`), built once: they belong to another package of the
-/// workspace, which `cargo test -p kycd-collector` alone would not build.
-fn agent_bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "kycd", "--bin", "kycd", "--bin", "kycctl"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build -p kycd failed");
-    });
-    let path = Path::new(env!("CARGO_BIN_EXE_kycd-collector")).with_file_name(name);
-    assert!(path.exists(), "{} missing", path.display());
-    path
-}
 
 /// xorshift64*: a deterministic, seedable random source (no dependency for one test).
 struct Rng(u64);

@@ -5,10 +5,12 @@
 //! id, oversized or garbage bodies, errors, slowness), with backoff of the failing hosts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::agent_bin;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kycd_collector::poll::{next_attempt_at, Poller, PollerConfig};
@@ -16,22 +18,6 @@ use kycd_collector::{PollOutcome, PollTarget, ReportStore as _, SqliteStore, Sta
 use kycd_protocol::clock::unix_now;
 use kycd_protocol::{Algorithm, HostStatementClaims, PrivateJwk};
 use tokio_util::sync::CancellationToken;
-
-/// The agent's binaries, built once: another package of the workspace.
-fn agent_bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "kycd", "--bin", "kycd", "--bin", "kycctl"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build -p kycd failed");
-    });
-    let path = Path::new(env!("CARGO_BIN_EXE_kycd-collector")).with_file_name(name);
-    assert!(path.exists(), "{} missing", path.display());
-    path
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

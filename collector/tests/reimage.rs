@@ -8,29 +8,14 @@
 //! seqs were taken) and its usage never arrived.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::agent_bin;
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use kycd_collector::fleet::FleetStore as _;
 use kycd_collector::ReportStore as _;
-
-/// The agent's binaries (`kycd`, `kycctl`), built once: they belong to another package of the
-/// workspace, which `cargo test -p kycd-collector` alone would not build.
-fn agent_bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "kycd", "--bin", "kycd", "--bin", "kycctl"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build -p kycd failed");
-    });
-    let path = Path::new(env!("CARGO_BIN_EXE_kycd-collector")).with_file_name(name);
-    assert!(path.exists(), "{} missing", path.display());
-    path
-}
 
 /// A child process killed (SIGKILL) and reaped when dropped.
 struct Running(Child);

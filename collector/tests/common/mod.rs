@@ -267,3 +267,21 @@ pub async fn send(addr: SocketAddr, batch: &ReportBatch, key: &PrivateJwk) -> Re
 pub fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("kycd.db")
 }
+
+/// The agent's binaries (`kycd`, `kycctl`), built once per test binary: they belong to
+/// another package of the workspace, which `cargo test -p kycd-collector` alone would not
+/// build.
+pub fn agent_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "kycd", "--bin", "kycd", "--bin", "kycctl"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build -p kycd failed");
+    });
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_kycd-collector")).with_file_name(name);
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
