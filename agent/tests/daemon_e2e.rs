@@ -683,6 +683,12 @@ fn collectors_get_a_host_signed_statement_and_metrics() {
     .claims;
     assert_eq!((statement.iss.as_str(), statement.nonce.as_str()), ("node-1", nonce));
     assert_eq!(statement.policy_version, Some(5));
+    // The host's facts, read at start, with the uptime of this request.
+    let facts = statement.host.as_ref().expect("host facts in the statement");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(facts.boot_id, boot_id.trim());
+    assert!(facts.cpu_threads >= 1 && facts.memory_bytes > 0 && !facts.kernel.is_empty(), "{facts:?}");
+    assert!(facts.uptime_s > 0, "{facts:?}");
     let vm = statement.workloads.iter().find(|w| w.workload == "libvirt_domain:vm-a").unwrap();
     assert_eq!(vm.tenant.as_deref(), Some("tenant-vm-a"));
     assert_eq!(vm.verdict, kycd_protocol::Verdict::Allow);

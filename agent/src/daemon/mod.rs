@@ -156,15 +156,15 @@ pub async fn run(
     let listener = crate::net::operator_api::bind(&socket, agent.config().api.socket_group.as_deref())?;
     let (api_tx, mut api_rx) = mpsc::channel::<ApiRequest>(API_CAPACITY);
     let mut inventory = gpu::inventory(gpu_metrics.as_ref());
-    // Read once: they do not change while the agent runs (the collector API stamps the
-    // uptime per request).
-    let host_facts = tokio::task::block_in_place(crate::host::host_facts);
+    let serves_statements = agent.config().collector_api.enabled;
+    // Only statements carry them; read once, as they do not change while the agent runs (the
+    // collector API stamps the uptime per request).
+    let host_facts = serves_statements.then(|| tokio::task::block_in_place(crate::host::host_facts));
     let (statement_tx, statement_rx) = tokio::sync::watch::channel(Arc::new(agent.statement_claims(
         String::new(),
         inventory.clone(),
-        Some(host_facts.clone()),
+        host_facts.clone(),
     )));
-    let serves_statements = agent.config().collector_api.enabled;
     if serves_statements {
         let api = crate::net::collector_api::bind(&agent.config().collector_api).await?;
         info!(listen = %agent.config().collector_api.listen, "collector API listening");
@@ -261,7 +261,7 @@ pub async fn run(
             if serves_statements {
                 // Its times are set per request.
                 let mut statement =
-                    agent.statement_claims(String::new(), inventory.clone(), Some(host_facts.clone()));
+                    agent.statement_claims(String::new(), inventory.clone(), host_facts.clone());
                 statement.iat = 0;
                 statement.exp = 0;
                 publish(&statement_tx, statement);
