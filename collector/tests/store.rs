@@ -571,6 +571,9 @@ fn tenant_window(
         gpus,
         max_concurrent_gpus: gpus,
         estimated_ops: ops,
+        ops_lower: None,
+        ops_upper: None,
+        shared_gpu_seconds: 0.0,
         peak_flops: flops,
         gpu_seconds: f64::from(gpus) * len as f64,
         ..window(start)

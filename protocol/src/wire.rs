@@ -46,15 +46,43 @@ pub const SIGNATURE_HEADER: &str = "x-kycd-signature";
 
 impl EstimationMethod {
     /// Every method, in wire order (the order the collector's exports list them).
-    pub const ALL: [EstimationMethod; 3] =
-        [EstimationMethod::GpmTensor, EstimationMethod::UtilizationUpperBound, EstimationMethod::Unknown];
+    pub const ALL: [EstimationMethod; 5] = [
+        EstimationMethod::GpmPipes,
+        EstimationMethod::GpmTensor,
+        EstimationMethod::SharedSplit,
+        EstimationMethod::UtilizationUpperBound,
+        EstimationMethod::Unknown,
+    ];
 
     /// The wire name, as serialized and as stored by the collector (`records.method`).
     pub const fn as_str(self) -> &'static str {
         match self {
+            EstimationMethod::GpmPipes => "gpm_pipes",
             EstimationMethod::GpmTensor => "gpm_tensor",
+            EstimationMethod::SharedSplit => "shared_split",
             EstimationMethod::UtilizationUpperBound => "utilization_upper_bound",
             EstimationMethod::Unknown => "unknown",
+        }
+    }
+
+    /// How much a window can be trusted, weakest 0: a window merged from GPU-intervals
+    /// measured differently carries the weakest method among them.
+    pub const fn strength(self) -> u8 {
+        match self {
+            EstimationMethod::Unknown => 0,
+            EstimationMethod::UtilizationUpperBound => 1,
+            EstimationMethod::SharedSplit => 2,
+            EstimationMethod::GpmTensor => 3,
+            EstimationMethod::GpmPipes => 4,
+        }
+    }
+
+    /// The weaker of two methods.
+    pub fn weakest(self, other: EstimationMethod) -> EstimationMethod {
+        if other.strength() < self.strength() {
+            other
+        } else {
+            self
         }
     }
 }

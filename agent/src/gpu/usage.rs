@@ -93,11 +93,7 @@ struct Open {
 }
 
 fn rank(m: EstimationMethod) -> u8 {
-    match m {
-        EstimationMethod::Unknown => 0,
-        EstimationMethod::UtilizationUpperBound => 1,
-        EstimationMethod::GpmTensor => 2,
-    }
+    m.strength()
 }
 
 /// Accumulates ticks into windows.
@@ -233,6 +229,9 @@ impl UsageAggregator {
                 gpus: u32::try_from(open.gpus.len()).unwrap_or(u32::MAX),
                 max_concurrent_gpus: open.max_concurrent,
                 estimated_ops: open.ops,
+                ops_lower: Some(open.ops),
+                ops_upper: Some(open.ops),
+                shared_gpu_seconds: 0.0,
                 peak_flops: open.peak_by_gpu.values().sum(),
                 method: open.method,
                 training_like: open.training_like,

@@ -259,6 +259,9 @@ mod tests {
             gpus: 1,
             max_concurrent_gpus: 1,
             estimated_ops: 1.0,
+            ops_lower: None,
+            ops_upper: None,
+            shared_gpu_seconds: 0.0,
             peak_flops: 1.0e15,
             method: EstimationMethod::Unknown,
             training_like: false,
@@ -358,6 +361,9 @@ mod tests {
         assert!(fits(UsageWindow {
             max_concurrent_gpus: 0,
             estimated_ops: 0.0,
+            ops_lower: None,
+            ops_upper: None,
+            shared_gpu_seconds: 0.0,
             peak_flops: 0.0,
             ..w.clone()
         })
@@ -377,6 +383,9 @@ mod tests {
                 gpu_seconds: 30.0 * 8.0 * 61.0,
                 peak_flops: 8.0 * 989.4e12,
                 estimated_ops: 30.0 * 0.9 * 8.0 * 989.4e12 * 61.0,
+                ops_lower: None,
+                ops_upper: None,
+                shared_gpu_seconds: 0.0,
                 merged_windows: 30,
                 ..window()
             },

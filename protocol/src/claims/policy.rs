@@ -29,6 +29,37 @@ pub struct PolicyClaims {
     pub unverified: UnverifiedHandling,
     /// Reporting thresholds.
     pub thresholds: Thresholds,
+    /// Which figure of a tenant's operations is held against the thresholds for the
+    /// training-scale finding (early warning always uses the upper bound). Absent: `point`.
+    #[serde(default, skip_serializing_if = "ThresholdBasis::is_point")]
+    pub threshold_basis: ThresholdBasis,
+}
+
+/// Which of a tenant's three operation figures a threshold is held against. Unknown values
+/// are errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdBasis {
+    /// The point estimate (`estimated_ops`).
+    #[default]
+    Point,
+    /// The upper bound (`ops_upper`): a provider that would rather report early than late.
+    Upper,
+}
+
+impl ThresholdBasis {
+    /// Whether this is the default.
+    pub fn is_point(&self) -> bool {
+        *self == ThresholdBasis::Point
+    }
+
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ThresholdBasis::Point => "point",
+            ThresholdBasis::Upper => "upper",
+        }
+    }
 }
 
 /// One special measure: whom it matches, in which roles, and what it does.
@@ -125,6 +156,13 @@ pub struct Conditions {
     /// Network restriction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkCondition>,
+    /// Operations must be attributable to this workload alone: every GPU it uses is in
+    /// compute mode EXCLUSIVE_PROCESS or is a MIG instance of its own. The agent cannot make
+    /// a running GPU exclusive without stopping its other users, so it measures: intervals
+    /// in which the workload shares a GPU are reported (`shared_gpu_seconds`), logged and
+    /// audited, and the collector raises a finding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive_gpu: bool,
 }
 
 impl Conditions {
@@ -141,6 +179,7 @@ impl Conditions {
             (a, b) => a.or(b),
         };
         self.report_all_usage |= other.report_all_usage;
+        self.exclusive_gpu |= other.exclusive_gpu;
         if other.network.is_some() {
             self.network = other.network;
         }
@@ -324,9 +363,22 @@ mod tests {
         a.merge(&Conditions { max_gpus: Some(2), no_gpu: true, ..Default::default() });
         assert_eq!(a.max_gpus, Some(2));
         assert!(a.no_gpu);
+        a.merge(&Conditions { exclusive_gpu: true, ..Default::default() });
+        assert!(a.exclusive_gpu);
         a.merge(&Conditions { network: Some(NetworkCondition::DenyEgress), ..Default::default() });
         assert_eq!(a.network, Some(NetworkCondition::DenyEgress));
         assert_eq!(a.max_gpus, Some(2));
+    }
+
+    #[test]
+    fn threshold_basis_defaults_to_point_and_refuses_unknown_values() {
+        assert_eq!(ThresholdBasis::default(), ThresholdBasis::Point);
+        let upper: ThresholdBasis = serde_json::from_str(r#""upper""#).unwrap();
+        assert_eq!((upper, upper.as_str()), (ThresholdBasis::Upper, "upper"));
+        assert!(serde_json::from_str::<ThresholdBasis>(r#""lower""#).is_err());
+        let c: Conditions = serde_json::from_str(r#"{"exclusive_gpu": true}"#).unwrap();
+        assert!(c.exclusive_gpu && !c.is_empty());
+        assert_eq!(serde_json::to_value(&Conditions::default()).unwrap(), serde_json::json!({}));
     }
 
     #[test]

@@ -5,13 +5,28 @@ use serde::{Deserialize, Serialize};
 
 use super::NumericDate;
 
-/// How a window's operations were estimated.
+/// How a window's operations were estimated (docs/estimates.md has the method in full).
+///
+/// A window carries the weakest method of any GPU-interval in it, in this order (weakest
+/// first): `unknown`, `utilization_upper_bound`, `shared_split`, `gpm_tensor`, `gpm_pipes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EstimationMethod {
-    /// GPM tensor-pipe activity × peak tensor FLOP/s (Hopper+).
+    /// Every GPM pipe (HMMA, IMMA, DFMA tensor; FP64, FP32, FP16 CUDA cores) × its
+    /// per-precision peak × SM clock ÷ max SM clock (Hopper+, one workload on the GPU or MIG
+    /// instance). Point estimate: BF16 on HMMA; bounds: slowest and fastest precision per pipe.
+    GpmPipes,
+    /// GPM "any tensor pipe" activity × peak dense BF16 tensor FLOP/s: what agents before
+    /// per-pipe sampling reported (and what a trace recorded by one replays as). Not
+    /// clock-scaled there; CUDA-core work is not counted.
     GpmTensor,
-    /// SM utilisation × peak tensor FLOP/s: an upper bound.
+    /// The GPU was shared by several workloads without isolation (no MIG instance each,
+    /// compute mode not exclusive): device-wide counters cannot be split, so the point
+    /// estimate is the device's split by SM-utilization share, the lower bound 0 and the
+    /// upper bound the whole device's.
+    SharedSplit,
+    /// SM utilisation × peak (no GPM, pre-Hopper), clock-scaled: an upper bound (any kernel
+    /// counts as busy); the lower bound is 0.
     UtilizationUpperBound,
     /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
     /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
@@ -41,8 +56,22 @@ pub struct UsageWindow {
     /// Most GPUs used at the same time (one sample) within the window.
     #[serde(default)]
     pub max_concurrent_gpus: u32,
-    /// Estimated operations.
+    /// Estimated operations: the point estimate (BF16-equivalent on the HMMA pipe).
     pub estimated_ops: f64,
+    /// Fewest operations the measured activity allows (each pipe at its slowest precision;
+    /// 0 for a shared GPU or without GPM). Absent from agents before 0.17: read it through
+    /// [`UsageWindow::lower_ops`], which falls back to `estimated_ops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_lower: Option<f64>,
+    /// Most operations the measured activity allows (each pipe at its fastest precision:
+    /// FP8 on Hopper's HMMA, FP4 on Blackwell's, INT8 on IMMA; the whole device for a shared
+    /// GPU). Absent from agents before 0.17: read it through [`UsageWindow::upper_ops`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_upper: Option<f64>,
+    /// GPU-seconds in which this workload shared a GPU (or MIG instance) with another
+    /// workload without isolation, so its operations could not be attributed to it alone.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_gpu_seconds: f64,
     /// Peak FLOP/s capacity of the GPUs used (for cluster-capacity aggregation).
     pub peak_flops: f64,
     /// How operations were estimated.
@@ -58,6 +87,30 @@ pub struct UsageWindow {
 
 fn one() -> u32 {
     1
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// No window's operations, point or upper bound, exceed its `peak_flops` (the summed dense
+/// BF16 tensor peak of its GPUs) × its length × this. The fastest precision any GPU has is 4×
+/// its BF16 rate (FP4 on Blackwell); HMMA, IMMA, DFMA and the CUDA-core pipes are counted side
+/// by side and, together, are at most 1× more at full activity on every GPU in the peak table.
+pub const MAX_OPS_PER_PEAK: f64 = 5.0;
+
+impl UsageWindow {
+    /// The lower bound of operations; `estimated_ops` for a window from an agent that did
+    /// not send bounds.
+    pub fn lower_ops(&self) -> f64 {
+        self.ops_lower.unwrap_or(self.estimated_ops)
+    }
+
+    /// The upper bound of operations; `estimated_ops` for a window from an agent that did
+    /// not send bounds.
+    pub fn upper_ops(&self) -> f64 {
+        self.ops_upper.unwrap_or(self.estimated_ops)
+    }
 }
 
 /// One spooled record: a usage window and its sequence number on its host.
@@ -110,6 +163,11 @@ mod tests {
         });
         let w: UsageWindow = serde_json::from_value(old).unwrap();
         assert_eq!((w.max_concurrent_gpus, w.training_like, w.merged_windows), (0, false, 1));
+        // Bounds of an old agent's window are its estimate; its method is kept.
+        assert_eq!((w.ops_lower, w.ops_upper, w.shared_gpu_seconds), (None, None, 0.0));
+        assert_eq!((w.lower_ops(), w.upper_ops(), w.method), (1.0, 1.0, EstimationMethod::GpmTensor));
+        let again = serde_json::to_value(&w).unwrap();
+        assert!(again.get("ops_lower").is_none() && again.get("shared_gpu_seconds").is_none(), "{again}");
         let wire = serde_json::to_value(EstimationMethod::Unknown).unwrap();
         assert_eq!(wire, serde_json::json!("unknown"));
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use kycd_protocol::{EstimationMethod, UsageRecord};
+use kycd_protocol::UsageRecord;
 use tracing::warn;
 
 use super::frame::{covered, encode_frame};
@@ -81,14 +81,6 @@ impl Spool {
     }
 }
 
-fn method_rank(m: EstimationMethod) -> u8 {
-    match m {
-        EstimationMethod::Unknown => 0,
-        EstimationMethod::UtilizationUpperBound => 1,
-        EstimationMethod::GpmTensor => 2,
-    }
-}
-
 /// Folds `records` (in seq order) per (tenant, workload); see the module docs for the rules.
 pub fn merge_records(records: Vec<UsageRecord>) -> Vec<UsageRecord> {
     let Some(span_end) = records.iter().map(covered).max() else { return Vec::new() };
@@ -101,16 +93,19 @@ pub fn merge_records(records: Vec<UsageRecord>) -> Vec<UsageRecord> {
                 let m = &mut out[i].window;
                 let w = &r.window;
                 m.gpu_seconds += w.gpu_seconds;
+                // Bounds are summed before the estimate is, so a window without them (an
+                // older spool) contributes its estimate to each.
+                m.ops_lower = Some(m.lower_ops() + w.lower_ops());
+                m.ops_upper = Some(m.upper_ops() + w.upper_ops());
                 m.estimated_ops += w.estimated_ops;
+                m.shared_gpu_seconds += w.shared_gpu_seconds;
                 m.gpus = m.gpus.max(w.gpus);
                 m.max_concurrent_gpus = m.max_concurrent_gpus.max(w.max_concurrent_gpus);
                 m.peak_flops = m.peak_flops.max(w.peak_flops);
                 m.start = m.start.min(w.start);
                 m.end = m.end.max(w.end);
                 m.merged_windows = m.merged_windows.saturating_add(w.merged_windows.max(1));
-                if method_rank(w.method) < method_rank(m.method) {
-                    m.method = w.method;
-                }
+                m.method = m.method.weakest(w.method);
                 m.training_like |= w.training_like;
                 m.foreign_person |= w.foreign_person;
             }
@@ -134,6 +129,7 @@ mod tests {
     use super::super::tests::window;
     use super::super::SpoolOptions;
     use super::*;
+    use kycd_protocol::EstimationMethod;
 
     #[test]
     fn merge_under_cap_keeps_totals_and_covers_every_seq() {
