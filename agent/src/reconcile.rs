@@ -477,7 +477,7 @@ mod tests {
             };
             let backend =
                 if down { BackendState::Unavailable { reason: "flaky".into() } } else { BackendState::Ok };
-            crate::gpu::Sample { at_ms: 0, backend, gpus }
+            crate::gpu::Sample::new(0, backend, gpus)
         }
         fn compute_mode(&mut self, uuid: &str) -> Result<crate::gpu::ComputeMode, crate::gpu::GpuError> {
             self.modes.lock().unwrap().get(uuid).copied().ok_or(crate::gpu::GpuError::NoSuchGpu(uuid.into()))

@@ -28,6 +28,8 @@ use kycd_test_support::host as host_support;
 const H100: &str = "NVIDIA H100 80GB HBM3";
 const H100_PEAK: f64 = 989.4e12;
 const A100_PEAK: f64 = 312e12;
+/// The fake's SM clock ÷ max SM clock (1,755 of 1,980 MHz): every estimate is clock-scaled.
+const CLOCK: f64 = 1755.0 / 1980.0;
 /// A multiple of 60 s, so windows start at T0.
 const T0_MS: i64 = 1_764_000_000_000;
 
@@ -157,7 +159,7 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 fn tenant(name: &str, foreign: bool) -> TenantInfo {
-    TenantInfo { tenant: name.into(), foreign_person: foreign }
+    TenantInfo { tenant: name.into(), foreign_person: foreign, exclusive_gpu: false }
 }
 
 #[test]
@@ -228,23 +230,31 @@ fn eight_gpus_two_tenants_and_an_unattributed_process() {
     assert_eq!((a.start, a.end), (T0_MS / 1000, T0_MS / 1000 + 60));
     assert_eq!(a.gpu_seconds, 240.0);
     assert_eq!((a.gpus, a.max_concurrent_gpus), (4, 4));
-    assert!(close(a.estimated_ops, 4.0 * H100_PEAK * (30.0 * 0.7 + 30.0 * 0.5)), "{}", a.estimated_ops);
+    let busy_seconds = 4.0 * (30.0 * 0.7 + 30.0 * 0.5) * CLOCK;
+    assert!(close(a.estimated_ops, H100_PEAK * busy_seconds), "{}", a.estimated_ops);
+    // Any-tensor activity only (no per-pipe metrics in this scenario): TF32 to FP8 bounds.
+    assert!(close(a.ops_lower.unwrap(), 494.7e12 * busy_seconds), "{a:?}");
+    assert!(close(a.ops_upper.unwrap(), 1978.9e12 * busy_seconds), "{a:?}");
     assert!(close(a.peak_flops, 4.0 * H100_PEAK));
-    assert_eq!(a.method, EstimationMethod::GpmTensor);
+    assert_eq!((a.method, a.shared_gpu_seconds), (EstimationMethod::GpmTensor, 0.0));
     assert!(a.training_like, "4 GPUs at ≥ 45 % for 60 s");
 
     let b = window(&windows, "unix_user:2000");
     assert_eq!(b.tenant.as_deref(), Some("tenant-b"));
     assert_eq!(b.gpu_seconds, 180.0);
     assert_eq!((b.gpus, b.max_concurrent_gpus), (3, 3));
-    // GPUs 4 and 5 whole, GPU 6 by 60 / (60 + 20).
-    assert!(close(b.estimated_ops, H100_PEAK * 0.3 * 60.0 * (1.0 + 1.0 + 0.75)), "{}", b.estimated_ops);
+    // GPUs 4 and 5 whole, GPU 6 by 60 / (60 + 20): shared with a process of no workload, so
+    // on GPU 6 tenant B's lower bound is 0 and its upper bound the whole GPU's.
+    assert!(close(b.estimated_ops, H100_PEAK * 0.3 * 60.0 * CLOCK * (1.0 + 1.0 + 0.75)), "{}", b.estimated_ops);
+    assert!(close(b.ops_lower.unwrap(), 494.7e12 * 0.3 * 60.0 * CLOCK * 2.0), "{b:?}");
+    assert!(close(b.ops_upper.unwrap(), 1978.9e12 * 0.3 * 60.0 * CLOCK * 3.0), "{b:?}");
+    assert_eq!((b.method, b.shared_gpu_seconds), (EstimationMethod::SharedSplit, 60.0));
     assert!(!b.training_like, "only 3 GPUs");
 
     let pod = window(&windows, "cgroup:/kubepods.slice/pod-x.slice");
     assert_eq!(pod.tenant, None, "no attestation: unattributed");
     assert_eq!(pod.gpu_seconds, 60.0);
-    assert!(close(pod.estimated_ops, H100_PEAK * 0.1 * 60.0));
+    assert!(close(pod.estimated_ops, H100_PEAK * 0.1 * 60.0 * CLOCK));
 
     // Each tick lists the unattested pod and the exited process for the unverified path.
     let last = reports.last().unwrap();
@@ -307,16 +317,22 @@ fn without_gpm_the_estimate_falls_back_to_utilization_and_says_so() {
         (Some(false), None, &None)
     );
     let est = &reports[1].gpus[0];
-    assert_eq!(est.activity.unwrap().method, EstimationMethod::UtilizationUpperBound);
-    assert_eq!(reports[1].gpus[1].activity.unwrap().method, EstimationMethod::GpmTensor);
+    assert_eq!(est.rate.unwrap().method, EstimationMethod::UtilizationUpperBound);
+    assert_eq!(reports[1].gpus[1].rate.unwrap().method, EstimationMethod::GpmTensor);
 
+    // The A100 is shared by both tenants: point split evenly, lower 0, upper the whole GPU's
+    // utilization × its fastest rate (INT8, 624 TOPS).
     let a = window(&windows, "unix_user:1");
     assert_eq!(a.method, EstimationMethod::UtilizationUpperBound);
-    assert!(close(a.estimated_ops, 10.0 * (A100_PEAK * 0.8 * 0.5 + H100_PEAK * 0.25)), "{}", a.estimated_ops);
-    assert_eq!((a.gpu_seconds, a.gpus), (20.0, 2));
+    let point = 10.0 * CLOCK * (A100_PEAK * 0.8 * 0.5 + H100_PEAK * 0.25);
+    assert!(close(a.estimated_ops, point), "{}", a.estimated_ops);
+    assert!(close(a.ops_lower.unwrap(), 10.0 * CLOCK * 494.7e12 * 0.25), "{a:?}");
+    assert!(close(a.ops_upper.unwrap(), 10.0 * CLOCK * (624e12 * 0.8 + 1978.9e12 * 0.25)), "{a:?}");
+    assert_eq!((a.gpu_seconds, a.gpus, a.shared_gpu_seconds), (20.0, 2, 10.0));
     let b = window(&windows, "unix_user:2");
     assert_eq!(b.method, EstimationMethod::UtilizationUpperBound);
-    assert!(close(b.estimated_ops, 10.0 * A100_PEAK * 0.8 * 0.5));
+    assert!(close(b.estimated_ops, 10.0 * CLOCK * A100_PEAK * 0.8 * 0.5));
+    assert_eq!((b.ops_lower, b.shared_gpu_seconds), (Some(0.0), 10.0));
     assert!(close(b.peak_flops, A100_PEAK));
 }
 
@@ -347,7 +363,7 @@ fn a_gpu_lost_mid_run_is_reported_and_sampling_continues() {
     let w = window(&windows, "unix_user:1");
     // GPU 0 for ticks 1..=5, the lost GPU for ticks 1 and 2.
     assert_eq!(w.gpu_seconds, 7.0);
-    assert!(close(w.estimated_ops, 7.0 * H100_PEAK));
+    assert!(close(w.estimated_ops, 7.0 * H100_PEAK * CLOCK));
     assert_eq!((w.gpus, w.max_concurrent_gpus), (2, 2));
 }
 
@@ -553,7 +569,7 @@ fn real_processes_in_real_cgroups_are_attributed_through_proc() {
     let w = window(&windows, &format!("cgroup:/{root}/pod-a.slice"));
     assert_eq!(w.tenant.as_deref(), Some("real"));
     // The child has all the SM utilization: the whole 40 % for 3 ticks.
-    assert!(close(w.estimated_ops, 3.0 * H100_PEAK * 0.4));
+    assert!(close(w.estimated_ops, 3.0 * H100_PEAK * 0.4 * CLOCK));
     assert_eq!(window(&windows, "host:host").estimated_ops, 0.0);
 }
 

@@ -181,7 +181,7 @@ impl Agent {
 
     /// Workload → tenant for every attestation in force and within its validity window: whom
     /// GPU usage is attributed to. (Its verdict does not matter: a denied tenant's usage is
-    /// still that tenant's.)
+    /// still that tenant's; its conditions say whether it must not share a GPU.)
     pub fn tenant_map(&self) -> crate::gpu::sampler::TenantMap {
         let now = self.now();
         let skew = i64::try_from(self.config.clock_skew_s).unwrap_or(i64::MAX);
@@ -192,9 +192,15 @@ impl Agent {
                     && a.claims.nbf.is_none_or(|n| n <= now.saturating_add(skew))
             })
             .map(|(id, a)| {
+                let exclusive_gpu = self
+                    .decisions
+                    .get(&id)
+                    .and_then(|d| d.conditions.as_ref())
+                    .is_some_and(|c| c.exclusive_gpu);
                 let info = crate::gpu::sampler::TenantInfo {
                     tenant: a.claims.sub.clone(),
                     foreign_person: a.claims.foreign_person,
+                    exclusive_gpu,
                 };
                 (id, info)
             })

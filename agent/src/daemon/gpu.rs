@@ -72,10 +72,12 @@ pub(super) fn start(
         }
         if w.training_like {
             info!(tenant = ?w.tenant, workload = %w.workload, gpus = w.max_concurrent_gpus,
-                  estimated_ops = w.estimated_ops, method = ?w.method, "training-like GPU usage window");
+                  ops_lower = w.lower_ops(), estimated_ops = w.estimated_ops, ops_upper = w.upper_ops(),
+                  method = w.method.as_str(), "training-like GPU usage window");
         } else {
             debug!(tenant = ?w.tenant, workload = %w.workload, gpu_seconds = w.gpu_seconds,
-                   estimated_ops = w.estimated_ops, method = ?w.method, "GPU usage window");
+                   ops_lower = w.lower_ops(), estimated_ops = w.estimated_ops, ops_upper = w.upper_ops(),
+                   method = w.method.as_str(), "GPU usage window");
         }
     });
     tracker.spawn(async move {
@@ -85,11 +87,29 @@ pub(super) fn start(
     Some(metrics)
 }
 
-/// Logs the backend's availability and lost GPUs (once each), and feeds the metrics.
+/// Logs the backend's availability, lost GPUs (once each) and workloads under `exclusive_gpu`
+/// sharing a GPU (when it starts and when it ends), and feeds the metrics.
 async fn observe(mut reports: mpsc::Receiver<TickReport>, metrics: SharedGpuMetrics) {
     let mut available = None;
     let mut lost = BTreeSet::new();
+    let mut sharing: BTreeSet<(String, String)> = BTreeSet::new();
     while let Some(report) = reports.recv().await {
+        let now: BTreeSet<(String, String)> = report
+            .exclusivity_violations
+            .iter()
+            .map(|v| (v.workload.to_string(), v.gpu_uuid.clone()))
+            .collect();
+        for v in &report.exclusivity_violations {
+            if !sharing.contains(&(v.workload.to_string(), v.gpu_uuid.clone())) {
+                warn!(tenant = %v.tenant, workload = %v.workload, gpu = %v.gpu_uuid, users = v.users,
+                      "workload under the exclusive_gpu condition shares a GPU: its operations cannot be \
+                       attributed to it alone (reported as shared GPU time)");
+            }
+        }
+        for (workload, gpu) in sharing.difference(&now) {
+            info!(%workload, %gpu, "workload under the exclusive_gpu condition no longer shares the GPU");
+        }
+        sharing = now;
         if let Ok(mut m) = metrics.lock() {
             m.observe_tick(&report);
         }

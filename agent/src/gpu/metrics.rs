@@ -6,7 +6,11 @@
 //! - `kycd_gpu_backend_available` (gauge, 0/1)
 //! - `kycd_gpu_utilization_ratio{gpu, name}` (gauge, 0..1; absent while unreadable)
 //! - `kycd_gpu_seconds_total{tenant, workload}` (counter; tenant `""` = unattributed)
-//! - `kycd_gpu_estimated_operations_total{tenant, workload}` (counter)
+//! - `kycd_gpu_estimated_operations_total{tenant, workload}` (counter; the point estimate)
+//! - `kycd_gpu_operations_lower_total{tenant, workload}`,
+//!   `kycd_gpu_operations_upper_total{tenant, workload}` (counters; the bounds)
+//! - `kycd_gpu_shared_seconds_total{tenant, workload}` (counter; GPU-seconds on a GPU shared
+//!   without isolation)
 //! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
 //!   per GPU that fell off the bus)
 
@@ -15,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kycd_protocol::UsageWindow;
 
+use super::estimate::Bounds;
 use super::sampler::TickReport;
 use super::BackendState;
 
@@ -26,8 +31,10 @@ pub struct GpuMetrics {
     utilization: BTreeMap<String, (String, f64)>,
     /// (tenant, workload) → GPU-seconds.
     gpu_seconds: BTreeMap<(String, String), f64>,
-    /// (tenant, workload) → estimated operations.
-    operations: BTreeMap<(String, String), f64>,
+    /// (tenant, workload) → operations (lower, point, upper).
+    operations: BTreeMap<(String, String), Bounds>,
+    /// (tenant, workload) → GPU-seconds on shared GPUs.
+    shared_seconds: BTreeMap<(String, String), f64>,
     /// Error kind → count.
     nvml_errors: BTreeMap<&'static str, u64>,
     /// GPUs already counted as lost (a lost GPU stays lost in every later report).
@@ -60,10 +67,13 @@ impl GpuMetrics {
         let usage: Vec<serde_json::Value> = self
             .gpu_seconds
             .iter()
-            .map(|((tenant, workload), secs)| {
-                let ops = self.operations.get(&(tenant.clone(), workload.clone())).copied().unwrap_or(0.0);
+            .map(|(key, secs)| {
+                let ops = self.operations.get(key).copied().unwrap_or_default();
+                let shared = self.shared_seconds.get(key).copied().unwrap_or(0.0);
+                let (tenant, workload) = key;
                 serde_json::json!({"tenant": (!tenant.is_empty()).then_some(tenant), "workload": workload,
-                    "gpu_seconds": secs, "estimated_ops": ops})
+                    "gpu_seconds": secs, "ops_lower": ops.lower, "estimated_ops": ops.point,
+                    "ops_upper": ops.upper, "shared_gpu_seconds": shared})
             })
             .collect();
         serde_json::json!({"backend_available": self.backend_available, "gpus": gpus, "usage": usage})
@@ -105,7 +115,12 @@ impl GpuMetrics {
     pub fn observe_window(&mut self, window: &UsageWindow) {
         let key = (window.tenant.clone().unwrap_or_default(), window.workload.clone());
         *self.gpu_seconds.entry(key.clone()).or_default() += window.gpu_seconds;
-        *self.operations.entry(key).or_default() += window.estimated_ops;
+        *self.shared_seconds.entry(key.clone()).or_default() += window.shared_gpu_seconds;
+        self.operations.entry(key).or_default().add(Bounds {
+            lower: window.lower_ops(),
+            point: window.estimated_ops,
+            upper: window.upper_ops(),
+        });
     }
 
     /// The metrics in the Prometheus text exposition format.
@@ -121,12 +136,30 @@ impl GpuMetrics {
         for (uuid, (name, ratio)) in &self.utilization {
             out.sample("kycd_gpu_utilization_ratio", &[("gpu", uuid), ("name", name)], ratio);
         }
+        let pick = |f: fn(&Bounds) -> f64| -> BTreeMap<(String, String), f64> {
+            self.operations.iter().map(|(k, b)| (k.clone(), f(b))).collect()
+        };
         for (metric, help, values) in [
             ("kycd_gpu_seconds_total", "GPU-seconds used, per tenant and workload.", &self.gpu_seconds),
             (
                 "kycd_gpu_estimated_operations_total",
-                "Estimated operations (FLOP), per tenant and workload.",
-                &self.operations,
+                "Estimated operations (point estimate, BF16-equivalent on tensor cores), per tenant and workload.",
+                &pick(|b| b.point),
+            ),
+            (
+                "kycd_gpu_operations_lower_total",
+                "Lower bound of operations (slowest precision per pipe), per tenant and workload.",
+                &pick(|b| b.lower),
+            ),
+            (
+                "kycd_gpu_operations_upper_total",
+                "Upper bound of operations (fastest precision per pipe), per tenant and workload.",
+                &pick(|b| b.upper),
+            ),
+            (
+                "kycd_gpu_shared_seconds_total",
+                "GPU-seconds on GPUs shared with another workload without isolation.",
+                &self.shared_seconds,
             ),
         ] {
             out.family(metric, Kind::Counter, help);
@@ -152,7 +185,9 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "tenant": tenant, "workload": "libvirt_domain:vm\"1", "foreign_person": true,
             "start": 0, "end": 60, "gpu_seconds": gpu_seconds, "gpus": 1, "max_concurrent_gpus": 1,
-            "estimated_ops": ops, "peak_flops": 1e15, "method": EstimationMethod::GpmTensor,
+            "estimated_ops": ops, "ops_lower": ops / 2.0, "ops_upper": ops * 2.0,
+            "shared_gpu_seconds": gpu_seconds / 9.0,
+            "peak_flops": 1e15, "method": EstimationMethod::GpmPipes,
             "training_like": false, "merged_windows": 1
         }))
         .unwrap()
@@ -164,12 +199,13 @@ mod tests {
         let mut gpu = GpuSnapshot::bare(0, "GPU-0".into(), "NVIDIA H100 80GB HBM3".into(), GpuState::Ok);
         gpu.utilization_gpu_pct = Some(75);
         let report = TickReport {
-            sample: Sample { at_ms: 0, backend: BackendState::Ok, gpus: vec![gpu] },
+            sample: Sample::new(0, BackendState::Ok, vec![gpu]),
             dt: std::time::Duration::from_secs(1),
             lost_gpus: vec!["GPU-7".into()],
             processes: vec![],
             unattributed: vec![],
             gpus: vec![],
+            exclusivity_violations: vec![],
             windows: vec![],
         };
         m.observe_tick(&report);
@@ -184,16 +220,16 @@ mod tests {
             "kycd_gpu_seconds_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 90",
             "kycd_gpu_estimated_operations_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 15000000000000000",
             "kycd_gpu_seconds_total{tenant=\"\",workload=\"libvirt_domain:vm\\\"1\"} 10",
+            // The window helper sends bounds of half and twice the estimate, and 5 s shared.
+            "kycd_gpu_operations_lower_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 7500000000000000",
+            "kycd_gpu_operations_upper_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 30000000000000000",
+            "kycd_gpu_shared_seconds_total{tenant=\"t-1\",workload=\"libvirt_domain:vm\\\"1\"} 10",
             "kycd_nvml_errors_total{kind=\"gpu_lost\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         m.observe_tick(&TickReport {
-            sample: Sample {
-                at_ms: 1,
-                backend: BackendState::Unavailable { reason: "x".into() },
-                gpus: vec![],
-            },
+            sample: Sample::unavailable(1, "x".into()),
             ..report
         });
         let text = m.render();

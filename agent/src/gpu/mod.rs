@@ -7,7 +7,9 @@
 //!   thread) and [`replay::ReplayBackend`] (a recorded JSON-lines trace, for demos and
 //!   benchmarks; `kycctl gpu record` writes one, see [`record`]).
 //! - [`attribution`]: GPU process → `/proc/<pid>/cgroup` → [`WorkloadId`](crate::discovery::workload::WorkloadId).
-//! - [`flops`]: peak dense tensor FLOP/s per GPU model and the per-interval operation estimate.
+//! - [`peaks`]: per-precision peak rates per GPU model (the datasheet table and its fallback).
+//! - [`estimate`]: the per-interval operation estimate from every GPM pipe, clock-scaled,
+//!   as three numbers (lower, point, upper); docs/estimates.md explains it for auditors.
 //! - [`usage`]: per-(tenant, workload) usage windows, handed to reporting over a bounded channel.
 //! - [`sampler`]: one tick = sample → attribute → estimate → aggregate.
 //!
@@ -18,12 +20,14 @@
 //! it and `/proc` being read are states in the data, never errors that stop sampling.
 
 pub mod attribution;
-pub mod flops;
+pub mod estimate;
 pub mod metrics;
 pub mod nvml;
+pub mod peaks;
 pub mod record;
 pub mod replay;
 pub mod sampler;
+pub mod units;
 pub mod usage;
 
 use serde::{Deserialize, Serialize};
@@ -45,9 +49,21 @@ pub enum ComputeMode {
     ExclusiveProcess,
 }
 
+/// The trace format [`Sample`]s are written in: 1 had GPM's any-tensor activity only (a line
+/// without `format` is format 1); 2 adds every GPM pipe ([`GpmPipes`]) per GPU and per MIG GPU
+/// instance.
+pub const TRACE_FORMAT: u32 = 2;
+
+fn trace_format_1() -> u32 {
+    1
+}
+
 /// One call to [`GpuBackend::sample`]: every GPU at one instant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// Trace format of this line ([`TRACE_FORMAT`] for samples taken now).
+    #[serde(default = "trace_format_1")]
+    pub format: u32,
     /// When the sample was taken, Unix milliseconds.
     pub at_ms: i64,
     /// Whether the backend could sample at all.
@@ -55,6 +71,18 @@ pub struct Sample {
     /// One entry per GPU the backend knows of (lost ones included).
     #[serde(default)]
     pub gpus: Vec<GpuSnapshot>,
+}
+
+impl Sample {
+    /// A sample in the current [`TRACE_FORMAT`].
+    pub fn new(at_ms: i64, backend: BackendState, gpus: Vec<GpuSnapshot>) -> Self {
+        Sample { format: TRACE_FORMAT, at_ms, backend, gpus }
+    }
+
+    /// A sample with no GPU data, and why.
+    pub fn unavailable(at_ms: i64, reason: String) -> Self {
+        Sample::new(at_ms, BackendState::Unavailable { reason }, Vec::new())
+    }
 }
 
 /// Whether a backend could talk to the driver.
@@ -134,9 +162,14 @@ pub struct GpuSnapshot {
     #[serde(default)]
     pub process_utilization: Option<Vec<ProcessUtilization>>,
     /// GPM "any tensor pipe active" percent over the interval since the previous sample;
-    /// `None` without GPM (pre-Hopper) or on the first sample after start.
+    /// `None` without GPM (pre-Hopper) or on the first sample after start. The same as
+    /// `gpm.any_tensor`; kept because format-1 traces have only this.
     #[serde(default)]
     pub gpm_tensor_activity_pct: Option<f64>,
+    /// Every GPM pipe over the interval since the previous sample (format 2); `None` without
+    /// GPM, on the first sample after start, or in a format-1 trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpm: Option<GpmPipes>,
     /// Whether GPM is supported; `None` if unknown.
     #[serde(default)]
     pub gpm_supported: Option<bool>,
@@ -170,6 +203,7 @@ impl GpuSnapshot {
             processes: Vec::new(),
             process_utilization: None,
             gpm_tensor_activity_pct: None,
+            gpm: None,
             gpm_supported: None,
             mig_enabled: None,
             mig_instances: Vec::new(),
@@ -204,7 +238,7 @@ pub struct ProcessUtilization {
 }
 
 /// One MIG device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigInstance {
     /// Index under its parent GPU.
     pub index: u32,
@@ -216,6 +250,54 @@ pub struct MigInstance {
     /// Its memory, bytes.
     #[serde(default)]
     pub memory_total_bytes: Option<u64>,
+    /// The GPU instance id (what processes' `gpu_instance_id` names), learnt from the
+    /// processes running in it; `None` while it runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_instance_id: Option<u32>,
+    /// GPM pipes of this GPU instance (`nvmlGpmMigSampleGet`) since the previous sample;
+    /// percent of the instance's own capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpm: Option<GpmPipes>,
+}
+
+/// GPM metrics over one interval, each a percent (0–100) of the interval and of the GPU's
+/// (or GPU instance's) capacity; `None` for one the driver did not report. Names follow
+/// `nvmlGpmMetricId_t` (`NVML_GPM_METRIC_HMMA_TENSOR_UTIL` → `hmma_tensor`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpmPipes {
+    /// SMs with at least one warp assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_util: Option<f64>,
+    /// Warps resident vs the maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_occupancy: Option<f64>,
+    /// Any tensor pipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any_tensor: Option<f64>,
+    /// HMMA tensor pipe: TF32, FP16, BF16, FP8 (Hopper+), FP6/FP4 (Blackwell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmma_tensor: Option<f64>,
+    /// IMMA tensor pipe: INT8 (INT4 before Hopper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imma_tensor: Option<f64>,
+    /// DFMA tensor pipe: FP64 matrix operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dfma_tensor: Option<f64>,
+    /// FP64 CUDA cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp64: Option<f64>,
+    /// FP32 CUDA cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp32: Option<f64>,
+    /// FP16 CUDA cores (non-tensor half precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16: Option<f64>,
+    /// Integer pipe (recorded, not counted: mostly address and index arithmetic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integer: Option<f64>,
+    /// DRAM bandwidth (recorded, not counted: moving bytes is not an operation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dram_bw: Option<f64>,
 }
 
 /// Why a compute-mode call failed.
@@ -250,7 +332,13 @@ pub trait GpuBackend: Send + std::fmt::Debug {
 
 /// Unix milliseconds now.
 pub(crate) fn unix_ms_now() -> i64 {
-    kycd_protocol::clock::Clock::now(&kycd_protocol::clock::SystemClock)
+    unix_ms(&kycd_protocol::clock::SystemClock)
+}
+
+/// Unix milliseconds by `clock`.
+pub(crate) fn unix_ms(clock: &dyn kycd_protocol::clock::Clock) -> i64 {
+    clock
+        .now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)

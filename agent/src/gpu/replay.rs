@@ -9,7 +9,9 @@
 //!  "processes":[{"pid":4242,"used_memory_bytes":1073741824}],"gpm_tensor_activity_pct":61.5,…}]}
 //! ```
 //! Fields a GPU does not support are absent or `null`. `kycctl gpu record` writes this format;
-//! blank lines are ignored.
+//! blank lines are ignored. Each line carries its `format` ([`super::TRACE_FORMAT`]; absent =
+//! 1, the format before every GPM pipe was recorded, which still replays: its estimates use
+//! the any-tensor activity). A line in a newer format is refused, not half-read.
 //!
 //! Replay returns the lines in order. When the trace is exhausted it either starts over
 //! (`looped`, shifting timestamps by the trace's span so time keeps moving forward) or reports
@@ -19,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{BackendState, ComputeMode, GpuBackend, GpuError, Sample};
+use super::{ComputeMode, GpuBackend, GpuError, Sample};
 
 /// Why a trace cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,16 @@ pub enum ReplayError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A line is in a trace format newer than this agent reads.
+    #[error("GPU trace {path} line {line}: trace format {format} is newer than this kycd reads (up to {})", super::TRACE_FORMAT)]
+    Format {
+        /// The trace.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The line's format.
+        format: u32,
     },
     /// A line is not a sample.
     #[error("GPU trace {path} line {line}: not a sample")]
@@ -67,11 +79,14 @@ impl ReplayBackend {
             if line.trim().is_empty() {
                 continue;
             }
-            let sample = serde_json::from_str(line).map_err(|source| ReplayError::Parse {
+            let sample: Sample = serde_json::from_str(line).map_err(|source| ReplayError::Parse {
                 path: path.into(),
                 line: i + 1,
                 source,
             })?;
+            if sample.format > super::TRACE_FORMAT {
+                return Err(ReplayError::Format { path: path.into(), line: i + 1, format: sample.format });
+            }
             samples.push(sample);
         }
         Ok(Self::from_samples(samples, looped))
@@ -109,11 +124,7 @@ impl GpuBackend for ReplayBackend {
             self.offset_ms += self.span_ms();
         }
         let Some(sample) = self.samples.get(self.next) else {
-            return Sample {
-                at_ms: super::unix_ms_now(),
-                backend: BackendState::Unavailable { reason: "GPU trace exhausted".into() },
-                gpus: Vec::new(),
-            };
+            return Sample::unavailable(super::unix_ms_now(), "GPU trace exhausted".into());
         };
         self.next += 1;
         let mut sample = sample.clone();

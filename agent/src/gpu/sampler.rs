@@ -1,9 +1,17 @@
 //! One sampling tick: sample every GPU → attribute processes to workloads and tenants →
 //! estimate operations → aggregate into usage windows.
 //!
-//! Per GPU and tick, the GPU's activity (GPM tensor activity, else SM utilization; see
-//! [`super::flops`]) is split between its processes by their per-process SM utilization
-//! samples, or evenly when the GPU has none. A workload's share is the sum of its processes'.
+//! Per GPU and tick, the estimate ([`super::estimate`]) is made for each *unit*: the whole GPU,
+//! or on a MIG GPU each GPU instance with its own GPM counters (`nvmlGpmMigSampleGet`; its peaks
+//! are the GPU's × its share of the SMs). A unit whose processes all belong to one workload
+//! gives that workload its whole estimate. A unit shared by several workloads without
+//! isolation cannot be split from device-wide counters: each workload gets the unit's point
+//! estimate × its share of the processes' SM utilization (evenly when the GPU has no
+//! per-process samples), 0 as its lower bound and the unit's whole upper bound, labelled
+//! [`EstimationMethod::SharedSplit`], and the interval counts as shared GPU time. A workload
+//! whose tenant's decision carries the `exclusive_gpu` condition and shares a unit is listed in
+//! [`TickReport::exclusivity_violations`].
+//!
 //! Processes whose workload has no tenant (no valid attestation) produce windows with no
 //! tenant and are listed in [`TickReport::unattributed`] for the policy's `unverified` path;
 //! processes that exited before `/proc` was read keep their share (it is not handed to
@@ -23,9 +31,11 @@ use kycd_protocol::{EstimationMethod, UsageWindow};
 use tokio_util::sync::CancellationToken;
 
 use super::attribution::{Attributor, ProcessOwner};
-use super::flops::{self, Activity, Peak, PeakTable};
+use super::estimate::{self, Bounds, Rate, Reading};
+use super::peaks::{self, Peaks, PeakTable};
+use super::units::{process_shares, units, Unit};
 use super::usage::{Observation, TrainingRule, UsageAggregator, UsageKey, WindowSender, DEFAULT_WINDOW};
-use super::{BackendState, GpuBackend, GpuState, Sample};
+use super::{BackendState, GpuBackend, GpuSnapshot, GpuState, Sample};
 use crate::discovery::workload::WorkloadId;
 
 /// Sampler settings (the daemon fills these from the `[gpu]` config section).
@@ -65,6 +75,8 @@ pub struct TenantInfo {
     pub tenant: String,
     /// From the attestation.
     pub foreign_person: bool,
+    /// The tenant's decision carries the `exclusive_gpu` condition.
+    pub exclusive_gpu: bool,
 }
 
 /// Workload → tenant, for workloads with a valid attestation; owned by the daemon.
@@ -85,17 +97,30 @@ pub struct AttributedProcess {
     pub activity: f64,
 }
 
-/// One GPU's estimate for a tick.
+/// One GPU's device-wide estimate for a tick.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuEstimate {
     /// GPU UUID.
     pub uuid: String,
-    /// Peak and its source.
-    pub peak: Peak,
-    /// Activity and method; `None` when neither GPM nor utilization was readable.
-    pub activity: Option<Activity>,
-    /// Estimated operations in the tick; `None` when the peak or activity is unknown.
-    pub ops: Option<f64>,
+    /// Peak rates and their source.
+    pub peaks: Peaks,
+    /// Rate and method; `None` when nothing was readable or the peak is unknown.
+    pub rate: Option<Rate>,
+    /// Operations in the tick (rate × tick length).
+    pub ops: Option<Bounds>,
+}
+
+/// A workload that must not share a GPU, found sharing one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedUse {
+    /// The GPU (or MIG instance) UUID.
+    pub gpu_uuid: String,
+    /// The workload.
+    pub workload: WorkloadId,
+    /// Its tenant.
+    pub tenant: String,
+    /// How many workloads (and unattributable processes) used the GPU.
+    pub users: usize,
 }
 
 /// What one tick saw.
@@ -113,6 +138,8 @@ pub struct TickReport {
     pub unattributed: Vec<AttributedProcess>,
     /// Per-GPU estimates.
     pub gpus: Vec<GpuEstimate>,
+    /// Workloads under `exclusive_gpu` that shared a GPU this tick.
+    pub exclusivity_violations: Vec<SharedUse>,
     /// Windows this tick closed.
     pub windows: Vec<UsageWindow>,
 }
@@ -121,8 +148,8 @@ pub struct TickReport {
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
     /// The peak table is unusable.
-    #[error("peak FLOP/s table")]
-    Peaks(#[from] flops::FlopsError),
+    #[error("peak table")]
+    Peaks(#[from] peaks::PeaksError),
 }
 
 /// Samples a backend and aggregates usage.
@@ -180,12 +207,13 @@ impl GpuSampler {
         let dt = Duration::from_millis(u64::try_from(dt_ms).unwrap_or(0));
 
         let mut report = TickReport {
-            sample: Sample { at_ms: sample.at_ms, backend: sample.backend.clone(), gpus: Vec::new() },
+            sample: Sample::new(sample.at_ms, sample.backend.clone(), Vec::new()),
             dt,
             lost_gpus: Vec::new(),
             processes: Vec::new(),
             unattributed: Vec::new(),
             gpus: Vec::new(),
+            exclusivity_violations: Vec::new(),
             windows: Vec::new(),
         };
         if let BackendState::Unavailable { reason } = &sample.backend {
@@ -201,56 +229,12 @@ impl GpuSampler {
                 report.lost_gpus.push(gpu.uuid.clone());
                 continue;
             }
-            let peak = self.peaks.peak(&gpu.name, gpu.sm_count, gpu.max_sm_clock_mhz, gpu.compute_capability);
-            let activity = flops::activity(gpu.gpm_tensor_activity_pct, gpu.utilization_gpu_pct);
-            let ops = match (peak.flops, activity) {
-                (Some(p), Some(a)) => Some(flops::estimate_ops(p, a.fraction, dt.as_secs_f64())),
-                _ => None,
-            };
-            report.gpus.push(GpuEstimate { uuid: gpu.uuid.clone(), peak, activity, ops });
-
-            let shares = process_shares(gpu);
-            let gpu_activity = activity.map_or(0.0, |a| a.fraction);
-            let method = activity.map_or(EstimationMethod::Unknown, |a| a.method);
-            let mut per_key: BTreeMap<UsageKey, f64> = BTreeMap::new();
-            for (pid, share) in shares {
-                let owner = self.owner(pid, sample.at_ms);
-                let tenant_info = match &owner {
-                    ProcessOwner::Workload { workload } => tenants.get(workload),
-                    _ => None,
-                };
-                let p = AttributedProcess {
-                    gpu_uuid: gpu.uuid.clone(),
-                    pid,
-                    owner: owner.clone(),
-                    tenant: tenant_info.map(|t| t.tenant.clone()),
-                    activity: gpu_activity * share,
-                };
-                if p.tenant.is_none() {
-                    tracing::debug!(gpu = %gpu.uuid, pid, owner = ?p.owner, "unattributed GPU process");
-                    report.unattributed.push(p.clone());
-                }
-                report.processes.push(p);
-                if let ProcessOwner::Workload { workload } = owner {
-                    let key = UsageKey {
-                        tenant: tenant_info.map(|t| t.tenant.clone()),
-                        workload,
-                        foreign_person: tenant_info.is_some_and(|t| t.foreign_person),
-                    };
-                    *per_key.entry(key).or_default() += gpu_activity * share;
-                }
-            }
-            if dt.is_zero() {
-                continue;
-            }
-            for (key, act) in per_key {
-                observations.push(Observation {
-                    key,
-                    gpu_uuid: gpu.uuid.clone(),
-                    peak_flops: peak.flops,
-                    activity: act,
-                    method,
-                });
+            let peaks = self.peaks.peaks(&gpu.name, gpu.sm_count, gpu.max_sm_clock_mhz, gpu.compute_capability);
+            let rate = estimate::rate(&peaks.rates, &Reading::of(gpu));
+            let ops = rate.map(|r| r.ops_per_s.scaled(dt.as_secs_f64()));
+            report.gpus.push(GpuEstimate { uuid: gpu.uuid.clone(), peaks, rate, ops });
+            for unit in units(gpu, &peaks) {
+                self.attribute(&unit, gpu, (sample.at_ms, dt), tenants, &mut report, &mut observations);
             }
         }
         if !dt.is_zero() {
@@ -262,6 +246,87 @@ impl GpuSampler {
 }
 
 impl GpuSampler {
+    /// Attributes one unit's processes to workloads and its estimate to their keys.
+    fn attribute(
+        &mut self,
+        unit: &Unit,
+        gpu: &GpuSnapshot,
+        (at_ms, dt): (i64, Duration),
+        tenants: &TenantMap,
+        report: &mut TickReport,
+        observations: &mut Vec<Observation>,
+    ) {
+        let shares = process_shares(&unit.pids, gpu);
+        let owners: Vec<(u32, f64, ProcessOwner)> =
+            shares.into_iter().map(|(pid, share)| (pid, share, self.owner(pid, at_ms))).collect();
+        // Who used the unit: each workload once, each process of no workload on its own.
+        let users: HashSet<String> = owners
+            .iter()
+            .map(|(pid, _, owner)| match owner {
+                ProcessOwner::Workload { workload } => workload.to_string(),
+                _ => format!("pid:{pid}"),
+            })
+            .collect();
+        let shared = users.len() > 1;
+        let activity = unit.rate.map_or(0.0, |r| r.activity);
+        let mut per_key: BTreeMap<UsageKey, f64> = BTreeMap::new();
+        for (pid, share, owner) in owners {
+            let tenant_info = match &owner {
+                ProcessOwner::Workload { workload } => tenants.get(workload),
+                _ => None,
+            };
+            let p = AttributedProcess {
+                gpu_uuid: unit.uuid.clone(),
+                pid,
+                owner: owner.clone(),
+                tenant: tenant_info.map(|t| t.tenant.clone()),
+                activity: activity * share,
+            };
+            if p.tenant.is_none() {
+                tracing::debug!(gpu = %unit.uuid, pid, owner = ?p.owner, "unattributed GPU process");
+                report.unattributed.push(p.clone());
+            }
+            report.processes.push(p);
+            let ProcessOwner::Workload { workload } = owner else { continue };
+            if let Some(t) = tenant_info.filter(|t| shared && t.exclusive_gpu) {
+                let violation = SharedUse {
+                    gpu_uuid: unit.uuid.clone(),
+                    workload: workload.clone(),
+                    tenant: t.tenant.clone(),
+                    users: users.len(),
+                };
+                if !report.exclusivity_violations.contains(&violation) {
+                    report.exclusivity_violations.push(violation);
+                }
+            }
+            let key = UsageKey {
+                tenant: tenant_info.map(|t| t.tenant.clone()),
+                workload,
+                foreign_person: tenant_info.is_some_and(|t| t.foreign_person),
+            };
+            *per_key.entry(key).or_default() += share;
+        }
+        if dt.is_zero() {
+            return;
+        }
+        for (key, share) in per_key {
+            let (ops_per_s, method) = match unit.rate {
+                Some(r) if shared => (Some(r.ops_per_s.shared(share)), r.method.weakest(EstimationMethod::SharedSplit)),
+                Some(r) => (Some(r.ops_per_s.scaled(share)), r.method),
+                None => (None, EstimationMethod::Unknown),
+            };
+            observations.push(Observation {
+                key,
+                gpu_uuid: unit.uuid.clone(),
+                peak_flops: unit.peak_flops,
+                ops_per_s,
+                activity: activity * share,
+                method,
+                shared,
+            });
+        }
+    }
+
     fn owner(&mut self, pid: u32, now_ms: i64) -> ProcessOwner {
         if let Some((owner, read_at)) = self.owners.get(&pid) {
             if now_ms.saturating_sub(*read_at) < OWNER_RECHECK_MS {
@@ -281,29 +346,6 @@ impl GpuSampler {
 
 /// How often a cached process owner is re-read from `/proc/<pid>/cgroup`.
 pub const OWNER_RECHECK_MS: i64 = 10_000;
-
-/// `(pid, share of the GPU's activity)` for each process on the GPU; shares sum to 1 when
-/// there are processes.
-fn process_shares(gpu: &super::GpuSnapshot) -> Vec<(u32, f64)> {
-    let mut pids: Vec<u32> = gpu.processes.iter().map(|p| p.pid).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    if pids.is_empty() {
-        return Vec::new();
-    }
-    let mut util: BTreeMap<u32, u32> = BTreeMap::new();
-    for s in gpu.process_utilization.iter().flatten() {
-        // Several samples per pid since the last read: take the newest view's level (max).
-        let e = util.entry(s.pid).or_default();
-        *e = (*e).max(s.sm_util_pct);
-    }
-    let total: u32 = pids.iter().map(|p| util.get(p).copied().unwrap_or(0)).sum();
-    if total == 0 {
-        let even = 1.0 / pids.len() as f64;
-        return pids.into_iter().map(|p| (p, even)).collect();
-    }
-    pids.into_iter().map(|p| (p, f64::from(util.get(&p).copied().unwrap_or(0)) / f64::from(total))).collect()
-}
 
 /// Runs `sampler` on a dedicated OS thread, one tick per interval, until `shutdown`; windows go
 /// to `windows` (blocking when full: usage is back-pressured, never dropped) and each tick's

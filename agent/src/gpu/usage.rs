@@ -8,9 +8,11 @@
 //! [`kycd_protocol::UsageWindow`] wire type.
 //!
 //! Per window and key: GPU-seconds (tick length for each GPU the workload had a process on),
-//! distinct GPUs, most GPUs in one tick, estimated operations, summed peak FLOP/s of the GPUs
-//! used, the estimation method (the weakest seen: `unknown` < `utilization_upper_bound` <
-//! `gpm_tensor`), and the local `training_like` flag ([`TrainingRule`]).
+//! distinct GPUs, most GPUs in one tick, operations as three figures (lower bound, point
+//! estimate, upper bound: [`super::estimate`]), GPU-seconds on GPUs shared without isolation,
+//! summed dense BF16 peak of the GPUs used, the estimation method (the weakest seen, in
+//! [`EstimationMethod::strength`] order), and the local `training_like` flag
+//! ([`TrainingRule`]).
 //!
 //! Windows go to the reporting pipeline over a bounded [`tokio::sync::mpsc`] channel
 //! ([`window_channel`]); a full channel back-pressures the sampler thread rather than dropping
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use kycd_protocol::{EstimationMethod, UsageWindow};
 
+use super::estimate::Bounds;
 use crate::discovery::workload::WorkloadId;
 
 /// Default window length.
@@ -71,14 +74,19 @@ pub struct UsageKey {
 pub struct Observation {
     /// Who.
     pub key: UsageKey,
-    /// Which GPU.
+    /// Which GPU (or MIG instance).
     pub gpu_uuid: String,
-    /// The GPU's peak dense tensor FLOP/s, if known.
+    /// The GPU's dense BF16 tensor peak, FLOP/s, if known.
     pub peak_flops: Option<f64>,
-    /// This workload's fraction of the GPU's peak over the tick (GPU activity × its share).
+    /// This workload's operations per second on the GPU over the tick; `None` when they
+    /// could not be estimated.
+    pub ops_per_s: Option<Bounds>,
+    /// How busy the GPU was for this workload over the tick, 0..=1 (the training rule's X).
     pub activity: f64,
-    /// How the GPU's activity was measured; `Unknown` if it was not.
+    /// How the operations were estimated; `Unknown` if they were not.
     pub method: EstimationMethod,
+    /// The GPU was shared with another workload without isolation.
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -86,14 +94,11 @@ struct Open {
     gpus: BTreeSet<String>,
     peak_by_gpu: BTreeMap<String, f64>,
     gpu_seconds: f64,
-    ops: f64,
+    shared_gpu_seconds: f64,
+    ops: Bounds,
     max_concurrent: u32,
     method: EstimationMethod,
     training_like: bool,
-}
-
-fn rank(m: EstimationMethod) -> u8 {
-    m.strength()
 }
 
 /// Accumulates ticks into windows.
@@ -169,7 +174,8 @@ impl UsageAggregator {
                 gpus: BTreeSet::new(),
                 peak_by_gpu: BTreeMap::new(),
                 gpu_seconds: 0.0,
-                ops: 0.0,
+                shared_gpu_seconds: 0.0,
+                ops: Bounds::default(),
                 max_concurrent: 0,
                 method: EstimationMethod::GpmTensor,
                 training_like: false,
@@ -177,15 +183,18 @@ impl UsageAggregator {
             let gpus_now: BTreeSet<&str> = obs.iter().map(|o| o.gpu_uuid.as_str()).collect();
             open.max_concurrent = open.max_concurrent.max(u32::try_from(gpus_now.len()).unwrap_or(u32::MAX));
             open.gpu_seconds += dt_s * gpus_now.len() as f64;
+            let shared_now: BTreeSet<&str> =
+                obs.iter().filter(|o| o.shared).map(|o| o.gpu_uuid.as_str()).collect();
+            open.shared_gpu_seconds += dt_s * shared_now.len() as f64;
             for o in &obs {
                 open.gpus.insert(o.gpu_uuid.clone());
-                let method = if o.peak_flops.is_none() { EstimationMethod::Unknown } else { o.method };
-                if rank(method) < rank(open.method) {
-                    open.method = method;
-                }
+                let method = if o.ops_per_s.is_none() { EstimationMethod::Unknown } else { o.method };
+                open.method = open.method.weakest(method);
                 if let Some(peak) = o.peak_flops {
                     open.peak_by_gpu.insert(o.gpu_uuid.clone(), peak);
-                    open.ops += super::flops::estimate_ops(peak, o.activity, dt_s);
+                }
+                if let Some(rate) = o.ops_per_s {
+                    open.ops.add(rate.scaled(dt_s));
                 }
             }
             let busy = obs
@@ -228,10 +237,10 @@ impl UsageAggregator {
                 gpu_seconds: open.gpu_seconds,
                 gpus: u32::try_from(open.gpus.len()).unwrap_or(u32::MAX),
                 max_concurrent_gpus: open.max_concurrent,
-                estimated_ops: open.ops,
-                ops_lower: Some(open.ops),
-                ops_upper: Some(open.ops),
-                shared_gpu_seconds: 0.0,
+                estimated_ops: open.ops.point,
+                ops_lower: Some(open.ops.lower),
+                ops_upper: Some(open.ops.upper),
+                shared_gpu_seconds: open.shared_gpu_seconds,
                 peak_flops: open.peak_by_gpu.values().sum(),
                 method: open.method,
                 training_like: open.training_like,
@@ -254,8 +263,10 @@ mod tests {
             },
             gpu_uuid: format!("GPU-{gpu}"),
             peak_flops: Some(1e15),
+            ops_per_s: Some(Bounds { lower: 0.5e15 * activity, point: 1e15 * activity, upper: 2e15 * activity }),
             activity,
             method,
+            shared: false,
         }
     }
 
@@ -277,6 +288,9 @@ mod tests {
         assert_eq!(w.gpu_seconds, 120.0);
         assert_eq!((w.gpus, w.max_concurrent_gpus), (2, 2));
         assert!((w.estimated_ops - 60.0 * 0.75e15).abs() < 1.0);
+        let (lower, upper) = (w.ops_lower.unwrap(), w.ops_upper.unwrap());
+        assert!((lower - 60.0 * 0.375e15).abs() < 1.0 && (upper - 60.0 * 1.5e15).abs() < 1.0, "{w:?}");
+        assert_eq!(w.shared_gpu_seconds, 0.0);
         assert_eq!(w.peak_flops, 2e15);
         assert_eq!(w.method, EstimationMethod::GpmTensor);
         let rest = agg.flush();

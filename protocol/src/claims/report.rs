@@ -16,9 +16,10 @@ pub enum EstimationMethod {
     /// per-precision peak × SM clock ÷ max SM clock (Hopper+, one workload on the GPU or MIG
     /// instance). Point estimate: BF16 on HMMA; bounds: slowest and fastest precision per pipe.
     GpmPipes,
-    /// GPM "any tensor pipe" activity × peak dense BF16 tensor FLOP/s: what agents before
-    /// per-pipe sampling reported (and what a trace recorded by one replays as). Not
-    /// clock-scaled there; CUDA-core work is not counted.
+    /// GPM "any tensor pipe" activity × peak dense BF16 tensor FLOP/s, without the per-pipe
+    /// breakdown: what older agents reported (not clock-scaled, CUDA-core work not counted)
+    /// and how a trace recorded by one replays (clock-scaled, bounds from the tensor
+    /// precisions).
     GpmTensor,
     /// The GPU was shared by several workloads without isolation (no MIG instance each,
     /// compute mode not exclusive): device-wide counters cannot be split, so the point
@@ -59,13 +60,13 @@ pub struct UsageWindow {
     /// Estimated operations: the point estimate (BF16-equivalent on the HMMA pipe).
     pub estimated_ops: f64,
     /// Fewest operations the measured activity allows (each pipe at its slowest precision;
-    /// 0 for a shared GPU or without GPM). Absent from agents before 0.17: read it through
+    /// 0 for a shared GPU or without GPM). Absent from older agents: read it through
     /// [`UsageWindow::lower_ops`], which falls back to `estimated_ops`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops_lower: Option<f64>,
     /// Most operations the measured activity allows (each pipe at its fastest precision:
     /// FP8 on Hopper's HMMA, FP4 on Blackwell's, INT8 on IMMA; the whole device for a shared
-    /// GPU). Absent from agents before 0.17: read it through [`UsageWindow::upper_ops`].
+    /// GPU). Absent from older agents: read it through [`UsageWindow::upper_ops`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops_upper: Option<f64>,
     /// GPU-seconds in which this workload shared a GPU (or MIG instance) with another

@@ -29,10 +29,24 @@
 //!     "process_utilization": true,                 // false: process samples NOT_SUPPORTED
 //!     "lost_at_tick": 3,                           // optional: GPU_IS_LOST from this tick on
 //!     "ticks": [{"util": 90, "mem_util": 40, "tensor": 55.0,
+//!                "sm_clock_mhz": 1468, "power_mw": 692000,   // optional: override the GPU's
+//!                "gpm": {"HMMA_TENSOR_UTIL": 93.5, "FP32_UTIL": 0.2},   // optional, see below
+//!                "mig_gpm": {"1": {"HMMA_TENSOR_UTIL": 50.0}},           // per GPU instance id
 //!                "processes": [{"pid": 4242, "used_mib": 1024, "sm_util": 90}]}]
 //!   }]
 //! }
 //! ```
+//!
+//! # GPM metrics
+//! A tick's `gpm` maps `nvmlGpmMetricId_t` names without their `NVML_GPM_METRIC_` prefix
+//! (`SM_UTIL`, `ANY_TENSOR_UTIL`, `HMMA_TENSOR_UTIL`, `IMMA_TENSOR_UTIL`, `DFMA_TENSOR_UTIL`,
+//! `FP64_UTIL`, `FP32_UTIL`, `FP16_UTIL`, `INTEGER_UTIL`, `DRAM_BW_UTIL`, `SM_OCCUPANCY`) to
+//! the value `nvmlGpmMetricsGet` returns for the interval ending at that tick; a metric not in
+//! the map answers NOT_SUPPORTED. Without `gpm`, `ANY_TENSOR_UTIL` is `tensor` and `SM_UTIL` is
+//! `util` (and every other metric NOT_SUPPORTED), the fake's behaviour before per-pipe metrics.
+//! `mig_gpm` does the same for `nvmlGpmMigSampleGet` per GPU instance id. MIG instance *i*
+//! (0-based) is GPU instance id *i* + 1: its device handle lists the processes whose
+//! `gpu_instance_id` is that id.
 //!
 //! # Ticks (the deterministic clock)
 //! Tick `t` is the number of `nvmlDeviceGetCount_v2` calls so far minus one: the agent calls it
@@ -151,7 +165,48 @@ struct Tick {
     #[serde(default)]
     tensor: f64,
     #[serde(default)]
+    sm_clock_mhz: Option<u32>,
+    #[serde(default)]
+    power_mw: Option<u32>,
+    #[serde(default)]
+    gpm: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    mig_gpm: BTreeMap<String, BTreeMap<String, f64>>,
+    #[serde(default)]
     processes: Vec<Process>,
+}
+
+impl Tick {
+    /// The GPM metric values of the interval ending at this tick, by metric id, for the whole
+    /// GPU (`gi` `None`) or one GPU instance.
+    fn gpm_values(&self, gi: Option<u32>) -> BTreeMap<nvmlGpmMetricId_t, f64> {
+        let named = match gi {
+            Some(gi) => self.mig_gpm.get(&gi.to_string()).cloned().unwrap_or_default(),
+            None => match &self.gpm {
+                Some(map) => map.clone(),
+                None => BTreeMap::from([("ANY_TENSOR_UTIL".into(), self.tensor), ("SM_UTIL".into(), f64::from(self.util))]),
+            },
+        };
+        named.iter().filter_map(|(name, v)| Some((metric_id(name)?, *v))).collect()
+    }
+}
+
+/// `nvmlGpmMetricId_t` of a metric name without its `NVML_GPM_METRIC_` prefix.
+fn metric_id(name: &str) -> Option<nvmlGpmMetricId_t> {
+    Some(match name {
+        "SM_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_UTIL,
+        "SM_OCCUPANCY" => nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_OCCUPANCY,
+        "ANY_TENSOR_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+        "HMMA_TENSOR_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_HMMA_TENSOR_UTIL,
+        "IMMA_TENSOR_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_IMMA_TENSOR_UTIL,
+        "DFMA_TENSOR_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_DFMA_TENSOR_UTIL,
+        "FP64_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_FP64_UTIL,
+        "FP32_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_FP32_UTIL,
+        "FP16_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_FP16_UTIL,
+        "INTEGER_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_INTEGER_UTIL,
+        "DRAM_BW_UTIL" => nvmlGpmMetricId_t_NVML_GPM_METRIC_DRAM_BW_UTIL,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -531,7 +586,8 @@ pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
 ) -> nvmlReturn_t {
     with_gpu(device, |state, i, _| {
         let gpu = &state.scenario.gpus[i];
-        let value = if clock_type == nvmlClockType_enum_NVML_CLOCK_MEM { 2619 } else { gpu.sm_clock_mhz };
+        let now = state.tick_of(gpu).sm_clock_mhz.unwrap_or(gpu.sm_clock_mhz);
+        let value = if clock_type == nvmlClockType_enum_NVML_CLOCK_MEM { 2619 } else { now };
         // SAFETY: forwarded caller guarantee.
         unsafe { put(clock, value) }
     })
@@ -558,7 +614,12 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, power: *mut c_uint) -> nvmlReturn_t {
     // SAFETY: forwarded caller guarantee.
-    with_gpu(device, |state, i, _| unsafe { put(power, state.scenario.gpus[i].power_mw) })
+    with_gpu(device, |state, i, _| {
+        let gpu = &state.scenario.gpus[i];
+        let now = state.tick_of(gpu).power_mw.unwrap_or(gpu.power_mw);
+        // SAFETY: forwarded caller guarantee.
+        unsafe { put(power, now) }
+    })
 }
 
 /// # Safety
@@ -623,9 +684,11 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         if count.is_null() {
             return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
         }
+        let all = state.tick_of(&state.scenario.gpus[i]).processes;
         let procs = match handle {
-            Handle::Gpu(_) => state.tick_of(&state.scenario.gpus[i]).processes,
-            Handle::Mig { .. } => Vec::new(),
+            Handle::Gpu(_) => all,
+            // MIG instance `index` is GPU instance id `index + 1`.
+            Handle::Mig { index, .. } => all.into_iter().filter(|p| p.gpu_instance_id == Some(index + 1)).collect(),
         };
         // SAFETY: count is non-null and valid per the caller.
         let room = unsafe { *count } as usize;
@@ -798,12 +861,12 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 // ---------------------------------------------------------------------------------------------
 // GPM (GPU performance monitoring, Hopper+)
 
-/// A GPM sample: which GPU and tick it was taken at.
+/// A GPM sample: which GPU (and GPU instance) it was taken of, and the metric values of the
+/// interval ending at the tick it was taken at.
 #[derive(Debug, Default)]
 struct Sample {
-    gpu: Option<usize>,
-    tensor: f64,
-    sm: f64,
+    gpu: Option<(usize, Option<u32>)>,
+    values: BTreeMap<nvmlGpmMetricId_t, f64>,
 }
 
 /// # Safety
@@ -848,25 +911,46 @@ pub unsafe extern "C" fn nvmlGpmSampleFree(sample: nvmlGpmSample_t) -> nvmlRetur
     nvmlReturn_enum_NVML_SUCCESS
 }
 
+/// Fills `sample` with GPU `device`'s (or its GPU instance `gi`'s) values at the current tick.
+///
+/// # Safety
+/// `sample` must come from `nvmlGpmSampleAlloc` and not have been freed.
+unsafe fn take_gpm_sample(device: nvmlDevice_t, gi: Option<u32>, sample: nvmlGpmSample_t) -> nvmlReturn_t {
+    with_gpu(device, |state, i, _| {
+        let gpu = &state.scenario.gpus[i];
+        if !gpu.gpm || (gi.is_some() && !gpu.mig.enabled) {
+            return nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
+        }
+        if sample.is_null() || gi.is_some_and(|gi| gi == 0 || gi > gpu.mig.instances) {
+            return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
+        }
+        let values = state.tick_of(gpu).gpm_values(gi);
+        // SAFETY: a live Box<Sample> from nvmlGpmSampleAlloc, per the caller; nothing else
+        // references it during this call.
+        let s = unsafe { &mut *sample.cast::<Sample>() };
+        *s = Sample { gpu: Some((i, gi)), values };
+        nvmlReturn_enum_NVML_SUCCESS
+    })
+}
+
 /// # Safety
 /// `sample` must come from `nvmlGpmSampleAlloc` and not have been freed.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlGpmSampleGet(device: nvmlDevice_t, sample: nvmlGpmSample_t) -> nvmlReturn_t {
-    with_gpu(device, |state, i, _| {
-        let gpu = &state.scenario.gpus[i];
-        if !gpu.gpm {
-            return nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
-        }
-        if sample.is_null() {
-            return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
-        }
-        let tick = state.tick_of(gpu);
-        // SAFETY: a live Box<Sample> from nvmlGpmSampleAlloc, per the caller; nothing else
-        // references it during this call.
-        let s = unsafe { &mut *sample.cast::<Sample>() };
-        *s = Sample { gpu: Some(i), tensor: tick.tensor, sm: f64::from(tick.util) };
-        nvmlReturn_enum_NVML_SUCCESS
-    })
+    // SAFETY: forwarded caller guarantee.
+    unsafe { take_gpm_sample(device, None, sample) }
+}
+
+/// # Safety
+/// `sample` must come from `nvmlGpmSampleAlloc` and not have been freed.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmMigSampleGet(
+    device: nvmlDevice_t,
+    gpu_instance_id: c_uint,
+    sample: nvmlGpmSample_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller guarantee.
+    unsafe { take_gpm_sample(device, Some(gpu_instance_id), sample) }
 }
 
 /// # Safety
@@ -883,8 +967,8 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(metrics: *mut nvmlGpmMetricsGet_t) ->
     }
     // SAFETY: both are live Box<Sample>s from nvmlGpmSampleAlloc, per the caller.
     let (first, second) = unsafe { (&*request.sample1.cast::<Sample>(), &*request.sample2.cast::<Sample>()) };
-    let Some(gpu) = second.gpu else { return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT };
-    if first.gpu != Some(gpu) {
+    let Some((gpu, _)) = second.gpu else { return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT };
+    if first.gpu != second.gpu {
         return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
     }
     {
@@ -898,12 +982,7 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(metrics: *mut nvmlGpmMetricsGet_t) ->
     for metric in request.metrics.iter_mut().take(n) {
         // The activity over the interval is the later sample's tick value: the fake's ticks
         // describe what happened up to that tick.
-        let value = match metric.metricId {
-            id if id == nvmlGpmMetricId_t_NVML_GPM_METRIC_ANY_TENSOR_UTIL => Some(second.tensor),
-            id if id == nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_UTIL => Some(second.sm),
-            _ => None,
-        };
-        match value {
+        match second.values.get(&metric.metricId).copied() {
             Some(v) => {
                 metric.nvmlReturn = nvmlReturn_enum_NVML_SUCCESS;
                 metric.value = v;

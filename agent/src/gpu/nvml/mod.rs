@@ -20,9 +20,11 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use kycd_protocol::clock::{Clock as _, SystemClock};
+use std::sync::Arc;
 
-use super::{unix_ms_now, BackendState, ComputeMode, GpuBackend, GpuError, Sample};
+use kycd_protocol::clock::{Clock, SystemClock};
+
+use super::{unix_ms, ComputeMode, GpuBackend, GpuError, Sample};
 use thread::nvml_thread;
 
 /// The library name NVML's own loader uses; resolved through the dynamic linker's path.
@@ -50,7 +52,8 @@ impl Default for NvmlOptions {
 }
 
 enum Request {
-    Sample(mpsc::SyncSender<Sample>),
+    /// A sample, stamped with this time (Unix ms) from the backend's clock.
+    Sample(i64, mpsc::SyncSender<Sample>),
     GetMode(String, mpsc::SyncSender<Result<ComputeMode, GpuError>>),
     SetMode(String, ComputeMode, mpsc::SyncSender<Result<(), GpuError>>),
 }
@@ -62,6 +65,8 @@ enum Request {
 #[derive(Debug, Clone)]
 pub struct NvmlBackend {
     inner: std::sync::Arc<Inner>,
+    /// Stamps samples; the system clock but in tests that replay recorded time.
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug)]
@@ -74,7 +79,7 @@ struct Inner {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Request::Sample(_) => "Sample",
+            Request::Sample(..) => "Sample",
             Request::GetMode(..) => "GetMode",
             Request::SetMode(..) => "SetMode",
         })
@@ -93,6 +98,12 @@ impl NvmlBackend {
     /// Starts the NVML thread. The library is loaded there, on the first request; failure to
     /// load is a state of later samples, not an error here.
     pub fn start(options: NvmlOptions) -> Result<Self, NvmlBackendError> {
+        Self::start_with_clock(options, Arc::new(SystemClock))
+    }
+
+    /// [`NvmlBackend::start`] with samples stamped by `clock` (GPM activity is still the
+    /// driver's, over whatever real time passed between two samples).
+    pub fn start_with_clock(options: NvmlOptions, clock: Arc<dyn Clock>) -> Result<Self, NvmlBackendError> {
         let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
         let reply_timeout = options.reply_timeout;
         let thread = std::thread::Builder::new()
@@ -100,7 +111,7 @@ impl NvmlBackend {
             .spawn(move || nvml_thread(&options, &rx))
             .map_err(NvmlBackendError::Spawn)?;
         let inner = Inner { requests: Some(tx), thread: Some(thread), reply_timeout };
-        Ok(NvmlBackend { inner: std::sync::Arc::new(inner) })
+        Ok(NvmlBackend { inner: Arc::new(inner), clock })
     }
 
     fn ask<T>(&self, make: impl FnOnce(mpsc::SyncSender<T>) -> Request) -> Result<T, String> {
@@ -143,9 +154,10 @@ impl Drop for Inner {
 
 impl GpuBackend for NvmlBackend {
     fn sample(&mut self) -> Sample {
-        self.ask(Request::Sample).unwrap_or_else(|reason| {
+        let at_ms = unix_ms(self.clock.as_ref());
+        self.ask(|tx| Request::Sample(at_ms, tx)).unwrap_or_else(|reason| {
             tracing::warn!(%reason, "NVML sample failed");
-            Sample { at_ms: unix_ms_now(), backend: BackendState::Unavailable { reason }, gpus: Vec::new() }
+            Sample::unavailable(at_ms, reason)
         })
     }
 

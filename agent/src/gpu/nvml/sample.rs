@@ -1,5 +1,6 @@
 //! One sample of every GPU: static facts read once per NVML session, then per tick the
-//! utilisation, memory, processes, MIG instances and GPM tensor activity.
+//! utilisation, clocks, power, memory, processes, MIG instances and every GPM pipe (per GPU,
+//! and per MIG GPU instance that runs processes).
 
 use std::collections::HashMap;
 
@@ -11,13 +12,14 @@ use nvml_wrapper::{Device, GpmSample, Nvml};
 
 use super::thread::{from_nvml_mode, UNINITIALIZED};
 use crate::gpu::{
-    unix_ms_now, BackendState, GpuProcess, GpuSnapshot, GpuState, MigInstance, ProcessUtilization, Sample,
+    BackendState, GpmPipes, GpuProcess, GpuSnapshot, GpuState, MigInstance, ProcessUtilization, Sample,
 };
 
 /// What the thread remembers between samples of one initialised NVML.
 pub(super) struct Memory<'n> {
-    /// Previous GPM sample per GPU UUID: GPM metrics are differences of two samples.
-    gpm: HashMap<String, GpmSample<'n>>,
+    /// Previous GPM sample per GPU UUID, and per (GPU UUID, GPU instance id) for MIG
+    /// instances (`None`: the whole GPU): GPM metrics are differences of two samples.
+    gpm: HashMap<(String, Option<u32>), GpmSample<'n>>,
     /// Newest per-process utilization timestamp seen per GPU UUID.
     last_process_sample_us: HashMap<String, u64>,
     /// What does not change while NVML stays initialised (the index → GPU mapping is fixed
@@ -33,30 +35,17 @@ impl Memory<'_> {
     }
 }
 
-pub(super) fn sample_all<'n>(nvml: &'n Nvml, memory: &mut Memory<'n>) -> Sample {
-    let at_ms = unix_ms_now();
+pub(super) fn sample_all<'n>(nvml: &'n Nvml, at_ms: i64, memory: &mut Memory<'n>) -> Sample {
     let count = match nvml.device_count() {
         Ok(n) => n,
-        Err(NvmlError::Uninitialized) => {
-            return Sample {
-                at_ms,
-                backend: BackendState::Unavailable { reason: UNINITIALIZED.into() },
-                gpus: vec![],
-            }
-        }
-        Err(e) => {
-            return Sample {
-                at_ms,
-                backend: BackendState::Unavailable { reason: format!("nvmlDeviceGetCount: {e}") },
-                gpus: vec![],
-            }
-        }
+        Err(NvmlError::Uninitialized) => return Sample::unavailable(at_ms, UNINITIALIZED.into()),
+        Err(e) => return Sample::unavailable(at_ms, format!("nvmlDeviceGetCount: {e}")),
     };
     let mut gpus = Vec::with_capacity(count as usize);
     for index in 0..count {
         gpus.push(sample_gpu(nvml, index, memory));
     }
-    Sample { at_ms, backend: BackendState::Ok, gpus }
+    Sample::new(at_ms, BackendState::Ok, gpus)
 }
 
 /// Field reader: `NotSupported` and friends become `None`; `GpuLost` also flags the GPU.
@@ -113,7 +102,7 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
     let lost = |memory: &mut Memory<'n>, st: Option<Static>| {
         let st = st.unwrap_or_default();
         tracing::warn!(index, uuid = %st.uuid, "GPU lost");
-        memory.gpm.remove(&st.uuid);
+        memory.gpm.retain(|(uuid, _), _| *uuid != st.uuid);
         GpuSnapshot::bare(index, st.uuid, st.name, GpuState::Lost)
     };
     let device = match nvml.device_by_index(index) {
@@ -171,7 +160,16 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
     }
     snap.gpm_supported = st.gpm_supported;
     if st.gpm_supported == Some(true) {
-        snap.gpm_tensor_activity_pct = gpm_tensor_activity(nvml, &device, &uuid, memory, &mut r);
+        snap.gpm = gpm_pipes(nvml, &device, (&uuid, None), memory, &mut r);
+        snap.gpm_tensor_activity_pct = snap.gpm.as_ref().and_then(|g| g.any_tensor);
+        for mig in &mut snap.mig_instances {
+            if let Some(gi) = mig.gpu_instance_id {
+                mig.gpm = gpm_pipes(nvml, &device, (&uuid, Some(gi)), memory, &mut r);
+            }
+        }
+        // Instances that ran nothing this time start afresh when they do.
+        let live: Vec<u32> = snap.mig_instances.iter().filter_map(|m| m.gpu_instance_id).collect();
+        memory.gpm.retain(|(u, gi), _| *u != uuid || gi.is_none_or(|gi| live.contains(&gi)));
     }
     if r.lost {
         return lost(memory, Some(st));
@@ -217,36 +215,82 @@ fn mig_instances(device: &Device<'_>, r: &mut Reader) -> Vec<MigInstance> {
         .filter_map(|index| {
             // Slots without an instance answer NOT_FOUND.
             let mig = device.mig_device_by_index(index).ok()?;
+            // NVML has no safe call for a MIG device's GPU instance id; the processes running
+            // in it carry it, and an instance without processes needs no attribution.
+            let gpu_instance_id = r
+                .get("mig_processes", mig.running_compute_processes())
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|p| p.gpu_instance_id);
             Some(MigInstance {
                 index,
                 uuid: r.get("mig_uuid", mig.uuid())?,
                 sm_count: r.get("mig_attributes", mig.attributes()).map(|a| a.multiprocessor_count),
                 memory_total_bytes: r.get("mig_memory", mig.memory_info()).map(|m| m.total),
+                gpu_instance_id,
+                gpm: None,
             })
         })
         .collect()
 }
 
-/// Tensor activity % since the previous sample, on a GPU with GPM.
-fn gpm_tensor_activity<'n>(
+/// The GPM metrics kycd reads, in the order [`pipes_from`] assigns them.
+const PIPES: [GpmMetricId; 11] = [
+    GpmMetricId::SmUtil,
+    GpmMetricId::SmOccupancy,
+    GpmMetricId::AnyTensorUtil,
+    GpmMetricId::HmmaTensorUtil,
+    GpmMetricId::ImmaTensorUtil,
+    GpmMetricId::DfmaTensorUtil,
+    GpmMetricId::Fp64Util,
+    GpmMetricId::Fp32Util,
+    GpmMetricId::Fp16Util,
+    GpmMetricId::IntegerUtil,
+    GpmMetricId::DramBwUtil,
+];
+
+/// Every GPM pipe since the previous sample of the GPU (`gi` `None`) or of one of its MIG GPU
+/// instances; `None` on the first sample or when GPM cannot be read.
+fn gpm_pipes<'n>(
     nvml: &'n Nvml,
     device: &Device<'n>,
-    uuid: &str,
+    (uuid, gi): (&str, Option<u32>),
     memory: &mut Memory<'n>,
     r: &mut Reader,
-) -> Option<f64> {
-    let Some(now) = r.get("gpm_sample", device.gpm_sample()) else {
-        memory.gpm.remove(uuid);
+) -> Option<GpmPipes> {
+    let key = (uuid.to_owned(), gi);
+    let taken = match gi {
+        None => device.gpm_sample(),
+        Some(gi) => device.gpm_mig_sample(gi),
+    };
+    let Some(now) = r.get("gpm_sample", taken) else {
+        memory.gpm.remove(&key);
         return None;
     };
-    let activity = memory.gpm.remove(uuid).and_then(|before| {
-        let results = r.get(
-            "gpm_metrics",
-            nvml_wrapper::gpm::gpm_metrics_get(nvml, &before, &now, &[GpmMetricId::AnyTensorUtil]),
-        )?;
-        let first = results.into_iter().next()?;
-        r.get("gpm_tensor_metric", first).map(|m| m.value)
+    let pipes = memory.gpm.remove(&key).and_then(|before| {
+        let results = r.get("gpm_metrics", nvml_wrapper::gpm::gpm_metrics_get(nvml, &before, &now, &PIPES))?;
+        let pipes = pipes_from(results.into_iter().map(|m| m.ok().map(|m| m.value).filter(|v| v.is_finite())));
+        // Every metric unsupported is no GPM reading, not a reading of nothing.
+        (pipes != GpmPipes::default()).then_some(pipes)
     });
-    memory.gpm.insert(uuid.to_owned(), now);
-    activity
+    memory.gpm.insert(key, now);
+    pipes
+}
+
+/// Assigns metric values, in [`PIPES`] order, to their fields.
+fn pipes_from(mut values: impl Iterator<Item = Option<f64>>) -> GpmPipes {
+    let mut next = || values.next().flatten();
+    GpmPipes {
+        sm_util: next(),
+        sm_occupancy: next(),
+        any_tensor: next(),
+        hmma_tensor: next(),
+        imma_tensor: next(),
+        dfma_tensor: next(),
+        fp64: next(),
+        fp32: next(),
+        fp16: next(),
+        integer: next(),
+        dram_bw: next(),
+    }
 }

@@ -9,7 +9,7 @@ use nvml_wrapper::{Device, Nvml};
 
 use super::sample::{sample_all, Memory};
 use super::{NvmlOptions, Request};
-use crate::gpu::{unix_ms_now, BackendState, ComputeMode, GpuError, Sample};
+use crate::gpu::{BackendState, ComputeMode, GpuError, Sample};
 
 /// The NVML thread: (re)initialise on demand, then serve until NVML needs re-initialising or
 /// the backend is dropped.
@@ -37,12 +37,8 @@ pub(super) fn nvml_thread(options: &NvmlOptions, requests: &mpsc::Receiver<Reque
 fn answer_unavailable(request: Request, reason: String) {
     // A caller that gave up waiting has dropped its receiver; nothing to tell it then.
     match request {
-        Request::Sample(tx) => {
-            let _ = tx.send(Sample {
-                at_ms: unix_ms_now(),
-                backend: BackendState::Unavailable { reason },
-                gpus: vec![],
-            });
+        Request::Sample(at_ms, tx) => {
+            let _ = tx.send(Sample::unavailable(at_ms, reason));
         }
         Request::GetMode(_, tx) => {
             let _ = tx.send(Err(GpuError::Unavailable(reason)));
@@ -69,11 +65,11 @@ fn serve(nvml: &Nvml, first: Request, requests: &mpsc::Receiver<Request>) -> Ser
     loop {
         let Some(request) = next.take().or_else(|| requests.recv().ok()) else { return Served::Closed };
         match request {
-            Request::Sample(tx) => {
-                let sample = sample_all(nvml, &mut memory);
+            Request::Sample(at_ms, tx) => {
+                let sample = sample_all(nvml, at_ms, &mut memory);
                 if let BackendState::Unavailable { reason } = &sample.backend {
                     if needs_reinit(reason) && !fresh {
-                        return Served::Reinit(Request::Sample(tx));
+                        return Served::Reinit(Request::Sample(at_ms, tx));
                     }
                 }
                 let _ = tx.send(sample);
