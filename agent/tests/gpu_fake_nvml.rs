@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kycd::discovery::workload::WorkloadId;
@@ -23,6 +23,7 @@ use kycd::gpu::{
 use kycd_protocol::{EstimationMethod, UsageWindow};
 use serde_json::json;
 
+use kycd_test_support::fake_nvml::FakeNvml;
 use kycd_test_support::host as host_support;
 
 const H100: &str = "NVIDIA H100 80GB HBM3";
@@ -33,45 +34,22 @@ const CLOCK: f64 = 1755.0 / 1980.0;
 /// A multiple of 60 s, so windows start at T0.
 const T0_MS: i64 = 1_764_000_000_000;
 
-/// Path of the fake library, built on first use.
-fn fake_library() -> &'static Path {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        // target/<profile>/deps/<this test> → target/<profile>/
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "kycd-fake-nvml"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
-        assert!(status.success(), "cargo build -p kycd-fake-nvml failed");
-        let lib = profile_dir.join("libkycd_fake_nvml.so");
-        assert!(lib.exists(), "{} missing after build", lib.display());
-        lib
-    })
-}
-
-/// A directory holding a private copy of the fake library and `scenario`.
+/// The fake library with a scenario and a fake /proc, and the sampler over it.
 struct FakeHost {
-    dir: tempfile::TempDir,
+    fake: FakeNvml,
 }
 
 impl FakeHost {
-    fn new(mut scenario: serde_json::Value) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        if scenario.get("state_file").is_some() {
-            scenario["state_file"] = json!(dir.path().join("modes.json"));
-        }
-        std::fs::copy(fake_library(), dir.path().join("libnvidia-ml.so.1")).unwrap();
-        std::fs::write(dir.path().join("scenario.json"), scenario.to_string()).unwrap();
-        std::fs::create_dir(dir.path().join("proc")).unwrap();
-        FakeHost { dir }
+    fn new(scenario: serde_json::Value) -> Self {
+        FakeHost { fake: FakeNvml::new(scenario) }
+    }
+
+    fn dir(&self) -> &Path {
+        self.fake.dir.path()
     }
 
     fn library(&self) -> PathBuf {
-        self.dir.path().join("libnvidia-ml.so.1")
+        self.fake.library()
     }
 
     fn backend(&self) -> NvmlBackend {
@@ -79,14 +57,11 @@ impl FakeHost {
     }
 
     fn proc_root(&self) -> PathBuf {
-        self.dir.path().join("proc")
+        self.fake.proc_root()
     }
 
-    /// Puts `pid` into cgroup `path` in the fake /proc.
     fn process(&self, pid: u32, cgroup: &str) {
-        let d = self.proc_root().join(pid.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+        self.fake.process(pid, cgroup);
     }
 
     fn sampler(&self, backend: Box<dyn GpuBackend>, training: TrainingRule) -> GpuSampler {
@@ -398,8 +373,8 @@ fn compute_mode_enforce_lift_and_drift() {
         {"name": H100, "uuid": "GPU-0", "compute_mode": "exclusive_process"},
         {"name": H100, "uuid": "GPU-1"}
     ]}));
-    let modes_file = host.dir.path().join("modes.json");
-    let state = host.dir.path().join("enforce/state.json");
+    let modes_file = host.dir().join("modes.json");
+    let state = host.dir().join("enforce/state.json");
     // The enforcer and the sampler share one NVML thread through clones of the handle.
     let mut backend = host.backend();
     let mut sampler = host.sampler(Box::new(backend.clone()), TrainingRule::default());
@@ -444,7 +419,7 @@ fn record_then_replay_gives_back_the_same_samples() {
     let host = FakeHost::new(
         json!({"gpus": [gpu(0, H100, json!([{"util": 10, "tensor": 5.0, "processes": [proc(5, 10)]}]))]}),
     );
-    let out = host.dir.path().join("trace.jsonl");
+    let out = host.dir().join("trace.jsonl");
     let summary = kycd::gpu::record::record_nvml(
         &host.library(),
         Duration::from_millis(40),
@@ -503,7 +478,7 @@ fn the_sampler_thread_hands_windows_to_a_bounded_channel() {
 #[test]
 fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
     let host = FakeHost::new(json!({"gpus": [gpu(0, H100, json!([{"util": 10}])), gpu(1, H100, json!([]))]}));
-    let out = host.dir.path().join("t.jsonl");
+    let out = host.dir().join("t.jsonl");
     let run = |lib: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_kycctl"))
             .args(["gpu", "record", "--seconds", "0", "--interval-ms", "10", "--out"])
@@ -519,7 +494,7 @@ fn kycctl_gpu_record_writes_a_trace_or_says_nvml_is_missing() {
     assert_eq!(sample.gpus.len(), 2);
     assert_eq!(sample.gpus[0].utilization_gpu_pct, Some(10));
 
-    let missing = run(&host.dir.path().join("absent.so"));
+    let missing = run(&host.dir().join("absent.so"));
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NVML unavailable"));
 }
@@ -631,7 +606,7 @@ fn the_daemon_prohibits_the_gpus_of_a_denied_host_and_restores_them() {
         {"name": H100, "uuid": "GPU-1"}
     ]}));
     let modes = || -> BTreeMap<String, u32> {
-        serde_json::from_slice(&std::fs::read(fake.dir.path().join("modes.json")).unwrap_or_default())
+        serde_json::from_slice(&std::fs::read(fake.dir().join("modes.json")).unwrap_or_default())
             .unwrap_or_default()
     };
     let mut host = host_support::Host::new("");

@@ -27,6 +27,7 @@ pub mod peaks;
 pub mod record;
 pub mod replay;
 pub mod sampler;
+pub mod trace_estimate;
 pub mod units;
 pub mod usage;
 

@@ -101,6 +101,11 @@ impl ReplayBackend {
         ReplayBackend { samples, next: 0, looped, offset_ms: 0, modes }
     }
 
+    /// The trace's samples, as recorded.
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
     fn span_ms(&self) -> i64 {
         match (self.samples.first(), self.samples.last()) {
             (Some(a), Some(b)) => {

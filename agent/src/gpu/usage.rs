@@ -177,7 +177,8 @@ impl UsageAggregator {
                 shared_gpu_seconds: 0.0,
                 ops: Bounds::default(),
                 max_concurrent: 0,
-                method: EstimationMethod::GpmTensor,
+                // The strongest: every observation can only weaken it.
+                method: EstimationMethod::GpmPipes,
                 training_like: false,
             });
             let gpus_now: BTreeSet<&str> = obs.iter().map(|o| o.gpu_uuid.as_str()).collect();

@@ -6,6 +6,7 @@
 //! - [`host`]: a temporary installation of the real `kycd` binary (keys, trust files,
 //!   config, state), the running daemon, and readers of its audit log (the agent's
 //!   end-to-end tests).
+//! - [`fake_nvml`]: the fake `libnvidia-ml.so` with a scenario and a fake `/proc`, per test.
 //! - [`netns`]: real-kernel fixtures of the enforcement tests: network namespaces, throwaway
 //!   cgroups, listeners and connection probes.
 //!
@@ -17,6 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod bench_stats;
+pub mod fake_nvml;
 pub mod host;
 pub mod netns;
 pub mod pg;

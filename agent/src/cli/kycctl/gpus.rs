@@ -1,4 +1,5 @@
-//! `kycctl gpus`, `usage` (the agent's GPU view) and `gpu record` (an NVML trace).
+//! `kycctl gpus`, `usage` (the agent's GPU view), `gpu record` (an NVML trace) and
+//! `gpu estimate` (the estimate over part of a trace).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -23,14 +24,21 @@ pub(super) fn gpus(socket: &Path, json: bool, usage: bool) -> ExitCode {
     }
     let empty = Vec::new();
     if usage {
-        println!("{:<24} {:<44} {:>12} {:>14}", "TENANT", "WORKLOAD", "GPU_SECONDS", "EST_OPS");
+        println!(
+            "{:<24} {:<44} {:>12} {:>11} {:>11} {:>11} {:>11}",
+            "TENANT", "WORKLOAD", "GPU_SECONDS", "OPS_LOWER", "EST_OPS", "OPS_UPPER", "SHARED_S"
+        );
         for u in body["usage"].as_array().unwrap_or(&empty) {
+            let ops = |k: &str| u[k].as_f64().unwrap_or(0.0);
             println!(
-                "{:<24} {:<44} {:>12.0} {:>14.3e}",
+                "{:<24} {:<44} {:>12.0} {:>11.3e} {:>11.3e} {:>11.3e} {:>11.0}",
                 u["tenant"].as_str().unwrap_or("(unattributed)"),
                 u["workload"].as_str().unwrap_or("-"),
-                u["gpu_seconds"].as_f64().unwrap_or(0.0),
-                u["estimated_ops"].as_f64().unwrap_or(0.0)
+                ops("gpu_seconds"),
+                ops("ops_lower"),
+                ops("estimated_ops"),
+                ops("ops_upper"),
+                ops("shared_gpu_seconds"),
             );
         }
     } else {
@@ -62,4 +70,39 @@ pub(super) fn gpu_record(library: &Path, seconds: u64, interval_ms: u64, out: &P
         ),
         Err(e) => fail(EXIT_USAGE, e),
     }
+}
+
+pub(super) fn gpu_estimate(trace: &Path, (from, to): (Option<f64>, Option<f64>), peaks: Option<&Path>, json: bool) -> ExitCode {
+    let replay = match crate::gpu::ReplayBackend::open(trace, false) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let table = match crate::gpu::peaks::PeakTable::with_override(peaks) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let samples = replay.samples();
+    let first = samples.first().map_or(0.0, |s| s.at_ms as f64 / 1000.0);
+    let last = samples.last().map_or(0.0, |s| s.at_ms as f64 / 1000.0);
+    let e = crate::gpu::trace_estimate::estimate_span(samples, &table, from.unwrap_or(first), to.unwrap_or(last));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("{} intervals, {:.1} s between {:.3} and {:.3}", e.intervals, e.seconds, e.from, e.to);
+    println!("{:<44} {:<22} {:<24} {:>11} {:>11} {:>11}", "UUID", "NAME", "METHOD", "OPS_LOWER", "EST_OPS", "OPS_UPPER");
+    for g in &e.gpus {
+        println!(
+            "{:<44} {:<22} {:<24} {:>11.3e} {:>11.3e} {:>11.3e}",
+            g.uuid,
+            g.name,
+            g.method.as_str(),
+            g.ops_lower,
+            g.estimated_ops,
+            g.ops_upper
+        );
+    }
+    let t = e.total;
+    println!("{:<44} {:<22} {:<24} {:>11.3e} {:>11.3e} {:>11.3e}", "total", "", "", t.ops_lower, t.estimated_ops, t.ops_upper);
+    ExitCode::SUCCESS
 }

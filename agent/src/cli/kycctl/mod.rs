@@ -270,6 +270,31 @@ pub enum GpuCommand {
         #[arg(long, value_name = "MS", default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Estimate the operations a recorded trace shows between two times, per GPU.
+    ///
+    /// The agent's own estimate (every GPM pipe × its per-precision peak × SM clock ÷ max
+    /// SM clock; docs/estimates.md) over the sampling intervals that lie inside [FROM, TO]:
+    /// a lower bound (each pipe at its slowest precision), the point estimate (BF16 on the
+    /// HMMA pipe) and an upper bound (fastest precision). For calibration
+    /// (bench/gpu_calibration) and for checking a figure by hand. Exit 2 when the trace
+    /// cannot be read.
+    Estimate {
+        /// Trace written by `kycctl gpu record` (any format version).
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// Start, Unix seconds (fractions allowed); default: the trace's first sample.
+        #[arg(long, value_name = "T")]
+        from: Option<f64>,
+        /// End, Unix seconds (fractions allowed); default: the trace's last sample.
+        #[arg(long, value_name = "T")]
+        to: Option<f64>,
+        /// Peak table laid over the built-in one (the agent's gpu.peak_flops_file format).
+        #[arg(long, value_name = "FILE")]
+        peak_flops_file: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +412,9 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
             gpus::gpu_record(&nvml_library, seconds, interval_ms, &out)
+        }
+        Command::Gpu { command: GpuCommand::Estimate { trace, from, to, peak_flops_file, json } } => {
+            gpus::gpu_estimate(&trace, (from, to), peak_flops_file.as_deref(), json)
         }
         Command::HostId { config } => host::host_identity(&config, false),
         Command::HostKey { public: _, config } => host::host_identity(&config, true),
