@@ -102,16 +102,23 @@ fn scenario(gpm: &[Value], loads: &[Load], shares: impl Fn(f64, &Load) -> u32) -
 }
 
 /// Runs the sampler over every recorded second, the manual clock at each second's end.
-fn sample_recording(gpm: &[Value], loads: &[Load], tenants: &TenantMap, fake: &FakeNvml) -> (Vec<TickReport>, Vec<UsageWindow>) {
+fn sample_recording(
+    gpm: &[Value],
+    loads: &[Load],
+    tenants: &TenantMap,
+    fake: &FakeNvml,
+) -> (Vec<TickReport>, Vec<UsageWindow>) {
     for l in loads {
         fake.process(l.pid, &cgroup(&l.mode));
     }
     let times: Vec<i64> = gpm.iter().map(|s| (s["t"].as_f64().unwrap() * 1000.0).round() as i64).collect();
     let clock = Arc::new(ManualClock::at(times[0] / 1000));
     clock.advance(Duration::from_millis((times[0] % 1000) as u64));
-    let backend =
-        NvmlBackend::start_with_clock(NvmlOptions { library: fake.library(), ..Default::default() }, clock.clone())
-            .unwrap();
+    let backend = NvmlBackend::start_with_clock(
+        NvmlOptions { library: fake.library(), ..Default::default() },
+        clock.clone(),
+    )
+    .unwrap();
     let options = SamplerOptions {
         proc_root: fake.proc_root(),
         cgroup_roots: vec!["machine.slice".into()],
@@ -159,7 +166,8 @@ struct Phase {
 impl Phase {
     fn row(&self) -> String {
         let t = |x: f64| x / self.seconds / 1e12;
-        let ratio = if self.truth > 0.0 { format!("{:.3}", self.ops.point / self.truth) } else { "–".into() };
+        let ratio =
+            if self.truth > 0.0 { format!("{:.3}", self.ops.point / self.truth) } else { "–".into() };
         format!(
             "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {ratio} |",
             self.name,
@@ -196,7 +204,8 @@ fn h200_loads_one_after_another_are_counted_within_the_calibration_bounds() {
     let tenants: TenantMap = loads
         .iter()
         .map(|l| {
-            let info = TenantInfo { tenant: format!("t-{}", l.mode), foreign_person: true, exclusive_gpu: true };
+            let info =
+                TenantInfo { tenant: format!("t-{}", l.mode), foreign_person: true, exclusive_gpu: true };
             (format!("cgroup:{}", cgroup(&l.mode)).parse().unwrap(), info)
         })
         .collect();
@@ -210,7 +219,10 @@ fn h200_loads_one_after_another_are_counted_within_the_calibration_bounds() {
     assert!(gpu.power_mw.is_some_and(|p| p > 600_000), "the recorded power: {:?}", gpu.power_mw);
     assert!(gpu.sm_clock_mhz.is_some_and(|c| c < 1600), "power-capped clock: {:?}", gpu.sm_clock_mhz);
     let pipes = gpu.gpm.as_ref().unwrap();
-    assert!(pipes.hmma_tensor.unwrap() > 90.0 && pipes.fp32.is_some() && pipes.dram_bw.is_some(), "{pipes:?}");
+    assert!(
+        pipes.hmma_tensor.unwrap() > 90.0 && pipes.fp32.is_some() && pipes.dram_bw.is_some(),
+        "{pipes:?}"
+    );
 
     let mut phases = Vec::new();
     for l in &loads {
@@ -231,17 +243,26 @@ fn h200_loads_one_after_another_are_counted_within_the_calibration_bounds() {
     let (copy_rate, bf16_rate) = (copy.ops.point / copy.seconds, bf16.truth / bf16.seconds);
     assert!(copy_rate < 0.01 * bf16_rate, "memory-bound copy at {copy_rate:e}/s, BF16 truth {bf16_rate:e}/s");
     let fp8 = phase("fp8");
-    assert!(fp8.ops.lower <= fp8.truth && fp8.truth <= fp8.ops.upper, "FP8 truth {:e} outside {:?}", fp8.truth, fp8.ops);
+    assert!(
+        fp8.ops.lower <= fp8.truth && fp8.truth <= fp8.ops.upper,
+        "FP8 truth {:e} outside {:?}",
+        fp8.truth,
+        fp8.ops
+    );
     assert!(fp8.ops.point < fp8.truth, "FP8 runs faster than the BF16-equivalent point estimate says");
 
     // Each load's window carries the three figures, labelled; nothing was shared.
     for l in &loads {
-        let w: Vec<&UsageWindow> = windows.iter().filter(|w| w.workload == format!("cgroup:{}", cgroup(&l.mode))).collect();
+        let w: Vec<&UsageWindow> =
+            windows.iter().filter(|w| w.workload == format!("cgroup:{}", cgroup(&l.mode))).collect();
         assert!(!w.is_empty(), "{}: no window", l.mode);
         for w in w {
             let (lower, upper) = (w.ops_lower.unwrap(), w.ops_upper.unwrap());
             assert!(lower <= w.estimated_ops && w.estimated_ops <= upper, "{w:?}");
-            assert_eq!((w.method, w.shared_gpu_seconds, w.tenant.clone()), (EstimationMethod::GpmPipes, 0.0, Some(format!("t-{}", l.mode))));
+            assert_eq!(
+                (w.method, w.shared_gpu_seconds, w.tenant.clone()),
+                (EstimationMethod::GpmPipes, 0.0, Some(format!("t-{}", l.mode)))
+            );
         }
     }
     assert!(reports.iter().all(|r| r.exclusivity_violations.is_empty()), "one load at a time shares nothing");
@@ -253,7 +274,8 @@ fn h200_loads_one_after_another_are_counted_within_the_calibration_bounds() {
     std::fs::write(&path, &text).unwrap();
     let replay = kycd::gpu::ReplayBackend::open(&path, false).unwrap();
     let peaks = kycd::gpu::peaks::PeakTable::builtin().unwrap();
-    let again = kycd::gpu::trace_estimate::estimate_span(replay.samples(), &peaks, loads[0].start, loads[0].end);
+    let again =
+        kycd::gpu::trace_estimate::estimate_span(replay.samples(), &peaks, loads[0].start, loads[0].end);
     // The same figures, up to float summation order.
     assert!((again.total.estimated_ops / bf16.ops.point - 1.0).abs() < 1e-6, "{again:?} vs {:?}", bf16.ops);
     if let Some(out) = std::env::var_os("KYCD_WRITE_H200_TRACE") {
@@ -285,7 +307,11 @@ fn two_tenants_sharing_the_h200_get_bounds_that_hold_their_truth() {
     let tenants: TenantMap = loads
         .iter()
         .map(|l| {
-            let info = TenantInfo { tenant: l.mode.clone(), foreign_person: true, exclusive_gpu: l.mode == "shareA" };
+            let info = TenantInfo {
+                tenant: l.mode.clone(),
+                foreign_person: true,
+                exclusive_gpu: l.mode == "shareA",
+            };
             (format!("cgroup:{}", cgroup(&l.mode)).parse().unwrap(), info)
         })
         .collect();
@@ -302,19 +328,27 @@ fn two_tenants_sharing_the_h200_get_bounds_that_hold_their_truth() {
     // Each tenant: lower 0, upper the device's, labelled, shared time counted; its true
     // operations inside its bounds whatever the split said.
     for l in &loads {
-        let w: Vec<&UsageWindow> = windows.iter().filter(|w| w.workload == format!("cgroup:{}", cgroup(&l.mode))).collect();
+        let w: Vec<&UsageWindow> =
+            windows.iter().filter(|w| w.workload == format!("cgroup:{}", cgroup(&l.mode))).collect();
         let point: f64 = w.iter().map(|w| w.estimated_ops).sum();
         let upper: f64 = w.iter().map(|w| w.upper_ops()).sum();
         let lower: f64 = w.iter().map(|w| w.lower_ops()).sum();
         let shared: f64 = w.iter().map(|w| w.shared_gpu_seconds).sum();
         let own_truth = l.rate * (l.end - l.start);
         assert_eq!(lower, 0.0, "{}", l.mode);
-        assert!(own_truth <= upper && point <= upper, "{}: truth {own_truth:e}, point {point:e}, upper {upper:e}", l.mode);
+        assert!(
+            own_truth <= upper && point <= upper,
+            "{}: truth {own_truth:e}, point {point:e}, upper {upper:e}",
+            l.mode
+        );
         assert!(shared >= (l.end - l.start) - 2.0, "{}: {shared} s shared", l.mode);
         assert!(w.iter().all(|w| w.method == EstimationMethod::SharedSplit), "{w:?}");
     }
     // Only the tenant under exclusive_gpu is reported as violating it.
     let violations: Vec<_> = reports.iter().flat_map(|r| r.exclusivity_violations.iter()).collect();
     assert!(!violations.is_empty());
-    assert!(violations.iter().all(|v| v.tenant == "shareA" && v.gpu_uuid == UUID && v.users == 2), "{violations:?}");
+    assert!(
+        violations.iter().all(|v| v.tenant == "shareA" && v.gpu_uuid == UUID && v.users == 2),
+        "{violations:?}"
+    );
 }

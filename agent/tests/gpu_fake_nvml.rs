@@ -220,7 +220,11 @@ fn eight_gpus_two_tenants_and_an_unattributed_process() {
     assert_eq!((b.gpus, b.max_concurrent_gpus), (3, 3));
     // GPUs 4 and 5 whole, GPU 6 by 60 / (60 + 20): shared with a process of no workload, so
     // on GPU 6 tenant B's lower bound is 0 and its upper bound the whole GPU's.
-    assert!(close(b.estimated_ops, H100_PEAK * 0.3 * 60.0 * CLOCK * (1.0 + 1.0 + 0.75)), "{}", b.estimated_ops);
+    assert!(
+        close(b.estimated_ops, H100_PEAK * 0.3 * 60.0 * CLOCK * (1.0 + 1.0 + 0.75)),
+        "{}",
+        b.estimated_ops
+    );
     assert!(close(b.ops_lower.unwrap(), 494.7e12 * 0.3 * 60.0 * CLOCK * 2.0), "{b:?}");
     assert!(close(b.ops_upper.unwrap(), 1978.9e12 * 0.3 * 60.0 * CLOCK * 3.0), "{b:?}");
     assert_eq!((b.method, b.shared_gpu_seconds), (EstimationMethod::SharedSplit, 60.0));
@@ -684,14 +688,24 @@ fn the_daemon_runs_without_nvml_and_reports_the_gpu_backend_unavailable() {
 #[test]
 fn the_daemon_replays_a_trace_into_usage_windows() {
     let mut host = host_support::Host::new("");
+    // The H200 recording as a format-2 trace (every GPM pipe; written by the calibration
+    // test through the fake NVML), its load processes moved to pid 1: the host's workload.
     let trace = host.path("trace.jsonl");
-    let lines: Vec<String> = (0..30)
-        .map(|i| {
-            json!({"at_ms": T0_MS + i * 1000, "backend": {"state": "ok"}, "gpus": [{
-                "index": 0, "uuid": "GPU-0", "name": H100, "state": {"state": "ok"},
-                "utilization_gpu_pct": 80, "processes": [{"pid": 1, "used_memory_bytes": 1024}]
-            }]})
-            .to_string()
+    let recorded = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/h200-2026-12-04/trace-format2.jsonl"),
+    )
+    .unwrap();
+    let lines: Vec<String> = recorded
+        .lines()
+        .map(|l| {
+            let mut sample: serde_json::Value = serde_json::from_str(l).unwrap();
+            for p in sample["gpus"][0]["processes"].as_array_mut().unwrap() {
+                p["pid"] = json!(1);
+            }
+            for p in sample["gpus"][0]["process_utilization"].as_array_mut().into_iter().flatten() {
+                p["pid"] = json!(1);
+            }
+            sample.to_string()
         })
         .collect();
     std::fs::write(&trace, lines.join("\n")).unwrap();
@@ -715,5 +729,26 @@ fn the_daemon_replays_a_trace_into_usage_windows() {
     assert!(log.contains("REPLAYED"), "the replay is announced:\n{log}");
     let window = log.lines().find(|l| l.contains("GPU usage window")).unwrap();
     assert!(window.contains("host:host"), "pid 1 is the host's: {window}");
+    // The three figures and the method, from every pipe of the format-2 trace (the log may
+    // be coloured: escapes stripped first).
+    let window: String = {
+        let mut plain = String::new();
+        let mut chars = window.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| *c == 'm');
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
+    };
+    let figure = |name: &str| -> f64 {
+        let at = window.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name}: {window}"));
+        window[at + name.len() + 1..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (lower, point, upper) = (figure("ops_lower"), figure("estimated_ops"), figure("ops_upper"));
+    assert!(0.0 < lower && lower < point && point < upper, "{window}");
+    assert!(window.contains("gpm_pipes"), "{window}");
     host.stop();
 }

@@ -144,6 +144,16 @@ fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
         "the collector lists the host it polls:\n{out}"
     );
     assert!(out.contains("on host demo-node-1 — mode enforce"), "kycctl status is shown:\n{out}");
+    // kycctl usage: the foreign tenant's three figures, in order, from the format-2 trace.
+    assert!(
+        out.lines().any(|l| l.contains("OPS_LOWER") && l.contains("EST_OPS") && l.contains("OPS_UPPER")),
+        "{out}"
+    );
+    let usage =
+        out.lines().find(|l| l.trim_start().starts_with("tenant-foreign")).unwrap_or_else(|| panic!("{out}"));
+    let figures: Vec<f64> = usage.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let [_gpu_seconds, lower, point, upper, _shared] = figures[..] else { panic!("{usage}") };
+    assert!(0.0 < lower && lower < point && point < upper, "{usage}");
     assert!(out.contains("real deployments: training_ops = 1e26, cluster_flops = 1e20"), "{out}");
     assert!(out.contains("collector HTML overview   http://127.0.0.1:"), "{out}");
 

@@ -140,7 +140,11 @@ pub fn rate(rates: &Rates, reading: &Reading<'_>) -> Option<Rate> {
                 let u = f64::from(reading.utilization_pct?.min(100)) / 100.0;
                 let fastest = rates.int8.map_or(hmma_fastest, |i| i.max(hmma_fastest));
                 let ops = Bounds { lower: 0.0, point: u * bf16, upper: u * fastest }.scaled(clock);
-                return Some(Rate { ops_per_s: ops, method: EstimationMethod::UtilizationUpperBound, activity: u });
+                return Some(Rate {
+                    ops_per_s: ops,
+                    method: EstimationMethod::UtilizationUpperBound,
+                    activity: u,
+                });
             }
         },
     };
@@ -197,16 +201,29 @@ mod tests {
         // CUDA-core FP32 at 76.4 % and full clock: counted at the FP32 rate in all three.
         let gpm = GpmPipes { hmma_tensor: Some(0.0), fp32: Some(76.4), ..GpmPipes::default() };
         let r = rate(&h200(), &Reading { gpm: Some(&gpm), ..Reading::default() }).unwrap();
-        assert!(close(r.ops_per_s.point, 0.764 * 66.9e12) && close(r.ops_per_s.lower, r.ops_per_s.upper), "{r:?}");
+        assert!(
+            close(r.ops_per_s.point, 0.764 * 66.9e12) && close(r.ops_per_s.lower, r.ops_per_s.upper),
+            "{r:?}"
+        );
         // A memory-bound copy: DRAM and integer activity count for nothing.
-        let gpm = GpmPipes { hmma_tensor: Some(0.0), dram_bw: Some(88.7), integer: Some(30.0), ..GpmPipes::default() };
+        let gpm = GpmPipes {
+            hmma_tensor: Some(0.0),
+            dram_bw: Some(88.7),
+            integer: Some(30.0),
+            ..GpmPipes::default()
+        };
         let r = rate(&h200(), &Reading { gpm: Some(&gpm), ..Reading::default() }).unwrap();
         assert_eq!(r.ops_per_s, Bounds::default());
     }
 
     #[test]
     fn without_the_breakdown_any_tensor_then_utilization_are_used_and_labelled() {
-        let v1 = Reading { any_tensor_pct: Some(50.0), sm_clock_mhz: Some(990), max_sm_clock_mhz: Some(1980), ..Reading::default() };
+        let v1 = Reading {
+            any_tensor_pct: Some(50.0),
+            sm_clock_mhz: Some(990),
+            max_sm_clock_mhz: Some(1980),
+            ..Reading::default()
+        };
         let r = rate(&h200(), &v1).unwrap();
         assert_eq!(r.method, EstimationMethod::GpmTensor);
         assert!(close(r.ops_per_s.point, 0.5 * 989.4e12 * 0.5), "{r:?}");
@@ -214,7 +231,10 @@ mod tests {
         let r = rate(&h200(), &util).unwrap();
         assert_eq!(r.method, EstimationMethod::UtilizationUpperBound);
         assert_eq!(r.ops_per_s.lower, 0.0);
-        assert!(close(r.ops_per_s.point, 0.8 * 989.4e12) && close(r.ops_per_s.upper, 0.8 * 1978.9e12), "{r:?}");
+        assert!(
+            close(r.ops_per_s.point, 0.8 * 989.4e12) && close(r.ops_per_s.upper, 0.8 * 1978.9e12),
+            "{r:?}"
+        );
         assert_eq!(rate(&h200(), &Reading::default()), None);
         assert_eq!(rate(&Rates::default(), &util), None, "no BF16 peak, no estimate");
     }

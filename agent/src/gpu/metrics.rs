@@ -228,10 +228,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
-        m.observe_tick(&TickReport {
-            sample: Sample::unavailable(1, "x".into()),
-            ..report
-        });
+        m.observe_tick(&TickReport { sample: Sample::unavailable(1, "x".into()), ..report });
         let text = m.render();
         assert!(text.contains("kycd_gpu_backend_available 0"));
         assert!(text.contains("kycd_nvml_errors_total{kind=\"unavailable\"} 1"));

@@ -187,7 +187,11 @@ impl PeakTable {
             .filter(|(prefix, _)| lower.starts_with(prefix.as_str()))
             .max_by_key(|(prefix, _)| prefix.len());
         if let Some((_, row)) = by_name {
-            return Peaks { rates: row.rates, source: PeakSource::Table, sm_count: row.sm_count.or(sm_count) };
+            return Peaks {
+                rates: row.rates,
+                source: PeakSource::Table,
+                sm_count: row.sm_count.or(sm_count),
+            };
         }
         if let (Some(sm), Some(mhz), Some([major, minor])) = (sm_count, max_sm_clock_mhz, cc) {
             if let Some(per_sm) = self.per_sm_clock.get(&(major, minor)) {
@@ -216,7 +220,11 @@ impl<'t> Table<'t> {
             .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
             .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect::<Vec<_>>()));
         let Some((_, header)) = lines.next() else {
-            return Err(PeaksError::Parse { source_name: source_name.into(), line: 1, reason: "no header".into() });
+            return Err(PeaksError::Parse {
+                source_name: source_name.into(),
+                line: 1,
+                reason: "no header".into(),
+            });
         };
         Ok(Table { source_name, header, rows: lines.collect() })
     }
@@ -286,7 +294,9 @@ fn parse_peaks(text: &str, source_name: &str) -> Result<Vec<(String, Row)>, Peak
     let mut rows = Vec::new();
     for (line, row) in &table.rows {
         if row.len() > table.header.len() {
-            return Err(table.bad(*line, format!("{} cells, the header has {}", row.len(), table.header.len())));
+            return Err(
+                table.bad(*line, format!("{} cells, the header has {}", row.len(), table.header.len()))
+            );
         }
         let Some(prefix) = table.cell(row, prefix_column) else {
             return Err(table.bad(*line, "empty nvml_name_prefix"));
@@ -325,7 +335,10 @@ mod tests {
         let t = PeakTable::builtin().unwrap();
         let h100 = t.peaks("NVIDIA H100 80GB HBM3", None, None, None);
         assert_eq!((h100.bf16(), h100.source, h100.sm_count), (Some(989.4e12), PeakSource::Table, Some(132)));
-        assert_eq!((h100.rates.tf32, h100.rates.fp8, h100.rates.fp32), (Some(494.7e12), Some(1978.9e12), Some(66.9e12)));
+        assert_eq!(
+            (h100.rates.tf32, h100.rates.fp8, h100.rates.fp32),
+            (Some(494.7e12), Some(1978.9e12), Some(66.9e12))
+        );
         // "NVIDIA H100 NVL" must not match a shorter "NVIDIA H10…" row, nor H20 match H200.
         assert_eq!(t.peaks("NVIDIA H100 NVL", None, None, None).bf16(), Some(835.5e12));
         assert_eq!(t.peaks("nvidia h20", None, None, None).bf16(), Some(148e12));

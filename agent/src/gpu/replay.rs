@@ -36,7 +36,10 @@ pub enum ReplayError {
         source: std::io::Error,
     },
     /// A line is in a trace format newer than this agent reads.
-    #[error("GPU trace {path} line {line}: trace format {format} is newer than this kycd reads (up to {})", super::TRACE_FORMAT)]
+    #[error(
+        "GPU trace {path} line {line}: trace format {format} is newer than this kycd reads (up to {})",
+        super::TRACE_FORMAT
+    )]
     Format {
         /// The trace.
         path: PathBuf,

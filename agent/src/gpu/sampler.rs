@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attribution::{Attributor, ProcessOwner};
 use super::estimate::{self, Bounds, Rate, Reading};
-use super::peaks::{self, Peaks, PeakTable};
+use super::peaks::{self, PeakTable, Peaks};
 use super::units::{process_shares, units, Unit};
 use super::usage::{Observation, TrainingRule, UsageAggregator, UsageKey, WindowSender, DEFAULT_WINDOW};
 use super::{BackendState, GpuBackend, GpuSnapshot, GpuState, Sample};
@@ -229,7 +229,8 @@ impl GpuSampler {
                 report.lost_gpus.push(gpu.uuid.clone());
                 continue;
             }
-            let peaks = self.peaks.peaks(&gpu.name, gpu.sm_count, gpu.max_sm_clock_mhz, gpu.compute_capability);
+            let peaks =
+                self.peaks.peaks(&gpu.name, gpu.sm_count, gpu.max_sm_clock_mhz, gpu.compute_capability);
             let rate = estimate::rate(&peaks.rates, &Reading::of(gpu));
             let ops = rate.map(|r| r.ops_per_s.scaled(dt.as_secs_f64()));
             report.gpus.push(GpuEstimate { uuid: gpu.uuid.clone(), peaks, rate, ops });
@@ -311,7 +312,9 @@ impl GpuSampler {
         }
         for (key, share) in per_key {
             let (ops_per_s, method) = match unit.rate {
-                Some(r) if shared => (Some(r.ops_per_s.shared(share)), r.method.weakest(EstimationMethod::SharedSplit)),
+                Some(r) if shared => {
+                    (Some(r.ops_per_s.shared(share)), r.method.weakest(EstimationMethod::SharedSplit))
+                }
                 Some(r) => (Some(r.ops_per_s.scaled(share)), r.method),
                 None => (None, EstimationMethod::Unknown),
             };

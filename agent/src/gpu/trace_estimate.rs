@@ -128,7 +128,8 @@ mod tests {
 
     #[test]
     fn counts_only_intervals_inside_the_span() {
-        let samples: Vec<Sample> = (0..10).map(|k| sample(100 + k, if k < 5 { 0.0 } else { 100.0 })).collect();
+        let samples: Vec<Sample> =
+            (0..10).map(|k| sample(100 + k, if k < 5 { 0.0 } else { 100.0 })).collect();
         let peaks = PeakTable::builtin().unwrap();
         let e = estimate_span(&samples, &peaks, 104.5, 109.0);
         // Intervals (105,106] … (108,109]: 4 s at 100 % HMMA and half clock.

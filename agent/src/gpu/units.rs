@@ -108,7 +108,8 @@ mod tests {
         gpu.mig_enabled = Some(true);
         gpu.sm_clock_mhz = Some(1980);
         gpu.max_sm_clock_mhz = Some(1980);
-        gpu.processes = vec![process(10, Some(1)), process(11, Some(1)), process(20, Some(2)), process(30, None)];
+        gpu.processes =
+            vec![process(10, Some(1)), process(11, Some(1)), process(20, Some(2)), process(30, None)];
         let instance = |index: u32, gi: Option<u32>, sms: u32, gpm: Option<GpmPipes>| MigInstance {
             index,
             uuid: format!("MIG-{index}"),

@@ -264,7 +264,11 @@ mod tests {
             },
             gpu_uuid: format!("GPU-{gpu}"),
             peak_flops: Some(1e15),
-            ops_per_s: Some(Bounds { lower: 0.5e15 * activity, point: 1e15 * activity, upper: 2e15 * activity }),
+            ops_per_s: Some(Bounds {
+                lower: 0.5e15 * activity,
+                point: 1e15 * activity,
+                upper: 2e15 * activity,
+            }),
             activity,
             method,
             shared: false,

@@ -184,7 +184,10 @@ impl Tick {
             Some(gi) => self.mig_gpm.get(&gi.to_string()).cloned().unwrap_or_default(),
             None => match &self.gpm {
                 Some(map) => map.clone(),
-                None => BTreeMap::from([("ANY_TENSOR_UTIL".into(), self.tensor), ("SM_UTIL".into(), f64::from(self.util))]),
+                None => BTreeMap::from([
+                    ("ANY_TENSOR_UTIL".into(), self.tensor),
+                    ("SM_UTIL".into(), f64::from(self.util)),
+                ]),
             },
         };
         named.iter().filter_map(|(name, v)| Some((metric_id(name)?, *v))).collect()
@@ -688,7 +691,9 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         let procs = match handle {
             Handle::Gpu(_) => all,
             // MIG instance `index` is GPU instance id `index + 1`.
-            Handle::Mig { index, .. } => all.into_iter().filter(|p| p.gpu_instance_id == Some(index + 1)).collect(),
+            Handle::Mig { index, .. } => {
+                all.into_iter().filter(|p| p.gpu_instance_id == Some(index + 1)).collect()
+            }
         };
         // SAFETY: count is non-null and valid per the caller.
         let room = unsafe { *count } as usize;

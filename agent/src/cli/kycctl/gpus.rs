@@ -72,7 +72,12 @@ pub(super) fn gpu_record(library: &Path, seconds: u64, interval_ms: u64, out: &P
     }
 }
 
-pub(super) fn gpu_estimate(trace: &Path, (from, to): (Option<f64>, Option<f64>), peaks: Option<&Path>, json: bool) -> ExitCode {
+pub(super) fn gpu_estimate(
+    trace: &Path,
+    (from, to): (Option<f64>, Option<f64>),
+    peaks: Option<&Path>,
+    json: bool,
+) -> ExitCode {
     let replay = match crate::gpu::ReplayBackend::open(trace, false) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_USAGE, e),
@@ -84,13 +89,17 @@ pub(super) fn gpu_estimate(trace: &Path, (from, to): (Option<f64>, Option<f64>),
     let samples = replay.samples();
     let first = samples.first().map_or(0.0, |s| s.at_ms as f64 / 1000.0);
     let last = samples.last().map_or(0.0, |s| s.at_ms as f64 / 1000.0);
-    let e = crate::gpu::trace_estimate::estimate_span(samples, &table, from.unwrap_or(first), to.unwrap_or(last));
+    let e =
+        crate::gpu::trace_estimate::estimate_span(samples, &table, from.unwrap_or(first), to.unwrap_or(last));
     if json {
         println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     println!("{} intervals, {:.1} s between {:.3} and {:.3}", e.intervals, e.seconds, e.from, e.to);
-    println!("{:<44} {:<22} {:<24} {:>11} {:>11} {:>11}", "UUID", "NAME", "METHOD", "OPS_LOWER", "EST_OPS", "OPS_UPPER");
+    println!(
+        "{:<44} {:<22} {:<24} {:>11} {:>11} {:>11}",
+        "UUID", "NAME", "METHOD", "OPS_LOWER", "EST_OPS", "OPS_UPPER"
+    );
     for g in &e.gpus {
         println!(
             "{:<44} {:<22} {:<24} {:>11.3e} {:>11.3e} {:>11.3e}",
@@ -103,6 +112,9 @@ pub(super) fn gpu_estimate(trace: &Path, (from, to): (Option<f64>, Option<f64>),
         );
     }
     let t = e.total;
-    println!("{:<44} {:<22} {:<24} {:>11.3e} {:>11.3e} {:>11.3e}", "total", "", "", t.ops_lower, t.estimated_ops, t.ops_upper);
+    println!(
+        "{:<44} {:<22} {:<24} {:>11.3e} {:>11.3e} {:>11.3e}",
+        "total", "", "", t.ops_lower, t.estimated_ops, t.ops_upper
+    );
     ExitCode::SUCCESS
 }

@@ -268,8 +268,10 @@ fn gpm_pipes<'n>(
         return None;
     };
     let pipes = memory.gpm.remove(&key).and_then(|before| {
-        let results = r.get("gpm_metrics", nvml_wrapper::gpm::gpm_metrics_get(nvml, &before, &now, &PIPES))?;
-        let pipes = pipes_from(results.into_iter().map(|m| m.ok().map(|m| m.value).filter(|v| v.is_finite())));
+        let results =
+            r.get("gpm_metrics", nvml_wrapper::gpm::gpm_metrics_get(nvml, &before, &now, &PIPES))?;
+        let pipes =
+            pipes_from(results.into_iter().map(|m| m.ok().map(|m| m.value).filter(|v| v.is_finite())));
         // Every metric unsupported is no GPM reading, not a reading of nothing.
         (pipes != GpmPipes::default()).then_some(pipes)
     });
