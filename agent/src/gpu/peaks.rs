@@ -337,7 +337,7 @@ mod tests {
         assert_eq!((h100.bf16(), h100.source, h100.sm_count), (Some(989.4e12), PeakSource::Table, Some(132)));
         assert_eq!(
             (h100.rates.tf32, h100.rates.fp8, h100.rates.fp32),
-            (Some(494.7e12), Some(1978.9e12), Some(66.9e12))
+            (Some(494.7e12), Some(1978.9e12), Some(66.9 * 1e12))
         );
         // "NVIDIA H100 NVL" must not match a shorter "NVIDIA H10…" row, nor H20 match H200.
         assert_eq!(t.peaks("NVIDIA H100 NVL", None, None, None).bf16(), Some(835.5e12));

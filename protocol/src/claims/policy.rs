@@ -378,7 +378,7 @@ mod tests {
         assert!(serde_json::from_str::<ThresholdBasis>(r#""lower""#).is_err());
         let c: Conditions = serde_json::from_str(r#"{"exclusive_gpu": true}"#).unwrap();
         assert!(c.exclusive_gpu && !c.is_empty());
-        assert_eq!(serde_json::to_value(&Conditions::default()).unwrap(), serde_json::json!({}));
+        assert_eq!(serde_json::to_value(Conditions::default()).unwrap(), serde_json::json!({}));
     }
 
     #[test]
