@@ -1,6 +1,9 @@
 //! Regulatory exports (`kycd-collector export --since DATE --format csv|json`): one row per
-//! tenant with usage in the period — tenant, legal name, countries, foreign flag, estimated
-//! operations, GPU-hours, first/last seen, hosts, findings — for the provider's filings.
+//! tenant with usage in the period — tenant, legal name, countries, foreign flag, operations
+//! (lower bound, point estimate, upper bound, side by side), GPU-hours and of them those on
+//! GPUs shared without isolation, first/last seen, hosts, findings — for the provider's
+//! filings. A filing that quotes only the point estimate would hide how much the measurement
+//! allows: windows of agents before 0.17 count their estimate as both bounds.
 //!
 //! Usage figures cover windows that end after `since` (the filing period); the findings
 //! column lists every finding about the tenant raised since then, open or resolved. Times are
@@ -44,10 +47,16 @@ pub struct ExportRow {
     pub beneficial_owner_countries: Vec<String>,
     /// Foreign person.
     pub foreign_person: bool,
-    /// Estimated operations in the period.
+    /// Lower bound of operations in the period.
+    pub ops_lower: f64,
+    /// Estimated operations in the period (point estimate).
     pub estimated_ops: f64,
+    /// Upper bound of operations in the period.
+    pub ops_upper: f64,
     /// GPU-hours in the period.
     pub gpu_hours: f64,
+    /// Of them, GPU-hours on GPUs shared with another workload without isolation.
+    pub shared_gpu_hours: f64,
     /// Peak concurrent FLOP/s in the period.
     pub peak_flops: f64,
     /// First window start in the period (RFC 3339).
@@ -119,8 +128,11 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
                     .unwrap_or_default(),
                 foreign_person: identity.map_or(u.foreign_person, |i| i.foreign_person),
                 // Finite whatever was stored: JSON would print a non-finite number as null.
+                ops_lower: finite(u.ops_lower),
                 estimated_ops: finite(u.estimated_ops),
+                ops_upper: finite(u.ops_upper),
                 gpu_hours: finite(u.gpu_hours()),
+                shared_gpu_hours: finite(u.shared_gpu_seconds / 3600.0),
                 peak_flops: finite(u.peak_flops),
                 first_seen: rfc3339(u.first_seen),
                 last_seen: rfc3339(u.last_seen),
@@ -133,14 +145,17 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
 }
 
 /// The CSV header.
-pub const CSV_HEADER: [&str; 12] = [
+pub const CSV_HEADER: [&str; 15] = [
     "tenant",
     "legal_name",
     "countries",
     "beneficial_owner_countries",
     "foreign_person",
+    "ops_lower",
     "estimated_ops",
+    "ops_upper",
     "gpu_hours",
+    "shared_gpu_hours",
     "peak_flops",
     "first_seen",
     "last_seen",
@@ -172,8 +187,11 @@ impl ExportRow {
     /// number as `null`, and CSV would read `inf`.
     fn with_finite_numbers(&self) -> ExportRow {
         ExportRow {
+            ops_lower: finite(self.ops_lower),
             estimated_ops: finite(self.estimated_ops),
+            ops_upper: finite(self.ops_upper),
             gpu_hours: finite(self.gpu_hours),
+            shared_gpu_hours: finite(self.shared_gpu_hours),
             peak_flops: finite(self.peak_flops),
             ..self.clone()
         }
@@ -195,8 +213,11 @@ pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::
                     neutralize(&r.countries.join(" ")),
                     neutralize(&r.beneficial_owner_countries.join(" ")),
                     r.foreign_person.to_string(),
+                    format!("{:e}", r.ops_lower),
                     format!("{:e}", r.estimated_ops),
+                    format!("{:e}", r.ops_upper),
                     format!("{:.3}", r.gpu_hours),
+                    format!("{:.3}", r.shared_gpu_hours),
                     format!("{:e}", r.peak_flops),
                     neutralize(&r.first_seen),
                     neutralize(&r.last_seen),
@@ -234,8 +255,11 @@ mod tests {
             countries: vec!["SG".into()],
             beneficial_owner_countries: vec![],
             foreign_person: true,
+            ops_lower: 1e20,
             estimated_ops: 1.5e20,
+            ops_upper: 6e20,
             gpu_hours: 2.0,
+            shared_gpu_hours: 0.25,
             peak_flops: 7.9e15,
             first_seen: rfc3339(1_769_817_600),
             last_seen: rfc3339(1_769_817_660),
@@ -259,7 +283,7 @@ mod tests {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(
             lines[1],
-            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3"#
+            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1e20,1.5e20,6e20,2.000,0.250,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3"#
         );
         assert!(lines[2].starts_with("'-2+3,'@SUM(1),SG,"), "{}", lines[2]);
         assert!(lines[3].starts_with("'\t=1,\"'\r=1\",SG,"), "{:?}", lines[3]);

@@ -4,7 +4,10 @@
 //! implements it with the same meaning.
 //!
 //! Aggregation is defined here, once, so both backends compute the same numbers:
-//! - cumulative estimated operations and GPU-seconds: sums over every stored window;
+//! - cumulative operations, as three figures summed over every stored window side by side:
+//!   the lower bound, the point estimate and the upper bound (a window from an agent that
+//!   sent no bounds counts its estimate for all three, as ingest stored it), and GPU-seconds,
+//!   of them those in which the tenant shared a GPU without isolation;
 //! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
 //!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
 //!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
@@ -57,10 +60,21 @@ pub fn finite(value: f64) -> f64 {
 pub struct TenantUsage {
     /// Tenant id (the attestation `sub`).
     pub tenant: String,
-    /// Cumulative estimated operations.
+    /// Cumulative lower bound of operations (each pipe at its slowest precision; 0 for work
+    /// on a shared GPU).
+    pub ops_lower: f64,
+    /// Cumulative estimated operations (the point estimate).
     pub estimated_ops: f64,
+    /// Cumulative upper bound of operations (each pipe at its fastest precision; the whole
+    /// device for work on a shared GPU).
+    pub ops_upper: f64,
     /// Cumulative GPU-seconds.
     pub gpu_seconds: f64,
+    /// Of them, GPU-seconds in which the tenant shared a GPU with another workload without
+    /// isolation (its operations there could not be attributed to it alone).
+    pub shared_gpu_seconds: f64,
+    /// Hosts on which it did, by host id.
+    pub shared_gpu_hosts: Vec<String>,
     /// Largest concurrent FLOP/s capacity in one minute, summed across hosts.
     pub peak_flops: f64,
     /// Start of the minute of that peak (Unix seconds).
@@ -95,6 +109,8 @@ impl TenantUsage {
 #[derive(Debug, Default)]
 pub struct UsageAccumulator {
     hosts: std::collections::HashMap<String, u32>,
+    /// Host ids by their index in `hosts`.
+    host_ids: Vec<String>,
     tenants: std::collections::HashMap<String, TenantAccumulator>,
 }
 
@@ -103,6 +119,8 @@ struct TenantAccumulator {
     usage: Option<TenantUsage>,
     host_gpus: std::collections::HashMap<u32, u32>,
     capacity: std::collections::HashMap<i64, f64>,
+    /// Hosts (indices) with GPU-seconds shared without isolation.
+    shared_hosts: std::collections::BTreeSet<u32>,
 }
 
 /// One window as [`UsageAccumulator::add`] takes it.
@@ -120,8 +138,14 @@ pub struct WindowRow<'a> {
     pub gpu_seconds: f64,
     /// Most GPUs at once (max of `max_concurrent_gpus` and `gpus` for old records).
     pub gpus: u32,
-    /// Estimated operations.
+    /// Lower bound of operations.
+    pub ops_lower: f64,
+    /// Estimated operations (point estimate).
     pub estimated_ops: f64,
+    /// Upper bound of operations.
+    pub ops_upper: f64,
+    /// GPU-seconds shared without isolation.
+    pub shared_gpu_seconds: f64,
     /// Peak FLOP/s capacity.
     pub peak_flops: f64,
     /// Estimation method (wire name).
@@ -138,6 +162,7 @@ impl UsageAccumulator {
             Some(id) => *id,
             None => {
                 self.hosts.insert(w.host_id.to_owned(), next_host);
+                self.host_ids.push(w.host_id.to_owned());
                 next_host
             }
         };
@@ -147,8 +172,12 @@ impl UsageAccumulator {
         let Some(t) = self.tenants.get_mut(w.tenant) else { return };
         let usage = t.usage.get_or_insert_with(|| TenantUsage {
             tenant: w.tenant.to_owned(),
+            ops_lower: 0.0,
             estimated_ops: 0.0,
+            ops_upper: 0.0,
             gpu_seconds: 0.0,
+            shared_gpu_seconds: 0.0,
+            shared_gpu_hosts: Vec::new(),
             peak_flops: 0.0,
             peak_at: 0,
             hosts: 0,
@@ -159,8 +188,14 @@ impl UsageAccumulator {
             last_seen: w.end,
             foreign_person: false,
         });
+        usage.ops_lower = saturating_sum(usage.ops_lower, w.ops_lower);
         usage.estimated_ops = saturating_sum(usage.estimated_ops, w.estimated_ops);
+        usage.ops_upper = saturating_sum(usage.ops_upper, w.ops_upper);
         usage.gpu_seconds = saturating_sum(usage.gpu_seconds, w.gpu_seconds);
+        usage.shared_gpu_seconds = saturating_sum(usage.shared_gpu_seconds, w.shared_gpu_seconds);
+        if w.shared_gpu_seconds > 0.0 {
+            t.shared_hosts.insert(host);
+        }
         usage.windows = usage.windows.saturating_add(1);
         usage.first_seen = usage.first_seen.min(w.start);
         usage.last_seen = usage.last_seen.max(w.end);
@@ -182,11 +217,19 @@ impl UsageAccumulator {
 
     /// The per-tenant usage, by tenant id.
     pub fn finish(self) -> Vec<TenantUsage> {
+        let host_ids = self.host_ids;
         let mut out: Vec<TenantUsage> = self
             .tenants
             .into_values()
             .filter_map(|t| {
                 let mut usage = t.usage?;
+                let mut shared: Vec<String> = t
+                    .shared_hosts
+                    .iter()
+                    .filter_map(|i| host_ids.get(usize::try_from(*i).ok()?).cloned())
+                    .collect();
+                shared.sort();
+                usage.shared_gpu_hosts = shared;
                 usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
                 usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
                 // Earliest bucket among equal peaks, so the result does not depend on order.
@@ -218,8 +261,14 @@ pub struct WindowEvidence {
     pub start: i64,
     /// Window end.
     pub end: i64,
-    /// Estimated operations.
+    /// Lower bound of operations.
+    pub ops_lower: f64,
+    /// Estimated operations (point estimate).
     pub estimated_ops: f64,
+    /// Upper bound of operations.
+    pub ops_upper: f64,
+    /// GPU-seconds shared with another workload without isolation.
+    pub shared_gpu_seconds: f64,
     /// Peak FLOP/s capacity.
     pub peak_flops: f64,
     /// GPUs used.
@@ -249,9 +298,10 @@ pub struct TenantIdentity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FindingKind {
-    /// Cumulative operations ≥ `early_warning_fraction × training_ops`.
+    /// Cumulative upper bound of operations ≥ `early_warning_fraction × training_ops`.
     EarlyWarning,
-    /// Cumulative operations ≥ `training_ops`.
+    /// Cumulative operations, the figure the policy's `threshold_basis` names (point
+    /// estimate or upper bound), ≥ `training_ops`.
     TrainingThresholdCrossed,
     /// Concurrent capacity ≥ `cluster_flops`.
     ClusterCapacityCrossed,
@@ -264,11 +314,15 @@ pub enum FindingKind {
     /// Batches of the (authenticated) host were refused for good recently: usage it
     /// measured is not in the collector's totals.
     ReportRejected,
+    /// A foreign tenant shared a GPU with another workload without isolation: its
+    /// operations there could not be attributed to it alone (and an `exclusive_gpu`
+    /// condition of the published policy, if any, was not met).
+    SharedGpu,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 7] = [
+    pub const ALL: [FindingKind; 8] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
@@ -276,6 +330,7 @@ impl FindingKind {
         FindingKind::PolicyStale,
         FindingKind::EnforcementMismatch,
         FindingKind::ReportRejected,
+        FindingKind::SharedGpu,
     ];
 
     /// The wire and storage name.
@@ -288,6 +343,7 @@ impl FindingKind {
             FindingKind::PolicyStale => "policy_stale",
             FindingKind::EnforcementMismatch => "enforcement_mismatch",
             FindingKind::ReportRejected => "report_rejected",
+            FindingKind::SharedGpu => "shared_gpu",
         }
     }
 
@@ -442,7 +498,10 @@ mod tests {
             end: start + len,
             gpu_seconds: 8.0 * len as f64,
             gpus: 8,
+            ops_lower: 0.5e15 * len as f64,
             estimated_ops: 1e15 * len as f64,
+            ops_upper: 2e15 * len as f64,
+            shared_gpu_seconds: 0.0,
             peak_flops: flops,
             method: "gpm_tensor",
             foreign_person: false,
@@ -468,5 +527,25 @@ mod tests {
         assert_eq!((t.first_seen, t.last_seen), (6000, 6180));
         assert!((t.estimated_ops - 1e15 * 240.0).abs() < 1.0);
         assert_eq!(t.ops_by_method.len(), 1);
+    }
+
+    #[test]
+    fn three_figures_and_shared_gpu_seconds_sum_per_tenant() {
+        let mut acc = UsageAccumulator::default();
+        acc.add(&row("t", "a", 0, 60, 1e15));
+        acc.add(&WindowRow { shared_gpu_seconds: 30.0, ..row("t", "b", 60, 60, 1e15) });
+        acc.add(&WindowRow { shared_gpu_seconds: 5.0, ..row("t", "c", 120, 60, 1e15) });
+        acc.add(&WindowRow { shared_gpu_seconds: 7.0, ..row("u", "a", 0, 60, 1e15) });
+        let usage = acc.finish();
+        let t = &usage[0];
+        assert_eq!((t.ops_lower, t.estimated_ops, t.ops_upper), (0.5e15 * 180.0, 1e15 * 180.0, 2e15 * 180.0));
+        assert_eq!(
+            (t.shared_gpu_seconds, t.shared_gpu_hosts.as_slice()),
+            (35.0, ["b".to_owned(), "c".to_owned()].as_slice())
+        );
+        assert_eq!(
+            (usage[1].shared_gpu_seconds, usage[1].shared_gpu_hosts.as_slice()),
+            (7.0, ["a".to_owned()].as_slice())
+        );
     }
 }

@@ -349,17 +349,37 @@ fn export_round_trip(db: &TestDb) {
     let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
     assert_eq!(lines[0], kycd_collector::export::CSV_HEADER.join(","));
     assert_eq!(lines.len(), 6);
+    // Columns by header name (the three operation figures sit side by side).
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let large: Vec<&str> = lines[1].split(',').collect();
-    assert_eq!(large[0], "t-domestic-large");
-    assert_eq!(large[4], "false");
-    assert!((large[5].parse::<f64>().unwrap() - 2.4e19).abs() < 1e9, "{}", large[5]);
-    assert_eq!(large[10], "10");
-    let found: BTreeSet<&str> = large[11].split(' ').map(|f| f.split('#').next().unwrap()).collect();
+    assert_eq!(large[col("tenant")], "t-domestic-large");
+    assert_eq!(large[col("foreign_person")], "false");
+    // Old-agent windows (no bounds): all three figures are the estimate.
+    for figure in ["ops_lower", "estimated_ops", "ops_upper"] {
+        let value = large[col(figure)].parse::<f64>().unwrap();
+        assert!((value - 2.4e19).abs() < 1e9, "{figure} = {value}");
+    }
+    assert_eq!(large[col("shared_gpu_hours")], "0.000");
+    assert_eq!(large[col("hosts")], "10");
+    let found: BTreeSet<&str> =
+        large[col("findings")].split(' ').map(|f| f.split('#').next().unwrap()).collect();
     assert_eq!(found, BTreeSet::from(["early_warning", "training_threshold_crossed"]));
     let prohibited: Vec<&str> = lines[5].split(',').collect();
-    assert_eq!((prohibited[1], prohibited[3], prohibited[4]), ("Shell Holding Ltd", "CN", "true"));
+    assert_eq!(
+        (
+            prohibited[col("legal_name")],
+            prohibited[col("beneficial_owner_countries")],
+            prohibited[col("foreign_person")]
+        ),
+        ("Shell Holding Ltd", "CN", "true")
+    );
     // The host's mismatch names the tenant: it belongs in the tenant's filing too.
-    assert!(prohibited[11].starts_with("enforcement_mismatch#"), "{}", prohibited[11]);
+    assert!(
+        prohibited[col("findings")].starts_with("enforcement_mismatch#"),
+        "{}",
+        prohibited[col("findings")]
+    );
 
     // A period that starts after every window exports nothing.
     assert!(kycd_collector::export::rows(fleet.store.as_ref(), now() + 60).unwrap().is_empty());
@@ -444,6 +464,18 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let one = request(addr, "GET", "/v1/tenants/t-prohibited", &auth, vec![]).await;
     assert_eq!(one.body["identity"]["legal_name"], "Shell Holding Ltd");
     assert_eq!(one.body["findings"][0]["kind"], "enforcement_mismatch");
+    // The three operation figures side by side (old-agent windows: the estimate thrice), and
+    // the shared GPU-seconds, in the usage and in each evidence window.
+    let usage = &one.body["usage"];
+    assert!(usage["estimated_ops"].as_f64().unwrap() > 0.0, "{usage}");
+    assert_eq!(
+        (&usage["ops_lower"], &usage["ops_upper"]),
+        (&usage["estimated_ops"], &usage["estimated_ops"])
+    );
+    assert_eq!((&usage["shared_gpu_seconds"], &usage["shared_gpu_hosts"]), (&json!(0.0), &json!([])));
+    let top = &one.body["top_windows"][0];
+    assert_eq!((&top["ops_lower"], &top["ops_upper"]), (&top["estimated_ops"], &top["estimated_ops"]));
+    assert_eq!(top["shared_gpu_seconds"], json!(0.0));
     assert_eq!(request(addr, "GET", "/v1/tenants/nobody", &auth, vec![]).await.status, 404);
     let hosts = request(addr, "GET", "/v1/hosts?limit=1000", &auth, vec![]).await;
     assert_eq!(hosts.body["items"].as_array().unwrap().len(), 50);
@@ -454,6 +486,11 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let page = html.body.as_str().unwrap();
     assert!(page.contains("Published policy: version 2") && page.contains("t-foreign-cluster"), "{page}");
     assert!(page.contains("Shell Holding Ltd") && page.contains("cluster_capacity_crossed"));
+    assert!(
+        page.contains("<th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th>")
+            && page.contains("<th>shared GPU-hours</th>"),
+        "{page}"
+    );
 
     shutdown.cancel();
     server.await.unwrap().unwrap();

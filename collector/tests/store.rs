@@ -766,7 +766,7 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
     off_runtime(|| {
         let huge = |seq: u64| {
             let mut w = tenant_window("t", t0, 60, 1e308, 1e308, 8);
-            w.gpu_seconds = 1e308;
+            (w.gpu_seconds, w.shared_gpu_seconds) = (1e308, 1e308);
             let record = UsageRecord { seq, last_seq: None, window: w };
             // Not through validation: ingest refuses these now.
             ValidRecord { body_json: serde_json::to_string(&record).unwrap(), last_seq: seq, record }
@@ -777,6 +777,8 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
         assert_eq!(usage.len(), 1);
         let u = &usage[0];
         assert_eq!((u.estimated_ops, u.gpu_seconds, u.peak_flops), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
+        // Stored without bounds: both bounds are the estimate, and saturate alike.
+        assert_eq!((u.ops_lower, u.ops_upper, u.shared_gpu_seconds), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
         assert!(u.gpu_hours().is_finite());
         assert_eq!(u.ops_by_method["gpm_tensor"], f64::MAX);
         assert_eq!(u.windows, 4);
@@ -796,6 +798,7 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
         // Rows built by hand with non-finite numbers are rendered finite too.
         let mut odd = rows[0].clone();
         (odd.estimated_ops, odd.gpu_hours, odd.peak_flops) = (f64::INFINITY, f64::NAN, f64::NEG_INFINITY);
+        (odd.ops_lower, odd.ops_upper, odd.shared_gpu_hours) = (f64::NAN, f64::INFINITY, f64::NEG_INFINITY);
         let json =
             kycd_collector::export::render(&[odd.clone()], kycd_collector::export::Format::Json).unwrap();
         assert!(!json.contains("null"), "{json}");
@@ -804,14 +807,16 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
     });
 }
 
-/// The numeric columns of every CSV row (estimated_ops, gpu_hours, peak_flops) are finite
-/// numbers.
+/// The numeric columns of every CSV row (the three operation figures, GPU-hours, shared
+/// GPU-hours, peak FLOP/s) are finite numbers.
 fn assert_finite_csv_numbers(csv: &str) {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     for line in lines {
         let fields: Vec<&str> = line.split(',').collect();
-        for column in ["estimated_ops", "gpu_hours", "peak_flops"] {
+        for column in
+            ["ops_lower", "estimated_ops", "ops_upper", "gpu_hours", "shared_gpu_hours", "peak_flops"]
+        {
             let value = fields[header.iter().position(|h| *h == column).unwrap()];
             assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{column} = {value:?} in {line}");
         }

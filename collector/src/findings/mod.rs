@@ -5,13 +5,14 @@
 //!
 //! | kind | holds when | about |
 //! |---|---|---|
-//! | `early_warning` | cumulative ops ≥ `early_warning_fraction × training_ops` | tenant |
-//! | `training_threshold_crossed` | cumulative ops ≥ `training_ops` | tenant |
+//! | `early_warning` | cumulative upper bound of ops ≥ `early_warning_fraction × training_ops` | tenant |
+//! | `training_threshold_crossed` | cumulative ops ≥ `training_ops`, the point estimate or the upper bound as the policy's `threshold_basis` says | tenant |
 //! | `cluster_capacity_crossed` | concurrent peak FLOP/s ≥ `cluster_flops` | tenant |
 //! | `host_dark` | no report and no poll answer for `dark_after_s` | host |
 //! | `policy_stale` | a statement taken after the grace period shows an older policy | host |
 //! | `enforcement_mismatch` | a statement allows a tenant a published prohibition matches | host/workload |
 //! | `report_rejected` | a batch of the host was refused for good within `rejected_window_s` | host |
+//! | `shared_gpu` | a foreign tenant has GPU-seconds on a GPU shared without isolation | tenant |
 //!
 //! `report_rejected` makes lost usage visible at the collector: a batch that verified with the
 //! host's key and was then refused (`SeqConflict`, `InvalidRecord`, `HostMismatch`,
@@ -27,6 +28,19 @@
 //! Thresholds come from the published policy only (REGULATION.md: policy data, never
 //! constants); with no policy published the threshold rules are not evaluated, and the
 //! evaluation report says so.
+//!
+//! Operations are three figures per tenant (lower bound, point estimate, upper bound; an old
+//! agent's windows count their estimate for all three). The early warning always holds the
+//! upper bound against its fraction: it exists to warn before the point estimate gets there.
+//! The training threshold holds the figure the policy's `threshold_basis` names (`point`,
+//! the default, or `upper` for a provider that would rather file early than late); the
+//! evidence carries all three figures and `basis`, the one that crossed.
+//!
+//! `shared_gpu` is raised with or without a policy: operations on a GPU shared without
+//! isolation are split by SM share, not measured, which a filing about a foreign tenant must
+//! say. Its evidence names the hosts, and whether a published measure conditions GPU use on
+//! `exclusive_gpu` (then the condition was violated: the agent measures sharing, it cannot
+//! prevent it on a running GPU).
 //!
 //! [`evaluate`] reconciles that set with the stored open findings: a condition that starts to
 //! hold raises a finding (with evidence: totals, the top windows and the hosts), one that stops

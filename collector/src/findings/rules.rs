@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use kycd_protocol::{HostStatementClaims, PolicyClaims, Verdict};
+use kycd_protocol::{HostStatementClaims, MeasureAction, PolicyClaims, ThresholdBasis, Verdict};
 use serde_json::json;
 
 use super::prohibitions::prohibitions;
@@ -72,6 +72,11 @@ pub fn desired_findings(state: &FleetState<'_>) -> Vec<NewFinding> {
             tenant_findings(&policy.claims, usage, state.identities.get(&usage.tenant), &mut out);
         }
     }
+    // Not a threshold rule: sharing is a fact about the measurement, raised with or without a
+    // published policy (which only adds whether it broke an `exclusive_gpu` condition).
+    for usage in state.usage {
+        shared_gpu_finding(state, usage, &mut out);
+    }
     for host in state.hosts {
         host_findings(state, host, &mut out);
     }
@@ -88,7 +93,11 @@ fn tenant_findings(
     let foreign = identity.map_or(usage.foreign_person, |i| i.foreign_person);
     let origin = if foreign { "foreign" } else { "domestic" };
     let totals = json!({
+        "ops_lower": usage.ops_lower,
         "estimated_ops": usage.estimated_ops,
+        "ops_upper": usage.ops_upper,
+        "shared_gpu_seconds": usage.shared_gpu_seconds,
+        "threshold_basis": policy.threshold_basis.as_str(),
         "gpu_hours": usage.gpu_hours(),
         "peak_flops": usage.peak_flops,
         "peak_at": usage.peak_at,
@@ -100,41 +109,55 @@ fn tenant_findings(
         "last_seen": usage.last_seen,
         "policy_version": policy.version,
     });
-    let mut raise = |kind: FindingKind, summary: String, threshold: serde_json::Value| {
-        let mut evidence = totals.clone();
-        if let Some(map) = evidence.as_object_mut() {
-            map.insert("threshold".into(), threshold);
-        }
-        out.push(NewFinding {
-            kind,
-            subject: usage.tenant.clone(),
-            tenant: Some(usage.tenant.clone()),
-            host_id: None,
-            foreign_person: Some(foreign),
-            summary,
-            evidence,
-        });
-    };
+    // `basis`: which of the three figures crossed; `None` for a capacity finding.
+    let mut raise =
+        |kind: FindingKind, summary: String, threshold: serde_json::Value, basis: Option<ThresholdBasis>| {
+            let mut evidence = totals.clone();
+            if let Some(map) = evidence.as_object_mut() {
+                map.insert("threshold".into(), threshold);
+                if let Some(basis) = basis {
+                    map.insert("basis".into(), json!(basis.as_str()));
+                }
+            }
+            out.push(NewFinding {
+                kind,
+                subject: usage.tenant.clone(),
+                tenant: Some(usage.tenant.clone()),
+                host_id: None,
+                foreign_person: Some(foreign),
+                summary,
+                evidence,
+            });
+        };
+    // The early warning is there to be early: it holds the most operations the measured
+    // activity allows (the upper bound) against its fraction, whatever the policy's basis.
     let early = t.early_warning_fraction * t.training_ops;
-    if usage.estimated_ops >= early {
+    if usage.ops_upper >= early {
         raise(
             FindingKind::EarlyWarning,
             format!(
-                "{origin} tenant {}: {:.3e} estimated operations ≥ early warning {:.3e} ({} × {:.3e})",
-                usage.tenant, usage.estimated_ops, early, t.early_warning_fraction, t.training_ops
+                "{origin} tenant {}: up to {:.3e} operations (upper bound; point estimate {:.3e}) ≥ early warning {:.3e} ({} × {:.3e})",
+                usage.tenant, usage.ops_upper, usage.estimated_ops, early, t.early_warning_fraction, t.training_ops
             ),
             json!({"early_warning_ops": early, "early_warning_fraction": t.early_warning_fraction,
                    "training_ops": t.training_ops}),
+            Some(ThresholdBasis::Upper),
         );
     }
-    if usage.estimated_ops >= t.training_ops {
+    // The training threshold is held against the figure the policy names.
+    let (crossed, figure) = match policy.threshold_basis {
+        ThresholdBasis::Point => (usage.estimated_ops, "estimated operations"),
+        ThresholdBasis::Upper => (usage.ops_upper, "operations (upper bound)"),
+    };
+    if crossed >= t.training_ops {
         raise(
             FindingKind::TrainingThresholdCrossed,
             format!(
-                "{origin} tenant {}: {:.3e} estimated operations ≥ training threshold {:.3e}",
-                usage.tenant, usage.estimated_ops, t.training_ops
+                "{origin} tenant {}: {crossed:.3e} {figure} ≥ training threshold {:.3e} (bounds {:.3e} … {:.3e})",
+                usage.tenant, t.training_ops, usage.ops_lower, usage.ops_upper
             ),
             json!({"training_ops": t.training_ops}),
+            Some(policy.threshold_basis),
         );
     }
     if usage.peak_flops >= t.cluster_flops {
@@ -145,8 +168,77 @@ fn tenant_findings(
                 usage.tenant, usage.peak_flops, usage.hosts, t.cluster_flops
             ),
             json!({"cluster_flops": t.cluster_flops}),
+            None,
         );
     }
+}
+
+/// `shared_gpu`: a foreign tenant's usage includes GPU-seconds on a GPU shared with another
+/// workload without isolation, so its operations there are an attribution by SM share, not a
+/// measurement (bounds 0 … the whole device). Domestic tenants are not reported for it.
+fn shared_gpu_finding(state: &FleetState<'_>, usage: &TenantUsage, out: &mut Vec<NewFinding>) {
+    let foreign = state.identities.get(&usage.tenant).map_or(usage.foreign_person, |i| i.foreign_person);
+    if !foreign || usage.shared_gpu_seconds <= 0.0 {
+        return;
+    }
+    // Measures of the published policy, in effect now, that condition GPU use on exclusive
+    // GPUs: the agent cannot make a running GPU exclusive, so sharing breaks the condition.
+    let measures: Vec<&str> = state
+        .policy
+        .map(|p| {
+            p.claims
+                .measures
+                .iter()
+                .filter(|m| {
+                    m.action == MeasureAction::Condition && m.effective_from.is_none_or(|f| f <= state.now)
+                })
+                .filter(|m| m.conditions.as_ref().is_some_and(|c| c.exclusive_gpu))
+                .map(|m| m.id.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Where a host's latest statement shows the condition imposed on this tenant's workload.
+    let imposed: Vec<String> = state
+        .hosts
+        .iter()
+        .filter_map(|h| Some((h, h.statement.as_ref()?)))
+        .flat_map(|(h, s)| s.workloads.iter().map(move |w| (h, w)))
+        .filter(|(_, w)| w.tenant.as_deref() == Some(usage.tenant.as_str()))
+        .filter(|(_, w)| w.conditions.as_ref().is_some_and(|c| c.exclusive_gpu))
+        .map(|(h, w)| format!("{}/{}", h.host_id, w.workload))
+        .collect();
+    let violated = !measures.is_empty();
+    let condition = if violated {
+        format!("; the exclusive_gpu condition of measure(s) {} was violated", measures.join(", "))
+    } else {
+        String::new()
+    };
+    out.push(NewFinding {
+        kind: FindingKind::SharedGpu,
+        subject: usage.tenant.clone(),
+        tenant: Some(usage.tenant.clone()),
+        host_id: None,
+        foreign_person: Some(true),
+        summary: format!(
+            "foreign tenant {}: {:.0} GPU-seconds on GPUs shared without isolation on {} host(s): its operations there cannot be attributed to it alone{condition}",
+            usage.tenant,
+            usage.shared_gpu_seconds,
+            usage.shared_gpu_hosts.len()
+        ),
+        evidence: json!({
+            "shared_gpu_seconds": usage.shared_gpu_seconds,
+            "gpu_seconds": usage.gpu_seconds,
+            "shared_gpu_hosts": usage.shared_gpu_hosts,
+            "ops_lower": usage.ops_lower,
+            "estimated_ops": usage.estimated_ops,
+            "ops_upper": usage.ops_upper,
+            "policy_version": state.policy.map(|p| p.version),
+            "exclusive_gpu_required": violated,
+            "exclusive_gpu_measures": measures,
+            "exclusive_gpu_imposed_on": imposed,
+            "condition_violated": violated,
+        }),
+    });
 }
 
 fn host_findings(state: &FleetState<'_>, host: &HostView, out: &mut Vec<NewFinding>) {
@@ -357,5 +449,77 @@ mod tests {
         let mut polled = host(10_000, Some(7), None);
         polled.last_poll_ok_at = Some(10_100);
         assert_eq!(kinds(&published, &[polled], 10_200), []);
+    }
+
+    /// `shared_gpu`: only for tenants foreign by their identity (which wins over the windows'
+    /// flag); the measures named are the `exclusive_gpu` conditions in effect; statements
+    /// showing the condition imposed on the tenant's workload are quoted.
+    #[test]
+    fn shared_gpu_names_the_exclusive_conditions_in_effect() {
+        use crate::fleet::{UsageAccumulator, WindowRow};
+        let mut acc = UsageAccumulator::default();
+        for tenant in ["f", "said-domestic"] {
+            acc.add(&WindowRow {
+                tenant,
+                host_id: "h",
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                ops_lower: 0.0,
+                estimated_ops: 1.0,
+                ops_upper: 2.0,
+                shared_gpu_seconds: 60.0,
+                peak_flops: 1.0,
+                method: "shared_split",
+                foreign_person: true,
+            });
+        }
+        let usage = acc.finish();
+        let mut published = policy(0);
+        published.claims.measures = serde_json::from_value(json!([
+            {"id": "m-now", "match": {"countries": ["SG"]}, "roles": ["customer"], "action": "condition",
+             "conditions": {"exclusive_gpu": true}, "citation": "c"},
+            {"id": "m-later", "match": {"countries": ["SG"]}, "roles": ["customer"], "action": "condition",
+             "conditions": {"exclusive_gpu": true}, "citation": "c", "effective_from": 5_000},
+            {"id": "m-other", "match": {"countries": ["SG"]}, "roles": ["customer"], "action": "condition",
+             "conditions": {"no_gpu": true}, "citation": "c"}
+        ]))
+        .unwrap();
+        let mut h = host(1_000, Some(7), Some(1_000));
+        if let Some(statement) = h.statement.as_mut() {
+            statement.workloads = serde_json::from_value(json!([
+                {"workload": "cgroup:/f", "tenant": "f", "verdict": "condition", "conditions": {"exclusive_gpu": true}},
+                {"workload": "cgroup:/x", "tenant": "x", "verdict": "condition", "conditions": {"exclusive_gpu": true}}
+            ]))
+            .unwrap();
+        }
+        let domestic = TenantIdentity {
+            tenant: "said-domestic".into(),
+            legal_name: "D".into(),
+            countries: vec![],
+            beneficial_owner_countries: vec![],
+            foreign_person: false,
+            seen_at: 0,
+        };
+        let identities = BTreeMap::from([("said-domestic".to_owned(), domestic)]);
+        let hosts = [h];
+        let state = FleetState {
+            now: 1_000,
+            policy: Some(&published),
+            usage: &usage,
+            identities: &identities,
+            hosts: &hosts,
+            settings: EvaluationSettings::default(),
+        };
+        let shared: Vec<NewFinding> =
+            desired_findings(&state).into_iter().filter(|f| f.kind == FindingKind::SharedGpu).collect();
+        assert_eq!(shared.len(), 1, "{shared:?}");
+        assert_eq!(shared[0].subject, "f");
+        let e = &shared[0].evidence;
+        assert_eq!(e["exclusive_gpu_measures"], json!(["m-now"]));
+        assert_eq!(e["exclusive_gpu_imposed_on"], json!(["h/cgroup:/f"]));
+        assert_eq!((e["condition_violated"].as_bool(), e["policy_version"].as_u64()), (Some(true), Some(7)));
+        assert!(shared[0].summary.contains("m-now was violated"), "{}", shared[0].summary);
     }
 }

@@ -14,8 +14,11 @@
 //!    later than the receive time plus [`Limits::max_clock_skew_s`] and starts no earlier
 //!    than its epoch's enrollment minus [`Limits::max_pre_enrollment_s`]; amounts are finite
 //!    and not negative; `peak_flops` is at most [`MAX_PEAK_FLOPS_PER_GPU`] per GPU;
-//!    `estimated_ops` at most `peak_flops` and `gpu_seconds` at most the GPUs over the
-//!    window's length (with [`RATE_TOLERANCE`] and [`TICK_SLACK_S`]). So no host can make a
+//!    `ops_lower ≤ estimated_ops ≤ ops_upper` (within [`SUM_TOLERANCE`]; absent bounds are
+//!    the estimate); `estimated_ops` and `ops_upper` at most `peak_flops ×`
+//!    [`kycd_protocol::MAX_OPS_PER_PEAK`] and `gpu_seconds` at most the GPUs over the
+//!    window's length (with [`RATE_TOLERANCE`] and [`TICK_SLACK_S`]), `shared_gpu_seconds`
+//!    at most `gpu_seconds` ([`WindowError`] names the bound broken). So no host can make a
 //!    total infinite or a filing period reach years away, whatever it sends.
 //! 5. **Store in one transaction**, idempotently on `(host_id, epoch, seq)`, and answer the
 //!    acked seq of `(host_id, epoch)`. The epoch is that of the enrolled key that verified
@@ -42,11 +45,11 @@ use crate::store::reports::{Enrollment, Rejection, ReportStore};
 pub mod error;
 pub mod validate;
 
-pub use error::IngestError;
+pub use error::{IngestError, WindowError};
 pub use validate::{
     check_window, validate_batch, Admission, Limits, DEFAULT_MAX_CLOCK_SKEW_S, DEFAULT_MAX_PRE_ENROLLMENT_S,
     MAX_CLOCK_AHEAD_RETRY_S, MAX_ID_LEN, MAX_PEAK_FLOPS_PER_GPU, MAX_SIGNATURE_BYTES, MAX_WINDOW_S,
-    RATE_TOLERANCE, TICK_SLACK_S,
+    RATE_TOLERANCE, SUM_TOLERANCE, TICK_SLACK_S,
 };
 
 /// A stored batch.

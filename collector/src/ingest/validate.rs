@@ -2,9 +2,9 @@
 //! (see [`super`]): identifiers, sequence numbers, and the bounds of every number of a window
 //! ([`check_window`]), under the upload's [`Limits`].
 
-use kycd_protocol::{ReportBatch, UsageRecord, UsageWindow};
+use kycd_protocol::{ReportBatch, UsageRecord, UsageWindow, MAX_OPS_PER_PEAK};
 
-use super::error::IngestError;
+use super::error::{IngestError, WindowError};
 #[cfg(doc)]
 use crate::store::reports::Enrollment;
 use crate::store::reports::ValidRecord;
@@ -35,19 +35,27 @@ pub const DEFAULT_MAX_PRE_ENROLLMENT_S: i64 = 7 * 24 * 3600;
 /// GPU at any precision, sparse FP4 included. Without an absolute cap the ops bound below
 /// would follow whatever `peak_flops` a host claims, 1e308 included.
 pub const MAX_PEAK_FLOPS_PER_GPU: f64 = 1e17;
-/// Tolerance of the rate bounds: `estimated_ops ≤ peak_flops × (duration × 1.05 + 2 s)` and
-/// `gpu_seconds ≤ gpus × (duration × 1.05 + 2 s)`. The agent's point estimate is
-/// `peak × activity × dt` per tick with activity ≤ 1, so it cannot exceed `peak × dt` summed
-/// over the window's ticks; the ticks of a window can begin up to one tick (≤ 2 s, two
-/// intervals at the default 1 s sampling) before its start, which [`TICK_SLACK_S`] covers for
-/// a short (flushed) window and 5 % covers per window in merged ones (≤ 2 s per 60 s window is
-/// 3.3 %), with room for float rounding. The bound is against `peak_flops`, the dense peak the
-/// agent reports: the upcoming precision-aware `ops_upper`, computed at the fastest precision,
-/// can legitimately exceed it and needs its own bound (e.g. against `gpus ×`
-/// [`MAX_PEAK_FLOPS_PER_GPU`]); this one applies to the point estimate only.
+/// Tolerance of the rate bounds: `estimated_ops` and `ops_upper` ≤ `peak_flops × (duration ×
+/// 1.05 + 2 s) ×` [`MAX_OPS_PER_PEAK`], and `gpu_seconds ≤ gpus × (duration × 1.05 + 2 s)`.
+/// Per tick the agent counts at most the peak of each pipe over `dt`, so a window cannot
+/// exceed that summed over its ticks; the ticks of a window can begin up to one tick (≤ 2 s,
+/// two intervals at the default 1 s sampling) before its start, which [`TICK_SLACK_S`]
+/// covers for a short (flushed) window and 5 % covers per window in merged ones (≤ 2 s per
+/// 60 s window is 3.3 %), with room for float rounding.
 pub const RATE_TOLERANCE: f64 = 1.05;
 /// Seconds added to a window's length in the rate bounds (see [`RATE_TOLERANCE`]).
 pub const TICK_SLACK_S: f64 = 2.0;
+/// Relative tolerance of the comparisons between figures the agent sums separately over the
+/// same ticks (`ops_lower ≤ estimated_ops ≤ ops_upper`, `shared_gpu_seconds ≤ gpu_seconds`):
+/// each tick's figures are in order, but sums taken in another order, or merged from several
+/// windows in the spool, can differ by a few ulps per term. One part per million is far above
+/// that rounding and far below anything that changes a finding.
+pub const SUM_TOLERANCE: f64 = 1e-6;
+
+/// `a ≤ b` within [`SUM_TOLERANCE`] of `b`.
+fn at_most(a: f64, b: f64) -> bool {
+    a <= b + b.abs() * SUM_TOLERANCE
+}
 
 /// Size and time limits of one upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,74 +116,117 @@ fn check_id(value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_amount(name: &str, value: f64) -> Result<(), String> {
+fn check_amount(field: &'static str, value: f64) -> Result<(), WindowError> {
     if !value.is_finite() || value < 0.0 {
-        return Err(format!("{name} must be a finite number >= 0"));
+        return Err(WindowError::NotAnAmount { field });
     }
     Ok(())
 }
 
-/// Checks one window's fields and bounds (see the module docs); the message names the field.
-pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> Result<(), String> {
-    check_id(&w.workload).map_err(|e| format!("workload {e}"))?;
+/// Checks one window's fields and bounds (see the module docs).
+pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> Result<(), WindowError> {
+    check_id(&w.workload).map_err(|reason| WindowError::Id { field: "workload", reason })?;
     if let Some(tenant) = &w.tenant {
-        check_id(tenant).map_err(|e| format!("tenant {e}"))?;
+        check_id(tenant).map_err(|reason| WindowError::Id { field: "tenant", reason })?;
     }
     if w.start < 0 {
-        return Err("start must be >= 0".into());
+        return Err(WindowError::NegativeStart);
     }
     if w.end <= w.start {
-        return Err("end must be after start".into());
+        return Err(WindowError::EndNotAfterStart);
     }
     if w.end - w.start > MAX_WINDOW_S {
-        return Err(format!("window longer than {MAX_WINDOW_S} s"));
+        return Err(WindowError::TooLong { max_s: MAX_WINDOW_S });
     }
     let latest_end = admission.received_at.saturating_add(limits.max_clock_skew_s);
     if w.end > latest_end {
-        return Err(format!(
-            "end {} is more than {} s after the receive time {}",
-            w.end, limits.max_clock_skew_s, admission.received_at
-        ));
+        return Err(WindowError::EndAhead {
+            end: w.end,
+            skew_s: limits.max_clock_skew_s,
+            received_at: admission.received_at,
+        });
     }
     let earliest_start = admission.enrolled_at.saturating_sub(limits.max_pre_enrollment_s);
     if w.start < earliest_start {
-        return Err(format!(
-            "start {} is more than {} s before the host's enrollment at {}",
-            w.start, limits.max_pre_enrollment_s, admission.enrolled_at
-        ));
+        return Err(WindowError::StartBeforeEnrollment {
+            start: w.start,
+            allowed_s: limits.max_pre_enrollment_s,
+            enrolled_at: admission.enrolled_at,
+        });
     }
     check_amount("gpu_seconds", w.gpu_seconds)?;
     check_amount("estimated_ops", w.estimated_ops)?;
+    // Absent bounds (an agent before 0.17) are the estimate, checked just above.
+    if let Some(lower) = w.ops_lower {
+        check_amount("ops_lower", lower)?;
+    }
+    if let Some(upper) = w.ops_upper {
+        check_amount("ops_upper", upper)?;
+    }
+    check_amount("shared_gpu_seconds", w.shared_gpu_seconds)?;
     check_amount("peak_flops", w.peak_flops)?;
     if w.merged_windows == 0 {
-        return Err("merged_windows must be >= 1".into());
+        return Err(WindowError::NoMergedWindows);
     }
     let gpus = f64::from(w.gpus.max(w.max_concurrent_gpus));
     let max_peak = gpus * MAX_PEAK_FLOPS_PER_GPU;
     if w.peak_flops > max_peak {
-        return Err(format!(
-            "peak_flops {:e} exceeds {MAX_PEAK_FLOPS_PER_GPU:e} FLOP/s per GPU for {gpus} GPUs",
-            w.peak_flops
-        ));
+        return Err(WindowError::PeakTooHigh {
+            peak_flops: w.peak_flops,
+            per_gpu: MAX_PEAK_FLOPS_PER_GPU,
+            gpus,
+        });
+    }
+    let (lower, upper) = (w.lower_ops(), w.upper_ops());
+    if !at_most(lower, w.estimated_ops) || !at_most(w.estimated_ops, upper) {
+        return Err(WindowError::BoundsOutOfOrder {
+            ops_lower: lower,
+            estimated_ops: w.estimated_ops,
+            ops_upper: upper,
+        });
     }
     // Whole seconds of a window of at most MAX_WINDOW_S: exact in an f64.
-    let seconds = (w.end - w.start) as f64 * RATE_TOLERANCE + TICK_SLACK_S;
-    let max_ops = w.peak_flops * seconds;
-    if w.estimated_ops > max_ops {
-        return Err(format!(
-            "estimated_ops {:e} exceeds peak_flops × duration ({:e} FLOP/s × {} s × {RATE_TOLERANCE} + {TICK_SLACK_S} s = {max_ops:e})",
-            w.estimated_ops,
-            w.peak_flops,
-            w.end - w.start
-        ));
+    let duration_s = w.end - w.start;
+    let seconds = duration_s as f64 * RATE_TOLERANCE + TICK_SLACK_S;
+    // `peak_flops` is the summed dense BF16 tensor peak of the window's GPUs, but neither
+    // figure is bounded by 1× of it any more: the upper bound counts each pipe at its fastest
+    // precision (FP8 on Hopper's HMMA, FP4 on Blackwell's: up to 4× BF16; INT8 on IMMA), and
+    // the point estimate (`gpm_pipes`) counts the CUDA-core and FP64 pipes beside HMMA. The
+    // protocol's MAX_OPS_PER_PEAK is the most all of them together reach at full activity on
+    // any GPU in the agent's peak table; with the cap on `peak_flops` per GPU above, a host
+    // still cannot claim unbounded operations.
+    let max_ops = w.peak_flops * seconds * MAX_OPS_PER_PEAK;
+    for (field, ops) in [("estimated_ops", w.estimated_ops), ("ops_upper", upper)] {
+        if ops > max_ops {
+            return Err(WindowError::OpsAbovePeak {
+                field,
+                ops,
+                peak_flops: w.peak_flops,
+                duration_s,
+                tolerance: RATE_TOLERANCE,
+                slack_s: TICK_SLACK_S,
+                per_peak: MAX_OPS_PER_PEAK,
+                max_ops,
+            });
+        }
     }
     let max_gpu_seconds = gpus * seconds;
     if w.gpu_seconds > max_gpu_seconds {
-        return Err(format!(
-            "gpu_seconds {} exceeds gpus × duration ({gpus} × {} s × {RATE_TOLERANCE} + {TICK_SLACK_S} s = {max_gpu_seconds})",
-            w.gpu_seconds,
-            w.end - w.start
-        ));
+        return Err(WindowError::GpuSecondsAboveDuration {
+            gpu_seconds: w.gpu_seconds,
+            gpus,
+            duration_s,
+            tolerance: RATE_TOLERANCE,
+            slack_s: TICK_SLACK_S,
+            max: max_gpu_seconds,
+        });
+    }
+    // Shared seconds are some of the window's GPU-seconds, summed over the same ticks.
+    if !at_most(w.shared_gpu_seconds, w.gpu_seconds) {
+        return Err(WindowError::SharedAboveGpuSeconds {
+            shared_gpu_seconds: w.shared_gpu_seconds,
+            gpu_seconds: w.gpu_seconds,
+        });
     }
     Ok(())
 }
@@ -204,7 +255,7 @@ fn check_record(
             "records must be in increasing, non-overlapping seq order (previous ends at {previous_last})"
         ));
     }
-    check_window(&record.window, limits, admission)?;
+    check_window(&record.window, limits, admission).map_err(|e| e.to_string())?;
     Ok(last)
 }
 
@@ -305,6 +356,13 @@ mod tests {
     fn refusal(f: impl FnOnce(&mut UsageWindow)) -> String {
         let mut w = window();
         f(&mut w);
+        check_window(&w, &Limits::default(), AT).expect_err("refused").to_string()
+    }
+
+    /// The typed refusal of the first rule `f` breaks.
+    fn refused(f: impl FnOnce(&mut UsageWindow)) -> WindowError {
+        let mut w = window();
+        f(&mut w);
         check_window(&w, &Limits::default(), AT).expect_err("refused")
     }
 
@@ -325,7 +383,7 @@ mod tests {
             check_window(&UsageWindow { start, end: start + 60, ..window() }, &Limits::default(), enrolled)
         };
         assert!(at(5_000_000 - DEFAULT_MAX_PRE_ENROLLMENT_S).is_ok(), "spooled before enrollment");
-        let e = at(5_000_000 - DEFAULT_MAX_PRE_ENROLLMENT_S - 1).unwrap_err();
+        let e = at(5_000_000 - DEFAULT_MAX_PRE_ENROLLMENT_S - 1).unwrap_err().to_string();
         assert!(e.starts_with("start 4395199 is more than 604800 s before the host's enrollment"), "{e}");
         // Amounts: finite and not negative.
         for (field, f) in [
@@ -343,12 +401,13 @@ mod tests {
         assert!(e.starts_with("estimated_ops 1e308 exceeds peak_flops × duration"), "{e}");
         let e = refusal(|w| (w.estimated_ops, w.peak_flops) = (1e308, 1e307));
         assert!(e.starts_with("peak_flops 1e307 exceeds 1e17 FLOP/s per GPU for 1 GPUs"), "{e}");
-        // The rate bounds, at their edges: 60 s × 1.05 + 2 s = 65 s of peak, of each GPU.
+        // The rate bounds, at their edges: 60 s × 1.05 + 2 s = 65 s of each GPU; of peak, × 5
+        // (MAX_OPS_PER_PEAK).
         let fits = |w: UsageWindow| check_window(&w, &Limits::default(), AT);
         let w = UsageWindow { peak_flops: 1e15, gpus: 2, max_concurrent_gpus: 2, ..window() };
-        assert!(fits(UsageWindow { estimated_ops: 65e15, gpu_seconds: 130.0, ..w.clone() }).is_ok());
+        assert!(fits(UsageWindow { estimated_ops: 325e15, gpu_seconds: 130.0, ..w.clone() }).is_ok());
         assert!(refusal(|x| {
-            *x = UsageWindow { estimated_ops: 65.1e15, ..w.clone() };
+            *x = UsageWindow { estimated_ops: 325.1e15, ..w.clone() };
         })
         .starts_with("estimated_ops "));
         assert!(refusal(|x| {
@@ -392,5 +451,121 @@ mod tests {
         };
         let later = Admission { received_at: 2000, enrolled_at: 0 };
         assert_eq!(check_record(&merged, 9, &Limits::default(), later), Ok(39));
+    }
+
+    fn bounded(lower: Option<f64>, point: f64, upper: Option<f64>) -> impl FnOnce(&mut UsageWindow) {
+        move |w| {
+            (w.ops_lower, w.estimated_ops, w.ops_upper) = (lower, point, upper);
+            w.peak_flops = 1e15;
+        }
+    }
+
+    /// Issue 17: the bounds are amounts like the estimate.
+    #[test]
+    fn bounds_must_be_finite_amounts() {
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            assert_eq!(
+                refused(bounded(Some(bad), 1.0, None)),
+                WindowError::NotAnAmount { field: "ops_lower" }
+            );
+            assert_eq!(
+                refused(bounded(None, 1.0, Some(bad))),
+                WindowError::NotAnAmount { field: "ops_upper" }
+            );
+            assert_eq!(
+                refused(|w| w.shared_gpu_seconds = bad),
+                WindowError::NotAnAmount { field: "shared_gpu_seconds" }
+            );
+        }
+        assert_eq!(refusal(bounded(Some(-1.0), 1.0, None)), "ops_lower must be a finite number >= 0");
+    }
+
+    /// Issue 17: `ops_lower ≤ estimated_ops ≤ ops_upper`, up to float rounding; an absent
+    /// bound is the estimate.
+    #[test]
+    fn bounds_must_enclose_the_estimate() {
+        let fits = |f: fn(&mut UsageWindow)| {
+            let mut w = window();
+            f(&mut w);
+            check_window(&w, &Limits::default(), AT)
+        };
+        assert!(fits(|w| bounded(Some(0.0), 1e16, Some(4e16))(w)).is_ok());
+        assert!(fits(|w| bounded(Some(1e16), 1e16, Some(1e16))(w)).is_ok(), "all three equal");
+        // Rounding of separately summed figures: a few ulps out of order is accepted.
+        assert!(fits(|w| bounded(Some(1e16 * (1.0 + 1e-12)), 1e16, Some(1e16 * (1.0 - 1e-12)))(w)).is_ok());
+        let e = refused(bounded(Some(2e16), 1e16, None));
+        assert_eq!(
+            e,
+            WindowError::BoundsOutOfOrder { ops_lower: 2e16, estimated_ops: 1e16, ops_upper: 1e16 }
+        );
+        assert_eq!(e.to_string(), "ops_lower 2e16 <= estimated_ops 1e16 <= ops_upper 1e16 does not hold");
+        assert!(matches!(
+            refused(bounded(None, 1e16, Some(0.5e16))),
+            WindowError::BoundsOutOfOrder { ops_upper, .. } if ops_upper == 0.5e16
+        ));
+        // 1 % out of order is not rounding.
+        assert!(matches!(refused(bounded(Some(1.01e16), 1e16, None)), WindowError::BoundsOutOfOrder { .. }));
+    }
+
+    /// Issue 17: the point and the upper figure are bounded by `peak × length ×
+    /// MAX_OPS_PER_PEAK` (60 s × 1.05 + 2 s = 65 s here), not by 1× the BF16 peak.
+    #[test]
+    fn ops_are_bounded_by_max_ops_per_peak() {
+        let max = 1e15 * 65.0 * MAX_OPS_PER_PEAK;
+        let w = |lower, point, upper| {
+            let mut w = window();
+            bounded(lower, point, upper)(&mut w);
+            check_window(&w, &Limits::default(), AT)
+        };
+        // An FP8/FP4 upper bound above the BF16 peak is legitimate; so is a point estimate
+        // that counts CUDA-core pipes beside HMMA.
+        assert!(w(Some(0.0), 1e15 * 65.0 * 1.5, Some(max)).is_ok());
+        match w(Some(0.0), 1e15, Some(max * 1.001)) {
+            Err(WindowError::OpsAbovePeak { field: "ops_upper", max_ops, .. }) => assert_eq!(max_ops, max),
+            other => panic!("{other:?}"),
+        }
+        let e = w(None, max * 1.001, None).unwrap_err();
+        assert!(matches!(e, WindowError::OpsAbovePeak { field: "estimated_ops", .. }), "{e:?}");
+        assert!(e.to_string().starts_with("estimated_ops 3.2532"), "{e}");
+        assert!(e.to_string().contains("× 5 = 3.25e17"), "{e}");
+    }
+
+    /// Issue 17: shared GPU-seconds are some of the window's GPU-seconds.
+    #[test]
+    fn shared_gpu_seconds_are_at_most_gpu_seconds() {
+        let fits = |shared: f64| {
+            check_window(&UsageWindow { shared_gpu_seconds: shared, ..window() }, &Limits::default(), AT)
+        };
+        assert!(fits(60.0).is_ok());
+        assert!(fits(60.0 * (1.0 + 1e-9)).is_ok(), "rounding");
+        assert_eq!(
+            fits(61.0),
+            Err(WindowError::SharedAboveGpuSeconds { shared_gpu_seconds: 61.0, gpu_seconds: 60.0 })
+        );
+        assert_eq!(fits(61.0).unwrap_err().to_string(), "shared_gpu_seconds 61 exceeds gpu_seconds 60");
+    }
+
+    /// Issue 17: an old agent's window, without bounds or shared seconds, is accepted as
+    /// before, and its canonical JSON still has no bounds (so its resends stay identical).
+    #[test]
+    fn an_old_agents_window_without_bounds_is_accepted() {
+        let old: UsageRecord = serde_json::from_value(serde_json::json!({
+            "seq": 1, "window": {"tenant": "t", "workload": "host:h", "start": 60, "end": 120,
+            "gpu_seconds": 480.0, "gpus": 8, "estimated_ops": 4e17, "peak_flops": 7.9e15,
+            "method": "gpm_tensor"}
+        }))
+        .unwrap();
+        assert_eq!(
+            (old.window.ops_lower, old.window.ops_upper, old.window.shared_gpu_seconds),
+            (None, None, 0.0)
+        );
+        let batch = ReportBatch { host_id: "h".into(), sent_at: 1000, records: vec![old] };
+        let valid = validate_batch(batch, &Limits::default(), AT).unwrap();
+        assert_eq!((valid[0].record.window.lower_ops(), valid[0].record.window.upper_ops()), (4e17, 4e17));
+        assert!(
+            !valid[0].body_json.contains("ops_lower") && !valid[0].body_json.contains("shared"),
+            "{}",
+            valid[0].body_json
+        );
     }
 }

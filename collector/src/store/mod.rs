@@ -105,6 +105,33 @@ pub(crate) mod test_support {
         ValidRecord { last_seq: last_seq.unwrap_or(seq), record, body_json }
     }
 
+    /// After migration 6 of a version-5 database holding records of tenant `t` on host `a`
+    /// (epoch 1, up to seq 2) whose estimates sum to `old_ops`: the old records count their
+    /// estimate as both bounds and shared nothing; a new record adds its own bounds.
+    pub(crate) fn check_migrated_to_bounds<S: ReportStore + crate::fleet::FleetStore>(
+        store: &S,
+        old_ops: f64,
+    ) {
+        let t = &store.tenant_usage(Some("t"), None).unwrap()[0];
+        assert_eq!((t.ops_lower, t.estimated_ops, t.ops_upper), (old_ops, old_ops, old_ops), "{t:?}");
+        assert_eq!((t.shared_gpu_seconds, t.shared_gpu_hosts.len()), (0.0, 0));
+        let mut new = record(3, None);
+        let w = &mut new.record.window;
+        (w.ops_lower, w.ops_upper, w.shared_gpu_seconds) = (Some(0.5e15), Some(3e15), 10.0);
+        new.body_json = serde_json::to_string(&new.record).unwrap();
+        assert_eq!(store.insert_batch("a", 1, &[new], 0).unwrap(), 3);
+        let t = &store.tenant_usage(Some("t"), None).unwrap()[0];
+        assert_eq!(
+            (t.ops_lower, t.estimated_ops, t.ops_upper),
+            (old_ops + 0.5e15, old_ops + 1e15, old_ops + 3e15),
+            "{t:?}"
+        );
+        assert_eq!(
+            (t.shared_gpu_seconds, t.shared_gpu_hosts.as_slice()),
+            (10.0, ["a".to_owned()].as_slice())
+        );
+    }
+
     /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
     /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
     /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;

@@ -33,14 +33,14 @@ use crate::store::schema::{corrupt, count_u32, to_u64};
 /// parameters.
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
     FROM records WHERE tenant IS NOT NULL AND ($2::bigint IS NULL OR "end" > $2::bigint)
       AND $1::text IS NULL"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
     FROM records WHERE tenant = $1::text AND ($2::bigint IS NULL OR "end" > $2::bigint)"#;
 
 fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), StoreError> {
@@ -55,6 +55,9 @@ fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), Store
         peak_flops: get(r, 7)?,
         method: get(r, 8)?,
         foreign_person: get(r, 9)?,
+        ops_lower: get(r, 10)?,
+        ops_upper: get(r, 11)?,
+        shared_gpu_seconds: get(r, 12)?,
     });
     Ok(())
 }
@@ -125,7 +128,8 @@ impl FleetStore for PgStore {
         let rows = conn
             .client()?
             .query(
-                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch FROM records
+                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
+                          ops_lower, ops_upper, shared_gpu_seconds FROM records
                    WHERE tenant = $1 ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $2"#,
                 &[&tenant, &i64::from(limit)],
             )
@@ -138,7 +142,10 @@ impl FleetStore for PgStore {
                     seq: to_u64(get(r, 1)?)?,
                     start: get(r, 2)?,
                     end: get(r, 3)?,
+                    ops_lower: get(r, 9)?,
                     estimated_ops: get(r, 4)?,
+                    ops_upper: get(r, 10)?,
+                    shared_gpu_seconds: get(r, 11)?,
                     peak_flops: get(r, 5)?,
                     gpus: count_u32(get(r, 6)?),
                     method: get(r, 7)?,

@@ -32,6 +32,9 @@ struct Columns<'a> {
     foreign_person: Vec<bool>,
     merged_windows: Vec<i64>,
     body_json: Vec<&'a str>,
+    ops_lower: Vec<f64>,
+    ops_upper: Vec<f64>,
+    shared_gpu_seconds: Vec<f64>,
 }
 
 impl<'a> Columns<'a> {
@@ -53,6 +56,10 @@ impl<'a> Columns<'a> {
         self.foreign_person.push(w.foreign_person);
         self.merged_windows.push(i64::from(w.merged_windows));
         self.body_json.push(&valid.body_json);
+        // An old agent's window has no bounds: they are its estimate.
+        self.ops_lower.push(w.lower_ops());
+        self.ops_upper.push(w.upper_ops());
+        self.shared_gpu_seconds.push(w.shared_gpu_seconds);
         Ok(())
     }
 }
@@ -141,6 +148,9 @@ impl PgStore {
                     &new.body_json,
                     &received_at,
                     &epoch,
+                    &new.ops_lower,
+                    &new.ops_upper,
+                    &new.shared_gpu_seconds,
                 ],
             )?;
             if usize::try_from(inserted).ok() != Some(new.seq.len()) {

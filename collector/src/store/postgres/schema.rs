@@ -65,6 +65,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_POLLING,
     // 5: enrollment epochs and rejected batches.
     MIGRATION_EPOCHS,
+    // 6: operation bounds and shared GPU-seconds of each window.
+    MIGRATION_OPS_BOUNDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -183,6 +185,21 @@ pub const MIGRATION_EPOCHS: &str = r#"
     CREATE INDEX rejections_at ON rejections (rejected_at);
 "#;
 
+/// Step 6: operation bounds and shared GPU-seconds of each window, the same columns as
+/// SQLite's step 6 ([`crate::store::sqlite::MIGRATION_OPS_BOUNDS`]). Records stored before
+/// were sent without bounds, which means "the estimate", so they are backfilled with it (one
+/// rewrite of `records`, inside the migration); the columns then lose their default, so an
+/// insert that forgot them fails instead of storing 0.
+pub const MIGRATION_OPS_BOUNDS: &str = r#"
+    ALTER TABLE records ADD COLUMN ops_lower DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN ops_upper DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN shared_gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
+    UPDATE records SET ops_lower = estimated_ops, ops_upper = estimated_ops;
+    ALTER TABLE records ALTER COLUMN ops_lower DROP DEFAULT;
+    ALTER TABLE records ALTER COLUMN ops_upper DROP DEFAULT;
+    ALTER TABLE records ALTER COLUMN shared_gpu_seconds DROP DEFAULT;
+"#;
+
 /// Whether `url` names a PostgreSQL database.
 /// the schema advisory lock.
 pub(super) fn migrate(client: &mut Client, target: usize) -> Result<(), StoreError> {
@@ -254,7 +271,7 @@ mod tests {
             assert!(row.get::<_, bool>(0), "version 1 has no host_progress");
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 5);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         assert_eq!(store.acked_seq("a", 1).unwrap(), 5);
         assert_eq!(store.acked_seq("b", 1).unwrap(), 0);
         // The cache keeps advancing from the backfilled value.
@@ -310,10 +327,36 @@ mod tests {
             );
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 5);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_epochs(&store, &a1, key, || {
             db.client().query_one("SELECT count(*) FROM records", &[]).unwrap().get::<_, i64>(0)
         });
+    }
+
+    /// A version-5 database (no operation bounds) opens at the current version: its records'
+    /// bounds are their estimate and they shared nothing; new records keep their own bounds.
+    #[test]
+    fn a_version_5_database_gets_operation_bounds() {
+        let Some(db) = fresh_database("a_version_5_database_gets_operation_bounds") else { return };
+        {
+            let old = PgStore::open_at_version(&db.url, 5).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 5);
+            let mut client = db.client();
+            for (seq, ops) in [(1i64, 2.5e15f64), (2, 4.0e15)] {
+                client
+                    .execute(
+                        r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                            gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                            training_like, foreign_person, merged_windows, body_json, received_at)
+                           VALUES ('a', 1, $1, $1, 't', 'w', 0, 60, 60.0, 1, 1, $2, 1e15, 'gpm_tensor', false, true, 1, '{}', 0)"#,
+                        &[&seq, &ops],
+                    )
+                    .unwrap();
+            }
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 6);
+        crate::store::test_support::check_migrated_to_bounds(&store, 6.5e15);
     }
 
     #[test]
@@ -332,7 +375,7 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for store in opened {
-            assert_eq!(store.unwrap().schema_version().unwrap(), 5);
+            assert_eq!(store.unwrap().schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         }
         let rows = db.client().query("SELECT version FROM schema_version", &[]).unwrap();
         assert_eq!(rows.len(), 1);

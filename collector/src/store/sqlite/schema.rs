@@ -63,6 +63,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_POLLING,
     // 5: enrollment epochs and rejected batches.
     MIGRATION_EPOCHS,
+    // 6: operation bounds and shared GPU-seconds of each window.
+    MIGRATION_OPS_BOUNDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -217,6 +219,20 @@ pub const MIGRATION_EPOCHS: &str = r#"
     CREATE INDEX rejections_at ON rejections (rejected_at);
 "#;
 
+/// Step 6: the bounds of a window's operations (`ops_lower`, `ops_upper`) beside its point
+/// estimate, and its GPU-seconds shared without isolation (`shared_gpu_seconds`), as agents
+/// from 0.17 send them. Records stored before were sent without bounds, which means "the
+/// estimate" (`UsageWindow::lower_ops`), so they are backfilled with it; they shared nothing
+/// the agent could tell. SQLite adds a NOT NULL column only with a constant default: the
+/// default 0 is what the backfill overwrites (one pass over `records`, inside the
+/// migration's transaction), and every insert names the columns.
+pub const MIGRATION_OPS_BOUNDS: &str = r#"
+    ALTER TABLE records ADD COLUMN ops_lower REAL NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN ops_upper REAL NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN shared_gpu_seconds REAL NOT NULL DEFAULT 0;
+    UPDATE records SET ops_lower = estimated_ops, ops_upper = estimated_ops;
+"#;
+
 /// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
 pub(super) fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
@@ -326,10 +342,35 @@ mod tests {
             assert!(err.is_err(), "version 4: one record per (host_id, seq)");
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 5);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_epochs(&store, &a1, key, || {
             store.lock().unwrap().query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0)).unwrap()
         });
+    }
+
+    /// A version-5 database (no operation bounds) opens at the current version: its records'
+    /// bounds are their estimate and they shared nothing; new records keep their own bounds.
+    #[test]
+    fn a_version_5_database_gets_operation_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 5).unwrap();
+            let conn = old.lock().unwrap();
+            for (seq, ops) in [(1, 2.5e15), (2, 4.0e15)] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at)
+                       VALUES ('a', 1, ?1, ?1, 't', 'w', 0, 60, 60.0, 1, 1, ?2, 1e15, 'gpm_tensor', 0, 1, 1, '{}', 0)"#,
+                    params![seq, ops],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 6);
+        crate::store::test_support::check_migrated_to_bounds(&store, 6.5e15);
     }
 
     #[test]
