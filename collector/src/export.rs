@@ -151,16 +151,17 @@ pub const CSV_HEADER: [&str; 15] = [
     "countries",
     "beneficial_owner_countries",
     "foreign_person",
-    "ops_lower",
     "estimated_ops",
-    "ops_upper",
     "gpu_hours",
-    "shared_gpu_hours",
     "peak_flops",
     "first_seen",
     "last_seen",
     "hosts",
     "findings",
+    // Added with the operation bounds: at the end, so readers by position keep working.
+    "ops_lower",
+    "ops_upper",
+    "shared_gpu_hours",
 ];
 
 /// A text cell as a spreadsheet cannot take it for a formula: prefixed with `'` when it starts
@@ -213,16 +214,16 @@ pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::
                     neutralize(&r.countries.join(" ")),
                     neutralize(&r.beneficial_owner_countries.join(" ")),
                     r.foreign_person.to_string(),
-                    format!("{:e}", r.ops_lower),
                     format!("{:e}", r.estimated_ops),
-                    format!("{:e}", r.ops_upper),
                     format!("{:.3}", r.gpu_hours),
-                    format!("{:.3}", r.shared_gpu_hours),
                     format!("{:e}", r.peak_flops),
                     neutralize(&r.first_seen),
                     neutralize(&r.last_seen),
                     r.hosts.to_string(),
                     neutralize(&r.findings.join(" ")),
+                    format!("{:e}", r.ops_lower),
+                    format!("{:e}", r.ops_upper),
+                    format!("{:.3}", r.shared_gpu_hours),
                 ];
                 out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
                 out.push_str("\r\n");

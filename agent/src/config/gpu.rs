@@ -21,8 +21,8 @@ pub struct GpuConfig {
     pub interval_ms: u64,
     /// Seconds per usage window.
     pub window_s: u64,
-    /// A CSV laid over the built-in peak-FLOP/s table (same columns as
-    /// `agent/data/gpu-peak-flops.csv`).
+    /// A CSV laid over the built-in per-precision peak table (columns by header as in
+    /// `agent/data/gpu-peaks.csv`, or the older bf16/fp8 format).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_flops_file: Option<PathBuf>,
     /// `training_like`: at least this many GPUs …
