@@ -6,8 +6,8 @@
 #
 # "Agent" = target/release/examples/gpu_sampler: NvmlBackend (nvml-wrapper, dedicated thread)
 # loading the fake libnvidia-ml.so (tests/fake-nvml) → GpuSampler thread (per-GPU utilization,
-# memory, clocks, power, processes, per-process samples, GPM, MIG; /proc attribution; FLOP
-# estimate; 60 s windows) → bounded window channel. Figures from /proc: VmHWM/VmRSS from
+# memory, clocks, power, processes, per-process samples, every GPM pipe, MIG; /proc
+# attribution; clock-scaled lower/point/upper estimate; 60 s windows) → bounded window channel. Figures from /proc: VmHWM/VmRSS from
 # status, CPU from the sum of every thread's schedstat run time (ns), taken after a 2 s
 # warm-up and again SECONDS later.
 set -euo pipefail
@@ -43,7 +43,13 @@ path, pids = sys.argv[1], [int(p) for p in sys.argv[2:]]
 gpus = []
 for i, pid in enumerate(pids):
     procs = [{"pid": pid, "used_mib": 20000, "sm_util": 60}] + ([{"pid": 1, "used_mib": 500, "sm_util": 5}] if i == 7 else [])
-    ticks = [{"util": 90 - k, "mem_util": 40, "tensor": 50.0 + k, "processes": procs} for k in range(10)]
+    # Every GPM pipe the agent reads (11 metrics per GPU per tick), clock and power varying.
+    gpm = lambda k: {"SM_UTIL": 90.0 - k, "SM_OCCUPANCY": 14.0, "ANY_TENSOR_UTIL": 50.0 + k,
+                     "HMMA_TENSOR_UTIL": 50.0 + k, "IMMA_TENSOR_UTIL": 0.0, "DFMA_TENSOR_UTIL": 0.0,
+                     "FP64_UTIL": 0.0, "FP32_UTIL": 5.0, "FP16_UTIL": 0.0, "INTEGER_UTIL": 1.5,
+                     "DRAM_BW_UTIL": 17.0 + k}
+    ticks = [{"util": 90 - k, "mem_util": 40, "tensor": 50.0 + k, "sm_clock_mhz": 1460 + 10 * k,
+              "power_mw": 690000 - 1000 * k, "gpm": gpm(k), "processes": procs} for k in range(10)]
     gpus.append({"name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-bench-{i}", "ticks": ticks})
 json.dump({"gpus": gpus}, open(path, "w"))
 PY

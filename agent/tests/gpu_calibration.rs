@@ -352,3 +352,25 @@ fn two_tenants_sharing_the_h200_get_bounds_that_hold_their_truth() {
         "{violations:?}"
     );
 }
+
+#[test]
+fn a_format_1_trace_still_replays_and_a_newer_format_is_refused() {
+    // kycd's own recording of the same run, made before per-pipe sampling: any-tensor only.
+    let replay = kycd::gpu::ReplayBackend::open(&data("trace.jsonl"), false).unwrap();
+    assert!(replay.samples().iter().all(|s| s.format == 1 && s.gpus.iter().all(|g| g.gpm.is_none())));
+    let peaks = kycd::gpu::peaks::PeakTable::builtin().unwrap();
+    let bf16 = &loads(&data("loads.jsonl"))[0];
+    let e = kycd::gpu::trace_estimate::estimate_span(replay.samples(), &peaks, bf16.start, bf16.end);
+    assert_eq!(e.gpus[0].method, EstimationMethod::GpmTensor);
+    // Any-tensor activity, clock-scaled, is as good as HMMA for a BF16-only load.
+    let ratio = e.total.estimated_ops / (bf16.rate * e.seconds);
+    assert!((ratio - 1.0).abs() <= 0.07, "format-1 replay point ÷ truth = {ratio:.3}");
+    assert!(e.total.ops_lower < e.total.estimated_ops && e.total.estimated_ops < e.total.ops_upper);
+
+    let dir = tempfile::tempdir().unwrap();
+    let newer = dir.path().join("t.jsonl");
+    std::fs::write(&newer, "{\"format\":3,\"at_ms\":0,\"backend\":{\"state\":\"ok\"},\"gpus\":[]}\n")
+        .unwrap();
+    let err = kycd::gpu::ReplayBackend::open(&newer, false).unwrap_err().to_string();
+    assert!(err.contains("line 1: trace format 3 is newer than this kycd reads (up to 2)"), "{err}");
+}

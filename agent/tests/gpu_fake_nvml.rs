@@ -254,9 +254,19 @@ fn eight_gpus_two_tenants_and_an_unattributed_process() {
 
 #[test]
 fn mig_mode_and_instances_are_reported() {
+    // GPU instance 1 (MIG-mig-0) runs two workloads' processes, instance 2 (MIG-mig-1) one;
+    // each has its own GPM counters (nvmlGpmMigSampleGet).
+    let procs = json!([
+        {"pid": 42, "used_mib": 10, "sm_util": 50, "gpu_instance_id": 1},
+        {"pid": 43, "used_mib": 10, "sm_util": 50, "gpu_instance_id": 1},
+        {"pid": 44, "used_mib": 10, "sm_util": 50, "gpu_instance_id": 2}
+    ]);
     let host = FakeHost::new(json!({"gpus": [{
         "name": H100, "uuid": "GPU-mig", "sm_count": 132, "mig": {"enabled": true, "instances": 2},
-        "ticks": [{"util": 50, "tensor": 40.0, "processes": [{"pid": 42, "used_mib": 10, "sm_util": 50, "gpu_instance_id": 1}]}]
+        "sm_clock_mhz": 1980,
+        "ticks": [{"util": 50, "tensor": 40.0, "processes": procs,
+                   "mig_gpm": {"1": {"HMMA_TENSOR_UTIL": 80.0, "FP32_UTIL": 0.0},
+                               "2": {"HMMA_TENSOR_UTIL": 20.0, "FP32_UTIL": 10.0}}}]
     }, {"name": H100, "uuid": "GPU-plain"}]}));
     let mut backend = host.backend();
     let s = backend.sample();
@@ -265,9 +275,41 @@ fn mig_mode_and_instances_are_reported() {
     let ids: Vec<_> = mig.mig_instances.iter().map(|m| (m.index, m.uuid.as_str(), m.sm_count)).collect();
     assert_eq!(ids, [(0, "MIG-mig-0", Some(66)), (1, "MIG-mig-1", Some(66))]);
     assert_eq!(mig.mig_instances[0].memory_total_bytes, Some((81_559u64 << 20) / 2));
+    let gis: Vec<_> = mig.mig_instances.iter().map(|m| m.gpu_instance_id).collect();
+    assert_eq!(gis, [Some(1), Some(2)], "learnt from the processes each MIG device lists");
     assert_eq!(mig.processes[0].gpu_instance_id, Some(1));
     assert_eq!(plain.mig_enabled, Some(false));
     assert!(plain.mig_instances.is_empty());
+    let s = backend.sample();
+    let pipes = s.gpus[0].mig_instances[0].gpm.as_ref().unwrap();
+    assert_eq!((pipes.hmma_tensor, pipes.fp32), (Some(80.0), Some(0.0)));
+    drop(backend);
+
+    // Through the sampler: each instance is measured on its own, at half the GPU's peaks.
+    for (pid, user) in [(42, 1), (43, 2), (44, 3)] {
+        host.process(pid, &format!("/user.slice/user-{user}.slice/x.scope"));
+    }
+    let tenants: TenantMap = (1..=3)
+        .map(|u| (format!("unix_user:{u}").parse().unwrap(), tenant(&format!("t{u}"), true)))
+        .collect();
+    let mut sampler = host.sampler(clocked(&host), TrainingRule::default());
+    let (_, windows) = run(&mut sampler, &tenants, 10);
+    let alone = window(&windows, "unix_user:3");
+    let half = 989.4e12 / 2.0;
+    let point = 10.0 * (half * 0.2 + 66.9e12 / 2.0 * 0.1);
+    assert!(close(alone.estimated_ops, point), "{alone:?}");
+    assert_eq!(
+        (alone.method, alone.shared_gpu_seconds, alone.peak_flops),
+        (EstimationMethod::GpmPipes, 0.0, half)
+    );
+    // Instance 1 is shared by two workloads: [0, the instance's upper figure].
+    let shared = window(&windows, "unix_user:1");
+    assert_eq!(
+        (shared.method, shared.shared_gpu_seconds, shared.ops_lower),
+        (EstimationMethod::SharedSplit, 10.0, Some(0.0))
+    );
+    assert!(close(shared.ops_upper.unwrap(), 10.0 * 1978.9e12 / 2.0 * 0.8), "{shared:?}");
+    assert!(close(shared.estimated_ops, 10.0 * half * 0.8 * 0.5), "{shared:?}");
 }
 
 #[test]

@@ -284,7 +284,7 @@ mod tests {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(
             lines[1],
-            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1e20,1.5e20,6e20,2.000,0.250,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3"#
+            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3,1e20,6e20,0.250"#
         );
         assert!(lines[2].starts_with("'-2+3,'@SUM(1),SG,"), "{}", lines[2]);
         assert!(lines[3].starts_with("'\t=1,\"'\r=1\",SG,"), "{:?}", lines[3]);

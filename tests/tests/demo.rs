@@ -149,11 +149,21 @@ fn the_demo_denies_freezes_reports_a_finding_and_cleans_up() {
         out.lines().any(|l| l.contains("OPS_LOWER") && l.contains("EST_OPS") && l.contains("OPS_UPPER")),
         "{out}"
     );
-    let usage =
-        out.lines().find(|l| l.trim_start().starts_with("tenant-foreign")).unwrap_or_else(|| panic!("{out}"));
+    let usage = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("tenant-foreign") && l.contains("cgroup:"))
+        .unwrap_or_else(|| panic!("{out}"));
     let figures: Vec<f64> = usage.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     let [_gpu_seconds, lower, point, upper, _shared] = figures[..] else { panic!("{usage}") };
     assert!(0.0 < lower && lower < point && point < upper, "{usage}");
+    // And at the collector, from the reported windows.
+    let collected = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("tenant-foreign") && l.contains("ops_upper"))
+        .unwrap_or_else(|| panic!("the collector's figures:\n{out}"));
+    let figures: Vec<f64> = collected.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let [lower, point, upper, _shared_hours] = figures[..] else { panic!("{collected}") };
+    assert!(0.0 < lower && lower < point && point < upper, "{collected}");
     assert!(out.contains("real deployments: training_ops = 1e26, cluster_flops = 1e20"), "{out}");
     assert!(out.contains("collector HTML overview   http://127.0.0.1:"), "{out}");
 

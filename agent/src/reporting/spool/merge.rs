@@ -139,9 +139,18 @@ mod tests {
         let mut spool = Spool::open(dir.path(), options).unwrap();
         let mut total_ops = 0.0;
         let mut total_gpu_s = 0.0;
+        let (mut total_lower, mut total_upper, mut total_shared) = (0.0, 0.0, 0.0);
         for i in 0..200i64 {
             let mut w = window(if i % 2 == 0 { "a" } else { "b" }, "cgroup:/x", i * 60);
             w.estimated_ops = (i + 1) as f64;
+            // Every third window from an older spool, without bounds (= its estimate).
+            if i % 3 != 0 {
+                (w.ops_lower, w.ops_upper, w.shared_gpu_seconds) =
+                    (Some(i as f64 / 2.0), Some(4.0 * (i + 1) as f64), 1.0);
+            }
+            total_lower += w.lower_ops();
+            total_upper += w.upper_ops();
+            total_shared += w.shared_gpu_seconds;
             w.max_concurrent_gpus = u32::try_from(i % 7).unwrap();
             if i == 3 {
                 w.method = EstimationMethod::UtilizationUpperBound;
@@ -164,6 +173,10 @@ mod tests {
         let gpu_s: f64 = records.iter().map(|r| r.window.gpu_seconds).sum();
         let windows: u32 = records.iter().map(|r| r.window.merged_windows).sum();
         assert_eq!((ops, gpu_s, windows), (total_ops, total_gpu_s, 200));
+        let lower: f64 = records.iter().map(|r| r.window.lower_ops()).sum();
+        let upper: f64 = records.iter().map(|r| r.window.upper_ops()).sum();
+        let shared: f64 = records.iter().map(|r| r.window.shared_gpu_seconds).sum();
+        assert_eq!((lower, upper, shared), (total_lower, total_upper, total_shared), "bounds summed too");
         let merged_a = records
             .iter()
             .find(|r| r.window.merged_windows > 1 && r.window.tenant.as_deref() == Some("a"))
