@@ -100,11 +100,12 @@ fn record(seq: u64) -> UsageRecord {
             gpus: 8,
             max_concurrent_gpus: 8,
             estimated_ops: 1.234_567e17 + seq as f64,
-            ops_lower: None,
-            ops_upper: None,
-            shared_gpu_seconds: 0.0,
+            // What an agent with per-pipe sampling sends: all three figures.
+            ops_lower: Some(0.617e17),
+            ops_upper: Some(2.469e17),
+            shared_gpu_seconds: if seq % 5 == 0 { 60.0 } else { 0.0 },
             peak_flops: 7.9e15,
-            method: EstimationMethod::GpmTensor,
+            method: EstimationMethod::GpmPipes,
             training_like: seq % 2 == 0,
             merged_windows: 1,
         },
@@ -193,11 +194,12 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
         .prepare(
             r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                 gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
-                training_like, foreign_person, merged_windows, body_json, received_at)
-            SELECT $1::text, 1, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
+                training_like, foreign_person, merged_windows, body_json, ops_lower, ops_upper,
+                shared_gpu_seconds, received_at)
+            SELECT $1::text, 1, u.*, $21::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
                 $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
                 $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
-                $17::text[]) AS u"#,
+                $17::text[], $18::float8[], $19::float8[], $20::float8[]) AS u"#,
         )
         .unwrap();
     let t = kycd_protocol::clock::monotonic();
@@ -220,6 +222,9 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
         let foreign: Vec<bool> = batch.iter().map(|v| v.record.window.foreign_person).collect();
         let merged = col(&|v| i64::from(v.record.window.merged_windows));
         let body: Vec<&str> = batch.iter().map(|v| v.body_json.as_str()).collect();
+        let lower = colf(&|v| v.record.window.lower_ops());
+        let upper = colf(&|v| v.record.window.upper_ops());
+        let shared = colf(&|v| v.record.window.shared_gpu_seconds);
         let mut tx = client.transaction().unwrap();
         tx.execute(
             &insert,
@@ -241,6 +246,9 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
                 &foreign,
                 &merged,
                 &body,
+                &lower,
+                &upper,
+                &shared,
                 &1_800_000_000i64,
             ],
         )
@@ -266,8 +274,10 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
                 .prepare_cached(
                     r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
-                        training_like, foreign_person, merged_windows, body_json, received_at)
-                       VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"#,
+                        training_like, foreign_person, merged_windows, body_json, received_at,
+                        ops_lower, ops_upper, shared_gpu_seconds)
+                       VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                               ?19, ?20, ?21)"#,
                 )
                 .unwrap();
             for v in batch {
@@ -292,6 +302,9 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
                         w.merged_windows,
                         v.body_json,
                         1_800_000_000i64,
+                        w.lower_ops(),
+                        w.upper_ops(),
+                        w.shared_gpu_seconds,
                     ])
                     .unwrap();
             }
