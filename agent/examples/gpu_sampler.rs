@@ -24,7 +24,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let backend = NvmlBackend::start(NvmlOptions { library, ..Default::default() })?;
-    let options = SamplerOptions { interval: Duration::from_millis(interval_ms), ..Default::default() };
+    // As the daemon samples: passed-through GPUs looked for in libvirt's status files and
+    // this host's sysfs too (a rescan every 10 s).
+    let options = SamplerOptions {
+        interval: Duration::from_millis(interval_ms),
+        passthrough: Some(kycd::gpu::passthrough::PassthroughOptions {
+            libvirt_status_dir: "/run/libvirt/qemu".into(),
+            sysfs_root: "/sys".into(),
+        }),
+        ..Default::default()
+    };
     let sampler = GpuSampler::new(Box::new(backend), &options)?;
     let (_tenants_tx, tenants) = tokio::sync::watch::channel(Arc::new(TenantMap::new()));
     let (tx, mut rx) = kycd::gpu::usage::window_channel(16);

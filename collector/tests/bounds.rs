@@ -22,6 +22,7 @@ backend_tests!(
     old_and_new_windows_aggregate_three_figures_side_by_side,
     threshold_basis_upper_crosses_where_point_does_not_and_early_warning_uses_upper,
     shared_gpu_opens_for_a_foreign_tenant_only,
+    allocation_alone_raises_capacity_and_early_warning_but_not_training,
 );
 
 const T0: i64 = 1_800_000_000 / 60 * 60;
@@ -292,5 +293,50 @@ async fn shared_gpu_opens_for_a_foreign_tenant_only(db: TestDb) {
         // f's finding stays open, raised once.
         assert!(open_finding(store, FindingKind::SharedGpu, "f").is_some());
         assert!(open_finding(store, FindingKind::SharedGpu, "d").is_none());
+    });
+}
+
+/// Issue 18, GPUs passed through to a VM: the host knows only the allocation (method
+/// `allocation`: point and lower 0, upper the GPUs' fastest peak × time). A foreign tenant's
+/// VM holding 8 GPUs on each of 4 hosts crosses the cluster-capacity threshold (allocated peak)
+/// and the early warning (upper bound) from allocation alone, and not the training threshold
+/// held against the point estimate.
+async fn allocation_alone_raises_capacity_and_early_warning_but_not_training(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let store = store.as_ref();
+        for host in ["a", "b", "c", "d"] {
+            let windows = (0..10)
+                .map(|minute| UsageWindow {
+                    workload: "libvirt_domain:vm-f".into(),
+                    method: EstimationMethod::Allocation,
+                    training_like: false,
+                    ..w("f", true, minute, (Some(0.0), 0.0, Some(8.0 * 1.9789e15 * 60.0)), 0.0)
+                })
+                .collect();
+            store_windows(store, host, windows);
+        }
+        let claims = serde_json::from_value(json!({
+            "iss": "authority", "iat": 1_800_000_000, "exp": 1_900_000_000, "version": 1,
+            "measures": [], "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e19, "bio_training_ops": 1e17, "cluster_flops": 3e16,
+                           "early_warning_fraction": 0.5}
+        }))
+        .unwrap();
+        let published =
+            PublishedPolicy { version: 1, token: "token-1".into(), published_at: 1_800_000_000, claims };
+        store.publish_policy(&published).unwrap();
+        let report = evaluate(store, &[], SETTINGS, NOW).unwrap();
+        let raised: Vec<FindingKind> =
+            report.raised.iter().filter(|(_, _, t)| t == "f").map(|(_, k, _)| *k).collect();
+        // 4 hosts × 8e15 allocated = 3.2e16 FLOP/s ≥ 3e16; upper 4 × 10 min × 9.5e17 = 3.8e19
+        // ≥ half of 1e19; point 0.
+        assert!(raised.contains(&FindingKind::ClusterCapacityCrossed), "{raised:?}");
+        assert!(raised.contains(&FindingKind::EarlyWarning), "{raised:?}");
+        assert!(!raised.contains(&FindingKind::TrainingThresholdCrossed), "{raised:?}");
+        let usage = export::rows(store, 0).unwrap();
+        let f = usage.iter().find(|r| r.tenant == "f").unwrap();
+        assert_eq!((f.ops_lower, f.estimated_ops), (0.0, 0.0));
+        assert!((f.ops_upper - 4.0 * 10.0 * 8.0 * 1.9789e15 * 60.0).abs() < 1e9, "{f:?}");
     });
 }

@@ -46,11 +46,12 @@ pub const SIGNATURE_HEADER: &str = "x-kycd-signature";
 
 impl EstimationMethod {
     /// Every method, in wire order (the order the collector's exports list them).
-    pub const ALL: [EstimationMethod; 5] = [
+    pub const ALL: [EstimationMethod; 6] = [
         EstimationMethod::GpmPipes,
         EstimationMethod::GpmTensor,
         EstimationMethod::SharedSplit,
         EstimationMethod::UtilizationUpperBound,
+        EstimationMethod::Allocation,
         EstimationMethod::Unknown,
     ];
 
@@ -61,6 +62,7 @@ impl EstimationMethod {
             EstimationMethod::GpmTensor => "gpm_tensor",
             EstimationMethod::SharedSplit => "shared_split",
             EstimationMethod::UtilizationUpperBound => "utilization_upper_bound",
+            EstimationMethod::Allocation => "allocation",
             EstimationMethod::Unknown => "unknown",
         }
     }
@@ -70,10 +72,11 @@ impl EstimationMethod {
     pub const fn strength(self) -> u8 {
         match self {
             EstimationMethod::Unknown => 0,
-            EstimationMethod::UtilizationUpperBound => 1,
-            EstimationMethod::SharedSplit => 2,
-            EstimationMethod::GpmTensor => 3,
-            EstimationMethod::GpmPipes => 4,
+            EstimationMethod::Allocation => 1,
+            EstimationMethod::UtilizationUpperBound => 2,
+            EstimationMethod::SharedSplit => 3,
+            EstimationMethod::GpmTensor => 4,
+            EstimationMethod::GpmPipes => 5,
         }
     }
 

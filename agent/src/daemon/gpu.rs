@@ -41,6 +41,10 @@ pub(super) fn start(
         proc_root: PathBuf::from("/proc"),
         cgroup_roots: config.workloads.roots.clone(),
         peak_override: g.peak_flops_file.clone(),
+        passthrough: Some(crate::gpu::passthrough::PassthroughOptions {
+            libvirt_status_dir: config.workloads.libvirt_status_dir.clone(),
+            sysfs_root: PathBuf::from("/sys"),
+        }),
     };
     let sampler = match GpuSampler::new(backend, &options) {
         Ok(s) => s,

@@ -1,9 +1,11 @@
-//! A libvirt domain's tap interfaces, from libvirt's status XML
-//! (`/run/libvirt/qemu/NAME.xml`), for the nftables interface sets.
+//! What a running libvirt domain holds, from libvirt's status XML
+//! (`/run/libvirt/qemu/NAME.xml`): its tap interfaces (for the nftables interface sets) and
+//! the host PCI devices passed through to it (for GPU accounting, [`crate::gpu::passthrough`]).
 //!
-//! This is a scan for `<target dev='…'/>` inside `<interface …>` elements, not an XML
-//! parser: libvirt writes that file itself in a fixed shape, and the names found are
-//! validated as interface names before anyone uses them.
+//! This is a scan for `<target dev='…'/>` inside `<interface …>` elements and for the
+//! `<source><address …/></source>` of `<hostdev mode='subsystem' type='pci'>` elements, not an
+//! XML parser: libvirt writes that file itself in a fixed shape, and what is found is
+//! validated (interface names, PCI addresses) before anyone uses it.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -15,19 +17,79 @@ const MAX_STATUS_XML: u64 = 1 << 20;
 /// without duplicates. A missing file yields none (the domain is not running); any other
 /// read error is returned, so the caller keeps the taps it knew (and their blocks).
 pub fn domain_interfaces(status_dir: &Path, name: &str) -> std::io::Result<Vec<String>> {
+    Ok(status_xml(status_dir, name)?.map(|text| interfaces_in(&text)).unwrap_or_default())
+}
+
+/// The host PCI addresses (`0000:17:00.0`) of the devices passed through to `name`
+/// (`<hostdev mode='subsystem' type='pci'>`), in document order, without duplicates. A missing
+/// file yields none (the domain is not running); any other read error is returned.
+pub fn domain_pci_hostdevs(status_dir: &Path, name: &str) -> std::io::Result<Vec<String>> {
+    Ok(status_xml(status_dir, name)?.map(|text| pci_hostdevs_in(&text)).unwrap_or_default())
+}
+
+/// The status XML of domain `name`; `None` when it has none (not running) or the name could
+/// not be a file name.
+fn status_xml(status_dir: &Path, name: &str) -> std::io::Result<Option<String>> {
     if name.is_empty() || name.contains('/') {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let mut text = String::new();
     let read = std::fs::File::open(status_dir.join(format!("{name}.xml")))
         .and_then(|f| f.take(MAX_STATUS_XML).read_to_string(&mut text));
     match read {
-        Ok(_) => Ok(interfaces_in(&text)),
-        // Not running (no status file): no taps.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        // Anything else says nothing about the taps: the caller keeps those it knew.
+        Ok(_) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // Anything else says nothing about the domain: the caller keeps what it knew.
         Err(e) => Err(e),
     }
+}
+
+/// The `<source>` PCI addresses of the PCI host devices in `xml`.
+fn pci_hostdevs_in(xml: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = find_open_tag(rest, "hostdev") {
+        let Some(end) = rest[i..].find("</hostdev>") else { break };
+        let body = &rest[i..i + end];
+        let head = &body[..body.find('>').unwrap_or(body.len())];
+        let is_pci = attr(head, "mode") == Some("subsystem") && attr(head, "type") == Some("pci");
+        let address = body
+            .find("<source")
+            .and_then(|s| body[s..].find("</source>").map(|e| &body[s..s + e]))
+            .and_then(|source| {
+                let a = find_open_tag(source, "address")?;
+                let tag = &source[a..a + source[a..].find('>')?];
+                pci_address(
+                    attr(tag, "domain")?,
+                    attr(tag, "bus")?,
+                    attr(tag, "slot")?,
+                    attr(tag, "function")?,
+                )
+            });
+        if let (true, Some(address)) = (is_pci, address) {
+            if !found.contains(&address) {
+                found.push(address);
+            }
+        }
+        rest = &rest[i + end + "</hostdev>".len()..];
+    }
+    found
+}
+
+/// `0000:17:00.0` from libvirt's hex attributes (`0x0000`, `0x17`, `0x00`, `0x0`), or `None`
+/// when one is not a number in range.
+fn pci_address(domain: &str, bus: &str, slot: &str, function: &str) -> Option<String> {
+    let hex = |v: &str, max: u32| {
+        let digits = v.strip_prefix("0x").unwrap_or(v);
+        u32::from_str_radix(digits, 16).ok().filter(|n| *n <= max)
+    };
+    Some(format!(
+        "{:04x}:{:02x}:{:02x}.{:x}",
+        hex(domain, 0xffff)?,
+        hex(bus, 0xff)?,
+        hex(slot, 0x1f)?,
+        hex(function, 0x7)?
+    ))
 }
 
 fn interfaces_in(xml: &str) -> Vec<String> {
@@ -66,11 +128,25 @@ fn find_open_tag(text: &str, tag: &str) -> Option<usize> {
 /// The `dev` attribute of the first `<target …>` in `body`.
 fn target_dev(body: &str) -> Option<&str> {
     let t = find_open_tag(body, "target")?;
-    let tag = &body[t..t + body[t..].find('>')?];
-    let at = tag.find("dev=")? + "dev=".len();
-    let quote = tag[at..].chars().next().filter(|q| *q == '\'' || *q == '"')?;
-    let value = &tag[at + 1..];
-    Some(&value[..value.find(quote)?])
+    attr(&body[t..t + body[t..].find('>')?], "dev")
+}
+
+/// The value of attribute `name` in a tag's text (`name='v'` or `name="v"`).
+fn attr<'t>(tag: &'t str, name: &str) -> Option<&'t str> {
+    let pattern = format!("{name}=");
+    let mut from = 0;
+    while let Some(i) = tag[from..].find(&pattern) {
+        let at = from + i;
+        // A whole attribute name: preceded by whitespace (so `dev=` does not match `xdev=`).
+        if at > 0 && tag.as_bytes()[at - 1].is_ascii_whitespace() {
+            let start = at + pattern.len();
+            let quote = tag[start..].chars().next().filter(|q| *q == '\'' || *q == '"')?;
+            let value = &tag[start + 1..];
+            return Some(&value[..value.find(quote)?]);
+        }
+        from = at + pattern.len();
+    }
+    None
 }
 
 /// Linux interface name rules (≤ 15 bytes, no '/', no whitespace), printable ASCII only.
@@ -107,6 +183,30 @@ mod tests {
         // domain's network block).
         std::fs::create_dir(dir.path().join("odd.xml")).unwrap();
         assert!(domain_interfaces(dir.path(), "odd").is_err());
+    }
+
+    #[test]
+    fn reads_the_host_pci_addresses_of_passed_through_devices() {
+        let xml = "<domstatus><domain><devices>\n\
+            <hostdev mode='subsystem' type='pci' managed='yes'>\n  <driver name='vfio'/>\n\
+              <source>\n    <address domain='0x0000' bus='0x17' slot='0x00' function='0x0'/>\n  </source>\n\
+              <alias name='hostdev0'/>\n\
+              <address type='pci' domain='0x0000' bus='0x06' slot='0x00' function='0x0'/>\n</hostdev>\n\
+            <hostdev mode=\"subsystem\" type=\"pci\" managed=\"no\"><source>\
+              <address domain=\"0x0001\" bus=\"0xb3\" slot=\"0x1f\" function=\"0x7\"/></source></hostdev>\n\
+            <hostdev mode='subsystem' type='mdev' model='vfio-pci'><source>\
+              <address uuid='c2177883-f1bb-47f0-914d-32a22e3a8804'/></source></hostdev>\n\
+            <hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x100' slot='0x0' function='0x0'/></source></hostdev>\n\
+            <hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x17' slot='0x00' function='0x0'/></source></hostdev>\n\
+            </devices></domain></domstatus>";
+        // The host address (in <source>), not the guest's; no mdev; out-of-range refused;
+        // duplicates once.
+        assert_eq!(pci_hostdevs_in(xml), ["0000:17:00.0", "0001:b3:1f.7"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gpu-vm.xml"), xml).unwrap();
+        assert_eq!(domain_pci_hostdevs(dir.path(), "gpu-vm").unwrap(), ["0000:17:00.0", "0001:b3:1f.7"]);
+        assert!(domain_pci_hostdevs(dir.path(), "absent").unwrap().is_empty());
+        assert_eq!(attr("<x xdev='a' dev='b'", "dev"), Some("b"));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   `kycd_gpu_operations_upper_total{tenant, workload}` (counters; the bounds)
 //! - `kycd_gpu_shared_seconds_total{tenant, workload}` (counter; GPU-seconds on a GPU shared
 //!   without isolation)
+//! - `kycd_gpu_pci_gpus{state}` (gauge; NVIDIA GPUs on the PCI bus by accounting state:
+//!   `assigned` to a VM, `idle` on vfio-pci, `host` on the nvidia driver, `unaccounted`)
 //! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
 //!   per GPU that fell off the bus)
 
@@ -20,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kycd_protocol::UsageWindow;
 
 use super::estimate::Bounds;
+use super::passthrough::{PciGpu, PciState};
 use super::sampler::TickReport;
 use super::BackendState;
 
@@ -41,6 +44,8 @@ pub struct GpuMetrics {
     lost: BTreeSet<String>,
     /// GPU UUID → model name, from the last sample that reached the driver.
     inventory: BTreeMap<String, String>,
+    /// NVIDIA GPUs on the PCI bus (passthrough accounting), as last scanned.
+    pci: Vec<PciGpu>,
 }
 
 impl GpuMetrics {
@@ -76,7 +81,20 @@ impl GpuMetrics {
                     "ops_upper": ops.upper, "shared_gpu_seconds": shared})
             })
             .collect();
-        serde_json::json!({"backend_available": self.backend_available, "gpus": gpus, "usage": usage})
+        let pci: Vec<serde_json::Value> = self
+            .pci
+            .iter()
+            .map(|g| {
+                let domain = match &g.state {
+                    PciState::Assigned { domain } => Some(domain.as_str()),
+                    _ => None,
+                };
+                serde_json::json!({"pci": g.address, "pci_id": g.pci_id, "model": g.model,
+                    "state": g.state.as_str(), "domain": domain, "iommu_group": g.iommu_group})
+            })
+            .collect();
+        serde_json::json!({"backend_available": self.backend_available, "gpus": gpus, "usage": usage,
+            "passthrough": pci})
     }
 
     /// Takes in one sampler tick.
@@ -104,6 +122,7 @@ impl GpuMetrics {
                     .insert(gpu.uuid.clone(), (gpu.name.clone(), f64::from(pct.min(100)) / 100.0));
             }
         }
+        self.pci.clone_from(&report.passthrough);
         for uuid in &report.lost_gpus {
             if self.lost.insert(uuid.clone()) {
                 *self.nvml_errors.entry("gpu_lost").or_default() += 1;
@@ -167,6 +186,15 @@ impl GpuMetrics {
                 out.sample(metric, &[("tenant", tenant), ("workload", workload)], v);
             }
         }
+        out.family(
+            "kycd_gpu_pci_gpus",
+            Kind::Gauge,
+            "NVIDIA GPUs on the PCI bus by how they are accounted for.",
+        );
+        for state in ["assigned", "idle", "host", "unaccounted"] {
+            let n = self.pci.iter().filter(|g| g.state.as_str() == state).count();
+            out.sample("kycd_gpu_pci_gpus", &[("state", state)], n);
+        }
         out.family("kycd_nvml_errors_total", Kind::Counter, "NVML failures by kind.");
         for (kind, n) in &self.nvml_errors {
             out.sample("kycd_nvml_errors_total", &[("kind", kind)], n);
@@ -206,6 +234,7 @@ mod tests {
             unattributed: vec![],
             gpus: vec![],
             exclusivity_violations: vec![],
+            passthrough: vec![],
             windows: vec![],
         };
         m.observe_tick(&report);

@@ -23,6 +23,7 @@ pub mod attribution;
 pub mod estimate;
 pub mod metrics;
 pub mod nvml;
+pub mod passthrough;
 pub mod peaks;
 pub mod record;
 pub mod replay;

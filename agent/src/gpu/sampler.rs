@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attribution::{Attributor, ProcessOwner};
 use super::estimate::{self, Bounds, Rate, Reading};
+use super::passthrough::{PassthroughAccounting, PassthroughOptions, PciGpu};
 use super::peaks::{self, PeakTable, Peaks};
 use super::units::{process_shares, units, Unit};
 use super::usage::{Observation, TrainingRule, UsageAggregator, UsageKey, WindowSender, DEFAULT_WINDOW};
@@ -53,6 +54,9 @@ pub struct SamplerOptions {
     pub cgroup_roots: Vec<String>,
     /// Operator peak-FLOP/s table laid over the built-in one.
     pub peak_override: Option<PathBuf>,
+    /// Where to find GPUs passed through to VMs ([`super::passthrough`]); `None`: not looked
+    /// for.
+    pub passthrough: Option<PassthroughOptions>,
 }
 
 impl Default for SamplerOptions {
@@ -64,6 +68,7 @@ impl Default for SamplerOptions {
             proc_root: PathBuf::from("/proc"),
             cgroup_roots: vec!["machine.slice".into(), "user.slice".into(), "kubepods.slice".into()],
             peak_override: None,
+            passthrough: None,
         }
     }
 }
@@ -140,6 +145,9 @@ pub struct TickReport {
     pub gpus: Vec<GpuEstimate>,
     /// Workloads under `exclusive_gpu` that shared a GPU this tick.
     pub exclusivity_violations: Vec<SharedUse>,
+    /// NVIDIA GPUs on the PCI bus and how each is accounted for (empty when passthrough
+    /// accounting is off).
+    pub passthrough: Vec<PciGpu>,
     /// Windows this tick closed.
     pub windows: Vec<UsageWindow>,
 }
@@ -168,6 +176,11 @@ pub struct GpuSampler {
     aggregator: UsageAggregator,
     interval: Duration,
     last_at_ms: Option<i64>,
+    /// The previous sample's time whatever the backend said: GPUs passed through to VMs are
+    /// accounted whether NVML answers or not (a host passing every GPU through may have no
+    /// NVIDIA driver loaded at all).
+    last_any_ms: Option<i64>,
+    passthrough: Option<PassthroughAccounting>,
 }
 
 impl GpuSampler {
@@ -181,6 +194,8 @@ impl GpuSampler {
             aggregator: UsageAggregator::new(options.window, options.training),
             interval: options.interval,
             last_at_ms: None,
+            last_any_ms: None,
+            passthrough: options.passthrough.clone().map(PassthroughAccounting::new),
         })
     }
 
@@ -205,6 +220,8 @@ impl GpuSampler {
         // An unavailable backend breaks the chain: the next good sample only primes again.
         self.last_at_ms = (sample.backend == BackendState::Ok).then_some(sample.at_ms);
         let dt = Duration::from_millis(u64::try_from(dt_ms).unwrap_or(0));
+        let any_dt_ms = self.last_any_ms.map_or(0, |last| (sample.at_ms - last).clamp(0, cap));
+        self.last_any_ms = Some(sample.at_ms);
 
         let mut report = TickReport {
             sample: Sample::new(sample.at_ms, sample.backend.clone(), Vec::new()),
@@ -214,6 +231,7 @@ impl GpuSampler {
             unattributed: Vec::new(),
             gpus: Vec::new(),
             exclusivity_violations: Vec::new(),
+            passthrough: Vec::new(),
             windows: Vec::new(),
         };
         if let BackendState::Unavailable { reason } = &sample.backend {
@@ -238,8 +256,22 @@ impl GpuSampler {
                 self.attribute(&unit, gpu, (sample.at_ms, dt), tenants, &mut report, &mut observations);
             }
         }
-        if !dt.is_zero() {
-            report.windows = self.aggregator.observe(sample.at_ms, dt, &observations);
+        // Passed-through GPUs count over the tick whatever NVML did; when NVML only primed,
+        // they alone make the tick.
+        let mut tick = dt;
+        if let Some(passthrough) = &mut self.passthrough {
+            passthrough.refresh(sample.at_ms, &self.peaks);
+            report.passthrough = passthrough.gpus().to_vec();
+            if dt.is_zero() {
+                observations.clear();
+                tick = Duration::from_millis(u64::try_from(any_dt_ms).unwrap_or(0));
+            }
+            if !tick.is_zero() {
+                observations.extend(passthrough.observations(tenants));
+            }
+        }
+        if !tick.is_zero() {
+            report.windows = self.aggregator.observe(sample.at_ms, tick, &observations);
         }
         report.sample = sample;
         report

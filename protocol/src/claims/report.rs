@@ -8,7 +8,8 @@ use super::NumericDate;
 /// How a window's operations were estimated (docs/estimates.md has the method in full).
 ///
 /// A window carries the weakest method of any GPU-interval in it, in this order (weakest
-/// first): `unknown`, `utilization_upper_bound`, `shared_split`, `gpm_tensor`, `gpm_pipes`.
+/// first): `unknown`, `allocation`, `utilization_upper_bound`, `shared_split`, `gpm_tensor`,
+/// `gpm_pipes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EstimationMethod {
@@ -29,6 +30,11 @@ pub enum EstimationMethod {
     /// SM utilisation × peak (no GPM, pre-Hopper), clock-scaled: an upper bound (any kernel
     /// counts as busy); the lower bound is 0.
     UtilizationUpperBound,
+    /// GPUs passed through to a VM (bound to `vfio-pci`): the host's driver cannot see them,
+    /// so only the allocation is known. GPU-seconds are the time held, the upper bound is
+    /// the GPUs' fastest-precision peak × that time, the lower bound and the point estimate
+    /// are 0.
+    Allocation,
     /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
     /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
     /// estimated, so it is a lower bound.

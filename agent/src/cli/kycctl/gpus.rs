@@ -52,6 +52,21 @@ pub(super) fn gpus(socket: &Path, json: bool, usage: bool) -> ExitCode {
                 util
             );
         }
+        let pci = body["passthrough"].as_array().unwrap_or(&empty);
+        if pci.iter().any(|g| g["state"] != "host") {
+            println!("\nGPUs the host driver does not see (PCI):");
+            println!("{:<14} {:<10} {:<24} {:<12} DOMAIN", "PCI", "ID", "MODEL", "STATE");
+            for g in pci.iter().filter(|g| g["state"] != "host") {
+                println!(
+                    "{:<14} {:<10} {:<24} {:<12} {}",
+                    g["pci"].as_str().unwrap_or("-"),
+                    g["pci_id"].as_str().unwrap_or("-"),
+                    g["model"].as_str().unwrap_or("(unknown model)"),
+                    g["state"].as_str().unwrap_or("-"),
+                    g["domain"].as_str().unwrap_or("-")
+                );
+            }
+        }
     }
     ExitCode::SUCCESS
 }
