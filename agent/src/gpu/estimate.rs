@@ -138,7 +138,7 @@ pub fn rate(rates: &Rates, reading: &Reading<'_>) -> Option<Rate> {
             Some(any) => (Some(any), EstimationMethod::GpmTensor),
             None => {
                 let u = f64::from(reading.utilization_pct?.min(100)) / 100.0;
-                let fastest = rates.int8.map_or(hmma_fastest, |i| i.max(hmma_fastest));
+                let fastest = rates.fastest_tensor().unwrap_or(bf16);
                 let ops = Bounds { lower: 0.0, point: u * bf16, upper: u * fastest }.scaled(clock);
                 return Some(Rate {
                     ops_per_s: ops,

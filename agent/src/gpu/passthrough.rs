@@ -182,13 +182,11 @@ impl PassthroughAccounting {
                 let PciState::Assigned { domain } = &g.state else { return None };
                 let workload = WorkloadId { kind: WorkloadKind::LibvirtDomain, id: domain.clone() };
                 let tenant = tenants.get(&workload);
-                let fastest = g
-                    .rates
-                    .hmma()
-                    .chain(g.rates.int8)
-                    .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-                let ops_per_s =
-                    g.rates.bf16.and(fastest).map(|upper| Bounds { lower: 0.0, point: 0.0, upper });
+                let ops_per_s = g.rates.bf16.and(g.rates.fastest_tensor()).map(|upper| Bounds {
+                    lower: 0.0,
+                    point: 0.0,
+                    upper,
+                });
                 Some(Observation {
                     key: UsageKey {
                         tenant: tenant.map(|t| t.tenant.clone()),

@@ -80,9 +80,15 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// The HMMA precisions this GPU has, slowest to fastest is not implied.
+    /// The rates of the HMMA precisions this GPU has, in no particular order.
     pub fn hmma(&self) -> impl Iterator<Item = f64> {
         [self.tf32, self.bf16, self.fp8, self.fp6, self.fp4].into_iter().flatten()
+    }
+
+    /// The fastest tensor rate of any precision (HMMA, or INT8 on IMMA where faster): what a
+    /// GPU busy with nothing else could do at most. `None` without any tensor rate.
+    pub fn fastest_tensor(&self) -> Option<f64> {
+        self.hmma().chain(self.int8).reduce(f64::max)
     }
 
     /// Every rate × `k` (a MIG instance's share of the GPU's SMs).

@@ -252,7 +252,7 @@ impl GpuSampler {
             let rate = estimate::rate(&peaks.rates, &Reading::of(gpu));
             let ops = rate.map(|r| r.ops_per_s.scaled(dt.as_secs_f64()));
             report.gpus.push(GpuEstimate { uuid: gpu.uuid.clone(), peaks, rate, ops });
-            for unit in units(gpu, &peaks) {
+            for unit in units(gpu, &peaks, rate) {
                 self.attribute(&unit, gpu, (sample.at_ms, dt), tenants, &mut report, &mut observations);
             }
         }
@@ -262,8 +262,8 @@ impl GpuSampler {
         if let Some(passthrough) = &mut self.passthrough {
             passthrough.refresh(sample.at_ms, &self.peaks);
             report.passthrough = passthrough.gpus().to_vec();
+            // (With NVML priming, `attribute` observed nothing: the tick is the passthrough's.)
             if dt.is_zero() {
-                observations.clear();
                 tick = Duration::from_millis(u64::try_from(any_dt_ms).unwrap_or(0));
             }
             if !tick.is_zero() {

@@ -26,7 +26,8 @@ pub struct Unit {
 }
 
 /// The units of `gpu`, each with its processes; every process of the GPU is in exactly one.
-pub fn units(gpu: &GpuSnapshot, peaks: &Peaks) -> Vec<Unit> {
+/// `device_rate` is the whole GPU's estimate (the sampler has made it already).
+pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec<Unit> {
     let mut rest: Vec<u32> = gpu.processes.iter().map(|p| p.pid).collect();
     let mut out = Vec::new();
     if gpu.mig_enabled == Some(true) {
@@ -59,12 +60,7 @@ pub fn units(gpu: &GpuSnapshot, peaks: &Peaks) -> Vec<Unit> {
             });
         }
     }
-    out.push(Unit {
-        uuid: gpu.uuid.clone(),
-        rate: estimate::rate(&peaks.rates, &Reading::of(gpu)),
-        peak_flops: peaks.bf16(),
-        pids: rest,
-    });
+    out.push(Unit { uuid: gpu.uuid.clone(), rate: device_rate, peak_flops: peaks.bf16(), pids: rest });
     out
 }
 
@@ -121,7 +117,8 @@ mod tests {
         let busy = GpmPipes { hmma_tensor: Some(50.0), ..GpmPipes::default() };
         gpu.mig_instances = vec![instance(0, Some(1), 66, Some(busy)), instance(1, Some(2), 33, None)];
         let peaks = PeakTable::builtin().unwrap().peaks(&gpu.name, None, None, None);
-        let units = units(&gpu, &peaks);
+        let device_rate = estimate::rate(&peaks.rates, &Reading::of(&gpu));
+        let units = units(&gpu, &peaks, device_rate);
         assert_eq!(units.len(), 2, "{units:?}");
         let mig = &units[0];
         assert_eq!((mig.uuid.as_str(), mig.pids.as_slice()), ("MIG-0", &[10, 11][..]));
