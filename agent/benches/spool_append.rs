@@ -29,6 +29,7 @@ fn window(i: usize) -> UsageWindow {
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: 7.9e15,
         method: EstimationMethod::GpmTensor,
         training_like: true,

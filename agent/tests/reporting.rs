@@ -41,6 +41,7 @@ fn window(workload: &str, start: i64) -> UsageWindow {
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: 2e15,
         method: EstimationMethod::GpmTensor,
         training_like: false,

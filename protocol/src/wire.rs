@@ -46,11 +46,12 @@ pub const SIGNATURE_HEADER: &str = "x-kycd-signature";
 
 impl EstimationMethod {
     /// Every method, in wire order (the order the collector's exports list them).
-    pub const ALL: [EstimationMethod; 6] = [
+    pub const ALL: [EstimationMethod; 7] = [
         EstimationMethod::GpmPipes,
         EstimationMethod::GpmTensor,
         EstimationMethod::SharedSplit,
         EstimationMethod::UtilizationUpperBound,
+        EstimationMethod::GuestReported,
         EstimationMethod::Allocation,
         EstimationMethod::Unknown,
     ];
@@ -63,6 +64,7 @@ impl EstimationMethod {
             EstimationMethod::SharedSplit => "shared_split",
             EstimationMethod::UtilizationUpperBound => "utilization_upper_bound",
             EstimationMethod::Allocation => "allocation",
+            EstimationMethod::GuestReported => "guest_reported",
             EstimationMethod::Unknown => "unknown",
         }
     }
@@ -73,10 +75,11 @@ impl EstimationMethod {
         match self {
             EstimationMethod::Unknown => 0,
             EstimationMethod::Allocation => 1,
-            EstimationMethod::UtilizationUpperBound => 2,
-            EstimationMethod::SharedSplit => 3,
-            EstimationMethod::GpmTensor => 4,
-            EstimationMethod::GpmPipes => 5,
+            EstimationMethod::GuestReported => 2,
+            EstimationMethod::UtilizationUpperBound => 3,
+            EstimationMethod::SharedSplit => 4,
+            EstimationMethod::GpmTensor => 5,
+            EstimationMethod::GpmPipes => 6,
         }
     }
 

@@ -204,6 +204,7 @@ impl PassthroughAccounting {
                     // Nothing is known of how busy it is.
                     activity: 0.0,
                     shared: false,
+                    guest_gap: false,
                 })
             })
             .collect()

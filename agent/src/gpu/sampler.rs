@@ -358,6 +358,7 @@ impl GpuSampler {
                 activity: activity * share,
                 method,
                 shared,
+                guest_gap: false,
             });
         }
     }

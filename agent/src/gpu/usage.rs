@@ -87,6 +87,8 @@ pub struct Observation {
     pub method: EstimationMethod,
     /// The GPU was shared with another workload without isolation.
     pub shared: bool,
+    /// A GPU passed through to a VM whose guest is not reporting (`guest_telemetry_gap`).
+    pub guest_gap: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +97,7 @@ struct Open {
     peak_by_gpu: BTreeMap<String, f64>,
     gpu_seconds: f64,
     shared_gpu_seconds: f64,
+    guest_gap_gpu_seconds: f64,
     ops: Bounds,
     max_concurrent: u32,
     method: EstimationMethod,
@@ -175,6 +178,7 @@ impl UsageAggregator {
                 peak_by_gpu: BTreeMap::new(),
                 gpu_seconds: 0.0,
                 shared_gpu_seconds: 0.0,
+                guest_gap_gpu_seconds: 0.0,
                 ops: Bounds::default(),
                 max_concurrent: 0,
                 // The strongest: every observation can only weaken it.
@@ -187,6 +191,9 @@ impl UsageAggregator {
             let shared_now: BTreeSet<&str> =
                 obs.iter().filter(|o| o.shared).map(|o| o.gpu_uuid.as_str()).collect();
             open.shared_gpu_seconds += dt_s * shared_now.len() as f64;
+            let gap_now: BTreeSet<&str> =
+                obs.iter().filter(|o| o.guest_gap).map(|o| o.gpu_uuid.as_str()).collect();
+            open.guest_gap_gpu_seconds += dt_s * gap_now.len() as f64;
             for o in &obs {
                 open.gpus.insert(o.gpu_uuid.clone());
                 let method = if o.ops_per_s.is_none() { EstimationMethod::Unknown } else { o.method };
@@ -242,6 +249,7 @@ impl UsageAggregator {
                 ops_lower: Some(open.ops.lower),
                 ops_upper: Some(open.ops.upper),
                 shared_gpu_seconds: open.shared_gpu_seconds,
+                guest_gap_gpu_seconds: open.guest_gap_gpu_seconds,
                 peak_flops: open.peak_by_gpu.values().sum(),
                 method: open.method,
                 training_like: open.training_like,
@@ -272,6 +280,7 @@ mod tests {
             activity,
             method,
             shared: false,
+            guest_gap: false,
         }
     }
 

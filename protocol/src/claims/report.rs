@@ -8,8 +8,8 @@ use super::NumericDate;
 /// How a window's operations were estimated (docs/estimates.md has the method in full).
 ///
 /// A window carries the weakest method of any GPU-interval in it, in this order (weakest
-/// first): `unknown`, `allocation`, `utilization_upper_bound`, `shared_split`, `gpm_tensor`,
-/// `gpm_pipes`.
+/// first): `unknown`, `allocation`, `guest_reported`, `utilization_upper_bound`,
+/// `shared_split`, `gpm_tensor`, `gpm_pipes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EstimationMethod {
@@ -35,6 +35,12 @@ pub enum EstimationMethod {
     /// the GPUs' fastest-precision peak × that time, the lower bound and the point estimate
     /// are 0.
     Allocation,
+    /// GPUs passed through to a VM whose guest reports its own measurement (`kycd guest` over
+    /// the `org.kycd.telemetry.0` channel). The guest is the tenant's: the host books the
+    /// guest's latest rate over its own clock, capped at the GPUs' fastest peak, only for GPUs
+    /// the domain holds. Point estimate and lower bound are the guest's (so untrusted); the
+    /// upper bound stays the allocation.
+    GuestReported,
     /// Some GPU in the window has no known peak FLOP/s, or neither GPM nor utilization could
     /// be read for it (e.g. MIG without GPM): `estimated_ops` counts only what could be
     /// estimated, so it is a lower bound.
@@ -79,6 +85,10 @@ pub struct UsageWindow {
     /// workload without isolation, so its operations could not be attributed to it alone.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shared_gpu_seconds: f64,
+    /// GPU-seconds in which this workload (a VM) held passed-through GPUs while its guest sent
+    /// no telemetry (`guest_telemetry_gap`): for those seconds only the allocation is known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub guest_gap_gpu_seconds: f64,
     /// Peak FLOP/s capacity of the GPUs used (for cluster-capacity aggregation).
     pub peak_flops: f64,
     /// How operations were estimated.

@@ -25,6 +25,7 @@ pub fn window(tenant: &str, workload: &str, start: i64) -> UsageWindow {
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: 1e15,
         method: EstimationMethod::GpmTensor,
         training_like: false,
