@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         passthrough: Some(kycd::gpu::passthrough::PassthroughOptions {
             libvirt_status_dir: "/run/libvirt/qemu".into(),
             sysfs_root: "/sys".into(),
+            guest_timeout_ms: kycd::gpu::passthrough::DEFAULT_GUEST_TIMEOUT_MS,
         }),
         ..Default::default()
     };

@@ -61,6 +61,7 @@ fn a_vm_holding_eight_passed_through_h100s_is_accounted_by_allocation_without_nv
         passthrough: Some(PassthroughOptions {
             libvirt_status_dir: run.path().to_owned(),
             sysfs_root: sys.path().to_owned(),
+            guest_timeout_ms: kycd::gpu::passthrough::DEFAULT_GUEST_TIMEOUT_MS,
         }),
         ..Default::default()
     };

@@ -196,6 +196,25 @@ pub enum AuditEvent {
         /// When.
         rejected_at: i64,
     },
+    /// A VM holding passed-through GPUs has sent no guest telemetry for the gap timeout: its
+    /// usage is known only by allocation from now.
+    GuestTelemetryGap {
+        /// The libvirt domain.
+        domain: String,
+        /// `no_channel`, `never_reported` or `stopped`.
+        reason: String,
+        /// GPUs it holds.
+        gpus: usize,
+        /// When its last report was accepted (Unix ms), if ever.
+        last_report_ms: Option<i64>,
+    },
+    /// A VM's guest telemetry covers all its GPUs again (or it holds none any more).
+    GuestTelemetryResumed {
+        /// The libvirt domain.
+        domain: String,
+        /// Still holding GPUs (false: the gap ended because the domain released them).
+        holding: bool,
+    },
 }
 
 impl AuditEvent {
@@ -228,6 +247,8 @@ impl AuditEvent {
             AuditEvent::ApiRefused { .. } => "api_refused",
             AuditEvent::SpoolDamaged { .. } => "spool_damaged",
             AuditEvent::ReportBatchRejected { .. } => "report_batch_rejected",
+            AuditEvent::GuestTelemetryGap { .. } => "guest_telemetry_gap",
+            AuditEvent::GuestTelemetryResumed { .. } => "guest_telemetry_resumed",
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use kycd::cli::kycd::{Cli, Command, ConfigArgs};
+use kycd::cli::kycd::{Cli, Command, ConfigArgs, GuestArgs};
 use kycd::config::{self, Config, LogFormat, Mode};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -82,9 +82,46 @@ fn run(config: Config, args: &ConfigArgs) -> anyhow::Result<()> {
     })
 }
 
+/// `kycd guest`: the sampler on the VM's own GPUs, reporting to the host agent.
+fn guest(args: &GuestArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .try_init();
+    let backend: Box<dyn kycd::gpu::GpuBackend> = match &args.replay_trace {
+        Some(trace) => Box::new(kycd::gpu::ReplayBackend::open(trace, true)?),
+        None => Box::new(kycd::gpu::nvml::NvmlBackend::start(kycd::gpu::nvml::NvmlOptions {
+            library: args.nvml_library.clone(),
+            ..Default::default()
+        })?),
+    };
+    let options = kycd::gpu::sampler::SamplerOptions {
+        interval: Duration::from_millis(args.interval_ms),
+        peak_override: args.peak_flops_file.clone(),
+        ..Default::default()
+    };
+    let sampler = kycd::gpu::sampler::GpuSampler::new(backend, &options)?;
+    let sender = kycd::gpu::guest::sender::SenderOptions {
+        port: args.port.clone(),
+        interval: Duration::from_millis(args.interval_ms),
+        report_every: Duration::from_secs(args.report_every_s),
+        reports: args.reports,
+    };
+    kycd::gpu::guest::sender::run(sampler, &sender)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Guest(args) => match guest(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::CheckConfig(args) => match args.load() {
             Ok(config) => {
                 print!("{}", config.to_effective_toml());

@@ -30,6 +30,37 @@ pub enum Command {
     Run(ConfigArgs),
     /// Validate the configuration and print the effective result (all layers applied).
     CheckConfig(ConfigArgs),
+    /// Run inside a VM whose GPUs are passed through: sample them with the guest's NVML and
+    /// report to the host agent over the virtio-serial channel `org.kycd.telemetry.0`
+    /// (libvirt: `<channel type='unix'><target type='virtio' name='org.kycd.telemetry.0'/>
+    /// </channel>`). Needs no configuration file, keys or state.
+    Guest(GuestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    /// The virtio-serial port to write to; a Unix socket path is connected to instead.
+    #[arg(long, value_name = "PATH", default_value = crate::gpu::guest::sender::DEFAULT_PORT)]
+    pub port: PathBuf,
+    /// `libnvidia-ml.so`: a bare name (searched like dlopen does) or a path.
+    #[arg(long, value_name = "PATH", default_value = crate::gpu::nvml::DEFAULT_LIBRARY)]
+    pub nvml_library: PathBuf,
+    /// Replay a recorded trace (`kycctl gpu record`) instead of reading NVML (demos, tests).
+    #[arg(long, value_name = "PATH")]
+    pub replay_trace: Option<PathBuf>,
+    /// A peak-FLOP/s CSV laid over the built-in table (as `gpu.peak_flops_file`).
+    #[arg(long, value_name = "PATH")]
+    pub peak_flops_file: Option<PathBuf>,
+    /// Milliseconds between samples.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub interval_ms: u64,
+    /// Seconds between reports to the host (the host treats a report as current for twice
+    /// this, and raises a gap after its `gpu.guest_telemetry_timeout_s`).
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub report_every_s: u64,
+    /// Stop after this many reports (default: run until stopped).
+    #[arg(long, value_name = "N")]
+    pub reports: Option<u64>,
 }
 
 #[derive(Debug, Args)]

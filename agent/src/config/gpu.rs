@@ -31,6 +31,10 @@ pub struct GpuConfig {
     pub training_min_activity_pct: u32,
     /// … for at least this many minutes.
     pub training_min_minutes: u64,
+    /// A VM holding passed-through GPUs whose guest (`kycd guest`) has sent no telemetry for
+    /// this many seconds is in a guest telemetry gap (status, metric, audit record, and the
+    /// collector's `guest_telemetry_gap` finding).
+    pub guest_telemetry_timeout_s: u64,
 }
 
 impl Default for GpuConfig {
@@ -45,6 +49,7 @@ impl Default for GpuConfig {
             training_min_gpus: 8,
             training_min_activity_pct: 50,
             training_min_minutes: 10,
+            guest_telemetry_timeout_s: 120,
         }
     }
 }

@@ -73,6 +73,9 @@ impl Config {
                 );
             }
         }
+        if !(10..=86_400).contains(&self.gpu.guest_telemetry_timeout_s) {
+            return invalid("gpu.guest_telemetry_timeout_s", "must be between 10 and 86400");
+        }
         if !(100..=60_000).contains(&self.gpu.interval_ms) {
             return invalid("gpu.interval_ms", "must be between 100 and 60000");
         }

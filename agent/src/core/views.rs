@@ -84,6 +84,7 @@ impl Agent {
             drift_repaired: self.counters.drift_repaired.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
             last_reload_error: self.last_reload_error.clone(),
             reporting: None,
+            guest_telemetry: Vec::new(),
         }
     }
 

@@ -44,6 +44,7 @@ pub(super) fn start(
         passthrough: Some(crate::gpu::passthrough::PassthroughOptions {
             libvirt_status_dir: config.workloads.libvirt_status_dir.clone(),
             sysfs_root: PathBuf::from("/sys"),
+            guest_timeout_ms: i64::try_from(g.guest_telemetry_timeout_s.saturating_mul(1000)).unwrap_or(i64::MAX),
         }),
     };
     let sampler = match GpuSampler::new(backend, &options) {
@@ -133,6 +134,14 @@ async fn observe(mut reports: mpsc::Receiver<TickReport>, metrics: SharedGpuMetr
                 error!(%gpu, "GPU lost (fell off the bus); its usage is no longer measured");
             }
         }
+    }
+}
+
+/// Queues the sampler's findings (guest telemetry gaps begun and ended) for the audit log.
+pub(super) fn record_events(agent: &mut crate::core::Agent, metrics: Option<&SharedGpuMetrics>) {
+    let events = metrics.and_then(|m| m.lock().ok().map(|mut m| m.take_audit_events())).unwrap_or_default();
+    for event in events {
+        agent.record(event);
     }
 }
 

@@ -28,6 +28,9 @@ impl RequestHandler for Node<'_> {
         };
         let mut status = self.agent.status(gpu.to_owned());
         status.reporting = Some(self.reporting.status());
+        if let Some(m) = self.gpu.and_then(|m| m.lock().ok()) {
+            status.guest_telemetry = m.guest_status();
+        }
         status
     }
 

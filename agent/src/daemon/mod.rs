@@ -249,8 +249,10 @@ pub async fn run(
             () = tokio::time::sleep(sleep_for) => agent.handle(Event::Deadline),
         }
         next_review = tokio::task::block_in_place(|| {
-            // Spool damage and rejected report batches, found by the reporting tasks.
+            // Spool damage and rejected report batches, found by the reporting tasks; guest
+            // telemetry gaps, found by the GPU sampler.
             record_reporting_events(&mut agent, &reporting);
+            gpu::record_events(&mut agent, gpu_metrics.as_ref());
             agent.settle()
         });
         // What the collector API and the GPU sampler see, republished only when it changed.
@@ -284,6 +286,7 @@ pub async fn run(
     }
     tokio::task::block_in_place(|| {
         record_reporting_events(&mut agent, &reporting);
+        gpu::record_events(&mut agent, gpu_metrics.as_ref());
         agent.record(AuditEvent::AgentStopped);
         agent.flush_records();
     });

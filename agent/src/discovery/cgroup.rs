@@ -263,8 +263,8 @@ fn parse_libvirt_status(text: &str) -> Option<LibvirtDomain> {
     Some(LibvirtDomain { id, name, uuid })
 }
 
-/// The five predefined XML entities (libvirt escapes names with them).
-fn unescape_xml(s: &str) -> String {
+/// The five predefined XML entities (libvirt escapes names and attribute values with them).
+pub(super) fn unescape_xml(s: &str) -> String {
     s.replace("&lt;", "<")
         .replace("&gt;", ">")
         .replace("&quot;", "\"")

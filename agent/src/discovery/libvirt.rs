@@ -27,6 +27,44 @@ pub fn domain_pci_hostdevs(status_dir: &Path, name: &str) -> std::io::Result<Vec
     Ok(status_xml(status_dir, name)?.map(|text| pci_hostdevs_in(&text)).unwrap_or_default())
 }
 
+/// The name of the virtio-serial channel a guest's `kycd guest` writes to.
+pub const TELEMETRY_CHANNEL: &str = "org.kycd.telemetry.0";
+
+/// The host-side Unix socket of `name`'s `org.kycd.telemetry.0` channel
+/// (`<channel type='unix'><source mode='bind' path='…'/><target type='virtio'
+/// name='org.kycd.telemetry.0'/></channel>`; libvirt fills in the path of a channel defined
+/// without one). `None` when the domain is not running or has no such channel; a read error
+/// is returned.
+pub fn domain_telemetry_channel(status_dir: &Path, name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+    Ok(status_xml(status_dir, name)?.and_then(|text| telemetry_channel_in(&text)))
+}
+
+/// The bound socket path of the first unix channel with the telemetry target name.
+fn telemetry_channel_in(xml: &str) -> Option<std::path::PathBuf> {
+    let mut rest = xml;
+    while let Some(i) = find_open_tag(rest, "channel") {
+        let end = rest[i..].find("</channel>")?;
+        let body = &rest[i..i + end];
+        rest = &rest[i + end + "</channel>".len()..];
+        let head = &body[..body.find('>').unwrap_or(body.len())];
+        let tag = |name: &str| find_open_tag(body, name).and_then(|t| body[t..].find('>').map(|e| &body[t..t + e]));
+        let (Some(source), Some(target)) = (tag("source"), tag("target")) else { continue };
+        if attr(head, "type") != Some("unix")
+            || attr(target, "type") != Some("virtio")
+            || attr(target, "name") != Some(TELEMETRY_CHANNEL)
+            || attr(source, "mode") != Some("bind")
+        {
+            continue;
+        }
+        let path = std::path::PathBuf::from(super::cgroup::unescape_xml(attr(source, "path")?));
+        // libvirt writes absolute paths; anything else is not a socket it made.
+        if path.is_absolute() && !path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// The status XML of domain `name`; `None` when it has none (not running) or the name could
 /// not be a file name.
 fn status_xml(status_dir: &Path, name: &str) -> std::io::Result<Option<String>> {
@@ -207,6 +245,29 @@ mod tests {
         assert_eq!(domain_pci_hostdevs(dir.path(), "gpu-vm").unwrap(), ["0000:17:00.0", "0001:b3:1f.7"]);
         assert!(domain_pci_hostdevs(dir.path(), "absent").unwrap().is_empty());
         assert_eq!(attr("<x xdev='a' dev='b'", "dev"), Some("b"));
+    }
+
+    #[test]
+    fn finds_the_telemetry_channel_socket() {
+        let xml = "<domstatus><domain><devices>\n\
+            <channel type='unix'>\n  <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm/org.qemu.guest_agent.0'/>\n\
+              <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>\n</channel>\n\
+            <channel type='pty'><target type='virtio' name='org.kycd.telemetry.0'/></channel>\n\
+            <channel type='unix'><source mode='connect' path='/tmp/elsewhere'/><target type='virtio' name='org.kycd.telemetry.0'/></channel>\n\
+            <channel type='unix'><source mode='bind' path='relative'/><target type='virtio' name='org.kycd.telemetry.0'/></channel>\n\
+            <channel type='unix'>\n  <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm&amp;1/org.kycd.telemetry.0'/>\n\
+              <target type='virtio' name='org.kycd.telemetry.0' state='disconnected'/>\n  <alias name='channel1'/>\n</channel>\n\
+            </devices></domain></domstatus>";
+        // Only a unix channel libvirt binds, with the telemetry name and an absolute path.
+        assert_eq!(
+            telemetry_channel_in(xml),
+            Some("/var/lib/libvirt/qemu/channel/target/domain-3-vm&1/org.kycd.telemetry.0".into())
+        );
+        assert_eq!(telemetry_channel_in("<channel type='unix'><source mode='bind' path='/a/../b'/><target type='virtio' name='org.kycd.telemetry.0'/></channel>"), None);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vm.xml"), xml).unwrap();
+        assert!(domain_telemetry_channel(dir.path(), "vm").unwrap().is_some());
+        assert_eq!(domain_telemetry_channel(dir.path(), "absent").unwrap(), None);
     }
 
     #[test]

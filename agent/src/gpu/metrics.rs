@@ -13,6 +13,11 @@
 //!   without isolation)
 //! - `kycd_gpu_pci_gpus{state}` (gauge; NVIDIA GPUs on the PCI bus by accounting state:
 //!   `assigned` to a VM, `idle` on vfio-pci, `host` on the nvidia driver, `unaccounted`)
+//! - `kycd_gpu_guest_gap_seconds_total{tenant, workload}` (counter; GPU-seconds a VM held
+//!   passed-through GPUs while its guest sent no telemetry)
+//! - `kycd_guest_telemetry_domains{state}` (gauge; VMs holding GPUs by guest telemetry state:
+//!   `reporting`, `waiting`, `gap`)
+//! - `kycd_guest_telemetry_gap{domain}` (gauge, 1 per VM in a guest telemetry gap)
 //! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
 //!   per GPU that fell off the bus)
 
@@ -22,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use kycd_protocol::UsageWindow;
 
 use super::estimate::Bounds;
+use super::guest::host::{GuestState, GuestStatus};
 use super::passthrough::{PciGpu, PciState};
+use crate::audit::AuditEvent;
 use super::sampler::TickReport;
 use super::BackendState;
 
@@ -46,6 +53,12 @@ pub struct GpuMetrics {
     inventory: BTreeMap<String, String>,
     /// NVIDIA GPUs on the PCI bus (passthrough accounting), as last scanned.
     pci: Vec<PciGpu>,
+    /// (tenant, workload) → GPU-seconds held with no guest telemetry.
+    guest_gap_seconds: BTreeMap<(String, String), f64>,
+    /// Guest telemetry per VM, as of the last tick.
+    guests: Vec<GuestStatus>,
+    /// Gap starts and ends not yet written to the audit log.
+    audit: Vec<AuditEvent>,
 }
 
 impl GpuMetrics {
@@ -94,7 +107,57 @@ impl GpuMetrics {
             })
             .collect();
         serde_json::json!({"backend_available": self.backend_available, "gpus": gpus, "usage": usage,
-            "passthrough": pci})
+            "passthrough": pci, "guests": self.guest_status()})
+    }
+
+    /// Guest telemetry per VM, for the agent's status.
+    pub fn guest_status(&self) -> Vec<crate::net::operator_api::GuestTelemetryStatus> {
+        self.guests
+            .iter()
+            .map(|g| crate::net::operator_api::GuestTelemetryStatus {
+                domain: g.domain.clone(),
+                state: g.state.as_str().into(),
+                reason: g.reason.map(|r| r.as_str().into()),
+                gpus_held: g.gpus_held,
+                gpus_reporting: g.gpus_reporting,
+                connected: g.connected,
+                last_report_ms: g.last_report_ms,
+                accepted: g.accepted,
+                refused: g.refused,
+                capped: g.capped,
+                last_error: g.last_error.clone(),
+            })
+            .collect()
+    }
+
+    /// Guest telemetry gaps that began or ended since the last call, for the audit log.
+    pub fn take_audit_events(&mut self) -> Vec<AuditEvent> {
+        std::mem::take(&mut self.audit)
+    }
+
+    /// Notes gaps that began or ended (logged, and queued for the audit log).
+    fn observe_guests(&mut self, now: &[GuestStatus]) {
+        let in_gap = |list: &[GuestStatus], domain: &str| {
+            list.iter().any(|g| g.domain == domain && g.state == GuestState::Gap)
+        };
+        for g in now.iter().filter(|g| g.state == GuestState::Gap && !in_gap(&self.guests, &g.domain)) {
+            let reason = g.reason.map_or("stopped", |r| r.as_str());
+            tracing::warn!(domain = %g.domain, reason, gpus = g.gpus_held, last_report_ms = ?g.last_report_ms,
+                "guest telemetry gap: the VM holds passed-through GPUs and its guest is not reporting; \
+                 its usage is known only by allocation");
+            self.audit.push(AuditEvent::GuestTelemetryGap {
+                domain: g.domain.clone(),
+                reason: reason.into(),
+                gpus: g.gpus_held,
+                last_report_ms: g.last_report_ms,
+            });
+        }
+        for g in self.guests.iter().filter(|g| g.state == GuestState::Gap && !in_gap(now, &g.domain)) {
+            let holding = now.iter().any(|n| n.domain == g.domain);
+            tracing::info!(domain = %g.domain, holding, "guest telemetry gap ended");
+            self.audit.push(AuditEvent::GuestTelemetryResumed { domain: g.domain.clone(), holding });
+        }
+        self.guests = now.to_vec();
     }
 
     /// Takes in one sampler tick.
@@ -123,6 +186,7 @@ impl GpuMetrics {
             }
         }
         self.pci.clone_from(&report.passthrough);
+        self.observe_guests(&report.guests);
         for uuid in &report.lost_gpus {
             if self.lost.insert(uuid.clone()) {
                 *self.nvml_errors.entry("gpu_lost").or_default() += 1;
@@ -135,6 +199,9 @@ impl GpuMetrics {
         let key = (window.tenant.clone().unwrap_or_default(), window.workload.clone());
         *self.gpu_seconds.entry(key.clone()).or_default() += window.gpu_seconds;
         *self.shared_seconds.entry(key.clone()).or_default() += window.shared_gpu_seconds;
+        if window.guest_gap_gpu_seconds > 0.0 || self.guest_gap_seconds.contains_key(&key) {
+            *self.guest_gap_seconds.entry(key.clone()).or_default() += window.guest_gap_gpu_seconds;
+        }
         self.operations.entry(key).or_default().add(Bounds {
             lower: window.lower_ops(),
             point: window.estimated_ops,
@@ -180,6 +247,11 @@ impl GpuMetrics {
                 "GPU-seconds on GPUs shared with another workload without isolation.",
                 &self.shared_seconds,
             ),
+            (
+                "kycd_gpu_guest_gap_seconds_total",
+                "GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.",
+                &self.guest_gap_seconds,
+            ),
         ] {
             out.family(metric, Kind::Counter, help);
             for ((tenant, workload), v) in values {
@@ -194,6 +266,23 @@ impl GpuMetrics {
         for state in ["assigned", "idle", "host", "unaccounted"] {
             let n = self.pci.iter().filter(|g| g.state.as_str() == state).count();
             out.sample("kycd_gpu_pci_gpus", &[("state", state)], n);
+        }
+        out.family(
+            "kycd_guest_telemetry_domains",
+            Kind::Gauge,
+            "VMs holding passed-through GPUs by guest telemetry state.",
+        );
+        for state in [GuestState::Reporting, GuestState::Waiting, GuestState::Gap] {
+            let n = self.guests.iter().filter(|g| g.state == state).count();
+            out.sample("kycd_guest_telemetry_domains", &[("state", state.as_str())], n);
+        }
+        out.family(
+            "kycd_guest_telemetry_gap",
+            Kind::Gauge,
+            "1 for each VM holding passed-through GPUs whose guest is not reporting.",
+        );
+        for g in self.guests.iter().filter(|g| g.state == GuestState::Gap) {
+            out.sample("kycd_guest_telemetry_gap", &[("domain", &g.domain)], 1);
         }
         out.family("kycd_nvml_errors_total", Kind::Counter, "NVML failures by kind.");
         for (kind, n) in &self.nvml_errors {
@@ -235,6 +324,7 @@ mod tests {
             gpus: vec![],
             exclusivity_violations: vec![],
             passthrough: vec![],
+            guests: vec![],
             windows: vec![],
         };
         m.observe_tick(&report);

@@ -21,6 +21,7 @@
 
 pub mod attribution;
 pub mod estimate;
+pub mod guest;
 pub mod metrics;
 pub mod nvml;
 pub mod passthrough;
@@ -126,6 +127,9 @@ pub struct GpuSnapshot {
     /// PCI bus id (`00000000:17:00.0`).
     #[serde(default)]
     pub pci_bus_id: Option<String>,
+    /// PCI vendor and device ID (`10de:2330`): the model, as the PCI bus names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_id: Option<String>,
     /// Percent of the last sample period in which a kernel ran (coarse: any SM busy counts).
     #[serde(default)]
     pub utilization_gpu_pct: Option<u32>,
@@ -192,6 +196,7 @@ impl GpuSnapshot {
             name,
             state,
             pci_bus_id: None,
+            pci_id: None,
             utilization_gpu_pct: None,
             utilization_memory_pct: None,
             memory_used_bytes: None,

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use kycd_protocol::EstimationMethod;
 
 use super::estimate::Bounds;
+use super::guest::host::{GuestStatus, GuestTelemetry, HeldGpu};
 use super::peaks::{PeakTable, Rates};
 use super::sampler::TenantMap;
 use super::usage::{Observation, UsageKey};
@@ -88,6 +89,9 @@ impl PciGpu {
     }
 }
 
+/// The default `gpu.guest_telemetry_timeout_s`, in ms.
+pub const DEFAULT_GUEST_TIMEOUT_MS: i64 = 120_000;
+
 /// Where to look.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassthroughOptions {
@@ -95,6 +99,9 @@ pub struct PassthroughOptions {
     pub libvirt_status_dir: PathBuf,
     /// The sysfs mount (`/sys`; tests use a tree of their own).
     pub sysfs_root: PathBuf,
+    /// A domain whose guest has sent no telemetry for this long is in a guest telemetry gap
+    /// (`gpu.guest_telemetry_timeout_s`).
+    pub guest_timeout_ms: i64,
 }
 
 /// Maps PCI IDs to model names.
@@ -125,18 +132,20 @@ impl PciIds {
 pub const RESCAN_MS: i64 = 10_000;
 
 /// The sampler's view of passed-through GPUs, rescanned every [`RESCAN_MS`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PassthroughAccounting {
     options: PassthroughOptions,
     ids: PciIds,
     gpus: Vec<PciGpu>,
     scanned_at_ms: Option<i64>,
+    guests: GuestTelemetry,
 }
 
 impl PassthroughAccounting {
     /// Accounting over `options`; nothing is read before the first [`Self::refresh`].
     pub fn new(options: PassthroughOptions) -> Self {
-        PassthroughAccounting { options, ids: PciIds::builtin(), gpus: Vec::new(), scanned_at_ms: None }
+        let guests = GuestTelemetry::new(options.guest_timeout_ms);
+        PassthroughAccounting { options, ids: PciIds::builtin(), gpus: Vec::new(), scanned_at_ms: None, guests }
     }
 
     /// Rescans when [`RESCAN_MS`] have passed (or never scanned), logging GPUs that became
@@ -166,6 +175,40 @@ impl PassthroughAccounting {
         }
         self.gpus = gpus;
         self.scanned_at_ms = Some(now_ms);
+        self.guests.update(now_ms, self.holding());
+    }
+
+    /// Each domain holding GPUs: the GPUs and its telemetry channel socket.
+    fn holding(&self) -> BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> {
+        let mut holding: BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> = BTreeMap::new();
+        for g in &self.gpus {
+            let PciState::Assigned { domain } = &g.state else { continue };
+            let entry = holding.entry(domain.clone()).or_insert_with(|| {
+                let channel = crate::discovery::libvirt::domain_telemetry_channel(&self.options.libvirt_status_dir, domain)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(%domain, error = %e, "cannot read the domain's status XML for its telemetry channel");
+                        None
+                    });
+                (Vec::new(), channel)
+            });
+            entry.0.push(HeldGpu {
+                address: g.address.clone(),
+                pci_id: g.pci_id.clone(),
+                model: g.model.clone(),
+                fastest: g.rates.bf16.and(g.rates.fastest_tensor()),
+            });
+        }
+        holding
+    }
+
+    /// Reads the guests' telemetry channels (every tick; never blocks).
+    pub fn poll_guests(&mut self, now_ms: i64) {
+        self.guests.poll(now_ms);
+    }
+
+    /// Every domain's guest telemetry.
+    pub fn guest_status(&self, now_ms: i64) -> Vec<GuestStatus> {
+        self.guests.status(now_ms)
     }
 
     /// The GPUs as last scanned.
@@ -174,17 +217,20 @@ impl PassthroughAccounting {
     }
 
     /// One observation per assigned GPU for the tick: the domain's workload and tenant, the
-    /// GPU's BF16 peak, upper bound its fastest rate, lower and point 0.
-    pub fn observations(&self, tenants: &TenantMap) -> Vec<Observation> {
+    /// GPU's BF16 peak, upper bound its fastest rate; lower bound and point estimate the
+    /// guest's fresh rate ([`EstimationMethod::GuestReported`]) or 0
+    /// ([`EstimationMethod::Allocation`], flagged when the guest is in a telemetry gap).
+    pub fn observations(&self, tenants: &TenantMap, now_ms: i64) -> Vec<Observation> {
         self.gpus
             .iter()
             .filter_map(|g| {
                 let PciState::Assigned { domain } = &g.state else { return None };
                 let workload = WorkloadId { kind: WorkloadKind::LibvirtDomain, id: domain.clone() };
                 let tenant = tenants.get(&workload);
+                let guest = self.guests.rate(domain, &g.address, now_ms);
                 let ops_per_s = g.rates.bf16.and(g.rates.fastest_tensor()).map(|upper| Bounds {
-                    lower: 0.0,
-                    point: 0.0,
+                    lower: guest.map_or(0.0, |r| r.lower),
+                    point: guest.map_or(0.0, |r| r.point),
                     upper,
                 });
                 Some(Observation {
@@ -195,16 +241,16 @@ impl PassthroughAccounting {
                     },
                     gpu_uuid: g.uuid(),
                     peak_flops: g.rates.bf16,
-                    method: if ops_per_s.is_some() {
-                        EstimationMethod::Allocation
-                    } else {
-                        EstimationMethod::Unknown
+                    method: match (ops_per_s, guest) {
+                        (None, _) => EstimationMethod::Unknown,
+                        (Some(_), Some(_)) => EstimationMethod::GuestReported,
+                        (Some(_), None) => EstimationMethod::Allocation,
                     },
                     ops_per_s,
-                    // Nothing is known of how busy it is.
-                    activity: 0.0,
+                    // Without the guest's word, nothing is known of how busy it is.
+                    activity: guest.map_or(0.0, |r| r.activity),
                     shared: false,
-                    guest_gap: false,
+                    guest_gap: self.guests.in_gap(domain, &g.address, now_ms),
                 })
             })
             .collect()
@@ -332,6 +378,7 @@ mod tests {
         let options = PassthroughOptions {
             libvirt_status_dir: run.path().to_owned(),
             sysfs_root: sys.path().to_owned(),
+            guest_timeout_ms: DEFAULT_GUEST_TIMEOUT_MS,
         };
         let gpus = scan(&options, &PciIds::builtin(), &PeakTable::builtin().unwrap());
         let summary: Vec<(&str, Option<&str>, &PciState)> =
@@ -359,6 +406,7 @@ mod tests {
         let none = PassthroughOptions {
             libvirt_status_dir: "/nonexistent".into(),
             sysfs_root: "/nonexistent".into(),
+            guest_timeout_ms: DEFAULT_GUEST_TIMEOUT_MS,
         };
         assert!(scan(&none, &PciIds::builtin(), &PeakTable::builtin().unwrap()).is_empty());
     }

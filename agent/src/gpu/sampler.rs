@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attribution::{Attributor, ProcessOwner};
 use super::estimate::{self, Bounds, Rate, Reading};
+use super::guest::host::GuestStatus;
 use super::passthrough::{PassthroughAccounting, PassthroughOptions, PciGpu};
 use super::peaks::{self, PeakTable, Peaks};
 use super::units::{process_shares, units, Unit};
@@ -148,6 +149,8 @@ pub struct TickReport {
     /// NVIDIA GPUs on the PCI bus and how each is accounted for (empty when passthrough
     /// accounting is off).
     pub passthrough: Vec<PciGpu>,
+    /// Guest telemetry of every domain holding passed-through GPUs.
+    pub guests: Vec<GuestStatus>,
     /// Windows this tick closed.
     pub windows: Vec<UsageWindow>,
 }
@@ -232,6 +235,7 @@ impl GpuSampler {
             gpus: Vec::new(),
             exclusivity_violations: Vec::new(),
             passthrough: Vec::new(),
+            guests: Vec::new(),
             windows: Vec::new(),
         };
         if let BackendState::Unavailable { reason } = &sample.backend {
@@ -261,13 +265,15 @@ impl GpuSampler {
         let mut tick = dt;
         if let Some(passthrough) = &mut self.passthrough {
             passthrough.refresh(sample.at_ms, &self.peaks);
+            passthrough.poll_guests(sample.at_ms);
             report.passthrough = passthrough.gpus().to_vec();
+            report.guests = passthrough.guest_status(sample.at_ms);
             // (With NVML priming, `attribute` observed nothing: the tick is the passthrough's.)
             if dt.is_zero() {
                 tick = Duration::from_millis(u64::try_from(any_dt_ms).unwrap_or(0));
             }
             if !tick.is_zero() {
-                observations.extend(passthrough.observations(tenants));
+                observations.extend(passthrough.observations(tenants, sample.at_ms));
             }
         }
         if !tick.is_zero() {

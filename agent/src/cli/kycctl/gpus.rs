@@ -67,6 +67,23 @@ pub(super) fn gpus(socket: &Path, json: bool, usage: bool) -> ExitCode {
                 );
             }
         }
+        let guests = body["guests"].as_array().unwrap_or(&empty);
+        if !guests.is_empty() {
+            println!("\nGuest telemetry (VMs holding passed-through GPUs):");
+            println!("{:<24} {:<10} {:<15} {:>8} {:>9} {:>8}", "DOMAIN", "STATE", "REASON", "GPUS", "ACCEPTED", "REFUSED");
+            for g in guests {
+                let count = |k: &str| g[k].as_u64().unwrap_or(0);
+                println!(
+                    "{:<24} {:<10} {:<15} {:>8} {:>9} {:>8}",
+                    g["domain"].as_str().unwrap_or("-"),
+                    g["state"].as_str().unwrap_or("-"),
+                    g["reason"].as_str().unwrap_or("-"),
+                    format!("{}/{}", count("gpus_reporting"), count("gpus_held")),
+                    count("accepted"),
+                    count("refused")
+                );
+            }
+        }
     }
     ExitCode::SUCCESS
 }

@@ -30,6 +30,13 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
     println!("trust:        issuers [{}], policy [{}]", s.issuer_kids.join(", "), s.policy_kids.join(", "));
     println!("workloads:    {} ({} attestations in force)", verdicts.join(", "), s.attestations);
     println!("gpu backend:  {}", s.gpu);
+    for g in &s.guest_telemetry {
+        let why = g.reason.as_deref().map_or(String::new(), |r| format!(" ({r})"));
+        println!(
+            "guest telemetry: {} {}{why}, {}/{} GPUs reporting, {} reports accepted, {} refused",
+            g.domain, g.state, g.gpus_reporting, g.gpus_held, g.accepted, g.refused
+        );
+    }
     let failed_writes = match s.audit_write_failures {
         0 => String::new(),
         n => format!(" ({n} failed writes since start)"),

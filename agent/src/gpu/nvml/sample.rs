@@ -76,6 +76,7 @@ struct Static {
     uuid: String,
     name: String,
     pci_bus_id: Option<String>,
+    pci_id: Option<String>,
     compute_capability: Option<[i32; 2]>,
     sm_count: Option<u32>,
     max_sm_clock_mhz: Option<u32>,
@@ -83,10 +84,13 @@ struct Static {
 }
 
 fn read_static(device: &Device<'_>, r: &mut Reader) -> Option<Static> {
+    let pci = r.get("pci_info", device.pci_info());
     let st = Static {
         uuid: r.get("uuid", device.uuid())?,
         name: r.get("name", device.name())?,
-        pci_bus_id: r.get("pci_info", device.pci_info()).map(|p| p.bus_id),
+        // pciDeviceId is the device ID in the upper 16 bits, the vendor's in the lower.
+        pci_id: pci.as_ref().map(|p| format!("{:04x}:{:04x}", p.pci_device_id & 0xffff, p.pci_device_id >> 16)),
+        pci_bus_id: pci.map(|p| p.bus_id),
         compute_capability: r
             .get("compute_capability", device.cuda_compute_capability())
             .map(|c| [c.major, c.minor]),
@@ -126,6 +130,7 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
     let uuid = st.uuid.clone();
     let mut snap = GpuSnapshot::bare(index, uuid.clone(), st.name.clone(), GpuState::Ok);
     snap.pci_bus_id = st.pci_bus_id.clone();
+    snap.pci_id = st.pci_id.clone();
     snap.compute_capability = st.compute_capability;
     snap.sm_count = st.sm_count;
     snap.max_sm_clock_mhz = st.max_sm_clock_mhz;

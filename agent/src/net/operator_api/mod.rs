@@ -140,6 +140,39 @@ pub struct Status {
     /// The usage spool and uploads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reporting: Option<ReportingStatus>,
+    /// Guest telemetry of every VM holding passed-through GPUs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_telemetry: Vec<GuestTelemetryStatus>,
+}
+
+/// One VM's guest telemetry, in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestTelemetryStatus {
+    /// The libvirt domain.
+    pub domain: String,
+    /// `reporting`, `waiting` (not yet for the gap timeout) or `gap`.
+    pub state: String,
+    /// Why not reporting: `no_channel`, `never_reported`, `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// GPUs it holds.
+    pub gpus_held: usize,
+    /// Of them, covered by a fresh guest report.
+    pub gpus_reporting: usize,
+    /// The agent is connected to its channel.
+    pub connected: bool,
+    /// When its last report was accepted (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report_ms: Option<i64>,
+    /// Reports accepted.
+    pub accepted: u64,
+    /// Reports (and GPU entries) refused.
+    pub refused: u64,
+    /// Reports capped at the allocation.
+    pub capped: u64,
+    /// The last refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One listener's connections, in [`Status`].
