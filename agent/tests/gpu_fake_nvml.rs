@@ -794,3 +794,83 @@ fn the_daemon_replays_a_trace_into_usage_windows() {
     assert!(window.contains("gpm_pipes"), "{window}");
     host.stop();
 }
+
+/// A libvirt status file as `/run/libvirt/qemu/NAME.xml` holds it: enough to name the domain
+/// and its UUID.
+fn status_xml(dir: &Path, name: &str, id: u32, uuid: &str) {
+    let xml = format!(
+        "<domstatus state='running' pid='1'>\n  <domain type='kvm' id='{id}'>\n    <name>{name}</name>\n    \
+         <uuid>{uuid}</uuid>\n  </domain>\n</domstatus>\n"
+    );
+    std::fs::write(dir.join(format!("{name}.xml")), xml).unwrap();
+}
+
+#[test]
+fn vgpu_instances_are_attributed_to_their_vms_tenants() {
+    const VM_A: &str = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+    const VM_B: &str = "0c8e2d4a-7b1f-4e55-a2c3-9d8e7f6a5b4c";
+    const NOT_RUNNING: &str = "11111111-2222-3333-4444-555555555555";
+    let pipes = json!({"HMMA_TENSOR_UTIL": 50.0, "FP32_UTIL": 0.0});
+    // GPU 0: one time-sliced vGPU (vm-a, named by UUID in upper case as some drivers do);
+    // GPU 1: two vGPUs (vm-b, and a VM libvirt does not list); GPU 2: a MIG-backed vGPU of
+    // vm-b whose GPU instance runs no host process.
+    let host = FakeHost::new(json!({"gpus": [
+        {"name": H100, "uuid": "GPU-0", "ticks": [{"util": 50, "gpm": pipes}],
+         "vgpus": [{"uuid": "VGPU-a", "vm_id": VM_A.to_uppercase(), "mdev_uuid": "c2177883-f1bb-47f0-914d-32a22e3a8804"}]},
+        {"name": H100, "uuid": "GPU-1", "ticks": [{"util": 50, "gpm": pipes}],
+         "vgpus": [{"uuid": "VGPU-b", "vm_id": VM_B}, {"uuid": "VGPU-x", "vm_id": NOT_RUNNING}]},
+        {"name": H100, "uuid": "GPU-2", "mig": {"enabled": true, "instances": 2},
+         "ticks": [{"util": 50, "mig_gpm": {"1": pipes}}],
+         "vgpus": [{"uuid": "VGPU-m", "vm_id": "vm-b", "vm_id_type": "domain", "gpu_instance_id": 1}]}
+    ]}));
+    let s = host.backend().sample();
+    let v = &s.gpus[0].vgpus[0];
+    assert_eq!(
+        (v.uuid.as_str(), &v.vm, v.mdev_uuid.as_deref(), v.gpu_instance_id),
+        ("VGPU-a", &kycd::gpu::VgpuVm::Uuid(VM_A.into()), Some("c2177883-f1bb-47f0-914d-32a22e3a8804"), None)
+    );
+    assert_eq!(s.gpus[2].vgpus[0].gpu_instance_id, Some(1));
+    assert_eq!(s.gpus[2].vgpus[0].vm, kycd::gpu::VgpuVm::Domain("vm-b".into()));
+
+    let run_dir = tempfile::tempdir().unwrap();
+    status_xml(run_dir.path(), "vm-a", 3, VM_A);
+    status_xml(run_dir.path(), "vm-b", 4, VM_B);
+    let options = SamplerOptions {
+        proc_root: host.proc_root(),
+        passthrough: Some(kycd::gpu::passthrough::PassthroughOptions {
+            libvirt_status_dir: run_dir.path().to_owned(),
+            sysfs_root: run_dir.path().join("no-sysfs"),
+            guest_timeout_ms: kycd::gpu::passthrough::DEFAULT_GUEST_TIMEOUT_MS,
+        }),
+        ..Default::default()
+    };
+    let mut sampler = GpuSampler::new(clocked(&host), &options).unwrap();
+    let tenants: TenantMap = [
+        ("libvirt_domain:vm-a".parse().unwrap(), tenant("tenant-a", true)),
+        ("libvirt_domain:vm-b".parse().unwrap(), tenant("tenant-b", false)),
+    ]
+    .into();
+    let (_, windows) = run(&mut sampler, &tenants, 10);
+    let whole = 10.0 * H100_PEAK * 0.5 * CLOCK;
+    // Alone on GPU 0: the GPU's whole estimate, measured.
+    let a = window(&windows, "libvirt_domain:vm-a");
+    assert_eq!(
+        (a.tenant.as_deref(), a.foreign_person, a.method),
+        (Some("tenant-a"), true, EstimationMethod::GpmPipes)
+    );
+    assert!(close(a.estimated_ops, whole), "{a:?}");
+    assert_eq!((a.gpu_seconds, a.gpus, a.peak_flops, a.shared_gpu_seconds), (10.0, 1, H100_PEAK, 0.0));
+    // GPU 1 is shared by two vGPUs (no per-vGPU utilization): half the point estimate each,
+    // [0, the device's upper], shared GPU time; vm-b's MIG-backed vGPU on GPU 2 cannot be
+    // measured, so the window's method is the weakest: unknown.
+    let b = window(&windows, "libvirt_domain:vm-b");
+    assert_eq!(
+        (b.tenant.as_deref(), b.method, b.gpus, b.gpu_seconds),
+        (Some("tenant-b"), EstimationMethod::Unknown, 2, 20.0)
+    );
+    assert!(close(b.estimated_ops, whole / 2.0), "{b:?}");
+    assert_eq!((b.ops_lower, b.shared_gpu_seconds, b.peak_flops), (Some(0.0), 10.0, H100_PEAK));
+    // The VM libvirt does not list keeps its UUID and has no tenant.
+    let x = window(&windows, &format!("libvirt_domain:{NOT_RUNNING}"));
+    assert_eq!((x.tenant.as_deref(), x.method), (None, EstimationMethod::SharedSplit));
+}

@@ -44,7 +44,8 @@ pub(super) fn start(
         passthrough: Some(crate::gpu::passthrough::PassthroughOptions {
             libvirt_status_dir: config.workloads.libvirt_status_dir.clone(),
             sysfs_root: PathBuf::from("/sys"),
-            guest_timeout_ms: i64::try_from(g.guest_telemetry_timeout_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+            guest_timeout_ms: i64::try_from(g.guest_telemetry_timeout_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
         }),
     };
     let sampler = match GpuSampler::new(backend, &options) {

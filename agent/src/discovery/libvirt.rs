@@ -35,7 +35,10 @@ pub const TELEMETRY_CHANNEL: &str = "org.kycd.telemetry.0";
 /// name='org.kycd.telemetry.0'/></channel>`; libvirt fills in the path of a channel defined
 /// without one). `None` when the domain is not running or has no such channel; a read error
 /// is returned.
-pub fn domain_telemetry_channel(status_dir: &Path, name: &str) -> std::io::Result<Option<std::path::PathBuf>> {
+pub fn domain_telemetry_channel(
+    status_dir: &Path,
+    name: &str,
+) -> std::io::Result<Option<std::path::PathBuf>> {
     Ok(status_xml(status_dir, name)?.and_then(|text| telemetry_channel_in(&text)))
 }
 
@@ -47,7 +50,8 @@ fn telemetry_channel_in(xml: &str) -> Option<std::path::PathBuf> {
         let body = &rest[i..i + end];
         rest = &rest[i + end + "</channel>".len()..];
         let head = &body[..body.find('>').unwrap_or(body.len())];
-        let tag = |name: &str| find_open_tag(body, name).and_then(|t| body[t..].find('>').map(|e| &body[t..t + e]));
+        let tag =
+            |name: &str| find_open_tag(body, name).and_then(|t| body[t..].find('>').map(|e| &body[t..t + e]));
         let (Some(source), Some(target)) = (tag("source"), tag("target")) else { continue };
         if attr(head, "type") != Some("unix")
             || attr(target, "type") != Some("virtio")

@@ -29,9 +29,9 @@ use kycd_protocol::UsageWindow;
 use super::estimate::Bounds;
 use super::guest::host::{GuestState, GuestStatus};
 use super::passthrough::{PciGpu, PciState};
-use crate::audit::AuditEvent;
 use super::sampler::TickReport;
 use super::BackendState;
+use crate::audit::AuditEvent;
 
 /// The sampler's metrics; see the module docs.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -185,6 +185,34 @@ pub struct GpuSnapshot {
     /// MIG instances (empty unless MIG is on).
     #[serde(default)]
     pub mig_instances: Vec<MigInstance>,
+    /// Active vGPU instances (host with NVIDIA's vGPU manager; empty elsewhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vgpus: Vec<VgpuInstance>,
+}
+
+/// The VM a vGPU instance belongs to, as NVML names it (`nvmlVgpuInstanceGetVmID`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VgpuVm {
+    /// The VM's UUID (KVM: the libvirt domain's UUID).
+    Uuid(String),
+    /// The hypervisor's domain name or id.
+    Domain(String),
+}
+
+/// One active vGPU instance (a mediated device or SR-IOV VF given to a VM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VgpuInstance {
+    /// The vGPU's UUID.
+    pub uuid: String,
+    /// Its VM.
+    pub vm: VgpuVm,
+    /// The mediated device's UUID (KVM), as in the domain's `<hostdev type='mdev'>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev_uuid: Option<String>,
+    /// The GPU instance of a MIG-backed vGPU; `None` for a time-sliced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_instance_id: Option<u32>,
 }
 
 impl GpuSnapshot {
@@ -214,6 +242,7 @@ impl GpuSnapshot {
             gpm_supported: None,
             mig_enabled: None,
             mig_instances: Vec::new(),
+            vgpus: Vec::new(),
         }
     }
 }

@@ -139,13 +139,22 @@ pub struct PassthroughAccounting {
     gpus: Vec<PciGpu>,
     scanned_at_ms: Option<i64>,
     guests: GuestTelemetry,
+    /// Running domains' UUIDs (lower case) → names, for vGPUs NVML names by VM UUID.
+    domains_by_uuid: BTreeMap<String, String>,
 }
 
 impl PassthroughAccounting {
     /// Accounting over `options`; nothing is read before the first [`Self::refresh`].
     pub fn new(options: PassthroughOptions) -> Self {
         let guests = GuestTelemetry::new(options.guest_timeout_ms);
-        PassthroughAccounting { options, ids: PciIds::builtin(), gpus: Vec::new(), scanned_at_ms: None, guests }
+        PassthroughAccounting {
+            options,
+            ids: PciIds::builtin(),
+            gpus: Vec::new(),
+            scanned_at_ms: None,
+            guests,
+            domains_by_uuid: BTreeMap::new(),
+        }
     }
 
     /// Rescans when [`RESCAN_MS`] have passed (or never scanned), logging GPUs that became
@@ -176,6 +185,22 @@ impl PassthroughAccounting {
         self.gpus = gpus;
         self.scanned_at_ms = Some(now_ms);
         self.guests.update(now_ms, self.holding());
+        match crate::discovery::cgroup::libvirt_domains(&self.options.libvirt_status_dir) {
+            Ok(domains) => {
+                self.domains_by_uuid = domains
+                    .into_iter()
+                    .filter_map(|d| Some((d.uuid?.to_ascii_lowercase(), d.name)))
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list libvirt's running domains; vGPU owners kept from the last scan")
+            }
+        }
+    }
+
+    /// The running domain with this UUID (as of the last rescan).
+    pub fn domain_by_uuid(&self, uuid: &str) -> Option<&str> {
+        self.domains_by_uuid.get(&uuid.to_ascii_lowercase()).map(String::as_str)
     }
 
     /// Each domain holding GPUs: the GPUs and its telemetry channel socket.

@@ -37,7 +37,7 @@ use super::passthrough::{PassthroughAccounting, PassthroughOptions, PciGpu};
 use super::peaks::{self, PeakTable, Peaks};
 use super::units::{process_shares, units, Unit};
 use super::usage::{Observation, TrainingRule, UsageAggregator, UsageKey, WindowSender, DEFAULT_WINDOW};
-use super::{BackendState, GpuBackend, GpuSnapshot, GpuState, Sample};
+use super::{BackendState, GpuBackend, GpuSnapshot, GpuState, Sample, VgpuVm};
 use crate::discovery::workload::WorkloadId;
 
 /// Sampler settings (the daemon fills these from the `[gpu]` config section).
@@ -245,6 +245,11 @@ impl GpuSampler {
         let listed: HashSet<u32> =
             sample.gpus.iter().flat_map(|g| g.processes.iter().map(|p| p.pid)).collect();
         self.owners.retain(|pid, _| listed.contains(pid));
+        // Rescanned first: vGPUs are named after the domains it lists.
+        if let Some(passthrough) = &mut self.passthrough {
+            passthrough.refresh(sample.at_ms, &self.peaks);
+            passthrough.poll_guests(sample.at_ms);
+        }
         let mut observations = Vec::new();
         for gpu in &sample.gpus {
             if gpu.state == GpuState::Lost {
@@ -264,8 +269,6 @@ impl GpuSampler {
         // they alone make the tick.
         let mut tick = dt;
         if let Some(passthrough) = &mut self.passthrough {
-            passthrough.refresh(sample.at_ms, &self.peaks);
-            passthrough.poll_guests(sample.at_ms);
             report.passthrough = passthrough.gpus().to_vec();
             report.guests = passthrough.guest_status(sample.at_ms);
             // (With NVML priming, `attribute` observed nothing: the tick is the passthrough's.)
@@ -295,9 +298,14 @@ impl GpuSampler {
         report: &mut TickReport,
         observations: &mut Vec<Observation>,
     ) {
+        // vGPUs have no per-instance utilization in NVML's safe API: processes and vGPUs
+        // share the unit evenly, processes among themselves by their SM utilization.
+        let users_n = unit.pids.len() + unit.vgpus.len();
+        let pid_part = if users_n == 0 { 0.0 } else { unit.pids.len() as f64 / users_n as f64 };
         let shares = process_shares(&unit.pids, gpu);
         let owners: Vec<(u32, f64, ProcessOwner)> =
-            shares.into_iter().map(|(pid, share)| (pid, share, self.owner(pid, at_ms))).collect();
+            shares.into_iter().map(|(pid, share)| (pid, share * pid_part, self.owner(pid, at_ms))).collect();
+        let vgpu_owners: Vec<WorkloadId> = unit.vgpus.iter().map(|vm| self.vgpu_workload(vm)).collect();
         // Who used the unit: each workload once, each process of no workload on its own.
         let users: HashSet<String> = owners
             .iter()
@@ -305,6 +313,7 @@ impl GpuSampler {
                 ProcessOwner::Workload { workload } => workload.to_string(),
                 _ => format!("pid:{pid}"),
             })
+            .chain(vgpu_owners.iter().map(ToString::to_string))
             .collect();
         let shared = users.len() > 1;
         let activity = unit.rate.map_or(0.0, |r| r.activity);
@@ -327,23 +336,16 @@ impl GpuSampler {
             }
             report.processes.push(p);
             let ProcessOwner::Workload { workload } = owner else { continue };
-            if let Some(t) = tenant_info.filter(|t| shared && t.exclusive_gpu) {
-                let violation = SharedUse {
-                    gpu_uuid: unit.uuid.clone(),
-                    workload: workload.clone(),
-                    tenant: t.tenant.clone(),
-                    users: users.len(),
-                };
-                if !report.exclusivity_violations.contains(&violation) {
-                    report.exclusivity_violations.push(violation);
-                }
-            }
-            let key = UsageKey {
-                tenant: tenant_info.map(|t| t.tenant.clone()),
-                workload,
-                foreign_person: tenant_info.is_some_and(|t| t.foreign_person),
-            };
+            let key = Self::usage_key(workload, tenant_info, (&unit.uuid, shared, users.len()), report);
             *per_key.entry(key).or_default() += share;
+        }
+        for workload in vgpu_owners {
+            let tenant_info = tenants.get(&workload);
+            if tenant_info.is_none() {
+                tracing::debug!(gpu = %unit.uuid, %workload, "vGPU of a VM without a tenant");
+            }
+            let key = Self::usage_key(workload, tenant_info, (&unit.uuid, shared, users.len()), report);
+            *per_key.entry(key).or_default() += 1.0 / users_n as f64;
         }
         if dt.is_zero() {
             return;
@@ -367,6 +369,43 @@ impl GpuSampler {
                 guest_gap: false,
             });
         }
+    }
+
+    /// The usage key of `workload` on a unit, noting an `exclusive_gpu` workload that shares it.
+    fn usage_key(
+        workload: WorkloadId,
+        tenant_info: Option<&TenantInfo>,
+        (unit, shared, users): (&str, bool, usize),
+        report: &mut TickReport,
+    ) -> UsageKey {
+        if let Some(t) = tenant_info.filter(|t| shared && t.exclusive_gpu) {
+            let violation = SharedUse {
+                gpu_uuid: unit.to_owned(),
+                workload: workload.clone(),
+                tenant: t.tenant.clone(),
+                users,
+            };
+            if !report.exclusivity_violations.contains(&violation) {
+                report.exclusivity_violations.push(violation);
+            }
+        }
+        UsageKey {
+            tenant: tenant_info.map(|t| t.tenant.clone()),
+            workload,
+            foreign_person: tenant_info.is_some_and(|t| t.foreign_person),
+        }
+    }
+
+    /// The workload a vGPU's VM is: its libvirt domain, found by UUID among the running
+    /// domains (one not found keeps the UUID as its name: a workload with no tenant).
+    fn vgpu_workload(&self, vm: &VgpuVm) -> WorkloadId {
+        let name = match vm {
+            VgpuVm::Domain(name) => name.clone(),
+            VgpuVm::Uuid(uuid) => {
+                self.passthrough.as_ref().and_then(|p| p.domain_by_uuid(uuid)).unwrap_or(uuid).to_owned()
+            }
+        };
+        WorkloadId { kind: crate::discovery::workload::WorkloadKind::LibvirtDomain, id: name }
     }
 
     fn owner(&mut self, pid: u32, now_ms: i64) -> ProcessOwner {

@@ -5,12 +5,18 @@
 //! (`nvmlGpmMigSampleGet`). A MIG instance's peaks are its GPU's × its share of the SMs; its
 //! activity is a percent of its own capacity. Processes on a MIG GPU whose instance has no
 //! counters fall back to the whole GPU's unit.
+//!
+//! vGPU instances are users of units too: a time-sliced vGPU of the whole GPU's, a MIG-backed
+//! one of its GPU instance's when the sampler knows which MIG device that instance is (the
+//! instance runs a host process too). Otherwise a MIG-backed vGPU is a unit of its own with no
+//! estimate: NVML's safe API (nvml-wrapper 0.13) names no MIG device's GPU instance id, so
+//! neither its counters nor its share of the peaks can be told.
 
 use std::collections::BTreeMap;
 
 use super::estimate::{self, Rate, Reading};
 use super::peaks::Peaks;
-use super::GpuSnapshot;
+use super::{GpuSnapshot, VgpuVm};
 
 /// One unit of a GPU in one tick.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +29,8 @@ pub struct Unit {
     pub peak_flops: Option<f64>,
     /// The processes running on it.
     pub pids: Vec<u32>,
+    /// The VMs of the vGPU instances running on it.
+    pub vgpus: Vec<VgpuVm>,
 }
 
 /// The units of `gpu`, each with its processes; every process of the GPU is in exactly one.
@@ -36,7 +44,9 @@ pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec
             let (Some(gi), Some(gpm)) = (mig.gpu_instance_id, mig.gpm.as_ref()) else { continue };
             let pids: Vec<u32> =
                 gpu.processes.iter().filter(|p| p.gpu_instance_id == Some(gi)).map(|p| p.pid).collect();
-            if pids.is_empty() {
+            let vgpus: Vec<VgpuVm> =
+                gpu.vgpus.iter().filter(|v| v.gpu_instance_id == Some(gi)).map(|v| v.vm.clone()).collect();
+            if pids.is_empty() && vgpus.is_empty() {
                 continue;
             }
             rest.retain(|p| !pids.contains(p));
@@ -57,10 +67,34 @@ pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec
                 rate: rates.and_then(|r| estimate::rate(&r, &reading)),
                 peak_flops: rates.and_then(|r| r.bf16),
                 pids,
+                vgpus,
             });
         }
     }
-    out.push(Unit { uuid: gpu.uuid.clone(), rate: device_rate, peak_flops: peaks.bf16(), pids: rest });
+    // Time-sliced vGPUs share the whole GPU; MIG-backed ones not placed above are units of
+    // their own, with no estimate (see the module docs).
+    let mut whole = Vec::new();
+    for v in &gpu.vgpus {
+        let placed = || out.iter().any(|u| u.vgpus.contains(&v.vm) && u.uuid != gpu.uuid);
+        match v.gpu_instance_id {
+            None => whole.push(v.vm.clone()),
+            Some(_) if !placed() => out.push(Unit {
+                uuid: v.uuid.clone(),
+                rate: None,
+                peak_flops: None,
+                pids: Vec::new(),
+                vgpus: vec![v.vm.clone()],
+            }),
+            Some(_) => {}
+        }
+    }
+    out.push(Unit {
+        uuid: gpu.uuid.clone(),
+        rate: device_rate,
+        peak_flops: peaks.bf16(),
+        pids: rest,
+        vgpus: whole,
+    });
     out
 }
 

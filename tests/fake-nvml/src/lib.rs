@@ -32,10 +32,18 @@
 //!                "sm_clock_mhz": 1468, "power_mw": 692000,   // optional: override the GPU's
 //!                "gpm": {"HMMA_TENSOR_UTIL": 93.5, "FP32_UTIL": 0.2},   // optional, see below
 //!                "mig_gpm": {"1": {"HMMA_TENSOR_UTIL": 50.0}},           // per GPU instance id
-//!                "processes": [{"pid": 4242, "used_mib": 1024, "sm_util": 90}]}]
+//!                "processes": [{"pid": 4242, "used_mib": 1024, "sm_util": 90}]}],
+//!     "vgpus": [{"uuid": "…", "vm_id": "<domain UUID>", "vm_id_type": "uuid",   // or "domain"
+//!                "mdev_uuid": "…", "gpu_instance_id": 1}]                       // both optional
 //!   }]
 //! }
 //! ```
+//!
+//! # vGPU
+//! A GPU's `vgpus` are its active vGPU instances (`nvmlDeviceGetActiveVgpus`), instance id
+//! `(GPU index + 1) × 1000 + position + 1`; `nvmlVgpuInstanceGetVmID`, `…GetUUID`,
+//! `…GetMdevUUID` and `…GetGpuInstanceId` (`0xFFFFFFFF`, NVML's "invalid", when the vGPU is not
+//! MIG-backed) answer from them.
 //!
 //! # GPM metrics
 //! A tick's `gpm` maps `nvmlGpmMetricId_t` names without their `NVML_GPM_METRIC_` prefix
@@ -122,6 +130,25 @@ struct Gpu {
     lost_at_tick: Option<u64>,
     #[serde(default)]
     ticks: Vec<Tick>,
+    #[serde(default)]
+    vgpus: Vec<Vgpu>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Vgpu {
+    uuid: String,
+    vm_id: String,
+    #[serde(default = "default_vm_id_type")]
+    vm_id_type: String,
+    #[serde(default)]
+    mdev_uuid: Option<String>,
+    #[serde(default)]
+    gpu_instance_id: Option<u32>,
+}
+
+fn default_vm_id_type() -> String {
+    "uuid".into()
 }
 
 fn default_sm_count() -> u32 {
@@ -861,6 +888,118 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
         // SAFETY: forwarded caller guarantee.
         unsafe { put(mig_device, handle) }
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// vGPU
+
+/// Runs `f` on the vGPU an instance id names.
+fn with_vgpu(instance: nvmlVgpuInstance_t, f: impl FnOnce(&Vgpu) -> nvmlReturn_t) -> nvmlReturn_t {
+    let guard = lock();
+    let Some(state) = guard.as_ref() else { return nvmlReturn_enum_NVML_ERROR_UNINITIALIZED };
+    let (gpu, position) = ((instance / 1000) as usize, (instance % 1000) as usize);
+    let vgpu = gpu
+        .checked_sub(1)
+        .and_then(|g| state.scenario.gpus.get(g))
+        .and_then(|g| position.checked_sub(1).and_then(|p| g.vgpus.get(p)));
+    match vgpu {
+        Some(v) => f(v),
+        None => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+    }
+}
+
+/// # Safety
+/// `count` must be valid for reads and writes; `instances` null or valid for `*count` writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetActiveVgpus(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    instances: *mut nvmlVgpuInstance_t,
+) -> nvmlReturn_t {
+    with_gpu(device, |state, i, _| {
+        if count.is_null() {
+            return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
+        }
+        let n = state.scenario.gpus[i].vgpus.len();
+        // SAFETY: non-null, valid per the caller.
+        let room = unsafe { *count } as usize;
+        // SAFETY: as above.
+        unsafe { *count = n as c_uint };
+        if n == 0 {
+            return nvmlReturn_enum_NVML_SUCCESS;
+        }
+        if instances.is_null() || room < n {
+            return nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
+        }
+        for k in 0..n {
+            // SAFETY: room ≥ n writable entries, per the caller.
+            unsafe { *instances.add(k) = ((i + 1) * 1000 + k + 1) as nvmlVgpuInstance_t };
+        }
+        nvmlReturn_enum_NVML_SUCCESS
+    })
+}
+
+/// # Safety
+/// `buf` valid for `size` bytes, `id_type` for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlVgpuInstanceGetVmID(
+    instance: nvmlVgpuInstance_t,
+    buf: *mut c_char,
+    size: c_uint,
+    id_type: *mut nvmlVgpuVmIdType_t,
+) -> nvmlReturn_t {
+    with_vgpu(instance, |v| {
+        let kind = if v.vm_id_type == "domain" {
+            nvmlVgpuVmIdType_NVML_VGPU_VM_ID_DOMAIN_ID
+        } else {
+            nvmlVgpuVmIdType_NVML_VGPU_VM_ID_UUID
+        };
+        // SAFETY: forwarded caller guarantees.
+        let written = unsafe { write_cstr(&v.vm_id, buf, size) };
+        if written != nvmlReturn_enum_NVML_SUCCESS {
+            return written;
+        }
+        // SAFETY: forwarded caller guarantee.
+        unsafe { put(id_type, kind) }
+    })
+}
+
+/// # Safety
+/// `buf` valid for `size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlVgpuInstanceGetUUID(
+    instance: nvmlVgpuInstance_t,
+    buf: *mut c_char,
+    size: c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller guarantee.
+    with_vgpu(instance, |v| unsafe { write_cstr(&v.uuid, buf, size) })
+}
+
+/// # Safety
+/// `buf` valid for `size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlVgpuInstanceGetMdevUUID(
+    instance: nvmlVgpuInstance_t,
+    buf: *mut c_char,
+    size: c_uint,
+) -> nvmlReturn_t {
+    with_vgpu(instance, |v| match &v.mdev_uuid {
+        // SAFETY: forwarded caller guarantee.
+        Some(m) => unsafe { write_cstr(m, buf, size) },
+        None => nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED,
+    })
+}
+
+/// # Safety
+/// `id` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlVgpuInstanceGetGpuInstanceId(
+    instance: nvmlVgpuInstance_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller guarantee.
+    with_vgpu(instance, |v| unsafe { put(id, v.gpu_instance_id.unwrap_or(0xFFFF_FFFF)) })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ pub(super) fn gpus(socket: &Path, json: bool, usage: bool) -> ExitCode {
         let guests = body["guests"].as_array().unwrap_or(&empty);
         if !guests.is_empty() {
             println!("\nGuest telemetry (VMs holding passed-through GPUs):");
-            println!("{:<24} {:<10} {:<15} {:>8} {:>9} {:>8}", "DOMAIN", "STATE", "REASON", "GPUS", "ACCEPTED", "REFUSED");
+            println!(
+                "{:<24} {:<10} {:<15} {:>8} {:>9} {:>8}",
+                "DOMAIN", "STATE", "REASON", "GPUS", "ACCEPTED", "REFUSED"
+            );
             for g in guests {
                 let count = |k: &str| g[k].as_u64().unwrap_or(0);
                 println!(

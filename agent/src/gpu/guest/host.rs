@@ -236,7 +236,8 @@ impl GuestTelemetry {
         self.domains
             .iter()
             .map(|(name, d)| {
-                let reporting = d.held.iter().filter(|g| self.rate(name, &g.address, now_ms).is_some()).count();
+                let reporting =
+                    d.held.iter().filter(|g| self.rate(name, &g.address, now_ms).is_some()).count();
                 let gap = d.held.iter().any(|g| d.gpu_in_gap(&g.address, now_ms, self.timeout_ms));
                 let state = if gap {
                     GuestState::Gap
@@ -382,7 +383,8 @@ impl Domain {
         self.accepted += 1;
         self.last_report_ms = Some(now_ms);
         let interval_s = report.interval_ms as f64 / 1000.0;
-        let fresh_for = (2 * i64::try_from(report.interval_ms).unwrap_or(i64::MAX / 4) + FRESH_SLACK_MS).max(0);
+        let fresh_for =
+            (2 * i64::try_from(report.interval_ms).unwrap_or(i64::MAX / 4) + FRESH_SLACK_MS).max(0);
         let mut capped = false;
         for g in &report.gpus {
             let Some(held) = self.match_gpu(g) else {
@@ -406,7 +408,12 @@ impl Domain {
         }
         if capped {
             self.capped += 1;
-            self.log_refusal(name, now_ms, "capped", "guest reported more operations than its GPUs' peak allows; capped");
+            self.log_refusal(
+                name,
+                now_ms,
+                "capped",
+                "guest reported more operations than its GPUs' peak allows; capped",
+            );
         }
     }
 
@@ -472,7 +479,10 @@ mod tests {
                 )
             })
             .collect();
-        format!("{{\"v\":1,\"session\":\"s\",\"seq\":{seq},\"interval_ms\":10000,\"gpus\":[{}]}}\n", gpus.join(","))
+        format!(
+            "{{\"v\":1,\"session\":\"s\",\"seq\":{seq},\"interval_ms\":10000,\"gpus\":[{}]}}\n",
+            gpus.join(",")
+        )
     }
 
     /// A channel socket as libvirt's QEMU binds it, and the guest's end once the host connects.
@@ -508,14 +518,21 @@ mod tests {
         let mut guest = channel.guest();
         // GPU-a at 1e15 FLOP/s; GPU-b claims 10× the GPU's fastest peak; GPU-c is one more
         // H100 than the domain holds.
-        guest.write_all(report(1, &[("GPU-a", 1e16), ("GPU-b", 10.0 * FASTEST * 10.0), ("GPU-c", 1.0)]).as_bytes()).unwrap();
+        guest
+            .write_all(
+                report(1, &[("GPU-a", 1e16), ("GPU-b", 10.0 * FASTEST * 10.0), ("GPU-c", 1.0)]).as_bytes(),
+            )
+            .unwrap();
         t.poll(1_000);
         let a = t.rate("vm", "0000:17:00.0", 1_000).unwrap();
         assert_eq!((a.lower, a.point, a.activity), (5e14, 1e15, 0.9));
         let b = t.rate("vm", "0000:18:00.0", 1_000).unwrap();
         assert_eq!((b.lower, b.point), (FASTEST, FASTEST), "capped at the allocation");
         let s = &t.status(1_000)[0];
-        assert_eq!((s.state, s.accepted, s.refused, s.capped, s.connected), (GuestState::Reporting, 1, 1, 1, true));
+        assert_eq!(
+            (s.state, s.accepted, s.refused, s.capped, s.connected),
+            (GuestState::Reporting, 1, 1, 1, true)
+        );
         assert!(s.last_error.as_deref().unwrap().contains("GPU-c"), "{s:?}");
         // Fresh for twice the interval plus slack, then allocation again (waiting), then a gap
         // once the timeout has passed since the report.
@@ -536,7 +553,8 @@ mod tests {
         let mut guest = channel.guest();
         let first = report(5, &[("GPU-a", 1e16)]);
         let long = format!("{}\n", "x".repeat(MAX_LINE + 10));
-        let text = [first.as_str(), first.as_str(), "garbage\n", &long, &report(4, &[("GPU-a", 1.0)])].concat();
+        let text =
+            [first.as_str(), first.as_str(), "garbage\n", &long, &report(4, &[("GPU-a", 1.0)])].concat();
         guest.write_all(text.as_bytes()).unwrap();
         // Written in pieces across ticks: a line split over two reads is one line.
         let next = report(6, &[("GPU-a", 1.5e16)]);
@@ -566,7 +584,10 @@ mod tests {
         t.poll(0);
         let s = t.status(1_000);
         assert_eq!((s[0].state, s[0].reason), (GuestState::Waiting, Some(GapReason::NoChannel)));
-        assert_eq!((s[1].state, s[1].reason, s[1].connected), (GuestState::Waiting, Some(GapReason::NeverReported), false));
+        assert_eq!(
+            (s[1].state, s[1].reason, s[1].connected),
+            (GuestState::Waiting, Some(GapReason::NeverReported), false)
+        );
         let s = t.status(60_001);
         assert_eq!((s[0].state, s[1].state), (GuestState::Gap, GuestState::Gap));
         // A domain that stops holding GPUs is forgotten; one that starts holding a new GPU

@@ -149,7 +149,10 @@ pub fn parse_line(line: &[u8]) -> Result<GuestReport, GuestReportError> {
         return Err(GuestReportError::TooManyGpus(report.gpus.len()));
     }
     for g in &report.gpus {
-        if !printable(&g.uuid, 96) || !printable(&g.name, 96) || g.pci_id.as_deref().is_some_and(|p| !printable(p, 16)) {
+        if !printable(&g.uuid, 96)
+            || !printable(&g.name, 96)
+            || g.pci_id.as_deref().is_some_and(|p| !printable(p, 16))
+        {
             return Err(GuestReportError::GpuId);
         }
         let finite = [g.ops_lower, g.ops, g.ops_upper, g.activity].iter().all(|v| v.is_finite() && *v >= 0.0);

@@ -13,6 +13,7 @@ use nvml_wrapper::{Device, GpmSample, Nvml};
 use super::thread::{from_nvml_mode, UNINITIALIZED};
 use crate::gpu::{
     BackendState, GpmPipes, GpuProcess, GpuSnapshot, GpuState, MigInstance, ProcessUtilization, Sample,
+    VgpuInstance, VgpuVm,
 };
 
 /// What the thread remembers between samples of one initialised NVML.
@@ -89,7 +90,9 @@ fn read_static(device: &Device<'_>, r: &mut Reader) -> Option<Static> {
         uuid: r.get("uuid", device.uuid())?,
         name: r.get("name", device.name())?,
         // pciDeviceId is the device ID in the upper 16 bits, the vendor's in the lower.
-        pci_id: pci.as_ref().map(|p| format!("{:04x}:{:04x}", p.pci_device_id & 0xffff, p.pci_device_id >> 16)),
+        pci_id: pci
+            .as_ref()
+            .map(|p| format!("{:04x}:{:04x}", p.pci_device_id & 0xffff, p.pci_device_id >> 16)),
         pci_bus_id: pci.map(|p| p.bus_id),
         compute_capability: r
             .get("compute_capability", device.cuda_compute_capability())
@@ -163,6 +166,7 @@ fn sample_gpu<'n>(nvml: &'n Nvml, index: u32, memory: &mut Memory<'n>) -> GpuSna
     if snap.mig_enabled == Some(true) {
         snap.mig_instances = mig_instances(&device, &mut r);
     }
+    snap.vgpus = vgpus(&device, &mut r);
     snap.gpm_supported = st.gpm_supported;
     if st.gpm_supported == Some(true) {
         snap.gpm = gpm_pipes(nvml, &device, (&uuid, None), memory, &mut r);
@@ -212,6 +216,31 @@ fn process_utilization(
             })
             .collect(),
     )
+}
+
+/// NVML's "no GPU instance" (`INVALID_GPU_INSTANCE_ID`) for a vGPU that is not MIG-backed.
+const NO_GPU_INSTANCE: u32 = 0xFFFF_FFFF;
+
+/// The GPU's active vGPU instances; none where NVML has no vGPU manager (or no such call).
+fn vgpus(device: &Device<'_>, r: &mut Reader) -> Vec<VgpuInstance> {
+    r.get("vgpus", device.active_vgpus())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| {
+            let vm = match r.get("vgpu_vm_id", v.vm_id())? {
+                nvml_wrapper::enum_wrappers::vgpu::VmId::Uuid(u) => VgpuVm::Uuid(u.to_ascii_lowercase()),
+                nvml_wrapper::enum_wrappers::vgpu::VmId::Domain(d) => VgpuVm::Domain(d),
+            };
+            Some(VgpuInstance {
+                uuid: r.get("vgpu_uuid", v.uuid())?,
+                vm,
+                mdev_uuid: r.get("vgpu_mdev_uuid", v.mdev_uuid()),
+                gpu_instance_id: r
+                    .get("vgpu_gpu_instance", v.gpu_instance_id())
+                    .filter(|gi| *gi != NO_GPU_INSTANCE),
+            })
+        })
+        .collect()
 }
 
 fn mig_instances(device: &Device<'_>, r: &mut Reader) -> Vec<MigInstance> {

@@ -99,6 +99,7 @@ pub fn merge_records(records: Vec<UsageRecord>) -> Vec<UsageRecord> {
                 m.ops_upper = Some(m.upper_ops() + w.upper_ops());
                 m.estimated_ops += w.estimated_ops;
                 m.shared_gpu_seconds += w.shared_gpu_seconds;
+                m.guest_gap_gpu_seconds += w.guest_gap_gpu_seconds;
                 m.gpus = m.gpus.max(w.gpus);
                 m.max_concurrent_gpus = m.max_concurrent_gpus.max(w.max_concurrent_gpus);
                 m.peak_flops = m.peak_flops.max(w.peak_flops);
