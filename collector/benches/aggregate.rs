@@ -54,9 +54,9 @@ fn load(path: &std::path::Path, windows: u64) {
                     r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
                            gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like,
                            foreign_person, merged_windows, body_json, received_at,
-                           ops_lower, ops_upper, shared_gpu_seconds)
+                           ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds)
                        VALUES (?1, 1, ?2, ?2, ?3, ?4, ?5, ?6, 480.0, 8, 8, ?7, 7.9e15, 'gpm_pipes', 1, ?8, 1, '{}', ?6,
-                               ?7 / 2, ?7 * 2, ?9)"#,
+                               ?7 / 2, ?7 * 2, ?9, 0)"#,
                 )
                 .unwrap();
             let host = format!("host-{h:04}");

@@ -104,6 +104,7 @@ fn record(seq: u64) -> UsageRecord {
             ops_lower: Some(0.617e17),
             ops_upper: Some(2.469e17),
             shared_gpu_seconds: if seq % 5 == 0 { 60.0 } else { 0.0 },
+            guest_gap_gpu_seconds: 0.0,
             peak_flops: 7.9e15,
             method: EstimationMethod::GpmPipes,
             training_like: seq % 2 == 0,
@@ -195,11 +196,11 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
             r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                 gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                 training_like, foreign_person, merged_windows, body_json, ops_lower, ops_upper,
-                shared_gpu_seconds, received_at)
-            SELECT $1::text, 1, u.*, $21::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
+                shared_gpu_seconds, guest_gap_gpu_seconds, received_at)
+            SELECT $1::text, 1, u.*, $22::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
                 $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
                 $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
-                $17::text[], $18::float8[], $19::float8[], $20::float8[]) AS u"#,
+                $17::text[], $18::float8[], $19::float8[], $20::float8[], $21::float8[]) AS u"#,
         )
         .unwrap();
     let t = kycd_protocol::clock::monotonic();
@@ -225,6 +226,7 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
         let lower = colf(&|v| v.record.window.lower_ops());
         let upper = colf(&|v| v.record.window.upper_ops());
         let shared = colf(&|v| v.record.window.shared_gpu_seconds);
+        let guest_gap = colf(&|v| v.record.window.guest_gap_gpu_seconds);
         let mut tx = client.transaction().unwrap();
         tx.execute(
             &insert,
@@ -249,6 +251,7 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
                 &lower,
                 &upper,
                 &shared,
+                &guest_gap,
                 &1_800_000_000i64,
             ],
         )
@@ -275,9 +278,9 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
                     r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                         training_like, foreign_person, merged_windows, body_json, received_at,
-                        ops_lower, ops_upper, shared_gpu_seconds)
+                        ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds)
                        VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                               ?19, ?20, ?21)"#,
+                               ?19, ?20, ?21, ?22)"#,
                 )
                 .unwrap();
             for v in batch {
@@ -305,6 +308,7 @@ fn raw_sqlite(dir: &Path, round: usize, rows: &[Vec<ValidRecord>]) -> Duration {
                         w.lower_ops(),
                         w.upper_ops(),
                         w.shared_gpu_seconds,
+                        w.guest_gap_gpu_seconds,
                     ])
                     .unwrap();
             }

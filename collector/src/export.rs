@@ -57,6 +57,9 @@ pub struct ExportRow {
     pub gpu_hours: f64,
     /// Of them, GPU-hours on GPUs shared with another workload without isolation.
     pub shared_gpu_hours: f64,
+    /// Of them, GPU-hours in which a VM held passed-through GPUs while its guest sent no
+    /// telemetry (only the allocation bounds the operations there).
+    pub guest_gap_gpu_hours: f64,
     /// Peak concurrent FLOP/s in the period.
     pub peak_flops: f64,
     /// First window start in the period (RFC 3339).
@@ -133,6 +136,7 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
                 ops_upper: finite(u.ops_upper),
                 gpu_hours: finite(u.gpu_hours()),
                 shared_gpu_hours: finite(u.shared_gpu_seconds / 3600.0),
+                guest_gap_gpu_hours: finite(u.guest_gap_gpu_seconds / 3600.0),
                 peak_flops: finite(u.peak_flops),
                 first_seen: rfc3339(u.first_seen),
                 last_seen: rfc3339(u.last_seen),
@@ -145,7 +149,7 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
 }
 
 /// The CSV header.
-pub const CSV_HEADER: [&str; 15] = [
+pub const CSV_HEADER: [&str; 16] = [
     "tenant",
     "legal_name",
     "countries",
@@ -162,6 +166,8 @@ pub const CSV_HEADER: [&str; 15] = [
     "ops_lower",
     "ops_upper",
     "shared_gpu_hours",
+    // Added with guest telemetry (issue 18): at the end for the same reason.
+    "guest_gap_gpu_hours",
 ];
 
 /// A text cell as a spreadsheet cannot take it for a formula: prefixed with `'` when it starts
@@ -193,6 +199,7 @@ impl ExportRow {
             ops_upper: finite(self.ops_upper),
             gpu_hours: finite(self.gpu_hours),
             shared_gpu_hours: finite(self.shared_gpu_hours),
+            guest_gap_gpu_hours: finite(self.guest_gap_gpu_hours),
             peak_flops: finite(self.peak_flops),
             ..self.clone()
         }
@@ -224,6 +231,7 @@ pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::
                     format!("{:e}", r.ops_lower),
                     format!("{:e}", r.ops_upper),
                     format!("{:.3}", r.shared_gpu_hours),
+                    format!("{:.3}", r.guest_gap_gpu_hours),
                 ];
                 out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
                 out.push_str("\r\n");
@@ -261,6 +269,7 @@ mod tests {
             ops_upper: 6e20,
             gpu_hours: 2.0,
             shared_gpu_hours: 0.25,
+            guest_gap_gpu_hours: 0.5,
             peak_flops: 7.9e15,
             first_seen: rfc3339(1_769_817_600),
             last_seen: rfc3339(1_769_817_660),
@@ -284,7 +293,7 @@ mod tests {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(
             lines[1],
-            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3,1e20,6e20,0.250"#
+            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3,1e20,6e20,0.250,0.500"#
         );
         assert!(lines[2].starts_with("'-2+3,'@SUM(1),SG,"), "{}", lines[2]);
         assert!(lines[3].starts_with("'\t=1,\"'\r=1\",SG,"), "{:?}", lines[3]);

@@ -7,7 +7,9 @@
 //! - cumulative operations, as three figures summed over every stored window side by side:
 //!   the lower bound, the point estimate and the upper bound (a window from an agent that
 //!   sent no bounds counts its estimate for all three, as ingest stored it), and GPU-seconds,
-//!   of them those in which the tenant shared a GPU without isolation;
+//!   of them those in which the tenant shared a GPU without isolation, and those in which a
+//!   VM of the tenant held passed-through GPUs while its guest sent no telemetry (with the
+//!   hosts and workloads where it did);
 //! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
 //!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
 //!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
@@ -75,6 +77,14 @@ pub struct TenantUsage {
     pub shared_gpu_seconds: f64,
     /// Hosts on which it did, by host id.
     pub shared_gpu_hosts: Vec<String>,
+    /// Of the GPU-seconds, those in which a VM of the tenant held passed-through GPUs while
+    /// its guest sent no telemetry: for them only the allocation is known (point estimate and
+    /// lower bound 0, upper bound the GPUs' fastest peak × the time held).
+    pub guest_gap_gpu_seconds: f64,
+    /// Hosts on which it did, by host id.
+    pub guest_gap_hosts: Vec<String>,
+    /// The workloads (VMs) whose guest was silent, as `host/workload`, sorted.
+    pub guest_gap_workloads: Vec<String>,
     /// Largest concurrent FLOP/s capacity in one minute, summed across hosts.
     pub peak_flops: f64,
     /// Start of the minute of that peak (Unix seconds).
@@ -105,7 +115,8 @@ impl TenantUsage {
 /// Aggregates windows into [`TenantUsage`] in one pass, in any order: hash maps per tenant
 /// (totals, per-host GPU maxima, per-minute capacity sums), so a backend streams its rows
 /// through [`UsageAccumulator::add`] instead of sorting them in several GROUP BY passes.
-/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs, not with windows.
+/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs (and the VMs whose
+/// guest was silent), not with windows.
 #[derive(Debug, Default)]
 pub struct UsageAccumulator {
     hosts: std::collections::HashMap<String, u32>,
@@ -121,6 +132,8 @@ struct TenantAccumulator {
     capacity: std::collections::HashMap<i64, f64>,
     /// Hosts (indices) with GPU-seconds shared without isolation.
     shared_hosts: std::collections::BTreeSet<u32>,
+    /// Workloads, by host index, whose guest was silent while holding GPUs.
+    guest_gap_workloads: std::collections::BTreeSet<(u32, String)>,
 }
 
 /// One window as [`UsageAccumulator::add`] takes it.
@@ -146,6 +159,12 @@ pub struct WindowRow<'a> {
     pub ops_upper: f64,
     /// GPU-seconds shared without isolation.
     pub shared_gpu_seconds: f64,
+    /// GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.
+    pub guest_gap_gpu_seconds: f64,
+    /// The window's workload. Only windows with `guest_gap_gpu_seconds > 0` need it (the
+    /// backends read it only for them, so the aggregation scan does not carry every
+    /// workload id); `None` otherwise.
+    pub workload: Option<&'a str>,
     /// Peak FLOP/s capacity.
     pub peak_flops: f64,
     /// Estimation method (wire name).
@@ -178,6 +197,9 @@ impl UsageAccumulator {
             gpu_seconds: 0.0,
             shared_gpu_seconds: 0.0,
             shared_gpu_hosts: Vec::new(),
+            guest_gap_gpu_seconds: 0.0,
+            guest_gap_hosts: Vec::new(),
+            guest_gap_workloads: Vec::new(),
             peak_flops: 0.0,
             peak_at: 0,
             hosts: 0,
@@ -195,6 +217,11 @@ impl UsageAccumulator {
         usage.shared_gpu_seconds = saturating_sum(usage.shared_gpu_seconds, w.shared_gpu_seconds);
         if w.shared_gpu_seconds > 0.0 {
             t.shared_hosts.insert(host);
+        }
+        usage.guest_gap_gpu_seconds = saturating_sum(usage.guest_gap_gpu_seconds, w.guest_gap_gpu_seconds);
+        if w.guest_gap_gpu_seconds > 0.0 {
+            // A window without its workload still names its host (through the empty id).
+            t.guest_gap_workloads.insert((host, w.workload.unwrap_or_default().to_owned()));
         }
         usage.windows = usage.windows.saturating_add(1);
         usage.first_seen = usage.first_seen.min(w.start);
@@ -230,6 +257,19 @@ impl UsageAccumulator {
                     .collect();
                 shared.sort();
                 usage.shared_gpu_hosts = shared;
+                let host_id = |i: u32| host_ids.get(usize::try_from(i).ok()?).map(String::as_str);
+                let mut gap_hosts = std::collections::BTreeSet::new();
+                let mut gap_workloads = Vec::new();
+                for (i, workload) in &t.guest_gap_workloads {
+                    let Some(host) = host_id(*i) else { continue };
+                    gap_hosts.insert(host.to_owned());
+                    if !workload.is_empty() {
+                        gap_workloads.push(format!("{host}/{workload}"));
+                    }
+                }
+                gap_workloads.sort();
+                usage.guest_gap_hosts = gap_hosts.into_iter().collect();
+                usage.guest_gap_workloads = gap_workloads;
                 usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
                 usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
                 // Earliest bucket among equal peaks, so the result does not depend on order.
@@ -269,6 +309,8 @@ pub struct WindowEvidence {
     pub ops_upper: f64,
     /// GPU-seconds shared with another workload without isolation.
     pub shared_gpu_seconds: f64,
+    /// GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.
+    pub guest_gap_gpu_seconds: f64,
     /// Peak FLOP/s capacity.
     pub peak_flops: f64,
     /// GPUs used.
@@ -318,11 +360,14 @@ pub enum FindingKind {
     /// operations there could not be attributed to it alone (and an `exclusive_gpu`
     /// condition of the published policy, if any, was not met).
     SharedGpu,
+    /// A foreign tenant's VM held passed-through GPUs while its guest sent no telemetry: for
+    /// that time only the allocation bound of its operations is known.
+    GuestTelemetryGap,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 8] = [
+    pub const ALL: [FindingKind; 9] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
@@ -331,6 +376,7 @@ impl FindingKind {
         FindingKind::EnforcementMismatch,
         FindingKind::ReportRejected,
         FindingKind::SharedGpu,
+        FindingKind::GuestTelemetryGap,
     ];
 
     /// The wire and storage name.
@@ -344,6 +390,7 @@ impl FindingKind {
             FindingKind::EnforcementMismatch => "enforcement_mismatch",
             FindingKind::ReportRejected => "report_rejected",
             FindingKind::SharedGpu => "shared_gpu",
+            FindingKind::GuestTelemetryGap => "guest_telemetry_gap",
         }
     }
 
@@ -502,6 +549,8 @@ mod tests {
             estimated_ops: 1e15 * len as f64,
             ops_upper: 2e15 * len as f64,
             shared_gpu_seconds: 0.0,
+            guest_gap_gpu_seconds: 0.0,
+            workload: None,
             peak_flops: flops,
             method: "gpm_tensor",
             foreign_person: false,
@@ -546,6 +595,38 @@ mod tests {
         assert_eq!(
             (usage[1].shared_gpu_seconds, usage[1].shared_gpu_hosts.as_slice()),
             (7.0, ["a".to_owned()].as_slice())
+        );
+    }
+
+    #[test]
+    fn guest_gap_seconds_hosts_and_workloads_sum_per_tenant() {
+        let mut acc = UsageAccumulator::default();
+        let gap = |host, workload, seconds: f64| WindowRow {
+            guest_gap_gpu_seconds: seconds,
+            workload: Some(workload),
+            method: "allocation",
+            ..row("t", host, 0, 60, 1e15)
+        };
+        acc.add(&row("t", "a", 0, 60, 1e15));
+        acc.add(&gap("b", "vm:x", 60.0));
+        acc.add(&gap("b", "vm:x", 30.0));
+        acc.add(&gap("a", "vm:y", 10.0));
+        acc.add(&WindowRow { guest_gap_gpu_seconds: 5.0, workload: None, ..row("t", "c", 0, 60, 1e15) });
+        acc.add(&WindowRow { workload: Some("vm:z"), ..row("t", "d", 0, 60, 1e15) });
+        acc.add(&WindowRow {
+            guest_gap_gpu_seconds: 7.0,
+            workload: Some("vm:u"),
+            ..row("u", "a", 0, 60, 1e15)
+        });
+        let usage = acc.finish();
+        let t = &usage[0];
+        assert_eq!(t.guest_gap_gpu_seconds, 105.0);
+        assert_eq!(t.guest_gap_hosts, ["a", "b", "c"]);
+        assert_eq!(t.guest_gap_workloads, ["a/vm:y", "b/vm:x"]);
+        assert_eq!((t.shared_gpu_seconds, t.shared_gpu_hosts.len()), (0.0, 0));
+        assert_eq!(
+            (usage[1].guest_gap_gpu_seconds, usage[1].guest_gap_workloads.as_slice()),
+            (7.0, ["a/vm:u".to_owned()].as_slice())
         );
     }
 }

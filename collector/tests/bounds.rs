@@ -3,6 +3,11 @@
 //! and of new ones aggregate side by side, the training threshold is held against the figure
 //! the policy's `threshold_basis` names, the early warning against the upper bound, and a
 //! foreign tenant that shared a GPU without isolation gets a `shared_gpu` finding.
+//!
+//! Issue 18 the same way: windows of VMs with passed-through GPUs, measured by their guest
+//! (`guest_reported`) or, while it is silent, only by their allocation
+//! (`guest_gap_gpu_seconds`): the point estimate is the guest's, the upper bound the
+//! allocation, and a foreign tenant's silent guest gets a `guest_telemetry_gap` finding.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[macro_use]
@@ -13,6 +18,7 @@ use kycd_collector::export::{self, Format};
 use kycd_collector::findings::{evaluate, EvaluationSettings};
 use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
 use kycd_collector::ingest::Admission;
+use kycd_collector::ingest::IngestError;
 use kycd_collector::policy::PublishedPolicy;
 use kycd_collector::{Limits, Storage, ValidRecord};
 use kycd_protocol::{EstimationMethod, UsageRecord, UsageWindow};
@@ -23,6 +29,9 @@ backend_tests!(
     threshold_basis_upper_crosses_where_point_does_not_and_early_warning_uses_upper,
     shared_gpu_opens_for_a_foreign_tenant_only,
     allocation_alone_raises_capacity_and_early_warning_but_not_training,
+    guest_telemetry_gap_opens_for_a_foreign_tenant_only,
+    guest_reported_point_estimate_crosses_training_while_upper_is_the_allocation,
+    guest_gap_beyond_gpu_seconds_or_not_a_number_is_refused,
 );
 
 const T0: i64 = 1_800_000_000 / 60 * 60;
@@ -54,6 +63,7 @@ fn w(
         ops_lower,
         ops_upper,
         shared_gpu_seconds: shared,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: 8e15,
         method: if ops_lower.is_some() { EstimationMethod::GpmPipes } else { EstimationMethod::GpmTensor },
         training_like: true,
@@ -163,9 +173,13 @@ async fn old_and_new_windows_aggregate_three_figures_side_by_side(db: TestDb) {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         // The columns added with the bounds come last, so readers by position keep working.
         assert!(lines[0].contains(",estimated_ops,gpu_hours,peak_flops,"), "{}", lines[0]);
-        assert!(lines[0].ends_with(",findings,ops_lower,ops_upper,shared_gpu_hours"), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with(",findings,ops_lower,ops_upper,shared_gpu_hours,guest_gap_gpu_hours"),
+            "{}",
+            lines[0]
+        );
         assert!(lines[1].contains(",9e17,0.400,"), "{}", lines[1]);
-        assert!(lines[1].ends_with(",5e17,2.5e18,0.033"), "{}", lines[1]);
+        assert!(lines[1].ends_with(",5e17,2.5e18,0.033,0.000"), "{}", lines[1]);
         let parsed: serde_json::Value =
             serde_json::from_str(&export::render(&rows, Format::Json).unwrap()).unwrap();
         assert_eq!(
@@ -338,5 +352,188 @@ async fn allocation_alone_raises_capacity_and_early_warning_but_not_training(db:
         let f = usage.iter().find(|r| r.tenant == "f").unwrap();
         assert_eq!((f.ops_lower, f.estimated_ops), (0.0, 0.0));
         assert!((f.ops_upper - 4.0 * 10.0 * 8.0 * 1.9789e15 * 60.0).abs() < 1e9, "{f:?}");
+    });
+}
+
+/// The fastest peak of an H100 SXM (FP8 dense, FLOP/s): what the agent books per GPU for a
+/// VM's allocation bound.
+const FASTEST_PEAK: f64 = 1.9789e15;
+/// One 60 s window's allocation bound on 8 GPUs: fastest peak × time held.
+const ALLOCATION: f64 = 8.0 * FASTEST_PEAK * 60.0;
+
+/// A 60 s window of a VM of `tenant` with 8 passed-through GPUs (see [`w`]): measured by its
+/// guest (`guest_reported`, point and lower bound the guest's) except for `gap` GPU-seconds
+/// in which the guest was silent; a window silent throughout carries the weaker method,
+/// `allocation` (point and lower bound 0). The upper bound is always the allocation.
+fn vm(tenant: &str, foreign: bool, minute: i64, guest: (f64, f64), gap: f64) -> UsageWindow {
+    let (lower, point) = guest;
+    let method = if gap >= 480.0 { EstimationMethod::Allocation } else { EstimationMethod::GuestReported };
+    UsageWindow {
+        workload: format!("libvirt_domain:vm-{tenant}"),
+        method,
+        guest_gap_gpu_seconds: gap,
+        ..w(tenant, foreign, minute, (Some(lower), point, Some(ALLOCATION)), 0.0)
+    }
+}
+
+/// (a) A foreign tenant whose guest went silent on two hosts gets one `guest_telemetry_gap`
+/// finding (without a policy: it is about the measurement) naming the gap GPU-seconds, the
+/// hosts and the VMs; a domestic tenant's silent guest and a foreign tenant whose guest kept
+/// reporting do not; the gap shows in the usage, the evidence windows and both exports.
+async fn guest_telemetry_gap_opens_for_a_foreign_tenant_only(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let store = store.as_ref();
+        store_windows(
+            store,
+            "a",
+            vec![
+                vm("f", true, 0, (0.0, 0.0), 480.0),
+                vm("f", true, 1, (1e17, 2e17), 0.0),
+                vm("d", false, 0, (0.0, 0.0), 480.0),
+                vm("g", true, 0, (1e17, 2e17), 0.0),
+            ],
+        );
+        store_windows(store, "b", vec![vm("f", true, 0, (5e16, 1e17), 120.0)]);
+        let report = evaluate(store, &[], SETTINGS, NOW).unwrap();
+        assert_eq!(report.policy_version, None);
+        let raised: Vec<(FindingKind, &str)> =
+            report.raised.iter().map(|(_, k, s)| (*k, s.as_str())).collect();
+        assert_eq!(raised, [(FindingKind::GuestTelemetryGap, "f")]);
+        let f = open_finding(store, FindingKind::GuestTelemetryGap, "f").unwrap();
+        assert_eq!((f.finding.tenant.as_deref(), f.finding.foreign_person), (Some("f"), Some(true)));
+        let e = &f.finding.evidence;
+        assert_eq!(e["guest_gap_gpu_seconds"].as_f64(), Some(600.0));
+        assert_eq!(e["gpu_seconds"].as_f64(), Some(3.0 * 480.0));
+        assert_eq!(e["guest_gap_hosts"], json!(["a", "b"]));
+        assert_eq!(e["guest_gap_workloads"], json!(["a/libvirt_domain:vm-f", "b/libvirt_domain:vm-f"]));
+        assert_eq!(
+            (e["ops_lower"].as_f64(), e["estimated_ops"].as_f64()),
+            (Some(1.5e17), Some(3e17)),
+            "the guest's figures, 0 while it was silent"
+        );
+        assert!((e["ops_upper"].as_f64().unwrap() / (3.0 * ALLOCATION) - 1.0).abs() < 1e-12, "{e}");
+        assert_eq!(e["host_ids"], json!(["a", "b"]));
+        let gaps: Vec<f64> = e["top_windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["guest_gap_gpu_seconds"].as_f64().unwrap())
+            .collect();
+        assert_eq!(gaps, [0.0, 120.0, 480.0], "by estimated ops, most first");
+        assert!(
+            f.finding.summary.contains("600 GPU-seconds") && f.finding.summary.contains("2 host(s)"),
+            "{}",
+            f.finding.summary
+        );
+        assert!(open_finding(store, FindingKind::GuestTelemetryGap, "d").is_none(), "domestic");
+        assert!(open_finding(store, FindingKind::GuestTelemetryGap, "g").is_none(), "guest reported");
+
+        // The usage: d's gap is counted (and shown) though no finding is raised for it.
+        let usage = store.tenant_usage(None, None).unwrap();
+        let by = |t: &str| usage.iter().find(|u| u.tenant == t).unwrap();
+        assert_eq!(
+            (by("d").guest_gap_gpu_seconds, by("d").guest_gap_hosts.as_slice()),
+            (480.0, ["a".to_owned()].as_slice())
+        );
+        assert_eq!((by("g").guest_gap_gpu_seconds, by("g").guest_gap_workloads.len()), (0.0, 0));
+        assert_eq!(by("f").ops_by_method.get("guest_reported").copied(), Some(3e17));
+
+        // Exports: the new column last, in hours.
+        let rows = export::rows(store, 0).unwrap();
+        let f_row = rows.iter().find(|r| r.tenant == "f").unwrap();
+        assert!((f_row.guest_gap_gpu_hours - 600.0 / 3600.0).abs() < 1e-12, "{f_row:?}");
+        let csv = export::render(&rows, Format::Csv).unwrap();
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert!(lines[0].ends_with(",shared_gpu_hours,guest_gap_gpu_hours"), "{}", lines[0]);
+        let f_line = lines.iter().find(|l| l.starts_with("f,")).unwrap();
+        assert!(f_line.ends_with(",0.000,0.167"), "{f_line}");
+        assert!(f_line.contains("guest_telemetry_gap#"), "{f_line}");
+        let parsed: serde_json::Value =
+            serde_json::from_str(&export::render(&rows, Format::Json).unwrap()).unwrap();
+        let d_json = parsed.as_array().unwrap().iter().find(|r| r["tenant"] == "d").unwrap();
+        assert_eq!(d_json["guest_gap_gpu_hours"].as_f64(), Some(480.0 / 3600.0));
+
+        // Raised once: a later evaluation with more silence does not raise it again.
+        store_windows(store, "c", vec![vm("f", true, 2, (0.0, 0.0), 480.0)]);
+        let report = evaluate(store, &[], SETTINGS, NOW + 60).unwrap();
+        assert!(report.raised.is_empty() && report.resolved.is_empty(), "{report:?}");
+    });
+}
+
+/// (b) A VM's guest reports: the tenant's point estimate is the guest's and crosses the
+/// training threshold (basis `point`) by it alone, while the upper bound stays the sum of the
+/// allocations; with one window fewer only the upper bound is past the threshold, which
+/// raises the early warning and not the training finding.
+async fn guest_reported_point_estimate_crosses_training_while_upper_is_the_allocation(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let store = store.as_ref();
+        store_windows(
+            store,
+            "a",
+            vec![vm("f", true, 0, (3e17, 4e17), 0.0), vm("f", true, 1, (3e17, 4e17), 0.0)],
+        );
+        store.publish_policy(&policy(1, "point", json!([]))).unwrap();
+        // Point 8e17 < 1e18 ≤ upper 1.9e18.
+        let report = evaluate(store, &[], SETTINGS, NOW).unwrap();
+        let raised: Vec<FindingKind> = report.raised.iter().map(|(_, k, _)| *k).collect();
+        assert_eq!(raised, [FindingKind::EarlyWarning], "{report:?}");
+
+        store_windows(store, "b", vec![vm("f", true, 0, (3e17, 4e17), 0.0)]);
+        let report = evaluate(store, &[], SETTINGS, NOW + 60).unwrap();
+        let raised: Vec<FindingKind> = report.raised.iter().map(|(_, k, _)| *k).collect();
+        assert_eq!(raised, [FindingKind::TrainingThresholdCrossed], "{report:?}");
+        let crossed = open_finding(store, FindingKind::TrainingThresholdCrossed, "f").unwrap();
+        let e = &crossed.finding.evidence;
+        assert_eq!((e["basis"].as_str(), e["threshold_basis"].as_str()), (Some("point"), Some("point")));
+        assert_eq!((e["ops_lower"].as_f64(), e["estimated_ops"].as_f64()), (Some(9e17), Some(1.2e18)));
+        assert_eq!(e["ops_by_method"], json!({"guest_reported": 1.2e18}));
+        assert_eq!(e["guest_gap_gpu_seconds"].as_f64(), Some(0.0));
+        assert!(crossed.finding.summary.contains("estimated operations"), "{}", crossed.finding.summary);
+
+        // The tenant's upper bound is exactly its allocation: 3 windows × 8 GPUs × fastest
+        // peak × 60 s, whatever the guest said.
+        let usage = store.tenant_usage(Some("f"), None).unwrap();
+        let f = &usage[0];
+        assert!((f.ops_upper / (3.0 * ALLOCATION) - 1.0).abs() < 1e-12, "{f:?}");
+        assert!((e["ops_upper"].as_f64().unwrap() / (3.0 * ALLOCATION) - 1.0).abs() < 1e-12, "{e}");
+        assert_eq!((f.estimated_ops, f.guest_gap_gpu_seconds), (1.2e18, 0.0));
+        assert!(open_finding(store, FindingKind::GuestTelemetryGap, "f").is_none());
+    });
+}
+
+/// (c) Ingest refuses a window whose gap is more than its GPU-seconds or not a finite amount
+/// (NaN cannot come over JSON, but a negative or oversized one can): the whole batch is
+/// refused, naming the record and the bound; at the edge the window is stored.
+async fn guest_gap_beyond_gpu_seconds_or_not_a_number_is_refused(db: TestDb) {
+    let store = db.storage();
+    off_runtime(|| {
+        let store = store.as_ref();
+        let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
+        for (gap, reason) in [
+            (481.0, "guest_gap_gpu_seconds 481 exceeds gpu_seconds 480"),
+            (f64::NAN, "guest_gap_gpu_seconds must be a finite number >= 0"),
+            (f64::INFINITY, "guest_gap_gpu_seconds must be a finite number >= 0"),
+            (-1.0, "guest_gap_gpu_seconds must be a finite number >= 0"),
+        ] {
+            let good = vm("f", true, 0, (1e17, 2e17), 0.0);
+            let bad = UsageWindow { guest_gap_gpu_seconds: gap, ..vm("f", true, 1, (1e17, 2e17), 0.0) };
+            let records = vec![
+                UsageRecord { seq: 1, last_seq: None, window: good },
+                UsageRecord { seq: 2, last_seq: None, window: bad },
+            ];
+            match kycd_collector::ingest::validate_batch(batch("a", records), &Limits::default(), admission) {
+                Err(IngestError::InvalidRecord { index: 1, seq: 2, reason: got }) => {
+                    assert_eq!(got, reason, "{gap}");
+                }
+                other => panic!("{gap}: {other:?}"),
+            }
+        }
+        // The same window at the edge (silent the whole window) is accepted and stored.
+        store_windows(store, "a", vec![vm("f", true, 0, (0.0, 0.0), 480.0)]);
+        let usage = store.tenant_usage(None, None).unwrap();
+        assert_eq!(usage.len(), 1);
+        assert_eq!((usage[0].guest_gap_gpu_seconds, usage[0].windows), (480.0, 1));
     });
 }

@@ -66,6 +66,7 @@ fn usage(tenant: &str, foreign: bool, start: i64, ops: f64, peak_flops: f64) -> 
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops,
         method: EstimationMethod::GpmTensor,
         training_like: true,
@@ -361,6 +362,7 @@ fn export_round_trip(db: &TestDb) {
         assert!((value - 2.4e19).abs() < 1e9, "{figure} = {value}");
     }
     assert_eq!(large[col("shared_gpu_hours")], "0.000");
+    assert_eq!(large[col("guest_gap_gpu_hours")], "0.000");
     assert_eq!(large[col("hosts")], "10");
     let found: BTreeSet<&str> =
         large[col("findings")].split(' ').map(|f| f.split('#').next().unwrap()).collect();
@@ -473,9 +475,13 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
         (&usage["estimated_ops"], &usage["estimated_ops"])
     );
     assert_eq!((&usage["shared_gpu_seconds"], &usage["shared_gpu_hosts"]), (&json!(0.0), &json!([])));
+    assert_eq!(
+        (&usage["guest_gap_gpu_seconds"], &usage["guest_gap_hosts"], &usage["guest_gap_workloads"]),
+        (&json!(0.0), &json!([]), &json!([]))
+    );
     let top = &one.body["top_windows"][0];
     assert_eq!((&top["ops_lower"], &top["ops_upper"]), (&top["estimated_ops"], &top["estimated_ops"]));
-    assert_eq!(top["shared_gpu_seconds"], json!(0.0));
+    assert_eq!((&top["shared_gpu_seconds"], &top["guest_gap_gpu_seconds"]), (&json!(0.0), &json!(0.0)));
     assert_eq!(request(addr, "GET", "/v1/tenants/nobody", &auth, vec![]).await.status, 404);
     let hosts = request(addr, "GET", "/v1/hosts?limit=1000", &auth, vec![]).await;
     assert_eq!(hosts.body["items"].as_array().unwrap().len(), 50);
@@ -488,7 +494,7 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     assert!(page.contains("Shell Holding Ltd") && page.contains("cluster_capacity_crossed"));
     assert!(
         page.contains("<th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th>")
-            && page.contains("<th>shared GPU-hours</th>"),
+            && page.contains("<th>shared GPU-hours</th><th>GPU-hours without guest telemetry</th>"),
         "{page}"
     );
 

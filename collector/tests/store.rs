@@ -574,6 +574,7 @@ fn tenant_window(
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: flops,
         gpu_seconds: f64::from(gpus) * len as f64,
         ..window(start)
@@ -597,7 +598,13 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
         a.push(kycd_protocol::UsageWindow { tenant: None, ..window(t0) });
         store.insert_batch("a", 1, &batch_of(a), 1000).unwrap();
         let mut b: Vec<_> = (0..6).map(|k| tenant_window("t", t0 + 60 + 10 * k, 10, 4e16, 4e15, 2)).collect();
-        b.push(tenant_window("u", t0 + 600, 60, 5e16, 1e15, 1));
+        // u's window is a VM whose guest was silent for 30 of its 60 GPU-seconds.
+        b.push(kycd_protocol::UsageWindow {
+            workload: "libvirt_domain:vm-u".into(),
+            method: kycd_protocol::EstimationMethod::GuestReported,
+            guest_gap_gpu_seconds: 30.0,
+            ..tenant_window("u", t0 + 600, 60, 5e16, 1e15, 1)
+        });
         store.insert_batch("b", 1, &batch_of(b), 2000).unwrap();
 
         let usage = store.tenant_usage(None, None).unwrap();
@@ -610,6 +617,22 @@ async fn usage_aggregates_and_evidence(db: TestDb) {
         assert!((t.gpu_seconds - (3.0 * 480.0 + 6.0 * 20.0)).abs() < 1e-6, "{t:?}");
         assert!(t.foreign_person);
         assert_eq!(t.ops_by_method.keys().collect::<Vec<_>>(), ["gpm_tensor"]);
+        assert_eq!(
+            (t.guest_gap_gpu_seconds, t.guest_gap_hosts.len(), t.guest_gap_workloads.len()),
+            (0.0, 0, 0)
+        );
+        // The guest gap and the method round-trip, with the host and the VM.
+        let u = &usage[1];
+        assert_eq!(
+            (u.guest_gap_gpu_seconds, u.guest_gap_hosts.as_slice(), u.guest_gap_workloads.as_slice()),
+            (30.0, ["b".to_owned()].as_slice(), ["b/libvirt_domain:vm-u".to_owned()].as_slice())
+        );
+        assert_eq!(u.ops_by_method.keys().collect::<Vec<_>>(), ["guest_reported"]);
+        let u_evidence = store.usage_evidence("u", 1).unwrap();
+        assert_eq!(
+            (u_evidence[0].guest_gap_gpu_seconds, u_evidence[0].method.as_str()),
+            (30.0, "guest_reported")
+        );
         assert_eq!(store.tenant_usage(Some("u"), None).unwrap(), [usage[1].clone()]);
         assert_eq!(store.tenant_usage(Some("t"), None).unwrap(), [usage[0].clone()]);
         assert!(store.tenant_usage(Some("nobody"), None).unwrap().is_empty());
@@ -766,7 +789,7 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
     off_runtime(|| {
         let huge = |seq: u64| {
             let mut w = tenant_window("t", t0, 60, 1e308, 1e308, 8);
-            (w.gpu_seconds, w.shared_gpu_seconds) = (1e308, 1e308);
+            (w.gpu_seconds, w.shared_gpu_seconds, w.guest_gap_gpu_seconds) = (1e308, 1e308, 1e308);
             let record = UsageRecord { seq, last_seq: None, window: w };
             // Not through validation: ingest refuses these now.
             ValidRecord { body_json: serde_json::to_string(&record).unwrap(), last_seq: seq, record }
@@ -779,6 +802,7 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
         assert_eq!((u.estimated_ops, u.gpu_seconds, u.peak_flops), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
         // Stored without bounds: both bounds are the estimate, and saturate alike.
         assert_eq!((u.ops_lower, u.ops_upper, u.shared_gpu_seconds), (f64::MAX, f64::MAX, f64::MAX), "{u:?}");
+        assert_eq!(u.guest_gap_gpu_seconds, f64::MAX, "{u:?}");
         assert!(u.gpu_hours().is_finite());
         assert_eq!(u.ops_by_method["gpm_tensor"], f64::MAX);
         assert_eq!(u.windows, 4);
@@ -799,6 +823,7 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
         let mut odd = rows[0].clone();
         (odd.estimated_ops, odd.gpu_hours, odd.peak_flops) = (f64::INFINITY, f64::NAN, f64::NEG_INFINITY);
         (odd.ops_lower, odd.ops_upper, odd.shared_gpu_hours) = (f64::NAN, f64::INFINITY, f64::NEG_INFINITY);
+        odd.guest_gap_gpu_hours = f64::NAN;
         let json =
             kycd_collector::export::render(&[odd.clone()], kycd_collector::export::Format::Json).unwrap();
         assert!(!json.contains("null"), "{json}");
@@ -808,15 +833,21 @@ async fn totals_saturate_and_exports_never_print_null_or_inf(db: TestDb) {
 }
 
 /// The numeric columns of every CSV row (the three operation figures, GPU-hours, shared
-/// GPU-hours, peak FLOP/s) are finite numbers.
+/// GPU-hours, GPU-hours without guest telemetry, peak FLOP/s) are finite numbers.
 fn assert_finite_csv_numbers(csv: &str) {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     for line in lines {
         let fields: Vec<&str> = line.split(',').collect();
-        for column in
-            ["ops_lower", "estimated_ops", "ops_upper", "gpu_hours", "shared_gpu_hours", "peak_flops"]
-        {
+        for column in [
+            "ops_lower",
+            "estimated_ops",
+            "ops_upper",
+            "gpu_hours",
+            "shared_gpu_hours",
+            "guest_gap_gpu_hours",
+            "peak_flops",
+        ] {
             let value = fields[header.iter().position(|h| *h == column).unwrap()];
             assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{column} = {value:?} in {line}");
         }

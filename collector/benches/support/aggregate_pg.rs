@@ -20,7 +20,8 @@ use super::{pg, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
 
 const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
-    merged_windows, body_json, received_at, ops_lower, ops_upper, shared_gpu_seconds) FROM STDIN"#;
+    merged_windows, body_json, received_at, ops_lower, ops_upper, shared_gpu_seconds,
+    guest_gap_gpu_seconds) FROM STDIN"#;
 
 fn load(url: &str, windows: u64) {
     let store = PgStore::open(url).unwrap();
@@ -48,7 +49,7 @@ fn load(url: &str, windows: u64) {
                 let foreign = if tenant % 4 == 0 { "t" } else { "f" };
                 writeln!(
                     out,
-                    "host-{h:04}\t1\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_pipes\tt\t{foreign}\t1\t{{}}\t{end}\t{lower:e}\t{upper:e}\t{shared}",
+                    "host-{h:04}\t1\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_pipes\tt\t{foreign}\t1\t{{}}\t{end}\t{lower:e}\t{upper:e}\t{shared}\t0",
                     end = start + 60,
                     lower = ops / 2.0,
                     upper = ops * 2.0,

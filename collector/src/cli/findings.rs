@@ -53,7 +53,8 @@ pub enum FindingsCommand {
         #[arg(long)]
         state: Option<String>,
         /// Only this kind (early_warning, training_threshold_crossed, cluster_capacity_crossed,
-        /// host_dark, policy_stale, enforcement_mismatch, report_rejected, shared_gpu).
+        /// host_dark, policy_stale, enforcement_mismatch, report_rejected, shared_gpu,
+        /// guest_telemetry_gap).
         #[arg(long)]
         kind: Option<String>,
         /// Only about this tenant.

@@ -13,6 +13,7 @@
 //! | `enforcement_mismatch` | a statement allows a tenant a published prohibition matches | host/workload |
 //! | `report_rejected` | a batch of the host was refused for good within `rejected_window_s` | host |
 //! | `shared_gpu` | a foreign tenant has GPU-seconds on a GPU shared without isolation | tenant |
+//! | `guest_telemetry_gap` | a foreign tenant's VM held passed-through GPUs while its guest sent no telemetry | tenant |
 //!
 //! `report_rejected` makes lost usage visible at the collector: a batch that verified with the
 //! host's key and was then refused (`SeqConflict`, `InvalidRecord`, `HostMismatch`,
@@ -41,6 +42,12 @@
 //! say. Its evidence names the hosts, and whether a published measure conditions GPU use on
 //! `exclusive_gpu` (then the condition was violated: the agent measures sharing, it cannot
 //! prevent it on a running GPU).
+//!
+//! `guest_telemetry_gap` is raised with or without a policy too: a VM with passed-through
+//! GPUs is measured by its own guest (`guest_reported`), and while the guest is silent the
+//! host knows only that the GPUs were held, so the tenant's point estimate and lower bound
+//! count nothing for that time and its upper bound the whole allocation. Its evidence names
+//! the gap GPU-seconds, the hosts and the VMs (`host/workload`).
 //!
 //! [`evaluate`] reconciles that set with the stored open findings: a condition that starts to
 //! hold raises a finding (with evidence: totals, the top windows and the hosts), one that stops

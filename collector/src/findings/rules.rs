@@ -77,6 +77,10 @@ pub fn desired_findings(state: &FleetState<'_>) -> Vec<NewFinding> {
     for usage in state.usage {
         shared_gpu_finding(state, usage, &mut out);
     }
+    // Likewise a fact about the measurement: for the gap seconds only the allocation is known.
+    for usage in state.usage {
+        guest_telemetry_gap_finding(state, usage, &mut out);
+    }
     for host in state.hosts {
         host_findings(state, host, &mut out);
     }
@@ -97,6 +101,7 @@ fn tenant_findings(
         "estimated_ops": usage.estimated_ops,
         "ops_upper": usage.ops_upper,
         "shared_gpu_seconds": usage.shared_gpu_seconds,
+        "guest_gap_gpu_seconds": usage.guest_gap_gpu_seconds,
         "threshold_basis": policy.threshold_basis.as_str(),
         "gpu_hours": usage.gpu_hours(),
         "peak_flops": usage.peak_flops,
@@ -237,6 +242,41 @@ fn shared_gpu_finding(state: &FleetState<'_>, usage: &TenantUsage, out: &mut Vec
             "exclusive_gpu_measures": measures,
             "exclusive_gpu_imposed_on": imposed,
             "condition_violated": violated,
+        }),
+    });
+}
+
+/// `guest_telemetry_gap`: a foreign tenant's VM held passed-through GPUs while its guest sent
+/// no telemetry (the guest's sampler was stopped, or never ran), so for those GPU-seconds the
+/// host knows only that the GPUs were held: the point estimate and lower bound count 0 there,
+/// the upper bound the whole allocation. Domestic tenants are not reported for it.
+fn guest_telemetry_gap_finding(state: &FleetState<'_>, usage: &TenantUsage, out: &mut Vec<NewFinding>) {
+    let foreign = state.identities.get(&usage.tenant).map_or(usage.foreign_person, |i| i.foreign_person);
+    if !foreign || usage.guest_gap_gpu_seconds <= 0.0 {
+        return;
+    }
+    out.push(NewFinding {
+        kind: FindingKind::GuestTelemetryGap,
+        subject: usage.tenant.clone(),
+        tenant: Some(usage.tenant.clone()),
+        host_id: None,
+        foreign_person: Some(true),
+        summary: format!(
+            "foreign tenant {}: {:.0} GPU-seconds on passed-through GPUs of VM(s) whose guest sent no telemetry, on {} host(s): only the allocation bounds its operations there",
+            usage.tenant,
+            usage.guest_gap_gpu_seconds,
+            usage.guest_gap_hosts.len()
+        ),
+        evidence: json!({
+            "guest_gap_gpu_seconds": usage.guest_gap_gpu_seconds,
+            "gpu_seconds": usage.gpu_seconds,
+            "guest_gap_hosts": usage.guest_gap_hosts,
+            "guest_gap_workloads": usage.guest_gap_workloads,
+            "ops_lower": usage.ops_lower,
+            "estimated_ops": usage.estimated_ops,
+            "ops_upper": usage.ops_upper,
+            "ops_by_method": usage.ops_by_method,
+            "policy_version": state.policy.map(|p| p.version),
         }),
     });
 }
@@ -470,6 +510,8 @@ mod tests {
                 estimated_ops: 1.0,
                 ops_upper: 2.0,
                 shared_gpu_seconds: 60.0,
+                guest_gap_gpu_seconds: 0.0,
+                workload: None,
                 peak_flops: 1.0,
                 method: "shared_split",
                 foreign_person: true,
@@ -521,5 +563,66 @@ mod tests {
         assert_eq!(e["exclusive_gpu_imposed_on"], json!(["h/cgroup:/f"]));
         assert_eq!((e["condition_violated"].as_bool(), e["policy_version"].as_u64()), (Some(true), Some(7)));
         assert!(shared[0].summary.contains("m-now was violated"), "{}", shared[0].summary);
+    }
+
+    /// `guest_telemetry_gap`: only for tenants foreign by their identity (which wins over the
+    /// windows' flag), with or without a published policy; the evidence names the gap
+    /// seconds, hosts and VMs.
+    #[test]
+    fn guest_telemetry_gap_is_raised_for_foreign_tenants_without_a_policy() {
+        use crate::fleet::{UsageAccumulator, WindowRow};
+        let mut acc = UsageAccumulator::default();
+        for (tenant, host, gap) in
+            [("f", "h1", 40.0), ("f", "h2", 20.0), ("f", "h3", 0.0), ("said-domestic", "h1", 60.0)]
+        {
+            acc.add(&WindowRow {
+                tenant,
+                host_id: host,
+                start: 0,
+                end: 60,
+                gpu_seconds: 60.0,
+                gpus: 1,
+                ops_lower: 0.0,
+                estimated_ops: 0.0,
+                ops_upper: 6e16,
+                shared_gpu_seconds: 0.0,
+                guest_gap_gpu_seconds: gap,
+                workload: (gap > 0.0).then_some("vm:guest"),
+                peak_flops: 1e15,
+                method: "allocation",
+                foreign_person: true,
+            });
+        }
+        let usage = acc.finish();
+        let domestic = TenantIdentity {
+            tenant: "said-domestic".into(),
+            legal_name: "D".into(),
+            countries: vec![],
+            beneficial_owner_countries: vec![],
+            foreign_person: false,
+            seen_at: 0,
+        };
+        let identities = BTreeMap::from([("said-domestic".to_owned(), domestic)]);
+        let state = FleetState {
+            now: 1_000,
+            policy: None,
+            usage: &usage,
+            identities: &identities,
+            hosts: &[],
+            settings: EvaluationSettings::default(),
+        };
+        let gaps: Vec<NewFinding> = desired_findings(&state)
+            .into_iter()
+            .filter(|f| f.kind == FindingKind::GuestTelemetryGap)
+            .collect();
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!((gaps[0].subject.as_str(), gaps[0].foreign_person), ("f", Some(true)));
+        let e = &gaps[0].evidence;
+        assert_eq!(e["guest_gap_gpu_seconds"].as_f64(), Some(60.0));
+        assert_eq!(e["guest_gap_hosts"], json!(["h1", "h2"]));
+        assert_eq!(e["guest_gap_workloads"], json!(["h1/vm:guest", "h2/vm:guest"]));
+        assert!(e["policy_version"].is_null());
+        assert!(gaps[0].summary.contains("60 GPU-seconds"), "{}", gaps[0].summary);
+        assert_eq!(FindingKind::parse("guest_telemetry_gap"), Some(FindingKind::GuestTelemetryGap));
     }
 }

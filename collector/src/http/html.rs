@@ -82,7 +82,7 @@ fn render_overview(
             esc(&f.finding.summary)
         );
     }
-    h.push_str("</table><h2>Tenants</h2><table><tr><th>tenant</th><th>legal name</th><th>countries</th><th>foreign</th><th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th><th>GPU-hours</th><th>shared GPU-hours</th><th>peak FLOP/s</th><th>hosts</th><th>open findings</th></tr>");
+    h.push_str("</table><h2>Tenants</h2><table><tr><th>tenant</th><th>legal name</th><th>countries</th><th>foreign</th><th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th><th>GPU-hours</th><th>shared GPU-hours</th><th>GPU-hours without guest telemetry</th><th>peak FLOP/s</th><th>hosts</th><th>open findings</th></tr>");
     for t in tenants {
         let (name, countries) = t.identity.as_ref().map_or((String::new(), String::new()), |i| {
             (i.legal_name.clone(), i.countries.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))
@@ -90,7 +90,7 @@ fn render_overview(
         let kinds: Vec<&str> = t.open_findings.iter().map(|k| k.as_str()).collect();
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.1}</td><td>{:.1}</td><td>{:.3e}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.3e}</td><td>{}</td><td>{}</td></tr>",
             esc(&t.tenant),
             esc(&name),
             esc(&countries),
@@ -101,6 +101,7 @@ fn render_overview(
             t.usage.ops_upper,
             t.usage.gpu_hours(),
             t.usage.shared_gpu_seconds / 3600.0,
+            t.usage.guest_gap_gpu_seconds / 3600.0,
             t.usage.peak_flops,
             t.usage.hosts,
             esc(&kinds.join(", "))

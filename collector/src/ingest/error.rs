@@ -227,4 +227,12 @@ pub enum WindowError {
         /// The window's GPU-seconds.
         gpu_seconds: f64,
     },
+    /// More GPU-seconds with a VM's guest silent than GPU-seconds (beyond float rounding).
+    #[error("guest_gap_gpu_seconds {guest_gap_gpu_seconds} exceeds gpu_seconds {gpu_seconds}")]
+    GuestGapAboveGpuSeconds {
+        /// The claimed GPU-seconds without guest telemetry.
+        guest_gap_gpu_seconds: f64,
+        /// The window's GPU-seconds.
+        gpu_seconds: f64,
+    },
 }

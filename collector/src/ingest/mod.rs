@@ -18,8 +18,9 @@
 //!    the estimate); `estimated_ops` and `ops_upper` at most `peak_flops ×`
 //!    [`kycd_protocol::MAX_OPS_PER_PEAK`] and `gpu_seconds` at most the GPUs over the
 //!    window's length (with [`RATE_TOLERANCE`] and [`TICK_SLACK_S`]), `shared_gpu_seconds`
-//!    at most `gpu_seconds` ([`WindowError`] names the bound broken). So no host can make a
-//!    total infinite or a filing period reach years away, whatever it sends.
+//!    and `guest_gap_gpu_seconds` each at most `gpu_seconds` ([`WindowError`] names the
+//!    bound broken). So no host can make a total infinite or a filing period reach years
+//!    away, whatever it sends.
 //! 5. **Store in one transaction**, idempotently on `(host_id, epoch, seq)`, and answer the
 //!    acked seq of `(host_id, epoch)`. The epoch is that of the enrolled key that verified
 //!    the signature ([`crate::store`]): a re-imaged host, re-enrolled with a new key, numbers

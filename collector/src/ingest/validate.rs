@@ -46,7 +46,8 @@ pub const RATE_TOLERANCE: f64 = 1.05;
 /// Seconds added to a window's length in the rate bounds (see [`RATE_TOLERANCE`]).
 pub const TICK_SLACK_S: f64 = 2.0;
 /// Relative tolerance of the comparisons between figures the agent sums separately over the
-/// same ticks (`ops_lower ≤ estimated_ops ≤ ops_upper`, `shared_gpu_seconds ≤ gpu_seconds`):
+/// same ticks (`ops_lower ≤ estimated_ops ≤ ops_upper`, `shared_gpu_seconds ≤ gpu_seconds`,
+/// `guest_gap_gpu_seconds ≤ gpu_seconds`):
 /// each tick's figures are in order, but sums taken in another order, or merged from several
 /// windows in the spool, can differ by a few ulps per term. One part per million is far above
 /// that rounding and far below anything that changes a finding.
@@ -164,6 +165,7 @@ pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> R
         check_amount("ops_upper", upper)?;
     }
     check_amount("shared_gpu_seconds", w.shared_gpu_seconds)?;
+    check_amount("guest_gap_gpu_seconds", w.guest_gap_gpu_seconds)?;
     check_amount("peak_flops", w.peak_flops)?;
     if w.merged_windows == 0 {
         return Err(WindowError::NoMergedWindows);
@@ -225,6 +227,17 @@ pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> R
     if !at_most(w.shared_gpu_seconds, w.gpu_seconds) {
         return Err(WindowError::SharedAboveGpuSeconds {
             shared_gpu_seconds: w.shared_gpu_seconds,
+            gpu_seconds: w.gpu_seconds,
+        });
+    }
+    // So are the seconds a VM held passed-through GPUs with its guest silent. Nothing else is
+    // method-specific: like `allocation` (point and lower bound 0, upper the allocation),
+    // `guest_reported` is held to the rules of every window (`ops_lower ≤ estimated_ops ≤
+    // ops_upper ≤ peak × length × MAX_OPS_PER_PEAK`); the guest's figures are the tenant's
+    // own, and the host has already capped them at the allocation it reports as `ops_upper`.
+    if !at_most(w.guest_gap_gpu_seconds, w.gpu_seconds) {
+        return Err(WindowError::GuestGapAboveGpuSeconds {
+            guest_gap_gpu_seconds: w.guest_gap_gpu_seconds,
             gpu_seconds: w.gpu_seconds,
         });
     }
@@ -313,6 +326,7 @@ mod tests {
             ops_lower: None,
             ops_upper: None,
             shared_gpu_seconds: 0.0,
+            guest_gap_gpu_seconds: 0.0,
             peak_flops: 1.0e15,
             method: EstimationMethod::Unknown,
             training_like: false,
@@ -423,6 +437,7 @@ mod tests {
             ops_lower: None,
             ops_upper: None,
             shared_gpu_seconds: 0.0,
+            guest_gap_gpu_seconds: 0.0,
             peak_flops: 0.0,
             ..w.clone()
         })
@@ -445,6 +460,7 @@ mod tests {
                 ops_lower: None,
                 ops_upper: None,
                 shared_gpu_seconds: 0.0,
+                guest_gap_gpu_seconds: 0.0,
                 merged_windows: 30,
                 ..window()
             },
@@ -475,6 +491,10 @@ mod tests {
             assert_eq!(
                 refused(|w| w.shared_gpu_seconds = bad),
                 WindowError::NotAnAmount { field: "shared_gpu_seconds" }
+            );
+            assert_eq!(
+                refused(|w| w.guest_gap_gpu_seconds = bad),
+                WindowError::NotAnAmount { field: "guest_gap_gpu_seconds" }
             );
         }
         assert_eq!(refusal(bounded(Some(-1.0), 1.0, None)), "ops_lower must be a finite number >= 0");
@@ -545,6 +565,56 @@ mod tests {
         assert_eq!(fits(61.0).unwrap_err().to_string(), "shared_gpu_seconds 61 exceeds gpu_seconds 60");
     }
 
+    /// Issue 18: GPU-seconds a VM held with its guest silent are some of the window's
+    /// GPU-seconds.
+    #[test]
+    fn guest_gap_gpu_seconds_are_at_most_gpu_seconds() {
+        let fits = |gap: f64| {
+            check_window(&UsageWindow { guest_gap_gpu_seconds: gap, ..window() }, &Limits::default(), AT)
+        };
+        assert!(fits(0.0).is_ok());
+        assert!(fits(60.0).is_ok(), "silent for the whole window");
+        assert!(fits(60.0 * (1.0 + 1e-9)).is_ok(), "rounding");
+        assert_eq!(
+            fits(61.0),
+            Err(WindowError::GuestGapAboveGpuSeconds { guest_gap_gpu_seconds: 61.0, gpu_seconds: 60.0 })
+        );
+        assert_eq!(fits(61.0).unwrap_err().to_string(), "guest_gap_gpu_seconds 61 exceeds gpu_seconds 60");
+        assert_eq!(
+            refusal(|w| w.guest_gap_gpu_seconds = f64::NAN),
+            "guest_gap_gpu_seconds must be a finite number >= 0"
+        );
+    }
+
+    /// Issue 18: `guest_reported` is accepted under the rules of every window: the guest's
+    /// point estimate and lower bound between 0 and the allocation upper bound; a point
+    /// estimate above the upper bound is refused as for any method.
+    #[test]
+    fn guest_reported_windows_keep_their_bounds_in_order() {
+        let guest = |lower, point, upper| {
+            let mut w = UsageWindow { method: EstimationMethod::GuestReported, ..window() };
+            bounded(lower, point, upper)(&mut w);
+            check_window(&w, &Limits::default(), AT)
+        };
+        assert!(guest(Some(1e16), 2e16, Some(4e16)).is_ok());
+        assert!(guest(Some(4e16), 4e16, Some(4e16)).is_ok(), "a guest at the cap");
+        assert!(matches!(guest(Some(0.0), 5e16, Some(4e16)), Err(WindowError::BoundsOutOfOrder { .. })));
+        let gap_and_guest = UsageWindow {
+            method: EstimationMethod::GuestReported,
+            guest_gap_gpu_seconds: 30.0,
+            ops_lower: Some(0.0),
+            ops_upper: Some(6e16),
+            ..window()
+        };
+        assert!(check_window(&gap_and_guest, &Limits::default(), AT).is_ok());
+        // The wire name, and the ingest path's canonical JSON keeps the gap.
+        let record = UsageRecord { seq: 1, last_seq: None, window: gap_and_guest };
+        let batch = ReportBatch { host_id: "h".into(), sent_at: 1000, records: vec![record] };
+        let valid = validate_batch(batch, &Limits::default(), AT).unwrap();
+        assert!(valid[0].body_json.contains(r#""method":"guest_reported""#), "{}", valid[0].body_json);
+        assert!(valid[0].body_json.contains(r#""guest_gap_gpu_seconds":30.0"#), "{}", valid[0].body_json);
+    }
+
     /// Issue 17: an old agent's window, without bounds or shared seconds, is accepted as
     /// before, and its canonical JSON still has no bounds (so its resends stay identical).
     #[test]
@@ -559,11 +629,14 @@ mod tests {
             (old.window.ops_lower, old.window.ops_upper, old.window.shared_gpu_seconds),
             (None, None, 0.0)
         );
+        assert_eq!(old.window.guest_gap_gpu_seconds, 0.0);
         let batch = ReportBatch { host_id: "h".into(), sent_at: 1000, records: vec![old] };
         let valid = validate_batch(batch, &Limits::default(), AT).unwrap();
         assert_eq!((valid[0].record.window.lower_ops(), valid[0].record.window.upper_ops()), (4e17, 4e17));
         assert!(
-            !valid[0].body_json.contains("ops_lower") && !valid[0].body_json.contains("shared"),
+            !valid[0].body_json.contains("ops_lower")
+                && !valid[0].body_json.contains("shared")
+                && !valid[0].body_json.contains("guest_gap"),
             "{}",
             valid[0].body_json
         );

@@ -95,6 +95,7 @@ pub(crate) mod test_support {
                 ops_lower: None,
                 ops_upper: None,
                 shared_gpu_seconds: 0.0,
+                guest_gap_gpu_seconds: 0.0,
                 peak_flops: 1e15,
                 method: kycd_protocol::EstimationMethod::GpmTensor,
                 training_like: false,
@@ -129,6 +130,24 @@ pub(crate) mod test_support {
         assert_eq!(
             (t.shared_gpu_seconds, t.shared_gpu_hosts.as_slice()),
             (10.0, ["a".to_owned()].as_slice())
+        );
+    }
+
+    /// After migration 7 of a version-6 database holding two records of tenant `t` on host
+    /// `a` (epoch 1, seq 1 and 2, 60 GPU-seconds each): the old records had no guest gap; a
+    /// new one keeps its own, with its host and workload.
+    pub(crate) fn check_migrated_to_guest_gap<S: ReportStore + crate::fleet::FleetStore>(store: &S) {
+        let t = &store.tenant_usage(Some("t"), None).unwrap()[0];
+        assert_eq!((t.guest_gap_gpu_seconds, t.guest_gap_hosts.len(), t.windows), (0.0, 0, 2), "{t:?}");
+        let mut new = record(3, None);
+        let w = &mut new.record.window;
+        (w.method, w.guest_gap_gpu_seconds) = (kycd_protocol::EstimationMethod::GuestReported, 15.0);
+        new.body_json = serde_json::to_string(&new.record).unwrap();
+        assert_eq!(store.insert_batch("a", 1, &[new], 0).unwrap(), 3);
+        let t = &store.tenant_usage(Some("t"), None).unwrap()[0];
+        assert_eq!(
+            (t.guest_gap_gpu_seconds, t.guest_gap_hosts.as_slice(), t.guest_gap_workloads.as_slice()),
+            (15.0, ["a".to_owned()].as_slice(), ["a/host:h".to_owned()].as_slice())
         );
     }
 

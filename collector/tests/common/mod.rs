@@ -168,6 +168,7 @@ pub fn window(start: i64) -> UsageWindow {
         ops_lower: None,
         ops_upper: None,
         shared_gpu_seconds: 0.0,
+        guest_gap_gpu_seconds: 0.0,
         peak_flops: 7.9e15,
         method: EstimationMethod::GpmTensor,
         training_like: true,

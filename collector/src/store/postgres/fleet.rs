@@ -33,14 +33,16 @@ use crate::store::schema::{corrupt, count_u32, to_u64};
 /// parameters.
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records WHERE tenant IS NOT NULL AND ($2::bigint IS NULL OR "end" > $2::bigint)
       AND $1::text IS NULL"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records WHERE tenant = $1::text AND ($2::bigint IS NULL OR "end" > $2::bigint)"#;
 
 fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), StoreError> {
@@ -58,6 +60,8 @@ fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), Store
         ops_lower: get(r, 10)?,
         ops_upper: get(r, 11)?,
         shared_gpu_seconds: get(r, 12)?,
+        guest_gap_gpu_seconds: get(r, 13)?,
+        workload: get(r, 14)?,
     });
     Ok(())
 }
@@ -129,7 +133,7 @@ impl FleetStore for PgStore {
             .client()?
             .query(
                 r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
-                          ops_lower, ops_upper, shared_gpu_seconds FROM records
+                          ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records
                    WHERE tenant = $1 ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $2"#,
                 &[&tenant, &i64::from(limit)],
             )
@@ -146,6 +150,7 @@ impl FleetStore for PgStore {
                     estimated_ops: get(r, 4)?,
                     ops_upper: get(r, 10)?,
                     shared_gpu_seconds: get(r, 11)?,
+                    guest_gap_gpu_seconds: get(r, 12)?,
                     peak_flops: get(r, 5)?,
                     gpus: count_u32(get(r, 6)?),
                     method: get(r, 7)?,

@@ -56,7 +56,10 @@ pub mod statements;
 
 use driver::{get, pg_error, retryable, Failed};
 use schema::migrate;
-pub use schema::{MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_OPS_BOUNDS, MIGRATION_POLLING};
+pub use schema::{
+    MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_GUEST_GAP, MIGRATION_OPS_BOUNDS,
+    MIGRATION_POLLING,
+};
 
 /// Connections per store (per collector process).
 pub const POOL_SIZE: usize = 8;
@@ -107,11 +110,12 @@ struct Statements {
 const INSERT_RECORDS: &str = r#"
     INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
         gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
-        merged_windows, body_json, ops_lower, ops_upper, shared_gpu_seconds, received_at)
+        merged_windows, body_json, ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds,
+        received_at)
     SELECT $1::text, $19::bigint, u.*, $18::bigint FROM UNNEST($2::bigint[], $3::bigint[], $4::text[],
         $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
         $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
-        $17::text[], $20::float8[], $21::float8[], $22::float8[]) AS u
+        $17::text[], $20::float8[], $21::float8[], $22::float8[], $23::float8[]) AS u
     ON CONFLICT (host_id, epoch, seq) DO NOTHING"#;
 
 impl Statements {

@@ -35,6 +35,7 @@ struct Columns<'a> {
     ops_lower: Vec<f64>,
     ops_upper: Vec<f64>,
     shared_gpu_seconds: Vec<f64>,
+    guest_gap_gpu_seconds: Vec<f64>,
 }
 
 impl<'a> Columns<'a> {
@@ -60,6 +61,7 @@ impl<'a> Columns<'a> {
         self.ops_lower.push(w.lower_ops());
         self.ops_upper.push(w.upper_ops());
         self.shared_gpu_seconds.push(w.shared_gpu_seconds);
+        self.guest_gap_gpu_seconds.push(w.guest_gap_gpu_seconds);
         Ok(())
     }
 }
@@ -151,6 +153,7 @@ impl PgStore {
                     &new.ops_lower,
                     &new.ops_upper,
                     &new.shared_gpu_seconds,
+                    &new.guest_gap_gpu_seconds,
                 ],
             )?;
             if usize::try_from(inserted).ok() != Some(new.seq.len()) {

@@ -67,6 +67,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_EPOCHS,
     // 6: operation bounds and shared GPU-seconds of each window.
     MIGRATION_OPS_BOUNDS,
+    // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
+    MIGRATION_GUEST_GAP,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -198,6 +200,16 @@ pub const MIGRATION_OPS_BOUNDS: &str = r#"
     ALTER TABLE records ALTER COLUMN ops_lower DROP DEFAULT;
     ALTER TABLE records ALTER COLUMN ops_upper DROP DEFAULT;
     ALTER TABLE records ALTER COLUMN shared_gpu_seconds DROP DEFAULT;
+"#;
+
+/// Step 7: GPU-seconds of a window in which a VM's guest sent no telemetry, the same column
+/// as SQLite's step 7 ([`crate::store::sqlite::MIGRATION_GUEST_GAP`]). Records stored before
+/// had none, so 0 is their value (PostgreSQL 11+ adds a column with a constant default
+/// without rewriting the table); the default is then dropped, so an insert that forgot the
+/// column fails instead of storing 0.
+pub const MIGRATION_GUEST_GAP: &str = r#"
+    ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE records ALTER COLUMN guest_gap_gpu_seconds DROP DEFAULT;
 "#;
 
 /// Whether `url` names a PostgreSQL database.
@@ -355,8 +367,36 @@ mod tests {
             }
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 6);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_bounds(&store, 6.5e15);
+    }
+
+    /// A version-6 database (no guest gap) opens at the current version: its records had no
+    /// gap; new records keep theirs.
+    #[test]
+    fn a_version_6_database_gets_guest_gap_seconds() {
+        let Some(db) = fresh_database("a_version_6_database_gets_guest_gap_seconds") else { return };
+        {
+            let old = PgStore::open_at_version(&db.url, 6).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 6);
+            let mut client = db.client();
+            for seq in [1i64, 2] {
+                client
+                    .execute(
+                        r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                            gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                            training_like, foreign_person, merged_windows, body_json, received_at,
+                            ops_lower, ops_upper, shared_gpu_seconds)
+                           VALUES ('a', 1, $1, $1, 't', 'w', 0, 60, 60.0, 1, 1, 1e15, 1e15, 'gpm_tensor', false, true, 1, '{}', 0,
+                                   1e15, 1e15, 0)"#,
+                        &[&seq],
+                    )
+                    .unwrap();
+            }
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 7);
+        crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 
     #[test]

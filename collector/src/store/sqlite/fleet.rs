@@ -80,13 +80,15 @@ impl PolicyStore for SqliteStore {
 /// whole table in rowid order beats walking the tenant index into random row lookups).
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records NOT INDEXED WHERE tenant IS NOT NULL AND (?2 IS NULL OR "end" > ?2)"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds
+           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records WHERE tenant = ?1 AND (?2 IS NULL OR "end" > ?2)"#;
 
 fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
@@ -111,6 +113,11 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
         ops_lower: r.get(10)?,
         ops_upper: r.get(11)?,
         shared_gpu_seconds: r.get(12)?,
+        guest_gap_gpu_seconds: r.get(13)?,
+        workload: match r.get_ref(14)? {
+            ValueRef::Null => None,
+            _ => Some(text(14)?),
+        },
     });
     Ok(())
 }
@@ -154,7 +161,7 @@ impl FleetStore for SqliteStore {
         let mut stmt = conn
             .prepare(
                 r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
-                          ops_lower, ops_upper, shared_gpu_seconds FROM records
+                          ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records
                    WHERE tenant = ?1 ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?2"#,
             )
             .map_err(db_error)?;
@@ -170,7 +177,7 @@ impl FleetStore for SqliteStore {
                     r.get::<_, i64>(6)?,
                     r.get(7)?,
                     r.get::<_, i64>(8)?,
-                    (r.get(9)?, r.get(10)?, r.get(11)?),
+                    (r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?),
                 ))
             })
             .map_err(db_error)?;
@@ -178,7 +185,7 @@ impl FleetStore for SqliteStore {
         for row in rows {
             let (host_id, seq, start, end, estimated_ops, peak_flops, gpus, method, epoch, bounds) =
                 row.map_err(db_error)?;
-            let (ops_lower, ops_upper, shared_gpu_seconds) = bounds;
+            let (ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds) = bounds;
             out.push(WindowEvidence {
                 host_id,
                 epoch: to_u64(epoch)?,
@@ -189,6 +196,7 @@ impl FleetStore for SqliteStore {
                 estimated_ops,
                 ops_upper,
                 shared_gpu_seconds,
+                guest_gap_gpu_seconds,
                 peak_flops,
                 gpus: count_u32(gpus),
                 method,

@@ -34,7 +34,10 @@ pub mod statements;
 pub use driver::BUSY_TIMEOUT;
 use driver::{db_error, open_connection};
 use schema::migrate;
-pub use schema::{MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_OPS_BOUNDS, MIGRATION_POLLING};
+pub use schema::{
+    MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_GUEST_GAP, MIGRATION_OPS_BOUNDS,
+    MIGRATION_POLLING,
+};
 
 /// The SQLite store.
 #[derive(Debug)]

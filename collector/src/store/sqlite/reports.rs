@@ -227,9 +227,9 @@ impl ReportStore for SqliteStore {
                     r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
                         gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
                         training_like, foreign_person, merged_windows, body_json, received_at,
-                        ops_lower, ops_upper, shared_gpu_seconds)
+                        ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds)
                        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                               ?20, ?21, ?22)"#,
+                               ?20, ?21, ?22, ?23)"#,
                 )
                 .map_err(db_error)?;
             // The end of the epoch's highest stored range: records above it (the common case,
@@ -293,6 +293,7 @@ impl ReportStore for SqliteStore {
                         w.lower_ops(),
                         w.upper_ops(),
                         w.shared_gpu_seconds,
+                        w.guest_gap_gpu_seconds,
                     ])
                     .map_err(db_error)?;
             }

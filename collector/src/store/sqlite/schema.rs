@@ -65,6 +65,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_EPOCHS,
     // 6: operation bounds and shared GPU-seconds of each window.
     MIGRATION_OPS_BOUNDS,
+    // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
+    MIGRATION_GUEST_GAP,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -233,6 +235,14 @@ pub const MIGRATION_OPS_BOUNDS: &str = r#"
     UPDATE records SET ops_lower = estimated_ops, ops_upper = estimated_ops;
 "#;
 
+/// Step 7: the GPU-seconds of a window in which a VM held passed-through GPUs while its guest
+/// sent no telemetry (`guest_gap_gpu_seconds`, agents from issue 18 on). Records stored
+/// before had no such seconds (their agents could not see into a guest at all), so the
+/// default 0 is their value and no backfill is needed; every insert names the column.
+pub const MIGRATION_GUEST_GAP: &str = r#"
+    ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds REAL NOT NULL DEFAULT 0;
+"#;
+
 /// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
 pub(super) fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
@@ -369,8 +379,35 @@ mod tests {
             }
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 6);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_bounds(&store, 6.5e15);
+    }
+
+    /// A version-6 database (no guest gap) opens at the current version: its records had no
+    /// gap; new records keep theirs.
+    #[test]
+    fn a_version_6_database_gets_guest_gap_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v6.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 6).unwrap();
+            let conn = old.lock().unwrap();
+            for seq in [1, 2] {
+                conn.execute(
+                    r#"INSERT INTO records (host_id, epoch, seq, last_seq, tenant, workload, start, "end",
+                        gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                        training_like, foreign_person, merged_windows, body_json, received_at,
+                        ops_lower, ops_upper, shared_gpu_seconds)
+                       VALUES ('a', 1, ?1, ?1, 't', 'w', 0, 60, 60.0, 1, 1, 1e15, 1e15, 'gpm_tensor', 0, 1, 1, '{}', 0,
+                               1e15, 1e15, 0)"#,
+                    params![seq],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 7);
+        crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 
     #[test]
