@@ -15,26 +15,10 @@ use kycd::gpu::sampler::{GpuSampler, SamplerOptions, TenantInfo, TenantMap};
 use kycd::gpu::{BackendState, NvmlBackend, NvmlOptions};
 use kycd_protocol::clock::ManualClock;
 use kycd_protocol::{EstimationMethod, UsageWindow};
+use kycd_test_support::sysfs::{nvidia_function, passed_through_gpu};
 
 /// A multiple of 60 s, so windows start there.
 const T0: i64 = 1_764_000_000;
-
-/// One PCI function in the sysfs tree.
-fn device(sys: &Path, address: &str, id: &str, class: &str, driver: Option<&str>) {
-    let dir = sys.join("devices/pci0000:00").join(address);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (file, value) in [("vendor", "0x10de"), ("device", id), ("class", class)] {
-        std::fs::write(dir.join(file), format!("{value}\n")).unwrap();
-    }
-    if let Some(driver) = driver {
-        std::os::unix::fs::symlink(format!("../../../bus/pci/drivers/{driver}"), dir.join("driver")).unwrap();
-    }
-    std::os::unix::fs::symlink("../../../kernel/iommu_groups/17", dir.join("iommu_group")).unwrap();
-    // /sys/bus/pci/devices/ADDR is itself a symlink into /sys/devices.
-    let bus = sys.join("bus/pci/devices");
-    std::fs::create_dir_all(&bus).unwrap();
-    std::os::unix::fs::symlink(format!("../../../devices/pci0000:00/{address}"), bus.join(address)).unwrap();
-}
 
 #[test]
 fn a_vm_holding_eight_passed_through_h100s_is_accounted_by_allocation_without_nvml() {
@@ -42,12 +26,11 @@ fn a_vm_holding_eight_passed_through_h100s_is_accounted_by_allocation_without_nv
     let run = tempfile::tempdir().unwrap();
     // The eight GPUs the recorded domain holds, on vfio-pci, with their audio functions.
     for bus in ["18", "2a", "3a", "5d", "9a", "ab", "ba", "db"] {
-        device(sys.path(), &format!("0000:{bus}:00.0"), "0x2330", "0x030200", Some("vfio-pci"));
-        device(sys.path(), &format!("0000:{bus}:00.1"), "0x22a3", "0x040300", Some("vfio-pci"));
+        passed_through_gpu(sys.path(), bus, "0x2330");
     }
     // An H200 on vfio-pci that no domain holds, and a GPU bound to nothing.
-    device(sys.path(), "0000:e1:00.0", "0x2335", "0x030200", Some("vfio-pci"));
-    device(sys.path(), "0000:f1:00.0", "0x2330", "0x030200", None);
+    nvidia_function(sys.path(), "0000:e1:00.0", "0x2335", "0x030200", Some("vfio-pci"));
+    nvidia_function(sys.path(), "0000:f1:00.0", "0x2330", "0x030200", None);
     let xml = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/libvirt/gpu-vm.xml");
     std::fs::copy(xml, run.path().join("gpu-vm.xml")).unwrap();
 

@@ -35,6 +35,9 @@ pub struct GpuConfig {
     /// this many seconds is in a guest telemetry gap (status, metric, audit record, and the
     /// collector's `guest_telemetry_gap` finding).
     pub guest_telemetry_timeout_s: u64,
+    /// Where sysfs is mounted: the PCI bus (`bus/pci/devices`) is read there for GPUs passed
+    /// through to VMs. `/sys` on a host; another tree only in tests.
+    pub sysfs_root: PathBuf,
 }
 
 impl Default for GpuConfig {
@@ -50,6 +53,7 @@ impl Default for GpuConfig {
             training_min_activity_pct: 50,
             training_min_minutes: 10,
             guest_telemetry_timeout_s: 120,
+            sysfs_root: PathBuf::from("/sys"),
         }
     }
 }

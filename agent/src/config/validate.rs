@@ -8,7 +8,7 @@ impl Config {
     /// Consistency checks on the merged configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_owned() });
-        let absolute: [(&'static str, Option<&Path>); 19] = [
+        let absolute: [(&'static str, Option<&Path>); 20] = [
             ("collector_api.cert_file", self.collector_api.cert_file.as_deref()),
             ("collector_api.key_file", self.collector_api.key_file.as_deref()),
             ("collector_api.client_ca_file", self.collector_api.client_ca_file.as_deref()),
@@ -27,6 +27,7 @@ impl Config {
             ("attestations.host_attestation", Some(&self.attestations.host_attestation)),
             ("workloads.cgroup_root", self.workloads.cgroup_root.as_deref()),
             ("workloads.libvirt_status_dir", Some(&self.workloads.libvirt_status_dir)),
+            ("gpu.sysfs_root", Some(&self.gpu.sysfs_root)),
             ("audit.dir", self.audit.dir.as_deref()),
         ];
         for (key, path) in absolute {

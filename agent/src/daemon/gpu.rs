@@ -43,7 +43,7 @@ pub(super) fn start(
         peak_override: g.peak_flops_file.clone(),
         passthrough: Some(crate::gpu::passthrough::PassthroughOptions {
             libvirt_status_dir: config.workloads.libvirt_status_dir.clone(),
-            sysfs_root: PathBuf::from("/sys"),
+            sysfs_root: g.sysfs_root.clone(),
             guest_timeout_ms: i64::try_from(g.guest_telemetry_timeout_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
         }),

@@ -22,6 +22,7 @@ pub mod fake_nvml;
 pub mod host;
 pub mod netns;
 pub mod pg;
+pub mod sysfs;
 
 /// Whether every test must run here (`KYCD_REQUIRE_ALL` set): a missing capability is then a
 /// failure, not a skip.
