@@ -2,9 +2,16 @@
 //!
 //! The cgroup2 mount is found in `/proc/self/mountinfo` (on hybrid hosts it is
 //! `/sys/fs/cgroup/unified`, not `/sys/fs/cgroup`). Under each configured root, every child
-//! cgroup is a workload: libvirt's `machine-qemu\x2dN\x2dNAME.scope` becomes
-//! `libvirt_domain:NAME`, `user-UID.slice` under `user.slice` becomes `unix_user:UID`, and
-//! anything else `cgroup:/ROOT/CHILD`. The host itself is always the workload `host:host`.
+//! cgroup is a workload: a libvirt domain's cgroup becomes `libvirt_domain:NAME`,
+//! `user-UID.slice` under `user.slice` becomes `unix_user:UID`, and anything else
+//! `cgroup:/ROOT/CHILD`. The host itself is always the workload `host:host`.
+//!
+//! libvirt names a domain's cgroup after its machine name `qemu-N-NAME` (N: the running
+//! domain's number) in one of two layouts: with systemd, the scope
+//! `machine.slice/machine-qemu\x2dN\x2dNAME.scope` (systemd-escaped); without systemd, where
+//! libvirt makes the cgroups itself, the directory `machine/qemu-N-NAME.libvirt-qemu` (not
+//! escaped: the machine name holds only `[A-Za-z0-9._-]`). Each layout's root must be in
+//! `[workloads] roots`.
 
 use std::path::{Path, PathBuf};
 
@@ -77,24 +84,32 @@ fn unescape_systemd(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The domain number `N` of libvirt's `machine-qemu-N-NAME.scope`.
+/// The number `N` and name `NAME` of the libvirt machine name `qemu-N-NAME` a child cgroup
+/// `child` carries, in either layout: the systemd scope `machine-qemu\x2dN\x2dNAME.scope`
+/// or, without systemd, `qemu-N-NAME.libvirt-qemu`. Both names are lossy in the same way
+/// (libvirt drops characters outside `[A-Za-z0-9._-]` and truncates the machine name at 64
+/// bytes), so either is only a hint of the domain's name.
+fn libvirt_machine(child: &str) -> Option<(String, String)> {
+    let machine = match child.strip_suffix(".libvirt-qemu") {
+        Some(manual) => manual.to_owned(),
+        None => unescape_systemd(child).strip_prefix("machine-")?.strip_suffix(".scope")?.to_owned(),
+    };
+    let (number, name) = machine.strip_prefix("qemu-")?.split_once('-')?;
+    Some((number.to_owned(), name.to_owned()))
+}
+
+/// The domain number `N` of libvirt's cgroup `machine-qemu-N-NAME.scope` or
+/// `qemu-N-NAME.libvirt-qemu`.
 fn libvirt_scope_number(child: &str) -> Option<u32> {
-    let unescaped = unescape_systemd(child);
-    let rest = unescaped.strip_prefix("machine-qemu-")?.strip_suffix(".scope")?;
-    rest.split_once('-')?.0.parse().ok()
+    libvirt_machine(child)?.0.parse().ok()
 }
 
 /// The workload a child cgroup `child` of root `root` stands for.
 pub fn classify(root: &str, child: &str) -> WorkloadId {
-    let unescaped = unescape_systemd(child);
-    if let Some(rest) = unescaped.strip_prefix("machine-qemu-").and_then(|r| r.strip_suffix(".scope")) {
-        // machine-qemu-<N>-<name>.scope
-        if let Some((_, name)) = rest.split_once('-') {
-            if !name.is_empty() {
-                return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name.to_owned() };
-            }
-        }
+    if let Some((_, name)) = libvirt_machine(child).filter(|(_, name)| !name.is_empty()) {
+        return WorkloadId { kind: WorkloadKind::LibvirtDomain, id: name };
     }
+    let unescaped = unescape_systemd(child);
     if let Some(uid) = unescaped.strip_prefix("user-").and_then(|r| r.strip_suffix(".slice")) {
         if uid.parse::<u32>().is_ok() {
             return WorkloadId { kind: WorkloadKind::UnixUser, id: uid.to_owned() };
@@ -116,9 +131,9 @@ pub struct Discovery {
 /// Lists workloads under `roots` of the cgroup tree at `mount`, plus the host. Roots that do
 /// not exist on this host are skipped (a GPU node may run no VMs).
 ///
-/// libvirt scope names are lossy (libvirt drops characters and truncates long names), so a
-/// scope `machine-qemu-N-…` is named after the running domain whose status XML says
-/// `id='N'` when there is one. Two cgroups that would still get the same id are both named
+/// libvirt's cgroup names are lossy (libvirt drops characters and truncates long names), so a
+/// domain cgroup `machine-qemu-N-….scope` or `qemu-N-….libvirt-qemu` is named after the
+/// running domain whose status XML says `id='N'` when there is one. Two cgroups that would still get the same id are both named
 /// by their cgroup path instead: neither can then borrow the other's attestation.
 pub fn discover(mount: &Path, roots: &[String], domains: &[LibvirtDomain]) -> Discovery {
     let mut discovery = Discovery {
@@ -194,7 +209,8 @@ pub fn is_uuid(s: &str) -> bool {
 /// A libvirt domain from its status XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LibvirtDomain {
-    /// The running domain's number (the `N` of its scope `machine-qemu-N-…`).
+    /// The running domain's number (the `N` of its cgroup `machine-qemu-N-….scope` or
+    /// `qemu-N-….libvirt-qemu`).
     pub id: Option<u32>,
     /// The domain name.
     pub name: String,
@@ -368,6 +384,56 @@ mod tests {
                 "host:host"
             ]
         );
+    }
+
+    #[test]
+    fn classifies_libvirt_cgroups_made_without_systemd() {
+        // libvirt without systemd: machine/qemu-N-NAME.libvirt-qemu, not systemd-escaped.
+        let vm = classify("machine", "qemu-3-gpu-vm-7.libvirt-qemu");
+        assert_eq!(vm.to_string(), "libvirt_domain:gpu-vm-7");
+        assert_eq!(libvirt_scope_number("qemu-12-vm.libvirt-qemu"), Some(12));
+        assert_eq!(libvirt_scope_number("qemu-x-vm.libvirt-qemu"), None);
+        assert_eq!(classify("machine", "qemu-1-a\\x2db.libvirt-qemu").id, "a\\x2db", "no unescaping");
+        for other in
+            ["qemu-3-.libvirt-qemu", "lxc-1-ct.libvirt-lxc", "machine-qemu-1-x.libvirt-qemu", "qemu-1"]
+        {
+            assert_eq!(classify("machine", other).to_string(), format!("cgroup:/machine/{other}"));
+        }
+    }
+
+    #[test]
+    fn names_cgroups_made_without_systemd_after_the_running_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = dir.path().join("machine");
+        // libvirt's own children (threaded cgroups of vCPUs and the emulator) are not workloads.
+        std::fs::create_dir_all(machine.join("qemu-4-long-na.libvirt-qemu/vcpu0")).unwrap();
+        std::fs::create_dir_all(machine.join("qemu-4-long-na.libvirt-qemu/emulator")).unwrap();
+        std::fs::create_dir_all(machine.join("qemu-6-twin.libvirt-qemu")).unwrap();
+        // The same name in the other layout (a host that switched) collides too.
+        std::fs::create_dir_all(dir.path().join("machine.slice/machine-qemu\\x2d5\\x2dtwin.scope")).unwrap();
+        std::fs::write(machine.join("cgroup.procs"), "").unwrap();
+        let domains = [LibvirtDomain { id: Some(4), name: "long-name-of-vm".into(), uuid: None }];
+        let found = discover(dir.path(), &["machine".into(), "machine.slice".into()], &domains).found;
+        let ids: Vec<String> = found.iter().map(|d| d.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "cgroup:/machine.slice/machine-qemu\\x2d5\\x2dtwin.scope",
+                "cgroup:/machine/qemu-6-twin.libvirt-qemu",
+                "libvirt_domain:long-name-of-vm",
+                "host:host"
+            ]
+        );
+        // The workload's cgroup is the domain's own (freezing it freezes libvirt's children).
+        assert_eq!(found[2].cgroup.as_deref(), Some(machine.join("qemu-4-long-na.libvirt-qemu").as_path()));
+        // The UUID rule holds in this layout too.
+        let uuid = "6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10";
+        std::fs::create_dir_all(machine.join(format!("qemu-7-{uuid}.libvirt-qemu"))).unwrap();
+        let impostor = [LibvirtDomain { id: Some(7), name: uuid.into(), uuid: None }];
+        let found = discover(dir.path(), &["machine".into()], &impostor).found;
+        assert!(found
+            .iter()
+            .any(|d| d.id.to_string() == format!("cgroup:/machine/qemu-7-{uuid}.libvirt-qemu")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Which workload a GPU process belongs to: pid → `/proc/<pid>/cgroup` → [`WorkloadId`].
 //!
-//! The cgroup v2 line (`0::/machine.slice/machine-qemu\x2d1\x2dvm.scope/libvirt/vcpu0`) is
+//! The cgroup v2 line (`0::/machine.slice/machine-qemu\x2d1\x2dvm.scope/libvirt/vcpu0`, or
+//! without systemd `0::/machine/qemu-1-vm.libvirt-qemu/vcpu0`) is
 //! matched against the configured workload roots (`[cgroup] roots`, the same ones
 //! [`crate::discovery::cgroup::discover`] lists): the first path component under a root is the workload,
 //! named by [`crate::discovery::cgroup::classify`], so sampling and discovery agree on names. A process
@@ -86,6 +87,11 @@ mod tests {
         let a = Attributor::new(Path::new("/nonexistent"), &["machine.slice".into(), "user.slice".into()]);
         let vm = a.workload_of("0::/machine.slice/machine-qemu\\x2d1\\x2dgpu\\x2dvm.scope/libvirt/vcpu0\n");
         assert_eq!(vm.unwrap().to_string(), "libvirt_domain:gpu-vm");
+        // libvirt without systemd: machine/qemu-N-NAME.libvirt-qemu with threaded children.
+        let a = Attributor::new(Path::new("/nonexistent"), &["machine".into()]);
+        let vm = a.workload_of("0::/machine/qemu-2-gpu-vm.libvirt-qemu/vcpu0\n");
+        assert_eq!(vm.unwrap().to_string(), "libvirt_domain:gpu-vm");
+        let a = Attributor::new(Path::new("/nonexistent"), &["machine.slice".into(), "user.slice".into()]);
         let user = a.workload_of("12:cpu:/x\n0::/user.slice/user-1001.slice/session-3.scope\n");
         assert_eq!(user.unwrap().to_string(), "unix_user:1001");
         assert_eq!(
