@@ -267,6 +267,16 @@ fn workload_row(host: &Host, workload: &str) -> Option<Value> {
     rows.as_array()?.iter().find(|r| r["workload"] == workload).cloned()
 }
 
+/// `kycctl status` of the test's agent.
+fn kycctl_status(host: &Host) -> String {
+    let out = Command::new(package_bin("kycctl"))
+        .args(["status", "--socket"])
+        .arg(host.path("run/kycd.sock"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Why this test cannot run here, if it cannot.
 fn missing_capability() -> Option<String> {
     if let Err(why) = nft_capable() {
@@ -390,9 +400,28 @@ fn the_qemu_hook_refuses_prohibited_tenants_and_kycd_enforces_on_running_domains
     let channel = channel_socket(&status, TELEMETRY_CHANNEL).expect("a unix channel with a bind source");
     let kind = fs::metadata(&channel).map(|m| m.file_type().is_socket());
     assert!(matches!(kind, Ok(true)), "{}: {kind:?}", channel.display());
-    // CHANNEL: the agent-side check goes here (issue 18, item 5): the agent finds `channel`
-    // (B's org.kycd.telemetry.0 socket, the path from the live XML) and reads it. B runs and
-    // is allowed at this point; its guest sends nothing (it sits in the firmware).
+    // The agent finds that socket in B's live XML and connects to it (B holds no GPU, so
+    // whatever its guest reported would be refused; its guest sits in the firmware and says
+    // nothing: the read path with a guest that talks is the fleet test's,
+    // collector/tests/vm_fleet.rs, where the real `kycd guest` writes through such a socket).
+    let line = format!("guest telemetry: {b} no_gpus, channel connected, 0/0 GPUs reporting");
+    eventually(
+        "the agent connected to B's telemetry channel",
+        15,
+        || context(&rig),
+        || kycctl_status(&host).contains(&line),
+    );
+    // QEMU's end shows the agent's connection: the socket has a connected peer. (The kernel
+    // makes the accepted end of a Unix connection in the connecting side's network namespace,
+    // the agent's, not in QEMU's.)
+    let ss = Command::new("ss").args(["-x", "-a"]).output().unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(
+        ss.lines().any(|l| l.contains("ESTAB") && l.contains(&*channel.to_string_lossy())),
+        "no established connection on {}:\n{ss}\n{}",
+        channel.display(),
+        context(&rig)
+    );
 
     // v2: DE prohibited too. The agent freezes B's cgroup (libvirt's children with it) and
     // drops its tap's traffic.

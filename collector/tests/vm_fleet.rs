@@ -338,7 +338,10 @@ fn passthrough_vgpu_and_process_tenants_reach_the_collector_with_their_methods()
     let status =
         Command::new(&kycctl).args(["status", "--socket"]).arg(host.path("run/kycd.sock")).output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains("guest telemetry: pt-vm reporting, 8/8 GPUs reporting"), "{status}");
+    assert!(
+        status.contains("guest telemetry: pt-vm reporting, channel connected, 8/8 GPUs reporting"),
+        "{status}"
+    );
     host.stop();
     drop(relay);
 }

@@ -15,8 +15,8 @@
 //!   `assigned` to a VM, `idle` on vfio-pci, `host` on the nvidia driver, `unaccounted`)
 //! - `kycd_gpu_guest_gap_seconds_total{tenant, workload}` (counter; GPU-seconds a VM held
 //!   passed-through GPUs while its guest sent no telemetry)
-//! - `kycd_guest_telemetry_domains{state}` (gauge; VMs holding GPUs by guest telemetry state:
-//!   `reporting`, `waiting`, `gap`)
+//! - `kycd_guest_telemetry_domains{state}` (gauge; VMs holding GPUs or having the telemetry
+//!   channel, by guest telemetry state: `reporting`, `waiting`, `gap`, `no_gpus`)
 //! - `kycd_guest_telemetry_gap{domain}` (gauge, 1 per VM in a guest telemetry gap)
 //! - `kycd_nvml_errors_total{kind}` (counter; `unavailable` per failed sample, `gpu_lost`
 //!   per GPU that fell off the bus)
@@ -272,7 +272,7 @@ impl GpuMetrics {
             Kind::Gauge,
             "VMs holding passed-through GPUs by guest telemetry state.",
         );
-        for state in [GuestState::Reporting, GuestState::Waiting, GuestState::Gap] {
+        for state in [GuestState::Reporting, GuestState::Waiting, GuestState::Gap, GuestState::NoGpus] {
             let n = self.guests.iter().filter(|g| g.state == state).count();
             out.sample("kycd_guest_telemetry_domains", &[("state", state.as_str())], n);
         }

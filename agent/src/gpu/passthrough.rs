@@ -184,18 +184,20 @@ impl PassthroughAccounting {
         }
         self.gpus = gpus;
         self.scanned_at_ms = Some(now_ms);
-        self.guests.update(now_ms, self.holding());
-        match crate::discovery::cgroup::libvirt_domains(&self.options.libvirt_status_dir) {
+        let running: Vec<String> = match crate::discovery::cgroup::libvirt_domains(
+            &self.options.libvirt_status_dir,
+        ) {
             Ok(domains) => {
-                self.domains_by_uuid = domains
-                    .into_iter()
-                    .filter_map(|d| Some((d.uuid?.to_ascii_lowercase(), d.name)))
-                    .collect();
+                self.domains_by_uuid =
+                    domains.iter().filter_map(|d| Some((d.uuid.clone()?, d.name.clone()))).collect();
+                domains.into_iter().map(|d| d.name).collect()
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list libvirt's running domains; vGPU owners kept from the last scan")
+                tracing::warn!(error = %e, "cannot list libvirt's running domains; vGPU owners kept from the last scan");
+                self.domains_by_uuid.values().cloned().collect()
             }
-        }
+        };
+        self.guests.update(now_ms, self.holding(&running));
     }
 
     /// The running domain with this UUID (as of the last rescan).
@@ -203,19 +205,23 @@ impl PassthroughAccounting {
         self.domains_by_uuid.get(&uuid.to_ascii_lowercase()).map(String::as_str)
     }
 
-    /// Each domain holding GPUs: the GPUs and its telemetry channel socket.
-    fn holding(&self) -> BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> {
-        let mut holding: BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> = BTreeMap::new();
+    /// Each running domain that holds GPUs or has the telemetry channel: its GPUs and its
+    /// channel socket.
+    fn holding(&self, running: &[String]) -> BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> {
+        let channel_of = |domain: &str| {
+            crate::discovery::libvirt::domain_telemetry_channel(&self.options.libvirt_status_dir, domain)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(%domain, error = %e, "cannot read the domain's status XML for its telemetry channel");
+                    None
+                })
+        };
+        let mut holding: BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)> = running
+            .iter()
+            .filter_map(|d| channel_of(d).map(|c| (d.clone(), (Vec::new(), Some(c)))))
+            .collect();
         for g in &self.gpus {
             let PciState::Assigned { domain } = &g.state else { continue };
-            let entry = holding.entry(domain.clone()).or_insert_with(|| {
-                let channel = crate::discovery::libvirt::domain_telemetry_channel(&self.options.libvirt_status_dir, domain)
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(%domain, error = %e, "cannot read the domain's status XML for its telemetry channel");
-                        None
-                    });
-                (Vec::new(), channel)
-            });
+            let entry = holding.entry(domain.clone()).or_insert_with(|| (Vec::new(), channel_of(domain)));
             entry.0.push(HeldGpu {
                 address: g.address.clone(),
                 pci_id: g.pci_id.clone(),

@@ -32,8 +32,9 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
     println!("gpu backend:  {}", s.gpu);
     for g in &s.guest_telemetry {
         let why = g.reason.as_deref().map_or(String::new(), |r| format!(" ({r})"));
+        let channel = if g.connected { "channel connected" } else { "channel not connected" };
         println!(
-            "guest telemetry: {} {}{why}, {}/{} GPUs reporting, {} reports accepted, {} refused",
+            "guest telemetry: {} {}{why}, {channel}, {}/{} GPUs reporting, {} reports accepted, {} refused",
             g.domain, g.state, g.gpus_reporting, g.gpus_held, g.accepted, g.refused
         );
     }

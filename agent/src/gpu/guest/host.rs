@@ -68,6 +68,9 @@ pub struct GuestRate {
 /// How a domain's guest telemetry stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GuestState {
+    /// The domain has the telemetry channel but holds no passed-through GPU: its channel is
+    /// read, and anything its guest reports is refused (there is nothing to book it to).
+    NoGpus,
     /// Every held GPU has a fresh guest rate.
     Reporting,
     /// Some held GPU has none, but the gap timeout has not passed.
@@ -80,6 +83,7 @@ impl GuestState {
     /// The state's name.
     pub fn as_str(self) -> &'static str {
         match self {
+            GuestState::NoGpus => "no_gpus",
             GuestState::Reporting => "reporting",
             GuestState::Waiting => "waiting",
             GuestState::Gap => "gap",
@@ -174,8 +178,9 @@ impl GuestTelemetry {
         GuestTelemetry { timeout_ms: timeout_ms.max(1), domains: BTreeMap::new() }
     }
 
-    /// The domains holding GPUs now, each with its GPUs and channel socket (from a rescan).
-    /// Domains that stopped holding GPUs are forgotten; a changed channel path reconnects.
+    /// The domains holding GPUs or having the telemetry channel now, each with its GPUs and
+    /// channel socket (from a rescan). Domains no longer listed are forgotten; a changed
+    /// channel path reconnects.
     pub fn update(&mut self, now_ms: i64, holding: BTreeMap<String, (Vec<HeldGpu>, Option<PathBuf>)>) {
         self.domains.retain(|name, _| holding.contains_key(name));
         for (name, (held, channel)) in holding {
@@ -239,14 +244,17 @@ impl GuestTelemetry {
                 let reporting =
                     d.held.iter().filter(|g| self.rate(name, &g.address, now_ms).is_some()).count();
                 let gap = d.held.iter().any(|g| d.gpu_in_gap(&g.address, now_ms, self.timeout_ms));
-                let state = if gap {
+                let state = if d.held.is_empty() {
+                    GuestState::NoGpus
+                } else if gap {
                     GuestState::Gap
                 } else if reporting == d.held.len() {
                     GuestState::Reporting
                 } else {
                     GuestState::Waiting
                 };
-                let reason = (state != GuestState::Reporting).then(|| match (&d.channel, d.last_report_ms) {
+                let waiting = matches!(state, GuestState::Waiting | GuestState::Gap);
+                let reason = waiting.then_some(match (&d.channel, d.last_report_ms) {
                     (None, _) => GapReason::NoChannel,
                     (Some(_), None) => GapReason::NeverReported,
                     (Some(_), Some(_)) => GapReason::Stopped,
@@ -590,6 +598,14 @@ mod tests {
         );
         let s = t.status(60_001);
         assert_eq!((s[0].state, s[1].state), (GuestState::Gap, GuestState::Gap));
+        // A domain with the channel and no GPUs: read, never in a gap.
+        let mut c = GuestTelemetry::new(60_000);
+        c.update(
+            0,
+            BTreeMap::from([("plain".to_owned(), (Vec::new(), Some(dir.path().join("absent.sock"))))]),
+        );
+        let s = &c.status(120_000)[0];
+        assert_eq!((s.state, s.reason, s.gpus_held), (GuestState::NoGpus, None, 0));
         // A domain that stops holding GPUs is forgotten; one that starts holding a new GPU
         // waits for it from then.
         let mut more = held(2);
