@@ -29,7 +29,12 @@ impl Default for WorkloadConfig {
     fn default() -> Self {
         WorkloadConfig {
             cgroup_root: None,
-            roots: vec!["machine.slice".into(), "kubepods.slice".into(), "slurmstepd.scope".into()],
+            roots: vec![
+                "machine.slice".into(),
+                "machine".into(),
+                "kubepods.slice".into(),
+                "slurmstepd.scope".into(),
+            ],
             rescan_interval_s: 5,
             libvirt_status_dir: PathBuf::from("/run/libvirt/qemu"),
             forget_after_s: 30 * 24 * 3600,

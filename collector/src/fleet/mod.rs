@@ -1,0 +1,284 @@
+//! The fleet view the collector derives from what hosts report and answer: per-tenant usage
+//! aggregated across hosts and time, the tenants' identities (from host statements), and the
+//! findings raised on them. [`FleetStore`] is the storage boundary for it; every backend
+//! implements it with the same meaning.
+//!
+//! Aggregation is defined here, once, so both backends compute the same numbers:
+//! - cumulative operations, as three figures summed over every stored window side by side:
+//!   the lower bound, the point estimate and the upper bound (a window from an agent that
+//!   sent no bounds counts its estimate for all three, as ingest stored it), and GPU-seconds,
+//!   of them those in which the tenant shared a GPU without isolation, and those in which a
+//!   VM of the tenant held passed-through GPUs while its guest sent no telemetry (with the
+//!   hosts and workloads where it did);
+//! - concurrent peak FLOP/s capacity: windows are bucketed by the minute their `start` falls
+//!   in and `peak_flops × min(1, length / 60 s)` summed per bucket, across hosts; the peak is
+//!   the largest bucket. Agents close windows aligned to Unix time (60 s by default), so a
+//!   workload that runs through a minute contributes one full minute of windows to that
+//!   bucket on each host (one 60 s window, or six 10 s windows weighted 1/6 each), and the
+//!   bucket sum is the fleet's concurrent capacity for the tenant in that minute. A record
+//!   merged from several windows (spool pressure) counts once, in its first minute: it can
+//!   only under-state concurrency, never invent it.
+//! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
+//!
+//! Totals never overflow into something that is not a number: ingest bounds every window
+//! (`crate::ingest::check_window`), and the sums here saturate anyway (floats at `f64::MAX`,
+//! counts at their integer maximum; a NaN or negative stored value counts as 0), so a database
+//! written before those bounds, or edited by hand, cannot make a total `inf` (`null` in
+//! JSON, `inf` in CSV) or `NaN`.
+
+use std::collections::BTreeMap;
+
+use kycd_protocol::CountryCode;
+use serde::{Deserialize, Serialize};
+
+use crate::store::error::StoreError;
+use crate::store::reports::Rejection;
+
+mod usage;
+
+pub use usage::{finite, saturating_sum, TenantUsage, UsageAccumulator, WindowRow, CAPACITY_BUCKET_S};
+
+/// One stored window, as evidence for a finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowEvidence {
+    /// Reporting host.
+    pub host_id: String,
+    /// The host's enrollment epoch it was reported in.
+    pub epoch: u64,
+    /// Its sequence number there (in that epoch).
+    pub seq: u64,
+    /// Window start.
+    pub start: i64,
+    /// Window end.
+    pub end: i64,
+    /// Lower bound of operations.
+    pub ops_lower: f64,
+    /// Estimated operations (point estimate).
+    pub estimated_ops: f64,
+    /// Upper bound of operations.
+    pub ops_upper: f64,
+    /// GPU-seconds shared with another workload without isolation.
+    pub shared_gpu_seconds: f64,
+    /// GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.
+    pub guest_gap_gpu_seconds: f64,
+    /// Peak FLOP/s capacity.
+    pub peak_flops: f64,
+    /// GPUs used.
+    pub gpus: u32,
+    /// Estimation method.
+    pub method: String,
+}
+
+/// Who a tenant is, as the latest host statement naming it said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantIdentity {
+    /// Tenant id.
+    pub tenant: String,
+    /// Verified legal name.
+    pub legal_name: String,
+    /// The subject's countries.
+    pub countries: Vec<CountryCode>,
+    /// Beneficial owners' countries.
+    pub beneficial_owner_countries: Vec<CountryCode>,
+    /// Whether the attestation marks it a foreign person.
+    pub foreign_person: bool,
+    /// When a statement last named it (Unix seconds).
+    pub seen_at: i64,
+}
+
+/// What a finding is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// Cumulative upper bound of operations ≥ `early_warning_fraction × training_ops`.
+    EarlyWarning,
+    /// Cumulative operations, the figure the policy's `threshold_basis` names (point
+    /// estimate or upper bound), ≥ `training_ops`.
+    TrainingThresholdCrossed,
+    /// Concurrent capacity ≥ `cluster_flops`.
+    ClusterCapacityCrossed,
+    /// Neither a report nor a poll answer within the dark interval.
+    HostDark,
+    /// The host's statement shows an older policy than the published one.
+    PolicyStale,
+    /// The host allows a tenant the published policy prohibits.
+    EnforcementMismatch,
+    /// Batches of the (authenticated) host were refused for good recently: usage it
+    /// measured is not in the collector's totals.
+    ReportRejected,
+    /// A foreign tenant shared a GPU with another workload without isolation: its
+    /// operations there could not be attributed to it alone (and an `exclusive_gpu`
+    /// condition of the published policy, if any, was not met).
+    SharedGpu,
+    /// A foreign tenant's VM held passed-through GPUs while its guest sent no telemetry: for
+    /// that time only the allocation bound of its operations is known.
+    GuestTelemetryGap,
+}
+
+impl FindingKind {
+    /// Every kind.
+    pub const ALL: [FindingKind; 9] = [
+        FindingKind::EarlyWarning,
+        FindingKind::TrainingThresholdCrossed,
+        FindingKind::ClusterCapacityCrossed,
+        FindingKind::HostDark,
+        FindingKind::PolicyStale,
+        FindingKind::EnforcementMismatch,
+        FindingKind::ReportRejected,
+        FindingKind::SharedGpu,
+        FindingKind::GuestTelemetryGap,
+    ];
+
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::EarlyWarning => "early_warning",
+            FindingKind::TrainingThresholdCrossed => "training_threshold_crossed",
+            FindingKind::ClusterCapacityCrossed => "cluster_capacity_crossed",
+            FindingKind::HostDark => "host_dark",
+            FindingKind::PolicyStale => "policy_stale",
+            FindingKind::EnforcementMismatch => "enforcement_mismatch",
+            FindingKind::ReportRejected => "report_rejected",
+            FindingKind::SharedGpu => "shared_gpu",
+            FindingKind::GuestTelemetryGap => "guest_telemetry_gap",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        FindingKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Whether a finding still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingState {
+    /// The condition holds.
+    Open,
+    /// The condition stopped holding (a dark host answered, a stale host updated, …).
+    Resolved,
+}
+
+impl FindingState {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingState::Open => "open",
+            FindingState::Resolved => "resolved",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "open" => Some(FindingState::Open),
+            "resolved" => Some(FindingState::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// A finding to raise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewFinding {
+    /// Kind.
+    pub kind: FindingKind,
+    /// What it is about: the tenant id, the host id, or `host/workload` for a mismatch. At
+    /// most one finding per (kind, subject) is open at a time.
+    pub subject: String,
+    /// The tenant, when it is about one.
+    pub tenant: Option<String>,
+    /// The host, when it is about one.
+    pub host_id: Option<String>,
+    /// Foreign (true) or domestic (false) tenant, per its attestation; none for host findings.
+    pub foreign_person: Option<bool>,
+    /// One line for humans.
+    pub summary: String,
+    /// Evidence: totals, thresholds, windows and hosts, statement excerpts.
+    pub evidence: serde_json::Value,
+}
+
+/// A stored finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// Id (increasing).
+    pub id: i64,
+    /// What was raised.
+    #[serde(flatten)]
+    pub finding: NewFinding,
+    /// State.
+    pub state: FindingState,
+    /// When it was raised.
+    pub raised_at: i64,
+    /// When it was resolved.
+    pub resolved_at: Option<i64>,
+}
+
+/// A page of findings.
+#[derive(Debug, Clone, Default)]
+pub struct FindingQuery {
+    /// Only this state.
+    pub state: Option<FindingState>,
+    /// Only this kind.
+    pub kind: Option<FindingKind>,
+    /// Only findings about this tenant.
+    pub tenant: Option<String>,
+    /// Only findings about this host.
+    pub host_id: Option<String>,
+    /// Only ids above this (pagination cursor).
+    pub after_id: i64,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The fleet view's storage. Implemented by each backend; reads may run on their own
+/// connection so a long aggregation does not hold up ingest.
+pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Usage aggregated per tenant (one tenant when `tenant` is given), by tenant id; with
+    /// `since`, only windows ending after it count (a filing period), otherwise all of them.
+    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError>;
+
+    /// The tenant's `limit` windows with the most estimated operations, most first.
+    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError>;
+
+    /// The hosts that reported usage of the tenant, by host id.
+    fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The last time each host's report was stored (hosts that never reported are absent).
+    fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError>;
+
+    /// Records tenants' identities (replacing older ones).
+    fn upsert_tenant_identities(&self, identities: &[TenantIdentity]) -> Result<(), StoreError>;
+
+    /// Every known tenant identity, by tenant id.
+    fn tenant_identities(&self) -> Result<Vec<TenantIdentity>, StoreError>;
+
+    /// Raises `finding` unless one of its (kind, subject) is open; returns the new id, or
+    /// `None` when it was already open (so a condition that keeps holding is raised once).
+    fn raise_finding(&self, finding: &NewFinding, at: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Resolves an open finding; false if it was not open.
+    fn resolve_finding(&self, id: i64, at: i64) -> Result<bool, StoreError>;
+
+    /// Findings matching `query`, by id.
+    fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;
+
+    /// Per host, the batches refused for good at or after `since` (see
+    /// [`crate::store::Rejection`]), by host id; hosts without any are absent.
+    fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError>;
+
+    /// The `limit` newest rejections of `host_id`, newest first.
+    fn rejections(&self, host_id: &str, limit: u32) -> Result<Vec<Rejection>, StoreError>;
+}
+
+/// How many batches of a host were refused for good since some time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionCount {
+    /// The host.
+    pub host_id: String,
+    /// Refused batches.
+    pub count: u64,
+    /// The latest refusal (Unix seconds).
+    pub last_at: i64,
+}
