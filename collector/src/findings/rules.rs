@@ -393,6 +393,19 @@ mod tests {
     use kycd_protocol::StatementSubject;
     use serde_json::json;
 
+    /// A host statement's word that tenant `said-domestic` is no foreign person.
+    fn said_domestic() -> BTreeMap<String, TenantIdentity> {
+        let domestic = TenantIdentity {
+            tenant: "said-domestic".into(),
+            legal_name: "D".into(),
+            countries: vec![],
+            beneficial_owner_countries: vec![],
+            foreign_person: false,
+            seen_at: 0,
+        };
+        BTreeMap::from([("said-domestic".to_owned(), domestic)])
+    }
+
     fn policy(published_at: i64) -> PublishedPolicy {
         let claims: PolicyClaims = serde_json::from_value(json!({
             "iss": "authority", "iat": 0, "exp": 10_000_000, "version": 7,
@@ -536,15 +549,7 @@ mod tests {
             ]))
             .unwrap();
         }
-        let domestic = TenantIdentity {
-            tenant: "said-domestic".into(),
-            legal_name: "D".into(),
-            countries: vec![],
-            beneficial_owner_countries: vec![],
-            foreign_person: false,
-            seen_at: 0,
-        };
-        let identities = BTreeMap::from([("said-domestic".to_owned(), domestic)]);
+        let identities = said_domestic();
         let hosts = [h];
         let state = FleetState {
             now: 1_000,
@@ -594,15 +599,7 @@ mod tests {
             });
         }
         let usage = acc.finish();
-        let domestic = TenantIdentity {
-            tenant: "said-domestic".into(),
-            legal_name: "D".into(),
-            countries: vec![],
-            beneficial_owner_countries: vec![],
-            foreign_person: false,
-            seen_at: 0,
-        };
-        let identities = BTreeMap::from([("said-domestic".to_owned(), domestic)]);
+        let identities = said_domestic();
         let state = FleetState {
             now: 1_000,
             policy: None,
