@@ -179,8 +179,21 @@ pub fn run(mut sampler: GpuSampler, options: &SenderOptions) -> Result<(), Sende
     let mut written = 0u64;
     let mut due = SystemClock.instant();
     tracing::info!(port = %options.port.display(), every = ?options.report_every, "kycd guest: reporting GPU usage to the host");
+    let mut available = None;
     while options.reports.is_none_or(|n| written < n) {
-        builder.add(&sampler.tick(&tenants));
+        let tick = sampler.tick(&tenants);
+        // Said once per change: without NVML nothing is reported, and the host sees a gap.
+        let ok = tick.sample.backend == crate::gpu::BackendState::Ok;
+        if available != Some(ok) {
+            match &tick.sample.backend {
+                crate::gpu::BackendState::Unavailable { reason } => {
+                    tracing::warn!(%reason, "GPU backend unavailable: nothing to report until it is")
+                }
+                crate::gpu::BackendState::Ok => tracing::info!(gpus = tick.sample.gpus.len(), "GPU backend available"),
+            }
+            available = Some(ok);
+        }
+        builder.add(&tick);
         if builder.elapsed() >= options.report_every {
             if let Some(report) = builder.take() {
                 let mut line = serde_json::to_vec(&report).unwrap_or_default();
