@@ -325,15 +325,23 @@ fn passthrough_vgpu_and_process_tenants_reach_the_collector_with_their_methods()
             "{expected:?} not in {rows:?}"
         );
     }
-    // The guest's figures never exceed the allocation: in every window, point ≤ upper.
-    let over: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM records WHERE method = 'guest_reported' AND estimated_ops > ops_upper * (1 + 1e-9)",
-            [],
-            |r| r.get(0),
-        )
+    // The guest's figures arrive as the guest measured them: its GPUs run HMMA at 90 % at full
+    // clock, so every guest-reported window's point estimate is 0.9 × the H100's BF16 peak per
+    // GPU-second; the upper bound stays the allocation (FP8, twice BF16).
+    let mut windows = conn
+        .prepare("SELECT estimated_ops, ops_upper, gpu_seconds FROM records WHERE method = 'guest_reported'")
         .unwrap();
-    assert_eq!(over, 0);
+    let figures: Vec<(f64, f64, f64)> = windows
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!figures.is_empty());
+    for (point, upper, gpu_seconds) in figures {
+        let (point_rate, upper_rate) = (point / gpu_seconds, upper / gpu_seconds);
+        assert!((point_rate / (0.9 * 989.4e12) - 1.0).abs() < 1e-6, "{point_rate:e} per GPU-second");
+        assert!((upper_rate / 1978.9e12 - 1.0).abs() < 1e-6, "{upper_rate:e} per GPU-second");
+    }
     // The agent's status says the guest reports all eight GPUs.
     let status =
         Command::new(&kycctl).args(["status", "--socket"]).arg(host.path("run/kycd.sock")).output().unwrap();

@@ -153,7 +153,7 @@ impl GpuMetrics {
             });
         }
         for g in self.guests.iter().filter(|g| g.state == GuestState::Gap && !in_gap(now, &g.domain)) {
-            let holding = now.iter().any(|n| n.domain == g.domain);
+            let holding = now.iter().any(|n| n.domain == g.domain && n.gpus_held > 0);
             tracing::info!(domain = %g.domain, holding, "guest telemetry gap ended");
             self.audit.push(AuditEvent::GuestTelemetryResumed { domain: g.domain.clone(), holding });
         }
@@ -308,6 +308,55 @@ mod tests {
             "training_like": false, "merged_windows": 1
         }))
         .unwrap()
+    }
+
+    fn guest(domain: &str, state: GuestState, gpus_held: usize) -> GuestStatus {
+        GuestStatus {
+            domain: domain.into(),
+            gpus_held,
+            gpus_reporting: 0,
+            channel: None,
+            connected: false,
+            last_report_ms: None,
+            accepted: 0,
+            refused: 0,
+            capped: 0,
+            last_error: None,
+            state,
+            reason: (state == GuestState::Gap).then_some(crate::gpu::guest::host::GapReason::NoChannel),
+        }
+    }
+
+    #[test]
+    fn guest_telemetry_gaps_begin_and_end_once_each_in_the_audit_log() {
+        let mut m = GpuMetrics::default();
+        let tick = |m: &mut GpuMetrics, guests: Vec<GuestStatus>| {
+            m.observe_tick(&TickReport {
+                guests,
+                ..TickReport::empty(Sample::new(0, BackendState::Ok, vec![]))
+            });
+            m.take_audit_events().iter().map(AuditEvent::to_record).collect::<Vec<_>>()
+        };
+        assert!(tick(&mut m, vec![guest("a", GuestState::Waiting, 8), guest("b", GuestState::Waiting, 1)])
+            .is_empty());
+        let began = tick(&mut m, vec![guest("a", GuestState::Gap, 8), guest("b", GuestState::Gap, 1)]);
+        assert_eq!(began.len(), 2, "{began:?}");
+        assert_eq!(
+            (began[0]["type"].as_str(), began[0]["reason"].as_str(), began[0]["gpus"].as_u64()),
+            (Some("guest_telemetry_gap"), Some("no_channel"), Some(8))
+        );
+        assert!(
+            tick(&mut m, vec![guest("a", GuestState::Gap, 8), guest("b", GuestState::Gap, 1)]).is_empty(),
+            "once"
+        );
+        assert!(m.render().contains("kycd_guest_telemetry_gap{domain=\"a\"} 1"));
+        // a reports again; b released its GPU but keeps the channel (no_gpus): both ended,
+        // and only a still holds GPUs.
+        let ended =
+            tick(&mut m, vec![guest("a", GuestState::Reporting, 8), guest("b", GuestState::NoGpus, 0)]);
+        let ended: Vec<_> = ended.iter().map(|e| (e["domain"].as_str(), e["holding"].as_bool())).collect();
+        assert_eq!(ended, [(Some("a"), Some(true)), (Some("b"), Some(false))]);
+        assert!(m.render().contains("kycd_guest_telemetry_domains{state=\"no_gpus\"} 1"));
     }
 
     #[test]

@@ -155,6 +155,24 @@ pub struct TickReport {
     pub windows: Vec<UsageWindow>,
 }
 
+impl TickReport {
+    /// A report of `sample` in which nothing was booked.
+    pub fn empty(sample: Sample) -> Self {
+        TickReport {
+            sample,
+            dt: Duration::ZERO,
+            lost_gpus: Vec::new(),
+            processes: Vec::new(),
+            unattributed: Vec::new(),
+            gpus: Vec::new(),
+            exclusivity_violations: Vec::new(),
+            passthrough: Vec::new(),
+            guests: Vec::new(),
+            windows: Vec::new(),
+        }
+    }
+}
+
 /// Why a sampler cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
@@ -227,16 +245,8 @@ impl GpuSampler {
         self.last_any_ms = Some(sample.at_ms);
 
         let mut report = TickReport {
-            sample: Sample::new(sample.at_ms, sample.backend.clone(), Vec::new()),
             dt,
-            lost_gpus: Vec::new(),
-            processes: Vec::new(),
-            unattributed: Vec::new(),
-            gpus: Vec::new(),
-            exclusivity_violations: Vec::new(),
-            passthrough: Vec::new(),
-            guests: Vec::new(),
-            windows: Vec::new(),
+            ..TickReport::empty(Sample::new(sample.at_ms, sample.backend.clone(), Vec::new()))
         };
         if let BackendState::Unavailable { reason } = &sample.backend {
             tracing::debug!(%reason, "GPU backend unavailable");

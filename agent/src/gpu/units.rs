@@ -38,6 +38,8 @@ pub struct Unit {
 pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec<Unit> {
     let mut rest: Vec<u32> = gpu.processes.iter().map(|p| p.pid).collect();
     let mut out = Vec::new();
+    // GPU instances whose vGPUs have a unit above (a MIG device known by its processes).
+    let mut placed_gis: Vec<u32> = Vec::new();
     if gpu.mig_enabled == Some(true) {
         let gpu_sms = peaks.sm_count.or(gpu.sm_count).filter(|n| *n > 0);
         for mig in &gpu.mig_instances {
@@ -48,6 +50,9 @@ pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec
                 gpu.vgpus.iter().filter(|v| v.gpu_instance_id == Some(gi)).map(|v| v.vm.clone()).collect();
             if pids.is_empty() && vgpus.is_empty() {
                 continue;
+            }
+            if !vgpus.is_empty() {
+                placed_gis.push(gi);
             }
             rest.retain(|p| !pids.contains(p));
             // Without SM counts the instance's share of the peaks is unknown: no estimate.
@@ -75,10 +80,9 @@ pub fn units(gpu: &GpuSnapshot, peaks: &Peaks, device_rate: Option<Rate>) -> Vec
     // their own, with no estimate (see the module docs).
     let mut whole = Vec::new();
     for v in &gpu.vgpus {
-        let placed = || out.iter().any(|u| u.vgpus.contains(&v.vm) && u.uuid != gpu.uuid);
         match v.gpu_instance_id {
             None => whole.push(v.vm.clone()),
-            Some(_) if !placed() => out.push(Unit {
+            Some(gi) if !placed_gis.contains(&gi) => out.push(Unit {
                 uuid: v.uuid.clone(),
                 rate: None,
                 peak_flops: None,
@@ -163,6 +167,31 @@ mod tests {
         // The instance without counters and the process outside any instance: the GPU's unit.
         assert_eq!((units[1].uuid.as_str(), units[1].pids.as_slice()), ("GPU-0", &[20, 30][..]));
         assert_eq!(units[1].rate, None, "no device-wide reading either");
+    }
+
+    #[test]
+    fn every_mig_backed_vgpu_of_a_vm_is_a_unit() {
+        let mut gpu = GpuSnapshot::bare(0, "GPU-0".into(), "NVIDIA H100 80GB HBM3".into(), GpuState::Ok);
+        gpu.mig_enabled = Some(true);
+        let vm = crate::gpu::VgpuVm::Uuid("6f1c2a9e-3a51-4c1e-9d3b-2b7f0e5e8a10".into());
+        let vgpu = |uuid: &str, gi: u32| crate::gpu::VgpuInstance {
+            uuid: uuid.into(),
+            vm: vm.clone(),
+            mdev_uuid: None,
+            gpu_instance_id: Some(gi),
+        };
+        gpu.vgpus = vec![
+            vgpu("V1", 1),
+            vgpu("V2", 2),
+            crate::gpu::VgpuInstance { gpu_instance_id: None, ..vgpu("V3", 0) },
+        ];
+        let peaks = PeakTable::builtin().unwrap().peaks(&gpu.name, None, None, None);
+        let units = units(&gpu, &peaks, None);
+        let names: Vec<(&str, usize)> = units.iter().map(|u| (u.uuid.as_str(), u.vgpus.len())).collect();
+        // Both MIG-backed vGPUs of the one VM count (no estimate: their instances are not
+        // known by id); the time-sliced one shares the whole GPU's unit.
+        assert_eq!(names, [("V1", 1), ("V2", 1), ("GPU-0", 1)]);
+        assert!(units[..2].iter().all(|u| u.rate.is_none() && u.peak_flops.is_none()));
     }
 
     #[test]

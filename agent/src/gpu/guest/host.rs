@@ -13,7 +13,7 @@
 //! Entries that match no held GPU are refused. The figures become rates (÷ the reported
 //! interval), capped at the host GPU's fastest peak, and the host books the latest rate over
 //! its own ticks while it is fresh (twice the reported interval plus [`FRESH_SLACK_MS`], and
-//! never longer than the gap timeout). A held GPU with no fresh guest rate is booked by
+//! never longer than the gap timeout, so a GPU is never both booked and in a gap). A held GPU with no fresh guest rate is booked by
 //! allocation; once none has come for the gap timeout (from when the domain began holding it,
 //! or from its last report) it is in a *guest telemetry gap*.
 
@@ -152,16 +152,23 @@ struct Domain {
     buffer: Vec<u8>,
     /// Discarding up to the next newline after an over-long line.
     skipping: bool,
+    /// No connection attempt before this (host ms).
     connect_after_ms: i64,
     /// guest UUID → host address.
     matched: BTreeMap<String, String>,
+    /// Host address → the guest's latest accepted rate.
     rates: BTreeMap<String, GuestRate>,
+    /// The last accepted report's session and sequence number (replays are refused).
     last: Option<(String, u64)>,
+    /// When a report was last accepted (host ms).
     last_report_ms: Option<i64>,
+    /// Reports accepted, refused (and GPU entries refused), capped.
     accepted: u64,
     refused: u64,
     capped: u64,
+    /// The last refusal, for status.
     last_error: Option<String>,
+    /// When a refusal was last logged (the log is rate-limited per domain).
     logged_at_ms: Option<i64>,
 }
 
@@ -212,6 +219,7 @@ impl GuestTelemetry {
             if d.channel != channel {
                 d.stream = None;
                 d.buffer.clear();
+                d.skipping = false;
                 d.connect_after_ms = now_ms;
                 d.channel = channel;
             }
@@ -221,7 +229,7 @@ impl GuestTelemetry {
     /// Reads what every guest wrote since the last tick and applies it.
     pub fn poll(&mut self, now_ms: i64) {
         for (name, d) in &mut self.domains {
-            d.poll(name, now_ms);
+            d.poll(name, now_ms, self.timeout_ms);
         }
     }
 
@@ -285,7 +293,7 @@ impl Domain {
         now_ms - last > timeout_ms
     }
 
-    fn poll(&mut self, name: &str, now_ms: i64) {
+    fn poll(&mut self, name: &str, now_ms: i64, timeout_ms: i64) {
         if self.stream.is_none() {
             self.connect(name, now_ms);
         }
@@ -296,12 +304,12 @@ impl Domain {
         while read < READ_PER_TICK {
             match stream.read(&mut chunk) {
                 Ok(0) => {
-                    closed = Some("the guest side closed".to_owned());
+                    closed = Some("the channel closed (QEMU closed the socket)".to_owned());
                     break;
                 }
                 Ok(n) => {
                     read += n;
-                    self.take(name, now_ms, &chunk[..n]);
+                    self.take(name, (now_ms, timeout_ms), &chunk[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -339,7 +347,7 @@ impl Domain {
     }
 
     /// Splits `bytes` into lines and applies each.
-    fn take(&mut self, name: &str, now_ms: i64, mut bytes: &[u8]) {
+    fn take(&mut self, name: &str, (now_ms, timeout_ms): (i64, i64), mut bytes: &[u8]) {
         while let Some(nl) = bytes.iter().position(|b| *b == b'\n') {
             let (head, rest) = bytes.split_at(nl);
             bytes = &rest[1..];
@@ -353,7 +361,7 @@ impl Domain {
                 l.extend_from_slice(head);
                 l
             };
-            self.line(name, now_ms, &line);
+            self.line(name, (now_ms, timeout_ms), &line);
         }
         if self.skipping {
             return;
@@ -366,13 +374,20 @@ impl Domain {
         }
     }
 
-    fn line(&mut self, name: &str, now_ms: i64, line: &[u8]) {
+    fn line(&mut self, name: &str, (now_ms, timeout_ms): (i64, i64), line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        match parse_line(line).and_then(|r| self.check_sequence(r)) {
-            Ok(report) => self.apply(name, now_ms, &report),
+        let checked = parse_line(line).and_then(|r| self.check_sequence(r)).and_then(|r| {
+            if self.held.is_empty() {
+                Err(GuestReportError::NothingHeld)
+            } else {
+                Ok(r)
+            }
+        });
+        match checked {
+            Ok(report) => self.apply(name, (now_ms, timeout_ms), &report),
             Err(e) => self.refuse(name, now_ms, &e),
         }
     }
@@ -386,13 +401,14 @@ impl Domain {
         }
     }
 
-    fn apply(&mut self, name: &str, now_ms: i64, report: &GuestReport) {
+    fn apply(&mut self, name: &str, (now_ms, timeout_ms): (i64, i64), report: &GuestReport) {
         self.last = Some((report.session.clone(), report.seq));
         self.accepted += 1;
         self.last_report_ms = Some(now_ms);
         let interval_s = report.interval_ms as f64 / 1000.0;
-        let fresh_for =
-            (2 * i64::try_from(report.interval_ms).unwrap_or(i64::MAX / 4) + FRESH_SLACK_MS).max(0);
+        // Never past the gap timeout: a GPU is either booked from the guest or in a gap.
+        let fresh_for = (2 * i64::try_from(report.interval_ms).unwrap_or(i64::MAX / 4) + FRESH_SLACK_MS)
+            .clamp(0, timeout_ms);
         let mut capped = false;
         for g in &report.gpus {
             let Some(held) = self.match_gpu(g) else {
@@ -402,7 +418,16 @@ impl Domain {
                 self.last_error = Some(e);
                 continue;
             };
-            let Some(fastest) = held.fastest else { continue };
+            let Some(fastest) = held.fastest else {
+                // No peak, nothing to cap at: refused, and said, so a domain "reporting" into
+                // a gap is explained.
+                self.refused += 1;
+                let e =
+                    format!("GPU {} is a model without known peaks: its figures cannot be bounded", g.uuid);
+                self.log_refusal(name, now_ms, "unknown_model", &e);
+                self.last_error = Some(e);
+                continue;
+            };
             let point = (g.ops / interval_s).min(fastest);
             capped |= g.ops / interval_s > fastest * (1.0 + 1e-9);
             let rate = GuestRate {
@@ -551,6 +576,34 @@ mod tests {
         assert!(t.in_gap("vm", "0000:17:00.0", 61_001));
         let s = &t.status(61_001)[0];
         assert_eq!((s.state, s.reason), (GuestState::Gap, Some(GapReason::Stopped)));
+    }
+
+    #[test]
+    fn a_long_interval_never_books_into_a_gap_and_a_domain_without_gpus_refuses_reports() {
+        let channel = Channel::new();
+        let mut t = telemetry(&channel, 1);
+        t.poll(0);
+        let mut guest = channel.guest();
+        // 600 s claimed: fresh for the gap timeout (60 s), not 1,202 s.
+        guest
+            .write_all(
+                report(1, &[("GPU-a", 1e16)])
+                    .replace("\"interval_ms\":10000", "\"interval_ms\":600000")
+                    .as_bytes(),
+            )
+            .unwrap();
+        t.poll(1_000);
+        assert!(t.rate("vm", "0000:17:00.0", 61_000).is_some());
+        assert!(t.rate("vm", "0000:17:00.0", 61_001).is_none());
+        assert!(t.in_gap("vm", "0000:17:00.0", 61_001));
+        // The domain releases its GPU but keeps the channel: reports are refused whole.
+        t.update(62_000, BTreeMap::from([("vm".to_owned(), (Vec::new(), Some(channel.path.clone())))]));
+        guest.write_all(report(2, &[("GPU-a", 1e16)]).as_bytes()).unwrap();
+        guest.write_all(report(3, &[]).as_bytes()).unwrap();
+        t.poll(63_000);
+        let s = &t.status(63_000)[0];
+        assert_eq!((s.state, s.accepted, s.refused), (GuestState::NoGpus, 1, 2), "{s:?}");
+        assert_eq!(s.last_error.as_deref(), Some("the domain holds no passed-through GPU"));
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub enum GuestReportError {
         /// The GPU.
         uuid: String,
     },
+    /// The domain holds no passed-through GPU: there is nothing to book a report to.
+    #[error("the domain holds no passed-through GPU")]
+    NothingHeld,
     /// The same session's sequence number again, or an older one (a replay).
     #[error("sequence {seq} not after {last}")]
     Replayed {
@@ -120,6 +123,7 @@ impl GuestReportError {
             GuestReportError::TooManyGpus(_) => "too_many_gpus",
             GuestReportError::GpuId => "gpu_id",
             GuestReportError::Figures { .. } => "figures",
+            GuestReportError::NothingHeld => "nothing_held",
             GuestReportError::Replayed { .. } => "replayed",
         }
     }
@@ -134,8 +138,11 @@ pub fn parse_line(line: &[u8]) -> Result<GuestReport, GuestReportError> {
     if line.len() > MAX_LINE {
         return Err(GuestReportError::TooLong);
     }
-    let report: GuestReport =
-        serde_json::from_slice(line).map_err(|e| GuestReportError::Malformed(e.to_string()))?;
+    // serde's message quotes the guest's own text (an unknown field's name, newlines and all):
+    // only its kind and position go to the log.
+    let report: GuestReport = serde_json::from_slice(line).map_err(|e| {
+        GuestReportError::Malformed(format!("{:?} error at column {}", e.classify(), e.column()))
+    })?;
     if report.v != GUEST_REPORT_VERSION {
         return Err(GuestReportError::Version(report.v));
     }
@@ -186,6 +193,11 @@ mod tests {
         assert_eq!(kind(&"x".repeat(MAX_LINE + 1)), "too_long");
         assert_eq!(kind("not json"), "malformed");
         assert_eq!(kind(&line(GPU).replace("\"gpus\"", "\"extra\":1,\"gpus\"")), "malformed");
+        // A guest's text never reaches the log through the error message.
+        let injected =
+            parse_line(line(GPU).replace("\"gpus\"", "\"x\\nFAKE log line\":1,\"gpus\"").as_bytes());
+        let message = injected.unwrap_err().to_string();
+        assert!(!message.contains('\n') && !message.contains("FAKE"), "{message}");
         assert_eq!(kind(&line(GPU).replace("\"v\":1", "\"v\":2")), "version");
         assert_eq!(kind(&line(GPU).replace("\"a1\"", "\"\"")), "session");
         assert_eq!(kind(&line(GPU).replace("10000", "5")), "interval");

@@ -4,8 +4,10 @@
 //!
 //! The port is a character device in the guest (`/dev/virtio-ports/org.kycd.telemetry.0`); a
 //! Unix socket path is connected to instead (a vsock or TCP relay, or a test standing in for
-//! QEMU). A port that cannot be opened or written is reopened at the next report; reports
-//! meanwhile are dropped (the host notices the silence: `guest_telemetry_gap`).
+//! QEMU). The device is opened non-blocking: while the host side is not connected, virtio's
+//! console driver would block a write, and so the sampling, indefinitely. A port that cannot
+//! be opened or written (host not connected, a partial line) is reopened at the next report;
+//! reports meanwhile are dropped (the host notices the silence: `guest_telemetry_gap`).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -154,7 +156,12 @@ impl Port {
             s.set_write_timeout(Some(Duration::from_secs(5)))?;
             Ok(Port::Socket(s))
         } else {
-            Ok(Port::Device(std::fs::OpenOptions::new().write(true).open(path)?))
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let device = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(path)?;
+            Ok(Port::Device(device))
         }
     }
 
@@ -189,7 +196,9 @@ pub fn run(mut sampler: GpuSampler, options: &SenderOptions) -> Result<(), Sende
                 crate::gpu::BackendState::Unavailable { reason } => {
                     tracing::warn!(%reason, "GPU backend unavailable: nothing to report until it is")
                 }
-                crate::gpu::BackendState::Ok => tracing::info!(gpus = tick.sample.gpus.len(), "GPU backend available"),
+                crate::gpu::BackendState::Ok => {
+                    tracing::info!(gpus = tick.sample.gpus.len(), "GPU backend available")
+                }
             }
             available = Some(ok);
         }
