@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{parse_line, GuestReport, GuestReportError, MAX_LINE};
 
@@ -335,7 +335,7 @@ impl Domain {
             return;
         }
         self.connect_after_ms = now_ms + RECONNECT_MS;
-        match UnixStream::connect(path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match connect_nonblocking(path) {
             Ok(s) => {
                 tracing::info!(domain = %name, channel = %path.display(), "guest telemetry channel connected");
                 self.stream = Some(s);
@@ -480,6 +480,23 @@ impl Domain {
         tracing::warn!(domain = %name, kind, %error, refused = self.refused,
             "guest telemetry refused (further refusals from this domain are counted, logged at most once a minute)");
     }
+}
+
+/// A non-blocking connection to the Unix socket at `path`. `UnixStream::connect` blocks while
+/// the listener's backlog is full (QEMU's chardev listens with a backlog of 1 and accepts one
+/// client at a time), which would stall the sampler thread; here a full backlog is `EAGAIN`,
+/// tried again at the next rescan.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]
@@ -629,6 +646,22 @@ mod tests {
         let s = &t.status(9_000)[0];
         assert_eq!((s.accepted, s.refused), (2, 4), "{s:?}");
         assert_eq!(t.rate("vm", "0000:17:00.0", 9_000).unwrap().point, 1.5e15);
+    }
+
+    #[test]
+    fn a_listener_with_a_full_backlog_does_not_block_the_connect() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qemu.sock");
+        // QEMU's chardev: a listener that accepts nothing while its one client stays.
+        let listener = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None).unwrap();
+        bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        let attempts: Vec<std::io::Result<UnixStream>> = (0..4).map(|_| connect_nonblocking(&path)).collect();
+        assert!(attempts[0].is_ok());
+        let full = attempts.iter().filter_map(|a| a.as_ref().err()).next().expect("a full backlog");
+        assert_eq!(full.kind(), std::io::ErrorKind::WouldBlock, "{full}");
     }
 
     #[test]
