@@ -7,6 +7,9 @@
 //!   open|resolved&kind=K&tenant=T&host=H&after=ID&limit=N]`, `GET /v1/hosts[?after=ID&
 //!   limit=N]`: JSON, paginated by cursor (`next` is the `after` of the next page, absent on
 //!   the last page); `limit` defaults to 100, at most 1000.
+//! - `GET /v1/unattributed[?after=HOST/WORKLOAD&limit=N]`: the usage no tenant is known for
+//!   (workloads without a valid attestation), per host and workload, with its open findings;
+//!   paginated the same way, by `host/workload`.
 //!
 //! The read endpoints expose tenants' legal names and countries: they need the bearer token
 //! of `--read-token-file` when one is configured, and are served only to loopback clients
@@ -25,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::response::{api_error, blocking, error, ApiError};
-use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage};
+use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage, UnattributedUsage};
 use crate::store::{Storage, StoreError};
 
 /// Default and largest page size.
@@ -362,6 +365,52 @@ pub(super) async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Re
     let store = Arc::clone(&state.store);
     match blocking(move || host_summaries(store.as_ref())).await {
         Ok(all) => Json(paginate(all, |h| h.host_id.clone(), p.after.as_deref(), limit)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Usage without a tenant as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnattributedSummary {
+    /// `host/workload`, the cursor of the list.
+    pub subject: String,
+    /// Aggregated usage.
+    #[serde(flatten)]
+    pub usage: UnattributedUsage,
+    /// Open findings about it.
+    pub open_findings: Vec<FindingKind>,
+}
+
+/// Every (host, workload) with usage and no tenant, by `host/workload`, with open findings.
+pub fn unattributed_summaries(store: &dyn Storage) -> Result<Vec<UnattributedSummary>, StoreError> {
+    let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
+    for f in crate::findings::open_findings(store)? {
+        if f.finding.kind == FindingKind::UnattributedTrainingScale {
+            open.entry(f.finding.subject.clone()).or_default().push(f.finding.kind);
+        }
+    }
+    let mut out: Vec<UnattributedSummary> = store
+        .fleet_usage(None)?
+        .unattributed
+        .into_iter()
+        .map(|usage| {
+            let subject = usage.subject();
+            UnattributedSummary { open_findings: open.remove(&subject).unwrap_or_default(), subject, usage }
+        })
+        .collect();
+    // By the cursor's own order ("a-b/x" sorts before "a/x"), so pages never skip.
+    out.sort_by(|a, b| a.subject.cmp(&b.subject));
+    Ok(out)
+}
+
+pub(super) async fn unattributed(State(state): State<ApiState>, query: ListQuery) -> Response {
+    let (p, limit) = match list_request(query) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match blocking(move || unattributed_summaries(store.as_ref())).await {
+        Ok(all) => Json(paginate(all, |u| u.subject.clone(), p.after.as_deref(), limit)).into_response(),
         Err(e) => e.into_response(),
     }
 }
