@@ -200,6 +200,40 @@ async fn unverified_workload_training_at_scale_raises_unattributed_training_scal
         let report = evaluate(store, &[], SETTINGS, NOW + 120).unwrap();
         assert!(report.raised.is_empty() && report.resolved.is_empty(), "{report:?}");
     });
+
+    // Over HTTP: `/v1/unattributed`, behind the read token, two per page to the end; the
+    // HTML overview lists them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let api = kycd_collector::http::ApiState {
+        store: store.clone(),
+        access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
+    };
+    let ingestor = kycd_collector::ingest::Ingestor::new(store.clone(), Limits::default());
+    let app = kycd_collector::http::app(std::sync::Arc::new(ingestor), api);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(kycd_collector::http::serve(listener, app, shutdown.clone()));
+    let auth = [("authorization", "Bearer read-token-0123456789")];
+    assert_eq!(request(addr, "GET", "/v1/unattributed", &[], vec![]).await.status, 401);
+    let first = request(addr, "GET", "/v1/unattributed?limit=2", &auth, vec![]).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let items = first.body["items"].as_array().unwrap();
+    assert_eq!(
+        (items[0]["subject"].as_str(), items[0]["host_id"].as_str()),
+        (Some("a/cgroup:/anon"), Some("a"))
+    );
+    assert_eq!(items[0]["open_findings"], json!(["unattributed_training_scale"]));
+    assert_eq!(first.body["next"], "a/cgroup:/small");
+    let rest = request(addr, "GET", "/v1/unattributed?after=a/cgroup:/small", &auth, vec![]).await;
+    let subjects: Vec<&str> =
+        rest.body["items"].as_array().unwrap().iter().map(|u| u["subject"].as_str().unwrap()).collect();
+    assert_eq!(subjects, ["b/cgroup:/anon", "c/cgroup:/anon"]);
+    let html = request(addr, "GET", "/", &auth, vec![]).await;
+    let page = html.body.as_str().unwrap();
+    assert!(page.contains("Usage without a tenant") && page.contains("<td>cgroup:/small</td>"), "{page}");
+    assert!(page.contains("unattributed_training_scale"), "{page}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
 }
 
 /// 3 minutes of the unverified workload: point 9e17 < 1e18 ≤ upper 1.8e18. On basis `point`

@@ -197,16 +197,30 @@ pub struct TenantSummary {
 
 /// Every tenant with usage, joined with identity and open findings.
 pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<TenantSummary>, StoreError> {
+    Ok(fleet_summaries(store, since)?.0)
+}
+
+/// Every tenant with usage (joined with identity and open findings) and every (host,
+/// workload) with usage and no tenant (with its open findings, by `host/workload`), from one
+/// aggregation pass.
+pub fn fleet_summaries(
+    store: &dyn Storage,
+    since: Option<i64>,
+) -> Result<(Vec<TenantSummary>, Vec<UnattributedSummary>), StoreError> {
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
+    let mut open_unattributed: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
     for f in crate::findings::open_findings(store)? {
-        if let Some(t) = &f.finding.tenant {
+        if f.finding.kind == FindingKind::UnattributedTrainingScale {
+            open_unattributed.entry(f.finding.subject.clone()).or_default().push(f.finding.kind);
+        } else if let Some(t) = &f.finding.tenant {
             open.entry(t.clone()).or_default().push(f.finding.kind);
         }
     }
-    Ok(store
-        .tenant_usage(None, since)?
+    let fleet = store.fleet_usage(since)?;
+    let tenants = fleet
+        .tenants
         .into_iter()
         .map(|usage| {
             let identity = identities.get(&usage.tenant).cloned();
@@ -218,7 +232,19 @@ pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<T
                 usage,
             }
         })
-        .collect())
+        .collect();
+    let mut unattributed: Vec<UnattributedSummary> = fleet
+        .unattributed
+        .into_iter()
+        .map(|usage| {
+            let subject = usage.subject();
+            let open_findings = open_unattributed.remove(&subject).unwrap_or_default();
+            UnattributedSummary { open_findings, subject, usage }
+        })
+        .collect();
+    // By the cursor's own order ("a-b/x" sorts before "a/x"), so pages never skip.
+    unattributed.sort_by(|a, b| a.subject.cmp(&b.subject));
+    Ok((tenants, unattributed))
 }
 
 pub(super) fn paginate<T>(
@@ -383,24 +409,7 @@ pub struct UnattributedSummary {
 
 /// Every (host, workload) with usage and no tenant, by `host/workload`, with open findings.
 pub fn unattributed_summaries(store: &dyn Storage) -> Result<Vec<UnattributedSummary>, StoreError> {
-    let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
-    for f in crate::findings::open_findings(store)? {
-        if f.finding.kind == FindingKind::UnattributedTrainingScale {
-            open.entry(f.finding.subject.clone()).or_default().push(f.finding.kind);
-        }
-    }
-    let mut out: Vec<UnattributedSummary> = store
-        .fleet_usage(None)?
-        .unattributed
-        .into_iter()
-        .map(|usage| {
-            let subject = usage.subject();
-            UnattributedSummary { open_findings: open.remove(&subject).unwrap_or_default(), subject, usage }
-        })
-        .collect();
-    // By the cursor's own order ("a-b/x" sorts before "a/x"), so pages never skip.
-    out.sort_by(|a, b| a.subject.cmp(&b.subject));
-    Ok(out)
+    Ok(fleet_summaries(store, None)?.1)
 }
 
 pub(super) async fn unattributed(State(state): State<ApiState>, query: ListQuery) -> Response {
