@@ -8,12 +8,14 @@
 //!     cargo bench -p kycd-collector --bench aggregate
 //!
 //! The fleet: 2,000 hosts, 200 tenants (a quarter foreign), minute-aligned 60 s windows, each
-//! host serving 5 tenants over consecutive minutes. Rows are bulk-loaded with a raw prepared
+//! host serving 5 tenants over consecutive minutes; one window in 50 (in the fifth slot) is
+//! of a workload without a tenant (`cgroup:/unverified`, aggregated per host and workload). Rows are bulk-loaded with a raw prepared
 //! INSERT (synchronous=OFF for the load only; the load is not what is measured) into a
 //! database created by `SqliteStore::open`, so schema and indexes are the collector's.
 //! `body_json` is stored as `{}` to keep the file at ~3 GB; aggregation never reads it. The
 //! database lives under the target directory (not /tmp, often tmpfs) and is reused across
-//! runs with the same window count (delete `target/bench-aggregate-*.db` to rebuild).
+//! runs with the same window count and loader version (delete `target/tmp/bench-aggregate-*.db`
+//! to rebuild).
 //!
 //! Then the same on PostgreSQL (see `support/aggregate_pg.rs`: `KYCD_BENCH_POSTGRES_URL` or a
 //! private cluster; `KYCD_BENCH_POSTGRES=0` skips it). `KYCD_BENCH_SQLITE=0` skips SQLite.
@@ -28,6 +30,22 @@ const HOSTS: u64 = 2_000;
 const TENANTS: u64 = 200;
 const TENANTS_PER_HOST: u64 = 5;
 const ROUNDS: usize = 3;
+/// Bumped when the loader writes different rows, so a database of an older one is not reused
+/// (2: windows without a tenant, issue 19).
+const LOADER_VERSION: u32 = 2;
+/// One window in this many has no tenant.
+const UNATTRIBUTED_EVERY: u64 = 50;
+
+/// The tenant and workload of host `h`'s `i`-th window: `None` and `cgroup:/unverified` for
+/// one window in [`UNATTRIBUTED_EVERY`], otherwise the slot's tenant and VM.
+fn owner(h: u64, i: u64) -> (Option<String>, String) {
+    let slot = i % TENANTS_PER_HOST;
+    if i % UNATTRIBUTED_EVERY == UNATTRIBUTED_EVERY - 1 {
+        return (None, "cgroup:/unverified".to_owned());
+    }
+    let tenant = (h * TENANTS_PER_HOST + slot) % TENANTS;
+    (Some(format!("t-{tenant:03}")), format!("libvirt_domain:vm-{slot}"))
+}
 
 use kycd_test_support::pg;
 
@@ -67,12 +85,13 @@ fn load(path: &std::path::Path, windows: u64) {
                 let start = base + 60 * minute;
                 let seq = i64::try_from(i + 1).unwrap();
                 let ops = 1.0e17 + (i % 97) as f64 * 1.0e15;
+                let (owner, workload) = owner(h, i);
                 insert
                     .execute(rusqlite::params![
                         host,
                         seq,
-                        format!("t-{tenant:03}"),
-                        format!("libvirt_domain:vm-{slot}"),
+                        owner,
+                        workload,
                         start,
                         start + 60,
                         ops,
@@ -104,8 +123,8 @@ fn main() {
 
 fn sqlite(windows: u64) {
     // Kept between runs (loading takes minutes), in cargo's scratch directory for benches.
-    let path =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-aggregate-{windows}.db"));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-aggregate-{windows}-v{LOADER_VERSION}.db"));
     if !path.exists() {
         eprintln!("building {} ({windows} windows)…", path.display());
         let partial = path.with_extension("partial");
@@ -144,6 +163,8 @@ fn sqlite(windows: u64) {
             baseline[round], usage[round], evaluation[round], report.open
         );
     }
+    // Every host's unverified workload, aggregated on its own (outside the timings).
+    assert_eq!(store.fleet_usage(None).unwrap().unattributed.len(), usize::try_from(HOSTS).unwrap());
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "aggregate over {windows} windows, {HOSTS} hosts, {TENANTS} tenants (best of {ROUNDS}):\n  \

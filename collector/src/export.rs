@@ -10,6 +10,13 @@
 //! RFC 3339 UTC. CSV follows RFC 4180 (header row, CRLF, quoted fields where needed); JSON is
 //! one array of objects with the same fields, countries and findings as arrays.
 //!
+//! `--unattributed` exports instead the usage no tenant is known for (workloads without a
+//! valid attestation, run under the policy's `unverified: allow` or `grace`), one row per
+//! (host, workload) with the same figures and its `unattributed_training_scale` findings
+//! ([`UnattributedRow`], [`UNATTRIBUTED_CSV_HEADER`]). A separate table, not rows with an
+//! empty tenant in the tenants' one: a reader of that table keys it by tenant, and these rows
+//! have none.
+//!
 //! **Formula injection.** Tenant ids come from attestations and legal names from host
 //! statements: text the provider does not control, opened in a spreadsheet by whoever
 //! prepares the filing. A CSV text cell that starts with `=`, `+`, `-`, `@`, a tab or a
@@ -22,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::fleet::{finite, FindingQuery, TenantUsage};
+use crate::fleet::{finite, FindingKind, FindingQuery, TenantUsage, UnattributedUsage};
 use crate::store::{Storage, StoreError};
 
 /// Export formats.
@@ -70,6 +77,125 @@ pub struct ExportRow {
     pub hosts: u32,
     /// Findings about the tenant raised in the period, as `kind#id`.
     pub findings: Vec<String>,
+}
+
+/// One exported row of usage without a tenant (`export --unattributed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnattributedRow {
+    /// Reporting host.
+    pub host_id: String,
+    /// The workload (cgroup or VM) as the agent names it.
+    pub workload: String,
+    /// Lower bound of operations in the period.
+    pub ops_lower: f64,
+    /// Estimated operations in the period (point estimate).
+    pub estimated_ops: f64,
+    /// Upper bound of operations in the period.
+    pub ops_upper: f64,
+    /// GPU-hours in the period.
+    pub gpu_hours: f64,
+    /// Of them, GPU-hours on GPUs shared without isolation.
+    pub shared_gpu_hours: f64,
+    /// Of them, GPU-hours of a VM whose guest sent no telemetry.
+    pub guest_gap_gpu_hours: f64,
+    /// Peak FLOP/s capacity in one minute of the period.
+    pub peak_flops: f64,
+    /// Most GPUs used at once.
+    pub gpus: u32,
+    /// First window start in the period (RFC 3339).
+    pub first_seen: String,
+    /// Last window end in the period (RFC 3339).
+    pub last_seen: String,
+    /// `unattributed_training_scale` findings about it raised in the period, as `kind#id`.
+    pub findings: Vec<String>,
+}
+
+/// The CSV header of `export --unattributed`.
+pub const UNATTRIBUTED_CSV_HEADER: [&str; 13] = [
+    "host_id",
+    "workload",
+    "ops_lower",
+    "estimated_ops",
+    "ops_upper",
+    "gpu_hours",
+    "shared_gpu_hours",
+    "guest_gap_gpu_hours",
+    "peak_flops",
+    "gpus",
+    "first_seen",
+    "last_seen",
+    "findings",
+];
+
+/// The rows without a tenant of the period starting at `since`, by host id and workload.
+pub fn unattributed_rows(store: &dyn Storage, since: i64) -> Result<Vec<UnattributedRow>, StoreError> {
+    let mut findings: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let query = FindingQuery {
+        kind: Some(FindingKind::UnattributedTrainingScale),
+        limit: 1000,
+        ..FindingQuery::default()
+    };
+    crate::findings::for_each_finding(store, query, |f| {
+        if f.raised_at >= since {
+            findings.entry(f.finding.subject.clone()).or_default().push(format!(
+                "{}#{}",
+                f.finding.kind.as_str(),
+                f.id
+            ));
+        }
+        Ok::<_, StoreError>(())
+    })?;
+    Ok(store
+        .fleet_usage(Some(since))?
+        .unattributed
+        .into_iter()
+        .map(|u: UnattributedUsage| UnattributedRow {
+            findings: findings.remove(&u.subject()).unwrap_or_default(),
+            ops_lower: finite(u.ops_lower),
+            estimated_ops: finite(u.estimated_ops),
+            ops_upper: finite(u.ops_upper),
+            gpu_hours: finite(u.gpu_hours()),
+            shared_gpu_hours: finite(u.shared_gpu_seconds / 3600.0),
+            guest_gap_gpu_hours: finite(u.guest_gap_gpu_seconds / 3600.0),
+            peak_flops: finite(u.peak_flops),
+            gpus: u.gpus,
+            first_seen: rfc3339(u.first_seen),
+            last_seen: rfc3339(u.last_seen),
+            host_id: u.host_id,
+            workload: u.workload,
+        })
+        .collect())
+}
+
+/// Renders rows without a tenant in `format` (text cells neutralised in CSV, as
+/// [`render`] does).
+pub fn render_unattributed(rows: &[UnattributedRow], format: Format) -> Result<String, serde_json::Error> {
+    match format {
+        Format::Json => serde_json::to_string_pretty(rows).map(|s| s + "\n"),
+        Format::Csv => {
+            let mut out = UNATTRIBUTED_CSV_HEADER.join(",") + "\r\n";
+            for r in rows {
+                let fields = [
+                    neutralize(&r.host_id),
+                    neutralize(&r.workload),
+                    format!("{:e}", finite(r.ops_lower)),
+                    format!("{:e}", finite(r.estimated_ops)),
+                    format!("{:e}", finite(r.ops_upper)),
+                    format!("{:.3}", finite(r.gpu_hours)),
+                    format!("{:.3}", finite(r.shared_gpu_hours)),
+                    format!("{:.3}", finite(r.guest_gap_gpu_hours)),
+                    format!("{:e}", finite(r.peak_flops)),
+                    r.gpus.to_string(),
+                    neutralize(&r.first_seen),
+                    neutralize(&r.last_seen),
+                    neutralize(&r.findings.join(" ")),
+                ];
+                out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+                out.push_str("\r\n");
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Why a date does not parse.

@@ -204,6 +204,14 @@ fn policy_publish_accepts_only_newer_validly_signed_policies_and_export_and_find
     let out = collector(&["export", "--since", "2026-01-01", "--format", "csv", "--db", &db]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("tenant,legal_name,countries,"));
+    let out = collector(&["export", "--since", "2026-01-01", "--unattributed", "--db", &db]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        kycd_collector::export::UNATTRIBUTED_CSV_HEADER.join(",") + "\r\n"
+    );
+    let out = collector(&["findings", "list", "--kind", "unattributed_training_scale", "--db", &db]);
+    assert!(out.status.success(), "{}", text(&out));
     let out = collector(&["export", "--since", "last tuesday", "--db", &db]);
     assert!(!out.status.success() && text(&out).contains("is not a date"), "{}", text(&out));
 }

@@ -16,7 +16,7 @@ use kycd_collector::fleet::FleetStore as _;
 use kycd_collector::{PgStore, ReportStore as _};
 use kycd_protocol::{Algorithm, PrivateJwk};
 
-use super::{pg, HOSTS, ROUNDS, TENANTS, TENANTS_PER_HOST};
+use super::{owner, pg, HOSTS, LOADER_VERSION, ROUNDS, TENANTS, TENANTS_PER_HOST};
 
 const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
@@ -42,6 +42,9 @@ fn load(url: &str, windows: u64) {
             for i in 0..per_host {
                 let slot = i % TENANTS_PER_HOST;
                 let tenant = (h * TENANTS_PER_HOST + slot) % TENANTS;
+                // The SQLite loader's tenants and workloads (`\N`: no tenant).
+                let (owner, workload) = owner(h, i);
+                let owner = owner.unwrap_or_else(|| "\\N".to_owned());
                 let minute = i64::try_from(i / TENANTS_PER_HOST).unwrap();
                 let start = base + 60 * minute;
                 let seq = i + 1;
@@ -49,7 +52,7 @@ fn load(url: &str, windows: u64) {
                 let foreign = if tenant % 4 == 0 { "t" } else { "f" };
                 writeln!(
                     out,
-                    "host-{h:04}\t1\t{seq}\t{seq}\tt-{tenant:03}\tlibvirt_domain:vm-{slot}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_pipes\tt\t{foreign}\t1\t{{}}\t{end}\t{lower:e}\t{upper:e}\t{shared}\t0",
+                    "host-{h:04}\t1\t{seq}\t{seq}\t{owner}\t{workload}\t{start}\t{end}\t480\t8\t8\t{ops:e}\t7.9e15\tgpm_pipes\tt\t{foreign}\t1\t{{}}\t{end}\t{lower:e}\t{upper:e}\t{shared}\t0",
                     end = start + 60,
                     lower = ops / 2.0,
                     upper = ops * 2.0,
@@ -98,7 +101,7 @@ pub fn run(windows: u64) {
             }
         },
     };
-    let name = format!("kycd_bench_aggregate_{windows}");
+    let name = format!("kycd_bench_aggregate_{windows}_v{LOADER_VERSION}");
     let url = pg::with_dbname(&admin, &name);
     let expected = windows / HOSTS * HOSTS;
     if count(&url) != Some(expected) {
@@ -132,6 +135,7 @@ pub fn run(windows: u64) {
             baseline[round], usage[round], evaluation[round], report.open
         );
     }
+    assert_eq!(store.fleet_usage(None).unwrap().unattributed.len(), usize::try_from(HOSTS).unwrap());
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "PostgreSQL: aggregate over {windows} windows, {HOSTS} hosts, {TENANTS} tenants (best of {ROUNDS}):\n  \

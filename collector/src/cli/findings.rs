@@ -54,7 +54,7 @@ pub enum FindingsCommand {
         state: Option<String>,
         /// Only this kind (early_warning, training_threshold_crossed, cluster_capacity_crossed,
         /// host_dark, policy_stale, enforcement_mismatch, report_rejected, shared_gpu,
-        /// guest_telemetry_gap).
+        /// guest_telemetry_gap, unattributed_training_scale).
         #[arg(long)]
         kind: Option<String>,
         /// Only about this tenant.

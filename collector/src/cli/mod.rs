@@ -83,6 +83,10 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "csv")]
         format: crate::export::Format,
+        /// Export instead the usage no tenant is known for (workloads without a valid
+        /// attestation), one row per host and workload.
+        #[arg(long)]
+        unattributed: bool,
         /// Write to this file instead of standard output.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -117,6 +121,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hosts { command } => hosts::run(command),
         Command::Policy { command } => policy::run(command),
         Command::Findings { command } => findings::run(command),
-        Command::Export { since, format, output, db } => export::run(&since, format, output, &db),
+        Command::Export { since, format, unattributed, output, db } => {
+            export::run(&since, format, unattributed, output, &db)
+        }
     }
 }

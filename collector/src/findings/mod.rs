@@ -14,6 +14,7 @@
 //! | `report_rejected` | a batch of the host was refused for good within `rejected_window_s` | host |
 //! | `shared_gpu` | a foreign tenant has GPU-seconds on a GPU shared without isolation | tenant |
 //! | `guest_telemetry_gap` | a foreign tenant's VM held passed-through GPUs while its guest sent no telemetry | tenant |
+//! | `unattributed_training_scale` | a workload with no verified tenant crossed `training_ops` (on `threshold_basis`) or `cluster_flops` on one host | host/workload |
 //!
 //! `report_rejected` makes lost usage visible at the collector: a batch that verified with the
 //! host's key and was then refused (`SeqConflict`, `InvalidRecord`, `HostMismatch`,
@@ -49,6 +50,13 @@
 //! count nothing for that time and its upper bound the whole allocation. Its evidence names
 //! the gap GPU-seconds, the hosts and the VMs (`host/workload`).
 //!
+//! `unattributed_training_scale` ([`unattributed`](mod@unattributed)) closes the unverified
+//! loophole: windows without a tenant (a workload the policy's `unverified: allow` or `grace`
+//! let run) are aggregated per (host, workload) and held against the same thresholds as a
+//! tenant's. Its foreign status is unknown, so it is treated as foreign. Its evidence names the
+//! host, the workload, the three figures, the peak, the thresholds and which crossed, the
+//! policy version and the workload's top windows.
+//!
 //! [`evaluate`] reconciles that set with the stored open findings: a condition that starts to
 //! hold raises a finding (with evidence: totals, the top windows and the hosts), one that stops
 //! holding resolves it. A condition that keeps holding is never raised twice: the store keeps
@@ -56,7 +64,8 @@
 
 //!
 //! Layout: [`rules`] (the rule set and the state it reads), [`prohibitions`](mod@prohibitions) (policy measures
-//! matched against a statement's subject); this file evaluates and records.
+//! matched against a statement's subject), [`unattributed`](mod@unattributed) (the rule on usage
+//! without a tenant); this file evaluates and records.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -71,6 +80,7 @@ use crate::store::{Storage, StoreError};
 
 pub mod prohibitions;
 pub mod rules;
+pub mod unattributed;
 
 pub use prohibitions::{prohibitions, Prohibition};
 pub use rules::{desired_findings, EvaluationSettings, FleetState, HostView};
@@ -162,9 +172,17 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let policy = store.current_policy()?;
-    let usage = store.tenant_usage(None, None)?;
-    let state =
-        FleetState { now, policy: policy.as_ref(), usage: &usage, identities: &identities, hosts, settings };
+    // One pass over the windows: the tenants' usage and the usage without a tenant.
+    let fleet = store.fleet_usage(None)?;
+    let state = FleetState {
+        now,
+        policy: policy.as_ref(),
+        usage: &fleet.tenants,
+        unattributed: &fleet.unattributed,
+        identities: &identities,
+        hosts,
+        settings,
+    };
     let desired = desired_findings(&state);
 
     let open = open_findings(store)?;
@@ -192,6 +210,14 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
             let rejections = store.rejections(&host, EVIDENCE_WINDOWS)?;
             if let Some(map) = finding.evidence.as_object_mut() {
                 map.insert("rejections".into(), json!(rejections));
+            }
+        }
+        if let (FindingKind::UnattributedTrainingScale, Some(host)) = (finding.kind, finding.host_id.clone())
+        {
+            let workload = finding.evidence["workload"].as_str().unwrap_or_default().to_owned();
+            let windows = store.unattributed_evidence(&host, &workload, EVIDENCE_WINDOWS)?;
+            if let Some(map) = finding.evidence.as_object_mut() {
+                map.insert("top_windows".into(), json!(windows));
             }
         }
         if let Some(tenant) = finding.tenant.clone().filter(|_| finding.host_id.is_none()) {

@@ -7,7 +7,8 @@ use kycd_protocol::{HostStatementClaims, MeasureAction, PolicyClaims, ThresholdB
 use serde_json::json;
 
 use super::prohibitions::prohibitions;
-use crate::fleet::{FindingKind, NewFinding, RejectionCount, TenantIdentity, TenantUsage};
+use super::unattributed::unattributed_findings;
+use crate::fleet::{FindingKind, NewFinding, RejectionCount, TenantIdentity, TenantUsage, UnattributedUsage};
 use crate::policy::PublishedPolicy;
 
 /// Tunables of the rules.
@@ -56,6 +57,8 @@ pub struct FleetState<'a> {
     pub policy: Option<&'a PublishedPolicy>,
     /// Usage per tenant.
     pub usage: &'a [TenantUsage],
+    /// Usage without a tenant, per (host, workload).
+    pub unattributed: &'a [UnattributedUsage],
     /// Identities per tenant id.
     pub identities: &'a BTreeMap<String, TenantIdentity>,
     /// Enrolled hosts.
@@ -71,6 +74,7 @@ pub fn desired_findings(state: &FleetState<'_>) -> Vec<NewFinding> {
         for usage in state.usage {
             tenant_findings(&policy.claims, usage, state.identities.get(&usage.tenant), &mut out);
         }
+        unattributed_findings(&policy.claims, state.unattributed, &mut out);
     }
     // Not a threshold rule: sharing is a fact about the measurement, raised with or without a
     // published policy (which only adds whether it broke an `exclusive_gpu` condition).
@@ -472,6 +476,7 @@ mod tests {
             now,
             policy: Some(policy),
             usage: &[],
+            unattributed: &[],
             identities: &identities,
             hosts,
             settings: EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 3600 },
@@ -513,7 +518,7 @@ mod tests {
         let mut acc = UsageAccumulator::default();
         for tenant in ["f", "said-domestic"] {
             acc.add(&WindowRow {
-                tenant,
+                tenant: Some(tenant),
                 host_id: "h",
                 start: 0,
                 end: 60,
@@ -555,6 +560,7 @@ mod tests {
             now: 1_000,
             policy: Some(&published),
             usage: &usage,
+            unattributed: &[],
             identities: &identities,
             hosts: &hosts,
             settings: EvaluationSettings::default(),
@@ -581,7 +587,7 @@ mod tests {
             [("f", "h1", 40.0), ("f", "h2", 20.0), ("f", "h3", 0.0), ("said-domestic", "h1", 60.0)]
         {
             acc.add(&WindowRow {
-                tenant,
+                tenant: Some(tenant),
                 host_id: host,
                 start: 0,
                 end: 60,
@@ -604,6 +610,7 @@ mod tests {
             now: 1_000,
             policy: None,
             usage: &usage,
+            unattributed: &[],
             identities: &identities,
             hosts: &[],
             settings: EvaluationSettings::default(),

@@ -20,6 +20,12 @@
 //!   only under-state concurrency, never invent it.
 //! - GPUs involved: per host the most GPUs the tenant used at once, summed over hosts.
 //!
+//! Windows that name no tenant (workloads without a valid attestation, which the policy's
+//! `unverified: allow` or `grace` lets run) are aggregated by the same rules in the same pass,
+//! per (host, workload) instead of per tenant ([`UnattributedUsage`]): nothing ties such a
+//! workload to a customer across hosts, but leaving it out would let unverified usage train
+//! at any scale unseen.
+//!
 //! Totals never overflow into something that is not a number: ingest bounds every window
 //! (`crate::ingest::check_window`), and the sums here saturate anyway (floats at `f64::MAX`,
 //! counts at their integer maximum; a NaN or negative stored value counts as 0), so a database
@@ -36,7 +42,10 @@ use crate::store::reports::Rejection;
 
 mod usage;
 
-pub use usage::{finite, saturating_sum, TenantUsage, UsageAccumulator, WindowRow, CAPACITY_BUCKET_S};
+pub use usage::{
+    finite, saturating_sum, FleetUsage, TenantUsage, UnattributedUsage, UsageAccumulator, WindowRow,
+    CAPACITY_BUCKET_S,
+};
 
 /// One stored window, as evidence for a finding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,11 +122,15 @@ pub enum FindingKind {
     /// A foreign tenant's VM held passed-through GPUs while its guest sent no telemetry: for
     /// that time only the allocation bound of its operations is known.
     GuestTelemetryGap,
+    /// A workload with no verified tenant (foreign status unknown, so treated as foreign)
+    /// crossed the training threshold (on the policy's `threshold_basis`) or the cluster
+    /// capacity threshold on one host; subject `host/workload`.
+    UnattributedTrainingScale,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 9] = [
+    pub const ALL: [FindingKind; 10] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
@@ -127,6 +140,7 @@ impl FindingKind {
         FindingKind::ReportRejected,
         FindingKind::SharedGpu,
         FindingKind::GuestTelemetryGap,
+        FindingKind::UnattributedTrainingScale,
     ];
 
     /// The wire and storage name.
@@ -141,6 +155,7 @@ impl FindingKind {
             FindingKind::ReportRejected => "report_rejected",
             FindingKind::SharedGpu => "shared_gpu",
             FindingKind::GuestTelemetryGap => "guest_telemetry_gap",
+            FindingKind::UnattributedTrainingScale => "unattributed_training_scale",
         }
     }
 
@@ -184,14 +199,15 @@ impl FindingState {
 pub struct NewFinding {
     /// Kind.
     pub kind: FindingKind,
-    /// What it is about: the tenant id, the host id, or `host/workload` for a mismatch. At
-    /// most one finding per (kind, subject) is open at a time.
+    /// What it is about: the tenant id, the host id, or `host/workload` for a mismatch and
+    /// for unattributed usage. At most one finding per (kind, subject) is open at a time.
     pub subject: String,
     /// The tenant, when it is about one.
     pub tenant: Option<String>,
     /// The host, when it is about one.
     pub host_id: Option<String>,
-    /// Foreign (true) or domestic (false) tenant, per its attestation; none for host findings.
+    /// Foreign (true) or domestic (false) tenant, per its attestation; none for host findings;
+    /// true for unattributed usage (unknown, treated as foreign).
     pub foreign_person: Option<bool>,
     /// One line for humans.
     pub summary: String,
@@ -238,6 +254,19 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     /// Usage aggregated per tenant (one tenant when `tenant` is given), by tenant id; with
     /// `since`, only windows ending after it count (a filing period), otherwise all of them.
     fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError>;
+
+    /// Every tenant's usage and the usage without a tenant per (host, workload), in one pass
+    /// over the windows (those ending after `since`, if given).
+    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError>;
+
+    /// The `limit` windows without a tenant of `workload` on `host_id` with the most estimated
+    /// operations, most first.
+    fn unattributed_evidence(
+        &self,
+        host_id: &str,
+        workload: &str,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError>;
 
     /// The tenant's `limit` windows with the most estimated operations, most first.
     fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError>;

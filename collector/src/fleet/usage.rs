@@ -1,5 +1,7 @@
-//! Per-tenant usage aggregated across hosts and windows: [`UsageAccumulator`] streams every
-//! stored window ([`WindowRow`]) into [`TenantUsage`] totals, the one definition both storage
+//! Usage aggregated across hosts and windows: [`UsageAccumulator`] streams every stored window
+//! ([`WindowRow`]) into [`TenantUsage`] totals per tenant, and the windows no tenant is known
+//! for (a workload without a valid attestation, run under the policy's `unverified: allow` or
+//! `grace`) into [`UnattributedUsage`] per (host, workload) — the one definition both storage
 //! backends use (the rules are in the parent module's docs).
 
 use std::collections::BTreeMap;
@@ -84,17 +86,100 @@ impl TenantUsage {
     }
 }
 
-/// Aggregates windows into [`TenantUsage`] in one pass, in any order: hash maps per tenant
-/// (totals, per-host GPU maxima, per-minute capacity sums), so a backend streams its rows
-/// through [`UsageAccumulator::add`] instead of sorting them in several GROUP BY passes.
-/// Memory grows with distinct (tenant, host) and (tenant, minute) pairs (and the VMs whose
-/// guest was silent), not with windows.
+/// The usage of one workload on one host whose windows name no tenant (no valid attestation:
+/// the policy's `unverified` path), aggregated by the tenants' rules. Nothing ties such a
+/// workload to a customer across hosts, so it is kept per (host, workload); its foreign
+/// status is unknown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnattributedUsage {
+    /// Reporting host.
+    pub host_id: String,
+    /// The workload (cgroup or VM) as the agent names it.
+    pub workload: String,
+    /// Cumulative lower bound of operations.
+    pub ops_lower: f64,
+    /// Cumulative estimated operations (the point estimate).
+    pub estimated_ops: f64,
+    /// Cumulative upper bound of operations.
+    pub ops_upper: f64,
+    /// Cumulative GPU-seconds.
+    pub gpu_seconds: f64,
+    /// Of them, GPU-seconds on a GPU shared without isolation.
+    pub shared_gpu_seconds: f64,
+    /// Of them, GPU-seconds of a VM whose guest sent no telemetry.
+    pub guest_gap_gpu_seconds: f64,
+    /// Largest FLOP/s capacity in one minute (the tenants' per-minute bucket rule).
+    pub peak_flops: f64,
+    /// Start of the minute of that peak (Unix seconds).
+    pub peak_at: i64,
+    /// Most GPUs used at once.
+    pub gpus: u32,
+    /// Windows stored.
+    pub windows: u64,
+    /// Estimated operations by estimation method (wire names).
+    pub ops_by_method: BTreeMap<String, f64>,
+    /// Start of the first window.
+    pub first_seen: i64,
+    /// End of the last window.
+    pub last_seen: i64,
+}
+
+impl UnattributedUsage {
+    /// `host/workload`: the subject of its finding.
+    pub fn subject(&self) -> String {
+        format!("{}/{}", self.host_id, self.workload)
+    }
+
+    /// GPU-hours.
+    pub fn gpu_hours(&self) -> f64 {
+        self.gpu_seconds / 3600.0
+    }
+
+    fn from_usage(host_id: String, workload: String, u: TenantUsage) -> Self {
+        UnattributedUsage {
+            host_id,
+            workload,
+            ops_lower: u.ops_lower,
+            estimated_ops: u.estimated_ops,
+            ops_upper: u.ops_upper,
+            gpu_seconds: u.gpu_seconds,
+            shared_gpu_seconds: u.shared_gpu_seconds,
+            guest_gap_gpu_seconds: u.guest_gap_gpu_seconds,
+            peak_flops: u.peak_flops,
+            peak_at: u.peak_at,
+            gpus: u.gpus,
+            windows: u.windows,
+            ops_by_method: u.ops_by_method,
+            first_seen: u.first_seen,
+            last_seen: u.last_seen,
+        }
+    }
+}
+
+/// What one aggregation pass yields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetUsage {
+    /// Per tenant, by tenant id.
+    pub tenants: Vec<TenantUsage>,
+    /// Windows without a tenant, per (host, workload), by host id then workload.
+    pub unattributed: Vec<UnattributedUsage>,
+}
+
+/// Aggregates windows into [`TenantUsage`] (and [`UnattributedUsage`]) in one pass, in any
+/// order: hash maps per tenant (totals, per-host GPU maxima, per-minute capacity sums), so a
+/// backend streams its rows through [`UsageAccumulator::add`] instead of sorting them in
+/// several GROUP BY passes. A window without a tenant goes through the same per-tenant code,
+/// keyed by its (host, workload) instead. Memory grows with distinct (tenant, host) and
+/// (tenant, minute) pairs (and the VMs whose guest was silent, and the unattributed
+/// workloads' minutes), not with windows.
 #[derive(Debug, Default)]
 pub struct UsageAccumulator {
     hosts: std::collections::HashMap<String, u32>,
     /// Host ids by their index in `hosts`.
     host_ids: Vec<String>,
     tenants: std::collections::HashMap<String, TenantAccumulator>,
+    /// Windows without a tenant: by host index, then workload.
+    unattributed: std::collections::HashMap<u32, std::collections::HashMap<String, TenantAccumulator>>,
 }
 
 #[derive(Debug, Default)]
@@ -111,8 +196,9 @@ struct TenantAccumulator {
 /// One window as [`UsageAccumulator::add`] takes it.
 #[derive(Debug, Clone, Copy)]
 pub struct WindowRow<'a> {
-    /// Tenant.
-    pub tenant: &'a str,
+    /// Tenant; `None` for a workload without a valid attestation (aggregated per host and
+    /// workload, so `workload` must be given then).
+    pub tenant: Option<&'a str>,
     /// Reporting host.
     pub host_id: &'a str,
     /// Start.
@@ -133,9 +219,9 @@ pub struct WindowRow<'a> {
     pub shared_gpu_seconds: f64,
     /// GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.
     pub guest_gap_gpu_seconds: f64,
-    /// The window's workload. Only windows with `guest_gap_gpu_seconds > 0` need it (the
-    /// backends read it only for them, so the aggregation scan does not carry every
-    /// workload id); `None` otherwise.
+    /// The window's workload. Only windows with `guest_gap_gpu_seconds > 0` or without a
+    /// tenant need it (the backends read it only for them, so the aggregation scan does not
+    /// carry every workload id); `None` otherwise.
     pub workload: Option<&'a str>,
     /// Peak FLOP/s capacity.
     pub peak_flops: f64,
@@ -157,12 +243,62 @@ impl UsageAccumulator {
                 next_host
             }
         };
-        if !self.tenants.contains_key(w.tenant) {
-            self.tenants.insert(w.tenant.to_owned(), TenantAccumulator::default());
+        let t = match w.tenant {
+            Some(tenant) => {
+                if !self.tenants.contains_key(tenant) {
+                    self.tenants.insert(tenant.to_owned(), TenantAccumulator::default());
+                }
+                self.tenants.get_mut(tenant)
+            }
+            None => {
+                let workloads = self.unattributed.entry(host).or_default();
+                let workload = w.workload.unwrap_or_default();
+                if !workloads.contains_key(workload) {
+                    workloads.insert(workload.to_owned(), TenantAccumulator::default());
+                }
+                workloads.get_mut(workload)
+            }
+        };
+        if let Some(t) = t {
+            t.add(host, w);
         }
-        let Some(t) = self.tenants.get_mut(w.tenant) else { return };
+    }
+
+    /// The per-tenant usage, by tenant id (windows without a tenant are left out: see
+    /// [`UsageAccumulator::finish_fleet`]).
+    pub fn finish(self) -> Vec<TenantUsage> {
+        self.finish_fleet().tenants
+    }
+
+    /// The per-tenant usage, by tenant id, and the usage without a tenant, by host id and
+    /// workload.
+    pub fn finish_fleet(self) -> FleetUsage {
+        let host_ids = self.host_ids;
+        let mut tenants: Vec<TenantUsage> =
+            self.tenants.into_values().filter_map(|t| t.finish(&host_ids)).collect();
+        tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let mut unattributed: Vec<UnattributedUsage> = self
+            .unattributed
+            .into_iter()
+            .filter_map(|(host, workloads)| Some((host_ids.get(usize::try_from(host).ok()?)?, workloads)))
+            .flat_map(|(host_id, workloads)| {
+                workloads.into_iter().filter_map(|(workload, t)| {
+                    let usage = t.finish(&host_ids)?;
+                    Some(UnattributedUsage::from_usage(host_id.clone(), workload, usage))
+                })
+            })
+            .collect();
+        unattributed.sort_by(|a, b| (&a.host_id, &a.workload).cmp(&(&b.host_id, &b.workload)));
+        FleetUsage { tenants, unattributed }
+    }
+}
+
+impl TenantAccumulator {
+    /// Adds one window reported by host `host` (an index).
+    fn add(&mut self, host: u32, w: &WindowRow<'_>) {
+        let t = self;
         let usage = t.usage.get_or_insert_with(|| TenantUsage {
-            tenant: w.tenant.to_owned(),
+            tenant: w.tenant.unwrap_or_default().to_owned(),
             ops_lower: 0.0,
             estimated_ops: 0.0,
             ops_upper: 0.0,
@@ -214,49 +350,38 @@ impl UsageAccumulator {
         *bucket = saturating_sum(*bucket, w.peak_flops * share);
     }
 
-    /// The per-tenant usage, by tenant id.
-    pub fn finish(self) -> Vec<TenantUsage> {
-        let host_ids = self.host_ids;
-        let mut out: Vec<TenantUsage> = self
-            .tenants
-            .into_values()
-            .filter_map(|t| {
-                let mut usage = t.usage?;
-                let mut shared: Vec<String> = t
-                    .shared_hosts
-                    .iter()
-                    .filter_map(|i| host_ids.get(usize::try_from(*i).ok()?).cloned())
-                    .collect();
-                shared.sort();
-                usage.shared_gpu_hosts = shared;
-                let host_id = |i: u32| host_ids.get(usize::try_from(i).ok()?).map(String::as_str);
-                let mut gap_hosts = std::collections::BTreeSet::new();
-                let mut gap_workloads = Vec::new();
-                for (i, workload) in &t.guest_gap_workloads {
-                    let Some(host) = host_id(*i) else { continue };
-                    gap_hosts.insert(host.to_owned());
-                    if !workload.is_empty() {
-                        gap_workloads.push(format!("{host}/{workload}"));
-                    }
-                }
-                gap_workloads.sort();
-                usage.guest_gap_hosts = gap_hosts.into_iter().collect();
-                usage.guest_gap_workloads = gap_workloads;
-                usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
-                usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
-                // Earliest bucket among equal peaks, so the result does not depend on order.
-                for (bucket, flops) in t.capacity {
-                    let at = bucket * CAPACITY_BUCKET_S;
-                    if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
-                        usage.peak_flops = flops;
-                        usage.peak_at = at;
-                    }
-                }
-                Some(usage)
-            })
-            .collect();
-        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
-        out
+    /// The totals, with host indices resolved through `host_ids`.
+    fn finish(self, host_ids: &[String]) -> Option<TenantUsage> {
+        let t = self;
+        let mut usage = t.usage?;
+        let host_id = |i: u32| host_ids.get(usize::try_from(i).ok()?).map(String::as_str);
+        let mut shared: Vec<String> =
+            t.shared_hosts.iter().filter_map(|i| host_id(*i).map(str::to_owned)).collect();
+        shared.sort();
+        usage.shared_gpu_hosts = shared;
+        let mut gap_hosts = std::collections::BTreeSet::new();
+        let mut gap_workloads = Vec::new();
+        for (i, workload) in &t.guest_gap_workloads {
+            let Some(host) = host_id(*i) else { continue };
+            gap_hosts.insert(host.to_owned());
+            if !workload.is_empty() {
+                gap_workloads.push(format!("{host}/{workload}"));
+            }
+        }
+        gap_workloads.sort();
+        usage.guest_gap_hosts = gap_hosts.into_iter().collect();
+        usage.guest_gap_workloads = gap_workloads;
+        usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
+        usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
+        // Earliest bucket among equal peaks, so the result does not depend on order.
+        for (bucket, flops) in t.capacity {
+            let at = bucket * CAPACITY_BUCKET_S;
+            if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
+                usage.peak_flops = flops;
+                usage.peak_at = at;
+            }
+        }
+        Some(usage)
     }
 }
 
@@ -266,7 +391,7 @@ mod tests {
 
     fn row<'a>(tenant: &'a str, host: &'a str, start: i64, len: i64, flops: f64) -> WindowRow<'a> {
         WindowRow {
-            tenant,
+            tenant: Some(tenant),
             host_id: host,
             start,
             end: start + len,
@@ -355,5 +480,46 @@ mod tests {
             (usage[1].guest_gap_gpu_seconds, usage[1].guest_gap_workloads.as_slice()),
             (7.0, ["a/vm:u".to_owned()].as_slice())
         );
+    }
+
+    /// Windows without a tenant: per (host, workload), by the tenants' rules (three figures,
+    /// GPU-seconds, the per-minute capacity bucket, first/last window), and never in a tenant.
+    #[test]
+    fn windows_without_a_tenant_aggregate_per_host_and_workload() {
+        let mut acc = UsageAccumulator::default();
+        let anon = |host, workload, start, len, flops| WindowRow {
+            tenant: None,
+            workload: Some(workload),
+            method: "gpm_pipes",
+            ..row("ignored", host, start, len, flops)
+        };
+        // a/vm:x: one 60 s window in minute 0, six 10 s windows in minute 1 (peak 6e15 there).
+        acc.add(&anon("a", "vm:x", 6000, 60, 4e15));
+        for k in 0..6 {
+            acc.add(&anon("a", "vm:x", 6060 + 10 * k, 10, 6e15));
+        }
+        // The same workload id on another host is another workload; a second one on a.
+        acc.add(&anon("b", "vm:x", 6000, 60, 1e15));
+        acc.add(&anon("a", "cgroup:/y", 6120, 60, 2e15));
+        acc.add(&WindowRow { tenant: None, workload: None, ..row("ignored", "c", 6000, 60, 1e15) });
+        acc.add(&row("t", "a", 6000, 60, 8e15));
+        let fleet = acc.finish_fleet();
+        assert_eq!(fleet.tenants.len(), 1);
+        let t = &fleet.tenants[0];
+        assert_eq!((t.tenant.as_str(), t.windows, t.estimated_ops), ("t", 1, 60e15), "{t:?}");
+        let subjects: Vec<String> = fleet.unattributed.iter().map(UnattributedUsage::subject).collect();
+        assert_eq!(subjects, ["a/cgroup:/y", "a/vm:x", "b/vm:x", "c/"]);
+        let x = &fleet.unattributed[1];
+        assert_eq!((x.ops_lower, x.estimated_ops, x.ops_upper), (0.5e15 * 120.0, 1e15 * 120.0, 2e15 * 120.0));
+        assert_eq!((x.gpu_seconds, x.windows, x.gpus), (8.0 * 120.0, 7, 8));
+        assert!((x.peak_flops / 6e15 - 1.0).abs() < 1e-9, "{x:?}");
+        assert_eq!((x.peak_at, x.first_seen, x.last_seen), (6060, 6000, 6120));
+        assert_eq!(x.ops_by_method.get("gpm_pipes").copied(), Some(1e15 * 120.0));
+        assert!((x.gpu_hours() - 960.0 / 3600.0).abs() < 1e-12);
+        assert_eq!((fleet.unattributed[2].estimated_ops, fleet.unattributed[2].peak_flops), (60e15, 1e15));
+        // `finish` keeps its meaning: tenants only.
+        let mut acc = UsageAccumulator::default();
+        acc.add(&anon("a", "vm:x", 0, 60, 1e15));
+        assert!(acc.finish().is_empty());
     }
 }

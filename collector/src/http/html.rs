@@ -1,5 +1,6 @@
-//! The HTML console: `GET /`, a read-only, server-rendered overview (tenants, open findings,
-//! dark hosts) of the same data as the JSON read API, behind the same access rule.
+//! The HTML console: `GET /`, a read-only, server-rendered overview (tenants, usage without a
+//! tenant, open findings, dark hosts) of the same data as the JSON read API, behind the same
+//! access rule.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -8,7 +9,9 @@ use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use kycd_protocol::wire;
 
-use super::read_api::{host_summaries, tenant_summaries, ApiState, HostSummary, TenantSummary};
+use super::read_api::{
+    fleet_summaries, host_summaries, ApiState, HostSummary, TenantSummary, UnattributedSummary,
+};
 use super::response::blocking;
 use crate::fleet::Finding;
 
@@ -31,22 +34,23 @@ pub(super) fn esc(text: &str) -> String {
 pub(super) async fn overview(State(state): State<ApiState>) -> Response {
     let store = Arc::clone(&state.store);
     let data = blocking(move || {
-        let tenants = tenant_summaries(store.as_ref(), None)?;
+        let fleet = fleet_summaries(store.as_ref(), None)?;
         let findings = crate::findings::open_findings(store.as_ref())?;
         let hosts = host_summaries(store.as_ref())?;
         let policy = store.current_policy()?.map(|p| p.version);
-        Ok((tenants, findings, hosts, policy))
+        Ok((fleet, findings, hosts, policy))
     })
     .await;
-    let (tenants, findings, hosts, policy) = match data {
+    let ((tenants, unattributed), findings, hosts, policy) = match data {
         Ok(d) => d,
         Err(e) => return e.into_response(),
     };
-    Html(render_overview(&tenants, &findings, &hosts, policy)).into_response()
+    Html(render_overview(&tenants, &unattributed, &findings, &hosts, policy)).into_response()
 }
 
 fn render_overview(
     tenants: &[TenantSummary],
+    unattributed: &[UnattributedSummary],
     findings: &[Finding],
     hosts: &[HostSummary],
     policy: Option<u64>,
@@ -107,6 +111,22 @@ fn render_overview(
             esc(&kinds.join(", "))
         );
     }
+    h.push_str("</table><h2>Usage without a tenant</h2><p>Workloads without a valid attestation (the policy's <code>unverified</code> rule let them run), per host: foreign status unknown.</p><table><tr><th>host</th><th>workload</th><th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th><th>GPU-hours</th><th>peak FLOP/s</th><th>open findings</th></tr>");
+    for u in unattributed {
+        let kinds: Vec<&str> = u.open_findings.iter().map(|k| k.as_str()).collect();
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.3e}</td><td>{:.1}</td><td>{:.3e}</td><td>{}</td></tr>",
+            esc(&u.usage.host_id),
+            esc(&u.usage.workload),
+            u.usage.ops_lower,
+            u.usage.estimated_ops,
+            u.usage.ops_upper,
+            u.usage.gpu_hours(),
+            u.usage.peak_flops,
+            esc(&kinds.join(", "))
+        );
+    }
     h.push_str("</table><h2>Dark hosts</h2><ul>");
     for host in hosts.iter().filter(|x| x.dark) {
         let last = host.last_report_at.map_or_else(|| "never".to_owned(), crate::export::rfc3339);
@@ -116,6 +136,7 @@ fn render_overview(
         wire::collector::TENANTS,
         wire::collector::FINDINGS,
         wire::collector::HOSTS,
+        super::UNATTRIBUTED,
         wire::collector::POLICY,
     ]
     .iter()

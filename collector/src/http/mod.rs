@@ -2,7 +2,7 @@
 //!
 //! - [`ingest`]: `POST /v1/reports`, the agents' report uploads.
 //! - [`read_api`]: `GET /v1/policy` (public) and the JSON read API (`/v1/tenants`,
-//!   `/v1/findings`, `/v1/hosts`), behind the read access rule.
+//!   `/v1/findings`, `/v1/hosts`, [`UNATTRIBUTED`]), behind the read access rule.
 //! - [`html`]: `GET /`, the HTML console, behind the same rule.
 //! - [`response`]: the JSON error responses all of them answer with.
 //! - `GET /healthz` → `ok`.
@@ -38,6 +38,10 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
 }
 
+/// The usage without a tenant, per host and workload (read API). Not in
+/// `kycd_protocol::wire::collector` (agents never call it): only the collector serves it.
+pub const UNATTRIBUTED: &str = "/v1/unattributed";
+
 /// The collector's routes over `ingestor`.
 pub fn router(ingestor: Arc<Ingestor>) -> Router {
     let limit = ingestor.limits().max_body_bytes;
@@ -55,6 +59,7 @@ pub fn api_router(state: ApiState) -> Router {
         .route(&format!("{TENANTS}/{{id}}"), get(read_api::tenant))
         .route(FINDINGS, get(read_api::findings))
         .route(HOSTS, get(read_api::hosts))
+        .route(UNATTRIBUTED, get(read_api::unattributed))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), read_api::authorize));
     Router::new().route(POLICY, get(read_api::policy)).merge(reads).with_state(state)
 }

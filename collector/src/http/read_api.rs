@@ -7,6 +7,9 @@
 //!   open|resolved&kind=K&tenant=T&host=H&after=ID&limit=N]`, `GET /v1/hosts[?after=ID&
 //!   limit=N]`: JSON, paginated by cursor (`next` is the `after` of the next page, absent on
 //!   the last page); `limit` defaults to 100, at most 1000.
+//! - `GET /v1/unattributed[?after=HOST/WORKLOAD&limit=N]`: the usage no tenant is known for
+//!   (workloads without a valid attestation), per host and workload, with its open findings;
+//!   paginated the same way, by `host/workload`.
 //!
 //! The read endpoints expose tenants' legal names and countries: they need the bearer token
 //! of `--read-token-file` when one is configured, and are served only to loopback clients
@@ -25,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::response::{api_error, blocking, error, ApiError};
-use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage};
+use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage, UnattributedUsage};
 use crate::store::{Storage, StoreError};
 
 /// Default and largest page size.
@@ -194,16 +197,30 @@ pub struct TenantSummary {
 
 /// Every tenant with usage, joined with identity and open findings.
 pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<TenantSummary>, StoreError> {
+    Ok(fleet_summaries(store, since)?.0)
+}
+
+/// Every tenant with usage (joined with identity and open findings) and every (host,
+/// workload) with usage and no tenant (with its open findings, by `host/workload`), from one
+/// aggregation pass.
+pub fn fleet_summaries(
+    store: &dyn Storage,
+    since: Option<i64>,
+) -> Result<(Vec<TenantSummary>, Vec<UnattributedSummary>), StoreError> {
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
+    let mut open_unattributed: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
     for f in crate::findings::open_findings(store)? {
-        if let Some(t) = &f.finding.tenant {
+        if f.finding.kind == FindingKind::UnattributedTrainingScale {
+            open_unattributed.entry(f.finding.subject.clone()).or_default().push(f.finding.kind);
+        } else if let Some(t) = &f.finding.tenant {
             open.entry(t.clone()).or_default().push(f.finding.kind);
         }
     }
-    Ok(store
-        .tenant_usage(None, since)?
+    let fleet = store.fleet_usage(since)?;
+    let tenants = fleet
+        .tenants
         .into_iter()
         .map(|usage| {
             let identity = identities.get(&usage.tenant).cloned();
@@ -215,7 +232,19 @@ pub fn tenant_summaries(store: &dyn Storage, since: Option<i64>) -> Result<Vec<T
                 usage,
             }
         })
-        .collect())
+        .collect();
+    let mut unattributed: Vec<UnattributedSummary> = fleet
+        .unattributed
+        .into_iter()
+        .map(|usage| {
+            let subject = usage.subject();
+            let open_findings = open_unattributed.remove(&subject).unwrap_or_default();
+            UnattributedSummary { open_findings, subject, usage }
+        })
+        .collect();
+    // By the cursor's own order ("a-b/x" sorts before "a/x"), so pages never skip.
+    unattributed.sort_by(|a, b| a.subject.cmp(&b.subject));
+    Ok((tenants, unattributed))
 }
 
 pub(super) fn paginate<T>(
@@ -362,6 +391,35 @@ pub(super) async fn hosts(State(state): State<ApiState>, query: ListQuery) -> Re
     let store = Arc::clone(&state.store);
     match blocking(move || host_summaries(store.as_ref())).await {
         Ok(all) => Json(paginate(all, |h| h.host_id.clone(), p.after.as_deref(), limit)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Usage without a tenant as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnattributedSummary {
+    /// `host/workload`, the cursor of the list.
+    pub subject: String,
+    /// Aggregated usage.
+    #[serde(flatten)]
+    pub usage: UnattributedUsage,
+    /// Open findings about it.
+    pub open_findings: Vec<FindingKind>,
+}
+
+/// Every (host, workload) with usage and no tenant, by `host/workload`, with open findings.
+pub fn unattributed_summaries(store: &dyn Storage) -> Result<Vec<UnattributedSummary>, StoreError> {
+    Ok(fleet_summaries(store, None)?.1)
+}
+
+pub(super) async fn unattributed(State(state): State<ApiState>, query: ListQuery) -> Response {
+    let (p, limit) = match list_request(query) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let store = Arc::clone(&state.store);
+    match blocking(move || unattributed_summaries(store.as_ref())).await {
+        Ok(all) => Json(paginate(all, |u| u.subject.clone(), p.after.as_deref(), limit)).into_response(),
         Err(e) => e.into_response(),
     }
 }

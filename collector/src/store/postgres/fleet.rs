@@ -20,8 +20,8 @@ use postgres::types::ToSql;
 use super::driver::{get, pg_error, to_i64};
 use super::PgStore;
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
-    TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
+    Finding, FindingKind, FindingQuery, FindingState, FleetStore, FleetUsage, NewFinding, RejectionCount,
+    TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::store::error::StoreError;
@@ -29,14 +29,14 @@ use crate::store::reports::Rejection;
 use crate::store::schema::{corrupt, count_u32, to_u64};
 
 /// Every window of the aggregation (a sequential scan; the tenant index does not help when
-/// every tenant is wanted). `$1` (no tenant) is named only so both queries take the same
+/// every tenant is wanted). Windows without a tenant are aggregated per (host, workload), so
+/// their workload is read too. `$1` (no tenant) is named only so both queries take the same
 /// parameters.
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
-           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
-    FROM records WHERE tenant IS NOT NULL AND ($2::bigint IS NULL OR "end" > $2::bigint)
-      AND $1::text IS NULL"#;
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
+    FROM records WHERE ($2::bigint IS NULL OR "end" > $2::bigint) AND $1::text IS NULL"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
@@ -44,6 +44,10 @@ const TENANT_WINDOWS_SQL: &str = r#"
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records WHERE tenant = $1::text AND ($2::bigint IS NULL OR "end" > $2::bigint)"#;
+
+/// Evidence windows: `$1`/`$2` select them, `$3` is the limit.
+const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
+    ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records"#;
 
 fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), StoreError> {
     acc.add(&WindowRow {
@@ -111,11 +115,17 @@ impl PolicyStore for PgStore {
     }
 }
 
-impl FleetStore for PgStore {
-    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+impl PgStore {
+    /// Streams the windows `sql` selects (with `tenant` and `since` as `$1`, `$2`) through one
+    /// accumulator.
+    fn aggregate(
+        &self,
+        sql: &str,
+        tenant: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<FleetUsage, StoreError> {
         let mut conn = self.checkout()?;
         let client = conn.client()?;
-        let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         let params: [&(dyn ToSql + Sync); 2] = [&tenant, &since];
         // Rows are read from the connection as they arrive, not collected first: memory
         // stays with the accumulator's maps, not with the number of windows.
@@ -124,18 +134,26 @@ impl FleetStore for PgStore {
         while let Some(row) = rows.next().map_err(pg_error)? {
             add_window(&mut acc, &row)?;
         }
-        Ok(acc.finish())
+        Ok(acc.finish_fleet())
     }
 
-    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
+    /// The evidence windows `filter` (a WHERE clause over `$1`, `$2`) selects, most estimated
+    /// operations first, at most `limit`.
+    fn evidence(
+        &self,
+        filter: &str,
+        key: (&str, Option<&str>),
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
         let mut conn = self.checkout()?;
         let rows = conn
             .client()?
             .query(
-                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
-                          ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records
-                   WHERE tenant = $1 ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $2"#,
-                &[&tenant, &i64::from(limit)],
+                &format!(
+                    r#"{EVIDENCE_COLUMNS} WHERE {filter}
+                       ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $3"#
+                ),
+                &[&key.0, &key.1, &i64::from(limit)],
             )
             .map_err(pg_error)?;
         rows.iter()
@@ -157,6 +175,34 @@ impl FleetStore for PgStore {
                 })
             })
             .collect()
+    }
+}
+
+impl FleetStore for PgStore {
+    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+        let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
+        Ok(self.aggregate(sql, tenant, since)?.tenants)
+    }
+
+    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, since)
+    }
+
+    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence("tenant = $1 AND $2::text IS NULL", (tenant, None), limit)
+    }
+
+    fn unattributed_evidence(
+        &self,
+        host_id: &str,
+        workload: &str,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence(
+            "host_id = $1 AND workload = $2::text AND tenant IS NULL",
+            (host_id, Some(workload)),
+            limit,
+        )
     }
 
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {

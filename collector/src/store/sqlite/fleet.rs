@@ -13,8 +13,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, NewFinding, RejectionCount, TenantIdentity,
-    TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
+    Finding, FindingKind, FindingQuery, FindingState, FleetStore, FleetUsage, NewFinding, RejectionCount,
+    TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::store::error::StoreError;
@@ -77,12 +77,13 @@ impl PolicyStore for SqliteStore {
 }
 
 /// Every window of the aggregation, one table scan (the `NOT INDEXED` variant: reading the
-/// whole table in rowid order beats walking the tenant index into random row lookups).
+/// whole table in rowid order beats walking the tenant index into random row lookups). Windows
+/// without a tenant are aggregated per (host, workload), so their workload is read too.
 const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
-           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
-    FROM records NOT INDEXED WHERE tenant IS NOT NULL AND (?2 IS NULL OR "end" > ?2)"#;
+           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
+    FROM records NOT INDEXED WHERE (?2 IS NULL OR "end" > ?2)"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
@@ -90,6 +91,10 @@ const TENANT_WINDOWS_SQL: &str = r#"
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
     FROM records WHERE tenant = ?1 AND (?2 IS NULL OR "end" > ?2)"#;
+
+/// Evidence windows: `?1`/`?2` select them, `?3` is the limit.
+const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
+    ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records"#;
 
 fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
     use rusqlite::types::ValueRef;
@@ -99,8 +104,14 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
             other => Err(rusqlite::Error::InvalidColumnType(i, String::new(), other.data_type())),
         }
     };
+    let optional_text = |i: usize| -> rusqlite::Result<Option<&str>> {
+        match r.get_ref(i)? {
+            ValueRef::Null => Ok(None),
+            _ => text(i).map(Some),
+        }
+    };
     acc.add(&WindowRow {
-        tenant: text(0)?,
+        tenant: optional_text(0)?,
         host_id: text(1)?,
         start: r.get(2)?,
         end: r.get(3)?,
@@ -114,59 +125,46 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
         ops_upper: r.get(11)?,
         shared_gpu_seconds: r.get(12)?,
         guest_gap_gpu_seconds: r.get(13)?,
-        workload: match r.get_ref(14)? {
-            ValueRef::Null => None,
-            _ => Some(text(14)?),
-        },
+        workload: optional_text(14)?,
     });
     Ok(())
 }
 
-fn finding_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Finding, String, String, String)> {
-    // kind, state and evidence are decoded by the caller (typed errors, not rusqlite's).
-    let finding = Finding {
-        id: r.get(0)?,
-        finding: NewFinding {
-            kind: FindingKind::EarlyWarning,
-            subject: r.get(2)?,
-            tenant: r.get(3)?,
-            host_id: r.get(4)?,
-            foreign_person: r.get::<_, Option<i64>>(5)?.map(|v| v != 0),
-            summary: r.get(6)?,
-            evidence: serde_json::Value::Null,
-        },
-        state: FindingState::Open,
-        raised_at: r.get(9)?,
-        resolved_at: r.get(10)?,
-    };
-    Ok((finding, r.get(1)?, r.get(8)?, r.get(7)?))
-}
-
-impl FleetStore for SqliteStore {
-    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+impl SqliteStore {
+    /// Streams the windows `sql` selects (with `tenant` and `since` as `?1`, `?2`) through
+    /// one accumulator.
+    fn aggregate(
+        &self,
+        sql: &str,
+        tenant: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<FleetUsage, StoreError> {
         let conn = self.reader()?;
-        let mut stmt = conn
-            .prepare(if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL })
-            .map_err(db_error)?;
+        let mut stmt = conn.prepare(sql).map_err(db_error)?;
         let mut rows = stmt.query(params![tenant, since]).map_err(db_error)?;
         let mut acc = UsageAccumulator::default();
         while let Some(r) = rows.next().map_err(db_error)? {
             add_window(&mut acc, r).map_err(db_error)?;
         }
-        Ok(acc.finish())
+        Ok(acc.finish_fleet())
     }
 
-    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
+    /// The evidence windows `filter` (a WHERE clause over `?1`, `?2`) selects, most estimated
+    /// operations first, at most `limit`.
+    fn evidence(
+        &self,
+        filter: &str,
+        key: (&str, Option<&str>),
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
-            .prepare(
-                r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
-                          ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records
-                   WHERE tenant = ?1 ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?2"#,
-            )
+            .prepare(&format!(
+                "{EVIDENCE_COLUMNS} WHERE {filter} ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?3"
+            ))
             .map_err(db_error)?;
         let rows = stmt
-            .query_map(params![tenant, limit], |r| {
+            .query_map(params![key.0, key.1, limit], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
@@ -203,6 +201,50 @@ impl FleetStore for SqliteStore {
             });
         }
         Ok(out)
+    }
+}
+
+fn finding_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Finding, String, String, String)> {
+    // kind, state and evidence are decoded by the caller (typed errors, not rusqlite's).
+    let finding = Finding {
+        id: r.get(0)?,
+        finding: NewFinding {
+            kind: FindingKind::EarlyWarning,
+            subject: r.get(2)?,
+            tenant: r.get(3)?,
+            host_id: r.get(4)?,
+            foreign_person: r.get::<_, Option<i64>>(5)?.map(|v| v != 0),
+            summary: r.get(6)?,
+            evidence: serde_json::Value::Null,
+        },
+        state: FindingState::Open,
+        raised_at: r.get(9)?,
+        resolved_at: r.get(10)?,
+    };
+    Ok((finding, r.get(1)?, r.get(8)?, r.get(7)?))
+}
+
+impl FleetStore for SqliteStore {
+    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+        let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
+        Ok(self.aggregate(sql, tenant, since)?.tenants)
+    }
+
+    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, since)
+    }
+
+    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence("tenant = ?1 AND ?2 IS NULL", (tenant, None), limit)
+    }
+
+    fn unattributed_evidence(
+        &self,
+        host_id: &str,
+        workload: &str,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence("host_id = ?1 AND workload = ?2 AND tenant IS NULL", (host_id, Some(workload)), limit)
     }
 
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
