@@ -257,7 +257,13 @@ fn passthrough_vgpu_and_process_tenants_reach_the_collector_with_their_methods()
     eventually("guest_telemetry_gap of tenant-pt", &host, &collector_log, 60, || {
         !findings(&db, "guest_telemetry_gap", "tenant-pt").is_empty()
     });
-    let gap = host.records().into_iter().find(|r| r["event"]["type"] == "guest_telemetry_gap").unwrap();
+    // The agent writes its record from the daemon's loop, a moment after the window that
+    // carried the gap left for the collector.
+    let gap_record = || host.records().into_iter().find(|r| r["event"]["type"] == "guest_telemetry_gap");
+    eventually("the agent's guest_telemetry_gap audit record", &host, &collector_log, 15, || {
+        gap_record().is_some()
+    });
+    let gap = gap_record().unwrap();
     assert_eq!(
         (gap["event"]["domain"].as_str(), gap["event"]["gpus"].as_u64()),
         (Some("pt-vm"), Some(8)),

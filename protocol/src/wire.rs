@@ -34,6 +34,8 @@ pub mod collector {
     pub const POLICY: &str = "/v1/policy";
     /// `GET`: per-tenant aggregates.
     pub const TENANTS: &str = "/v1/tenants";
+    /// `GET`: usage without a tenant, per host and workload.
+    pub const UNATTRIBUTED: &str = "/v1/unattributed";
     /// `GET`: findings.
     pub const FINDINGS: &str = "/v1/findings";
     /// `GET`: enrolled hosts.

@@ -38,9 +38,8 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
 }
 
-/// The usage without a tenant, per host and workload (read API). Not in
-/// `kycd_protocol::wire::collector` (agents never call it): only the collector serves it.
-pub const UNATTRIBUTED: &str = "/v1/unattributed";
+/// The usage without a tenant, per host and workload (read API).
+pub use kycd_protocol::wire::collector::UNATTRIBUTED;
 
 /// The collector's routes over `ingestor`.
 pub fn router(ingestor: Arc<Ingestor>) -> Router {
