@@ -20,7 +20,7 @@ use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
 use kycd_collector::ingest::Admission;
 use kycd_collector::ingest::IngestError;
 use kycd_collector::policy::PublishedPolicy;
-use kycd_collector::{Limits, Storage, ValidRecord};
+use kycd_collector::{Limits, Storage};
 use kycd_protocol::{EstimationMethod, UsageRecord, UsageWindow};
 use serde_json::json;
 
@@ -69,17 +69,6 @@ fn w(
         training_like: true,
         merged_windows: 1,
     }
-}
-
-/// Stores `windows` as host `host`'s records 1.. through ingest validation.
-fn store_windows(store: &dyn Storage, host: &str, windows: Vec<UsageWindow>) {
-    let records =
-        windows.into_iter().zip(1..).map(|(window, seq)| UsageRecord { seq, last_seq: None, window });
-    let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
-    let valid: Vec<ValidRecord> =
-        kycd_collector::ingest::validate_batch(batch(host, records.collect()), &Limits::default(), admission)
-            .unwrap();
-    store.insert_batch(host, 1, &valid, 0).unwrap();
 }
 
 /// A policy: training at 1e18 operations, early warning at half of it, on `basis`;

@@ -14,10 +14,9 @@ use common::*;
 use kycd_collector::export::{self, Format};
 use kycd_collector::findings::{evaluate, EvaluationSettings};
 use kycd_collector::fleet::{FindingKind, FindingQuery, FindingState};
-use kycd_collector::ingest::Admission;
 use kycd_collector::policy::PublishedPolicy;
-use kycd_collector::{Limits, Storage, ValidRecord};
-use kycd_protocol::{EstimationMethod, UsageRecord, UsageWindow};
+use kycd_collector::{Limits, Storage};
+use kycd_protocol::{EstimationMethod, UsageWindow};
 use serde_json::json;
 
 backend_tests!(
@@ -58,17 +57,6 @@ fn w(tenant: Option<&str>, workload: &str, minute: i64, ops: (f64, f64, f64)) ->
 /// `n` windows of the unverified workload `workload`, minutes 0.., each 2e17 … 3e17 … 6e17.
 fn anon(workload: &str, n: i64) -> Vec<UsageWindow> {
     (0..n).map(|minute| w(None, workload, minute, (2e17, 3e17, 6e17))).collect()
-}
-
-/// Stores `windows` as host `host`'s records 1.. through ingest validation.
-fn store_windows(store: &dyn Storage, host: &str, windows: Vec<UsageWindow>) {
-    let records =
-        windows.into_iter().zip(1..).map(|(window, seq)| UsageRecord { seq, last_seq: None, window });
-    let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
-    let valid: Vec<ValidRecord> =
-        kycd_collector::ingest::validate_batch(batch(host, records.collect()), &Limits::default(), admission)
-            .unwrap();
-    store.insert_batch(host, 1, &valid, 0).unwrap();
 }
 
 /// A policy letting unverified workloads run: training at 1e18 operations on `basis`, early

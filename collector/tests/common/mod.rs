@@ -194,6 +194,20 @@ pub fn batch(host: &str, records: Vec<UsageRecord>) -> ReportBatch {
     ReportBatch { host_id: host.into(), sent_at: base(), records }
 }
 
+/// Stores `windows` as host `host`'s records 1.. through ingest validation (admitted at a
+/// fixed time from a host enrolled at 0).
+pub fn store_windows(store: &dyn kycd_collector::Storage, host: &str, windows: Vec<UsageWindow>) {
+    let records: Vec<UsageRecord> = windows
+        .into_iter()
+        .zip(1..)
+        .map(|(window, seq)| UsageRecord { seq, last_seq: None, window })
+        .collect();
+    let admission = kycd_collector::ingest::Admission { received_at: 2_000_000_000, enrolled_at: 0 };
+    let valid =
+        kycd_collector::ingest::validate_batch(batch(host, records), &Limits::default(), admission).unwrap();
+    store.insert_batch(host, 1, &valid, 0).unwrap();
+}
+
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).unwrap();
