@@ -365,16 +365,9 @@ mod tests {
         let mut gpu = GpuSnapshot::bare(0, "GPU-0".into(), "NVIDIA H100 80GB HBM3".into(), GpuState::Ok);
         gpu.utilization_gpu_pct = Some(75);
         let report = TickReport {
-            sample: Sample::new(0, BackendState::Ok, vec![gpu]),
             dt: std::time::Duration::from_secs(1),
             lost_gpus: vec!["GPU-7".into()],
-            processes: vec![],
-            unattributed: vec![],
-            gpus: vec![],
-            exclusivity_violations: vec![],
-            passthrough: vec![],
-            guests: vec![],
-            windows: vec![],
+            ..TickReport::empty(Sample::new(0, BackendState::Ok, vec![gpu]))
         };
         m.observe_tick(&report);
         m.observe_tick(&report);
