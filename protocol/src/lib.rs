@@ -21,6 +21,7 @@
 //! assert_eq!(verified.claims.version, 1);
 //! ```
 
+pub mod audit_chain;
 pub mod b64;
 pub mod backoff;
 pub mod claims;
