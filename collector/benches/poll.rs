@@ -63,6 +63,7 @@ fn template() -> HostStatementClaims {
                 reseller_countries: vec![],
                 payment_source_country: None,
                 foreign_person: w % 2 == 0,
+                purposes: vec![],
             }),
         })
         .collect();

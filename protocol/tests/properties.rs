@@ -90,6 +90,7 @@ prop_compose! {
             payment_source_country: payment,
             binding,
             foreign_person,
+            purposes: vec![],
         }
     }
 }

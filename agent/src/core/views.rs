@@ -25,6 +25,7 @@ fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol
         reseller_countries,
         payment_source_country: claims.payment_source_country,
         foreign_person: claims.foreign_person,
+        purposes: claims.purposes.clone(),
     }
 }
 

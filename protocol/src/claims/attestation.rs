@@ -40,6 +40,25 @@ pub struct AttestationClaims {
     pub binding: Binding,
     /// Whether the KYC service determined the customer to be a foreign person.
     pub foreign_person: bool,
+    /// What the customer declared the compute is for. `biological_sequence_data` makes the
+    /// policy's `bio_training_ops` the reporting threshold of its training runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<Purpose>,
+}
+
+/// A declared purpose of the compute. Unknown values are errors (fail closed: a purpose the
+/// agent cannot read might be the one that lowers a threshold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// Training on primarily biological sequence data (the 10^23 threshold).
+    BiologicalSequenceData,
+    /// Training AI models on other data.
+    ModelTraining,
+    /// Inference or fine-tuning of existing models.
+    Inference,
+    /// Anything else (rendering, simulation, …).
+    Other,
 }
 
 /// KYC outcome.

@@ -266,6 +266,35 @@ pub struct Thresholds {
     pub cluster_flops: f64,
     /// Fraction of `training_ops` that raises an early warning (0 < f ≤ 1).
     pub early_warning_fraction: f64,
+    /// Seconds a provider has to report a crossed threshold once it learns of it (the
+    /// collector's `due_at`): 15 days by default (REGULATION.md), 1 hour … 365 days.
+    #[serde(default = "default_report_deadline_s", skip_serializing_if = "is_default_report_deadline")]
+    pub report_deadline_s: u64,
+    /// The longest pause inside one training run: a tenant's windows separated by more than
+    /// this many seconds belong to different runs. 1 hour by default, 60 s … 30 days.
+    #[serde(default = "default_run_gap_s", skip_serializing_if = "is_default_run_gap")]
+    pub run_gap_s: u64,
+}
+
+/// The default reporting deadline: 15 days (REGULATION.md).
+pub const DEFAULT_REPORT_DEADLINE_S: u64 = 15 * 86_400;
+/// The default longest pause inside a training run: 1 hour.
+pub const DEFAULT_RUN_GAP_S: u64 = 3600;
+
+fn default_report_deadline_s() -> u64 {
+    DEFAULT_REPORT_DEADLINE_S
+}
+
+fn default_run_gap_s() -> u64 {
+    DEFAULT_RUN_GAP_S
+}
+
+fn is_default_report_deadline(v: &u64) -> bool {
+    *v == DEFAULT_REPORT_DEADLINE_S
+}
+
+fn is_default_run_gap(v: &u64) -> bool {
+    *v == DEFAULT_RUN_GAP_S
 }
 
 impl Thresholds {
@@ -282,6 +311,15 @@ impl Thresholds {
         let f = self.early_warning_fraction;
         if !(f.is_finite() && f > 0.0 && f <= 1.0) {
             return Err(VerifyError::invalid("thresholds.early_warning_fraction", "must be in (0, 1]"));
+        }
+        if !(3600..=365 * 86_400).contains(&self.report_deadline_s) {
+            return Err(VerifyError::invalid(
+                "thresholds.report_deadline_s",
+                "must be 3600 … 31536000 seconds",
+            ));
+        }
+        if !(60..=30 * 86_400).contains(&self.run_gap_s) {
+            return Err(VerifyError::invalid("thresholds.run_gap_s", "must be 60 … 2592000 seconds"));
         }
         Ok(())
     }
@@ -379,6 +417,27 @@ mod tests {
         let c: Conditions = serde_json::from_str(r#"{"exclusive_gpu": true}"#).unwrap();
         assert!(c.exclusive_gpu && !c.is_empty());
         assert_eq!(serde_json::to_value(Conditions::default()).unwrap(), serde_json::json!({}));
+    }
+
+    /// The filing deadline and the run gap default (and are then not serialized, so an
+    /// older policy's wire form is unchanged) and are bounded.
+    #[test]
+    fn report_deadline_and_run_gap_default_and_are_bounded() {
+        let base = serde_json::json!({"training_ops": 1e26, "bio_training_ops": 1e23,
+            "cluster_flops": 1e20, "early_warning_fraction": 0.5});
+        let t: Thresholds = serde_json::from_value(base.clone()).unwrap();
+        assert_eq!((t.report_deadline_s, t.run_gap_s), (15 * 86_400, 3600));
+        assert!(t.validate().is_ok());
+        assert_eq!(serde_json::to_value(t).unwrap(), base);
+        for (field, bad) in
+            [("report_deadline_s", 59), ("report_deadline_s", 400 * 86_400), ("run_gap_s", 10)]
+        {
+            let mut v = base.clone();
+            v[field] = serde_json::json!(bad);
+            let t: Thresholds = serde_json::from_value(v).unwrap();
+            let e = t.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{field}={bad}: {e}");
+        }
     }
 
     #[test]

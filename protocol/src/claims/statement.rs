@@ -112,6 +112,10 @@ pub struct StatementSubject {
     pub payment_source_country: Option<CountryCode>,
     /// Whether the attestation marks the tenant a foreign person.
     pub foreign_person: bool,
+    /// The purposes the attestation declares (`biological_sequence_data` lowers the
+    /// threshold of the tenant's training runs to `bio_training_ops`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<crate::Purpose>,
 }
 
 /// One GPU in a host statement.
