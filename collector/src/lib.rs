@@ -27,6 +27,7 @@
 //! ```
 
 pub mod cli;
+pub mod dates;
 pub mod export;
 pub mod findings;
 pub mod fleet;

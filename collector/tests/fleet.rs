@@ -400,6 +400,7 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let api = kycd_collector::http::ApiState {
         store: store.clone(),
         access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
+        writers: kycd_collector::http::WriteAccess::none(),
     };
     let app = kycd_collector::http::app(Arc::new(Ingestor::new(store, Limits::default())), api);
     let shutdown = tokio_util::sync::CancellationToken::new();

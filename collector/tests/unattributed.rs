@@ -196,6 +196,7 @@ async fn unverified_workload_training_at_scale_raises_unattributed_training_scal
     let api = kycd_collector::http::ApiState {
         store: store.clone(),
         access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
+        writers: kycd_collector::http::WriteAccess::none(),
     };
     let ingestor = kycd_collector::ingest::Ingestor::new(store.clone(), Limits::default());
     let app = kycd_collector::http::app(std::sync::Arc::new(ingestor), api);

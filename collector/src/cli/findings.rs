@@ -5,7 +5,7 @@ use clap::Subcommand;
 use kycd_protocol::clock::unix_now;
 
 use super::database::{open, DEFAULT_DB};
-use crate::fleet::{FindingKind, FindingQuery, FindingState};
+use crate::fleet::{FindingAction, FindingKind, FindingQuery, FindingState};
 
 /// Tunables of the findings rules.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,14 +47,56 @@ pub enum FindingsCommand {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
+    /// Acknowledge a finding: seen, being worked on (open → acknowledged). Recorded in the
+    /// audit log with --by.
+    Acknowledge {
+        /// The finding's id.
+        id: i64,
+        /// Who acts (recorded in the audit log).
+        #[arg(long)]
+        by: String,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Record that a finding was reported to the regulator (open or acknowledged → filed),
+    /// with the filing's reference. A filed finding is never raised again.
+    File {
+        /// The finding's id.
+        id: i64,
+        /// The filing's reference (the regulator's acknowledgement number, a case id, …).
+        #[arg(long)]
+        reference: String,
+        /// Who acts (recorded in the audit log).
+        #[arg(long)]
+        by: String,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// Record that a finding needs no filing (open or acknowledged → dismissed), and why.
+    Dismiss {
+        /// The finding's id.
+        id: i64,
+        /// Why it needs no filing.
+        #[arg(long)]
+        reason: String,
+        /// Who acts (recorded in the audit log).
+        #[arg(long)]
+        by: String,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
     /// List findings.
     List {
-        /// Only `open` or `resolved`.
+        /// Only this state: open, acknowledged, filed, dismissed or resolved.
         #[arg(long)]
         state: Option<String>,
         /// Only this kind (early_warning, training_threshold_crossed, cluster_capacity_crossed,
         /// host_dark, policy_stale, enforcement_mismatch, report_rejected, shared_gpu,
-        /// guest_telemetry_gap, unattributed_training_scale).
+        /// guest_telemetry_gap, unattributed_training_scale, run_threshold_crossed,
+        /// bio_early_warning, report_overdue).
         #[arg(long)]
         kind: Option<String>,
         /// Only about this tenant.
@@ -86,10 +128,19 @@ pub fn run(command: FindingsCommand) -> anyhow::Result<()> {
             }
             println!("open\t{}", report.open);
         }
+        FindingsCommand::Acknowledge { id, by, db } => act(&db, id, &FindingAction::Acknowledge, &by)?,
+        FindingsCommand::File { id, reference, by, db } => {
+            act(&db, id, &FindingAction::File { reference }, &by)?;
+        }
+        FindingsCommand::Dismiss { id, reason, by, db } => {
+            act(&db, id, &FindingAction::Dismiss { reason }, &by)?
+        }
         FindingsCommand::List { state, kind, tenant, json, db } => {
             let state = state
                 .map(|s| {
-                    FindingState::parse(&s).with_context(|| format!("unknown state {s:?} (open, resolved)"))
+                    FindingState::parse(&s).with_context(|| {
+                        format!("unknown state {s:?} (open, acknowledged, filed, dismissed, resolved)")
+                    })
                 })
                 .transpose()?;
             let kind = kind
@@ -115,5 +166,21 @@ pub fn run(command: FindingsCommand) -> anyhow::Result<()> {
             })?;
         }
     }
+    Ok(())
+}
+
+/// Takes `action` on finding `id` as `by` now, and prints the finding's new state.
+fn act(db: &str, id: i64, action: &FindingAction, by: &str) -> anyhow::Result<()> {
+    let store = open(db, false)?;
+    let finding = store
+        .act_on_finding(id, action, by, unix_now())
+        .with_context(|| format!("{} finding {id}", action.name()))?;
+    println!(
+        "{}\t{}\t{}\t{}",
+        finding.id,
+        finding.state.as_str(),
+        finding.finding.kind.as_str(),
+        finding.finding.subject
+    );
     Ok(())
 }

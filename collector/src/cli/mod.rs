@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod database;
 pub mod export;
 pub mod findings;
@@ -53,6 +54,11 @@ pub enum Command {
         /// /v1/hosts) requires. Without it the read API answers loopback clients only.
         #[arg(long, value_name = "FILE")]
         read_token_file: Option<PathBuf>,
+        /// File of named write tokens, one `NAME TOKEN` per line (tokens of at least 16
+        /// characters; `#` comments), for POST /v1/findings/ID/{acknowledge,file,dismiss}:
+        /// the NAME is the actor the audit log records. Without it those actions are refused.
+        #[arg(long, value_name = "FILE")]
+        write_token_file: Option<PathBuf>,
         /// Seconds between findings evaluations (0: never, e.g. on ingest-only replicas).
         #[arg(long, default_value_t = 60)]
         evaluate_interval_s: u64,
@@ -94,6 +100,11 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
+    /// The collector's hash-chained audit log of finding actions: list or verify it.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Manage enrolled hosts.
     Hosts {
         #[command(subcommand)]
@@ -104,13 +115,23 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll, connections } => {
+        Command::Serve {
+            listen,
+            db,
+            read_token_file,
+            write_token_file,
+            evaluate_interval_s,
+            rules,
+            poll,
+            connections,
+        } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(
                 listen,
                 &db,
                 serve::ServeOptions {
                     read_token_file,
+                    write_token_file,
                     evaluate_interval_s,
                     rules,
                     poll,
@@ -119,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Command::Hosts { command } => hosts::run(command),
+        Command::Audit { command } => audit::run(command),
         Command::Policy { command } => policy::run(command),
         Command::Findings { command } => findings::run(command),
         Command::Export { since, format, unattributed, output, db } => {

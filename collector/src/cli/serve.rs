@@ -120,6 +120,8 @@ pub struct ServeOptions {
     pub limits: kycd_net::Limits,
     /// The read API's bearer token file (none: loopback clients only).
     pub read_token_file: Option<PathBuf>,
+    /// The named write tokens of finding actions (none: actions refused).
+    pub write_token_file: Option<PathBuf>,
     /// Seconds between findings evaluations (0: never).
     pub evaluate_interval_s: u64,
     /// The findings rules.
@@ -145,7 +147,16 @@ pub async fn run(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow:
         }
         None => crate::http::ReadAccess::loopback_only(),
     };
-    let api = crate::http::ApiState { store: Arc::clone(&store), access };
+    let writers = match &options.write_token_file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            crate::http::WriteAccess::parse(&text)
+                .with_context(|| format!("write token file {}", path.display()))?
+        }
+        None => crate::http::WriteAccess::none(),
+    };
+    let api = crate::http::ApiState { store: Arc::clone(&store), access, writers };
     let ingestor = Arc::new(Ingestor::new(store.clone(), Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;

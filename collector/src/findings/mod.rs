@@ -74,12 +74,13 @@ use kycd_protocol::HostStatementClaims;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::fleet::{FindingKind, FindingQuery, FindingState, FleetStore, RejectionCount, TenantIdentity};
+use crate::fleet::{FindingKind, FindingQuery, FleetStore, IdentityDetail, RejectionCount, TenantIdentity};
 use crate::policy::PolicyStore;
 use crate::store::{Storage, StoreError};
 
 pub mod prohibitions;
 pub mod rules;
+pub mod runs;
 pub mod unattributed;
 
 pub use prohibitions::{prohibitions, Prohibition};
@@ -109,6 +110,13 @@ pub fn identities_from_statements(hosts: &[HostView]) -> Vec<TenantIdentity> {
         let Some(statement) = &host.statement else { continue };
         for workload in &statement.workloads {
             let (Some(tenant), Some(subject)) = (&workload.tenant, &workload.subject) else { continue };
+            let detail = IdentityDetail {
+                subject: subject.clone(),
+                attestation_digest: workload.attestation_digest.clone(),
+                attestation_exp: workload.attestation_exp,
+                host_id: host.host_id.clone(),
+                workload: workload.workload.clone(),
+            };
             let newer = by_tenant.get(tenant).is_none_or(|known| known.seen_at <= statement.iat);
             if newer {
                 by_tenant.insert(
@@ -120,6 +128,7 @@ pub fn identities_from_statements(hosts: &[HostView]) -> Vec<TenantIdentity> {
                         beneficial_owner_countries: subject.beneficial_owner_countries.clone(),
                         foreign_person: subject.foreign_person,
                         seen_at: statement.iat,
+                        detail: Some(detail),
                     },
                 );
             }
@@ -146,10 +155,11 @@ pub fn for_each_finding<S: FleetStore + ?Sized, E: From<StoreError>>(
     Ok(())
 }
 
-/// Every open finding, paging through the store.
-pub fn open_findings<S: FleetStore + ?Sized>(store: &S) -> Result<Vec<crate::fleet::Finding>, StoreError> {
+/// Every finding not resolved (open, acknowledged, filed or dismissed), paging through the
+/// store.
+pub fn active_findings<S: FleetStore + ?Sized>(store: &S) -> Result<Vec<crate::fleet::Finding>, StoreError> {
     let mut out = Vec::new();
-    let query = FindingQuery { state: Some(FindingState::Open), limit: 1000, ..FindingQuery::default() };
+    let query = FindingQuery { active: true, limit: 1000, ..FindingQuery::default() };
     for_each_finding(store, query, |finding| {
         out.push(finding);
         Ok::<_, StoreError>(())
@@ -174,6 +184,7 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
     let policy = store.current_policy()?;
     // One pass over the windows: the tenants' usage and the usage without a tenant.
     let fleet = store.fleet_usage(None)?;
+    let active = active_findings(store)?;
     let state = FleetState {
         now,
         policy: policy.as_ref(),
@@ -181,20 +192,27 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
         unattributed: &fleet.unattributed,
         identities: &identities,
         hosts,
+        findings: &active,
         settings,
     };
     let desired = desired_findings(&state);
 
-    let open = open_findings(store)?;
-    let open_keys: BTreeSet<(FindingKind, &str)> =
-        open.iter().map(|f| (f.finding.kind, f.finding.subject.as_str())).collect();
+    let active_keys: BTreeSet<(FindingKind, &str)> =
+        active.iter().map(|f| (f.finding.kind, f.finding.subject.as_str())).collect();
     let desired_keys: BTreeSet<(FindingKind, &str)> =
         desired.iter().map(|f| (f.kind, f.subject.as_str())).collect();
+    // A crossing is reported within the policy's deadline of the provider learning of it.
+    let deadline_s = policy
+        .as_ref()
+        .map_or(kycd_protocol::DEFAULT_REPORT_DEADLINE_S, |p| p.claims.thresholds.report_deadline_s);
+    let deadline_s = i64::try_from(deadline_s).unwrap_or(i64::MAX);
 
     let mut report =
         EvaluationReport { policy_version: policy.as_ref().map(|p| p.version), ..Default::default() };
-    for finding in &open {
-        if !desired_keys.contains(&(finding.finding.kind, finding.finding.subject.as_str()))
+    for finding in &active {
+        // A crossed threshold is a fact to file, not a condition: it never resolves itself.
+        if !finding.finding.kind.is_threshold()
+            && !desired_keys.contains(&(finding.finding.kind, finding.finding.subject.as_str()))
             && store.resolve_finding(finding.id, now)?
         {
             tracing::info!(id = finding.id, kind = finding.finding.kind.as_str(), subject = %finding.finding.subject,
@@ -203,8 +221,12 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
         }
     }
     for mut finding in desired {
-        if open_keys.contains(&(finding.kind, finding.subject.as_str())) {
+        if active_keys.contains(&(finding.kind, finding.subject.as_str())) {
             continue;
+        }
+        // Unknown foreign status (`None` is only for host findings) counts as foreign.
+        if finding.kind.needs_filing() && finding.foreign_person != Some(false) {
+            finding.due_at = Some(now.saturating_add(deadline_s));
         }
         if let (FindingKind::ReportRejected, Some(host)) = (finding.kind, finding.host_id.clone()) {
             let rejections = store.rejections(&host, EVIDENCE_WINDOWS)?;
@@ -220,7 +242,11 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
                 map.insert("top_windows".into(), json!(windows));
             }
         }
-        if let Some(tenant) = finding.tenant.clone().filter(|_| finding.host_id.is_none()) {
+        if let Some(tenant) = finding
+            .tenant
+            .clone()
+            .filter(|_| finding.host_id.is_none() && finding.kind != FindingKind::ReportOverdue)
+        {
             // Evidence is gathered only for a finding being raised: the windows that weigh
             // most and every host involved.
             let windows = store.usage_evidence(&tenant, EVIDENCE_WINDOWS)?;
@@ -239,7 +265,7 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
             report.raised.push((id, finding.kind, finding.subject.clone()));
         }
     }
-    report.open = open.len() + report.raised.len() - report.resolved.len();
+    report.open = active.len() + report.raised.len() - report.resolved.len();
     Ok(report)
 }
 

@@ -7,8 +7,11 @@ use kycd_protocol::{HostStatementClaims, MeasureAction, PolicyClaims, ThresholdB
 use serde_json::json;
 
 use super::prohibitions::prohibitions;
+use super::runs::run_findings;
 use super::unattributed::unattributed_findings;
-use crate::fleet::{FindingKind, NewFinding, RejectionCount, TenantIdentity, TenantUsage, UnattributedUsage};
+use crate::fleet::{
+    Finding, FindingKind, NewFinding, RejectionCount, TenantIdentity, TenantUsage, UnattributedUsage,
+};
 use crate::policy::PublishedPolicy;
 
 /// Tunables of the rules.
@@ -63,6 +66,8 @@ pub struct FleetState<'a> {
     pub identities: &'a BTreeMap<String, TenantIdentity>,
     /// Enrolled hosts.
     pub hosts: &'a [HostView],
+    /// The findings not resolved (open, acknowledged, filed, dismissed).
+    pub findings: &'a [Finding],
     /// Tunables.
     pub settings: EvaluationSettings,
 }
@@ -75,6 +80,11 @@ pub fn desired_findings(state: &FleetState<'_>) -> Vec<NewFinding> {
             tenant_findings(&policy.claims, usage, state.identities.get(&usage.tenant), &mut out);
         }
         unattributed_findings(&policy.claims, state.unattributed, &mut out);
+        run_findings(&policy.claims, state.usage, state.identities, state.now, &mut out);
+    }
+    // A deadline passed is a fact about the provider's filing, with or without a policy now.
+    for finding in state.findings {
+        overdue_finding(state.now, finding, &mut out);
     }
     // Not a threshold rule: sharing is a fact about the measurement, raised with or without a
     // published policy (which only adds whether it broke an `exclusive_gpu` condition).
@@ -136,6 +146,7 @@ fn tenant_findings(
                 foreign_person: Some(foreign),
                 summary,
                 evidence,
+                due_at: None,
             });
         };
     // The early warning is there to be early: it holds the most operations the measured
@@ -247,6 +258,7 @@ fn shared_gpu_finding(state: &FleetState<'_>, usage: &TenantUsage, out: &mut Vec
             "exclusive_gpu_imposed_on": imposed,
             "condition_violated": violated,
         }),
+        due_at: None,
     });
 }
 
@@ -282,6 +294,37 @@ fn guest_telemetry_gap_finding(state: &FleetState<'_>, usage: &TenantUsage, out:
             "ops_by_method": usage.ops_by_method,
             "policy_version": state.policy.map(|p| p.version),
         }),
+        due_at: None,
+    });
+}
+
+/// `report_overdue`: `finding` has a filing deadline that passed while it was neither filed
+/// nor dismissed. Resolves (it is no threshold kind) once it is filed or dismissed.
+fn overdue_finding(now: i64, finding: &Finding, out: &mut Vec<NewFinding>) {
+    let Some(due_at) = finding.finding.due_at else { return };
+    if now <= due_at || !finding.state.is_pending() {
+        return;
+    }
+    let f = &finding.finding;
+    out.push(NewFinding {
+        kind: FindingKind::ReportOverdue,
+        subject: format!("finding/{}", finding.id),
+        tenant: f.tenant.clone(),
+        host_id: f.host_id.clone(),
+        foreign_person: f.foreign_person,
+        summary: format!(
+            "finding {} ({} about {}) was due for filing at {} and is {}: {}s overdue",
+            finding.id,
+            f.kind.as_str(),
+            f.subject,
+            crate::dates::rfc3339(due_at),
+            finding.state.as_str(),
+            now - due_at
+        ),
+        evidence: json!({"finding_id": finding.id, "kind": f.kind.as_str(), "subject": f.subject,
+                         "raised_at": finding.raised_at, "due_at": due_at, "state": finding.state.as_str(),
+                         "acknowledged": finding.acknowledged}),
+        due_at: None,
     });
 }
 
@@ -296,6 +339,7 @@ fn host_findings(state: &FleetState<'_>, host: &HostView, out: &mut Vec<NewFindi
             foreign_person: foreign,
             summary,
             evidence,
+            due_at: None,
         };
 
     let last_heard = host.last_report_at.max(host.last_poll_ok_at);
@@ -406,6 +450,7 @@ mod tests {
             beneficial_owner_countries: vec![],
             foreign_person: false,
             seen_at: 0,
+            detail: None,
         };
         BTreeMap::from([("said-domestic".to_owned(), domestic)])
     }
@@ -479,6 +524,7 @@ mod tests {
             unattributed: &[],
             identities: &identities,
             hosts,
+            findings: &[],
             settings: EvaluationSettings { dark_after_s: 180, policy_grace_s: 600, rejected_window_s: 3600 },
         };
         desired_findings(&state).into_iter().map(|f| f.kind).collect()
@@ -563,6 +609,7 @@ mod tests {
             unattributed: &[],
             identities: &identities,
             hosts: &hosts,
+            findings: &[],
             settings: EvaluationSettings::default(),
         };
         let shared: Vec<NewFinding> =
@@ -613,6 +660,7 @@ mod tests {
             unattributed: &[],
             identities: &identities,
             hosts: &[],
+            findings: &[],
             settings: EvaluationSettings::default(),
         };
         let gaps: Vec<NewFinding> = desired_findings(&state)

@@ -40,8 +40,12 @@ use serde::{Deserialize, Serialize};
 use crate::store::error::StoreError;
 use crate::store::reports::Rejection;
 
+pub mod lifecycle;
+pub mod runs;
 mod usage;
 
+pub use lifecycle::{Acknowledgement, AuditRow, Dismissal, Filing, FindingAction};
+pub use runs::{Run, RunFigures};
 pub use usage::{
     finite, saturating_sum, FleetUsage, TenantUsage, UnattributedUsage, UsageAccumulator, WindowRow,
     CAPACITY_BUCKET_S,
@@ -93,6 +97,36 @@ pub struct TenantIdentity {
     pub foreign_person: bool,
     /// When a statement last named it (Unix seconds).
     pub seen_at: i64,
+    /// Everything that statement said about it (absent for identities recorded before
+    /// schema 8): what a filing quotes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<IdentityDetail>,
+}
+
+impl TenantIdentity {
+    /// Whether the attestation declares training on biological sequence data.
+    pub fn declares_bio(&self) -> bool {
+        self.detail
+            .as_ref()
+            .is_some_and(|d| d.subject.purposes.contains(&kycd_protocol::Purpose::BiologicalSequenceData))
+    }
+}
+
+/// The statement entry a tenant identity was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityDetail {
+    /// The subject as the host statement carried it (from the attestation in force).
+    pub subject: kycd_protocol::StatementSubject,
+    /// Digest of that attestation (the KYC record's link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_digest: Option<String>,
+    /// Its expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_exp: Option<i64>,
+    /// The host whose statement it was.
+    pub host_id: String,
+    /// The workload it was about.
+    pub workload: String,
 }
 
 /// What a finding is about.
@@ -126,11 +160,22 @@ pub enum FindingKind {
     /// crossed the training threshold (on the policy's `threshold_basis`) or the cluster
     /// capacity threshold on one host; subject `host/workload`.
     UnattributedTrainingScale,
+    /// One training run of a tenant (its windows across hosts and workloads with no pause
+    /// longer than the policy's `run_gap_s`) reached the run's threshold: `bio_training_ops`
+    /// when the tenant declared biological sequence data, else `training_ops` (on the
+    /// policy's `threshold_basis`); subject `tenant/run/FIRST_START`.
+    RunThresholdCrossed,
+    /// The second early-warning tier: a training run not declared as biological sequence data
+    /// reached `bio_training_ops` on its upper bound; subject `tenant/run/FIRST_START`.
+    BioEarlyWarning,
+    /// A finding due for filing (`due_at`) passed its deadline neither filed nor dismissed;
+    /// subject `finding/ID`.
+    ReportOverdue,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 10] = [
+    pub const ALL: [FindingKind; 13] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
@@ -141,7 +186,37 @@ impl FindingKind {
         FindingKind::SharedGpu,
         FindingKind::GuestTelemetryGap,
         FindingKind::UnattributedTrainingScale,
+        FindingKind::RunThresholdCrossed,
+        FindingKind::BioEarlyWarning,
+        FindingKind::ReportOverdue,
     ];
+
+    /// Whether the finding records a crossed threshold: such a finding never closes on its
+    /// own (a raised threshold or pruned windows do not undo the crossing); it is filed or
+    /// dismissed by an operator.
+    pub fn is_threshold(self) -> bool {
+        matches!(
+            self,
+            FindingKind::EarlyWarning
+                | FindingKind::TrainingThresholdCrossed
+                | FindingKind::ClusterCapacityCrossed
+                | FindingKind::UnattributedTrainingScale
+                | FindingKind::RunThresholdCrossed
+                | FindingKind::BioEarlyWarning
+        )
+    }
+
+    /// Whether a crossing of this kind about a foreign (or unknown) person must be reported
+    /// to the regulator, so it gets a `due_at`.
+    pub fn needs_filing(self) -> bool {
+        matches!(
+            self,
+            FindingKind::TrainingThresholdCrossed
+                | FindingKind::ClusterCapacityCrossed
+                | FindingKind::UnattributedTrainingScale
+                | FindingKind::RunThresholdCrossed
+        )
+    }
 
     /// The wire and storage name.
     pub fn as_str(self) -> &'static str {
@@ -156,6 +231,9 @@ impl FindingKind {
             FindingKind::SharedGpu => "shared_gpu",
             FindingKind::GuestTelemetryGap => "guest_telemetry_gap",
             FindingKind::UnattributedTrainingScale => "unattributed_training_scale",
+            FindingKind::RunThresholdCrossed => "run_threshold_crossed",
+            FindingKind::BioEarlyWarning => "bio_early_warning",
+            FindingKind::ReportOverdue => "report_overdue",
         }
     }
 
@@ -165,13 +243,20 @@ impl FindingKind {
     }
 }
 
-/// Whether a finding still holds.
+/// Where a finding stands (see [`lifecycle`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FindingState {
-    /// The condition holds.
+    /// Raised, nobody acted on it yet.
     Open,
-    /// The condition stopped holding (a dark host answered, a stale host updated, …).
+    /// An operator has seen it and works on it.
+    Acknowledged,
+    /// Reported to the regulator (with a reference).
+    Filed,
+    /// Decided to need no filing (with a reason).
+    Dismissed,
+    /// The condition stopped holding (a dark host answered, a stale host updated, …); never
+    /// for threshold kinds.
     Resolved,
 }
 
@@ -180,17 +265,30 @@ impl FindingState {
     pub fn as_str(self) -> &'static str {
         match self {
             FindingState::Open => "open",
+            FindingState::Acknowledged => "acknowledged",
+            FindingState::Filed => "filed",
+            FindingState::Dismissed => "dismissed",
             FindingState::Resolved => "resolved",
         }
     }
 
+    /// Every state.
+    pub const ALL: [FindingState; 5] = [
+        FindingState::Open,
+        FindingState::Acknowledged,
+        FindingState::Filed,
+        FindingState::Dismissed,
+        FindingState::Resolved,
+    ];
+
     /// Parses a wire name.
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "open" => Some(FindingState::Open),
-            "resolved" => Some(FindingState::Resolved),
-            _ => None,
-        }
+        FindingState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether a report about it is still owed: open or acknowledged.
+    pub fn is_pending(self) -> bool {
+        matches!(self, FindingState::Open | FindingState::Acknowledged)
     }
 }
 
@@ -213,6 +311,10 @@ pub struct NewFinding {
     pub summary: String,
     /// Evidence: totals, thresholds, windows and hosts, statement excerpts.
     pub evidence: serde_json::Value,
+    /// When the filing is due (raised at + the policy's `report_deadline_s`), for kinds that
+    /// need one about a foreign or unknown person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<i64>,
 }
 
 /// A stored finding.
@@ -229,6 +331,15 @@ pub struct Finding {
     pub raised_at: i64,
     /// When it was resolved.
     pub resolved_at: Option<i64>,
+    /// Who acknowledged it, when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<Acknowledgement>,
+    /// The filing, when filed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filed: Option<Filing>,
+    /// The dismissal, when dismissed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dismissed: Option<Dismissal>,
 }
 
 /// A page of findings.
@@ -236,6 +347,10 @@ pub struct Finding {
 pub struct FindingQuery {
     /// Only this state.
     pub state: Option<FindingState>,
+    /// Only findings not resolved (open, acknowledged, filed or dismissed).
+    pub active: bool,
+    /// Only this id.
+    pub id: Option<i64>,
     /// Only this kind.
     pub kind: Option<FindingKind>,
     /// Only findings about this tenant.
@@ -283,12 +398,31 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every known tenant identity, by tenant id.
     fn tenant_identities(&self) -> Result<Vec<TenantIdentity>, StoreError>;
 
-    /// Raises `finding` unless one of its (kind, subject) is open; returns the new id, or
-    /// `None` when it was already open (so a condition that keeps holding is raised once).
+    /// Raises `finding` unless one of its (kind, subject) is active (not resolved); returns
+    /// the new id, or `None` when one was (so a condition that keeps holding is raised once,
+    /// and a filed or dismissed crossing is not raised again).
     fn raise_finding(&self, finding: &NewFinding, at: i64) -> Result<Option<i64>, StoreError>;
 
-    /// Resolves an open finding; false if it was not open.
+    /// Resolves an active finding; false if it was resolved already. Never called for
+    /// threshold kinds ([`FindingKind::is_threshold`]).
     fn resolve_finding(&self, id: i64, at: i64) -> Result<bool, StoreError>;
+
+    /// Takes `action` on finding `id` as `actor` at `at`: checks the transition
+    /// ([`FindingAction::transition`]), records it on the finding and appends the audit
+    /// record, in one transaction; returns the updated finding.
+    fn act_on_finding(
+        &self,
+        id: i64,
+        action: &FindingAction,
+        actor: &str,
+        at: i64,
+    ) -> Result<Finding, StoreError>;
+
+    /// Appends `event` to the collector's audit log at `at`; returns its seq.
+    fn append_audit(&self, at: i64, event: &serde_json::Value) -> Result<u64, StoreError>;
+
+    /// The audit log's records with seq ≥ `from_seq`, at most `limit`, in order.
+    fn audit_records(&self, from_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
     /// Findings matching `query`, by id.
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError>;

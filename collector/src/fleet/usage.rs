@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::runs::{Activity, Run, RunWindow};
+
 /// Width of a concurrency bucket, seconds (the agents' window length).
 pub const CAPACITY_BUCKET_S: i64 = 60;
 
@@ -77,12 +79,37 @@ pub struct TenantUsage {
     pub last_seen: i64,
     /// Whether any window marks the tenant a foreign person.
     pub foreign_person: bool,
+    /// Busy segments, for [`TenantUsage::runs`] (not serialized).
+    #[serde(skip)]
+    pub activity: Activity,
+    /// Concurrent capacity per minute (minute start, FLOP/s), by time (not serialized).
+    #[serde(skip)]
+    pub capacity: Vec<(i64, f64)>,
 }
 
 impl TenantUsage {
     /// GPU-hours.
     pub fn gpu_hours(&self) -> f64 {
         self.gpu_seconds / 3600.0
+    }
+
+    /// The tenant's training runs: busy time with no pause longer than `gap_s` (see
+    /// [`super::runs`]), each with its peak concurrent capacity; `now` tells which still run.
+    pub fn runs(&self, gap_s: i64, now: i64) -> Vec<Run> {
+        self.activity.runs(gap_s, now, |from, to| {
+            // The minutes whose bucket starts within the run (its first window's minute on).
+            let first = self
+                .capacity
+                .partition_point(|(at, _)| *at < from.div_euclid(CAPACITY_BUCKET_S) * CAPACITY_BUCKET_S);
+            let last = self.capacity.partition_point(|(at, _)| *at < to);
+            self.capacity[first..last.max(first)].iter().fold((0.0, from), |(peak, peak_at), (at, flops)| {
+                if *flops > peak {
+                    (*flops, *at)
+                } else {
+                    (peak, peak_at)
+                }
+            })
+        })
     }
 }
 
@@ -177,6 +204,8 @@ pub struct UsageAccumulator {
     hosts: std::collections::HashMap<String, u32>,
     /// Host ids by their index in `hosts`.
     host_ids: Vec<String>,
+    /// The same, shared by the runs' segments.
+    host_names: Vec<std::sync::Arc<str>>,
     tenants: std::collections::HashMap<String, TenantAccumulator>,
     /// Windows without a tenant: by host index, then workload.
     unattributed: std::collections::HashMap<u32, std::collections::HashMap<String, TenantAccumulator>>,
@@ -240,6 +269,7 @@ impl UsageAccumulator {
             None => {
                 self.hosts.insert(w.host_id.to_owned(), next_host);
                 self.host_ids.push(w.host_id.to_owned());
+                self.host_names.push(std::sync::Arc::from(w.host_id));
                 next_host
             }
         };
@@ -259,8 +289,9 @@ impl UsageAccumulator {
                 workloads.get_mut(workload)
             }
         };
-        if let Some(t) = t {
-            t.add(host, w);
+        let name = self.host_names.get(usize::try_from(host).unwrap_or(usize::MAX));
+        if let (Some(t), Some(name)) = (t, name) {
+            t.add(host, name, w);
         }
     }
 
@@ -294,8 +325,8 @@ impl UsageAccumulator {
 }
 
 impl TenantAccumulator {
-    /// Adds one window reported by host `host` (an index).
-    fn add(&mut self, host: u32, w: &WindowRow<'_>) {
+    /// Adds one window reported by host `host` (an index; `name` its id).
+    fn add(&mut self, host: u32, name: &std::sync::Arc<str>, w: &WindowRow<'_>) {
         let t = self;
         let usage = t.usage.get_or_insert_with(|| TenantUsage {
             tenant: w.tenant.unwrap_or_default().to_owned(),
@@ -317,6 +348,8 @@ impl TenantAccumulator {
             first_seen: w.start,
             last_seen: w.end,
             foreign_person: false,
+            activity: Activity::default(),
+            capacity: Vec::new(),
         });
         usage.ops_lower = saturating_sum(usage.ops_lower, w.ops_lower);
         usage.estimated_ops = saturating_sum(usage.estimated_ops, w.estimated_ops);
@@ -343,6 +376,16 @@ impl TenantAccumulator {
                 }
             }
         }
+        usage.activity.add(&RunWindow {
+            host: name,
+            start: w.start,
+            end: w.end,
+            ops_lower: w.ops_lower,
+            estimated_ops: w.estimated_ops,
+            ops_upper: w.ops_upper,
+            gpu_seconds: w.gpu_seconds,
+            method: w.method,
+        });
         let gpus = t.host_gpus.entry(host).or_insert(0);
         *gpus = (*gpus).max(w.gpus);
         let share = (w.end.saturating_sub(w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
@@ -374,13 +417,16 @@ impl TenantAccumulator {
         usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
         usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
         // Earliest bucket among equal peaks, so the result does not depend on order.
-        for (bucket, flops) in t.capacity {
-            let at = bucket * CAPACITY_BUCKET_S;
-            if flops > usage.peak_flops || (flops == usage.peak_flops && at < usage.peak_at) {
-                usage.peak_flops = flops;
-                usage.peak_at = at;
+        let mut capacity: Vec<(i64, f64)> =
+            t.capacity.into_iter().map(|(bucket, flops)| (bucket * CAPACITY_BUCKET_S, flops)).collect();
+        capacity.sort_by_key(|(at, _)| *at);
+        for (at, flops) in &capacity {
+            if *flops > usage.peak_flops {
+                usage.peak_flops = *flops;
+                usage.peak_at = *at;
             }
         }
+        usage.capacity = capacity;
         Some(usage)
     }
 }

@@ -35,7 +35,7 @@ pub(super) async fn overview(State(state): State<ApiState>) -> Response {
     let store = Arc::clone(&state.store);
     let data = blocking(move || {
         let fleet = fleet_summaries(store.as_ref(), None)?;
-        let findings = crate::findings::open_findings(store.as_ref())?;
+        let findings = crate::findings::active_findings(store.as_ref())?;
         let hosts = host_summaries(store.as_ref())?;
         let policy = store.current_policy()?.map(|p| p.version);
         Ok((fleet, findings, hosts, policy))

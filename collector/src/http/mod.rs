@@ -4,6 +4,8 @@
 //! - [`read_api`]: `GET /v1/policy` (public) and the JSON read API (`/v1/tenants`,
 //!   `/v1/findings`, `/v1/hosts`, [`UNATTRIBUTED`]), behind the read access rule.
 //! - [`html`]: `GET /`, the HTML console, behind the same rule.
+//! - [`actions`]: `POST /v1/findings/{id}/{acknowledge|file|dismiss}`, behind named write
+//!   tokens.
 //! - [`response`]: the JSON error responses all of them answer with.
 //! - `GET /healthz` → `ok`.
 //!
@@ -22,11 +24,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingestor;
 
+pub mod actions;
 pub mod html;
 pub mod ingest;
 pub mod read_api;
 pub mod response;
 
+pub use actions::WriteAccess;
 pub use read_api::{ApiState, ReadAccess};
 pub use response::RETRY_AFTER_S;
 
@@ -60,7 +64,12 @@ pub fn api_router(state: ApiState) -> Router {
         .route(HOSTS, get(read_api::hosts))
         .route(UNATTRIBUTED, get(read_api::unattributed))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), read_api::authorize));
-    Router::new().route(POLICY, get(read_api::policy)).merge(reads).with_state(state)
+    // Actions authenticate by their own (named) tokens, not the read rule.
+    let actions = Router::new().route(
+        &format!("{FINDINGS}/{{id}}/{{action}}"),
+        post(actions::act).layer(DefaultBodyLimit::max(actions::MAX_ACTION_BODY)),
+    );
+    Router::new().route(POLICY, get(read_api::policy)).merge(reads).merge(actions).with_state(state)
 }
 
 /// Serves report ingest alone on `listener` until `shutdown` is cancelled (see [`serve`]).

@@ -67,6 +67,8 @@ pub struct ApiState {
     pub store: Arc<dyn Storage>,
     /// Who may read.
     pub access: ReadAccess,
+    /// Who may act on findings (named write tokens).
+    pub writers: super::actions::WriteAccess,
 }
 
 pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -211,7 +213,7 @@ pub fn fleet_summaries(
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let mut open: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
     let mut open_unattributed: BTreeMap<String, Vec<FindingKind>> = BTreeMap::new();
-    for f in crate::findings::open_findings(store)? {
+    for f in crate::findings::active_findings(store)? {
         if f.finding.kind == FindingKind::UnattributedTrainingScale {
             open_unattributed.entry(f.finding.subject.clone()).or_default().push(f.finding.kind);
         } else if let Some(t) = &f.finding.tenant {
@@ -331,6 +333,7 @@ pub(super) async fn findings(State(state): State<ApiState>, query: ListQuery) ->
         host_id: p.host,
         after_id,
         limit: limit.saturating_add(1),
+        ..FindingQuery::default()
     };
     let store = Arc::clone(&state.store);
     match blocking(move || store.list_findings(&query)).await {
@@ -364,7 +367,7 @@ pub struct HostSummary {
 /// Every enrolled host with its last report and dark state.
 pub fn host_summaries(store: &dyn Storage) -> Result<Vec<HostSummary>, StoreError> {
     let last = store.last_report_at()?;
-    let dark: std::collections::BTreeSet<String> = crate::findings::open_findings(store)?
+    let dark: std::collections::BTreeSet<String> = crate::findings::active_findings(store)?
         .into_iter()
         .filter(|f| f.finding.kind == FindingKind::HostDark)
         .filter_map(|f| f.finding.host_id)

@@ -56,6 +56,30 @@ pub enum StoreError {
     /// What a database backend does not support.
     #[error("not supported by this database backend yet: {0}")]
     Unsupported(String),
+    /// An action does not apply to the finding's state (filing a dismissed finding, …).
+    #[error("finding {id} is {from}: it cannot be given the action {action:?}")]
+    InvalidTransition {
+        /// The finding.
+        id: i64,
+        /// Its state.
+        from: &'static str,
+        /// The action refused.
+        action: &'static str,
+    },
+    /// No finding has this id.
+    #[error("no finding with id {0}")]
+    FindingNotFound(i64),
+    /// An action's actor, reference or reason is not acceptable text.
+    #[error("invalid action: {0}")]
+    InvalidAction(String),
+    /// The collector's audit log does not verify.
+    #[error("audit log broken at record {seq}: {reason}")]
+    AuditBroken {
+        /// The first record that does not verify.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
     /// Any other database error.
     #[error("database error")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -151,6 +151,60 @@ pub(crate) mod test_support {
         );
     }
 
+    /// Rows of a version-7 database: an open and a resolved threshold finding of tenant `t`,
+    /// and `t`'s identity (no detail then).
+    pub(crate) const VERSION_7_FINDINGS: &str = r#"
+        INSERT INTO findings (kind, subject, tenant, host_id, foreign_person, summary, evidence_json, state,
+                              raised_at, resolved_at)
+        VALUES ('training_threshold_crossed', 't', 't', NULL, TRUE, 'old open', '{}', 'open', 100, NULL),
+               ('early_warning', 't', 't', NULL, TRUE, 'old resolved', '{}', 'resolved', 50, 90);
+        INSERT INTO tenant_identities (tenant, legal_name, countries, owner_countries, foreign_person, seen_at)
+        VALUES ('t', 'T Ltd', '["DE"]', '[]', TRUE, 100);
+    "#;
+
+    /// After migration 8 of a version-7 database holding [`VERSION_7_FINDINGS`]: the old
+    /// findings read back with no lifecycle steps and no due date; the open one still blocks a
+    /// second raise, and can be filed (recorded in a new audit log whose chain verifies); the
+    /// resolved one does not block a new raise; the identity has no detail.
+    pub(crate) fn check_migrated_to_lifecycle<S: crate::fleet::FleetStore>(store: &S) {
+        use crate::fleet::{FindingAction, FindingKind, FindingQuery, FindingState, NewFinding};
+        let all = store.list_findings(&FindingQuery { limit: 10, ..FindingQuery::default() }).unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(
+            (all[0].state, all[0].finding.due_at, all[0].filed.as_ref()),
+            (FindingState::Open, None, None)
+        );
+        assert_eq!(all[1].state, FindingState::Resolved);
+        let again = |kind| NewFinding {
+            kind,
+            subject: "t".into(),
+            tenant: Some("t".into()),
+            host_id: None,
+            foreign_person: Some(true),
+            summary: "again".into(),
+            evidence: serde_json::json!({}),
+            due_at: Some(1_000),
+        };
+        assert_eq!(store.raise_finding(&again(FindingKind::TrainingThresholdCrossed), 200).unwrap(), None);
+        let filed = store
+            .act_on_finding(all[0].id, &FindingAction::File { reference: "BIS-1".into() }, "alice", 300)
+            .unwrap();
+        assert_eq!(
+            (filed.state, filed.filed.as_ref().map(|f| f.reference.as_str())),
+            (FindingState::Filed, Some("BIS-1"))
+        );
+        // Filed is not resolved: the crossing is still not raised again.
+        assert_eq!(store.raise_finding(&again(FindingKind::TrainingThresholdCrossed), 400).unwrap(), None);
+        let new = store.raise_finding(&again(FindingKind::EarlyWarning), 400).unwrap();
+        assert!(new.is_some());
+        let log = store.audit_records(0, 10).unwrap();
+        assert_eq!(log.len(), 1);
+        assert!(log[0].line.contains(r#""type":"finding_filed""#), "{}", log[0].line);
+        assert_eq!(crate::fleet::lifecycle::verify_audit_log(log).unwrap().records, 1);
+        let ids = store.tenant_identities().unwrap();
+        assert_eq!((ids.len(), ids[0].detail.is_none()), (1, true));
+    }
+
     /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
     /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
     /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;

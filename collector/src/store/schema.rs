@@ -97,3 +97,91 @@ pub(crate) fn stored_outcome(outcome: &PollOutcome) -> StoredOutcome<'_> {
     let last_error = (!ok).then(|| format!("{kind}: {detail}"));
     StoredOutcome { ok, kind, detail, last_error }
 }
+
+/// The columns both backends read a finding from, in [`StoredFinding`]'s order.
+pub(crate) const FINDING_COLUMNS: &str = "id, kind, subject, tenant, host_id, foreign_person, summary,
+    evidence_json, state, raised_at, resolved_at, due_at, acknowledged_by, acknowledged_at, filed_reference,
+    filed_by, filed_at, dismissed_reason, dismissed_by, dismissed_at";
+
+/// A finding's row as both backends read it ([`FINDING_COLUMNS`]), before decoding.
+#[derive(Debug)]
+pub(crate) struct StoredFinding {
+    pub id: i64,
+    pub kind: String,
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub host_id: Option<String>,
+    pub foreign_person: Option<bool>,
+    pub summary: String,
+    pub evidence_json: String,
+    pub state: String,
+    pub raised_at: i64,
+    pub resolved_at: Option<i64>,
+    pub due_at: Option<i64>,
+    pub acknowledged: (Option<String>, Option<i64>),
+    pub filed: (Option<String>, Option<String>, Option<i64>),
+    pub dismissed: (Option<String>, Option<String>, Option<i64>),
+}
+
+impl StoredFinding {
+    /// Decodes kind, state and evidence (typed errors for corrupt values) and the lifecycle
+    /// columns (a step is recorded only when all its columns are).
+    pub(crate) fn decode(self) -> Result<crate::fleet::Finding, StoreError> {
+        use crate::fleet::{
+            Acknowledgement, Dismissal, Filing, Finding, FindingKind, FindingState, NewFinding,
+        };
+        let kind =
+            FindingKind::parse(&self.kind).ok_or_else(|| corrupt("stored finding kind", &self.kind))?;
+        let state =
+            FindingState::parse(&self.state).ok_or_else(|| corrupt("stored finding state", &self.state))?;
+        let evidence =
+            serde_json::from_str(&self.evidence_json).map_err(|e| corrupt("stored finding evidence", e))?;
+        let acknowledged = match self.acknowledged {
+            (Some(by), Some(at)) => Some(Acknowledgement { by, at }),
+            _ => None,
+        };
+        let filed = match self.filed {
+            (Some(reference), Some(by), Some(at)) => Some(Filing { reference, by, at }),
+            _ => None,
+        };
+        let dismissed = match self.dismissed {
+            (Some(reason), Some(by), Some(at)) => Some(Dismissal { reason, by, at }),
+            _ => None,
+        };
+        Ok(Finding {
+            id: self.id,
+            finding: NewFinding {
+                kind,
+                subject: self.subject,
+                tenant: self.tenant,
+                host_id: self.host_id,
+                foreign_person: self.foreign_person,
+                summary: self.summary,
+                evidence,
+                due_at: self.due_at,
+            },
+            state,
+            raised_at: self.raised_at,
+            resolved_at: self.resolved_at,
+            acknowledged,
+            filed,
+            dismissed,
+        })
+    }
+}
+
+/// The lifecycle columns an action sets: (column of the actor, of the time, of the text).
+pub(crate) fn action_columns(
+    action: &crate::fleet::FindingAction,
+) -> (&'static str, &'static str, Option<(&'static str, &str)>) {
+    use crate::fleet::FindingAction;
+    match action {
+        FindingAction::Acknowledge => ("acknowledged_by", "acknowledged_at", None),
+        FindingAction::File { reference } => {
+            ("filed_by", "filed_at", Some(("filed_reference", reference.as_str())))
+        }
+        FindingAction::Dismiss { reason } => {
+            ("dismissed_by", "dismissed_at", Some(("dismissed_reason", reason.as_str())))
+        }
+    }
+}

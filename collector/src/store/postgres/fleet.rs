@@ -5,8 +5,7 @@
 //! Across collector processes:
 //! - `publish_policy` takes an EXCLUSIVE lock on `policies` (readers proceed) before reading
 //!   the current version, so of two concurrent publishers only one can win a version;
-//! - `raise_finding` relies on the partial unique index on open (kind, subject): a concurrent
-//!   second raise waits for the first and then does nothing (raised once);
+//! - findings and the audit log: see `findings.rs`;
 //! - aggregation streams the windows from the server through [`UsageAccumulator`], the same
 //!   code as SQLite's, so both backends compute identical numbers.
 //!
@@ -20,7 +19,7 @@ use postgres::types::ToSql;
 use super::driver::{get, pg_error, to_i64};
 use super::PgStore;
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, FleetUsage, NewFinding, RejectionCount,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, RejectionCount,
     TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
@@ -243,23 +242,30 @@ impl FleetStore for PgStore {
             let countries = serde_json::to_string(&id.countries).map_err(|e| corrupt("countries", e))?;
             let owners = serde_json::to_string(&id.beneficial_owner_countries)
                 .map_err(|e| corrupt("owner countries", e))?;
-            rows.push((id, countries, owners));
+            let detail = id
+                .detail
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| corrupt("identity detail", e))?;
+            rows.push((id, countries, owners, detail));
         }
         self.in_transaction("upsert tenant identities", |tx| {
             let upsert = tx.prepare(
                 "INSERT INTO tenant_identities
-                     (tenant, legal_name, countries, owner_countries, foreign_person, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                     (tenant, legal_name, countries, owner_countries, foreign_person, seen_at, detail_json)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (tenant) DO UPDATE SET
                      legal_name = excluded.legal_name, countries = excluded.countries,
                      owner_countries = excluded.owner_countries,
-                     foreign_person = excluded.foreign_person, seen_at = excluded.seen_at
+                     foreign_person = excluded.foreign_person, seen_at = excluded.seen_at,
+                     detail_json = excluded.detail_json
                  WHERE excluded.seen_at >= tenant_identities.seen_at",
             )?;
-            for (id, countries, owners) in &rows {
+            for (id, countries, owners, detail) in &rows {
                 tx.execute(
                     &upsert,
-                    &[&id.tenant, &id.legal_name, countries, owners, &id.foreign_person, &id.seen_at],
+                    &[&id.tenant, &id.legal_name, countries, owners, &id.foreign_person, &id.seen_at, detail],
                 )?;
             }
             Ok(())
@@ -271,7 +277,7 @@ impl FleetStore for PgStore {
         let rows = conn
             .client()?
             .query(
-                r#"SELECT tenant, legal_name, countries, owner_countries, foreign_person, seen_at
+                r#"SELECT tenant, legal_name, countries, owner_countries, foreign_person, seen_at, detail_json
                    FROM tenant_identities ORDER BY tenant COLLATE "C""#,
                 &[],
             )
@@ -280,7 +286,12 @@ impl FleetStore for PgStore {
             .map(|r| {
                 let countries: String = get(r, 2)?;
                 let owners: String = get(r, 3)?;
+                let detail: Option<String> = get(r, 6)?;
                 Ok(TenantIdentity {
+                    detail: detail
+                        .map(|d| serde_json::from_str(&d))
+                        .transpose()
+                        .map_err(|e| corrupt("stored identity detail", e))?,
                     tenant: get(r, 0)?,
                     legal_name: get(r, 1)?,
                     countries: serde_json::from_str(&countries)
@@ -295,91 +306,33 @@ impl FleetStore for PgStore {
     }
 
     fn raise_finding(&self, finding: &NewFinding, at: i64) -> Result<Option<i64>, StoreError> {
-        let evidence = serde_json::to_string(&finding.evidence).map_err(|e| corrupt("evidence", e))?;
-        let mut conn = self.checkout()?;
-        // The partial unique index on open (kind, subject) makes this raise-once across
-        // collector processes: a racing second insert waits for the first, then does nothing.
-        let row = conn
-            .client()?
-            .query_opt(
-                "INSERT INTO findings (kind, subject, tenant, host_id, foreign_person, summary,
-                                       evidence_json, state, raised_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)
-                 ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING
-                 RETURNING id",
-                &[
-                    &finding.kind.as_str(),
-                    &finding.subject,
-                    &finding.tenant,
-                    &finding.host_id,
-                    &finding.foreign_person,
-                    &finding.summary,
-                    &evidence,
-                    &at,
-                ],
-            )
-            .map_err(pg_error)?;
-        row.map(|r| get(&r, 0)).transpose()
+        self.insert_finding(finding, at)
     }
 
     fn resolve_finding(&self, id: i64, at: i64) -> Result<bool, StoreError> {
-        let mut conn = self.checkout()?;
-        let updated = conn
-            .client()?
-            .execute(
-                "UPDATE findings SET state = 'resolved', resolved_at = $2 WHERE id = $1 AND state = 'open'",
-                &[&id, &at],
-            )
-            .map_err(pg_error)?;
-        Ok(updated > 0)
+        self.mark_resolved(id, at)
     }
 
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError> {
-        let mut conn = self.checkout()?;
-        let rows = conn
-            .client()?
-            .query(
-                "SELECT id, kind, subject, tenant, host_id, foreign_person, summary, evidence_json,
-                        state, raised_at, resolved_at
-                 FROM findings
-                 WHERE id > $1 AND ($2::text IS NULL OR state = $2) AND ($3::text IS NULL OR kind = $3)
-                   AND ($4::text IS NULL OR tenant = $4) AND ($5::text IS NULL OR host_id = $5)
-                 ORDER BY id LIMIT $6",
-                &[
-                    &query.after_id,
-                    &query.state.map(FindingState::as_str),
-                    &query.kind.map(FindingKind::as_str),
-                    &query.tenant,
-                    &query.host_id,
-                    &i64::from(query.limit),
-                ],
-            )
-            .map_err(pg_error)?;
-        rows.iter()
-            .map(|r| {
-                let kind: String = get(r, 1)?;
-                let evidence: String = get(r, 7)?;
-                let state: String = get(r, 8)?;
-                Ok(Finding {
-                    id: get(r, 0)?,
-                    finding: NewFinding {
-                        kind: FindingKind::parse(&kind)
-                            .ok_or_else(|| corrupt("stored finding kind", &kind))?,
-                        subject: get(r, 2)?,
-                        tenant: get(r, 3)?,
-                        host_id: get(r, 4)?,
-                        foreign_person: get(r, 5)?,
-                        summary: get(r, 6)?,
-                        evidence: serde_json::from_str(&evidence)
-                            .map_err(|e| corrupt("stored finding evidence", e))?,
-                    },
-                    state: FindingState::parse(&state)
-                        .ok_or_else(|| corrupt("stored finding state", &state))?,
-                    raised_at: get(r, 9)?,
-                    resolved_at: get(r, 10)?,
-                })
-            })
-            .collect()
+        self.select_findings(query)
+    }
+
+    fn act_on_finding(
+        &self,
+        id: i64,
+        action: &FindingAction,
+        actor: &str,
+        at: i64,
+    ) -> Result<Finding, StoreError> {
+        self.take_action(id, action, actor, at)
+    }
+
+    fn append_audit(&self, at: i64, event: &serde_json::Value) -> Result<u64, StoreError> {
+        self.append_audit_event(at, event)
+    }
+
+    fn audit_records(&self, from_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        self.read_audit(from_seq, limit)
     }
 
     fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError> {

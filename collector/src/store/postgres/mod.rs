@@ -49,6 +49,7 @@ use crate::store::error::StoreError;
 use crate::store::reports::ReportStore;
 
 pub mod driver;
+pub mod findings;
 pub mod fleet;
 pub mod reports;
 pub mod schema;

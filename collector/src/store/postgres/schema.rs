@@ -69,6 +69,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_OPS_BOUNDS,
     // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
     MIGRATION_GUEST_GAP,
+    // 8: the finding lifecycle (acknowledged, filed, dismissed, due_at) and the audit log.
+    MIGRATION_LIFECYCLE,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -395,8 +397,20 @@ mod tests {
             }
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 7);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_guest_gap(&store);
+    }
+
+    /// A version-7 database opens at the current version: see
+    /// [`crate::store::test_support::check_migrated_to_lifecycle`].
+    #[test]
+    fn a_version_7_database_gets_the_finding_lifecycle() {
+        let Some(db) = fresh_database("a_version_7_database_gets_the_finding_lifecycle") else { return };
+        drop(PgStore::open_at_version(&db.url, 7).unwrap());
+        db.client().batch_execute(crate::store::test_support::VERSION_7_FINDINGS).unwrap();
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        crate::store::test_support::check_migrated_to_lifecycle(&store);
     }
 
     #[test]
@@ -421,3 +435,32 @@ mod tests {
         assert_eq!(rows.len(), 1);
     }
 }
+
+/// Step 8: the finding lifecycle, the same as SQLite's step 8
+/// ([`crate::store::sqlite::MIGRATION_LIFECYCLE`]). Findings gain `due_at` and who
+/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
+/// tenant identities keep the whole statement entry they came from (`detail_json`); the
+/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
+/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
+/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
+/// of the change it records and never updated.
+pub const MIGRATION_LIFECYCLE: &str = r#"
+    ALTER TABLE findings ADD COLUMN due_at BIGINT;
+    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
+    ALTER TABLE findings ADD COLUMN acknowledged_at BIGINT;
+    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
+    ALTER TABLE findings ADD COLUMN filed_by TEXT;
+    ALTER TABLE findings ADD COLUMN filed_at BIGINT;
+    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_at BIGINT;
+    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
+    DROP INDEX findings_open;
+    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
+    CREATE TABLE audit_log (
+        seq  BIGINT PRIMARY KEY NOT NULL,
+        ts   BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        line TEXT NOT NULL
+    );
+"#;

@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
 use crate::fleet::{
-    Finding, FindingKind, FindingQuery, FindingState, FleetStore, FleetUsage, NewFinding, RejectionCount,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, RejectionCount,
     TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
@@ -22,7 +22,7 @@ use crate::store::reports::Rejection;
 use crate::store::schema::{corrupt, count_u32, to_u64};
 
 impl SqliteStore {
-    fn reader(&self) -> Result<Connection, StoreError> {
+    pub(super) fn reader(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open_with_flags(
             self.path(),
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -204,26 +204,6 @@ impl SqliteStore {
     }
 }
 
-fn finding_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Finding, String, String, String)> {
-    // kind, state and evidence are decoded by the caller (typed errors, not rusqlite's).
-    let finding = Finding {
-        id: r.get(0)?,
-        finding: NewFinding {
-            kind: FindingKind::EarlyWarning,
-            subject: r.get(2)?,
-            tenant: r.get(3)?,
-            host_id: r.get(4)?,
-            foreign_person: r.get::<_, Option<i64>>(5)?.map(|v| v != 0),
-            summary: r.get(6)?,
-            evidence: serde_json::Value::Null,
-        },
-        state: FindingState::Open,
-        raised_at: r.get(9)?,
-        resolved_at: r.get(10)?,
-    };
-    Ok((finding, r.get(1)?, r.get(8)?, r.get(7)?))
-}
-
 impl FleetStore for SqliteStore {
     fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
@@ -284,12 +264,13 @@ impl FleetStore for SqliteStore {
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO tenant_identities
-                         (tenant, legal_name, countries, owner_countries, foreign_person, seen_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         (tenant, legal_name, countries, owner_countries, foreign_person, seen_at, detail_json)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (tenant) DO UPDATE SET
                          legal_name = excluded.legal_name, countries = excluded.countries,
                          owner_countries = excluded.owner_countries,
-                         foreign_person = excluded.foreign_person, seen_at = excluded.seen_at
+                         foreign_person = excluded.foreign_person, seen_at = excluded.seen_at,
+                         detail_json = excluded.detail_json
                      WHERE excluded.seen_at >= tenant_identities.seen_at",
                 )
                 .map_err(db_error)?;
@@ -297,6 +278,12 @@ impl FleetStore for SqliteStore {
                 let countries = serde_json::to_string(&id.countries).map_err(|e| corrupt("countries", e))?;
                 let owners = serde_json::to_string(&id.beneficial_owner_countries)
                     .map_err(|e| corrupt("owner countries", e))?;
+                let detail = id
+                    .detail
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| corrupt("identity detail", e))?;
                 upsert
                     .execute(params![
                         id.tenant,
@@ -304,7 +291,8 @@ impl FleetStore for SqliteStore {
                         countries,
                         owners,
                         id.foreign_person,
-                        id.seen_at
+                        id.seen_at,
+                        detail
                     ])
                     .map_err(db_error)?;
             }
@@ -316,7 +304,7 @@ impl FleetStore for SqliteStore {
         let conn = self.reader()?;
         let mut stmt = conn
             .prepare(
-                "SELECT tenant, legal_name, countries, owner_countries, foreign_person, seen_at
+                "SELECT tenant, legal_name, countries, owner_countries, foreign_person, seen_at, detail_json
                  FROM tenant_identities ORDER BY tenant",
             )
             .map_err(db_error)?;
@@ -329,13 +317,18 @@ impl FleetStore for SqliteStore {
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, i64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(db_error)?;
         let mut out = Vec::new();
         for row in rows {
-            let (tenant, legal_name, countries, owners, foreign, seen_at) = row.map_err(db_error)?;
+            let (tenant, legal_name, countries, owners, foreign, seen_at, detail) = row.map_err(db_error)?;
             out.push(TenantIdentity {
+                detail: detail
+                    .map(|d| serde_json::from_str(&d))
+                    .transpose()
+                    .map_err(|e| corrupt("stored identity detail", e))?,
                 countries: serde_json::from_str(&countries).map_err(|e| corrupt("stored countries", e))?,
                 beneficial_owner_countries: serde_json::from_str(&owners)
                     .map_err(|e| corrupt("stored owner countries", e))?,
@@ -349,81 +342,33 @@ impl FleetStore for SqliteStore {
     }
 
     fn raise_finding(&self, finding: &NewFinding, at: i64) -> Result<Option<i64>, StoreError> {
-        let evidence = serde_json::to_string(&finding.evidence).map_err(|e| corrupt("evidence", e))?;
-        let conn = self.lock()?;
-        // The partial unique index on open (kind, subject) makes this raise-once even across
-        // collector processes sharing the database.
-        let inserted = conn
-            .prepare_cached(
-                "INSERT INTO findings (kind, subject, tenant, host_id, foreign_person, summary,
-                                       evidence_json, state, raised_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8)
-                 ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    finding.kind.as_str(),
-                    finding.subject,
-                    finding.tenant,
-                    finding.host_id,
-                    finding.foreign_person,
-                    finding.summary,
-                    evidence,
-                    at
-                ])
-            })
-            .map_err(db_error)?;
-        Ok((inserted > 0).then(|| conn.last_insert_rowid()))
+        self.insert_finding(finding, at)
     }
 
     fn resolve_finding(&self, id: i64, at: i64) -> Result<bool, StoreError> {
-        let conn = self.lock()?;
-        let updated = conn
-            .execute(
-                "UPDATE findings SET state = 'resolved', resolved_at = ?2 WHERE id = ?1 AND state = 'open'",
-                params![id, at],
-            )
-            .map_err(db_error)?;
-        Ok(updated > 0)
+        self.mark_resolved(id, at)
     }
 
     fn list_findings(&self, query: &FindingQuery) -> Result<Vec<Finding>, StoreError> {
-        let conn = self.reader()?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, kind, subject, tenant, host_id, foreign_person, summary, evidence_json,
-                        state, raised_at, resolved_at
-                 FROM findings
-                 WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR kind = ?3)
-                   AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR host_id = ?5)
-                 ORDER BY id LIMIT ?6",
-            )
-            .map_err(db_error)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    query.after_id,
-                    query.state.map(FindingState::as_str),
-                    query.kind.map(FindingKind::as_str),
-                    query.tenant,
-                    query.host_id,
-                    query.limit
-                ],
-                finding_from_row,
-            )
-            .map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (mut finding, kind, state, evidence) = row.map_err(db_error)?;
-            finding.finding.kind =
-                FindingKind::parse(&kind).ok_or_else(|| corrupt("stored finding kind", &kind))?;
-            finding.state =
-                FindingState::parse(&state).ok_or_else(|| corrupt("stored finding state", &state))?;
-            finding.finding.evidence =
-                serde_json::from_str(&evidence).map_err(|e| corrupt("stored finding evidence", e))?;
-            out.push(finding);
-        }
-        Ok(out)
+        self.select_findings(query)
+    }
+
+    fn act_on_finding(
+        &self,
+        id: i64,
+        action: &FindingAction,
+        actor: &str,
+        at: i64,
+    ) -> Result<Finding, StoreError> {
+        self.take_action(id, action, actor, at)
+    }
+
+    fn append_audit(&self, at: i64, event: &serde_json::Value) -> Result<u64, StoreError> {
+        self.append_audit_event(at, event)
+    }
+
+    fn audit_records(&self, from_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        self.read_audit(from_seq, limit)
     }
 
     fn rejection_counts(&self, since: i64) -> Result<Vec<RejectionCount>, StoreError> {

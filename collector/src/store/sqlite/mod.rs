@@ -26,6 +26,7 @@ use crate::store::error::StoreError;
 use crate::store::reports::ReportStore;
 
 pub mod driver;
+pub mod findings;
 pub mod fleet;
 pub mod reports;
 pub mod schema;

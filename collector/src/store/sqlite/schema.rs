@@ -67,6 +67,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_OPS_BOUNDS,
     // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
     MIGRATION_GUEST_GAP,
+    // 8: the finding lifecycle (acknowledged, filed, dismissed, due_at) and the audit log.
+    MIGRATION_LIFECYCLE,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -406,8 +408,24 @@ mod tests {
             }
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 7);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_guest_gap(&store);
+    }
+
+    /// A version-7 database (findings open or resolved, identities without detail) opens at
+    /// the current version: see [`crate::store::test_support::check_migrated_to_lifecycle`].
+    #[test]
+    fn a_version_7_database_gets_the_finding_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v7.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 7).unwrap();
+            let conn = old.lock().unwrap();
+            conn.execute_batch(crate::store::test_support::VERSION_7_FINDINGS).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        crate::store::test_support::check_migrated_to_lifecycle(&store);
     }
 
     #[test]
@@ -421,3 +439,31 @@ mod tests {
         assert!(matches!(SqliteStore::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
     }
 }
+
+/// Step 8: the finding lifecycle. Findings gain `due_at` and who
+/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
+/// tenant identities keep the whole statement entry they came from (`detail_json`); the
+/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
+/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
+/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
+/// of the change it records and never updated.
+pub const MIGRATION_LIFECYCLE: &str = r#"
+    ALTER TABLE findings ADD COLUMN due_at INTEGER;
+    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
+    ALTER TABLE findings ADD COLUMN acknowledged_at INTEGER;
+    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
+    ALTER TABLE findings ADD COLUMN filed_by TEXT;
+    ALTER TABLE findings ADD COLUMN filed_at INTEGER;
+    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_at INTEGER;
+    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
+    DROP INDEX findings_open;
+    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
+    CREATE TABLE audit_log (
+        seq  INTEGER PRIMARY KEY NOT NULL,
+        ts   INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        line TEXT NOT NULL
+    ) STRICT;
+"#;
