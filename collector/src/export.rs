@@ -27,7 +27,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{finite, FindingKind, FindingQuery, TenantUsage, UnattributedUsage};
+use crate::fleet::{finite, FindingKind, FindingQuery, Period, TenantUsage, UnattributedUsage};
 use crate::store::{Storage, StoreError};
 
 /// Export formats.
@@ -125,8 +125,47 @@ pub const UNATTRIBUTED_CSV_HEADER: [&str; 13] = [
     "findings",
 ];
 
+/// Which rows an export holds: usage of windows ending after `since` and (with `until`)
+/// starting before it; findings raised in that period; only foreign tenants (unknown status
+/// counts as foreign: unattributed usage is always included) and only one tenant on request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportFilter {
+    /// Start of the period.
+    pub since: i64,
+    /// End of the period (exclusive); none: open-ended.
+    pub until: Option<i64>,
+    /// Only tenants that are foreign persons.
+    pub foreign_only: bool,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+}
+
+impl ExportFilter {
+    /// The period from `since` on, every tenant.
+    pub fn since(since: i64) -> Self {
+        ExportFilter { since, ..ExportFilter::default() }
+    }
+
+    fn raised_in(&self, at: i64) -> bool {
+        at >= self.since && self.until.is_none_or(|until| at < until)
+    }
+
+    fn period(&self) -> Period {
+        Period { since: Some(self.since), until: self.until }
+    }
+}
+
 /// The rows without a tenant of the period starting at `since`, by host id and workload.
 pub fn unattributed_rows(store: &dyn Storage, since: i64) -> Result<Vec<UnattributedRow>, StoreError> {
+    unattributed_rows_in(store, &ExportFilter::since(since))
+}
+
+/// The rows without a tenant `filter` selects (its tenant and foreign conditions do not
+/// apply: such usage has no tenant and is treated as foreign), by host id and workload.
+pub fn unattributed_rows_in(
+    store: &dyn Storage,
+    filter: &ExportFilter,
+) -> Result<Vec<UnattributedRow>, StoreError> {
     let mut findings: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
     let query = FindingQuery {
         kind: Some(FindingKind::UnattributedTrainingScale),
@@ -134,7 +173,7 @@ pub fn unattributed_rows(store: &dyn Storage, since: i64) -> Result<Vec<Unattrib
         ..FindingQuery::default()
     };
     crate::findings::for_each_finding(store, query, |f| {
-        if f.raised_at >= since {
+        if filter.raised_in(f.raised_at) {
             findings.entry(f.finding.subject.clone()).or_default().push(format!(
                 "{}#{}",
                 f.finding.kind.as_str(),
@@ -144,7 +183,7 @@ pub fn unattributed_rows(store: &dyn Storage, since: i64) -> Result<Vec<Unattrib
         Ok::<_, StoreError>(())
     })?;
     Ok(store
-        .fleet_usage(Some(since))?
+        .fleet_usage_in(filter.period())?
         .unattributed
         .into_iter()
         .map(|u: UnattributedUsage| UnattributedRow {
@@ -200,6 +239,11 @@ pub use crate::dates::{parse_date, rfc3339, DateError};
 
 /// The rows of the period starting at `since`, by tenant id.
 pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreError> {
+    rows_in(store, &ExportFilter::since(since))
+}
+
+/// The rows `filter` selects, by tenant id.
+pub fn rows_in(store: &dyn Storage, filter: &ExportFilter) -> Result<Vec<ExportRow>, StoreError> {
     let identities: std::collections::BTreeMap<_, _> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let mut findings: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
@@ -209,7 +253,7 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
         let Some(last) = page.last() else { break };
         after_id = last.id;
         for f in page {
-            if let (Some(tenant), true) = (f.finding.tenant.as_ref(), f.raised_at >= since) {
+            if let (Some(tenant), true) = (f.finding.tenant.as_ref(), filter.raised_in(f.raised_at)) {
                 findings.entry(tenant.clone()).or_default().push(format!(
                     "{}#{}",
                     f.finding.kind.as_str(),
@@ -219,8 +263,11 @@ pub fn rows(store: &dyn Storage, since: i64) -> Result<Vec<ExportRow>, StoreErro
         }
     }
     Ok(store
-        .tenant_usage(None, Some(since))?
+        .tenant_usage_in(filter.tenant.as_deref(), filter.period())?
         .into_iter()
+        .filter(|u| {
+            !filter.foreign_only || identities.get(&u.tenant).map_or(u.foreign_person, |i| i.foreign_person)
+        })
         .map(|u: TenantUsage| {
             let identity = identities.get(&u.tenant);
             let codes = |cs: &[kycd_protocol::CountryCode]| cs.iter().map(ToString::to_string).collect();

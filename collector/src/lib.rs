@@ -29,6 +29,7 @@
 pub mod cli;
 pub mod dates;
 pub mod export;
+pub mod filing;
 pub mod findings;
 pub mod fleet;
 pub mod hosts;

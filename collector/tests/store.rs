@@ -33,6 +33,7 @@ backend_tests!(
     concurrent_publishers_of_one_version_one_wins,
     findings_are_raised_once_resolved_and_listed_by_page,
     racing_raisers_raise_a_finding_once,
+    racing_filers_file_once_and_the_audit_chain_holds,
     tenant_identities_keep_the_newest,
     usage_aggregates_and_evidence,
     totals_saturate_and_exports_never_print_null_or_inf,
@@ -430,6 +431,7 @@ fn finding(kind: FindingKind, subject: &str, tenant: Option<&str>, host: Option<
         foreign_person: tenant.map(|_| true),
         summary: format!("{} {subject}", kind.as_str()),
         evidence: json!({"subject": subject, "ops": 1.5e21, "hosts": ["h1", "h2"]}),
+        due_at: None,
     }
 }
 
@@ -496,6 +498,69 @@ async fn findings_are_raised_once_resolved_and_listed_by_page(db: TestDb) {
     });
 }
 
+/// Threads of two stores act on the same findings at the same moment: of four filings of
+/// one finding exactly one succeeds (the others see it filed: `InvalidTransition`), a
+/// dismissal racing them loses too, and the audit log holds one record per success, in one
+/// unbroken chain.
+async fn racing_filers_file_once_and_the_audit_chain_holds(db: TestDb) {
+    use kycd_collector::fleet::lifecycle::verify_audit_log;
+    use kycd_collector::fleet::FindingAction;
+    let stores: [Arc<dyn Storage>; 2] = [db.storage(), db.storage()];
+    off_runtime(|| {
+        for round in 0..10 {
+            let subject = format!("t{round}");
+            let f = finding(FindingKind::TrainingThresholdCrossed, &subject, Some(&subject), None);
+            let id = stores[0].raise_finding(&f, 100).unwrap().unwrap();
+            if round % 2 == 0 {
+                let acked =
+                    stores[round % 2].act_on_finding(id, &FindingAction::Acknowledge, "op-ack", 150).unwrap();
+                assert_eq!(
+                    (acked.state, acked.acknowledged.as_ref().map(|a| (a.by.as_str(), a.at))),
+                    (FindingState::Acknowledged, Some(("op-ack", 150)))
+                );
+            }
+            let barrier = std::sync::Barrier::new(5);
+            let results: Vec<Result<FindingState, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..5)
+                    .map(|t| {
+                        let (store, barrier) = (&stores[t % 2], &barrier);
+                        s.spawn(move || {
+                            let action = if t == 4 {
+                                FindingAction::Dismiss { reason: "not a training run".into() }
+                            } else {
+                                FindingAction::File { reference: format!("BIS-{round}-{t}") }
+                            };
+                            barrier.wait();
+                            store
+                                .act_on_finding(id, &action, &format!("op{t}"), 200)
+                                .map(|f| f.state)
+                                .map_err(|e| {
+                                    assert!(matches!(e, StoreError::InvalidTransition { .. }), "{e}");
+                                    e.to_string()
+                                })
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "round {round}: {results:?}");
+        }
+        // One filing or dismissal per round, and the five acknowledgements.
+        let rows = stores[1].audit_records(0, 1000).unwrap();
+        assert_eq!(rows.len(), 15);
+        assert_eq!(verify_audit_log(rows).unwrap().records, 15);
+        assert!(matches!(
+            stores[0].act_on_finding(9999, &FindingAction::Acknowledge, "op", 300),
+            Err(StoreError::FindingNotFound(9999))
+        ));
+        assert!(matches!(
+            stores[0].act_on_finding(1, &FindingAction::File { reference: "x".into() }, " ", 300),
+            Err(StoreError::InvalidAction(_))
+        ));
+        assert_eq!(stores[0].audit_records(0, 1000).unwrap().len(), 15, "refusals leave no record");
+    });
+}
+
 /// Threads of two stores raise the same findings at the same moment: each is raised once.
 async fn racing_raisers_raise_a_finding_once(db: TestDb) {
     let stores: [Arc<dyn Storage>; 2] = [db.storage(), db.storage()];
@@ -537,6 +602,7 @@ fn identity(tenant: &str, legal_name: &str, owners: &[&str], seen_at: i64) -> Te
         beneficial_owner_countries: serde_json::from_value(json!(owners)).unwrap(),
         foreign_person: true,
         seen_at,
+        detail: None,
     }
 }
 

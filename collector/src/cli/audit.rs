@@ -6,12 +6,8 @@ use anyhow::Context as _;
 use clap::Subcommand;
 
 use super::database::{open, DEFAULT_DB};
+use crate::findings::audit_rows;
 use crate::fleet::lifecycle::verify_audit_log;
-use crate::fleet::AuditRow;
-use crate::store::Storage;
-
-/// Records read per query.
-const PAGE: u32 = 1000;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -32,23 +28,6 @@ pub enum AuditCommand {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
-}
-
-/// Every record from `from` on, in order, paging through the store.
-pub fn audit_rows(store: &dyn Storage, from: u64) -> Result<Vec<AuditRow>, crate::store::StoreError> {
-    let mut out = Vec::new();
-    let mut next = from;
-    loop {
-        let page = store.audit_records(next, PAGE)?;
-        let Some(last) = page.last() else { break };
-        next = last.seq.saturating_add(1);
-        let full = page.len() == PAGE as usize;
-        out.extend(page);
-        if !full {
-            break;
-        }
-    }
-    Ok(out)
 }
 
 /// Runs an `audit` command.

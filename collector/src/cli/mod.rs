@@ -17,6 +17,7 @@ pub mod export;
 pub mod findings;
 pub mod hosts;
 pub mod policy;
+pub mod report;
 pub mod serve;
 
 pub use database::DEFAULT_DB;
@@ -82,24 +83,12 @@ pub enum Command {
         command: FindingsCommand,
     },
     /// Export per-tenant usage and findings for regulatory filings.
-    Export {
-        /// Start of the period: YYYY-MM-DD (UTC), RFC 3339, or Unix seconds.
-        #[arg(long)]
-        since: String,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "csv")]
-        format: crate::export::Format,
-        /// Export instead the usage no tenant is known for (workloads without a valid
-        /// attestation), one row per host and workload.
-        #[arg(long)]
-        unattributed: bool,
-        /// Write to this file instead of standard output.
-        #[arg(long, short, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: String,
-    },
+    Export(export::ExportArgs),
+    /// The filing record of one finding: the customer, the KYC link, the run (or the usage),
+    /// operations with their bounds and methods, GPU-hours, peak capacity, hosts, the policy
+    /// and threshold crossed, the evidence windows and the audit records; JSON, or a
+    /// self-contained print-ready HTML page to save as PDF.
+    Report(report::ReportArgs),
     /// The collector's hash-chained audit log of finding actions: list or verify it.
     Audit {
         #[command(subcommand)]
@@ -143,8 +132,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(command),
         Command::Policy { command } => policy::run(command),
         Command::Findings { command } => findings::run(command),
-        Command::Export { since, format, unattributed, output, db } => {
-            export::run(&since, format, unattributed, output, &db)
-        }
+        Command::Export(args) => export::run(args),
+        Command::Report(args) => report::run(args),
     }
 }

@@ -167,6 +167,29 @@ pub fn active_findings<S: FleetStore + ?Sized>(store: &S) -> Result<Vec<crate::f
     Ok(out)
 }
 
+/// Audit records read per query.
+const AUDIT_PAGE: u32 = 1000;
+
+/// Every record from `from` on, in order, paging through the store.
+pub fn audit_rows<S: FleetStore + ?Sized>(
+    store: &S,
+    from: u64,
+) -> Result<Vec<crate::fleet::AuditRow>, StoreError> {
+    let mut out = Vec::new();
+    let mut next = from;
+    loop {
+        let page = store.audit_records(next, AUDIT_PAGE)?;
+        let Some(last) = page.last() else { break };
+        next = last.seq.saturating_add(1);
+        let full = page.len() == AUDIT_PAGE as usize;
+        out.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// One evaluation: records the identities the statements name, computes the findings that
 /// hold, raises the new ones (with their evidence) and resolves the ones that stopped holding.
 pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
@@ -248,8 +271,15 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
             .filter(|_| finding.host_id.is_none() && finding.kind != FindingKind::ReportOverdue)
         {
             // Evidence is gathered only for a finding being raised: the windows that weigh
-            // most and every host involved.
-            let windows = store.usage_evidence(&tenant, EVIDENCE_WINDOWS)?;
+            // most (of the run, for a run finding) and every host involved.
+            let span = finding
+                .evidence
+                .get("run")
+                .and_then(|run| Some((run.get("first_start")?.as_i64()?, run.get("last_end")?.as_i64()?)));
+            let windows = match span {
+                Some((from, to)) => store.run_evidence(&tenant, from, to, EVIDENCE_WINDOWS)?,
+                None => store.usage_evidence(&tenant, EVIDENCE_WINDOWS)?,
+            };
             let involved = store.tenant_hosts(&tenant)?;
             if let Some(map) = finding.evidence.as_object_mut() {
                 map.insert("top_windows".into(), json!(windows));

@@ -363,16 +363,47 @@ pub struct FindingQuery {
     pub limit: u32,
 }
 
+/// The windows a computation covers: those ending after `since` and starting before `until`
+/// (either open-ended when absent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Period {
+    /// Only windows ending after this.
+    pub since: Option<i64>,
+    /// Only windows starting before this.
+    pub until: Option<i64>,
+}
+
 /// The fleet view's storage. Implemented by each backend; reads may run on their own
 /// connection so a long aggregation does not hold up ingest.
 pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     /// Usage aggregated per tenant (one tenant when `tenant` is given), by tenant id; with
     /// `since`, only windows ending after it count (a filing period), otherwise all of them.
-    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError>;
+    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+        self.tenant_usage_in(tenant, Period { since, until: None })
+    }
+
+    /// Usage aggregated per tenant (one tenant when `tenant` is given) over the windows of
+    /// `period`, by tenant id.
+    fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError>;
 
     /// Every tenant's usage and the usage without a tenant per (host, workload), in one pass
     /// over the windows (those ending after `since`, if given).
-    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError>;
+    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError> {
+        self.fleet_usage_in(Period { since, until: None })
+    }
+
+    /// [`FleetStore::fleet_usage`] over the windows of `period`.
+    fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError>;
+
+    /// The tenant's `limit` windows overlapping `from..to` with the most estimated
+    /// operations, most first (a run's evidence).
+    fn run_evidence(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError>;
 
     /// The `limit` windows without a tenant of `workload` on `host_id` with the most estimated
     /// operations, most first.

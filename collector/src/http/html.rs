@@ -16,7 +16,7 @@ use super::response::blocking;
 use crate::fleet::Finding;
 
 /// Escapes text for HTML element content and attribute values.
-pub(super) fn esc(text: &str) -> String {
+pub fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

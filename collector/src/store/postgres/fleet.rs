@@ -19,8 +19,8 @@ use postgres::types::ToSql;
 use super::driver::{get, pg_error, to_i64};
 use super::PgStore;
 use crate::fleet::{
-    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, RejectionCount,
-    TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period,
+    RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::store::error::StoreError;
@@ -35,14 +35,16 @@ const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
-    FROM records WHERE ($2::bigint IS NULL OR "end" > $2::bigint) AND $1::text IS NULL"#;
+    FROM records WHERE ($2::bigint IS NULL OR "end" > $2::bigint) AND ($3::bigint IS NULL OR start < $3::bigint)
+      AND $1::text IS NULL"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
-    FROM records WHERE tenant = $1::text AND ($2::bigint IS NULL OR "end" > $2::bigint)"#;
+    FROM records WHERE tenant = $1::text AND ($2::bigint IS NULL OR "end" > $2::bigint)
+      AND ($3::bigint IS NULL OR start < $3::bigint)"#;
 
 /// Evidence windows: `$1`/`$2` select them, `$3` is the limit.
 const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
@@ -117,15 +119,10 @@ impl PolicyStore for PgStore {
 impl PgStore {
     /// Streams the windows `sql` selects (with `tenant` and `since` as `$1`, `$2`) through one
     /// accumulator.
-    fn aggregate(
-        &self,
-        sql: &str,
-        tenant: Option<&str>,
-        since: Option<i64>,
-    ) -> Result<FleetUsage, StoreError> {
+    fn aggregate(&self, sql: &str, tenant: Option<&str>, period: Period) -> Result<FleetUsage, StoreError> {
         let mut conn = self.checkout()?;
         let client = conn.client()?;
-        let params: [&(dyn ToSql + Sync); 2] = [&tenant, &since];
+        let params: [&(dyn ToSql + Sync); 3] = [&tenant, &period.since, &period.until];
         // Rows are read from the connection as they arrive, not collected first: memory
         // stays with the accumulator's maps, not with the number of windows.
         let mut rows = client.query_raw(sql, params).map_err(pg_error)?;
@@ -142,6 +139,7 @@ impl PgStore {
         &self,
         filter: &str,
         key: (&str, Option<&str>),
+        span: (i64, i64),
         limit: u32,
     ) -> Result<Vec<WindowEvidence>, StoreError> {
         let mut conn = self.checkout()?;
@@ -149,10 +147,10 @@ impl PgStore {
             .client()?
             .query(
                 &format!(
-                    r#"{EVIDENCE_COLUMNS} WHERE {filter}
+                    r#"{EVIDENCE_COLUMNS} WHERE {filter} AND "end" > $4 AND start < $5
                        ORDER BY estimated_ops DESC, host_id COLLATE "C", epoch, seq LIMIT $3"#
                 ),
-                &[&key.0, &key.1, &i64::from(limit)],
+                &[&key.0, &key.1, &i64::from(limit), &span.0, &span.1],
             )
             .map_err(pg_error)?;
         rows.iter()
@@ -178,17 +176,27 @@ impl PgStore {
 }
 
 impl FleetStore for PgStore {
-    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+    fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
-        Ok(self.aggregate(sql, tenant, since)?.tenants)
+        Ok(self.aggregate(sql, tenant, period)?.tenants)
     }
 
-    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError> {
-        self.aggregate(WINDOWS_SQL, None, since)
+    fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, period)
     }
 
     fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
-        self.evidence("tenant = $1 AND $2::text IS NULL", (tenant, None), limit)
+        self.evidence("tenant = $1 AND $2::text IS NULL", (tenant, None), (i64::MIN, i64::MAX), limit)
+    }
+
+    fn run_evidence(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence("tenant = $1 AND $2::text IS NULL", (tenant, None), (from, to), limit)
     }
 
     fn unattributed_evidence(
@@ -200,6 +208,7 @@ impl FleetStore for PgStore {
         self.evidence(
             "host_id = $1 AND workload = $2::text AND tenant IS NULL",
             (host_id, Some(workload)),
+            (i64::MIN, i64::MAX),
             limit,
         )
     }

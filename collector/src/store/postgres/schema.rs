@@ -252,6 +252,35 @@ pub(super) fn migrate(client: &mut Client, target: usize) -> Result<(), StoreErr
     tx.commit().map_err(pg_error)
 }
 
+/// Step 8: the finding lifecycle, the same as SQLite's step 8
+/// ([`crate::store::sqlite::MIGRATION_LIFECYCLE`]). Findings gain `due_at` and who
+/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
+/// tenant identities keep the whole statement entry they came from (`detail_json`); the
+/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
+/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
+/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
+/// of the change it records and never updated.
+pub const MIGRATION_LIFECYCLE: &str = r#"
+    ALTER TABLE findings ADD COLUMN due_at BIGINT;
+    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
+    ALTER TABLE findings ADD COLUMN acknowledged_at BIGINT;
+    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
+    ALTER TABLE findings ADD COLUMN filed_by TEXT;
+    ALTER TABLE findings ADD COLUMN filed_at BIGINT;
+    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_at BIGINT;
+    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
+    DROP INDEX findings_open;
+    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
+    CREATE TABLE audit_log (
+        seq  BIGINT PRIMARY KEY NOT NULL,
+        ts   BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        line TEXT NOT NULL
+    );
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,32 +464,3 @@ mod tests {
         assert_eq!(rows.len(), 1);
     }
 }
-
-/// Step 8: the finding lifecycle, the same as SQLite's step 8
-/// ([`crate::store::sqlite::MIGRATION_LIFECYCLE`]). Findings gain `due_at` and who
-/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
-/// tenant identities keep the whole statement entry they came from (`detail_json`); the
-/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
-/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
-/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
-/// of the change it records and never updated.
-pub const MIGRATION_LIFECYCLE: &str = r#"
-    ALTER TABLE findings ADD COLUMN due_at BIGINT;
-    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
-    ALTER TABLE findings ADD COLUMN acknowledged_at BIGINT;
-    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
-    ALTER TABLE findings ADD COLUMN filed_by TEXT;
-    ALTER TABLE findings ADD COLUMN filed_at BIGINT;
-    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
-    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
-    ALTER TABLE findings ADD COLUMN dismissed_at BIGINT;
-    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
-    DROP INDEX findings_open;
-    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
-    CREATE TABLE audit_log (
-        seq  BIGINT PRIMARY KEY NOT NULL,
-        ts   BIGINT NOT NULL,
-        hash TEXT NOT NULL,
-        line TEXT NOT NULL
-    );
-"#;

@@ -146,12 +146,19 @@ impl SqliteStore {
                 .ok_or_else(|| corrupt("stored finding kind", &kind))?;
             let to = action.transition(id, from)?;
             let (by, when, text) = action_columns(action);
-            let set_text = text.map(|(column, _)| format!(", {column} = ?5")).unwrap_or_default();
-            tx.execute(
-                &format!("UPDATE findings SET state = ?2, {by} = ?3, {when} = ?4{set_text} WHERE id = ?1"),
-                params![id, to.as_str(), actor, at, text.map(|(_, value)| value)],
-            )
-            .map_err(db_error)?;
+            let updated = match text {
+                Some((column, value)) => tx.execute(
+                    &format!(
+                        "UPDATE findings SET state = ?2, {by} = ?3, {when} = ?4, {column} = ?5 WHERE id = ?1"
+                    ),
+                    params![id, to.as_str(), actor, at, value],
+                ),
+                None => tx.execute(
+                    &format!("UPDATE findings SET state = ?2, {by} = ?3, {when} = ?4 WHERE id = ?1"),
+                    params![id, to.as_str(), actor, at],
+                ),
+            };
+            updated.map_err(db_error)?;
             append_in(&tx, at, &action.audit_event(id, kind, &subject, from, to, actor))?;
             tx.commit().map_err(db_error)?;
         }

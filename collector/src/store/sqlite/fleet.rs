@@ -13,8 +13,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
 use crate::fleet::{
-    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, RejectionCount,
-    TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period,
+    RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
 use crate::store::error::StoreError;
@@ -83,14 +83,14 @@ const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
-    FROM records NOT INDEXED WHERE (?2 IS NULL OR "end" > ?2)"#;
+    FROM records NOT INDEXED WHERE (?2 IS NULL OR "end" > ?2) AND (?3 IS NULL OR start < ?3)"#;
 
 /// The windows of one tenant, through the tenant index.
 const TENANT_WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 THEN workload END
-    FROM records WHERE tenant = ?1 AND (?2 IS NULL OR "end" > ?2)"#;
+    FROM records WHERE tenant = ?1 AND (?2 IS NULL OR "end" > ?2) AND (?3 IS NULL OR start < ?3)"#;
 
 /// Evidence windows: `?1`/`?2` select them, `?3` is the limit.
 const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
@@ -133,15 +133,10 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
 impl SqliteStore {
     /// Streams the windows `sql` selects (with `tenant` and `since` as `?1`, `?2`) through
     /// one accumulator.
-    fn aggregate(
-        &self,
-        sql: &str,
-        tenant: Option<&str>,
-        since: Option<i64>,
-    ) -> Result<FleetUsage, StoreError> {
+    fn aggregate(&self, sql: &str, tenant: Option<&str>, period: Period) -> Result<FleetUsage, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn.prepare(sql).map_err(db_error)?;
-        let mut rows = stmt.query(params![tenant, since]).map_err(db_error)?;
+        let mut rows = stmt.query(params![tenant, period.since, period.until]).map_err(db_error)?;
         let mut acc = UsageAccumulator::default();
         while let Some(r) = rows.next().map_err(db_error)? {
             add_window(&mut acc, r).map_err(db_error)?;
@@ -149,22 +144,24 @@ impl SqliteStore {
         Ok(acc.finish_fleet())
     }
 
-    /// The evidence windows `filter` (a WHERE clause over `?1`, `?2`) selects, most estimated
-    /// operations first, at most `limit`.
+    /// The evidence windows `filter` (a WHERE clause over `?1`, `?2`) selects that overlap
+    /// `span`, most estimated operations first, at most `limit`.
     fn evidence(
         &self,
         filter: &str,
         key: (&str, Option<&str>),
+        span: (i64, i64),
         limit: u32,
     ) -> Result<Vec<WindowEvidence>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
             .prepare(&format!(
-                "{EVIDENCE_COLUMNS} WHERE {filter} ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?3"
+                r#"{EVIDENCE_COLUMNS} WHERE {filter} AND "end" > ?4 AND start < ?5
+                   ORDER BY estimated_ops DESC, host_id, epoch, seq LIMIT ?3"#
             ))
             .map_err(db_error)?;
         let rows = stmt
-            .query_map(params![key.0, key.1, limit], |r| {
+            .query_map(params![key.0, key.1, limit, span.0, span.1], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
@@ -205,17 +202,27 @@ impl SqliteStore {
 }
 
 impl FleetStore for SqliteStore {
-    fn tenant_usage(&self, tenant: Option<&str>, since: Option<i64>) -> Result<Vec<TenantUsage>, StoreError> {
+    fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
-        Ok(self.aggregate(sql, tenant, since)?.tenants)
+        Ok(self.aggregate(sql, tenant, period)?.tenants)
     }
 
-    fn fleet_usage(&self, since: Option<i64>) -> Result<FleetUsage, StoreError> {
-        self.aggregate(WINDOWS_SQL, None, since)
+    fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, period)
     }
 
     fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
-        self.evidence("tenant = ?1 AND ?2 IS NULL", (tenant, None), limit)
+        self.evidence("tenant = ?1 AND ?2 IS NULL", (tenant, None), (i64::MIN, i64::MAX), limit)
+    }
+
+    fn run_evidence(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.evidence("tenant = ?1 AND ?2 IS NULL", (tenant, None), (from, to), limit)
     }
 
     fn unattributed_evidence(
@@ -224,7 +231,12 @@ impl FleetStore for SqliteStore {
         workload: &str,
         limit: u32,
     ) -> Result<Vec<WindowEvidence>, StoreError> {
-        self.evidence("host_id = ?1 AND workload = ?2 AND tenant IS NULL", (host_id, Some(workload)), limit)
+        self.evidence(
+            "host_id = ?1 AND workload = ?2 AND tenant IS NULL",
+            (host_id, Some(workload)),
+            (i64::MIN, i64::MAX),
+            limit,
+        )
     }
 
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {

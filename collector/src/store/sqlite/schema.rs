@@ -261,6 +261,34 @@ pub(super) fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreE
     tx.commit().map_err(db_error)
 }
 
+/// Step 8: the finding lifecycle. Findings gain `due_at` and who
+/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
+/// tenant identities keep the whole statement entry they came from (`detail_json`); the
+/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
+/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
+/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
+/// of the change it records and never updated.
+pub const MIGRATION_LIFECYCLE: &str = r#"
+    ALTER TABLE findings ADD COLUMN due_at INTEGER;
+    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
+    ALTER TABLE findings ADD COLUMN acknowledged_at INTEGER;
+    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
+    ALTER TABLE findings ADD COLUMN filed_by TEXT;
+    ALTER TABLE findings ADD COLUMN filed_at INTEGER;
+    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
+    ALTER TABLE findings ADD COLUMN dismissed_at INTEGER;
+    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
+    DROP INDEX findings_open;
+    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
+    CREATE TABLE audit_log (
+        seq  INTEGER PRIMARY KEY NOT NULL,
+        ts   INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        line TEXT NOT NULL
+    ) STRICT;
+"#;
+
 #[cfg(test)]
 mod tests {
     use rusqlite::params;
@@ -439,31 +467,3 @@ mod tests {
         assert!(matches!(SqliteStore::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
     }
 }
-
-/// Step 8: the finding lifecycle. Findings gain `due_at` and who
-/// acknowledged, filed (with the reference) or dismissed (with the reason) them, when;
-/// tenant identities keep the whole statement entry they came from (`detail_json`); the
-/// raise-once index covers every state but `resolved`, so a filed or dismissed crossing is
-/// not raised again; `audit_log` is the collector's hash-chained audit log (one record per
-/// line in the agent's format, [`kycd_protocol::audit_chain`]), appended in the transaction
-/// of the change it records and never updated.
-pub const MIGRATION_LIFECYCLE: &str = r#"
-    ALTER TABLE findings ADD COLUMN due_at INTEGER;
-    ALTER TABLE findings ADD COLUMN acknowledged_by TEXT;
-    ALTER TABLE findings ADD COLUMN acknowledged_at INTEGER;
-    ALTER TABLE findings ADD COLUMN filed_reference TEXT;
-    ALTER TABLE findings ADD COLUMN filed_by TEXT;
-    ALTER TABLE findings ADD COLUMN filed_at INTEGER;
-    ALTER TABLE findings ADD COLUMN dismissed_reason TEXT;
-    ALTER TABLE findings ADD COLUMN dismissed_by TEXT;
-    ALTER TABLE findings ADD COLUMN dismissed_at INTEGER;
-    ALTER TABLE tenant_identities ADD COLUMN detail_json TEXT;
-    DROP INDEX findings_open;
-    CREATE UNIQUE INDEX findings_active ON findings (kind, subject) WHERE state <> 'resolved';
-    CREATE TABLE audit_log (
-        seq  INTEGER PRIMARY KEY NOT NULL,
-        ts   INTEGER NOT NULL,
-        hash TEXT NOT NULL,
-        line TEXT NOT NULL
-    ) STRICT;
-"#;
