@@ -25,6 +25,15 @@ fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol
         reseller_countries,
         payment_source_country: claims.payment_source_country,
         foreign_person: claims.foreign_person,
+        person_status: claims.person_status,
+        beneficial_owners: claims.beneficial_owners.clone(),
+        resellers: claims.resellers.clone(),
+        kyc: Some(kycd_protocol::StatementKyc {
+            issuer: claims.iss.clone(),
+            jti: claims.jti.clone(),
+            verified_at: claims.kyc.verified_at,
+            method: claims.kyc.method.clone(),
+        }),
     }
 }
 

@@ -202,7 +202,12 @@ pub struct Reseller {
 impl Reseller {
     /// Whether measures limited to foreign persons apply to this reseller: foreign or unknown.
     pub fn maybe_foreign(&self) -> bool {
-        self.foreign_person != Some(false)
+        self.foreign_status().maybe_foreign()
+    }
+
+    /// The reseller's status: absent flag = `unknown`.
+    pub fn foreign_status(&self) -> ForeignStatus {
+        ForeignStatus::from_option(self.foreign_person)
     }
 }
 
