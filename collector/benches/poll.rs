@@ -63,6 +63,10 @@ fn template() -> HostStatementClaims {
                 reseller_countries: vec![],
                 payment_source_country: None,
                 foreign_person: w % 2 == 0,
+                person_status: None,
+                beneficial_owners: vec![],
+                resellers: vec![],
+                kyc: None,
             }),
         })
         .collect();
