@@ -65,30 +65,23 @@ pub fn prohibitions(
                     matched.push(format!("{name} country {country}"));
                 }
             }
-            match role {
+            let names_hit = match role {
                 Role::Customer if measure.reaches(customer) => {
                     if m.tenants.iter().any(|t| t == tenant) {
                         matched.push(format!("tenant {tenant}"));
                     }
-                    if entity(&subject.legal_name) {
-                        matched.push("customer entity name".to_owned());
-                    }
+                    entity(&subject.legal_name)
                 }
-                Role::BeneficialOwner if measure.reaches(customer) => {
-                    if subject.beneficial_owners.iter().any(|o| entity(&o.name)) {
-                        matched.push("beneficial_owner entity name".to_owned());
-                    }
+                Role::BeneficialOwner => {
+                    measure.reaches(customer) && subject.beneficial_owners.iter().any(|o| entity(&o.name))
                 }
                 Role::Reseller => {
-                    let hit = subject
-                        .resellers
-                        .iter()
-                        .any(|r| entity(&r.name) && measure.reaches(r.foreign_status()));
-                    if hit {
-                        matched.push("reseller entity name".to_owned());
-                    }
+                    subject.resellers.iter().any(|r| entity(&r.name) && measure.reaches(r.foreign_status()))
                 }
-                _ => {}
+                _ => false,
+            };
+            if names_hit {
+                matched.push(format!("{name} entity name"));
             }
         }
         if !matched.is_empty() {
