@@ -215,6 +215,13 @@ mod tests {
             foreign_status: Some(ForeignStatus::Foreign),
             ..serde_json::from_value(base).unwrap()
         };
+        // A merge keeps the stricter status: foreign, then unknown, then U.S.
+        use ForeignStatus::{Foreign, Unknown, Us};
+        for (a, b, want) in
+            [(Us, Us, Us), (Us, Unknown, Unknown), (Unknown, Foreign, Foreign), (Foreign, Us, Foreign)]
+        {
+            assert_eq!((a.merge(b), b.merge(a)), (want, want), "{a:?} {b:?}");
+        }
         assert_eq!(serde_json::to_value(&w).unwrap()["foreign_status"], "foreign");
     }
 
