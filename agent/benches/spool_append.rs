@@ -20,6 +20,7 @@ fn window(i: usize) -> UsageWindow {
         tenant: Some(format!("tenant-{}", i % 100)),
         workload: format!("cgroup:/machine.slice/vm-{}.scope", i % 100),
         foreign_person: i % 3 == 0,
+        foreign_status: None,
         start: 1_800_000_000 + (i as i64 / 100) * 60,
         end: 1_800_000_060 + (i as i64 / 100) * 60,
         gpu_seconds: 480.0,

@@ -18,14 +18,20 @@
 //!    first saw the workload. Measures are not evaluated: the attestation's data is not verified.
 //! 4. **Verified** → every measure in effect is evaluated; any matching `prohibit` denies, any
 //!    matching `condition` adds its conditions (merged, stricter wins); nothing matching allows.
+//!    A measure reaches only the parties its `applies_to` names: with `foreign_persons` (the
+//!    default) a match through `customer`, `beneficial_owner` or `payment_source` counts only
+//!    for a foreign customer, and one through `reseller` only for a reseller not known to be a
+//!    U.S. person. A measure that matched only parties it does not reach leaves a
+//!    `measure_not_applicable` reason (no effect on the verdict), so the audit log shows why a
+//!    listed country did not deny.
 //!
 //! Every applicable reason is collected (not just the first), and reasons are sorted so the
 //! same input always yields the same, byte-identical decision. Reason details never contain
 //! legal names (customer, owner or reseller): names are not logged at info level.
 
 use kycd_protocol::{
-    AttestationClaims, Conditions, KycStatus, Measure, MeasureAction, PolicyClaims, Role, UnverifiedHandling,
-    Verdict,
+    AttestationClaims, Conditions, ForeignStatus, KycStatus, Measure, MeasureAction, PolicyClaims, Role,
+    UnverifiedHandling, Verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +134,9 @@ pub enum ReasonCode {
     MeasureProhibit,
     /// A conditioning measure matches: its conditions apply.
     MeasureCondition,
+    /// A measure matched only parties it does not reach (`applies_to: foreign_persons`, and
+    /// the party is a U.S. person): no effect on the verdict.
+    MeasureNotApplicable,
     /// Verified and no measure matches: allow.
     Allowed,
 }
@@ -152,6 +161,7 @@ impl ReasonCode {
             ReasonCode::GraceExpired => "grace_expired",
             ReasonCode::MeasureProhibit => "measure_prohibit",
             ReasonCode::MeasureCondition => "measure_condition",
+            ReasonCode::MeasureNotApplicable => "measure_not_applicable",
             ReasonCode::Allowed => "allowed",
         }
     }
@@ -372,8 +382,13 @@ fn evaluate_measures(
                 continue;
             }
         }
-        let hits = matches(measure, a);
+        let Matches { hits, out_of_scope } = matches(measure, a);
         if hits.is_empty() {
+            if !out_of_scope.is_empty() {
+                let detail =
+                    format!("{}; the measure applies to foreign persons only", out_of_scope.join("; "));
+                acc.measure_reason(ReasonCode::MeasureNotApplicable, measure, detail);
+            }
             continue;
         }
         let detail = hits.join("; ");
@@ -401,38 +416,68 @@ fn evaluate_measures(
     }
 }
 
-/// How a measure matches the attestation: one privacy-safe line per distinct hit, in
-/// attestation order; empty if it does not match.
-fn matches(measure: &Measure, a: &AttestationClaims) -> Vec<String> {
+/// How a measure matches an attestation: one privacy-safe line per distinct hit, in
+/// attestation order.
+#[derive(Debug, Default)]
+struct Matches {
+    /// Hits on parties the measure reaches; empty if it does not match.
+    hits: Vec<String>,
+    /// Hits on parties outside its `applies_to` (U.S. persons under `foreign_persons`), each
+    /// saying whose status kept it out.
+    out_of_scope: Vec<String>,
+}
+
+impl Matches {
+    fn add(&mut self, reaches: bool, line: String) {
+        let list = if reaches { &mut self.hits } else { &mut self.out_of_scope };
+        if !list.contains(&line) {
+            list.push(line);
+        }
+    }
+}
+
+fn matches(measure: &Measure, a: &AttestationClaims) -> Matches {
     let m = &measure.matcher;
     let has_role = |r: Role| measure.roles.contains(&r);
-    let mut hits: Vec<String> = Vec::new();
-    let mut hit = |h: String| {
-        if !hits.contains(&h) {
-            hits.push(h);
-        }
+    let customer = a.foreign_status();
+    let mut out = Matches::default();
+    // Whether the measure reaches a hit, and the line that says so.
+    let mut hit = |status: ForeignStatus, whose: &str, line: String| {
+        let reaches = measure.reaches(status);
+        let line = if reaches { line } else { format!("{line}, but the {whose} is a U.S. person") };
+        out.add(reaches, line);
     };
 
+    // `countries_by_role` lists resellers' countries in chain order: pair them with their flags.
+    let mut resellers = a.resellers.iter();
     for (role, country) in a.countries_by_role() {
+        let (status, whose) = match role {
+            Role::Reseller => {
+                (resellers.next().map_or(ForeignStatus::Unknown, |r| r.foreign_status()), "reseller")
+            }
+            _ => (customer, "customer"),
+        };
         if has_role(role) && m.countries.contains(&country) {
-            hit(format!("{} country {country} matched (role {})", role_label(role), role_name(role)));
+            let line = format!("{} country {country} matched (role {})", role_label(role), role_name(role));
+            hit(status, whose, line);
         }
     }
     if has_role(Role::Customer) && m.tenants.contains(&a.sub) {
-        hit(format!("tenant {} matched (role customer)", a.sub));
+        hit(customer, "customer", format!("tenant {} matched (role customer)", a.sub));
     }
     if !m.entities.is_empty() {
-        let names = std::iter::once((Role::Customer, a.subject.legal_name.as_str()))
-            .chain(a.beneficial_owners.iter().map(|o| (Role::BeneficialOwner, o.name.as_str())))
-            .chain(a.resellers.iter().map(|r| (Role::Reseller, r.name.as_str())));
-        for (role, name) in names {
+        let names = std::iter::once((Role::Customer, a.subject.legal_name.as_str(), customer))
+            .chain(a.beneficial_owners.iter().map(|o| (Role::BeneficialOwner, o.name.as_str(), customer)))
+            .chain(a.resellers.iter().map(|r| (Role::Reseller, r.name.as_str(), r.foreign_status())));
+        for (role, name, status) in names {
             let name = normalize_entity(name);
             if has_role(role) && !name.is_empty() && m.entities.iter().any(|e| normalize_entity(e) == name) {
-                hit(format!("entity name matched (role {})", role_name(role)));
+                let whose = if role == Role::Reseller { "reseller" } else { "customer" };
+                hit(status, whose, format!("entity name matched (role {})", role_name(role)));
             }
         }
     }
-    hits
+    out
 }
 
 /// An entity name as compared: case-folded, whitespace runs collapsed to one space, trimmed.
@@ -1197,6 +1242,78 @@ mod tests {
         );
     }
 
+    /// A U.S. customer whose beneficial owner is in a listed country.
+    fn us_customer_with_listed_owner() -> Scenario {
+        Scenario::base()
+            .att(&["foreign_person"], json!(false))
+            .att(&["person_status"], json!({"status": "us_person", "basis": "us_organized_entity"}))
+            .att(&["beneficial_owners"], json!([{"name": OWNER, "countries": ["KP"]}]))
+    }
+
+    fn all(mut measure: Value) -> Value {
+        measure["applies_to"] = json!("all");
+        measure
+    }
+
+    #[test]
+    fn foreign_persons_measures_skip_us_customers_and_all_measures_do_not() {
+        let owner_kp = || prohibit("kp", &["KP"], &["beneficial_owner", "customer"]);
+        let d = us_customer_with_listed_owner().measures(vec![owner_kp()]).run();
+        assert_eq!((d.verdict, codes(&d)), (Verdict::Allow, vec![MeasureNotApplicable, Allowed]));
+        assert_eq!(d.reasons[0].measure_id.as_deref(), Some("kp"));
+        assert_eq!(
+            d.reasons[0].detail,
+            "beneficial owner country KP matched (role beneficial_owner), but the customer is a U.S. \
+             person; the measure applies to foreign persons only"
+        );
+        assert!(!d.reasons.iter().any(|r| r.detail.contains(OWNER)), "{:?}", d.reasons);
+
+        let d = us_customer_with_listed_owner().measures(vec![all(owner_kp())]).run();
+        assert_eq!((d.verdict, codes(&d)), (Verdict::Deny, vec![MeasureProhibit]));
+
+        // The same attestation for a foreign person is denied under the default.
+        let d = us_customer_with_listed_owner()
+            .att(&["foreign_person"], json!(true))
+            .att(&["person_status"], json!({"status": "foreign_person", "basis": "foreign_organized_entity"}))
+            .measures(vec![owner_kp()])
+            .run();
+        assert_eq!((d.verdict, codes(&d)), (Verdict::Deny, vec![MeasureProhibit]));
+
+        // Conditions are scoped the same way; a tenant-id match on a U.S. customer too.
+        let d = us_customer_with_listed_owner()
+            .measures(vec![
+                condition("c", &["KP"], &["beneficial_owner"], json!({"no_gpu": true})),
+                prohibit_match("t", json!({"tenants": ["tenant-42"]}), &["customer"]),
+            ])
+            .run();
+        assert_eq!(
+            (d.verdict, codes(&d)),
+            (Verdict::Allow, vec![MeasureNotApplicable, MeasureNotApplicable, Allowed])
+        );
+    }
+
+    #[test]
+    fn reseller_matches_follow_the_resellers_own_flag() {
+        let us = || us_customer_with_listed_owner().measures(vec![prohibit("nl", &["NL"], &["reseller"])]);
+        // No flag: unknown, treated as foreign (fail closed), whatever the customer is.
+        assert_eq!(us().run().verdict, Verdict::Deny);
+        let us_reseller = json!([{"name": RESELLER, "country": "NL", "foreign_person": false}]);
+        let d = us().att(&["resellers"], us_reseller.clone()).run();
+        assert_eq!((d.verdict, codes(&d)), (Verdict::Allow, vec![MeasureNotApplicable, Allowed]));
+        assert!(d.reasons[0].detail.contains("but the reseller is a U.S. person"), "{:?}", d.reasons);
+        // A foreign customer's U.S. reseller is still not reached through the reseller role.
+        let d = Scenario::base().att(&["resellers"], us_reseller.clone());
+        let d = d.measures(vec![prohibit("nl", &["NL"], &["reseller"])]).run();
+        assert_eq!(d.verdict, Verdict::Allow);
+        let foreign = json!([{"name": RESELLER, "country": "NL", "foreign_person": true}]);
+        assert_eq!(us().att(&["resellers"], foreign).run().verdict, Verdict::Deny);
+        // Entity matches on the reseller follow its flag as well.
+        let by_name = prohibit_match("e", json!({"entities": [RESELLER]}), &["reseller"]);
+        let d =
+            us_customer_with_listed_owner().att(&["resellers"], us_reseller).measures(vec![by_name]).run();
+        assert_eq!(d.verdict, Verdict::Allow);
+    }
+
     #[test]
     fn decision_metadata() {
         let d = Scenario::base().run();
@@ -1277,6 +1394,7 @@ mod tests {
             GraceExpired,
             MeasureProhibit,
             MeasureCondition,
+            MeasureNotApplicable,
             Allowed,
         ];
         for code in all {

@@ -14,8 +14,15 @@
 //!   a VM by its tap interfaces. The `host` workload has neither (freezing the host would
 //!   cut off its operators); the GPU backend acts on it.
 //! - `condition` with `network: deny_egress`: the network cut, no freeze.
-//! - Policy-wide: with `enforcement.geo_cidr_file`, traffic from and to the countries named
-//!   by prohibiting measures in effect is dropped.
+//! - Geo scope: with `enforcement.geo_cidr_file`, traffic from and to the countries named by
+//!   prohibiting measures in effect is dropped for the workloads those measures apply to,
+//!   not host-wide. A workload is in geo scope when it is not denied (a denied one is cut off
+//!   entirely already), is not the `host` workload (the host's own processes and operators
+//!   keep their network), and some such measure reaches its tenant: `applies_to: all`
+//!   reaches every tenant, `foreign_persons` a tenant whose attestation says foreign person,
+//!   or one whose status is unknown (no attestation in force: fail closed). A U.S. tenant is
+//!   reached only by `all` measures; when both kinds name CIDRs, such a tenant is blocked
+//!   from all of them (one CIDR set: over-blocking, never under-blocking).
 //! - GPUs: compute mode `Prohibited` on every GPU when the `host` workload (a single-tenant
 //!   host) is denied or conditioned `no_gpu`; the previous mode is restored when lifted.
 //!   Compute mode is per device, so a `no_gpu` condition on a VM or container is not
@@ -25,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kycd_protocol::{Enforcement, MeasureAction, NetworkCondition, PolicyClaims, Verdict};
+use kycd_protocol::{Enforcement, ForeignStatus, MeasureAction, NetworkCondition, PolicyClaims, Verdict};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -57,6 +64,9 @@ pub struct WorkloadView<'a> {
     pub interfaces: &'a [String],
     /// Its recorded decision.
     pub decision: &'a Decision,
+    /// Its tenant's foreign status, from the attestation its decision used (`unknown`
+    /// without one); decides whether a measure limited to foreign persons reaches it.
+    pub foreign: ForeignStatus,
 }
 
 /// Computes the desired state. `cgroup_mount` makes cgroup paths relative for nftables;
@@ -69,6 +79,8 @@ pub fn desired_state<'a>(
     now: i64,
 ) -> Desired {
     let mut desired = Desired::default();
+    // Workloads that may be in geo scope: (foreign status, cgroup relative to the mount, taps).
+    let mut geo_candidates: Vec<(ForeignStatus, Option<String>, &[String])> = Vec::new();
     for w in workloads {
         if w.id.kind == WorkloadKind::Host {
             let no_gpu = w.decision.conditions.as_ref().is_some_and(|c| c.no_gpu);
@@ -90,19 +102,33 @@ pub fn desired_state<'a>(
         if let (Some(action), Some(cgroup)) = (freeze, w.cgroup) {
             desired.cgroups.insert(cgroup.to_owned(), action);
         }
+        let rel = w
+            .cgroup
+            .zip(cgroup_mount)
+            .and_then(|(c, m)| c.strip_prefix(m).ok())
+            .map(|rel| rel.to_string_lossy().into_owned());
         if block_network {
-            if let Some(rel) = w.cgroup.zip(cgroup_mount).and_then(|(c, m)| c.strip_prefix(m).ok()) {
-                desired.nft.cgroups.insert(rel.to_string_lossy().into_owned());
-            }
+            desired.nft.cgroups.extend(rel);
             desired.nft.interfaces.extend(w.interfaces.iter().cloned());
+        } else if w.decision.verdict != Verdict::Deny {
+            geo_candidates.push((w.foreign, rel, w.interfaces));
         }
     }
     if let (Some(policy), Some(geo)) = (policy, geo) {
-        let prohibited = policy
+        // Prohibiting measures in effect that name countries with CIDRs.
+        let geo_measures: Vec<_> = policy
             .measures
             .iter()
-            .filter(|m| m.action == MeasureAction::Prohibit && m.effective_from.is_none_or(|t| t <= now));
-        for country in prohibited.flat_map(|m| &m.matcher.countries) {
+            .filter(|m| m.action == MeasureAction::Prohibit && m.effective_from.is_none_or(|t| t <= now))
+            .filter(|m| m.matcher.countries.iter().any(|c| geo.contains_key(c.as_str())))
+            .collect();
+        for (foreign, rel, interfaces) in geo_candidates {
+            if geo_measures.iter().any(|m| m.reaches(foreign)) {
+                desired.nft.geo_cgroups.extend(rel);
+                desired.nft.geo_interfaces.extend(interfaces.iter().cloned());
+            }
+        }
+        for country in geo_measures.iter().flat_map(|m| &m.matcher.countries) {
             if let Some((v4, v6)) = geo.get(country.as_str()) {
                 desired.nft.cidrs_v4.extend(v4.iter().map(ToString::to_string));
                 desired.nft.cidrs_v6.extend(v6.iter().map(ToString::to_string));
@@ -115,7 +141,9 @@ pub fn desired_state<'a>(
 /// `kill` if any prohibiting measure behind the denial says so, else `freeze` (also for
 /// denials no measure caused: no attestation, grace over, no policy).
 fn cgroup_action(decision: &Decision, policy: Option<&PolicyClaims>) -> CgroupAction {
-    let kill = decision.reasons.iter().filter_map(|r| r.measure_id.as_deref()).any(|id| {
+    let prohibiting =
+        decision.reasons.iter().filter(|r| r.code == crate::decision::ReasonCode::MeasureProhibit);
+    let kill = prohibiting.filter_map(|r| r.measure_id.as_deref()).any(|id| {
         policy.is_some_and(|p| {
             p.measures.iter().any(|m| m.id == id && m.enforcement == Some(Enforcement::Kill))
         })
@@ -326,6 +354,7 @@ impl Enforcer for HostEnforcer {
 mod tests {
     use super::*;
     use crate::decision::{Reason, ReasonCode};
+    use crate::enforce::Cidr;
     use kycd_protocol::Conditions;
 
     fn decision(verdict: Verdict, measure: Option<&str>, conditions: Option<Conditions>) -> Decision {
@@ -398,6 +427,7 @@ mod tests {
             cgroup: cgroups[i].as_deref(),
             interfaces: if i == 2 { &taps } else { &[] },
             decision: &decisions[i],
+            foreign: ForeignStatus::Unknown,
         });
         let policy = policy();
         let d = desired_state(views, Some(&policy), Some(mount), None, 1_000);
@@ -429,6 +459,73 @@ mod tests {
     }
 
     #[test]
+    fn geo_block_reaches_only_the_workloads_a_prohibiting_measure_applies_to() {
+        let mount = Path::new("/sys/fs/cgroup");
+        let ids: Vec<WorkloadId> =
+            ["cgroup:/f", "cgroup:/us", "cgroup:/unattested", "cgroup:/denied", "host:host"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
+        let cgroups: Vec<PathBuf> = ["f", "us", "unattested", "denied", "-"]
+            .iter()
+            .map(|c| Path::new("/sys/fs/cgroup/tenants.slice").join(c))
+            .collect();
+        let statuses = [
+            ForeignStatus::Foreign,
+            ForeignStatus::Us,
+            ForeignStatus::Unknown,
+            ForeignStatus::Foreign,
+            ForeignStatus::Foreign,
+        ];
+        let verdicts = [Verdict::Allow, Verdict::Allow, Verdict::Allow, Verdict::Deny, Verdict::Allow];
+        let decisions: Vec<Decision> = verdicts.iter().map(|v| decision(*v, None, None)).collect();
+        let taps = [vec![], vec!["vnet-us".to_owned()], vec!["vnet-u".to_owned()], vec![], vec![]];
+        let views = || {
+            (0..ids.len()).map(|i| WorkloadView {
+                id: &ids[i],
+                cgroup: (i != 4).then(|| cgroups[i].as_path()),
+                interfaces: &taps[i],
+                decision: &decisions[i],
+                foreign: statuses[i],
+            })
+        };
+        let geo: CountryCidrs = [
+            ("KP".to_owned(), (vec![Cidr::parse("175.45.176.0/22").unwrap()], vec![])),
+            ("IR".to_owned(), (vec![Cidr::parse("2.176.0.0/12").unwrap()], vec![])),
+        ]
+        .into_iter()
+        .collect();
+        fn in_scope(d: &Desired) -> (Vec<&str>, Vec<&str>, usize) {
+            let cgs = d.nft.geo_cgroups.iter().map(String::as_str).collect();
+            let ifs = d.nft.geo_interfaces.iter().map(String::as_str).collect();
+            (cgs, ifs, d.nft.cidrs_v4.len())
+        }
+
+        // Default (`foreign_persons`): the foreign and the unknown tenant; not the U.S. one, not
+        // the denied one (cut off already), never the host.
+        let mut policy = policy();
+        let d = desired_state(views(), Some(&policy), Some(mount), Some(&geo), 1_000);
+        assert_eq!(in_scope(&d), (vec!["tenants.slice/f", "tenants.slice/unattested"], vec!["vnet-u"], 2));
+        assert!(d.nft.cgroups.contains("tenants.slice/denied"));
+
+        // `applies_to: all` on one measure: the U.S. tenant is reached too.
+        policy.measures[1].applies_to = kycd_protocol::AppliesTo::All;
+        let d = desired_state(views(), Some(&policy), Some(mount), Some(&geo), 1_000);
+        assert_eq!(
+            in_scope(&d),
+            (
+                vec!["tenants.slice/f", "tenants.slice/unattested", "tenants.slice/us"],
+                vec!["vnet-u", "vnet-us"],
+                2
+            )
+        );
+
+        // No country of a prohibiting measure has CIDRs: nothing is in geo scope.
+        let d = desired_state(views(), Some(&policy), Some(mount), Some(&CountryCidrs::new()), 1_000);
+        assert_eq!(in_scope(&d), (vec![], vec![], 0));
+    }
+
+    #[test]
     fn gpus_are_prohibited_for_a_denied_or_no_gpu_host_only() {
         let host = WorkloadId::host();
         let vm: WorkloadId = "libvirt_domain:vm".parse().unwrap();
@@ -441,7 +538,8 @@ mod tests {
             (&vm, decision(Verdict::Deny, None, None), false),
         ];
         for (id, d, want) in cases {
-            let view = WorkloadView { id, cgroup: None, interfaces: &[], decision: &d };
+            let view =
+                WorkloadView { id, cgroup: None, interfaces: &[], decision: &d, foreign: ForeignStatus::Us };
             let got = desired_state([view], None, None, None, 0).prohibit_gpus;
             assert_eq!(got, want, "{id} {:?}", d.verdict);
         }

@@ -971,3 +971,69 @@ fn audit_on_small_tmpfs(host: &mut Host, extra: &str) -> Unmount {
     assert!(mounted.success(), "mount tmpfs");
     Unmount(host.path("audit-fs"))
 }
+
+/// A policy prohibiting KP through the customer and beneficial-owner roles, with
+/// `applies_to` as given (absent: the default, `foreign_persons`).
+fn kp_owner_policy(host: &Host, version: u64, applies_to: Option<&str>) -> String {
+    let mut measure = json!({"id": "m-kp", "match": {"countries": ["KP"]},
+                             "roles": ["customer", "beneficial_owner"], "action": "prohibit",
+                             "citation": "EO 13984 sec. 2"});
+    if let Some(a) = applies_to {
+        measure["applies_to"] = json!(a);
+    }
+    let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+        "iss": "authority", "iat": now() - 10, "exp": now() + 86_400, "version": version,
+        "measures": [measure], "unverified": {"action": "deny"},
+        "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                       "early_warning_fraction": 0.01}
+    }))
+    .unwrap();
+    kycd_protocol::sign(&claims, &host.authority).unwrap()
+}
+
+/// An organisation in the U.S. (or not) whose beneficial owner is in KP.
+fn owner_in_kp_attestation(host: &Host, vm: &str, foreign: bool) -> String {
+    let (status, basis) = if foreign {
+        ("foreign_person", "foreign_organized_entity")
+    } else {
+        ("us_person", "us_organized_entity")
+    };
+    let claims: kycd_protocol::AttestationClaims = serde_json::from_value(json!({
+        "iss": "kyc", "sub": format!("tenant-{vm}"), "jti": format!("att-{vm}"),
+        "iat": now() - 5, "exp": now() + 3600, "kyc": {"status": "verified"},
+        "subject": {"kind": "organization", "legal_name": "Secret Legal Name AG", "countries": ["US"],
+                    "incorporation_country": "US"},
+        "beneficial_owners": [{"name": "Secret Owner Name", "countries": ["KP"]}],
+        "binding": {"kind": "libvirt_domain", "id": vm, "host_id": "node-1"},
+        "foreign_person": foreign,
+        "person_status": {"status": status, "basis": basis}
+    }))
+    .unwrap();
+    kycd_protocol::sign(&claims, &host.issuer).unwrap()
+}
+
+#[test]
+fn a_us_person_with_a_listed_owner_is_allowed_under_foreign_persons_and_denied_under_all() {
+    let mut host = Host::new("");
+    atomic_write(&host.path("etc/policy.jws"), kp_owner_policy(&host, 1, None).as_bytes());
+    host.start();
+    host.wait_for("policy v1", |r| r["event"]["type"] == "policy_applied" && r["event"]["version"] == 1);
+    host.drop_file("vm-us.jws", owner_in_kp_attestation(&host, "vm-us", false).as_bytes());
+    host.drop_file("vm-f.jws", owner_in_kp_attestation(&host, "vm-f", true).as_bytes());
+
+    let us = host.wait_for_verdict("libvirt_domain:vm-us", "allow");
+    assert_eq!(reasons(&us), ["measure_not_applicable", "allowed"]);
+    assert_eq!(us["event"]["decision"]["reasons"][0]["measure_id"], "m-kp");
+    let foreign = host.wait_for_verdict("libvirt_domain:vm-f", "deny");
+    assert_eq!(reasons(&foreign), ["measure_prohibit"]);
+
+    // The same measure with `applies_to: all` reaches the U.S. person too.
+    atomic_write(&host.path("etc/policy.jws"), kp_owner_policy(&host, 2, Some("all")).as_bytes());
+    let us = host.wait_for_verdict("libvirt_domain:vm-us", "deny");
+    assert_eq!(us["event"]["decision"]["policy_version"], 2);
+    assert_eq!(reasons(&us), ["measure_prohibit"]);
+    assert_eq!(host.latest_decision("libvirt_domain:vm-f").unwrap()["event"]["decision"]["verdict"], "deny");
+
+    let log = fs::read_to_string(host.path("kycd.log")).unwrap();
+    assert!(!log.contains("Secret Legal Name") && !log.contains("Secret Owner Name"), "names not logged");
+}

@@ -105,18 +105,115 @@ fn interface_block_cuts_the_veth_and_lifts() {
 #[test]
 fn geo_cidr_block_cuts_matching_destinations_only() {
     let Some((topo, cg)) = setup() else { return };
+    let tenant = cg.child("tenant");
     let mut nft = NftEnforcer::new(topo.local.nft_command());
-    let desired = NftDesired { cidrs_v4: set(&["10.200.0.0/30"]), ..Default::default() };
-    nft.reconcile(&desired).unwrap();
-    assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT), "v4 CIDR blocked");
-    assert!(can_connect(&topo.local, &cg.path, "fd00:200::2", PORT), "v6 not in any blocked CIDR");
-    let desired = NftDesired { cidrs_v6: set(&["fd00:200::/64"]), ..Default::default() };
-    let r = nft.reconcile(&desired).unwrap();
+    let geo = |v4: &[&str], v6: &[&str]| NftDesired {
+        geo_cgroups: set(&[&cg.rel(&tenant)]),
+        cidrs_v4: set(v4),
+        cidrs_v6: set(v6),
+        ..Default::default()
+    };
+    nft.reconcile(&geo(&["10.200.0.0/30"], &[])).unwrap();
+    assert!(!can_connect(&topo.local, &tenant, "10.200.0.2", PORT), "v4 CIDR blocked");
+    assert!(can_connect(&topo.local, &tenant, "fd00:200::2", PORT), "v6 not in any blocked CIDR");
+    let r = nft.reconcile(&geo(&[], &["fd00:200::/64"])).unwrap();
     assert_eq!((r.added, r.removed), (1, 1), "{r:?}");
-    assert!(can_connect(&topo.local, &cg.path, "10.200.0.2", PORT), "v4 block lifted");
-    assert!(!can_connect(&topo.local, &cg.path, "fd00:200::2", PORT), "v6 CIDR blocked");
+    assert!(can_connect(&topo.local, &tenant, "10.200.0.2", PORT), "v4 block lifted");
+    assert!(!can_connect(&topo.local, &tenant, "fd00:200::2", PORT), "v6 CIDR blocked");
     nft.reconcile(&NftDesired::default()).unwrap();
-    assert!(can_connect(&topo.local, &cg.path, "fd00:200::2", PORT));
+    assert!(can_connect(&topo.local, &tenant, "fd00:200::2", PORT));
+}
+
+/// The geo block follows the decisions through [`desired_state`]: a prohibiting measure on
+/// KP (`applies_to` left at its default, `foreign_persons`) with KP's CIDR being the peer's
+/// network. An allowed foreign tenant cannot reach it; an allowed U.S. tenant on the same
+/// host can, and so can the host's own processes (a cgroup in no workload); `applies_to:
+/// all` brings the U.S. tenant into scope as well.
+#[test]
+fn geo_block_applies_to_the_tenants_a_measure_reaches_not_the_host() {
+    use kycd::decision::Decision;
+    use kycd::discovery::workload::WorkloadId;
+    use kycd::enforce::{Cidr, CountryCidrs};
+    use kycd::reconcile::{desired_state, WorkloadView};
+    use kycd_protocol::{AppliesTo, ForeignStatus, PolicyClaims, Verdict};
+
+    let Some((topo, cg)) = setup() else { return };
+    let foreign_cg = cg.child("foreign");
+    let us_cg = cg.child("us");
+    let host_cg = cg.child("host-daemon");
+    let mount = kycd_test_support::netns::cgroup2_mount().unwrap();
+    let mut policy: PolicyClaims = serde_json::from_value(serde_json::json!({
+        "iss": "a", "iat": 0, "exp": 10_000, "version": 1, "unverified": {"action": "deny"},
+        "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                       "early_warning_fraction": 0.01},
+        "measures": [{"id": "kp", "match": {"countries": ["KP"]}, "roles": ["customer", "beneficial_owner"],
+                      "action": "prohibit", "citation": "EO 13984"}]
+    }))
+    .unwrap();
+    let geo: CountryCidrs = [(
+        "KP".to_owned(),
+        (vec![Cidr::parse("10.200.0.0/30").unwrap()], vec![Cidr::parse("fd00:200::/64").unwrap()]),
+    )]
+    .into_iter()
+    .collect();
+    let allowed = |tenant: &str| Decision {
+        verdict: Verdict::Allow,
+        conditions: None,
+        reasons: vec![],
+        next_review_at: None,
+        policy_version: Some(1),
+        tenant: Some(tenant.into()),
+        attestation_jti: Some(format!("{tenant}-jti")),
+    };
+    let ids: Vec<WorkloadId> = [&foreign_cg, &us_cg]
+        .iter()
+        .map(|p| format!("cgroup:/{}", p.strip_prefix(&mount).unwrap().display()).parse().unwrap())
+        .collect();
+    let decisions = [allowed("t-foreign"), allowed("t-us")];
+    let cgroups = [foreign_cg.clone(), us_cg.clone()];
+    let statuses = [ForeignStatus::Foreign, ForeignStatus::Us];
+    let views = || {
+        (0..2).map(|i| WorkloadView {
+            id: &ids[i],
+            cgroup: Some(cgroups[i].as_path()),
+            interfaces: &[],
+            decision: &decisions[i],
+            foreign: statuses[i],
+        })
+    };
+    let mut nft = NftEnforcer::new(topo.local.nft_command());
+    for addr in ["10.200.0.2", "fd00:200::2"] {
+        for c in [&foreign_cg, &us_cg, &host_cg] {
+            // IPv6 on a fresh veth can take a moment to come up.
+            let up = (0..30).any(|_| {
+                can_connect(&topo.local, c, addr, PORT) || {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    false
+                }
+            });
+            assert!(up, "baseline {addr} from {}", c.display());
+        }
+    }
+
+    let desired = desired_state(views(), Some(&policy), Some(&mount), Some(&geo), 1_000);
+    assert_eq!(desired.nft.geo_cgroups, set(&[&cg.rel(&foreign_cg)]), "{desired:?}");
+    assert!(desired.nft.cgroups.is_empty(), "nobody is cut off entirely");
+    let r = nft.reconcile(&desired.nft).unwrap();
+    assert!(r.skipped.is_empty(), "{r:?}");
+    for addr in ["10.200.0.2", "fd00:200::2"] {
+        assert!(!can_connect(&topo.local, &foreign_cg, addr, PORT), "foreign tenant reaches KP at {addr}");
+        assert!(can_connect(&topo.local, &us_cg, addr, PORT), "U.S. tenant is blocked from {addr}");
+        assert!(can_connect(&topo.local, &host_cg, addr, PORT), "host process is blocked from {addr}");
+    }
+
+    policy.measures[0].applies_to = AppliesTo::All;
+    let desired = desired_state(views(), Some(&policy), Some(&mount), Some(&geo), 1_000);
+    nft.reconcile(&desired.nft).unwrap();
+    assert!(!can_connect(&topo.local, &us_cg, "10.200.0.2", PORT), "applies_to all reaches the U.S. tenant");
+    assert!(can_connect(&topo.local, &host_cg, "10.200.0.2", PORT), "never the host's own processes");
+
+    nft.reconcile(&NftDesired::default()).unwrap();
+    assert!(can_connect(&topo.local, &foreign_cg, "10.200.0.2", PORT), "lift restores access");
 }
 
 #[test]
@@ -129,6 +226,8 @@ fn drift_is_repaired_and_reported() {
         interfaces: set(&["vnet7", "vnet8"]),
         cidrs_v4: set(&["192.0.2.0/24"]),
         cidrs_v6: BTreeSet::new(),
+        geo_cgroups: BTreeSet::new(),
+        geo_interfaces: set(&["vnet9"]),
     };
     nft.reconcile(&desired).unwrap();
 
@@ -164,9 +263,9 @@ fn drift_is_repaired_and_reported() {
     topo.local.exec(&["nft", "delete", "table", "inet", "kycd"]);
     let r = nft.reconcile(&desired).unwrap();
     assert!(r.rebuilt, "{r:?}");
-    assert_eq!(r.drift, 4, "every element kycd had applied was missing: {r:?}");
+    assert_eq!(r.drift, 5, "every element kycd had applied was missing: {r:?}");
     let a = nft.read_actual().unwrap();
-    assert_eq!(a.interfaces.len(), 2);
+    assert_eq!((a.interfaces.len(), a.geo_interfaces.len()), (2, 1));
     assert_eq!(a.cidrs_v4.len(), 1);
     assert!(!can_connect(&topo.local, &vm, "10.200.0.2", PORT));
 
@@ -183,7 +282,7 @@ fn drift_is_repaired_and_reported() {
     let r = nft.reconcile(&desired).unwrap();
     assert!(r.rebuilt, "{r:?}");
     assert_eq!(r.drift, 0, "elements were all still there: {r:?}");
-    assert_eq!(rule_count(&topo.local), 24);
+    assert_eq!(rule_count(&topo.local), 44);
 }
 
 #[test]
@@ -237,6 +336,7 @@ fn rule_count_is_independent_of_element_count() {
         interfaces: (0..10_000).map(|i| format!("b{i}")).collect(),
         cidrs_v4: (0..10_000).map(|i| format!("11.{}.{}.0/24", i >> 8, i & 255)).collect(),
         cidrs_v6: (0..10_000).map(|i| format!("2001:db8:{i:x}::/48")).collect(),
+        ..Default::default()
     };
     let t = kycd_protocol::clock::monotonic();
     let r = nft.reconcile(&many).unwrap();
@@ -244,7 +344,7 @@ fn rule_count_is_independent_of_element_count() {
     assert_eq!((r.added, r.removed), (3 * 10_000 - 1, 1), "vnet0 goes, 11.0.0.0/24 stays: {r:?}");
     let rules_many = rule_count(&topo.local);
     assert_eq!(rules_one, rules_many, "blocking more must add elements, not rules");
-    assert_eq!(rules_one, 24);
+    assert_eq!(rules_one, 44);
     let a = nft.read_actual().unwrap();
     assert_eq!((a.interfaces.len(), a.cidrs_v4.len(), a.cidrs_v6.len()), (10_000, 10_000, 10_000));
 
@@ -277,10 +377,11 @@ fn unusable_entries_are_skipped_not_fatal() {
         cgroups: set(&[&format!("{}/absent", cg.rel(&cg.path)), "a/b/c/d/e/f/g"]),
         interfaces: set(&["kv0", "bad name", "waytoolonginterfacename"]),
         cidrs_v4: set(&["10.0.0.1/8", "fd00::/8"]),
-        cidrs_v6: BTreeSet::new(),
+        geo_interfaces: set(&["bad\"geo"]),
+        ..Default::default()
     };
     let r = nft.reconcile(&desired).unwrap();
-    assert_eq!(r.skipped.len(), 6, "{r:?}");
+    assert_eq!(r.skipped.len(), 7, "{r:?}");
     assert_eq!(r.added, 1, "{r:?}");
     assert!(!can_connect(&topo.local, &cg.path, "10.200.0.2", PORT));
 }

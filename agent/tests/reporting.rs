@@ -32,6 +32,7 @@ fn window(workload: &str, start: i64) -> UsageWindow {
         tenant: Some("tenant-1".into()),
         workload: workload.into(),
         foreign_person: true,
+        foreign_status: None,
         start,
         end: start + 60,
         gpu_seconds: 120.0,

@@ -27,6 +27,7 @@ fn window(start: i64) -> UsageWindow {
         tenant: Some("tenant-1".into()),
         workload: "cgroup:/a".into(),
         foreign_person: false,
+        foreign_status: None,
         start,
         end: start + 60,
         gpu_seconds: 60.0,

@@ -94,6 +94,7 @@ fn record(seq: u64) -> UsageRecord {
             tenant: Some(format!("tenant-{}", seq % 97)),
             workload: format!("cgroup:/machine.slice/vm-{}.scope", seq % 13),
             foreign_person: seq % 3 == 0,
+            foreign_status: None,
             start: 1_700_000_000 + i64::try_from(seq).unwrap() * 60,
             end: 1_700_000_060 + i64::try_from(seq).unwrap() * 60,
             gpu_seconds: 480.0,

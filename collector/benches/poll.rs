@@ -64,6 +64,10 @@ fn template() -> HostStatementClaims {
                 payment_source_country: None,
                 foreign_person: w % 2 == 0,
                 purposes: vec![],
+                person_status: None,
+                beneficial_owners: vec![],
+                resellers: vec![],
+                kyc: None,
             }),
         })
         .collect();

@@ -54,6 +54,7 @@ fn w(
         tenant: Some(tenant.into()),
         workload: format!("cgroup:/{tenant}"),
         foreign_person: foreign,
+        foreign_status: None,
         start: T0 + 60 * minute,
         end: T0 + 60 * minute + 60,
         gpu_seconds: 480.0,

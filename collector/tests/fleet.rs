@@ -57,6 +57,7 @@ fn usage(tenant: &str, foreign: bool, start: i64, ops: f64, peak_flops: f64) -> 
         tenant: Some(tenant.into()),
         workload: format!("libvirt_domain:{tenant}"),
         foreign_person: foreign,
+        foreign_status: None,
         start,
         end: start + 60,
         gpu_seconds: 480.0,

@@ -37,6 +37,7 @@ fn w(tenant: Option<&str>, workload: &str, minute: i64, ops: (f64, f64, f64)) ->
         tenant: tenant.map(str::to_owned),
         workload: workload.into(),
         foreign_person: false,
+        foreign_status: None,
         start: T0 + 60 * minute,
         end: T0 + 60 * minute + 60,
         gpu_seconds: 480.0,

@@ -75,7 +75,7 @@ prop_compose! {
         legal_name in name(),
         countries in proptest::collection::vec(country(), 1..4),
         owners in proptest::collection::vec((name(), proptest::collection::vec(country(), 1..3)), 0..3),
-        resellers in proptest::collection::vec((name(), country()), 0..3),
+        resellers in proptest::collection::vec((name(), country(), proptest::option::of(any::<bool>())), 0..3),
         payment in proptest::option::of(country()),
         binding in binding(),
         foreign_person in any::<bool>(),
@@ -84,13 +84,21 @@ prop_compose! {
         AttestationClaims {
             iss, sub, jti, iat, nbf: nbf_offset.map(|o| NOW + o), exp,
             kyc: Kyc { status, verified_at: Some(iat - 10), method: Some("document".into()) },
-            subject: Subject { kind, legal_name, countries },
+            subject: Subject {
+                kind,
+                legal_name,
+                countries,
+                nationality_countries: vec![],
+                incorporation_country: None,
+                location_countries: vec![],
+            },
             beneficial_owners: owners.into_iter().map(|(name, countries)| BeneficialOwner { name, countries }).collect(),
-            resellers: resellers.into_iter().map(|(name, country)| Reseller { name, country }).collect(),
+            resellers: resellers.into_iter().map(|(name, country, f)| Reseller { name, country, foreign_person: f }).collect(),
             payment_source_country: payment,
             binding,
             foreign_person,
             purposes: vec![],
+            person_status: None,
         }
     }
 }

@@ -74,7 +74,8 @@ pub struct EnforcementConfig {
     /// The command that runs `nft` (arguments allowed, e.g. to enter a network namespace).
     pub nft_command: Vec<String>,
     /// A per-country CIDR list (`CC CIDR` per line). When set, traffic from and to the
-    /// countries named by prohibiting measures in effect is dropped.
+    /// countries named by prohibiting measures in effect is dropped for the workloads those
+    /// measures apply to, never host-wide (see [`crate::reconcile`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub geo_cidr_file: Option<PathBuf>,
     /// On stop, lift every block kycd imposed (default: blocks stay — fail closed).

@@ -180,13 +180,20 @@ impl Agent {
         if self.config.mode != Mode::Enforce {
             return;
         }
+        let in_force = self.attestations_in_force();
         let views = self.decisions.iter().map(|(id, decision)| {
             let w = self.workloads.get(id);
+            // The status of the attestation the decision used; unknown without one.
+            let foreign = in_force
+                .get(id)
+                .filter(|a| decision.attestation_jti.as_deref() == Some(a.claims.jti.as_str()))
+                .map_or(kycd_protocol::ForeignStatus::Unknown, |a| a.claims.foreign_status());
             crate::reconcile::WorkloadView {
                 id,
                 cgroup: w.and_then(|w| w.cgroup.as_deref()),
                 interfaces: w.map(|w| w.interfaces.as_slice()).unwrap_or(&[]),
                 decision,
+                foreign,
             }
         });
         let desired = crate::reconcile::desired_state(
@@ -211,6 +218,7 @@ impl Agent {
                 frozen = desired.cgroups.len(),
                 blocked_cgroups = desired.nft.cgroups.len(),
                 blocked_interfaces = desired.nft.interfaces.len(),
+                geo_scoped = desired.nft.geo_cgroups.len() + desired.nft.geo_interfaces.len(),
                 "host reconciled"
             );
         }

@@ -26,6 +26,15 @@ fn statement_subject(claims: &kycd_protocol::AttestationClaims) -> kycd_protocol
         payment_source_country: claims.payment_source_country,
         foreign_person: claims.foreign_person,
         purposes: claims.purposes.clone(),
+        person_status: claims.person_status,
+        beneficial_owners: claims.beneficial_owners.clone(),
+        resellers: claims.resellers.clone(),
+        kyc: Some(kycd_protocol::StatementKyc {
+            issuer: claims.iss.clone(),
+            jti: claims.jti.clone(),
+            verified_at: claims.kyc.verified_at,
+            method: claims.kyc.method.clone(),
+        }),
     }
 }
 

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kycd_protocol::{EstimationMethod, UsageWindow};
+use kycd_protocol::{EstimationMethod, ForeignStatus, UsageWindow};
 
 use super::estimate::Bounds;
 use crate::discovery::workload::WorkloadId;
@@ -237,6 +237,10 @@ impl UsageAggregator {
         std::mem::take(&mut self.open)
             .into_iter()
             .map(|(key, open)| UsageWindow {
+                foreign_status: Some(match key.tenant {
+                    None => ForeignStatus::Unknown,
+                    Some(_) => ForeignStatus::from_flag(key.foreign_person),
+                }),
                 tenant: key.tenant,
                 workload: key.workload.to_string(),
                 foreign_person: key.foreign_person,

@@ -495,8 +495,7 @@ mod tests {
         let ru = subject(json!({"legal_name": "A", "countries": ["RU"], "foreign_person": true}));
         assert!(prohibitions(&p, "t", &ru, 4_999).is_empty(), "not yet effective");
         assert_eq!(prohibitions(&p, "t", &ru, 5_000).len(), 1);
-        let evil =
-            subject(json!({"legal_name": " evil corp ", "countries": ["US"], "foreign_person": false}));
+        let evil = subject(json!({"legal_name": " evil corp ", "countries": ["US"], "foreign_person": true}));
         assert_eq!(prohibitions(&p, "t", &evil, 0)[0].matched, ["customer entity name"]);
     }
 

@@ -317,6 +317,7 @@ mod tests {
             tenant: Some("t".into()),
             workload: "host:h".into(),
             foreign_person: false,
+            foreign_status: None,
             start: 60,
             end: 120,
             gpu_seconds: 60.0,

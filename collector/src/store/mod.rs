@@ -86,6 +86,7 @@ pub(crate) mod test_support {
                 tenant: Some("t".into()),
                 workload: "host:h".into(),
                 foreign_person: false,
+                foreign_status: None,
                 start: 0,
                 end: 60,
                 gpu_seconds: 60.0,

@@ -159,6 +159,7 @@ pub fn window(start: i64) -> UsageWindow {
         tenant: Some("tenant-a".into()),
         workload: "cgroup:/machine.slice/vm-1.scope".into(),
         foreign_person: true,
+        foreign_status: None,
         start,
         end: start + 60,
         gpu_seconds: 480.0,

@@ -17,6 +17,7 @@
 //! here and at the crate root, where callers name them.
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::VerifyError;
 
@@ -29,6 +30,60 @@ pub use attestation::*;
 pub use policy::*;
 pub use report::*;
 pub use statement::*;
+
+/// Whether a party is a foreign person, as reports and statements carry it: `unknown` where
+/// no attestation says (unattributed usage, a reseller the KYC service did not classify).
+/// Measures limited to foreign persons treat `unknown` as foreign (fail closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForeignStatus {
+    /// A foreign person.
+    Foreign,
+    /// A United States person.
+    Us,
+    /// Not known.
+    Unknown,
+}
+
+impl ForeignStatus {
+    /// From an attestation's `foreign_person`.
+    pub fn from_flag(foreign_person: bool) -> Self {
+        if foreign_person {
+            ForeignStatus::Foreign
+        } else {
+            ForeignStatus::Us
+        }
+    }
+
+    /// From an optional flag (a reseller's): absent is `unknown`.
+    pub fn from_option(foreign_person: Option<bool>) -> Self {
+        foreign_person.map_or(ForeignStatus::Unknown, Self::from_flag)
+    }
+
+    /// Whether a measure limited to foreign persons applies: foreign or unknown.
+    pub fn maybe_foreign(self) -> bool {
+        self != ForeignStatus::Us
+    }
+
+    /// The status of a merge of two records: foreign if either is, else unknown if either
+    /// is, else U.S.
+    pub fn merge(self, other: ForeignStatus) -> ForeignStatus {
+        match (self, other) {
+            (ForeignStatus::Foreign, _) | (_, ForeignStatus::Foreign) => ForeignStatus::Foreign,
+            (ForeignStatus::Unknown, _) | (_, ForeignStatus::Unknown) => ForeignStatus::Unknown,
+            _ => ForeignStatus::Us,
+        }
+    }
+
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ForeignStatus::Foreign => "foreign",
+            ForeignStatus::Us => "us",
+            ForeignStatus::Unknown => "unknown",
+        }
+    }
+}
 
 /// Seconds since the Unix epoch (RFC 7519 NumericDate, integer only).
 pub type NumericDate = i64;

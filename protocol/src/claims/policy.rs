@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_id, check_text, NumericDate, TokenClaims, TokenType};
+use super::{check_id, check_text, ForeignStatus, NumericDate, TokenClaims, TokenType};
 use crate::{CountryCode, VerifyError};
 
 /// The jurisdiction policy (`typ: kyc-policy+jwt`).
@@ -84,6 +84,9 @@ pub struct Measure {
     /// How a prohibition acts on the workload's processes (absent: `freeze`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// Whom the measure reaches (absent: `foreign_persons`, as the orders are scoped).
+    #[serde(default, skip_serializing_if = "AppliesTo::is_foreign_persons")]
+    pub applies_to: AppliesTo,
     /// The legal source (e.g. a Federal Register citation).
     pub citation: String,
 }
@@ -98,6 +101,49 @@ pub enum Enforcement {
     Freeze,
     /// Kill every process in the workload's cgroup (and any that appears there later).
     Kill,
+}
+
+/// Whom a measure reaches. Unknown values are errors.
+///
+/// With `foreign_persons` a match through the `customer`, `beneficial_owner` or
+/// `payment_source` role counts only when the customer is a foreign person (the orders
+/// restrict foreign persons; a U.S. customer with a listed owner is not one), and a match
+/// through `reseller` only when that reseller is foreign or not known to be U.S. (fail
+/// closed). `all` matches whatever the parties' status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppliesTo {
+    /// Foreign persons only.
+    #[default]
+    ForeignPersons,
+    /// Everyone.
+    All,
+}
+
+impl AppliesTo {
+    /// Whether this is the default.
+    pub fn is_foreign_persons(&self) -> bool {
+        *self == AppliesTo::ForeignPersons
+    }
+
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AppliesTo::ForeignPersons => "foreign_persons",
+            AppliesTo::All => "all",
+        }
+    }
+}
+
+impl Measure {
+    /// Whether a match counts, given the status of the party the matching role stands for:
+    /// the reseller's own for `reseller`, the customer's for every other role.
+    pub fn reaches(&self, status: ForeignStatus) -> bool {
+        match self.applies_to {
+            AppliesTo::All => true,
+            AppliesTo::ForeignPersons => status.maybe_foreign(),
+        }
+    }
 }
 
 /// Match criteria; a party matches if any listed criterion matches. At least one is required.
@@ -394,6 +440,25 @@ impl TokenClaims for PolicyClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applies_to_defaults_to_foreign_persons_and_is_serialized_only_when_all() {
+        let m = serde_json::json!({"id": "m", "match": {"countries": ["KP"]}, "roles": ["beneficial_owner"],
+                                   "action": "prohibit", "citation": "c"});
+        let foreign: Measure = serde_json::from_value(m.clone()).unwrap();
+        assert_eq!(foreign.applies_to, AppliesTo::ForeignPersons);
+        assert_eq!(serde_json::to_value(&foreign).unwrap(), m);
+        assert!(foreign.reaches(ForeignStatus::Foreign) && foreign.reaches(ForeignStatus::Unknown));
+        assert!(!foreign.reaches(ForeignStatus::Us));
+        let mut v = m.clone();
+        v["applies_to"] = serde_json::json!("all");
+        let all: Measure = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((all.applies_to, all.applies_to.as_str()), (AppliesTo::All, "all"));
+        assert_eq!(serde_json::to_value(&all).unwrap(), v);
+        assert!(all.reaches(ForeignStatus::Us));
+        v["applies_to"] = serde_json::json!("us_persons");
+        assert!(serde_json::from_value::<Measure>(v).is_err());
+    }
 
     #[test]
     fn conditions_merge_keeps_the_stricter() {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::NumericDate;
+use super::{ForeignStatus, NumericDate};
 
 /// How a window's operations were estimated (docs/estimates.md has the method in full).
 ///
@@ -58,6 +58,11 @@ pub struct UsageWindow {
     /// Whether the tenant is a foreign person (from its attestation).
     #[serde(default)]
     pub foreign_person: bool,
+    /// The tenant's status in three values (`unknown` for unattributed usage). Absent from
+    /// older agents' windows: read it through [`UsageWindow::foreign_status`], which
+    /// derives it from `tenant` and `foreign_person`. Absent stays absent when re-serialized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign_status: Option<ForeignStatus>,
     /// Window start.
     pub start: NumericDate,
     /// Window end (exclusive).
@@ -117,6 +122,15 @@ fn is_zero(v: &f64) -> bool {
 pub const MAX_OPS_PER_PEAK: f64 = 5.0;
 
 impl UsageWindow {
+    /// The tenant's foreign status: as sent, or for an older agent's window derived from
+    /// `tenant` and `foreign_person` (no tenant: `unknown`).
+    pub fn foreign_status(&self) -> ForeignStatus {
+        self.foreign_status.unwrap_or(match self.tenant {
+            None => ForeignStatus::Unknown,
+            Some(_) => ForeignStatus::from_flag(self.foreign_person),
+        })
+    }
+
     /// The lower bound of operations; `estimated_ops` for a window from an agent that did
     /// not send bounds.
     pub fn lower_ops(&self) -> f64 {
@@ -173,6 +187,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn foreign_status_derives_for_old_windows_and_round_trips() {
+        let base = serde_json::json!({
+            "workload": "cgroup:/x", "start": 0, "end": 60, "gpu_seconds": 1.0,
+            "gpus": 1, "estimated_ops": 1.0, "peak_flops": 1.0, "method": "unknown"
+        });
+        let cases = [
+            (serde_json::json!({}), ForeignStatus::Unknown),
+            (serde_json::json!({"tenant": "t", "foreign_person": true}), ForeignStatus::Foreign),
+            (serde_json::json!({"tenant": "t", "foreign_person": false}), ForeignStatus::Us),
+            (serde_json::json!({"tenant": "t", "foreign_status": "unknown"}), ForeignStatus::Unknown),
+        ];
+        for (extra, want) in cases {
+            let mut v = base.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let w: UsageWindow = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(w.foreign_status(), want, "{v}");
+            let again = serde_json::to_value(&w).unwrap();
+            assert_eq!(serde_json::from_value::<UsageWindow>(again).unwrap(), w);
+        }
+        let mut v = base.clone();
+        v["foreign_status"] = serde_json::json!("maybe");
+        assert!(serde_json::from_value::<UsageWindow>(v).is_err());
+        let w = UsageWindow {
+            foreign_status: Some(ForeignStatus::Foreign),
+            ..serde_json::from_value(base).unwrap()
+        };
+        // A merge keeps the stricter status: foreign, then unknown, then U.S.
+        use ForeignStatus::{Foreign, Unknown, Us};
+        for (a, b, want) in
+            [(Us, Us, Us), (Us, Unknown, Unknown), (Unknown, Foreign, Foreign), (Foreign, Us, Foreign)]
+        {
+            assert_eq!((a.merge(b), b.merge(a)), (want, want), "{a:?} {b:?}");
+        }
+        assert_eq!(serde_json::to_value(&w).unwrap()["foreign_status"], "foreign");
+    }
+
+    #[test]
     fn usage_window_new_fields_default_for_old_senders() {
         let old = serde_json::json!({
             "tenant": "t", "workload": "host:host", "start": 0, "end": 60, "gpu_seconds": 60.0,
@@ -185,6 +238,8 @@ mod tests {
         assert_eq!((w.lower_ops(), w.upper_ops(), w.method), (1.0, 1.0, EstimationMethod::GpmTensor));
         let again = serde_json::to_value(&w).unwrap();
         assert!(again.get("ops_lower").is_none() && again.get("shared_gpu_seconds").is_none(), "{again}");
+        assert_eq!((w.foreign_status, w.foreign_status()), (None, ForeignStatus::Us));
+        assert!(again.get("foreign_status").is_none(), "{again}");
         let wire = serde_json::to_value(EstimationMethod::Unknown).unwrap();
         assert_eq!(wire, serde_json::json!("unknown"));
     }

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_id, Conditions, NumericDate, TokenClaims, TokenType};
+use super::{
+    check_id, BeneficialOwner, Conditions, ForeignStatus, NumericDate, PersonStatus, Reseller, TokenClaims,
+    TokenType,
+};
 use crate::{CountryCode, VerifyError};
 
 /// A verdict, as reported to collectors.
@@ -116,6 +119,47 @@ pub struct StatementSubject {
     /// threshold of the tenant's training runs to `bio_training_ops`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub purposes: Vec<crate::Purpose>,
+    /// The attestation's `person_status` (status and basis), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person_status: Option<PersonStatus>,
+    /// The beneficial owners with their names (for filing reports; absent from older agents,
+    /// which carry only `beneficial_owner_countries`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub beneficial_owners: Vec<BeneficialOwner>,
+    /// The resellers with their names, countries and foreign flags, in chain order (absent
+    /// from older agents, which carry only `reseller_countries`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resellers: Vec<Reseller>,
+    /// Who verified the tenant, and how (absent from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kyc: Option<StatementKyc>,
+}
+
+impl StatementSubject {
+    /// The resellers' foreign statuses with their countries: from `resellers` where the
+    /// agent sent them, else every `reseller_countries` entry as `unknown` (an older agent).
+    pub fn reseller_statuses(&self) -> Vec<(CountryCode, ForeignStatus)> {
+        if self.resellers.is_empty() {
+            self.reseller_countries.iter().map(|c| (*c, ForeignStatus::Unknown)).collect()
+        } else {
+            self.resellers.iter().map(|r| (r.country, ForeignStatus::from_option(r.foreign_person))).collect()
+        }
+    }
+}
+
+/// The KYC facts of the attestation behind a [`StatementSubject`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementKyc {
+    /// The attestation's issuer (`iss`, the KYC service).
+    pub issuer: String,
+    /// The attestation's `jti`.
+    pub jti: String,
+    /// When verification completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<NumericDate>,
+    /// How identity was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 /// One GPU in a host statement.
@@ -192,6 +236,32 @@ mod tests {
         assert_eq!(read.claims.host, Some(facts));
         let old = crate::verify::<OldStatement>(token.as_bytes(), &jwks, &options, at).unwrap();
         assert_eq!(old.claims.iss, "node-1");
+    }
+
+    #[test]
+    fn statement_subject_new_fields_are_optional_both_ways() {
+        let old = serde_json::json!({
+            "legal_name": "X", "countries": ["US"], "beneficial_owner_countries": ["KP"],
+            "reseller_countries": ["NL"], "payment_source_country": null, "foreign_person": false
+        });
+        let s: StatementSubject = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((s.person_status, s.resellers.len(), s.kyc.clone()), (None, 0, None));
+        assert_eq!(serde_json::to_value(&s).unwrap(), old);
+        let nl = CountryCode::parse("NL").unwrap();
+        assert_eq!(s.reseller_statuses(), [(nl, ForeignStatus::Unknown)]);
+        let new = StatementSubject {
+            resellers: vec![Reseller { name: "R".into(), country: nl, foreign_person: Some(false) }],
+            kyc: Some(StatementKyc {
+                issuer: "kyc".into(),
+                jti: "j".into(),
+                verified_at: Some(1),
+                method: None,
+            }),
+            ..s
+        };
+        assert_eq!(new.reseller_statuses(), [(nl, ForeignStatus::Us)]);
+        let wire = serde_json::to_value(&new).unwrap();
+        assert_eq!(serde_json::from_value::<StatementSubject>(wire).unwrap(), new);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::cidr::Cidr;
 use super::ruleset::cgroup_id;
-use super::{EnforceError, NftActual};
+use super::{EnforceError, NftActual, CG_SET, GEO_CG_SET};
 
 /// Parses `nft -j list table inet kycd`.
 pub(super) fn parse_actual(json: &str) -> Result<NftActual, EnforceError> {
@@ -40,8 +40,14 @@ pub(super) fn parse_actual(json: &str) -> Result<NftActual, EnforceError> {
 }
 
 fn parse_set_elements(actual: &mut NftActual, name: &str, elems: &[Value]) {
-    if let Some(level) = name.strip_prefix("cg_l").and_then(|l| l.parse::<usize>().ok()) {
-        let ids = actual.cgroups.entry(level).or_default();
+    let level_of = |prefix: &str| name.strip_prefix(prefix).and_then(|l| l.parse::<usize>().ok());
+    let cgroup_set = match (level_of(CG_SET), level_of(GEO_CG_SET)) {
+        (Some(level), _) => Some((level, &mut actual.cgroups, &mut actual.unresolved_levels)),
+        (_, Some(level)) => Some((level, &mut actual.geo_cgroups, &mut actual.geo_unresolved_levels)),
+        _ => None,
+    };
+    if let Some((level, sets, unresolved)) = cgroup_set {
+        let ids = sets.entry(level).or_default();
         for e in elems {
             // Ids when read with an empty /sys/fs/cgroup; paths if that mount failed.
             let id = e.as_str().and_then(|s| s.parse::<u64>().ok().or_else(|| cgroup_id(s)));
@@ -50,7 +56,7 @@ fn parse_set_elements(actual: &mut NftActual, name: &str, elems: &[Value]) {
                     ids.insert(id);
                 }
                 None => {
-                    actual.unresolved_levels.insert(level);
+                    unresolved.insert(level);
                 }
             }
         }
@@ -58,8 +64,9 @@ fn parse_set_elements(actual: &mut NftActual, name: &str, elems: &[Value]) {
     }
     for e in elems {
         let parsed = match name {
-            "ifaces" => e.as_str().map(|s| {
-                actual.interfaces.insert(s.to_owned());
+            "ifaces" | "geo_ifaces" => e.as_str().map(|s| {
+                let set = if name == "ifaces" { &mut actual.interfaces } else { &mut actual.geo_interfaces };
+                set.insert(s.to_owned());
             }),
             "geo_v4" | "geo_v6" => element_cidr(e).map(|c| {
                 if c.is_v4() {

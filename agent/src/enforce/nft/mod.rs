@@ -11,8 +11,21 @@
 //!   ancestor at depth N of the socket's cgroup, so a cgroup of depth N goes in `cg_lN` and
 //!   blocks everything below it too.
 //! - `ifaces` (`type ifname`): VM tap devices, `iifname`/`oifname` in all three chains.
-//! - `geo_v4` / `geo_v6` (`flags interval`): jurisdiction CIDRs, source in `input`,
-//!   destination in `output`, both in `forward`.
+//! - `geo_v4` / `geo_v6` (`flags interval`): jurisdiction CIDRs. They never match on their
+//!   own: every rule naming them also names a workload set, so the CIDR block applies only
+//!   to the workloads in *geo scope*, never host-wide (the host's own processes and
+//!   out-of-scope tenants keep reaching those networks).
+//! - `geo_cg_l1` … `geo_cg_l6` (`type cgroupsv2`): cgroups in geo scope, matched with
+//!   `socket cgroupv2 level N @geo_cg_lN ip saddr @geo_v4` in `input` (`daddr` in `output`),
+//!   and the same for `ip6`/`geo_v6`.
+//! - `geo_ifaces` (`type ifname`): VM taps in geo scope, in `forward` only (a VM's traffic
+//!   to and from the world is routed through the host): `iifname @geo_ifaces ip daddr
+//!   @geo_v4`, `oifname @geo_ifaces ip saddr @geo_v4`, and the same for `ip6`. A tap on a
+//!   bridge without `br_netfilter` is not seen by the `inet` family, as for `ifaces`.
+//!
+//! Which workloads are in geo scope is decided in [`crate::reconcile`]: those a prohibiting
+//! measure in effect *applies to* (its `applies_to` and the tenant's foreign status) but that
+//! are not denied (a denied workload is cut off entirely by `cg_lN`/`ifaces`).
 //!
 //! Every change is one `nft -f -` transaction, so it applies entirely or not at all.
 //! [`NftEnforcer::reconcile`] reads the table back and repairs any drift (a missing or extra
@@ -59,12 +72,16 @@ use tracing::{debug, info, warn};
 pub use cidr::{load_country_cidrs, Cidr, CountryCidrs};
 use listing::parse_actual;
 use resolve::Resolved;
-use ruleset::{cgroup_id, plain_set, push_elements, quote, table_definition, Rewrite};
+use ruleset::{cgroup_sets, plain_set, quote, table_definition, Rewrite};
 
 use super::EnforceError;
 
 /// The table this backend owns.
 pub const TABLE: &str = "kycd";
+/// Name prefix of the cgroup sets that cut a workload off (`cg_l1` …).
+const CG_SET: &str = "cg_l";
+/// Name prefix of the cgroup sets in geo scope (`geo_cg_l1` …).
+const GEO_CG_SET: &str = "geo_cg_l";
 /// Deepest cgroup level with a set and rule of its own.
 pub const MAX_CGROUP_LEVEL: usize = 6;
 /// Where `nft` looks for cgroupv2 paths (compiled into nftables).
@@ -80,7 +97,13 @@ pub struct NftDesired {
     pub cgroups: BTreeSet<String>,
     /// Network interfaces (VM taps) whose traffic is dropped.
     pub interfaces: BTreeSet<String>,
-    /// IPv4 CIDRs (`a.b.c.d/n` or a bare address) no traffic may go to or come from.
+    /// Host cgroups in geo scope: their sockets may not reach the `cidrs_v4`/`cidrs_v6`
+    /// networks (relative to the cgroup2 root, like `cgroups`).
+    pub geo_cgroups: BTreeSet<String>,
+    /// VM taps in geo scope: their routed traffic may not reach those networks.
+    pub geo_interfaces: BTreeSet<String>,
+    /// IPv4 CIDRs (`a.b.c.d/n` or a bare address) the workloads in geo scope may not reach
+    /// or be reached from.
     pub cidrs_v4: BTreeSet<String>,
     /// IPv6 CIDRs, likewise.
     pub cidrs_v6: BTreeSet<String>,
@@ -97,6 +120,12 @@ pub struct NftActual {
     pub unresolved_levels: BTreeSet<usize>,
     /// Blocked interfaces.
     pub interfaces: BTreeSet<String>,
+    /// cgroup ids in geo scope per level (1-based).
+    pub geo_cgroups: BTreeMap<usize, BTreeSet<u64>>,
+    /// Geo-scope levels holding an element that could not be mapped to a cgroup id.
+    pub geo_unresolved_levels: BTreeSet<usize>,
+    /// Interfaces in geo scope.
+    pub geo_interfaces: BTreeSet<String>,
     /// Blocked IPv4 CIDRs.
     pub cidrs_v4: BTreeSet<Cidr>,
     /// Blocked IPv6 CIDRs.
@@ -294,6 +323,12 @@ impl NftEnforcer {
             present: true,
             cgroups: applied.cgroups.iter().map(|(l, ids)| (*l, ids.keys().copied().collect())).collect(),
             interfaces: applied.interfaces.clone(),
+            geo_cgroups: applied
+                .geo_cgroups
+                .iter()
+                .map(|(l, ids)| (*l, ids.keys().copied().collect()))
+                .collect(),
+            geo_interfaces: applied.geo_interfaces.clone(),
             cidrs_v4: applied.v4.clone(),
             cidrs_v6: applied.v6.clone(),
             structure: self.structure.clone()?,
@@ -331,55 +366,30 @@ impl NftEnforcer {
             script.push_str(&table_definition());
         }
 
-        // cgroup sets, compared by cgroup id. Counts are against what the kernel had; the
-        // script is against what the set holds once the transaction reaches it (nothing,
-        // after a rebuild).
-        for level in 1..=MAX_CGROUP_LEVEL {
-            let set = format!("cg_l{level}");
-            let empty_w = BTreeMap::new();
-            let empty_a = BTreeSet::new();
-            let w = want.cgroups.get(&level).unwrap_or(&empty_w);
-            let a = actual.cgroups.get(&level).unwrap_or(&empty_a);
-            let prev = self.applied.as_ref().map(|p| p.cgroups.get(&level).unwrap_or(&empty_w));
-            let add: Vec<u64> = w.keys().filter(|id| !a.contains(id)).copied().collect();
-            let del: Vec<u64> = a.iter().filter(|id| !w.contains_key(id)).copied().collect();
-            if let Some(p) = prev {
-                drift += add.iter().filter(|id| p.contains_key(id)).count();
-                drift += del.iter().filter(|id| !p.contains_key(id)).count();
-            }
-            report.added += add.len();
-            report.removed += del.len();
-            if rebuild {
-                push_elements(&mut script, "add", &set, w.values().map(|n| quote(n)));
-                continue;
-            }
-            // Deleting needs a name that still resolves to the id; otherwise flush the set
-            // and re-add what is wanted, in the same transaction.
-            let mut del_names = Vec::new();
-            let mut flush = actual.unresolved_levels.contains(&level);
-            for id in &del {
-                match prev.and_then(|p| p.get(id)).filter(|name| cgroup_id(name) == Some(*id)) {
-                    Some(name) => del_names.push(quote(name)),
-                    None => flush = true,
-                }
-            }
-            if flush {
-                script.push_str(&format!("flush set inet {TABLE} {set}\n"));
-                push_elements(&mut script, "add", &set, w.values().map(|n| quote(n)));
-            } else {
-                push_elements(&mut script, "delete", &set, del_names.into_iter());
-                push_elements(
-                    &mut script,
-                    "add",
-                    &set,
-                    add.iter().filter_map(|id| w.get(id)).map(|n| quote(n)),
-                );
-            }
-        }
+        // cgroup sets, compared by cgroup id.
+        let prev = self.applied.as_ref();
+        let cg_parts = [
+            cgroup_sets(
+                CG_SET,
+                &want.cgroups,
+                &actual.cgroups,
+                &actual.unresolved_levels,
+                prev.map(|p| &p.cgroups),
+                rebuild,
+            ),
+            cgroup_sets(
+                GEO_CG_SET,
+                &want.geo_cgroups,
+                &actual.geo_cgroups,
+                &actual.geo_unresolved_levels,
+                prev.map(|p| &p.geo_cgroups),
+                rebuild,
+            ),
+        ];
 
         // Interfaces and CIDRs, compared by value.
-        let prev = self.applied.as_ref();
         let ifs_prev = prev.map(|p| &p.interfaces);
+        let geo_ifs_prev = prev.map(|p| &p.geo_interfaces);
         let v4_prev = prev.map(|p| &p.v4);
         let v6_prev = prev.map(|p| &p.v6);
         let foreign = |set: &str| {
@@ -391,14 +401,22 @@ impl NftEnforcer {
                 Rewrite::Incremental
             }
         };
-        let parts = [
+        let value_parts = [
             plain_set("ifaces", &want.interfaces, &actual.interfaces, ifs_prev, foreign("ifaces"), |n| {
                 quote(n)
             }),
+            plain_set(
+                "geo_ifaces",
+                &want.geo_interfaces,
+                &actual.geo_interfaces,
+                geo_ifs_prev,
+                foreign("geo_ifaces"),
+                |n| quote(n),
+            ),
             plain_set("geo_v4", &want.v4, &actual.cidrs_v4, v4_prev, foreign("geo_v4"), Cidr::to_string),
             plain_set("geo_v6", &want.v6, &actual.cidrs_v6, v6_prev, foreign("geo_v6"), Cidr::to_string),
         ];
-        for part in parts {
+        for part in cg_parts.into_iter().chain(value_parts) {
             script.push_str(&part.script);
             report.added += part.added;
             report.removed += part.removed;

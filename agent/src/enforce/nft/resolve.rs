@@ -34,6 +34,9 @@ pub(super) struct Resolved {
     /// Level → cgroup id → the name `nft` resolves to that id.
     pub(super) cgroups: BTreeMap<usize, BTreeMap<u64, String>>,
     pub(super) interfaces: BTreeSet<String>,
+    /// Like `cgroups`, for the cgroups in geo scope.
+    pub(super) geo_cgroups: BTreeMap<usize, BTreeMap<u64, String>>,
+    pub(super) geo_interfaces: BTreeSet<String>,
     pub(super) v4: BTreeSet<Cidr>,
     pub(super) v6: BTreeSet<Cidr>,
 }
@@ -48,53 +51,17 @@ impl NftEnforcer {
     ) -> Resolved {
         let mut r = Resolved::default();
         let mut cache = BTreeMap::new();
-        if !desired.cgroups.is_empty() {
-            match self.cgroup_mount() {
-                None => {
-                    skipped.extend(desired.cgroups.iter().map(|c| (c.clone(), "no cgroup2 mount".into())))
+        r.cgroups = self.resolve_cgroups(&desired.cgroups, cached, &mut cache, skipped);
+        r.geo_cgroups = self.resolve_cgroups(&desired.geo_cgroups, cached, &mut cache, skipped);
+        for (names, into) in
+            [(&desired.interfaces, &mut r.interfaces), (&desired.geo_interfaces, &mut r.geo_interfaces)]
+        {
+            for name in names {
+                if valid_ifname(name) {
+                    into.insert(name.clone());
+                } else {
+                    skipped.push((name.clone(), "invalid interface name".into()));
                 }
-                Some(mount) => match mount.strip_prefix(NFT_CGROUP_ROOT) {
-                    Err(_) => {
-                        let why = EnforceError::CgroupMountUnsupported(mount.clone()).to_string();
-                        skipped.extend(desired.cgroups.iter().map(|c| (c.clone(), why.clone())));
-                    }
-                    Ok(prefix) => {
-                        for rel in &desired.cgroups {
-                            if let Some(hit) = self.resolved_paths.get(rel).filter(|_| cached) {
-                                let (level, id, name) = hit.clone();
-                                r.cgroups.entry(level).or_default().insert(id, name);
-                                cache.insert(rel.clone(), hit.clone());
-                                continue;
-                            }
-                            let Some(parts) = cgroup_components(rel) else {
-                                skipped.push((rel.clone(), "invalid cgroup path".into()));
-                                continue;
-                            };
-                            let level = parts.len();
-                            if level > MAX_CGROUP_LEVEL {
-                                skipped.push((rel.clone(), format!("deeper than level {MAX_CGROUP_LEVEL}")));
-                                continue;
-                            }
-                            let clean = parts.join("/");
-                            let name = prefix.join(&clean).to_string_lossy().into_owned();
-                            match std::fs::metadata(mount.join(&clean)) {
-                                Ok(m) if m.is_dir() => {
-                                    r.cgroups.entry(level).or_default().insert(m.ino(), name.clone());
-                                    cache.insert(rel.clone(), (level, m.ino(), name));
-                                }
-                                Ok(_) => skipped.push((rel.clone(), "not a cgroup directory".into())),
-                                Err(e) => skipped.push((rel.clone(), format!("cgroup not found: {e}"))),
-                            }
-                        }
-                    }
-                },
-            }
-        }
-        for name in &desired.interfaces {
-            if valid_ifname(name) {
-                r.interfaces.insert(name.clone());
-            } else {
-                skipped.push((name.clone(), "invalid interface name".into()));
             }
         }
         for (list, want_v4) in [(&desired.cidrs_v4, true), (&desired.cidrs_v6, false)] {
@@ -116,6 +83,60 @@ impl NftEnforcer {
         r.v6 = without_nested(std::mem::take(&mut r.v6));
         self.resolved_paths = cache;
         r
+    }
+
+    /// Resolves cgroup paths to level → id → the name `nft` resolves to that id; `cache`
+    /// collects what was resolved (for the next cached resolve).
+    fn resolve_cgroups(
+        &self,
+        paths: &BTreeSet<String>,
+        cached: bool,
+        cache: &mut BTreeMap<String, (usize, u64, String)>,
+        skipped: &mut Vec<(String, String)>,
+    ) -> BTreeMap<usize, BTreeMap<u64, String>> {
+        let mut out: BTreeMap<usize, BTreeMap<u64, String>> = BTreeMap::new();
+        if paths.is_empty() {
+            return out;
+        }
+        let Some(mount) = self.cgroup_mount() else {
+            skipped.extend(paths.iter().map(|c| (c.clone(), "no cgroup2 mount".into())));
+            return out;
+        };
+        let Ok(prefix) = mount.strip_prefix(NFT_CGROUP_ROOT) else {
+            let why = EnforceError::CgroupMountUnsupported(mount.clone()).to_string();
+            skipped.extend(paths.iter().map(|c| (c.clone(), why.clone())));
+            return out;
+        };
+        for rel in paths {
+            // Resolved by the last call (when trusted), or earlier in this one.
+            let hit = if cached { self.resolved_paths.get(rel).cloned() } else { None };
+            if let Some(hit) = hit.or_else(|| cache.get(rel).cloned()) {
+                let (level, id, name) = hit.clone();
+                out.entry(level).or_default().insert(id, name);
+                cache.insert(rel.clone(), hit);
+                continue;
+            }
+            let Some(parts) = cgroup_components(rel) else {
+                skipped.push((rel.clone(), "invalid cgroup path".into()));
+                continue;
+            };
+            let level = parts.len();
+            if level > MAX_CGROUP_LEVEL {
+                skipped.push((rel.clone(), format!("deeper than level {MAX_CGROUP_LEVEL}")));
+                continue;
+            }
+            let clean = parts.join("/");
+            let name = prefix.join(&clean).to_string_lossy().into_owned();
+            match std::fs::metadata(mount.join(&clean)) {
+                Ok(m) if m.is_dir() => {
+                    out.entry(level).or_default().insert(m.ino(), name.clone());
+                    cache.insert(rel.clone(), (level, m.ino(), name));
+                }
+                Ok(_) => skipped.push((rel.clone(), "not a cgroup directory".into())),
+                Err(e) => skipped.push((rel.clone(), format!("cgroup not found: {e}"))),
+            }
+        }
+        out
     }
 }
 

@@ -109,6 +109,7 @@ pub fn merge_records(records: Vec<UsageRecord>) -> Vec<UsageRecord> {
                 m.method = m.method.weakest(w.method);
                 m.training_like |= w.training_like;
                 m.foreign_person |= w.foreign_person;
+                m.foreign_status = Some(m.foreign_status().merge(w.foreign_status()));
             }
             None => {
                 groups.insert(key, out.len());

@@ -16,6 +16,7 @@ pub fn window(tenant: &str, workload: &str, start: i64) -> UsageWindow {
         tenant: Some(tenant.into()),
         workload: workload.into(),
         foreign_person: false,
+        foreign_status: None,
         start,
         end: start + 60,
         gpu_seconds: 60.0,
