@@ -70,7 +70,12 @@ fn statement(host: &str) -> HostStatementClaims {
         "workloads": [
             {"workload": "libvirt_domain:f", "tenant": "f", "verdict": "allow", "attestation_digest": "ab".repeat(32),
              "subject": {"legal_name": "F <Holdings> GmbH", "countries": ["DE"], "beneficial_owner_countries": ["SG"],
-                         "payment_source_country": "CH", "foreign_person": true}},
+                         "payment_source_country": "CH", "foreign_person": true,
+                         "person_status": {"status": "foreign_person", "basis": "foreign_organized_entity"},
+                         "beneficial_owners": [{"name": "Owner One", "countries": ["SG"]}],
+                         "resellers": [{"name": "Resell AG", "country": "CH", "foreign_person": true}],
+                         "kyc": {"issuer": "https://kyc.example", "jti": "att-f-1", "verified_at": 1700000000,
+                                 "method": "document+registry"}}},
             {"workload": "libvirt_domain:b", "tenant": "b", "verdict": "allow",
              "subject": {"legal_name": "B Bio Ltd", "countries": ["GB"], "foreign_person": true,
                          "purposes": ["biological_sequence_data"]}},
@@ -310,7 +315,17 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
     assert_eq!(record["customer"]["foreign_status"], "foreign");
     assert_eq!(record["customer"]["identity"]["legal_name"], "F <Holdings> GmbH");
     assert_eq!(record["customer"]["identity"]["detail"]["attestation_digest"], "ab".repeat(32));
-    assert_eq!(record["customer"]["identity"]["detail"]["subject"]["payment_source_country"], "CH");
+    let subject = &record["customer"]["identity"]["detail"]["subject"];
+    assert_eq!(subject["payment_source_country"], "CH");
+    assert_eq!(
+        (subject["kyc"]["issuer"].as_str(), subject["kyc"]["jti"].as_str()),
+        (Some("https://kyc.example"), Some("att-f-1"))
+    );
+    assert_eq!(subject["beneficial_owners"][0]["name"], "Owner One");
+    assert_eq!(
+        subject["resellers"][0],
+        json!({"name": "Resell AG", "country": "CH", "foreign_person": true})
+    );
     let usage = &record["usage"];
     assert_eq!(
         (usage["scope"].as_str(), usage["first_start"].as_i64(), usage["last_end"].as_i64()),
@@ -335,5 +350,9 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
     let html = String::from_utf8(html.stdout).unwrap();
     assert!(html.contains("F &lt;Holdings&gt; GmbH") && !html.contains("F <Holdings>"), "escaped");
     assert!(html.contains("BIS-2026-0042") && html.contains("@page"));
+    assert!(
+        html.contains("Resell AG (CH, foreign)") && html.contains("att-f-1") && html.contains("Owner One"),
+        "{html}"
+    );
     collector.stop().await;
 }

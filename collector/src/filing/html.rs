@@ -70,8 +70,48 @@ pub fn render(record: &FilingRecord) -> String {
             row(&mut out, "Beneficial owners' countries", &json(&i.beneficial_owner_countries));
             row(&mut out, "Identity last stated", &rfc3339(i.seen_at));
             if let Some(d) = &i.detail {
-                row(&mut out, "Statement subject (as attested)", &json(&d.subject));
+                let s = &d.subject;
+                if let Some(status) = &s.person_status {
+                    row(&mut out, "Person status (basis)", &json(status));
+                }
+                let owners: Vec<String> = s
+                    .beneficial_owners
+                    .iter()
+                    .map(|o| format!("{} ({})", o.name, json(&o.countries)))
+                    .collect();
+                if !owners.is_empty() {
+                    row(&mut out, "Beneficial owners", &owners.join("; "));
+                }
+                let resellers: Vec<String> = s
+                    .resellers
+                    .iter()
+                    .map(|r| {
+                        let status = match r.foreign_person {
+                            Some(true) => "foreign",
+                            Some(false) => "U.S.",
+                            None => "status unknown",
+                        };
+                        format!("{} ({}, {status})", r.name, r.country)
+                    })
+                    .collect();
+                row(
+                    &mut out,
+                    "Resellers",
+                    &if resellers.is_empty() { json(&s.reseller_countries) } else { resellers.join("; ") },
+                );
+                row(
+                    &mut out,
+                    "Payment source country",
+                    &s.payment_source_country.map(|c| c.to_string()).unwrap_or_else(|| "—".into()),
+                );
+                row(&mut out, "Declared purposes", &json(&s.purposes));
                 out.push_str("</table><h2>KYC record</h2><table>");
+                if let Some(kyc) = &s.kyc {
+                    row(&mut out, "Attestation issuer", &kyc.issuer);
+                    row(&mut out, "Attestation jti", &kyc.jti);
+                    row(&mut out, "Verified at", &kyc.verified_at.map(rfc3339).unwrap_or_else(|| "—".into()));
+                    row(&mut out, "Verification method", kyc.method.as_deref().unwrap_or("—"));
+                }
                 row(&mut out, "Attestation digest (SHA-256)", d.attestation_digest.as_deref().unwrap_or("—"));
                 row(
                     &mut out,

@@ -227,6 +227,16 @@ pub enum WindowError {
         /// The window's GPU-seconds.
         gpu_seconds: f64,
     },
+    /// The three-valued foreign status contradicts the window's other fields: a tenant's
+    /// window says `foreign_person` one way and `foreign_status` the other, or a window
+    /// without a tenant claims a known status (only an attestation can establish one).
+    #[error("foreign_status {status} contradicts {what}")]
+    ForeignStatusContradiction {
+        /// The status sent.
+        status: &'static str,
+        /// What it contradicts.
+        what: &'static str,
+    },
     /// More GPU-seconds with a VM's guest silent than GPU-seconds (beyond float rounding).
     #[error("guest_gap_gpu_seconds {guest_gap_gpu_seconds} exceeds gpu_seconds {gpu_seconds}")]
     GuestGapAboveGpuSeconds {

@@ -241,7 +241,22 @@ pub fn check_window(w: &UsageWindow, limits: &Limits, admission: Admission) -> R
             gpu_seconds: w.gpu_seconds,
         });
     }
-    Ok(())
+    check_foreign_status(w)
+}
+
+/// The three-valued status agrees with the rest of the window: a tenant's `foreign_status`
+/// (when sent) names the same side as `foreign_person` or is `unknown`; a window without a
+/// tenant is `unknown` (stored as foreign: unknown counts as foreign for findings).
+fn check_foreign_status(w: &UsageWindow) -> Result<(), WindowError> {
+    use kycd_protocol::ForeignStatus;
+    let contradiction = |status, what| Err(WindowError::ForeignStatusContradiction { status, what });
+    match (w.tenant.is_some(), w.foreign_status, w.foreign_person) {
+        (true, Some(ForeignStatus::Us), true) => contradiction("us", "foreign_person true"),
+        (true, Some(ForeignStatus::Foreign), false) => contradiction("foreign", "foreign_person false"),
+        (false, Some(ForeignStatus::Us), _) => contradiction("us", "a window without a tenant"),
+        (false, Some(ForeignStatus::Foreign), _) => contradiction("foreign", "a window without a tenant"),
+        _ => Ok(()),
+    }
 }
 
 /// Validates one record after `previous_last` (the last seq of the record before it, 0 for
@@ -372,6 +387,33 @@ mod tests {
         let mut w = window();
         f(&mut w);
         check_window(&w, &Limits::default(), AT).expect_err("refused").to_string()
+    }
+
+    /// The three-valued status: contradictions refused, `unknown` stored as foreign.
+    #[test]
+    fn foreign_status_must_agree_and_unknown_counts_as_foreign() {
+        use kycd_protocol::ForeignStatus;
+        let status = |tenant: bool, status: Option<ForeignStatus>, flag: bool| {
+            let mut w = window();
+            if !tenant {
+                w.tenant = None;
+            }
+            (w.foreign_status, w.foreign_person) = (status, flag);
+            (
+                check_window(&w, &Limits::default(), AT).map_err(|e| e.to_string()),
+                w.tenant_counts_as_foreign(),
+            )
+        };
+        assert_eq!(status(true, Some(ForeignStatus::Unknown), false), (Ok(()), true));
+        assert_eq!(status(true, Some(ForeignStatus::Us), false), (Ok(()), false));
+        assert_eq!(status(true, None, true), (Ok(()), true), "old agent: the flag decides");
+        assert_eq!(
+            status(true, Some(ForeignStatus::Us), true).0,
+            Err("foreign_status us contradicts foreign_person true".to_owned())
+        );
+        assert!(status(true, Some(ForeignStatus::Foreign), false).0.is_err());
+        assert!(status(false, Some(ForeignStatus::Foreign), true).0.is_err());
+        assert_eq!(status(false, Some(ForeignStatus::Unknown), false), (Ok(()), false));
     }
 
     /// The typed refusal of the first rule `f` breaks.

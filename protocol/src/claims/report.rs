@@ -131,6 +131,13 @@ impl UsageWindow {
         })
     }
 
+    /// Whether the window's tenant counts as foreign for thresholds and filings: its status
+    /// is anything but `us` (an `unknown` one counts as foreign). False for a window without a
+    /// tenant, whose usage is aggregated apart (and there always treated as foreign).
+    pub fn tenant_counts_as_foreign(&self) -> bool {
+        self.tenant.is_some() && self.foreign_status() != ForeignStatus::Us
+    }
+
     /// The lower bound of operations; `estimated_ops` for a window from an agent that did
     /// not send bounds.
     pub fn lower_ops(&self) -> f64 {

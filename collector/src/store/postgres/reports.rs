@@ -54,7 +54,7 @@ impl<'a> Columns<'a> {
         self.peak_flops.push(w.peak_flops);
         self.method.push(w.method.as_str());
         self.training_like.push(w.training_like);
-        self.foreign_person.push(w.foreign_person);
+        self.foreign_person.push(w.tenant_counts_as_foreign());
         self.merged_windows.push(i64::from(w.merged_windows));
         self.body_json.push(&valid.body_json);
         // An old agent's window has no bounds: they are its estimate.

@@ -285,7 +285,7 @@ impl ReportStore for SqliteStore {
                         w.peak_flops,
                         w.method.as_str(),
                         w.training_like,
-                        w.foreign_person,
+                        w.tenant_counts_as_foreign(),
                         w.merged_windows,
                         valid.body_json,
                         received_at,
