@@ -35,6 +35,7 @@ pub mod http;
 pub mod ingest;
 pub mod policy;
 pub mod poll;
+pub mod records;
 pub mod statements;
 pub mod store;
 

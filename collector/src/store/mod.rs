@@ -27,10 +27,15 @@ pub use reports::{Enrollment, HostEntry, Rejection, ReportStore, ValidRecord, RE
 
 /// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
 /// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
-/// ([`crate::policy::PolicyStore`]) and the agents' statements
-/// ([`crate::statements::StatementStore`]).
+/// ([`crate::policy::PolicyStore`]), the agents' statements
+/// ([`crate::statements::StatementStore`]) and the record history and its pruning
+/// ([`crate::records::RecordStore`]).
 pub trait Storage:
-    ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + crate::statements::StatementStore
+    ReportStore
+    + crate::fleet::FleetStore
+    + crate::policy::PolicyStore
+    + crate::statements::StatementStore
+    + crate::records::RecordStore
 {
 }
 
@@ -39,6 +44,7 @@ impl<
             + crate::fleet::FleetStore
             + crate::policy::PolicyStore
             + crate::statements::StatementStore
+            + crate::records::RecordStore
             + ?Sized,
     > Storage for T
 {

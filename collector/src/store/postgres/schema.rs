@@ -69,6 +69,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_OPS_BOUNDS,
     // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
     MIGRATION_GUEST_GAP,
+    // 8: the regulatory record's history tables (identities, statements).
+    MIGRATION_RECORDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -210,6 +212,37 @@ pub const MIGRATION_OPS_BOUNDS: &str = r#"
 pub const MIGRATION_GUEST_GAP: &str = r#"
     ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE records ALTER COLUMN guest_gap_gpu_seconds DROP DEFAULT;
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Migration 8 (issue 19, retention): kept apart from the others so a merge can renumber it.
+// ---------------------------------------------------------------------------------------------
+
+/// Step 8 ([`crate::records`]): the history of tenant identities and of distinct verified
+/// host statements; the same tables as SQLite's step 8
+/// ([`crate::store::sqlite::MIGRATION_RECORDS`]).
+pub const MIGRATION_RECORDS: &str = r#"
+    CREATE TABLE identity_history (
+        tenant             TEXT NOT NULL,
+        attestation_digest TEXT NOT NULL,
+        identity_digest    TEXT NOT NULL,
+        identity_json      TEXT NOT NULL,
+        first_seen         BIGINT NOT NULL,
+        last_seen          BIGINT NOT NULL,
+        PRIMARY KEY (tenant, attestation_digest, identity_digest)
+    );
+    CREATE INDEX identity_history_last_seen ON identity_history (last_seen);
+    CREATE TABLE statement_history (
+        host_id        TEXT NOT NULL,
+        content_digest TEXT NOT NULL,
+        first_seen     BIGINT NOT NULL,
+        last_seen      BIGINT NOT NULL,
+        claims_json    TEXT NOT NULL,
+        token          TEXT NOT NULL,
+        PRIMARY KEY (host_id, content_digest)
+    );
+    CREATE INDEX statement_history_last_seen ON statement_history (last_seen);
+    CREATE INDEX records_end ON records ("end");
 "#;
 
 /// Whether `url` names a PostgreSQL database.
@@ -395,7 +428,7 @@ mod tests {
             }
         }
         let store = PgStore::open(&db.url).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 7);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 

@@ -67,6 +67,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_OPS_BOUNDS,
     // 7: GPU-seconds of each window in which a VM's guest sent no telemetry.
     MIGRATION_GUEST_GAP,
+    // 8: the regulatory record's history tables (identities, statements).
+    MIGRATION_RECORDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -243,6 +245,41 @@ pub const MIGRATION_GUEST_GAP: &str = r#"
     ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds REAL NOT NULL DEFAULT 0;
 "#;
 
+// ---------------------------------------------------------------------------------------------
+// Migration 8 (issue 19, retention): kept apart from the others so a merge can renumber it.
+// ---------------------------------------------------------------------------------------------
+
+/// Step 8 ([`crate::records`]): the append-only history of tenant identities and of distinct
+/// verified host statements. Rows are inserted once; afterwards only `last_seen` advances;
+/// only `records prune` deletes them. An identity is keyed by the SHA-256 of its JSON
+/// (`identity_digest`; the JSON itself may be longer than an index entry allows on
+/// PostgreSQL). Both start empty: what was overwritten before this
+/// migration is gone, the current identities and latest statements are recorded again at the
+/// next evaluation and poll.
+pub const MIGRATION_RECORDS: &str = r#"
+    CREATE TABLE identity_history (
+        tenant             TEXT NOT NULL,
+        attestation_digest TEXT NOT NULL,
+        identity_digest    TEXT NOT NULL,
+        identity_json      TEXT NOT NULL,
+        first_seen         INTEGER NOT NULL,
+        last_seen          INTEGER NOT NULL,
+        PRIMARY KEY (tenant, attestation_digest, identity_digest)
+    ) STRICT;
+    CREATE INDEX identity_history_last_seen ON identity_history (last_seen);
+    CREATE TABLE statement_history (
+        host_id        TEXT NOT NULL,
+        content_digest TEXT NOT NULL,
+        first_seen     INTEGER NOT NULL,
+        last_seen      INTEGER NOT NULL,
+        claims_json    TEXT NOT NULL,
+        token          TEXT NOT NULL,
+        PRIMARY KEY (host_id, content_digest)
+    ) STRICT;
+    CREATE INDEX statement_history_last_seen ON statement_history (last_seen);
+    CREATE INDEX records_end ON records ("end");
+"#;
+
 /// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
 pub(super) fn migrate(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
@@ -406,7 +443,7 @@ mod tests {
             }
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 7);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 
