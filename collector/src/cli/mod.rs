@@ -1,7 +1,8 @@
 //! The command line of `kycd-collector`, in the library so that man pages and shell
 //! completions are generated from the same definitions the binary parses with; and what each
 //! command does, a file per command (group): [`serve`], [`hosts`], [`policy`], [`findings`],
-//! [`export`], all opening the database through [`database`]. `main` parses and calls [`run`].
+//! [`export`], [`records`] (history and pruning), [`backup`] (`database backup|restore`),
+//! all opening the database through [`database`]. `main` parses and calls [`run`].
 //!
 //! The commands report errors with `anyhow` (context chains printed by `main`): this module
 //! is the top of the binary, kept in the library only so that it can be tested and documented.
@@ -11,17 +12,21 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod backup;
 pub mod database;
 pub mod export;
 pub mod findings;
 pub mod hosts;
 pub mod policy;
+pub mod records;
 pub mod serve;
 
+pub use backup::DatabaseCommand;
 pub use database::DEFAULT_DB;
 pub use findings::{FindingsCommand, RuleArgs};
 pub use hosts::HostsCommand;
 pub use policy::PolicyCommand;
+pub use records::{RecordsCommand, RetentionArgs};
 pub use serve::{ConnectionArgs, PollArgs};
 
 #[derive(Debug, Parser)]
@@ -64,6 +69,9 @@ pub enum Command {
         /// Bounds of the HTTP listener.
         #[command(flatten)]
         connections: ConnectionArgs,
+        /// Record retention (logged at start; `records prune` enforces it).
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Publish and show the signed jurisdiction policy agents fetch from GET /v1/policy.
     Policy {
@@ -99,12 +107,32 @@ pub enum Command {
         #[command(subcommand)]
         command: HostsCommand,
     },
+    /// The regulatory record: identity and statement history, and pruning under the
+    /// retention minimum.
+    Records {
+        #[command(subcommand)]
+        command: RecordsCommand,
+    },
+    /// Back the database up, or restore it from a backup.
+    Database {
+        #[command(subcommand)]
+        command: DatabaseCommand,
+    },
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, db, read_token_file, evaluate_interval_s, rules, poll, connections } => {
+        Command::Serve {
+            listen,
+            db,
+            read_token_file,
+            evaluate_interval_s,
+            rules,
+            poll,
+            connections,
+            retention,
+        } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(
                 listen,
@@ -115,6 +143,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     rules,
                     poll,
                     limits: connections.limits(),
+                    retention,
                 },
             ))
         }
@@ -124,5 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { since, format, unattributed, output, db } => {
             export::run(&since, format, unattributed, output, &db)
         }
+        Command::Records { command } => records::run(command),
+        Command::Database { command } => backup::run(command),
     }
 }
