@@ -212,7 +212,7 @@ fn an_expired_admitted_attestation_is_archived_until_its_retention_has_passed() 
     agent.settle();
     assert!(listed("state/admitted").is_empty());
     let archived = format!("{exp}.{}", admitted[0]);
-    assert_eq!(listed("state/admitted-expired"), [archived.clone()]);
+    assert_eq!(listed("state/admitted-expired"), std::slice::from_ref(&archived));
     assert_eq!(fs::read_to_string(host.path("state/admitted-expired").join(&archived)).unwrap(), token);
 
     // A day short of five years after the expiry: still kept. Five years: deleted.
