@@ -170,7 +170,9 @@ pub fn evaluate<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Siz
         store.upsert_tenant_identities(&named)?;
     }
     // The append-only history beside the current view (issue 19: what was known when).
-    store.record_identities(&crate::records::identities_seen(hosts))?;
+    store.record_identities(&crate::records::identities_seen(
+        hosts.iter().filter_map(|h| h.statement.as_ref()),
+    ))?;
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let policy = store.current_policy()?;

@@ -30,7 +30,6 @@ use std::collections::BTreeMap;
 use kycd_protocol::{HostStatementClaims, StatementSubject};
 use serde::{Deserialize, Serialize};
 
-use crate::findings::HostView;
 use crate::store::error::StoreError;
 
 /// The default minimum retention: 5 years (5 × 365 × 86,400 s). REGULATION.md says providers
@@ -142,8 +141,8 @@ pub enum RetentionError {
         "refusing to prune before {before}: it is inside the retention period of {min_s} s \
          ({set_by}); the latest cut-off allowed now is {limit}; {would} rows would have been deleted \
          (records {records}, identities {identities}, statements {statements})",
-        before = crate::export::rfc3339(*before),
-        limit = crate::export::rfc3339(*limit),
+        before = date(*before),
+        limit = date(*limit),
         would = counts.deleted(),
         records = counts.records,
         identities = counts.identities,
@@ -167,6 +166,14 @@ pub enum RetentionError {
     /// The store failed.
     #[error("record store")]
     Store(#[from] StoreError),
+}
+
+/// Unix seconds as RFC 3339 UTC (the number itself if out of range), for messages.
+fn date(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| at.to_string())
 }
 
 /// The effective minimum retention and where it comes from: the larger of the configured one
@@ -223,10 +230,11 @@ pub fn prune<S: RecordStore + crate::policy::PolicyStore + ?Sized>(
 
 /// The identities the hosts' statements name, one per (tenant, attestation digest, identity)
 /// at its newest `iat`, for [`RecordStore::record_identities`].
-pub fn identities_seen(hosts: &[HostView]) -> Vec<IdentityObservation> {
+pub fn identities_seen<'a>(
+    statements: impl IntoIterator<Item = &'a HostStatementClaims>,
+) -> Vec<IdentityObservation> {
     let mut seen: BTreeMap<(String, String, String), IdentityObservation> = BTreeMap::new();
-    for host in hosts {
-        let Some(statement) = &host.statement else { continue };
+    for statement in statements {
         for workload in &statement.workloads {
             let (Some(tenant), Some(subject)) = (&workload.tenant, &workload.subject) else { continue };
             let digest = workload.attestation_digest.clone().unwrap_or_default();
