@@ -157,6 +157,28 @@ pub(crate) mod test_support {
         );
     }
 
+    /// After migration 8 of a version-7 database holding record 1 of host `a` (epoch 1, the
+    /// window 0..60): the history tables start empty and work, and the old record is prunable.
+    pub(crate) fn check_migrated_to_records<S: ReportStore + crate::records::RecordStore>(store: &S) {
+        assert!(store.identity_history(None).unwrap().is_empty());
+        assert!(store.statement_history(None).unwrap().is_empty());
+        let counts = store.prune(60, true).unwrap();
+        assert_eq!((counts.records, counts.refused()), (1, 0), "{counts:?}");
+        let identity: kycd_protocol::StatementSubject =
+            serde_json::from_value(serde_json::json!({"legal_name": "L", "foreign_person": true})).unwrap();
+        let seen = crate::records::IdentityObservation {
+            tenant: "t".into(),
+            attestation_digest: String::new(),
+            identity,
+            seen_at: 5,
+        };
+        store
+            .record_identities(&[seen.clone(), crate::records::IdentityObservation { seen_at: 9, ..seen }])
+            .unwrap();
+        let history = store.identity_history(Some("t")).unwrap();
+        assert_eq!(history.iter().map(|r| (r.first_seen, r.last_seen)).collect::<Vec<_>>(), [(5, 9)]);
+    }
+
     /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
     /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
     /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;

@@ -432,6 +432,23 @@ mod tests {
         crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 
+    /// A version-7 database (no history tables) opens at the current version with them.
+    #[test]
+    fn a_version_7_database_gets_the_history_tables() {
+        let Some(db) = fresh_database("a_version_7_database_gets_the_history_tables") else { return };
+        {
+            let old = PgStore::open_at_version(&db.url, 7).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 7);
+            assert_eq!(
+                old.insert_batch("a", 1, &[crate::store::test_support::record(1, None)], 0).unwrap(),
+                1
+            );
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 8);
+        crate::store::test_support::check_migrated_to_records(&store);
+    }
+
     #[test]
     fn a_newer_schema_is_refused() {
         let Some(db) = fresh_database("a_newer_schema_is_refused") else { return };

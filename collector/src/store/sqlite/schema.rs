@@ -447,6 +447,21 @@ mod tests {
         crate::store::test_support::check_migrated_to_guest_gap(&store);
     }
 
+    /// A version-7 database (no history tables) opens at the current version with them.
+    #[test]
+    fn a_version_7_database_gets_the_history_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v7.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 7).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 7);
+            assert_eq!(old.insert_batch("a", 1, &[record(1, None)], 0).unwrap(), 1);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 8);
+        crate::store::test_support::check_migrated_to_records(&store);
+    }
+
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
