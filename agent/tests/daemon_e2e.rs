@@ -403,7 +403,8 @@ fn admission_answers_with_the_recorded_decision_and_fails_closed() {
     let (code, _, err) = admit(&host, &[&args[..], &["--attestation", "-"]].concat(), Some(&by_uuid));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("named like a UUID"), "{err}");
-    // Attestations kept from admissions are removed once expired (and withdrawn).
+    // Attestations kept from admissions leave the admitted directory once expired (and are
+    // withdrawn); they are archived, not deleted (issue 19).
     let short = host.attestation("vm-short", "DE", now() + 2);
     let (code, _, err) =
         admit(&host, &["--workload", "libvirt_domain:vm-short", "--attestation", "-"], Some(&short));
@@ -413,7 +414,9 @@ fn admission_answers_with_the_recorded_decision_and_fails_closed() {
     host.wait_for("expired admission withdrawn", |r| {
         r["event"]["type"] == "attestation_withdrawn" && r["event"]["workload"] == "libvirt_domain:vm-short"
     });
-    assert_eq!(kept_files(), before - 1, "the expired attestation file is removed");
+    assert_eq!(kept_files(), before - 1, "the expired attestation file is moved out");
+    let archived: Vec<_> = fs::read_dir(host.path("state/admitted-expired")).unwrap().collect();
+    assert_eq!(archived.len(), 1, "and archived");
 
     // A restart keeps the admitted attestation: no re-delivery needed.
     host.stop();

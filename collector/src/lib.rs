@@ -37,6 +37,7 @@ pub mod http;
 pub mod ingest;
 pub mod policy;
 pub mod poll;
+pub mod records;
 pub mod statements;
 pub mod store;
 

@@ -59,3 +59,48 @@ fn the_cloud_config_example_passes_cloud_init_schema() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the collector package's postrm with `action` against the root `root` (`DPKG_ROOT`),
+/// with `KYCD_COLLECTOR_PURGE_DATABASE` set to `confirm` or absent.
+fn collector_postrm(root: &Path, action: &str, confirm: Option<&str>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/deb/kycd-collector/postrm");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script).arg(action).env("DPKG_ROOT", root).env_remove("KYCD_COLLECTOR_PURGE_DATABASE");
+    if let Some(confirm) = confirm {
+        cmd.env("KYCD_COLLECTOR_PURGE_DATABASE", confirm);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "postrm {action}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `apt purge kycd-collector` keeps the database (the regulatory record) and says where and how
+/// to delete it; only `KYCD_COLLECTOR_PURGE_DATABASE=yes` deletes it. The layout is the
+/// service's (`DynamicUser` + `StateDirectory`): the files under /var/lib/private, a symlink at
+/// /var/lib/kycd-collector.
+#[test]
+fn purging_the_collector_package_keeps_its_database_unless_confirmed() {
+    let root = tempfile::tempdir().unwrap();
+    let private = root.path().join("var/lib/private/kycd-collector");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("kycd.db"), b"records").unwrap();
+    std::os::unix::fs::symlink("private/kycd-collector", root.path().join("var/lib/kycd-collector")).unwrap();
+    let db = root.path().join("var/lib/kycd-collector/kycd.db");
+
+    collector_postrm(root.path(), "remove", None);
+    assert_eq!(std::fs::read(&db).unwrap(), b"records");
+    let said = collector_postrm(root.path(), "purge", None);
+    assert_eq!(std::fs::read(&db).unwrap(), b"records", "purge without confirmation keeps it");
+    assert!(
+        said.contains("kept the collector database") && said.contains("KYCD_COLLECTOR_PURGE_DATABASE=yes"),
+        "{said}"
+    );
+    collector_postrm(root.path(), "purge", Some("1"));
+    assert!(db.exists(), "only the exact confirmation deletes");
+
+    let said = collector_postrm(root.path(), "purge", Some("yes"));
+    assert!(said.contains("deleted the collector database"), "{said}");
+    assert!(
+        !private.exists() && std::fs::symlink_metadata(root.path().join("var/lib/kycd-collector")).is_err()
+    );
+}

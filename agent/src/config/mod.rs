@@ -29,7 +29,7 @@ pub use enforcement::{AuditConfig, EnforcementConfig, WorkloadConfig};
 pub use gpu::GpuConfig;
 pub use load::{conf_d_dir, load, Loaded, Overrides};
 pub use service::{ApiConfig, LogConfig, LogFormat};
-pub use trust::{AttestationConfig, PolicyConfig, TrustConfig};
+pub use trust::{AttestationConfig, PolicyConfig, TrustConfig, DEFAULT_EXPIRED_RETENTION_S};
 
 /// Default location of the main configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kycd/kycd.toml";
@@ -137,9 +137,15 @@ impl Default for Config {
 
 impl Config {
     /// Where attestations accepted at admission are kept (owned by kycd: deleting a file
-    /// withdraws it; expired ones are removed).
+    /// withdraws it; expired ones are moved to [`Config::expired_dir`]).
     pub fn admitted_dir(&self) -> PathBuf {
         self.state_dir.join("admitted")
+    }
+
+    /// Where expired admitted attestations are archived until
+    /// `attestations.expired_retention_s` after their expiry; never read by intake.
+    pub fn expired_dir(&self) -> PathBuf {
+        self.state_dir.join("admitted-expired")
     }
 
     /// The drop directory for attestations.

@@ -57,6 +57,10 @@ impl Default for PolicyConfig {
     }
 }
 
+/// How long expired admitted attestations are archived by default: 5 years, the collector's
+/// default record retention (issue 19).
+pub const DEFAULT_EXPIRED_RETENTION_S: u64 = 157_680_000;
+
 /// `[attestations]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -70,6 +74,9 @@ pub struct AttestationConfig {
     pub cloud_init_instance_data: PathBuf,
     /// Largest attestation accepted, bytes.
     pub max_bytes: usize,
+    /// How long an expired admitted attestation is kept in `<state_dir>/admitted-expired/`
+    /// (seconds after its expiry) before it is deleted: the record of who was admitted.
+    pub expired_retention_s: u64,
 }
 
 impl Default for AttestationConfig {
@@ -79,6 +86,7 @@ impl Default for AttestationConfig {
             host_attestation: PathBuf::from("/etc/kycd/attestations/host.jws"),
             cloud_init_instance_data: PathBuf::from("/run/cloud-init/instance-data.json"),
             max_bytes: kycd_protocol::DEFAULT_MAX_TOKEN_BYTES,
+            expired_retention_s: DEFAULT_EXPIRED_RETENTION_S,
         }
     }
 }

@@ -65,6 +65,9 @@ impl Config {
         if self.attestations.max_bytes < 1024 || self.attestations.max_bytes > 1 << 20 {
             return invalid("attestations.max_bytes", "must be between 1024 and 1048576");
         }
+        if self.attestations.expired_retention_s > kycd_protocol::MAX_RETENTION_S {
+            return invalid("attestations.expired_retention_s", "must be at most 100 years (3153600000)");
+        }
         for root in &self.workloads.roots {
             if root.is_empty() || root.starts_with('/') || root.split('/').any(|c| c.is_empty() || c == "..")
             {

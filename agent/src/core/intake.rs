@@ -369,23 +369,46 @@ impl Agent {
         }
     }
 
-    /// Removes attestations kept from admissions once they have expired (they can no longer
-    /// attest anything; keeping them would grow the directory forever).
+    /// Moves attestations kept from admissions out of the admitted directory once they have
+    /// expired (they can no longer attest anything; keeping them there would grow it
+    /// forever) into [`crate::config::Config::expired_dir`], where intake never looks, and
+    /// deletes archived ones `attestations.expired_retention_s` after their expiry. The
+    /// archive is the record of who was admitted under which attestation (issue 19): an
+    /// expired attestation is not a secret, and outside the admitted directory it cannot
+    /// authorise anything, so nothing requires deleting it at once.
     pub(super) fn expire_admitted(&mut self) {
         let dir = self.config.admitted_dir();
-        let cutoff = self.now().saturating_sub(i64::try_from(self.config.clock_skew_s).unwrap_or(i64::MAX));
-        let expired: Vec<PathBuf> = self
+        let now = self.now();
+        let cutoff = now.saturating_sub(i64::try_from(self.config.clock_skew_s).unwrap_or(i64::MAX));
+        let expired: Vec<(PathBuf, i64)> = self
             .attestations
             .iter()
             .filter(|(path, a)| path.parent() == Some(dir.as_path()) && a.claims.exp <= cutoff)
-            .map(|(path, _)| path.clone())
+            .map(|(path, a)| (path.clone(), a.claims.exp))
             .collect();
-        for path in expired {
-            match std::fs::remove_file(&path) {
+        let retention = self.config.attestations.expired_retention_s;
+        let archive = self.config.expired_dir();
+        for (path, exp) in expired {
+            let moved = if retention == 0 {
+                std::fs::remove_file(&path)
+            } else {
+                super::archive::archive(&path, &archive, exp)
+            };
+            match moved {
                 Ok(()) => self.ingest(&path, false, Recheck::IfChanged), // records the withdrawal
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "cannot remove an expired admitted attestation")
+                    warn!(path = %path.display(), error = %e, "cannot archive an expired admitted attestation")
                 }
+            }
+        }
+        if now >= self.archive_pruned_at.saturating_add(super::archive::PRUNE_INTERVAL_S) {
+            self.archive_pruned_at = now;
+            match super::archive::prune(&archive, now, retention) {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(removed = n, dir = %archive.display(), "expired attestations past retention deleted")
+                }
+                Err(e) => warn!(dir = %archive.display(), error = %e, "cannot prune expired attestations"),
             }
         }
     }

@@ -30,6 +30,7 @@
 //! denied (`audit_unavailable`) until recording works again. That lockdown is the one
 //! enforcement the audit log cannot show; the journal does.
 
+mod archive;
 mod counters;
 mod error;
 mod evaluate;
@@ -135,6 +136,8 @@ pub struct Agent {
     /// libvirt domains admitted but not running yet: UUID → (name, when admitted). They let
     /// an attestation bound by UUID apply by name before the status XML exists.
     admitted_domains: BTreeMap<String, (String, i64)>,
+    /// When the archive of expired admitted attestations was last pruned ([`archive`]).
+    archive_pruned_at: i64,
     /// Consecutive evaluations that could not record every decision.
     audit_failures: u32,
     /// Recorded decisions changed since the last reconciliation: apply the change.
@@ -241,6 +244,7 @@ impl Agent {
             first_seen_fallback: None,
             libvirt_domains: Vec::new(),
             admitted_domains: BTreeMap::new(),
+            archive_pruned_at: i64::MIN,
             audit_failures: 0,
             reconcile_due: true,
             full_reconcile_due: true,

@@ -1,7 +1,8 @@
 //! The command line of `kycd-collector`, in the library so that man pages and shell
 //! completions are generated from the same definitions the binary parses with; and what each
 //! command does, a file per command (group): [`serve`], [`hosts`], [`policy`], [`findings`],
-//! [`export`], all opening the database through [`database`]. `main` parses and calls [`run`].
+//! [`export`], [`records`] (history and pruning), [`backup`] (`database backup|restore`),
+//! all opening the database through [`database`]. `main` parses and calls [`run`].
 //!
 //! The commands report errors with `anyhow` (context chains printed by `main`): this module
 //! is the top of the binary, kept in the library only so that it can be tested and documented.
@@ -12,18 +13,22 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod backup;
 pub mod database;
 pub mod export;
 pub mod findings;
 pub mod hosts;
 pub mod policy;
+pub mod records;
 pub mod report;
 pub mod serve;
 
+pub use backup::DatabaseCommand;
 pub use database::DEFAULT_DB;
 pub use findings::{FindingsCommand, RuleArgs};
 pub use hosts::HostsCommand;
 pub use policy::PolicyCommand;
+pub use records::{RecordsCommand, RetentionArgs};
 pub use serve::{ConnectionArgs, PollArgs};
 
 #[derive(Debug, Parser)]
@@ -71,6 +76,9 @@ pub enum Command {
         /// Bounds of the HTTP listener.
         #[command(flatten)]
         connections: ConnectionArgs,
+        /// Record retention (logged at start; `records prune` enforces it).
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Publish and show the signed jurisdiction policy agents fetch from GET /v1/policy.
     Policy {
@@ -99,6 +107,17 @@ pub enum Command {
         #[command(subcommand)]
         command: HostsCommand,
     },
+    /// The regulatory record: identity and statement history, and pruning under the
+    /// retention minimum.
+    Records {
+        #[command(subcommand)]
+        command: RecordsCommand,
+    },
+    /// Back the database up, or restore it from a backup.
+    Database {
+        #[command(subcommand)]
+        command: DatabaseCommand,
+    },
 }
 
 /// Runs the parsed command line.
@@ -113,6 +132,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             rules,
             poll,
             connections,
+            retention,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(
@@ -125,6 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     rules,
                     poll,
                     limits: connections.limits(),
+                    retention,
                 },
             ))
         }
@@ -134,5 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Findings { command } => findings::run(command),
         Command::Export(args) => export::run(args),
         Command::Report(args) => report::run(args),
+        Command::Records { command } => records::run(command),
+        Command::Database { command } => backup::run(command),
     }
 }

@@ -128,6 +128,8 @@ pub struct ServeOptions {
     pub rules: RuleArgs,
     /// The agent poller.
     pub poll: PollArgs,
+    /// Record retention.
+    pub retention: super::records::RetentionArgs,
 }
 
 /// Runs `serve` on `listen` over the database `db` until SIGTERM/SIGINT.
@@ -162,6 +164,7 @@ pub async fn run(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow:
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(listen = %bound, db = %crate::store::postgres::redact_url(db), "collector serving");
+    log_retention(&store, options.retention.min_s).await;
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -197,6 +200,23 @@ pub async fn run(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow:
         Err(_) => tracing::warn!("in-flight requests still running after the grace period; exiting"),
     }
     Ok(())
+}
+
+/// Logs the effective record retention (the configured one, or the published policy's if
+/// larger): what `records prune` will hold a cut-off against.
+async fn log_retention(store: &Arc<dyn Storage>, configured: u64) {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || store.current_policy()).await {
+        Ok(Ok(policy)) => {
+            let (min_s, set_by) =
+                crate::records::effective_min_s(configured, policy.as_ref().map(|p| &p.claims));
+            tracing::info!(min_s, configured, set_by, "record retention");
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, configured, "record retention: cannot read the published policy")
+        }
+        Err(e) => tracing::warn!(error = %e, "record retention: task failed"),
+    }
 }
 
 /// Starts the agent poller unless `--poll-interval-s 0`.

@@ -192,7 +192,7 @@ pub fn audit_rows<S: FleetStore + ?Sized>(
 
 /// One evaluation: records the identities the statements name, computes the findings that
 /// hold, raises the new ones (with their evidence) and resolves the ones that stopped holding.
-pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
+pub fn evaluate<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Sized>(
     store: &S,
     hosts: &[HostView],
     settings: EvaluationSettings,
@@ -202,6 +202,10 @@ pub fn evaluate<S: FleetStore + PolicyStore + ?Sized>(
     if !named.is_empty() {
         store.upsert_tenant_identities(&named)?;
     }
+    // The append-only history beside the current view (issue 19: what was known when).
+    store.record_identities(&crate::records::identities_seen(
+        hosts.iter().filter_map(|h| h.statement.as_ref()),
+    ))?;
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let policy = store.current_policy()?;

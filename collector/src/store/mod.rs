@@ -27,10 +27,15 @@ pub use reports::{Enrollment, HostEntry, Rejection, ReportStore, ValidRecord, RE
 
 /// Everything the collector stores, as one trait object: reports and hosts ([`ReportStore`]),
 /// the fleet view ([`crate::fleet::FleetStore`]) and the published policy
-/// ([`crate::policy::PolicyStore`]) and the agents' statements
-/// ([`crate::statements::StatementStore`]).
+/// ([`crate::policy::PolicyStore`]), the agents' statements
+/// ([`crate::statements::StatementStore`]) and the record history and its pruning
+/// ([`crate::records::RecordStore`]).
 pub trait Storage:
-    ReportStore + crate::fleet::FleetStore + crate::policy::PolicyStore + crate::statements::StatementStore
+    ReportStore
+    + crate::fleet::FleetStore
+    + crate::policy::PolicyStore
+    + crate::statements::StatementStore
+    + crate::records::RecordStore
 {
 }
 
@@ -39,6 +44,7 @@ impl<
             + crate::fleet::FleetStore
             + crate::policy::PolicyStore
             + crate::statements::StatementStore
+            + crate::records::RecordStore
             + ?Sized,
     > Storage for T
 {
@@ -204,6 +210,28 @@ pub(crate) mod test_support {
         assert_eq!(crate::fleet::lifecycle::verify_audit_log(log).unwrap().records, 1);
         let ids = store.tenant_identities().unwrap();
         assert_eq!((ids.len(), ids[0].detail.is_none()), (1, true));
+    }
+
+    /// After migration 9 of a version-8 database holding record 1 of host `a` (epoch 1, the
+    /// window 0..60): the history tables start empty and work, and the old record is prunable.
+    pub(crate) fn check_migrated_to_records<S: ReportStore + crate::records::RecordStore>(store: &S) {
+        assert!(store.identity_history(None).unwrap().is_empty());
+        assert!(store.statement_history(None).unwrap().is_empty());
+        let counts = store.prune(60, true).unwrap();
+        assert_eq!((counts.records, counts.refused()), (1, 0), "{counts:?}");
+        let identity: kycd_protocol::StatementSubject =
+            serde_json::from_value(serde_json::json!({"legal_name": "L", "foreign_person": true})).unwrap();
+        let seen = crate::records::IdentityObservation {
+            tenant: "t".into(),
+            attestation_digest: String::new(),
+            identity,
+            seen_at: 5,
+        };
+        store
+            .record_identities(&[seen.clone(), crate::records::IdentityObservation { seen_at: 9, ..seen }])
+            .unwrap();
+        let history = store.identity_history(Some("t")).unwrap();
+        assert_eq!(history.iter().map(|r| (r.first_seen, r.last_seen)).collect::<Vec<_>>(), [(5, 9)]);
     }
 
     /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,

@@ -33,6 +33,35 @@ pub struct PolicyClaims {
     /// training-scale finding (early warning always uses the upper bound). Absent: `point`.
     #[serde(default, skip_serializing_if = "ThresholdBasis::is_point")]
     pub threshold_basis: ThresholdBasis,
+    /// How long collectors must keep the regulatory record (usage, identities, statements)
+    /// at least. Absent: the collector's own `retention.min_s` alone applies; present, the
+    /// effective minimum is the larger of the two (a policy may raise it, never lower it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// The longest `retention.min_s` a policy may set: 100 years. Anything above is a typo (or
+/// milliseconds), not a retention period.
+pub const MAX_RETENTION_S: u64 = 100 * 365 * 86_400;
+
+/// `retention` of a policy: the minimum record-keeping period it imposes on collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Seconds a record must be kept before it may be pruned; in `1..=MAX_RETENTION_S`.
+    pub min_s: u64,
+}
+
+impl Retention {
+    fn validate(&self) -> Result<(), VerifyError> {
+        if self.min_s == 0 || self.min_s > MAX_RETENTION_S {
+            return Err(VerifyError::invalid(
+                "retention.min_s",
+                format!("must be in 1..={MAX_RETENTION_S} seconds"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which of a tenant's three operation figures a threshold is held against. Unknown values
@@ -433,6 +462,9 @@ impl TokenClaims for PolicyClaims {
                 ));
             }
         }
+        if let Some(retention) = &self.retention {
+            retention.validate()?;
+        }
         self.thresholds.validate()
     }
 }
@@ -440,6 +472,37 @@ impl TokenClaims for PolicyClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy_with(retention: serde_json::Value) -> Result<PolicyClaims, String> {
+        let mut claims = serde_json::json!({
+            "iss": "authority", "iat": 0, "exp": 10, "version": 1, "measures": [],
+            "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                           "early_warning_fraction": 0.01},
+        });
+        if !retention.is_null() {
+            claims["retention"] = retention;
+        }
+        let claims: PolicyClaims = serde_json::from_value(claims).map_err(|e| e.to_string())?;
+        claims.validate().map_err(|e| e.to_string())?;
+        Ok(claims)
+    }
+
+    #[test]
+    fn retention_is_optional_positive_and_bounded() {
+        assert_eq!(policy_with(serde_json::Value::Null).unwrap().retention, None);
+        let five_years = policy_with(serde_json::json!({"min_s": 157_680_000})).unwrap();
+        assert_eq!(five_years.retention, Some(Retention { min_s: 157_680_000 }));
+        // Absent stays absent on the wire: older policies re-serialize byte for byte.
+        let plain = policy_with(serde_json::Value::Null).unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("retention"));
+        for bad in [serde_json::json!({"min_s": 0}), serde_json::json!({"min_s": MAX_RETENTION_S + 1})] {
+            let err = policy_with(bad).unwrap_err();
+            assert!(err.contains("retention.min_s"), "{err}");
+        }
+        assert!(policy_with(serde_json::json!({"min_s": -1})).is_err());
+        assert!(policy_with(serde_json::json!({"min_s": 1, "max_s": 2})).is_err(), "unknown fields");
+    }
 
     #[test]
     fn applies_to_defaults_to_foreign_persons_and_is_serialized_only_when_all() {

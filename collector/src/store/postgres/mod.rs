@@ -51,6 +51,7 @@ use crate::store::reports::ReportStore;
 pub mod driver;
 pub mod findings;
 pub mod fleet;
+pub mod records;
 pub mod reports;
 pub mod schema;
 pub mod statements;
@@ -59,7 +60,7 @@ use driver::{get, pg_error, retryable, Failed};
 use schema::migrate;
 pub use schema::{
     MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_GUEST_GAP, MIGRATION_OPS_BOUNDS,
-    MIGRATION_POLLING,
+    MIGRATION_POLLING, MIGRATION_RECORDS,
 };
 
 /// Connections per store (per collector process).

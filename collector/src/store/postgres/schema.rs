@@ -71,6 +71,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_GUEST_GAP,
     // 8: the finding lifecycle (acknowledged, filed, dismissed, due_at) and the audit log.
     MIGRATION_LIFECYCLE,
+    // 9: the regulatory record's history tables (identities, statements).
+    MIGRATION_RECORDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -212,6 +214,37 @@ pub const MIGRATION_OPS_BOUNDS: &str = r#"
 pub const MIGRATION_GUEST_GAP: &str = r#"
     ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE records ALTER COLUMN guest_gap_gpu_seconds DROP DEFAULT;
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Migration 9 (issue 19, retention): the history tables.
+// ---------------------------------------------------------------------------------------------
+
+/// Step 9 ([`crate::records`]): the history of tenant identities and of distinct verified
+/// host statements; the same tables as SQLite's step 9
+/// ([`crate::store::sqlite::MIGRATION_RECORDS`]).
+pub const MIGRATION_RECORDS: &str = r#"
+    CREATE TABLE identity_history (
+        tenant             TEXT NOT NULL,
+        attestation_digest TEXT NOT NULL,
+        identity_digest    TEXT NOT NULL,
+        identity_json      TEXT NOT NULL,
+        first_seen         BIGINT NOT NULL,
+        last_seen          BIGINT NOT NULL,
+        PRIMARY KEY (tenant, attestation_digest, identity_digest)
+    );
+    CREATE INDEX identity_history_last_seen ON identity_history (last_seen);
+    CREATE TABLE statement_history (
+        host_id        TEXT NOT NULL,
+        content_digest TEXT NOT NULL,
+        first_seen     BIGINT NOT NULL,
+        last_seen      BIGINT NOT NULL,
+        claims_json    TEXT NOT NULL,
+        token          TEXT NOT NULL,
+        PRIMARY KEY (host_id, content_digest)
+    );
+    CREATE INDEX statement_history_last_seen ON statement_history (last_seen);
+    CREATE INDEX records_end ON records ("end");
 "#;
 
 /// Whether `url` names a PostgreSQL database.
@@ -440,6 +473,23 @@ mod tests {
         let store = PgStore::open(&db.url).unwrap();
         assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_lifecycle(&store);
+    }
+
+    /// A version-8 database (no history tables) opens at the current version with them.
+    #[test]
+    fn a_version_8_database_gets_the_history_tables() {
+        let Some(db) = fresh_database("a_version_8_database_gets_the_history_tables") else { return };
+        {
+            let old = PgStore::open_at_version(&db.url, 8).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 8);
+            assert_eq!(
+                old.insert_batch("a", 1, &[crate::store::test_support::record(1, None)], 0).unwrap(),
+                1
+            );
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 9);
+        crate::store::test_support::check_migrated_to_records(&store);
     }
 
     #[test]

@@ -24,6 +24,8 @@ struct RecordStatements {
     status: postgres::Statement,
     history: postgres::Statement,
     latest: postgres::Statement,
+    /// The statement history (migration 9, [`super::records`]).
+    history_statement: postgres::Statement,
 }
 
 impl RecordStatements {
@@ -61,6 +63,7 @@ impl RecordStatements {
                  ON CONFLICT (host_id) DO UPDATE SET polled_at = excluded.polled_at,
                      claims_json = excluded.claims_json, token = excluded.token",
             )?,
+            history_statement: tx.prepare(super::records::RECORD_STATEMENT)?,
         })
     }
 }
@@ -82,6 +85,11 @@ fn record_one(
     if let PollOutcome::Ok { claims, token } = &poll.outcome {
         let claims_json = statement_json(claims)?;
         tx.execute(&stmts.latest, &[&poll.host_id, &poll.polled_at, &claims_json, token])?;
+        let digest = crate::records::statement_content_digest(claims)?;
+        tx.execute(
+            &stmts.history_statement,
+            &[&poll.host_id, &digest, &poll.polled_at, &claims_json, token],
+        )?;
     }
     Ok(())
 }

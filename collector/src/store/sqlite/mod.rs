@@ -28,6 +28,7 @@ use crate::store::reports::ReportStore;
 pub mod driver;
 pub mod findings;
 pub mod fleet;
+pub mod records;
 pub mod reports;
 pub mod schema;
 pub mod statements;
@@ -37,7 +38,7 @@ use driver::{db_error, open_connection};
 use schema::migrate;
 pub use schema::{
     MIGRATIONS, MIGRATION_EPOCHS, MIGRATION_FLEET, MIGRATION_GUEST_GAP, MIGRATION_OPS_BOUNDS,
-    MIGRATION_POLLING,
+    MIGRATION_POLLING, MIGRATION_RECORDS,
 };
 
 /// The SQLite store.

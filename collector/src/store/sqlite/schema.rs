@@ -69,6 +69,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_GUEST_GAP,
     // 8: the finding lifecycle (acknowledged, filed, dismissed, due_at) and the audit log.
     MIGRATION_LIFECYCLE,
+    // 9: the regulatory record's history tables (identities, statements).
+    MIGRATION_RECORDS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -243,6 +245,41 @@ pub const MIGRATION_OPS_BOUNDS: &str = r#"
 /// default 0 is their value and no backfill is needed; every insert names the column.
 pub const MIGRATION_GUEST_GAP: &str = r#"
     ALTER TABLE records ADD COLUMN guest_gap_gpu_seconds REAL NOT NULL DEFAULT 0;
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Migration 9 (issue 19, retention): the history tables.
+// ---------------------------------------------------------------------------------------------
+
+/// Step 9 ([`crate::records`]): the append-only history of tenant identities and of distinct
+/// verified host statements. Rows are inserted once; afterwards only `last_seen` advances;
+/// only `records prune` deletes them. An identity is keyed by the SHA-256 of its JSON
+/// (`identity_digest`; the JSON itself may be longer than an index entry allows on
+/// PostgreSQL). Both start empty: what was overwritten before this
+/// migration is gone, the current identities and latest statements are recorded again at the
+/// next evaluation and poll.
+pub const MIGRATION_RECORDS: &str = r#"
+    CREATE TABLE identity_history (
+        tenant             TEXT NOT NULL,
+        attestation_digest TEXT NOT NULL,
+        identity_digest    TEXT NOT NULL,
+        identity_json      TEXT NOT NULL,
+        first_seen         INTEGER NOT NULL,
+        last_seen          INTEGER NOT NULL,
+        PRIMARY KEY (tenant, attestation_digest, identity_digest)
+    ) STRICT;
+    CREATE INDEX identity_history_last_seen ON identity_history (last_seen);
+    CREATE TABLE statement_history (
+        host_id        TEXT NOT NULL,
+        content_digest TEXT NOT NULL,
+        first_seen     INTEGER NOT NULL,
+        last_seen      INTEGER NOT NULL,
+        claims_json    TEXT NOT NULL,
+        token          TEXT NOT NULL,
+        PRIMARY KEY (host_id, content_digest)
+    ) STRICT;
+    CREATE INDEX statement_history_last_seen ON statement_history (last_seen);
+    CREATE INDEX records_end ON records ("end");
 "#;
 
 /// Applies the missing migrations of [`MIGRATIONS`] up to `target` in one transaction.
@@ -454,6 +491,21 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_lifecycle(&store);
+    }
+
+    /// A version-8 database (no history tables) opens at the current version with them.
+    #[test]
+    fn a_version_8_database_gets_the_history_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v8.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 8).unwrap();
+            assert_eq!(old.schema_version().unwrap(), 8);
+            assert_eq!(old.insert_batch("a", 1, &[record(1, None)], 0).unwrap(), 1);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 9);
+        crate::store::test_support::check_migrated_to_records(&store);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   rows `≤ n − POLL_HISTORY_PER_HOST` of that host, one index range delete, so history stays
 //!   bounded per host without counting rows.
 //! - `poll_latest`: the latest verified statement (claims JSON and the token as received).
+//! - `statement_history` (migration 9, [`super::records`]): every distinct verified
+//!   statement, written beside `poll_latest` in the same transaction.
 //!
 //! Removing a host's enrollment (a trigger on `hosts`) drops its agent URL, status and
 //! history, so a later re-enrollment starts from a clean slate and is not polled until an
@@ -73,6 +75,8 @@ fn record_one(tx: &rusqlite::Transaction<'_>, poll: &PollRecord) -> Result<(), S
         )
         .and_then(|mut s| s.execute(params![poll.host_id, poll.polled_at, claims_json, token]))
         .map_err(db_error)?;
+        let digest = crate::records::statement_content_digest(claims)?;
+        super::records::record_statement(tx, &poll.host_id, poll.polled_at, &digest, &claims_json, token)?;
     }
     Ok(())
 }
