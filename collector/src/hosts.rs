@@ -57,10 +57,46 @@ pub fn parse_host_key(host_id: &str, jwk: &[u8]) -> Result<PublicKey, EnrollErro
     Ok(key)
 }
 
+/// Why a placement is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{field} must be 1-64 characters of letters, digits, '.', '_' or '-' (got {value:?})")]
+pub struct PlacementError {
+    /// `site` or `fabric`.
+    pub field: &'static str,
+    /// What was given.
+    pub value: String,
+}
+
+/// Parses a host's placement: a site and a network fabric, each a short identifier (they
+/// name clusters in subjects and filings: no spaces, no `/`).
+pub fn parse_placement(site: &str, fabric: &str) -> Result<crate::fleet::Placement, PlacementError> {
+    let check = |field, value: &str| {
+        let ok = !value.is_empty()
+            && value.len() <= 64
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(value.to_owned())
+        } else {
+            Err(PlacementError { field, value: value.to_owned() })
+        }
+    };
+    Ok(crate::fleet::Placement { site: check("site", site)?, fabric: check("fabric", fabric)? })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kycd_protocol::PrivateJwk;
+
+    #[test]
+    fn placements_are_short_identifiers() {
+        let p = parse_placement("fra-1", "ib.pod_2").unwrap();
+        assert_eq!((p.site.as_str(), p.fabric.as_str()), ("fra-1", "ib.pod_2"));
+        for (site, fabric) in [("", "x"), ("a/b", "x"), ("a", "x y"), ("a", &"f".repeat(65))] {
+            assert!(parse_placement(site, fabric).is_err(), "{site:?} {fabric:?}");
+        }
+        assert_eq!(parse_placement("a", "x/y").unwrap_err().field, "fabric");
+    }
 
     #[test]
     fn only_public_ed25519_keys_named_by_the_host_id() {

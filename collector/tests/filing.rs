@@ -29,6 +29,7 @@ use serde_json::json;
 
 backend_tests! {
     runs_are_held_separately_filed_through_the_api_and_fall_overdue,
+    cluster_capacity_is_held_per_site_and_fabric,
 }
 
 const SETTINGS: EvaluationSettings =
@@ -334,7 +335,7 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
     assert_eq!((usage["windows"].as_u64(), usage["estimated_ops"].as_f64()), (Some(20), Some(3e18)));
     assert_eq!(usage["still_running"], false);
     assert!(usage["peak_flops"].as_f64().unwrap() > 1.5e16, "two hosts at once: {usage}");
-    assert_eq!(record["hosts"], json!(["h1", "h2"]));
+    assert_eq!(record["hosts"], json!([{"host_id": "h1"}, {"host_id": "h2"}]), "unplaced hosts");
     assert_eq!(
         (record["policy"]["version"].as_u64(), record["policy"]["current_version"].as_u64()),
         (Some(1), Some(2))
@@ -354,5 +355,80 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
         html.contains("Resell AG (CH, foreign)") && html.contains("att-f-1") && html.contains("Owner One"),
         "{html}"
     );
+    collector.stop().await;
+}
+
+/// Four hosts of tenant `f` busy in the same minute (7.9e15 FLOP/s each): h1 and h2 in
+/// fra/ib-1, h3 in fra/ib-2, h4 unplaced. Against 1.5e16 FLOP/s the fleet-wide figure
+/// (3.16e16) crosses, and of the co-located clusters only fra/ib-1 (1.58e16): that finding is
+/// the one due for filing. Placements are set with `hosts place`, which refuses unknown hosts
+/// and bad names; `hosts list` shows them.
+async fn cluster_capacity_is_held_per_site_and_fabric(db: TestDb) {
+    let collector = Collector::start(&db, Limits::default()).await;
+    let keys: Vec<PrivateJwk> = ["h1", "h2", "h3", "h4"].iter().map(|h| host_key(h)).collect();
+    for key in &keys {
+        collector.enroll(key);
+    }
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--db", &db.url]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_kycd-collector")).args(&all).output().unwrap()
+    };
+    for (host, site, fabric) in [("h1", "fra", "ib-1"), ("h2", "fra", "ib-1"), ("h3", "fra", "ib-2")] {
+        let out = cli(&["hosts", "place", "--host-id", host, "--site", site, "--fabric", fabric]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let unknown = cli(&["hosts", "place", "--host-id", "nobody", "--site", "fra", "--fabric", "ib-1"]);
+    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("not enrolled"));
+    let bad = cli(&["hosts", "place", "--host-id", "h4", "--site", "fra/1", "--fabric", "ib-1"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("site must be"));
+    let listed = String::from_utf8(cli(&["hosts", "list"]).stdout).unwrap();
+    assert!(listed.contains("placement=fra/ib-1") && listed.contains("placement=unplaced"), "{listed}");
+
+    for key in &keys {
+        let b =
+            batch(key.kid(), vec![UsageRecord { seq: 1, last_seq: None, window: at(Some("f"), true, 0) }]);
+        assert_eq!(send(collector.addr, &b, key).await.acked(), 1);
+    }
+    let store = db.storage();
+    let issuer = PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "authority").unwrap();
+    let trust = Jwks::from_keys([issuer.public_key()]).unwrap();
+    let now = kycd_protocol::clock::unix_now();
+    let id = off_runtime(|| {
+        let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+            "iss": "authority", "iat": now - 10, "exp": now + 86_400, "version": 1,
+            "measures": [], "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e30, "bio_training_ops": 1e30, "cluster_flops": 1.5e16,
+                           "early_warning_fraction": 1.0}
+        }))
+        .unwrap();
+        let token = kycd_protocol::sign(&claims, &issuer).unwrap();
+        kycd_collector::policy::publish(store.as_ref(), &token, &trust, now).unwrap();
+        evaluate(store.as_ref(), &views(store.as_ref(), now), SETTINGS, now).unwrap();
+        let fleet_wide = active(store.as_ref(), FindingKind::ClusterCapacityCrossed);
+        assert_eq!(subjects(&fleet_wide), ["f"]);
+        assert_eq!(fleet_wide[0].finding.due_at, None, "the fleet-wide figure is not the rule's cluster");
+        let colocated = active(store.as_ref(), FindingKind::ColocatedCapacityCrossed);
+        assert_eq!(subjects(&colocated), ["f/cluster/fra/ib-1"]);
+        assert!(colocated[0].finding.due_at.is_some());
+        let cluster = &colocated[0].finding.evidence["cluster"];
+        assert_eq!(
+            (cluster["site"].as_str(), cluster["fabric"].as_str(), cluster["hosts"].as_u64()),
+            (Some("fra"), Some("ib-1"), Some(2))
+        );
+        assert!((cluster["peak_flops"].as_f64().unwrap() / 1.58e16 - 1.0).abs() < 1e-9, "{cluster}");
+        let usage = store.tenant_usage(Some("f"), None).unwrap();
+        let names: Vec<String> = usage[0].clusters.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["fra/ib-1", "fra/ib-2", "unplaced"]);
+        colocated[0].id
+    });
+    let id = id.to_string();
+    let out = cli(&["report", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["hosts"][0], json!({"host_id": "h1", "site": "fra", "fabric": "ib-1"}));
+    assert_eq!(record["hosts"][3], json!({"host_id": "h4"}));
+    assert_eq!(record["usage"]["scope"], "tenant");
+    assert_eq!(record["usage"]["clusters"][0]["fabric"], "ib-1");
     collector.stop().await;
 }

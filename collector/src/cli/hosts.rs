@@ -26,6 +26,13 @@ pub enum HostsCommand {
         /// Base URL of the host's agent collector API (e.g. https://node-1:9477), to poll it.
         #[arg(long)]
         agent_url: Option<String>,
+        /// The site the host stands in (with --fabric): its concurrent capacity counts toward
+        /// the co-located cluster (site, fabric) besides the fleet-wide figure.
+        #[arg(long, requires = "fabric")]
+        site: Option<String>,
+        /// The network fabric joining it to the site's other hosts (with --site).
+        #[arg(long, requires = "site")]
+        fabric: Option<String>,
         /// Database URL.
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
@@ -46,7 +53,26 @@ pub enum HostsCommand {
         #[arg(long, default_value = DEFAULT_DB)]
         db: String,
     },
-    /// List enrolled hosts (with agent URL and last poll status).
+    /// Place an enrolled host in a site and network fabric (hosts of one site and fabric
+    /// form one co-located cluster), or --unplace it.
+    Place {
+        /// Host id.
+        #[arg(long)]
+        host_id: String,
+        /// Site.
+        #[arg(long, required_unless_present = "unplace", requires = "fabric")]
+        site: Option<String>,
+        /// Network fabric within the site.
+        #[arg(long, required_unless_present = "unplace", requires = "site")]
+        fabric: Option<String>,
+        /// Remove the placement (the host then counts with the other unplaced hosts).
+        #[arg(long, conflicts_with_all = ["site", "fabric"])]
+        unplace: bool,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: String,
+    },
+    /// List enrolled hosts (with placement, agent URL and last poll status).
     List {
         /// Database URL.
         #[arg(long, default_value = DEFAULT_DB)]
@@ -79,7 +105,11 @@ fn set_agent_url(store: &dyn Storage, host_id: &str, url: Option<&str>) -> anyho
 /// Runs a `hosts` command.
 pub fn run(command: HostsCommand) -> anyhow::Result<()> {
     match command {
-        HostsCommand::Add { host_id, public_jwk, agent_url, db } => {
+        HostsCommand::Add { host_id, public_jwk, agent_url, site, fabric, db } => {
+            let placement = match (&site, &fabric) {
+                (Some(site), Some(fabric)) => Some(crate::hosts::parse_placement(site, fabric)?),
+                _ => None,
+            };
             let bytes =
                 std::fs::read(&public_jwk).with_context(|| format!("reading {}", public_jwk.display()))?;
             let key =
@@ -92,6 +122,9 @@ pub fn run(command: HostsCommand) -> anyhow::Result<()> {
             if let Some(url) = &agent_url {
                 set_agent_url(store.as_ref(), &host_id, Some(url))?;
             }
+            if let Some(placement) = &placement {
+                store.set_host_placement(&host_id, Some(placement), unix_now())?;
+            }
             println!("enrolled {host_id} (enrollment epoch {epoch})");
         }
         HostsCommand::SetAgentUrl { host_id, url, clear, db } => {
@@ -102,8 +135,25 @@ pub fn run(command: HostsCommand) -> anyhow::Result<()> {
                 None => println!("{host_id}: agent URL cleared"),
             }
         }
+        HostsCommand::Place { host_id, site, fabric, unplace, db } => {
+            let placement = match (site, fabric) {
+                (Some(site), Some(fabric)) if !unplace => {
+                    Some(crate::hosts::parse_placement(&site, &fabric)?)
+                }
+                _ => None,
+            };
+            if !open(&db, false)?.set_host_placement(&host_id, placement.as_ref(), unix_now())? {
+                bail!("host {host_id:?} is not enrolled");
+            }
+            match placement {
+                Some(p) => println!("{host_id}: site {} fabric {}", p.site, p.fabric),
+                None => println!("{host_id}: unplaced"),
+            }
+        }
         HostsCommand::List { db } => {
             let store = open(&db, false)?;
+            let placements: std::collections::HashMap<String, crate::fleet::Placement> =
+                store.host_placements()?.into_iter().collect();
             let urls: std::collections::HashMap<String, String> = store.agent_urls()?.into_iter().collect();
             let status: std::collections::HashMap<String, crate::statements::HostPollStatus> =
                 store.host_poll_status()?.into_iter().map(|s| (s.host_id.clone(), s)).collect();
@@ -119,8 +169,11 @@ pub fn run(command: HostsCommand) -> anyhow::Result<()> {
                     ),
                     _ => "never_polled".to_owned(),
                 };
+                let placed = placements
+                    .get(&host.host_id)
+                    .map_or_else(|| "unplaced".to_owned(), |p| format!("{}/{}", p.site, p.fabric));
                 println!(
-                    "{}\t{}\tepoch={}\tacked_seq={}\tagent_url={url}\t{poll}\t{}",
+                    "{}\t{}\tepoch={}\tacked_seq={}\tplacement={placed}\tagent_url={url}\t{poll}\t{}",
                     host.host_id,
                     host.enrolled_at,
                     host.epoch,

@@ -156,6 +156,13 @@ pub fn render(record: &FilingRecord) -> String {
                 "Peak concurrent capacity (FLOP/s)",
                 &format!("{} at {}", ops(u.peak_flops), rfc3339(u.peak_at)),
             );
+            for c in &u.clusters {
+                row(
+                    &mut out,
+                    &format!("Peak in cluster {}", c.name()),
+                    &format!("{} at {} on {} host(s)", ops(c.peak_flops), rfc3339(c.peak_at), c.hosts),
+                );
+            }
         }
         Some(UsageSection::Unattributed(u)) => {
             row(&mut out, "Scope", &format!("workload {} without a verified tenant", u.subject()));
@@ -174,7 +181,15 @@ pub fn render(record: &FilingRecord) -> String {
         }
         None => row(&mut out, "Scope", "no usage figures for this kind of finding"),
     }
-    row(&mut out, "Hosts", &record.hosts.join(", "));
+    let hosts: Vec<String> = record
+        .hosts
+        .iter()
+        .map(|h| match &h.placement {
+            Some(p) => format!("{} ({}/{})", h.host_id, p.site, p.fabric),
+            None => format!("{} (unplaced)", h.host_id),
+        })
+        .collect();
+    row(&mut out, "Hosts (site/fabric)", &hosts.join(", "));
     out.push_str("</table><h2>Policy and threshold</h2><table>");
     let p = &record.policy;
     row(&mut out, "Policy version applied", &p.version.map_or_else(|| "—".into(), |v| v.to_string()));

@@ -15,6 +15,7 @@
 //! - **usage** (all-time tenant findings and unattributed usage): the same figures over every
 //!   stored window;
 //! - **policy**: the version and the threshold crossed, and the basis it was held on;
+//! - **hosts**: every host involved, with the site and network fabric it was placed in;
 //! - **evidence windows**: the run's (or the tenant's, or the workload's) windows that weigh
 //!   most, with their host, epoch and sequence number (each traceable to a signed batch);
 //! - **audit**: the collector audit log's records about this finding.
@@ -84,6 +85,16 @@ pub struct PolicySection {
     pub current_version: Option<u64>,
 }
 
+/// A host involved, with its site and network fabric (none: unplaced).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FilingHost {
+    /// Host id.
+    pub host_id: String,
+    /// Its placement, if any.
+    #[serde(flatten)]
+    pub placement: Option<crate::fleet::Placement>,
+}
+
 /// Everything a report about one finding needs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilingRecord {
@@ -95,8 +106,8 @@ pub struct FilingRecord {
     pub customer: Customer,
     /// The usage: the run, the tenant's or the workload's.
     pub usage: Option<UsageSection>,
-    /// The hosts involved.
-    pub hosts: Vec<String>,
+    /// The hosts involved, with their sites and fabrics.
+    pub hosts: Vec<FilingHost>,
     /// The policy and threshold.
     pub policy: PolicySection,
     /// The windows that weigh most.
@@ -147,6 +158,12 @@ pub fn filing_record(store: &dyn Storage, id: i64, now: i64) -> Result<FilingRec
     };
     hosts.sort();
     hosts.dedup();
+    let placements: std::collections::BTreeMap<String, crate::fleet::Placement> =
+        store.host_placements()?.into_iter().collect();
+    let hosts = hosts
+        .into_iter()
+        .map(|host_id| FilingHost { placement: placements.get(&host_id).cloned(), host_id })
+        .collect();
     let audit = crate::findings::audit_rows(store, 0)?
         .into_iter()
         .filter_map(|row| serde_json::from_str::<serde_json::Value>(&row.line).ok())

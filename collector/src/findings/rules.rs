@@ -184,12 +184,38 @@ fn tenant_findings(
         raise(
             FindingKind::ClusterCapacityCrossed,
             format!(
-                "{origin} tenant {}: {:.3e} FLOP/s concurrent capacity on {} hosts ≥ cluster threshold {:.3e}",
+                "{origin} tenant {}: {:.3e} FLOP/s concurrent capacity on {} hosts fleet-wide ≥ cluster threshold {:.3e}",
                 usage.tenant, usage.peak_flops, usage.hosts, t.cluster_flops
             ),
             json!({"cluster_flops": t.cluster_flops}),
             None,
         );
+    }
+    // The cluster as the rule means it: the hosts of one site and network fabric at once.
+    for cluster in usage.clusters.iter().filter(|c| c.peak_flops >= t.cluster_flops) {
+        let mut evidence = totals.clone();
+        if let Some(map) = evidence.as_object_mut() {
+            map.insert("threshold".into(), json!({"cluster_flops": t.cluster_flops}));
+            map.insert("cluster".into(), json!(cluster));
+        }
+        out.push(NewFinding {
+            kind: FindingKind::ColocatedCapacityCrossed,
+            subject: format!("{}/cluster/{}", usage.tenant, cluster.name()),
+            tenant: Some(usage.tenant.clone()),
+            host_id: None,
+            foreign_person: Some(foreign),
+            summary: format!(
+                "{origin} tenant {}: {:.3e} FLOP/s concurrent capacity on {} host(s) of cluster {} at {} ≥ cluster threshold {:.3e}",
+                usage.tenant,
+                cluster.peak_flops,
+                cluster.hosts,
+                cluster.name(),
+                crate::dates::rfc3339(cluster.peak_at),
+                t.cluster_flops
+            ),
+            evidence,
+            due_at: None,
+        });
     }
 }
 

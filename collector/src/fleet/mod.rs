@@ -47,8 +47,8 @@ mod usage;
 pub use lifecycle::{Acknowledgement, AuditRow, Dismissal, Filing, FindingAction};
 pub use runs::{Run, RunFigures};
 pub use usage::{
-    finite, saturating_sum, FleetUsage, TenantUsage, UnattributedUsage, UsageAccumulator, WindowRow,
-    CAPACITY_BUCKET_S,
+    finite, saturating_sum, ClusterUsage, FleetUsage, Placement, TenantUsage, UnattributedUsage,
+    UsageAccumulator, WindowRow, CAPACITY_BUCKET_S,
 };
 
 /// One stored window, as evidence for a finding.
@@ -171,11 +171,16 @@ pub enum FindingKind {
     /// A finding due for filing (`due_at`) passed its deadline neither filed nor dismissed;
     /// subject `finding/ID`.
     ReportOverdue,
+    /// A tenant's concurrent capacity on the hosts of one co-located cluster (one site and
+    /// network fabric; the unplaced hosts together as one) reached `cluster_flops`: the
+    /// cluster as the rule means it; subject `tenant/cluster/SITE/FABRIC` (or
+    /// `tenant/cluster/unplaced`).
+    ColocatedCapacityCrossed,
 }
 
 impl FindingKind {
     /// Every kind.
-    pub const ALL: [FindingKind; 13] = [
+    pub const ALL: [FindingKind; 14] = [
         FindingKind::EarlyWarning,
         FindingKind::TrainingThresholdCrossed,
         FindingKind::ClusterCapacityCrossed,
@@ -189,6 +194,7 @@ impl FindingKind {
         FindingKind::RunThresholdCrossed,
         FindingKind::BioEarlyWarning,
         FindingKind::ReportOverdue,
+        FindingKind::ColocatedCapacityCrossed,
     ];
 
     /// Whether the finding records a crossed threshold: such a finding never closes on its
@@ -203,18 +209,21 @@ impl FindingKind {
                 | FindingKind::UnattributedTrainingScale
                 | FindingKind::RunThresholdCrossed
                 | FindingKind::BioEarlyWarning
+                | FindingKind::ColocatedCapacityCrossed
         )
     }
 
     /// Whether a crossing of this kind about a foreign (or unknown) person must be reported
-    /// to the regulator, so it gets a `due_at`.
+    /// to the regulator, so it gets a `due_at`. The fleet-wide capacity
+    /// (`cluster_capacity_crossed`) is not a cluster as the rule means one: its co-located
+    /// figure is what is filed.
     pub fn needs_filing(self) -> bool {
         matches!(
             self,
             FindingKind::TrainingThresholdCrossed
-                | FindingKind::ClusterCapacityCrossed
                 | FindingKind::UnattributedTrainingScale
                 | FindingKind::RunThresholdCrossed
+                | FindingKind::ColocatedCapacityCrossed
         )
     }
 
@@ -234,6 +243,7 @@ impl FindingKind {
             FindingKind::RunThresholdCrossed => "run_threshold_crossed",
             FindingKind::BioEarlyWarning => "bio_early_warning",
             FindingKind::ReportOverdue => "report_overdue",
+            FindingKind::ColocatedCapacityCrossed => "colocated_capacity_crossed",
         }
     }
 
@@ -394,6 +404,18 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// [`FleetStore::fleet_usage`] over the windows of `period`.
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError>;
+
+    /// Places enrolled host `host_id` in a site and fabric (none: unplaced) at `at`; false
+    /// when the host is not enrolled.
+    fn set_host_placement(
+        &self,
+        host_id: &str,
+        placement: Option<&Placement>,
+        at: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Every placed host's placement, by host id.
+    fn host_placements(&self) -> Result<Vec<(String, Placement)>, StoreError>;
 
     /// The tenant's `limit` windows overlapping `from..to` with the most estimated
     /// operations, most first (a run's evidence).

@@ -85,6 +85,47 @@ pub struct TenantUsage {
     /// Concurrent capacity per minute (minute start, FLOP/s), by time (not serialized).
     #[serde(skip)]
     pub capacity: Vec<(i64, f64)>,
+    /// Concurrent capacity per co-located cluster (site and network fabric the hosts were
+    /// placed in; unplaced hosts together as one), largest peak first, beside the fleet-wide
+    /// `peak_flops`.
+    #[serde(default)]
+    pub clusters: Vec<ClusterUsage>,
+}
+
+/// A tenant's peak concurrent capacity in one co-located cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterUsage {
+    /// The site; none for the hosts placed nowhere (counted as one cluster: co-location is
+    /// not ruled out, so they are not split up).
+    pub site: Option<String>,
+    /// The network fabric within the site; none with `site`.
+    pub fabric: Option<String>,
+    /// Largest concurrent FLOP/s in one minute on the cluster's hosts.
+    pub peak_flops: f64,
+    /// Start of that minute.
+    pub peak_at: i64,
+    /// The tenant's hosts in the cluster.
+    pub hosts: u32,
+}
+
+impl ClusterUsage {
+    /// `site/fabric`, or `unplaced`.
+    pub fn name(&self) -> String {
+        match (&self.site, &self.fabric) {
+            (Some(site), Some(fabric)) => format!("{site}/{fabric}"),
+            _ => "unplaced".to_owned(),
+        }
+    }
+}
+
+/// Where an enrolled host stands: its site and the network fabric that joins it to the
+/// other hosts of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Placement {
+    /// Site (a data centre, a hall).
+    pub site: String,
+    /// Network fabric within the site (a high-bandwidth domain).
+    pub fabric: String,
 }
 
 impl TenantUsage {
@@ -206,6 +247,12 @@ pub struct UsageAccumulator {
     host_ids: Vec<String>,
     /// The same, shared by the runs' segments.
     host_names: Vec<std::sync::Arc<str>>,
+    /// Hosts' placements, by host id (hosts absent: unplaced).
+    placements: std::collections::HashMap<String, Placement>,
+    /// Each host's cluster (an index into `clusters`), by host index.
+    host_cluster: Vec<u32>,
+    /// The clusters seen: a placement, or none for the unplaced hosts.
+    clusters: Vec<Option<Placement>>,
     tenants: std::collections::HashMap<String, TenantAccumulator>,
     /// Windows without a tenant: by host index, then workload.
     unattributed: std::collections::HashMap<u32, std::collections::HashMap<String, TenantAccumulator>>,
@@ -220,6 +267,42 @@ struct TenantAccumulator {
     shared_hosts: std::collections::BTreeSet<u32>,
     /// Workloads, by host index, whose guest was silent while holding GPUs.
     guest_gap_workloads: std::collections::BTreeSet<(u32, String)>,
+    /// Capacity per (cluster index, minute).
+    cluster_capacity: std::collections::HashMap<(u32, i64), f64>,
+    /// The cluster of each host used (host index → cluster index).
+    host_clusters: std::collections::HashMap<u32, u32>,
+}
+
+/// Each cluster's peak (earliest minute among equal peaks), largest first.
+fn cluster_peaks(
+    capacity: &std::collections::HashMap<(u32, i64), f64>,
+    host_clusters: &std::collections::HashMap<u32, u32>,
+    clusters: &[Option<Placement>],
+) -> Vec<ClusterUsage> {
+    let mut peaks: BTreeMap<u32, (f64, i64)> = BTreeMap::new();
+    for ((cluster, minute), flops) in capacity {
+        let at = minute * CAPACITY_BUCKET_S;
+        let peak = peaks.entry(*cluster).or_insert((*flops, at));
+        if *flops > peak.0 || (*flops == peak.0 && at < peak.1) {
+            *peak = (*flops, at);
+        }
+    }
+    let mut out: Vec<ClusterUsage> = peaks
+        .into_iter()
+        .map(|(cluster, (peak_flops, peak_at))| {
+            let placement = clusters.get(usize::try_from(cluster).unwrap_or(usize::MAX)).cloned().flatten();
+            let hosts = host_clusters.values().filter(|c| **c == cluster).count();
+            ClusterUsage {
+                site: placement.as_ref().map(|p| p.site.clone()),
+                fabric: placement.map(|p| p.fabric),
+                peak_flops,
+                peak_at,
+                hosts: u32::try_from(hosts).unwrap_or(u32::MAX),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.peak_flops.total_cmp(&a.peak_flops).then_with(|| a.name().cmp(&b.name())));
+    out
 }
 
 /// One window as [`UsageAccumulator::add`] takes it.
@@ -270,6 +353,15 @@ impl UsageAccumulator {
                 self.hosts.insert(w.host_id.to_owned(), next_host);
                 self.host_ids.push(w.host_id.to_owned());
                 self.host_names.push(std::sync::Arc::from(w.host_id));
+                let placement = self.placements.get(w.host_id).cloned();
+                let cluster = match self.clusters.iter().position(|c| *c == placement) {
+                    Some(i) => i,
+                    None => {
+                        self.clusters.push(placement);
+                        self.clusters.len() - 1
+                    }
+                };
+                self.host_cluster.push(u32::try_from(cluster).unwrap_or(u32::MAX));
                 next_host
             }
         };
@@ -289,10 +381,17 @@ impl UsageAccumulator {
                 workloads.get_mut(workload)
             }
         };
-        let name = self.host_names.get(usize::try_from(host).unwrap_or(usize::MAX));
-        if let (Some(t), Some(name)) = (t, name) {
-            t.add(host, name, w);
+        let index = usize::try_from(host).unwrap_or(usize::MAX);
+        let (name, cluster) = (self.host_names.get(index), self.host_cluster.get(index).copied());
+        if let (Some(t), Some(name), Some(cluster)) = (t, name, cluster) {
+            t.add(host, name, cluster, w);
         }
+    }
+
+    /// An accumulator that also sums capacity per co-located cluster of `placements` (host
+    /// id → placement; hosts absent are unplaced).
+    pub fn with_placements(placements: impl IntoIterator<Item = (String, Placement)>) -> Self {
+        UsageAccumulator { placements: placements.into_iter().collect(), ..UsageAccumulator::default() }
     }
 
     /// The per-tenant usage, by tenant id (windows without a tenant are left out: see
@@ -305,8 +404,9 @@ impl UsageAccumulator {
     /// workload.
     pub fn finish_fleet(self) -> FleetUsage {
         let host_ids = self.host_ids;
+        let clusters = self.clusters;
         let mut tenants: Vec<TenantUsage> =
-            self.tenants.into_values().filter_map(|t| t.finish(&host_ids)).collect();
+            self.tenants.into_values().filter_map(|t| t.finish(&host_ids, &clusters)).collect();
         tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let mut unattributed: Vec<UnattributedUsage> = self
             .unattributed
@@ -314,7 +414,7 @@ impl UsageAccumulator {
             .filter_map(|(host, workloads)| Some((host_ids.get(usize::try_from(host).ok()?)?, workloads)))
             .flat_map(|(host_id, workloads)| {
                 workloads.into_iter().filter_map(|(workload, t)| {
-                    let usage = t.finish(&host_ids)?;
+                    let usage = t.finish(&host_ids, &clusters)?;
                     Some(UnattributedUsage::from_usage(host_id.clone(), workload, usage))
                 })
             })
@@ -325,8 +425,9 @@ impl UsageAccumulator {
 }
 
 impl TenantAccumulator {
-    /// Adds one window reported by host `host` (an index; `name` its id).
-    fn add(&mut self, host: u32, name: &std::sync::Arc<str>, w: &WindowRow<'_>) {
+    /// Adds one window reported by host `host` (an index; `name` its id, `cluster` its
+    /// cluster's index).
+    fn add(&mut self, host: u32, name: &std::sync::Arc<str>, cluster: u32, w: &WindowRow<'_>) {
         let t = self;
         let usage = t.usage.get_or_insert_with(|| TenantUsage {
             tenant: w.tenant.unwrap_or_default().to_owned(),
@@ -350,6 +451,7 @@ impl TenantAccumulator {
             foreign_person: false,
             activity: Activity::default(),
             capacity: Vec::new(),
+            clusters: Vec::new(),
         });
         usage.ops_lower = saturating_sum(usage.ops_lower, w.ops_lower);
         usage.estimated_ops = saturating_sum(usage.estimated_ops, w.estimated_ops);
@@ -389,12 +491,17 @@ impl TenantAccumulator {
         let gpus = t.host_gpus.entry(host).or_insert(0);
         *gpus = (*gpus).max(w.gpus);
         let share = (w.end.saturating_sub(w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
-        let bucket = t.capacity.entry(w.start.div_euclid(CAPACITY_BUCKET_S)).or_insert(0.0);
+        let minute = w.start.div_euclid(CAPACITY_BUCKET_S);
+        let bucket = t.capacity.entry(minute).or_insert(0.0);
         *bucket = saturating_sum(*bucket, w.peak_flops * share);
+        let bucket = t.cluster_capacity.entry((cluster, minute)).or_insert(0.0);
+        *bucket = saturating_sum(*bucket, w.peak_flops * share);
+        t.host_clusters.insert(host, cluster);
     }
 
-    /// The totals, with host indices resolved through `host_ids`.
-    fn finish(self, host_ids: &[String]) -> Option<TenantUsage> {
+    /// The totals, with host indices resolved through `host_ids` and cluster indices through
+    /// `clusters`.
+    fn finish(self, host_ids: &[String], clusters: &[Option<Placement>]) -> Option<TenantUsage> {
         let t = self;
         let mut usage = t.usage?;
         let host_id = |i: u32| host_ids.get(usize::try_from(i).ok()?).map(String::as_str);
@@ -427,6 +534,7 @@ impl TenantAccumulator {
             }
         }
         usage.capacity = capacity;
+        usage.clusters = cluster_peaks(&t.cluster_capacity, &t.host_clusters, clusters);
         Some(usage)
     }
 }
@@ -525,6 +633,37 @@ mod tests {
         assert_eq!(
             (usage[1].guest_gap_gpu_seconds, usage[1].guest_gap_workloads.as_slice()),
             (7.0, ["a/vm:u".to_owned()].as_slice())
+        );
+    }
+
+    /// Capacity per co-located cluster: hosts of one site and fabric sum, other placements
+    /// apart, the unplaced hosts together; the fleet-wide peak sums them all.
+    #[test]
+    fn capacity_is_also_summed_per_site_and_fabric() {
+        let place = |host: &str, site: &str, fabric: &str| {
+            (host.to_owned(), Placement { site: site.into(), fabric: fabric.into() })
+        };
+        let mut acc = UsageAccumulator::with_placements([
+            place("a", "fra", "ib-1"),
+            place("b", "fra", "ib-1"),
+            place("c", "fra", "ib-2"),
+        ]);
+        for host in ["a", "b", "c", "d", "e"] {
+            acc.add(&row("t", host, 6000, 60, 4e15));
+        }
+        acc.add(&row("t", "c", 6060, 60, 9e15));
+        let usage = acc.finish();
+        let t = &usage[0];
+        assert!((t.peak_flops / 20e15 - 1.0).abs() < 1e-9, "fleet-wide: {t:?}");
+        let clusters: Vec<(String, f64, i64, u32)> =
+            t.clusters.iter().map(|c| (c.name(), c.peak_flops, c.peak_at, c.hosts)).collect();
+        assert_eq!(
+            clusters,
+            [
+                ("fra/ib-2".to_owned(), 9e15, 6060, 1),
+                ("fra/ib-1".to_owned(), 8e15, 6000, 2),
+                ("unplaced".to_owned(), 8e15, 6000, 2),
+            ]
         );
     }
 

@@ -19,7 +19,7 @@ use postgres::types::ToSql;
 use super::driver::{get, pg_error, to_i64};
 use super::PgStore;
 use crate::fleet::{
-    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
@@ -122,11 +122,11 @@ impl PgStore {
     fn aggregate(&self, sql: &str, tenant: Option<&str>, period: Period) -> Result<FleetUsage, StoreError> {
         let mut conn = self.checkout()?;
         let client = conn.client()?;
+        let mut acc = UsageAccumulator::with_placements(placements_on(client)?);
         let params: [&(dyn ToSql + Sync); 3] = [&tenant, &period.since, &period.until];
         // Rows are read from the connection as they arrive, not collected first: memory
         // stays with the accumulator's maps, not with the number of windows.
         let mut rows = client.query_raw(sql, params).map_err(pg_error)?;
-        let mut acc = UsageAccumulator::default();
         while let Some(row) = rows.next().map_err(pg_error)? {
             add_window(&mut acc, &row)?;
         }
@@ -175,7 +175,43 @@ impl PgStore {
     }
 }
 
+/// Every placed host's placement, read on `client`.
+fn placements_on(client: &mut postgres::Client) -> Result<Vec<(String, Placement)>, StoreError> {
+    let rows = client
+        .query(r#"SELECT host_id, site, fabric FROM host_placement ORDER BY host_id COLLATE "C""#, &[])
+        .map_err(pg_error)?;
+    rows.iter().map(|r| Ok((get(r, 0)?, Placement { site: get(r, 1)?, fabric: get(r, 2)? }))).collect()
+}
+
 impl FleetStore for PgStore {
+    fn set_host_placement(
+        &self,
+        host_id: &str,
+        placement: Option<&Placement>,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        self.in_transaction("set host placement", |tx| {
+            if tx.query_opt("SELECT 1 FROM hosts WHERE host_id = $1", &[&host_id])?.is_none() {
+                return Ok(false);
+            }
+            match placement {
+                Some(p) => tx.execute(
+                    "INSERT INTO host_placement (host_id, site, fabric, set_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (host_id) DO UPDATE SET site = excluded.site, fabric = excluded.fabric,
+                                                         set_at = excluded.set_at",
+                    &[&host_id, &p.site, &p.fabric, &at],
+                )?,
+                None => tx.execute("DELETE FROM host_placement WHERE host_id = $1", &[&host_id])?,
+            };
+            Ok(true)
+        })
+    }
+
+    fn host_placements(&self) -> Result<Vec<(String, Placement)>, StoreError> {
+        let mut conn = self.checkout()?;
+        placements_on(conn.client()?)
+    }
+
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         Ok(self.aggregate(sql, tenant, period)?.tenants)

@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
 use crate::fleet::{
-    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period,
+    AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
 };
 use crate::policy::{PolicyStore, PublishedPolicy};
@@ -135,9 +135,9 @@ impl SqliteStore {
     /// one accumulator.
     fn aggregate(&self, sql: &str, tenant: Option<&str>, period: Period) -> Result<FleetUsage, StoreError> {
         let conn = self.reader()?;
+        let mut acc = UsageAccumulator::with_placements(placements_on(&conn)?);
         let mut stmt = conn.prepare(sql).map_err(db_error)?;
         let mut rows = stmt.query(params![tenant, period.since, period.until]).map_err(db_error)?;
-        let mut acc = UsageAccumulator::default();
         while let Some(r) = rows.next().map_err(db_error)? {
             add_window(&mut acc, r).map_err(db_error)?;
         }
@@ -201,7 +201,51 @@ impl SqliteStore {
     }
 }
 
+/// Every placed host's placement, read on `conn`.
+fn placements_on(conn: &Connection) -> Result<Vec<(String, Placement)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT host_id, site, fabric FROM host_placement ORDER BY host_id")
+        .map_err(db_error)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, Placement { site: r.get(1)?, fabric: r.get(2)? })))
+        .map_err(db_error)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_error)
+}
+
 impl FleetStore for SqliteStore {
+    fn set_host_placement(
+        &self,
+        host_id: &str,
+        placement: Option<&Placement>,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let enrolled = tx
+            .query_row("SELECT 1 FROM hosts WHERE host_id = ?1", [host_id], |_| Ok(()))
+            .optional()
+            .map_err(db_error)?;
+        if enrolled.is_none() {
+            return Ok(false);
+        }
+        match placement {
+            Some(p) => tx.execute(
+                "INSERT INTO host_placement (host_id, site, fabric, set_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (host_id) DO UPDATE SET site = excluded.site, fabric = excluded.fabric,
+                                                     set_at = excluded.set_at",
+                params![host_id, p.site, p.fabric, at],
+            ),
+            None => tx.execute("DELETE FROM host_placement WHERE host_id = ?1", [host_id]),
+        }
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(true)
+    }
+
+    fn host_placements(&self) -> Result<Vec<(String, Placement)>, StoreError> {
+        placements_on(&self.reader()?)
+    }
+
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         Ok(self.aggregate(sql, tenant, period)?.tenants)

@@ -71,6 +71,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_LIFECYCLE,
     // 9: the regulatory record's history tables (identities, statements).
     MIGRATION_RECORDS,
+    // 10: hosts' placement (site and network fabric) for co-located cluster capacity.
+    MIGRATION_PLACEMENT,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -326,6 +328,19 @@ pub const MIGRATION_LIFECYCLE: &str = r#"
     ) STRICT;
 "#;
 
+/// Step 10: where enrolled hosts stand: a site and the network fabric within it
+/// (`hosts add --site --fabric`, `hosts place`), so a tenant's concurrent capacity is also
+/// computed per co-located cluster. A host without a row is unplaced. Kept apart from
+/// `hosts` so a re-enrollment (`hosts remove` + `hosts add`) keeps the placement.
+pub const MIGRATION_PLACEMENT: &str = r#"
+    CREATE TABLE host_placement (
+        host_id TEXT PRIMARY KEY NOT NULL,
+        site    TEXT NOT NULL,
+        fabric  TEXT NOT NULL,
+        set_at  INTEGER NOT NULL
+    ) STRICT;
+"#;
+
 #[cfg(test)]
 mod tests {
     use rusqlite::params;
@@ -504,7 +519,7 @@ mod tests {
             assert_eq!(old.insert_batch("a", 1, &[record(1, None)], 0).unwrap(), 1);
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 9);
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_records(&store);
     }
 
