@@ -30,6 +30,7 @@ use serde_json::json;
 backend_tests! {
     runs_are_held_separately_filed_through_the_api_and_fall_overdue,
     cluster_capacity_is_held_per_site_and_fabric,
+    measures_reach_foreign_persons_and_the_record_outlives_them,
 }
 
 const SETTINGS: EvaluationSettings =
@@ -430,5 +431,122 @@ async fn cluster_capacity_is_held_per_site_and_fabric(db: TestDb) {
     assert_eq!(record["hosts"][3], json!({"host_id": "h4"}));
     assert_eq!(record["usage"]["scope"], "tenant");
     assert_eq!(record["usage"]["clusters"][0]["fabric"], "ib-1");
+    collector.stop().await;
+}
+
+/// A statement in which host h1 allows `f` (foreign) and `u` (a U.S. person) whose
+/// beneficial owner is in KP.
+fn kp_owned_statement(host: &str) -> HostStatementClaims {
+    let now = kycd_protocol::clock::unix_now();
+    let subject = |name: &str, foreign: bool| {
+        json!({"legal_name": name, "countries": [if foreign { "DE" } else { "US" }],
+               "beneficial_owner_countries": ["KP"], "foreign_person": foreign,
+               "beneficial_owners": [{"name": "Owner", "countries": ["KP"]}]})
+    };
+    serde_json::from_value(json!({
+        "iss": host, "iat": now, "exp": now + 60, "nonce": "n0nce-n0nce-n0nce-2", "agent_version": "0.1.0",
+        "policy_version": 2, "gpus": [],
+        "workloads": [
+            {"workload": "libvirt_domain:f", "tenant": "f", "verdict": "allow", "subject": subject("F GmbH", true)},
+            {"workload": "libvirt_domain:u", "tenant": "u", "verdict": "allow", "subject": subject("U Inc", false)}
+        ]
+    }))
+    .unwrap()
+}
+
+/// Under a `foreign_persons` measure on KP-owned customers, a host allowing the U.S. person is
+/// consistent and one allowing the foreign person is not (`enforcement_mismatch` for `f`
+/// only); under `applies_to: all` both are mismatches. Then the record: pruning windows inside
+/// the retention minimum is refused as a whole; past it, rows tied to findings not yet filed
+/// are kept; once every finding is filed or dismissed they go, and the findings, the audit log
+/// and the current identities stay.
+async fn measures_reach_foreign_persons_and_the_record_outlives_them(db: TestDb) {
+    let collector = Collector::start(&db, Limits::default()).await;
+    let h1 = host_key("h1");
+    collector.enroll(&h1);
+    let windows: Vec<UsageRecord> = [("f", true), ("u", false)]
+        .iter()
+        .flat_map(|(t, foreign)| (0..5).map(move |m| at(Some(t), *foreign, m)))
+        .zip(1..)
+        .map(|(window, seq)| UsageRecord { seq, last_seq: None, window })
+        .collect();
+    assert_eq!(send(collector.addr, &batch("h1", windows), &h1).await.acked(), 10);
+    let store = db.storage();
+    let issuer = PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "authority").unwrap();
+    let trust = Jwks::from_keys([issuer.public_key()]).unwrap();
+    let now = kycd_protocol::clock::unix_now();
+    let publish = |version: u64, applies_to: Option<&str>| {
+        let mut measure = json!({"id": "m-kp", "match": {"countries": ["KP"]}, "roles": ["beneficial_owner"],
+                                 "action": "prohibit", "citation": "EO 13984"});
+        if let Some(scope) = applies_to {
+            measure["applies_to"] = json!(scope);
+        }
+        let claims: kycd_protocol::PolicyClaims = serde_json::from_value(json!({
+            "iss": "authority", "iat": now - 10, "exp": now + 86_400, "version": version,
+            "measures": [measure], "unverified": {"action": "deny"},
+            "thresholds": {"training_ops": 1e30, "bio_training_ops": 1e30, "cluster_flops": 1e30,
+                           "early_warning_fraction": 1.0}
+        }))
+        .unwrap();
+        let token = kycd_protocol::sign(&claims, &issuer).unwrap();
+        kycd_collector::policy::publish(store.as_ref(), &token, &trust, now).unwrap();
+    };
+    let views = |store: &dyn Storage| {
+        let mut views = kycd_collector::findings::host_views(store, SETTINGS, now).unwrap();
+        for v in &mut views {
+            v.statement = Some(kp_owned_statement(&v.host_id));
+        }
+        views
+    };
+    off_runtime(|| {
+        publish(1, None);
+        evaluate(store.as_ref(), &views(store.as_ref()), SETTINGS, now).unwrap();
+        let mismatches = active(store.as_ref(), FindingKind::EnforcementMismatch);
+        assert_eq!(subjects(&mismatches), ["h1/libvirt_domain:f"], "the U.S. person is allowed");
+        publish(2, Some("all"));
+        evaluate(store.as_ref(), &views(store.as_ref()), SETTINGS, now).unwrap();
+        let mut mismatches = subjects(&active(store.as_ref(), FindingKind::EnforcementMismatch));
+        mismatches.sort();
+        assert_eq!(mismatches, ["h1/libvirt_domain:f", "h1/libvirt_domain:u"], "applies_to all");
+
+        // The windows are three days old: inside the 5-year default, refused as a whole.
+        let before = base() + 86_400;
+        let young = kycd_collector::records::prune(store.as_ref(), before, now, 157_680_000, false);
+        assert!(
+            matches!(young, Err(kycd_collector::records::RetentionError::InsideRetention { .. })),
+            "{young:?}"
+        );
+        // With a one-second minimum they are old enough, but the open mismatches (about h1)
+        // tie them all.
+        let tied = kycd_collector::records::prune(store.as_ref(), before, now, 1, false).unwrap();
+        assert_eq!((tied.records, tied.refused_records), (0, 10), "{tied:?}");
+        for finding in store
+            .list_findings(&FindingQuery { active: true, limit: 100, ..FindingQuery::default() })
+            .unwrap()
+        {
+            let reason = kycd_collector::fleet::FindingAction::Dismiss { reason: "test fleet".into() };
+            store.act_on_finding(finding.id, &reason, "carol", now).unwrap();
+        }
+        let pruned = kycd_collector::records::prune(store.as_ref(), before, now, 1, false).unwrap();
+        assert_eq!((pruned.records, pruned.refused()), (10, 0), "{pruned:?}");
+        assert!(store.tenant_usage(None, None).unwrap().is_empty());
+        assert_eq!(
+            store.list_findings(&FindingQuery { limit: 100, ..FindingQuery::default() }).unwrap().len(),
+            2
+        );
+        assert_eq!(kycd_collector::findings::audit_rows(store.as_ref(), 0).unwrap().len(), 2);
+        assert_eq!(store.tenant_identities().unwrap().len(), 2);
+    });
+    // The same refusal from the command line: a non-zero exit naming the retention.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kycd-collector"))
+        .args(["records", "prune", "--before", &base().to_string(), "--db", &db.url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retention"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     collector.stop().await;
 }

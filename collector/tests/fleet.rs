@@ -248,11 +248,13 @@ fn simulated_fleet_findings(db: &TestDb) {
     fleet.publish(2);
     let report = evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap();
     assert_eq!(report.policy_version, Some(2));
-    assert_eq!(raised(&report).len(), 6, "{report:?}");
+    assert_eq!(raised(&report).len(), 7, "{report:?}");
     assert_eq!(
         open_set(&fleet),
         expected(&[
             ("cluster_capacity_crossed", "t-foreign-cluster", Some(true)),
+            // No host is placed in a site: they are one (unplaced) cluster, the fleet-wide figure.
+            ("colocated_capacity_crossed", "t-foreign-cluster/cluster/unplaced", Some(true)),
             ("early_warning", "t-domestic-large", Some(false)),
             ("early_warning", "t-foreign-spread", Some(true)),
             ("enforcement_mismatch", "h03/libvirt_domain:t-prohibited", Some(true)),
@@ -314,7 +316,7 @@ fn simulated_fleet_findings(db: &TestDb) {
         after.resolved.iter().map(|r| (r.1, r.2.as_str())).collect::<Vec<_>>(),
         [(FindingKind::HostDark, "dark")]
     );
-    assert_eq!(open_set(&fleet).len(), 6);
+    assert_eq!(open_set(&fleet).len(), 7);
     let resolved = fleet
         .store
         .list_findings(&FindingQuery {
@@ -462,8 +464,8 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
             None => break,
         }
     }
-    // The six of the simulation, and the three per-run findings (see tests/filing.rs).
-    assert_eq!(seen.len(), 9, "{seen:?}");
+    // The seven of the simulation, and the three per-run findings (see tests/filing.rs).
+    assert_eq!(seen.len(), 10, "{seen:?}");
     assert_eq!(seen.iter().filter(|k| k.contains("run_") || k.starts_with("bio_")).count(), 3, "{seen:?}");
     let filtered = request(addr, "GET", "/v1/findings?kind=early_warning", &auth, vec![]).await;
     assert_eq!(filtered.body["items"].as_array().unwrap().len(), 2);

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use super::{FilingRecord, UsageSection};
 use crate::dates::rfc3339;
+use crate::fleet::ClusterUsage;
 use crate::http::html::esc;
 
 const STYLE: &str = "body{font:11pt/1.4 serif;margin:2cm;color:#000}h1{font-size:16pt}h2{font-size:13pt;\
@@ -25,6 +26,34 @@ fn ops(value: f64) -> String {
 
 fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_default()
+}
+
+/// The rows every usage scope has: its scope, first and last window, the three figures and
+/// the point estimate by method.
+fn figure_rows(
+    out: &mut String,
+    scope: &str,
+    (first, last): (i64, i64),
+    (lower, point, upper): (f64, f64, f64),
+    by_method: &std::collections::BTreeMap<String, f64>,
+) {
+    row(out, "Scope", scope);
+    row(out, "First window", &rfc3339(first));
+    row(out, "Last window", &rfc3339(last));
+    row(out, "Operations: lower bound", &ops(lower));
+    row(out, "Operations: point estimate", &ops(point));
+    row(out, "Operations: upper bound", &ops(upper));
+    row(out, "Operations by method", &json(by_method));
+}
+
+/// GPU-hours, the fleet-wide peak concurrent capacity and the per-cluster peaks.
+fn capacity_rows(out: &mut String, gpu_hours: f64, (peak, at): (f64, i64), clusters: &[ClusterUsage]) {
+    row(out, "GPU-hours", &format!("{gpu_hours:.2}"));
+    row(out, "Peak concurrent capacity (FLOP/s)", &format!("{} at {}", ops(peak), rfc3339(at)));
+    for c in clusters {
+        let value = format!("{} at {} on {} host(s)", ops(c.peak_flops), rfc3339(c.peak_at), c.hosts);
+        row(out, &format!("Peak in cluster {}", c.name()), &value);
+    }
 }
 
 /// The page.
@@ -126,58 +155,31 @@ pub fn render(record: &FilingRecord) -> String {
     out.push_str("</table><h2>Usage</h2><table>");
     match &record.usage {
         Some(UsageSection::Run { run, run_gap_s }) => {
-            row(&mut out, "Scope", &format!("training run (pauses up to {run_gap_s} s)"));
-            row(&mut out, "First window", &rfc3339(run.first_start));
-            row(&mut out, "Last window", &rfc3339(run.last_end));
-            row(&mut out, "Still running", if run.still_running { "yes" } else { "no" });
-            row(&mut out, "Operations: lower bound", &ops(run.figures.ops_lower));
-            row(&mut out, "Operations: point estimate", &ops(run.figures.estimated_ops));
-            row(&mut out, "Operations: upper bound", &ops(run.figures.ops_upper));
-            row(&mut out, "Operations by method", &json(&run.figures.ops_by_method));
-            row(&mut out, "GPU-hours", &format!("{:.2}", run.gpu_hours()));
-            row(
+            let f = &run.figures;
+            let scope = format!("training run (pauses up to {run_gap_s} s)");
+            let span = (run.first_start, run.last_end);
+            figure_rows(
                 &mut out,
-                "Peak concurrent capacity (FLOP/s)",
-                &format!("{} at {}", ops(run.peak_flops), rfc3339(run.peak_at)),
+                &scope,
+                span,
+                (f.ops_lower, f.estimated_ops, f.ops_upper),
+                &f.ops_by_method,
             );
-            row(&mut out, "Windows", &run.figures.windows.to_string());
+            row(&mut out, "Still running", if run.still_running { "yes" } else { "no" });
+            capacity_rows(&mut out, run.gpu_hours(), (run.peak_flops, run.peak_at), &[]);
+            row(&mut out, "Windows", &f.windows.to_string());
         }
         Some(UsageSection::Tenant(u)) => {
-            row(&mut out, "Scope", "all stored windows of the tenant");
-            row(&mut out, "First window", &rfc3339(u.first_seen));
-            row(&mut out, "Last window", &rfc3339(u.last_seen));
-            row(&mut out, "Operations: lower bound", &ops(u.ops_lower));
-            row(&mut out, "Operations: point estimate", &ops(u.estimated_ops));
-            row(&mut out, "Operations: upper bound", &ops(u.ops_upper));
-            row(&mut out, "Operations by method", &json(&u.ops_by_method));
-            row(&mut out, "GPU-hours", &format!("{:.2}", u.gpu_hours()));
-            row(
-                &mut out,
-                "Peak concurrent capacity (FLOP/s)",
-                &format!("{} at {}", ops(u.peak_flops), rfc3339(u.peak_at)),
-            );
-            for c in &u.clusters {
-                row(
-                    &mut out,
-                    &format!("Peak in cluster {}", c.name()),
-                    &format!("{} at {} on {} host(s)", ops(c.peak_flops), rfc3339(c.peak_at), c.hosts),
-                );
-            }
+            let bounds = (u.ops_lower, u.estimated_ops, u.ops_upper);
+            let span = (u.first_seen, u.last_seen);
+            figure_rows(&mut out, "all stored windows of the tenant", span, bounds, &u.ops_by_method);
+            capacity_rows(&mut out, u.gpu_hours(), (u.peak_flops, u.peak_at), &u.clusters);
         }
         Some(UsageSection::Unattributed(u)) => {
-            row(&mut out, "Scope", &format!("workload {} without a verified tenant", u.subject()));
-            row(&mut out, "First window", &rfc3339(u.first_seen));
-            row(&mut out, "Last window", &rfc3339(u.last_seen));
-            row(&mut out, "Operations: lower bound", &ops(u.ops_lower));
-            row(&mut out, "Operations: point estimate", &ops(u.estimated_ops));
-            row(&mut out, "Operations: upper bound", &ops(u.ops_upper));
-            row(&mut out, "Operations by method", &json(&u.ops_by_method));
-            row(&mut out, "GPU-hours", &format!("{:.2}", u.gpu_hours()));
-            row(
-                &mut out,
-                "Peak capacity (FLOP/s)",
-                &format!("{} at {}", ops(u.peak_flops), rfc3339(u.peak_at)),
-            );
+            let scope = format!("workload {} without a verified tenant", u.subject());
+            let bounds = (u.ops_lower, u.estimated_ops, u.ops_upper);
+            figure_rows(&mut out, &scope, (u.first_seen, u.last_seen), bounds, &u.ops_by_method);
+            capacity_rows(&mut out, u.gpu_hours(), (u.peak_flops, u.peak_at), &[]);
         }
         None => row(&mut out, "Scope", "no usage figures for this kind of finding"),
     }

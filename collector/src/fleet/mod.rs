@@ -40,15 +40,17 @@ use serde::{Deserialize, Serialize};
 use crate::store::error::StoreError;
 use crate::store::reports::Rejection;
 
+pub mod clusters;
 pub mod lifecycle;
 pub mod runs;
 mod usage;
 
+pub use clusters::{ClusterUsage, Placement};
 pub use lifecycle::{Acknowledgement, AuditRow, Dismissal, Filing, FindingAction};
 pub use runs::{Run, RunFigures};
 pub use usage::{
-    finite, saturating_sum, ClusterUsage, FleetUsage, Placement, TenantUsage, UnattributedUsage,
-    UsageAccumulator, WindowRow, CAPACITY_BUCKET_S,
+    finite, saturating_sum, FleetUsage, TenantUsage, UnattributedUsage, UsageAccumulator, WindowRow,
+    CAPACITY_BUCKET_S,
 };
 
 /// One stored window, as evidence for a finding.
