@@ -54,7 +54,7 @@ pub struct Placement {
 /// Each cluster's peak (earliest minute among equal peaks), largest first.
 pub(super) fn cluster_peaks(
     capacity: &std::collections::HashMap<(u32, i64), f64>,
-    host_clusters: &std::collections::HashMap<u32, u32>,
+    host_clusters: &[u32],
     clusters: &[Option<Placement>],
 ) -> Vec<ClusterUsage> {
     let mut peaks: BTreeMap<u32, (f64, i64)> = BTreeMap::new();
@@ -69,7 +69,7 @@ pub(super) fn cluster_peaks(
         .into_iter()
         .map(|(cluster, (peak_flops, peak_at))| {
             let placement = clusters.get(usize::try_from(cluster).unwrap_or(usize::MAX)).cloned().flatten();
-            let hosts = host_clusters.values().filter(|c| **c == cluster).count();
+            let hosts = host_clusters.iter().filter(|c| **c == cluster).count();
             ClusterUsage {
                 site: placement.as_ref().map(|p| p.site.clone()),
                 fabric: placement.map(|p| p.fabric),

@@ -63,15 +63,15 @@ impl RunFigures {
 struct Segment {
     end: i64,
     figures: RunFigures,
-    /// Hosts that reported in it.
-    hosts: BTreeSet<Arc<str>>,
+    /// Hosts (the accumulator's indices) that reported in it.
+    hosts: BTreeSet<u32>,
 }
 
 /// One window as a run sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct RunWindow<'a> {
-    /// Reporting host.
-    pub host: &'a Arc<str>,
+    /// Reporting host (the accumulator's index; [`Activity::runs`] names it).
+    pub host: u32,
     /// Start.
     pub start: i64,
     /// End.
@@ -88,10 +88,25 @@ pub struct RunWindow<'a> {
     pub method: &'a str,
 }
 
-/// A tenant's busy segments, by start.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A tenant's busy segments, by start, and the names of the host indices they hold (set when
+/// the aggregation finishes). Two are equal when their segments are, with hosts compared by
+/// name: the indices depend on the order the aggregation met the hosts in.
+#[derive(Debug, Clone, Default)]
 pub struct Activity {
     segments: BTreeMap<i64, Segment>,
+    names: Arc<[Arc<str>]>,
+}
+
+impl PartialEq for Activity {
+    fn eq(&self, other: &Self) -> bool {
+        let named = |a: &Activity| -> Vec<(i64, i64, RunFigures, Vec<String>)> {
+            a.segments
+                .iter()
+                .map(|(start, s)| (*start, s.end, s.figures.clone(), a.host_names(&s.hosts)))
+                .collect()
+        };
+        named(self) == named(other)
+    }
 }
 
 impl Activity {
@@ -121,15 +136,13 @@ impl Activity {
                         }
                     }
                 }
-                if !segment.hosts.contains(w.host) {
-                    segment.hosts.insert(Arc::clone(w.host));
-                }
+                segment.hosts.insert(w.host);
                 return;
             }
         }
         let mut start = start;
         let mut segment = Segment { end: w.end.max(w.start), ..Segment::default() };
-        segment.hosts.insert(Arc::clone(w.host));
+        segment.hosts.insert(w.host);
         let f = &mut segment.figures;
         (f.ops_lower, f.estimated_ops, f.ops_upper, f.gpu_seconds, f.windows) =
             (finite(w.ops_lower), finite(w.estimated_ops), finite(w.ops_upper), finite(w.gpu_seconds), 1);
@@ -167,7 +180,7 @@ impl Activity {
                 Some((_, run)) if start.saturating_sub(run.end) <= gap_s => {
                     run.end = run.end.max(segment.end);
                     run.figures.merge(segment.figures.clone());
-                    run.hosts.extend(segment.hosts.iter().cloned());
+                    run.hosts.extend(segment.hosts.iter().copied());
                 }
                 _ => runs.push((*start, segment.clone())),
             }
@@ -179,7 +192,7 @@ impl Activity {
                     first_start: start,
                     last_end: s.end,
                     still_running: now.saturating_sub(s.end) <= gap_s,
-                    hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
+                    hosts: self.host_names(&s.hosts),
                     peak_flops,
                     peak_at,
                     figures: s.figures,
@@ -191,6 +204,21 @@ impl Activity {
     /// Busy segments held.
     pub fn segments(&self) -> usize {
         self.segments.len()
+    }
+
+    /// Names the host indices of the segments with `names` (the aggregation's host table).
+    pub fn name_hosts(&mut self, names: Arc<[Arc<str>]>) {
+        self.names = names;
+    }
+
+    /// The sorted names of `hosts`.
+    fn host_names(&self, hosts: &BTreeSet<u32>) -> Vec<String> {
+        let mut out: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| self.names.get(usize::try_from(*h).ok()?).map(|n| n.to_string()))
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -235,8 +263,6 @@ mod tests {
     use super::*;
 
     fn window(host: u32, start: i64, len: i64) -> RunWindow<'static> {
-        // Leaked once per call: a test's handful of host names.
-        let host: &'static Arc<str> = Box::leak(Box::new(Arc::from(format!("h{host}"))));
         RunWindow {
             host,
             start,
@@ -250,6 +276,8 @@ mod tests {
     }
 
     fn runs(a: &Activity, gap: i64, now: i64) -> Vec<Run> {
+        let mut a = a.clone();
+        a.name_hosts((0..3).map(|h| Arc::from(format!("h{h}"))).collect());
         a.runs(gap, now, |s, _| (1.0, s))
     }
 

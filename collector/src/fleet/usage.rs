@@ -86,6 +86,7 @@ pub struct TenantUsage {
     /// Concurrent capacity per minute (minute start, FLOP/s), by time (not serialized).
     #[serde(skip)]
     pub capacity: Vec<(i64, f64)>,
+
     /// Concurrent capacity per co-located cluster (site and network fabric the hosts were
     /// placed in; unplaced hosts together as one), largest peak first, beside the fleet-wide
     /// `peak_flops`.
@@ -210,8 +211,6 @@ pub struct UsageAccumulator {
     hosts: std::collections::HashMap<String, u32>,
     /// Host ids by their index in `hosts`.
     host_ids: Vec<String>,
-    /// The same, shared by the runs' segments.
-    host_names: Vec<std::sync::Arc<str>>,
     /// Hosts' placements, by host id (hosts absent: unplaced).
     placements: std::collections::HashMap<String, Placement>,
     /// Each host's cluster (an index into `clusters`), by host index.
@@ -226,16 +225,16 @@ pub struct UsageAccumulator {
 #[derive(Debug, Default)]
 struct TenantAccumulator {
     usage: Option<TenantUsage>,
-    host_gpus: std::collections::HashMap<u32, u32>,
+    /// Per host index: the most GPUs used at once, and the host's cluster index.
+    host_gpus: std::collections::HashMap<u32, (u32, u32)>,
     capacity: std::collections::HashMap<i64, f64>,
     /// Hosts (indices) with GPU-seconds shared without isolation.
     shared_hosts: std::collections::BTreeSet<u32>,
     /// Workloads, by host index, whose guest was silent while holding GPUs.
     guest_gap_workloads: std::collections::BTreeSet<(u32, String)>,
-    /// Capacity per (cluster index, minute).
+    /// Capacity per (cluster index, minute); kept only when some host is placed (otherwise
+    /// every host is in the one unplaced cluster, whose capacity is `capacity`).
     cluster_capacity: std::collections::HashMap<(u32, i64), f64>,
-    /// The cluster of each host used (host index → cluster index).
-    host_clusters: std::collections::HashMap<u32, u32>,
 }
 
 /// One window as [`UsageAccumulator::add`] takes it.
@@ -285,7 +284,6 @@ impl UsageAccumulator {
             None => {
                 self.hosts.insert(w.host_id.to_owned(), next_host);
                 self.host_ids.push(w.host_id.to_owned());
-                self.host_names.push(std::sync::Arc::from(w.host_id));
                 let placement = self.placements.get(w.host_id).cloned();
                 let cluster = match self.clusters.iter().position(|c| *c == placement) {
                     Some(i) => i,
@@ -314,10 +312,11 @@ impl UsageAccumulator {
                 workloads.get_mut(workload)
             }
         };
-        let index = usize::try_from(host).unwrap_or(usize::MAX);
-        let (name, cluster) = (self.host_names.get(index), self.host_cluster.get(index).copied());
-        if let (Some(t), Some(name), Some(cluster)) = (t, name, cluster) {
-            t.add(host, name, cluster, w);
+        let cluster = self.host_cluster.get(usize::try_from(host).unwrap_or(usize::MAX)).copied();
+        // No placements: one cluster, whose capacity is the fleet-wide one (not kept twice).
+        let cluster = cluster.map(|c| (c, !self.placements.is_empty()));
+        if let (Some(t), Some(cluster)) = (t, cluster) {
+            t.add(host, cluster, w);
         }
     }
 
@@ -338,8 +337,18 @@ impl UsageAccumulator {
     pub fn finish_fleet(self) -> FleetUsage {
         let host_ids = self.host_ids;
         let clusters = self.clusters;
-        let mut tenants: Vec<TenantUsage> =
-            self.tenants.into_values().filter_map(|t| t.finish(&host_ids, &clusters)).collect();
+        // One table of host names, shared by every tenant's runs.
+        let names: std::sync::Arc<[std::sync::Arc<str>]> =
+            host_ids.iter().map(|h| std::sync::Arc::from(h.as_str())).collect();
+        let mut tenants: Vec<TenantUsage> = self
+            .tenants
+            .into_values()
+            .filter_map(|t| t.finish(&host_ids, &clusters))
+            .map(|mut usage| {
+                usage.activity.name_hosts(std::sync::Arc::clone(&names));
+                usage
+            })
+            .collect();
         tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let mut unattributed: Vec<UnattributedUsage> = self
             .unattributed
@@ -358,9 +367,9 @@ impl UsageAccumulator {
 }
 
 impl TenantAccumulator {
-    /// Adds one window reported by host `host` (an index; `name` its id, `cluster` its
-    /// cluster's index).
-    fn add(&mut self, host: u32, name: &std::sync::Arc<str>, cluster: u32, w: &WindowRow<'_>) {
+    /// Adds one window reported by host `host` (an index), in cluster `cluster` (an index;
+    /// `by_cluster`: whether per-cluster capacity is kept).
+    fn add(&mut self, host: u32, (cluster, by_cluster): (u32, bool), w: &WindowRow<'_>) {
         let t = self;
         let usage = t.usage.get_or_insert_with(|| TenantUsage {
             tenant: w.tenant.unwrap_or_default().to_owned(),
@@ -412,7 +421,7 @@ impl TenantAccumulator {
             }
         }
         usage.activity.add(&RunWindow {
-            host: name,
+            host,
             start: w.start,
             end: w.end,
             ops_lower: w.ops_lower,
@@ -421,15 +430,16 @@ impl TenantAccumulator {
             gpu_seconds: w.gpu_seconds,
             method: w.method,
         });
-        let gpus = t.host_gpus.entry(host).or_insert(0);
-        *gpus = (*gpus).max(w.gpus);
+        let gpus = t.host_gpus.entry(host).or_insert((0, cluster));
+        gpus.0 = gpus.0.max(w.gpus);
         let share = (w.end.saturating_sub(w.start) as f64 / CAPACITY_BUCKET_S as f64).clamp(0.0, 1.0);
         let minute = w.start.div_euclid(CAPACITY_BUCKET_S);
         let bucket = t.capacity.entry(minute).or_insert(0.0);
         *bucket = saturating_sum(*bucket, w.peak_flops * share);
-        let bucket = t.cluster_capacity.entry((cluster, minute)).or_insert(0.0);
-        *bucket = saturating_sum(*bucket, w.peak_flops * share);
-        t.host_clusters.insert(host, cluster);
+        if by_cluster {
+            let bucket = t.cluster_capacity.entry((cluster, minute)).or_insert(0.0);
+            *bucket = saturating_sum(*bucket, w.peak_flops * share);
+        }
     }
 
     /// The totals, with host indices resolved through `host_ids` and cluster indices through
@@ -455,7 +465,7 @@ impl TenantAccumulator {
         usage.guest_gap_hosts = gap_hosts.into_iter().collect();
         usage.guest_gap_workloads = gap_workloads;
         usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
-        usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(*g));
+        usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(g.0));
         // Earliest bucket among equal peaks, so the result does not depend on order.
         let mut capacity: Vec<(i64, f64)> =
             t.capacity.into_iter().map(|(bucket, flops)| (bucket * CAPACITY_BUCKET_S, flops)).collect();
@@ -466,8 +476,16 @@ impl TenantAccumulator {
                 usage.peak_at = *at;
             }
         }
+        let host_clusters: Vec<u32> = t.host_gpus.values().map(|g| g.1).collect();
+        let mut by_cluster = t.cluster_capacity;
+        if by_cluster.is_empty() {
+            // Every host in one cluster: its capacity is the fleet-wide one.
+            let cluster = host_clusters.first().copied().unwrap_or(0);
+            by_cluster =
+                capacity.iter().map(|(at, f)| ((cluster, at.div_euclid(CAPACITY_BUCKET_S)), *f)).collect();
+        }
         usage.capacity = capacity;
-        usage.clusters = cluster_peaks(&t.cluster_capacity, &t.host_clusters, clusters);
+        usage.clusters = cluster_peaks(&by_cluster, &host_clusters, clusters);
         Some(usage)
     }
 }
