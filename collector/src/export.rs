@@ -75,6 +75,31 @@ pub struct ExportRow {
     pub hosts: u32,
     /// Findings about the tenant raised in the period, as `kind#id`.
     pub findings: Vec<String>,
+    /// Point estimate by estimation method (how the operations were estimated).
+    #[serde(default)]
+    pub ops_by_method: std::collections::BTreeMap<String, f64>,
+    /// The hosts' ids.
+    #[serde(default)]
+    pub host_ids: Vec<String>,
+    /// The resellers' countries (from the newest statement naming the tenant).
+    #[serde(default)]
+    pub reseller_countries: Vec<String>,
+    /// The payment source's country.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_source_country: Option<String>,
+    /// The link to the KYC record: the attestation's digest, its issuer and `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_digest: Option<String>,
+    /// The attestation's issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kyc_issuer: Option<String>,
+    /// The attestation's `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kyc_jti: Option<String>,
+    /// The version of the policy published when the export was made (its thresholds are
+    /// the ones the findings were held against since then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// One exported row of usage without a tenant (`export --unattributed`).
@@ -262,6 +287,7 @@ pub fn rows_in(store: &dyn Storage, filter: &ExportFilter) -> Result<Vec<ExportR
             }
         }
     }
+    let policy_version = store.current_policy()?.map(|p| p.version);
     Ok(store
         .tenant_usage_in(filter.tenant.as_deref(), filter.period())?
         .into_iter()
@@ -271,7 +297,19 @@ pub fn rows_in(store: &dyn Storage, filter: &ExportFilter) -> Result<Vec<ExportR
         .map(|u: TenantUsage| {
             let identity = identities.get(&u.tenant);
             let codes = |cs: &[kycd_protocol::CountryCode]| cs.iter().map(ToString::to_string).collect();
+            let detail = identity.and_then(|i| i.detail.as_ref());
+            let kyc = detail.and_then(|d| d.subject.kyc.as_ref());
             ExportRow {
+                ops_by_method: u.ops_by_method.iter().map(|(m, ops)| (m.clone(), finite(*ops))).collect(),
+                host_ids: u.host_ids.clone(),
+                reseller_countries: detail.map(|d| codes(&d.subject.reseller_countries)).unwrap_or_default(),
+                payment_source_country: detail
+                    .and_then(|d| d.subject.payment_source_country)
+                    .map(|c| c.to_string()),
+                attestation_digest: detail.and_then(|d| d.attestation_digest.clone()),
+                kyc_issuer: kyc.map(|k| k.issuer.clone()),
+                kyc_jti: kyc.map(|k| k.jti.clone()),
+                policy_version,
                 legal_name: identity.map(|i| i.legal_name.clone()).unwrap_or_default(),
                 countries: identity.map(|i| codes(&i.countries)).unwrap_or_default(),
                 beneficial_owner_countries: identity
@@ -297,7 +335,7 @@ pub fn rows_in(store: &dyn Storage, filter: &ExportFilter) -> Result<Vec<ExportR
 }
 
 /// The CSV header.
-pub const CSV_HEADER: [&str; 16] = [
+pub const CSV_HEADER: [&str; 24] = [
     "tenant",
     "legal_name",
     "countries",
@@ -316,6 +354,16 @@ pub const CSV_HEADER: [&str; 16] = [
     "shared_gpu_hours",
     // Added with guest telemetry (issue 18): at the end for the same reason.
     "guest_gap_gpu_hours",
+    // Added for filings (issue 19): how the operations were estimated, where, who else is
+    // in the chain, the KYC record and the policy.
+    "ops_by_method",
+    "host_ids",
+    "reseller_countries",
+    "payment_source_country",
+    "attestation_digest",
+    "kyc_issuer",
+    "kyc_jti",
+    "policy_version",
 ];
 
 /// A text cell as a spreadsheet cannot take it for a formula: prefixed with `'` when it starts
@@ -380,6 +428,20 @@ pub fn render(rows: &[ExportRow], format: Format) -> Result<String, serde_json::
                     format!("{:e}", r.ops_upper),
                     format!("{:.3}", r.shared_gpu_hours),
                     format!("{:.3}", r.guest_gap_gpu_hours),
+                    neutralize(
+                        &r.ops_by_method
+                            .iter()
+                            .map(|(method, ops)| format!("{method}={:e}", finite(*ops)))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                    neutralize(&r.host_ids.join(" ")),
+                    neutralize(&r.reseller_countries.join(" ")),
+                    neutralize(r.payment_source_country.as_deref().unwrap_or_default()),
+                    neutralize(r.attestation_digest.as_deref().unwrap_or_default()),
+                    neutralize(r.kyc_issuer.as_deref().unwrap_or_default()),
+                    neutralize(r.kyc_jti.as_deref().unwrap_or_default()),
+                    r.policy_version.map(|v| v.to_string()).unwrap_or_default(),
                 ];
                 out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
                 out.push_str("\r\n");
@@ -423,6 +485,14 @@ mod tests {
             last_seen: rfc3339(1_769_817_660),
             hosts: 1,
             findings: vec!["early_warning#3".into()],
+            ops_by_method: [("gpm_pipes".to_owned(), 1.5e20)].into(),
+            host_ids: vec!["h1".into()],
+            reseller_countries: vec![],
+            payment_source_country: None,
+            attestation_digest: None,
+            kyc_issuer: Some("=cmd|x".into()),
+            kyc_jti: None,
+            policy_version: Some(3),
         }
     }
 
@@ -441,7 +511,7 @@ mod tests {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(
             lines[1],
-            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3,1e20,6e20,0.250,0.500"#
+            r#""'=HYPERLINK(""http://x"",""y"")",'+SUM(A1:A9),SG,,true,1.5e20,2.000,7.9e15,2026-01-31T00:00:00Z,2026-01-31T00:01:00Z,1,early_warning#3,1e20,6e20,0.250,0.500,gpm_pipes=1.5e20,h1,,,,'=cmd|x,,3"#
         );
         assert!(lines[2].starts_with("'-2+3,'@SUM(1),SG,"), "{}", lines[2]);
         assert!(lines[3].starts_with("'\t=1,\"'\r=1\",SG,"), "{:?}", lines[3]);

@@ -356,6 +356,32 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
         html.contains("Resell AG (CH, foreign)") && html.contains("att-f-1") && html.contains("Owner One"),
         "{html}"
     );
+    // The period export, foreign tenants only, then one tenant: the filing columns.
+    let export = |extra: &[&str]| -> serde_json::Value {
+        let since = base().to_string();
+        let mut args = vec!["export", "--since", since.as_str(), "--format", "json", "--db", db.url.as_str()];
+        args.extend_from_slice(extra);
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_kycd-collector")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let foreign = export(&["--foreign-only"]);
+    let tenants: Vec<&str> =
+        foreign.as_array().unwrap().iter().map(|r| r["tenant"].as_str().unwrap()).collect();
+    assert_eq!(tenants, ["b", "f"], "d is domestic");
+    let f = &export(&["--tenant", "f"])[0];
+    assert_eq!(
+        (f["kyc_issuer"].as_str(), f["kyc_jti"].as_str()),
+        (Some("https://kyc.example"), Some("att-f-1"))
+    );
+    assert_eq!((&f["attestation_digest"], &f["host_ids"]), (&json!("ab".repeat(32)), &json!(["h1", "h2"])));
+    assert_eq!((f["payment_source_country"].as_str(), f["policy_version"].as_u64()), (Some("CH"), Some(2)));
+    assert_eq!(f["ops_by_method"], json!({"gpm_tensor": 6e18}), "runs A and B, 40 windows");
+    // --until cuts the period: run A's first minute only, on both hosts.
+    let until = (base() + 60).to_string();
+    let first = &export(&["--tenant", "f", "--until", until.as_str()])[0];
+    assert_eq!(first["estimated_ops"].as_f64(), Some(3e17));
     collector.stop().await;
 }
 

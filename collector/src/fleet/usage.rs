@@ -68,6 +68,9 @@ pub struct TenantUsage {
     pub peak_at: i64,
     /// Hosts that reported usage of the tenant.
     pub hosts: u32,
+    /// Their ids, sorted.
+    #[serde(default)]
+    pub host_ids: Vec<String>,
     /// GPUs involved: per host the most used at once, summed over hosts.
     pub gpus: u32,
     /// Windows stored.
@@ -385,6 +388,7 @@ impl TenantAccumulator {
             peak_flops: 0.0,
             peak_at: 0,
             hosts: 0,
+            host_ids: Vec::new(),
             gpus: 0,
             windows: 0,
             ops_by_method: BTreeMap::new(),
@@ -465,6 +469,10 @@ impl TenantAccumulator {
         usage.guest_gap_hosts = gap_hosts.into_iter().collect();
         usage.guest_gap_workloads = gap_workloads;
         usage.hosts = u32::try_from(t.host_gpus.len()).unwrap_or(u32::MAX);
+        let mut ids: Vec<String> =
+            t.host_gpus.keys().filter_map(|i| host_id(*i).map(str::to_owned)).collect();
+        ids.sort();
+        usage.host_ids = ids;
         usage.gpus = t.host_gpus.values().fold(0u32, |a, g| a.saturating_add(g.0));
         // Earliest bucket among equal peaks, so the result does not depend on order.
         let mut capacity: Vec<(i64, f64)> =
