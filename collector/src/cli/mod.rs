@@ -1,7 +1,8 @@
 //! The command line of `kycd-collector`, in the library so that man pages and shell
 //! completions are generated from the same definitions the binary parses with; and what each
 //! command does, a file per command (group): [`serve`], [`hosts`], [`policy`], [`findings`],
-//! [`export`], [`records`] (history and pruning), [`backup`] (`database backup|restore`),
+//! [`export`], [`report`] (the filing record of one finding), [`audit`] (the collector's
+//! audit log), [`records`] (history and pruning), [`backup`] (`database backup|restore`),
 //! all opening the database through [`database`]. `main` parses and calls [`run`].
 //!
 //! The commands report errors with `anyhow` (context chains printed by `main`): this module
