@@ -124,6 +124,9 @@ fn respond(agent: &Agent, req: &hyper::Request<hyper::body::Incoming>) -> hyper:
     }
 }
 
+/// TLS handshakes the simulated agents resumed (a session of an earlier round).
+static RESUMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn serve_agent(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor, agent: Arc<Agent>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
@@ -131,6 +134,9 @@ async fn serve_agent(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAc
         let agent = agent.clone();
         tokio::spawn(async move {
             let Ok(stream) = tls.accept(tcp).await else { return };
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                RESUMED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let service = hyper::service::service_fn(move |req| {
                 let r = respond(&agent, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
@@ -330,8 +336,15 @@ fn main() {
             ca_file: Some(dir.path().join("ca.crt")),
             client_cert: Some(dir.path().join("client.crt")),
             client_key: Some(dir.path().join("client.key")),
+            // KYCD_BENCH_TLS_SESSION_CACHE=256 reproduces rustls' default cache (no resumption
+            // across a round of 10,000 agents), for a before/after in one session.
+            tls_session_cache: std::env::var("KYCD_BENCH_TLS_SESSION_CACHE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(kycd_collector::poll::DEFAULT_TLS_SESSION_CACHE),
             ..PollerConfig::default()
         };
+        println!("TLS session cache: {} sessions", config.tls_session_cache);
         let poller = Poller::new(store.clone() as Arc<dyn StatementStore>, config.clone()).unwrap();
         let client = kycd_collector::poll::build_client(&config).unwrap();
         let shutdown = CancellationToken::new();
@@ -382,6 +395,11 @@ fn main() {
         }
         let latest = store.latest_statements().unwrap();
         assert_eq!(latest.len(), agents_n, "every agent's statement stored");
+        println!(
+            "TLS handshakes resumed: {} of {} (the first round's are full)",
+            RESUMED.load(std::sync::atomic::Ordering::Relaxed),
+            2 * rounds * agents_n
+        );
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]

@@ -511,3 +511,75 @@ fn bad_poller_settings_are_refused() {
     .unwrap_err();
     assert!(matches!(err, kycd_collector::poll::PollSetupError::File { .. }), "{err}");
 }
+
+/// With a private CA the poller's client keeps TLS sessions (`tls_session_cache`): the second
+/// poll of an agent resumes the session of the first instead of a full handshake (no key
+/// exchange or certificate signatures), while the agent still required the client
+/// certificate; with rustls' default cache of 256 and more agents than that per round, every
+/// poll was a full handshake (BENCHMARKS.md, polling).
+#[tokio::test]
+async fn a_second_poll_resumes_the_tls_session() {
+    use rustls::pki_types::pem::PemObject as _;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "fleet");
+    let (agent_cert, agent_key) = pki.issue("agent", "127.0.0.1");
+    let (client_cert, client_key) = pki.issue("collector", "collector.example");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.ca_file()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_file_iter(&agent_cert)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&agent_key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = kinds.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+            let (_, conn) = tls.get_ref();
+            seen.lock().unwrap().push((conn.handshake_kind(), conn.peer_certificates().map(<[_]>::len)));
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut buf = [0u8; 4096];
+            let _ = tls.read(&mut buf).await;
+            let _ =
+                tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    let config = PollerConfig {
+        timeout: Duration::from_secs(5),
+        ca_file: Some(pki.ca_file()),
+        client_cert: Some(client_cert),
+        client_key: Some(client_key),
+        ..PollerConfig::default()
+    };
+    let client = kycd_collector::poll::build_client(&config).unwrap();
+    for _ in 0..2 {
+        let reply = client.get(format!("https://{addr}/healthz")).send().await.unwrap();
+        assert_eq!(reply.text().await.unwrap(), "ok");
+    }
+    let kinds = kinds.lock().unwrap().clone();
+    assert_eq!(
+        kinds,
+        [(Some(rustls::HandshakeKind::Full), Some(1)), (Some(rustls::HandshakeKind::Resumed), Some(1))],
+        "the second connection resumes, with the client certificate of the first"
+    );
+}

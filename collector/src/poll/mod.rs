@@ -45,7 +45,7 @@ pub mod config;
 pub mod schedule;
 pub mod statement;
 
-pub use config::{build_client, PollSetupError, PollerConfig};
+pub use config::{build_client, PollSetupError, PollerConfig, DEFAULT_TLS_SESSION_CACHE};
 use config::{file_err, read_file};
 pub use schedule::next_attempt_at;
 use statement::{attestation_url, chain, failed, failure_kind_name};
