@@ -6,13 +6,20 @@
 //!
 //!     cargo bench -p kycd --bench statement_load
 //!
-//! Prints p50/p99/max latency and requests/s for each endpoint.
+//! Prints p50/p99/max latency and requests/s for each endpoint, closed loop (each client
+//! sends its next request when the last one is answered) and the statement/`/healthz`
+//! throughput ratio; then open loop: requests issued at a fixed rate (500/s and 2,000/s,
+//! 10 s each, as several collectors polling one host would never exceed) whether or not
+//! earlier ones were answered, each on a pooled keep-alive connection, its latency measured
+//! from its scheduled send time (so a stall counts against every request it delays: no
+//! coordinated omission), for `/healthz` and `/v1/attestation` at the same rates.
 // A benchmark is test code: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kycd_protocol::{Algorithm, Jwks, PrivateJwk};
@@ -22,43 +29,96 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 const CLIENTS: usize = 200;
 const WORKLOADS: usize = 100;
 const RUN: Duration = Duration::from_secs(10);
+/// Open-loop request rates (requests/s), each for `RUN`.
+const OPEN_LOOP_RATES: [u32; 2] = [500, 2_000];
 
 fn now() -> i64 {
     kycd_protocol::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
+type Conn = tokio::io::BufReader<tokio::net::TcpStream>;
+
+async fn connect(addr: &str) -> Conn {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    tokio::io::BufReader::new(stream)
+}
+
+/// One request and its whole response on a keep-alive connection; panics unless 200.
+async fn exchange(stream: &mut Conn, request: &[u8], line: &mut String) {
+    stream.get_mut().write_all(request).await.unwrap();
+    let mut length = 0usize;
+    let mut status = 0u16;
+    loop {
+        line.clear();
+        stream.read_line(line).await.unwrap();
+        if status == 0 {
+            status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+fn request_for(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: kycd\r\n\r\n").into_bytes()
+}
+
 /// One keep-alive client: requests `path` until `until`; returns latencies in ms.
 async fn client(addr: String, path: String, until: Instant) -> Vec<f64> {
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut stream = tokio::io::BufReader::new(stream);
-    let request = format!("GET {path} HTTP/1.1\r\nHost: kycd\r\n\r\n");
+    let mut stream = connect(&addr).await;
+    let request = request_for(&path);
     let mut out = Vec::new();
     let mut line = String::new();
     while kycd_protocol::clock::monotonic() < until {
         let start = kycd_protocol::clock::monotonic();
-        stream.get_mut().write_all(request.as_bytes()).await.unwrap();
-        let mut length = 0usize;
-        let mut status = 0u16;
-        loop {
-            line.clear();
-            stream.read_line(&mut line).await.unwrap();
-            if status == 0 {
-                status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).await.unwrap();
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        exchange(&mut stream, &request, &mut line).await;
         out.push(start.elapsed().as_secs_f64() * 1e3);
     }
     out
+}
+
+/// Open loop: `rate` requests/s for `RUN`, each spawned at its scheduled time whatever the
+/// earlier ones are doing, on an idle pooled connection (a new one when none is idle). The
+/// latency runs from the scheduled time. Returns the sorted latencies and the rate achieved
+/// (completions over the time from the first scheduled send to the last completion).
+async fn open_loop(addr: &str, path: &str, rate: u32) -> (Vec<f64>, f64) {
+    let pool: Arc<Mutex<Vec<Conn>>> = Arc::default();
+    let request: Arc<[u8]> = request_for(path).into();
+    let count = rate as usize * RUN.as_secs() as usize;
+    let interval = Duration::from_secs(1) / rate;
+    let started = kycd_protocol::clock::monotonic();
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = started + interval * i as u32;
+        tokio::time::sleep_until(at.into()).await;
+        let (pool, request, addr) = (Arc::clone(&pool), Arc::clone(&request), addr.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let idle = pool.lock().unwrap().pop();
+            let mut conn = match idle {
+                Some(conn) => conn,
+                None => connect(&addr).await,
+            };
+            exchange(&mut conn, &request, &mut String::new()).await;
+            let ms = at.elapsed().as_secs_f64() * 1e3;
+            pool.lock().unwrap().push(conn);
+            ms
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    let rps = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    (all, rps)
 }
 
 async fn load(addr: &str, path: &str) -> (Vec<f64>, f64) {
@@ -79,7 +139,7 @@ async fn load(addr: &str, path: &str) -> (Vec<f64>, f64) {
 fn report(name: &str, (ms, rps): &(Vec<f64>, f64)) {
     let p = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "{name:<40} n={:<7} p50={:>7.3} ms  p99={:>7.3} ms  max={:>8.3} ms  {rps:>9.0} req/s",
+        "{name:<48} n={:<7} p50={:>7.3} ms  p99={:>7.3} ms  max={:>8.3} ms  {rps:>9.0} req/s",
         ms.len(),
         p(0.50),
         p(0.99),
@@ -174,10 +234,18 @@ fn main() {
         }
     });
     println!("{CLIENTS} keep-alive clients, {WORKLOADS} attested workloads, {RUN:?} per endpoint; statement {statement} bytes");
+    let statement_path = "/v1/attestation?nonce=bench-nonce-0123456789";
     let healthz = rt.block_on(load(&addr, "/healthz"));
-    report("baseline: GET /healthz", &healthz);
-    let attestation = rt.block_on(load(&addr, "/v1/attestation?nonce=bench-nonce-0123456789"));
-    report("GET /v1/attestation (signed statement)", &attestation);
+    report("closed loop: GET /healthz (baseline)", &healthz);
+    let attestation = rt.block_on(load(&addr, statement_path));
+    report("closed loop: GET /v1/attestation", &attestation);
+    println!("closed loop: statement throughput {:.3}x /healthz's", attestation.1 / healthz.1);
+    for rate in OPEN_LOOP_RATES {
+        let healthz = rt.block_on(open_loop(&addr, "/healthz", rate));
+        report(&format!("open loop {rate}/s: GET /healthz (baseline)"), &healthz);
+        let attestation = rt.block_on(open_loop(&addr, statement_path, rate));
+        report(&format!("open loop {rate}/s: GET /v1/attestation"), &attestation);
+    }
     let _ = agent.kill();
     let _ = agent.wait();
 }

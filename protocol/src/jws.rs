@@ -76,14 +76,22 @@ pub fn sign<C: TokenClaims + Serialize>(claims: &C, key: &PrivateJwk) -> Result<
 /// Signs raw payload bytes under a header with the given `typ`. The caller is responsible
 /// for the payload being the claims it means; [`sign`] is the typed entry point.
 pub fn sign_payload(payload: &[u8], typ: &str, key: &PrivateJwk) -> String {
+    sign_encoded_payload(&b64::encode(payload), typ, key)
+}
+
+/// [`sign_payload`] for a payload that is already base64url-encoded (unpadded), so a caller
+/// that keeps most of a payload's encoding between tokens (the agent's host statements,
+/// whose volatile fields lead the payload) encodes only what changed.
+pub fn sign_encoded_payload(payload_b64: &str, typ: &str, key: &PrivateJwk) -> String {
     let mut header = Map::new();
     header.insert("alg".into(), Value::String(key.algorithm().as_str().into()));
     header.insert("kid".into(), Value::String(key.kid().into()));
     header.insert("typ".into(), Value::String(typ.into()));
-    let header = Value::Object(header).to_string();
-    let mut token = b64::encode(header.as_bytes());
+    let header = b64::encode(Value::Object(header).to_string().as_bytes());
+    let mut token = String::with_capacity(header.len() + payload_b64.len() + 90);
+    token.push_str(&header);
     token.push('.');
-    token.push_str(&b64::encode(payload));
+    token.push_str(payload_b64);
     let signature = key.sign_raw(token.as_bytes());
     token.push('.');
     token.push_str(&b64::encode(&signature));
@@ -373,6 +381,38 @@ mod tests {
         let t = truncate(&s);
         assert!(t.len() <= 64 + '…'.len_utf8());
         assert!(t.ends_with('…'));
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+    use crate::HostStatementClaims;
+
+    #[test]
+    fn pre_encoded_payloads_sign_exactly_like_sign() {
+        let key = PrivateJwk::generate(Algorithm::EdDSA, "node-1").unwrap();
+        let jwks = Jwks::from_keys([key.public_key()]).unwrap();
+        let claims = HostStatementClaims {
+            iss: "node-1".into(),
+            iat: 1_800_000_000,
+            exp: 1_800_000_060,
+            nonce: "0123456789abcdef".into(),
+            agent_version: "0.1.0".into(),
+            policy_version: Some(3),
+            workloads: vec![],
+            gpus: vec![],
+            host: None,
+        };
+        let typ = crate::TokenType::HostStatement.typ();
+        let payload = serde_json::to_vec(&claims).unwrap();
+        let typed = sign(&claims, &key).unwrap();
+        assert_eq!(sign_payload(&payload, typ, &key), typed, "Ed25519 is deterministic");
+        let encoded = sign_encoded_payload(&b64::encode(&payload), typ, &key);
+        assert_eq!(encoded, typed);
+        let options = VerifyOptions::default();
+        let read = verify::<HostStatementClaims>(encoded.as_bytes(), &jwks, &options, 1_800_000_010).unwrap();
+        assert_eq!(read.claims, claims);
     }
 }
 

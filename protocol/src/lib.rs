@@ -39,8 +39,9 @@ pub use country::{CountryCode, UnknownCountryCode};
 pub use error::{KeyError, VerifyError};
 pub use jwk::{Algorithm, Jwks, PrivateJwk, PublicKey};
 pub use jws::{
-    sign, sign_detached, sign_payload, verify, verify_detached, verify_signature, Header, Verified,
-    VerifyOptions, DEFAULT_CLOCK_SKEW_S, DEFAULT_MAX_TOKEN_BYTES, MAX_HEADER_BYTES, REPORT_SIGNATURE_TYP,
+    sign, sign_detached, sign_encoded_payload, sign_payload, verify, verify_detached, verify_signature,
+    Header, Verified, VerifyOptions, DEFAULT_CLOCK_SKEW_S, DEFAULT_MAX_TOKEN_BYTES, MAX_HEADER_BYTES,
+    REPORT_SIGNATURE_TYP,
 };
 
 /// SHA-256 of a token's compact serialization, lower-case hex: the attestation digest that

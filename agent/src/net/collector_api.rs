@@ -12,9 +12,9 @@
 //! `bearer_token_file` (compared in constant time). Plaintext only with an explicit
 //! `insecure_plaintext = true`, and only on a loopback address. The statement's content is
 //! a snapshot the daemon's main loop publishes (a watch channel) whenever it changes, so
-//! statements never queue behind the main loop: each request stamps the snapshot with its
-//! nonce and the time and signs it here. Metrics go through the main loop's bounded request
-//! channel.
+//! statements never queue behind the main loop. Each snapshot is serialised once, when it
+//! changes ([`PreparedStatement`]); each request splices its nonce, the time and the uptime
+//! into that and signs it here. Metrics go through the main loop's bounded request channel.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::CollectorApiConfig;
 use crate::net::operator_api::ApiRequest;
+use crate::net::statement::PreparedStatement;
 
 /// How long a statement is valid: a point-in-time answer.
 const STATEMENT_TTL_S: i64 = 60;
@@ -186,9 +187,41 @@ pub async fn bind(config: &CollectorApiConfig) -> Result<CollectorApi, HttpsErro
 #[derive(Clone)]
 struct AppState {
     requests: mpsc::Sender<ApiRequest>,
-    snapshot: StatementSnapshot,
+    /// The current snapshot, serialised (`None` when it cannot be: statements are refused).
+    prepared: tokio::sync::watch::Receiver<Option<Arc<PreparedStatement>>>,
     key: Arc<PrivateJwk>,
     bearer: Option<Arc<Vec<u8>>>,
+}
+
+fn prepare(claims: &HostStatementClaims) -> Option<Arc<PreparedStatement>> {
+    match PreparedStatement::new(claims) {
+        Ok(prepared) => Some(Arc::new(prepared)),
+        Err(e) => {
+            warn!(error = %e, "cannot serialise the host statement");
+            None
+        }
+    }
+}
+
+/// Re-serialises the statement whenever the main loop publishes a new snapshot, until
+/// `shutdown` (or until the main loop is gone).
+async fn keep_prepared(
+    mut snapshot: StatementSnapshot,
+    prepared: tokio::sync::watch::Sender<Option<Arc<PreparedStatement>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = snapshot.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let claims = Arc::clone(&snapshot.borrow_and_update());
+                prepared.send_replace(prepare(&claims));
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown`. `key` signs statements (the host key); `snapshot` is their
@@ -201,7 +234,10 @@ pub async fn serve(
     stats: Arc<kycd_net::ConnStats>,
     shutdown: CancellationToken,
 ) {
-    let state = AppState { requests, snapshot, key, bearer: api.bearer.map(Arc::new) };
+    let mut snapshot = snapshot;
+    let first = Arc::clone(&snapshot.borrow_and_update());
+    let (prepared_tx, prepared) = tokio::sync::watch::channel(prepare(&first));
+    let state = AppState { requests, prepared, key, bearer: api.bearer.map(Arc::new) };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
@@ -211,7 +247,7 @@ pub async fn serve(
     let limits = api.limits;
     let tls = api.tls;
     // The TLS handshake runs in the connection's task, bounded by the header-read timeout.
-    let prepare = move |tcp: tokio::net::TcpStream, peer: SocketAddr| {
+    let handshake = move |tcp: tokio::net::TcpStream, peer: SocketAddr| {
         let tls = tls.clone();
         async move {
             match tls {
@@ -226,7 +262,10 @@ pub async fn serve(
             }
         }
     };
-    kycd_net::serve(api.listener, app, limits, stats, shutdown, kycd_net::peer_ip, prepare).await;
+    tokio::join!(
+        kycd_net::serve(api.listener, app, limits, stats, shutdown.clone(), kycd_net::peer_ip, handshake),
+        keep_prepared(snapshot, prepared_tx, shutdown),
+    );
     info!("collector API stopped");
 }
 
@@ -265,17 +304,14 @@ async fn attestation(
     }
     // The nonce alphabet needs no percent-decoding: anything encoded is invalid anyway.
     let nonce = query.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("nonce="));
-    let Some(nonce) = nonce.filter(|n| valid_nonce(n)).map(str::to_owned) else {
+    let Some(nonce) = nonce.filter(|n| valid_nonce(n)) else {
         return error(StatusCode::BAD_REQUEST, "nonce must be 16-64 URL-safe characters (A-Z a-z 0-9 - _)");
     };
-    let mut claims = HostStatementClaims::clone(&state.snapshot.borrow());
-    claims.nonce = nonce;
-    claims.iat = kycd_protocol::clock::unix_now();
-    claims.exp = claims.iat + STATEMENT_TTL_S;
-    if let Some(host) = claims.host.as_mut() {
-        host.uptime_s = crate::host::uptime_s();
-    }
-    match kycd_protocol::sign(&claims, &state.key) {
+    let Some(prepared) = state.prepared.borrow().clone() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign the statement");
+    };
+    let iat = kycd_protocol::clock::unix_now();
+    match prepared.sign(&state.key, nonce, iat, iat + STATEMENT_TTL_S, crate::host::uptime_s()) {
         Ok(token) => ([(header::CONTENT_TYPE, "application/jwt")], token).into_response(),
         Err(e) => {
             warn!(error = %e, "cannot sign a host statement");
