@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::CollectorApiConfig;
 use crate::net::operator_api::ApiRequest;
+pub use crate::net::statement::valid_nonce;
 use crate::net::statement::PreparedStatement;
 
 /// How long a statement is valid: a point-in-time answer.
@@ -286,12 +287,6 @@ fn bearer_ok(state: &AppState, headers: &HeaderMap) -> bool {
         return false;
     }
     presented.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
-/// 16–64 characters of the URL-safe base64 alphabet.
-pub fn valid_nonce(nonce: &str) -> bool {
-    (16..=64).contains(&nonce.len())
-        && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 async fn attestation(

@@ -19,7 +19,12 @@ use std::fmt::Write as _;
 use kycd_protocol::{b64, HostStatementClaims, PrivateJwk, TokenType};
 use serde_json::Value;
 
-use crate::net::collector_api::valid_nonce;
+/// A nonce a statement may carry: 16–64 characters of the URL-safe base64 alphabet (so it is
+/// also safe to splice into the statement's JSON: no quote, backslash or control character).
+pub fn valid_nonce(nonce: &str) -> bool {
+    (16..=64).contains(&nonce.len())
+        && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// Why a statement cannot be prepared or stamped.
 #[derive(Debug, thiserror::Error)]
