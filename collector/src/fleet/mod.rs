@@ -439,7 +439,9 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<WindowEvidence>, StoreError>;
 
     /// The tenant's `limit` windows with the most estimated operations, most first.
-    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError>;
+    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
+        self.run_evidence(tenant, i64::MIN, i64::MAX, limit)
+    }
 
     /// The hosts that reported usage of the tenant, by host id.
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError>;

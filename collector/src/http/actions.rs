@@ -20,7 +20,7 @@ use kycd_protocol::clock::{Clock as _, SystemClock};
 use serde::Deserialize;
 
 use super::read_api::{constant_time_eq, ApiState};
-use super::response::{blocking, error};
+use super::response::{error, store_error};
 use crate::fleet::FindingAction;
 use crate::store::StoreError;
 
@@ -204,10 +204,7 @@ pub(super) async fn act(
         Ok(Err(e @ StoreError::FindingNotFound(_))) => error(StatusCode::NOT_FOUND, "NotFound", e),
         Ok(Err(e @ StoreError::InvalidTransition { .. })) => error(StatusCode::CONFLICT, "Conflict", e),
         Ok(Err(e @ StoreError::InvalidAction(_))) => error(StatusCode::BAD_REQUEST, "BadRequest", e),
-        Ok(Err(e)) => match blocking(move || Err::<(), _>(e)).await {
-            Err(api) => api.into_response(),
-            Ok(()) => error(StatusCode::INTERNAL_SERVER_ERROR, "Internal", "storage error"),
-        },
+        Ok(Err(e)) => store_error(&e).into_response(),
         Err(join) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("action task failed: {join}"))
         }

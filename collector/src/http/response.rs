@@ -44,7 +44,7 @@ pub(super) fn error(status: StatusCode, kind: &'static str, message: impl std::f
     api_error(status, kind, message).into_response()
 }
 
-fn store_error(e: &StoreError) -> ApiError {
+pub(super) fn store_error(e: &StoreError) -> ApiError {
     tracing::warn!(error = %e, "read API: storage failed");
     if e.is_transient() {
         api_error(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", e)

@@ -221,10 +221,6 @@ impl FleetStore for PgStore {
         self.aggregate(WINDOWS_SQL, None, period)
     }
 
-    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
-        self.evidence("tenant = $1 AND $2::text IS NULL", (tenant, None), (i64::MIN, i64::MAX), limit)
-    }
-
     fn run_evidence(
         &self,
         tenant: &str,

@@ -255,10 +255,6 @@ impl FleetStore for SqliteStore {
         self.aggregate(WINDOWS_SQL, None, period)
     }
 
-    fn usage_evidence(&self, tenant: &str, limit: u32) -> Result<Vec<WindowEvidence>, StoreError> {
-        self.evidence("tenant = ?1 AND ?2 IS NULL", (tenant, None), (i64::MIN, i64::MAX), limit)
-    }
-
     fn run_evidence(
         &self,
         tenant: &str,
