@@ -22,6 +22,7 @@ pub mod hosts;
 pub mod policy;
 pub mod records;
 pub mod report;
+pub mod rollups;
 pub mod serve;
 
 pub use backup::DatabaseCommand;
@@ -114,6 +115,11 @@ pub enum Command {
         #[command(subcommand)]
         command: RecordsCommand,
     },
+    /// The usage roll-ups: check them against the raw windows, or recompute them.
+    Rollups {
+        #[command(subcommand)]
+        command: rollups::RollupsCommand,
+    },
     /// Back the database up, or restore it from a backup.
     Database {
         #[command(subcommand)]
@@ -158,5 +164,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::run(args),
         Command::Records { command } => records::run(command),
         Command::Database { command } => backup::run(command),
+        Command::Rollups { command } => rollups::run(command),
     }
 }

@@ -190,6 +190,27 @@ pub fn audit_rows<S: FleetStore + ?Sized>(
     Ok(out)
 }
 
+/// How far back an incremental evaluation looks before the previous one started: covers
+/// batches received before it but committed after, and clock skew between collectors.
+pub const CHANGE_MARGIN_S: i64 = 300;
+
+/// What an earlier evaluation of this process covered: every run unchanged since `since` was
+/// evaluated under the policy version `policy_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Covered {
+    /// Segments changed at or after this (collector clock) are read again.
+    pub since: i64,
+    /// The policy version the runs were evaluated under (none: no policy).
+    pub policy_version: Option<u64>,
+}
+
+impl Covered {
+    /// What an evaluation that started at `now` and applied `report.policy_version` covers.
+    pub fn by(report: &EvaluationReport, now: i64) -> Covered {
+        Covered { since: now.saturating_sub(CHANGE_MARGIN_S), policy_version: report.policy_version }
+    }
+}
+
 /// One evaluation: records the identities the statements name, computes the findings that
 /// hold, raises the new ones (with their evidence) and resolves the ones that stopped holding.
 pub fn evaluate<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Sized>(
@@ -197,6 +218,21 @@ pub fn evaluate<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Siz
     hosts: &[HostView],
     settings: EvaluationSettings,
     now: i64,
+) -> Result<EvaluationReport, StoreError> {
+    evaluate_incremental(store, hosts, settings, now, None)
+}
+
+/// [`evaluate`] that reads, of the tenants' runs, only those that may have changed since
+/// `covered` (the runs of busy segments grown since then; [`crate::fleet::rollup::Segments`]):
+/// every other run was held against the same policy by the evaluation that covered it, and
+/// its findings are raised already. So the evaluation's cost does not grow with the history.
+/// Without `covered`, or when the policy changed since, every run is read.
+pub fn evaluate_incremental<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Sized>(
+    store: &S,
+    hosts: &[HostView],
+    settings: EvaluationSettings,
+    now: i64,
+    covered: Option<Covered>,
 ) -> Result<EvaluationReport, StoreError> {
     let named = identities_from_statements(hosts);
     if !named.is_empty() {
@@ -209,8 +245,20 @@ pub fn evaluate<S: FleetStore + PolicyStore + crate::records::RecordStore + ?Siz
     let identities: BTreeMap<String, TenantIdentity> =
         store.tenant_identities()?.into_iter().map(|i| (i.tenant.clone(), i)).collect();
     let policy = store.current_policy()?;
-    // One pass over the windows: the tenants' usage and the usage without a tenant.
-    let fleet = store.fleet_usage(None)?;
+    // The roll-ups: the tenants' usage and the usage without a tenant.
+    let version = policy.as_ref().map(|p| p.version);
+    let fleet = match covered.filter(|c| c.policy_version == version) {
+        Some(covered) => {
+            let gap_s =
+                policy.as_ref().map_or(kycd_protocol::DEFAULT_RUN_GAP_S, |p| p.claims.thresholds.run_gap_s);
+            let gap_s = i64::try_from(gap_s).unwrap_or(i64::MAX);
+            store.evaluation_usage(crate::fleet::rollup::Segments::ChangedSince {
+                since: covered.since,
+                gap_s,
+            })?
+        }
+        None => store.fleet_usage(None)?,
+    };
     let active = active_findings(store)?;
     let state = FleetState {
         now,
@@ -344,8 +392,18 @@ pub fn evaluate_store(
     settings: EvaluationSettings,
     now: i64,
 ) -> Result<EvaluationReport, StoreError> {
+    evaluate_store_incremental(store, settings, now, None)
+}
+
+/// [`evaluate_incremental`] over everything `store` holds.
+pub fn evaluate_store_incremental(
+    store: &dyn Storage,
+    settings: EvaluationSettings,
+    now: i64,
+    covered: Option<Covered>,
+) -> Result<EvaluationReport, StoreError> {
     let hosts = host_views(store, settings, now)?;
-    evaluate(store, &hosts, settings, now)
+    evaluate_incremental(store, &hosts, settings, now, covered)
 }
 
 /// Evaluates every `interval` until `shutdown`; failures are logged and retried on the next
@@ -358,6 +416,9 @@ pub async fn run_evaluator(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first evaluation reads every run; later ones the runs changed since the last one
+    // that succeeded (a failed one changes nothing, so the next reads from the same point).
+    let mut covered: Option<Covered> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -365,10 +426,14 @@ pub async fn run_evaluator(
         }
         let store = std::sync::Arc::clone(&store);
         let started = SystemClock.instant();
+        let now = SystemClock.unix_now();
         let result = tokio::task::spawn_blocking(move || {
-            evaluate_store(store.as_ref(), settings, SystemClock.unix_now())
+            evaluate_store_incremental(store.as_ref(), settings, now, covered)
         })
         .await;
+        if let Ok(Ok(report)) = &result {
+            covered = Some(Covered::by(report, now));
+        }
         match result {
             Ok(Ok(report)) => tracing::info!(
                 raised = report.raised.len(),

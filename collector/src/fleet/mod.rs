@@ -42,6 +42,7 @@ use crate::store::reports::Rejection;
 
 pub mod clusters;
 pub mod lifecycle;
+pub mod rollup;
 pub mod runs;
 mod usage;
 
@@ -404,8 +405,25 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
         self.fleet_usage_in(Period { since, until: None })
     }
 
-    /// [`FleetStore::fleet_usage`] over the windows of `period`.
+    /// [`FleetStore::fleet_usage`] over the windows of `period`. All time (the default
+    /// period) is read from the roll-ups ([`rollup`]), any other period from the windows.
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError>;
+
+    /// The all-time fleet view from the roll-ups, with the tenants' runs that `segments`
+    /// selects (what a periodic evaluation reads: [`rollup::Segments::ChangedSince`]).
+    fn evaluation_usage(&self, segments: rollup::Segments) -> Result<FleetUsage, StoreError>;
+
+    /// [`FleetStore::fleet_usage_in`] computed from the raw windows whatever the period (what
+    /// the roll-ups must equal).
+    fn fleet_usage_from_windows(&self, period: Period) -> Result<FleetUsage, StoreError>;
+
+    /// Recomputes the roll-ups from the raw windows and compares them with the stored ones,
+    /// table by table ([`rollup::check`]).
+    fn rollup_check(&self) -> Result<Vec<rollup::check::TableCheck>, StoreError>;
+
+    /// Recomputes the stored roll-ups from the raw windows (hosts in their cluster now), at
+    /// `now`; returns the windows read.
+    fn rollup_rebuild(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Places enrolled host `host_id` in a site and fabric (none: unplaced) at `at`; false
     /// when the host is not enrolled.

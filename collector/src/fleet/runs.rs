@@ -44,7 +44,8 @@ pub struct RunFigures {
 }
 
 impl RunFigures {
-    fn merge(&mut self, other: RunFigures) {
+    /// Adds `other` (saturating).
+    pub fn merge(&mut self, other: RunFigures) {
         use super::saturating_sum as sum;
         self.ops_lower = sum(self.ops_lower, other.ops_lower);
         self.estimated_ops = sum(self.estimated_ops, other.estimated_ops);
@@ -199,6 +200,30 @@ impl Activity {
                 }
             })
             .collect()
+    }
+
+    /// The activity of stored segments: (start, end, figures, host ids), disjoint.
+    pub fn from_segments(
+        segments: impl IntoIterator<Item = (i64, i64, RunFigures, Vec<String>)>,
+    ) -> Activity {
+        let mut index: BTreeMap<String, u32> = BTreeMap::new();
+        let mut names: Vec<Arc<str>> = Vec::new();
+        let mut activity = Activity::default();
+        for (start, end, figures, hosts) in segments {
+            let hosts = hosts
+                .into_iter()
+                .map(|host| {
+                    let next = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                    *index.entry(host).or_insert_with_key(|host| {
+                        names.push(Arc::from(host.as_str()));
+                        next
+                    })
+                })
+                .collect();
+            activity.segments.insert(start, Segment { end, figures, hosts });
+        }
+        activity.names = names.into();
+        activity
     }
 
     /// Busy segments held.

@@ -172,7 +172,7 @@ impl UnattributedUsage {
         self.gpu_seconds / 3600.0
     }
 
-    fn from_usage(host_id: String, workload: String, u: TenantUsage) -> Self {
+    pub(crate) fn from_usage(host_id: String, workload: String, u: TenantUsage) -> Self {
         UnattributedUsage {
             host_id,
             workload,

@@ -210,8 +210,9 @@ pub fn check_cutoff(before: i64, now: i64, min_s: u64) -> Result<(), i64> {
 
 /// One prune at `now` with the configured minimum: refused as a whole when `before` is inside
 /// the effective retention; else the tied rows are kept and everything else older is deleted
-/// (`dry_run`: counted).
-pub fn prune<S: RecordStore + crate::policy::PolicyStore + ?Sized>(
+/// (`dry_run`: counted). Deleted windows leave the usage roll-ups too: they are recomputed
+/// from the windows kept ([`crate::fleet::FleetStore::rollup_rebuild`]).
+pub fn prune<S: RecordStore + crate::policy::PolicyStore + crate::fleet::FleetStore + ?Sized>(
     store: &S,
     before: i64,
     now: i64,
@@ -225,7 +226,15 @@ pub fn prune<S: RecordStore + crate::policy::PolicyStore + ?Sized>(
         let counts = store.prune(before, true)?;
         return Err(RetentionError::InsideRetention { before, limit, min_s, set_by, counts });
     }
-    Ok(store.prune(before, dry_run)?)
+    let counts = store.prune(before, dry_run)?;
+    if !dry_run && counts.records > 0 {
+        // The usage roll-ups summarise the windows kept: recomputed without the pruned ones
+        // (a crash before this leaves them over-stating until `rollups rebuild`, which
+        // `rollups check` would call for).
+        let windows = store.rollup_rebuild(now)?;
+        tracing::info!(pruned = counts.records, windows, "usage roll-ups recomputed after pruning");
+    }
+    Ok(counts)
 }
 
 /// The identities the hosts' statements name, one per (tenant, attestation digest, identity)

@@ -234,6 +234,20 @@ pub(crate) mod test_support {
         assert_eq!(history.iter().map(|r| (r.first_seen, r.last_seen)).collect::<Vec<_>>(), [(5, 9)]);
     }
 
+    /// After migration 11 of a version-10 database holding records 1 and 2..=3 (two windows)
+    /// of host `a` (tenant `t`): the roll-ups were computed once on opening and equal the windows, and ingest
+    /// keeps them so.
+    pub(crate) fn check_migrated_to_rollups<S: ReportStore + crate::fleet::FleetStore>(store: &S) {
+        let usage = store.tenant_usage(Some("t"), None).unwrap();
+        assert_eq!((usage.len(), usage[0].windows, usage[0].hosts), (1, 2, 1), "{usage:?}");
+        let differing: Vec<_> =
+            store.rollup_check().unwrap().into_iter().filter(|c| c.differences > 0).collect();
+        assert!(differing.is_empty(), "{differing:#?}");
+        assert_eq!(store.insert_batch("a", 1, &[record(4, None)], 0).unwrap(), 4);
+        assert_eq!(store.tenant_usage(Some("t"), None).unwrap()[0].windows, 3);
+        assert!(store.rollup_check().unwrap().iter().all(|c| c.differences == 0));
+    }
+
     /// After migration 5 of a version-4 database holding host `a` (key `a1`, enrolled at 100,
     /// records 1 and 2..=3) and the records of a removed host `b` (record 1): everything is in
     /// epoch 1, and new keys start epoch 2 beside the old records. `new_key` makes a key;

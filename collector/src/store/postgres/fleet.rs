@@ -16,8 +16,10 @@ use std::collections::BTreeMap;
 use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::types::ToSql;
 
-use super::driver::{get, pg_error, to_i64};
+use super::driver::{get, pg_error, to_i64, Failed};
 use super::PgStore;
+use crate::fleet::rollup::check::TableCheck;
+use crate::fleet::rollup::Segments;
 use crate::fleet::{
     AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
@@ -213,11 +215,55 @@ impl FleetStore for PgStore {
     }
 
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
+        if period == Period::default() {
+            let mut conn = self.checkout()?;
+            let rollups = super::rollups::read_rollups(conn.client()?, tenant, false, Segments::All)?;
+            return Ok(crate::fleet::rollup::assemble::assemble(&rollups).tenants);
+        }
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         Ok(self.aggregate(sql, tenant, period)?.tenants)
     }
 
+    fn evaluation_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
+        let mut conn = self.checkout()?;
+        let rollups = super::rollups::read_rollups(conn.client()?, None, false, segments)?;
+        Ok(crate::fleet::rollup::assemble::assemble(&rollups))
+    }
+
+    fn fleet_usage_from_windows(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, period)
+    }
+
+    fn rollup_check(&self) -> Result<Vec<TableCheck>, StoreError> {
+        let mut conn = self.checkout()?;
+        super::rollups::check(conn.client()?)
+    }
+
+    fn rollup_rebuild(&self, now: i64) -> Result<u64, StoreError> {
+        let mut conn = self.checkout()?;
+        let (client, stmts) = conn.parts()?;
+        let Some(st) = &stmts.rollups else {
+            return Err(StoreError::Unsupported("this database has no roll-up tables".into()));
+        };
+        let done = (|| {
+            let mut tx = client.transaction()?;
+            let windows = super::rollups::rebuild(&mut tx, st, now, false)?;
+            tx.commit()?;
+            Ok::<_, Failed>(windows.unwrap_or(0))
+        })();
+        match done {
+            Ok(windows) => Ok(windows),
+            Err(Failed::Pg(e)) => Err(pg_error(e)),
+            Err(Failed::Store(e)) => Err(e),
+        }
+    }
+
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        if period == Period::default() {
+            let mut conn = self.checkout()?;
+            let rollups = super::rollups::read_rollups(conn.client()?, None, false, Segments::All)?;
+            return Ok(crate::fleet::rollup::assemble::assemble(&rollups));
+        }
         self.aggregate(WINDOWS_SQL, None, period)
     }
 
@@ -250,7 +296,8 @@ impl FleetStore for PgStore {
         let rows = conn
             .client()?
             .query(
-                r#"SELECT DISTINCT host_id COLLATE "C" AS h FROM records WHERE tenant = $1 ORDER BY h"#,
+                r#"SELECT host COLLATE "C" AS h FROM rollup_hosts
+                   WHERE tenant = $1 AND subject_host = '' AND subject_workload = '' ORDER BY h"#,
                 &[&tenant],
             )
             .map_err(pg_error)?;

@@ -53,6 +53,7 @@ pub mod findings;
 pub mod fleet;
 pub mod records;
 pub mod reports;
+mod rollups;
 pub mod schema;
 pub mod statements;
 
@@ -107,6 +108,7 @@ struct Statements {
     insert: Statement,
     walk: Statement,
     set_acked: Statement,
+    rollups: Option<rollups::RollupStatements>,
 }
 
 const INSERT_RECORDS: &str = r#"
@@ -153,7 +155,43 @@ impl Statements {
                 "INSERT INTO host_progress (host_id, epoch, acked_seq) VALUES ($1, $3, $2)
                  ON CONFLICT (host_id, epoch) DO UPDATE SET acked_seq = excluded.acked_seq",
             )?,
+            // None only for a database opened at a version before the roll-ups (tests).
+            rollups: match client.query_one("SELECT to_regclass('rollup_state') IS NOT NULL", &[])?.get(0) {
+                true => Some(rollups::RollupStatements::prepare(client)?),
+                false => None,
+            },
         })
+    }
+}
+
+/// The schema version that introduced the roll-ups ([`schema::MIGRATION_ROLLUPS`]).
+const ROLLUP_VERSION: usize = 11;
+
+/// Builds the roll-ups of a database migrated from before them, once (however many
+/// collectors open it at once); a no-op otherwise.
+fn build_rollups_if_needed(client: &mut Client) -> Result<(), StoreError> {
+    let unbuilt = client
+        .query_opt("SELECT 1 FROM rollup_state WHERE built_at IS NULL", &[])
+        .map_err(pg_error)?
+        .is_some();
+    if !unbuilt {
+        return Ok(());
+    }
+    tracing::info!("computing usage roll-ups of the windows stored before them (once)");
+    let st = rollups::RollupStatements::prepare(client).map_err(pg_error)?;
+    let done = (|| {
+        let mut tx = client.transaction()?;
+        let windows = rollups::rebuild(&mut tx, &st, SystemClock.unix_now(), true)?;
+        tx.commit()?;
+        Ok::<_, Failed>(windows)
+    })();
+    match done {
+        Ok(windows) => {
+            tracing::info!(windows = ?windows, "usage roll-ups computed");
+            Ok(())
+        }
+        Err(Failed::Pg(e)) => Err(pg_error(e)),
+        Err(Failed::Store(e)) => Err(e),
     }
 }
 
@@ -286,6 +324,9 @@ impl PgStore {
         }
         let mut client = connect(&config)?;
         migrate(&mut client, version)?;
+        if version >= ROLLUP_VERSION {
+            build_rollups_if_needed(&mut client)?;
+        }
         Ok(PgStore {
             config,
             url: redacted,

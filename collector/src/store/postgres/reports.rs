@@ -6,7 +6,10 @@ use postgres::error::SqlState;
 use postgres::Client;
 
 use super::driver::{get, pg_error, retryable, to_i64, Failed};
+use super::rollups::PgRollups;
 use super::{PgStore, Statements, ATTEMPTS, HOST_LOCK_CLASS};
+use crate::fleet::rollup::apply::apply;
+use crate::fleet::rollup::{window_row, Rollups};
 use crate::store::error::StoreError;
 use crate::store::reports::{
     Enrollment, HostEntry, Rejection, ReportStore, ValidRecord, REJECTIONS_PER_HOST,
@@ -84,6 +87,7 @@ impl PgStore {
         let stored_end: i64 = get::<Option<i64>>(&state, 1)?.unwrap_or(0);
 
         let mut new = Columns::default();
+        let mut inserted: Vec<&ValidRecord> = Vec::new();
         // Records at or below the stored end (re-sent or filling gaps) are compared with
         // what is stored around them, fetched in one query.
         let old: Vec<&ValidRecord> =
@@ -126,6 +130,7 @@ impl PgStore {
                 }
             }
             new.push(valid)?;
+            inserted.push(valid);
         }
         if !new.seq.is_empty() {
             let inserted = tx.execute(
@@ -160,6 +165,20 @@ impl PgStore {
                 // Only a writer that bypasses the host lock can get here; the rows it stored
                 // are compared on the next attempt.
                 return Err(Failed::Store(StoreError::Busy));
+            }
+        }
+        // The roll-ups move with the windows, in their transaction (issue 20).
+        if let (false, Some(st)) = (inserted.is_empty(), &stmts.rollups) {
+            let mut ops = PgRollups { tx: &mut tx, st, failed: None };
+            let applied = ops.host_cluster(host_id).and_then(|cluster| {
+                let mut rollups = Rollups::default();
+                for valid in &inserted {
+                    rollups.add(&window_row(host_id, &valid.record.window), &cluster);
+                }
+                apply(&rollups, &mut ops, received_at)
+            });
+            if let Err(e) = applied {
+                return Err(ops.failed.take().map_or(Failed::Store(e), Failed::Pg));
             }
         }
         // Advance the acked seq: first across the batch in memory, then on in the table

@@ -75,6 +75,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_RECORDS,
     // 10: hosts' placement (site and network fabric) for co-located cluster capacity.
     MIGRATION_PLACEMENT,
+    // 11: usage roll-ups maintained at ingest (see crate::fleet::rollup).
+    MIGRATION_ROLLUPS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -329,6 +331,84 @@ pub const MIGRATION_PLACEMENT: &str = r#"
     );
 "#;
 
+/// Step 11, the same as SQLite's step 11 ([`crate::fleet::rollup`]): the usage roll-ups,
+/// maintained at ingest; `rollup_state.built_at` is NULL while the roll-ups of windows stored
+/// before this migration are still to be computed (opening the store does it, once, under a
+/// row lock: [`super::rollups`]).
+pub const MIGRATION_ROLLUPS: &str = r#"
+    CREATE TABLE rollup_subjects (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        windows BIGINT NOT NULL, ops_lower DOUBLE PRECISION NOT NULL, estimated_ops DOUBLE PRECISION NOT NULL,
+        ops_upper DOUBLE PRECISION NOT NULL, gpu_seconds DOUBLE PRECISION NOT NULL, shared_gpu_seconds DOUBLE PRECISION NOT NULL,
+        guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL, first_start BIGINT NOT NULL, last_end BIGINT NOT NULL,
+        foreign_person BOOLEAN NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload)
+    );
+    CREATE TABLE rollup_methods (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        method TEXT NOT NULL, estimated_ops DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, method)
+    );
+    CREATE TABLE rollup_days (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        day BIGINT NOT NULL,
+        windows BIGINT NOT NULL, ops_lower DOUBLE PRECISION NOT NULL, estimated_ops DOUBLE PRECISION NOT NULL,
+        ops_upper DOUBLE PRECISION NOT NULL, gpu_seconds DOUBLE PRECISION NOT NULL, shared_gpu_seconds DOUBLE PRECISION NOT NULL,
+        guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL, first_start BIGINT NOT NULL, last_end BIGINT NOT NULL,
+        foreign_person BOOLEAN NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, day)
+    );
+    CREATE TABLE rollup_day_methods (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        day BIGINT NOT NULL, method TEXT NOT NULL, estimated_ops DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, day, method)
+    );
+    CREATE TABLE rollup_day_hosts (
+        tenant TEXT NOT NULL, day BIGINT NOT NULL, host TEXT NOT NULL,
+        PRIMARY KEY (tenant, day, host)
+    );
+    CREATE TABLE rollup_hosts (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        host TEXT NOT NULL, gpus BIGINT NOT NULL, shared_gpu_seconds DOUBLE PRECISION NOT NULL,
+        guest_gap_gpu_seconds DOUBLE PRECISION NOT NULL, cluster TEXT NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, host)
+    );
+    CREATE TABLE rollup_gap_workloads (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        host TEXT NOT NULL, workload TEXT NOT NULL, seconds DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, host, workload)
+    );
+    CREATE TABLE rollup_capacity (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        cluster TEXT NOT NULL, minute BIGINT NOT NULL, flops DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, cluster, minute)
+    );
+    CREATE TABLE rollup_peaks (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        cluster TEXT NOT NULL, peak_flops DOUBLE PRECISION NOT NULL, peak_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, cluster)
+    );
+    CREATE TABLE rollup_segments (
+        tenant TEXT NOT NULL, start BIGINT NOT NULL, "end" BIGINT NOT NULL,
+        windows BIGINT NOT NULL, ops_lower DOUBLE PRECISION NOT NULL, estimated_ops DOUBLE PRECISION NOT NULL,
+        ops_upper DOUBLE PRECISION NOT NULL, gpu_seconds DOUBLE PRECISION NOT NULL, ops_by_method TEXT NOT NULL,
+        peak_flops DOUBLE PRECISION NOT NULL, peak_at BIGINT NOT NULL, changed_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant, start)
+    );
+    CREATE INDEX rollup_segments_end ON rollup_segments (tenant, "end");
+    CREATE INDEX rollup_segments_changed ON rollup_segments (changed_at);
+    CREATE TABLE rollup_segment_hosts (
+        tenant TEXT NOT NULL, start BIGINT NOT NULL, host TEXT NOT NULL,
+        PRIMARY KEY (tenant, start, host)
+    );
+    CREATE TABLE rollup_state (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        built_at BIGINT
+    );
+    INSERT INTO rollup_state (id, built_at)
+        SELECT 1, CASE WHEN EXISTS (SELECT 1 FROM records) THEN NULL ELSE 0::bigint END;
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +585,20 @@ mod tests {
         let store = PgStore::open(&db.url).unwrap();
         assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_records(&store);
+    }
+
+    /// A version-10 database (windows, no roll-ups) gets its roll-ups computed on opening.
+    #[test]
+    fn a_version_10_database_gets_its_rollups_built() {
+        let Some(db) = fresh_database("a_version_10_database_gets_its_rollups_built") else { return };
+        {
+            let old = PgStore::open_at_version(&db.url, 10).unwrap();
+            let records = [record(1, None), record(2, Some(3))];
+            assert_eq!(old.insert_batch("a", 1, &records, 0).unwrap(), 3);
+        }
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        crate::store::test_support::check_migrated_to_rollups(&store);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
+use crate::fleet::rollup::check::TableCheck;
+use crate::fleet::rollup::Segments;
 use crate::fleet::{
     AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
@@ -79,7 +81,7 @@ impl PolicyStore for SqliteStore {
 /// Every window of the aggregation, one table scan (the `NOT INDEXED` variant: reading the
 /// whole table in rowid order beats walking the tenant index into random row lookups). Windows
 /// without a tenant are aggregated per (host, workload), so their workload is read too.
-const WINDOWS_SQL: &str = r#"
+pub(super) const WINDOWS_SQL: &str = r#"
     SELECT tenant, host_id, start, "end", gpu_seconds, MAX(max_concurrent_gpus, gpus), estimated_ops,
            peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
            guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
@@ -96,7 +98,11 @@ const TENANT_WINDOWS_SQL: &str = r#"
 const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
     ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records"#;
 
-fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+/// Hands the window of row `r` (as [`WINDOWS_SQL`] selects it) to `f`.
+pub(super) fn read_window<T>(
+    r: &rusqlite::Row<'_>,
+    f: impl FnOnce(&WindowRow<'_>) -> T,
+) -> rusqlite::Result<T> {
     use rusqlite::types::ValueRef;
     let text = |i: usize| -> rusqlite::Result<&str> {
         match r.get_ref(i)? {
@@ -110,7 +116,7 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
             _ => text(i).map(Some),
         }
     };
-    acc.add(&WindowRow {
+    Ok(f(&WindowRow {
         tenant: optional_text(0)?,
         host_id: text(1)?,
         start: r.get(2)?,
@@ -126,8 +132,7 @@ fn add_window(acc: &mut UsageAccumulator, r: &rusqlite::Row<'_>) -> rusqlite::Re
         shared_gpu_seconds: r.get(12)?,
         guest_gap_gpu_seconds: r.get(13)?,
         workload: optional_text(14)?,
-    });
-    Ok(())
+    }))
 }
 
 impl SqliteStore {
@@ -139,7 +144,7 @@ impl SqliteStore {
         let mut stmt = conn.prepare(sql).map_err(db_error)?;
         let mut rows = stmt.query(params![tenant, period.since, period.until]).map_err(db_error)?;
         while let Some(r) = rows.next().map_err(db_error)? {
-            add_window(&mut acc, r).map_err(db_error)?;
+            read_window(r, |w| acc.add(w)).map_err(db_error)?;
         }
         Ok(acc.finish_fleet())
     }
@@ -202,7 +207,7 @@ impl SqliteStore {
 }
 
 /// Every placed host's placement, read on `conn`.
-fn placements_on(conn: &Connection) -> Result<Vec<(String, Placement)>, StoreError> {
+pub(super) fn placements_on(conn: &Connection) -> Result<Vec<(String, Placement)>, StoreError> {
     let mut stmt = conn
         .prepare("SELECT host_id, site, fabric FROM host_placement ORDER BY host_id")
         .map_err(db_error)?;
@@ -247,12 +252,37 @@ impl FleetStore for SqliteStore {
     }
 
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
+        if period == Period::default() {
+            let rollups = super::rollups::read_rollups(&self.reader()?, tenant, false, Segments::All)?;
+            return Ok(crate::fleet::rollup::assemble::assemble(&rollups).tenants);
+        }
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         Ok(self.aggregate(sql, tenant, period)?.tenants)
     }
 
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        if period == Period::default() {
+            let rollups = super::rollups::read_rollups(&self.reader()?, None, false, Segments::All)?;
+            return Ok(crate::fleet::rollup::assemble::assemble(&rollups));
+        }
         self.aggregate(WINDOWS_SQL, None, period)
+    }
+
+    fn evaluation_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
+        let rollups = super::rollups::read_rollups(&self.reader()?, None, false, segments)?;
+        Ok(crate::fleet::rollup::assemble::assemble(&rollups))
+    }
+
+    fn fleet_usage_from_windows(&self, period: Period) -> Result<FleetUsage, StoreError> {
+        self.aggregate(WINDOWS_SQL, None, period)
+    }
+
+    fn rollup_check(&self) -> Result<Vec<TableCheck>, StoreError> {
+        super::rollups::check(&self.reader()?)
+    }
+
+    fn rollup_rebuild(&self, now: i64) -> Result<u64, StoreError> {
+        super::rollups::rebuild(&mut *self.lock()?, now)
     }
 
     fn run_evidence(
@@ -282,7 +312,10 @@ impl FleetStore for SqliteStore {
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
-            .prepare("SELECT DISTINCT host_id FROM records WHERE tenant = ?1 ORDER BY host_id")
+            .prepare(
+                "SELECT host FROM rollup_hosts WHERE tenant = ?1 AND subject_host = '' AND subject_workload = ''
+                 ORDER BY host",
+            )
             .map_err(db_error)?;
         let rows = stmt.query_map([tenant], |r| r.get(0)).map_err(db_error)?;
         rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)

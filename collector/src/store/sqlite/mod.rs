@@ -30,6 +30,7 @@ pub mod findings;
 pub mod fleet;
 pub mod records;
 pub mod reports;
+mod rollups;
 pub mod schema;
 pub mod statements;
 
@@ -41,11 +42,17 @@ pub use schema::{
     MIGRATION_POLLING, MIGRATION_RECORDS,
 };
 
+/// The schema version that introduced the roll-ups ([`schema::MIGRATION_ROLLUPS`]).
+const ROLLUP_VERSION: usize = 11;
+
 /// The SQLite store.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Whether the schema has the roll-ups (false only for a database opened at an older
+    /// version, in tests).
+    rollups: bool,
 }
 
 impl SqliteStore {
@@ -59,7 +66,10 @@ impl SqliteStore {
         let path = path.into();
         let mut conn = open_connection(&path)?;
         migrate(&mut conn, version)?;
-        Ok(SqliteStore { path, conn: Mutex::new(conn) })
+        if version >= ROLLUP_VERSION {
+            rollups::build_if_needed(&mut conn, kycd_protocol::clock::unix_now())?;
+        }
+        Ok(SqliteStore { path, conn: Mutex::new(conn), rollups: version >= ROLLUP_VERSION })
     }
 
     /// The database file.

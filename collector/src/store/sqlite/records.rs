@@ -214,6 +214,7 @@ impl SqliteStore {
         drop(source);
         let mut conn = self.lock()?;
         conn.restore(rusqlite::MAIN_DB, from, None::<fn(rusqlite::backup::Progress)>).map_err(db_error)?;
-        super::schema::migrate(&mut conn, super::MIGRATIONS.len())
+        super::schema::migrate(&mut conn, super::MIGRATIONS.len())?;
+        super::rollups::build_if_needed(&mut conn, kycd_protocol::clock::unix_now())
     }
 }

@@ -241,6 +241,9 @@ impl ReportStore for SqliteStore {
                 .and_then(|mut s| s.query_row(params![host_id, epoch], |r| r.get(0)).optional())
                 .map_err(db_error)?
                 .unwrap_or(0);
+            let mut rollups = crate::fleet::rollup::Rollups::default();
+            let cluster =
+                if self.rollups { super::rollups::host_cluster(&tx, host_id)? } else { String::new() };
             for valid in records {
                 let seq = to_i64(valid.record.seq)?;
                 let last_seq = to_i64(valid.last_seq)?;
@@ -296,6 +299,15 @@ impl ReportStore for SqliteStore {
                         w.guest_gap_gpu_seconds,
                     ])
                     .map_err(db_error)?;
+                rollups.add(&crate::fleet::rollup::window_row(host_id, w), &cluster);
+            }
+            // The roll-ups move with the windows, in their transaction (issue 20).
+            if self.rollups {
+                crate::fleet::rollup::apply::apply(
+                    &rollups,
+                    &mut super::rollups::SqliteRollups(&tx),
+                    received_at,
+                )?;
             }
         }
         let acked = advance_ack(&tx, host_id, epoch, records)?;

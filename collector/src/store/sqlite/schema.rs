@@ -73,6 +73,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_RECORDS,
     // 10: hosts' placement (site and network fabric) for co-located cluster capacity.
     MIGRATION_PLACEMENT,
+    // 11: usage roll-ups maintained at ingest (see crate::fleet::rollup).
+    MIGRATION_ROLLUPS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
@@ -341,6 +343,85 @@ pub const MIGRATION_PLACEMENT: &str = r#"
     ) STRICT;
 "#;
 
+/// Step 11 ([`crate::fleet::rollup`]): the usage roll-ups, maintained at ingest. A subject is
+/// `(tenant, subject_host, subject_workload)`: a tenant with empty host and workload, or a
+/// workload without a tenant (empty tenant). `rollup_state.built_at` is NULL while the
+/// roll-ups of windows stored before this migration are still to be computed: opening the
+/// store computes them ([`super::rollups`]).
+pub const MIGRATION_ROLLUPS: &str = r#"
+    CREATE TABLE rollup_subjects (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        windows INTEGER NOT NULL, ops_lower REAL NOT NULL, estimated_ops REAL NOT NULL,
+        ops_upper REAL NOT NULL, gpu_seconds REAL NOT NULL, shared_gpu_seconds REAL NOT NULL,
+        guest_gap_gpu_seconds REAL NOT NULL, first_start INTEGER NOT NULL, last_end INTEGER NOT NULL,
+        foreign_person INTEGER NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_methods (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        method TEXT NOT NULL, estimated_ops REAL NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, method)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_days (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        windows INTEGER NOT NULL, ops_lower REAL NOT NULL, estimated_ops REAL NOT NULL,
+        ops_upper REAL NOT NULL, gpu_seconds REAL NOT NULL, shared_gpu_seconds REAL NOT NULL,
+        guest_gap_gpu_seconds REAL NOT NULL, first_start INTEGER NOT NULL, last_end INTEGER NOT NULL,
+        foreign_person INTEGER NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, day)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_day_methods (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        day INTEGER NOT NULL, method TEXT NOT NULL, estimated_ops REAL NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, day, method)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_day_hosts (
+        tenant TEXT NOT NULL, day INTEGER NOT NULL, host TEXT NOT NULL,
+        PRIMARY KEY (tenant, day, host)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_hosts (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        host TEXT NOT NULL, gpus INTEGER NOT NULL, shared_gpu_seconds REAL NOT NULL,
+        guest_gap_gpu_seconds REAL NOT NULL, cluster TEXT NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, host)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_gap_workloads (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        host TEXT NOT NULL, workload TEXT NOT NULL, seconds REAL NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, host, workload)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_capacity (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        cluster TEXT NOT NULL, minute INTEGER NOT NULL, flops REAL NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, cluster, minute)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_peaks (
+        tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
+        cluster TEXT NOT NULL, peak_flops REAL NOT NULL, peak_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, cluster)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_segments (
+        tenant TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+        windows INTEGER NOT NULL, ops_lower REAL NOT NULL, estimated_ops REAL NOT NULL,
+        ops_upper REAL NOT NULL, gpu_seconds REAL NOT NULL, ops_by_method TEXT NOT NULL,
+        peak_flops REAL NOT NULL, peak_at INTEGER NOT NULL, changed_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, start)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX rollup_segments_end ON rollup_segments (tenant, "end");
+    CREATE INDEX rollup_segments_changed ON rollup_segments (changed_at);
+    CREATE TABLE rollup_segment_hosts (
+        tenant TEXT NOT NULL, start INTEGER NOT NULL, host TEXT NOT NULL,
+        PRIMARY KEY (tenant, start, host)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE rollup_state (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        built_at INTEGER
+    ) STRICT;
+    INSERT INTO rollup_state (id, built_at)
+        SELECT 1, CASE WHEN EXISTS (SELECT 1 FROM records) THEN NULL ELSE 0 END;
+"#;
+
 #[cfg(test)]
 mod tests {
     use rusqlite::params;
@@ -521,6 +602,20 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
         crate::store::test_support::check_migrated_to_records(&store);
+    }
+
+    /// A version-10 database (windows, no roll-ups) gets its roll-ups computed on opening.
+    #[test]
+    fn a_version_10_database_gets_its_rollups_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v10.db");
+        {
+            let old = SqliteStore::open_at_version(&path, 10).unwrap();
+            assert_eq!(old.insert_batch("a", 1, &[record(1, None), record(2, Some(3))], 0).unwrap(), 3);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        crate::store::test_support::check_migrated_to_rollups(&store);
     }
 
     #[test]
