@@ -75,6 +75,10 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_RECORDS,
     // 10: hosts' placement (site and network fabric) for co-located cluster capacity.
     MIGRATION_PLACEMENT,
+    // 11: reserved (roll-ups).
+    "-- 11: reserved (roll-ups)",
+    // 12: `records` partitioned by month of the window's end (see super::partitions).
+    super::partitions::MIGRATION_PARTITIONS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,

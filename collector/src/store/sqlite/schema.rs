@@ -73,6 +73,10 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_RECORDS,
     // 10: hosts' placement (site and network fabric) for co-located cluster capacity.
     MIGRATION_PLACEMENT,
+    // 11: reserved (roll-ups).
+    "-- 11: reserved (roll-ups)",
+    // 12: nothing on SQLite; PostgreSQL partitions `records` by month (see super::partitions).
+    super::partitions::MIGRATION_PARTITIONS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
