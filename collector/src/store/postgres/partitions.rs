@@ -380,6 +380,32 @@ mod tests {
         assert_eq!(partitions(&mut db.client()), owned(&[("records_2026_01", 10)]));
     }
 
+    /// A new month's partition is attached while another transaction holds an uncommitted
+    /// insert into `records`: ATTACH PARTITION does not wait for it (a wait would end as
+    /// busy after the 5 s lock timeout), and both rows are stored.
+    #[test]
+    fn a_new_month_does_not_wait_for_ingest_in_flight() {
+        let Some(db) = fresh_database("a_new_month_does_not_wait_for_ingest_in_flight") else { return };
+        let store = PgStore::open(&db.url).unwrap();
+        assert_eq!(store.insert_batch("a", 1, &[ending_at(1, "t", JAN + 60)], 0).unwrap(), 1);
+        let mut other = db.client();
+        let mut open = other.transaction().unwrap();
+        open.execute(
+            "INSERT INTO records SELECT host_id, seq + 1, last_seq + 1, tenant, workload, start, \"end\",
+                 gpu_seconds, gpus, max_concurrent_gpus, estimated_ops, peak_flops, method,
+                 training_like, foreign_person, merged_windows, body_json, received_at, epoch,
+                 ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds
+             FROM records WHERE seq = 1",
+            &[],
+        )
+        .unwrap();
+        let started = kycd_protocol::clock::monotonic();
+        assert_eq!(store.insert_batch("b", 1, &[ending_at(1, "t", FEB + 60)], 0).unwrap(), 1);
+        assert!(started.elapsed() < super::super::LOCK_TIMEOUT, "{:?}", started.elapsed());
+        open.commit().unwrap();
+        assert_eq!(partitions(&mut db.client()), owned(&[("records_2026_01", 2), ("records_2026_02", 1)]));
+    }
+
     /// Windows in three months, an unfiled finding tying the second's tenant, a cut-off
     /// inside the third: a dry run drops nothing; a prune drops exactly the first month;
     /// once the finding is filed, the second goes too; the third stays until a cut-off
