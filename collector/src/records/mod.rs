@@ -129,7 +129,8 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes, in one transaction, the usage records that ended by `before` and the history
     /// rows last seen before it, except those tied to an unfiled finding (counted as
     /// refused); with `dry_run` only counts. The retention check is the caller's
-    /// ([`check_cutoff`]): this deletes what it is told.
+    /// ([`check_cutoff`]): this deletes what it is told. PostgreSQL deletes usage records by
+    /// whole months only ([`crate::store::postgres::partitions`]).
     fn prune(&self, before: i64, dry_run: bool) -> Result<PruneCounts, StoreError>;
 }
 

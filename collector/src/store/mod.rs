@@ -217,7 +217,9 @@ pub(crate) mod test_support {
     pub(crate) fn check_migrated_to_records<S: ReportStore + crate::records::RecordStore>(store: &S) {
         assert!(store.identity_history(None).unwrap().is_empty());
         assert!(store.statement_history(None).unwrap().is_empty());
-        let counts = store.prune(60, true).unwrap();
+        // 1970-02-01: past the window's end and the end of its month (PostgreSQL prunes
+        // by whole months).
+        let counts = store.prune(2_678_400, true).unwrap();
         assert_eq!((counts.records, counts.refused()), (1, 0), "{counts:?}");
         let identity: kycd_protocol::StatementSubject =
             serde_json::from_value(serde_json::json!({"legal_name": "L", "foreign_person": true})).unwrap();

@@ -186,6 +186,21 @@ pub fn base() -> i64 {
     *BASE.get_or_init(|| (kycd_protocol::clock::unix_now() - 3 * 86_400) / 60 * 60)
 }
 
+/// The earliest prune cut-off that takes the windows ending by `t`: `t` on SQLite; on
+/// PostgreSQL, which drops whole months of records, the first second (UTC) of the month
+/// after the one `t` falls in.
+pub fn cutoff_after(db: &TestDb, t: i64) -> i64 {
+    if !db.is_postgres() {
+        return t;
+    }
+    let date = time::OffsetDateTime::from_unix_timestamp(t).unwrap().date();
+    let (year, month) = match date.month() {
+        time::Month::December => (date.year() + 1, time::Month::January),
+        month => (date.year(), month.next()),
+    };
+    time::Date::from_calendar_date(year, month, 1).unwrap().midnight().assume_utc().unix_timestamp()
+}
+
 /// Record `seq`: the window of minute `seq` after [`base`].
 pub fn record(seq: u64) -> UsageRecord {
     UsageRecord { seq, last_seq: None, window: window(base() + 60 * i64::try_from(seq).unwrap()) }

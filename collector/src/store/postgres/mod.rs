@@ -15,7 +15,8 @@
 //! Layout: this file holds the URL and the connection pool; [`driver`] maps the driver's
 //! errors, [`schema`]
 //! the migrations, [`reports`] implements [`ReportStore`], [`fleet`] the fleet view and
-//! policy, [`statements`] agent polling (the same files as the SQLite backend's).
+//! policy, [`statements`] agent polling, [`partitions`] the monthly partitions of `records`
+//! and their retention (the same files as the SQLite backend's).
 //!
 //! Scope: everything the collector stores ([`crate::Storage`]): reports and hosts
 //! ([`ReportStore`], in [`reports`]), the fleet view and the published policy
@@ -32,7 +33,8 @@
 //! collectors) are serialised by a transaction-scoped advisory lock keyed by the host id,
 //! taken before anything is read. Under READ COMMITTED every statement after the lock sees
 //! what the previous holder committed, so the overlap check, the insert
-//! (`ON CONFLICT (host_id, epoch, seq) DO NOTHING`, a second guard) and the acked-seq advance run
+//! (`ON CONFLICT DO NOTHING` on the unique key, a second guard: `(host_id, epoch, seq, "end")`
+//! since `records` is partitioned by month of `"end"`, [`partitions`]) and the acked-seq advance run
 //! exactly as on SQLite, where the single writer serialises everything. Different hosts
 //! proceed in parallel. Waits for any lock end after [`LOCK_TIMEOUT`] as [`StoreError::Busy`];
 //! serialization failures and deadlocks are retried inside, then reported as busy.
@@ -51,6 +53,7 @@ use crate::store::reports::ReportStore;
 pub mod driver;
 pub mod findings;
 pub mod fleet;
+pub mod partitions;
 pub mod records;
 pub mod reports;
 mod rollups;
@@ -120,7 +123,7 @@ const INSERT_RECORDS: &str = r#"
         $5::text[], $6::bigint[], $7::bigint[], $8::float8[], $9::bigint[], $10::bigint[],
         $11::float8[], $12::float8[], $13::text[], $14::bool[], $15::bool[], $16::bigint[],
         $17::text[], $20::float8[], $21::float8[], $22::float8[], $23::float8[]) AS u
-    ON CONFLICT (host_id, epoch, seq) DO NOTHING"#;
+    ON CONFLICT DO NOTHING"#;
 
 impl Statements {
     fn prepare(client: &mut Client) -> Result<Self, postgres::Error> {

@@ -1,5 +1,7 @@
 //! The PostgreSQL backend of [`RecordStore`], with the meaning of the SQLite one
-//! ([`crate::store::sqlite::records`]); schema: [`super::schema::MIGRATION_RECORDS`]. Backup
+//! ([`crate::store::sqlite::records`]) but for usage records, which a prune drops by whole
+//! months (partitions, see [`super::partitions`]: a month is dropped once it ended by the
+//! cut-off and nothing in it is tied); schema: [`super::schema::MIGRATION_RECORDS`]. Backup
 //! and restore of a PostgreSQL database are `pg_dump` / `pg_restore`'s (see
 //! [`crate::cli::backup`]).
 
@@ -108,39 +110,34 @@ impl RecordStore for PgStore {
             "EXISTS (SELECT 1 FROM findings f WHERE {UNFILED} AND (f.host_id = s.host_id
                      OR EXISTS (SELECT 1 FROM records r WHERE r.tenant = f.tenant AND r.host_id = s.host_id)))"
         );
-        // Statements first: whether one is tied reads the records.
+        // Statements first: whether one is tied reads the records. Usage records go by whole
+        // partitions (months, [`super::partitions`]), not row by row.
         let tables = [
             ("statement_history s WHERE s.last_seen < $1", statement_tied),
             ("identity_history i WHERE i.last_seen < $1", identity_tied),
-            (r#"records r WHERE r."end" <= $1"#, record_tied),
         ];
-        let [statements, identities, records] = if dry_run {
-            let mut conn = self.checkout()?;
-            let client = conn.client()?;
-            let mut out = [(0, 0); 3];
+        let ([statements, identities], records) = self.in_transaction("prune records", |tx| {
+            // Before anything reads `records`: two prunes (or a prune and a new month's
+            // partition) queue here instead of deadlocking on the table's locks.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::partitions::PARTITION_LOCK])?;
+            let mut out = [(0, 0); 2];
             for ((from, tied), slot) in tables.iter().zip(out.iter_mut()) {
-                *slot = (
-                    count(client, &format!("SELECT COUNT(*) FROM {from} AND NOT {tied}"), before)?,
-                    count(client, &format!("SELECT COUNT(*) FROM {from} AND {tied}"), before)?,
-                );
+                let refused = count(tx, &format!("SELECT COUNT(*) FROM {from} AND {tied}"), before)?;
+                let deleted = if dry_run {
+                    count(tx, &format!("SELECT COUNT(*) FROM {from} AND NOT {tied}"), before)?
+                } else {
+                    tx.execute(&format!("DELETE FROM {from} AND NOT {tied}"), &[&before])?
+                };
+                *slot = (deleted, refused);
             }
-            out
-        } else {
-            self.in_transaction("prune records", |tx| {
-                let mut out = [(0, 0); 3];
-                for ((from, tied), slot) in tables.iter().zip(out.iter_mut()) {
-                    let refused = count(tx, &format!("SELECT COUNT(*) FROM {from} AND {tied}"), before)?;
-                    let deleted = tx.execute(&format!("DELETE FROM {from} AND NOT {tied}"), &[&before])?;
-                    *slot = (deleted, refused);
-                }
-                Ok(out)
-            })?
-        };
+            let records = super::partitions::prune_partitions(tx, before, dry_run, &record_tied)?;
+            Ok((out, records))
+        })?;
         Ok(PruneCounts {
-            records: records.0,
+            records: records.deleted,
             identities: identities.0,
             statements: statements.0,
-            refused_records: records.1,
+            refused_records: records.refused,
             refused_identities: identities.1,
             refused_statements: statements.1,
         })

@@ -327,6 +327,13 @@ impl ReportStore for PgStore {
                     tracing::debug!(host = host_id, attempt, error = %e, "retrying batch insert");
                     attempt += 1;
                 }
+                Err(Failed::Pg(e)) if super::partitions::no_partition(&e) && attempt < ATTEMPTS => {
+                    // A window of a month without a partition: make it, then try again.
+                    let ends: Vec<i64> = records.iter().map(|v| v.record.window.end).collect();
+                    super::partitions::ensure_partitions(client, &ends)
+                        .map_err(super::partitions::store_error)?;
+                    attempt += 1;
+                }
                 Err(Failed::Store(StoreError::Busy)) if attempt < ATTEMPTS => attempt += 1,
                 Err(Failed::Pg(e)) => return Err(pg_error(e)),
                 Err(Failed::Store(e)) => return Err(e),

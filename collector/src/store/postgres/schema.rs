@@ -77,6 +77,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_PLACEMENT,
     // 11: usage roll-ups maintained at ingest (see crate::fleet::rollup).
     MIGRATION_ROLLUPS,
+    // 12: `records` partitioned by month of the window's end (see super::partitions).
+    super::partitions::MIGRATION_PARTITIONS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,

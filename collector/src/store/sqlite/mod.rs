@@ -28,6 +28,7 @@ use crate::store::reports::ReportStore;
 pub mod driver;
 pub mod findings;
 pub mod fleet;
+pub mod partitions;
 pub mod records;
 pub mod reports;
 mod rollups;

@@ -75,6 +75,8 @@ pub const MIGRATIONS: &[&str] = &[
     MIGRATION_PLACEMENT,
     // 11: usage roll-ups maintained at ingest (see crate::fleet::rollup).
     MIGRATION_ROLLUPS,
+    // 12: nothing on SQLite; PostgreSQL partitions `records` by month (see super::partitions).
+    super::partitions::MIGRATION_PARTITIONS,
 ];
 
 /// Step 3 ([`super::fleet`]): the fleet view — published policies, tenant identities from host statements,
