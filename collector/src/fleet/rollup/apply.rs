@@ -11,6 +11,9 @@ use super::{HostSums, Peak, Rollups, SegmentRow, Subject, Sums, FLEET};
 use crate::fleet::CAPACITY_BUCKET_S;
 use crate::store::error::StoreError;
 
+/// A capacity bucket to add to: (subject, cluster, minute start, FLOP/s).
+pub type Bucket<'a> = (&'a Subject, &'a str, i64, f64);
+
 /// The row operations of one backend's roll-up tables, within one transaction.
 pub trait RollupTx {
     /// Adds `sums` to the subject's all-time sums (creating the row).
@@ -40,14 +43,10 @@ pub trait RollupTx {
         workload: &str,
         seconds: f64,
     ) -> Result<(), StoreError>;
-    /// Adds `flops` to the bucket (subject, cluster, minute) and returns its new value.
-    fn add_capacity(
-        &mut self,
-        subject: &Subject,
-        cluster: &str,
-        minute: i64,
-        flops: f64,
-    ) -> Result<f64, StoreError>;
+    /// Adds each `(subject, cluster, minute, flops)` to its bucket (distinct buckets) and
+    /// returns their new values, in order. One call per batch: a backend may send them in one
+    /// statement (a drained spool brings a thousand windows, so a thousand buckets).
+    fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError>;
     /// Raises the stored peak of (subject, cluster) to `peak` if that is larger (or as large
     /// and earlier).
     fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError>;
@@ -99,10 +98,23 @@ pub fn apply(batch: &Rollups, tx: &mut dyn RollupTx, changed_at: i64) -> Result<
     // the stored peak and the largest bucket the batch touched.
     let mut peaks: BTreeMap<(&Subject, &str), Peak> = BTreeMap::new();
     let mut fleet_buckets: BTreeMap<&str, Vec<(i64, f64)>> = BTreeMap::new();
-    for ((subject, cluster, minute), flops) in &batch.capacity {
-        let value = tx.add_capacity(subject, cluster, *minute, *flops)?;
+    let buckets: Vec<Bucket<'_>> = batch
+        .capacity
+        .iter()
+        .map(|((s, cluster, minute), flops)| (s, cluster.as_str(), *minute, *flops))
+        .collect();
+    let values = tx.add_capacity(&buckets)?;
+    if values.len() != buckets.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} capacity buckets updated, {} expected",
+            values.len(),
+            buckets.len()
+        )));
+    }
+    for ((subject, cluster, minute, _), value) in buckets.iter().zip(values) {
+        let (subject, cluster, minute) = (*subject, *cluster, minute);
         peaks
-            .entry((subject, cluster.as_str()))
+            .entry((subject, cluster))
             .or_insert(Peak { flops: value, at: *minute })
             .raise(Peak { flops: value, at: *minute });
         if cluster == FLEET && subject.is_tenant() {

@@ -68,16 +68,19 @@ impl RollupTx for Memory {
             .or_insert(0.0) += seconds;
         Ok(())
     }
-    fn add_capacity(
-        &mut self,
-        subject: &Subject,
-        cluster: &str,
-        minute: i64,
-        flops: f64,
-    ) -> Result<f64, StoreError> {
-        let bucket = self.0.capacity.entry((subject.clone(), cluster.to_owned(), minute)).or_insert(0.0);
-        *bucket += flops;
-        Ok(*bucket)
+    fn add_capacity(&mut self, buckets: &[super::apply::Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
+        Ok(buckets
+            .iter()
+            .map(|(subject, cluster, minute, flops)| {
+                let bucket = self
+                    .0
+                    .capacity
+                    .entry(((*subject).clone(), (*cluster).to_owned(), *minute))
+                    .or_insert(0.0);
+                *bucket += flops;
+                *bucket
+            })
+            .collect())
     }
     fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError> {
         self.0.peaks.entry((subject.clone(), cluster.to_owned())).or_insert(peak).raise(peak);

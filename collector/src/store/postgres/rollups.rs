@@ -16,7 +16,7 @@ use postgres::types::ToSql;
 use postgres::{Client, GenericClient, Statement, Transaction};
 
 use super::driver::{get, pg_error, Failed};
-use crate::fleet::rollup::apply::{apply, RollupTx};
+use crate::fleet::rollup::apply::{apply, Bucket, RollupTx};
 use crate::fleet::rollup::check::{compare, TableCheck};
 use crate::fleet::rollup::{cluster_name, HostSums, Peak, Rollups, SegmentRow, Segments, Subject, Sums};
 use crate::fleet::runs::RunFigures;
@@ -113,7 +113,13 @@ impl RollupStatements {
             ))?,
             gap_workload: client
                 .prepare(&add_upsert("rollup_gap_workloads", &format!("{KEY}, host, workload"), "seconds"))?,
-            capacity: client.prepare(&add_upsert("rollup_capacity", &format!("{KEY}, cluster, minute"), "flops"))?,
+            capacity: client.prepare(&format!(
+                "INSERT INTO rollup_capacity AS r ({KEY}, cluster, minute, flops)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[])
+                 ON CONFLICT ({KEY}, cluster, minute) DO UPDATE
+                 SET flops = CASE WHEN r.flops > {MAX} - excluded.flops THEN {MAX} ELSE r.flops + excluded.flops END
+                 RETURNING {KEY}, cluster, minute, flops"
+            ))?,
             peak: client.prepare(&format!(
                 "INSERT INTO rollup_peaks AS r ({KEY}, cluster, peak_flops, peak_at) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT ({KEY}, cluster) DO UPDATE SET peak_flops = excluded.peak_flops, peak_at = excluded.peak_at
@@ -309,15 +315,36 @@ impl RollupTx for PgRollups<'_, '_> {
         .map(|_| ())
     }
 
-    fn add_capacity(
-        &mut self,
-        subject: &Subject,
-        cluster: &str,
-        minute: i64,
-        flops: f64,
-    ) -> Result<f64, StoreError> {
-        let st = &self.st.capacity;
-        self.returning(st, &[&subject.tenant, &subject.host_id, &subject.workload, &cluster, &minute, &flops])
+    fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tenants: Vec<&str> = buckets.iter().map(|b| b.0.tenant.as_str()).collect();
+        let hosts: Vec<&str> = buckets.iter().map(|b| b.0.host_id.as_str()).collect();
+        let workloads: Vec<&str> = buckets.iter().map(|b| b.0.workload.as_str()).collect();
+        let clusters: Vec<&str> = buckets.iter().map(|b| b.1).collect();
+        let minutes: Vec<i64> = buckets.iter().map(|b| b.2).collect();
+        let flops: Vec<f64> = buckets.iter().map(|b| b.3).collect();
+        let result =
+            self.tx.query(&self.st.capacity, &[&tenants, &hosts, &workloads, &clusters, &minutes, &flops]);
+        let rows = self.run(result)?;
+        // RETURNING follows no order: the new values by bucket, then in the buckets' order.
+        let mut by_key: std::collections::HashMap<(String, String, String, String, i64), f64> =
+            std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            by_key.insert((get(r, 0)?, get(r, 1)?, get(r, 2)?, get(r, 3)?, get(r, 4)?), get(r, 5)?);
+        }
+        buckets
+            .iter()
+            .map(|(s, cluster, minute, _)| {
+                let key =
+                    (s.tenant.clone(), s.host_id.clone(), s.workload.clone(), (*cluster).to_owned(), *minute);
+                by_key
+                    .get(&key)
+                    .copied()
+                    .ok_or_else(|| StoreError::Corrupt(format!("capacity bucket {key:?} not returned")))
+            })
+            .collect()
     }
 
     fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError> {

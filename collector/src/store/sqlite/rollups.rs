@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::driver::db_error;
-use crate::fleet::rollup::apply::{apply, RollupTx};
+use crate::fleet::rollup::apply::{apply, Bucket, RollupTx};
 use crate::fleet::rollup::{cluster_name, HostSums, Peak, Rollups, SegmentRow, Segments, Subject, Sums};
 use crate::fleet::runs::RunFigures;
 use crate::fleet::{Placement, WindowRow};
@@ -183,21 +183,20 @@ impl RollupTx for SqliteRollups<'_> {
         .map_err(db_error)
     }
 
-    fn add_capacity(
-        &mut self,
-        subject: &Subject,
-        cluster: &str,
-        minute: i64,
-        flops: f64,
-    ) -> Result<f64, StoreError> {
+    fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
         let sql =
             add_upsert("rollup_capacity", "tenant, subject_host, subject_workload, cluster, minute", "flops");
         let mut stmt = self.0.prepare_cached(&sql).map_err(db_error)?;
-        stmt.query_row(
-            params![subject.tenant, subject.host_id, subject.workload, cluster, minute, flops],
-            |r| r.get(0),
-        )
-        .map_err(db_error)
+        buckets
+            .iter()
+            .map(|(subject, cluster, minute, flops)| {
+                stmt.query_row(
+                    params![subject.tenant, subject.host_id, subject.workload, cluster, minute, flops],
+                    |r| r.get(0),
+                )
+                .map_err(db_error)
+            })
+            .collect()
     }
 
     fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError> {
