@@ -1,11 +1,25 @@
-//! Aggregation over a large fleet history: `FleetStore::tenant_usage` (per-tenant totals,
-//! per-host GPU maxima, per-minute concurrent capacity) and one full findings evaluation over
-//! `KYCD_BENCH_WINDOWS` stored windows (default 10,000,000), against a baseline in the same
-//! run: one plain full scan summing two columns of every row (`SELECT COUNT(*),
-//! SUM(estimated_ops), SUM(peak_flops) FROM records`), the least any aggregation over every
-//! window must read.
+//! Usage aggregation and findings evaluation over a large fleet history, from the raw
+//! windows and from the roll-ups (issue 20), against a baseline in the same run: one plain
+//! full scan summing two columns of every row (`SELECT COUNT(*), SUM(estimated_ops),
+//! SUM(peak_flops) FROM records`), the least any aggregation over every window must read.
 //!
 //!     cargo bench -p kycd-collector --bench aggregate
+//!
+//! Timed, best of 3 rounds: the scan; `fleet_usage_from_windows` (the aggregation over every
+//! raw window, what evaluation read before the roll-ups); `tenant_usage` (from the roll-ups,
+//! every run); one full `evaluate_store` (every run, as a collector's first evaluation); one
+//! incremental evaluation (`evaluate_store_incremental`: the runs changed in the last five
+//! minutes, as every later evaluation; the tail's segments are marked changed just before).
+//! A policy with the default thresholds is published, so the run rules run.
+//!
+//! Then the same over a history 100 times longer (`KYCD_BENCH_HISTORY_X`, default 100: 1
+//! billion windows for 10 million): a copy of the database whose roll-ups are scaled as if
+//! the windows before the raw tail had been ingested — totals ×100, first seen moved back,
+//! one day row and one busy segment (22 h of work, 2 h pause) per tenant and history day —
+//! built directly as roll-up rows (see `support/history.rs`); the raw windows stay the 10
+//! million of the tail. Capacity buckets of the history are not synthesized (nothing timed
+//! here reads them), and the history's day rows are copies of the tail's first day, so
+//! `rollups check` would not pass on that copy.
 //!
 //! The fleet: 2,000 hosts, 200 tenants (a quarter foreign), minute-aligned 60 s windows, each
 //! host serving 5 tenants over consecutive minutes; one window in 50 (in the fifth slot) is
@@ -21,8 +35,9 @@
 //! private cluster; `KYCD_BENCH_POSTGRES=0` skips it). `KYCD_BENCH_SQLITE=0` skips SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use kycd_collector::findings::{evaluate_store, EvaluationSettings};
-use kycd_collector::fleet::FleetStore as _;
+use kycd_collector::findings::{evaluate_store, evaluate_store_incremental, Covered, EvaluationSettings};
+use kycd_collector::fleet::{FleetStore as _, Period};
+use kycd_collector::policy::{PolicyStore as _, PublishedPolicy};
 use kycd_collector::{ReportStore as _, SqliteStore};
 use kycd_protocol::{Algorithm, PrivateJwk};
 
@@ -31,8 +46,9 @@ const TENANTS: u64 = 200;
 const TENANTS_PER_HOST: u64 = 5;
 const ROUNDS: usize = 3;
 /// Bumped when the loader writes different rows, so a database of an older one is not reused
-/// (2: windows without a tenant, issue 19).
-const LOADER_VERSION: u32 = 2;
+/// (2: windows without a tenant, issue 19; 3: roll-ups built after loading, a policy
+/// published, issue 20).
+const LOADER_VERSION: u32 = 3;
 /// One window in this many has no tenant.
 const UNATTRIBUTED_EVERY: u64 = 50;
 
@@ -51,6 +67,24 @@ use kycd_test_support::pg;
 
 #[path = "support/aggregate_pg.rs"]
 mod aggregate_pg;
+#[path = "support/history.rs"]
+mod history;
+
+/// Where the loader's windows start (the tail of the history).
+const BASE: i64 = 1_790_000_000 / 60 * 60;
+
+/// The policy published with the fleet: REGULATION.md's thresholds (nothing in this fleet
+/// crosses them, so the findings stay few whatever the history's length).
+fn policy() -> PublishedPolicy {
+    let claims = serde_json::from_value(serde_json::json!({
+        "iss": "authority", "iat": 1_780_000_000, "exp": 1_900_000_000, "version": 1,
+        "measures": [], "unverified": {"action": "allow"},
+        "thresholds": {"training_ops": 1e26, "bio_training_ops": 1e23, "cluster_flops": 1e20,
+                       "early_warning_fraction": 0.5}
+    }))
+    .unwrap();
+    PublishedPolicy { version: 1, token: "bench".into(), published_at: 1_780_000_000, claims }
+}
 
 fn load(path: &std::path::Path, windows: u64) {
     let store = SqliteStore::open(path).unwrap();
@@ -62,7 +96,7 @@ fn load(path: &std::path::Path, windows: u64) {
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.pragma_update(None, "synchronous", "OFF").unwrap();
     let per_host = windows / HOSTS;
-    let base: i64 = 1_790_000_000 / 60 * 60;
+    let base = BASE;
     let started = kycd_protocol::clock::monotonic();
     for h in 0..HOSTS {
         let tx = conn.transaction().unwrap();
@@ -107,21 +141,111 @@ fn load(path: &std::path::Path, windows: u64) {
             eprintln!("  loaded {} windows ({:.0}s)", (h + 1) * per_host, started.elapsed().as_secs_f64());
         }
     }
+    drop(conn);
+    let store = SqliteStore::open(path).unwrap();
+    store.publish_policy(&policy()).unwrap();
+    let t = kycd_protocol::clock::monotonic();
+    let read = store.rollup_rebuild(kycd_protocol::clock::unix_now()).unwrap();
+    eprintln!("  roll-ups built from {read} windows in {:.0}s", t.elapsed().as_secs_f64());
+    let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch("ANALYZE").unwrap();
 }
 
 fn main() {
     let windows: u64 =
         std::env::var("KYCD_BENCH_WINDOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let scale: i64 = std::env::var("KYCD_BENCH_HISTORY_X").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     if std::env::var("KYCD_BENCH_SQLITE").as_deref() == Ok("0") {
         println!("SQLite: skipped (KYCD_BENCH_SQLITE=0)");
     } else {
-        sqlite(windows);
+        sqlite(windows, scale);
     }
-    aggregate_pg::run(windows);
+    aggregate_pg::run(windows, scale);
 }
 
-fn sqlite(windows: u64) {
+/// The timings of one database, best of [`ROUNDS`].
+#[derive(Debug, Default)]
+pub struct Timings {
+    scan: Vec<f64>,
+    raw: Vec<f64>,
+    usage: Vec<f64>,
+    full: Vec<f64>,
+    incremental: Vec<f64>,
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+impl Timings {
+    /// Prints them, with `reference` (the shorter history) for the ratios.
+    pub fn print(&self, what: &str, reference: Option<&Timings>) {
+        let scan = best(&self.scan);
+        println!("{what} (best of {ROUNDS}):");
+        let line = |name: &str, v: &[f64], r: Option<&[f64]>| {
+            if v.is_empty() {
+                return;
+            }
+            let ratio = r
+                .filter(|r| !r.is_empty())
+                .map(|r| format!(", {:.2}x the shorter history", best(v) / best(r)));
+            println!(
+                "  {name:<34} {:>8.3} s  ({:.3}x the scan{})",
+                best(v),
+                best(v) / scan,
+                ratio.unwrap_or_default()
+            );
+        };
+        line("baseline full scan (raw windows)", &self.scan, reference.map(|r| r.scan.as_slice()));
+        line("aggregation of every raw window", &self.raw, None);
+        line("tenant_usage (roll-ups, all runs)", &self.usage, reference.map(|r| r.usage.as_slice()));
+        line("evaluate, first (all runs)", &self.full, reference.map(|r| r.full.as_slice()));
+        line("evaluate, incremental", &self.incremental, reference.map(|r| r.incremental.as_slice()));
+    }
+}
+
+/// Times the rounds on `store`; `scan` runs the baseline; `raw`: also the aggregation over the
+/// raw windows.
+pub fn rounds<S: kycd_collector::Storage>(store: &S, mut scan: impl FnMut(), raw: bool) -> Timings {
+    let mut t = Timings::default();
+    let now = 1_790_000_000 + 100_000;
+    for round in 0..ROUNDS {
+        let clock = kycd_protocol::clock::monotonic();
+        scan();
+        t.scan.push(clock.elapsed().as_secs_f64());
+        if raw {
+            let clock = kycd_protocol::clock::monotonic();
+            let fleet = store.fleet_usage_from_windows(Period::default()).unwrap();
+            t.raw.push(clock.elapsed().as_secs_f64());
+            assert_eq!(fleet.tenants.len(), usize::try_from(TENANTS).unwrap());
+        }
+        let clock = kycd_protocol::clock::monotonic();
+        let tenants = store.tenant_usage(None, None).unwrap();
+        t.usage.push(clock.elapsed().as_secs_f64());
+        assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
+        let clock = kycd_protocol::clock::monotonic();
+        let full = evaluate_store(store, EvaluationSettings::default(), now).unwrap();
+        t.full.push(clock.elapsed().as_secs_f64());
+        let covered = Covered { since: kycd_protocol::clock::unix_now() - 300, policy_version: Some(1) };
+        let clock = kycd_protocol::clock::monotonic();
+        let incremental =
+            evaluate_store_incremental(store, EvaluationSettings::default(), now, Some(covered)).unwrap();
+        t.incremental.push(clock.elapsed().as_secs_f64());
+        assert_eq!(incremental.open, full.open);
+        eprintln!(
+            "round {round}: scan {:.2}s, raw {:.2}s, tenant_usage {:.3}s, evaluate {:.3}s, incremental {:.3}s (open findings {})",
+            t.scan[round],
+            t.raw.get(round).copied().unwrap_or(0.0),
+            t.usage[round],
+            t.full[round],
+            t.incremental[round],
+            full.open
+        );
+    }
+    t
+}
+
+fn sqlite(windows: u64, scale: i64) {
     // Kept between runs (loading takes minutes), in cargo's scratch directory for benches.
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("bench-aggregate-{windows}-v{LOADER_VERSION}.db"));
@@ -135,45 +259,45 @@ fn sqlite(windows: u64) {
         }
         std::fs::rename(&partial, &path).unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let mut baseline = Vec::new();
-    let mut usage = Vec::new();
-    let mut evaluation = Vec::new();
-    for round in 0..ROUNDS {
-        let t = kycd_protocol::clock::monotonic();
-        let (rows, _ops, _flops): (i64, f64, f64) = conn
-            .query_row("SELECT COUNT(*), SUM(estimated_ops), SUM(peak_flops) FROM records", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .unwrap();
-        baseline.push(t.elapsed().as_secs_f64());
-        assert_eq!(u64::try_from(rows).unwrap(), windows / HOSTS * HOSTS);
-
-        let t = kycd_protocol::clock::monotonic();
-        let tenants = store.tenant_usage(None, None).unwrap();
-        usage.push(t.elapsed().as_secs_f64());
-        assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
-
-        let t = kycd_protocol::clock::monotonic();
-        let report = evaluate_store(&store, EvaluationSettings::default(), 1_790_000_000).unwrap();
-        evaluation.push(t.elapsed().as_secs_f64());
-        eprintln!(
-            "round {round}: scan {:.2}s, tenant_usage {:.2}s, evaluate {:.2}s (open findings {})",
-            baseline[round], usage[round], evaluation[round], report.open
+    let tail_s = i64::try_from(windows / HOSTS / TENANTS_PER_HOST).unwrap() * 60;
+    let mut by_history = Vec::new();
+    for (x, path) in [(1, path.clone()), (scale, path.with_extension(format!("x{scale}.db")))] {
+        if x > 1 && !path.exists() {
+            eprintln!("building {} (history ×{x})…", path.display());
+            std::fs::copy(by_history_path(&by_history), &path).unwrap();
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            history::sqlite(&conn, BASE, tail_s, x);
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        // Steady state: every tenant's current segment grew in the last minute.
+        conn.execute(
+            r#"UPDATE rollup_segments SET changed_at = ?1 WHERE start >= ?2"#,
+            rusqlite::params![kycd_protocol::clock::unix_now(), BASE],
+        )
+        .unwrap();
+        let timings = rounds(
+            &store,
+            || {
+                let rows: i64 = conn
+                    .query_row("SELECT COUNT(*), SUM(estimated_ops), SUM(peak_flops) FROM records", [], |r| {
+                        r.get(0)
+                    })
+                    .unwrap();
+                assert_eq!(u64::try_from(rows).unwrap(), windows / HOSTS * HOSTS);
+            },
+            x == 1,
         );
+        let segments: i64 = conn.query_row("SELECT COUNT(*) FROM rollup_segments", [], |r| r.get(0)).unwrap();
+        let what = format!(
+            "SQLite, {} windows of history ({windows} raw), {HOSTS} hosts, {TENANTS} tenants, {segments} busy segments",
+            u64::try_from(x).unwrap() * windows
+        );
+        timings.print(&what, by_history.first().map(|(_, t)| t));
+        by_history.push((path, timings));
     }
-    // Every host's unverified workload, aggregated on its own (outside the timings).
-    assert_eq!(store.fleet_usage(None).unwrap().unattributed.len(), usize::try_from(HOSTS).unwrap());
-    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    println!(
-        "aggregate over {windows} windows, {HOSTS} hosts, {TENANTS} tenants (best of {ROUNDS}):\n  \
-         baseline full scan   {:.2} s\n  tenant_usage         {:.2} s  ({:.2}x the scan)\n  \
-         evaluate (findings)  {:.2} s  ({:.2}x the scan)",
-        best(&baseline),
-        best(&usage),
-        best(&usage) / best(&baseline),
-        best(&evaluation),
-        best(&evaluation) / best(&baseline),
-    );
+}
+
+fn by_history_path(done: &[(std::path::PathBuf, Timings)]) -> &std::path::Path {
+    &done[0].0
 }

@@ -1,8 +1,8 @@
 //! The PostgreSQL variant of the aggregation benchmark: the same fleet (see the bench's
 //! module doc) bulk-loaded with `COPY … FROM STDIN` into a database migrated by
 //! `PgStore::open` (so schema and indexes are the collector's), then `VACUUM ANALYZE`; the
-//! same three timings as on SQLite: the baseline full scan, `tenant_usage` (the rows streamed
-//! to the collector through `UsageAccumulator`) and one findings evaluation.
+//! same timings as on SQLite (see the bench's module doc), on it and on a copy
+//! (`CREATE DATABASE … TEMPLATE`) with a history 100 times longer built as roll-up rows.
 //!
 //! Server: `KYCD_BENCH_POSTGRES_URL` (a role that may `CREATE DATABASE`; the database
 //! `kycd_bench_aggregate_<windows>` is kept and reused when it holds the expected rows), else
@@ -11,12 +11,12 @@
 
 use std::io::Write as _;
 
-use kycd_collector::findings::{evaluate_store, EvaluationSettings};
 use kycd_collector::fleet::FleetStore as _;
+use kycd_collector::policy::PolicyStore as _;
 use kycd_collector::{PgStore, ReportStore as _};
 use kycd_protocol::{Algorithm, PrivateJwk};
 
-use super::{owner, pg, HOSTS, LOADER_VERSION, ROUNDS, TENANTS, TENANTS_PER_HOST};
+use super::{history, owner, pg, rounds, Timings, BASE, HOSTS, LOADER_VERSION, TENANTS, TENANTS_PER_HOST};
 
 const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
@@ -32,8 +32,16 @@ fn load(url: &str, windows: u64) {
     drop(store);
     let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
     let per_host = windows / HOSTS;
-    let base: i64 = 1_790_000_000 / 60 * 60;
+    let base = BASE;
     let started = kycd_protocol::clock::monotonic();
+    // `records` is partitioned by month of the window's end: the months the windows end in.
+    let last_end = base + 60 * i64::try_from(per_host / TENANTS_PER_HOST).unwrap() + 60;
+    client
+        .query(
+            "SELECT kycd_records_partition(e) FROM generate_series($1::bigint, $2::bigint, 86400) e",
+            &[&base, &last_end],
+        )
+        .unwrap();
     // One COPY per 200 hosts (a transaction each).
     for chunk in 0..HOSTS.div_ceil(200) {
         let copy = client.copy_in(COPY_SQL).unwrap();
@@ -69,7 +77,11 @@ fn load(url: &str, windows: u64) {
             started.elapsed().as_secs_f64()
         );
     }
-    client.batch_execute("VACUUM ANALYZE records").unwrap();
+    let store = PgStore::open(url).unwrap();
+    store.publish_policy(&super::policy()).unwrap();
+    let read = store.rollup_rebuild(kycd_protocol::clock::unix_now()).unwrap();
+    eprintln!("  roll-ups built from {read} windows ({:.0}s)", started.elapsed().as_secs_f64());
+    client.batch_execute("VACUUM ANALYZE").unwrap();
     eprintln!("  vacuumed and analyzed ({:.0}s)", started.elapsed().as_secs_f64());
 }
 
@@ -79,8 +91,9 @@ fn count(url: &str) -> Option<u64> {
     u64::try_from(row.get::<_, i64>(0)).ok()
 }
 
-/// Runs the PostgreSQL variant, if a server can be had.
-pub fn run(windows: u64) {
+/// Runs the PostgreSQL variant, if a server can be had: the 10M-window database, then its
+/// copy with a history `scale` times longer (see `history.rs`).
+pub fn run(windows: u64, scale: i64) {
     if std::env::var("KYCD_BENCH_POSTGRES").as_deref() == Ok("0") {
         println!("PostgreSQL: skipped (KYCD_BENCH_POSTGRES=0)");
         return;
@@ -104,47 +117,52 @@ pub fn run(windows: u64) {
     let name = format!("kycd_bench_aggregate_{windows}_v{LOADER_VERSION}");
     let url = pg::with_dbname(&admin, &name);
     let expected = windows / HOSTS * HOSTS;
+    let mut admin_client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
     if count(&url) != Some(expected) {
         eprintln!("building PostgreSQL database {name} ({windows} windows)…");
-        let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
-        client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        admin_client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        admin_client.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         load(&url, windows);
     }
-    let store = PgStore::open(&url).unwrap();
-    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let (mut baseline, mut usage, mut evaluation) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        let t = kycd_protocol::clock::monotonic();
-        let row = client
-            .query_one("SELECT count(*), sum(estimated_ops), sum(peak_flops) FROM records", &[])
-            .unwrap();
-        baseline.push(t.elapsed().as_secs_f64());
-        assert_eq!(u64::try_from(row.get::<_, i64>(0)).unwrap(), expected);
-
-        let t = kycd_protocol::clock::monotonic();
-        let tenants = store.tenant_usage(None, None).unwrap();
-        usage.push(t.elapsed().as_secs_f64());
-        assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
-
-        let t = kycd_protocol::clock::monotonic();
-        let report = evaluate_store(&store, EvaluationSettings::default(), 1_790_000_000).unwrap();
-        evaluation.push(t.elapsed().as_secs_f64());
-        eprintln!(
-            "pg round {round}: scan {:.2}s, tenant_usage {:.2}s, evaluate {:.2}s (open findings {})",
-            baseline[round], usage[round], evaluation[round], report.open
-        );
+    let tail_s = i64::try_from(windows / HOSTS / TENANTS_PER_HOST).unwrap() * 60;
+    let long = format!("{name}_x{scale}");
+    let long_url = pg::with_dbname(&admin, &long);
+    if count(&long_url) != Some(expected) {
+        eprintln!("building PostgreSQL database {long} (history ×{scale})…");
+        admin_client.batch_execute(&format!("DROP DATABASE IF EXISTS {long} WITH (FORCE)")).unwrap();
+        admin_client.batch_execute(&format!("CREATE DATABASE {long} TEMPLATE {name}")).unwrap();
+        let mut client = postgres::Client::connect(&long_url, postgres::NoTls).unwrap();
+        history::postgres(&mut client, BASE, tail_s, scale);
     }
-    assert_eq!(store.fleet_usage(None).unwrap().unattributed.len(), usize::try_from(HOSTS).unwrap());
-    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    println!(
-        "PostgreSQL: aggregate over {windows} windows, {HOSTS} hosts, {TENANTS} tenants (best of {ROUNDS}):\n  \
-         baseline full scan   {:.2} s\n  tenant_usage         {:.2} s  ({:.2}x the scan)\n  \
-         evaluate (findings)  {:.2} s  ({:.2}x the scan)",
-        best(&baseline),
-        best(&usage),
-        best(&usage) / best(&baseline),
-        best(&evaluation),
-        best(&evaluation) / best(&baseline),
-    );
+    let mut shorter: Option<Timings> = None;
+    for (x, url) in [(1, url), (scale, long_url)] {
+        let store = PgStore::open(&url).unwrap();
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        client
+            .execute(
+                "UPDATE rollup_segments SET changed_at = $1 WHERE start >= $2",
+                &[&kycd_protocol::clock::unix_now(), &BASE],
+            )
+            .unwrap();
+        let timings = rounds(
+            &store,
+            || {
+                let row = client
+                    .query_one("SELECT count(*), sum(estimated_ops), sum(peak_flops) FROM records", &[])
+                    .unwrap();
+                assert_eq!(u64::try_from(row.get::<_, i64>(0)).unwrap(), expected);
+            },
+            x == 1,
+        );
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let segments: i64 = client.query_one("SELECT count(*) FROM rollup_segments", &[]).unwrap().get(0);
+        let what = format!(
+            "PostgreSQL, {} windows of history ({windows} raw), {HOSTS} hosts, {TENANTS} tenants, {segments} busy segments",
+            u64::try_from(x).unwrap() * windows
+        );
+        timings.print(&what, shorter.as_ref());
+        if shorter.is_none() {
+            shorter = Some(timings);
+        }
+    }
 }

@@ -455,35 +455,46 @@ fn read_segments(
 }
 
 /// Per tenant with a segment changed at or after `since`, the start of the first segment of
-/// the run holding its earliest changed segment (runs cut at pauses longer than `gap_s`).
+/// the run holding its earliest changed segment (runs cut at pauses longer than `gap_s`): one
+/// query for the changed segments, then one per step back for every tenant still walking
+/// (a run of many segments takes several; most take one).
 fn changed_runs(
     client: &mut impl GenericClient,
     since: i64,
     gap_s: i64,
-) -> Result<Vec<(String, i64)>, StoreError> {
+) -> Result<(Vec<String>, Vec<i64>), StoreError> {
     let changed = client
         .query(
             "SELECT tenant, MIN(start) FROM rollup_segments WHERE changed_at >= $1 GROUP BY tenant",
             &[&since],
         )
         .map_err(pg_error)?;
-    let previous = client
-        .prepare(r#"SELECT start, "end" FROM rollup_segments WHERE tenant = $1 AND start < $2 ORDER BY start DESC LIMIT 1"#)
-        .map_err(pg_error)?;
-    let mut out = Vec::with_capacity(changed.len());
-    for row in changed {
-        let (tenant, mut from): (String, i64) = (get(&row, 0)?, get(&row, 1)?);
+    let mut from: BTreeMap<String, i64> =
+        changed.iter().map(|r| Ok((get(r, 0)?, get(r, 1)?))).collect::<Result<_, StoreError>>()?;
+    let mut walking: Vec<String> = from.keys().cloned().collect();
+    while !walking.is_empty() {
+        let starts: Vec<i64> = walking.iter().map(|t| from.get(t).copied().unwrap_or(i64::MIN)).collect();
         // Segments are disjoint and sorted, so the one before ends the run so far.
-        while let Some(r) = client.query_opt(&previous, &[&tenant, &from]).map_err(pg_error)? {
-            let (start, end): (i64, i64) = (get(&r, 0)?, get(&r, 1)?);
-            if from.saturating_sub(end) > gap_s {
-                break;
+        let previous = client
+            .query(
+                r#"SELECT c.tenant, p.start, p."end" FROM UNNEST($1::text[], $2::bigint[]) AS c(tenant, first)
+                   CROSS JOIN LATERAL (SELECT start, "end" FROM rollup_segments s
+                       WHERE s.tenant = c.tenant AND s.start < c.first ORDER BY start DESC LIMIT 1) p"#,
+                &[&walking, &starts],
+            )
+            .map_err(pg_error)?;
+        walking.clear();
+        for r in &previous {
+            let (tenant, start, end): (String, i64, i64) = (get(r, 0)?, get(r, 1)?, get(r, 2)?);
+            if let Some(first) = from.get_mut(&tenant) {
+                if first.saturating_sub(end) <= gap_s {
+                    *first = start;
+                    walking.push(tenant);
+                }
             }
-            from = start;
         }
-        out.push((tenant, from));
     }
-    Ok(out)
+    Ok(from.into_iter().unzip())
 }
 
 fn subject(r: &postgres::Row) -> Result<Subject, StoreError> {
@@ -582,9 +593,9 @@ pub(super) fn read_rollups(
     match segments {
         Segments::All => read_segments(client, WHERE, &[&tenant], &mut out)?,
         Segments::ChangedSince { since, gap_s } => {
-            for (tenant, from) in changed_runs(client, since, gap_s)? {
-                read_segments(client, "WHERE tenant = $1 AND start >= $2", &[&tenant, &from], &mut out)?;
-            }
+            let (tenants, firsts) = changed_runs(client, since, gap_s)?;
+            let filter = "JOIN UNNEST($1::text[], $2::bigint[]) AS c(tenant, first) USING (tenant) WHERE start >= c.first";
+            read_segments(client, filter, &[&tenants, &firsts], &mut out)?;
         }
     }
     if !full {
