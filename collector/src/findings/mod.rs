@@ -252,10 +252,8 @@ pub fn evaluate_incremental<S: FleetStore + PolicyStore + crate::records::Record
             let gap_s =
                 policy.as_ref().map_or(kycd_protocol::DEFAULT_RUN_GAP_S, |p| p.claims.thresholds.run_gap_s);
             let gap_s = i64::try_from(gap_s).unwrap_or(i64::MAX);
-            store.evaluation_usage(crate::fleet::rollup::Segments::ChangedSince {
-                since: covered.since,
-                gap_s,
-            })?
+            store
+                .rollup_usage(crate::fleet::rollup::Segments::ChangedSince { since: covered.since, gap_s })?
         }
         None => store.fleet_usage(None)?,
     };

@@ -409,16 +409,13 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     /// period) is read from the roll-ups ([`rollup`]), any other period from the windows.
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError>;
 
-    /// The all-time fleet view from the roll-ups, with the tenants' runs that `segments`
-    /// selects (what a periodic evaluation reads: [`rollup::Segments::ChangedSince`]).
-    fn evaluation_usage(&self, segments: rollup::Segments) -> Result<FleetUsage, StoreError>;
+    /// The all-time fleet view from the roll-ups, with the runs `segments` selects.
+    fn rollup_usage(&self, segments: rollup::Segments) -> Result<FleetUsage, StoreError>;
 
-    /// [`FleetStore::fleet_usage_in`] computed from the raw windows whatever the period (what
-    /// the roll-ups must equal).
+    /// [`FleetStore::fleet_usage_in`] from the raw windows whatever the period.
     fn fleet_usage_from_windows(&self, period: Period) -> Result<FleetUsage, StoreError>;
 
-    /// Recomputes the roll-ups from the raw windows and compares them with the stored ones,
-    /// table by table ([`rollup::check`]).
+    /// The roll-ups recomputed from the raw windows against the stored ones ([`rollup::check`]).
     fn rollup_check(&self) -> Result<Vec<rollup::check::TableCheck>, StoreError>;
 
     /// Recomputes the stored roll-ups from the raw windows (hosts in their cluster now), at

@@ -220,7 +220,11 @@ pub fn fleet_summaries(
             open.entry(t.clone()).or_default().push(f.finding.kind);
         }
     }
-    let fleet = store.fleet_usage(since)?;
+    // A listing shows totals, not runs: the roll-ups without the busy segments.
+    let fleet = match since {
+        None => store.rollup_usage(crate::fleet::rollup::Segments::None)?,
+        Some(_) => store.fleet_usage(since)?,
+    };
     let tenants = fleet
         .tenants
         .into_iter()

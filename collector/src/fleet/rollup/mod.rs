@@ -60,6 +60,8 @@ pub fn cluster_name(placement: Option<&Placement>) -> String {
 pub enum Segments {
     /// Every one: every run of the tenants read.
     All,
+    /// None: the tenants' totals without their runs (a listing).
+    None,
     /// The runs that may have changed since `since`: each segment changed at or after it
     /// (`changed_at`, the ingest time of the batch that last grew it), with every segment of
     /// the tenant after it and those before it no more than `gap_s` apart (its whole run).

@@ -224,7 +224,7 @@ impl FleetStore for PgStore {
         Ok(self.aggregate(sql, tenant, period)?.tenants)
     }
 
-    fn evaluation_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
+    fn rollup_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
         let mut conn = self.checkout()?;
         let rollups = super::rollups::read_rollups(conn.client()?, None, false, segments)?;
         Ok(crate::fleet::rollup::assemble::assemble(&rollups))

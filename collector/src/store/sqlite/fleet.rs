@@ -268,7 +268,7 @@ impl FleetStore for SqliteStore {
         self.aggregate(WINDOWS_SQL, None, period)
     }
 
-    fn evaluation_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
+    fn rollup_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
         let rollups = super::rollups::read_rollups(&self.reader()?, None, false, segments)?;
         Ok(crate::fleet::rollup::assemble::assemble(&rollups))
     }

@@ -1,7 +1,7 @@
 //! The PostgreSQL roll-up tables, with the meaning of the SQLite ones
-//! (`store/sqlite/rollups.rs`; schema: [`super::schema::MIGRATION_ROLLUPS`]): the row
-//! operations ingest merges a batch with ([`RollupTx`], on statements prepared once per
-//! connection), reading the rows back, and recomputing them from the raw windows.
+//! (`store/sqlite/rollups/`; schema: [`super::schema::MIGRATION_ROLLUPS`]): this file holds
+//! the row operations ingest merges a batch with ([`RollupTx`], on statements prepared once
+//! per connection); [`read`] reads the rows back, [`rebuild`] recomputes and checks them.
 //!
 //! Two collectors may ingest batches about one tenant at once. A batch's first write about a
 //! tenant is the upsert of its `rollup_subjects` row, whose row lock is held to the commit:
@@ -9,20 +9,22 @@
 //! interleaved (a lost update), and as every batch takes its subjects in key order
 //! ([`crate::fleet::rollup::apply`]) two batches never wait on each other in a cycle.
 
-use std::collections::BTreeMap;
-
-use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, Statement, Transaction};
+use postgres::{Client, Statement, Transaction};
 
-use super::driver::{get, pg_error, Failed};
-use crate::fleet::rollup::apply::{apply, Bucket, RollupTx};
-use crate::fleet::rollup::check::{compare, TableCheck};
-use crate::fleet::rollup::{cluster_name, HostSums, Peak, Rollups, SegmentRow, Segments, Subject, Sums};
+use super::driver::get;
+use crate::fleet::rollup::apply::{Bucket, RollupTx};
+use crate::fleet::rollup::{cluster_name, HostSums, Peak, SegmentRow, Subject, Sums};
 use crate::fleet::runs::RunFigures;
-use crate::fleet::{Placement, WindowRow};
+use crate::fleet::Placement;
 use crate::store::error::StoreError;
-use crate::store::schema::{corrupt, count_u32};
+use crate::store::schema::corrupt;
+
+mod read;
+mod rebuild;
+
+pub(super) use read::read_rollups;
+pub(super) use rebuild::{check, rebuild};
 
 /// Windows fetched from the server, and folded into one in-memory batch, at a time while
 /// rebuilding: bounds the rebuild's memory.
@@ -427,308 +429,4 @@ fn segment_row(r: &postgres::Row) -> Result<(String, SegmentRow), StoreError> {
         peak: Peak { flops: get(r, 9)?, at: get(r, 10)? },
     };
     Ok((get(r, 0)?, segment))
-}
-
-/// Reads the segments (and their hosts) `filter` selects into `out`.
-fn read_segments(
-    client: &mut impl GenericClient,
-    filter: &str,
-    params: &[&(dyn ToSql + Sync)],
-    out: &mut Rollups,
-) -> Result<(), StoreError> {
-    for r in
-        client.query(&format!("{SEGMENT_COLUMNS} FROM rollup_segments {filter}"), params).map_err(pg_error)?
-    {
-        let (tenant, segment) = segment_row(&r)?;
-        out.segments.entry(tenant).or_default().insert(segment.start, segment);
-    }
-    for r in client
-        .query(&format!("SELECT tenant, start, host FROM rollup_segment_hosts {filter}"), params)
-        .map_err(pg_error)?
-    {
-        let (tenant, start, host): (String, i64, String) = (get(&r, 0)?, get(&r, 1)?, get(&r, 2)?);
-        if let Some(segment) = out.segments.get_mut(&tenant).and_then(|s| s.get_mut(&start)) {
-            segment.hosts.insert(host);
-        }
-    }
-    Ok(())
-}
-
-/// Per tenant with a segment changed at or after `since`, the start of the first segment of
-/// the run holding its earliest changed segment (runs cut at pauses longer than `gap_s`): one
-/// query for the changed segments, then one per step back for every tenant still walking
-/// (a run of many segments takes several; most take one).
-fn changed_runs(
-    client: &mut impl GenericClient,
-    since: i64,
-    gap_s: i64,
-) -> Result<(Vec<String>, Vec<i64>), StoreError> {
-    let changed = client
-        .query(
-            "SELECT tenant, MIN(start) FROM rollup_segments WHERE changed_at >= $1 GROUP BY tenant",
-            &[&since],
-        )
-        .map_err(pg_error)?;
-    let mut from: BTreeMap<String, i64> =
-        changed.iter().map(|r| Ok((get(r, 0)?, get(r, 1)?))).collect::<Result<_, StoreError>>()?;
-    let mut walking: Vec<String> = from.keys().cloned().collect();
-    while !walking.is_empty() {
-        let starts: Vec<i64> = walking.iter().map(|t| from.get(t).copied().unwrap_or(i64::MIN)).collect();
-        // Segments are disjoint and sorted, so the one before ends the run so far.
-        let previous = client
-            .query(
-                r#"SELECT c.tenant, p.start, p."end" FROM UNNEST($1::text[], $2::bigint[]) AS c(tenant, first)
-                   CROSS JOIN LATERAL (SELECT start, "end" FROM rollup_segments s
-                       WHERE s.tenant = c.tenant AND s.start < c.first ORDER BY start DESC LIMIT 1) p"#,
-                &[&walking, &starts],
-            )
-            .map_err(pg_error)?;
-        walking.clear();
-        for r in &previous {
-            let (tenant, start, end): (String, i64, i64) = (get(r, 0)?, get(r, 1)?, get(r, 2)?);
-            if let Some(first) = from.get_mut(&tenant) {
-                if first.saturating_sub(end) <= gap_s {
-                    *first = start;
-                    walking.push(tenant);
-                }
-            }
-        }
-    }
-    Ok(from.into_iter().unzip())
-}
-
-fn subject(r: &postgres::Row) -> Result<Subject, StoreError> {
-    Ok(Subject { tenant: get(r, 0)?, host_id: get(r, 1)?, workload: get(r, 2)? })
-}
-
-fn sums(r: &postgres::Row, at: usize) -> Result<Sums, StoreError> {
-    let windows: i64 = get(r, at)?;
-    Ok(Sums {
-        windows: u64::try_from(windows).unwrap_or(0),
-        ops_lower: get(r, at + 1)?,
-        estimated_ops: get(r, at + 2)?,
-        ops_upper: get(r, at + 3)?,
-        gpu_seconds: get(r, at + 4)?,
-        shared_gpu_seconds: get(r, at + 5)?,
-        guest_gap_gpu_seconds: get(r, at + 6)?,
-        first_start: get(r, at + 7)?,
-        last_end: get(r, at + 8)?,
-        foreign_person: get(r, at + 9)?,
-    })
-}
-
-const SUMS: &str = "windows, ops_lower, estimated_ops, ops_upper, gpu_seconds, shared_gpu_seconds,
-    guest_gap_gpu_seconds, first_start, last_end, foreign_person";
-
-/// Calls `f` with every row `sql` selects (`$1`: the tenant, or NULL for all rows), streamed.
-fn each_row(
-    client: &mut impl GenericClient,
-    sql: &str,
-    tenant: Option<&str>,
-    mut f: impl FnMut(&postgres::Row) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    let params: [&(dyn ToSql + Sync); 1] = [&tenant];
-    let mut rows = client.query_raw(sql, params).map_err(pg_error)?;
-    while let Some(row) = rows.next().map_err(pg_error)? {
-        f(&row)?;
-    }
-    Ok(())
-}
-
-/// The stored roll-ups (of one tenant when `tenant` is given): what the fleet view needs, and
-/// with `full` also the day tables and capacity buckets (a check).
-pub(super) fn read_rollups(
-    client: &mut impl GenericClient,
-    tenant: Option<&str>,
-    full: bool,
-    segments: Segments,
-) -> Result<Rollups, StoreError> {
-    const KEY: &str = "tenant, subject_host, subject_workload";
-    const WHERE: &str = "WHERE $1::text IS NULL OR tenant = $1::text";
-    let mut out = Rollups::default();
-    each_row(client, &format!("SELECT {KEY}, {SUMS} FROM rollup_subjects {WHERE}"), tenant, |r| {
-        out.subjects.insert(subject(r)?, sums(r, 3)?);
-        Ok(())
-    })?;
-    each_row(
-        client,
-        &format!("SELECT {KEY}, method, estimated_ops FROM rollup_methods {WHERE}"),
-        tenant,
-        |r| {
-            out.methods.insert((subject(r)?, get(r, 3)?), get(r, 4)?);
-            Ok(())
-        },
-    )?;
-    let hosts_sql = format!(
-        "SELECT {KEY}, host, gpus, shared_gpu_seconds, guest_gap_gpu_seconds, cluster FROM rollup_hosts {WHERE}"
-    );
-    each_row(client, &hosts_sql, tenant, |r| {
-        let sums = HostSums {
-            gpus: count_u32(get(r, 4)?),
-            shared_gpu_seconds: get(r, 5)?,
-            guest_gap_gpu_seconds: get(r, 6)?,
-            cluster: get(r, 7)?,
-        };
-        out.hosts.insert((subject(r)?, get(r, 3)?), sums);
-        Ok(())
-    })?;
-    each_row(
-        client,
-        &format!("SELECT {KEY}, host, workload, seconds FROM rollup_gap_workloads {WHERE}"),
-        tenant,
-        |r| {
-            out.gap_workloads.insert((subject(r)?, get(r, 3)?, get(r, 4)?), get(r, 5)?);
-            Ok(())
-        },
-    )?;
-    each_row(
-        client,
-        &format!("SELECT {KEY}, cluster, peak_flops, peak_at FROM rollup_peaks {WHERE}"),
-        tenant,
-        |r| {
-            out.peaks.insert((subject(r)?, get(r, 3)?), Peak { flops: get(r, 4)?, at: get(r, 5)? });
-            Ok(())
-        },
-    )?;
-    match segments {
-        Segments::All => read_segments(client, WHERE, &[&tenant], &mut out)?,
-        Segments::ChangedSince { since, gap_s } => {
-            let (tenants, firsts) = changed_runs(client, since, gap_s)?;
-            let filter = "JOIN UNNEST($1::text[], $2::bigint[]) AS c(tenant, first) USING (tenant) WHERE start >= c.first";
-            read_segments(client, filter, &[&tenants, &firsts], &mut out)?;
-        }
-    }
-    if !full {
-        return Ok(out);
-    }
-    each_row(client, &format!("SELECT {KEY}, day, {SUMS} FROM rollup_days {WHERE}"), tenant, |r| {
-        out.days.insert((subject(r)?, get(r, 3)?), sums(r, 4)?);
-        Ok(())
-    })?;
-    each_row(
-        client,
-        &format!("SELECT {KEY}, day, method, estimated_ops FROM rollup_day_methods {WHERE}"),
-        tenant,
-        |r| {
-            out.day_methods.insert((subject(r)?, get(r, 3)?, get(r, 4)?), get(r, 5)?);
-            Ok(())
-        },
-    )?;
-    each_row(client, &format!("SELECT tenant, day, host FROM rollup_day_hosts {WHERE}"), tenant, |r| {
-        let subject = Subject { tenant: get(r, 0)?, host_id: String::new(), workload: String::new() };
-        out.day_hosts.insert((subject, get(r, 1)?, get(r, 2)?));
-        Ok(())
-    })?;
-    each_row(
-        client,
-        &format!("SELECT {KEY}, cluster, minute, flops FROM rollup_capacity {WHERE}"),
-        tenant,
-        |r| {
-            out.capacity.insert((subject(r)?, get(r, 3)?, get(r, 4)?), get(r, 5)?);
-            Ok(())
-        },
-    )?;
-    Ok(out)
-}
-
-/// Every window, as the aggregation reads them.
-const WINDOWS: &str = r#"
-    SELECT tenant, host_id, start, "end", gpu_seconds, GREATEST(max_concurrent_gpus, gpus), estimated_ops,
-           peak_flops, method, foreign_person, ops_lower, ops_upper, shared_gpu_seconds,
-           guest_gap_gpu_seconds, CASE WHEN guest_gap_gpu_seconds > 0 OR tenant IS NULL THEN workload END
-    FROM records"#;
-
-fn placements(client: &mut impl GenericClient) -> Result<BTreeMap<String, String>, StoreError> {
-    let rows = client.query("SELECT host_id, site, fabric FROM host_placement", &[]).map_err(pg_error)?;
-    rows.iter()
-        .map(|r| Ok((get(r, 0)?, cluster_name(Some(&Placement { site: get(r, 1)?, fabric: get(r, 2)? })))))
-        .collect()
-}
-
-/// Adds the window of `r` (as [`WINDOWS`] selects it) to `rollups`, in its host's cluster.
-fn add_row(
-    rollups: &mut Rollups,
-    clusters: &BTreeMap<String, String>,
-    r: &postgres::Row,
-) -> Result<(), StoreError> {
-    let (tenant, host_id, workload, method): (Option<String>, String, Option<String>, String) =
-        (get(r, 0)?, get(r, 1)?, get(r, 14)?, get(r, 8)?);
-    let unplaced = cluster_name(None);
-    let w = WindowRow {
-        tenant: tenant.as_deref(),
-        host_id: &host_id,
-        start: get(r, 2)?,
-        end: get(r, 3)?,
-        gpu_seconds: get(r, 4)?,
-        gpus: count_u32(get(r, 5)?),
-        estimated_ops: get(r, 6)?,
-        peak_flops: get(r, 7)?,
-        method: &method,
-        foreign_person: get(r, 9)?,
-        ops_lower: get(r, 10)?,
-        ops_upper: get(r, 11)?,
-        shared_gpu_seconds: get(r, 12)?,
-        guest_gap_gpu_seconds: get(r, 13)?,
-        workload: workload.as_deref(),
-    };
-    rollups.add(&w, clusters.get(&host_id).unwrap_or(&unplaced));
-    Ok(())
-}
-
-/// The roll-up tables, emptied by a rebuild.
-const TABLES: &str = "rollup_subjects, rollup_methods, rollup_days, rollup_day_methods, rollup_day_hosts,
-    rollup_hosts, rollup_gap_workloads, rollup_capacity, rollup_peaks, rollup_segments, rollup_segment_hosts";
-
-/// Recomputes every roll-up from the raw windows in the transaction `tx` (hosts in the
-/// cluster they stand in now), when `only_if_unbuilt` is false or `rollup_state` says they
-/// were never built; returns the windows read, or `None` when nothing was to do.
-pub(super) fn rebuild(
-    tx: &mut Transaction<'_>,
-    st: &RollupStatements,
-    now: i64,
-    only_if_unbuilt: bool,
-) -> Result<Option<u64>, Failed> {
-    // The state row's lock makes concurrent rebuilds (two collectors opening a migrated
-    // database) one after the other; the second finds the work done.
-    let built: Option<i64> = tx.query_one("SELECT built_at FROM rollup_state FOR UPDATE", &[])?.get(0);
-    if only_if_unbuilt && built.is_some() {
-        return Ok(None);
-    }
-    tx.batch_execute(&format!("TRUNCATE {TABLES}"))?;
-    let clusters = placements(tx)?;
-    let stmt = tx.prepare(WINDOWS)?;
-    let portal = tx.bind(&stmt, &[])?;
-    let mut windows = 0u64;
-    loop {
-        let rows = tx.query_portal(&portal, REBUILD_CHUNK)?;
-        if rows.is_empty() {
-            break;
-        }
-        let mut batch = Rollups::default();
-        for r in &rows {
-            add_row(&mut batch, &clusters, r)?;
-        }
-        windows += rows.len() as u64;
-        let mut ops = PgRollups { tx: &mut *tx, st, failed: None };
-        if let Err(e) = apply(&batch, &mut ops, now) {
-            return Err(ops.failed.take().map_or(Failed::Store(e), Failed::Pg));
-        }
-    }
-    tx.execute("UPDATE rollup_state SET built_at = $1", &[&now])?;
-    Ok(Some(windows))
-}
-
-/// The roll-ups the raw windows give against the stored ones.
-pub(super) fn check(client: &mut Client) -> Result<Vec<TableCheck>, StoreError> {
-    let clusters = placements(client)?;
-    let mut expected = Rollups::default();
-    let params: [&(dyn ToSql + Sync); 0] = [];
-    let mut rows = client.query_raw(WINDOWS, params).map_err(pg_error)?;
-    while let Some(r) = rows.next().map_err(pg_error)? {
-        add_row(&mut expected, &clusters, &r)?;
-    }
-    drop(rows);
-    expected.finish_peaks();
-    let stored = read_rollups(client, None, true, Segments::All)?;
-    Ok(compare(&expected, &stored))
 }
