@@ -44,7 +44,7 @@ use kycd_protocol::{Algorithm, PrivateJwk};
 const HOSTS: u64 = 2_000;
 const TENANTS: u64 = 200;
 const TENANTS_PER_HOST: u64 = 5;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// Bumped when the loader writes different rows, so a database of an older one is not reused
 /// (2: windows without a tenant, issue 19; 3: roll-ups built after loading, a policy
 /// published, issue 20).
@@ -204,45 +204,42 @@ impl Timings {
     }
 }
 
-/// Times the rounds on `store`; `scan` runs the baseline; `raw`: also the aggregation over the
-/// raw windows.
-pub fn rounds<S: kycd_collector::Storage>(store: &S, mut scan: impl FnMut(), raw: bool) -> Timings {
-    let mut t = Timings::default();
+/// Times one round on `store` into `t`; `scan` runs the baseline; `raw`: also the
+/// aggregation over the raw windows.
+pub fn round<S: kycd_collector::Storage>(store: &S, scan: &mut impl FnMut(), raw: bool, t: &mut Timings) {
     let now = 1_790_000_000 + 100_000;
-    for round in 0..ROUNDS {
+    let clock = kycd_protocol::clock::monotonic();
+    scan();
+    t.scan.push(clock.elapsed().as_secs_f64());
+    if raw {
         let clock = kycd_protocol::clock::monotonic();
-        scan();
-        t.scan.push(clock.elapsed().as_secs_f64());
-        if raw {
-            let clock = kycd_protocol::clock::monotonic();
-            let fleet = store.fleet_usage_from_windows(Period::default()).unwrap();
-            t.raw.push(clock.elapsed().as_secs_f64());
-            assert_eq!(fleet.tenants.len(), usize::try_from(TENANTS).unwrap());
-        }
-        let clock = kycd_protocol::clock::monotonic();
-        let tenants = store.tenant_usage(None, None).unwrap();
-        t.usage.push(clock.elapsed().as_secs_f64());
-        assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
-        let clock = kycd_protocol::clock::monotonic();
-        let full = evaluate_store(store, EvaluationSettings::default(), now).unwrap();
-        t.full.push(clock.elapsed().as_secs_f64());
-        let covered = Covered { since: kycd_protocol::clock::unix_now() - 300, policy_version: Some(1) };
-        let clock = kycd_protocol::clock::monotonic();
-        let incremental =
-            evaluate_store_incremental(store, EvaluationSettings::default(), now, Some(covered)).unwrap();
-        t.incremental.push(clock.elapsed().as_secs_f64());
-        assert_eq!(incremental.open, full.open);
-        eprintln!(
-            "round {round}: scan {:.2}s, raw {:.2}s, tenant_usage {:.3}s, evaluate {:.3}s, incremental {:.3}s (open findings {})",
-            t.scan[round],
-            t.raw.get(round).copied().unwrap_or(0.0),
-            t.usage[round],
-            t.full[round],
-            t.incremental[round],
-            full.open
-        );
+        let fleet = store.fleet_usage_from_windows(Period::default()).unwrap();
+        t.raw.push(clock.elapsed().as_secs_f64());
+        assert_eq!(fleet.tenants.len(), usize::try_from(TENANTS).unwrap());
     }
-    t
+    let clock = kycd_protocol::clock::monotonic();
+    let tenants = store.tenant_usage(None, None).unwrap();
+    t.usage.push(clock.elapsed().as_secs_f64());
+    assert_eq!(tenants.len(), usize::try_from(TENANTS).unwrap());
+    let clock = kycd_protocol::clock::monotonic();
+    let full = evaluate_store(store, EvaluationSettings::default(), now).unwrap();
+    t.full.push(clock.elapsed().as_secs_f64());
+    let covered = Covered { since: kycd_protocol::clock::unix_now() - 300, policy_version: Some(1) };
+    let clock = kycd_protocol::clock::monotonic();
+    let incremental =
+        evaluate_store_incremental(store, EvaluationSettings::default(), now, Some(covered)).unwrap();
+    t.incremental.push(clock.elapsed().as_secs_f64());
+    assert_eq!(incremental.open, full.open);
+    let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+    eprintln!(
+        "  scan {:.2}s, raw {:.2}s, tenant_usage {:.3}s, evaluate {:.3}s, incremental {:.3}s (open findings {})",
+        last(&t.scan),
+        if raw { last(&t.raw) } else { 0.0 },
+        last(&t.usage),
+        last(&t.full),
+        last(&t.incremental),
+        full.open
+    );
 }
 
 fn sqlite(windows: u64, scale: i64) {
@@ -260,44 +257,48 @@ fn sqlite(windows: u64, scale: i64) {
         std::fs::rename(&partial, &path).unwrap();
     }
     let tail_s = i64::try_from(windows / HOSTS / TENANTS_PER_HOST).unwrap() * 60;
-    let mut by_history = Vec::new();
-    for (x, path) in [(1, path.clone()), (scale, path.with_extension(format!("x{scale}.db")))] {
-        if x > 1 && !path.exists() {
-            eprintln!("building {} (history ×{x})…", path.display());
-            std::fs::copy(by_history_path(&by_history), &path).unwrap();
-            let conn = rusqlite::Connection::open(&path).unwrap();
-            history::sqlite(&conn, BASE, tail_s, x);
-        }
-        let store = SqliteStore::open(&path).unwrap();
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        // Steady state: every tenant's current segment grew in the last minute.
-        conn.execute(
-            r#"UPDATE rollup_segments SET changed_at = ?1 WHERE start >= ?2"#,
-            rusqlite::params![kycd_protocol::clock::unix_now(), BASE],
-        )
-        .unwrap();
-        let timings = rounds(
-            &store,
-            || {
+    let long = path.with_extension(format!("x{scale}.db"));
+    if !long.exists() {
+        eprintln!("building {} (history ×{scale})…", long.display());
+        std::fs::copy(&path, &long).unwrap();
+        let conn = rusqlite::Connection::open(&long).unwrap();
+        history::sqlite(&conn, BASE, tail_s, scale);
+    }
+    let dbs: Vec<(i64, SqliteStore, rusqlite::Connection)> = [(1, &path), (scale, &long)]
+        .into_iter()
+        .map(|(x, path)| {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            // Steady state: every tenant's current segment grew in the last minute.
+            conn.execute(
+                "UPDATE rollup_segments SET changed_at = ?1 WHERE start >= ?2",
+                rusqlite::params![kycd_protocol::clock::unix_now(), BASE],
+            )
+            .unwrap();
+            (x, SqliteStore::open(path).unwrap(), conn)
+        })
+        .collect();
+    // The two histories' rounds interleaved, so a change in the machine's load hits both.
+    let mut timings: Vec<Timings> = dbs.iter().map(|_| Timings::default()).collect();
+    for r in 0..ROUNDS {
+        for ((x, store, conn), t) in dbs.iter().zip(&mut timings) {
+            eprint!("round {r}, history ×{x}:");
+            let mut scan = || {
                 let rows: i64 = conn
                     .query_row("SELECT COUNT(*), SUM(estimated_ops), SUM(peak_flops) FROM records", [], |r| {
                         r.get(0)
                     })
                     .unwrap();
                 assert_eq!(u64::try_from(rows).unwrap(), windows / HOSTS * HOSTS);
-            },
-            x == 1,
-        );
+            };
+            round(store, &mut scan, *x == 1, t);
+        }
+    }
+    for ((x, _, conn), t) in dbs.iter().zip(&timings) {
         let segments: i64 = conn.query_row("SELECT COUNT(*) FROM rollup_segments", [], |r| r.get(0)).unwrap();
         let what = format!(
             "SQLite, {} windows of history ({windows} raw), {HOSTS} hosts, {TENANTS} tenants, {segments} busy segments",
-            u64::try_from(x).unwrap() * windows
+            u64::try_from(*x).unwrap() * windows
         );
-        timings.print(&what, by_history.first().map(|(_, t)| t));
-        by_history.push((path, timings));
+        t.print(&what, (*x > 1).then(|| &timings[0]));
     }
-}
-
-fn by_history_path(done: &[(std::path::PathBuf, Timings)]) -> &std::path::Path {
-    &done[0].0
 }

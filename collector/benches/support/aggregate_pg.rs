@@ -16,7 +16,10 @@ use kycd_collector::policy::PolicyStore as _;
 use kycd_collector::{PgStore, ReportStore as _};
 use kycd_protocol::{Algorithm, PrivateJwk};
 
-use super::{history, owner, pg, rounds, Timings, BASE, HOSTS, LOADER_VERSION, TENANTS, TENANTS_PER_HOST};
+use super::{
+    history, owner, pg, round as rounds_one, Timings, BASE, HOSTS, LOADER_VERSION, ROUNDS, TENANTS,
+    TENANTS_PER_HOST,
+};
 
 const COPY_SQL: &str = r#"COPY records (host_id, epoch, seq, last_seq, tenant, workload, start, "end", gpu_seconds,
     gpus, max_concurrent_gpus, estimated_ops, peak_flops, method, training_like, foreign_person,
@@ -134,35 +137,41 @@ pub fn run(windows: u64, scale: i64) {
         let mut client = postgres::Client::connect(&long_url, postgres::NoTls).unwrap();
         history::postgres(&mut client, BASE, tail_s, scale);
     }
-    let mut shorter: Option<Timings> = None;
-    for (x, url) in [(1, url), (scale, long_url)] {
-        let store = PgStore::open(&url).unwrap();
-        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        client
-            .execute(
-                "UPDATE rollup_segments SET changed_at = $1 WHERE start >= $2",
-                &[&kycd_protocol::clock::unix_now(), &BASE],
-            )
-            .unwrap();
-        let timings = rounds(
-            &store,
-            || {
+    let dbs: Vec<(i64, PgStore, postgres::Client)> = [(1, url), (scale, long_url)]
+        .into_iter()
+        .map(|(x, url)| {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            // Steady state: every tenant's current segment grew in the last minute.
+            client
+                .execute(
+                    "UPDATE rollup_segments SET changed_at = $1 WHERE start >= $2",
+                    &[&kycd_protocol::clock::unix_now(), &BASE],
+                )
+                .unwrap();
+            (x, PgStore::open(&url).unwrap(), client)
+        })
+        .collect();
+    // The two histories' rounds interleaved, so a change in the machine's load hits both.
+    let mut dbs = dbs;
+    let mut timings: Vec<Timings> = dbs.iter().map(|_| Timings::default()).collect();
+    for r in 0..ROUNDS {
+        for ((x, store, client), t) in dbs.iter_mut().zip(&mut timings) {
+            eprint!("pg round {r}, history ×{x}:");
+            let mut scan = || {
                 let row = client
                     .query_one("SELECT count(*), sum(estimated_ops), sum(peak_flops) FROM records", &[])
                     .unwrap();
                 assert_eq!(u64::try_from(row.get::<_, i64>(0)).unwrap(), expected);
-            },
-            x == 1,
-        );
-        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            };
+            rounds_one(store, &mut scan, *x == 1, t);
+        }
+    }
+    for ((x, _, client), t) in dbs.iter_mut().zip(&timings) {
         let segments: i64 = client.query_one("SELECT count(*) FROM rollup_segments", &[]).unwrap().get(0);
         let what = format!(
             "PostgreSQL, {} windows of history ({windows} raw), {HOSTS} hosts, {TENANTS} tenants, {segments} busy segments",
-            u64::try_from(x).unwrap() * windows
+            u64::try_from(*x).unwrap() * windows
         );
-        timings.print(&what, shorter.as_ref());
-        if shorter.is_none() {
-            shorter = Some(timings);
-        }
+        t.print(&what, (*x > 1).then(|| &timings[0]));
     }
 }
