@@ -211,9 +211,9 @@ pub fn check_cutoff(before: i64, now: i64, min_s: u64) -> Result<(), i64> {
 
 /// One prune at `now` with the configured minimum: refused as a whole when `before` is inside
 /// the effective retention; else the tied rows are kept and everything else older is deleted
-/// (`dry_run`: counted). Deleted windows leave the usage roll-ups too: they are recomputed
-/// from the windows kept ([`crate::fleet::FleetStore::rollup_rebuild`]).
-pub fn prune<S: RecordStore + crate::policy::PolicyStore + crate::fleet::FleetStore + ?Sized>(
+/// (`dry_run`: counted). The usage roll-ups keep the deleted windows' usage (a tenant's
+/// cumulative totals never drop because detail aged out; see [`crate::fleet::rollup`]).
+pub fn prune<S: RecordStore + crate::policy::PolicyStore + ?Sized>(
     store: &S,
     before: i64,
     now: i64,
@@ -227,15 +227,7 @@ pub fn prune<S: RecordStore + crate::policy::PolicyStore + crate::fleet::FleetSt
         let counts = store.prune(before, true)?;
         return Err(RetentionError::InsideRetention { before, limit, min_s, set_by, counts });
     }
-    let counts = store.prune(before, dry_run)?;
-    if !dry_run && counts.records > 0 {
-        // The usage roll-ups summarise the windows kept: recomputed without the pruned ones
-        // (a crash before this leaves them over-stating until `rollups rebuild`, which
-        // `rollups check` would call for).
-        let windows = store.rollup_rebuild(now)?;
-        tracing::info!(pruned = counts.records, windows, "usage roll-ups recomputed after pruning");
-    }
-    Ok(counts)
+    Ok(store.prune(before, dry_run)?)
 }
 
 /// The identities the hosts' statements name, one per (tenant, attestation digest, identity)

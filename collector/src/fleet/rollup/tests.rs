@@ -286,7 +286,7 @@ fn batches_in_any_order_roll_up_to_what_the_windows_aggregate_to() {
             apply(&rollups, &mut memory, 0).unwrap();
         }
         let differences: Vec<_> =
-            compare(&expected, &memory.0).into_iter().filter(|t| t.differences > 0).collect();
+            compare(&expected, &memory.0, None).into_iter().filter(|t| t.differences > 0).collect();
         assert!(differences.is_empty(), "{order}: {differences:#?}");
         assert_same_fleet(&assemble(&memory.0), &raw);
     }
@@ -307,7 +307,7 @@ fn the_check_reports_each_difference() {
     let day = stored.days.keys().next().cloned().unwrap();
     stored.days.remove(&day);
     stored.capacity.insert((key, FLEET.to_owned(), 0), 1.0);
-    let checks = compare(&expected, &stored);
+    let checks = compare(&expected, &stored, None);
     let by_table: BTreeMap<&str, usize> = checks.iter().map(|c| (c.table, c.differences)).collect();
     assert_eq!(
         (by_table["rollup_subjects"], by_table["rollup_days"], by_table["rollup_capacity"]),
@@ -315,4 +315,36 @@ fn the_check_reports_each_difference() {
     );
     assert_eq!(checks.iter().map(|c| c.differences).sum::<usize>(), 3, "{checks:#?}");
     assert!(checks.iter().find(|c| c.table == "rollup_days").unwrap().examples[0].starts_with("missing"));
+}
+
+/// After a prune the all-time tables still count the pruned windows: only what lies after
+/// the cut-off is compared, and the rest is reported as not compared.
+#[test]
+fn after_a_prune_only_what_follows_the_cut_off_is_compared() {
+    let all = windows();
+    let mut stored = Rollups::default();
+    for w in &all {
+        stored.add(&w.row(), &cluster_of(w.host));
+    }
+    stored.finish_peaks();
+    // The windows kept: those ending after the cut-off, in the first of the fixture's days.
+    let cut = DAY_S * 20_000 - 600;
+    let mut expected = Rollups::default();
+    for w in all.iter().filter(|w| w.start + w.len > cut) {
+        expected.add(&w.row(), &cluster_of(w.host));
+    }
+    expected.finish_peaks();
+    assert!(compare(&expected, &stored, None).iter().any(|c| c.differences > 0), "pruned windows differ");
+    let checks = compare(&expected, &stored, Some(cut));
+    let compared: Vec<&str> = checks.iter().filter(|c| c.not_compared.is_none()).map(|c| c.table).collect();
+    assert_eq!(compared, ["rollup_days", "rollup_day_methods", "rollup_day_hosts", "rollup_capacity"]);
+    assert!(checks.iter().all(|c| c.differences == 0), "{checks:#?}");
+    for table in ["rollup_days", "rollup_capacity"] {
+        assert!(checks.iter().find(|c| c.table == table).unwrap().expected_rows > 0, "{table} is compared");
+    }
+    // A difference after the cut-off is still found.
+    let key = stored.capacity.keys().rev().next().cloned().unwrap();
+    *stored.capacity.get_mut(&key).unwrap() += 1e15;
+    let checks = compare(&expected, &stored, Some(cut));
+    assert_eq!(checks.iter().map(|c| c.differences).sum::<usize>(), 1);
 }

@@ -131,6 +131,14 @@ impl RecordStore for PgStore {
                 *slot = (deleted, refused);
             }
             let records = super::partitions::prune_partitions(tx, before, dry_run, &record_tied)?;
+            if !dry_run && records.deleted > 0 {
+                // The roll-ups keep the pruned windows' usage; a check compares them only
+                // after the cut-off from now on (crate::fleet::rollup).
+                tx.execute(
+                    "UPDATE rollup_state SET pruned_before = GREATEST(COALESCE(pruned_before, $1), $1)",
+                    &[&before],
+                )?;
+            }
             Ok((out, records))
         })?;
         Ok(PruneCounts {

@@ -404,8 +404,9 @@ pub const MIGRATION_ROLLUPS: &str = r#"
         PRIMARY KEY (tenant, start, host)
     );
     CREATE TABLE rollup_state (
-        id       INTEGER PRIMARY KEY CHECK (id = 1),
-        built_at BIGINT
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        built_at      BIGINT,
+        pruned_before BIGINT
     );
     INSERT INTO rollup_state (id, built_at)
         SELECT 1, CASE WHEN EXISTS (SELECT 1 FROM records) THEN NULL ELSE 0::bigint END;

@@ -278,7 +278,7 @@ impl FleetStore for SqliteStore {
     }
 
     fn rollup_check(&self) -> Result<Vec<TableCheck>, StoreError> {
-        super::rollups::check(&self.reader()?)
+        super::rollups::check(&mut self.reader()?)
     }
 
     fn rollup_rebuild(&self, now: i64) -> Result<u64, StoreError> {

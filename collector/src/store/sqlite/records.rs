@@ -185,6 +185,15 @@ impl RecordStore for SqliteStore {
         if dry_run {
             return Ok(counts);
         }
+        if self.rollups && counts.records > 0 {
+            // The roll-ups keep the pruned windows' usage; a check compares them only after
+            // the cut-off from now on (crate::fleet::rollup).
+            tx.execute(
+                "UPDATE rollup_state SET pruned_before = max(coalesce(pruned_before, ?1), ?1)",
+                [before],
+            )
+            .map_err(db_error)?;
+        }
         tx.commit().map_err(db_error)?;
         Ok(counts)
     }

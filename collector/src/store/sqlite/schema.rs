@@ -348,7 +348,9 @@ pub const MIGRATION_PLACEMENT: &str = r#"
 /// Step 11 ([`crate::fleet::rollup`]): the usage roll-ups, maintained at ingest. A subject is
 /// `(tenant, subject_host, subject_workload)`: a tenant with empty host and workload, or a
 /// workload without a tenant (empty tenant). `rollup_state.built_at` is NULL while the
-/// roll-ups of windows stored before this migration are still to be computed: opening the
+/// roll-ups of windows stored before this migration are still to be computed, and
+/// `pruned_before` the latest cut-off of a `records prune` that deleted windows since the
+/// roll-ups were last computed from all of them (they keep those windows' usage): opening the
 /// store computes them ([`super::rollups`]).
 pub const MIGRATION_ROLLUPS: &str = r#"
     CREATE TABLE rollup_subjects (
@@ -417,8 +419,9 @@ pub const MIGRATION_ROLLUPS: &str = r#"
         PRIMARY KEY (tenant, start, host)
     ) STRICT, WITHOUT ROWID;
     CREATE TABLE rollup_state (
-        id       INTEGER PRIMARY KEY CHECK (id = 1),
-        built_at INTEGER
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        built_at      INTEGER,
+        pruned_before INTEGER
     ) STRICT;
     INSERT INTO rollup_state (id, built_at)
         SELECT 1, CASE WHEN EXISTS (SELECT 1 FROM records) THEN NULL ELSE 0 END;

@@ -100,21 +100,31 @@ pub(in crate::store::postgres) fn rebuild(
             return Err(ops.failed.take().map_or(Failed::Store(e), Failed::Pg));
         }
     }
-    tx.execute("UPDATE rollup_state SET built_at = $1", &[&now])?;
+    tx.execute("UPDATE rollup_state SET built_at = $1, pruned_before = NULL", &[&now])?;
     Ok(Some(windows))
 }
 
-/// The roll-ups the raw windows give against the stored ones.
+/// The roll-ups the raw windows give against the stored ones, both read in one snapshot
+/// (a read-only REPEATABLE READ transaction: ingest may go on meanwhile).
 pub(in crate::store::postgres) fn check(client: &mut Client) -> Result<Vec<TableCheck>, StoreError> {
-    let clusters = placements(client)?;
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(pg_error)?;
+    let clusters = placements(&mut tx)?;
     let mut expected = Rollups::default();
     let params: [&(dyn ToSql + Sync); 0] = [];
-    let mut rows = client.query_raw(WINDOWS, params).map_err(pg_error)?;
+    let mut rows = tx.query_raw(WINDOWS, params).map_err(pg_error)?;
     while let Some(r) = rows.next().map_err(pg_error)? {
         add_row(&mut expected, &clusters, &r)?;
     }
     drop(rows);
     expected.finish_peaks();
-    let stored = read_rollups(client, None, true, Segments::All)?;
-    Ok(compare(&expected, &stored))
+    let stored = read_rollups(&mut tx, None, true, Segments::All)?;
+    let pruned_before: Option<i64> =
+        get(&tx.query_one("SELECT pruned_before FROM rollup_state", &[]).map_err(pg_error)?, 0)?;
+    tx.commit().map_err(pg_error)?;
+    Ok(compare(&expected, &stored, pruned_before))
 }

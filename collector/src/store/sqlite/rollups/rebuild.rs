@@ -84,7 +84,7 @@ pub(in crate::store::sqlite) fn rebuild(conn: &mut Connection, now: i64) -> Resu
         *batch = Rollups::default();
         Ok(())
     })?;
-    tx.execute("UPDATE rollup_state SET built_at = ?1", [now]).map_err(db_error)?;
+    tx.execute("UPDATE rollup_state SET built_at = ?1, pruned_before = NULL", [now]).map_err(db_error)?;
     tx.commit().map_err(db_error)?;
     Ok(windows)
 }
@@ -102,13 +102,18 @@ pub(in crate::store::sqlite) fn build_if_needed(conn: &mut Connection, now: i64)
     Ok(())
 }
 
-/// The roll-ups the raw windows give against the stored ones.
+/// The roll-ups the raw windows give against the stored ones, both read in one snapshot (a
+/// read transaction on `conn`, a reader: ingest may go on meanwhile).
 pub(in crate::store::sqlite) fn check(
-    conn: &Connection,
+    conn: &mut Connection,
 ) -> Result<Vec<crate::fleet::rollup::check::TableCheck>, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(db_error)?;
     let mut expected = Rollups::default();
-    fold_windows(conn, usize::MAX, &mut expected, |_| Ok(()))?;
+    fold_windows(&tx, usize::MAX, &mut expected, |_| Ok(()))?;
     expected.finish_peaks();
-    let stored = read_rollups(conn, None, true, Segments::All)?;
-    Ok(crate::fleet::rollup::check::compare(&expected, &stored))
+    let stored = read_rollups(&tx, None, true, Segments::All)?;
+    let pruned_before: Option<i64> =
+        tx.query_row("SELECT pruned_before FROM rollup_state", [], |r| r.get(0)).map_err(db_error)?;
+    tx.commit().map_err(db_error)?;
+    Ok(crate::fleet::rollup::check::compare(&expected, &stored, pruned_before))
 }
