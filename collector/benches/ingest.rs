@@ -204,6 +204,23 @@ fn raw_pg(url: &str, rows: &[Vec<ValidRecord>]) -> Duration {
                 $17::text[], $18::float8[], $19::float8[], $20::float8[], $21::float8[]) AS u"#,
         )
         .unwrap();
+    // `records` is partitioned by month of "end" (migration 12) and the store makes a month's
+    // partition when a batch first needs it; the raw insert gets its months made untimed.
+    let ends: Vec<i64> = rows.iter().flatten().map(|v| v.record.window.end).collect();
+    for row in client
+        .query(
+            "SELECT DISTINCT extract(epoch FROM m)::bigint, extract(epoch FROM m + interval '1 month')::bigint
+             FROM (SELECT date_trunc('month', to_timestamp(e) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS m
+                   FROM unnest($1::bigint[]) AS e) AS months",
+            &[&ends],
+        )
+        .unwrap()
+    {
+        let (from, to): (i64, i64) = (row.get(0), row.get(1));
+        client
+            .batch_execute(&format!("CREATE TABLE raw_{from} PARTITION OF records FOR VALUES FROM ({from}) TO ({to})"))
+            .unwrap();
+    }
     let t = kycd_protocol::clock::monotonic();
     for batch in rows {
         let col = |f: &dyn Fn(&ValidRecord) -> i64| batch.iter().map(f).collect::<Vec<i64>>();
