@@ -1,55 +1,44 @@
 //! Merging a batch's roll-ups into the stored ones, inside the batch's transaction: sums are
 //! added, capacity buckets added to and the peaks raised from the buckets' new values, and
-//! each new busy segment joined with the stored segments it touches. A backend supplies the
-//! row operations ([`RollupTx`]); the order of operations, and so of row locks, is this
-//! file's: subjects in key order, so two collectors ingesting at once on PostgreSQL take
-//! the locks of shared rows in one order and never deadlock on them.
+//! each tenant's new busy segments joined with the stored segments they touch. A backend
+//! supplies the row operations ([`RollupTx`]), each over all of a batch's rows of one table
+//! (so a backend can send them in one statement: a drained spool brings a thousand windows);
+//! the order of operations, and so of row locks, is this file's: tables in a fixed order,
+//! rows in key order, so two collectors ingesting at once on PostgreSQL take the locks of
+//! shared rows in one order and never deadlock on them.
 
 use std::collections::BTreeMap;
 
-use super::{HostSums, Peak, Rollups, SegmentRow, Subject, Sums, FLEET};
+use super::{add_segment, HostSums, Peak, Rollups, SegmentRow, Subject, Sums, FLEET};
 use crate::fleet::CAPACITY_BUCKET_S;
 use crate::store::error::StoreError;
 
 /// A capacity bucket to add to: (subject, cluster, minute start, FLOP/s).
 pub type Bucket<'a> = (&'a Subject, &'a str, i64, f64);
 
-/// The row operations of one backend's roll-up tables, within one transaction.
+/// The row operations of one backend's roll-up tables, within one transaction; each takes
+/// the batch's rows of one table, in key order, keys distinct.
 pub trait RollupTx {
-    /// Adds `sums` to the subject's all-time sums (creating the row).
-    fn add_subject(&mut self, subject: &Subject, sums: &Sums) -> Result<(), StoreError>;
-    /// Adds `ops` to the subject's all-time point estimate by `method`.
-    fn add_method(&mut self, subject: &Subject, method: &str, ops: f64) -> Result<(), StoreError>;
-    /// Adds `sums` to the subject's sums of `day`.
-    fn add_day(&mut self, subject: &Subject, day: i64, sums: &Sums) -> Result<(), StoreError>;
-    /// Adds `ops` to the subject's point estimate by `method` on `day`.
-    fn add_day_method(
-        &mut self,
-        subject: &Subject,
-        day: i64,
-        method: &str,
-        ops: f64,
-    ) -> Result<(), StoreError>;
-    /// Records that `host` reported the subject on `day`.
-    fn add_day_host(&mut self, subject: &Subject, day: i64, host: &str) -> Result<(), StoreError>;
-    /// Merges `sums` into the subject's row for `host` (GPUs: the larger; seconds added;
-    /// cluster: the new one).
-    fn add_host(&mut self, subject: &Subject, host: &str, sums: &HostSums) -> Result<(), StoreError>;
-    /// Adds guest-gap seconds of (`host`, `workload`).
-    fn add_gap_workload(
-        &mut self,
-        subject: &Subject,
-        host: &str,
-        workload: &str,
-        seconds: f64,
-    ) -> Result<(), StoreError>;
-    /// Adds each `(subject, cluster, minute, flops)` to its bucket (distinct buckets) and
-    /// returns their new values, in order. One call per batch: a backend may send them in one
-    /// statement (a drained spool brings a thousand windows, so a thousand buckets).
+    /// Adds each row's sums to the subject's all-time sums (creating the row).
+    fn add_subjects(&mut self, rows: &[(&Subject, &Sums)]) -> Result<(), StoreError>;
+    /// Adds each `ops` to the subject's all-time point estimate by `method`.
+    fn add_methods(&mut self, rows: &[(&Subject, &str, f64)]) -> Result<(), StoreError>;
+    /// Adds each row's sums to the subject's sums of the day.
+    fn add_days(&mut self, rows: &[(&Subject, i64, &Sums)]) -> Result<(), StoreError>;
+    /// Adds each `ops` to the subject's point estimate by method on the day.
+    fn add_day_methods(&mut self, rows: &[(&Subject, i64, &str, f64)]) -> Result<(), StoreError>;
+    /// Records that the host reported the subject on the day.
+    fn add_day_hosts(&mut self, rows: &[(&Subject, i64, &str)]) -> Result<(), StoreError>;
+    /// Merges each row into the subject's row for the host (GPUs: the larger; seconds
+    /// added; cluster: the new one).
+    fn add_hosts(&mut self, rows: &[(&Subject, &str, &HostSums)]) -> Result<(), StoreError>;
+    /// Adds guest-gap seconds of (host, workload).
+    fn add_gap_workloads(&mut self, rows: &[(&Subject, &str, &str, f64)]) -> Result<(), StoreError>;
+    /// Adds each bucket's FLOP/s and returns the buckets' new values, in order.
     fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError>;
-    /// Raises the stored peak of (subject, cluster) to `peak` if that is larger (or as large
-    /// and earlier).
-    fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError>;
+    /// Raises each stored peak of (subject, cluster) to the row's if that is larger (or as
+    /// large and earlier).
+    fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError>;
     /// The tenant's stored segments that touch `start..end` (within the touch distance), by
     /// start, without their hosts.
     fn touching_segments(
@@ -58,14 +47,14 @@ pub trait RollupTx {
         start: i64,
         end: i64,
     ) -> Result<Vec<SegmentRow>, StoreError>;
-    /// Stores `segment` (its start, end, figures and peak; its hosts added to the stored
-    /// ones) in place of the stored segments starting at `replaced` (their hosts move to
-    /// it), marked changed at `changed_at`.
-    fn write_segment(
+    /// Deletes the tenant's stored segments starting at `replaced` (their hosts move to the
+    /// one of `segments` that now holds their start) and stores `segments` (start, end,
+    /// figures, peak; their hosts added to the stored ones), marked changed at `changed_at`.
+    fn write_segments(
         &mut self,
         tenant: &str,
         replaced: &[i64],
-        segment: &SegmentRow,
+        segments: &[SegmentRow],
         changed_at: i64,
     ) -> Result<(), StoreError>;
 }
@@ -73,31 +62,24 @@ pub trait RollupTx {
 /// Merges `batch` (rows built by [`Rollups::add`]; its peaks are ignored) into the stored
 /// roll-ups through `tx`.
 pub fn apply(batch: &Rollups, tx: &mut dyn RollupTx, changed_at: i64) -> Result<(), StoreError> {
-    for (subject, sums) in &batch.subjects {
-        tx.add_subject(subject, sums)?;
-    }
-    for ((subject, method), ops) in &batch.methods {
-        tx.add_method(subject, method, *ops)?;
-    }
-    for ((subject, day), sums) in &batch.days {
-        tx.add_day(subject, *day, sums)?;
-    }
-    for ((subject, day, method), ops) in &batch.day_methods {
-        tx.add_day_method(subject, *day, method, *ops)?;
-    }
-    for (subject, day, host) in &batch.day_hosts {
-        tx.add_day_host(subject, *day, host)?;
-    }
-    for ((subject, host), sums) in &batch.hosts {
-        tx.add_host(subject, host, sums)?;
-    }
-    for ((subject, host, workload), seconds) in &batch.gap_workloads {
-        tx.add_gap_workload(subject, host, workload, *seconds)?;
-    }
+    tx.add_subjects(&batch.subjects.iter().collect::<Vec<_>>())?;
+    tx.add_methods(&batch.methods.iter().map(|((s, m), ops)| (s, m.as_str(), *ops)).collect::<Vec<_>>())?;
+    tx.add_days(&batch.days.iter().map(|((s, day), sums)| (s, *day, sums)).collect::<Vec<_>>())?;
+    let day_methods: Vec<_> =
+        batch.day_methods.iter().map(|((s, day, m), ops)| (s, *day, m.as_str(), *ops)).collect();
+    tx.add_day_methods(&day_methods)?;
+    tx.add_day_hosts(
+        &batch.day_hosts.iter().map(|(s, day, host)| (s, *day, host.as_str())).collect::<Vec<_>>(),
+    )?;
+    tx.add_hosts(&batch.hosts.iter().map(|((s, host), sums)| (s, host.as_str(), sums)).collect::<Vec<_>>())?;
+    let gaps: Vec<_> = batch
+        .gap_workloads
+        .iter()
+        .map(|((s, host, workload), sec)| (s, host.as_str(), workload.as_str(), *sec))
+        .collect();
+    tx.add_gap_workloads(&gaps)?;
     // The buckets' values after the batch: the peaks can only grow, so each is the larger of
     // the stored peak and the largest bucket the batch touched.
-    let mut peaks: BTreeMap<(&Subject, &str), Peak> = BTreeMap::new();
-    let mut fleet_buckets: BTreeMap<&str, Vec<(i64, f64)>> = BTreeMap::new();
     let buckets: Vec<Bucket<'_>> = batch
         .capacity
         .iter()
@@ -111,38 +93,53 @@ pub fn apply(batch: &Rollups, tx: &mut dyn RollupTx, changed_at: i64) -> Result<
             buckets.len()
         )));
     }
+    let mut peaks: BTreeMap<(&Subject, &str), Peak> = BTreeMap::new();
+    let mut fleet_buckets: BTreeMap<&str, Vec<(i64, f64)>> = BTreeMap::new();
     for ((subject, cluster, minute, _), value) in buckets.iter().zip(values) {
-        let (subject, cluster, minute) = (*subject, *cluster, minute);
-        peaks
-            .entry((subject, cluster))
-            .or_insert(Peak { flops: value, at: *minute })
-            .raise(Peak { flops: value, at: *minute });
-        if cluster == FLEET && subject.is_tenant() {
+        let peak = Peak { flops: value, at: *minute };
+        peaks.entry((*subject, *cluster)).or_insert(peak).raise(peak);
+        if *cluster == FLEET && subject.is_tenant() {
             fleet_buckets.entry(subject.tenant.as_str()).or_default().push((*minute, value));
         }
     }
-    for ((subject, cluster), peak) in &peaks {
-        tx.raise_peak(subject, cluster, *peak)?;
-    }
+    tx.raise_peaks(&peaks.iter().map(|((s, cluster), peak)| (*s, *cluster, *peak)).collect::<Vec<_>>())?;
     for (tenant, segments) in &batch.segments {
         let buckets = fleet_buckets.get(tenant.as_str()).map_or(&[][..], Vec::as_slice);
-        for segment in segments.values() {
-            let mut merged = segment.clone();
-            merged.peak = Peak { flops: 0.0, at: segment.start };
-            // As [`super::segment_peak`] takes it: the first largest bucket in time order.
-            let minutes = segment.start.div_euclid(CAPACITY_BUCKET_S) * CAPACITY_BUCKET_S..segment.end;
-            for (minute, value) in buckets.iter().filter(|(minute, _)| minutes.contains(minute)) {
-                if *value > merged.peak.flops {
-                    merged.peak = Peak { flops: *value, at: *minute };
-                }
-            }
-            let stored = tx.touching_segments(tenant, segment.start, segment.end)?;
-            let replaced: Vec<i64> = stored.iter().map(|s| s.start).collect();
-            for old in stored {
-                merged.merge(old);
-            }
-            tx.write_segment(tenant, &replaced, &merged, changed_at)?;
-        }
+        merge_segments(tx, tenant, segments, buckets, changed_at)?;
     }
     Ok(())
+}
+
+/// Joins the batch's segments of `tenant` (with their peaks from the batch's `buckets`, the
+/// fleet-wide ones' new values by minute) with the stored ones: one read of the stored
+/// segments the batch's span touches, the merge in memory, one write of what changed.
+fn merge_segments(
+    tx: &mut dyn RollupTx,
+    tenant: &str,
+    segments: &BTreeMap<i64, SegmentRow>,
+    buckets: &[(i64, f64)],
+    changed_at: i64,
+) -> Result<(), StoreError> {
+    let (Some(first), Some(end)) = (segments.values().next(), segments.values().map(|s| s.end).max()) else {
+        return Ok(());
+    };
+    let stored = tx.touching_segments(tenant, first.start, end)?;
+    let mut merged: BTreeMap<i64, SegmentRow> = stored.iter().map(|s| (s.start, s.clone())).collect();
+    for segment in segments.values() {
+        let mut fresh = SegmentRow { peak: Peak { flops: 0.0, at: segment.start }, ..segment.clone() };
+        // As [`super::segment_peak`] takes it: the first largest bucket in time order.
+        let minutes = segment.start.div_euclid(CAPACITY_BUCKET_S) * CAPACITY_BUCKET_S..segment.end;
+        for (minute, value) in buckets.iter().filter(|(minute, _)| minutes.contains(minute)) {
+            if *value > fresh.peak.flops {
+                fresh.peak = Peak { flops: *value, at: *minute };
+            }
+        }
+        add_segment(&mut merged, fresh);
+    }
+    // What is left as it was stored (read without hosts, so compared as read) stays.
+    let unchanged = |s: &SegmentRow| stored.iter().any(|old| old == s);
+    let replaced: Vec<i64> =
+        stored.iter().filter(|s| merged.get(&s.start) != Some(*s)).map(|s| s.start).collect();
+    let written: Vec<SegmentRow> = merged.into_values().filter(|s| !unchanged(s)).collect();
+    tx.write_segments(tenant, &replaced, &written, changed_at)
 }

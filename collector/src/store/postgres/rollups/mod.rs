@@ -34,39 +34,57 @@ const REBUILD_CHUNK: i32 = 500_000;
 /// every sum is `CASE WHEN a > MAX - b THEN MAX ELSE a + b END` (b ≥ 0: ingest bounds it).
 const MAX: &str = "1.7976931348623157e308";
 
+/// `SELECT * FROM UNNEST($1::T1[], …)`: one row per array element, the arrays of one batch.
+fn unnest(types: &[&str]) -> String {
+    let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", i + 1)).collect();
+    format!("SELECT * FROM UNNEST({})", arrays.join(", "))
+}
+
+/// `r.c + excluded.c`, saturating at [`MAX`].
+fn sat(c: &str) -> String {
+    format!("{c} = CASE WHEN r.{c} > {MAX} - excluded.{c} THEN {MAX} ELSE r.{c} + excluded.{c} END")
+}
+
+/// The key of every roll-up row.
+const KEY: &str = "tenant, subject_host, subject_workload";
+const KEY_TYPES: [&str; 3] = ["text", "text", "text"];
+const SUMS_TYPES: [&str; 10] =
+    ["bigint", "float8", "float8", "float8", "float8", "float8", "float8", "bigint", "bigint", "bool"];
+
 fn sums_upsert(table: &str, day: bool) -> String {
-    let (key, n) = if day {
-        ("tenant, subject_host, subject_workload, day", 14)
+    let (key, types): (String, Vec<&str>) = if day {
+        (format!("{KEY}, day"), KEY_TYPES.iter().chain(&["bigint"]).chain(&SUMS_TYPES).copied().collect())
     } else {
-        ("tenant, subject_host, subject_workload", 13)
+        (KEY.to_owned(), KEY_TYPES.iter().chain(&SUMS_TYPES).copied().collect())
     };
-    let values: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    let sums: Vec<String> = [
+        "ops_lower",
+        "estimated_ops",
+        "ops_upper",
+        "gpu_seconds",
+        "shared_gpu_seconds",
+        "guest_gap_gpu_seconds",
+    ]
+    .iter()
+    .map(|c| sat(c))
+    .collect();
     format!(
         "INSERT INTO {table} AS r ({key}, windows, ops_lower, estimated_ops, ops_upper, gpu_seconds,
              shared_gpu_seconds, guest_gap_gpu_seconds, first_start, last_end, foreign_person)
-         VALUES ({}) ON CONFLICT ({key}) DO UPDATE SET
-            windows = r.windows + excluded.windows,
-            ops_lower = CASE WHEN r.ops_lower > {MAX} - excluded.ops_lower THEN {MAX} ELSE r.ops_lower + excluded.ops_lower END,
-            estimated_ops = CASE WHEN r.estimated_ops > {MAX} - excluded.estimated_ops THEN {MAX} ELSE r.estimated_ops + excluded.estimated_ops END,
-            ops_upper = CASE WHEN r.ops_upper > {MAX} - excluded.ops_upper THEN {MAX} ELSE r.ops_upper + excluded.ops_upper END,
-            gpu_seconds = CASE WHEN r.gpu_seconds > {MAX} - excluded.gpu_seconds THEN {MAX} ELSE r.gpu_seconds + excluded.gpu_seconds END,
-            shared_gpu_seconds = CASE WHEN r.shared_gpu_seconds > {MAX} - excluded.shared_gpu_seconds THEN {MAX} ELSE r.shared_gpu_seconds + excluded.shared_gpu_seconds END,
-            guest_gap_gpu_seconds = CASE WHEN r.guest_gap_gpu_seconds > {MAX} - excluded.guest_gap_gpu_seconds THEN {MAX} ELSE r.guest_gap_gpu_seconds + excluded.guest_gap_gpu_seconds END,
+         {} ON CONFLICT ({key}) DO UPDATE SET windows = r.windows + excluded.windows, {},
             first_start = LEAST(r.first_start, excluded.first_start),
             last_end = GREATEST(r.last_end, excluded.last_end),
             foreign_person = r.foreign_person OR excluded.foreign_person",
-        values.join(", ")
+        unnest(&types),
+        sums.join(", ")
     )
 }
 
-fn add_upsert(table: &str, keys: &str, column: &str) -> String {
-    let n = keys.split(',').count() + 1;
-    let values: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+fn add_upsert(table: &str, keys: &str, types: &[&str], column: &str) -> String {
     format!(
-        "INSERT INTO {table} AS r ({keys}, {column}) VALUES ({}) ON CONFLICT ({keys}) DO UPDATE
-         SET {column} = CASE WHEN r.{column} > {MAX} - excluded.{column} THEN {MAX}
-             ELSE r.{column} + excluded.{column} END RETURNING {column}",
-        values.join(", ")
+        "INSERT INTO {table} AS r ({keys}, {column}) {} ON CONFLICT ({keys}) DO UPDATE SET {}",
+        unnest(types),
+        sat(column)
     )
 }
 
@@ -95,38 +113,54 @@ const SEGMENT_COLUMNS: &str = r#"SELECT tenant, start, "end", windows, ops_lower
 
 impl RollupStatements {
     pub(super) fn prepare(client: &mut Client) -> Result<Self, postgres::Error> {
-        const KEY: &str = "tenant, subject_host, subject_workload";
+        let t = |extra: &[&'static str]| -> Vec<&'static str> {
+            KEY_TYPES.iter().chain(extra).copied().collect()
+        };
         Ok(RollupStatements {
             subject: client.prepare(&sums_upsert("rollup_subjects", false))?,
-            method: client.prepare(&add_upsert("rollup_methods", &format!("{KEY}, method"), "estimated_ops"))?,
+            method: client.prepare(&add_upsert(
+                "rollup_methods",
+                &format!("{KEY}, method"),
+                &t(&["text", "float8"]),
+                "estimated_ops",
+            ))?,
             day: client.prepare(&sums_upsert("rollup_days", true))?,
-            day_method: client
-                .prepare(&add_upsert("rollup_day_methods", &format!("{KEY}, day, method"), "estimated_ops"))?,
-            day_host: client.prepare(
-                "INSERT INTO rollup_day_hosts (tenant, day, host) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            )?,
+            day_method: client.prepare(&add_upsert(
+                "rollup_day_methods",
+                &format!("{KEY}, day, method"),
+                &t(&["bigint", "text", "float8"]),
+                "estimated_ops",
+            ))?,
+            day_host: client.prepare(&format!(
+                "INSERT INTO rollup_day_hosts (tenant, day, host) {} ON CONFLICT DO NOTHING",
+                unnest(&["text", "bigint", "text"])
+            ))?,
             host: client.prepare(&format!(
                 "INSERT INTO rollup_hosts AS r ({KEY}, host, gpus, shared_gpu_seconds, guest_gap_gpu_seconds, cluster)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT ({KEY}, host) DO UPDATE SET
-                     gpus = GREATEST(r.gpus, excluded.gpus),
-                     shared_gpu_seconds = CASE WHEN r.shared_gpu_seconds > {MAX} - excluded.shared_gpu_seconds THEN {MAX} ELSE r.shared_gpu_seconds + excluded.shared_gpu_seconds END,
-                     guest_gap_gpu_seconds = CASE WHEN r.guest_gap_gpu_seconds > {MAX} - excluded.guest_gap_gpu_seconds THEN {MAX} ELSE r.guest_gap_gpu_seconds + excluded.guest_gap_gpu_seconds END,
-                     cluster = excluded.cluster"
+                 {} ON CONFLICT ({KEY}, host) DO UPDATE SET gpus = GREATEST(r.gpus, excluded.gpus), {}, {},
+                     cluster = excluded.cluster",
+                unnest(&t(&["text", "bigint", "float8", "float8", "text"])),
+                sat("shared_gpu_seconds"),
+                sat("guest_gap_gpu_seconds")
             ))?,
-            gap_workload: client
-                .prepare(&add_upsert("rollup_gap_workloads", &format!("{KEY}, host, workload"), "seconds"))?,
+            gap_workload: client.prepare(&add_upsert(
+                "rollup_gap_workloads",
+                &format!("{KEY}, host, workload"),
+                &t(&["text", "text", "float8"]),
+                "seconds",
+            ))?,
             capacity: client.prepare(&format!(
-                "INSERT INTO rollup_capacity AS r ({KEY}, cluster, minute, flops)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[])
-                 ON CONFLICT ({KEY}, cluster, minute) DO UPDATE
-                 SET flops = CASE WHEN r.flops > {MAX} - excluded.flops THEN {MAX} ELSE r.flops + excluded.flops END
-                 RETURNING {KEY}, cluster, minute, flops"
+                "INSERT INTO rollup_capacity AS r ({KEY}, cluster, minute, flops) {}
+                 ON CONFLICT ({KEY}, cluster, minute) DO UPDATE SET {} RETURNING {KEY}, cluster, minute, flops",
+                unnest(&t(&["text", "bigint", "float8"])),
+                sat("flops")
             ))?,
             peak: client.prepare(&format!(
-                "INSERT INTO rollup_peaks AS r ({KEY}, cluster, peak_flops, peak_at) VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO rollup_peaks AS r ({KEY}, cluster, peak_flops, peak_at) {}
                  ON CONFLICT ({KEY}, cluster) DO UPDATE SET peak_flops = excluded.peak_flops, peak_at = excluded.peak_at
                  WHERE excluded.peak_flops > r.peak_flops
-                    OR (excluded.peak_flops = r.peak_flops AND excluded.peak_at < r.peak_at)"
+                    OR (excluded.peak_flops = r.peak_flops AND excluded.peak_at < r.peak_at)",
+                unnest(&t(&["text", "float8", "bigint"]))
             ))?,
             touching: client.prepare(&format!(
                 r#"{SEGMENT_COLUMNS} FROM rollup_segments WHERE tenant = $1 AND "end" >= $2 AND start <= $3
@@ -139,19 +173,23 @@ impl RollupStatements {
             )?,
             drop_hosts: client.prepare("DELETE FROM rollup_segment_hosts WHERE tenant = $1 AND start = $2")?,
             drop_segment: client.prepare("DELETE FROM rollup_segments WHERE tenant = $1 AND start = $2")?,
-            segment: client.prepare(
+            segment: client.prepare(&format!(
                 r#"INSERT INTO rollup_segments (tenant, start, "end", windows, ops_lower, estimated_ops, ops_upper,
-                       gpu_seconds, ops_by_method, peak_flops, peak_at, changed_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                       gpu_seconds, ops_by_method, peak_flops, peak_at, changed_at) {}
                    ON CONFLICT (tenant, start) DO UPDATE SET "end" = excluded."end", windows = excluded.windows,
                        ops_lower = excluded.ops_lower, estimated_ops = excluded.estimated_ops,
                        ops_upper = excluded.ops_upper, gpu_seconds = excluded.gpu_seconds,
                        ops_by_method = excluded.ops_by_method, peak_flops = excluded.peak_flops,
                        peak_at = excluded.peak_at, changed_at = excluded.changed_at"#,
-            )?,
-            segment_host: client.prepare(
-                "INSERT INTO rollup_segment_hosts (tenant, start, host) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            )?,
+                unnest(&[
+                    "text", "bigint", "bigint", "bigint", "float8", "float8", "float8", "float8", "text", "float8", "bigint",
+                    "bigint"
+                ])
+            ))?,
+            segment_host: client.prepare(&format!(
+                "INSERT INTO rollup_segment_hosts (tenant, start, host) {} ON CONFLICT DO NOTHING",
+                unnest(&["text", "bigint", "text"])
+            ))?,
             cluster: client.prepare("SELECT site, fabric FROM host_placement WHERE host_id = $1")?,
         })
     }
@@ -180,12 +218,6 @@ impl PgRollups<'_, '_> {
         self.run(result)
     }
 
-    fn returning(&mut self, stmt: &Statement, params: &[&(dyn ToSql + Sync)]) -> Result<f64, StoreError> {
-        let result = self.tx.query_one(stmt, params);
-        let row = self.run(result)?;
-        get(&row, 0)
-    }
-
     /// The cluster of `host_id` now ([`cluster_name`]), as ingest files its windows.
     pub(super) fn host_cluster(&mut self, host_id: &str) -> Result<String, StoreError> {
         let result = self.tx.query_opt(&self.st.cluster, &[&host_id]);
@@ -197,138 +229,159 @@ impl PgRollups<'_, '_> {
     }
 }
 
-fn sums_values(s: &Sums) -> (i64, [f64; 6], i64, i64, bool) {
-    (
-        i64::try_from(s.windows).unwrap_or(i64::MAX),
-        [
-            s.ops_lower,
-            s.estimated_ops,
-            s.ops_upper,
-            s.gpu_seconds,
-            s.shared_gpu_seconds,
-            s.guest_gap_gpu_seconds,
-        ],
-        s.first_start,
-        s.last_end,
-        s.foreign_person,
-    )
+/// The subject columns of `rows`.
+fn key_columns<'a, T>(rows: &'a [T], subject: impl Fn(&T) -> &'a Subject) -> [Vec<&'a str>; 3] {
+    [
+        rows.iter().map(|r| subject(r).tenant.as_str()).collect(),
+        rows.iter().map(|r| subject(r).host_id.as_str()).collect(),
+        rows.iter().map(|r| subject(r).workload.as_str()).collect(),
+    ]
+}
+
+/// The sums columns of `rows` (as [`SUMS_TYPES`]).
+struct SumsColumns {
+    windows: Vec<i64>,
+    figures: [Vec<f64>; 6],
+    first: Vec<i64>,
+    last: Vec<i64>,
+    foreign: Vec<bool>,
+}
+
+impl SumsColumns {
+    fn of<'a>(sums: impl Iterator<Item = &'a Sums>) -> SumsColumns {
+        let mut c = SumsColumns {
+            windows: vec![],
+            figures: Default::default(),
+            first: vec![],
+            last: vec![],
+            foreign: vec![],
+        };
+        for s in sums {
+            c.windows.push(i64::try_from(s.windows).unwrap_or(i64::MAX));
+            let f = [
+                s.ops_lower,
+                s.estimated_ops,
+                s.ops_upper,
+                s.gpu_seconds,
+                s.shared_gpu_seconds,
+                s.guest_gap_gpu_seconds,
+            ];
+            for (column, value) in c.figures.iter_mut().zip(f) {
+                column.push(value);
+            }
+            c.first.push(s.first_start);
+            c.last.push(s.last_end);
+            c.foreign.push(s.foreign_person);
+        }
+        c
+    }
 }
 
 impl RollupTx for PgRollups<'_, '_> {
-    fn add_subject(&mut self, subject: &Subject, sums: &Sums) -> Result<(), StoreError> {
-        let (n, f, first, last, foreign) = sums_values(sums);
+    fn add_subjects(&mut self, rows: &[(&Subject, &Sums)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let c = SumsColumns::of(rows.iter().map(|r| r.1));
+        let f = &c.figures;
         let st = &self.st.subject;
         self.exec(
             st,
             &[
-                &subject.tenant,
-                &subject.host_id,
-                &subject.workload,
-                &n,
-                &f[0],
-                &f[1],
-                &f[2],
-                &f[3],
-                &f[4],
-                &f[5],
-                &first,
-                &last,
-                &foreign,
+                &t, &h, &w, &c.windows, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &c.first, &c.last,
+                &c.foreign,
             ],
         )
     }
 
-    fn add_method(&mut self, subject: &Subject, method: &str, ops: f64) -> Result<(), StoreError> {
+    fn add_methods(&mut self, rows: &[(&Subject, &str, f64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let methods: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let ops: Vec<f64> = rows.iter().map(|r| r.2).collect();
         let st = &self.st.method;
-        self.returning(st, &[&subject.tenant, &subject.host_id, &subject.workload, &method, &ops]).map(|_| ())
+        self.exec(st, &[&t, &h, &w, &methods, &ops])
     }
 
-    fn add_day(&mut self, subject: &Subject, day: i64, sums: &Sums) -> Result<(), StoreError> {
-        let (n, f, first, last, foreign) = sums_values(sums);
+    fn add_days(&mut self, rows: &[(&Subject, i64, &Sums)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let days: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let c = SumsColumns::of(rows.iter().map(|r| r.2));
+        let f = &c.figures;
         let st = &self.st.day;
         self.exec(
             st,
             &[
-                &subject.tenant,
-                &subject.host_id,
-                &subject.workload,
-                &day,
-                &n,
-                &f[0],
-                &f[1],
-                &f[2],
-                &f[3],
-                &f[4],
-                &f[5],
-                &first,
-                &last,
-                &foreign,
+                &t, &h, &w, &days, &c.windows, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &c.first, &c.last,
+                &c.foreign,
             ],
         )
     }
 
-    fn add_day_method(
-        &mut self,
-        subject: &Subject,
-        day: i64,
-        method: &str,
-        ops: f64,
-    ) -> Result<(), StoreError> {
+    fn add_day_methods(&mut self, rows: &[(&Subject, i64, &str, f64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let days: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let methods: Vec<&str> = rows.iter().map(|r| r.2).collect();
+        let ops: Vec<f64> = rows.iter().map(|r| r.3).collect();
         let st = &self.st.day_method;
-        self.returning(st, &[&subject.tenant, &subject.host_id, &subject.workload, &day, &method, &ops])
-            .map(|_| ())
+        self.exec(st, &[&t, &h, &w, &days, &methods, &ops])
     }
 
-    fn add_day_host(&mut self, subject: &Subject, day: i64, host: &str) -> Result<(), StoreError> {
+    fn add_day_hosts(&mut self, rows: &[(&Subject, i64, &str)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = rows.iter().map(|r| r.0.tenant.as_str()).collect();
+        let days: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let hosts: Vec<&str> = rows.iter().map(|r| r.2).collect();
         let st = &self.st.day_host;
-        self.exec(st, &[&subject.tenant, &day, &host])
+        self.exec(st, &[&tenants, &days, &hosts])
     }
 
-    fn add_host(&mut self, subject: &Subject, host: &str, sums: &HostSums) -> Result<(), StoreError> {
-        let gpus = i64::from(sums.gpus);
+    fn add_hosts(&mut self, rows: &[(&Subject, &str, &HostSums)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let hosts: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let gpus: Vec<i64> = rows.iter().map(|r| i64::from(r.2.gpus)).collect();
+        let shared: Vec<f64> = rows.iter().map(|r| r.2.shared_gpu_seconds).collect();
+        let gap: Vec<f64> = rows.iter().map(|r| r.2.guest_gap_gpu_seconds).collect();
+        let clusters: Vec<&str> = rows.iter().map(|r| r.2.cluster.as_str()).collect();
         let st = &self.st.host;
-        self.exec(
-            st,
-            &[
-                &subject.tenant,
-                &subject.host_id,
-                &subject.workload,
-                &host,
-                &gpus,
-                &sums.shared_gpu_seconds,
-                &sums.guest_gap_gpu_seconds,
-                &sums.cluster,
-            ],
-        )
+        self.exec(st, &[&t, &h, &w, &hosts, &gpus, &shared, &gap, &clusters])
     }
 
-    fn add_gap_workload(
-        &mut self,
-        subject: &Subject,
-        host: &str,
-        workload: &str,
-        seconds: f64,
-    ) -> Result<(), StoreError> {
+    fn add_gap_workloads(&mut self, rows: &[(&Subject, &str, &str, f64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let hosts: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let workloads: Vec<&str> = rows.iter().map(|r| r.2).collect();
+        let seconds: Vec<f64> = rows.iter().map(|r| r.3).collect();
         let st = &self.st.gap_workload;
-        self.returning(
-            st,
-            &[&subject.tenant, &subject.host_id, &subject.workload, &host, &workload, &seconds],
-        )
-        .map(|_| ())
+        self.exec(st, &[&t, &h, &w, &hosts, &workloads, &seconds])
     }
 
     fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
         if buckets.is_empty() {
             return Ok(Vec::new());
         }
-        let tenants: Vec<&str> = buckets.iter().map(|b| b.0.tenant.as_str()).collect();
-        let hosts: Vec<&str> = buckets.iter().map(|b| b.0.host_id.as_str()).collect();
-        let workloads: Vec<&str> = buckets.iter().map(|b| b.0.workload.as_str()).collect();
+        let [t, h, w] = key_columns(buckets, |b| b.0);
         let clusters: Vec<&str> = buckets.iter().map(|b| b.1).collect();
         let minutes: Vec<i64> = buckets.iter().map(|b| b.2).collect();
         let flops: Vec<f64> = buckets.iter().map(|b| b.3).collect();
-        let result =
-            self.tx.query(&self.st.capacity, &[&tenants, &hosts, &workloads, &clusters, &minutes, &flops]);
+        let result = self.tx.query(&self.st.capacity, &[&t, &h, &w, &clusters, &minutes, &flops]);
         let rows = self.run(result)?;
         // RETURNING follows no order: the new values by bucket, then in the buckets' order.
         let mut by_key: std::collections::HashMap<(String, String, String, String, i64), f64> =
@@ -349,12 +402,16 @@ impl RollupTx for PgRollups<'_, '_> {
             .collect()
     }
 
-    fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError> {
+    fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let [t, h, w] = key_columns(rows, |r| r.0);
+        let clusters: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let flops: Vec<f64> = rows.iter().map(|r| r.2.flops).collect();
+        let at: Vec<i64> = rows.iter().map(|r| r.2.at).collect();
         let st = &self.st.peak;
-        self.exec(
-            st,
-            &[&subject.tenant, &subject.host_id, &subject.workload, &cluster, &peak.flops, &peak.at],
-        )
+        self.exec(st, &[&t, &h, &w, &clusters, &flops, &at])
     }
 
     fn touching_segments(
@@ -370,43 +427,70 @@ impl RollupTx for PgRollups<'_, '_> {
         rows.iter().map(|r| segment_row(r).map(|(_, s)| s)).collect()
     }
 
-    fn write_segment(
+    fn write_segments(
         &mut self,
         tenant: &str,
         replaced: &[i64],
-        segment: &SegmentRow,
+        segments: &[SegmentRow],
         changed_at: i64,
     ) -> Result<(), StoreError> {
         let st = self.st;
-        for old in replaced.iter().filter(|s| **s != segment.start) {
-            self.exec(&st.move_hosts, &[&tenant, old, &segment.start])?;
-            self.exec(&st.drop_hosts, &[&tenant, old])?;
-            self.exec(&st.drop_segment, &[&tenant, old])?;
+        for old in replaced {
+            // The written segment that absorbed it; one starting where it did overwrites it.
+            let Some(into) = segments.iter().find(|s| (s.start..=s.end).contains(old)) else { continue };
+            if into.start != *old {
+                self.exec(&st.move_hosts, &[&tenant, old, &into.start])?;
+                self.exec(&st.drop_hosts, &[&tenant, old])?;
+                self.exec(&st.drop_segment, &[&tenant, old])?;
+            }
         }
-        let f = &segment.figures;
-        let methods = serde_json::to_string(&f.ops_by_method).map_err(|e| corrupt("segment methods", e))?;
-        let windows = i64::try_from(f.windows).unwrap_or(i64::MAX);
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = segments.iter().map(|_| tenant).collect();
+        let starts: Vec<i64> = segments.iter().map(|s| s.start).collect();
+        let ends: Vec<i64> = segments.iter().map(|s| s.end).collect();
+        let windows: Vec<i64> =
+            segments.iter().map(|s| i64::try_from(s.figures.windows).unwrap_or(i64::MAX)).collect();
+        let figure = |f: fn(&SegmentRow) -> f64| segments.iter().map(f).collect::<Vec<f64>>();
+        let (lower, point, upper, gpu_seconds, peak) = (
+            figure(|s| s.figures.ops_lower),
+            figure(|s| s.figures.estimated_ops),
+            figure(|s| s.figures.ops_upper),
+            figure(|s| s.figures.gpu_seconds),
+            figure(|s| s.peak.flops),
+        );
+        let methods = segments
+            .iter()
+            .map(|s| {
+                serde_json::to_string(&s.figures.ops_by_method).map_err(|e| corrupt("segment methods", e))
+            })
+            .collect::<Result<Vec<String>, StoreError>>()?;
+        let peak_at: Vec<i64> = segments.iter().map(|s| s.peak.at).collect();
+        let changed: Vec<i64> = segments.iter().map(|_| changed_at).collect();
         self.exec(
             &st.segment,
             &[
-                &tenant,
-                &segment.start,
-                &segment.end,
+                &tenants,
+                &starts,
+                &ends,
                 &windows,
-                &f.ops_lower,
-                &f.estimated_ops,
-                &f.ops_upper,
-                &f.gpu_seconds,
+                &lower,
+                &point,
+                &upper,
+                &gpu_seconds,
                 &methods,
-                &segment.peak.flops,
-                &segment.peak.at,
-                &changed_at,
+                &peak,
+                &peak_at,
+                &changed,
             ],
         )?;
-        for host in &segment.hosts {
-            self.exec(&st.segment_host, &[&tenant, &segment.start, host])?;
-        }
-        Ok(())
+        let pairs: Vec<(i64, &str)> =
+            segments.iter().flat_map(|s| s.hosts.iter().map(|h| (s.start, h.as_str()))).collect();
+        let host_tenants: Vec<&str> = pairs.iter().map(|_| tenant).collect();
+        let host_starts: Vec<i64> = pairs.iter().map(|p| p.0).collect();
+        let hosts: Vec<&str> = pairs.iter().map(|p| p.1).collect();
+        self.exec(&st.segment_host, &[&host_tenants, &host_starts, &hosts])
     }
 }
 
