@@ -85,8 +85,10 @@ fn finding(kind: FindingKind, subject: &str, tenant: Option<&str>, host: Option<
     }
 }
 
+/// The tenants with windows stored (the roll-ups keep the usage of pruned windows).
 fn tenants(store: &dyn Storage) -> Vec<String> {
-    store.tenant_usage(None, None).unwrap().into_iter().map(|t| t.tenant).collect()
+    let windows = store.fleet_usage_from_windows(kycd_collector::fleet::Period::default()).unwrap();
+    windows.tenants.into_iter().map(|t| t.tenant).collect()
 }
 
 async fn the_identity_history_keeps_every_identity_and_the_current_view_the_newest(db: TestDb) {
@@ -264,7 +266,8 @@ async fn prune_refuses_inside_retention_and_keeps_rows_tied_to_unfiled_findings(
         assert_eq!(prune(store.as_ref(), before, now, DEFAULT_RETENTION_MIN_S, false).unwrap(), expected);
         let left: &[&str] = if pg { &["t-done", "t-open"] } else { &["t-open"] };
         assert_eq!(tenants(store.as_ref()), left);
-        assert_eq!(store.fleet_usage(None).unwrap().unattributed.len(), 1, "tied by host/workload");
+        let windows = |store: &dyn Storage| store.fleet_usage_from_windows(Default::default()).unwrap();
+        assert_eq!(windows(store.as_ref()).unattributed.len(), 1, "tied by host/workload");
         let identities: Vec<String> =
             store.identity_history(None).unwrap().into_iter().map(|r| r.tenant).collect();
         assert_eq!(identities, ["t-open"]);
@@ -289,7 +292,12 @@ async fn prune_refuses_inside_retention_and_keeps_rows_tied_to_unfiled_findings(
             "{rest:?}"
         );
         assert!(tenants(store.as_ref()).is_empty());
-        assert!(store.fleet_usage(None).unwrap().unattributed.is_empty());
+        assert!(windows(store.as_ref()).unattributed.is_empty());
+        // The roll-ups keep what the windows measured: both tenants' totals and the usage
+        // without a tenant stay, and the check compares what it still can.
+        let kept = store.fleet_usage(None).unwrap();
+        assert_eq!((kept.tenants.len(), kept.unattributed.len()), (2, 1));
+        assert!(store.rollup_check().unwrap().iter().all(|c| c.differences == 0));
         // The findings themselves and the current views are never pruned.
         let findings = store.list_findings(&FindingQuery { limit: 10, ..FindingQuery::default() }).unwrap();
         assert_eq!(findings.len(), 3);

@@ -20,6 +20,7 @@ use kycd_protocol::{UsageRecord, UsageWindow};
 backend_tests!(
     ingest_keeps_the_rollups_equal_to_the_windows,
     the_check_names_a_tampered_table_and_rebuild_fixes_it,
+    an_incremental_evaluation_reads_only_the_runs_changed_since_the_last,
 );
 
 fn at(tenant: Option<&str>, workload: &str, start: i64, len: i64) -> UsageWindow {
@@ -187,5 +188,69 @@ async fn the_check_names_a_tampered_table_and_rebuild_fixes_it(db: TestDb) {
         assert_all_match(storage.as_ref());
         let t = storage.tenant_usage(Some("t-domestic"), None).unwrap();
         assert_eq!(t[0].clusters.len(), 2, "h-b now counts in ams/ib-9: {:?}", t[0].clusters);
+    });
+}
+
+fn policy(version: u64) -> kycd_collector::policy::PublishedPolicy {
+    let claims = serde_json::from_value(serde_json::json!({
+        "iss": "authority", "iat": 1_800_000_000, "exp": 1_900_000_000, "version": version,
+        "measures": [], "unverified": {"action": "allow"},
+        "thresholds": {"training_ops": 1e15, "bio_training_ops": 1e30, "cluster_flops": 1e30,
+                       "early_warning_fraction": 0.5}
+    }))
+    .unwrap();
+    kycd_collector::policy::PublishedPolicy { version, token: format!("t{version}"), published_at: 0, claims }
+}
+
+fn run_findings(storage: &dyn Storage) -> Vec<kycd_collector::fleet::Finding> {
+    let query = kycd_collector::fleet::FindingQuery {
+        kind: Some(kycd_collector::fleet::FindingKind::RunThresholdCrossed),
+        limit: 100,
+        ..Default::default()
+    };
+    storage.list_findings(&query).unwrap()
+}
+
+/// Segments are marked changed at their batch's receive time: an evaluation covering what
+/// came before reads no run (and raises no run finding); one covering less reads every run
+/// grown since, and its findings name the runs' hosts (read for the evidence only).
+async fn an_incremental_evaluation_reads_only_the_runs_changed_since_the_last(db: TestDb) {
+    use kycd_collector::findings::{evaluate_incremental, Covered, EvaluationSettings};
+    off_runtime(|| {
+        let storage = kycd_collector::open_store(&db.url).unwrap();
+        populate(storage.as_ref());
+        storage.publish_policy(&policy(1)).unwrap();
+        let received = base() + 86_400;
+        let now = received + 60;
+        let settings = EvaluationSettings::default();
+        let after = Covered { since: received + 1, policy_version: Some(1) };
+        evaluate_incremental(storage.as_ref(), &[], settings, now, Some(after)).unwrap();
+        assert!(run_findings(storage.as_ref()).is_empty(), "no run changed since");
+        // The same point under another policy version: every run is read again.
+        let stale = Covered { policy_version: None, ..after };
+        evaluate_incremental(storage.as_ref(), &[], settings, now, Some(stale)).unwrap();
+        let all = run_findings(storage.as_ref());
+        assert_eq!(all.len(), 3, "two runs of t-domestic, one of t-foreign: {all:#?}");
+        for f in &all {
+            let hosts = f.finding.evidence["run"]["hosts"].as_array().unwrap();
+            assert!(!hosts.is_empty(), "{}: {:#}", f.finding.subject, f.finding.evidence);
+        }
+        let t = all.iter().find(|f| f.finding.subject.starts_with("t-domestic/run/")).unwrap();
+        assert_eq!(t.finding.evidence["run"]["hosts"], serde_json::json!(["h-a", "h-b"]));
+
+        // A new batch grows one run of t-domestic: read (and found) from its receive time.
+        let late = vec![at(Some("t-domestic"), "libvirt_domain:vm-1", 20_300, 60)];
+        let admission = Admission { received_at: 2_000_000_000, enrolled_at: 0 };
+        let records = vec![UsageRecord { seq: 25, last_seq: None, window: late.into_iter().next().unwrap() }];
+        let valid = validate_batch(batch("h-a", records), &Limits::default(), admission).unwrap();
+        storage.insert_batch("h-a", 1, &valid, received + 600).unwrap();
+        let usage = storage
+            .rollup_usage(kycd_collector::fleet::rollup::Segments::ChangedSince {
+                since: received + 600,
+                gap_s: 3_600,
+            })
+            .unwrap();
+        let runs: Vec<usize> = usage.tenants.iter().map(|t| t.runs(3_600, now).len()).collect();
+        assert_eq!(runs, [1, 0], "only t-domestic's grown run: {runs:?}");
     });
 }

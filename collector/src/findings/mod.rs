@@ -327,7 +327,14 @@ pub fn evaluate_incremental<S: FleetStore + PolicyStore + crate::records::Record
                 .get("run")
                 .and_then(|run| Some((run.get("first_start")?.as_i64()?, run.get("last_end")?.as_i64()?)));
             let windows = match span {
-                Some((from, to)) => store.run_evidence(&tenant, from, to, EVIDENCE_WINDOWS)?,
+                Some((from, to)) => {
+                    // An incremental evaluation read the run without its hosts.
+                    let hosts = store.run_hosts(&tenant, from, to)?;
+                    if let Some(run) = finding.evidence.get_mut("run").and_then(|r| r.as_object_mut()) {
+                        run.insert("hosts".into(), json!(hosts));
+                    }
+                    store.run_evidence(&tenant, from, to, EVIDENCE_WINDOWS)?
+                }
                 None => store.usage_evidence(&tenant, EVIDENCE_WINDOWS)?,
             };
             let involved = store.tenant_hosts(&tenant)?;

@@ -458,6 +458,10 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
         self.run_evidence(tenant, i64::MIN, i64::MAX, limit)
     }
 
+    /// The hosts that reported the tenant's windows in busy segments starting within
+    /// `from..=to` (a run's), by host id.
+    fn run_hosts(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, StoreError>;
+
     /// The hosts that reported usage of the tenant, by host id.
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError>;
 

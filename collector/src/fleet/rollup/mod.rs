@@ -66,7 +66,8 @@ pub enum Segments {
     /// (`changed_at`, the ingest time of the batch that last grew it), with every segment of
     /// the tenant after it and those before it no more than `gap_s` apart (its whole run).
     /// What a periodic evaluation reads: the other runs were evaluated before and have not
-    /// changed, so the read does not grow with the history.
+    /// changed, so the read does not grow with the history. The runs' hosts are not read
+    /// (a finding's evidence asks for them: [`crate::fleet::FleetStore::run_hosts`]).
     ChangedSince {
         /// The time (collector clock).
         since: i64,

@@ -291,6 +291,19 @@ impl FleetStore for PgStore {
         )
     }
 
+    fn run_hosts(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.checkout()?;
+        let rows = conn
+            .client()?
+            .query(
+                r#"SELECT DISTINCT host COLLATE "C" AS h FROM rollup_segment_hosts
+                   WHERE tenant = $1 AND start >= $2 AND start <= $3 ORDER BY h"#,
+                &[&tenant, &from, &to],
+            )
+            .map_err(pg_error)?;
+        rows.iter().map(|r| get(r, 0)).collect()
+    }
+
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
         let mut conn = self.checkout()?;
         let rows = conn

@@ -309,6 +309,18 @@ impl FleetStore for SqliteStore {
         )
     }
 
+    fn run_hosts(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT DISTINCT host FROM rollup_segment_hosts WHERE tenant = ?1 AND start >= ?2 AND start <= ?3
+                 ORDER BY host",
+            )
+            .map_err(db_error)?;
+        let rows = stmt.query_map(params![tenant, from, to], |r| r.get(0)).map_err(db_error)?;
+        rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)
+    }
+
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn

@@ -13,18 +13,22 @@ use crate::store::error::StoreError;
 use crate::store::postgres::driver::{get, pg_error};
 use crate::store::schema::count_u32;
 
-/// Reads the segments (and their hosts) `filter` selects into `out`.
+/// Reads the segments `filter` selects into `out`, with their hosts when `with_hosts`.
 fn read_segments(
     client: &mut impl GenericClient,
     filter: &str,
     params: &[&(dyn ToSql + Sync)],
     out: &mut Rollups,
+    with_hosts: bool,
 ) -> Result<(), StoreError> {
     for r in
         client.query(&format!("{SEGMENT_COLUMNS} FROM rollup_segments {filter}"), params).map_err(pg_error)?
     {
         let (tenant, segment) = segment_row(&r)?;
         out.segments.entry(tenant).or_default().insert(segment.start, segment);
+    }
+    if !with_hosts {
+        return Ok(());
     }
     for r in client
         .query(&format!("SELECT tenant, start, host FROM rollup_segment_hosts {filter}"), params)
@@ -175,12 +179,12 @@ pub(in crate::store::postgres) fn read_rollups(
         },
     )?;
     match segments {
-        Segments::All => read_segments(client, WHERE, &[&tenant], &mut out)?,
+        Segments::All => read_segments(client, WHERE, &[&tenant], &mut out, true)?,
         Segments::None => {}
         Segments::ChangedSince { since, gap_s } => {
             let (tenants, firsts) = changed_runs(client, since, gap_s)?;
             let filter = "JOIN UNNEST($1::text[], $2::bigint[]) AS c(tenant, first) USING (tenant) WHERE start >= c.first";
-            read_segments(client, filter, &[&tenants, &firsts], &mut out)?;
+            read_segments(client, filter, &[&tenants, &firsts], &mut out, false)?;
         }
     }
     if !full {

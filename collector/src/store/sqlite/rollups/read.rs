@@ -9,12 +9,13 @@ use crate::store::error::StoreError;
 use crate::store::schema::{count_u32, to_u64};
 use crate::store::sqlite::driver::db_error;
 
-/// Reads the segments (and their hosts) `filter` selects into `out`.
+/// Reads the segments `filter` selects into `out`, with their hosts when `with_hosts`.
 fn read_segments(
     conn: &Connection,
     filter: &str,
     params: &[&dyn rusqlite::ToSql],
     out: &mut Rollups,
+    with_hosts: bool,
 ) -> Result<(), StoreError> {
     let mut stmt =
         conn.prepare_cached(&format!("{SEGMENT_COLUMNS} FROM rollup_segments {filter}")).map_err(db_error)?;
@@ -22,6 +23,9 @@ fn read_segments(
     for row in rows {
         let (tenant, segment) = row.map_err(db_error)??;
         out.segments.entry(tenant).or_default().insert(segment.start, segment);
+    }
+    if !with_hosts {
+        return Ok(());
     }
     let mut stmt = conn
         .prepare_cached(&format!("SELECT tenant, start, host FROM rollup_segment_hosts {filter}"))
@@ -165,11 +169,11 @@ pub(in crate::store::sqlite) fn read_rollups(
         },
     )?;
     match segments {
-        Segments::All => read_segments(conn, WHERE, &[&tenant], &mut out)?,
+        Segments::All => read_segments(conn, WHERE, &[&tenant], &mut out, true)?,
         Segments::None => {}
         Segments::ChangedSince { since, gap_s } => {
             for (tenant, from) in changed_runs(conn, since, gap_s)? {
-                read_segments(conn, "WHERE tenant = ?1 AND start >= ?2", &[&tenant, &from], &mut out)?;
+                read_segments(conn, "WHERE tenant = ?1 AND start >= ?2", &[&tenant, &from], &mut out, false)?;
             }
         }
     }
