@@ -86,17 +86,37 @@ impl Backend {
     }
 }
 
+/// The host's tenants and whether they run side by side. By default 97 tenants take turns, a
+/// minute each: every window is a busy segment and a capacity bucket of its own (the
+/// roll-ups' worst case). `KYCD_BENCH_TENANTS=N`: N VMs running without pause, one window
+/// of each every minute (a host's spool after an outage).
+fn tenants() -> (u64, bool) {
+    static TENANTS: std::sync::OnceLock<(u64, bool)> = std::sync::OnceLock::new();
+    *TENANTS.get_or_init(|| {
+        match std::env::var("KYCD_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0) {
+            Some(n) => (n, true),
+            None => (97, false),
+        }
+    })
+}
+
+/// The minute of record `seq`.
+fn minute(seq: u64) -> i64 {
+    let (n, side_by_side) = tenants();
+    i64::try_from(if side_by_side { seq / n } else { seq }).unwrap()
+}
+
 fn record(seq: u64) -> UsageRecord {
     UsageRecord {
         seq,
         last_seq: None,
         window: UsageWindow {
-            tenant: Some(format!("tenant-{}", seq % 97)),
+            tenant: Some(format!("tenant-{}", seq % tenants().0)),
             workload: format!("cgroup:/machine.slice/vm-{}.scope", seq % 13),
             foreign_person: seq % 3 == 0,
             foreign_status: None,
-            start: 1_700_000_000 + i64::try_from(seq).unwrap() * 60,
-            end: 1_700_000_060 + i64::try_from(seq).unwrap() * 60,
+            start: 1_700_000_000 + minute(seq) * 60,
+            end: 1_700_000_060 + minute(seq) * 60,
             gpu_seconds: 480.0,
             gpus: 8,
             max_concurrent_gpus: 8,

@@ -397,7 +397,6 @@ pub const MIGRATION_ROLLUPS: &str = r#"
         peak_flops DOUBLE PRECISION NOT NULL, peak_at BIGINT NOT NULL, changed_at BIGINT NOT NULL,
         PRIMARY KEY (tenant, start)
     );
-    CREATE INDEX rollup_segments_end ON rollup_segments (tenant, "end");
     CREATE INDEX rollup_segments_changed ON rollup_segments (changed_at);
     CREATE TABLE rollup_segment_hosts (
         tenant TEXT NOT NULL, start BIGINT NOT NULL, host TEXT NOT NULL,

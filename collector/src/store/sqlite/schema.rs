@@ -412,7 +412,6 @@ pub const MIGRATION_ROLLUPS: &str = r#"
         peak_flops REAL NOT NULL, peak_at INTEGER NOT NULL, changed_at INTEGER NOT NULL,
         PRIMARY KEY (tenant, start)
     ) STRICT, WITHOUT ROWID;
-    CREATE INDEX rollup_segments_end ON rollup_segments (tenant, "end");
     CREATE INDEX rollup_segments_changed ON rollup_segments (changed_at);
     CREATE TABLE rollup_segment_hosts (
         tenant TEXT NOT NULL, start INTEGER NOT NULL, host TEXT NOT NULL,

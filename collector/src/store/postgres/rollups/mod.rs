@@ -163,7 +163,8 @@ impl RollupStatements {
                 unnest(&t(&["text", "float8", "bigint"]))
             ))?,
             touching: client.prepare(&format!(
-                r#"{SEGMENT_COLUMNS} FROM rollup_segments WHERE tenant = $1 AND "end" >= $2 AND start <= $3
+                r#"{SEGMENT_COLUMNS} FROM rollup_segments WHERE tenant = $1 AND start <= $3 AND "end" >= $2
+                   AND start >= COALESCE((SELECT max(start) FROM rollup_segments WHERE tenant = $1 AND start <= $2), $2)
                    ORDER BY start"#
             ))?,
             move_hosts: client.prepare(

@@ -233,13 +233,16 @@ impl SqliteRollups<'_> {
         start: i64,
         end: i64,
     ) -> Result<Vec<SegmentRow>, StoreError> {
-        // Segments are disjoint: those ending at or after the reach are the last few, found
-        // through the end index; of them, those starting before the window's end touch it.
+        // Segments are disjoint and sorted, so ends grow with starts: the touching ones are
+        // the last one starting at or before the reach's start, if it reaches it, and those
+        // starting within the reach; all found on the primary key (no index on the end to
+        // keep up as segments grow).
         let mut stmt = self
             .0
             .prepare_cached(&format!(
-                r#"{SEGMENT_COLUMNS} FROM rollup_segments INDEXED BY rollup_segments_end
-                   WHERE tenant = ?1 AND "end" >= ?2 AND start <= ?3 ORDER BY start"#
+                r#"{SEGMENT_COLUMNS} FROM rollup_segments WHERE tenant = ?1 AND start <= ?3 AND "end" >= ?2
+                   AND start >= COALESCE((SELECT MAX(start) FROM rollup_segments WHERE tenant = ?1 AND start <= ?2), ?2)
+                   ORDER BY start"#
             ))
             .map_err(db_error)?;
         let touch = crate::fleet::runs::TOUCH_S;
