@@ -59,6 +59,124 @@ pub trait RollupTx {
     ) -> Result<(), StoreError>;
 }
 
+/// The same operations a row at a time, for a backend whose statements cost little each
+/// (SQLite, in process): [`RollupTx`] follows, running them over a batch's rows.
+pub trait RowTx {
+    /// Adds `sums` to the subject's all-time sums (creating the row).
+    fn add_subject(&mut self, subject: &Subject, sums: &Sums) -> Result<(), StoreError>;
+    /// Adds `ops` to the subject's all-time point estimate by `method`.
+    fn add_method(&mut self, subject: &Subject, method: &str, ops: f64) -> Result<(), StoreError>;
+    /// Adds `sums` to the subject's sums of `day`.
+    fn add_day(&mut self, subject: &Subject, day: i64, sums: &Sums) -> Result<(), StoreError>;
+    /// Adds `ops` to the subject's point estimate by `method` on `day`.
+    fn add_day_method(
+        &mut self,
+        subject: &Subject,
+        day: i64,
+        method: &str,
+        ops: f64,
+    ) -> Result<(), StoreError>;
+    /// Records that `host` reported the subject on `day`.
+    fn add_day_host(&mut self, subject: &Subject, day: i64, host: &str) -> Result<(), StoreError>;
+    /// Merges `sums` into the subject's row for `host`.
+    fn add_host(&mut self, subject: &Subject, host: &str, sums: &HostSums) -> Result<(), StoreError>;
+    /// Adds guest-gap seconds of (`host`, `workload`).
+    fn add_gap_workload(
+        &mut self,
+        subject: &Subject,
+        host: &str,
+        workload: &str,
+        seconds: f64,
+    ) -> Result<(), StoreError>;
+    /// [`RollupTx::add_capacity`].
+    fn add_buckets(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError>;
+    /// Raises the stored peak of (subject, cluster) to `peak` if that is larger (or as large
+    /// and earlier).
+    fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError>;
+    /// [`RollupTx::touching_segments`].
+    fn segments_touching(
+        &mut self,
+        tenant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<SegmentRow>, StoreError>;
+    /// Stores `segment` in place of the stored segments starting at `absorbed` (all within
+    /// it; their hosts move to it).
+    fn write_segment(
+        &mut self,
+        tenant: &str,
+        absorbed: &[i64],
+        segment: &SegmentRow,
+        changed_at: i64,
+    ) -> Result<(), StoreError>;
+}
+
+impl<T: RowTx> RollupTx for T {
+    fn add_subjects(&mut self, rows: &[(&Subject, &Sums)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, sums)| self.add_subject(s, sums))
+    }
+
+    fn add_methods(&mut self, rows: &[(&Subject, &str, f64)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, method, ops)| self.add_method(s, method, *ops))
+    }
+
+    fn add_days(&mut self, rows: &[(&Subject, i64, &Sums)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, day, sums)| self.add_day(s, *day, sums))
+    }
+
+    fn add_day_methods(&mut self, rows: &[(&Subject, i64, &str, f64)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, day, method, ops)| self.add_day_method(s, *day, method, *ops))
+    }
+
+    fn add_day_hosts(&mut self, rows: &[(&Subject, i64, &str)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, day, host)| self.add_day_host(s, *day, host))
+    }
+
+    fn add_hosts(&mut self, rows: &[(&Subject, &str, &HostSums)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, host, sums)| self.add_host(s, host, sums))
+    }
+
+    fn add_gap_workloads(&mut self, rows: &[(&Subject, &str, &str, f64)]) -> Result<(), StoreError> {
+        rows.iter()
+            .try_for_each(|(s, host, workload, seconds)| self.add_gap_workload(s, host, workload, *seconds))
+    }
+
+    fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
+        self.add_buckets(buckets)
+    }
+
+    fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|(s, cluster, peak)| self.raise_peak(s, cluster, *peak))
+    }
+
+    fn touching_segments(
+        &mut self,
+        tenant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<SegmentRow>, StoreError> {
+        self.segments_touching(tenant, start, end)
+    }
+
+    fn write_segments(
+        &mut self,
+        tenant: &str,
+        replaced: &[i64],
+        segments: &[SegmentRow],
+        changed_at: i64,
+    ) -> Result<(), StoreError> {
+        // Each replaced segment now lies within the one written segment that absorbed it.
+        segments.iter().try_for_each(|segment| {
+            let absorbed: Vec<i64> = replaced
+                .iter()
+                .copied()
+                .filter(|start| (segment.start..=segment.end).contains(start))
+                .collect();
+            self.write_segment(tenant, &absorbed, segment, changed_at)
+        })
+    }
+}
+
 /// Merges `batch` (rows built by [`Rollups::add`]; its peaks are ignored) into the stored
 /// roll-ups through `tx`.
 pub fn apply(batch: &Rollups, tx: &mut dyn RollupTx, changed_at: i64) -> Result<(), StoreError> {

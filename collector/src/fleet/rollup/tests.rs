@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::apply::{apply, RollupTx};
+use super::apply::{apply, RowTx};
 use super::assemble::assemble;
 use super::check::{close, compare};
 use super::*;
@@ -15,7 +15,7 @@ use crate::store::error::StoreError;
 #[derive(Default)]
 struct Memory(Rollups);
 
-impl Memory {
+impl RowTx for Memory {
     fn add_subject(&mut self, subject: &Subject, sums: &Sums) -> Result<(), StoreError> {
         self.0.subjects.entry(subject.clone()).and_modify(|s| s.merge(sums)).or_insert_with(|| sums.clone());
         Ok(())
@@ -104,7 +104,7 @@ impl Memory {
             })
             .unwrap_or_default())
     }
-    fn write_one_segment(
+    fn write_segment(
         &mut self,
         tenant: &str,
         replaced: &[i64],
@@ -119,65 +119,6 @@ impl Memory {
             }
         }
         segments.insert(segment.start, SegmentRow { hosts, ..segment.clone() });
-        Ok(())
-    }
-}
-
-impl RollupTx for Memory {
-    fn add_subjects(&mut self, rows: &[(&Subject, &Sums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, sums)| self.add_subject(s, sums))
-    }
-    fn add_methods(&mut self, rows: &[(&Subject, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, method, ops)| self.add_method(s, method, *ops))
-    }
-    fn add_days(&mut self, rows: &[(&Subject, i64, &Sums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, sums)| self.add_day(s, *day, sums))
-    }
-    fn add_day_methods(&mut self, rows: &[(&Subject, i64, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, method, ops)| self.add_day_method(s, *day, method, *ops))
-    }
-    fn add_day_hosts(&mut self, rows: &[(&Subject, i64, &str)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, host)| self.add_day_host(s, *day, host))
-    }
-    fn add_hosts(&mut self, rows: &[(&Subject, &str, &HostSums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, host, sums)| self.add_host(s, host, sums))
-    }
-    fn add_gap_workloads(&mut self, rows: &[(&Subject, &str, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter()
-            .try_for_each(|(s, host, workload, seconds)| self.add_gap_workload(s, host, workload, *seconds))
-    }
-    fn add_capacity(&mut self, buckets: &[super::apply::Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
-        self.add_buckets(buckets)
-    }
-    fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, cluster, peak)| self.raise_peak(s, cluster, *peak))
-    }
-    fn touching_segments(
-        &mut self,
-        tenant: &str,
-        start: i64,
-        end: i64,
-    ) -> Result<Vec<SegmentRow>, StoreError> {
-        self.segments_touching(tenant, start, end)
-    }
-    fn write_segments(
-        &mut self,
-        tenant: &str,
-        replaced: &[i64],
-        segments: &[SegmentRow],
-        changed_at: i64,
-    ) -> Result<(), StoreError> {
-        for segment in segments {
-            let absorbed: Vec<i64> = replaced
-                .iter()
-                .copied()
-                .filter(|start| (segment.start..=segment.end).contains(start))
-                .collect();
-            self.write_one_segment(tenant, &absorbed, segment, changed_at)?;
-        }
-        // Every replaced segment was absorbed by one written.
-        let covered = |r: &i64| segments.iter().any(|s| (s.start..=s.end).contains(r));
-        assert!(replaced.iter().all(covered), "{replaced:?} not all within {segments:?}");
         Ok(())
     }
 }

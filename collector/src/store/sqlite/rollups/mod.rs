@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection};
 
 use super::driver::db_error;
-use crate::fleet::rollup::apply::{Bucket, RollupTx};
+use crate::fleet::rollup::apply::{Bucket, RowTx};
 use crate::fleet::rollup::{HostSums, Peak, SegmentRow, Subject, Sums};
 use crate::fleet::runs::RunFigures;
 use crate::store::error::StoreError;
@@ -87,8 +87,7 @@ fn key(s: &Subject) -> [rusqlite::types::Value; 3] {
     [Value::Text(s.tenant.clone()), Value::Text(s.host_id.clone()), Value::Text(s.workload.clone())]
 }
 
-/// The row operations, one row at a time ([`RollupTx`] runs them over a batch's rows).
-impl SqliteRollups<'_> {
+impl RowTx for SqliteRollups<'_> {
     fn add_subject(&mut self, subject: &Subject, sums: &Sums) -> Result<(), StoreError> {
         let mut stmt = self.0.prepare_cached(&sums_upsert("rollup_subjects", false)).map_err(db_error)?;
         let values: Vec<rusqlite::types::Value> = key(subject).into_iter().chain(sums_params(sums)).collect();
@@ -312,72 +311,6 @@ impl SqliteRollups<'_> {
             insert.execute(params![tenant, segment.start, host]).map_err(db_error)?;
         }
         Ok(())
-    }
-}
-
-impl RollupTx for SqliteRollups<'_> {
-    fn add_subjects(&mut self, rows: &[(&Subject, &Sums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, sums)| self.add_subject(s, sums))
-    }
-
-    fn add_methods(&mut self, rows: &[(&Subject, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, method, ops)| self.add_method(s, method, *ops))
-    }
-
-    fn add_days(&mut self, rows: &[(&Subject, i64, &Sums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, sums)| self.add_day(s, *day, sums))
-    }
-
-    fn add_day_methods(&mut self, rows: &[(&Subject, i64, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, method, ops)| self.add_day_method(s, *day, method, *ops))
-    }
-
-    fn add_day_hosts(&mut self, rows: &[(&Subject, i64, &str)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, day, host)| self.add_day_host(s, *day, host))
-    }
-
-    fn add_hosts(&mut self, rows: &[(&Subject, &str, &HostSums)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, host, sums)| self.add_host(s, host, sums))
-    }
-
-    fn add_gap_workloads(&mut self, rows: &[(&Subject, &str, &str, f64)]) -> Result<(), StoreError> {
-        rows.iter()
-            .try_for_each(|(s, host, workload, seconds)| self.add_gap_workload(s, host, workload, *seconds))
-    }
-
-    fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
-        self.add_buckets(buckets)
-    }
-
-    fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError> {
-        rows.iter().try_for_each(|(s, cluster, peak)| self.raise_peak(s, cluster, *peak))
-    }
-
-    fn touching_segments(
-        &mut self,
-        tenant: &str,
-        start: i64,
-        end: i64,
-    ) -> Result<Vec<SegmentRow>, StoreError> {
-        self.segments_touching(tenant, start, end)
-    }
-
-    fn write_segments(
-        &mut self,
-        tenant: &str,
-        replaced: &[i64],
-        segments: &[SegmentRow],
-        changed_at: i64,
-    ) -> Result<(), StoreError> {
-        // Each replaced segment now lies within the one written segment that absorbed it.
-        segments.iter().try_for_each(|segment| {
-            let absorbed: Vec<i64> = replaced
-                .iter()
-                .copied()
-                .filter(|start| (segment.start..=segment.end).contains(start))
-                .collect();
-            self.write_segment(tenant, &absorbed, segment, changed_at)
-        })
     }
 }
 
