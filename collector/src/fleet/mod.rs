@@ -41,49 +41,20 @@ use crate::store::error::StoreError;
 use crate::store::reports::Rejection;
 
 pub mod clusters;
+mod evidence;
 pub mod lifecycle;
 pub mod rollup;
 pub mod runs;
 mod usage;
 
 pub use clusters::{ClusterUsage, Placement};
+pub use evidence::WindowEvidence;
 pub use lifecycle::{Acknowledgement, AuditRow, Dismissal, Filing, FindingAction};
 pub use runs::{Run, RunFigures};
 pub use usage::{
     finite, saturating_sum, FleetUsage, TenantUsage, UnattributedUsage, UsageAccumulator, WindowRow,
     CAPACITY_BUCKET_S,
 };
-
-/// One stored window, as evidence for a finding.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WindowEvidence {
-    /// Reporting host.
-    pub host_id: String,
-    /// The host's enrollment epoch it was reported in.
-    pub epoch: u64,
-    /// Its sequence number there (in that epoch).
-    pub seq: u64,
-    /// Window start.
-    pub start: i64,
-    /// Window end.
-    pub end: i64,
-    /// Lower bound of operations.
-    pub ops_lower: f64,
-    /// Estimated operations (point estimate).
-    pub estimated_ops: f64,
-    /// Upper bound of operations.
-    pub ops_upper: f64,
-    /// GPU-seconds shared with another workload without isolation.
-    pub shared_gpu_seconds: f64,
-    /// GPU-seconds a VM held passed-through GPUs while its guest sent no telemetry.
-    pub guest_gap_gpu_seconds: f64,
-    /// Peak FLOP/s capacity.
-    pub peak_flops: f64,
-    /// GPUs used.
-    pub gpus: u32,
-    /// Estimation method.
-    pub method: String,
-}
 
 /// Who a tenant is, as the latest host statement naming it said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -253,8 +253,7 @@ impl FleetStore for SqliteStore {
 
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         if period == Period::default() {
-            let rollups = super::rollups::read_rollups(&self.reader()?, tenant, false, Segments::All)?;
-            return Ok(crate::fleet::rollup::assemble::assemble(&rollups).tenants);
+            return Ok(super::rollups::usage(&self.reader()?, tenant, Segments::All)?.tenants);
         }
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
         Ok(self.aggregate(sql, tenant, period)?.tenants)
@@ -262,15 +261,13 @@ impl FleetStore for SqliteStore {
 
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
         if period == Period::default() {
-            let rollups = super::rollups::read_rollups(&self.reader()?, None, false, Segments::All)?;
-            return Ok(crate::fleet::rollup::assemble::assemble(&rollups));
+            return super::rollups::usage(&self.reader()?, None, Segments::All);
         }
         self.aggregate(WINDOWS_SQL, None, period)
     }
 
     fn rollup_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
-        let rollups = super::rollups::read_rollups(&self.reader()?, None, false, segments)?;
-        Ok(crate::fleet::rollup::assemble::assemble(&rollups))
+        super::rollups::usage(&self.reader()?, None, segments)
     }
 
     fn fleet_usage_from_windows(&self, period: Period) -> Result<FleetUsage, StoreError> {
@@ -310,27 +307,21 @@ impl FleetStore for SqliteStore {
     }
 
     fn run_hosts(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, StoreError> {
-        let conn = self.reader()?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT DISTINCT host FROM rollup_segment_hosts WHERE tenant = ?1 AND start >= ?2 AND start <= ?3
-                 ORDER BY host",
-            )
-            .map_err(db_error)?;
-        let rows = stmt.query_map(params![tenant, from, to], |r| r.get(0)).map_err(db_error)?;
-        rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)
+        super::rollups::hosts(
+            &self.reader()?,
+            "SELECT DISTINCT host FROM rollup_segment_hosts WHERE tenant = ?1 AND start >= ?2 AND start <= ?3
+             ORDER BY host",
+            &[&tenant, &from, &to],
+        )
     }
 
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.reader()?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT host FROM rollup_hosts WHERE tenant = ?1 AND subject_host = '' AND subject_workload = ''
-                 ORDER BY host",
-            )
-            .map_err(db_error)?;
-        let rows = stmt.query_map([tenant], |r| r.get(0)).map_err(db_error)?;
-        rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)
+        super::rollups::hosts(
+            &self.reader()?,
+            "SELECT host FROM rollup_hosts WHERE tenant = ?1 AND subject_host = '' AND subject_workload = ''
+             ORDER BY host",
+            &[&tenant],
+        )
     }
 
     fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError> {

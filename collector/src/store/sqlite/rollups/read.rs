@@ -209,3 +209,24 @@ pub(in crate::store::sqlite) fn read_rollups(
     )?;
     Ok(out)
 }
+
+/// The host ids `sql` selects (one column) with `params`.
+pub(in crate::store::sqlite) fn hosts(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare(sql).map_err(db_error)?;
+    let rows = stmt.query_map(params, |r| r.get(0)).map_err(db_error)?;
+    rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)
+}
+
+/// The fleet view the stored roll-ups hold (of one tenant when `tenant` is given), with the
+/// runs `segments` selects.
+pub(in crate::store::sqlite) fn usage(
+    conn: &Connection,
+    tenant: Option<&str>,
+    segments: Segments,
+) -> Result<crate::fleet::FleetUsage, StoreError> {
+    Ok(crate::fleet::rollup::assemble::assemble(&read_rollups(conn, tenant, false, segments)?))
+}
