@@ -13,8 +13,13 @@
 //! - **a cap per peer** ([`Limits::max_per_peer`], by IP address or by uid): one client alone
 //!   cannot fill the whole cap, so others (a health check, root's `kycctl`) still get in;
 //! - **a header-read timeout** ([`Limits::header_read_timeout`]): a connection that does not
-//!   deliver a complete request head in time — a fresh idle one, a keep-alive one between
-//!   requests, or one trickling its headers — is closed (hyper's own timer);
+//!   deliver a complete request head in time — a fresh idle one, or one trickling its
+//!   headers, counted from the head's first byte on a keep-alive connection — is closed;
+//! - **a keep-alive timeout** ([`Limits::keep_alive_timeout`]): a connection that completed a
+//!   request and waits idle for its next one (no byte of it yet) is closed after that long.
+//!   It may exceed the idle timeout, so a client that polls every minute can keep its
+//!   connection (and skip a TLS handshake) between polls; it still holds one place under the
+//!   caps above, so the caps, not this timeout, bound what idle clients can hold;
 //! - **an idle timeout** ([`Limits::idle_timeout`]): a connection on which no byte moved in
 //!   either direction for that long — a stalled request body, a client that stopped reading
 //!   its response — is closed. It must exceed the longest time a handler computes an answer
@@ -54,8 +59,14 @@ pub struct Limits {
     pub max_per_peer: usize,
     /// Longest wait for a complete request head (also bounds a TLS handshake).
     pub header_read_timeout: Duration,
-    /// Longest time with no byte read or written on a connection.
+    /// Longest time with no byte read or written on a connection while a request is in
+    /// flight (being read, computed or answered).
     pub idle_timeout: Duration,
+    /// Longest an answered keep-alive connection waits idle for its next request (no byte of
+    /// it yet); once one arrives, the header-read timeout runs from it. Set it to the
+    /// header-read timeout for the classic behaviour (an idle keep-alive connection lasts as
+    /// long as a fresh one).
+    pub keep_alive_timeout: Duration,
 }
 
 /// Counters of one listener, for `/metrics` and status.
@@ -70,7 +81,8 @@ pub struct ConnStats {
     /// Connections closed for not sending a request head in time (or failing the handshake
     /// in time).
     pub header_timeouts: AtomicU64,
-    /// Connections closed after [`Limits::idle_timeout`] without I/O.
+    /// Connections closed after [`Limits::idle_timeout`] without I/O, or after
+    /// [`Limits::keep_alive_timeout`] idle between requests.
     pub idle_closed: AtomicU64,
 }
 
@@ -271,6 +283,10 @@ pub fn peer_ip<Io>(_: &Io, addr: &std::net::SocketAddr) -> Option<std::net::IpAd
 }
 
 /// Serves one connection until it closes, times out or the server shuts down.
+///
+/// The timeouts are this loop's, not hyper's (hyper's header-read timer also runs while a
+/// keep-alive connection waits for its next request, which would cut keep-alive to the
+/// header-read timeout): [`Activity::deadline`] says which applies now.
 async fn serve_connection<S, Info>(
     stream: S,
     info: Info,
@@ -284,37 +300,68 @@ async fn serve_connection<S, Info>(
 {
     let activity = Arc::new(Activity::new());
     let io = Watched { io: stream, activity: Arc::clone(&activity) };
+    let on_request = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(ConnectInfo(info.clone()));
-        app.clone().oneshot(request)
+        let guard = InFlight::start(Arc::clone(&on_request));
+        let answer = app.clone().oneshot(request);
+        async move {
+            let response = answer.await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Guarded { body, _guard: guard }))
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let mut draining = false;
+    // The keep-alive ran out and hyper was asked to close: it does once its last answer is
+    // flushed; only a peer that stops reading it meets the idle timeout then.
+    let mut closing = false;
+    let deadline = |closing: bool| {
+        if closing {
+            (activity.at(activity.last_ms.load(Relaxed)) + limits.idle_timeout, Expiry::Idle)
+        } else {
+            activity.deadline(&limits)
+        }
+    };
     loop {
-        let deadline = activity.last() + limits.idle_timeout;
+        let (at, _) = deadline(closing);
+        let changed = activity.changed.notified();
         tokio::select! {
             result = conn.as_mut() => {
-                match result {
-                    Err(e) if e.is_timeout() => {
-                        stats.header_timeouts.fetch_add(1, Relaxed);
-                        debug!("connection closed: no complete request head in time");
-                    }
-                    Err(e) => debug!(error = %e, "connection ended with an error"),
-                    Ok(()) => {}
+                if let Err(e) = result {
+                    debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            () = tokio::time::sleep_until(deadline) => {
-                if activity.last() + limits.idle_timeout <= Instant::now() {
-                    stats.idle_closed.fetch_add(1, Relaxed);
-                    debug!(idle_s = limits.idle_timeout.as_secs(), "connection closed: idle");
+            () = tokio::time::sleep_until(at) => {
+                let (at, expired) = deadline(closing);
+                if at <= Instant::now() {
+                    match expired {
+                        Expiry::Head => {
+                            stats.header_timeouts.fetch_add(1, Relaxed);
+                            debug!("connection closed: no complete request head in time");
+                        }
+                        Expiry::Idle => {
+                            if !closing {
+                                stats.idle_closed.fetch_add(1, Relaxed);
+                            }
+                            debug!("connection closed: idle");
+                        }
+                        Expiry::KeepAlive => {
+                            stats.idle_closed.fetch_add(1, Relaxed);
+                            debug!("connection closing: idle between requests");
+                            conn.as_mut().graceful_shutdown();
+                            (closing, draining) = (true, true);
+                            continue;
+                        }
+                    }
                     return;
                 }
             }
+            () = changed => {}
             () = stop.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();
                 draining = true;
@@ -323,26 +370,136 @@ async fn serve_connection<S, Info>(
     }
 }
 
-/// When a connection last moved a byte.
+/// Which timeout a connection's deadline is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Waiting for a request head (the first, or one whose first byte arrived).
+    Head,
+    /// A request in flight and no byte moving.
+    Idle,
+    /// Answered, idle between requests.
+    KeepAlive,
+}
+
+/// No time recorded (in the millisecond fields of [`Activity`]).
+const NEVER: u64 = u64::MAX;
+
+/// When a connection last moved a byte, and where it is between requests.
 #[derive(Debug)]
 struct Activity {
     base: Instant,
     /// Milliseconds after `base`.
     last_ms: AtomicU64,
+    /// Requests whose answer is not completely handed to hyper yet.
+    in_flight: AtomicU64,
+    /// Requests received.
+    served: AtomicU64,
+    /// When the last answer was complete (milliseconds after `base`).
+    idle_since_ms: AtomicU64,
+    /// When the first byte after that arrived ([`NEVER`]: none yet).
+    head_started_ms: AtomicU64,
+    /// Woken when the deadline may have moved earlier.
+    changed: tokio::sync::Notify,
 }
 
 impl Activity {
     fn new() -> Self {
-        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(NEVER),
+            changed: tokio::sync::Notify::new(),
+        }
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NEVER - 1)
     }
 
-    fn last(&self) -> Instant {
-        self.base + Duration::from_millis(self.last_ms.load(Relaxed))
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    /// Bytes moved; `read`: bytes came in.
+    fn touch(&self, read: bool) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Relaxed);
+        if read
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started_ms.compare_exchange(NEVER, now, Relaxed, Relaxed).is_ok()
+        {
+            // The next request started: its head has the header-read timeout from now on.
+            self.changed.notify_one();
+        }
+    }
+
+    /// When the connection is to be closed if nothing changes, and why.
+    fn deadline(&self, limits: &Limits) -> (Instant, Expiry) {
+        if self.in_flight.load(Relaxed) > 0 {
+            return (self.at(self.last_ms.load(Relaxed)) + limits.idle_timeout, Expiry::Idle);
+        }
+        if self.served.load(Relaxed) == 0 {
+            return (self.base + limits.header_read_timeout, Expiry::Head);
+        }
+        match self.head_started_ms.load(Relaxed) {
+            NEVER => {
+                (self.at(self.idle_since_ms.load(Relaxed)) + limits.keep_alive_timeout, Expiry::KeepAlive)
+            }
+            started => (self.at(started) + limits.header_read_timeout, Expiry::Head),
+        }
+    }
+}
+
+/// A request in flight on a connection, from its complete head until its answer's body is
+/// dropped (hyper drops it once written, or with the connection).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Relaxed);
+        activity.served.fetch_add(1, Relaxed);
+        activity.head_started_ms.store(NEVER, Relaxed);
+        activity.changed.notify_one();
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.now_ms();
+        self.0.idle_since_ms.store(now, Relaxed);
+        if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
+            self.0.changed.notify_one();
+        }
+    }
+}
+
+/// An answer's body, holding its request's [`InFlight`] until hyper drops it.
+struct Guarded {
+    body: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -361,7 +518,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.touch(true);
         }
         polled
     }
@@ -371,7 +528,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.touch(false);
         }
         polled
     }
@@ -383,7 +540,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.touch(false);
         }
         polled
     }
@@ -413,6 +570,7 @@ mod tests {
         max_per_peer: 0,
         header_read_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(600),
+        keep_alive_timeout: Duration::from_millis(300),
     };
 
     async fn start(
@@ -536,6 +694,52 @@ mod tests {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
         assert_eq!(read.expect("closed on shutdown").unwrap_or(0), 0);
+    }
+
+    /// One request on an open keep-alive connection; the whole answer.
+    async fn ask(s: &mut TcpStream) -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        while !out.ends_with(b"\r\n\r\nok") {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_answered_connection_waits_for_the_next_request_until_the_keep_alive_timeout() {
+        let limits = Limits { keep_alive_timeout: Duration::from_millis(1500), ..LIMITS };
+        let (addr, stats, shutdown, server) = start(limits).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        // Idle past the header-read (300 ms) and idle (600 ms) timeouts: still served.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(stats.accepted.load(Relaxed), 1, "the same connection");
+        // The next head starts and stalls: the header-read timeout runs from its first byte.
+        let started = Instant::now();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("a stalled head is closed").unwrap_or(0), 0);
+        let closed = started.elapsed();
+        assert!(closed >= LIMITS.header_read_timeout && closed < Duration::from_millis(1000), "{closed:?}");
+        assert_eq!(stats.snapshot().header_timeouts, 1, "{:?}", stats.snapshot());
+        // Answered and then idle: closed once the keep-alive timeout passed, not before.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("an idle keep-alive connection is closed").unwrap_or(0), 0);
+        let closed = started.elapsed();
+        assert!(closed >= Duration::from_millis(1400) && closed < Duration::from_millis(2200), "{closed:?}");
+        let snap = stats.snapshot();
+        assert_eq!((snap.idle_closed, snap.open), (1, 0), "{snap:?}");
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     #[tokio::test]
