@@ -25,7 +25,7 @@
 //!
 //! Connections: with [`PollerConfig::keep_alive`] (the default) each agent's connection stays
 //! open between rounds (HTTP/1.1 keep-alive, one idle connection per agent for the interval
-//! + 15 s), so a round costs no TCP or TLS handshake where the agent kept it open too (its
+//! plus 15 s), so a round costs no TCP or TLS handshake where the agent kept it open too (its
 //! `collector_api.keep_alive_s`, 90 s by default); otherwise the next poll opens a new
 //! connection and resumes the TLS session ([`PollerConfig::tls_session_cache`]). The price
 //! is one idle connection per agent at both ends: a descriptor and tens of KiB each
