@@ -291,67 +291,62 @@ fn raise_nofile(want: u64) {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
 /// The simulated fleet, run as a child process (`KYCD_POLL_FLEET_DIR` set): makes the CA, the
 /// collector's client certificate and each agent's keys and certificate in that directory
 /// (`fleet.tsv`: host id and public JWK per line), serves every agent, prints `ready`, then
 /// answers each `stats` line on stdin with [`FleetStats::line`] until stdin closes.
-fn run_fleet(dir: &std::path::Path, agents_n: usize) {
+fn run_fleet(dir: &std::path::Path, range: std::ops::Range<usize>) {
     use std::io::{BufRead as _, Write as _};
-    raise_nofile((agents_n as u64) * 3 + 4096);
+    raise_nofile((range.len() as u64) * 2 + 1024);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let setup = kycd_protocol::clock::monotonic();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-    let client_key = rcgen::KeyPair::generate().unwrap();
-    let client_cert = rcgen::CertificateParams::new(vec!["collector".to_owned()])
-        .unwrap()
-        .signed_by(&client_key, &ca, &ca_key)
-        .unwrap();
-    std::fs::write(dir.join("client.crt"), client_cert.pem()).unwrap();
-    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
+    let ca_pem = std::fs::read(dir.join("ca.crt")).unwrap();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca_pem) {
+        let cert: rustls::pki_types::CertificateDer<'static> = cert.unwrap();
+        roots.add(cert).unwrap();
+    }
     let client_verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .unwrap();
     let template = Arc::new(template());
-    let mut fleet = Vec::with_capacity(agents_n);
-    let mut tsv = String::new();
-    for i in 0..agents_n {
-        let host_id = format!("agent-{i:05}");
-        let key = PrivateJwk::generate(Algorithm::EdDSA, &host_id).unwrap();
-        tsv.push_str(&format!("{host_id}\t{}\n", key.public_key().to_jwk()));
-        let cert_key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![addr(i).ip().to_string()])
-            .unwrap()
-            .signed_by(&cert_key, &ca, &ca_key)
-            .unwrap();
+    let material = std::fs::read_to_string(dir.join("fleet.tsv")).unwrap();
+    let mut fleet = Vec::with_capacity(range.len());
+    for line in material.lines().skip(range.start).take(range.len()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        let key = PrivateJwk::from_json(f[1].as_bytes()).unwrap();
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_client_cert_verifier(client_verifier.clone())
             .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(cert_key.serialize_der().into()),
+                vec![unhex(f[2]).into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(unhex(f[3]).into()),
             )
             .unwrap();
-        fleet.push((Arc::new(Agent { host_id, key, template: template.clone() }), Arc::new(server)));
+        fleet.push((
+            Arc::new(Agent { host_id: f[0].to_owned(), key, template: template.clone() }),
+            Arc::new(server),
+        ));
     }
-    std::fs::write(dir.join("fleet.tsv"), tsv).unwrap();
-    eprintln!("fleet: {agents_n} agents' keys and certificates in {:.1} s", setup.elapsed().as_secs_f64());
-
+    let agents_n = fleet.len();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let stats = FleetStats {
         agents: (0..agents_n).map(|_| Arc::new(kycd_net::ConnStats::default())).collect(),
         resumed: Arc::default(),
     };
     runtime.block_on(async {
-        for (i, (agent, server)) in fleet.iter().enumerate() {
+        for (j, (agent, server)) in fleet.iter().enumerate() {
+            let i = range.start + j;
             let listener = tokio::net::TcpListener::bind(addr(i))
                 .await
                 .unwrap_or_else(|e| panic!("binding {}: {e} (is port {PORT} taken?)", addr(i)));
@@ -359,7 +354,7 @@ fn run_fleet(dir: &std::path::Path, agents_n: usize) {
                 listener,
                 tokio_rustls::TlsAcceptor::from(server.clone()),
                 agent.clone(),
-                stats.agents[i].clone(),
+                stats.agents[j].clone(),
                 stats.resumed.clone(),
             ));
         }
@@ -377,11 +372,17 @@ fn run_fleet(dir: &std::path::Path, agents_n: usize) {
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
-/// The fleet child, seen from the collector's side.
-struct Fleet {
+/// One fleet child, seen from the collector's side.
+struct FleetChild {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// The fleet: child processes of at most `per_child` agents each, so each fits its
+/// open-file limit (a listener and a kept connection per agent).
+struct Fleet {
+    children: Vec<FleetChild>,
 }
 
 /// Fleet counters at one moment.
@@ -395,18 +396,56 @@ struct FleetCounts {
 }
 
 impl Fleet {
+    fn start(dir: &std::path::Path, agents_n: usize, per_child: usize) -> Fleet {
+        use std::io::BufRead as _;
+        let mut children = Vec::new();
+        for start in (0..agents_n).step_by(per_child) {
+            let end = (start + per_child).min(agents_n);
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .env("KYCD_POLL_FLEET_DIR", dir)
+                .env("KYCD_POLL_FLEET_RANGE", format!("{start}..{end}"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            children.push(FleetChild {
+                stdin: child.stdin.take().unwrap(),
+                stdout: std::io::BufReader::new(child.stdout.take().unwrap()),
+                child,
+            });
+        }
+        for c in &mut children {
+            let mut line = String::new();
+            c.stdout.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "a fleet child did not start");
+        }
+        Fleet { children }
+    }
+
     fn counts(&mut self) -> FleetCounts {
         use std::io::{BufRead as _, Write as _};
-        writeln!(self.stdin, "stats").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let v: Vec<u64> = line.split_whitespace().map(|n| n.parse().unwrap()).collect();
-        FleetCounts { accepted: v[0], resumed: v[1], open: v[2], idle_closed: v[3], refused: v[4] }
+        let mut sum = FleetCounts::default();
+        for c in &mut self.children {
+            writeln!(c.stdin, "stats").unwrap();
+            c.stdin.flush().unwrap();
+            let mut line = String::new();
+            c.stdout.read_line(&mut line).unwrap();
+            let v: Vec<u64> = line.split_whitespace().map(|n| n.parse().unwrap()).collect();
+            sum.accepted += v[0];
+            sum.resumed += v[1];
+            sum.open += v[2];
+            sum.idle_closed += v[3];
+            sum.refused += v[4];
+        }
+        sum
     }
 
     fn cpu(&self) -> Duration {
-        cpu_time(self.child.id())
+        self.children.iter().map(|c| cpu_time(c.child.id())).sum()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.child.id()).collect()
     }
 }
 
@@ -457,51 +496,80 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// This process's soft open-file limit.
+fn nofile_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .unwrap_or(1024)
+}
+
 fn main() {
     let agents_n: usize =
         std::env::var("KYCD_POLL_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     assert!(agents_n <= 250 * 250, "at most 62,500 addresses in 127.1.0.0/16 as laid out");
-    if let Ok(dir) = std::env::var("KYCD_POLL_FLEET_DIR") {
-        run_fleet(std::path::Path::new(&dir), agents_n);
+    if let (Ok(dir), Ok(range)) =
+        (std::env::var("KYCD_POLL_FLEET_DIR"), std::env::var("KYCD_POLL_FLEET_RANGE"))
+    {
+        let (start, end) = range.split_once("..").unwrap();
+        run_fleet(std::path::Path::new(&dir), start.parse().unwrap()..end.parse().unwrap());
         return;
     }
     let rounds: usize = std::env::var("KYCD_POLL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    raise_nofile((agents_n as u64) * 3 + 4096);
+    raise_nofile((agents_n as u64) + 4096);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    // --- the simulated fleet in a child process (this binary again), so its CPU is its own
+    // --- keys and certificates (not timed): the CA, the collector's client certificate, and
+    // per agent its host key and its certificate, in fleet.tsv for the fleet children.
+    let setup = kycd_protocol::clock::monotonic();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("KYCD_POLL_FLEET_DIR", dir.path())
-        .env("KYCD_POLL_AGENTS", agents_n.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client_cert = rcgen::CertificateParams::new(vec!["collector".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
         .unwrap();
-    let mut fleet = Fleet {
-        stdin: child.stdin.take().unwrap(),
-        stdout: std::io::BufReader::new(child.stdout.take().unwrap()),
-        child,
-    };
-    {
-        use std::io::BufRead as _;
-        let mut line = String::new();
-        fleet.stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the fleet did not start");
+    std::fs::write(dir.path().join("client.crt"), client_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
+    let mut tsv = String::new();
+    let mut hosts = Vec::with_capacity(agents_n);
+    for i in 0..agents_n {
+        let host_id = format!("agent-{i:05}");
+        let key = PrivateJwk::generate(Algorithm::EdDSA, &host_id).unwrap();
+        let cert_key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![addr(i).ip().to_string()])
+            .unwrap()
+            .signed_by(&cert_key, &ca, &ca_key)
+            .unwrap();
+        let private = key.to_json().replace('\n', "");
+        tsv.push_str(&format!(
+            "{host_id}\t{private}\t{}\t{}\n",
+            hex(cert.der()),
+            hex(&cert_key.serialize_der())
+        ));
+        hosts.push((host_id, key.public_key().to_jwk().to_string()));
     }
+    std::fs::write(dir.path().join("fleet.tsv"), tsv).unwrap();
+    println!("{agents_n} agents: keys and certificates in {:.1} s", setup.elapsed().as_secs_f64());
+
+    // --- the simulated fleet in child processes (this binary again), so its CPU is its own;
+    // as many as the open-file limit needs (a listener and a kept connection per agent).
+    let per_child =
+        usize::try_from(nofile_limit().saturating_sub(1024) / 2).unwrap().clamp(1, agents_n.max(1));
+    let mut fleet = Fleet::start(dir.path(), agents_n, per_child);
 
     // --- the collector's database: hosts enrolled with their URLs (one transaction: setup,
     // not measured).
     let db = dir.path().join("collector.db");
     let store = Arc::new(SqliteStore::open(&db).unwrap());
-    let hosts: Vec<(String, String)> = std::fs::read_to_string(dir.path().join("fleet.tsv"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (host, jwk) = l.split_once('\t').unwrap();
-            (host.to_owned(), jwk.to_owned())
-        })
-        .collect();
     assert_eq!(hosts.len(), agents_n);
     {
         let mut conn = rusqlite::Connection::open(&db).unwrap();
@@ -540,7 +608,9 @@ fn main() {
         for (name, keep_alive) in [("keep-alive", true), ("resume", false)] {
             if modes.split(',').any(|m| m.trim() == name) {
                 let poller = Poller::new(store.clone() as Arc<dyn StatementStore>, config(keep_alive)).unwrap();
-                let client = kycd_collector::poll::build_client(&config(keep_alive)).unwrap();
+                // The baseline goes through the poller's own client: the same pool, so the
+                // same kept connections.
+                let client = poller.client().clone();
                 sides.push((name, poller, client));
             }
         }
@@ -548,9 +618,9 @@ fn main() {
         let me = std::process::id();
         println!(
             "one round = {agents_n} polls, concurrency {CONCURRENCY}, mTLS, db {} (WAL, synchronous=FULL); \
-             fleet in pid {} (kycd-net with the agent's collector_api limits, keep-alive {} s), collector pid {me}",
+             fleet in pids {:?} (kycd-net with the agent's collector_api limits, keep-alive {} s), collector pid {me}",
             db.display(),
-            fleet.child.id(),
+            fleet.pids(),
             kycd::config::CollectorApiConfig::default().keep_alive_s,
         );
         println!("load average before: {}; collector RSS {:.0} MiB", load_average(), rss_mib(me));
@@ -646,16 +716,16 @@ fn main() {
         // Verification alone, for scale: the statements just stored, re-verified.
         let targets: HashMap<String, PollTarget> =
             store.poll_targets().unwrap().into_iter().map(|t| (t.host_id.clone(), t)).collect();
-        let tokens: Vec<(String, String, String)> = latest
+        let tokens: Vec<(String, String, String, i64)> = latest
             .iter()
             .map(|s| {
-                (s.host_id.clone(), store.latest_token(&s.host_id).unwrap().unwrap(), s.claims.nonce.clone())
+                (s.host_id.clone(), store.latest_token(&s.host_id).unwrap().unwrap(), s.claims.nonce.clone(), s.claims.iat)
             })
             .collect();
         let t0 = kycd_protocol::clock::monotonic();
-        let t = now();
-        for (host, token, nonce) in &tokens {
-            verify_statement(&targets[host], token.as_bytes(), nonce, t, 60).unwrap();
+        // At each statement's own time: the rounds before took minutes.
+        for (host, token, nonce, iat) in &tokens {
+            verify_statement(&targets[host], token.as_bytes(), nonce, *iat, 60).unwrap();
         }
         let verify = t0.elapsed();
         println!(
@@ -667,6 +737,9 @@ fn main() {
         );
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    drop(fleet.stdin);
-    let _ = fleet.child.wait();
+    for c in fleet.children {
+        drop(c.stdin);
+        let mut child = c.child;
+        let _ = child.wait();
+    }
 }

@@ -125,6 +125,12 @@ impl Poller {
         Ok(Poller { inner: Arc::new(Inner { store, clock, client, bearer, config }) })
     }
 
+    /// The HTTP client the polls go through (its pool holds the kept connections): for a
+    /// baseline over the same connections.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.inner.client
+    }
+
     /// Polls one host and verifies its statement (nothing is recorded).
     pub async fn poll_host(&self, target: &PollTarget) -> PollOutcome {
         self.inner.poll_host(target).await
