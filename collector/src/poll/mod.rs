@@ -28,8 +28,8 @@
 //! plus 15 s), so a round costs no TCP or TLS handshake where the agent kept it open too (its
 //! `collector_api.keep_alive_s`, 90 s by default); otherwise the next poll opens a new
 //! connection and resumes the TLS session ([`PollerConfig::tls_session_cache`]). The price
-//! is one idle connection per agent at both ends: a descriptor and tens of KiB each
-//! (10,000 agents: BENCHMARKS.md, polling), within each agent's per-IP cap of its collector
+//! is one idle connection per agent at both ends: a descriptor and ~26 KiB each at the
+//! collector (10,000 agents: BENCHMARKS.md, polling), within each agent's per-IP cap of its collector
 //! API (a listener of its own, so never a place of the operator socket). A request that
 //! fails because the agent closed the kept connection under it is retried once on a new
 //! connection, within the same per-host timeout: a stale connection never fails a poll.
