@@ -583,3 +583,227 @@ async fn a_second_poll_resumes_the_tls_session() {
         "the second connection resumes, with the client certificate of the first"
     );
 }
+
+/// The real agent's collector API (`kycd::net::collector_api`: kycd-net's limits, mTLS)
+/// serving `host`'s statements in this process, with its connection counters.
+struct InProcessAgent {
+    addr: SocketAddr,
+    stats: Arc<kycd_net::ConnStats>,
+    shutdown: CancellationToken,
+    _main_loop: tokio::sync::mpsc::Receiver<kycd::net::operator_api::ApiRequest>,
+    _snapshot: tokio::sync::watch::Sender<Arc<HostStatementClaims>>,
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn statement_content(host: &str) -> HostStatementClaims {
+    HostStatementClaims {
+        iss: host.to_owned(),
+        iat: 0,
+        exp: 0,
+        nonce: String::new(),
+        agent_version: "test".into(),
+        policy_version: Some(1),
+        workloads: Vec::new(),
+        gpus: Vec::new(),
+        host: None,
+    }
+}
+
+async fn start_in_process_agent(
+    pki: &Pki,
+    host: &str,
+    key: Arc<PrivateJwk>,
+    keep_alive_s: u64,
+) -> InProcessAgent {
+    let (cert, cert_key) = pki.issue(&format!("agent-{host}"), "127.0.0.1");
+    let config = kycd::config::CollectorApiConfig {
+        enabled: true,
+        listen: "127.0.0.1:0".into(),
+        cert_file: Some(cert),
+        key_file: Some(cert_key),
+        client_ca_file: Some(pki.ca_file()),
+        keep_alive_s,
+        ..kycd::config::CollectorApiConfig::default()
+    };
+    let api = kycd::net::collector_api::bind(&config).await.unwrap();
+    let addr = api.local_addr().unwrap();
+    let (requests, main_loop) = tokio::sync::mpsc::channel(4);
+    let (snapshot_tx, snapshot) = tokio::sync::watch::channel(Arc::new(statement_content(host)));
+    let stats = Arc::new(kycd_net::ConnStats::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(kycd::net::collector_api::serve(
+        api,
+        requests,
+        snapshot,
+        key,
+        Arc::clone(&stats),
+        shutdown.clone(),
+    ));
+    InProcessAgent { addr, stats, shutdown, _main_loop: main_loop, _snapshot: snapshot_tx }
+}
+
+/// A store with `host` enrolled with `key` and polled at `url`, and a poller with the
+/// fleet's client certificate.
+fn enrolled(
+    dir: &Path,
+    pki: &Pki,
+    (host, key): (&str, &PrivateJwk),
+    url: &str,
+    keep_alive: bool,
+) -> (Arc<SqliteStore>, Poller) {
+    let store = Arc::new(SqliteStore::open(dir.join(format!("{host}-{keep_alive}.db"))).unwrap());
+    let (client_cert, client_key) = pki.issue("collector", "collector.example");
+    let config = PollerConfig {
+        timeout: Duration::from_secs(5),
+        ca_file: Some(pki.ca_file()),
+        client_cert: Some(client_cert),
+        client_key: Some(client_key),
+        keep_alive,
+        ..PollerConfig::default()
+    };
+    let poller = poller(&store, config);
+    enroll(&store, host, key, url);
+    (store, poller)
+}
+
+/// Enrolls `host` with `key` at `url`.
+fn enroll(store: &SqliteStore, host: &str, key: &PrivateJwk, url: &str) {
+    store.enroll_host(host, &key.public_key(), 0).unwrap();
+    assert!(store.set_agent_url(host, Some(url)).unwrap());
+}
+
+/// Runs `n` rounds; each must verify the one host's statement.
+async fn rounds_ok(poller: &Poller, n: usize) {
+    let shutdown = CancellationToken::new();
+    for round in 1..=n {
+        let report = poller.round(&shutdown).await.unwrap();
+        assert_eq!((report.polled, report.ok), (1, 1), "round {round}: {:?}", report.failed);
+    }
+}
+
+/// The agent keeps an answered connection for `collector_api.keep_alive_s` (90 s by
+/// default), longer than the collector's interval + margin, so the poller's rounds reuse
+/// one connection: the agent accepts one TCP connection for three rounds. Without
+/// keep-alive each round is a connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_is_reused_across_rounds() {
+    let keep_alive_s = kycd::config::CollectorApiConfig::default().keep_alive_s;
+    let poll = PollerConfig::default();
+    assert!(
+        Duration::from_secs(keep_alive_s) > poll.interval + kycd_collector::poll::config::KEEP_ALIVE_MARGIN,
+        "the agent keeps a connection longer than the collector does"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "fleet");
+    let key = Arc::new(PrivateJwk::generate(Algorithm::EdDSA, "host-ka").unwrap());
+    let agent = start_in_process_agent(&pki, "host-ka", Arc::clone(&key), keep_alive_s).await;
+    let url = format!("https://{}", agent.addr);
+
+    let (_store, kept) = enrolled(dir.path(), &pki, ("host-ka", &key), &url, true);
+    rounds_ok(&kept, 3).await;
+    let snap = agent.stats.snapshot();
+    assert_eq!((snap.accepted, snap.open, snap.idle_closed), (1, 1, 0), "{snap:?}");
+
+    let (_store, fresh) = enrolled(dir.path(), &pki, ("host-ka", &key), &url, false);
+    rounds_ok(&fresh, 2).await;
+    assert_eq!(agent.stats.snapshot().accepted, 3, "{:?}", agent.stats.snapshot());
+}
+
+/// An agent that closes its idle connections at once (keep-alive 0): the poller's kept
+/// connection is gone by the next round, which still succeeds on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_agent_closed_is_replaced_without_a_failed_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "fleet");
+    let key = Arc::new(PrivateJwk::generate(Algorithm::EdDSA, "host-closer").unwrap());
+    let agent = start_in_process_agent(&pki, "host-closer", Arc::clone(&key), 0).await;
+    let url = format!("https://{}", agent.addr);
+    let (_store, poller) = enrolled(dir.path(), &pki, ("host-closer", &key), &url, true);
+    rounds_ok(&poller, 3).await;
+    let snap = agent.stats.snapshot();
+    assert_eq!(snap.accepted, 3, "a connection per round: {snap:?}");
+    assert!(snap.idle_closed >= 2, "the agent closed them: {snap:?}");
+}
+
+/// The race a kept connection can meet: the agent closes it just as the next round's request
+/// goes out (here: it reads the request and closes without an answer). The poll is retried
+/// once on a new connection and succeeds; nothing is recorded as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_connection_closed_under_it_is_retried_on_a_new_one() {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "fleet");
+    let (agent_cert, agent_key) = pki.issue("agent", "127.0.0.1");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_file_iter(&agent_cert)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&agent_key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = Arc::new(PrivateJwk::generate(Algorithm::EdDSA, "host-racy").unwrap());
+    let signer = Arc::clone(&key);
+    let counts = Arc::new(std::sync::Mutex::new((0usize, 0usize))); // (accepted, dropped unanswered)
+    let seen = Arc::clone(&counts);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            seen.lock().unwrap().0 += 1;
+            let (acceptor, signer, seen) = (acceptor.clone(), Arc::clone(&signer), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                for request in 1.. {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8; 1];
+                        if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    if request == 2 {
+                        // The second request on a connection: closed without an answer.
+                        seen.lock().unwrap().1 += 1;
+                        return;
+                    }
+                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
+                    let nonce =
+                        line.split("nonce=").nth(1).and_then(|r| r.split(' ').next()).unwrap_or_default();
+                    let now = unix_now();
+                    let claims = HostStatementClaims {
+                        iat: now,
+                        exp: now + 60,
+                        nonce: nonce.to_owned(),
+                        ..statement_content("host-racy")
+                    };
+                    let token = kycd_protocol::sign(&claims, &signer).unwrap();
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{token}", token.len());
+                    if tls.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let url = format!("https://{addr}");
+    let (store, poller) = enrolled(dir.path(), &pki, ("host-racy", &key), &url, true);
+    rounds_ok(&poller, 2).await;
+    assert_eq!(*counts.lock().unwrap(), (2, 1), "round 2 met the closed connection, then a new one");
+    let status = store.host_poll_status().unwrap();
+    assert_eq!(status[0].consecutive_failures, 0);
+}

@@ -13,8 +13,13 @@
 //! - **a cap per peer** ([`Limits::max_per_peer`], by IP address or by uid): one client alone
 //!   cannot fill the whole cap, so others (a health check, root's `kycctl`) still get in;
 //! - **a header-read timeout** ([`Limits::header_read_timeout`]): a connection that does not
-//!   deliver a complete request head in time — a fresh idle one, a keep-alive one between
-//!   requests, or one trickling its headers — is closed (hyper's own timer);
+//!   deliver a complete request head in time — a fresh idle one, or one trickling its
+//!   headers, counted from the head's first byte on a keep-alive connection — is closed;
+//! - **a keep-alive timeout** ([`Limits::keep_alive_timeout`]): a connection that completed a
+//!   request and waits idle for its next one (no byte of it yet) is closed after that long.
+//!   It may exceed the idle timeout, so a client that polls every minute can keep its
+//!   connection (and skip a TLS handshake) between polls; it still holds one place under the
+//!   caps above, so the caps, not this timeout, bound what idle clients can hold;
 //! - **an idle timeout** ([`Limits::idle_timeout`]): a connection on which no byte moved in
 //!   either direction for that long — a stalled request body, a client that stopped reading
 //!   its response — is closed. It must exceed the longest time a handler computes an answer
@@ -24,25 +29,22 @@
 //! temporary socket and stop the server deterministically); [`serve`] returns once the
 //! listener stopped and every connection drained or was closed.
 
+mod connection;
 pub mod prometheus;
 
 use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::ConnectInfo;
 use axum::serve::Listener;
 use axum::Router;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt as _;
-use tracing::{debug, warn};
+use tracing::warn;
+
+use connection::serve_connection;
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +56,14 @@ pub struct Limits {
     pub max_per_peer: usize,
     /// Longest wait for a complete request head (also bounds a TLS handshake).
     pub header_read_timeout: Duration,
-    /// Longest time with no byte read or written on a connection.
+    /// Longest time with no byte read or written on a connection while a request is in
+    /// flight (being read, computed or answered).
     pub idle_timeout: Duration,
+    /// Longest an answered keep-alive connection waits idle for its next request (no byte of
+    /// it yet); once one arrives, the header-read timeout runs from it. Set it to the
+    /// header-read timeout for the classic behaviour (an idle keep-alive connection lasts as
+    /// long as a fresh one).
+    pub keep_alive_timeout: Duration,
 }
 
 /// Counters of one listener, for `/metrics` and status.
@@ -70,7 +78,8 @@ pub struct ConnStats {
     /// Connections closed for not sending a request head in time (or failing the handshake
     /// in time).
     pub header_timeouts: AtomicU64,
-    /// Connections closed after [`Limits::idle_timeout`] without I/O.
+    /// Connections closed after [`Limits::idle_timeout`] without I/O, or after
+    /// [`Limits::keep_alive_timeout`] idle between requests.
     pub idle_closed: AtomicU64,
 }
 
@@ -270,149 +279,21 @@ pub fn peer_ip<Io>(_: &Io, addr: &std::net::SocketAddr) -> Option<std::net::IpAd
     })
 }
 
-/// Serves one connection until it closes, times out or the server shuts down.
-async fn serve_connection<S, Info>(
-    stream: S,
-    info: Info,
-    app: Router,
-    limits: Limits,
-    stats: &ConnStats,
-    stop: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Info: Clone + Send + Sync + 'static,
-{
-    let activity = Arc::new(Activity::new());
-    let io = Watched { io: stream, activity: Arc::clone(&activity) };
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(info.clone()));
-        app.clone().oneshot(request)
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-    let mut conn = std::pin::pin!(conn);
-    let mut draining = false;
-    loop {
-        let deadline = activity.last() + limits.idle_timeout;
-        tokio::select! {
-            result = conn.as_mut() => {
-                match result {
-                    Err(e) if e.is_timeout() => {
-                        stats.header_timeouts.fetch_add(1, Relaxed);
-                        debug!("connection closed: no complete request head in time");
-                    }
-                    Err(e) => debug!(error = %e, "connection ended with an error"),
-                    Ok(()) => {}
-                }
-                return;
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                if activity.last() + limits.idle_timeout <= Instant::now() {
-                    stats.idle_closed.fetch_add(1, Relaxed);
-                    debug!(idle_s = limits.idle_timeout.as_secs(), "connection closed: idle");
-                    return;
-                }
-            }
-            () = stop.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
-            }
-        }
-    }
-}
-
-/// When a connection last moved a byte.
-#[derive(Debug)]
-struct Activity {
-    base: Instant,
-    /// Milliseconds after `base`.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.base + Duration::from_millis(self.last_ms.load(Relaxed))
-    }
-}
-
-/// A stream that records when bytes last moved through it.
-struct Watched<S> {
-    io: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::extract::connect_info::ConnectInfo;
     use axum::routing::{get, post};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
 
     const LIMITS: Limits = Limits {
         max_connections: 4,
         max_per_peer: 0,
         header_read_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(600),
+        keep_alive_timeout: Duration::from_millis(300),
     };
 
     async fn start(
@@ -536,6 +417,52 @@ mod tests {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
         assert_eq!(read.expect("closed on shutdown").unwrap_or(0), 0);
+    }
+
+    /// One request on an open keep-alive connection; the whole answer.
+    async fn ask(s: &mut TcpStream) -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        while !out.ends_with(b"\r\n\r\nok") {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_answered_connection_waits_for_the_next_request_until_the_keep_alive_timeout() {
+        let limits = Limits { keep_alive_timeout: Duration::from_millis(1500), ..LIMITS };
+        let (addr, stats, shutdown, server) = start(limits).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        // Idle past the header-read (300 ms) and idle (600 ms) timeouts: still served.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(stats.accepted.load(Relaxed), 1, "the same connection");
+        // The next head starts and stalls: the header-read timeout runs from its first byte.
+        let started = Instant::now();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("a stalled head is closed").unwrap_or(0), 0);
+        let closed = started.elapsed();
+        assert!(closed >= LIMITS.header_read_timeout && closed < Duration::from_millis(1000), "{closed:?}");
+        assert_eq!(stats.snapshot().header_timeouts, 1, "{:?}", stats.snapshot());
+        // Answered and then idle: closed once the keep-alive timeout passed, not before.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut s).await.starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut buf)).await;
+        assert_eq!(read.expect("an idle keep-alive connection is closed").unwrap_or(0), 0);
+        let closed = started.elapsed();
+        assert!(closed >= Duration::from_millis(1400) && closed < Duration::from_millis(2200), "{closed:?}");
+        let snap = stats.snapshot();
+        assert_eq!((snap.idle_closed, snap.open), (1, 0), "{snap:?}");
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     #[tokio::test]

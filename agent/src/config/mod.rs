@@ -252,6 +252,7 @@ mod tests {
             ("[reporting]\nbatch_max_records = 0", "reporting.batch_max_records"),
             ("[policy]\nfetch_url = \"ftp://x\"", "policy.fetch_url"),
             ("[policy]\nfetch_interval_s = 0", "policy.fetch_interval_s"),
+            ("[collector_api]\nkeep_alive_s = 5", "collector_api.keep_alive_s"),
             ("[log]\nformat = \"xml\"", "xml"),
             ("not toml at all [", "TOML"),
         ] {

@@ -46,6 +46,8 @@ impl ApiConfig {
             max_per_peer: self.max_connections_per_user,
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+            // As before: an idle keep-alive connection lasts as long as a fresh one.
+            keep_alive_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
         }
     }
 }

@@ -50,6 +50,12 @@ impl Config {
                 "must be 1 to collector_api.max_connections",
             );
         }
+        if !(10..=3600).contains(&self.collector_api.keep_alive_s) {
+            return invalid(
+                "collector_api.keep_alive_s",
+                "must be 10 (the header-read timeout) to 3600 seconds",
+            );
+        }
         if !(1..=self.api.max_connections).contains(&self.api.max_connections_per_user) {
             return invalid("api.max_connections_per_user", "must be 1 to api.max_connections");
         }

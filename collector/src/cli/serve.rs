@@ -56,6 +56,7 @@ impl ConnectionArgs {
             max_per_peer: self.max_connections_per_ip,
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+            keep_alive_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
         }
     }
 }
@@ -95,6 +96,10 @@ pub struct PollArgs {
     /// handshake (about 2 KB of memory per host).
     #[arg(long, default_value_t = crate::poll::DEFAULT_TLS_SESSION_CACHE)]
     pub poll_tls_session_cache: usize,
+    /// Open a new connection for every poll instead of keeping each agent's connection
+    /// open between rounds (keep-alive costs one idle connection per agent at both ends).
+    #[arg(long)]
+    pub poll_no_keep_alive: bool,
 }
 
 impl PollArgs {
@@ -114,6 +119,7 @@ impl PollArgs {
             bearer_token_file: self.poll_bearer_token_file.clone(),
             insecure_plaintext: self.poll_insecure_plaintext,
             tls_session_cache: self.poll_tls_session_cache,
+            keep_alive: !self.poll_no_keep_alive,
             ..crate::poll::PollerConfig::default()
         })
     }

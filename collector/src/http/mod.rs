@@ -100,6 +100,9 @@ pub const DEFAULT_LIMITS: kycd_net::Limits = kycd_net::Limits {
     // Longer than a report's ingest (bounded by the database's busy timeout) and an
     // export's computation, during which no byte moves.
     idle_timeout: std::time::Duration::from_secs(60),
+    // An idle keep-alive connection lasts as long as a fresh one (agents upload every few
+    // seconds to minutes, on a connection of their own).
+    keep_alive_timeout: std::time::Duration::from_secs(10),
 };
 
 /// Serves `app` on `listener` within [`DEFAULT_LIMITS`] until `shutdown` is cancelled (see

@@ -23,9 +23,16 @@
 //! derived from the host id and `f`. It is computed from the stored poll status, so it
 //! survives a collector restart and is visible in `hosts list`.
 //!
-//! Connections are not kept between polls: at a 60 s interval a pooled connection would sit
-//! idle in one of the agent's connection slots for nothing, and 10,000 idle TLS sessions
-//! would hold 20,000 descriptors across both ends.
+//! Connections: with [`PollerConfig::keep_alive`] (the default) each agent's connection stays
+//! open between rounds (HTTP/1.1 keep-alive, one idle connection per agent for the interval
+//! plus 15 s), so a round costs no TCP or TLS handshake where the agent kept it open too (its
+//! `collector_api.keep_alive_s`, 90 s by default); otherwise the next poll opens a new
+//! connection and resumes the TLS session ([`PollerConfig::tls_session_cache`]). The price
+//! is one idle connection per agent at both ends: a descriptor and ~26 KiB each at the
+//! collector (10,000 agents: BENCHMARKS.md, polling), within each agent's per-IP cap of its collector
+//! API (a listener of its own, so never a place of the operator socket). A request that
+//! fails because the agent closed the kept connection under it is retried once on a new
+//! connection, within the same per-host timeout: a stale connection never fails a poll.
 
 //!
 //! Layout: [`config`] (settings, HTTP client), [`statement`] (nonce, URL, verification,
@@ -116,6 +123,12 @@ impl Poller {
             None => None,
         };
         Ok(Poller { inner: Arc::new(Inner { store, clock, client, bearer, config }) })
+    }
+
+    /// The HTTP client the polls go through (its pool holds the kept connections): for a
+    /// baseline over the same connections.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.inner.client
     }
 
     /// Polls one host and verifies its statement (nothing is recorded).
@@ -291,11 +304,24 @@ impl Inner {
             let kind = if e.is_timeout() { PollErrorKind::Timeout } else { PollErrorKind::Unreachable };
             (kind, chain(&e))
         };
-        let mut request = self.client.get(url.clone());
-        if let Some(token) = &self.bearer {
-            request = request.bearer_auth(token);
-        }
-        let mut response = request.send().await.map_err(transport)?;
+        let send = || {
+            let mut request = self.client.get(url.clone());
+            if let Some(token) = &self.bearer {
+                request = request.bearer_auth(token);
+            }
+            request.send()
+        };
+        let mut response = match send().await {
+            // Sent on a kept connection the agent closed meanwhile (its keep-alive ran out as
+            // the round reached it): no answer, nothing happened at the agent that matters
+            // (a statement is only signed), so once more on a new connection. A refused or
+            // timed-out connection is not retried.
+            Err(e) if self.config.keep_alive && e.is_request() && !e.is_connect() && !e.is_timeout() => {
+                tracing::debug!(%url, error = %chain(&e), "request failed before an answer; retrying on a new connection");
+                send().await.map_err(transport)?
+            }
+            sent => sent.map_err(transport)?,
+        };
         if response.status() != reqwest::StatusCode::OK {
             return Err((PollErrorKind::HttpStatus, format!("HTTP {}", response.status())));
         }

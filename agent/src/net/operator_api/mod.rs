@@ -380,6 +380,7 @@ mod tests {
             max_per_peer: 4,
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(5),
         };
         let stats = std::sync::Arc::new(kycd_net::ConnStats::default());
         let server = tokio::spawn(serve(listener, tx, limits, stats.clone(), shutdown.clone()));
