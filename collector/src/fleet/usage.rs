@@ -86,7 +86,9 @@ pub struct TenantUsage {
     /// Busy segments, for [`TenantUsage::runs`] (not serialized).
     #[serde(skip)]
     pub activity: Activity,
-    /// Concurrent capacity per minute (minute start, FLOP/s), by time (not serialized).
+    /// Concurrent capacity per minute (minute start, FLOP/s), by time (not serialized): every
+    /// minute when aggregated from windows; read from the roll-ups, each busy segment's peak
+    /// minute only, all [`TenantUsage::runs`] needs.
     #[serde(skip)]
     pub capacity: Vec<(i64, f64)>,
 

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::{add_segment, HostSums, Peak, Rollups, SegmentRow, Subject, Sums, FLEET};
+use crate::fleet::runs::TOUCH_S;
 use crate::fleet::CAPACITY_BUCKET_S;
 use crate::store::error::StoreError;
 
@@ -39,21 +40,22 @@ pub trait RollupTx {
     /// Raises each stored peak of (subject, cluster) to the row's if that is larger (or as
     /// large and earlier).
     fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError>;
-    /// The tenant's stored segments that touch `start..end` (within the touch distance), by
-    /// start, without their hosts.
+    /// The tenant's stored segments that overlap `from..=to` (a reach already widened by the
+    /// touch distance), by start, without their hosts.
     fn touching_segments(
         &mut self,
         tenant: &str,
         start: i64,
         end: i64,
     ) -> Result<Vec<SegmentRow>, StoreError>;
-    /// Deletes the tenant's stored segments starting at `replaced` (their hosts move to the
-    /// one of `segments` that now holds their start) and stores `segments` (start, end,
-    /// figures, peak; their hosts added to the stored ones), marked changed at `changed_at`.
+    /// Deletes the tenant's stored segments starting at each `moved.0` (their hosts move to
+    /// the segment of `segments` starting at `moved.1`, which absorbed them) and stores
+    /// `segments` (start, end, figures, peak; their hosts added to the stored ones; one
+    /// starting where a stored one did replaces it), marked changed at `changed_at`.
     fn write_segments(
         &mut self,
         tenant: &str,
-        replaced: &[i64],
+        moved: &[(i64, i64)],
         segments: &[SegmentRow],
         changed_at: i64,
     ) -> Result<(), StoreError>;
@@ -100,8 +102,9 @@ pub trait RowTx {
         start: i64,
         end: i64,
     ) -> Result<Vec<SegmentRow>, StoreError>;
-    /// Stores `segment` in place of the stored segments starting at `absorbed` (all within
-    /// it; their hosts move to it).
+    /// Stores `segment` (replacing a stored one of its start, whose hosts stay) in place of
+    /// the stored segments starting at `absorbed` (all within it, none at its start; their
+    /// hosts move to it).
     fn write_segment(
         &mut self,
         tenant: &str,
@@ -161,17 +164,13 @@ impl<T: RowTx> RollupTx for T {
     fn write_segments(
         &mut self,
         tenant: &str,
-        replaced: &[i64],
+        moved: &[(i64, i64)],
         segments: &[SegmentRow],
         changed_at: i64,
     ) -> Result<(), StoreError> {
-        // Each replaced segment now lies within the one written segment that absorbed it.
         segments.iter().try_for_each(|segment| {
-            let absorbed: Vec<i64> = replaced
-                .iter()
-                .copied()
-                .filter(|start| (segment.start..=segment.end).contains(start))
-                .collect();
+            let absorbed: Vec<i64> =
+                moved.iter().filter(|(_, into)| *into == segment.start).map(|(old, _)| *old).collect();
             self.write_segment(tenant, &absorbed, segment, changed_at)
         })
     }
@@ -241,7 +240,8 @@ fn merge_segments(
     let (Some(first), Some(end)) = (segments.values().next(), segments.values().map(|s| s.end).max()) else {
         return Ok(());
     };
-    let stored = tx.touching_segments(tenant, first.start, end)?;
+    let reach = (first.start.saturating_sub(TOUCH_S), end.saturating_add(TOUCH_S));
+    let stored = tx.touching_segments(tenant, reach.0, reach.1)?;
     let mut merged: BTreeMap<i64, SegmentRow> = stored.iter().map(|s| (s.start, s.clone())).collect();
     for segment in segments.values() {
         let mut fresh = SegmentRow { peak: Peak { flops: 0.0, at: segment.start }, ..segment.clone() };
@@ -256,8 +256,15 @@ fn merge_segments(
     }
     // What is left as it was stored (read without hosts, so compared as read) stays.
     let unchanged = |s: &SegmentRow| stored.iter().any(|old| old == s);
-    let replaced: Vec<i64> =
-        stored.iter().filter(|s| merged.get(&s.start) != Some(*s)).map(|s| s.start).collect();
     let written: Vec<SegmentRow> = merged.into_values().filter(|s| !unchanged(s)).collect();
-    tx.write_segments(tenant, &replaced, &written, changed_at)
+    // A stored segment not left as it was lies within the written one that absorbed it; one
+    // of the same start is overwritten in place.
+    let moved: Vec<(i64, i64)> = stored
+        .iter()
+        .filter_map(|old| {
+            written.iter().find(|s| (s.start..=s.end).contains(&old.start)).map(|s| (old.start, s.start))
+        })
+        .filter(|(old, into)| old != into)
+        .collect();
+    tx.write_segments(tenant, &moved, &written, changed_at)
 }

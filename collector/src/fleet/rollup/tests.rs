@@ -98,7 +98,7 @@ impl RowTx for Memory {
             .get(tenant)
             .map(|s| {
                 s.values()
-                    .filter(|s| s.touches(start, end))
+                    .filter(|s| s.end >= start && s.start <= end)
                     .map(|s| SegmentRow { hosts: Default::default(), ..s.clone() })
                     .collect()
             })
@@ -107,13 +107,13 @@ impl RowTx for Memory {
     fn write_segment(
         &mut self,
         tenant: &str,
-        replaced: &[i64],
+        absorbed: &[i64],
         segment: &SegmentRow,
         _: i64,
     ) -> Result<(), StoreError> {
         let segments = self.0.segments.entry(tenant.to_owned()).or_default();
         let mut hosts = segment.hosts.clone();
-        for start in replaced {
+        for start in absorbed.iter().chain([&segment.start]) {
             if let Some(old) = segments.remove(start) {
                 hosts.extend(old.hosts);
             }

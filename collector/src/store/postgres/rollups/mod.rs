@@ -421,9 +421,7 @@ impl RollupTx for PgRollups<'_, '_> {
         start: i64,
         end: i64,
     ) -> Result<Vec<SegmentRow>, StoreError> {
-        let touch = crate::fleet::runs::TOUCH_S;
-        let (from, to) = (start.saturating_sub(touch), end.saturating_add(touch));
-        let result = self.tx.query(&self.st.touching, &[&tenant, &from, &to]);
+        let result = self.tx.query(&self.st.touching, &[&tenant, &start, &end]);
         let rows = self.run(result)?;
         rows.iter().map(|r| segment_row(r).map(|(_, s)| s)).collect()
     }
@@ -431,19 +429,15 @@ impl RollupTx for PgRollups<'_, '_> {
     fn write_segments(
         &mut self,
         tenant: &str,
-        replaced: &[i64],
+        moved: &[(i64, i64)],
         segments: &[SegmentRow],
         changed_at: i64,
     ) -> Result<(), StoreError> {
         let st = self.st;
-        for old in replaced {
-            // The written segment that absorbed it; one starting where it did overwrites it.
-            let Some(into) = segments.iter().find(|s| (s.start..=s.end).contains(old)) else { continue };
-            if into.start != *old {
-                self.exec(&st.move_hosts, &[&tenant, old, &into.start])?;
-                self.exec(&st.drop_hosts, &[&tenant, old])?;
-                self.exec(&st.drop_segment, &[&tenant, old])?;
-            }
+        for (old, into) in moved {
+            self.exec(&st.move_hosts, &[&tenant, old, into])?;
+            self.exec(&st.drop_hosts, &[&tenant, old])?;
+            self.exec(&st.drop_segment, &[&tenant, old])?;
         }
         if segments.is_empty() {
             return Ok(());

@@ -244,21 +244,18 @@ impl RowTx for SqliteRollups<'_> {
                    ORDER BY start"#
             ))
             .map_err(db_error)?;
-        let touch = crate::fleet::runs::TOUCH_S;
-        let rows = stmt
-            .query_map(params![tenant, start.saturating_sub(touch), end.saturating_add(touch)], segment_row)
-            .map_err(db_error)?;
+        let rows = stmt.query_map(params![tenant, start, end], segment_row).map_err(db_error)?;
         rows.map(|r| r.map_err(db_error)?.map(|(_, segment)| segment)).collect()
     }
 
     fn write_segment(
         &mut self,
         tenant: &str,
-        replaced: &[i64],
+        absorbed: &[i64],
         segment: &SegmentRow,
         changed_at: i64,
     ) -> Result<(), StoreError> {
-        for old in replaced.iter().filter(|s| **s != segment.start) {
+        for old in absorbed {
             self.0
                 .prepare_cached(
                     "INSERT OR IGNORE INTO rollup_segment_hosts (tenant, start, host)
