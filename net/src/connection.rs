@@ -151,8 +151,10 @@ impl Activity {
         }
     }
 
+    /// Milliseconds since `base`, rounded up: a deadline computed from it is never early (the
+    /// truncated value let a stalled head close 0.2 ms before its header-read timeout).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NEVER - 1)
+        u64::try_from(self.base.elapsed().as_micros().div_ceil(1000)).unwrap_or(NEVER - 1)
     }
 
     fn at(&self, ms: u64) -> Instant {
