@@ -197,11 +197,7 @@ pub fn apply(batch: &Rollups, tx: &mut dyn RollupTx, changed_at: i64) -> Result<
     tx.add_gap_workloads(&gaps)?;
     // The buckets' values after the batch: the peaks can only grow, so each is the larger of
     // the stored peak and the largest bucket the batch touched.
-    let buckets: Vec<Bucket<'_>> = batch
-        .capacity
-        .iter()
-        .map(|((s, cluster, minute), flops)| (s, cluster.as_str(), *minute, *flops))
-        .collect();
+    let buckets: Vec<Bucket<'_>> = batch.capacity.iter().collect();
     let values = tx.add_capacity(&buckets)?;
     if values.len() != buckets.len() {
         return Err(StoreError::Corrupt(format!(

@@ -72,13 +72,8 @@ impl RowTx for Memory {
         Ok(buckets
             .iter()
             .map(|(subject, cluster, minute, flops)| {
-                let bucket = self
-                    .0
-                    .capacity
-                    .entry(((*subject).clone(), (*cluster).to_owned(), *minute))
-                    .or_insert(0.0);
-                *bucket += flops;
-                *bucket
+                self.0.capacity.add(subject, cluster, *minute, *flops);
+                self.0.capacity.get(subject, cluster, *minute).unwrap_or_default()
             })
             .collect())
     }
@@ -306,7 +301,7 @@ fn the_check_reports_each_difference() {
     stored.subjects.get_mut(&key).unwrap().estimated_ops *= 1.001;
     let day = stored.days.keys().next().cloned().unwrap();
     stored.days.remove(&day);
-    stored.capacity.insert((key, FLEET.to_owned(), 0), 1.0);
+    stored.capacity.insert(&key, FLEET, 0, 1.0);
     let checks = compare(&expected, &stored, None);
     let by_table: BTreeMap<&str, usize> = checks.iter().map(|c| (c.table, c.differences)).collect();
     assert_eq!(
@@ -343,8 +338,9 @@ fn after_a_prune_only_what_follows_the_cut_off_is_compared() {
         assert!(checks.iter().find(|c| c.table == table).unwrap().expected_rows > 0, "{table} is compared");
     }
     // A difference after the cut-off is still found.
-    let key = stored.capacity.keys().next_back().cloned().unwrap();
-    *stored.capacity.get_mut(&key).unwrap() += 1e15;
+    let (subject, cluster, minute, _) = stored.capacity.iter().last().unwrap();
+    let (subject, cluster) = (subject.clone(), cluster.to_owned());
+    stored.capacity.add(&subject, &cluster, minute, 1e15);
     let checks = compare(&expected, &stored, Some(cut));
     assert_eq!(checks.iter().map(|c| c.differences).sum::<usize>(), 1);
 }

@@ -397,8 +397,8 @@ pub const MIGRATION_ROLLUPS: &str = r#"
     ) STRICT, WITHOUT ROWID;
     CREATE TABLE rollup_capacity (
         tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
-        cluster TEXT NOT NULL, minute INTEGER NOT NULL, flops REAL NOT NULL,
-        PRIMARY KEY (tenant, subject_host, subject_workload, cluster, minute)
+        cluster TEXT NOT NULL, hour INTEGER NOT NULL, flops BLOB NOT NULL,
+        PRIMARY KEY (tenant, subject_host, subject_workload, cluster, hour)
     ) STRICT, WITHOUT ROWID;
     CREATE TABLE rollup_peaks (
         tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,

@@ -20,6 +20,7 @@ use crate::fleet::Placement;
 use crate::store::error::StoreError;
 use crate::store::schema::corrupt;
 
+mod capacity;
 mod read;
 mod rebuild;
 
@@ -97,7 +98,7 @@ pub(super) struct RollupStatements {
     day_host: Statement,
     host: Statement,
     gap_workload: Statement,
-    capacity: Statement,
+    capacity: capacity::CapacityStatements,
     peak: Statement,
     touching: Statement,
     move_hosts: Statement,
@@ -149,12 +150,7 @@ impl RollupStatements {
                 &t(&["text", "text", "float8"]),
                 "seconds",
             ))?,
-            capacity: client.prepare(&format!(
-                "INSERT INTO rollup_capacity AS r ({KEY}, cluster, minute, flops) {}
-                 ON CONFLICT ({KEY}, cluster, minute) DO UPDATE SET {} RETURNING {KEY}, cluster, minute, flops",
-                unnest(&t(&["text", "bigint", "float8"])),
-                sat("flops")
-            ))?,
+            capacity: capacity::CapacityStatements::prepare(client)?,
             peak: client.prepare(&format!(
                 "INSERT INTO rollup_peaks AS r ({KEY}, cluster, peak_flops, peak_at) {}
                  ON CONFLICT ({KEY}, cluster) DO UPDATE SET peak_flops = excluded.peak_flops, peak_at = excluded.peak_at
@@ -375,32 +371,7 @@ impl RollupTx for PgRollups<'_, '_> {
     }
 
     fn add_capacity(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
-        if buckets.is_empty() {
-            return Ok(Vec::new());
-        }
-        let [t, h, w] = key_columns(buckets, |b| b.0);
-        let clusters: Vec<&str> = buckets.iter().map(|b| b.1).collect();
-        let minutes: Vec<i64> = buckets.iter().map(|b| b.2).collect();
-        let flops: Vec<f64> = buckets.iter().map(|b| b.3).collect();
-        let result = self.tx.query(&self.st.capacity, &[&t, &h, &w, &clusters, &minutes, &flops]);
-        let rows = self.run(result)?;
-        // RETURNING follows no order: the new values by bucket, then in the buckets' order.
-        let mut by_key: std::collections::HashMap<(String, String, String, String, i64), f64> =
-            std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            by_key.insert((get(r, 0)?, get(r, 1)?, get(r, 2)?, get(r, 3)?, get(r, 4)?), get(r, 5)?);
-        }
-        buckets
-            .iter()
-            .map(|(s, cluster, minute, _)| {
-                let key =
-                    (s.tenant.clone(), s.host_id.clone(), s.workload.clone(), (*cluster).to_owned(), *minute);
-                by_key
-                    .get(&key)
-                    .copied()
-                    .ok_or_else(|| StoreError::Corrupt(format!("capacity bucket {key:?} not returned")))
-            })
-            .collect()
+        capacity::add(self, buckets)
     }
 
     fn raise_peaks(&mut self, rows: &[(&Subject, &str, Peak)]) -> Result<(), StoreError> {

@@ -15,6 +15,7 @@ use crate::fleet::runs::RunFigures;
 use crate::store::error::StoreError;
 use crate::store::schema::corrupt;
 
+mod capacity;
 mod read;
 mod rebuild;
 
@@ -189,19 +190,7 @@ impl RowTx for SqliteRollups<'_> {
     }
 
     fn add_buckets(&mut self, buckets: &[Bucket<'_>]) -> Result<Vec<f64>, StoreError> {
-        let sql =
-            add_upsert("rollup_capacity", "tenant, subject_host, subject_workload, cluster, minute", "flops");
-        let mut stmt = self.0.prepare_cached(&sql).map_err(db_error)?;
-        buckets
-            .iter()
-            .map(|(subject, cluster, minute, flops)| {
-                stmt.query_row(
-                    params![subject.tenant, subject.host_id, subject.workload, cluster, minute, flops],
-                    |r| r.get(0),
-                )
-                .map_err(db_error)
-            })
-            .collect()
+        capacity::add(self.0, buckets)
     }
 
     fn raise_peak(&mut self, subject: &Subject, cluster: &str, peak: Peak) -> Result<(), StoreError> {

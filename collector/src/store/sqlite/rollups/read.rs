@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{segment_row, SEGMENT_COLUMNS, SUMS};
-use crate::fleet::rollup::{HostSums, Peak, Rollups, Segments, Subject, Sums};
+use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums};
 use crate::store::error::StoreError;
 use crate::store::schema::{count_u32, to_u64};
 use crate::store::sqlite::driver::db_error;
@@ -198,15 +198,21 @@ pub(in crate::store::sqlite) fn read_rollups(
         out.day_hosts.insert((subject, r.get(1)?, r.get(2)?));
         Ok(())
     })?;
+    let mut hours: Vec<(Subject, String, i64, Vec<u8>)> = Vec::new();
     each_row(
         conn,
-        &format!("SELECT {KEY}, cluster, minute, flops FROM rollup_capacity {WHERE}"),
+        &format!("SELECT {KEY}, cluster, hour, flops FROM rollup_capacity {WHERE}"),
         tenant,
         |r| {
-            out.capacity.insert((subject(r)?, r.get(3)?, r.get(4)?), r.get(5)?);
+            hours.push((subject(r)?, r.get(3)?, r.get(4)?, r.get(5)?));
             Ok(())
         },
     )?;
+    for (subject, cluster, hour, flops) in hours {
+        for (minute, value) in capacity::decode(hour, &flops)? {
+            out.capacity.insert(&subject, &cluster, minute, value);
+        }
+    }
     Ok(out)
 }
 
