@@ -115,7 +115,8 @@ fn respond(agent: &Agent, req: &axum::extract::Request) -> hyper::Response<Full<
     match req.uri().path() {
         "/healthz" => reply(200, b"ok\n".to_vec()),
         "/v1/attestation" => {
-            let Some(nonce) = req.uri().query().and_then(|q| q.strip_prefix("nonce=")) else {
+            let query = req.uri().query().unwrap_or_default();
+            let Some(nonce) = query.split('&').find_map(|kv| kv.strip_prefix("nonce=")) else {
                 return reply(400, b"nonce\n".to_vec());
             };
             let mut claims = (*agent.template).clone();
@@ -124,7 +125,13 @@ fn respond(agent: &Agent, req: &axum::extract::Request) -> hyper::Response<Full<
             claims.nonce = nonce.to_owned();
             claims.iat = t;
             claims.exp = t + 60;
-            reply(200, kycd_protocol::sign(&claims, &agent.key).unwrap().into_bytes())
+            // As the agent answers the collector's `v=2`: the digest-bound form.
+            let token = if query.split('&').any(|kv| kv == "v=2") {
+                kycd_protocol::sign_split_statement(&claims, &agent.key)
+            } else {
+                kycd_protocol::sign(&claims, &agent.key)
+            };
+            reply(200, token.unwrap().into_bytes())
         }
         _ => reply(404, Vec::new()),
     }

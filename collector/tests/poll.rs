@@ -213,11 +213,13 @@ fn a_real_agent_is_polled_over_mtls_and_its_statement_verified() {
     assert_eq!(statement.claims.nonce.len(), 32, "a fresh 32-character nonce");
     assert!((statement.polled_at - unix_now()).abs() < 30);
     assert!((statement.claims.iat - statement.polled_at).abs() <= 60);
-    // The stored token is the evidence: it re-verifies with the enrolled key.
+    // The stored token is the evidence: it re-verifies with the enrolled key. The agent
+    // answered the digest-bound form the collector asks for.
     let token = store.latest_token("node-1").unwrap().unwrap();
     let key = store.host_key("node-1").unwrap().unwrap();
     let jwks = kycd_protocol::Jwks::from_keys([key.clone()]).unwrap();
-    let reverified = kycd_protocol::verify::<HostStatementClaims>(
+    assert!(kycd_protocol::is_split_statement(token.as_bytes()), "{token}");
+    let reverified = kycd_protocol::verify_split_statement(
         token.as_bytes(),
         &jwks,
         &kycd_protocol::VerifyOptions::default(),
@@ -294,6 +296,8 @@ const MODES: &[&str] = &[
     "garbage",
     "slow",
     "unsigned-by-host",
+    "one-part",
+    "tampered-body",
 ];
 
 #[derive(Clone)]
@@ -307,7 +311,10 @@ async fn fake_statement(
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let nonce = query.as_deref().and_then(|q| q.strip_prefix("nonce=")).unwrap_or_default().to_owned();
+    let params = || query.as_deref().unwrap_or_default().split('&');
+    let nonce = params().find_map(|kv| kv.strip_prefix("nonce=")).unwrap_or_default().to_owned();
+    // The collector asks for the digest-bound form, as the agent answers it.
+    let digest_bound = params().any(|kv| kv == "v=2");
     let now = unix_now();
     let host = format!("host-{mode}");
     let mut claims = HostStatementClaims {
@@ -341,7 +348,19 @@ async fn fake_statement(
         }
         _ => {}
     }
-    kycd_protocol::sign(&claims, key).unwrap().into_response()
+    if !digest_bound || mode == "one-part" {
+        // An agent that predates the digest-bound form answers the one-part one.
+        return kycd_protocol::sign(&claims, key).unwrap().into_response();
+    }
+    let token = kycd_protocol::sign_split_statement(&claims, key).unwrap();
+    if mode == "tampered-body" {
+        // A body other than the one the head's digest names.
+        claims.policy_version = Some(2);
+        let other = kycd_protocol::sign_split_statement(&claims, key).unwrap();
+        let head = token.split('~').next().unwrap();
+        return format!("{head}~{}", other.split('~').nth(1).unwrap()).into_response();
+    }
+    token.into_response()
 }
 
 async fn start_fake_agents(keys: std::collections::HashMap<String, PrivateJwk>) -> SocketAddr {
@@ -390,7 +409,7 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
     let shutdown = CancellationToken::new();
     let report = poller.round(&shutdown).await.unwrap();
     assert_eq!(report.polled, MODES.len() + 1);
-    assert_eq!((report.ok, report.latencies.len(), report.unrecorded), (1, MODES.len() + 1, 0));
+    assert_eq!((report.ok, report.latencies.len(), report.unrecorded), (2, MODES.len() + 1, 0));
 
     let expected = [
         ("host-dead", "unreachable"),
@@ -401,6 +420,7 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
         ("host-other-iss", "host_mismatch"),
         ("host-slow", "timeout"),
         ("host-status-500", "http_status"),
+        ("host-tampered-body", "malformed"),
         ("host-unsigned-by-host", "bad_signature"),
         ("host-wrong-nonce", "nonce_mismatch"),
     ];
@@ -413,13 +433,17 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
         assert!(report.failed.get(kind).copied().unwrap_or(0) > 0, "{kind}: {:?}", report.failed);
     }
     assert_eq!(status["host-good"].consecutive_failures, 0);
+    assert_eq!(status["host-one-part"].consecutive_failures, 0, "the one-part form is still taken");
     assert_eq!(status["host-quiet"].last_attempt_at, None, "no URL, not polled");
     let latest = store.latest_statements().unwrap();
-    assert_eq!(latest.iter().map(|s| s.host_id.as_str()).collect::<Vec<_>>(), ["host-good"]);
+    assert_eq!(latest.iter().map(|s| s.host_id.as_str()).collect::<Vec<_>>(), ["host-good", "host-one-part"]);
+    // The evidence kept is the digest-bound pair as received.
+    assert!(store.latest_token("host-good").unwrap().unwrap().contains('~'));
+    assert!(!store.latest_token("host-one-part").unwrap().unwrap().contains('~'));
 
-    // At once again: the failing hosts back off, the good one is polled.
+    // At once again: the failing hosts back off, the good ones are polled.
     let report = poller.round(&shutdown).await.unwrap();
-    assert_eq!((report.polled, report.ok, report.backing_off), (1, 1, expected.len()));
+    assert_eq!((report.polled, report.ok, report.backing_off), (2, 2, expected.len()));
     let s = store.host_poll_status().unwrap().into_iter().find(|s| s.host_id == "host-status-500").unwrap();
     assert_eq!(s.consecutive_failures, 1, "not polled while backing off");
     let next =
@@ -782,8 +806,11 @@ async fn a_request_on_a_connection_closed_under_it_is_retried_on_a_new_one() {
                         return;
                     }
                     let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
-                    let nonce =
-                        line.split("nonce=").nth(1).and_then(|r| r.split(' ').next()).unwrap_or_default();
+                    let nonce = line
+                        .split("nonce=")
+                        .nth(1)
+                        .and_then(|r| r.split([' ', '&']).next())
+                        .unwrap_or_default();
                     let now = unix_now();
                     let claims = HostStatementClaims {
                         iat: now,

@@ -20,8 +20,13 @@ pub mod operator {
 
 /// The agent's collector-facing HTTPS API.
 pub mod agent_api {
-    /// `GET ?nonce=`: a signed host statement.
+    /// `GET ?nonce=`: a signed host statement; `GET ?nonce=…&v=2`: the digest-bound form
+    /// ([`crate::HostStatementHead`]), which older agents answer with the one-part form.
     pub const ATTESTATION: &str = "/v1/attestation";
+    /// The query parameter that asks for the digest-bound form.
+    pub const STATEMENT_V2_PARAM: &str = "v=2";
+    /// The content type of a digest-bound statement (`head~body`).
+    pub const STATEMENT_V2_CONTENT_TYPE: &str = "application/kyc-host-statement-v2";
     /// `GET`: Prometheus metrics (served here, not on the operator socket).
     pub const METRICS: &str = "/metrics";
 }

@@ -4,6 +4,8 @@
 //!   `application/jwt`) signed with the host key: host id, time, the nonce echoed (16–64
 //!   URL-safe characters, else 400), agent and policy versions, every workload with its
 //!   tenant, attestation digest and expiry, verdict and conditions, and the GPU inventory.
+//!   With `&v=2`, the same statement digest-bound (`head~body`,
+//!   [`kycd_protocol::HostStatementHead`]): only a small head is signed per request.
 //! - `GET /metrics` → Prometheus text.
 //! - `GET /healthz` (live) and `GET /readyz` (state loaded and enforcement reconciled: the
 //!   server starts only then), unauthenticated.
@@ -298,7 +300,9 @@ async fn attestation(
         return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
     }
     // The nonce alphabet needs no percent-decoding: anything encoded is invalid anyway.
-    let nonce = query.as_deref().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("nonce="));
+    let params = || query.as_deref().unwrap_or("").split('&');
+    let nonce = params().find_map(|kv| kv.strip_prefix("nonce="));
+    let digest_bound = params().any(|kv| kv == agent_api::STATEMENT_V2_PARAM);
     let Some(nonce) = nonce.filter(|n| valid_nonce(n)) else {
         return error(StatusCode::BAD_REQUEST, "nonce must be 16-64 URL-safe characters (A-Z a-z 0-9 - _)");
     };
@@ -306,8 +310,16 @@ async fn attestation(
         return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign the statement");
     };
     let iat = kycd_protocol::clock::unix_now();
-    match prepared.sign(&state.key, nonce, iat, iat + STATEMENT_TTL_S, crate::host::uptime_s()) {
-        Ok(token) => ([(header::CONTENT_TYPE, "application/jwt")], token).into_response(),
+    let (exp, uptime_s) = (iat + STATEMENT_TTL_S, crate::host::uptime_s());
+    let signed = if digest_bound {
+        prepared
+            .sign_split(&state.key, nonce, iat, exp, uptime_s)
+            .map(|t| (agent_api::STATEMENT_V2_CONTENT_TYPE, t))
+    } else {
+        prepared.sign(&state.key, nonce, iat, exp, uptime_s).map(|t| ("application/jwt", t))
+    };
+    match signed {
+        Ok((content_type, token)) => ([(header::CONTENT_TYPE, content_type)], token).into_response(),
         Err(e) => {
             warn!(error = %e, "cannot sign a host statement");
             error(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign the statement")
@@ -489,6 +501,14 @@ mod tls_tests {
         assert_eq!(verified.claims.policy_version, Some(7));
         assert_eq!(verified.claims.exp, verified.claims.iat + STATEMENT_TTL_S);
         assert!((verified.claims.iat - now).abs() <= 2);
+        // `v=2`: the digest-bound form of the same statement.
+        let (status, split) =
+            get(addr, &pki.client(true), &format!("/v1/attestation?v=2&nonce={nonce}"), None).await.unwrap();
+        assert_eq!(status, 200, "{split}");
+        let split =
+            kycd_protocol::verify_split_statement(split.trim().as_bytes(), &jwks, &options, now).unwrap();
+        assert_eq!((split.claims.nonce.as_str(), split.claims.policy_version), (nonce, Some(7)));
+        assert_eq!(split.claims.workloads, verified.claims.workloads);
         let (status, body) = get(addr, &pki.client(true), "/v1/attestation?nonce=short", None).await.unwrap();
         assert_eq!(status, 400, "{body}");
         let (status, body) = get(addr, &pki.client(true), "/metrics", None).await.unwrap();

@@ -13,10 +13,18 @@
 //!
 //! The nonce is checked again here, before splicing: it is the one request-supplied value,
 //! and an unchecked quote or backslash would let it write JSON.
+//!
+//! The same snapshot also gives the digest-bound form (`?v=2`,
+//! [`kycd_protocol::HostStatementHead`]): its body (every claim but the head's) is
+//! serialised, encoded and hashed here once, so a request signs only a ~300-byte head —
+//! Ed25519 hashes its whole input twice, which made the one-part statement's cost grow with
+//! the host's workloads.
 
 use std::fmt::Write as _;
 
-use kycd_protocol::{b64, HostStatementClaims, PrivateJwk, TokenType};
+use kycd_protocol::{
+    b64, statement_body_digest, HostStatementClaims, HostStatementHead, PrivateJwk, TokenType,
+};
 use serde_json::Value;
 
 /// A nonce a statement may carry: 16–64 characters of the URL-safe base64 alphabet (so it is
@@ -38,6 +46,9 @@ pub enum StatementError {
     /// The nonce is not 16–64 URL-safe characters (refused before splicing).
     #[error("the nonce is not 16-64 URL-safe characters")]
     InvalidNonce,
+    /// The digest-bound statement's head does not sign.
+    #[error("the statement head does not sign")]
+    Head(#[source] kycd_protocol::VerifyError),
 }
 
 /// A snapshot's statement, serialised but for its per-request fields.
@@ -50,6 +61,12 @@ pub struct PreparedStatement {
     tail: String,
     /// `tail`, base64url-encoded.
     tail_b64: String,
+    /// The issuer (host id), for the digest-bound form's head.
+    iss: String,
+    /// The digest-bound form's body (JSON of every claim but the head's), base64url-encoded.
+    body_b64: String,
+    /// Its `body_sha256`.
+    body_sha256: String,
 }
 
 /// Claims stamped per request, moved into the head.
@@ -72,6 +89,12 @@ impl PreparedStatement {
         for name in VOLATILE {
             object.remove(name);
         }
+        let mut body = object.clone();
+        body.remove("iss");
+        if let Some(Value::Object(host)) = body.get_mut("host") {
+            host.remove("uptime_s");
+        }
+        let body = serde_json::to_vec(&body).map_err(StatementError::Serialize)?;
         let mut tail = String::new();
         let has_host = match object.remove("host") {
             Some(Value::Object(mut host)) => {
@@ -94,7 +117,14 @@ impl PreparedStatement {
         }
         tail.push('}');
         let tail_b64 = b64::encode(tail.as_bytes());
-        Ok(PreparedStatement { has_host, tail, tail_b64 })
+        Ok(PreparedStatement {
+            has_host,
+            tail,
+            tail_b64,
+            iss: claims.iss.clone(),
+            body_b64: b64::encode(&body),
+            body_sha256: statement_body_digest(&body),
+        })
     }
 
     /// The head for these values, padded to a multiple of 3 bytes; refuses an invalid nonce.
@@ -132,6 +162,36 @@ impl PreparedStatement {
         let mut payload_b64 = b64::encode(head.as_bytes());
         payload_b64.push_str(&self.tail_b64);
         Ok(kycd_protocol::sign_encoded_payload(&payload_b64, TokenType::HostStatement.typ(), key))
+    }
+}
+
+impl PreparedStatement {
+    /// The digest-bound statement (`head~body`, [`kycd_protocol::verify_split_statement`])
+    /// for these values: only the head is built and signed per request.
+    pub fn sign_split(
+        &self,
+        key: &PrivateJwk,
+        nonce: &str,
+        iat: i64,
+        exp: i64,
+        uptime_s: u64,
+    ) -> Result<String, StatementError> {
+        if !valid_nonce(nonce) {
+            return Err(StatementError::InvalidNonce);
+        }
+        let head = HostStatementHead {
+            iss: self.iss.clone(),
+            iat,
+            exp,
+            nonce: nonce.to_owned(),
+            uptime_s: self.has_host.then_some(uptime_s),
+            body_sha256: self.body_sha256.clone(),
+        };
+        let mut token = kycd_protocol::sign(&head, key).map_err(StatementError::Head)?;
+        token.reserve(1 + self.body_b64.len());
+        token.push(char::from(kycd_protocol::STATEMENT_BODY_SEPARATOR));
+        token.push_str(&self.body_b64);
+        Ok(token)
     }
 }
 
@@ -202,6 +262,12 @@ mod tests {
                         kycd_protocol::verify::<HostStatementClaims>(token.as_bytes(), &jwks, &options, iat)
                             .unwrap();
                     assert_eq!(read.claims, want);
+                    // The digest-bound form of the same snapshot gives the same claims.
+                    let split = prepared.sign_split(&key, nonce, iat, iat + 60, uptime).unwrap();
+                    let read = kycd_protocol::verify_split_statement(split.as_bytes(), &jwks, &options, iat)
+                        .unwrap();
+                    assert_eq!(read.claims, want);
+                    assert!(split.len() > token.len(), "the body rides along in full");
                 }
             }
         }

@@ -66,7 +66,9 @@ pub(super) fn attestation_url(base: &reqwest::Url, nonce: &str) -> reqwest::Url 
     let mut url = base.clone();
     let path = format!("{}{}", base.path().trim_end_matches('/'), wire::agent_api::ATTESTATION);
     url.set_path(&path);
-    url.set_query(Some(&format!("nonce={nonce}")));
+    // The digest-bound form when the agent has it (an older one ignores the parameter and
+    // answers the one-part form; [`verify_statement`] takes either).
+    url.set_query(Some(&format!("nonce={nonce}&{}", wire::agent_api::STATEMENT_V2_PARAM)));
     url
 }
 
@@ -167,9 +169,12 @@ pub fn verify_statement(
         .map_err(|e| (PollErrorKind::Internal, format!("enrolled key unusable: {e}")))?;
     let token = body.trim_ascii();
     let options = VerifyOptions { max_token_bytes: body.len().max(1), clock_skew_s: max_skew_s };
-    let claims = kycd_protocol::verify::<HostStatementClaims>(token, &jwks, &options, now)
-        .map_err(|e| (classify_verify(&e), e.to_string()))?
-        .claims;
+    let verified = if kycd_protocol::is_split_statement(token) {
+        kycd_protocol::verify_split_statement(token, &jwks, &options, now)
+    } else {
+        kycd_protocol::verify::<HostStatementClaims>(token, &jwks, &options, now)
+    };
+    let claims = verified.map_err(|e| (classify_verify(&e), e.to_string()))?.claims;
     if claims.iss != target.host_id {
         return Err((
             PollErrorKind::HostMismatch,
@@ -252,8 +257,11 @@ mod tests {
     #[test]
     fn attestation_urls_keep_the_base_path() {
         let base = check_agent_url("https://h:9477", false).unwrap();
-        assert_eq!(attestation_url(&base, "abc").as_str(), "https://h:9477/v1/attestation?nonce=abc");
+        assert_eq!(attestation_url(&base, "abc").as_str(), "https://h:9477/v1/attestation?nonce=abc&v=2");
         let base = check_agent_url("https://h:9477/agent/", false).unwrap();
-        assert_eq!(attestation_url(&base, "abc").as_str(), "https://h:9477/agent/v1/attestation?nonce=abc");
+        assert_eq!(
+            attestation_url(&base, "abc").as_str(),
+            "https://h:9477/agent/v1/attestation?nonce=abc&v=2"
+        );
     }
 }

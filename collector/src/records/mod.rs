@@ -83,7 +83,8 @@ pub struct StatementRecord {
     pub first_seen: i64,
     /// Last poll that returned it.
     pub last_seen: i64,
-    /// The token (compact JWS) as first received: the signed evidence.
+    /// The token as first received (a compact JWS, or a digest-bound `head~body`,
+    /// [`kycd_protocol::verify_split_statement`]): the signed evidence.
     pub token: String,
 }
 

@@ -25,11 +25,13 @@ mod attestation;
 mod policy;
 mod report;
 mod statement;
+mod statement_head;
 
 pub use attestation::*;
 pub use policy::*;
 pub use report::*;
 pub use statement::*;
+pub use statement_head::*;
 
 /// Whether a party is a foreign person, as reports and statements carry it: `unknown` where
 /// no attestation says (unattributed usage, a reseller the KYC service did not classify).
@@ -102,6 +104,8 @@ pub enum TokenType {
     Policy,
     /// A host's signed answer to a collector's poll.
     HostStatement,
+    /// The signed head of a digest-bound host statement ([`HostStatementHead`]).
+    HostStatementHead,
 }
 
 impl TokenType {
@@ -111,6 +115,7 @@ impl TokenType {
             TokenType::Attestation => "kyc-attestation+jwt",
             TokenType::Policy => "kyc-policy+jwt",
             TokenType::HostStatement => "kyc-host-statement+jwt",
+            TokenType::HostStatementHead => "kyc-host-statement-head+jwt",
         }
     }
 }
