@@ -750,8 +750,9 @@ fn sighup_with_a_broken_config_keeps_the_running_one_and_says_so() {
     let failed = host.wait_for("reload failed", |r| r["event"]["type"] == "config_reload_failed");
     assert!(failed["event"]["reason"].as_str().unwrap().contains("keeping the running one"), "{failed}");
     let (code, out, err) = kycctl_as(None, &["status", "--socket", &socket]);
-    assert_eq!(code, 0, "the agent still answers: {err}");
+    assert_eq!(code, 4, "the agent still answers, and is unhealthy: {err}");
     assert!(out.contains("last reload:  FAILED"), "{out}");
+    assert!(err.starts_with("error: unhealthy: last reload failed: ") && err.lines().count() == 1, "{err}");
     // A restart-only change is refused the same way; a live one is applied.
     fs::write(host.path("etc/kycd.toml"), good.replace("host_id = \"node-1\"", "host_id = \"node-2\""))
         .unwrap();
@@ -855,6 +856,12 @@ fn status_says_the_audit_log_is_failing_on_a_full_disk() {
     };
     assert!(failing.contains("No space left on device"), "{failing}");
     assert!(failing.contains("failed writes since start"), "{failing}");
+    // Unhealthy: exit 4, the reason on one line (the disk is still full).
+    let socket = host.path("run/kycd.sock").display().to_string();
+    let (code, _, err) = kycctl_as(None, &["--socket", &socket, "status"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.starts_with("error: unhealthy: audit log failing: the last write failed: "), "{err}");
+    assert!(err.contains("No space left on device") && err.lines().count() == 1, "{err}");
     let metrics = {
         let out = Command::new(env!("CARGO_BIN_EXE_kycctl"))
             .args(["status", "--json", "--socket"])

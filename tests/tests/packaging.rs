@@ -1,7 +1,8 @@
 //! Packaging checks: the systemd units' sandboxing, scored by
 //! `systemd-analyze security --offline=true` (works without systemd as PID 1; targets: agent
-//! ≤ 5.0, collector ≤ 2.0), and the cloud-config example against `cloud-init schema`. Each
-//! skips loudly when its tool is not installed (`tests/run` installs both as root).
+//! ≤ 5.0, collector ≤ 2.0), and the cloud-config example against `cloud-init schema` (cloud-init
+//! itself applies it in agent/tests/cloud_init.rs). Each skips loudly when its tool is not
+//! installed (`tests/run` installs both as root).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;

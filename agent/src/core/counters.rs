@@ -16,6 +16,9 @@ pub struct Counters {
     pub enforcement_errors: BTreeMap<&'static str, u64>,
     /// Drift repaired, by backend.
     pub drift_repaired: BTreeMap<&'static str, u64>,
+    /// Backends whose last reconciliation failed, with its first error (cleared by the next
+    /// one that succeeds): what makes `kycctl status` say enforcement is failing now.
+    pub enforcement_failing: BTreeMap<&'static str, String>,
     /// Inputs (attestation files and directories, libvirt's status) that could not be read
     /// for want of resources or a failing disk (EMFILE, ENFILE, EIO, …); what they said
     /// before was kept.

@@ -208,8 +208,10 @@ impl Agent {
             *self.counters.drift_repaired.entry(backend).or_default() += 1;
             warn!(backend, drift = %what, "drift repaired");
         }
+        self.counters.enforcement_failing.clear();
         for (backend, error) in &report.errors {
             *self.counters.enforcement_errors.entry(backend).or_default() += 1;
+            self.counters.enforcement_failing.entry(backend).or_insert_with(|| error.clone());
             error!(backend, %error, "enforcement failed; retrying at the next reconciliation");
         }
         if report.changes > 0 {

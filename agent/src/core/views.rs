@@ -92,6 +92,12 @@ impl Agent {
                 .map(|(k, v)| ((*k).into(), *v))
                 .collect(),
             drift_repaired: self.counters.drift_repaired.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
+            enforcement_failing: self
+                .counters
+                .enforcement_failing
+                .iter()
+                .map(|(k, v)| ((*k).into(), v.clone()))
+                .collect(),
             last_reload_error: self.last_reload_error.clone(),
             reporting: None,
             guest_telemetry: Vec::new(),

@@ -35,6 +35,17 @@ fn every_command_and_subcommand_has_a_section_8_page() {
     assert!(kycctl.contains(".SH \"EXIT STATUS\"\n.nf\n"), "{kycctl}");
     assert!(kycctl.contains("the agent is unreachable or did not answer in time"));
     assert!(!kycctl.contains(".SH EXTRA"), "exit codes must not also appear as EXTRA");
+    assert!(kycctl.contains("4  status: the agent answered and is unhealthy"), "{kycctl}");
+    // Global options are on every page, the top level's and each subcommand's.
+    for page in ["kycctl.8", "kycctl-status.8", "kycctl-workloads.8", "kycctl-host-id.8"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap();
+        for option in ["\\-\\-socket", "\\-\\-config", "\\-\\-json", "\\-\\-output"] {
+            assert!(text.contains(option), "{page} lacks {option}:\n{text}");
+        }
+    }
+    let status = std::fs::read_to_string(man.join("kycctl-status.8")).unwrap();
+    assert!(status.contains(".SH \"EXIT STATUS\""), "{status}");
+    assert!(status.contains("4  the agent answered and is unhealthy"), "{status}");
     let kycd = std::fs::read_to_string(man.join("kycd.8")).unwrap();
     assert!(kycd.contains("EXIT STATUS") && kycd.contains("2 invalid configuration or usage"));
 }
@@ -50,6 +61,42 @@ fn completions_are_named_for_bash_zsh_and_fish() {
         assert!(zsh.starts_with(&format!("#compdef {name}")), "{name}:\n{zsh}");
         let fish = std::fs::read_to_string(c.join("fish").join(format!("{name}.fish"))).unwrap();
         assert!(fish.contains(&format!("complete -c {name}")), "{name}:\n{fish}");
+    }
+}
+
+/// kycctl's global options (`--socket`, `--config`, `--json`, `-o`/`--output`) complete
+/// before the subcommand and after it, in each shell.
+#[test]
+fn kycctl_completions_offer_the_global_options_before_and_after_the_subcommand() {
+    let out = generate();
+    let c = out.path().join("completions");
+    let bash = std::fs::read_to_string(c.join("bash/kycctl")).unwrap();
+    // The `opts=` line of the top level (`kycctl)`) and of a subcommand.
+    for case in [
+        "        kycctl)\n",
+        "        kycctl__subcmd__status)\n",
+        "        kycctl__subcmd__host__subcmd__id)\n",
+    ] {
+        let at = bash.find(case).unwrap_or_else(|| panic!("no {case:?} in:\n{bash}"));
+        let opts = bash[at..].lines().find(|l| l.trim_start().starts_with("opts=")).unwrap();
+        for flag in ["--socket", "--config", "--json", "-o", "--output"] {
+            assert!(opts.split(['"', ' ']).any(|w| w == flag), "bash {case:?} lacks {flag}: {opts}");
+        }
+    }
+    let zsh = std::fs::read_to_string(c.join("zsh/_kycctl")).unwrap();
+    for case in ["(status)\n_arguments", "(workloads)\n_arguments"] {
+        let at = zsh.find(case).unwrap_or_else(|| panic!("no {case:?} in:\n{zsh}"));
+        let block = &zsh[at..at + zsh[at..].find("&& ret=0").unwrap()];
+        for flag in ["'--socket=[", "'--config=[", "'--json[", "'-o+[", "'--output=["] {
+            assert!(block.contains(flag), "zsh {case:?} lacks {flag}:\n{block}");
+        }
+    }
+    let fish = std::fs::read_to_string(c.join("fish/kycctl.fish")).unwrap();
+    for condition in ["__fish_kycctl_needs_command", "__fish_kycctl_using_subcommand status"] {
+        let lines: Vec<&str> = fish.lines().filter(|l| l.contains(&format!("-n \"{condition}\""))).collect();
+        for flag in ["-l socket", "-l config", "-l json", "-s o -l output"] {
+            assert!(lines.iter().any(|l| l.contains(flag)), "fish {condition} lacks {flag}:\n{lines:#?}");
+        }
     }
 }
 

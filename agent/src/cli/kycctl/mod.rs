@@ -12,11 +12,19 @@
 //!   2  usage error, unreadable file or directory, unusable key or key set
 //!   3  commands that talk to the agent (admit, status, workloads, reload): the agent could
 //!      not be reached or did not answer (for admit: a deny, unless `--fail-open`)
+//!   4  `status`: the agent answered and is unhealthy ([`Status::problems`], one line on
+//!      stderr)
+//!
+//! `--socket`, `--config` and `--json` (`-o json`) are global, as in kubectl and systemctl:
+//! accepted before or after the subcommand (after it, as before they were global), and
+//! ignored by the commands that have no use for them.
+//!
+//! [`Status::problems`]: crate::net::operator_api::Status::problems
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod admit;
 mod agent;
@@ -33,9 +41,55 @@ use crate::tokens::Typ;
 #[derive(Debug, Parser)]
 #[command(name = "kycctl", version, after_help = EXIT_CODES)]
 pub struct Cli {
+    /// Options every command accepts, before or after its name.
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The agent's socket when `--socket` is not given.
+pub const DEFAULT_SOCKET: &str = "/run/kycd/kycd.sock";
+
+/// Global options: before the subcommand (`kycctl --socket X status`) or after it
+/// (`kycctl status --socket X`, as they were before they became global).
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The agent's socket (admit, status, workloads, tenants, decisions, gpus, usage, reload).
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Agent configuration file; conf.d/ beside it is read too (host-id, host-key, spool).
+    #[arg(long, global = true, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Print JSON instead of text, the same as `-o json` (status, workloads, tenants,
+    /// decisions, gpus, usage, audit verify, gpu estimate).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Output format: `text` (the default) or `json` (as --json).
+    #[arg(short = 'o', long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<OutputFormat>,
+}
+
+/// `-o`/`--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Summaries and tables for people.
+    Text,
+    /// JSON for scripts.
+    Json,
+}
+
+impl GlobalArgs {
+    /// Whether to print JSON; `--json -o text` contradicts itself.
+    fn json(&self) -> Result<bool, ExitCode> {
+        match (self.json, self.output) {
+            (true, Some(OutputFormat::Text)) => {
+                Err(fail(EXIT_USAGE, "--json and -o text contradict each other"))
+            }
+            (json, output) => Ok(json || output == Some(OutputFormat::Json)),
+        }
+    }
 }
 
 pub const EXIT_CODES: &str = "\
@@ -50,10 +104,24 @@ Exit codes:
   2  usage error, I/O error, unusable key or key set, unusable configuration
   3  status, workloads, tenants, decisions, gpus, usage, reload: the agent could not be
      reached or did not answer (is kycd running?)
+  4  status: the agent answered and is unhealthy; the reasons on one line of stderr as
+     'error: unhealthy: <reason>; <reason>'. Unhealthy: the audit log is failing, an
+     enforcement backend's last reconciliation failed, no policy is in force, or the
+     last reload could not load everything
 admit:
   0  allow (or allow with conditions, printed on stdout)
   1  deny; the reasons on stderr
   3  the agent is unreachable or did not answer in time: deny, unless --fail-open";
+
+/// `kycctl status`'s exit codes (its man page's EXIT STATUS).
+pub const STATUS_EXIT_CODES: &str = "\
+Exit codes:
+  0  the agent answered and is healthy
+  1  the agent refused (e.g. the caller lacks permission) or answered something unreadable
+  2  usage error
+  3  the agent could not be reached or did not answer (is kycd running?)
+  4  the agent answered and is unhealthy; every reason on one line of stderr:
+     'error: unhealthy: <reason>; <reason>'";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -140,38 +208,22 @@ pub enum Command {
         /// Allow the workload when the agent cannot be reached (exit 0 with a warning).
         #[arg(long)]
         fail_open: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
     },
     /// Show what the running agent is doing: mode, policy, trust, verdict counts, GPU backend,
     /// enforcement errors and drift (root or the socket's group).
-    Status {
-        /// Print the agent's JSON instead of a summary.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    ///
+    /// Exits 4 when the agent answers but is unhealthy, with the reasons on one line of
+    /// stderr (`error: unhealthy: …; …`), after printing the summary (or the JSON) as usual.
+    /// Unhealthy means something is wrong now, not a count since start: the audit log is
+    /// failing (its last write failed, or decisions went unrecorded); an enforcement
+    /// backend's last reconciliation failed (enforce mode); no policy is in force (every
+    /// workload denied); or the last reload (or the start) could not load everything.
+    #[command(after_help = STATUS_EXIT_CODES)]
+    Status,
     /// List every workload with its verdict, tenant, reasons and when it was decided.
-    Workloads {
-        /// Print the agent's JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    Workloads,
     /// List tenants (from attestations in force) with their workloads and verdicts.
-    Tenants {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    Tenants,
     /// List recorded decisions, newest first, optionally for one tenant or since a time.
     Decisions {
         /// Only this tenant's.
@@ -180,37 +232,13 @@ pub enum Command {
         /// Only decisions recorded at or after this Unix time.
         #[arg(long, value_name = "UNIX_TIME")]
         since: Option<i64>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
     },
     /// List the GPUs the agent samples, with utilization.
-    Gpus {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    Gpus,
     /// GPU usage per tenant and workload since the agent started (GPU-seconds, estimated operations).
-    Usage {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    Usage,
     /// Reload trust anchors, the policy and attestations (as SIGHUP does; root only).
-    Reload {
-        /// The agent's socket.
-        #[arg(long, value_name = "PATH", default_value = "/run/kycd/kycd.sock")]
-        socket: PathBuf,
-    },
+    Reload,
     /// Audit log tools.
     Audit {
         /// Audit log command.
@@ -224,11 +252,7 @@ pub enum Command {
         command: GpuCommand,
     },
     /// Print this host's id (`host_id` from the configuration, else /etc/machine-id).
-    HostId {
-        /// Agent configuration file (conf.d/ beside it is read too).
-        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    HostId,
     /// Print the host's report-signing key as a public JWK (for `kycd-collector hosts add`).
     ///
     /// The key is `<state_dir>/host.key`; it is created (mode 0600) when missing, exactly as
@@ -237,17 +261,10 @@ pub enum Command {
         /// Print the public half (required: the private key is never printed).
         #[arg(long, required = true)]
         public: bool,
-        /// Agent configuration file (conf.d/ beside it is read too).
-        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
     },
     /// Print the usage spool as JSON (read-only, safe while kycd runs): the acknowledged
     /// cursor, the seq highwater, and each segment's records as [seq, last_seq].
-    Spool {
-        /// Agent configuration file (conf.d/ beside it is read too).
-        #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Spool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,9 +308,6 @@ pub enum GpuCommand {
         /// Peak table laid over the built-in one (the agent's gpu.peak_flops_file format).
         #[arg(long, value_name = "FILE")]
         peak_flops_file: Option<PathBuf>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -307,9 +321,6 @@ pub enum AuditCommand {
     /// hash printed is what to keep off the host: the chain alone cannot show that records
     /// were cut from its end.
     Verify {
-        /// Print one JSON object instead of a sentence.
-        #[arg(long)]
-        json: bool,
         /// Audit log directory.
         #[arg(value_name = "DIR", default_value = crate::audit::DEFAULT_DIR)]
         dir: PathBuf,
@@ -379,6 +390,8 @@ const EXIT_INVALID: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 /// The agent could not be reached or did not answer.
 const EXIT_UNREACHABLE: u8 = 3;
+/// `status`: the agent answered and is unhealthy.
+const EXIT_UNHEALTHY: u8 = 4;
 
 /// Prints `error: MESSAGE` on stderr and returns exit code `code`.
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -388,36 +401,39 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 /// Runs a parsed `kycctl` command line.
 pub fn run(cli: Cli) -> ExitCode {
+    let json = match cli.global.json() {
+        Ok(json) => json,
+        Err(code) => return code,
+    };
+    let GlobalArgs { socket, config, .. } = cli.global;
     match cli.command {
         Command::Keygen { alg, kid, out } => token::keygen(alg, &kid, &out),
         Command::Sign { key, typ, valid_at, claims } => token::sign(&key, typ, valid_at, &claims),
         Command::Verify { jwks, typ, at, skew, max_bytes, token } => {
             token::verify(token::VerifyArgs { jwks: &jwks, typ, at, skew, max_bytes, token: &token })
         }
-        Command::Admit { workload, attestation, libvirt_uuid, timeout, fail_open, socket } => {
+        Command::Admit { workload, attestation, libvirt_uuid, timeout, fail_open } => {
             admit::admit(admit::AdmitArgs { workload, attestation, libvirt_uuid, timeout, fail_open, socket })
         }
-        Command::Status { json, socket } => status::status(&socket, json),
-        Command::Workloads { json, socket } => workloads::workloads(&socket, json),
-        Command::Tenants { json, socket } => workloads::tenants(&socket, json),
-        Command::Decisions { tenant, since, json, socket } => {
-            workloads::decisions(&socket, tenant.as_deref(), since, json)
-        }
-        Command::Gpus { json, socket } => gpus::gpus(&socket, json, false),
-        Command::Usage { json, socket } => gpus::gpus(&socket, json, true),
-        Command::Reload { socket } => status::reload(&socket),
-        Command::Audit { command: AuditCommand::Verify { json, dir } } => audit::audit_verify(&dir, json),
+        Command::Status => status::status(&socket, json),
+        Command::Workloads => workloads::workloads(&socket, json),
+        Command::Tenants => workloads::tenants(&socket, json),
+        Command::Decisions { tenant, since } => workloads::decisions(&socket, tenant.as_deref(), since, json),
+        Command::Gpus => gpus::gpus(&socket, json, false),
+        Command::Usage => gpus::gpus(&socket, json, true),
+        Command::Reload => status::reload(&socket),
+        Command::Audit { command: AuditCommand::Verify { dir } } => audit::audit_verify(&dir, json),
         Command::Audit { command: AuditCommand::Repair { truncate_after, dir } } => {
             audit::audit_repair(&dir, truncate_after)
         }
         Command::Gpu { command: GpuCommand::Record { seconds, out, nvml_library, interval_ms } } => {
             gpus::gpu_record(&nvml_library, seconds, interval_ms, &out)
         }
-        Command::Gpu { command: GpuCommand::Estimate { trace, from, to, peak_flops_file, json } } => {
+        Command::Gpu { command: GpuCommand::Estimate { trace, from, to, peak_flops_file } } => {
             gpus::gpu_estimate(&trace, (from, to), peak_flops_file.as_deref(), json)
         }
-        Command::HostId { config } => host::host_identity(&config, false),
-        Command::HostKey { public: _, config } => host::host_identity(&config, true),
-        Command::Spool { config } => host::spool(&config),
+        Command::HostId => host::host_identity(&config, false),
+        Command::HostKey { public: _ } => host::host_identity(&config, true),
+        Command::Spool => host::spool(&config),
     }
 }

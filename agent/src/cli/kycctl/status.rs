@@ -1,4 +1,5 @@
-//! `kycctl status` (the agent's state at a glance) and `kycctl reload`.
+//! `kycctl status` (the agent's state at a glance, and exit 4 when it is unhealthy) and
+//! `kycctl reload`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -6,7 +7,7 @@ use std::process::ExitCode;
 use kycd_protocol::wire::operator;
 
 use super::agent::agent_request;
-use super::{fail, EXIT_INVALID};
+use super::{fail, EXIT_INVALID, EXIT_UNHEALTHY};
 
 pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
     let body = match agent_request(socket, "GET", operator::STATUS) {
@@ -15,12 +16,24 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
-        return ExitCode::SUCCESS;
     }
     let s: crate::net::operator_api::Status = match serde_json::from_value(body) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_INVALID, format_args!("unreadable answer from the agent: {e}")),
     };
+    if !json {
+        summary(&s);
+    }
+    // After the output, so that whoever reads it sees everything, and scripts (or
+    // monitoring) get the verdict from the exit status either way.
+    match s.problems() {
+        problems if problems.is_empty() => ExitCode::SUCCESS,
+        problems => fail(EXIT_UNHEALTHY, format_args!("unhealthy: {}", problems.join("; "))),
+    }
+}
+
+/// The human summary of a status answer.
+fn summary(s: &crate::net::operator_api::Status) {
     let policy = s.policy.as_ref().map_or("none (every workload denied)".to_owned(), |p| {
         format!("version {} signed by {} from {}", p.version, p.kid, p.source)
     });
@@ -81,6 +94,9 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
         counts(&s.enforcement_errors),
         counts(&s.drift_repaired)
     );
+    for (backend, error) in &s.enforcement_failing {
+        println!("              FAILING now: {backend}: {error}");
+    }
     if let Some(r) = &s.reporting {
         let last = match (r.uploading, r.last_upload_at) {
             (false, _) => "uploads off (no reporting.collector_url)".to_owned(),
@@ -131,7 +147,6 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
     if let Some(e) = &s.last_reload_error {
         println!("last reload:  FAILED: {e}");
     }
-    ExitCode::SUCCESS
 }
 
 /// `kycctl reload`: as SIGHUP does.

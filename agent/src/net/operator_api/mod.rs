@@ -22,7 +22,7 @@
 //!
 //! Layout: this module holds the wire types both sides share; `routes` the server's
 //! handlers, `peer` who the caller is and what it may do, `socket` creating the socket file,
-//! `client` the one-request client `kycctl` uses.
+//! `client` the one-request client `kycctl` uses, `health` what makes a [`Status`] unhealthy.
 
 use std::path::PathBuf;
 
@@ -35,6 +35,7 @@ use crate::discovery::workload::WorkloadId;
 
 mod client;
 mod handler;
+mod health;
 mod peer;
 mod routes;
 mod socket;
@@ -132,6 +133,10 @@ pub struct Status {
     pub enforcement_errors: std::collections::BTreeMap<String, u64>,
     /// Drift repaired, by backend.
     pub drift_repaired: std::collections::BTreeMap<String, u64>,
+    /// Backends whose last reconciliation failed, with its first error; empty when the last
+    /// one succeeded everywhere (always, in audit mode). The counts above are since start.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub enforcement_failing: std::collections::BTreeMap<String, String>,
     /// The last reload's failure, if the last reload failed.
     pub last_reload_error: Option<String>,
     /// The policy fetcher's last fetch (absent: fetching is off).
