@@ -35,7 +35,8 @@ pub fn status_of(error: &IngestError) -> StatusCode {
     }
 }
 
-fn error_response(error: &IngestError, host: Option<&str>) -> Response {
+fn error_response(ingestor: &Ingestor, error: &IngestError, host: Option<&str>) -> Response {
+    ingestor.counters().refused(error.kind());
     let status = status_of(error);
     let kind = error.kind();
     let host = host.unwrap_or("-");
@@ -58,23 +59,30 @@ pub(super) async fn post_reports(
     let gzip =
         headers.get(header::CONTENT_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
     if !gzip {
-        return error_response(&IngestError::UnsupportedEncoding, host);
+        return error_response(&ingestor, &IngestError::UnsupportedEncoding, host);
     }
     let body = match body {
         Ok(body) => body,
         Err(BytesRejection::FailedToBufferBody(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let limit = ingestor.limits().max_body_bytes;
-            return error_response(&IngestError::TooLarge { what: "body", limit }, host);
+            return error_response(&ingestor, &IngestError::TooLarge { what: "body", limit }, host);
         }
-        Err(e) => return error_response(&IngestError::Malformed(format!("reading the body: {e}")), host),
+        Err(e) => {
+            return error_response(&ingestor, &IngestError::Malformed(format!("reading the body: {e}")), host)
+        }
     };
     let Some(signature) = signature else {
-        return error_response(&IngestError::BadSignature(format!("no {SIGNATURE_HEADER} header")), host);
+        return error_response(
+            &ingestor,
+            &IngestError::BadSignature(format!("no {SIGNATURE_HEADER} header")),
+            host,
+        );
     };
     let pipeline = Arc::clone(&ingestor);
     let result = tokio::task::spawn_blocking(move || pipeline.ingest(&signature, &body, unix_now())).await;
     match result {
         Ok(Ok(ingested)) => {
+            ingestor.counters().stored(ingested.records);
             debug!(
                 host,
                 epoch = ingested.epoch,
@@ -84,10 +92,10 @@ pub(super) async fn post_reports(
             );
             Json(ingested.ack).into_response()
         }
-        Ok(Err(e)) => error_response(&e, host),
+        Ok(Err(e)) => error_response(&ingestor, &e, host),
         Err(join) => {
             let e = IngestError::Store(StoreError::Unavailable(format!("ingest task failed: {join}")));
-            error_response(&e, host)
+            error_response(&ingestor, &e, host)
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`html`]: `GET /`, the HTML console, behind the same rule.
 //! - [`actions`]: `POST /v1/findings/{id}/{acknowledge|file|dismiss}`, behind named write
 //!   tokens.
+//! - [`metrics`]: `GET /metrics`, Prometheus text, behind the read access rule.
 //! - [`response`]: the JSON error responses all of them answer with.
 //! - `GET /healthz` → `ok`.
 //!
@@ -27,6 +28,7 @@ use crate::ingest::Ingestor;
 pub mod actions;
 pub mod html;
 pub mod ingest;
+pub mod metrics;
 pub mod read_api;
 pub mod response;
 
@@ -82,9 +84,13 @@ pub async fn run(
 }
 
 /// The whole collector: report ingest plus the read API and policy endpoint
-/// ([`api_router`]).
+/// ([`api_router`]) and `GET /metrics`.
 pub fn app(ingestor: Arc<Ingestor>, api: ApiState) -> Router {
-    router(ingestor).merge(api_router(api))
+    let metrics = Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), read_api::authorize))
+        .with_state(metrics::MetricsState { ingestor: Arc::clone(&ingestor), api: api.clone() });
+    router(ingestor).merge(api_router(api)).merge(metrics)
 }
 
 /// The bounds of the collector's listener (see [`kycd_net`]): what `serve --max-connections`,

@@ -43,9 +43,11 @@ use serde::Deserialize;
 
 use crate::store::reports::{Enrollment, Rejection, ReportStore};
 
+pub mod counters;
 pub mod error;
 pub mod validate;
 
+pub use counters::IngestCounters;
 pub use error::{IngestError, WindowError};
 pub use validate::{
     check_window, validate_batch, Admission, Limits, DEFAULT_MAX_CLOCK_SKEW_S, DEFAULT_MAX_PRE_ENROLLMENT_S,
@@ -76,6 +78,8 @@ fn batch_seqs(batch: &ReportBatch) -> Option<(u64, u64)> {
 pub struct Ingestor {
     store: Arc<dyn ReportStore>,
     limits: Limits,
+    /// What `POST /v1/reports` answered since start (`/metrics`).
+    counters: Arc<IngestCounters>,
 }
 
 #[derive(Deserialize)]
@@ -122,7 +126,12 @@ pub fn gunzip_capped(body: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> 
 impl Ingestor {
     /// A pipeline over `store` with `limits`.
     pub fn new(store: Arc<dyn ReportStore>, limits: Limits) -> Self {
-        Ingestor { store, limits }
+        Ingestor { store, limits, counters: Arc::default() }
+    }
+
+    /// The ingest endpoint's counters (kept by the HTTP handler, read by `/metrics`).
+    pub fn counters(&self) -> &IngestCounters {
+        &self.counters
     }
 
     /// The limits in force.
