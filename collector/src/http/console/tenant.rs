@@ -223,7 +223,7 @@ fn hosts_table(h: &mut String, rollups: &Rollups, runs: &[Run]) {
             esc(host),
             esc(&sums.cluster),
             sums.gpus,
-            time(Some(last * DAY_S)).get(..10).unwrap_or_default(),
+            if active > 0 { time(Some(last * DAY_S)).get(..10).unwrap_or_default().to_owned() } else { String::new() },
             gpu_hours(sums.shared_gpu_seconds),
             gpu_hours(sums.guest_gap_gpu_seconds)
         );
