@@ -213,14 +213,14 @@ async fn runs_are_held_separately_filed_through_the_api_and_fall_overdue(db: Tes
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let api = kycd_collector::http::ApiState {
-        store: Arc::clone(&store),
-        access: kycd_collector::http::ReadAccess::loopback_only(),
-        writers: kycd_collector::http::WriteAccess::parse(&format!(
+    let api = kycd_collector::http::ApiState::new(
+        Arc::clone(&store),
+        kycd_collector::http::ReadAccess::loopback_only(),
+        kycd_collector::http::WriteAccess::parse(&format!(
             "alice {WRITE_TOKEN}\nbob bob-token-0123456789abc"
         ))
         .unwrap(),
-    };
+    );
     let app =
         kycd_collector::http::app(Arc::new(Ingestor::new(Arc::clone(&store) as _, Limits::default())), api);
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -417,11 +417,11 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let store: Arc<dyn Storage> = fleet.store.clone();
-    let api = kycd_collector::http::ApiState {
-        store: store.clone(),
-        access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
-        writers: kycd_collector::http::WriteAccess::none(),
-    };
+    let api = kycd_collector::http::ApiState::new(
+        store.clone(),
+        kycd_collector::http::ReadAccess::token("read-token-0123456789"),
+        kycd_collector::http::WriteAccess::none(),
+    );
     let app = kycd_collector::http::app(Arc::new(Ingestor::new(store, Limits::default())), api);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(kycd_collector::http::serve(listener, app, shutdown.clone()));
@@ -447,7 +447,8 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     assert_eq!((refused.status, refused.kind()), (401, "Unauthorized"));
     let wrong = request(addr, "GET", "/v1/findings", &[("authorization", "Bearer nope")], vec![]).await;
     assert_eq!(wrong.status, 401);
-    assert_eq!(request(addr, "GET", "/", &[], vec![]).await.status, 401);
+    let console = request(addr, "GET", "/", &[], vec![]).await;
+    assert_eq!((console.status, console.headers["location"].to_str().unwrap()), (303, "/console/login"));
 
     off_runtime(|| evaluate(fleet.store.as_ref(), &hosts(&fleet), SETTINGS, now()).unwrap());
     // Findings, two per page, followed to the end.
@@ -513,10 +514,13 @@ async fn the_read_api_serves_pages_the_policy_with_etags_and_needs_its_token(db:
     assert_eq!(html.status, 200);
     assert_eq!(html.headers["content-type"], "text/html; charset=utf-8");
     let page = html.body.as_str().unwrap();
-    assert!(page.contains("Published policy: version 2") && page.contains("t-foreign-cluster"), "{page}");
+    assert!(
+        page.contains("Published policy<b>version 2</b>") && page.contains("t-foreign-cluster"),
+        "{page}"
+    );
     assert!(page.contains("Shell Holding Ltd") && page.contains("cluster_capacity_crossed"));
     assert!(
-        page.contains("<th>ops lower bound</th><th>estimated ops</th><th>ops upper bound</th>")
+        page.contains("<th>operations (lower · point · upper)</th>")
             && page.contains("<th>shared GPU-hours</th><th>GPU-hours without guest telemetry</th>"),
         "{page}"
     );

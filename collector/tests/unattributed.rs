@@ -194,11 +194,11 @@ async fn unverified_workload_training_at_scale_raises_unattributed_training_scal
     // HTML overview lists them.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let api = kycd_collector::http::ApiState {
-        store: store.clone(),
-        access: kycd_collector::http::ReadAccess::token("read-token-0123456789"),
-        writers: kycd_collector::http::WriteAccess::none(),
-    };
+    let api = kycd_collector::http::ApiState::new(
+        store.clone(),
+        kycd_collector::http::ReadAccess::token("read-token-0123456789"),
+        kycd_collector::http::WriteAccess::none(),
+    );
     let ingestor = kycd_collector::ingest::Ingestor::new(store.clone(), Limits::default());
     let app = kycd_collector::http::app(std::sync::Arc::new(ingestor), api);
     let shutdown = tokio_util::sync::CancellationToken::new();

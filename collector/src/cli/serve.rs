@@ -170,7 +170,7 @@ pub async fn run(listen: SocketAddr, db: &str, options: ServeOptions) -> anyhow:
         }
         None => crate::http::WriteAccess::none(),
     };
-    let api = crate::http::ApiState { store: Arc::clone(&store), access, writers };
+    let api = crate::http::ApiState::new(Arc::clone(&store), access, writers);
     let ingestor = Arc::new(Ingestor::new(store.clone(), Limits::default()));
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;

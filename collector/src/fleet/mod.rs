@@ -436,6 +436,11 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug + 'static {
     /// The hosts that reported usage of the tenant, by host id.
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError>;
 
+    /// One tenant's roll-ups with its per-day tables ([`rollup::Tables::History`]; no
+    /// capacity buckets, no busy segments): the console's history chart and per-host view,
+    /// at a cost of the tenant's days and hosts, not its windows.
+    fn tenant_rollups(&self, tenant: &str) -> Result<rollup::Rollups, StoreError>;
+
     /// The last time each host's report was stored (hosts that never reported are absent).
     fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError>;
 

@@ -19,8 +19,9 @@ use axum::Json;
 use kycd_protocol::clock::{Clock as _, SystemClock};
 use serde::Deserialize;
 
-use super::read_api::{constant_time_eq, ApiState};
+use super::read_api::constant_time_eq;
 use super::response::{error, store_error};
+use super::ApiState;
 use crate::fleet::FindingAction;
 use crate::store::StoreError;
 
@@ -107,7 +108,7 @@ impl WriteAccess {
     }
 
     /// The name of the writer presenting `presented`, comparing every token in constant time.
-    fn writer(&self, presented: &str) -> Option<&str> {
+    pub(super) fn writer(&self, presented: &str) -> Option<&str> {
         let mut found = None;
         for (name, token) in self.tokens.iter() {
             if constant_time_eq(presented.as_bytes(), token.as_bytes()) {

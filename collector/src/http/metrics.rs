@@ -13,8 +13,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use kycd_net::prometheus::{Exposition, Kind};
 
-use super::read_api::{host_summaries, ApiState};
+use super::read_api::host_summaries;
 use super::response::blocking;
+use super::ApiState;
 use crate::fleet::FindingKind;
 use crate::ingest::Ingestor;
 use crate::store::{Storage, StoreError};

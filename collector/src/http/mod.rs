@@ -3,7 +3,9 @@
 //! - [`ingest`]: `POST /v1/reports`, the agents' report uploads.
 //! - [`read_api`]: `GET /v1/policy` (public) and the JSON read API (`/v1/tenants`,
 //!   `/v1/findings`, `/v1/hosts`, [`UNATTRIBUTED`]), behind the read access rule.
-//! - [`html`]: `GET /`, the HTML console, behind the same rule.
+//! - [`console`]: `GET /` and `/console/…`, the compliance console (server-rendered HTML,
+//!   browser sessions, finding actions with CSRF protection), behind the same read rule.
+//! - [`html`]: HTML escaping.
 //! - [`actions`]: `POST /v1/findings/{id}/{acknowledge|file|dismiss}`, behind named write
 //!   tokens.
 //! - [`metrics`]: `GET /metrics`, Prometheus text, behind the read access rule.
@@ -24,8 +26,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingestor;
+use crate::store::Storage;
 
 pub mod actions;
+pub mod console;
 pub mod html;
 pub mod ingest;
 pub mod metrics;
@@ -33,8 +37,29 @@ pub mod read_api;
 pub mod response;
 
 pub use actions::WriteAccess;
-pub use read_api::{ApiState, ReadAccess};
+pub use read_api::ReadAccess;
 pub use response::RETRY_AFTER_S;
+
+/// Shared state of the read API, the finding actions and the console (here, above the three,
+/// so none of them imports another for it).
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// Storage.
+    pub store: Arc<dyn Storage>,
+    /// Who may read.
+    pub access: ReadAccess,
+    /// Who may act on findings (named write tokens).
+    pub writers: actions::WriteAccess,
+    /// The console's browser sessions.
+    pub sessions: console::Sessions,
+}
+
+impl ApiState {
+    /// The state over `store` with these readers and writers, and no console session yet.
+    pub fn new(store: Arc<dyn Storage>, access: ReadAccess, writers: actions::WriteAccess) -> Self {
+        ApiState { store, access, writers, sessions: console::Sessions::default() }
+    }
+}
 
 /// The server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +84,6 @@ pub fn router(ingestor: Arc<Ingestor>) -> Router {
 /// Routes of the read API and the console (authorised) and `GET /v1/policy` (public).
 pub fn api_router(state: ApiState) -> Router {
     let reads = Router::new()
-        .route("/", get(html::overview))
         .route(TENANTS, get(read_api::tenants))
         .route(&format!("{TENANTS}/{{id}}"), get(read_api::tenant))
         .route(FINDINGS, get(read_api::findings))
@@ -71,7 +95,13 @@ pub fn api_router(state: ApiState) -> Router {
         &format!("{FINDINGS}/{{id}}/{{action}}"),
         post(actions::act).layer(DefaultBodyLimit::max(actions::MAX_ACTION_BODY)),
     );
-    Router::new().route(POLICY, get(read_api::policy)).merge(reads).merge(actions).with_state(state)
+    let console = console::routes(state.clone());
+    Router::new()
+        .route(POLICY, get(read_api::policy))
+        .merge(reads)
+        .merge(actions)
+        .merge(console)
+        .with_state(state)
 }
 
 /// Serves report ingest alone on `listener` until `shutdown` is cancelled (see [`serve`]).

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::response::{api_error, blocking, error, ApiError};
+use super::ApiState;
 use crate::fleet::{FindingKind, FindingQuery, FindingState, TenantIdentity, TenantUsage, UnattributedUsage};
 use crate::store::{Storage, StoreError};
 
@@ -58,17 +59,26 @@ impl ReadAccess {
     pub fn loopback_only() -> Self {
         ReadAccess { token: None }
     }
+
+    /// Whether readers must present a token (otherwise: loopback clients only).
+    pub(super) fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether `presented` is the read token (compared in constant time).
+    pub(super) fn token_ok(&self, presented: &str) -> bool {
+        self.token.as_ref().is_some_and(|t| constant_time_eq(presented.trim().as_bytes(), t.as_bytes()))
+    }
+
+    /// Whether the request carries the read token as its bearer token.
+    pub(super) fn bearer_ok(&self, headers: &HeaderMap) -> bool {
+        bearer(headers).is_some_and(|p| self.token_ok(p))
+    }
 }
 
-/// Shared state of the read API.
-#[derive(Debug, Clone)]
-pub struct ApiState {
-    /// Storage.
-    pub store: Arc<dyn Storage>,
-    /// Who may read.
-    pub access: ReadAccess,
-    /// Who may act on findings (named write tokens).
-    pub writers: super::actions::WriteAccess,
+/// The bearer token of a request's `Authorization` header.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
 }
 
 pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -84,11 +94,7 @@ pub(super) async fn authorize(
     let path = request.uri().path().to_owned();
     match &state.access.token {
         Some(token) => {
-            let presented = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+            let presented = bearer(request.headers());
             if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
                 tracing::warn!(%peer, path, "read API: missing or wrong bearer token");
                 let mut r =

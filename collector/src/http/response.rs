@@ -30,6 +30,13 @@ pub struct ApiError {
     message: String,
 }
 
+impl ApiError {
+    /// Its status and message (for a page rather than JSON).
+    pub(super) fn parts(self) -> (StatusCode, String) {
+        (self.status, self.message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         json_error(self.status, self.kind, &self.message, RETRY_AFTER_S)

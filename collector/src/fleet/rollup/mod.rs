@@ -78,6 +78,18 @@ pub enum Segments {
     },
 }
 
+/// Which roll-up tables a read takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tables {
+    /// What the fleet view needs: all-time sums, methods, hosts, guest-gap workloads, peaks.
+    View,
+    /// The view and the per-day tables (days, day methods, day hosts): one tenant's history
+    /// (the console's chart), without the per-minute capacity buckets.
+    History,
+    /// Every table (a check or a rebuild).
+    All,
+}
+
 /// Who a roll-up row is about: a tenant (`host_id` and `workload` empty), or one workload on
 /// one host whose windows name no tenant (`tenant` empty; host ids are never empty).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -398,6 +410,11 @@ impl Capacity {
             .entry(cluster.to_owned())
             .or_default()
             .insert(minute, flops);
+    }
+
+    /// Whether it holds no bucket.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The bucket's value, if it has one.

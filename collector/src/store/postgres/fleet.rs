@@ -19,7 +19,7 @@ use postgres::types::ToSql;
 use super::driver::{get, pg_error, to_i64, Failed};
 use super::PgStore;
 use crate::fleet::rollup::check::TableCheck;
-use crate::fleet::rollup::Segments;
+use crate::fleet::rollup::{Rollups, Segments, Tables};
 use crate::fleet::{
     AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
@@ -217,7 +217,7 @@ impl FleetStore for PgStore {
     fn tenant_usage_in(&self, tenant: Option<&str>, period: Period) -> Result<Vec<TenantUsage>, StoreError> {
         if period == Period::default() {
             let mut conn = self.checkout()?;
-            let rollups = super::rollups::read_rollups(conn.client()?, tenant, false, Segments::All)?;
+            let rollups = super::rollups::read_rollups(conn.client()?, tenant, Tables::View, Segments::All)?;
             return Ok(crate::fleet::rollup::assemble::assemble(&rollups).tenants);
         }
         let sql = if tenant.is_some() { TENANT_WINDOWS_SQL } else { WINDOWS_SQL };
@@ -226,7 +226,7 @@ impl FleetStore for PgStore {
 
     fn rollup_usage(&self, segments: Segments) -> Result<FleetUsage, StoreError> {
         let mut conn = self.checkout()?;
-        let rollups = super::rollups::read_rollups(conn.client()?, None, false, segments)?;
+        let rollups = super::rollups::read_rollups(conn.client()?, None, Tables::View, segments)?;
         Ok(crate::fleet::rollup::assemble::assemble(&rollups))
     }
 
@@ -261,7 +261,7 @@ impl FleetStore for PgStore {
     fn fleet_usage_in(&self, period: Period) -> Result<FleetUsage, StoreError> {
         if period == Period::default() {
             let mut conn = self.checkout()?;
-            let rollups = super::rollups::read_rollups(conn.client()?, None, false, Segments::All)?;
+            let rollups = super::rollups::read_rollups(conn.client()?, None, Tables::View, Segments::All)?;
             return Ok(crate::fleet::rollup::assemble::assemble(&rollups));
         }
         self.aggregate(WINDOWS_SQL, None, period)
@@ -315,6 +315,11 @@ impl FleetStore for PgStore {
             )
             .map_err(pg_error)?;
         rows.iter().map(|r| get(r, 0)).collect()
+    }
+
+    fn tenant_rollups(&self, tenant: &str) -> Result<Rollups, StoreError> {
+        let mut conn = self.checkout()?;
+        super::rollups::read_rollups(conn.client()?, Some(tenant), Tables::History, Segments::None)
     }
 
     fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError> {

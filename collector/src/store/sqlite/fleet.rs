@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::driver::{db_error, to_i64, BUSY_TIMEOUT};
 use super::SqliteStore;
 use crate::fleet::rollup::check::TableCheck;
-use crate::fleet::rollup::Segments;
+use crate::fleet::rollup::{Rollups, Segments, Tables};
 use crate::fleet::{
     AuditRow, Finding, FindingAction, FindingQuery, FleetStore, FleetUsage, NewFinding, Period, Placement,
     RejectionCount, TenantIdentity, TenantUsage, UsageAccumulator, WindowEvidence, WindowRow,
@@ -316,12 +316,11 @@ impl FleetStore for SqliteStore {
     }
 
     fn tenant_hosts(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
-        super::rollups::hosts(
-            &self.reader()?,
-            "SELECT host FROM rollup_hosts WHERE tenant = ?1 AND subject_host = '' AND subject_workload = ''
-             ORDER BY host",
-            &[&tenant],
-        )
+        super::rollups::tenant_hosts(&self.reader()?, tenant)
+    }
+
+    fn tenant_rollups(&self, tenant: &str) -> Result<Rollups, StoreError> {
+        super::rollups::read_rollups(&self.reader()?, Some(tenant), Tables::History, Segments::None)
     }
 
     fn last_report_at(&self) -> Result<BTreeMap<String, i64>, StoreError> {

@@ -8,7 +8,7 @@ use postgres::types::ToSql;
 use postgres::GenericClient;
 
 use super::{segment_row, SEGMENT_COLUMNS};
-use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums};
+use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums, Tables};
 use crate::store::error::StoreError;
 use crate::store::postgres::driver::{get, pg_error};
 use crate::store::schema::count_u32;
@@ -124,11 +124,11 @@ fn each_row(
 }
 
 /// The stored roll-ups (of one tenant when `tenant` is given): what the fleet view needs, and
-/// with `full` also the day tables and capacity buckets (a check).
+/// with the per-day tables and the capacity buckets as `tables` says.
 pub(in crate::store::postgres) fn read_rollups(
     client: &mut impl GenericClient,
     tenant: Option<&str>,
-    full: bool,
+    tables: Tables,
     segments: Segments,
 ) -> Result<Rollups, StoreError> {
     const KEY: &str = "tenant, subject_host, subject_workload";
@@ -187,7 +187,7 @@ pub(in crate::store::postgres) fn read_rollups(
             read_segments(client, filter, &[&tenants, &firsts], &mut out, false)?;
         }
     }
-    if !full {
+    if tables == Tables::View {
         return Ok(out);
     }
     each_row(client, &format!("SELECT {KEY}, day, {SUMS} FROM rollup_days {WHERE}"), tenant, |r| {
@@ -208,6 +208,9 @@ pub(in crate::store::postgres) fn read_rollups(
         out.day_hosts.insert((subject, get(r, 1)?, get(r, 2)?));
         Ok(())
     })?;
+    if tables == Tables::History {
+        return Ok(out);
+    }
     each_row(
         client,
         &format!("SELECT {KEY}, cluster, hour, flops FROM rollup_capacity {WHERE}"),

@@ -11,7 +11,7 @@ use super::read::read_rollups;
 use super::{PgRollups, RollupStatements, REBUILD_CHUNK};
 use crate::fleet::rollup::apply::apply;
 use crate::fleet::rollup::check::{compare, TableCheck};
-use crate::fleet::rollup::{cluster_name, Rollups, Segments};
+use crate::fleet::rollup::{cluster_name, Rollups, Segments, Tables};
 use crate::fleet::{Placement, WindowRow};
 use crate::store::error::StoreError;
 use crate::store::postgres::driver::{get, pg_error, Failed};
@@ -122,7 +122,7 @@ pub(in crate::store::postgres) fn check(client: &mut Client) -> Result<Vec<Table
     }
     drop(rows);
     expected.finish_peaks();
-    let stored = read_rollups(&mut tx, None, true, Segments::All)?;
+    let stored = read_rollups(&mut tx, None, Tables::All, Segments::All)?;
     let pruned_before: Option<i64> =
         get(&tx.query_one("SELECT pruned_before FROM rollup_state", &[]).map_err(pg_error)?, 0)?;
     tx.commit().map_err(pg_error)?;

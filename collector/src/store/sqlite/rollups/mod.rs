@@ -19,7 +19,7 @@ mod capacity;
 mod read;
 mod rebuild;
 
-pub(super) use read::{hosts, usage};
+pub(super) use read::{hosts, read_rollups, tenant_hosts, usage};
 pub(super) use rebuild::{build_if_needed, check, host_cluster, rebuild};
 
 /// Windows folded into one in-memory batch while rebuilding: bounds the rebuild's memory.

@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{segment_row, SEGMENT_COLUMNS, SUMS};
-use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums};
+use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums, Tables};
 use crate::store::error::StoreError;
 use crate::store::schema::{count_u32, to_u64};
 use crate::store::sqlite::driver::db_error;
@@ -114,11 +114,11 @@ fn each_row(
 }
 
 /// The stored roll-ups (of one tenant when `tenant` is given): what the fleet view needs, and
-/// with `full` also the day tables and capacity buckets (a check).
+/// with the per-day tables and the capacity buckets as `tables` says.
 pub(in crate::store::sqlite) fn read_rollups(
     conn: &Connection,
     tenant: Option<&str>,
-    full: bool,
+    tables: Tables,
     segments: Segments,
 ) -> Result<Rollups, StoreError> {
     const KEY: &str = "tenant, subject_host, subject_workload";
@@ -177,7 +177,7 @@ pub(in crate::store::sqlite) fn read_rollups(
             }
         }
     }
-    if !full {
+    if tables == Tables::View {
         return Ok(out);
     }
     each_row(conn, &format!("SELECT {KEY}, day, {SUMS} FROM rollup_days {WHERE}"), tenant, |r| {
@@ -198,6 +198,9 @@ pub(in crate::store::sqlite) fn read_rollups(
         out.day_hosts.insert((subject, r.get(1)?, r.get(2)?));
         Ok(())
     })?;
+    if tables == Tables::History {
+        return Ok(out);
+    }
     let mut hours: Vec<(Subject, String, i64, Vec<u8>)> = Vec::new();
     each_row(
         conn,
@@ -227,6 +230,19 @@ pub(in crate::store::sqlite) fn hosts(
     rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db_error)
 }
 
+/// The hosts that reported usage of `tenant`, by host id.
+pub(in crate::store::sqlite) fn tenant_hosts(
+    conn: &Connection,
+    tenant: &str,
+) -> Result<Vec<String>, StoreError> {
+    hosts(
+        conn,
+        "SELECT host FROM rollup_hosts WHERE tenant = ?1 AND subject_host = '' AND subject_workload = ''
+         ORDER BY host",
+        &[&tenant],
+    )
+}
+
 /// The fleet view the stored roll-ups hold (of one tenant when `tenant` is given), with the
 /// runs `segments` selects.
 pub(in crate::store::sqlite) fn usage(
@@ -234,5 +250,5 @@ pub(in crate::store::sqlite) fn usage(
     tenant: Option<&str>,
     segments: Segments,
 ) -> Result<crate::fleet::FleetUsage, StoreError> {
-    Ok(crate::fleet::rollup::assemble::assemble(&read_rollups(conn, tenant, false, segments)?))
+    Ok(crate::fleet::rollup::assemble::assemble(&read_rollups(conn, tenant, Tables::View, segments)?))
 }

@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::read::read_rollups;
 use super::{SqliteRollups, REBUILD_CHUNK};
 use crate::fleet::rollup::apply::apply;
-use crate::fleet::rollup::{cluster_name, Rollups, Segments};
+use crate::fleet::rollup::{cluster_name, Rollups, Segments, Tables};
 use crate::fleet::{Placement, WindowRow};
 use crate::store::error::StoreError;
 use crate::store::sqlite::driver::db_error;
@@ -111,7 +111,7 @@ pub(in crate::store::sqlite) fn check(
     let mut expected = Rollups::default();
     fold_windows(&tx, usize::MAX, &mut expected, |_| Ok(()))?;
     expected.finish_peaks();
-    let stored = read_rollups(&tx, None, true, Segments::All)?;
+    let stored = read_rollups(&tx, None, Tables::All, Segments::All)?;
     let pruned_before: Option<i64> =
         tx.query_row("SELECT pruned_before FROM rollup_state", [], |r| r.get(0)).map_err(db_error)?;
     tx.commit().map_err(db_error)?;
