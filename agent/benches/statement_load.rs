@@ -14,8 +14,9 @@
 //! from its scheduled send time (so a stall counts against every request it delays: no
 //! coordinated omission), for `/healthz` and `/v1/attestation` at the same rates. Statements
 //! are measured in both forms: one-part (`?nonce=…`: the whole statement signed per request)
-//! and digest-bound (`&v=2`, what collectors ask for: a small head signed per request, the
-//! body serialised and hashed once per change).
+//! digest-bound (`&v=2`: a small head signed per request, the body serialised and hashed
+//! once per change), and digest-bound with the body held (`&have=<body_sha256>`, what a
+//! collector sends in the steady state: the body is left out).
 // A benchmark is test code: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -240,14 +241,32 @@ fn main() {
     let statement_path = "/v1/attestation?nonce=bench-nonce-0123456789";
     let healthz = rt.block_on(load(&addr, "/healthz"));
     report("closed loop: GET /healthz (baseline)", &healthz);
-    // What collectors ask for: the digest-bound form (a small head signed per request).
+    // What collectors ask for: the digest-bound form (a small head signed per request), and
+    // in the steady state with the digest of the body they hold (then left out).
     let digest_bound_path = "/v1/attestation?nonce=bench-nonce-0123456789&v=2";
+    let digest = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!("GET {digest_bound_path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let token = text.split("\r\n\r\n").nth(1).unwrap().trim().to_owned();
+        let body = kycd_protocol::statement_body_part(token.as_bytes()).unwrap();
+        kycd_protocol::statement_body_digest(&kycd_protocol::b64::decode(body).unwrap())
+    });
+    let held_path = format!("{digest_bound_path}&have={digest}");
     let attestation = rt.block_on(load(&addr, statement_path));
     report("closed loop: GET /v1/attestation (one-part)", &attestation);
     println!("closed loop: one-part statement throughput {:.3}x /healthz's", attestation.1 / healthz.1);
     let digest_bound = rt.block_on(load(&addr, digest_bound_path));
     report("closed loop: GET /v1/attestation&v=2 (digest-bound)", &digest_bound);
     println!("closed loop: digest-bound statement throughput {:.3}x /healthz's", digest_bound.1 / healthz.1);
+    let held = rt.block_on(load(&addr, &held_path));
+    report("closed loop: GET /v1/attestation&v=2&have= (body held)", &held);
+    println!(
+        "closed loop: digest-bound statement, body held, throughput {:.3}x /healthz's",
+        held.1 / healthz.1
+    );
     for rate in OPEN_LOOP_RATES {
         let healthz = rt.block_on(open_loop(&addr, "/healthz", rate));
         report(&format!("open loop {rate}/s: GET /healthz (baseline)"), &healthz);
@@ -255,6 +274,8 @@ fn main() {
         report(&format!("open loop {rate}/s: GET /v1/attestation (one-part)"), &attestation);
         let digest_bound = rt.block_on(open_loop(&addr, digest_bound_path, rate));
         report(&format!("open loop {rate}/s: GET /v1/attestation&v=2 (digest-bound)"), &digest_bound);
+        let held = rt.block_on(open_loop(&addr, &held_path, rate));
+        report(&format!("open loop {rate}/s: GET /v1/attestation&v=2&have= (body held)"), &held);
     }
     let _ = agent.kill();
     let _ = agent.wait();

@@ -35,15 +35,8 @@ fn text(out: &Output) -> String {
 }
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds; `context` explains a timeout.
-fn wait_for<T>(secs: u64, what: &str, context: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(kycd_protocol::clock::monotonic() < deadline, "timed out waiting for {what}\n{}", context());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for<T>(secs: u64, what: &str, context: impl Fn() -> String, f: impl FnMut() -> Option<T>) -> T {
+    kycd_test_support::wait_for(secs, Duration::from_millis(200), what, context, f)
 }
 
 /// A throwaway Unix user (removed on drop).

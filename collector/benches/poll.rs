@@ -104,6 +104,8 @@ struct Agent {
     host_id: String,
     key: PrivateJwk,
     template: Arc<HostStatementClaims>,
+    /// The template's `body_sha256` (the same for every agent: the body holds no host id).
+    body_sha256: Arc<str>,
 }
 
 fn respond(agent: &Agent, req: &axum::extract::Request) -> hyper::Response<Full<Bytes>> {
@@ -125,13 +127,18 @@ fn respond(agent: &Agent, req: &axum::extract::Request) -> hyper::Response<Full<
             claims.nonce = nonce.to_owned();
             claims.iat = t;
             claims.exp = t + 60;
-            // As the agent answers the collector's `v=2`: the digest-bound form.
-            let token = if query.split('&').any(|kv| kv == "v=2") {
-                kycd_protocol::sign_split_statement(&claims, &agent.key)
-            } else {
-                kycd_protocol::sign(&claims, &agent.key)
-            };
-            reply(200, token.unwrap().into_bytes())
+            // As the agent answers the collector's `v=2`: the digest-bound form, without the
+            // body when the collector holds it (`have`).
+            if !query.split('&').any(|kv| kv == "v=2") {
+                return reply(200, kycd_protocol::sign(&claims, &agent.key).unwrap().into_bytes());
+            }
+            let token = kycd_protocol::sign_split_statement(&claims, &agent.key).unwrap();
+            let have = query.split('&').find_map(|kv| kv.strip_prefix("have="));
+            let head = token.split('~').next().unwrap();
+            if have == Some(&*agent.body_sha256) {
+                return reply(200, format!("{head}~").into_bytes());
+            }
+            reply(200, token.into_bytes())
         }
         _ => reply(404, Vec::new()),
     }
@@ -328,6 +335,10 @@ fn run_fleet(dir: &std::path::Path, range: std::ops::Range<usize>) {
     let template = Arc::new(template());
     let material = std::fs::read_to_string(dir.join("fleet.tsv")).unwrap();
     let mut fleet = Vec::with_capacity(range.len());
+    let signer = PrivateJwk::generate(kycd_protocol::Algorithm::EdDSA, "template").unwrap();
+    let signed = kycd_protocol::sign_split_statement(&template, &signer).unwrap();
+    let body = kycd_protocol::b64::decode(signed.split('~').nth(1).unwrap().as_bytes()).unwrap();
+    let body_sha256: Arc<str> = kycd_protocol::statement_body_digest(&body).into();
     for line in material.lines().skip(range.start).take(range.len()) {
         let f: Vec<&str> = line.split('\t').collect();
         let key = PrivateJwk::from_json(f[1].as_bytes()).unwrap();
@@ -341,7 +352,12 @@ fn run_fleet(dir: &std::path::Path, range: std::ops::Range<usize>) {
             )
             .unwrap();
         fleet.push((
-            Arc::new(Agent { host_id: f[0].to_owned(), key, template: template.clone() }),
+            Arc::new(Agent {
+                host_id: f[0].to_owned(),
+                key,
+                template: template.clone(),
+                body_sha256: body_sha256.clone(),
+            }),
             Arc::new(server),
         ));
     }

@@ -58,15 +58,8 @@ fn declared(metrics: &str) -> BTreeSet<String> {
 }
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.
-fn wait_for<T>(secs: u64, what: &str, context: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = kycd_protocol::clock::monotonic() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(kycd_protocol::clock::monotonic() < deadline, "timed out waiting for {what}\n{}", context());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for<T>(secs: u64, what: &str, context: impl Fn() -> String, f: impl FnMut() -> Option<T>) -> T {
+    kycd_test_support::wait_for(secs, Duration::from_millis(100), what, context, f)
 }
 
 /// Operators, modifiers and aggregations (an aggregation may be followed by `by (…)` rather

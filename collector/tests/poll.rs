@@ -315,6 +315,7 @@ async fn fake_statement(
     let nonce = params().find_map(|kv| kv.strip_prefix("nonce=")).unwrap_or_default().to_owned();
     // The collector asks for the digest-bound form, as the agent answers it.
     let digest_bound = params().any(|kv| kv == "v=2");
+    let have = params().find_map(|kv| kv.strip_prefix("have=")).map(str::to_owned);
     let now = unix_now();
     let host = format!("host-{mode}");
     let mut claims = HostStatementClaims {
@@ -360,8 +361,18 @@ async fn fake_statement(
         let head = token.split('~').next().unwrap();
         return format!("{head}~{}", other.split('~').nth(1).unwrap()).into_response();
     }
+    // As the agent does: a body the collector holds is left out.
+    let body = kycd_protocol::statement_body_part(token.as_bytes()).unwrap();
+    let digest = kycd_protocol::statement_body_digest(&kycd_protocol::b64::decode(body).unwrap());
+    if have.as_deref() == Some(digest.as_str()) {
+        BODIES_LEFT_OUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return format!("{}~", token.split('~').next().unwrap()).into_response();
+    }
     token.into_response()
 }
+
+/// Answers of the in-test agents that left the body out (the collector said it holds it).
+static BODIES_LEFT_OUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 async fn start_fake_agents(keys: std::collections::HashMap<String, PrivateJwk>) -> SocketAddr {
     let app = axum::Router::new()
@@ -441,9 +452,17 @@ async fn misbehaving_agents_are_recorded_by_kind_and_backed_off() {
     assert!(store.latest_token("host-good").unwrap().unwrap().contains('~'));
     assert!(!store.latest_token("host-one-part").unwrap().unwrap().contains('~'));
 
-    // At once again: the failing hosts back off, the good ones are polled.
+    // At once again: the failing hosts back off, the good ones are polled. The digest-bound
+    // agent leaves out the body the collector now holds; what is kept is still whole.
+    let left_out = BODIES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed);
     let report = poller.round(&shutdown).await.unwrap();
     assert_eq!((report.polled, report.ok, report.backing_off), (2, 2, expected.len()));
+    assert_eq!(BODIES_LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed), left_out + 1);
+    let token = store.latest_token("host-good").unwrap().unwrap();
+    let key = store.host_key("host-good").unwrap().unwrap();
+    let jwks = kycd_protocol::Jwks::from_keys([key]).unwrap();
+    let options = kycd_protocol::VerifyOptions::default();
+    assert!(kycd_protocol::verify_split_statement(token.as_bytes(), &jwks, &options, unix_now()).is_ok());
     let s = store.host_poll_status().unwrap().into_iter().find(|s| s.host_id == "host-status-500").unwrap();
     assert_eq!(s.consecutive_failures, 1, "not polled while backing off");
     let next =

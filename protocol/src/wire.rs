@@ -25,6 +25,10 @@ pub mod agent_api {
     pub const ATTESTATION: &str = "/v1/attestation";
     /// The query parameter that asks for the digest-bound form.
     pub const STATEMENT_V2_PARAM: &str = "v=2";
+    /// The query parameter (`have=<body_sha256>`) with which a collector that holds a body
+    /// asks the agent to leave it out when it is still the current one: the answer is then
+    /// `head~` and the collector puts the body it holds back after the `~`.
+    pub const STATEMENT_HAVE_PARAM: &str = "have";
     /// The content type of a digest-bound statement (`head~body`).
     pub const STATEMENT_V2_CONTENT_TYPE: &str = "application/kyc-host-statement-v2";
     /// `GET`: Prometheus metrics (served here, not on the operator socket).

@@ -74,17 +74,16 @@ impl Attributor {
     /// `unix_user:<real uid>` of `pid` when one of its ancestors is `slurmstepd` (a Slurm
     /// job's task); `None` otherwise or when `/proc` cannot say.
     fn slurm_job_user(&self, pid: u32) -> Option<WorkloadId> {
-        let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status")).ok()?;
-        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?;
-        uid.parse::<u32>().ok()?;
+        let uid = self.real_uid(pid)?;
         let mut current = pid;
         // Deep enough for any job's process tree; bounds a loop in a corrupt tree.
         for _ in 0..64 {
             let stat = std::fs::read_to_string(self.proc_root.join(current.to_string()).join("stat")).ok()?;
             let (comm, ppid) = comm_and_parent(&stat)?;
-            if comm == "slurmstepd" && current != pid {
+            // A command name is the process's to choose (prctl): only root's slurmstepd counts.
+            if comm == "slurmstepd" && current != pid && self.real_uid(current) == Some(0) {
                 let kind = crate::discovery::workload::WorkloadKind::UnixUser;
-                return Some(WorkloadId { kind, id: uid.to_owned() });
+                return Some(WorkloadId { kind, id: uid.to_string() });
             }
             if ppid <= 1 {
                 return None;
@@ -107,6 +106,14 @@ impl Attributor {
             }
         }
         Some(WorkloadId::host())
+    }
+}
+
+impl Attributor {
+    /// The real uid of `pid` (`/proc/<pid>/status`).
+    fn real_uid(&self, pid: u32) -> Option<u32> {
+        let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
     }
 }
 
@@ -172,6 +179,10 @@ mod tests {
         // slurmstepd itself and slurmd's other children are the host's.
         assert_eq!(owner(200), "host:host");
         assert_eq!(owner(400), "host:host");
+        // A user's own process named slurmstepd is no Slurm job.
+        process(600, "slurmstepd", 1, 1003, "/user.slice/user-1003.slice/session-1.scope");
+        process(601, "train", 600, 1003, "/user.slice/user-1003.slice/session-1.scope");
+        assert_eq!(owner(601), "host:host");
         // A workload root still decides first.
         assert_eq!(owner(500), "libvirt_domain:vm");
     }

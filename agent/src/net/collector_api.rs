@@ -303,6 +303,7 @@ async fn attestation(
     let params = || query.as_deref().unwrap_or("").split('&');
     let nonce = params().find_map(|kv| kv.strip_prefix("nonce="));
     let digest_bound = params().any(|kv| kv == agent_api::STATEMENT_V2_PARAM);
+    let have = params().find_map(|kv| kv.strip_prefix(agent_api::STATEMENT_HAVE_PARAM)?.strip_prefix('='));
     let Some(nonce) = nonce.filter(|n| valid_nonce(n)) else {
         return error(StatusCode::BAD_REQUEST, "nonce must be 16-64 URL-safe characters (A-Z a-z 0-9 - _)");
     };
@@ -312,8 +313,10 @@ async fn attestation(
     let iat = kycd_protocol::clock::unix_now();
     let (exp, uptime_s) = (iat + STATEMENT_TTL_S, crate::host::uptime_s());
     let signed = if digest_bound {
+        // The body only when the collector does not hold the current one.
+        let with_body = have != Some(prepared.body_sha256());
         prepared
-            .sign_split(&state.key, nonce, iat, exp, uptime_s)
+            .sign_split(&state.key, nonce, iat, exp, uptime_s, with_body)
             .map(|t| (agent_api::STATEMENT_V2_CONTENT_TYPE, t))
     } else {
         prepared.sign(&state.key, nonce, iat, exp, uptime_s).map(|t| ("application/jwt", t))
@@ -502,13 +505,25 @@ mod tls_tests {
         assert_eq!(verified.claims.exp, verified.claims.iat + STATEMENT_TTL_S);
         assert!((verified.claims.iat - now).abs() <= 2);
         // `v=2`: the digest-bound form of the same statement.
-        let (status, split) =
+        let (status, full) =
             get(addr, &pki.client(true), &format!("/v1/attestation?v=2&nonce={nonce}"), None).await.unwrap();
-        assert_eq!(status, 200, "{split}");
+        assert_eq!(status, 200, "{full}");
         let split =
-            kycd_protocol::verify_split_statement(split.trim().as_bytes(), &jwks, &options, now).unwrap();
+            kycd_protocol::verify_split_statement(full.trim().as_bytes(), &jwks, &options, now).unwrap();
         assert_eq!((split.claims.nonce.as_str(), split.claims.policy_version), (nonce, Some(7)));
         assert_eq!(split.claims.workloads, verified.claims.workloads);
+        // A collector that holds the current body gets the head alone.
+        let body = kycd_protocol::statement_body_part(full.trim().as_bytes()).unwrap().to_vec();
+        let digest = kycd_protocol::statement_body_digest(&kycd_protocol::b64::decode(&body).unwrap());
+        let path = format!("/v1/attestation?v=2&nonce={nonce}&have={digest}");
+        let (status, head) = get(addr, &pki.client(true), &path, None).await.unwrap();
+        assert!(status == 200 && head.trim().ends_with('~'), "{head}");
+        let joined = [head.trim().as_bytes(), &body].concat();
+        assert!(kycd_protocol::verify_split_statement(&joined, &jwks, &options, now).is_ok());
+        // One it holds but is no longer (or never was) the current one: the body comes.
+        let path = format!("/v1/attestation?v=2&nonce={nonce}&have={}", "A".repeat(43));
+        let (_, stale) = get(addr, &pki.client(true), &path, None).await.unwrap();
+        assert_eq!(kycd_protocol::statement_body_part(stale.trim().as_bytes()), Some(&body[..]));
         let (status, body) = get(addr, &pki.client(true), "/v1/attestation?nonce=short", None).await.unwrap();
         assert_eq!(status, 400, "{body}");
         let (status, body) = get(addr, &pki.client(true), "/metrics", None).await.unwrap();

@@ -163,11 +163,15 @@ impl PreparedStatement {
         payload_b64.push_str(&self.tail_b64);
         Ok(kycd_protocol::sign_encoded_payload(&payload_b64, TokenType::HostStatement.typ(), key))
     }
-}
 
-impl PreparedStatement {
+    /// The body's `body_sha256`.
+    pub fn body_sha256(&self) -> &str {
+        &self.body_sha256
+    }
+
     /// The digest-bound statement (`head~body`, [`kycd_protocol::verify_split_statement`])
-    /// for these values: only the head is built and signed per request.
+    /// for these values: only the head is built and signed per request. `with_body: false`
+    /// leaves the body out (`head~`), for a collector that said it holds it.
     pub fn sign_split(
         &self,
         key: &PrivateJwk,
@@ -175,6 +179,7 @@ impl PreparedStatement {
         iat: i64,
         exp: i64,
         uptime_s: u64,
+        with_body: bool,
     ) -> Result<String, StatementError> {
         if !valid_nonce(nonce) {
             return Err(StatementError::InvalidNonce);
@@ -188,9 +193,10 @@ impl PreparedStatement {
             body_sha256: self.body_sha256.clone(),
         };
         let mut token = kycd_protocol::sign(&head, key).map_err(StatementError::Head)?;
-        token.reserve(1 + self.body_b64.len());
         token.push(char::from(kycd_protocol::STATEMENT_BODY_SEPARATOR));
-        token.push_str(&self.body_b64);
+        if with_body {
+            token.push_str(&self.body_b64);
+        }
         Ok(token)
     }
 }
@@ -263,11 +269,21 @@ mod tests {
                             .unwrap();
                     assert_eq!(read.claims, want);
                     // The digest-bound form of the same snapshot gives the same claims.
-                    let split = prepared.sign_split(&key, nonce, iat, iat + 60, uptime).unwrap();
+                    let split = prepared.sign_split(&key, nonce, iat, iat + 60, uptime, true).unwrap();
                     let read = kycd_protocol::verify_split_statement(split.as_bytes(), &jwks, &options, iat)
                         .unwrap();
                     assert_eq!(read.claims, want);
                     assert!(split.len() > token.len(), "the body rides along in full");
+                    // Left out, it is what the collector puts back.
+                    let head = prepared.sign_split(&key, nonce, iat, iat + 60, uptime, false).unwrap();
+                    let body = kycd_protocol::statement_body_part(split.as_bytes()).unwrap();
+                    assert!(head.ends_with('~'));
+                    let joined = [head.as_bytes(), body].concat();
+                    let read = kycd_protocol::verify_split_statement(&joined, &jwks, &options, iat).unwrap();
+                    assert_eq!(read.claims, want);
+                    assert!(
+                        kycd_protocol::verify_split_statement(head.as_bytes(), &jwks, &options, iat).is_err()
+                    );
                 }
             }
         }

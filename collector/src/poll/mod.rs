@@ -38,10 +38,12 @@
 //! Layout: [`config`] (settings, HTTP client), [`statement`] (nonce, URL, verification,
 //! failure kinds), [`schedule`] (backoff); this file runs the rounds.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kycd_protocol::clock::{Clock, SystemClock};
+use kycd_protocol::{statement_body_digest, statement_body_part};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -88,9 +90,22 @@ pub struct Poller {
     inner: Arc<Inner>,
 }
 
+/// The body of a host's last verified digest-bound statement, sent back as `have` so the
+/// agent can leave it out while it is still the current one.
+#[derive(Debug)]
+struct KnownBody {
+    /// Its `body_sha256`.
+    digest: String,
+    /// The body part as received (base64url).
+    body_b64: Box<[u8]>,
+}
+
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn StatementStore>,
+    /// Per host polled, the body of its last verified digest-bound statement: one entry per
+    /// host, replaced as bodies change and dropped with hosts that are no longer polled.
+    bodies: std::sync::Mutex<HashMap<String, Arc<KnownBody>>>,
     /// Poll times, skew checks and latencies.
     clock: Arc<dyn Clock>,
     client: reqwest::Client,
@@ -122,7 +137,8 @@ impl Poller {
             }
             None => None,
         };
-        Ok(Poller { inner: Arc::new(Inner { store, clock, client, bearer, config }) })
+        let bodies = std::sync::Mutex::default();
+        Ok(Poller { inner: Arc::new(Inner { store, bodies, clock, client, bearer, config }) })
     }
 
     /// The HTTP client the polls go through (its pool holds the kept connections): for a
@@ -147,6 +163,7 @@ impl Poller {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("poll target query task: {e}")))??;
+        inner.keep_bodies_of(&targets);
         let now = inner.clock.unix_now();
         let status: std::collections::HashMap<String, (Option<i64>, u32)> =
             status.into_iter().map(|s| (s.host_id, (s.last_attempt_at, s.consecutive_failures))).collect();
@@ -281,22 +298,65 @@ impl Inner {
             Ok(n) => n,
             Err(e) => return failed(PollErrorKind::Internal, format!("no randomness for the nonce: {e}")),
         };
-        let fetched =
-            tokio::time::timeout(self.config.timeout, self.fetch(&attestation_url(&base, &nonce))).await;
-        let body = match fetched {
+        let known = self.known_body(&target.host_id);
+        let url = attestation_url(&base, &nonce, known.as_ref().map(|k| k.digest.as_str()));
+        let fetched = tokio::time::timeout(self.config.timeout, self.fetch(&url)).await;
+        let mut body = match fetched {
             Err(_) => {
                 return failed(PollErrorKind::Timeout, format!("no answer within {:?}", self.config.timeout))
             }
             Ok(Err((kind, detail))) => return failed(kind, detail),
             Ok(Ok(body)) => body,
         };
+        body.truncate(body.trim_ascii_end().len());
+        // `head~`: the agent left out the body we said we hold. It goes back in before
+        // anything is verified, so what is verified and kept is the whole statement.
+        if let (Some(known), Some(b"")) = (&known, statement_body_part(&body)) {
+            body.extend_from_slice(&known.body_b64);
+        }
         match verify_statement(target, &body, &nonce, self.clock.unix_now(), self.config.max_skew_s) {
             Ok(claims) => match String::from_utf8(body) {
-                Ok(token) => PollOutcome::Ok { claims: Box::new(claims), token: token.trim().to_owned() },
+                Ok(token) => {
+                    let token = token.trim().to_owned();
+                    self.remember_body(&target.host_id, known, &token);
+                    PollOutcome::Ok { claims: Box::new(claims), token }
+                }
                 Err(_) => failed(PollErrorKind::Malformed, "body is not UTF-8"),
             },
             Err((kind, detail)) => failed(kind, detail),
         }
+    }
+
+    fn known_body(&self, host_id: &str) -> Option<Arc<KnownBody>> {
+        self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(host_id).cloned()
+    }
+
+    /// Keeps the body of a verified digest-bound `token` for the next poll of the host (its
+    /// digest computed only when it is not the one held already).
+    fn remember_body(&self, host_id: &str, known: Option<Arc<KnownBody>>, token: &str) {
+        let Some(body_b64) = statement_body_part(token.as_bytes()) else {
+            return;
+        };
+        if known.is_some_and(|k| *k.body_b64 == *body_b64) {
+            return;
+        }
+        let Ok(body) = kycd_protocol::b64::decode(body_b64) else {
+            return;
+        };
+        let known = KnownBody { digest: statement_body_digest(&body), body_b64: body_b64.into() };
+        self.bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(host_id.to_owned(), Arc::new(known));
+    }
+
+    /// Forgets the bodies of hosts not among `polled` (no longer enrolled or without a URL).
+    fn keep_bodies_of(&self, polled: &[PollTarget]) {
+        let hosts: std::collections::HashSet<&str> = polled.iter().map(|t| t.host_id.as_str()).collect();
+        self.bodies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|host, _| hosts.contains(host.as_str()));
     }
 
     async fn fetch(&self, url: &reqwest::Url) -> Result<Vec<u8>, (PollErrorKind, String)> {

@@ -61,14 +61,19 @@ pub fn check_agent_url(url: &str, allow_plaintext: bool) -> Result<reqwest::Url,
     }
 }
 
-/// The attestation URL of an agent base URL with `nonce`.
-pub(super) fn attestation_url(base: &reqwest::Url, nonce: &str) -> reqwest::Url {
+/// The attestation URL of an agent base URL with `nonce`, and `have` the digest of the body
+/// the collector holds from this host's last statement, if any.
+pub(super) fn attestation_url(base: &reqwest::Url, nonce: &str, have: Option<&str>) -> reqwest::Url {
     let mut url = base.clone();
     let path = format!("{}{}", base.path().trim_end_matches('/'), wire::agent_api::ATTESTATION);
     url.set_path(&path);
-    // The digest-bound form when the agent has it (an older one ignores the parameter and
+    // The digest-bound form when the agent has it (an older one ignores the parameters and
     // answers the one-part form; [`verify_statement`] takes either).
-    url.set_query(Some(&format!("nonce={nonce}&{}", wire::agent_api::STATEMENT_V2_PARAM)));
+    let mut query = format!("nonce={nonce}&{}", wire::agent_api::STATEMENT_V2_PARAM);
+    if let Some(digest) = have {
+        query.push_str(&format!("&{}={digest}", wire::agent_api::STATEMENT_HAVE_PARAM));
+    }
+    url.set_query(Some(&query));
     url
 }
 
@@ -257,10 +262,17 @@ mod tests {
     #[test]
     fn attestation_urls_keep_the_base_path() {
         let base = check_agent_url("https://h:9477", false).unwrap();
-        assert_eq!(attestation_url(&base, "abc").as_str(), "https://h:9477/v1/attestation?nonce=abc&v=2");
+        assert_eq!(
+            attestation_url(&base, "abc", None).as_str(),
+            "https://h:9477/v1/attestation?nonce=abc&v=2"
+        );
+        assert_eq!(
+            attestation_url(&base, "abc", Some("d")).as_str(),
+            "https://h:9477/v1/attestation?nonce=abc&v=2&have=d"
+        );
         let base = check_agent_url("https://h:9477/agent/", false).unwrap();
         assert_eq!(
-            attestation_url(&base, "abc").as_str(),
+            attestation_url(&base, "abc", None).as_str(),
             "https://h:9477/agent/v1/attestation?nonce=abc&v=2"
         );
     }

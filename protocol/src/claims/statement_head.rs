@@ -12,6 +12,11 @@
 //! what a collector stores as evidence. [`verify_split_statement`] gives the same
 //! [`HostStatementClaims`] a one-part statement does; the `~` (outside the base64url and
 //! JWS alphabets) tells the two forms apart.
+//!
+//! A collector that holds the body of its last statement from a host sends its digest
+//! (`&have=…`); an agent whose body still has it answers `head~`, leaving the body out, and
+//! the collector puts the body it holds back before verifying. What is verified and stored is
+//! always the whole pair.
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -80,6 +85,13 @@ pub struct HostStatementBody {
 /// The `body_sha256` of a body's JSON bytes.
 pub fn statement_body_digest(body: &[u8]) -> String {
     b64::encode(&sha2::Sha256::digest(body))
+}
+
+/// The body part of a digest-bound statement (base64url; empty when the agent left it out),
+/// or `None` for a one-part statement.
+pub fn statement_body_part(token: &[u8]) -> Option<&[u8]> {
+    let at = token.iter().position(|b| *b == STATEMENT_BODY_SEPARATOR)?;
+    token.get(at + 1..)
 }
 
 /// Whether `token` is a digest-bound statement (`head~body`) rather than a one-part one.

@@ -44,3 +44,23 @@ macro_rules! skip {
         $crate::skip_with(format_args!($($arg)*))
     };
 }
+
+/// Polls `f` every `every` until it returns `Some`, for at most `secs` seconds; on a timeout
+/// fails with `what` and `context()` (the daemons' logs, say). For conditions another process
+/// brings about, which no manual clock can advance.
+pub fn wait_for<T>(
+    secs: u64,
+    every: std::time::Duration,
+    what: &str,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = kycd_protocol::clock::monotonic() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(kycd_protocol::clock::monotonic() < deadline, "timed out waiting for {what}\n{}", context());
+        std::thread::sleep(every);
+    }
+}
