@@ -4,16 +4,15 @@
 //! A busy tenant fills every minute, so a batch of a drained spool (a thousand windows of a
 //! few VMs) touched a thousand minute rows in each of two clusters (`*` and its own) — two
 //! thousand upserts against the thousand inserts of the windows themselves, which made the
-//! roll-ups most of ingest's cost. Per hour it is a few dozen rows, each read, merged here
-//! and written back. Both backends store the same encoding, so the merge is this file's:
+//! roll-ups most of ingest's cost. Per hour it is a few dozen rows. SQLite reads each,
+//! merges it here and writes it back, in this encoding:
 //!
 //! - a row's `flops` is a sequence of 9-byte entries `[minute of the hour: u8][FLOP/s: f64
 //!   little-endian]`, minutes strictly increasing: only the minutes that have a bucket, so a
 //!   tenant seen once an hour costs 9 bytes, not 60 slots, and a bucket of 0 FLOP/s (a window
 //!   of a GPU without a known peak) stays a bucket, as in the raw aggregation;
-//! - the writer holds the subject's `rollup_subjects` row lock (taken first in
-//!   [`super::apply::apply`]), so a read-merge-write of its hour rows cannot interleave with
-//!   another collector's.
+//! - PostgreSQL keeps a `float8[60]` per row (NULL: no bucket) and merges in its upsert, one
+//!   statement a batch (`store/postgres/rollups/capacity.rs`).
 
 use std::collections::BTreeMap;
 
@@ -26,7 +25,7 @@ use crate::store::error::StoreError;
 /// Seconds in one stored row's span.
 pub const HOUR_S: i64 = 3_600;
 /// Minute buckets in a row.
-const MINUTES: i64 = HOUR_S / CAPACITY_BUCKET_S;
+pub const MINUTES: i64 = HOUR_S / CAPACITY_BUCKET_S;
 /// Bytes per stored entry.
 const ENTRY: usize = 9;
 
@@ -83,6 +82,16 @@ pub struct HourRow<'a> {
 }
 
 impl HourRow<'_> {
+    /// The batch's buckets in this row: (index in the batch's list, minute start, FLOP/s).
+    pub fn adds(&self) -> &[(usize, i64, f64)] {
+        &self.adds
+    }
+
+    /// The minute's place in the row (0–59).
+    pub fn slot(&self, minute: i64) -> usize {
+        usize::try_from((minute - self.hour).div_euclid(CAPACITY_BUCKET_S)).unwrap_or(0)
+    }
+
     /// Adds the batch's buckets to the stored row (`None`: none yet), writes each bucket's
     /// new value at its index in `values`, and returns the row's new encoding.
     pub fn merge(&self, stored: Option<&[u8]>, values: &mut [f64]) -> Result<Vec<u8>, StoreError> {

@@ -382,7 +382,7 @@ pub const MIGRATION_ROLLUPS: &str = r#"
     );
     CREATE TABLE rollup_capacity (
         tenant TEXT NOT NULL, subject_host TEXT NOT NULL, subject_workload TEXT NOT NULL,
-        cluster TEXT NOT NULL, hour BIGINT NOT NULL, flops BYTEA NOT NULL,
+        cluster TEXT NOT NULL, hour BIGINT NOT NULL, flops DOUBLE PRECISION[] NOT NULL,
         PRIMARY KEY (tenant, subject_host, subject_workload, cluster, hour)
     );
     CREATE TABLE rollup_peaks (

@@ -8,7 +8,7 @@ use postgres::types::ToSql;
 use postgres::GenericClient;
 
 use super::{segment_row, SEGMENT_COLUMNS};
-use crate::fleet::rollup::{capacity, HostSums, Peak, Rollups, Segments, Subject, Sums, Tables};
+use crate::fleet::rollup::{HostSums, Peak, Rollups, Segments, Subject, Sums, Tables};
 use crate::store::error::StoreError;
 use crate::store::postgres::driver::{get, pg_error};
 use crate::store::schema::count_u32;
@@ -217,8 +217,8 @@ pub(in crate::store::postgres) fn read_rollups(
         tenant,
         |r| {
             let (subject, cluster, hour): (Subject, String, i64) = (subject(r)?, get(r, 3)?, get(r, 4)?);
-            let flops: Vec<u8> = get(r, 5)?;
-            for (minute, value) in capacity::decode(hour, &flops)? {
+            let flops: Vec<Option<f64>> = get(r, 5)?;
+            for (minute, value) in super::capacity::minutes(hour, &flops) {
                 out.capacity.insert(&subject, &cluster, minute, value);
             }
             Ok(())
