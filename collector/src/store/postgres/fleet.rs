@@ -52,8 +52,10 @@ const TENANT_WINDOWS_SQL: &str = r#"
 const EVIDENCE_COLUMNS: &str = r#"SELECT host_id, seq, start, "end", estimated_ops, peak_flops, gpus, method, epoch,
     ops_lower, ops_upper, shared_gpu_seconds, guest_gap_gpu_seconds FROM records"#;
 
-fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), StoreError> {
-    acc.add(&WindowRow {
+/// A window as the window queries select it (the columns of [`TENANT_WINDOWS_SQL`]),
+/// borrowed from the row: for the raw aggregation and the roll-ups' rebuild alike.
+pub(in crate::store::postgres) fn read_window(r: &postgres::Row) -> Result<WindowRow<'_>, StoreError> {
+    Ok(WindowRow {
         tenant: get(r, 0)?,
         host_id: get(r, 1)?,
         start: get(r, 2)?,
@@ -69,7 +71,11 @@ fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), Store
         shared_gpu_seconds: get(r, 12)?,
         guest_gap_gpu_seconds: get(r, 13)?,
         workload: get(r, 14)?,
-    });
+    })
+}
+
+fn add_window(acc: &mut UsageAccumulator, r: &postgres::Row) -> Result<(), StoreError> {
+    acc.add(&read_window(r)?);
     Ok(())
 }
 

@@ -11,11 +11,10 @@ use super::read::read_rollups;
 use super::{PgRollups, RollupStatements, REBUILD_CHUNK};
 use crate::fleet::rollup::apply::apply;
 use crate::fleet::rollup::check::{compare, TableCheck};
-use crate::fleet::rollup::{cluster_name, Rollups, Segments, Tables};
-use crate::fleet::{Placement, WindowRow};
+use crate::fleet::rollup::{cluster_name, Rollups, Segments, Tables, UNPLACED};
+use crate::fleet::Placement;
 use crate::store::error::StoreError;
 use crate::store::postgres::driver::{get, pg_error, Failed};
-use crate::store::schema::count_u32;
 
 /// Every window, as the aggregation reads them.
 const WINDOWS: &str = r#"
@@ -37,27 +36,8 @@ fn add_row(
     clusters: &BTreeMap<String, String>,
     r: &postgres::Row,
 ) -> Result<(), StoreError> {
-    let (tenant, host_id, workload, method): (Option<String>, String, Option<String>, String) =
-        (get(r, 0)?, get(r, 1)?, get(r, 14)?, get(r, 8)?);
-    let unplaced = cluster_name(None);
-    let w = WindowRow {
-        tenant: tenant.as_deref(),
-        host_id: &host_id,
-        start: get(r, 2)?,
-        end: get(r, 3)?,
-        gpu_seconds: get(r, 4)?,
-        gpus: count_u32(get(r, 5)?),
-        estimated_ops: get(r, 6)?,
-        peak_flops: get(r, 7)?,
-        method: &method,
-        foreign_person: get(r, 9)?,
-        ops_lower: get(r, 10)?,
-        ops_upper: get(r, 11)?,
-        shared_gpu_seconds: get(r, 12)?,
-        guest_gap_gpu_seconds: get(r, 13)?,
-        workload: workload.as_deref(),
-    };
-    rollups.add(&w, clusters.get(&host_id).unwrap_or(&unplaced));
+    let w = crate::store::postgres::fleet::read_window(r)?;
+    rollups.add(&w, clusters.get(w.host_id).map_or(UNPLACED, String::as_str));
     Ok(())
 }
 
